@@ -1,0 +1,1 @@
+"""Expert-parallel load balancing: load statistics, placement algorithms, move plans. Pure torch."""

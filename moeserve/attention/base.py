@@ -1,0 +1,72 @@
+"""The attention-backend interface every backend implements, and the factory that picks one."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from moeserve.forward_batch import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """Writes new keys/values into the paged cache and attends over each request's cached context.
+
+    Cache layout, per layer: ``k_cache [num_blocks, block_size, num_kv_heads, head_dim_k]`` and
+    ``v_cache [num_blocks, block_size, num_kv_heads, head_dim_v]``. MLA stores one latent per token
+    (``num_kv_heads = 1``, ``head_dim_k = kv_lora_rank + rope_dim``) and passes ``v_cache`` as the view
+    ``k_cache[..., :kv_lora_rank]``, so the latent is stored once.
+    """
+
+    name: str = "base"
+
+    def write_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor | None,
+        k: torch.Tensor,
+        v: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> None:
+        """Store the step's new entries. k: [num_tokens, num_kv_heads, head_dim_k]; v likewise or None when
+        the value cache is a view of the key cache (MLA)."""
+        nb, bs = k_cache.shape[0], k_cache.shape[1]
+        k_cache.view(nb * bs, *k_cache.shape[2:]).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        if v is not None:
+            assert v_cache is not None
+            v_cache.view(nb * bs, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+
+    @abstractmethod
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention of each request's new queries over its whole cached context.
+
+        q: [num_tokens, num_q_heads, head_dim_k]; num_q_heads is a multiple of num_kv_heads (GQA/MQA).
+        Returns [num_tokens, num_q_heads, head_dim_v] in q's dtype. The new tokens' K/V are already written.
+        """
+
+
+def create_attention_backend(name: str = "auto", device: torch.device | str = "cpu") -> AttentionBackend:
+    """Pick a backend by name: "torch" (reference, any device), "triton" (CUDA), "auto" (best available)."""
+    from moeserve.attention.torch_backend import TorchAttentionBackend
+
+    device = torch.device(device)
+    if name in ("auto", "triton") and device.type == "cuda":
+        try:
+            from moeserve.attention.triton_backend import TritonAttentionBackend
+        except ImportError:
+            if name == "triton":
+                raise
+        else:
+            return TritonAttentionBackend()
+    if name in ("auto", "torch"):
+        return TorchAttentionBackend()
+    if name == "triton":
+        raise ValueError("attention backend 'triton' needs a CUDA device")
+    raise ValueError(f"unknown attention backend {name!r}; allowed: 'auto', 'torch', 'triton'")

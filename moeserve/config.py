@@ -1,0 +1,83 @@
+"""Engine configuration: built once, validated, frozen. Derived values come from `resolve()` only."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Options of one engine (one rank). Every field has a safe default for the CPU demo.
+
+    model: path of an HF-layout checkpoint directory; None means the built-in demo model.
+    dtype: "auto" (the checkpoint's dtype on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
+    device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+    num_kv_blocks: KV cache size in blocks; None sizes it from kv_cache_memory_gib (CPU) or
+        gpu_memory_utilization (CUDA).
+    max_num_batched_tokens: the per-step token budget (prefill chunks and decodes share it).
+    max_num_seqs: most requests running at once.
+    max_model_len: longest context; None means the model's max_position_embeddings.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gib: float = 1.0
+    gpu_memory_utilization: float = 0.85
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    expert_kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; allowed: 'auto', {', '.join(map(repr, _DTYPES))}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device={self.device!r} is not supported; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
+        _positive(self, "block_size", "max_num_batched_tokens", "max_num_seqs")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} is too small; allowed: None or >= 2")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.kv_cache_memory_gib <= 0:
+            raise ValueError(f"kv_cache_memory_gib={self.kv_cache_memory_gib} must be > 0")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """Build from keyword options, naming unknown ones and what is allowed."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; allowed: {sorted(names)}")
+        return cls(**kwargs)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.torch_device().type == "cpu" or checkpoint_dtype is None:
+            return torch.float32
+        return checkpoint_dtype if checkpoint_dtype in _DTYPES.values() else torch.bfloat16
+
+
+def _positive(cfg: EngineConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")

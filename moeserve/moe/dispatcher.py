@@ -1,0 +1,69 @@
+"""The dispatcher contract: send each token to the ranks holding its experts, and bring the results back.
+
+Every backend (local, torch all-to-all, DeepEP) has the same contract and must give the same result as
+`LocalDispatcher` run with all experts on one rank.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moeserve.forward_batch import ForwardMode
+
+
+@dataclass(slots=True)
+class DispatchOutput:
+    """What one rank received: each token at most once, with the choices that fall on this rank.
+
+    hidden:       [num_recv, hidden], the activations received.
+    topk_ids:     [num_recv, top_k], int32 — this rank's local expert slot (0 .. num_local_slots - 1) for each
+                  choice held here, -1 for choices held elsewhere.
+    topk_weights: [num_recv, top_k], float32 — routing weights (those of -1 choices are ignored).
+    handle:       backend state `combine` needs to send results back.
+    """
+
+    hidden: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    handle: Any
+
+
+class Dispatcher(ABC):
+    """Moves tokens to their experts' ranks and back. Physical expert p lives on rank p // num_local_slots."""
+
+    name: str = "base"
+
+    def __init__(self, num_local_slots: int) -> None:
+        self.num_local_slots = num_local_slots
+
+    @abstractmethod
+    def dispatch(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        mode: ForwardMode,
+    ) -> DispatchOutput:
+        """hidden: [num_tokens, hidden]; topk_ids: [num_tokens, top_k] int32 physical expert ids (-1 = none);
+        topk_weights: [num_tokens, top_k] float32."""
+
+    @abstractmethod
+    def combine(self, expert_out: torch.Tensor, handle: Any) -> torch.Tensor:
+        """expert_out: [num_recv, hidden], each row the weighted sum of this rank's experts for that token.
+        Returns [num_tokens, hidden]: for each original token, the sum over all ranks."""
+
+
+class LocalDispatcher(Dispatcher):
+    """One rank holds every expert: nothing moves."""
+
+    name = "local"
+
+    def dispatch(self, hidden, topk_ids, topk_weights, mode):
+        return DispatchOutput(hidden, topk_ids.to(torch.int32), topk_weights.float(), None)
+
+    def combine(self, expert_out, handle):
+        return expert_out

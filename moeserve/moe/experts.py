@@ -1,0 +1,83 @@
+"""Expert kernels: the grouped expert MLP (gate/up -> SiLU*mul -> down), weighted and summed over top-k.
+
+All kernels share one call signature, the same as `moeserve.kernels.fused_moe`, so they can be swapped
+and compared.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+
+
+class ExpertKernel(ABC):
+    name: str = "base"
+
+    @abstractmethod
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """hidden: [M, H]; w13: [E, 2*I, H] (gate rows first, then up); w2: [E, H, I];
+        topk_weights: [M, k] float32; topk_ids: [M, k] int32, -1 = skip this choice.
+        Returns [M, H] in hidden's dtype: sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(hidden[m])."""
+
+
+def torch_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Reference: loop over experts that received tokens; accumulate in float32."""
+    num_tokens, top_k = topk_ids.shape
+    out = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    if num_tokens == 0:
+        return out.to(hidden.dtype)
+    flat_ids = topk_ids.reshape(-1).long()
+    inter = w2.shape[2]
+    for e in torch.unique(flat_ids).tolist():
+        if e < 0:
+            continue
+        rows = (flat_ids == e).nonzero(as_tuple=True)[0]
+        tok = rows // top_k
+        x = hidden[tok]
+        gate_up = x @ w13[e].t()
+        act = F.silu(gate_up[:, :inter].float()) * gate_up[:, inter:].float()
+        y = act.to(hidden.dtype) @ w2[e].t()
+        out.index_add_(0, tok, y.float() * topk_weights.reshape(-1)[rows, None].float())
+    return out.to(hidden.dtype)
+
+
+class TorchExperts(ExpertKernel):
+    name = "torch"
+
+    def __call__(self, hidden, w13, w2, topk_weights, topk_ids):
+        return torch_experts(hidden, w13, w2, topk_weights, topk_ids)
+
+
+def create_expert_kernel(name: str = "auto", device: torch.device | str = "cpu") -> ExpertKernel:
+    """"torch" (reference), "triton" (CUDA fused MoE), "auto" (triton on CUDA when importable, else torch)."""
+    device = torch.device(device)
+    if name in ("auto", "triton") and device.type == "cuda":
+        try:
+            from moeserve.kernels import fused_moe  # noqa: F401
+        except ImportError:
+            if name == "triton":
+                raise
+        else:
+            from moeserve.moe.triton_experts import TritonExperts
+
+            return TritonExperts()
+    if name in ("auto", "torch"):
+        return TorchExperts()
+    if name == "triton":
+        raise ValueError("expert kernel 'triton' needs a CUDA device")
+    raise ValueError(f"unknown expert kernel {name!r}; allowed: 'auto', 'torch', 'triton'")
