@@ -38,13 +38,31 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     expert_kernel: str = "auto"
+    # Parallelism (one rank per GPU, or per CPU slot): DP attention, EP MoE. ep is 1 (every rank holds every
+    # expert) or equal to dp (experts spread over the DP ranks).
+    data_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    num_redundant_experts: int = 0
+    enable_tbo: bool = False
+    moe_dispatcher: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; allowed: 'auto', {', '.join(map(repr, _DTYPES))}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device={self.device!r} is not supported; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
-        _positive(self, "block_size", "max_num_batched_tokens", "max_num_seqs")
+        _positive(self, "block_size", "max_num_batched_tokens", "max_num_seqs", "data_parallel_size",
+                  "expert_parallel_size")
+        if self.expert_parallel_size not in (1, self.data_parallel_size):
+            raise ValueError(
+                f"expert_parallel_size={self.expert_parallel_size} is not supported with data_parallel_size="
+                f"{self.data_parallel_size}; allowed: 1 or equal to data_parallel_size"
+            )
+        if self.num_redundant_experts < 0:
+            raise ValueError(f"num_redundant_experts={self.num_redundant_experts} must be >= 0")
+        if self.moe_dispatcher not in ("auto", "local", "all_to_all", "deepep"):
+            raise ValueError(f"moe_dispatcher={self.moe_dispatcher!r}; allowed: 'auto', 'local', 'all_to_all', "
+                             "'deepep'")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} is too small; allowed: None or >= 2")
         if self.max_model_len is not None and self.max_model_len < 1:

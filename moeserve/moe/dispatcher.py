@@ -56,6 +56,24 @@ class Dispatcher(ABC):
         """expert_out: [num_recv, hidden], each row the weighted sum of this rank's experts for that token.
         Returns [num_tokens, hidden]: for each original token, the sum over all ranks."""
 
+    # Split API for two-batch overlap: `*_begin` starts a transfer, `*_end` waits for it, and the other
+    # micro-batch computes in between. Backends that cannot overlap keep these defaults (all work in begin).
+    def dispatch_begin(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, mode: ForwardMode
+    ) -> Any:
+        """Same arguments as `dispatch`; returns an opaque pending object for `dispatch_end`."""
+        return self.dispatch(hidden, topk_ids, topk_weights, mode)
+
+    def dispatch_end(self, pending: Any) -> DispatchOutput:
+        return pending
+
+    def combine_begin(self, expert_out: torch.Tensor, handle: Any) -> Any:
+        """Same arguments as `combine`; returns an opaque pending object for `combine_end`."""
+        return self.combine(expert_out, handle)
+
+    def combine_end(self, pending: Any) -> torch.Tensor:
+        return pending
+
 
 class LocalDispatcher(Dispatcher):
     """One rank holds every expert: nothing moves."""

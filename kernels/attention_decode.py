@@ -1,0 +1,228 @@
+"""Paged decode attention for GQA/MQA/MHA: split-KV ("flash decoding") plus a reduce over the splits.
+
+Each program owns one request, one KV head (and up to ``BLOCK_H`` of the query heads that share it) and one
+contiguous slice of the request's context. Loading a KV tile once for the whole query-head group is what makes
+decode bandwidth-bound instead of L2-bound: the K/V cache is read from HBM exactly once. Slices of one request
+are merged by `split_reduce` from their normalised partial outputs and log-sum-exps.
+
+The grid depends on (num_reqs, num_kv_heads, num_splits) only, never on context lengths, so a launch can be
+captured in a CUDA graph once `num_splits` is fixed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter / CPU: any small number keeps grids small
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(
+    num_programs: int, max_seq_len: int, block_n: int, device: torch.device, programs_per_sm: int = 4
+) -> int:
+    """Split each request's context so that about ``programs_per_sm`` programs per multiprocessor run.
+
+    More splits raise memory parallelism but each costs a partial output write and read; a split shorter
+    than a few tiles is not worth its reduce traffic.
+    """
+    target = programs_per_sm * _num_sms(device)
+    splits = triton.cdiv(target, max(num_programs, 1))
+    max_useful = max(1, triton.cdiv(max_seq_len, 4 * block_n))
+    return int(max(1, min(splits, max_useful, 32)))
+
+
+@triton.jit
+def _gqa_decode_kernel(
+    Q, K, V, BlockTables, SeqLens, Out, PartOut, PartLse,
+    scale_log2,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    stride_pt, stride_ph, stride_ps,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DK: tl.constexpr, BLOCK_DK: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, num_splits, SPLIT_OUT: tl.constexpr,
+):
+    req = tl.program_id(0)
+    head_blocks: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
+    kvh = tl.program_id(1) // head_blocks
+    hb = tl.program_id(1) % head_blocks
+    split = tl.program_id(2)
+
+    rows = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # head index inside the group
+    row_ok = rows < GROUP
+    heads = kvh * GROUP + rows
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < HEAD_DK
+    dv_ok = offs_dv < HEAD_DV
+
+    seq_len = tl.load(SeqLens + req)
+    # Slice length rounded to whole tiles so that only the last tile of the request is partial.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    q = tl.load(
+        Q + req * stride_qt + heads[:, None] * stride_qh + offs_dk[None, :],
+        mask=row_ok[:, None] & dk_ok[None, :], other=0.0,
+    )
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    table = BlockTables + req * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        page = tl.load(table + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        slot_in_page = offs_n % PAGE
+        k_rows = page * stride_kb + slot_in_page * stride_kt + kvh * stride_kh
+        v_rows = page * stride_vb + slot_in_page * stride_vt + kvh * stride_vh
+        k = tl.load(K + k_rows[:, None] + offs_dk[None, :], mask=n_ok[:, None] & dk_ok[None, :], other=0.0)
+        v = tl.load(V + v_rows[:, None] + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2  # [BLOCK_H, BLOCK_N], log2 domain
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+
+    has_keys = l_i > 0.0  # false only for an empty slice (context shorter than the split count allows)
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    o_mask = row_ok[:, None] & dv_ok[None, :]
+    if not SPLIT_OUT:
+        tl.store(Out + req * stride_ot + heads[:, None] * stride_oh + offs_dv[None, :],
+                 out.to(Out.dtype.element_ty), mask=o_mask)
+    else:
+        part = PartOut + req * stride_pt + heads[:, None] * stride_ph + split * stride_ps
+        tl.store(part + offs_dv[None, :], out, mask=o_mask)
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(PartLse + (req * stride_pt + heads * stride_ph) // stride_ps + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _split_reduce_kernel(
+    PartOut, PartLse, Out,
+    stride_pt, stride_ph, stride_ps,
+    stride_ot, stride_oh,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < NUM_SPLITS
+    d_ok = offs_d < HEAD_DV
+    base = t * stride_pt + h * stride_ph
+    lse = tl.load(PartLse + base // stride_ps + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)  # finite: split 0 always holds at least one key
+    w = tl.exp2(lse - m)
+    part = tl.load(PartOut + base + offs_s[:, None] * stride_ps + offs_d[None, :],
+                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(Out + t * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+def alloc_partials(num_tokens: int, num_heads: int, num_splits: int, head_dim_v: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for split-KV: part_out [T, H, S, Dv] fp32 and part_lse [T, H, S] fp32 (log2 domain).
+
+    The lse rows use the same (t, h, s) strides divided by Dv, which the kernels rely on.
+    """
+    part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim_v, dtype=torch.float32, device=device)
+    part_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=device)
+    return part_out, part_lse
+
+
+def split_reduce(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """Merge split-KV partials into ``out``.
+
+    part_out: [T, H, S, Dv] fp32, each slice normalised by its own softmax sum;
+    part_lse: [T, H, S] fp32, log2 of each slice's softmax denominator (-inf for an empty slice);
+    out:      [T, H, Dv], any float dtype, written in place (last dim contiguous).
+    """
+    t, h, s, dv = part_out.shape
+    assert part_out.is_contiguous() and part_lse.is_contiguous() and out.stride(-1) == 1
+    _split_reduce_kernel[(t, h)](
+        part_out, part_lse, out,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        out.stride(0), out.stride(1),
+        HEAD_DV=dv, BLOCK_DV=triton.next_power_of_2(dv),
+        NUM_SPLITS=s, BLOCK_S=max(triton.next_power_of_2(s), 2),
+        num_warps=4,
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int,
+    num_splits: int | None = None,
+    block_n: int = 64,
+    block_h: int = 16,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """One new query per request attends over its whole paged context.
+
+    q:            [num_reqs, num_q_heads, head_dim_k], fp16/bf16/fp32 (row i belongs to request i)
+    k_cache:      [num_blocks, block_size, num_kv_heads, head_dim_k] (last dim contiguous)
+    v_cache:      [num_blocks, block_size, num_kv_heads, head_dim_v] (may be a strided view)
+    block_tables: [num_reqs, max_blocks], int32; seq_lens: [num_reqs], int32 (>= 1)
+    max_seq_len:  host-side max of seq_lens (sizes the split count without a device sync)
+    Returns [num_reqs, num_q_heads, head_dim_v] in q's dtype.
+    """
+    num_reqs, num_heads, dk = q.shape
+    _, page, kv_heads, _ = k_cache.shape
+    dv = v_cache.shape[-1]
+    assert num_heads % kv_heads == 0, "query heads must be a multiple of KV heads"
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert block_tables.shape[0] == num_reqs and seq_lens.shape[0] == num_reqs
+    group = num_heads // kv_heads
+    block_h = max(16, min(block_h, triton.next_power_of_2(group)))  # tl.dot needs M >= 16
+    grid_hb = kv_heads * triton.cdiv(group, block_h)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_reqs * grid_hb, max_seq_len, block_n, q.device)
+    out = q.new_empty(num_reqs, num_heads, dv)
+    if num_splits > 1:
+        part_out, part_lse = alloc_partials(num_reqs, num_heads, num_splits, dv, q.device)
+    else:
+        part_out = part_lse = out  # unused by the kernel's single-split branch
+    _gqa_decode_kernel[(num_reqs, grid_hb, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2) if num_splits > 1 else 1,
+        GROUP=group, BLOCK_H=block_h,
+        HEAD_DK=dk, BLOCK_DK=triton.next_power_of_2(dk),
+        HEAD_DV=dv, BLOCK_DV=triton.next_power_of_2(dv),
+        PAGE=page, BLOCK_N=block_n, num_splits=num_splits, SPLIT_OUT=num_splits > 1,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        split_reduce(part_out, part_lse, out)
+    return out

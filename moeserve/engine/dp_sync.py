@@ -1,0 +1,55 @@
+"""Lockstep across data-parallel ranks: one small collective at the start of every step.
+
+MoE layers exchange tokens between all EP ranks, so every rank must enter every MoE collective of every step.
+Each step starts with one all-gather over a CPU (gloo) group carrying, per rank, its token count and whether it
+has prefill work and could run two-batch overlap; from it every rank derives the same plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moeserve.forward_batch import ForwardMode
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """What all ranks agreed for this step.
+
+    mode: EXTEND when any rank computes a prompt chunk (normal dispatch), else DECODE (low-latency dispatch).
+    tokens_per_rank: [world] token counts; a rank with 0 runs an idle batch that still enters every collective.
+    use_tbo: every rank splits this step into two micro-batches.
+    """
+
+    mode: ForwardMode
+    tokens_per_rank: tuple[int, ...]
+    use_tbo: bool
+
+
+def plan_step(rows: list[tuple[int, bool, bool]], enable_tbo: bool) -> StepPlan | None:
+    """rows[r] = (num_tokens, has_extend, tbo_possible) of rank r -> the plan, or None when no rank has work."""
+    tokens = tuple(r[0] for r in rows)
+    if sum(tokens) == 0:
+        return None
+    mode = ForwardMode.EXTEND if any(r[1] for r in rows) else ForwardMode.DECODE
+    use_tbo = enable_tbo and all(r[2] for r in rows)
+    return StepPlan(mode, tokens, use_tbo)
+
+
+class StepSync:
+    """The per-step agreement over a CPU process group (gloo)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, world_size: int, enable_tbo: bool = False) -> None:
+        self.group = group
+        self.world_size = world_size
+        self.enable_tbo = enable_tbo
+
+    def agree(self, num_tokens: int, has_extend: bool, tbo_possible: bool) -> StepPlan | None:
+        local = torch.tensor([num_tokens, int(has_extend), int(tbo_possible)], dtype=torch.int64)
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local, group=self.group)
+        rows = [(int(t[0]), bool(t[1]), bool(t[2])) for t in gathered]
+        return plan_step(rows, self.enable_tbo)

@@ -1,0 +1,188 @@
+"""LLMEngine: one rank's engine. `step()` = schedule -> execute -> update -> detokenize -> emit.
+
+It is synchronous and single-threaded; the async engine (serving) and the Ray worker drive it from their own
+step loops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+from moeserve.config import EngineConfig
+from moeserve.engine.dp_sync import StepSync
+from moeserve.engine.detokenizer import IncrementalDetokenizer
+from moeserve.outputs import StreamChunk
+from moeserve.request import Request
+from moeserve.runner.model_runner import ModelRunner, RankSetup
+from moeserve.sampling_params import SamplingParams
+from moeserve.scheduler.scheduler import Scheduler
+from moeserve.tokenizer import Tokenizer
+
+logger = logging.getLogger("moeserve")
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Per-request state the engine keeps besides the scheduler's Request."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    emitted_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(
+        self, config: EngineConfig, setup: RankSetup | None = None, sync: StepSync | None = None
+    ) -> None:
+        model_path = config.model
+        if model_path is None:
+            from moeserve.testing.tiny_checkpoints import demo_checkpoint
+
+            model_path = str(demo_checkpoint())
+        self.config = config
+        self.model_path = model_path
+        self.tokenizer = Tokenizer.from_pretrained(model_path)
+        self.runner = ModelRunner(config, model_path, setup)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.model_config.vocab_size
+        self.scheduler = Scheduler(
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            block_size=config.block_size,
+            num_blocks=self.runner.num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.sync = sync
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.last_step_ran = False  # did the last step() run a forward pass (here or, in lockstep, anywhere)
+
+    # ---- requests in -------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Text -> token ids; token-id prompts are checked against the vocabulary."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; a prompt needs at least one token")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty; a prompt needs at least one token")
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
+        return ids
+
+    def check_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Tokenize and check a prompt without touching engine state (safe from any thread)."""
+        prompt_ids = self.tokenize(prompt)
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_model_len} "
+                "(max_model_len), which must also leave room for at least one generated token"
+            )
+        return prompt_ids
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        """Queue one sequence (params.n is handled by the caller). Raises ValueError for bad input."""
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self._tracked:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids = self.check_prompt(prompt)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling_params=params,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            arrival_time=time.monotonic(),
+        )
+        self.scheduler.add_request(request)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, skip_special_tokens=params.skip_special_tokens, stop=params.stop
+        )
+        self._tracked[request_id] = _Tracked(request, detok)
+        return request_id
+
+    def abort(self, request_id: str) -> StreamChunk | None:
+        """Stop a request now; returns its final chunk (finish_reason "abort"), or None if it is unknown."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return None
+        self.scheduler.abort(request_id)
+        return self._chunk(tracked, [], "", None, "abort", None)
+
+    # ---- the step ---------------------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return bool(self._tracked)
+
+    def step(self) -> list[StreamChunk]:
+        """Run one scheduling step and return the new output of every request that produced some."""
+        self.last_step_ran = False
+        sched = self.scheduler.schedule()
+        if self.sync is None:
+            if sched.is_empty:
+                return []
+            plan = None
+        else:
+            # Every rank enters this collective every step; ranks without work then run an idle batch.
+            has_extend = any(len(r.token_ids) > 1 for r in sched.requests)
+            plan = self.sync.agree(sched.num_tokens, has_extend, len(sched.requests) >= 2)
+            if plan is None:
+                return []
+        self.last_step_ran = True
+        model_out = self.runner.execute(sched, plan)
+        changed = self.scheduler.update(sched, model_out)
+        self.num_steps += 1
+        chunks = []
+        for request in changed:
+            tracked = self._tracked.get(request.request_id)
+            if tracked is not None:
+                chunk = self._emit(tracked, model_out.logprobs.get(request.request_id))
+                if chunk is not None:
+                    chunks.append(chunk)
+        return chunks
+
+    def _emit(self, tracked: _Tracked, logprobs) -> StreamChunk | None:
+        request = tracked.request
+        new_ids = request.output_token_ids[tracked.emitted_tokens :]
+        tracked.emitted_tokens = len(request.output_token_ids)
+        update = tracked.detokenizer.update(new_ids)
+        text = update.text
+        finish_reason, stop_reason = request.finish_reason, request.stop_reason
+        if update.stop is not None and finish_reason is None:
+            self.scheduler.finish_request(request.request_id, "stop", update.stop)
+            finish_reason, stop_reason = "stop", update.stop
+        elif update.stop is not None:
+            finish_reason, stop_reason = "stop", update.stop
+        elif finish_reason is not None:
+            text += tracked.detokenizer.flush()
+        if finish_reason is not None:
+            del self._tracked[request.request_id]
+        if not new_ids and finish_reason is None:
+            return None
+        return self._chunk(tracked, new_ids, text, logprobs, finish_reason, stop_reason)
+
+    @staticmethod
+    def _chunk(tracked: _Tracked, new_ids, text, logprobs, finish_reason, stop_reason) -> StreamChunk:
+        request = tracked.request
+        return StreamChunk(
+            request_id=request.request_id,
+            text=text,
+            token_ids=list(new_ids),
+            logprobs=logprobs,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_tokens=request.num_cached_tokens,
+            num_output_tokens=len(request.output_token_ids),
+        )
+
+    def stats(self) -> dict:
+        return {**self.scheduler.stats(), "num_steps": self.num_steps}

@@ -1,0 +1,149 @@
+"""Expert-parallel dispatch/combine over `torch.distributed.all_to_all_single` (NCCL on GPU, gloo on CPU).
+
+The portable reference backend. Each token is sent once to every EP rank that holds at least one of its
+choices, with its choices rewritten to that rank's local slots (-1 for choices held elsewhere). Rows leave in
+(destination rank, token index) order, so `combine` can send results back with the splits reversed and add
+them into the token they came from.
+
+Per dispatch: one small all-to-all of row counts (the receiver must know its buffer sizes; this syncs the
+host), then two payload all-to-alls: hidden, and a metadata tensor packing ids and weights as int32 bits.
+Every rank enters every collective, also with zero tokens (ForwardMode.IDLE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moeserve.forward_batch import ForwardMode
+from moeserve.moe.dispatcher import Dispatcher, DispatchOutput
+
+
+@dataclass(slots=True)
+class AllToAllHandle:
+    """What `combine` needs to route results back.
+
+    send_token_idx: [num_sent], int64 — local token of each sent row, rows ordered by destination rank.
+    send_counts / recv_counts: rows sent to / received from each rank (Python ints).
+    """
+
+    send_token_idx: torch.Tensor
+    send_counts: list[int]
+    recv_counts: list[int]
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class PendingDispatch:
+    """A dispatch in flight: receive buffers and the async works filling them."""
+
+    recv_hidden: torch.Tensor  # [num_recv, hidden]
+    recv_meta: torch.Tensor  # [num_recv, 2 * top_k] int32: local ids, then float32 weight bits
+    works: list
+    handle: AllToAllHandle
+
+
+@dataclass(slots=True)
+class PendingCombine:
+    recv: torch.Tensor  # [num_sent, hidden], expert outputs coming back, in send order
+    work: object
+    handle: AllToAllHandle
+
+
+class TorchAllToAllDispatcher(Dispatcher):
+    """Variable-split all-to-all over an EP process group (None = the default group)."""
+
+    name = "all_to_all"
+
+    def __init__(self, group: dist.ProcessGroup | None, num_local_slots: int) -> None:
+        super().__init__(num_local_slots)
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+
+    def dispatch(self, hidden, topk_ids, topk_weights, mode: ForwardMode) -> DispatchOutput:
+        return self.dispatch_end(self.dispatch_begin(hidden, topk_ids, topk_weights, mode))
+
+    def combine(self, expert_out: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        return self.combine_end(self.combine_begin(expert_out, handle))
+
+    def dispatch_begin(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        mode: ForwardMode,
+    ) -> PendingDispatch:
+        """hidden: [T, H]; topk_ids: [T, k] physical ids (-1 = none); topk_weights: [T, k] float32.
+        Exchanges row counts (blocking), then starts the payload transfer (async)."""
+        num_tokens, top_k = topk_ids.shape
+        assert hidden.shape[0] == num_tokens, "hidden and topk_ids disagree on the number of tokens"
+        tok_idx, local_ids, send_counts = self._send_layout(topk_ids.to(hidden.device))
+        meta = torch.cat([local_ids, topk_weights[tok_idx].float().view(torch.int32)], dim=1)
+        send_hidden = hidden[tok_idx]
+
+        recv_counts_t = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts_t, send_counts, group=self.group)
+        send_list, recv_list = send_counts.tolist(), recv_counts_t.tolist()
+        num_recv = sum(recv_list)
+
+        recv_hidden = hidden.new_empty(num_recv, hidden.shape[1])
+        recv_meta = meta.new_empty(num_recv, 2 * top_k)
+        works = [
+            dist.all_to_all_single(
+                out, inp, recv_list, send_list, group=self.group, async_op=True
+            )
+            for out, inp in ((recv_hidden, send_hidden), (recv_meta, meta))
+        ]
+        handle = AllToAllHandle(tok_idx, send_list, recv_list, num_tokens)
+        return PendingDispatch(recv_hidden, recv_meta, works, handle)
+
+    def dispatch_end(self, pending: PendingDispatch) -> DispatchOutput:
+        for work in pending.works:
+            work.wait()
+        top_k = pending.recv_meta.shape[1] // 2
+        ids = pending.recv_meta[:, :top_k].contiguous()
+        weights = pending.recv_meta[:, top_k:].contiguous().view(torch.float32)
+        return DispatchOutput(pending.recv_hidden, ids, weights, pending.handle)
+
+    def combine_begin(self, expert_out: torch.Tensor, handle: AllToAllHandle) -> PendingCombine:
+        """expert_out: [num_recv, H], row i the weighted sum of this rank's experts for received row i."""
+        assert expert_out.shape[0] == sum(handle.recv_counts), "expert_out rows must match dispatch_end's"
+        recv = expert_out.new_empty(len(handle.send_token_idx), expert_out.shape[1])
+        work = dist.all_to_all_single(
+            recv,
+            expert_out.contiguous(),
+            handle.send_counts,
+            handle.recv_counts,
+            group=self.group,
+            async_op=True,
+        )
+        return PendingCombine(recv, work, handle)
+
+    def combine_end(self, pending: PendingCombine) -> torch.Tensor:
+        """Returns [num_tokens, H] in expert_out's dtype; partial results are summed in float32."""
+        pending.work.wait()
+        recv = pending.recv
+        out = torch.zeros(pending.handle.num_tokens, recv.shape[1], dtype=torch.float32, device=recv.device)
+        out.index_add_(0, pending.handle.send_token_idx, recv.float())
+        return out.to(recv.dtype)
+
+    def _send_layout(self, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """topk_ids: [T, k] physical ids -> (tok_idx [n] int64, local_ids [n, k] int32, send_counts [W] int64).
+
+        Row j of the send buffer carries token tok_idx[j] to the rank of its block; rows sorted by rank."""
+        num_tokens, top_k = topk_ids.shape
+        ids = topk_ids.long()
+        slots = self.num_local_slots
+        # Choices of -1 go to a virtual rank ep_size, dropped after the scatter.
+        dest = torch.where(ids >= 0, ids // slots, self.ep_size)
+        in_rank = torch.zeros(num_tokens, self.ep_size + 1, dtype=torch.bool, device=ids.device)
+        in_rank.scatter_(1, dest, True)
+        in_rank = in_rank[:, : self.ep_size]
+        rank_idx, tok_idx = in_rank.t().nonzero(as_tuple=True)
+        rank_col = rank_idx[:, None]
+        local_ids = torch.where(dest[tok_idx] == rank_col, ids[tok_idx] - rank_col * slots, -1)
+        send_counts = in_rank.sum(dim=0)
+        return tok_idx, local_ids.to(torch.int32), send_counts

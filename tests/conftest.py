@@ -1,0 +1,34 @@
+"""Shared pytest set-up: GPU markers skip cleanly without CUDA; tiny checkpoints are built once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_multi = pytest.mark.skip(reason="needs at least 2 CUDA GPUs")
+    for item in items:
+        if "gpu" in item.keywords and num_gpus < 1:
+            item.add_marker(skip_gpu)
+        if "multigpu" in item.keywords and num_gpus < 2:
+            item.add_marker(skip_multi)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """build(arch, **overrides) -> path of a tiny random HF checkpoint, cached per (arch, overrides)."""
+    from moeserve.testing.tiny_checkpoints import build_tiny_checkpoint
+
+    cache: dict = {}
+
+    def build(arch: str, **overrides):
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"ckpt-{arch}")
+            cache[key] = build_tiny_checkpoint(arch, path, **overrides)
+        return cache[key]
+
+    return build
