@@ -37,8 +37,8 @@ def run_transformers(path: str, prompts, output_len: int, batch_size: int) -> tu
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    gen = GenerationConfig(do_sample=False, max_new_tokens=output_len, min_new_tokens=output_len,
-                           eos_token_id=None, pad_token_id=0)
+    model.generation_config.eos_token_id = None  # generate exactly output_len tokens, like ignore_eos
+    gen = GenerationConfig(do_sample=False, max_new_tokens=output_len, eos_token_id=None, pad_token_id=0)
     outs: list[list[int]] = []
     t0 = time.perf_counter()
     with torch.no_grad():

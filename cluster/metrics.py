@@ -15,8 +15,10 @@ from collections.abc import Sequence
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Latency buckets in seconds: from sub-millisecond decode steps to multi-minute generations.
+# fmt: off
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
                    1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+# fmt: on
 
 
 def _format_value(v: float) -> str:
@@ -81,7 +83,10 @@ class Counter(_Metric):
         return self._values.get(self._key(labels), 0.0)
 
     def samples(self) -> list[str]:
-        return [f"{self.name}{_label_text(self.labelnames, k)} {_format_value(v)}" for k, v in self._values.items()]
+        return [
+            f"{self.name}{_label_text(self.labelnames, k)} {_format_value(v)}"
+            for k, v in self._values.items()
+        ]
 
 
 class Gauge(_Metric):
@@ -103,7 +108,10 @@ class Gauge(_Metric):
         return self._values.get(self._key(labels))
 
     def samples(self) -> list[str]:
-        return [f"{self.name}{_label_text(self.labelnames, k)} {_format_value(v)}" for k, v in self._values.items()]
+        return [
+            f"{self.name}{_label_text(self.labelnames, k)} {_format_value(v)}"
+            for k, v in self._values.items()
+        ]
 
 
 class Histogram(_Metric):
@@ -226,31 +234,51 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         r = self.registry = Registry()
-        self.ttft = r.histogram("moeserve_time_to_first_token_seconds",
-                                "Time from request arrival to its first generated token.", LATENCY_BUCKETS)
-        self.itl = r.histogram("moeserve_inter_token_latency_seconds",
-                               "Time between consecutive generated tokens of a request.", LATENCY_BUCKETS)
-        self.e2e = r.histogram("moeserve_e2e_request_latency_seconds",
-                               "Time from request arrival to its last token.", LATENCY_BUCKETS)
+        self.ttft = r.histogram(
+            "moeserve_time_to_first_token_seconds",
+            "Time from request arrival to its first generated token.",
+            LATENCY_BUCKETS,
+        )
+        self.itl = r.histogram(
+            "moeserve_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request.",
+            LATENCY_BUCKETS,
+        )
+        self.e2e = r.histogram(
+            "moeserve_e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            LATENCY_BUCKETS,
+        )
         self.prompt_tokens = r.counter("moeserve_prompt_tokens_total", "Prompt tokens of all requests.")
         self.generation_tokens = r.counter("moeserve_generation_tokens_total", "Generated tokens.")
-        self.requests = r.counter("moeserve_requests_total", "Finished requests (one per choice).",
-                                  ["finish_reason"])
+        self.requests = r.counter(
+            "moeserve_requests_total", "Finished requests (one per choice).", ["finish_reason"]
+        )
         self.running = r.gauge("moeserve_num_requests_running", "Requests running, all ranks.")
         self.waiting = r.gauge("moeserve_num_requests_waiting", "Requests waiting, all ranks.")
         self.kv_usage = r.gauge("moeserve_kv_cache_usage_ratio", "Mean fraction of KV cache blocks in use.")
-        self.hit_rate = r.gauge("moeserve_prefix_cache_hit_rate",
-                                "Prompt tokens found in the prefix cache / prompt tokens looked up, all ranks.")
-        self.balancedness = r.gauge("moeserve_expert_balancedness",
-                                    "Mean / max tokens per GPU over MoE layers (1 = perfectly balanced).")
+        self.hit_rate = r.gauge(
+            "moeserve_prefix_cache_hit_rate",
+            "Prompt tokens found in the prefix cache / prompt tokens looked up, all ranks.",
+        )
+        self.balancedness = r.gauge(
+            "moeserve_expert_balancedness",
+            "Mean / max tokens per GPU over MoE layers (1 = perfectly balanced).",
+        )
         self.rank_running = r.gauge("moeserve_rank_num_requests_running", "Requests running.", ["rank"])
         self.rank_waiting = r.gauge("moeserve_rank_num_requests_waiting", "Requests waiting.", ["rank"])
-        self.rank_load = r.gauge("moeserve_rank_load", "Running + waiting requests (the router's load).",
-                                 ["rank"])
-        self.rank_kv_usage = r.gauge("moeserve_rank_kv_cache_usage_ratio", "Fraction of KV blocks in use.",
-                                     ["rank"])
-        self.rank_hit_rate = r.gauge("moeserve_rank_prefix_cache_hit_rate", "Prefix cache hit rate.", ["rank"])
-        self.rank_preemptions = r.counter("moeserve_rank_num_preemptions_total", "Requests preempted.", ["rank"])
+        self.rank_load = r.gauge(
+            "moeserve_rank_load", "Running + waiting requests (the router's load).", ["rank"]
+        )
+        self.rank_kv_usage = r.gauge(
+            "moeserve_rank_kv_cache_usage_ratio", "Fraction of KV blocks in use.", ["rank"]
+        )
+        self.rank_hit_rate = r.gauge(
+            "moeserve_rank_prefix_cache_hit_rate", "Prefix cache hit rate.", ["rank"]
+        )
+        self.rank_preemptions = r.counter(
+            "moeserve_rank_num_preemptions_total", "Requests preempted.", ["rank"]
+        )
         self.engine_up = r.gauge("moeserve_engine_up", "1 when the engine answered the last stats call.")
 
     def start_request(self, num_prompt_tokens: int, arrival: float | None = None) -> RequestTracker:
@@ -264,7 +292,13 @@ class ServingMetrics:
             return
         self.engine_up.set(1)
         ranks = stats.get("ranks", [])
-        for g in (self.rank_running, self.rank_waiting, self.rank_load, self.rank_kv_usage, self.rank_hit_rate):
+        for g in (
+            self.rank_running,
+            self.rank_waiting,
+            self.rank_load,
+            self.rank_kv_usage,
+            self.rank_hit_rate,
+        ):
             g.clear()  # ranks may come and go across restarts; show only the current ones
         hit = query = 0
         for s in ranks:

@@ -3,8 +3,8 @@
 Requests that share a prefix should reach the rank whose radix cache already holds it, so each prefix has a
 fixed preference order over ranks (highest-random-weight hashing of the prefix). The first rank in that order
 whose load is under a bound takes the request; a hot prefix therefore spills to its second rank, then its
-third, instead of piling onto one rank. DP ranks of an EP deployment step in lockstep, so the slowest rank sets
-everyone's step time: the bound is kept tight.
+third, instead of piling onto one rank. DP ranks of an EP deployment step in lockstep, so the slowest rank
+sets everyone's step time: the bound is kept tight.
 
 The choice depends only on (prompt, loads), with a stable hash, so any number of ingress replicas that see the
 same loads agree without sharing state.
@@ -61,7 +61,8 @@ class CacheAwareRouter:
         """All ranks, most preferred first, for this prompt's prefix (rendezvous hashing)."""
         key = self.prefix_key(prompt_token_ids)
         weights = [
-            int.from_bytes(hashlib.blake2b(key + salt, digest_size=8).digest(), "little") for salt in self._salts
+            int.from_bytes(hashlib.blake2b(key + salt, digest_size=8).digest(), "little")
+            for salt in self._salts
         ]
         # Ties are practically impossible with 64-bit weights; break them by rank for determinism anyway.
         return sorted(range(self.num_ranks), key=lambda r: (-weights[r], r))

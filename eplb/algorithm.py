@@ -11,6 +11,8 @@ a deterministic function of the input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moeserve.eplb.tables import inverse_permutation, replica_tables
@@ -66,10 +68,30 @@ def replicate_experts(weight: torch.Tensor, num_physical: int) -> tuple[torch.Te
     return phy2log, logcnt
 
 
-def _hierarchical_phy2log(
-    weight: torch.Tensor, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int
+# (weight [X, n] float64, key [X, n] int64, num_packs) -> (pack_index [X, n], rank_in_pack [X, n]); key names
+# the item (group id, or logical expert id of a replica) for packers that care where it lives now.
+Packer = Callable[[torch.Tensor, torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def _plain_packer(weight: torch.Tensor, key: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return balanced_packing(weight, num_packs)
+
+
+def hierarchical_placement(
+    weight: torch.Tensor,
+    num_physical: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    pack_groups: Packer = _plain_packer,
+    pack_gpus: Packer = _plain_packer,
 ) -> torch.Tensor:
-    """weight: [L, E] float64 -> phy2log [L, num_physical] int64 (inputs already validated)."""
+    """DeepSeek's hierarchical plan with pluggable packing steps. weight: [L, E] float64 (validated).
+
+    pack_groups packs group loads [L, num_groups] onto num_nodes (keys: group ids); pack_gpus packs each node's
+    replica loads [L * num_nodes, R / num_nodes] onto its GPUs (keys: logical expert ids).
+    Returns phy2log [L, num_physical] int64.
+    """
     num_layers, num_logical = weight.shape
     group_size = num_logical // num_groups
     groups_per_node = num_groups // num_nodes
@@ -80,7 +102,8 @@ def _hierarchical_phy2log(
     # Step 1: pack expert groups onto nodes. log2mlog numbers logical experts node-major ("mlog"), so node n
     # owns mlog ids [n * logical_per_node, (n + 1) * logical_per_node).
     group_load = weight.view(num_layers, num_groups, group_size).sum(-1)
-    node_of_group, rank_of_group = balanced_packing(group_load, num_nodes)
+    group_ids = torch.arange(num_groups).expand(num_layers, num_groups)
+    node_of_group, rank_of_group = pack_groups(group_load, group_ids, num_nodes)
     group_base = (node_of_group * groups_per_node + rank_of_group) * group_size
     log2mlog = (group_base.unsqueeze(-1) + torch.arange(group_size)).flatten(-2)
     mlog2log = inverse_permutation(log2mlog)
@@ -91,7 +114,8 @@ def _hierarchical_phy2log(
 
     # Step 3: pack the node's physical experts onto its GPUs, equal slots per GPU.
     phy_load = (node_weight / mlogcnt).gather(-1, phy2mlog)
-    gpu_of_phy, rank_on_gpu = balanced_packing(phy_load, num_gpus // num_nodes)
+    phy_key = mlog2log.view(num_layers * num_nodes, logical_per_node).gather(-1, phy2mlog)
+    gpu_of_phy, rank_on_gpu = pack_gpus(phy_load, phy_key, num_gpus // num_nodes)
     slot_of_phy = gpu_of_phy * slots_per_gpu + rank_on_gpu
     slot2mlog = torch.empty_like(phy2mlog).scatter_(-1, slot_of_phy, phy2mlog)
 
@@ -130,8 +154,8 @@ def rebalance_phy2log(
     hierarchical = check_balance_args(weight, num_replicas, num_groups, num_nodes, num_gpus)
     weight = weight.detach().to("cpu", torch.float64)
     if hierarchical:
-        return _hierarchical_phy2log(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    return _hierarchical_phy2log(weight, num_replicas, 1, 1, num_gpus)
+        return hierarchical_placement(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    return hierarchical_placement(weight, num_replicas, 1, 1, num_gpus)
 
 
 def rebalance_experts(

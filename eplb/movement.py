@@ -1,117 +1,57 @@
-"""Rebalance while moving as little as possible: same balance as the plain plan, fewer bytes on the wire.
+"""Rebalance while moving as little as possible: the plain plan's balance, far fewer bytes on the wire.
 
-The load of a GPU depends only on which experts it holds, so any relabelling of the plain plan's GPU packs keeps
-every GPU load (hence the max per layer) unchanged. We therefore
-  1. compute the plain DeepSeek plan;
-  2. give each of its GPU packs to the GPU that already holds most of its experts (an assignment per layer:
-     node packs to nodes, then GPU packs to GPUs within a node under the hierarchical policy, which keeps each
-     expert group on one node; one assignment over all GPUs under the global policy);
-  3. order each GPU's slots so that an expert that stays also keeps its slot (no copy at all);
-  4. keep a layer's current placement when the plan would not lower its max GPU load (zero moves).
+Per layer the result is the candidate with the fewest transfers among those whose max GPU load is at most the
+plain DeepSeek plan's (times 1 + balance_tolerance):
+  sticky      DeepSeek's steps with "stay where you are" packing (``sticky.py``): expert groups stay on their
+              node and replicas on their GPU whenever that keeps the pack under the plain plan's peak, then
+              swaps pull any GPU above that peak back down;
+  relabelled  the plain plan with its GPU packs handed to the GPUs that hold most of their experts
+              (``relabel.py``); same loads as the plain plan, so it always qualifies;
+and the current placement is kept when no candidate lowers the layer's max GPU load enough (min_improvement).
+Slots are aligned so an expert that stays on its GPU also keeps its slot (no copy at all).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moeserve.eplb.algorithm import check_balance_args, rebalance_phy2log
-from moeserve.eplb.metrics import gpu_loads
+from moeserve.eplb.algorithm import balanced_packing, check_balance_args, hierarchical_placement
+from moeserve.eplb.metrics import experts_moved, gpu_loads, physical_loads
+from moeserve.eplb.relabel import align_slots, relabel_to_current
+from moeserve.eplb.sticky import repair_peaks, sticky_packing
 from moeserve.eplb.tables import check_placement, gpu_expert_counts, replica_tables
 
 
-def assign_max(score: torch.Tensor, max_swap_rounds: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Approximately solve max-weight perfect matching per row: greedy on the best remaining pair, then
-    improving pairwise swaps until none helps (or max_swap_rounds, default 4n).
+def _sticky_plan(
+    weight: torch.Tensor, current: torch.Tensor, target: torch.Tensor, num_groups: int, num_nodes: int, num_gpus: int
+) -> torch.Tensor:
+    """DeepSeek's hierarchical steps with sticky packing. weight: [L, E] float64; current: [L, R] int64;
+    target: [L] peak GPU load to stay under. Returns phy2log [L, R] int64 (aligned to current's slots)."""
+    num_layers, num_logical = weight.shape
+    num_physical = current.shape[1]
+    per_node, slots = num_gpus // num_nodes, num_physical // num_gpus
+    on_gpu = gpu_expert_counts(current, num_gpus, num_logical)  # [L, G, E]
 
-    score: [X, n, n] float64, score[x, i, j] = value of giving item i to target j.
-    Returns perm [X, n] int64 (target of each item) and value [X] float64 (total score of perm).
-    """
-    rows, n, _ = score.shape
-    row = torch.arange(rows)
-    perm = torch.empty(rows, n, dtype=torch.int64)
-    masked = score.clone()
-    for _ in range(n):
-        flat = masked.view(rows, n * n).argmax(-1)
-        item, target = flat // n, flat % n
-        perm[row, item] = target
-        masked[row, item, :] = -float("inf")
-        masked[row, :, target] = -float("inf")
-    for _ in range(4 * n if max_swap_rounds is None else max_swap_rounds):
-        # gain[x, i, j] of swapping the targets of items i and j.
-        mine = score.gather(2, perm.unsqueeze(-1)).squeeze(-1)  # [X, n]
-        cross = score.gather(2, perm.unsqueeze(1).expand(rows, n, n))  # [X, i, j] = score[i, perm[j]]
-        gain = cross + cross.transpose(1, 2) - mine.unsqueeze(2) - mine.unsqueeze(1)
-        best_gain, flat = gain.view(rows, n * n).max(-1)
-        improve = best_gain > 1e-9
-        if not bool(improve.any()):
-            break
-        i, j = (flat // n)[improve], (flat % n)[improve]
-        r = row[improve]
-        perm_i, perm_j = perm[r, i], perm[r, j]
-        perm[r, i], perm[r, j] = perm_j, perm_i
-    value = score.gather(2, perm.unsqueeze(-1)).squeeze(-1).sum(-1)
-    return perm, value
+    # Groups stay on the node that holds most of their experts now, while under the plain plan's node peak.
+    group_load = weight.view(num_layers, num_groups, -1).sum(-1)
+    on_node = on_gpu.view(num_layers, num_nodes, per_node, num_groups, -1).sum(dim=(2, 4))  # [L, N, groups]
+    group_home = torch.zeros_like(on_node).scatter_(1, on_node.argmax(1, keepdim=True), 1)
+    plain_node, _ = balanced_packing(group_load, num_nodes)
+    node_peak = torch.zeros(num_layers, num_nodes, dtype=weight.dtype).scatter_add_(1, plain_node, group_load)
 
+    def pack_groups(w: torch.Tensor, key: torch.Tensor, packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return sticky_packing(w, key, group_home, packs, node_peak.amax(-1))
 
-def _gpu_targets(overlap: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """overlap: [L, G, G] float64 experts shared by new pack i and current GPU j. Returns [L, G] int64, the GPU
-    each new pack goes to; node packs move as a whole (num_nodes == 1 lets every pack go anywhere)."""
-    num_layers, num_gpus, _ = overlap.shape
-    per_node = num_gpus // num_nodes
-    if num_nodes == 1:
-        target, value = assign_max(overlap)
-    else:
-        blocks = overlap.view(num_layers, num_nodes, per_node, num_nodes, per_node).permute(0, 1, 3, 2, 4)
-        inner, inner_value = assign_max(blocks.reshape(-1, per_node, per_node))
-        node_target, value = assign_max(inner_value.view(num_layers, num_nodes, num_nodes))
-        inner = inner.view(num_layers, num_nodes, num_nodes, per_node)
-        index = node_target.view(num_layers, num_nodes, 1, 1).expand(-1, -1, 1, per_node)
-        within = inner.gather(2, index).squeeze(2)  # [L, N, per_node]
-        target = (node_target.unsqueeze(-1) * per_node + within).view(num_layers, num_gpus)
-    # Never do worse than leaving the plain plan's labels as they are.
-    identity = torch.arange(num_gpus).expand(num_layers, num_gpus)
-    keep_identity = overlap.diagonal(dim1=1, dim2=2).sum(-1) >= value
-    return torch.where(keep_identity.unsqueeze(-1), identity, target)
+    node_rows = on_gpu.view(num_layers * num_nodes, per_node, num_logical)
+    row_target = target.repeat_interleave(num_nodes)
 
+    def pack_gpus(w: torch.Tensor, key: torch.Tensor, packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return sticky_packing(w, key, node_rows, packs, row_target)
 
-def _align_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Reorder each GPU's slots so an expert it keeps stays in its current slot.
-
-    new, old: [X, S] int64 logical ids of the S slots of X (layer, GPU) pairs. Returns a permutation of each row
-    of new where out[x, s] == old[x, s] wherever that expert can stay (each new replica used once).
-    """
-    rows, slots = new.shape
-    out = torch.full_like(new, -1)
-    used = torch.zeros_like(new, dtype=torch.bool)
-    for s in range(slots):
-        match = (new == old[:, s : s + 1]) & ~used
-        found = match.any(-1)
-        first = match.to(torch.uint8).argmax(-1)
-        used |= torch.nn.functional.one_hot(first, slots).bool() & found.unsqueeze(-1)
-        out[:, s] = torch.where(found, old[:, s], out[:, s])
-    # Remaining replicas fill the remaining slots, both in ascending order.
-    free_slots = (out >= 0).to(torch.uint8).argsort(-1, stable=True)
-    unused_items = used.to(torch.uint8).argsort(-1, stable=True)
-    num_free = (out < 0).sum(-1, keepdim=True)
-    fill = torch.arange(slots).unsqueeze(0) < num_free
-    values = torch.where(fill, new.gather(-1, unused_items), out.gather(-1, free_slots))
-    return out.scatter(-1, free_slots, values)
-
-
-def relabel_to_current(plan: torch.Tensor, current: torch.Tensor, num_nodes: int, num_gpus: int) -> torch.Tensor:
-    """Move the GPU packs of plan [L, R] onto the GPUs that hold most of their experts in current [L, R] and align
-    slots; every GPU keeps exactly the multiset of experts of one pack of plan. Returns [L, R] int64."""
-    num_layers, num_physical = plan.shape
-    slots = num_physical // num_gpus
-    num_logical = int(torch.maximum(plan.max(), current.max())) + 1
-    new_present = (gpu_expert_counts(plan, num_gpus, num_logical) > 0).double()
-    old_present = (gpu_expert_counts(current, num_gpus, num_logical) > 0).double()
-    overlap = new_present @ old_present.transpose(1, 2)
-    target = _gpu_targets(overlap, num_nodes)
-    packs = plan.view(num_layers, num_gpus, slots)
-    moved = torch.empty_like(packs).scatter_(1, target.unsqueeze(-1).expand(-1, -1, slots), packs)
-    aligned = _align_slots(moved.view(-1, slots), current.reshape(-1, slots))
-    return aligned.view(num_layers, num_physical)
+    phy2log = hierarchical_placement(weight, num_physical, num_groups, num_nodes, num_gpus, pack_groups, pack_gpus)
+    loads = physical_loads(weight, phy2log).view(-1, per_node, slots)
+    keys = repair_peaks(loads, phy2log.view(-1, per_node, slots), node_rows > 0, row_target)
+    return align_slots(keys.view(-1, slots), current.reshape(-1, slots)).view(num_layers, num_physical)
 
 
 def rebalance_experts_movement_aware(
@@ -120,15 +60,17 @@ def rebalance_experts_movement_aware(
     num_groups: int,
     num_nodes: int,
     num_gpus: int,
+    balance_tolerance: float = 0.0,
     min_improvement: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rebalance like ``rebalance_experts`` but keep experts where they are whenever balance allows.
 
     weight: [L, E] load per logical expert. current_phy2log: [L, R] int64, a valid current placement (every
     logical expert present; R a multiple of num_gpus); R is kept. num_groups/num_nodes/num_gpus: as in
-    ``rebalance_experts``. min_improvement: a layer is re-placed only when its max GPU load drops below
+    ``rebalance_experts``.
+    balance_tolerance: accept a layer's max GPU load up to (1 + balance_tolerance) x the plain plan's (0: never
+    worse than the plain plan). min_improvement: a layer is re-placed only when its max GPU load drops below
     (1 - min_improvement) x its current max; otherwise it keeps its current placement.
-    Per layer the max GPU load equals the plain plan's, or is lower (current placement kept).
     Returns phy2log [L, R], log2phy [L, E, max_replicas] (-1 padded), logcnt [L, E]; int64 on CPU.
     """
     num_logical = weight.shape[1] if weight.dim() == 2 else 0
@@ -136,17 +78,25 @@ def rebalance_experts_movement_aware(
     check_placement(current, num_logical, num_gpus, name="current_phy2log")
     if current.shape[0] != weight.shape[0]:
         raise ValueError(f"current_phy2log has {current.shape[0]} layers, weight has {weight.shape[0]}")
-    if not 0.0 <= min_improvement < 1.0:
-        raise ValueError(f"min_improvement must be in [0, 1), got {min_improvement}")
+    if not 0.0 <= min_improvement < 1.0 or balance_tolerance < 0.0:
+        raise ValueError(f"need 0 <= min_improvement < 1 and balance_tolerance >= 0, got {min_improvement}, "
+                         f"{balance_tolerance}")
     num_replicas = current.shape[1]
-    hierarchical = check_balance_args(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    if not check_balance_args(weight, num_replicas, num_groups, num_nodes, num_gpus):
+        num_groups, num_nodes = 1, 1  # global policy: one group, one node
     weight = weight.detach().to("cpu", torch.float64)
-    plan = rebalance_phy2log(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    plan = relabel_to_current(plan, current, num_nodes if hierarchical else 1, num_gpus)
 
-    current_max = gpu_loads(weight, num_gpus, current).amax(-1)
-    plan_max = gpu_loads(weight, num_gpus, plan).amax(-1)
-    keep = plan_max >= current_max * (1.0 - min_improvement)
+    plain = hierarchical_placement(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    plain_peak = gpu_loads(weight, num_gpus, plain).amax(-1)
+    relabelled = relabel_to_current(plain, current, num_nodes, num_gpus)
+    sticky = _sticky_plan(weight, current, plain_peak, num_groups, num_nodes, num_gpus)
+    sticky_ok = gpu_loads(weight, num_gpus, sticky).amax(-1) <= plain_peak * (1 + balance_tolerance + 1e-12)
+    fewer = experts_moved(current, sticky, num_gpus) <= experts_moved(current, relabelled, num_gpus)
+    plan = torch.where((sticky_ok & fewer).unsqueeze(-1), sticky, relabelled)
+
+    current_peak = gpu_loads(weight, num_gpus, current).amax(-1)
+    plan_peak = gpu_loads(weight, num_gpus, plan).amax(-1)
+    keep = plan_peak >= current_peak * (1.0 - min_improvement)
     phy2log = torch.where(keep.unsqueeze(-1), current, plan)
     log2phy, logcnt = replica_tables(phy2log, num_logical)
     return phy2log, log2phy, logcnt

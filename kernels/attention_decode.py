@@ -121,13 +121,13 @@ def _split_reduce_kernel(
     stride_pt, stride_ph, stride_ps,
     stride_ot, stride_oh,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    num_splits, BLOCK_S: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_DV)
-    s_ok = offs_s < NUM_SPLITS
+    s_ok = offs_s < num_splits
     d_ok = offs_d < HEAD_DV
     base = t * stride_pt + h * stride_ph
     lse = tl.load(PartLse + base // stride_ps + offs_s, mask=s_ok, other=float("-inf"))
@@ -164,7 +164,7 @@ def split_reduce(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tens
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         out.stride(0), out.stride(1),
         HEAD_DV=dv, BLOCK_DV=triton.next_power_of_2(dv),
-        NUM_SPLITS=s, BLOCK_S=max(triton.next_power_of_2(s), 2),
+        num_splits=s, BLOCK_S=max(triton.next_power_of_2(s), 2),
         num_warps=4,
     )
 

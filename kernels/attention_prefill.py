@@ -1,10 +1,10 @@
 """Prefill / extend attention over the paged cache: new queries attend causally over cached + new keys.
 
 The new tokens' K/V are already in the cache, so one gather path serves the cached prefix and the new part.
-Each program owns ``BLOCK_M`` consecutive new queries of one request and one query head. Its keys split in two
-phases: positions before its first query (every query sees all of them, no mask) and the diagonal stretch up to
-its last query (causal mask). The key dimension may be split into a main part and a power-of-two tail ("rope"
-part, e.g. 512 + 64 for absorbed MLA, 128 + 64 for DeepSeek's non-absorbed heads) so that no block is padded.
+Each program owns ``BLOCK_M`` consecutive new queries of one request and one query head. Its keys split in
+two phases: positions before its first query (every query sees all of them, no mask) and the diagonal stretch
+up to its last query (causal mask). The key dimension may be split into a main part and a power-of-two tail
+("rope" part: 512 + 64 for absorbed MLA, 128 + 64 for DeepSeek's non-absorbed heads) so no block is padded.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from moeserve.kernels.attention_decode import LOG2E
 
 
@@ -44,7 +43,8 @@ def _attend_tile(
     else:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     offs_dv = tl.arange(0, BLOCK_DV)
-    v = tl.load(v_rows[:, None] + offs_dv[None, :], mask=n_ok[:, None] & (offs_dv < HEAD_DV)[None, :], other=0.0)
+    dv_ok = offs_dv < HEAD_DV
+    v = tl.load(v_rows[:, None] + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])

@@ -6,6 +6,8 @@ lists so tests and benchmarks can call kernel and reference the same way.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -38,16 +40,16 @@ def paged_attention_ref(
         lo, hi = qsl[i], qsl[i + 1]
         if hi == lo:
             continue
-        k = gather_paged(k_cache, block_tables[i], seq_len).float()
-        v = gather_paged(v_cache, block_tables[i], seq_len).float()
-        group = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        scores = torch.einsum("nhd,shd->hns", q[lo:hi].float(), k) * scale
-        q_pos = torch.arange(seq_len - (hi - lo), seq_len, device=q.device)
+        k = gather_paged(k_cache, block_tables[i], seq_len).float()  # [S, Hkv, Dk]
+        v = gather_paged(v_cache, block_tables[i], seq_len).float()  # [S, Hkv, Dv]
+        n, hkv = hi - lo, k.shape[1]
+        qi = q[lo:hi].float().view(n, hkv, -1, q.shape[-1])  # query heads grouped by their KV head
+        scores = torch.einsum("nkgd,skd->kgns", qi, k) * scale
+        q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
-        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        out[lo:hi] = torch.einsum("hns,shd->nhd", torch.softmax(scores, dim=-1), v).to(out_dtype)
+        scores.masked_fill_(k_pos[None, None, None, :] > q_pos[None, None, :, None], float("-inf"))
+        o = torch.einsum("kgns,skd->nkgd", torch.softmax(scores, dim=-1), v)
+        out[lo:hi] = o.reshape(n, q.shape[1], -1).to(out_dtype)
     return out
 
 
@@ -64,5 +66,41 @@ def mla_decode_attention_ref(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
     scale: float, kv_lora_rank: int,
 ) -> torch.Tensor:
-    """Absorbed-MLA decode: q [R, H, lora + rope] over kv_cache [NB, P, 1, lora + rope] -> [R, H, lora] fp32."""
-    return paged_decode_attention_ref(q, kv_cache, kv_cache[..., :kv_lora_rank], block_tables, seq_lens, scale)
+    """Absorbed-MLA decode: q [R, H, lora + rope] over kv_cache [NB, P, 1, lora + rope] -> [R, H, lora]."""
+    v_cache = kv_cache[..., :kv_lora_rank]
+    return paged_decode_attention_ref(q, kv_cache, v_cache, block_tables, seq_lens, scale)
+
+
+# Random inputs in the kernels' layout, shared by the tests and the benchmark.
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float32."""
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def make_paged_cache(
+    seq_lens: list[int], page: int, kv_heads: int, dk: int, dv: int | None, dtype: torch.dtype,
+    device: str = "cpu", seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Random caches with each request's blocks scattered over the pool (plus spare blocks).
+
+    Returns k_cache [NB, page, Hkv, dk], v_cache [NB, page, Hkv, dv] (None if dv is None),
+    block_tables [R, max_blocks] int32 (padded with 0), seq_lens [R] int32.
+    """
+    g = torch.Generator().manual_seed(seed)
+    counts = [(n + page - 1) // page for n in seq_lens]
+    num_blocks = sum(counts) + 3
+    k_cache = torch.randn(num_blocks, page, kv_heads, dk, generator=g).to(dtype).to(device)
+    v_cache = None
+    if dv is not None:
+        v_cache = torch.randn(num_blocks, page, kv_heads, dv, generator=g).to(dtype).to(device)
+    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
+    tables = torch.zeros(len(seq_lens), max(counts), dtype=torch.int32)
+    for i, (lo, n) in enumerate(zip(itertools.accumulate([0] + counts), counts)):
+        tables[i, :n] = perm[lo : lo + n]
+    return k_cache, v_cache, tables.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device)
+
+
+def query_start_loc(query_lens: list[int], device: str = "cpu") -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32, device=device)

@@ -2,9 +2,9 @@
 
 Cache: ``kv_cache [num_blocks, block_size, 1, kv_lora_rank + rope_dim]``; the value of a token is the first
 ``kv_lora_rank`` entries of its key. Each program loads a tile of latents once and uses it both as K (all
-``lora + rope`` columns) and as V (the ``lora`` prefix), for ``BLOCK_H`` query heads at a time; all heads share
-the single latent head, so larger ``BLOCK_H`` means fewer re-reads of the cache (the rest come from L2, since
-head blocks of one request are adjacent in launch order).
+``lora + rope`` columns) and as V (the ``lora`` prefix), for ``BLOCK_H`` query heads at a time; all heads
+share the single latent head, so larger ``BLOCK_H`` means fewer re-reads of the cache (the rest come from L2,
+since head blocks of one request are adjacent in launch order).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from moeserve.kernels.attention_decode import LOG2E, alloc_partials, choose_num_splits, split_reduce
 
 
@@ -109,7 +108,10 @@ def mla_decode_attention(
     block_h = max(16, min(block_h, triton.next_power_of_2(num_heads)))
     head_blocks = triton.cdiv(num_heads, block_h)
     if num_splits is None:
-        num_splits = choose_num_splits(num_reqs * head_blocks, max_seq_len, block_n, q.device)
+        # Fewer, heavier programs than GQA decode: each split adds a [H, 512] fp32 partial write + read.
+        num_splits = choose_num_splits(
+            num_reqs * head_blocks, max_seq_len, block_n, q.device, programs_per_sm=2
+        )
     out = q.new_empty(num_reqs, num_heads, kv_lora_rank)
     if num_splits > 1:
         part_out, part_lse = alloc_partials(num_reqs, num_heads, num_splits, kv_lora_rank, q.device)

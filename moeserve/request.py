@@ -1,4 +1,4 @@
-"""Request: one sequence's state as the scheduler sees it (tokens, progress in the KV cache, blocks, finish)."""
+"""Request: one sequence as the scheduler sees it (tokens, progress in the KV cache, blocks, finish)."""
 
 from __future__ import annotations
 

@@ -59,14 +59,16 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             _fail("min_p", self.min_p, "a number in [0, 1]")
         if self.seed is not None:
-            _check_int("seed", self.seed, _SEED_MIN, _SEED_MAX, f"None or an integer in [{_SEED_MIN}, {_SEED_MAX}]")
+            allowed = f"None or an integer in [{_SEED_MIN}, {_SEED_MAX}]"
+            _check_int("seed", self.seed, _SEED_MIN, _SEED_MAX, allowed)
         _check_int("max_tokens", self.max_tokens, 1, None, "an integer >= 1")
         self.stop = _normalize_stop(self.stop)
         self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
         _check_bool("ignore_eos", self.ignore_eos)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, f"None or an integer in [0, {MAX_LOGPROBS}]")
+            allowed = f"None or an integer in [0, {MAX_LOGPROBS}]"
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, allowed)
 
     @property
     def greedy(self) -> bool:

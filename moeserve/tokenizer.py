@@ -2,13 +2,14 @@
 
 Reads, from the checkpoint directory:
 - ``tokenizer.json`` (required): vocabulary, pre-tokenizer, decoder, added/special tokens;
-- ``tokenizer_config.json``: bos/eos/pad/unk tokens, ``add_bos_token``/``add_eos_token``, ``chat_template``
+- ``tokenizer_config.json``: bos/eos/pad/unk tokens, ``chat_template``
   (a string, or a list of ``{"name", "template"}`` from which "default" is taken);
 - ``chat_template.jinja``: a chat template file, which takes priority over the config's, as in transformers;
 - ``generation_config.json`` (else ``config.json``): ``eos_token_id`` (int or list), merged into the stop ids.
 
-Semantics follow transformers' ``PreTrainedTokenizerFast`` so prompts tokenise identically:
-when the config names ``add_bos_token``/``add_eos_token``, the post-processor is rebuilt to add exactly those.
+Semantics follow transformers (>= 5) so prompts tokenise identically: whether ``encode`` adds BOS/EOS is
+decided by tokenizer.json's post-processor; ``add_bos_token``/``add_eos_token`` in tokenizer_config.json are
+ignored when tokenizer.json exists, as transformers does.
 ``clean_up_tokenization_spaces`` is not applied (the target checkpoints turn it off; it would also make
 decoding non-incremental).
 """
@@ -25,7 +26,6 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import processors
 
 from moeserve.loader.checkpoint import CheckpointError, checkpoint_dir, read_json
 
@@ -42,13 +42,9 @@ class Tokenizer:
         special_tokens: Mapping[str, str] | None = None,
         chat_template: str | None = None,
         extra_eos_token_ids: Iterable[int] = (),
-        add_bos_token: bool | None = None,
-        add_eos_token: bool | None = None,
     ) -> None:
         self._tok = backend
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
-        if add_bos_token is not None or add_eos_token is not None:
-            self._set_post_processor(bool(add_bos_token), bool(add_eos_token))
         self.chat_template = chat_template
         self.bos_token_id = self._token_id("bos_token")
         eos = {self._token_id("eos_token"), *extra_eos_token_ids}
@@ -78,8 +74,6 @@ class Tokenizer:
             special_tokens=special,
             chat_template=_find_chat_template(p, config),
             extra_eos_token_ids=_generation_eos_ids(p),
-            add_bos_token=config.get("add_bos_token"),
-            add_eos_token=config.get("add_eos_token"),
         )
 
     # ---- token ids ---------------------------------------------------------------------------------------
@@ -155,23 +149,6 @@ class Tokenizer:
     def _token_id(self, key: str) -> int | None:
         token = self.special_tokens.get(key)
         return None if token is None else self._tok.token_to_id(token)
-
-    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
-        # Same rule as transformers: explicit add_bos_token/add_eos_token replace the saved post-processor.
-        bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
-        add_bos = add_bos and bos is not None and self._tok.token_to_id(bos) is not None
-        add_eos = add_eos and eos is not None and self._tok.token_to_id(eos) is not None
-
-        def sequence(part: str, seq: int) -> list[str]:
-            head = [f"{bos}:{seq}"] if add_bos else []
-            return [*head, f"${part}:{seq}", *([f"{eos}:{seq}"] if add_eos else [])]
-
-        specials = [(t, self._tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-        self._tok.post_processor = processors.TemplateProcessing(
-            single=" ".join(sequence("A", 0)),
-            pair=" ".join(sequence("A", 0) + sequence("B", 1)),
-            special_tokens=specials,
-        )
 
 
 def _read_optional_json(file: Path) -> dict:

@@ -21,8 +21,8 @@ def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int) -> list[list[
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                           eos_token_id=None, pad_token_id=0)
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, eos included
+    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
     outs = []
     with torch.no_grad():
         for p in prompts:

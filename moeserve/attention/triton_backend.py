@@ -1,4 +1,4 @@
-"""Triton attention over the paged cache: split-KV decode, MLA latent decode, and prefill/extend with a prefix.
+"""Triton attention over the paged cache: split-KV decode, MLA latent decode, prefill/extend with a prefix.
 
 Which kernel runs depends on the step and the cache layout only:
 - every request computes one token (``meta.max_query_len == 1``): a decode kernel;

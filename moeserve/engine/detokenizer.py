@@ -2,9 +2,9 @@
 
 Two layers, each with one invariant:
 
-1. Token ids -> complete text. Only a window of recent tokens is decoded (the prefix-offset technique): the text
-   of ``ids[prefix_offset:]`` minus the text of ``ids[prefix_offset:read_offset]`` is what the newest tokens
-   added. Decoding from a few tokens back, rather than from the newest token alone, keeps tokenizers whose
+1. Token ids -> complete text. Only a window of recent tokens is decoded (the prefix-offset technique): the
+   text of ``ids[prefix_offset:]`` minus the text of ``ids[prefix_offset:read_offset]`` is what the newest
+   tokens added. Decoding from a few tokens back, rather than the newest token alone, keeps tokenizers whose
    decoders depend on context (SentencePiece's leading-space strip) right. Text ending in U+FFFD is an
    incomplete UTF-8 character (a byte-level token may end mid-character) and is held until completed.
 2. Complete text -> emitted text. With stop strings, the last ``max(len(s)) - 1`` characters are held back:
@@ -61,7 +61,7 @@ class IncrementalDetokenizer:
         self._stop = tuple(dict.fromkeys(stop))
         self._include_stop = include_stop_str_in_output
         self._holdback = max((len(s) for s in self._stop), default=1) - 1
-        # Layer 1 state: the decode window is ids[prefix_offset:], text already taken is its first prefix_len chars.
+        # Layer 1 state: the decode window is ids[prefix_offset:]; its first prefix_len chars are taken.
         self._ids: list[int] = self._prompt_context(prompt_token_ids)
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -123,7 +123,7 @@ class IncrementalDetokenizer:
     # ---- layer 2: complete text -> emitted text ----------------------------------------------------------
 
     def _push(self, text: str, *, final: bool) -> DetokenizerUpdate:
-        # Occurrences lying wholly in the old pending text were looked for already; a new one must end in `text`.
+        # Occurrences wholly inside the old pending text were looked for already; a new one ends in `text`.
         search_from = max(0, len(self._pending) - self._holdback)
         self._pending += text
         hit = self._first_stop(search_from)

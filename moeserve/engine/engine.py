@@ -44,8 +44,8 @@ class LLMEngine:
             model_path = str(demo_checkpoint())
         self.config = config
         self.model_path = model_path
+        self.runner = ModelRunner(config, model_path, setup)  # checks the checkpoint first
         self.tokenizer = Tokenizer.from_pretrained(model_path)
-        self.runner = ModelRunner(config, model_path, setup)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model_config.vocab_size
         self.scheduler = Scheduler(
@@ -105,7 +105,8 @@ class LLMEngine:
         )
         self.scheduler.add_request(request)
         detok = IncrementalDetokenizer(
-            self.tokenizer, skip_special_tokens=params.skip_special_tokens, stop=params.stop
+            self.tokenizer, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+            prompt_token_ids=prompt_ids,
         )
         self._tracked[request_id] = _Tracked(request, detok)
         return request_id

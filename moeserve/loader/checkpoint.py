@@ -148,6 +148,9 @@ def dequantize_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[
             f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {tuple(w.shape)} "
             f"with block {list(block)}: expected {expected}"
         )
+    if n % bn == 0 and k % bk == 0:  # whole blocks: broadcast, no [N, K] scale tensor
+        blocks = w.float().view(expected[0], bn, expected[1], bk) * scale_inv.float()[:, None, :, None]
+        return blocks.view(n, k)
     scale = scale_inv.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
     return w.float() * scale
 

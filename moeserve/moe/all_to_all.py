@@ -131,7 +131,7 @@ class TorchAllToAllDispatcher(Dispatcher):
         return out.to(recv.dtype)
 
     def _send_layout(self, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """topk_ids: [T, k] physical ids -> (tok_idx [n] int64, local_ids [n, k] int32, send_counts [W] int64).
+        """topk_ids: [T, k] physical ids -> tok_idx [n] int64, local_ids [n, k] int32, send_counts [W] int64.
 
         Row j of the send buffer carries token tok_idx[j] to the rank of its block; rows sorted by rank."""
         num_tokens, top_k = topk_ids.shape

@@ -1,10 +1,10 @@
 """Expert-parallel dispatch/combine with DeepEP (`deep_ep.Buffer`), for ranks on NVLink/RDMA-connected GPUs.
 
 Two modes on one buffer, chosen per step by the `mode` every rank agrees on:
-  EXTEND (or IDLE) -> normal mode: `get_dispatch_layout` + `dispatch` / `combine`, high throughput, variable
-                      sizes; the received rows and local ids match `DispatchOutput` directly.
-  DECODE           -> low-latency mode: `low_latency_dispatch` / `low_latency_combine` with receive hooks, fixed
-                      shapes (`max_tokens_per_rank`), CUDA-graph friendly.
+  EXTEND (or IDLE) -> normal mode: `get_dispatch_layout` + `dispatch` / `combine`, high throughput,
+                      variable sizes; the received rows and local ids match `DispatchOutput` directly.
+  DECODE           -> low-latency mode: `low_latency_dispatch` / `low_latency_combine` with receive hooks,
+                      fixed shapes (`max_tokens_per_rank`), CUDA-graph friendly.
 `mode` must be the step's agreed mode on every EP rank (an idle rank in a decode step passes DECODE): the two
 modes use different kernels and cannot meet. The buffer is sized for both; `clean_low_latency_buffer` runs
 whenever low-latency mode follows a normal-mode step (normal kernels leave the low-latency area dirty).
@@ -15,8 +15,8 @@ with ``recv_count [E_local]`` valid rows each. We expose it as ``E_local * W * m
 `low_latency_combine` applies the routing weights itself on the sending rank. Shapes stay fixed (graph safe);
 invalid rows cost nothing in kernels that skip -1 ids.
 
-Constraints (DeepEP's): hidden in bf16; low-latency mode supports only some hidden sizes and top-k values and at
-most `max_tokens_per_rank` tokens per rank; `deep_ep` is imported lazily so CPU installs never need it.
+Constraints (DeepEP's): hidden in bf16; low-latency mode supports only some hidden sizes and top-k values
+and at most `max_tokens_per_rank` tokens per rank; `deep_ep` is imported lazily so CPU installs never need it.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class DeepEPBuffer:
 class DeepEPHandle:
     mode: str
     inner: Any  # DeepEP's own handle
-    topk_ids: torch.Tensor | None = None  # [T, k] int64, the original choices (low-latency combine needs them)
+    topk_ids: torch.Tensor | None = None  # [T, k] int64, original choices (low-latency combine needs them)
     topk_weights: torch.Tensor | None = None  # [T, k] float32
     packed_shape: tuple[int, int, int] | None = None  # (E_local, W * max_tokens, H) in low-latency mode
 
@@ -127,6 +127,12 @@ class DeepEPDispatcher(Dispatcher):
             max_tokens_per_rank=self.shared.max_tokens_per_rank,
             buffer=self.shared,
         )
+
+    def begin_step(self, mode: ForwardMode) -> None:
+        """Switch the shared buffer to this step's mode (cleaning it for low-latency after normal mode).
+        Dispatch does this itself; a runner that replays a captured CUDA graph (which skips Python) must
+        call it before the replay."""
+        self.shared.enter(_LOW_LATENCY if mode == ForwardMode.DECODE else _NORMAL)
 
     def dispatch(self, hidden, topk_ids, topk_weights, mode: ForwardMode) -> DispatchOutput:
         return self.dispatch_end(self.dispatch_begin(hidden, topk_ids, topk_weights, mode))
@@ -187,7 +193,7 @@ class DeepEPDispatcher(Dispatcher):
         return pending.result
 
     def _normal_dispatch_begin(self, hidden, ids, weights) -> PendingDeepEP:
-        self.shared.enter(_NORMAL)
+        self.begin_step(ForwardMode.EXTEND)
         buf, num_experts = self.shared.buffer, self.shared.num_experts
         per_rank, per_rdma_rank, per_expert, in_rank, event = buf.get_dispatch_layout(
             ids,
@@ -218,7 +224,7 @@ class DeepEPDispatcher(Dispatcher):
                 f"{hidden.shape[0]} tokens exceed max_tokens_per_rank={shared.max_tokens_per_rank} of "
                 "DeepEP low-latency mode; the scheduler must cap decode batches at that size"
             )
-        shared.enter(_LOW_LATENCY)
+        self.begin_step(ForwardMode.DECODE)
         recv_x, recv_count, inner, _, hook = shared.buffer.low_latency_dispatch(
             hidden,
             ids,

@@ -56,6 +56,11 @@ class Dispatcher(ABC):
         """expert_out: [num_recv, hidden], each row the weighted sum of this rank's experts for that token.
         Returns [num_tokens, hidden]: for each original token, the sum over all ranks."""
 
+    def begin_step(self, mode: ForwardMode) -> None:
+        """Called once per step with the mode all EP ranks agreed on, before any dispatch (and before a CUDA
+        graph replay). Backends with per-mode state (DeepEP buffers) switch here; others ignore it."""
+        return None
+
     # Split API for two-batch overlap: `*_begin` starts a transfer, `*_end` waits for it, and the other
     # micro-batch computes in between. Backends that cannot overlap keep these defaults (all work in begin).
     def dispatch_begin(

@@ -22,7 +22,7 @@ class ExpertPlacement:
     Routing rule (`to_physical`): a choice of logical expert e goes to e's replica on this rank when there is
     one (no traffic); otherwise to replica ``(token_index + choice_index + ep_rank) % replica_count[e]`` of
     log2phy's list, which spreads the tokens of a step evenly over the replicas, and the ep_rank offset keeps
-    the small batches of different ranks from all picking replica 0. Deterministic, no Python loop over tokens.
+    the small batches of different ranks from all picking replica 0. Deterministic, no Python token loop.
 
     dynamic=False allows a shortcut when the placement is the identity (ids pass through unchanged); build
     with dynamic=True when `update_` may run after CUDA graphs are captured, so graphs always read the tables.
@@ -58,14 +58,18 @@ class ExpertPlacement:
         self.dynamic = dynamic
         self.device = torch.device(device)
         self.phy2log = torch.empty(num_layers, num_physical, dtype=torch.int64, device=self.device)
-        self.log2phy = torch.empty(num_layers, num_logical, self.max_replicas, dtype=torch.int64, device=self.device)
+        self.log2phy = torch.empty(
+            num_layers, num_logical, self.max_replicas, dtype=torch.int64, device=self.device
+        )
         self.replica_count = torch.empty(num_layers, num_logical, dtype=torch.int64, device=self.device)
         self.local_phy = torch.empty(num_layers, num_logical, dtype=torch.int64, device=self.device)
         self.identity = False
         self.update_(phy2log)
 
     @classmethod
-    def trivial(cls, num_layers: int, num_logical: int, ep_rank: int = 0, ep_size: int = 1) -> ExpertPlacement:
+    def trivial(
+        cls, num_layers: int, num_logical: int, ep_rank: int = 0, ep_size: int = 1
+    ) -> ExpertPlacement:
         """Expert e on physical slot e: no redundancy."""
         return cls(torch.arange(num_logical).repeat(num_layers, 1), num_logical, ep_rank, ep_size)
 

@@ -37,7 +37,8 @@ class BlockPool:
     def allocate(self, n: int) -> list[int]:
         """Take n free blocks, each with one holder (the caller). Check num_free first."""
         if n > len(self._free):
-            raise RuntimeError(f"cannot allocate {n} KV blocks: only {len(self._free)} of {self.num_blocks} free")
+            free, total = len(self._free), self.num_blocks
+            raise RuntimeError(f"cannot allocate {n} KV blocks: only {free} of {total} are free")
         out = [self._free.popleft() for _ in range(n)]
         for b in out:
             self._ref[b] = 1

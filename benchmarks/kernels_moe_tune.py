@@ -1,0 +1,191 @@
+"""Block-size search for fused_moe, called by `benchmarks/kernels.py --tune` on the target GPU.
+
+For each (shape, dtype, M) it tries a few block_m values around the tokens-per-expert of the benchmark's
+routing and, for each, a short list of gate/up and down tiles (memory-bound lists for block_m <= 32, compute-
+bound lists above), timing each grouped GEMM on its own over several routings. The best pair per block_m is
+kept and the block_m with the smallest sum wins. All candidates are compiled first in parallel processes
+(Triton's disk cache then serves the timing process), since compiling dominates a serial search.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import time
+
+import torch
+import triton
+import triton.testing
+from moeserve.kernels.fp8 import per_token_group_quant_fp8
+from moeserve.kernels.fused_moe import down, gate_up
+from moeserve.kernels.moe_align import moe_align
+from moeserve.kernels.moe_configs import CONFIG_DIR, GemmConfig, MoEConfig, save_table, table_name
+
+G = GemmConfig
+# (block_n, block_k, group_m, num_warps, num_stages)
+_MEM_BF16_GU = [G(32, 128, 1, 4, 4), G(64, 128, 1, 4, 4), G(32, 256, 1, 4, 3), G(64, 64, 1, 4, 6)]
+_MEM_BF16_DN = [G(32, 128, 1, 4, 4), G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 3), G(128, 64, 1, 4, 5)]
+_CMP_BF16_GU = [G(64, 64, 8, 4, 4), G(64, 64, 8, 8, 4), G(128, 64, 8, 8, 3), G(64, 128, 8, 8, 3)]
+_CMP_BF16_DN = [G(128, 64, 8, 4, 4), G(128, 64, 8, 8, 4), G(256, 64, 8, 8, 3), G(128, 128, 8, 8, 3)]
+_MEM_FP8_GU = [G(32, 128, 1, 4, 4), G(64, 128, 1, 4, 4), G(64, 128, 1, 4, 6), G(128, 128, 1, 4, 3)]
+_MEM_FP8_DN = [G(32, 128, 1, 4, 4), G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 4), G(128, 128, 1, 8, 3)]
+_CMP_FP8_GU = [G(64, 128, 8, 4, 4), G(128, 128, 8, 8, 3), G(64, 128, 8, 8, 4), G(128, 128, 8, 4, 3)]
+_CMP_FP8_DN = [G(128, 128, 8, 4, 4), G(128, 128, 8, 8, 3), G(256, 128, 8, 8, 3), G(64, 128, 8, 4, 4)]
+CANDIDATES = {
+    ("bf16", "mem", "gate_up"): _MEM_BF16_GU, ("bf16", "mem", "down"): _MEM_BF16_DN,
+    ("bf16", "cmp", "gate_up"): _CMP_BF16_GU, ("bf16", "cmp", "down"): _CMP_BF16_DN,
+    ("fp8", "mem", "gate_up"): _MEM_FP8_GU, ("fp8", "mem", "down"): _MEM_FP8_DN,
+    ("fp8", "cmp", "gate_up"): _CMP_FP8_GU, ("fp8", "cmp", "down"): _CMP_FP8_DN,
+}
+TUNE_ROTATIONS = 4
+
+
+def _pick_bm(pairs_per_expert: float) -> int:
+    for bm, limit in ((16, 12), (32, 32), (64, 96)):
+        if pairs_per_expert <= limit:
+            return bm
+    return 128
+
+
+def bm_candidates(pairs_per_expert: float) -> list[int]:
+    return sorted({_pick_bm(pairs_per_expert * f) for f in (0.5, 1.0, 2.0)})
+
+
+def _candidates(dtype: str, bm: int, kind: str) -> list[GemmConfig]:
+    return CANDIDATES[(dtype, "mem" if bm <= 32 else "cmp", kind)]
+
+
+def _run_kernel(shape, fp8: bool, bm: int, kind: str, cfg: GemmConfig, w: dict, sets: list) -> None:
+    """One gate_up or down launch per routing set (inputs prepared by _prepare)."""
+    for s in sets:
+        if kind == "gate_up":
+            gate_up(s["x"], w["w13"], s["routing"], shape.top_k, cfg, torch.bfloat16, s.get("xs"),
+                    w.get("w13_scale"))
+        else:
+            down(s["act"], w["w2"], s["tw"], s["routing"], cfg, torch.bfloat16, s.get("act_s"),
+                 w.get("w2_scale"))
+
+
+def _prepare(shape, fp8: bool, bm: int, w: dict, inputs: list) -> list[dict]:
+    sets = []
+    for hidden, tw, ids in inputs:
+        s = dict(tw=tw, routing=moe_align(ids, w["w13"].shape[0], bm), x=hidden)
+        if fp8:
+            s["x"], s["xs"] = per_token_group_quant_fp8(hidden)
+        act = gate_up(s["x"], w["w13"], s["routing"], shape.top_k, _candidates("fp8" if fp8 else "bf16", bm,
+                      "gate_up")[0], torch.bfloat16, s.get("xs"), w.get("w13_scale"))
+        s["act"] = act
+        if fp8:
+            s["act"], s["act_s"] = per_token_group_quant_fp8(act)
+        sets.append(s)
+    return sets
+
+
+def _compile_worker(jobs: list) -> list[str]:
+    """Runs each (shape, fp8, bm, kind, cfg) once on a 2-expert copy of the shape: same strides, same
+    specialisation, so the compiled kernel lands in Triton's cache under the key the full run will use."""
+    from kernels import SHAPES, make_inputs, make_weights  # the benchmark driver module
+
+    errors, weights = [], {}
+    for shape_key, fp8, bm, kind, cfg in jobs:
+        shape = SHAPES[shape_key]
+        small = type(shape)(shape.name, 2, 2, shape.top_k, shape.hidden, shape.inter)
+        if (shape_key, fp8) not in weights:
+            weights = {(shape_key, fp8): make_weights(small, fp8)}
+        w = weights[(shape_key, fp8)]
+        try:
+            sets = _prepare(small, fp8, bm, w, [make_inputs(small, 16, 0)])
+            _run_kernel(small, fp8, bm, kind, cfg, w, sets)
+            torch.cuda.synchronize()
+        except Exception as exc:  # a tile that does not fit is dropped from the search, not fatal
+            errors.append(f"{shape_key} fp8={fp8} bm={bm} {kind} {cfg}: {type(exc).__name__}: "
+                          f"{str(exc)[:120]}")
+    return errors
+
+
+def precompile(jobs: list, workers: int) -> list[str]:
+    jobs = sorted(set(jobs), key=lambda j: (j[0], j[1]))
+    chunks = [jobs[i::workers] for i in range(workers)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        return [e for errs in pool.map(_compile_worker, [c for c in chunks if c]) for e in errs]
+
+
+def _time_ms(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def _tune_inputs(shape, m: int, make_inputs) -> tuple[list, float]:
+    """The routings a case is tuned on, and their mean valid pairs per local expert."""
+    inputs = [make_inputs(shape, m, 5000 + r) for r in range(TUNE_ROTATIONS)]
+    valid = sum(int((s[2] >= 0).sum()) for s in inputs) / TUNE_ROTATIONS
+    return inputs, valid / shape.num_experts
+
+
+def tune_case(shape, fp8: bool, m: int, w: dict, make_inputs) -> tuple[MoEConfig, dict]:
+    inputs, pairs_per_expert = _tune_inputs(shape, m, make_inputs)
+    dtype = "fp8" if fp8 else "bf16"
+    best, log = None, {}
+    for bm in bm_candidates(pairs_per_expert):
+        sets = _prepare(shape, fp8, bm, w, inputs)
+        picked = {}
+        for kind in ("gate_up", "down"):
+            timed = []
+            for cfg in _candidates(dtype, bm, kind):
+                def run(c=cfg, k=kind, b=bm, s=sets):
+                    _run_kernel(shape, fp8, b, k, c, w, s)
+
+                try:
+                    ms = _time_ms(run) / TUNE_ROTATIONS
+                except Exception as exc:  # noqa: BLE001 - an unfit tile is skipped
+                    log[f"bm{bm} {kind} {cfg}"] = f"failed: {type(exc).__name__}"
+                    continue
+                log[f"bm{bm} {kind} {cfg}"] = round(ms * 1e3, 2)
+                timed.append((ms, cfg))
+            if timed:
+                picked[kind] = min(timed, key=lambda t: t[0])
+        if len(picked) < 2:
+            continue
+        total = picked["gate_up"][0] + picked["down"][0]
+        if best is None or total < best[0]:
+            best = (total, MoEConfig(bm, picked["gate_up"][1], picked["down"][1]))
+    return best[1], log
+
+
+def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_inputs) -> dict:
+    """Tunes every (shape, dtype, M), writes kernels/configs/*.json, returns {file: table} plus timings."""
+    from kernels import SHAPES
+
+    key_of = {s.name: k for k, s in SHAPES.items()}
+    jobs, plan = [], []
+    for shape in shapes:
+        for dtype in dtypes:
+            for m in ms:
+                for bm in bm_candidates(_tune_inputs(shape, m, make_inputs)[1]):
+                    for kind in ("gate_up", "down"):
+                        jobs += [(key_of[shape.name], dtype == "fp8", bm, kind, c)
+                                 for c in _candidates(dtype, bm, kind)]
+            plan.append((shape, dtype))
+    t0 = time.time()
+    errors = precompile(jobs, min(14, max(1, (os.cpu_count() or 2) - 2)))
+    print(f"precompiled {len(set(jobs))} kernels in {time.time() - t0:.0f}s; failures: {errors}", flush=True)
+    bundle: dict = {"compile_failures": errors, "timings_us": {}}
+    device = torch.cuda.get_device_name()
+    for shape, dtype in plan:
+        fp8 = dtype == "fp8"
+        w = make_weights(shape, fp8)
+        table = {}
+        for m in ms:
+            cfg, log = tune_case(shape, fp8, m, w, make_inputs)
+            table[m] = cfg
+            bundle["timings_us"][f"{shape.name} {dtype} M={m}"] = log
+            print(f"tuned {shape.name} {dtype} M={m}: {cfg}", flush=True)
+        name = table_name(shape.num_experts, shape.hidden, shape.inter, fp8)
+        note = (f"tuned on {device}, {datetime.date.today()}, by benchmarks/kernels.py --tune; routing: "
+                f"uniform top-{shape.top_k} of {shape.global_experts} experts, {shape.num_experts} local")
+        save_table(CONFIG_DIR / name, table, note)
+        bundle[name] = {"note": note, "configs": {str(m): c.to_dict() for m, c in table.items()}}
+        del w
+        torch.cuda.empty_cache()
+    return bundle

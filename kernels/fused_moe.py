@@ -1,0 +1,286 @@
+"""Fused MoE for routed experts: align -> grouped GEMM gate/up (+SiLU*mul) -> grouped GEMM down (x routed
+weight) -> top-k sum. bf16/fp16/fp32 weights, or float8_e4m3fn weights with 128x128 block scales.
+
+Design (H100 targets, see benchmarks/RESULTS.md):
+- Small M is memory-bound on the weights of the experts that received tokens. Only blocks that own pairs run
+  (the rest exit on their first load), each weight tile is read once per block, and block sizes come from
+  configs that keep several hundred CTAs streaming (narrow N tiles at decode rather than split-K, which would
+  break the SiLU fusion and add a reduction pass).
+- Large M is compute-bound: 64-128 row blocks, wide N tiles, 3-4 pipeline stages, 8 warps.
+- The top-k sum is a separate small kernel over [M*k, H] rather than atomics in the down epilogue: it keeps
+  the result deterministic, accumulates in fp32 and needs no zero-filled output (atomics would need a memset
+  and a cast launch, so they save no launches).
+- Every buffer size depends only on shapes, never on routing: the whole call is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8 import FP8_DTYPE, GROUP, per_token_group_quant_fp8
+from .moe_align import AlignedRouting, moe_align
+from .moe_configs import GemmConfig, MoEConfig, get_config
+
+
+@triton.jit
+def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    # Grouped order: GROUP_M consecutive blocks (mostly one expert) share each weight tile while it is in L2.
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit(do_not_specialize=["max_blocks"])
+def _gate_up_kernel(x_ptr, w_ptr, act_ptr, xs_ptr, ws_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr,
+                    max_blocks, K, INTER, top_k,
+                    stride_xm, stride_we, stride_wn, stride_am, stride_xsm, stride_wse, stride_wsn,
+                    FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                    EVEN_N: tl.constexpr):
+    """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block."""
+    pid_m, pid_n = _tile(tl.program_id(0), max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = tl.load(block_rows_ptr + pid_m)
+    offs_r = tl.arange(0, BLOCK_M)
+    # Padding rows read token 0: finite values whose results are never used.
+    token = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=offs_r < rows, other=0) // top_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_N:
+        offs_nw = offs_n
+    else:
+        offs_nw = offs_n % INTER  # in-bounds weight rows; the extra columns are never stored
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + INTER * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            g = tl.load(g_ptrs)
+            u = tl.load(u_ptrs)
+        else:
+            k_ok = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+        if FP8:
+            # BLOCK_K divides QBLOCK, so one scale group covers the whole k step.
+            grp = kk * BLOCK_K // QBLOCK
+            a_s = tl.load(xs_ptr + token * stride_xsm + grp)
+            ws_base = ws_ptr + expert * stride_wse + grp
+            g_s = tl.load(ws_base + (offs_nw // QBLOCK) * stride_wsn)
+            u_s = tl.load(ws_base + ((offs_nw + INTER) // QBLOCK) * stride_wsn)
+            acc_g += tl.dot(a, g) * (a_s[:, None] * g_s[None, :])
+            acc_u += tl.dot(a, u) * (a_s[:, None] * u_s[None, :])
+        else:
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    slots = pid_m * BLOCK_M + offs_r
+    out_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am + offs_n[None, :]
+    if EVEN_N:
+        tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=offs_n[None, :] < INTER)
+
+
+@triton.jit(do_not_specialize=["max_blocks"])
+def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr,
+                 block_rows_ptr, max_blocks, N, K,
+                 stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
+                 FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block."""
+    pid_m, pid_n = _tile(tl.program_id(0), max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = tl.load(block_rows_ptr + pid_m)
+    offs_r = tl.arange(0, BLOCK_M)
+    row_ok = offs_r < rows
+    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=row_ok, other=0)
+    slots = pid_m * BLOCK_M + offs_r
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_N:
+        offs_nw = offs_n
+    else:
+        offs_nw = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if FP8:
+            grp = kk * BLOCK_K // QBLOCK
+            a_s = tl.load(as_ptr + slots * stride_asm + grp)
+            b_s = tl.load(ws_ptr + expert * stride_wse + (offs_nw // QBLOCK) * stride_wsn + grp)
+            acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    acc *= tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
+    y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, num_experts, stride_ym, stride_om,
+                     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[m, n] = sum over valid choices j of y[m*TOP_K + j, n], accumulated in fp32."""
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        pair = m * TOP_K + j
+        # The expert id is splat to a vector before the compare: a scalar bool & vector bool mask trips
+        # the Triton interpreter.
+        e = tl.zeros((BLOCK_N,), dtype=tl.int32) + tl.load(ids_ptr + pair)
+        ok = n_ok & (e >= 0) & (e < num_experts)
+        acc += tl.load(y_ptr + pair.to(tl.int64) * stride_ym + offs_n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool) -> dict:
+    return dict(FP8=fp8, QBLOCK=GROUP, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: int, cfg: GemmConfig,
+            out_dtype: torch.dtype, x_scale: torch.Tensor | None = None,
+            w13_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, H] (fp8 with x_scale [M, H/128] when w13 is fp8); w13: [E, 2I, H].
+    Returns act: [max_blocks * block_m, I] out_dtype, one row per slot (padding slots hold junk)."""
+    num_experts, two_i, hidden_size = w13.shape
+    inter = two_i // 2
+    fp8 = x_scale is not None
+    act = torch.empty(routing.sorted_ids.shape[0], inter, dtype=out_dtype, device=x.device)
+    xs, ws = (x_scale, w13_scale) if fp8 else (x, w13)  # unused pointers when not fp8
+    grid = (routing.max_blocks * triton.cdiv(inter, cfg.block_n),)
+    _gate_up_kernel[grid](x, w13, act, xs, ws, routing.sorted_ids, routing.block_expert, routing.block_rows,
+                          routing.max_blocks, hidden_size, inter, top_k,
+                          x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+                          xs.stride(0), ws.stride(0), ws.stride(1),
+                          **_gemm_meta(cfg, routing.block_m, inter, hidden_size, fp8))
+    return act
+
+
+def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routing: AlignedRouting,
+         cfg: GemmConfig, out_dtype: torch.dtype, act_scale: torch.Tensor | None = None,
+         w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """act: [slots, I] (fp8 with act_scale [slots, I/128] when w2 is fp8); w2: [E, H, I];
+    topk_weights: [M, k] float32. Returns y: [M*k, H] out_dtype, rows of dropped choices left unwritten."""
+    num_experts, hidden_size, inter = w2.shape
+    fp8 = act_scale is not None
+    y = torch.empty(topk_weights.numel(), hidden_size, dtype=out_dtype, device=act.device)
+    as_, ws = (act_scale, w2_scale) if fp8 else (act, w2)
+    grid = (routing.max_blocks * triton.cdiv(hidden_size, cfg.block_n),)
+    _down_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
+                       routing.block_rows, routing.max_blocks, hidden_size, inter,
+                       act.stride(0), w2.stride(0), w2.stride(1), y.stride(0), as_.stride(0), ws.stride(0),
+                       ws.stride(1), **_gemm_meta(cfg, routing.block_m, hidden_size, inter, fp8))
+    return y
+
+
+def topk_sum(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor) -> torch.Tensor:
+    """y: [M*k, H]; topk_ids: [M, k] int32; out: [M, H], filled with the sum over valid choices."""
+    num_tokens, top_k = topk_ids.shape
+    block_n = min(1024, triton.next_power_of_2(out.shape[1]))
+    grid = (num_tokens, triton.cdiv(out.shape[1], block_n))
+    _topk_sum_kernel[grid](y, topk_ids, out, out.shape[1], num_experts, y.stride(0), out.stride(0),
+                           TOP_K=top_k, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+def _check_inputs(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"fused_moe: {msg}")
+
+    need(hidden.dim() == 2 and w13.dim() == 3 and w2.dim() == 3,
+         f"want hidden [M, H], w13 [E, 2I, H], w2 [E, H, I]; got {tuple(hidden.shape)}, "
+         f"{tuple(w13.shape)}, {tuple(w2.shape)}")
+    num_tokens, hidden_size = hidden.shape
+    num_experts, two_i, _ = w13.shape
+    want_w2 = (num_experts, hidden_size, two_i // 2)
+    need(two_i % 2 == 0 and w13.shape[2] == hidden_size and tuple(w2.shape) == want_w2,
+         f"inconsistent shapes: hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)} (want [E, 2I, H]), "
+         f"w2 {tuple(w2.shape)} (want [E, H, I])")
+    need(topk_ids.dim() == 2 and topk_ids.shape[0] == num_tokens and topk_weights.shape == topk_ids.shape,
+         f"want topk_ids and topk_weights [M={num_tokens}, k]; got {tuple(topk_ids.shape)}, "
+         f"{tuple(topk_weights.shape)}")
+    need(topk_ids.dtype == torch.int32 and topk_weights.dtype == torch.float32,
+         f"want topk_ids int32 and topk_weights float32; got {topk_ids.dtype}, {topk_weights.dtype}")
+    need(hidden.dtype in (torch.bfloat16, torch.float16, torch.float32),
+         f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
+    tensors = (hidden, w13, w2, topk_weights, topk_ids)
+    need(all(t.is_contiguous() for t in tensors),
+         "hidden, w13, w2, topk_weights and topk_ids must be contiguous")
+    need(all(t.device == hidden.device for t in tensors), "all inputs must be on hidden's device")
+    if w13.dtype == FP8_DTYPE:
+        need(w2.dtype == FP8_DTYPE and w13_scale is not None and w2_scale is not None,
+             "fp8 w13 needs fp8 w2 and both w13_scale and w2_scale")
+        inter = two_i // 2
+        for name, s, want in (("w13_scale", w13_scale, (num_experts, triton.cdiv(two_i, GROUP),
+                                                        triton.cdiv(hidden_size, GROUP))),
+                              ("w2_scale", w2_scale, (num_experts, triton.cdiv(hidden_size, GROUP),
+                                                      triton.cdiv(inter, GROUP)))):
+            need(tuple(s.shape) == want and s.dtype == torch.float32 and s.is_contiguous(),
+                 f"{name} must be contiguous float32 {want} (128x128 blocks), got {tuple(s.shape)} {s.dtype}")
+    else:
+        need(w13.dtype == hidden.dtype and w2.dtype == hidden.dtype,
+             f"w13/w2 must be hidden's dtype {hidden.dtype} (or float8_e4m3fn); got {w13.dtype}, {w2.dtype}")
+        need(w13_scale is None and w2_scale is None, "weight scales are only allowed with fp8 weights")
+
+
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None, config: MoEConfig | None = None) -> torch.Tensor:
+    """Routed expert MLP, weighted and summed over top-k.
+
+    hidden: [M, H] bf16/fp16/fp32; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]; both in hidden's
+    dtype, or float8_e4m3fn with w13_scale [E, ceil(2I/128), ceil(H/128)] and w2_scale [E, ceil(H/128),
+    ceil(I/128)] float32 (128x128 block scales, weight = q * scale; activations are then quantised per token
+    per 128 channels inside); topk_weights: [M, k] float32; topk_ids: [M, k] int32, -1 = expert not here.
+    config: block sizes (default: the tuned table for this shape, nearest M).
+    Returns [M, H] in hidden's dtype: sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(hidden[m])."""
+    _check_inputs(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    num_tokens, hidden_size = hidden.shape
+    num_experts, two_i, _ = w13.shape
+    top_k = topk_ids.shape[1]
+    out = torch.empty_like(hidden)
+    if num_tokens == 0:
+        return out
+    fp8 = w13.dtype == FP8_DTYPE
+    cfg = config or get_config(num_tokens, num_experts, hidden_size, two_i // 2, top_k, fp8)
+    if fp8 and (GROUP % cfg.gate_up.block_k or GROUP % cfg.down.block_k):
+        raise ValueError(f"fused_moe: fp8 needs block_k dividing {GROUP}, got {cfg}")
+    routing = moe_align(topk_ids, num_experts, cfg.block_m)
+    if fp8:
+        xq, xs = per_token_group_quant_fp8(hidden)
+        act = gate_up(xq, w13, routing, top_k, cfg.gate_up, hidden.dtype, xs, w13_scale)
+        aq, act_s = per_token_group_quant_fp8(act)
+        y = down(aq, w2, topk_weights, routing, cfg.down, hidden.dtype, act_s, w2_scale)
+    else:
+        act = gate_up(hidden, w13, routing, top_k, cfg.gate_up, hidden.dtype)
+        y = down(act, w2, topk_weights, routing, cfg.down, hidden.dtype)
+    return topk_sum(y, topk_ids, num_experts, out)

@@ -1,0 +1,188 @@
+"""Sort the (token, choice) pairs of a routed batch by expert, padded per expert to the GEMM block size.
+
+The grouped GEMMs of `fused_moe` walk this layout: block b of BLOCK_M consecutive slots belongs to one
+expert, its first `block_rows[b]` slots hold flat pair indices ``m * top_k + j`` and the rest are padding.
+Choices with id -1 (expert not on this rank) or out of range are dropped, so only experts that received pairs
+own blocks and only their weights are read.
+
+Everything runs on the device with no host sync, into buffers whose size depends only on (num_pairs,
+num_experts, BLOCK_M): the layout is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Up to this many pairs one program does the whole job (one launch: what decode needs); above it a
+# histogram launch plus a scatter launch spread over many programs.
+SINGLE_PROGRAM_MAX_PAIRS = 4096
+_CHUNK = 1024
+_BLOCKS_CHUNK = 32
+
+
+@dataclass(slots=True)
+class AlignedRouting:
+    """sorted_ids: [max_blocks * block_m] int32, flat pair index m*top_k+j per slot (padding slots undefined);
+    block_expert: [max_blocks] int32, expert of each block, -1 for unused blocks (which follow the used ones);
+    block_rows: [max_blocks] int32, valid slots at the start of each block (0 for unused blocks)."""
+
+    sorted_ids: torch.Tensor
+    block_expert: torch.Tensor
+    block_rows: torch.Tensor
+    block_m: int
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_expert.shape[0]
+
+
+def max_blocks_for(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on blocks: every pair, plus at most block_m-1 padding slots per expert that gets any."""
+    return max(1, triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m))
+
+
+@triton.jit
+def _valid_expert(ids_ptr, offs, num_pairs, num_experts):
+    e = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    valid = (offs < num_pairs) & (e >= 0) & (e < num_experts)
+    return e, valid
+
+
+@triton.jit
+def _count_chunk(ids_ptr, start, num_pairs, num_experts, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    offs = start + tl.arange(0, CHUNK)
+    e, valid = _valid_expert(ids_ptr, offs, num_pairs, num_experts)
+    # Dropped pairs land in bin num_experts (< E_POW2), which the layout ignores.
+    return tl.histogram(tl.where(valid, e, num_experts), E_POW2)
+
+
+@triton.jit
+def _layout(counts, num_experts, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    experts = tl.arange(0, E_POW2)
+    counts = tl.where(experts < num_experts, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    return counts, ends - padded, ends
+
+
+@triton.jit
+def _write_block_tables(block_expert_ptr, block_rows_ptr, first_block, max_blocks, counts, starts, ends,
+                        BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCKS_CHUNK: tl.constexpr):
+    blocks = first_block + tl.arange(0, BLOCKS_CHUNK)
+    slot = blocks * BLOCK_M
+    experts = tl.arange(0, E_POW2)
+    # [blocks, experts]: which expert's padded range holds the block's first slot (at most one does).
+    mine = (starts[None, :] <= slot[:, None]) & (slot[:, None] < ends[None, :])
+    expert = tl.sum(tl.where(mine, experts[None, :], 0), axis=1)
+    rows = tl.sum(tl.where(mine, counts[None, :] + starts[None, :] - slot[:, None], 0), axis=1)
+    used = tl.sum(mine.to(tl.int32), axis=1) > 0
+    in_range = blocks < max_blocks
+    tl.store(block_expert_ptr + blocks, tl.where(used, expert, -1), mask=in_range)
+    tl.store(block_rows_ptr + blocks, tl.where(used, tl.minimum(rows, BLOCK_M), 0), mask=in_range)
+
+
+@triton.jit
+def _scatter_chunk(ids_ptr, sorted_ptr, starts_ptr, cursor_ptr, start, num_pairs, num_experts,
+                   CHUNK: tl.constexpr):
+    offs = start + tl.arange(0, CHUNK)
+    e, valid = _valid_expert(ids_ptr, offs, num_pairs, num_experts)
+    e = tl.where(valid, e, 0)
+    # Slot order inside an expert is whatever the atomics hand out; the top-k sum does not depend on it.
+    rank = tl.atomic_add(cursor_ptr + e, 1, mask=valid, sem="relaxed")
+    base = tl.load(starts_ptr + e, mask=valid, other=0, volatile=True)
+    tl.store(sorted_ptr + base + rank, offs, mask=valid)
+
+
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
+def _align_single_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_ptr,
+                         num_pairs, num_experts, max_blocks,
+                         BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
+                         BLOCKS_CHUNK: tl.constexpr):
+    counts = tl.zeros([E_POW2], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        counts += _count_chunk(ids_ptr, start, num_pairs, num_experts, E_POW2, CHUNK)
+    counts, starts, ends = _layout(counts, num_experts, BLOCK_M, E_POW2)
+    experts = tl.arange(0, E_POW2)
+    tl.store(work_ptr + experts, starts)  # starts_ptr
+    tl.store(work_ptr + E_POW2 + experts, tl.zeros([E_POW2], dtype=tl.int32))  # cursor_ptr
+    for first in range(0, max_blocks, BLOCKS_CHUNK):
+        _write_block_tables(block_expert_ptr, block_rows_ptr, first, max_blocks, counts, starts, ends,
+                            BLOCK_M, E_POW2, BLOCKS_CHUNK)
+    # The starts/cursor written above by this program's threads must be visible to all of them.
+    tl.debug_barrier()
+    for start in range(0, num_pairs, CHUNK):
+        _scatter_chunk(ids_ptr, sorted_ptr, work_ptr, work_ptr + E_POW2, start, num_pairs, num_experts, CHUNK)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _count_kernel(ids_ptr, counts_ptr, num_pairs, num_experts, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    counts = _count_chunk(ids_ptr, tl.program_id(0) * CHUNK, num_pairs, num_experts, E_POW2, CHUNK)
+    experts = tl.arange(0, E_POW2)
+    tl.atomic_add(counts_ptr + experts, counts, mask=(experts < num_experts) & (counts > 0), sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
+def _scatter_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_ptr,
+                    num_pairs, num_experts, max_blocks,
+                    BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
+                    BLOCKS_CHUNK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+    pid = tl.program_id(0)
+    experts = tl.arange(0, E_POW2)
+    counts = tl.load(work_ptr + experts)  # counts_ptr, complete: written by the previous launch
+    counts, starts, ends = _layout(counts, num_experts, BLOCK_M, E_POW2)
+    # Every program writes the same starts; each reads back only what it wrote itself, after the barrier.
+    starts_ptr = work_ptr + E_POW2
+    tl.store(starts_ptr + experts, starts)
+    for i in range(0, BLOCKS_PER_PROGRAM, BLOCKS_CHUNK):
+        first = pid * BLOCKS_PER_PROGRAM + i
+        _write_block_tables(block_expert_ptr, block_rows_ptr, first, max_blocks, counts, starts, ends,
+                            BLOCK_M, E_POW2, BLOCKS_CHUNK)
+    tl.debug_barrier()
+    cursor_ptr = work_ptr + 2 * E_POW2
+    _scatter_chunk(ids_ptr, sorted_ptr, starts_ptr, cursor_ptr, pid * CHUNK, num_pairs, num_experts, CHUNK)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+              single_program_max_pairs: int = SINGLE_PROGRAM_MAX_PAIRS) -> AlignedRouting:
+    """topk_ids: [M, top_k] int32, contiguous; -1 or ids >= num_experts are dropped.
+    Returns the block layout described in `AlignedRouting`, on topk_ids' device."""
+    assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), "topk_ids must be contiguous int32"
+    assert block_m >= 16 and block_m & (block_m - 1) == 0, f"block_m: power of 2 >= 16, got {block_m}"
+    num_pairs = topk_ids.numel()
+    device = topk_ids.device
+    max_blocks = max_blocks_for(num_pairs, num_experts, block_m)
+    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    block_rows = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    e_pow2 = triton.next_power_of_2(num_experts + 1)
+    meta = dict(BLOCK_M=block_m, E_POW2=e_pow2, CHUNK=_CHUNK, BLOCKS_CHUNK=_BLOCKS_CHUNK)
+    if num_pairs <= single_program_max_pairs:
+        work = torch.empty(2 * e_pow2, dtype=torch.int32, device=device)
+        _align_single_kernel[(1,)](topk_ids, sorted_ids, block_expert, block_rows, work,
+                                   num_pairs, num_experts, max_blocks, **meta)
+    else:
+        # work = [counts | starts | cursor]; counts and cursor start at zero.
+        work = torch.zeros(3 * e_pow2, dtype=torch.int32, device=device)
+        programs = triton.cdiv(num_pairs, _CHUNK)
+        blocks_per_program = triton.cdiv(triton.cdiv(max_blocks, programs), _BLOCKS_CHUNK) * _BLOCKS_CHUNK
+        _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, E_POW2=e_pow2, CHUNK=_CHUNK)
+        _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work,
+                                     num_pairs, num_experts, max_blocks,
+                                     BLOCKS_PER_PROGRAM=blocks_per_program, **meta)
+    return AlignedRouting(sorted_ids, block_expert, block_rows, block_m)
+
+
+def moe_align_reference(topk_ids: torch.Tensor, num_experts: int,
+                        block_m: int) -> list[tuple[int, list[int]]]:
+    """Reference layout as [(expert, sorted pair indices)] per used block, in expert order (pure torch)."""
+    flat = topk_ids.reshape(-1).long().cpu()
+    blocks: list[tuple[int, list[int]]] = []
+    for e in range(num_experts):
+        pairs = (flat == e).nonzero(as_tuple=True)[0].tolist()
+        for i in range(0, len(pairs), block_m):
+            blocks.append((e, sorted(pairs[i:i + block_m])))
+    return blocks

@@ -1,0 +1,122 @@
+"""Block sizes for `fused_moe`: tuned tables stored as JSON data, with a shape-based fallback.
+
+A table lives in kernels/configs/E{E}_H{H}_I{I}_{bf16|fp8}.json and maps M (tokens in the call) to one
+`MoEConfig`; a call takes the entry whose M is nearest on a log scale. Tables are written by
+`python benchmarks/kernels.py --tune` on the target GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_NUM_SMS = 132  # H100 SXM; only steers the fallback heuristic
+
+
+@dataclass(slots=True, frozen=True)
+class GemmConfig:
+    """Tile of one grouped GEMM: BLOCK_N x BLOCK_K per k step, GROUP_M blocks sharing a weight tile."""
+
+    block_n: int
+    block_k: int
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@dataclass(slots=True, frozen=True)
+class MoEConfig:
+    """block_m is shared by the token layout (moe_align) and both GEMMs."""
+
+    block_m: int
+    gate_up: GemmConfig
+    down: GemmConfig
+
+    def __post_init__(self) -> None:
+        for name, g in (("gate_up", self.gate_up), ("down", self.down)):
+            for field, value in (("block_n", g.block_n), ("block_k", g.block_k)):
+                if value < 16 or value & (value - 1):
+                    raise ValueError(f"{name}.{field} must be a power of two >= 16, got {value}")
+        if self.block_m < 16 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"block_m must be a power of two >= 16, got {self.block_m}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> MoEConfig:
+        return MoEConfig(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]))
+
+
+def table_name(num_experts: int, hidden: int, inter: int, fp8: bool) -> str:
+    return f"E{num_experts}_H{hidden}_I{inter}_{'fp8' if fp8 else 'bf16'}.json"
+
+
+@functools.lru_cache(maxsize=64)
+def load_table(name: str) -> dict[int, MoEConfig]:
+    """{M: config} from CONFIG_DIR/name, empty when there is no such table."""
+    path = CONFIG_DIR / name
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text())
+    return {int(m): MoEConfig.from_dict(c) for m, c in raw["configs"].items()}
+
+
+def nearest(table: dict[int, MoEConfig], num_tokens: int) -> MoEConfig:
+    return table[min(table, key=lambda m: (abs(math.log2(m) - math.log2(max(num_tokens, 1))), -m))]
+
+
+def _pick_block_m(pairs_per_expert: float) -> int:
+    for bm, limit in ((16, 16), (32, 32), (64, 96)):
+        if pairs_per_expert <= limit:
+            return bm
+    return 128
+
+
+def _narrow_n(blocks: float, n: int, widths: tuple[int, ...]) -> int:
+    """Widest N tile that still gives two waves of CTAs on the weights (memory-bound case)."""
+    for bn in widths:
+        if blocks * math.ceil(n / bn) >= 2 * _NUM_SMS:
+            return bn
+    return widths[-1]
+
+
+def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
+                   fp8: bool) -> MoEConfig:
+    """Heuristic used where no tuned table exists (uniform routing assumed)."""
+    pairs = num_tokens * top_k
+    pairs_per_expert = pairs / num_experts
+    touched = num_experts * (1.0 - (1.0 - min(top_k / num_experts, 1.0)) ** num_tokens)
+    bm = _pick_block_m(pairs_per_expert)
+    blocks = touched * max(1.0, math.ceil(pairs_per_expert / bm))
+    bk = 128 if (fp8 or bm <= 32) else 64
+    if bm <= 32:
+        gate_up = GemmConfig(_narrow_n(blocks, inter, (64, 32)), bk, 1, 4, 4)
+        down = GemmConfig(_narrow_n(blocks, hidden, (128, 64, 32)), bk, 1, 4, 4 if bk == 128 else 5)
+    elif bm == 64:
+        gate_up = GemmConfig(64, bk, 8, 4, 4)
+        down = GemmConfig(128, bk, 8, 4, 4)
+    else:
+        gate_up = GemmConfig(64 if not fp8 else 128, bk, 8, 8, 4 if not fp8 else 3)
+        down = GemmConfig(128, bk, 8, 8, 4 if not fp8 else 3)
+    return MoEConfig(bm, gate_up, down)
+
+
+@functools.lru_cache(maxsize=4096)
+def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
+               fp8: bool) -> MoEConfig:
+    """Tuned entry nearest to num_tokens for this shape, else the heuristic."""
+    table = load_table(table_name(num_experts, hidden, inter, fp8))
+    if table:
+        return nearest(table, num_tokens)
+    return default_config(num_tokens, num_experts, hidden, inter, top_k, fp8)
+
+
+def save_table(path: Path, configs: dict[int, MoEConfig], note: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"note": note, "configs": {str(m): c.to_dict() for m, c in sorted(configs.items())}}
+    path.write_text(json.dumps(body, indent=1) + "\n")

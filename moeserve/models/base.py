@@ -1,0 +1,248 @@
+"""What every model shares: the context it runs in, the decoder layer, and the `CausalLM` base class.
+
+A family file only says how to build one layer's attention and MoE block; embedding, decoder stack, final
+norm, LM head, KV-cache binding and weight loading live here. Parameter names equal the HF checkpoint names,
+so loading is a lookup; the only tensors stored differently are routed experts (stacked per local slot).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeserve.attention.base import AttentionBackend, create_attention_backend
+from moeserve.forward_batch import ForwardBatch
+from moeserve.layers.attention import KVCacheSpec
+from moeserve.layers.linear import Embedding, Linear
+from moeserve.layers.mlp import GatedMLP
+from moeserve.layers.norm import RMSNorm
+from moeserve.layers.rotary import RopeCache, RotaryEmbedding
+from moeserve.models.config import ModelConfig
+from moeserve.moe.dispatcher import Dispatcher, LocalDispatcher
+from moeserve.moe.experts import ExpertKernel, create_expert_kernel
+from moeserve.moe.layer import MoELayer
+from moeserve.moe.placement import ExpertPlacement
+from moeserve.moe.routing import RoutingConfig
+
+__all__ = ["CausalLM", "DecoderLayer", "KVCacheSpec", "ModelContext", "WeightLoadError"]
+
+_EXPERT_NAME = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
+
+
+@dataclass(slots=True)
+class ModelContext:
+    """Where and how a model runs: device and dtype of its weights, and the pluggable pieces it calls."""
+
+    dtype: torch.dtype
+    device: torch.device
+    attention: AttentionBackend
+    expert_kernel: ExpertKernel
+    dispatcher: Dispatcher
+    placement: ExpertPlacement
+
+    @classmethod
+    def single_device(
+        cls,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        attention: str = "auto",
+        expert_kernel: str = "auto",
+    ) -> ModelContext:
+        """One rank holding every expert (no EP): LocalDispatcher and the trivial placement."""
+        device = torch.device(device)
+        return cls(
+            dtype=dtype,
+            device=device,
+            attention=create_attention_backend(attention, device),
+            expert_kernel=create_expert_kernel(expert_kernel, device),
+            dispatcher=LocalDispatcher(num_local_slots=config.num_experts),
+            placement=ExpertPlacement.trivial(config.num_moe_layers, config.num_experts),
+        )
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint tensor does not fit the model (wrong shape)."""
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). The MLP is registered as `mlp_name`
+    ("mlp", or Mixtral's "block_sparse_moe") so parameter names match the checkpoint."""
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float, mlp_name: str = "mlp"):
+        super().__init__()
+        self.self_attn = attn
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp)
+
+    @property
+    def ffn(self) -> nn.Module:
+        return getattr(self, self.mlp_name)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RopeCache) -> torch.Tensor:
+        """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
+        x = x + self.self_attn(self.input_layernorm(x), batch, rope)
+        return x + self.ffn(self.post_attention_layernorm(x), batch)
+
+
+class CausalLM(nn.Module):
+    """Base of every model. Subclasses implement `build_attention(i)` and `build_moe(i, moe_ordinal)`.
+
+    Construct through `moeserve.models.registry.create_model` (or `load_model`), which places parameters on
+    ctx.device in ctx.dtype.
+    """
+
+    mlp_name = "mlp"
+
+    def __init__(self, config: ModelConfig, ctx: ModelContext) -> None:
+        super().__init__()
+        self.config, self.ctx = config, ctx
+        c = config
+        if c.uses_mla:
+            self.rotary_emb = RotaryEmbedding(
+                c.qk_rope_head_dim, c.rope_theta, c.rope_scaling, c.rope_interleave
+            )
+        else:
+            self.rotary_emb = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.model = nn.Module()
+        self.model.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
+        moe_ordinal = {layer: k for k, layer in enumerate(c.moe_layer_indices)}
+        layers = []
+        for i in range(c.num_layers):
+            mlp = (
+                self.build_moe(i, moe_ordinal[i])
+                if i in moe_ordinal
+                else GatedMLP(c.hidden_size, c.intermediate_size)
+            )
+            layers.append(
+                DecoderLayer(self.build_attention(i), mlp, c.hidden_size, c.rms_norm_eps, self.mlp_name)
+            )
+        self.model.layers = nn.ModuleList(layers)
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._index_weights()
+
+    # ---- what a family provides ----
+
+    def build_attention(self, i: int) -> nn.Module:
+        raise NotImplementedError
+
+    def build_moe(self, i: int, moe_ordinal: int) -> MoELayer:
+        raise NotImplementedError
+
+    def routing_config(self) -> RoutingConfig:
+        return RoutingConfig.from_model_config(self.config)
+
+    # ---- forward ----
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Returns the final-normed hidden states [num_tokens, hidden] in ctx.dtype."""
+        x = self.model.embed_tokens(batch.input_ids)
+        rope = self.rotary_emb(batch.positions)
+        for layer in self.model.layers:
+            x = layer(x, batch, rope)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [num_samples, hidden] (rows of forward's output) -> logits [num_samples, vocab] float32."""
+        return self.lm_head(hidden).float()
+
+    # ---- KV cache ----
+
+    def kv_cache_specs(self) -> list[KVCacheSpec]:
+        """One spec per decoder layer, in layer order."""
+        return [layer.self_attn.kv_cache_spec() for layer in self.model.layers]
+
+    def bind_kv_caches(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """caches[i] = (k, v) of layer i: [num_blocks, block_size, kv_heads, dim]; MLA: v = k[..., :rank]."""
+        if len(caches) != len(self.model.layers):
+            raise ValueError(f"got {len(caches)} KV caches for {len(self.model.layers)} layers")
+        for layer, (k, v) in zip(self.model.layers, caches):
+            layer.self_attn.bind_kv_cache(k, v)
+
+    # ---- weights ----
+
+    def _index_weights(self) -> None:
+        self._moe_layers: dict[str, MoELayer] = {}
+        for i, layer in enumerate(self.model.layers):
+            if isinstance(layer.ffn, MoELayer):
+                self._moe_layers[f"model.layers.{i}.{self.mlp_name}"] = layer.ffn
+        stacked = {f"{p}.{w}" for p in self._moe_layers for w in ("w13", "w2")}
+        self._params = {n: p for n, p in self.named_parameters() if n not in stacked}
+
+    def _match_expert(self, name: str) -> tuple[MoELayer, int, str] | None:
+        m = _EXPERT_NAME.match(name)
+        if m is None:
+            return None
+        moe = self._moe_layers.get(m["prefix"])
+        expert, proj = int(m["expert"]), m["proj"]
+        if moe is None or proj not in moe.expert_proj_names or not moe.holds_expert(expert):
+            return None
+        return moe, expert, proj
+
+    def wants_weight(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` is for this rank (others' experts, MTP layers: never read)."""
+        return name in self._params or self._match_expert(name) is not None
+
+    def keeps_fp32(self, name: str) -> bool:
+        """Whether `name` is kept in float32 although the model runs in another dtype (DeepSeek's router)."""
+        p = self._params.get(name)
+        return p is not None and p.dtype == torch.float32 and self.ctx.dtype != torch.float32
+
+    def required_weight_names(self) -> set[str]:
+        """Every checkpoint name this rank must load (dense weights + its local experts)."""
+        names = set(self._params)
+        for prefix, moe in self._moe_layers.items():
+            names.update(moe.expert_weight_names(prefix))
+        return names
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy (name, tensor) pairs into the model; unknown or unwanted names are skipped.
+
+        Returns the names loaded. Raises WeightLoadError naming the tensor when a shape does not match.
+        """
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            param = self._params.get(name)
+            if param is not None:
+                _check_shape(name, tuple(param.shape), tensor)
+                param.copy_(tensor)
+                loaded.add(name)
+                continue
+            hit = self._match_expert(name)
+            if hit is not None:
+                moe, expert, proj = hit
+                _check_shape(name, moe.expert_weight_shape(proj), tensor)
+                moe.load_expert(expert, proj, tensor)
+                loaded.add(name)
+        return loaded
+
+    # ---- helpers for family files ----
+
+    def _moe_layer(self, moe_ordinal: int, **kwargs) -> MoELayer:
+        c = self.config
+        return MoELayer(
+            c.hidden_size,
+            c.moe_intermediate_size,
+            c.num_experts,
+            self.routing_config(),
+            moe_ordinal,
+            self.ctx,
+            **kwargs,
+        )
+
+
+def _check_shape(name: str, expected: tuple[int, ...], tensor: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise WeightLoadError(
+            f"checkpoint tensor '{name}' has shape {list(tensor.shape)}, the model expects {list(expected)}"
+        )

@@ -1,0 +1,183 @@
+"""The MoE layer: gate -> select experts -> placement -> dispatch -> experts -> combine (+ shared experts).
+
+This rank stores only its physical slots' experts: ``w13 [num_local_slots, 2*I, H]`` (gate rows, then up rows)
+and ``w2 [num_local_slots, H, I]``; slot s holds logical expert ``placement.local_logical_experts(layer)[s]``.
+A replicated expert occupies several slots, each with its own copy of the weights.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.forward_batch import ForwardBatch
+from moeserve.layers.linear import Linear
+from moeserve.moe.routing import RoutingConfig, select_experts
+
+if TYPE_CHECKING:
+    from moeserve.models.base import ModelContext
+
+
+class Router(nn.Module):
+    """The gate. weight: [E, H]; e_score_correction_bias: [E] float32 (DeepSeek-V3) or None.
+
+    fp32: compute the logits in float32 from a float32 weight (DeepSeek); otherwise in the model dtype,
+    upcast afterwards (Qwen, Mixtral) — each as its reference implementation does.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, *, fp32: bool, correction_bias: bool) -> None:
+        super().__init__()
+        self.fp32 = fp32
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, hidden_size, dtype=torch.float32 if fp32 else None)
+        )
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
+            if correction_bias
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> router logits [T, E] float32."""
+        if self.fp32:
+            return F.linear(x.float(), self.weight.float())
+        return F.linear(x, self.weight).float()
+
+
+class MoELayer(nn.Module):
+    """One sparse MLP block. `layer_idx` is its placement row: the MoE layer's ordinal, not the decoder index.
+
+    Shared experts (optional): `shared_mlp` runs on every token while routed tokens travel; it is registered
+    as `shared_name` (DeepSeek "shared_experts", Qwen2-MoE "shared_expert"), and with `shared_gate` its output
+    is scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE).
+    expert_proj_names: the checkpoint's names of the gate, up and down projections of one expert.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        routing: RoutingConfig,
+        layer_idx: int,
+        ctx: ModelContext,
+        *,
+        gate_fp32: bool = False,
+        correction_bias: bool = False,
+        shared_mlp: nn.Module | None = None,
+        shared_name: str = "shared_experts",
+        shared_gate: bool = False,
+        expert_proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    ) -> None:
+        super().__init__()
+        placement = ctx.placement
+        if placement.num_logical != num_experts:
+            raise ValueError(
+                f"placement has {placement.num_logical} logical experts, the model {num_experts}"
+            )
+        if layer_idx >= placement.num_layers:
+            raise ValueError(
+                f"placement has {placement.num_layers} layer rows but MoE layer ordinal {layer_idx} "
+                "needs a row "
+                "(rows are MoE-layer ordinals: build the placement with ModelConfig.num_moe_layers rows)"
+            )
+        if ctx.dispatcher.num_local_slots != placement.num_local_slots:
+            raise ValueError(
+                f"dispatcher has {ctx.dispatcher.num_local_slots} local slots, "
+                f"placement {placement.num_local_slots}"
+            )
+        self.layer_idx = layer_idx
+        self.num_experts = num_experts
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.routing = routing
+        self.placement, self.dispatcher, self.expert_kernel = placement, ctx.dispatcher, ctx.expert_kernel
+        self.local_experts: list[int] = placement.local_logical_experts(layer_idx)
+        self.slots_of: dict[int, list[int]] = {}
+        for slot, expert in enumerate(self.local_experts):
+            self.slots_of.setdefault(expert, []).append(slot)
+        self.expert_proj_names = expert_proj_names
+
+        self.gate = Router(hidden_size, num_experts, fp32=gate_fp32, correction_bias=correction_bias)
+        slots = len(self.local_experts)
+        self.w13 = nn.Parameter(torch.empty(slots, 2 * intermediate_size, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(slots, hidden_size, intermediate_size), requires_grad=False)
+        self.shared_name = shared_name if shared_mlp is not None else None
+        if shared_mlp is not None:
+            setattr(self, shared_name, shared_mlp)
+        self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_gate else None
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """x: [T, H] -> [T, H]. Enters the dispatcher even when T == 0 (EP ranks step together)."""
+        logits = self.gate(x)
+        r = self.routing
+        weights, ids = select_experts(
+            logits,
+            r.top_k,
+            scoring=r.scoring,
+            renormalize=r.renormalize,
+            topk_method=r.topk_method,
+            n_group=r.n_group,
+            topk_group=r.topk_group,
+            correction_bias=self.gate.e_score_correction_bias,
+            routed_scaling_factor=r.routed_scaling_factor,
+        )
+        phys = self.placement.to_physical(self.layer_idx, ids)
+        self._record_load(phys, batch)
+        out = self.dispatcher.dispatch(x, phys, weights, batch.mode)
+        shared = self._shared(x)  # overlaps the dispatch's communication
+        y = self.expert_kernel(out.hidden, self.w13, self.w2, out.topk_weights, out.topk_ids)
+        y = self.dispatcher.combine(y, out.handle)
+        return y if shared is None else y + shared
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.shared_name is None:
+            return None
+        y = getattr(self, self.shared_name)(x)
+        if self.shared_expert_gate is not None:
+            y = torch.sigmoid(self.shared_expert_gate(x)) * y
+        return y
+
+    def _record_load(self, phys: torch.Tensor, batch: ForwardBatch) -> None:
+        """When the runner asks (batch.extras["expert_load"]: [num_moe_layers, num_physical] int64), add this
+        step's tokens per physical expert to this layer's row."""
+        load = batch.extras.get("expert_load")
+        if load is not None and phys.numel():
+            # Shift by one so that -1 ("no expert") lands in bin 0, which is dropped: no host sync.
+            counts = torch.bincount(phys.flatten().long() + 1, minlength=load.shape[1] + 1)
+            load[self.layer_idx].add_(counts[1 : load.shape[1] + 1].to(load.dtype))
+
+    # ---- weight loading (called by the model's load_weights) ----
+
+    def holds_expert(self, expert: int) -> bool:
+        return expert in self.slots_of
+
+    def expert_weight_names(self, prefix: str) -> list[str]:
+        """Checkpoint names of the experts this rank holds, e.g. ``{prefix}.experts.3.gate_proj.weight``."""
+        return [
+            f"{prefix}.experts.{e}.{p}.weight" for e in sorted(self.slots_of) for p in self.expert_proj_names
+        ]
+
+    def expert_weight_shape(self, proj: str) -> tuple[int, int]:
+        """[out, in] of one expert's projection, as the checkpoint stores it."""
+        h, i = self.hidden_size, self.intermediate_size
+        return (h, i) if proj == self.expert_proj_names[2] else (i, h)
+
+    @torch.no_grad()
+    def load_expert(self, expert: int, proj: str, weight: torch.Tensor) -> None:
+        """Copy one checkpoint tensor (gate/up: [I, H], down: [H, I]) into each local slot of `expert`."""
+        gate, up, down = self.expert_proj_names
+        i = self.intermediate_size
+        for slot in self.slots_of[expert]:
+            if proj == gate:
+                self.w13[slot, :i].copy_(weight)
+            elif proj == up:
+                self.w13[slot, i:].copy_(weight)
+            elif proj == down:
+                self.w2[slot].copy_(weight)
+            else:
+                raise KeyError(
+                    f"unknown expert projection {proj!r}; expected one of {self.expert_proj_names}"
+                )

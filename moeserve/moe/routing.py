@@ -1,0 +1,105 @@
+"""Expert selection: router logits -> (top-k weights, top-k logical expert ids), as each family defines it.
+
+Mixtral            softmax, top-k, renormalise.
+Qwen2/Qwen3-MoE    softmax, top-k, renormalise iff norm_topk_prob.
+DeepSeek-V2        softmax; "greedy" top-k, or "group_limited_greedy" (groups ranked by their best expert,
+                   top-k among the best topk_group groups); weights x routed_scaling_factor.
+DeepSeek-V3        sigmoid; "noaux_tc": choose with scores + correction bias, groups ranked by the sum
+                   of their two best biased scores; weights are the unbiased scores of the chosen
+                   experts, renormalised, x routed_scaling_factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.models.config import ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """The routing options of one model (see `select_experts`)."""
+
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = False
+    topk_method: str = "greedy"
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig) -> RoutingConfig:
+        return cls(
+            top_k=cfg.top_k,
+            scoring=cfg.scoring_func,
+            renormalize=cfg.norm_topk_prob,
+            topk_method=cfg.topk_method,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+        )
+
+
+def select_experts(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    topk_method: str = "greedy",
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E] float32; correction_bias: [E] float32 or None (used for choosing only).
+
+    Returns (topk_weights [T, k] float32, topk_ids [T, k] int32 logical expert ids). The order of the k
+    choices within a row is unspecified.
+    """
+    logits = router_logits.float()
+    if scoring == "softmax":
+        scores = logits.softmax(dim=-1)
+    elif scoring == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        raise ValueError(f"scoring={scoring!r}; allowed: 'softmax', 'sigmoid'")
+    choice = scores if correction_bias is None else scores + correction_bias.float()[None, :]
+    if topk_method == "greedy":
+        pass
+    elif topk_method in ("group_limited_greedy", "noaux_tc"):
+        if not n_group or not topk_group:
+            raise ValueError(f"topk_method={topk_method!r} needs n_group and topk_group")
+        choice = _mask_to_best_groups(choice, n_group, topk_group, by_top2_sum=topk_method == "noaux_tc")
+    else:
+        raise ValueError(
+            f"topk_method={topk_method!r}; allowed: 'greedy', 'group_limited_greedy', 'noaux_tc'"
+        )
+    topk_ids = choice.topk(top_k, dim=-1).indices
+    topk_weights = scores.gather(1, topk_ids)
+    if renormalize:
+        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if routed_scaling_factor != 1.0:
+        topk_weights = topk_weights * routed_scaling_factor
+    return topk_weights, topk_ids.to(torch.int32)
+
+
+def _mask_to_best_groups(
+    choice: torch.Tensor, n_group: int, topk_group: int, by_top2_sum: bool
+) -> torch.Tensor:
+    """choice: [T, E] -> [T, E] with experts outside each token's topk_group best groups set to -inf.
+
+    A group's rank is its best score (DeepSeek-V2) or the sum of its two best scores (DeepSeek-V3).
+    """
+    t, e = choice.shape
+    grouped = choice.view(t, n_group, e // n_group)
+    if by_top2_sum:
+        group_scores = grouped.topk(min(2, e // n_group), dim=-1).values.sum(dim=-1)
+    else:
+        group_scores = grouped.max(dim=-1).values
+    best = group_scores.topk(topk_group, dim=-1).indices  # [T, topk_group]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [T, n_group]
+    return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(t, e)

@@ -1,0 +1,32 @@
+"""Expert kernel backed by the Triton fused MoE (`moeserve.kernels.fused_moe`), for CUDA devices."""
+
+from __future__ import annotations
+
+import torch
+
+from moeserve.kernels import fused_moe
+from moeserve.moe.experts import ExpertKernel
+
+
+class TritonExperts(ExpertKernel):
+    """Same contract as `TorchExperts`; bf16/fp16 weights, or float8_e4m3fn weights with 128x128 block scales
+    passed as w13_scale / w2_scale (see `fused_moe`)."""
+
+    name = "triton"
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        w13_scale: torch.Tensor | None = None,
+        w2_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden: [M, H]; w13: [E, 2I, H]; w2: [E, H, I]; topk_weights: [M, k]; topk_ids: [M, k], -1 = skip.
+        Routing tensors are brought to float32 / int32 contiguous here (no copy when they already are)."""
+        topk_weights = topk_weights.to(torch.float32).contiguous()
+        topk_ids = topk_ids.to(torch.int32).contiguous()
+        return fused_moe(hidden.contiguous(), w13, w2, topk_weights, topk_ids, w13_scale=w13_scale,
+                         w2_scale=w2_scale)

@@ -1,0 +1,107 @@
+"""Two-batch overlap: the split, the stage scheduler, and TBO on == TBO off for a stack of EP MoE layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_ep_dispatch import spawn_ranks
+
+from moeserve.forward_batch import ForwardMode
+from moeserve.moe.all_to_all import TorchAllToAllDispatcher
+from moeserve.moe.experts import torch_experts
+from moeserve.moe.placement import ExpertPlacement
+from moeserve.moe.tbo import moe_stages, run_overlapped, run_sequential, split_for_tbo
+
+
+def brute_force_split(counts: list[int]) -> int:
+    total = sum(counts)
+    return min(range(1, len(counts)), key=lambda i: (abs(2 * sum(counts[:i]) - total), i))
+
+
+@pytest.mark.parametrize(
+    "counts", [[5, 5], [1, 1, 1, 1, 1], [100, 30, 30, 40], [7, 1, 3, 9, 2, 2], [1, 2], [3, 3, 3]]
+)
+def test_split_for_tbo_balances_tokens(counts):
+    assert split_for_tbo(counts) == brute_force_split(counts)
+
+
+def test_split_for_tbo_refuses_useless_splits():
+    assert split_for_tbo([]) is None
+    assert split_for_tbo([64]) is None
+    assert split_for_tbo([100, 1, 1]) is None  # best split is 100 | 2
+    assert split_for_tbo([100, 1, 1], min_fraction=0.0) == 1
+
+
+def test_run_overlapped_alternates_stages_and_returns_results():
+    log: list[str] = []
+
+    def micro_batch(tag: str, stages: int):
+        for s in range(stages):
+            log.append(f"{tag}{s}")
+            yield
+        log.append(f"{tag}-done")
+        return tag * 2
+
+    assert run_overlapped([micro_batch("a", 2), micro_batch("b", 3)]) == ["aa", "bb"]
+    assert log == ["a0", "b0", "a1", "b1", "a-done", "b2", "b-done"]
+    log.clear()
+    assert run_sequential([micro_batch("a", 1), micro_batch("b", 1)]) == ["aa", "bb"]
+    assert log == ["a0", "a-done", "b0", "b-done"]
+
+
+# ---- TBO on == off across gloo ranks -------------------------------------------------------------------
+NUM_LAYERS, NUM_EXPERTS, HIDDEN, INTER, TOP_K = 3, 6, 16, 20, 2
+
+
+def model_weights():
+    gen = torch.Generator().manual_seed(0)
+    gate = torch.randn(NUM_LAYERS, NUM_EXPERTS, HIDDEN, generator=gen)
+    w13 = torch.randn(NUM_LAYERS, NUM_EXPERTS, 2 * INTER, HIDDEN, generator=gen) / HIDDEN**0.5
+    w2 = torch.randn(NUM_LAYERS, NUM_EXPERTS, HIDDEN, INTER, generator=gen) / INTER**0.5
+    return gate, w13, w2
+
+
+def micro_batch(h, dispatcher, placement, weights):
+    """A stack of residual MoE layers as one micro-batch pipeline: h [T, H] -> [T, H]."""
+    gate, w13, w2 = weights
+    for layer in range(NUM_LAYERS):
+        probs = (h @ gate[layer].t()).softmax(dim=1)
+        topk_weights, topk_ids = probs.topk(TOP_K, dim=1)
+        held = torch.tensor(placement.local_logical_experts(layer))
+
+        def experts(received, w13_l=w13[layer][held], w2_l=w2[layer][held]):
+            return torch_experts(received.hidden, w13_l, w2_l, received.topk_weights, received.topk_ids)
+
+        phys = placement.to_physical(layer, topk_ids)
+        y = yield from moe_stages(dispatcher, h, phys, topk_weights, ForwardMode.EXTEND, experts)
+        h = h + y
+    return h
+
+
+def run_tbo_on_and_off(rank: int, world_size: int, groups) -> None:
+    weights = model_weights()
+    # Replicated experts so that routing depends on token positions (the split changes them).
+    num_redundant = -NUM_EXPERTS % world_size + world_size
+    placement = ExpertPlacement.default(NUM_LAYERS, NUM_EXPERTS, num_redundant, rank, world_size)
+    dispatcher = TorchAllToAllDispatcher(groups.ep_group, placement.num_local_slots)
+    gen = torch.Generator().manual_seed(rank)
+    # Rank 1: a single request (cannot split); last rank: no requests at all.
+    num_reqs = {1: 1, world_size - 1: 0}.get(rank, 5)
+    counts = torch.randint(1, 6, (num_reqs,), generator=gen).tolist()
+    h = torch.randn(sum(counts), HIDDEN, generator=gen)
+
+    (off,) = run_sequential([micro_batch(h, dispatcher, placement, weights)])
+    cut = split_for_tbo(counts)
+    split_at = sum(counts[:cut]) if cut is not None else h.shape[0]
+    first = micro_batch(h[:split_at], dispatcher, placement, weights)
+    second = micro_batch(h[split_at:], dispatcher, placement, weights)
+    on_a, on_b = run_overlapped([first, second])
+    if rank == 0:
+        assert cut is not None and 0 < split_at < h.shape[0]
+    torch.testing.assert_close(torch.cat([on_a, on_b]), off, atol=1e-5, rtol=1e-5, msg=f"rank {rank}")
+    dist.barrier(groups.cpu_group)
+
+
+def test_tbo_on_equals_tbo_off_on_gloo_ranks():
+    spawn_ranks(run_tbo_on_and_off, 3)
