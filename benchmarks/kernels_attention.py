@@ -80,13 +80,13 @@ def bench_gqa_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
         if not sweep:
             continue
         best = (float("inf"), {})
-        for block_n in (32, 64, 128):
+        for block_n in (16, 32, 64, 128):
             for stages in (2, 3):
                 cfg = dict(block_n=block_n, num_stages=stages)
                 ms = _try(rows, dict(base, config=str(cfg)), call(**cfg), ref, nbytes, copy_tbs)
                 if ms is not None and ms < best[0]:
                     best = (ms, cfg)
-        for splits in (1, 2, 4, 8, 16):
+        for splits in (2, 3, 4, 8):
             cfg = dict(best[1], num_splits=splits)
             _try(rows, dict(base, config=str(cfg)), call(**cfg), ref, nbytes, copy_tbs)
         del k, v
@@ -117,14 +117,16 @@ def bench_mla_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
         if not sweep or page != 16:
             continue
         best = (float("inf"), {})
-        tiles = [(64, 8, bn, st) for bn in (16, 32, 64) for st in (1, 2)]
-        tiles += [(32, 4, 32, 2), (64, 4, 32, 2), (128, 8, 32, 1), (128, 16, 32, 1)]
+        # (block_h, num_warps, block_n, num_stages); 64 heads x 8 warps is the only shape that fits the
+        # [64, 512] fp32 accumulator in registers; 128 heads overflow shared memory or registers.
+        tiles = [(64, 8, bn, st) for bn, st in ((32, 2), (32, 3), (64, 1), (64, 2), (128, 1))]
+        tiles += [(32, 4, 32, 2), (32, 4, 64, 2), (16, 4, 64, 2)]
         for block_h, warps, block_n, stages in tiles:
             cfg = dict(block_h=block_h, num_warps=warps, block_n=block_n, num_stages=stages)
             ms = _try(rows, dict(base, config=str(cfg)), call(**cfg), ref, nbytes, copy_tbs, flops)
             if ms is not None and ms < best[0]:
                 best = (ms, cfg)
-        for splits in (1, 2, 3, 4, 6):
+        for splits in (1, 2, 4):
             cfg = dict(best[1], num_splits=splits)
             _try(rows, dict(base, config=str(cfg)), call(**cfg), ref, nbytes, copy_tbs, flops)
         del kv
@@ -199,14 +201,33 @@ def bench_extend(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
             rows[idx]["speedup_vs_ref"] = t_ref / t_triton if t_ref else None
             rows[idx]["speedup_vs_sdpa"] = t_sdpa / t_triton if t_sdpa else None
         if sweep:
-            tiles = [(64, 64, 4), (128, 64, 8), (128, 32, 4)]  # (block_m, block_n, num_warps)
+            tiles = [(64, 64, 4), (128, 64, 4), (64, 32, 4), (128, 128, 8)]  # (block_m, block_n, num_warps)
             if mla:
-                tiles = [(32, 32, 8), (64, 32, 8), (16, 32, 4)]
+                tiles = [(32, 32, 8), (64, 16, 8), (64, 64, 8)]
             configs = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=2) for bm, bn, w in tiles]
             configs.append(dict(configs[0], num_stages=3))
             for cfg in configs:
                 _try(rows, dict(base, config=str(cfg)), call(**cfg), ref, nbytes, copy_tbs, flops)
         del k, v
+    return rows
+
+
+def kernel_resources() -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of the attention kernels (diagnostic)."""
+    from moeserve.kernels import attention_decode, attention_prefill, mla_decode
+
+    rows = []
+    for fn in (attention_decode._gqa_decode_kernel, mla_decode._mla_decode_kernel, attention_prefill._extend_kernel):
+        try:
+            for cache in fn.device_caches.values():
+                for compiled in cache[0].values():
+                    consts = {k[-1] if isinstance(k, tuple) else k: v for k, v in compiled.src.constants.items()}
+                    keep = {k: v for k, v in consts.items() if str(k).startswith("BLOCK")}
+                    rows.append(dict(kernel=fn.__name__, regs=compiled.n_regs, spills=compiled.n_spills,
+                                     shared=compiled.metadata.shared, warps=compiled.metadata.num_warps,
+                                     stages=compiled.metadata.num_stages, constants=str(keep)))
+        except Exception as exc:  # private Triton API: report, never fail the benchmark
+            rows.append(dict(kernel=fn.__name__, error=f"{type(exc).__name__}: {exc}"))
     return rows
 
 
@@ -220,6 +241,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(rows[0], flush=True)
     for bench in (bench_gqa_decode, bench_mla_decode, bench_extend):
         rows += bench(copy_tbs, quick, sweep)
+    if sweep:
+        for r in kernel_resources():
+            print("resources", r, flush=True)
     return rows
 
 

@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                     help="let EOS end requests early (default: ignore_eos=true, exactly max_tokens)")
     ap.add_argument("--token-counts", choices=("usage", "logprobs"), default="usage",
-                    help="tokens per chunk: estimated from usage + text (default) or exact via logprobs=0")
+                    help="tokens per chunk: estimated from usage + text (default), or exact by asking for "
+                         "logprobs=0 (use it when tokens stream without text, as with the demo model)")
     ap.add_argument("--extra-body", type=json.loads, default={}, help="JSON merged into every request body")
     ap.add_argument("--warmup-requests", type=int, default=1, help="short requests sent first, not measured")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds, per request")
@@ -372,22 +373,32 @@ async def run(args: argparse.Namespace) -> dict:
               "offline": None, "comparison": None, "check_outputs": None}
     print(format_table(f"serving benchmark: {model} @ {base_url}", summary))
     if args.compare_offline or checked:
-        llm = make_llm(args, requests)
-        if args.compare_offline:
-            off_records, off_wall = run_offline(llm, requests, offsets, args)
-            off_summary = summarize(off_records, off_wall)
-            report["offline"] = {"options": offline_options(args), "model": args.offline_model,
-                                 "summary": off_summary,
-                                 "requests": [r.to_json(args.include_text) for r in off_records]}
-            report["comparison"] = comparison(summary, off_summary)
-            print(format_table("offline engine, same workload", off_summary))
-            print(format_comparison(report["comparison"], offline_options(args)))
-        if checked:
-            report["check_outputs"] = check_outputs(llm, checked, texts, args)
+        report.update(offline_report(args, requests, offsets, summary, checked, texts))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
     return report
+
+
+def offline_report(args: argparse.Namespace, requests: list[BenchRequest], offsets: list[float], http: dict,
+                   checked: list[BenchRequest], texts: list[str | None]) -> dict:
+    """The "offline", "comparison" and "check_outputs" parts of the report (printed as they are made)."""
+    import torch
+
+    llm = make_llm(args, requests)
+    part: dict = {}
+    if args.compare_offline:
+        records, wall = run_offline(llm, requests, offsets, args)
+        summary = summarize(records, wall)
+        options = {**offline_options(args), "torch_threads": torch.get_num_threads()}
+        part["offline"] = {"options": options, "model": args.offline_model, "summary": summary,
+                           "requests": [r.to_json(args.include_text) for r in records]}
+        part["comparison"] = comparison(http, summary)
+        print(format_table("offline engine, same workload", summary))
+        print(format_comparison(part["comparison"], options))
+    if checked:
+        part["check_outputs"] = check_outputs(llm, checked, texts, args)
+    return part
 
 
 def check_outputs(llm, requests: list[BenchRequest], http: list[str | None],

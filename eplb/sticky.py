@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 _REL = 1e-12  # relative slack for float comparisons against a target computed by another summation order
+COST_WEIGHT = 4.0  # repair swaps: one added transfer costs COST_WEIGHT x peak load (i.e. transfers first)
 
 
 def sticky_packing(
@@ -65,17 +66,21 @@ def _best_swaps(
     r = torch.arange(rows)
     pack_load = load.sum(-1)
     heavy_load, heavy_key = load[r, heavy], key[r, heavy]  # [A, S]
-    delta = heavy_load[:, :, None, None] - load[:, None]  # [A, S, P, S]
-    pair = torch.maximum(peak[:, None, None, None] - delta, pack_load[:, None, :, None] + delta)
-    valid = (delta > 0) & (pair < peak[:, None, None, None] * (1 - _REL))
     # Added transfers, from who holds what now: item a leaves the heavy pack M for Q, item b goes Q -> M.
-    home = home.long()
+    # Scaled by COST_WEIGHT * peak so one transfer outweighs any balance difference (pair < peak).
+    home = home.to(load.dtype)
     a_on_m = home[r, heavy].gather(-1, heavy_key)  # [A, S]
     a_on_q = home.gather(2, heavy_key.unsqueeze(1).expand(rows, num_packs, slots)).transpose(1, 2)  # [A, S, P]
     b_on_q = home.gather(2, key)  # [A, P, S]
     b_on_m = home[r, heavy].gather(-1, key.view(rows, -1)).view(rows, num_packs, slots)
-    cost = (a_on_m.unsqueeze(-1) - a_on_q).unsqueeze(-1) + (b_on_q - b_on_m).unsqueeze(1)
-    score = (cost * 4 + pair / peak[:, None, None, None]).masked_fill(~valid, float("inf")).view(rows, -1)
+    scale = (COST_WEIGHT * peak).view(rows, 1, 1)
+    cost_a = ((a_on_m.unsqueeze(-1) - a_on_q) * scale).unsqueeze(-1)  # [A, S, P, 1]
+    cost_b = ((b_on_q - b_on_m) * scale).unsqueeze(1)  # [A, 1, P, S]
+    # A swap moves delta = w_a - w_b from M to Q; it helps iff both sides end below the peak (so delta > 0).
+    delta = heavy_load[:, :, None, None] - load[:, None]  # [A, S, P, S]
+    pair = torch.maximum(peak.view(rows, 1, 1, 1) - delta, pack_load[:, None, :, None] + delta)
+    limit = (peak * (1 - _REL)).view(rows, 1, 1, 1)
+    score = torch.where(pair < limit, pair + cost_a + cost_b, float("inf")).view(rows, -1)
     best, index = score.min(-1)
     return torch.isfinite(best), index
 

@@ -28,14 +28,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(
-    num_programs: int, max_seq_len: int, block_n: int, device: torch.device, programs_per_sm: int = 4
+    num_programs: int, max_seq_len: int, block_n: int, device: torch.device, programs_per_sm: float = 4.0
 ) -> int:
     """Split each request's context so that about ``programs_per_sm`` programs per multiprocessor run.
 
     More splits raise memory parallelism but each costs a partial output write and read; a split shorter
     than a few tiles is not worth its reduce traffic.
     """
-    target = programs_per_sm * _num_sms(device)
+    target = int(programs_per_sm * _num_sms(device))
     splits = triton.cdiv(target, max(num_programs, 1))
     max_useful = max(1, triton.cdiv(max_seq_len, 4 * block_n))
     return int(max(1, min(splits, max_useful, 32)))
@@ -178,7 +178,7 @@ def paged_decode_attention(
     scale: float,
     max_seq_len: int,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int = 32,
     block_h: int = 16,
     num_warps: int = 4,
     num_stages: int = 2,

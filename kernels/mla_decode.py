@@ -86,7 +86,7 @@ def mla_decode_attention(
     kv_lora_rank: int,
     max_seq_len: int,
     num_splits: int | None = None,
-    block_n: int = 32,
+    block_n: int = 64,
     block_h: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
@@ -108,9 +108,10 @@ def mla_decode_attention(
     block_h = max(16, min(block_h, triton.next_power_of_2(num_heads)))
     head_blocks = triton.cdiv(num_heads, block_h)
     if num_splits is None:
-        # Fewer, heavier programs than GQA decode: each split adds a [H, 512] fp32 partial write + read.
+        # One 8-warp program fills a multiprocessor (registers and shared memory), and each split adds a
+        # [H, 512] fp32 partial write + read: split only when the batch leaves multiprocessors idle.
         num_splits = choose_num_splits(
-            num_reqs * head_blocks, max_seq_len, block_n, q.device, programs_per_sm=2
+            num_reqs * head_blocks, max_seq_len, block_n, q.device, programs_per_sm=0.9
         )
     out = q.new_empty(num_reqs, num_heads, kv_lora_rank)
     if num_splits > 1:

@@ -68,3 +68,24 @@ class StreamChunk:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def merge_chunks(chunks: list[StreamChunk]) -> StreamChunk:
+    """Several consecutive chunks of one request as one."""
+    if len(chunks) == 1:
+        return chunks[0]
+    last = chunks[-1]
+    logprobs = None
+    if any(c.logprobs for c in chunks):
+        logprobs = [lp for c in chunks for lp in (c.logprobs or [])]
+    return StreamChunk(
+        request_id=last.request_id,
+        text="".join(c.text for c in chunks),
+        token_ids=[t for c in chunks for t in c.token_ids],
+        logprobs=logprobs,
+        finish_reason=last.finish_reason,
+        stop_reason=last.stop_reason,
+        num_prompt_tokens=last.num_prompt_tokens,
+        num_cached_tokens=last.num_cached_tokens,
+        num_output_tokens=last.num_output_tokens,
+    )

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tiny models on a small shared CPU: one thread per process is far faster than several competing ones.
+# Ray workers and subprocesses inherit the environment variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

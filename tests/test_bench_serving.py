@@ -9,6 +9,7 @@ import json
 import math
 import random
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -291,6 +292,14 @@ def test_benchmark_against_fake_server(fake_server, tmp_path):
             assert ("worker died" if len(req.prompt) % 3 == 0 else "HTTP 429: queue full") in rec["error"]
     assert s["itl_s"]["count"] == sum(r.max_tokens - 1 for r in reqs if r.index not in fails)
     assert s["multi_token_chunks"] == s["completed"] and s["short_outputs"] == 0  # counts were estimated
+
+
+def test_script_imports_neither_ray_nor_the_engine():
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import serving; "
+            "print(sorted(m for m in ('ray', 'moeserve', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_benchmark_reports_a_down_server(tmp_path):

@@ -312,3 +312,13 @@ def test_demo_checkpoint_is_built_once(tmp_path, monkeypatch):
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_experts, cfg.top_k) == (128, 4, 16, 4)
     gen = json.loads((path / "generation_config.json").read_text())
     assert gen["eos_token_id"] and prefill_logits(model, PROMPT).std() > 0.1
+
+
+def test_forward_on_zero_tokens(qwen3):
+    """An idle EP rank runs the model on an empty batch (it must still enter every MoE collective)."""
+    model, cfg = load(qwen3)
+    prefill_logits(model, PROMPT)  # binds caches
+    batch = build_forward_batch([], [], [], 4)
+    with torch.inference_mode():
+        hidden = model(batch)
+    assert hidden.shape == (0, cfg.hidden_size)

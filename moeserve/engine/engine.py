@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from moeserve.config import EngineConfig
 from moeserve.engine.dp_sync import StepSync
 from moeserve.engine.detokenizer import IncrementalDetokenizer
+from moeserve.engine.prompts import PromptChecker
 from moeserve.outputs import StreamChunk
 from moeserve.request import Request
 from moeserve.runner.model_runner import ModelRunner, RankSetup
@@ -48,6 +49,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_pretrained(model_path)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model_config.vocab_size
+        self.check = PromptChecker(self.tokenizer, self.vocab_size, self.max_model_len)
         self.scheduler = Scheduler(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
@@ -63,29 +65,9 @@ class LLMEngine:
         self.last_step_ran = False  # did the last step() run a forward pass (here or, in lockstep, anywhere)
 
     # ---- requests in -------------------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """Text -> token ids; token-id prompts are checked against the vocabulary."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty; a prompt needs at least one token")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty; a prompt needs at least one token")
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
-        return ids
-
     def check_prompt(self, prompt: str | list[int]) -> list[int]:
         """Tokenize and check a prompt without touching engine state (safe from any thread)."""
-        prompt_ids = self.tokenize(prompt)
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_model_len} "
-                "(max_model_len), which must also leave room for at least one generated token"
-            )
-        return prompt_ids
+        return self.check(prompt)
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from moeserve.engine.engine import LLMEngine
@@ -37,6 +38,18 @@ class StepLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self._stats: dict = {}
+        self._stats_time = 0.0
+
+    def stats(self) -> dict:
+        """The engine's stats as of the last step (snapshots are taken on the loop thread, at most every 50 ms)."""
+        return dict(self._stats)
+
+    def _snapshot_stats(self, force: bool) -> None:
+        now = time.monotonic()
+        if force or now - self._stats_time >= 0.05:
+            self._stats = self.engine.stats()
+            self._stats_time = now
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="moeserve-step-loop", daemon=True)
@@ -86,14 +99,19 @@ class StepLoop:
 
     def _run(self) -> None:
         lockstep = self.engine.sync is not None
+        self._stats = self.engine.stats()
         try:
             while not self._stop.is_set():
                 chunks = self._drain_inbox()
+                ran = False
                 if lockstep or self.engine.has_unfinished():
                     chunks += self.engine.step()
+                    ran = self.engine.last_step_ran
                 if chunks:
                     self.on_chunks(chunks)
-                if not self.engine.has_unfinished() and not self.engine.last_step_ran:
+                idle = not self.engine.has_unfinished() and not ran
+                self._snapshot_stats(force=idle)
+                if idle:
                     # Nothing here: sleep until a request arrives (or, in lockstep, until the next check).
                     self._wake.wait(self.idle_wait if lockstep else None)
                     self._wake.clear()

@@ -129,9 +129,10 @@ class ModelConfig:
         """Whether decoder layer i has routed experts (else it has a dense MLP of intermediate_size)."""
         if self.num_experts <= 0:
             return False
-        if self.model_type in ("deepseek_v2", "deepseek_v3"):
+        # By architecture, not model_type: derived models (e.g. Kimi-K2) reuse DeepseekV3ForCausalLM.
+        if self.architecture in ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"):
             return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
-        if self.model_type in ("qwen3_moe", "qwen2_moe"):
+        if self.architecture in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
             return i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
         return True
 

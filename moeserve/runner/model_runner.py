@@ -47,7 +47,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype(checkpoint_dtype(hf_config))
         mc = self.model_config
         num_experts = mc.num_experts or 1
-        placement = setup.placement or ExpertPlacement.trivial(mc.num_layers, num_experts)
+        placement = setup.placement or ExpertPlacement.trivial(max(mc.num_moe_layers, 1), num_experts)
         dispatcher = setup.dispatcher or LocalDispatcher(placement.num_local_slots)
         self.ctx = ModelContext(
             dtype=self.dtype,

@@ -17,9 +17,12 @@ from typing import Any
 
 import torch
 
+from moeserve.testing.byte_tokenizer import BYTE_VOCAB_SIZE
+
 ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "deepseek_v2")
-VOCAB_SIZE = 320  # >= the byte tokenizer's vocabulary, with room to spare
-DEMO_NAME = "demo-v1"
+# Exactly the byte tokenizer's vocabulary, so every token the model can produce decodes to text.
+VOCAB_SIZE = BYTE_VOCAB_SIZE
+DEMO_NAME = "demo-v2"
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=VOCAB_SIZE,
@@ -174,7 +177,7 @@ def build_tiny_checkpoint(
 def demo_checkpoint(cache_dir: str | Path | None = None) -> Path:
     """The demo model's directory, built on first use and reused afterwards.
 
-    Lives in ``<cache_dir>/demo-v1``; cache_dir defaults to $MOESERVE_CACHE, else ~/.cache/moeserve. Built in
+    Lives in ``<cache_dir>/demo-v2``; cache_dir defaults to $MOESERVE_CACHE, else ~/.cache/moeserve. Built in
     a temporary sibling directory and renamed into place, so a reader never sees a half-written checkpoint and
     concurrent first uses do not clash.
     """
