@@ -217,11 +217,14 @@ def kernel_resources() -> list[dict]:
     from moeserve.kernels import attention_decode, attention_prefill, mla_decode
 
     rows = []
-    for fn in (attention_decode._gqa_decode_kernel, mla_decode._mla_decode_kernel, attention_prefill._extend_kernel):
+    kernels = (attention_decode._gqa_decode_kernel, mla_decode._mla_decode_kernel,
+               attention_prefill._extend_kernel)
+    for fn in kernels:
         try:
             for cache in fn.device_caches.values():
                 for compiled in cache[0].values():
-                    consts = {k[-1] if isinstance(k, tuple) else k: v for k, v in compiled.src.constants.items()}
+                    consts = {fn.arg_names[k[0]] if isinstance(k, tuple) else k: v
+                              for k, v in compiled.src.constants.items()}
                     keep = {k: v for k, v in consts.items() if str(k).startswith("BLOCK")}
                     rows.append(dict(kernel=fn.__name__, regs=compiled.n_regs, spills=compiled.n_spills,
                                      shared=compiled.metadata.shared, warps=compiled.metadata.num_warps,

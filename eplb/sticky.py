@@ -56,58 +56,82 @@ def sticky_packing(
 
 
 def _best_swaps(
-    load: torch.Tensor, key: torch.Tensor, home: torch.Tensor, peak: torch.Tensor, heavy: torch.Tensor
+    load: torch.Tensor, key: torch.Tensor, home: torch.Tensor, heavy: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows [A] (load, key: [A, P, S]; home: [A, P, K] bool; peak, heavy: [A] load and index of the heaviest
-    pack), the best swap of an item of the heaviest pack with an item of another pack: it must lower the pair's
-    max below peak; fewest added transfers first, then the lowest resulting pair max.
-    Returns (found [A] bool, flat index [A] into (S_heavy, P, S))."""
+    """Best swap for each of J heavy packs, per row: an item a of heavy pack M trades places with an item b of a
+    pack Q outside the heavy set so that both end below M's load; fewest added transfers first, then the lowest
+    resulting max of the two.
+
+    load, key: [A, P, S]; home: [A, P, K] bool (pack holds key now); heavy: [A, J] pack indices.
+    Returns score [A, J] float64 (inf: no helpful swap) and flat index [A, J] into (S_heavy, P, S).
+    """
     rows, num_packs, slots = load.shape
-    r = torch.arange(rows)
+    r = torch.arange(rows).unsqueeze(-1)
     pack_load = load.sum(-1)
-    heavy_load, heavy_key = load[r, heavy], key[r, heavy]  # [A, S]
-    # Added transfers, from who holds what now: item a leaves the heavy pack M for Q, item b goes Q -> M.
-    # Scaled by COST_WEIGHT * peak so one transfer outweighs any balance difference (pair < peak).
+    peak = pack_load.gather(-1, heavy)  # [A, J]
+    heavy_load, heavy_key = load[r, heavy], key[r, heavy]  # [A, J, S]
+    # Added transfers, from who holds what now: a goes M -> Q, b goes Q -> M. Scaled by COST_WEIGHT x peak so
+    # that one transfer outweighs any balance difference between candidate swaps (pair < peak).
     home = home.to(load.dtype)
-    a_on_m = home[r, heavy].gather(-1, heavy_key)  # [A, S]
-    a_on_q = home.gather(2, heavy_key.unsqueeze(1).expand(rows, num_packs, slots)).transpose(1, 2)  # [A, S, P]
-    b_on_q = home.gather(2, key)  # [A, P, S]
-    b_on_m = home[r, heavy].gather(-1, key.view(rows, -1)).view(rows, num_packs, slots)
-    scale = (COST_WEIGHT * peak).view(rows, 1, 1)
-    cost_a = ((a_on_m.unsqueeze(-1) - a_on_q) * scale).unsqueeze(-1)  # [A, S, P, 1]
-    cost_b = ((b_on_q - b_on_m) * scale).unsqueeze(1)  # [A, 1, P, S]
-    # A swap moves delta = w_a - w_b from M to Q; it helps iff both sides end below the peak (so delta > 0).
-    delta = heavy_load[:, :, None, None] - load[:, None]  # [A, S, P, S]
-    pair = torch.maximum(peak.view(rows, 1, 1, 1) - delta, pack_load[:, None, :, None] + delta)
-    limit = (peak * (1 - _REL)).view(rows, 1, 1, 1)
-    score = torch.where(pair < limit, pair + cost_a + cost_b, float("inf")).view(rows, -1)
-    best, index = score.min(-1)
-    return torch.isfinite(best), index
+    home_m = home[r, heavy]  # [A, J, K]
+    a_on_m = home_m.gather(-1, heavy_key)  # [A, J, S]
+    width = heavy.shape[1]
+    a_index = heavy_key.view(rows, -1, 1).expand(-1, -1, num_packs)
+    a_on_q = home.transpose(1, 2).gather(1, a_index).view(rows, width, slots, num_packs)  # [A, J, S, P]
+    b_on_q = home.gather(2, key).unsqueeze(1)  # [A, 1, P, S]
+    b_on_m = home_m.gather(-1, key.view(rows, 1, -1).expand(-1, width, -1)).view(rows, width, num_packs, slots)
+    scale = (COST_WEIGHT * peak)[:, :, None, None]
+    cost_a = ((a_on_m.unsqueeze(-1) - a_on_q) * scale).unsqueeze(-1)  # [A, J, S, P, 1]
+    cost_b = ((b_on_q - b_on_m) * scale).unsqueeze(2)  # [A, J, 1, P, S]
+    # A swap moves delta = w_a - w_b from M to Q; it helps iff both sides end below M's load (so delta > 0).
+    delta = heavy_load[..., None, None] - load[:, None, None]  # [A, J, S, P, S]
+    pair = torch.maximum(peak[..., None, None, None] - delta, pack_load[:, None, None, :, None] + delta)
+    partner = torch.ones(rows, num_packs, dtype=torch.bool).scatter_(1, heavy, False)[:, None, None, :, None]
+    helps = (pair < (peak * (1 - _REL))[..., None, None, None]) & partner
+    score = torch.where(helps, pair + cost_a + cost_b, float("inf")).view(rows, width, -1)
+    return score.min(-1)
 
 
 def repair_peaks(
-    load: torch.Tensor, key: torch.Tensor, home: torch.Tensor, target: torch.Tensor, max_rounds: int = 256
+    load: torch.Tensor,
+    key: torch.Tensor,
+    home: torch.Tensor,
+    target: torch.Tensor,
+    max_rounds: int = 256,
+    packs_per_round: int | None = None,
 ) -> torch.Tensor:
-    """Swap items between packs until no pack exceeds target (or no single swap lowers the heaviest pack).
+    """Swap items between packs until no pack exceeds target (or the heaviest pack has no helpful swap).
 
+    Each round fixes up to packs_per_round (default P // 8, at least 1: the work per round then stays ~R^2 / 8 per
+    row) of the heaviest packs per row at once, each with a distinct partner outside that set.
     load: [X, P, S] float64 item loads; key: [X, P, S] int64 item keys; home: [X, P, K] bool, pack p holds key k
     now; target: [X] float64. Returns the rearranged key [X, P, S] (items only change packs; each pack keeps S).
     """
     load, key = load.clone(), key.clone()
     rows, num_packs, slots = load.shape
-    limit = target * (1 + _REL)
+    limit = (target * (1 + _REL)).unsqueeze(-1)
     stuck = torch.zeros(rows, dtype=torch.bool)
+    per_round = packs_per_round or max(1, num_packs // 8)
     for _ in range(max_rounds):
-        peak, heavy = load.sum(-1).max(-1)
-        todo = ((peak > limit) & ~stuck).nonzero().flatten()
+        pack_load = load.sum(-1)
+        over = pack_load > limit
+        todo = (over.any(-1) & ~stuck).nonzero().flatten()
         if not len(todo):
             break
-        found, index = _best_swaps(load[todo], key[todo], home[todo], peak[todo], heavy[todo])
-        stuck[todo[~found]] = True
-        r, index = todo[found], index[found]
-        m, a = heavy[r], index // (num_packs * slots)
-        q, b = (index // slots) % num_packs, index % slots
-        load_a, key_a = load[r, m, a], key[r, m, a]
-        load[r, m, a], key[r, m, a] = load[r, q, b], key[r, q, b]
-        load[r, q, b], key[r, q, b] = load_a, key_a
+        width = min(int(over[todo].sum(-1).max()), per_round, num_packs - 1)
+        heavy = pack_load[todo].topk(width, dim=-1).indices  # [A, J], heaviest first
+        score, index = _best_swaps(load[todo], key[todo], home[todo], heavy)
+        stuck[todo[~torch.isfinite(score[:, 0])]] = True
+        # Accept heavy packs in order; a partner serves one heavy pack per round.
+        taken = torch.zeros(len(todo), num_packs, dtype=torch.bool)
+        a_idx, q_idx = index // (num_packs * slots), (index // slots) % num_packs
+        for j in range(width):
+            q = q_idx[:, j]
+            ok = torch.isfinite(score[:, j]) & over[todo].gather(-1, heavy[:, j : j + 1]).squeeze(-1)
+            ok &= ~taken.gather(-1, q.unsqueeze(-1)).squeeze(-1)
+            taken[ok, q[ok]] = True
+            r, m, a, b = todo[ok], heavy[ok, j], a_idx[ok, j], (index % slots)[ok, j]
+            load_a, key_a = load[r, m, a], key[r, m, a]
+            load[r, m, a], key[r, m, a] = load[r, q[ok], b], key[r, q[ok], b]
+            load[r, q[ok], b], key[r, q[ok], b] = load_a, key_a
     return key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 import pytest
 import ray
@@ -47,6 +48,11 @@ class EPTestActor(RankActor):
         return float((out - ref).abs().max()) if num_tokens else 0.0
 
 
+    def block(self) -> None:
+        """Never returns (until the actor is killed)."""
+        threading.Event().wait()
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -61,7 +67,12 @@ def test_group_runs_ep_and_restarts_after_a_rank_dies(local_ray):
         assert max(group.call_all("moe_error", 1)) < 1e-4
         assert group.alive()
 
-        ray.kill(group.actors[1])
+        # ray.kill is asynchronous: wait for the death through a call that is running when it lands.
+        victim = group.actors[1]
+        blocked = victim.call.remote("block")
+        ray.kill(victim)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(blocked, timeout=60)
         assert group.dead_ranks() == [1]
         assert not group.alive()
 
