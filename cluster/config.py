@@ -54,13 +54,19 @@ class EngineLimits(_Strict):
 
 
 class IngressConfig(_Strict):
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, description="HTTP ingress replicas (they route consistently)")
     num_cpus: float = Field(0.5, gt=0)
+    max_ongoing_requests: int = Field(1024, ge=1, description="HTTP requests one replica serves at once")
 
 
 class HttpConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+
+
+class HealthConfig(_Strict):
+    interval_s: float = Field(1.0, gt=0, description="how often the controller pings every rank")
+    ping_timeout_s: float = Field(10.0, gt=0, description="a rank that does not answer a ping in time is dead")
 
 
 class EplbConfig(_Strict):
@@ -84,6 +90,7 @@ class DeployConfig(_Strict):
     ingress: IngressConfig = IngressConfig()
     http: HttpConfig = HttpConfig()
     eplb: EplbConfig = EplbConfig()
+    health: HealthConfig = HealthConfig()
     api_key: str | None = Field(None, description="Bearer key; default: $MOESERVE_API_KEY when set")
     runtime_env: dict[str, Any] = Field(default_factory=dict)
 
@@ -105,11 +112,25 @@ class DeployConfig(_Strict):
         return Path(self.model).name if self.model else "moeserve-demo"
 
     def use_gpu(self) -> bool:
+        """Whether ranks run on GPUs; "auto" asks the Ray cluster (when connected), else this machine."""
         if self.device != "auto":
             return self.device == "cuda"
+        try:
+            import ray
+
+            if ray.is_initialized():
+                return ray.cluster_resources().get("GPU", 0) >= self.parallel.dp
+        except ImportError:
+            pass
         import torch
 
         return torch.cuda.is_available()
+
+    def resolved(self, model_path: str) -> DeployConfig:
+        """This config with the model path and the device pinned, so every process agrees on them
+        (the demo model is built once, by the caller; device "auto" is decided here, where Ray is seen)."""
+        device = "cuda" if self.use_gpu() else "cpu"
+        return self.model_copy(update={"model": model_path, "device": device})
 
     def engine_config(self, model_path: str) -> EngineConfig:
         e = self.engine
@@ -140,8 +161,26 @@ def load_deploy_config(path: str | Path, overrides: dict[str, Any] | None = None
 
 
 def parse_deploy_config(data: dict[str, Any], source: str = "config") -> DeployConfig:
+    """Validate settings; keys may be dotted ("parallel.dp": 2), as `serve run ... parallel.dp=2` passes them."""
     try:
-        return DeployConfig.model_validate(data)
+        return DeployConfig.model_validate(_expand_dotted(data))
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
         raise ValueError(f"invalid {source}: {problems}") from None
+
+
+def _expand_dotted(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        *parents, leaf = str(key).split(".")
+        node = out
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"setting {key!r} conflicts with {part!r}={child!r}")
+            node = child
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = {**node[leaf], **_expand_dotted(value)}
+        else:
+            node[leaf] = _expand_dotted(value) if isinstance(value, dict) and leaf != "runtime_env" else value
+    return out

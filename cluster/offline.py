@@ -8,9 +8,9 @@ import logging
 import os
 
 import ray
-
 from moeserve.cluster.worker import EngineWorker
 from moeserve.cluster.worker_group import WorkerGroup
+
 from moeserve.config import EngineConfig
 from moeserve.engine.prompts import PromptChecker
 from moeserve.outputs import StreamChunk

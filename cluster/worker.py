@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from moeserve.cluster.worker_group import RankActor
+
 from moeserve.config import EngineConfig
 from moeserve.engine.dp_sync import StepSync
 from moeserve.engine.engine import LLMEngine
@@ -64,7 +65,8 @@ class EngineWorker(RankActor):
             max_tokens_per_rank=cfg.max_num_batched_tokens, hidden=mc.hidden_size,
         )
         sync = StepSync(self.groups.cpu_group, self.world_size, cfg.enable_tbo)
-        return RankSetup(placement=placement, dispatcher=dispatcher), sync
+        tbo_dispatcher = dispatcher.sibling() if cfg.enable_tbo else None
+        return RankSetup(placement=placement, dispatcher=dispatcher, tbo_dispatcher=tbo_dispatcher), sync
 
     # ---- the data path ---------------------------------------------------------------------------------
     async def generate(

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
 from moeserve.eplb.tables import inverse_permutation, replica_tables
 
 
@@ -73,7 +72,9 @@ def replicate_experts(weight: torch.Tensor, num_physical: int) -> tuple[torch.Te
 Packer = Callable[[torch.Tensor, torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def _plain_packer(weight: torch.Tensor, key: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _plain_packer(
+    weight: torch.Tensor, key: torch.Tensor, num_packs: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     return balanced_packing(weight, num_packs)
 
 
@@ -134,7 +135,9 @@ def check_balance_args(
         raise ValueError("weight must hold finite, non-negative loads")
     num_logical = weight.shape[1]
     if min(num_groups, num_nodes, num_gpus) < 1:
-        raise ValueError(f"num_groups, num_nodes, num_gpus must be >= 1, got {num_groups}, {num_nodes}, {num_gpus}")
+        raise ValueError(
+            f"num_groups, num_nodes, num_gpus must be >= 1, got {num_groups}, {num_nodes}, {num_gpus}"
+        )
     if num_gpus % num_nodes:
         raise ValueError(f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes}")
     if num_replicas % num_gpus:

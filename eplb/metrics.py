@@ -7,7 +7,6 @@ load is the sum over its slots, and balancedness = mean / max GPU load per layer
 from __future__ import annotations
 
 import torch
-
 from moeserve.eplb.tables import gpu_expert_counts, replica_tables
 
 # DeepSeek-V3 routed expert: gate, up and down projections of 7168 x 2048.
@@ -19,7 +18,9 @@ def expert_bytes(hidden: int, intermediate: int, bytes_per_param: float, num_mat
     return int(num_matrices * hidden * intermediate * bytes_per_param)
 
 
-def physical_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor | None = None) -> torch.Tensor:
+def physical_loads(
+    weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor | None = None
+) -> torch.Tensor:
     """Load of each physical slot.
 
     weight: [L, E] load per logical expert; phy2log: [L, P] int64; logcnt: [L, E] int64 (derived if None).
@@ -66,7 +67,9 @@ def experts_moved(old_phy2log: torch.Tensor, new_phy2log: torch.Tensor, num_gpus
     count once (one transfer, then local copies), exactly the RECV ops of ``plan_moves``. Returns [L] int64.
     """
     if old_phy2log.shape != new_phy2log.shape:
-        raise ValueError(f"placements differ in shape: {tuple(old_phy2log.shape)} vs {tuple(new_phy2log.shape)}")
+        raise ValueError(
+            f"placements differ in shape: {tuple(old_phy2log.shape)} vs {tuple(new_phy2log.shape)}"
+        )
     num_logical = int(torch.maximum(old_phy2log.max(), new_phy2log.max())) + 1
     old = gpu_expert_counts(old_phy2log, num_gpus, num_logical) > 0
     new = gpu_expert_counts(new_phy2log, num_gpus, num_logical) > 0

@@ -85,7 +85,9 @@ class MovePlan:
     def cross_node_bytes(self, expert_bytes: int) -> int:
         """Bytes of RECVs whose sender sits on another node."""
         node = self.gpus_per_node
-        cross = sum(op.kind == MoveKind.RECV and op.src_rank // node != op.dst_rank // node for op in self.ops)
+        cross = sum(
+            op.kind == MoveKind.RECV and op.src_rank // node != op.dst_rank // node for op in self.ops
+        )
         return cross * expert_bytes
 
     def sends_per_rank(self) -> list[int]:
@@ -107,7 +109,9 @@ class MovePlan:
         return chunks
 
 
-def _first_match_slot(table: torch.Tensor, expert: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _first_match_slot(
+    table: torch.Tensor, expert: torch.Tensor, slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For every slot p of [L, R] expert, the first slot on p's GPU whose table entry equals expert[l, p].
 
     Returns (found [L, R] bool, slot [L, R] int64 global physical id)."""
@@ -127,12 +131,15 @@ def plan_moves(
     old in the same layer. num_gpus: a multiple of gpus_per_node. Returns a MovePlan (see module docstring).
     """
     if old_phy2log.shape != new_phy2log.shape or old_phy2log.dim() != 2:
-        raise ValueError(f"placements must be equal [L, R] shapes: {tuple(old_phy2log.shape)}, "
-                         f"{tuple(new_phy2log.shape)}")
+        raise ValueError(
+            f"placements must be equal [L, R] shapes: {tuple(old_phy2log.shape)}, {tuple(new_phy2log.shape)}"
+        )
     num_layers, num_physical = old_phy2log.shape
     if num_physical % num_gpus or num_gpus % gpus_per_node:
-        raise ValueError(f"need R={num_physical} % num_gpus={num_gpus} == 0 and num_gpus % gpus_per_node="
-                         f"{gpus_per_node} == 0")
+        raise ValueError(
+            f"need R={num_physical} % num_gpus={num_gpus} == 0 and num_gpus % gpus_per_node="
+            f"{gpus_per_node} == 0"
+        )
     slots = num_physical // num_gpus
     old = old_phy2log.detach().to("cpu", torch.int64)
     new = new_phy2log.detach().to("cpu", torch.int64)
@@ -141,8 +148,11 @@ def plan_moves(
     _, first_arrival = _first_match_slot(new, new, slots)
     changed = old != new
     slot_id = torch.arange(num_physical).expand(num_layers, -1)
-    kind = torch.where(is_local, MoveKind.LOCAL_COPY, torch.where(first_arrival == slot_id, MoveKind.RECV,
-                                                                    MoveKind.FREE_RIDER))
+    kind = torch.where(
+        is_local,
+        MoveKind.LOCAL_COPY,
+        torch.where(first_arrival == slot_id, MoveKind.RECV, MoveKind.FREE_RIDER),
+    )
     src_slot = torch.where(is_local, local_src, first_arrival)
 
     holders = _holders(old.tolist(), slots)

@@ -8,7 +8,6 @@ hierarchical policy node packs move as a whole (each expert group stays on one n
 from __future__ import annotations
 
 import torch
-
 from moeserve.eplb.tables import gpu_expert_counts
 
 
@@ -92,7 +91,9 @@ def align_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return out.scatter(-1, free_slots, values)
 
 
-def relabel_to_current(plan: torch.Tensor, current: torch.Tensor, num_nodes: int, num_gpus: int) -> torch.Tensor:
+def relabel_to_current(
+    plan: torch.Tensor, current: torch.Tensor, num_nodes: int, num_gpus: int
+) -> torch.Tensor:
     """Move the GPU packs of plan [L, R] onto the GPUs that hold most of their experts in current [L, R] and align
     slots; every GPU keeps exactly the multiset of experts of one pack of plan. Returns [L, R] int64."""
     num_layers, num_physical = plan.shape

@@ -15,10 +15,13 @@ class ExpertLoadWindow:
     buffer: [window, L, P] int64 on ``device``. The write position is a host int advanced by ``record``.
     """
 
-    def __init__(self, num_layers: int, num_physical: int, window: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, num_layers: int, num_physical: int, window: int, device: torch.device | str = "cpu"
+    ) -> None:
         if min(num_layers, num_physical, window) < 1:
-            raise ValueError(f"num_layers, num_physical, window must be >= 1, got {num_layers}, {num_physical}, "
-                             f"{window}")
+            raise ValueError(
+                f"num_layers, num_physical, window must be >= 1, got {num_layers}, {num_physical}, {window}"
+            )
         self.window = window
         self.buffer = torch.zeros(window, num_layers, num_physical, dtype=torch.int64, device=device)
         self.steps_recorded = 0

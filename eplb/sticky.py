@@ -79,7 +79,9 @@ def _best_swaps(
     a_index = heavy_key.view(rows, -1, 1).expand(-1, -1, num_packs)
     a_on_q = home.transpose(1, 2).gather(1, a_index).view(rows, width, slots, num_packs)  # [A, J, S, P]
     b_on_q = home.gather(2, key).unsqueeze(1)  # [A, 1, P, S]
-    b_on_m = home_m.gather(-1, key.view(rows, 1, -1).expand(-1, width, -1)).view(rows, width, num_packs, slots)
+    b_on_m = home_m.gather(-1, key.view(rows, 1, -1).expand(-1, width, -1)).view(
+        rows, width, num_packs, slots
+    )
     scale = (COST_WEIGHT * peak)[:, :, None, None]
     cost_a = ((a_on_m.unsqueeze(-1) - a_on_q) * scale).unsqueeze(-1)  # [A, J, S, P, 1]
     cost_b = ((b_on_q - b_on_m) * scale).unsqueeze(2)  # [A, J, 1, P, S]
@@ -119,7 +121,7 @@ def repair_peaks(
         if not len(todo):
             break
         width = min(int(over[todo].sum(-1).max()), per_round, num_packs - 1)
-        heavy = pack_load[todo].topk(width, dim=-1).indices  # [A, J], heaviest first
+        heavy = pack_load[todo].argsort(dim=-1, descending=True, stable=True)[:, :width]  # [A, J]
         score, index = _best_swaps(load[todo], key[todo], home[todo], heavy)
         stuck[todo[~torch.isfinite(score[:, 0])]] = True
         # Accept heavy packs in order; a partner serves one heavy pack per round.

@@ -27,7 +27,9 @@ def replica_tables(phy2log: torch.Tensor, num_logical: int) -> tuple[torch.Tenso
     sorted_logical = phy2log.gather(-1, order)
     group_start = logcnt.cumsum(-1) - logcnt
     rank = torch.arange(num_physical, device=phy2log.device) - group_start.gather(-1, sorted_logical)
-    log2phy = torch.full((num_layers, num_logical * max_replicas), -1, dtype=torch.int64, device=phy2log.device)
+    log2phy = torch.full(
+        (num_layers, num_logical * max_replicas), -1, dtype=torch.int64, device=phy2log.device
+    )
     log2phy.scatter_(-1, sorted_logical * max_replicas + rank, order)
     return log2phy.view(num_layers, num_logical, max_replicas), logcnt
 
@@ -57,7 +59,9 @@ def check_placement(phy2log: torch.Tensor, num_logical: int, num_gpus: int, name
     if phy2log.dtype.is_floating_point or phy2log.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer expert ids, got {phy2log.dtype}")
     if phy2log.shape[1] % num_gpus:
-        raise ValueError(f"{name} has {phy2log.shape[1]} physical slots, not a multiple of num_gpus={num_gpus}")
+        raise ValueError(
+            f"{name} has {phy2log.shape[1]} physical slots, not a multiple of num_gpus={num_gpus}"
+        )
     if phy2log.numel() and (int(phy2log.min()) < 0 or int(phy2log.max()) >= num_logical):
         raise ValueError(f"{name} holds ids outside [0, {num_logical})")
     _, logcnt = replica_tables(phy2log, num_logical)

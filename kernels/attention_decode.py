@@ -5,8 +5,8 @@ contiguous slice of the request's context. Loading a KV tile once for the whole 
 decode bandwidth-bound instead of L2-bound: the K/V cache is read from HBM exactly once. Slices of one request
 are merged by `split_reduce` from their normalised partial outputs and log-sum-exps.
 
-The grid depends on (num_reqs, num_kv_heads, num_splits) only, never on context lengths, so a launch can be
-captured in a CUDA graph once `num_splits` is fixed.
+The grid depends on (num_reqs, num_kv_heads, num_splits) only, never on context lengths. By default
+`num_splits` is chosen from the step's max_seq_len; a caller that captures CUDA graphs passes a fixed one.
 """
 
 from __future__ import annotations

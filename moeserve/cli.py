@@ -62,6 +62,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_overrides(args: argparse.Namespace) -> dict:
+    """Deploy settings given on the command line (dotted keys), over the config file's or the defaults."""
+    flags = {
+        "model": args.model, "device": args.device, "app_name": args.app_name, "http.host": args.host,
+        "http.port": args.port, "parallel.dp": args.dp, "parallel.ep": args.ep,
+        "parallel.redundant_experts": args.redundant_experts, "parallel.tbo": True if args.tbo else None,
+        "engine.max_model_len": args.max_model_len, "engine.max_num_seqs": args.max_num_seqs,
+        "engine.num_kv_blocks": args.num_kv_blocks, "ingress.replicas": args.replicas, "api_key": args.api_key,
+    }
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from moeserve.cluster.config import load_deploy_config, parse_deploy_config
+    from moeserve.cluster.launch import connect, local_num_cpus, serve_until_stopped
+
+    overrides = _serve_overrides(args)
+    if args.config:
+        config = load_deploy_config(args.config, overrides)
+    else:
+        config = parse_deploy_config(overrides, "command-line options")
+    started = connect(args.address, start_local=True, num_cpus=local_num_cpus(config))
+    try:
+        return serve_until_stopped(config, detach=False, timeout_s=args.timeout, started_ray=started)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"moeserve serve: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from moeserve.cluster.controller import fetch_status, format_status
+
+    try:
+        status = fetch_status(args.address, args.app)
+    except (ConnectionError, LookupError, TimeoutError) as e:
+        print(f"moeserve status: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -79,6 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser(
+        "serve", help="serve the OpenAI API with Ray Serve (no arguments: the demo model on CPU at 127.0.0.1:8000)"
+    )
+    s.add_argument("--config", default=None, help="deploy.yaml; flags given here override its settings")
+    s.add_argument("--model", default=None, help="HF-layout checkpoint directory (default: the demo model)")
+    s.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    s.add_argument("--dp", type=int, default=None, help="data-parallel ranks (default 1)")
+    s.add_argument("--ep", type=int, default=None, help="expert-parallel size: 1 or equal to --dp (default 1)")
+    s.add_argument("--redundant-experts", type=int, default=None)
+    s.add_argument("--tbo", action="store_true", help="two-batch overlap")
+    s.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--max-num-seqs", type=int, default=None)
+    s.add_argument("--num-kv-blocks", type=int, default=None)
+    s.add_argument("--replicas", type=int, default=None, help="HTTP ingress replicas (default 1)")
+    s.add_argument("--app-name", default=None, help="Serve application name (default moeserve)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default $MOESERVE_API_KEY)")
+    s.add_argument("--address", default=None, help="join this Ray cluster (default $RAY_ADDRESS, else a local one)")
+    s.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the app to be healthy")
+    s.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="ranks, requests, KV use, prefix-cache hits of a running app")
+    st.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local)")
+    st.add_argument("--app", default="moeserve", help="Serve application name (default moeserve)")
+    st.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    st.set_defaults(func=cmd_status)
     return parser
 
 

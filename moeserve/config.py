@@ -22,6 +22,9 @@ class EngineConfig:
     max_num_batched_tokens: the per-step token budget (prefill chunks and decodes share it).
     max_num_seqs: most requests running at once.
     max_model_len: longest context; None means the model's max_position_embeddings.
+    enable_cuda_graphs: capture the decode forward in CUDA graphs at start-up and replay them for decode-only
+        steps (CUDA with graph-safe attention and expert kernels only; otherwise start-up logs why not).
+    cuda_graph_max_batch: largest decode batch (requests) run through a graph; larger ones run eagerly.
     """
 
     model: str | None = None
@@ -45,6 +48,8 @@ class EngineConfig:
     num_redundant_experts: int = 0
     enable_tbo: bool = False
     moe_dispatcher: str = "auto"
+    enable_cuda_graphs: bool = True
+    cuda_graph_max_batch: int = 256
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -52,7 +57,12 @@ class EngineConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device={self.device!r} is not supported; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
         _positive(self, "block_size", "max_num_batched_tokens", "max_num_seqs", "data_parallel_size",
-                  "expert_parallel_size")
+                  "expert_parallel_size", "cuda_graph_max_batch")
+        if self.cuda_graph_max_batch > 1024:
+            raise ValueError(
+                f"cuda_graph_max_batch={self.cuda_graph_max_batch} is too large; allowed: 1..1024")
+        if not isinstance(self.enable_cuda_graphs, bool):
+            raise ValueError(f"enable_cuda_graphs={self.enable_cuda_graphs!r} must be True or False")
         if self.expert_parallel_size not in (1, self.data_parallel_size):
             raise ValueError(
                 f"expert_parallel_size={self.expert_parallel_size} is not supported with data_parallel_size="

@@ -65,6 +65,8 @@ class ForwardBatch:
     sample_indices: torch.Tensor
     # Per-step extras the MoE layers read (e.g. whether to record expert load); set by the runner.
     extras: dict = field(default_factory=dict)
+    # Which two-batch-overlap micro-batch this is (0 or 1): picks the MoE dispatcher instance.
+    micro_batch: int = 0
 
     @property
     def num_tokens(self) -> int:

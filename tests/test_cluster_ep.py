@@ -4,6 +4,7 @@ without two-batch overlap, with redundant experts, and when every request sits o
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -24,6 +25,16 @@ def ray_cluster():
 def prompts_for(vocab: int, n: int = 32, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))] for _ in range(n)]
+
+
+def settled_stats(llm, timeout_s: float = 10.0) -> list[dict]:
+    """Per-rank stats once every rank's snapshot has caught up with the last lockstep step."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = llm.backend.stats()
+        if len({s["num_steps"] for s in stats}) == 1 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +60,8 @@ def test_ep_matches_single_process(ray_cluster, tiny_checkpoint, arch, ranks, re
         jobs = [[(f"one-{i}", p, PARAMS)] for i, p in enumerate(prompts)]
         finals = llm.backend.run(jobs, ranks=[0] * len(jobs))
         assert [finals[f"one-{i}"].token_ids for i in range(len(prompts))] == expected
-        stats = llm.backend.stats()
+        stats = settled_stats(llm)
         assert stats[0]["num_steps"] > 0 and all(s["num_steps"] == stats[0]["num_steps"] for s in stats)
+        assert all((s["num_tbo_steps"] > 0) == tbo for s in stats)
     finally:
         llm.shutdown()

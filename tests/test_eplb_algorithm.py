@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from moeserve.eplb import (
     balancedness,
     experts_moved,
@@ -135,12 +134,20 @@ def test_plain_plan_beats_trivial_placement_on_skewed_loads():
     ranks = torch.stack([torch.randperm(experts, generator=gen) for _ in range(layers)])
     weight = 1000.0 / (ranks + 1.0) ** 0.8
     trivial = torch.arange(experts).expand(layers, experts)
-    for gpus, nodes, groups, extra in [(8, 1, 4, 0), (8, 2, 4, 8), (16, 2, 4, 16), (16, 4, 2, 16), (4, 1, 1, 4)]:
+    for gpus, nodes, groups, extra in [
+        (8, 1, 4, 0),
+        (8, 2, 4, 8),
+        (16, 2, 4, 16),
+        (16, 4, 2, 16),
+        (4, 1, 1, 4),
+    ]:
         phy2log, _, _ = rebalance_experts(weight, experts + extra, groups, nodes, gpus)
         before = gpu_loads(weight, gpus, trivial).amax(-1)
         after = gpu_loads(weight, gpus, phy2log).amax(-1)
         assert (after <= before + 1e-9).all()
-        assert (balancedness(gpu_loads(weight, gpus, phy2log)) > balancedness(gpu_loads(weight, gpus, trivial))).all()
+        assert (
+            balancedness(gpu_loads(weight, gpus, phy2log)) > balancedness(gpu_loads(weight, gpus, trivial))
+        ).all()
 
 
 def test_replication_helps_a_hot_expert():
@@ -228,6 +235,22 @@ def test_movement_aware_is_a_no_op_on_its_own_plan_and_relabels_a_permuted_plan(
     shuffled = by_gpu[:, :, torch.randperm(6, generator=gen)].reshape(4, 48)
     back, _, _ = rebalance_experts_movement_aware(weight * 1.5, shuffled, 4, 2, 8)
     assert experts_moved(shuffled, back, 8).sum() == 0
+
+
+def test_small_drift_moves_few_experts():
+    """When the load drifts a little, the movement-aware plan keeps the plain plan's balance and moves a
+    fraction of what re-planning from scratch moves."""
+    gen = torch.Generator().manual_seed(5)
+    layers, experts, gpus = 4, 64, 8
+    position = torch.rand(layers, experts, generator=gen) * experts
+    weight = 1000.0 / (position.argsort(-1).argsort(-1) + 1.0) ** 0.8
+    current, _, _ = rebalance_experts(weight, 80, 4, 2, gpus)
+    position = position + torch.randn(layers, experts, generator=gen)
+    drifted = 1000.0 / (position.argsort(-1).argsort(-1) + 1.0) ** 0.8
+    plain, _, _ = rebalance_experts(drifted, 80, 4, 2, gpus)
+    aware, _, _ = rebalance_experts_movement_aware(drifted, current, 4, 2, gpus)
+    assert (gpu_loads(drifted, gpus, aware).amax(-1) <= gpu_loads(drifted, gpus, plain).amax(-1) * (1 + 1e-12)).all()
+    assert experts_moved(current, aware, gpus).sum() * 3 <= experts_moved(current, plain, gpus).sum() * 2
 
 
 def test_min_improvement_keeps_layers_that_would_barely_improve():

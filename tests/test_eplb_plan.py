@@ -6,8 +6,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from moeserve.eplb import MoveKind, experts_moved, plan_moves, rebalance_experts, rebalance_experts_movement_aware
+from moeserve.eplb import (
+    MoveKind,
+    experts_moved,
+    plan_moves,
+    rebalance_experts,
+    rebalance_experts_movement_aware,
+)
 
 FAST = settings(max_examples=50, deadline=None)
 
@@ -122,7 +127,9 @@ def test_layer_chunks_partition_the_plan():
     chunks = plan.layer_chunks(3)
     assert [(c.first_layer, c.end_layer) for c in chunks] == [(0, 3), (3, 6), (6, 7)]
     assert [op for c in chunks for op in c.ops] == plan.ops
-    assert all(lo <= op.layer < hi for c in chunks for op in c.ops for lo, hi in [(c.first_layer, c.end_layer)])
+    assert all(
+        lo <= op.layer < hi for c in chunks for op in c.ops for lo, hi in [(c.first_layer, c.end_layer)]
+    )
 
 
 def test_plan_rejects_an_expert_nobody_holds():

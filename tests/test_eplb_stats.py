@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from moeserve.eplb import ExpertLoadWindow, balancedness, gpu_loads, physical_loads
 
 

@@ -247,6 +247,7 @@ def _target_inputs(name: str, m: int, fp8: bool, seed: int = 0):
     w2 = (torch.randn(e, h, i, device="cuda", generator=g) * i**-0.5).bfloat16()
     ids = torch.rand(m, routed, device="cuda", generator=g).topk(k, dim=1).indices
     ids = torch.where(ids < e, ids, -1).to(torch.int32)
+    ids[0, 0] = 3  # at least one choice on this rank, or the output (and the error's denominator) is zero
     tw = torch.softmax(torch.randn(m, k, device="cuda", generator=g), dim=1)
     scales = {}
     if fp8:

@@ -168,4 +168,4 @@ class LLMEngine:
         )
 
     def stats(self) -> dict:
-        return {**self.scheduler.stats(), "num_steps": self.num_steps}
+        return {**self.scheduler.stats(), "num_steps": self.num_steps, "num_tbo_steps": self.runner.num_tbo_steps}

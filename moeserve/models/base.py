@@ -8,7 +8,7 @@ so loading is a lookup; the only tensors stored differently are routed experts (
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,7 @@ from moeserve.moe.experts import ExpertKernel, create_expert_kernel
 from moeserve.moe.layer import MoELayer
 from moeserve.moe.placement import ExpertPlacement
 from moeserve.moe.routing import RoutingConfig
+from moeserve.moe.tbo import drive
 
 __all__ = ["CausalLM", "DecoderLayer", "KVCacheSpec", "ModelContext", "WeightLoadError"]
 
@@ -43,6 +44,8 @@ class ModelContext:
     expert_kernel: ExpertKernel
     dispatcher: Dispatcher
     placement: ExpertPlacement
+    # The dispatcher of the second two-batch-overlap micro-batch (None: share `dispatcher`).
+    tbo_dispatcher: Dispatcher | None = None
 
     @classmethod
     def single_device(
@@ -85,10 +88,15 @@ class DecoderLayer(nn.Module):
     def ffn(self) -> nn.Module:
         return getattr(self, self.mlp_name)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RopeCache) -> torch.Tensor:
-        """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
+    def forward_stages(
+        self, x: torch.Tensor, batch: ForwardBatch, rope: RopeCache
+    ) -> Generator[None, None, torch.Tensor]:
+        """x: [num_tokens, hidden] -> [num_tokens, hidden]; yields while an MoE layer's tokens travel."""
         x = x + self.self_attn(self.input_layernorm(x), batch, rope)
-        return x + self.ffn(self.post_attention_layernorm(x), batch)
+        h = self.post_attention_layernorm(x)
+        ffn = self.ffn
+        y = (yield from ffn.forward_stages(h, batch)) if isinstance(ffn, MoELayer) else ffn(h)
+        return x + y
 
 
 class CausalLM(nn.Module):
@@ -145,10 +153,15 @@ class CausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Returns the final-normed hidden states [num_tokens, hidden] in ctx.dtype."""
+        return drive(self.forward_stages(batch))
+
+    def forward_stages(self, batch: ForwardBatch) -> Generator[None, None, torch.Tensor]:
+        """The forward pass as stages that yield at each MoE communication point, so two micro-batches can
+        interleave (`moeserve.moe.tbo.run_overlapped`); the value is forward's result."""
         x = self.model.embed_tokens(batch.input_ids)
         rope = self.rotary_emb(batch.positions)
         for layer in self.model.layers:
-            x = layer(x, batch, rope)
+            x = yield from layer.forward_stages(x, batch, rope)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

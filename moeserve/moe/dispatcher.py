@@ -56,6 +56,10 @@ class Dispatcher(ABC):
         """expert_out: [num_recv, hidden], each row the weighted sum of this rank's experts for that token.
         Returns [num_tokens, hidden]: for each original token, the sum over all ranks."""
 
+    def sibling(self) -> Dispatcher:
+        """A second instance for the other TBO micro-batch (backends with per-call buffers override this)."""
+        return self
+
     def begin_step(self, mode: ForwardMode) -> None:
         """Called once per step with the mode all EP ranks agreed on, before any dispatch (and before a CUDA
         graph replay). Backends with per-mode state (DeepEP buffers) switch here; others ignore it."""

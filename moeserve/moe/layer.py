@@ -7,6 +7,7 @@ A replicated expert occupies several slots, each with its own copy of the weight
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from moeserve.forward_batch import ForwardBatch
 from moeserve.layers.linear import Linear
 from moeserve.moe.routing import RoutingConfig, select_experts
+from moeserve.moe.tbo import drive
 
 if TYPE_CHECKING:
     from moeserve.models.base import ModelContext
@@ -94,6 +96,8 @@ class MoELayer(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.routing = routing
         self.placement, self.dispatcher, self.expert_kernel = placement, ctx.dispatcher, ctx.expert_kernel
+        # One dispatcher instance per two-batch-overlap micro-batch.
+        self.dispatchers = (ctx.dispatcher, ctx.tbo_dispatcher or ctx.dispatcher)
         self.local_experts: list[int] = placement.local_logical_experts(layer_idx)
         self.slots_of: dict[int, list[int]] = {}
         for slot, expert in enumerate(self.local_experts):
@@ -111,6 +115,11 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """x: [T, H] -> [T, H]. Enters the dispatcher even when T == 0 (EP ranks step together)."""
+        return drive(self.forward_stages(x, batch))
+
+    def forward_stages(self, x: torch.Tensor, batch: ForwardBatch) -> Generator[None, None, torch.Tensor]:
+        """The layer as stages, yielding while tokens travel (two-batch overlap runs the other micro-batch
+        there): route, dispatch send | yield | receive, experts, combine send | yield | receive."""
         logits = self.gate(x)
         r = self.routing
         weights, ids = select_experts(
@@ -126,10 +135,15 @@ class MoELayer(nn.Module):
         )
         phys = self.placement.to_physical(self.layer_idx, ids)
         self._record_load(phys, batch)
-        out = self.dispatcher.dispatch(x, phys, weights, batch.mode)
+        dispatcher = self.dispatchers[batch.micro_batch]
+        pending = dispatcher.dispatch_begin(x, phys, weights, batch.mode)
         shared = self._shared(x)  # overlaps the dispatch's communication
+        yield
+        out = dispatcher.dispatch_end(pending)
         y = self.expert_kernel(out.hidden, self.w13, self.w2, out.topk_weights, out.topk_ids)
-        y = self.dispatcher.combine(y, out.handle)
+        pending = dispatcher.combine_begin(y, out.handle)
+        yield
+        y = dispatcher.combine_end(pending)
         return y if shared is None else y + shared
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -145,9 +159,12 @@ class MoELayer(nn.Module):
         step's tokens per physical expert to this layer's row."""
         load = batch.extras.get("expert_load")
         if load is not None and phys.numel():
-            # Shift by one so that -1 ("no expert") lands in bin 0, which is dropped: no host sync.
-            counts = torch.bincount(phys.flatten().long() + 1, minlength=load.shape[1] + 1)
-            load[self.layer_idx].add_(counts[1 : load.shape[1] + 1].to(load.dtype))
+            # Shift by one so that -1 ("no expert") lands in bin 0, which is dropped. scatter_add_ rather than
+            # bincount: CUDA's bincount reads the max id on the host (a sync, and not graph-capturable).
+            idx = phys.flatten().long() + 1
+            counts = torch.zeros(load.shape[1] + 1, dtype=load.dtype, device=load.device)
+            counts.scatter_add_(0, idx, torch.ones_like(idx, dtype=load.dtype))
+            load[self.layer_idx].add_(counts[1:])
 
     # ---- weight loading (called by the model's load_weights) ----
 

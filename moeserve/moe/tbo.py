@@ -59,6 +59,15 @@ def run_overlapped(stage_gens: list[MicroBatch]) -> list[Any]:
     return results
 
 
+def drive(stages: Generator[None, None, Any]) -> Any:
+    """Run one staged computation to its end (TBO off) and return its value."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as stop:
+            return stop.value
+
+
 def run_sequential(stage_gens: list[MicroBatch]) -> list[Any]:
     """Run each generator to completion, one after another (TBO off, same stages); for comparisons."""
     return [run_overlapped([gen])[0] for gen in stage_gens]

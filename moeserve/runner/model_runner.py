@@ -14,12 +14,14 @@ import torch
 from moeserve.attention import create_attention_backend
 from moeserve.config import EngineConfig
 from moeserve.engine.dp_sync import StepPlan
-from moeserve.forward_batch import ForwardBatch, build_forward_batch
+from moeserve.forward_batch import ForwardBatch, ForwardMode, build_forward_batch
 from moeserve.moe.dispatcher import Dispatcher, LocalDispatcher
 from moeserve.moe.experts import create_expert_kernel
 from moeserve.moe.placement import ExpertPlacement
+from moeserve.moe.tbo import run_overlapped, split_for_tbo
+from moeserve.runner.cuda_graphs import CudaGraphRunner, graph_unsupported_reason
 from moeserve.runner.sampler import Sampler, SamplingRow
-from moeserve.scheduler.output import ModelOutput, SchedulerOutput
+from moeserve.scheduler.output import ModelOutput, ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger("moeserve")
 
@@ -30,6 +32,7 @@ class RankSetup:
 
     placement: ExpertPlacement | None = None
     dispatcher: Dispatcher | None = None
+    tbo_dispatcher: Dispatcher | None = None  # the second micro-batch's instance when TBO is on
 
 
 class ModelRunner:
@@ -56,19 +59,30 @@ class ModelRunner:
             expert_kernel=create_expert_kernel(config.expert_kernel, self.device),
             dispatcher=dispatcher,
             placement=placement,
+            tbo_dispatcher=setup.tbo_dispatcher,
         )
         self.model, _ = load_model(model_path, self.ctx)
         self.model.eval()
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
-        self.num_blocks = self._allocate_kv_cache()
+        graph_reason = (
+            graph_unsupported_reason(self.device, self.ctx.attention.name, self.ctx.expert_kernel.name,
+                                     dispatcher.name)
+            if config.enable_cuda_graphs else "enable_cuda_graphs=False"
+        )
+        # With graphs, one extra KV block (id num_blocks, never scheduled) absorbs the padding rows' writes.
+        self.num_blocks = self._allocate_kv_cache(scratch_blocks=1 if graph_reason is None else 0)
         self.sampler = Sampler(config.seed)
+        self.graphs = self._capture_graphs(graph_reason)
+        self.num_tbo_steps = 0
         logger.info(
             "model %s on %s (%s); attention=%s experts=%s dispatcher=%s; %d KV blocks of %d tokens",
             mc.architecture, self.device, str(self.dtype).replace("torch.", ""), self.ctx.attention.name,
             self.ctx.expert_kernel.name, dispatcher.name, self.num_blocks, config.block_size,
         )
 
-    def _allocate_kv_cache(self) -> int:
+    def _allocate_kv_cache(self, scratch_blocks: int = 0) -> int:
+        """Allocate and bind the paged KV cache; returns the number of blocks the scheduler may use
+        (scratch_blocks more are allocated after them)."""
         specs = self.model.kv_cache_specs()
         bs = self.config.block_size
         elem = torch.tensor([], dtype=self.dtype).element_size()
@@ -86,26 +100,47 @@ class ModelRunner:
             needed = self.config.max_num_seqs * math.ceil(self.max_model_len / bs) + 1
             num_blocks = max(2, min(int(budget // per_block), needed))
         caches = []
+        total = num_blocks + scratch_blocks
         for s in specs:
-            k = torch.zeros(num_blocks, bs, s.num_kv_heads, s.k_dim, dtype=self.dtype, device=self.device)
+            k = torch.zeros(total, bs, s.num_kv_heads, s.k_dim, dtype=self.dtype, device=self.device)
             if s.v_is_k_prefix:
                 v = k[..., : s.v_dim]
             else:
-                v = torch.zeros(num_blocks, bs, s.num_kv_heads, s.v_dim, dtype=self.dtype, device=self.device)
+                v = torch.zeros(total, bs, s.num_kv_heads, s.v_dim, dtype=self.dtype, device=self.device)
             caches.append((k, v))
         self.model.bind_kv_caches(caches)
         return num_blocks
 
-    def build_batch(self, sched: SchedulerOutput) -> ForwardBatch:
-        reqs = sched.requests
-        return build_forward_batch(
+    def _capture_graphs(self, reason: str | None) -> CudaGraphRunner | None:
+        """Capture the decode graphs (after the KV cache exists), or log why decode runs eagerly."""
+        if reason is not None:
+            logger.info("CUDA graphs off: %s", reason)
+            return None
+        max_batch = min(self.config.cuda_graph_max_batch, self.config.max_num_seqs)
+        runner = CudaGraphRunner(
+            self.model, max_batch=max_batch, max_seq_len=self.max_model_len,
+            block_size=self.config.block_size, scratch_block=self.num_blocks, device=self.device,
+        )
+        try:
+            runner.capture()
+        except Exception as exc:  # a kernel that cannot be captured must not stop the engine
+            logger.warning("CUDA graphs off: capture failed (%s: %s)", type(exc).__name__, exc)
+            torch.cuda.synchronize(self.device)
+            return None
+        logger.info("CUDA graphs captured for decode batch sizes %s", runner.sizes)
+        return runner
+
+    def build_batch(self, reqs: list[ScheduledRequest]) -> ForwardBatch:
+        on_cuda = self.device.type == "cuda"
+        batch = build_forward_batch(
             [r.token_ids for r in reqs],
             [r.start_position for r in reqs],
             [r.block_ids for r in reqs],
             self.config.block_size,
             sample_rows=[[len(r.token_ids) - 1] if r.sample else [] for r in reqs],
-            device=self.device,
+            device="cpu" if on_cuda else self.device,
         )
+        return _to_device_async(batch, self.device) if on_cuda else batch
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, plan: StepPlan | None = None) -> ModelOutput:
@@ -114,14 +149,27 @@ class ModelRunner:
         plan: the step all DP ranks agreed on (None on a lone rank). With a plan, a rank with no requests
         still runs the model on zero tokens so that it enters every MoE collective.
         """
-        batch = self.build_batch(sched)
+        graph_step = plan is None or (plan.mode == ForwardMode.DECODE and not plan.use_tbo)
+        if self.graphs is not None and graph_step and self.graphs.fits(sched.requests):
+            # Every request samples here, so the graph's rows are the sample rows.
+            return self._sample(sched.requests, self.model.compute_logits(self.graphs.run(sched.requests)))
+        batch = self.build_batch(sched.requests)
         if plan is not None:
             batch.mode = plan.mode
-        hidden = self.model(batch)
+        for dispatcher in {id(d): d for d in (self.ctx.dispatcher, self.ctx.tbo_dispatcher) if d}.values():
+            dispatcher.begin_step(batch.mode)
+        if plan is not None and plan.use_tbo:
+            hidden = self._forward_two_batches(sched.requests, batch)
+        else:
+            hidden = self.model(batch)
         sampling = [r for r in sched.requests if r.sample]
         if not sampling:
             return ModelOutput(sampled={})
-        logits = self.model.compute_logits(hidden[batch.sample_indices])
+        return self._sample(sampling, self.model.compute_logits(hidden[batch.sample_indices]))
+
+    def _sample(self, sampling: list[ScheduledRequest], logits: torch.Tensor) -> ModelOutput:
+        """logits: [len(sampling), vocab] float32, row i for sampling[i]. The step's one host sync is here:
+        the sampled ids come back to the scheduler."""
         rows = [SamplingRow(r.sampling_params, r.num_output_tokens) for r in sampling]
         tokens, logprobs = self.sampler(logits, rows)
         out = ModelOutput(sampled={r.request_id: [t] for r, t in zip(sampling, tokens)})
@@ -129,3 +177,36 @@ class ModelRunner:
             if lp is not None:
                 out.logprobs[r.request_id] = [lp]
         return out
+
+    def _forward_two_batches(self, reqs: list[ScheduledRequest], batch: ForwardBatch) -> torch.Tensor:
+        """Two-batch overlap: split the requests into two micro-batches of near-equal tokens and interleave
+        their forward passes, so one's MoE communication runs while the other computes. Every rank runs two
+        micro-batches (the second may be empty), so collectives meet in the same order everywhere.
+        Returns the hidden states of `batch`'s tokens, in its order."""
+        self.num_tbo_steps += 1
+        cut = split_for_tbo([len(r.token_ids) for r in reqs])
+        if cut is None:
+            cut = len(reqs)
+        micro = []
+        for k, part in enumerate((reqs[:cut], reqs[cut:])):
+            mb = self.build_batch(part)
+            mb.mode, mb.micro_batch, mb.extras = batch.mode, k, batch.extras
+            micro.append(mb)
+        return torch.cat(run_overlapped([self.model.forward_stages(mb) for mb in micro]))
+
+
+def _to_device_async(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
+    """Move a batch built on the host to `device` through pinned memory with non_blocking copies, so that
+    building the batch never waits for the GPU. (PyTorch's pinned allocator keeps each staging block until
+    its copy has run.)"""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory().to(device, non_blocking=True)
+
+    meta = batch.attn
+    if meta is not None:
+        meta.query_start_loc, meta.seq_lens = move(meta.query_start_loc), move(meta.seq_lens)
+        meta.block_tables, meta.slot_mapping = move(meta.block_tables), move(meta.slot_mapping)
+    batch.input_ids, batch.positions = move(batch.input_ids), move(batch.positions)
+    batch.sample_indices = move(batch.sample_indices)
+    return batch

@@ -43,7 +43,9 @@ class Sampler:
         tokens = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         random = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if greedy:
+        if len(greedy) == len(rows):  # the common all-greedy batch: no index tensor to copy to the device
+            tokens = logits.argmax(dim=-1)
+        elif greedy:
             idx = torch.tensor(greedy, device=logits.device)
             tokens[idx] = logits[idx].argmax(dim=-1)
         if random:

@@ -1,0 +1,216 @@
+"""The controller: one Serve replica per deployment that owns the worker group and watches its health.
+
+Ingress replicas ask it for the worker handles (`workers`), for per-rank load (`loads`, feeding the router) and
+for operator status (`status`, what `moeserve status` and /metrics show). A monitor task pings every rank each
+`health.interval_s`; when one is dead or its engine loop has failed, the whole group is restarted (expert
+parallelism cannot run with a rank missing) and the generation goes up, so ingress replicas refetch handles.
+
+Killing the old group is what makes in-flight requests fail fast: their streams end with an actor error, which
+the ingress turns into a retriable 503 (or an error event mid-stream). While the group restarts, `workers()`
+returns no handles and new requests get 503 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+from moeserve.cluster.config import DeployConfig
+from moeserve.cluster.worker import EngineWorker
+from moeserve.cluster.worker_group import WorkerGroup
+from ray import serve
+
+logger = logging.getLogger("moeserve")
+
+LOADS_MAX_AGE_S = 0.1  # loads asked for within this long of each other share one round of stats calls
+STATS_TIMEOUT_S = 5.0
+
+
+class Controller:
+    """Owns the `WorkerGroup` of `EngineWorker`s for one app. Constructed by Serve (see `controller_deployment`).
+
+    state: "starting" (constructor), "up", "restarting" (a rank died; handles are being replaced),
+    "down" (a restart failed; the monitor retries on its next tick).
+    """
+
+    async def __init__(self, config: DeployConfig) -> None:
+        assert config.model is not None and config.device != "auto", "build_app pins model and device"
+        self.config = config
+        self.engine_config = config.engine_config(config.model)
+        self.state = "starting"
+        self.restarts = 0
+        self.last_failure: str | None = None
+        self._loads: tuple[float, int, list[int] | None] = (0.0, -1, None)
+        self._loads_lock = asyncio.Lock()
+        # Built before the constructor returns: Serve counts the replica ready only once its ranks are up.
+        self.group = await asyncio.to_thread(self._new_group)
+        self.state = "up"
+        self._monitor = asyncio.get_running_loop().create_task(self._watch())
+
+    def _new_group(self) -> WorkerGroup:
+        return WorkerGroup(
+            self.config.parallel.dp, EngineWorker, {"config": self.engine_config},
+            use_gpu=self.config.use_gpu(), name=f"{self.config.app_name}-workers",
+            actor_options={"max_concurrency": 1000},
+        )
+
+    # ---- what ingress replicas and operators call ----------------------------------------------------
+    async def workers(self) -> tuple[int, list[Any]]:
+        """(generation, actor handles in rank order); no handles while the group is not up."""
+        if self.state != "up":
+            return self.group.generation, []
+        return self.group.generation, list(self.group.actors)
+
+    async def loads(self) -> tuple[int, list[int] | None]:
+        """(generation, running + waiting requests per rank); None when the ranks do not answer."""
+        async with self._loads_lock:
+            taken, generation, loads = self._loads
+            if time.monotonic() - taken > LOADS_MAX_AGE_S or generation != self.group.generation:
+                stats = await self._rank_stats()
+                loads = None if stats is None else [s["num_running"] + s["num_waiting"] for s in stats]
+                self._loads = (time.monotonic(), self.group.generation, loads)
+            return self._loads[1], self._loads[2]
+
+    async def status(self) -> dict[str, Any]:
+        """Everything `moeserve status` prints: state, generation, per-rank engine stats, balancedness."""
+        stats = await self._rank_stats()
+        return {
+            "app": self.config.app_name,
+            "model": self.config.model_name,
+            "state": self.state,
+            "generation": self.group.generation,
+            "restarts": self.restarts,
+            "last_failure": self.last_failure,
+            "num_ranks": self.config.parallel.dp,
+            "expert_parallel_size": self.config.parallel.ep,
+            "device": self.config.device,
+            "ranks": stats or [],
+            "balancedness": self.balancedness(),
+        }
+
+    def balancedness(self) -> float | None:
+        """Expert-load balancedness (mean / max tokens per rank over MoE layers), None while unknown.
+
+        Hook for EPLB: once the EPLB actor exists, this asks it for its latest measurement."""
+        return None
+
+    async def _rank_stats(self) -> list[dict] | None:
+        if self.state != "up":
+            return None
+        actors = list(self.group.actors)
+        try:
+            return list(await asyncio.wait_for(
+                asyncio.gather(*(a.stats.remote() for a in actors)), STATS_TIMEOUT_S
+            ))
+        except Exception as exc:  # a dead or hung rank: the monitor deals with it
+            logger.info("rank stats failed: %r", exc)
+            return None
+
+    # ---- health ----------------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        health = self.config.health
+        while True:
+            await asyncio.sleep(health.interval_s)
+            if self.state == "up":
+                problem = await asyncio.to_thread(self._check, health.ping_timeout_s)
+            else:
+                problem = f"previous restart failed: {self.last_failure}"
+            if problem is not None:
+                await self._restart(problem)
+
+    def _check(self, timeout_s: float) -> str | None:
+        """None when every rank answers a ping; else what is wrong (runs off the event loop thread)."""
+        try:
+            dead = self.group.dead_ranks(timeout_s)
+        except ray.exceptions.RayTaskError as exc:  # a rank answered, but its engine loop has failed
+            return f"a rank's engine failed: {exc.cause!r}"
+        return f"ranks {dead} died or stopped answering" if dead else None
+
+    async def _restart(self, reason: str) -> None:
+        logger.warning("app %r: %s; restarting all %d ranks", self.config.app_name, reason, self.group.num_ranks)
+        self.state = "restarting"
+        self.last_failure = reason
+        try:
+            await asyncio.to_thread(self.group.restart)
+        except Exception as exc:
+            self.state = "down"
+            self.last_failure = f"restart failed: {exc}"
+            logger.exception("app %r: restart failed; retrying", self.config.app_name)
+            return
+        self.restarts += 1
+        self.state = "up"
+        logger.warning("app %r: ranks back (generation %d)", self.config.app_name, self.group.generation)
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: the replica is healthy unless its monitor task crashed."""
+        if self._monitor.done() and not self._monitor.cancelled():
+            raise RuntimeError(f"the health monitor stopped: {self._monitor.exception()!r}")
+
+    def __del__(self) -> None:
+        # Serve calls this when the app is deleted; the ranks would also die with this actor (Ray fate-sharing).
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.shutdown()
+
+
+def controller_deployment(config: DeployConfig) -> serve.Deployment:
+    """The Controller as a Serve deployment: one replica, a little CPU; it never autoscales."""
+    return serve.deployment(
+        Controller,
+        name="Controller",
+        num_replicas=1,
+        max_ongoing_requests=1000,
+        ray_actor_options=actor_options(config, num_cpus=0.1),
+    )
+
+
+def actor_options(config: DeployConfig, num_cpus: float) -> dict[str, Any]:
+    """Ray options of a deployment's replicas; a runtime_env only when the config names one (an empty one
+    would still be merged with the job's, but keeping it out keeps Serve's config readable)."""
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if config.runtime_env:
+        options["runtime_env"] = dict(config.runtime_env)
+    return options
+
+
+# ---- `moeserve status` ---------------------------------------------------------------------------------------
+def fetch_status(address: str | None, app_name: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    """Connect to the Ray cluster (address / $RAY_ADDRESS / a local one) and ask the app's controller.
+    Raises ConnectionError (no cluster), LookupError (no such moeserve app) or TimeoutError."""
+    from moeserve.cluster.launch import connect
+
+    connect(address, start_local=False)
+    apps = serve.status().applications
+    if app_name not in apps:
+        running = ", ".join(sorted(apps)) or "none"
+        raise LookupError(f"no Serve app named {app_name!r} on this Ray cluster (running apps: {running})")
+    if "Controller" not in apps[app_name].deployments:
+        raise LookupError(f"Serve app {app_name!r} is not a moeserve app (it has no Controller deployment)")
+    handle = serve.get_deployment_handle("Controller", app_name=app_name)
+    return handle.status.remote().result(timeout_s=timeout_s)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A short human-readable table of `Controller.status()`."""
+    balance = status.get("balancedness")
+    lines = [
+        f"app {status['app']!r}: model {status['model']!r}, {status['num_ranks']} ranks "
+        f"(ep {status['expert_parallel_size']}, {status['device']}), state {status['state']}, "
+        f"generation {status['generation']}, restarts {status['restarts']}",
+        f"expert balancedness: {'n/a' if balance is None else f'{balance:.3f}'}",
+    ]
+    if status.get("last_failure"):
+        lines.append(f"last failure: {status['last_failure']}")
+    if not status["ranks"]:
+        lines.append("ranks: not answering (restarting?)")
+        return "\n".join(lines)
+    lines.append(f"{'rank':>4} {'running':>8} {'waiting':>8} {'kv_use':>7} {'prefix_hit':>10} {'preempted':>9}")
+    for s in status["ranks"]:
+        lines.append(
+            f"{s['rank']:>4} {s['num_running']:>8} {s['num_waiting']:>8} {s['kv_usage']:>7.1%} "
+            f"{s['prefix_cache_hit_rate']:>10.1%} {s['num_preemptions']:>9}"
+        )
+    return "\n".join(lines)

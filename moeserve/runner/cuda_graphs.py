@@ -1,0 +1,228 @@
+"""CUDA graphs for decode steps: capture the model's forward once per batch size, replay it every decode step.
+
+A decode step launches hundreds of small kernels (a few per layer per op) whose launch cost, not their run
+time, dominates at small batches. Captured once at start-up, the whole forward replays as one graph launch.
+
+Invariants a replay relies on:
+- Every per-step input lives in a static device buffer (`DecodeBuffers`) that is updated in place; the graph
+  captured the buffers' addresses, never their values.
+- A batch of n requests runs in the graph of the next captured size b >= n. The b - n padding rows read and
+  write only the scratch KV block (one block the scheduler never hands out): token 0 at position 0, one
+  cached token, block table all scratch. Real requests' rows and KV blocks are untouched by them.
+- Shapes that kernels derive on the host are fixed at capture: ``max_query_len`` is 1 and ``max_seq_len`` is
+  the model's context limit (the split-KV decode kernel sizes its grid from it; any shorter context is
+  handled inside the kernel).
+- Only graph-safe kernels are captured: no host syncs, no data-dependent shapes. The torch reference attention
+  and expert kernels loop over Python lists and are not; `graph_unsupported_reason` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from moeserve.forward_batch import AttentionMetadata, ForwardBatch, ForwardMode
+from moeserve.scheduler.output import ScheduledRequest
+
+logger = logging.getLogger("moeserve")
+
+# Fine steps at small sizes (padding a batch of 10 to 16 wastes little), coarser ones above.
+_BASE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+# Backends known to be free of host syncs and data-dependent shapes in decode.
+GRAPH_SAFE_ATTENTION = frozenset({"triton"})
+GRAPH_SAFE_EXPERTS = frozenset({"triton"})
+GRAPH_SAFE_DISPATCHERS = frozenset({"local"})
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """Batch sizes to capture, ascending, ending at max_batch: the base list, then steps of 64 beyond 256."""
+    sizes = [s for s in _BASE_SIZES if s <= max_batch]
+    sizes += list(range(_BASE_SIZES[-1] + 64, max_batch + 1, 64))
+    if not sizes or sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+def graph_unsupported_reason(
+    device: torch.device, attention: str, experts: str, dispatcher: str
+) -> str | None:
+    """Why decode steps cannot run in CUDA graphs on this set-up, or None when they can."""
+    if device.type != "cuda":
+        return f"device is {device.type}"
+    if attention not in GRAPH_SAFE_ATTENTION:
+        return f"attention backend {attention!r} is not graph-safe (safe: {sorted(GRAPH_SAFE_ATTENTION)})"
+    if experts not in GRAPH_SAFE_EXPERTS:
+        return f"expert kernel {experts!r} is not graph-safe (safe: {sorted(GRAPH_SAFE_EXPERTS)})"
+    if dispatcher not in GRAPH_SAFE_DISPATCHERS:
+        return f"MoE dispatcher {dispatcher!r} is not captured (only {sorted(GRAPH_SAFE_DISPATCHERS)})"
+    return None
+
+
+class DecodeBuffers:
+    """Static inputs of a decode batch of up to `max_batch` requests, plus pinned host staging.
+
+    Device (addresses fixed for the buffers' lifetime):
+      tokens:       [3, max_batch] int64 — rows: input_ids, positions, slot_mapping.
+      seq_lens:     [max_batch] int32.
+      block_tables: [max_batch, max_blocks] int32.
+      query_start_loc [max_batch + 1] int32, sample_indices [max_batch] int64: constant (one token each).
+    `fill` writes a step's values into pinned host memory and copies them with non_blocking copies; the next
+    `fill` first waits for the previous copy (an event), so the host never overwrites memory still in flight.
+    """
+
+    def __init__(self, max_batch: int, max_blocks: int, block_size: int, scratch_block: int,
+                 device: torch.device) -> None:
+        self.max_batch, self.max_blocks, self.block_size = max_batch, max_blocks, block_size
+        self.scratch_block, self.device = scratch_block, device
+        i32, i64 = torch.int32, torch.int64
+        self.tokens = torch.zeros(3, max_batch, dtype=i64, device=device)
+        self.seq_lens = torch.ones(max_batch, dtype=i32, device=device)
+        self.block_tables = torch.full((max_batch, max_blocks), scratch_block, dtype=i32, device=device)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=device)
+        self.sample_indices = torch.arange(max_batch, dtype=i64, device=device)
+        self.tokens[2].fill_(scratch_block * block_size)  # every row starts as padding
+        pinned = device.type == "cuda"
+        if pinned:
+            self._host_tokens = torch.empty(3, max_batch, dtype=i64, pin_memory=True)
+            self._host_seq = torch.empty(max_batch, dtype=i32, pin_memory=True)
+            self._host_tables = torch.empty(max_batch * max_blocks, dtype=i32, pin_memory=True)
+        else:  # CPU: the device buffers are host memory already
+            self._host_tokens, self._host_seq = self.tokens, self.seq_lens
+            self._host_tables = None
+        self._copied: torch.cuda.Event | None = None
+
+    def fill(self, reqs: Sequence[ScheduledRequest], padded: int) -> list[int]:
+        """Write the decode inputs of `reqs` (one token each) into rows [0, n) and padding into [n, padded).
+        Returns seq_lens of the padded batch as a host list."""
+        n, bs = len(reqs), self.block_size
+        assert n <= padded <= self.max_batch
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copies have left the pinned buffers
+        positions = [r.start_position for r in reqs]
+        slots = [r.block_ids[p // bs] * bs + p % bs for r, p in zip(reqs, positions)]
+        seq_lens = [p + 1 for p in positions] + [1] * (padded - n)
+        pad_slot = self.scratch_block * bs
+        host = self._host_tokens.numpy()
+        host[0, :padded] = [r.token_ids[0] for r in reqs] + [0] * (padded - n)
+        host[1, :padded] = positions + [0] * (padded - n)
+        host[2, :padded] = slots + [pad_slot] * (padded - n)
+        self._host_seq.numpy()[:padded] = seq_lens
+        width = max(len(r.block_ids) for r in reqs) if reqs else 1
+        assert width <= self.max_blocks, "a request's block table is longer than the context limit allows"
+        if self._host_tables is None:
+            tables = self.block_tables.numpy()
+        else:
+            tables = self._host_tables[: padded * width].numpy().reshape(padded, width)
+        tables[:padded, :width] = self.scratch_block
+        for i, r in enumerate(reqs):
+            tables[i, : len(r.block_ids)] = r.block_ids
+        if self._host_tables is not None:
+            self.tokens.copy_(self._host_tokens, non_blocking=True)
+            self.seq_lens.copy_(self._host_seq, non_blocking=True)
+            host_tables = self._host_tables[: padded * width].view(padded, width)
+            self.block_tables[:padded, :width].copy_(host_tables, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        return seq_lens
+
+    def batch(self, size: int, seq_lens_cpu: list[int], max_seq_len: int) -> ForwardBatch:
+        """The ForwardBatch over rows [0, size): views of the static buffers."""
+        meta = AttentionMetadata(
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size],
+            slot_mapping=self.tokens[2, :size],
+            query_start_loc_cpu=list(range(size + 1)),
+            seq_lens_cpu=seq_lens_cpu,
+            block_size=self.block_size,
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+        )
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=self.tokens[0, :size],
+            positions=self.tokens[1, :size],
+            attn=meta,
+            sample_indices=self.sample_indices[:size],
+        )
+
+
+class CudaGraphRunner:
+    """Runs decode batches of up to `max_batch` requests through graphs captured per padded size.
+
+    model: the loaded model (its KV caches bound, with `scratch_block` allocated but never scheduled).
+    max_seq_len: the context limit; fixes the decode kernels' host-side launch shapes.
+    use_graphs: False runs the same padded static batch eagerly (CPU tests of the padding logic).
+    """
+
+    def __init__(self, model: nn.Module, *, max_batch: int, max_seq_len: int, block_size: int,
+                 scratch_block: int, device: torch.device, use_graphs: bool = True) -> None:
+        self.model = model
+        self.max_seq_len = max_seq_len
+        self.sizes = graph_batch_sizes(max_batch)
+        max_blocks = -(-max_seq_len // block_size)
+        self.buffers = DecodeBuffers(self.sizes[-1], max_blocks, block_size, scratch_block, device)
+        self.use_graphs = use_graphs
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def padded_size(self, n: int) -> int:
+        """The smallest captured size >= n (n <= max_batch)."""
+        return next(s for s in self.sizes if s >= n)
+
+    def fits(self, reqs: Sequence[ScheduledRequest]) -> bool:
+        """Whether this step can replay a graph: 1..max_batch requests, each computing and sampling one
+        token. (The caller also checks the step plan: decode mode, no two-batch overlap.)"""
+        if not 0 < len(reqs) <= self.max_batch:
+            return False
+        return all(len(r.token_ids) == 1 and r.sample for r in reqs)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture one graph per size, largest first so smaller ones reuse the shared memory pool.
+
+        Each size runs once eagerly first (on the capture stream) so Triton compiles and caches its kernels
+        outside the capture. Every row is padding here: the runs write only the scratch block.
+        """
+        assert self.use_graphs and self.buffers.device.type == "cuda"
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.buffers.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        for size in reversed(self.sizes):
+            self.buffers.fill([], size)
+            batch = self.buffers.batch(size, [1] * size, self.max_seq_len)
+            with torch.cuda.stream(stream):
+                self.model(batch)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self.outputs[size] = self.model(batch)
+            self.graphs[size] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize(self.buffers.device)
+
+    def run(self, reqs: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """Forward of a decode batch. Returns hidden [len(reqs), hidden] in the model dtype, rows in request
+        order. The tensor is the graph's own output: read it before the next `run`."""
+        n = len(reqs)
+        size = self.padded_size(n)
+        seq_lens = self.buffers.fill(reqs, size)
+        if not self.use_graphs:
+            return self.model(self.buffers.batch(size, seq_lens, self.max_seq_len))[:n]
+        self.graphs[size].replay()
+        return self.outputs[size][:n]
+
+    def run_eager(self, reqs: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """The same padded static batch as `run`, without the graph (comparisons, routing statistics)."""
+        n = len(reqs)
+        size = self.padded_size(n)
+        seq_lens = self.buffers.fill(reqs, size)
+        return self.model(self.buffers.batch(size, seq_lens, self.max_seq_len))[:n]
