@@ -1,15 +1,17 @@
 """EPLB on synthetic DeepSeek-scale loads: balance gained, planning time, bytes moved.
 
-Two scenarios, for each GPU count (8 GPUs per node) and both policies (hierarchical: num_groups=8 expert groups
-packed onto nodes; global: num_groups=1):
-  static  Zipf-skewed load per layer (a random expert permutation per layer). Baseline: no redundancy, experts in
-          order (E / G per GPU). Plain DeepSeek plan vs that baseline.
-  drift   a sequence of windows whose hot set shifts gradually (each expert's popularity rank takes a Gaussian
-          step every window); each window is rebalanced starting from the previous placement, once by the plain
-          plan and once by the movement-aware plan (two independent chains). Reports bytes that cross the wire
-          per rebalance (DeepSeek-V3 expert: 3 x 7168 x 2048 params, 44 MB fp8 / 88 MB bf16).
+Two scenarios, for each GPU count (8 GPUs per node) and both policies (hierarchical: num_groups=8 expert
+groups packed onto nodes; global: num_groups=1):
+  static  Zipf-skewed load per layer (a random expert permutation per layer). Baseline: no redundancy, experts
+          in order (E / G per GPU). Plain DeepSeek plan vs that baseline.
+  drift   a sequence of windows whose hot set shifts gradually (each expert's popularity position takes a
+          Gaussian step every window); each window is rebalanced starting from the previous placement by three
+          independent chains: the plain plan, the movement-aware plan (max GPU load <= the plain plan's), and
+          the movement-aware plan allowed --loose worse. Reports expert weights that cross the wire per
+          rebalance (DeepSeek-V3 expert: 3 x 7168 x 2048 params, 44 MB fp8 / 88 MB bf16).
+Redundant experts: the smallest multiple of 32 that divides the slots evenly (32 for 8/16/32 GPUs, 64 for 64).
 
-  python benchmarks/eplb_sim.py            # default run, ~1 minute on a small CPU
+  python benchmarks/eplb_sim.py            # default run, ~30 s on a small CPU
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 import time
 
 import torch
+
 from moeserve.eplb import (
     DEEPSEEK_V3_EXPERT_PARAMS,
     balancedness,
@@ -45,11 +48,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--tokens", type=int, default=1 << 21, help="token-expert assignments per layer per window"
     )
-    p.add_argument("--windows", type=int, default=5, help="drift windows (rebalances = windows - 1)")
+    p.add_argument("--windows", type=int, default=4, help="drift windows (rebalances = windows - 1)")
     p.add_argument("--drift", type=float, default=8.0, help="std of each expert's rank step per window")
     p.add_argument("--loose", type=float, default=0.01, help="balance tolerance of the 'loose' aware chain")
     p.add_argument("--repeat", type=int, default=3, help="timing repeats (median)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: steady timings on a shared box)"
+    )
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "eplb_sim.json"))
     return p.parse_args()
 
@@ -63,7 +69,7 @@ def redundant_for(experts: int, gpus: int) -> int:
 
 
 def zipf_load(position: torch.Tensor, exponent: float, tokens: int, gen: torch.Generator) -> torch.Tensor:
-    """position: [L, E] float popularity position per expert (lower = hotter). Returns [L, E] float64 counts."""
+    """position: [L, E] popularity position per expert (lower = hotter). Returns [L, E] float64 counts."""
     rank = position.argsort(-1).argsort(-1).double()
     share = (rank + 1.0) ** -exponent
     expected = tokens * share / share.sum(-1, keepdim=True)
@@ -143,10 +149,10 @@ def drift_row(args, gpus: int, policy: str, gen: torch.Generator) -> dict:
         plain_peak = gpu_loads(
             weight, gpus, rebalance_experts(weight, replicas, groups, nodes, gpus)[0]
         ).amax(-1)
-        for chain in chains:
-            old = chain.step(weight, gpus, plain_peak)
-        _, ms = timed(lambda: plan_moves(old, chains[-1].placement, gpus, gpus // nodes), 1)
-        move_ms.append(ms)
+        olds = [chain.step(weight, gpus, plain_peak) for chain in chains]
+        start = time.perf_counter()
+        plan_moves(olds[1], chains[1].placement, gpus, gpus // nodes)
+        move_ms.append((time.perf_counter() - start) * 1e3)
     row = dict(gpus=gpus, nodes=nodes, physical=replicas, policy=policy, rebalances=args.windows - 1)
     row.update(stale=statistics.mean(stale), move_plan_ms=statistics.mean(move_ms))
     for chain in chains:
@@ -164,9 +170,8 @@ def gigabytes(experts: float, bytes_per_param: int) -> float:
 def print_tables(static: list[dict], drift: list[dict], loose: float) -> None:
     print("\nStatic Zipf load: balancedness (mean / max GPU load, mean over layers); before = no redundancy,")
     print("experts in order; plan ms = rebalance_experts for all layers")
-    print(
-        f"{'GPUs':>4} {'nodes':>5} {'phys (redund.)':>15} {'policy':>12} {'before':>7} {'after':>7} {'plan ms':>8}"
-    )
+    head = ("GPUs", "nodes", "phys (redund.)", "policy", "before", "after", "plan ms")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (4, 5, 15, 12, 7, 7, 8))))
     for r in static:
         print(
             f"{r['gpus']:>4} {r['nodes']:>5} {r['physical']:>9} (+{r['redundant']:>2}) {r['policy']:>12} "
@@ -176,7 +181,7 @@ def print_tables(static: list[dict], drift: list[dict], loose: float) -> None:
         f"\nDrifting load, per rebalance (mean over {drift[0]['rebalances']}): balancedness (stale = previous plain"
     )
     print(
-        f"placement on the new load), experts moved over the wire, GB moved (DeepSeek-V3 expert 44 MB fp8 /"
+        "placement on the new load), experts moved over the wire, GB moved (DeepSeek-V3 expert 44 MB fp8 /"
     )
     print(
         f"88 MB bf16). aware = movement-aware, max load <= plain's; loose = aware within {loose:.0%} of it."
@@ -185,7 +190,8 @@ def print_tables(static: list[dict], drift: list[dict], loose: float) -> None:
     print(
         f"{'GPUs':>4} {'policy':>12} {'stale':>5} | {'bal plain':>9} {'aware':>5} {'loose':>5} | "
         f"{'moved plain':>11} {'aware':>5} {'loose':>5} | {'GB fp8 plain':>12} {'aware':>5} {'loose':>5} | "
-        f"{'GB bf16 plain':>13} {'aware':>5} {'loose':>5} | {'ms plain':>8} {'aware':>5} {'loose':>5} {'moves':>5}"
+        f"{'GB bf16 plain':>13} {'aware':>5} {'loose':>5} | {'ms plain':>8} {'aware':>5} {'loose':>5} "
+        f"{'moves':>5}"
     )
     for r in drift:
         bal = " ".join(f"{r['bal_' + n]:>{w}.3f}" for n, w in zip(names, (9, 5, 5)))
@@ -204,6 +210,7 @@ def print_tables(static: list[dict], drift: list[dict], loose: float) -> None:
 
 def main() -> None:
     args = parse_args()
+    torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     gpu_counts = [int(g) for g in args.gpus.split(",")]
     for gpus in gpu_counts:

@@ -4,9 +4,9 @@ Semantics follow DeepSeek's published EPLB:
   hierarchical (num_groups % num_nodes == 0): pack expert groups onto nodes with balanced load, replicate the
   heaviest experts within each node, then pack the node's physical experts onto its GPUs, equal slots per GPU;
   global (otherwise): the same with all experts as one group on one node.
-Every greedy step runs as one tensor op over all rows (layers, or layers x nodes); Python loops only walk items
-or replicas. Ties break towards the lower index everywhere (stable sorts, first argmin/argmax), so the result is
-a deterministic function of the input.
+Every greedy step runs as one tensor op over all rows (layers, or layers x nodes); Python loops only walk
+items or replicas. Ties break towards the lower index everywhere (stable sorts, first argmin/argmax), so the
+result is a deterministic function of the input.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from moeserve.eplb.tables import inverse_permutation, replica_tables
 
 
@@ -89,8 +90,8 @@ def hierarchical_placement(
 ) -> torch.Tensor:
     """DeepSeek's hierarchical plan with pluggable packing steps. weight: [L, E] float64 (validated).
 
-    pack_groups packs group loads [L, num_groups] onto num_nodes (keys: group ids); pack_gpus packs each node's
-    replica loads [L * num_nodes, R / num_nodes] onto its GPUs (keys: logical expert ids).
+    pack_groups packs group loads [L, num_groups] onto num_nodes (keys: group ids); pack_gpus packs each
+    node's replica loads [L * num_nodes, R / num_nodes] onto its GPUs (keys: logical expert ids).
     Returns phy2log [L, num_physical] int64.
     """
     num_layers, num_logical = weight.shape

@@ -7,6 +7,7 @@ load is the sum over its slots, and balancedness = mean / max GPU load per layer
 from __future__ import annotations
 
 import torch
+
 from moeserve.eplb.tables import gpu_expert_counts, replica_tables
 
 # DeepSeek-V3 routed expert: gate, up and down projections of 7168 x 2048.

@@ -14,6 +14,7 @@ Slots are aligned so an expert that stays on its GPU also keeps its slot (no cop
 from __future__ import annotations
 
 import torch
+
 from moeserve.eplb.algorithm import balanced_packing, check_balance_args, hierarchical_placement
 from moeserve.eplb.metrics import experts_moved, gpu_loads, physical_loads
 from moeserve.eplb.relabel import align_slots, relabel_to_current
@@ -62,12 +63,15 @@ def _sticky_plan(
 def _node_targets(
     weight: torch.Tensor, limit: torch.Tensor, num_groups: int, num_nodes: int, num_gpus: int
 ) -> list[torch.Tensor]:
-    """Node loads [L] under which expert groups may stay on their node: the plain plan's node peak (groups move
-    as the plain plan would need), and, with several nodes, the most a node can carry with every GPU at limit."""
+    """Node loads [L] under which expert groups may stay on their node: the plain plan's node peak (groups
+    move as the plain plan would need) and, with several nodes, the most a node carries with every GPU at
+    limit."""
     num_layers = weight.shape[0]
     group_load = weight.view(num_layers, num_groups, -1).sum(-1)
     node_of_group, _ = balanced_packing(group_load, num_nodes)
-    node_load = torch.zeros(num_layers, num_nodes, dtype=weight.dtype).scatter_add_(1, node_of_group, group_load)
+    node_load = torch.zeros(num_layers, num_nodes, dtype=weight.dtype).scatter_add_(
+        1, node_of_group, group_load
+    )
     targets = [node_load.amax(-1)]
     if num_nodes > 1:
         targets.append(limit * (num_gpus // num_nodes))
@@ -88,8 +92,8 @@ def rebalance_experts_movement_aware(
     weight: [L, E] load per logical expert. current_phy2log: [L, R] int64, a valid current placement (every
     logical expert present; R a multiple of num_gpus); R is kept. num_groups/num_nodes/num_gpus: as in
     ``rebalance_experts``.
-    balance_tolerance: accept a layer's max GPU load up to (1 + balance_tolerance) x the plain plan's (0: never
-    worse than the plain plan). min_improvement: a layer is re-placed only when its max GPU load drops below
+    balance_tolerance: accept a layer's max GPU load up to (1 + balance_tolerance) x the plain plan's (0:
+    never worse than the plain plan). min_improvement: a layer is re-placed only when its max GPU load drops below
     (1 - min_improvement) x its current max; otherwise it keeps its current placement.
     Returns phy2log [L, R], log2phy [L, E, max_replicas] (-1 padded), logcnt [L, E]; int64 on CPU.
     """

@@ -8,6 +8,7 @@ hierarchical policy node packs move as a whole (each expert group stays on one n
 from __future__ import annotations
 
 import torch
+
 from moeserve.eplb.tables import gpu_expert_counts
 
 
@@ -47,8 +48,8 @@ def assign_max(score: torch.Tensor, max_swap_rounds: int | None = None) -> tuple
 
 
 def gpu_targets(overlap: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """overlap: [L, G, G] float64 experts shared by new pack i and current GPU j. Returns [L, G] int64, the GPU
-    each new pack goes to; node packs move as a whole (num_nodes == 1 lets every pack go anywhere)."""
+    """overlap: [L, G, G] float64 experts shared by new pack i and current GPU j. Returns [L, G] int64, the
+    GPU each new pack goes to; node packs move as a whole (num_nodes == 1 lets every pack go anywhere)."""
     num_layers, num_gpus, _ = overlap.shape
     per_node = num_gpus // num_nodes
     if num_nodes == 1:
@@ -70,8 +71,8 @@ def gpu_targets(overlap: torch.Tensor, num_nodes: int) -> torch.Tensor:
 def align_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """Reorder each GPU's slots so an expert it keeps stays in its current slot.
 
-    new, old: [X, S] int64 logical ids of the S slots of X (layer, GPU) pairs. Returns a permutation of each row
-    of new where out[x, s] == old[x, s] wherever that expert can stay (each new replica used once).
+    new, old: [X, S] int64 logical ids of the S slots of X (layer, GPU) pairs. Returns a permutation of each
+    row of new where out[x, s] == old[x, s] wherever that expert can stay (each new replica used once).
     """
     rows, slots = new.shape
     out = torch.full_like(new, -1)
@@ -94,8 +95,8 @@ def align_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
 def relabel_to_current(
     plan: torch.Tensor, current: torch.Tensor, num_nodes: int, num_gpus: int
 ) -> torch.Tensor:
-    """Move the GPU packs of plan [L, R] onto the GPUs that hold most of their experts in current [L, R] and align
-    slots; every GPU keeps exactly the multiset of experts of one pack of plan. Returns [L, R] int64."""
+    """Move the GPU packs of plan [L, R] onto the GPUs that hold most of their experts in current [L, R] and
+    align slots; every GPU keeps exactly the multiset of experts of one pack of plan. Returns [L, R] int64."""
     num_layers, num_physical = plan.shape
     slots = num_physical // num_gpus
     num_logical = int(torch.maximum(plan.max(), current.max())) + 1

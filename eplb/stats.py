@@ -1,7 +1,7 @@
 """How loaded was each expert lately: a sliding window of per-step token counts, kept on the device.
 
-``record`` is pure tensor work (no host sync), so it can run every step next to the forward pass; only the EPLB
-controller reads ``total`` / ``logical_load`` now and then.
+``record`` is pure tensor work (no host sync), so it can run every step next to the forward pass; only the
+EPLB controller reads ``total`` / ``logical_load`` now and then.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ COST_WEIGHT = 4.0  # repair swaps: one added transfer costs COST_WEIGHT x peak l
 def sticky_packing(
     weight: torch.Tensor, key: torch.Tensor, home: torch.Tensor, num_packs: int, target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack n items into num_packs packs of n / num_packs items, heaviest first. An item goes to a pack that holds
-    a copy of its key now (home[x, pack, key] > 0, each copy used once) if that pack stays <= target with room
-    left for its remaining items; otherwise to the lightest pack with room (DeepSeek's rule).
+    """Pack n items into num_packs packs of n / num_packs items, heaviest first. An item goes to a pack that
+    holds a copy of its key now (home[x, pack, key] > 0, each copy used once) if that pack stays <= target with
+    room left for its remaining items; otherwise to the lightest pack with room (DeepSeek's rule).
 
     weight: [X, n] float64; key: [X, n] int64 in [0, K); home: [X, num_packs, K] int64; target: [X] float64.
     Returns pack_index [X, n] int64 and rank_in_pack [X, n] int64.
@@ -58,9 +58,9 @@ def sticky_packing(
 def _best_swaps(
     load: torch.Tensor, key: torch.Tensor, home: torch.Tensor, heavy: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best swap for each of J heavy packs, per row: an item a of heavy pack M trades places with an item b of a
-    pack Q outside the heavy set so that both end below M's load; fewest added transfers first, then the lowest
-    resulting max of the two.
+    """Best swap for each of J heavy packs, per row: an item a of heavy pack M trades places with an item b
+    of a pack Q outside the heavy set so that both end below M's load; fewest added transfers first, then the
+    lowest resulting max of the two.
 
     load, key: [A, P, S]; home: [A, P, K] bool (pack holds key now); heavy: [A, J] pack indices.
     Returns score [A, J] float64 (inf: no helpful swap) and flat index [A, J] into (S_heavy, P, S).
@@ -104,10 +104,11 @@ def repair_peaks(
 ) -> torch.Tensor:
     """Swap items between packs until no pack exceeds target (or the heaviest pack has no helpful swap).
 
-    Each round fixes up to packs_per_round (default P // 8, at least 1: the work per round then stays ~R^2 / 8 per
-    row) of the heaviest packs per row at once, each with a distinct partner outside that set.
-    load: [X, P, S] float64 item loads; key: [X, P, S] int64 item keys; home: [X, P, K] bool, pack p holds key k
-    now; target: [X] float64. Returns the rearranged key [X, P, S] (items only change packs; each pack keeps S).
+    Each round fixes up to packs_per_round (default P // 8, at least 1: the work per round then stays about
+    R^2 / 8 per row) of the heaviest packs per row at once, each with a distinct partner outside that set.
+    load: [X, P, S] float64 item loads; key: [X, P, S] int64 item keys; home: [X, P, K] bool, pack p holds
+    key k now; target: [X] float64. Returns the rearranged key [X, P, S] (items only change packs; each pack
+    keeps S).
     """
     load, key = load.clone(), key.clone()
     rows, num_packs, slots = load.shape

@@ -52,8 +52,8 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 
 
 def check_placement(phy2log: torch.Tensor, num_logical: int, num_gpus: int, name: str = "phy2log") -> None:
-    """Raise ValueError unless phy2log [L, P] is a valid placement: ids in [0, num_logical), every logical expert
-    present at least once per layer, and P divisible by num_gpus."""
+    """Raise ValueError unless phy2log [L, P] is a valid placement: ids in [0, num_logical), every logical
+    expert present at least once per layer, and P divisible by num_gpus."""
     if phy2log.dim() != 2:
         raise ValueError(f"{name} must be [num_layers, num_physical], got shape {tuple(phy2log.shape)}")
     if phy2log.dtype.is_floating_point or phy2log.dtype == torch.bool:

@@ -1,4 +1,4 @@
-"""EPLB placement: the vectorised plans match a plain-Python reference and keep the invariants users rely on."""
+"""EPLB placement: the vectorised plans match a plain-Python reference and keep the invariants users need."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moeserve.eplb import (
     balancedness,
     experts_moved,
@@ -249,7 +250,9 @@ def test_small_drift_moves_few_experts():
     drifted = 1000.0 / (position.argsort(-1).argsort(-1) + 1.0) ** 0.8
     plain, _, _ = rebalance_experts(drifted, 80, 4, 2, gpus)
     aware, _, _ = rebalance_experts_movement_aware(drifted, current, 4, 2, gpus)
-    assert (gpu_loads(drifted, gpus, aware).amax(-1) <= gpu_loads(drifted, gpus, plain).amax(-1) * (1 + 1e-12)).all()
+    assert (
+        gpu_loads(drifted, gpus, aware).amax(-1) <= gpu_loads(drifted, gpus, plain).amax(-1) * (1 + 1e-12)
+    ).all()
     assert experts_moved(current, aware, gpus).sum() * 3 <= experts_moved(current, plain, gpus).sum() * 2
 
 

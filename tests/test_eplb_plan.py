@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moeserve.eplb import (
     MoveKind,
     experts_moved,
@@ -104,8 +105,8 @@ def test_op_kinds_and_sources(case):
 
 
 def test_sends_spread_evenly_on_a_uniform_swap():
-    # GPUs 0-3 hold experts 0-7, GPUs 4-7 hold 8-15; the new placement swaps the halves: every receive has four
-    # equal candidates, so 8 senders share 64 sends per layer evenly.
+    # GPUs 0-3 hold experts 0-7, GPUs 4-7 hold 8-15; the new placement swaps the halves: every receive has
+    # four equal candidates, so 8 senders share 64 sends per layer evenly.
     layers, gpus = 3, 8
     first, second = torch.arange(8).repeat(4), torch.arange(8, 16).repeat(4)
     old = torch.cat([first, second]).repeat(layers, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from moeserve.eplb import ExpertLoadWindow, balancedness, gpu_loads, physical_loads
 
 

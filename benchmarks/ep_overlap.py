@@ -1,0 +1,186 @@
+"""Two-batch overlap at a communication-heavy setting: step time with and without TBO on EP ranks, and the
+measured compute and communication time per layer, so the expected gain on GPUs can be read off.
+
+Each rank runs a stack of MoE layers (a dense matmul standing in for attention, then dispatch -> experts ->
+combine through `TorchAllToAllDispatcher`). Runs on CPU ranks (gloo) or GPUs (nccl), without Ray:
+
+    python benchmarks/ep_overlap.py --ranks 2 --tokens 256 --hidden 2048
+    python benchmarks/ep_overlap.py --ranks 8 --backend nccl      # on an 8-GPU host
+
+With perfect overlap a step takes max(compute, comm) per layer instead of compute + comm; on CPU ranks compute
+and gloo's transfers share the same cores, so the measured gain there is a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moeserve.cluster.dist import destroy_distributed, init_distributed
+from moeserve.forward_batch import ForwardMode
+from moeserve.moe.all_to_all import TorchAllToAllDispatcher
+from moeserve.moe.experts import torch_experts
+from moeserve.moe.tbo import run_overlapped
+
+
+def layer_stages(x, layer, dispatcher, args, clock=None):
+    """One layer as stages: dense compute, route, dispatch | yield | experts, combine | yield.
+    clock: when given (TBO off only), adds the seconds spent computing and communicating to it."""
+    tick = clock.tick if clock else (lambda kind: None)
+    tick(None)
+    (w_in, w_out), w13, w2 = layer
+    x = x + torch.tanh(x @ w_in) @ w_out  # stands in for attention: per-rank dense compute
+    g = torch.Generator(device=x.device).manual_seed(x.shape[0])
+    scores = torch.rand(x.shape[0], args.experts, generator=g, device=x.device)
+    ids = scores.topk(args.topk, dim=-1).indices.to(torch.int32)  # distinct experts per token
+    weights = torch.full(ids.shape, 1.0 / args.topk, device=x.device)
+    tick("compute")
+    pending = dispatcher.dispatch_begin(x, ids, weights, ForwardMode.EXTEND)
+    yield
+    out = dispatcher.dispatch_end(pending)
+    tick("comm")
+    y = torch_experts(out.hidden, w13, w2, out.topk_weights, out.topk_ids)
+    tick("compute")
+    pending = dispatcher.combine_begin(y, out.handle)
+    yield
+    y = dispatcher.combine_end(pending)
+    tick("comm")
+    return x + y
+
+
+class Clock:
+    """Splits wall time between compute and communication (valid when nothing overlaps: TBO off)."""
+
+    def __init__(self, sync) -> None:
+        self.sync, self.totals, self.last = sync, {"compute": 0.0, "comm": 0.0}, 0.0
+
+    def tick(self, kind) -> None:
+        self.sync()
+        now = time.perf_counter()
+        if kind is not None:
+            self.totals[kind] += now - self.last
+        self.last = now
+
+
+def model_stages(x, layers, dispatcher, args, clock=None):
+    for layer in layers:
+        x = yield from layer_stages(x, layer, dispatcher, args, clock)
+    return x
+
+
+def timed(fn, sync, repeats):
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def worker(rank: int, args, init_file: str, out_file: str) -> None:
+    torch.set_num_threads(args.threads)
+    groups = init_distributed(rank, args.ranks, f"file://{init_file}", backend=args.backend)
+    device = groups.device
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    local = args.experts // args.ranks
+    g = torch.Generator(device="cpu").manual_seed(rank)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(device=device, dtype=dtype)
+
+    layers = [
+        ((rand(args.hidden, args.attn_rank), rand(args.attn_rank, args.hidden)),
+         rand(local, 2 * args.inter, args.hidden), rand(local, args.hidden, args.inter))
+        for _ in range(args.layers)
+    ]
+    x = rand(args.tokens, args.hidden)
+    d0 = TorchAllToAllDispatcher(groups.ep_group, local)
+    d1 = TorchAllToAllDispatcher(groups.ep_group, local)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier(group=groups.cpu_group)
+
+    def step_off():
+        run_overlapped([model_stages(x, layers, d0, args)])
+
+    def step_on():
+        half = args.tokens // 2
+        run_overlapped([model_stages(x[:half], layers, d0, args), model_stages(x[half:], layers, d1, args)])
+
+    def breakdown():
+        device_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        clock = Clock(device_sync)
+        run_overlapped([model_stages(x, layers, d0, args, clock)])
+        return clock.totals
+
+    for fn in (step_off, step_on):  # warm-up
+        fn()
+    result = {
+        "step_off_s": timed(step_off, sync, args.repeats),
+        "step_on_s": timed(step_on, sync, args.repeats),
+    }
+    splits = [breakdown() for _ in range(args.repeats)]
+    result["compute_s"] = statistics.median(t["compute"] for t in splits)
+    result["comm_s"] = statistics.median(t["comm"] for t in splits)
+    gathered = [None] * args.ranks
+    dist.all_gather_object(gathered, result, group=groups.cpu_group)
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(gathered))
+    destroy_distributed()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per rank per step")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--inter", type=int, default=64, help="expert intermediate size")
+    ap.add_argument("--attn-rank", type=int, default=64, help="width of the dense stand-in for attention")
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--topk", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per CPU rank")
+    ap.add_argument("--out", default="benchmarks/out/ep_overlap.json")
+    args = ap.parse_args()
+    if args.experts % args.ranks:
+        ap.error("--experts must divide over --ranks")
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
+        mp.spawn(worker, args=(args, init_file, out_file), nprocs=args.ranks, join=True)
+        per_rank = json.loads(Path(out_file).read_text())
+    agg = {k: max(r[k] for r in per_rank) for k in per_rank[0]}  # the slowest rank sets the step
+    per_layer = {k: agg[k] / args.layers * 1e3 for k in ("compute_s", "comm_s")}
+    compute, comm = per_layer["compute_s"], per_layer["comm_s"]
+    ideal = (compute + comm) / max(compute, comm)
+    print(f"\n{args.ranks} {args.backend} ranks, {args.tokens} tokens/rank, hidden {args.hidden}, "
+          f"{args.experts} experts top-{args.topk}, {args.layers} layers, median of {args.repeats}")
+    print(f"{'per layer':<34}{'ms':>10}")
+    print(f"{'  compute (dense + route + experts)':<34}{compute:>10.2f}")
+    print(f"{'  communication (dispatch+combine)':<34}{comm:>10.2f}  (includes waiting for the slowest rank)")
+    print(f"{'step':<34}{'ms':>10}")
+    print(f"{'  TBO off':<34}{agg['step_off_s'] * 1e3:>10.2f}")
+    print(f"{'  TBO on':<34}{agg['step_on_s'] * 1e3:>10.2f}")
+    gain = agg["step_off_s"] / agg["step_on_s"]
+    print(f"measured speed-up {gain:.2f}x; ideal with full overlap (compute+comm)/max = {ideal:.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "per_rank": per_rank, "per_layer_ms": per_layer,
+                                          "speedup": gain, "ideal_speedup": ideal}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
