@@ -177,12 +177,9 @@ def print_tables(static: list[dict], drift: list[dict], loose: float) -> None:
             f"{r['gpus']:>4} {r['nodes']:>5} {r['physical']:>9} (+{r['redundant']:>2}) {r['policy']:>12} "
             f"{r['bal_before']:>7.3f} {r['bal_after']:>7.3f} {r['plan_ms']:>8.1f}"
         )
-    print(
-        f"\nDrifting load, per rebalance (mean over {drift[0]['rebalances']}): balancedness (stale = previous plain"
-    )
-    print(
-        "placement on the new load), experts moved over the wire, GB moved (DeepSeek-V3 expert 44 MB fp8 /"
-    )
+    rebalances = drift[0]["rebalances"]
+    print(f"\nDrifting load, per rebalance (mean over {rebalances}): balancedness (stale = previous plain")
+    print("placement on the new load); experts moved over the wire; GB moved (DeepSeek-V3 expert: 44 MB fp8,")
     print(
         f"88 MB bf16). aware = movement-aware, max load <= plain's; loose = aware within {loose:.0%} of it."
     )

@@ -93,12 +93,18 @@ def rebalance_experts_movement_aware(
     logical expert present; R a multiple of num_gpus); R is kept. num_groups/num_nodes/num_gpus: as in
     ``rebalance_experts``.
     balance_tolerance: accept a layer's max GPU load up to (1 + balance_tolerance) x the plain plan's (0:
-    never worse than the plain plan). min_improvement: a layer is re-placed only when its max GPU load drops below
-    (1 - min_improvement) x its current max; otherwise it keeps its current placement.
+    never worse than the plain plan).
+    min_improvement: a layer is re-placed only when its max GPU load drops below (1 - min_improvement) x its
+    current max; otherwise it keeps its current placement.
     Returns phy2log [L, R], log2phy [L, E, max_replicas] (-1 padded), logcnt [L, E]; int64 on CPU.
     """
-    num_logical = weight.shape[1] if weight.dim() == 2 else 0
     current = current_phy2log.detach().to("cpu", torch.int64)
+    if current.dim() != 2:
+        raise ValueError(f"current_phy2log must be [num_layers, num_physical], got {tuple(current.shape)}")
+    num_replicas = current.shape[1]
+    if not check_balance_args(weight, num_replicas, num_groups, num_nodes, num_gpus):
+        num_groups, num_nodes = 1, 1  # global policy: one group, one node
+    num_logical = weight.shape[1]
     check_placement(current, num_logical, num_gpus, name="current_phy2log")
     if current.shape[0] != weight.shape[0]:
         raise ValueError(f"current_phy2log has {current.shape[0]} layers, weight has {weight.shape[0]}")
@@ -107,9 +113,6 @@ def rebalance_experts_movement_aware(
             f"need 0 <= min_improvement < 1 and balance_tolerance >= 0, got {min_improvement}, "
             f"{balance_tolerance}"
         )
-    num_replicas = current.shape[1]
-    if not check_balance_args(weight, num_replicas, num_groups, num_nodes, num_gpus):
-        num_groups, num_nodes = 1, 1  # global policy: one group, one node
     weight = weight.detach().to("cpu", torch.float64)
 
     plain = hierarchical_placement(weight, num_replicas, num_groups, num_nodes, num_gpus)

@@ -17,8 +17,8 @@ def sticky_packing(
     weight: torch.Tensor, key: torch.Tensor, home: torch.Tensor, num_packs: int, target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack n items into num_packs packs of n / num_packs items, heaviest first. An item goes to a pack that
-    holds a copy of its key now (home[x, pack, key] > 0, each copy used once) if that pack stays <= target with
-    room left for its remaining items; otherwise to the lightest pack with room (DeepSeek's rule).
+    holds a copy of its key now (home[x, pack, key] > 0, each copy used once) if that pack stays <= target
+    with room left for its remaining items; otherwise to the lightest pack with room (DeepSeek's rule).
 
     weight: [X, n] float64; key: [X, n] int64 in [0, K); home: [X, num_packs, K] int64; target: [X] float64.
     Returns pack_index [X, n] int64 and rank_in_pack [X, n] int64.

@@ -1,6 +1,6 @@
-"""The engine on CUDA: greedy parity with transformers for every architecture and backend, CUDA graphs on equal
-off, bf16 close to fp32. The padding logic of the decode graphs (static buffers, scratch KV block) is also
-checked on the CPU, where it runs eagerly.
+"""The engine on CUDA: greedy parity with transformers for every architecture and backend, CUDA graphs on
+equal off, bf16 close to fp32. The padding logic of the decode graphs (static buffers, scratch KV block) is
+also checked on the CPU, where it runs eagerly.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from moeserve.config import EngineConfig
 from moeserve.runner.cuda_graphs import CudaGraphRunner, graph_batch_sizes, graph_unsupported_reason
 from moeserve.runner.model_runner import ModelRunner
 from moeserve.scheduler.output import ScheduledRequest, SchedulerOutput
-from moeserve.testing.tiny_checkpoints import ARCHITECTURES
+from moeserve.testing.tiny_checkpoints import ARCHITECTURES, VOCAB_SIZE
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 # transformers' fp32 logits gap between its best two tokens under which a different pick counts as a tie
 # (Triton's fp32 dots run in tf32 on Hopper: ~1e-3 relative error in the logits).
 TIE_GAP = 2e-2
+# Few graph sizes keep start-up (capture, Triton compiles) short; batches above 16 run eagerly.
+CUDA = dict(device="cuda", cuda_graph_max_batch=16)
 
 
 def _triton_ready() -> bool:
@@ -44,14 +46,20 @@ def hf_greedy_with_gaps(path, prompts, max_new_tokens: int) -> tuple[list[list[i
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
-    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0,
-                           output_scores=True, return_dict_in_generate=True)
+    gen = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     tokens, gaps = [], []
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p])
             out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
-            tokens.append(out.sequences[0, len(p):].tolist())
+            tokens.append(out.sequences[0, len(p) :].tolist())
             top2 = torch.stack([s[0].float().topk(2).values for s in out.scores])
             gaps.append((top2[:, 0] - top2[:, 1]).tolist())
     return tokens, gaps
@@ -66,13 +74,15 @@ def assert_greedy_equal(ours, theirs, gaps, exact: bool) -> int:
             continue
         first = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
         assert not exact and gaps[i][first] < TIE_GAP, (
-            f"prompt {i}: token {first} differs ({a[first]} vs {b[first]}); reference gap {gaps[i][first]:.4f}"
+            f"prompt {i}: token {first} differs ({a[first]} vs {b[first]}); "
+            f"reference gap {gaps[i][first]:.4f}"
         )
         ties += 1
     return ties
 
 
-# ---- CPU: config and graph planning -------------------------------------------------------------------------
+# ---- CPU: config and graph planning ----
+
 
 def test_config_validates_graph_options():
     assert EngineConfig().enable_cuda_graphs and EngineConfig().cuda_graph_max_batch == 256
@@ -109,13 +119,18 @@ def test_cpu_runner_has_no_graphs_and_no_scratch_block(tiny_checkpoint):
 
 # ---- the padded static decode batch: CPU (eager) and CUDA (graph replay) -----------------------------------
 
+
 def _decode_reqs(runner: ModelRunner, prompts, blocks) -> list[ScheduledRequest]:
     """Prefill `prompts` into the given block lists, then return each request's first decode step."""
     greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    prefill = [ScheduledRequest(f"r{i}", p, 0, b, True, greedy) for i, (p, b) in enumerate(zip(prompts, blocks))]
+    prefill = [
+        ScheduledRequest(f"r{i}", p, 0, b, True, greedy) for i, (p, b) in enumerate(zip(prompts, blocks))
+    ]
     out = runner.execute(SchedulerOutput(0, prefill))
-    return [ScheduledRequest(f"r{i}", out.sampled[f"r{i}"], len(p), b, True, greedy, 1)
-            for i, (p, b) in enumerate(zip(prompts, blocks))]
+    return [
+        ScheduledRequest(f"r{i}", out.sampled[f"r{i}"], len(p), b, True, greedy, 1)
+        for i, (p, b) in enumerate(zip(prompts, blocks))
+    ]
 
 
 def _kv(runner: ModelRunner) -> list[torch.Tensor]:
@@ -128,16 +143,30 @@ def test_padded_decode_batch_matches_eager_and_spares_real_blocks(arch, device, 
     if device == "cuda" and not _triton_ready():
         pytest.skip("Triton backends not importable")
     path = str(tiny_checkpoint(arch))
-    config = EngineConfig(model=path, device=device, dtype="float32", block_size=4, num_kv_blocks=24,
-                          max_model_len=64, cuda_graph_max_batch=8)
+    config = EngineConfig(
+        model=path,
+        device=device,
+        dtype="float32",
+        block_size=4,
+        num_kv_blocks=24,
+        max_model_len=64,
+        cuda_graph_max_batch=8,
+    )
     runner = ModelRunner(config, path)
     if device == "cuda":
         assert runner.graphs is not None, "CUDA graphs were not captured"
         graphs, scratch = runner.graphs, runner.num_blocks
     else:  # same static buffers and padding, run eagerly; block 23 plays the scratch block
         scratch = 23
-        graphs = CudaGraphRunner(runner.model, max_batch=8, max_seq_len=64, block_size=4, scratch_block=scratch,
-                                 device=runner.device, use_graphs=False)
+        graphs = CudaGraphRunner(
+            runner.model,
+            max_batch=8,
+            max_seq_len=64,
+            block_size=4,
+            scratch_block=scratch,
+            device=runner.device,
+            use_graphs=False,
+        )
     vocab = runner.model_config.vocab_size
     prompts = random_prompts(5, vocab, 2, 11, seed=11)
     blocks = [[1, 2, 3], [5, 6, 7], [9, 10, 11], [13, 14, 15], [17, 18, 19]]
@@ -160,7 +189,7 @@ def test_padded_decode_batch_matches_eager_and_spares_real_blocks(arch, device, 
                 assert torch.equal(a[untouched], b[untouched])
 
 
-# ---- CUDA: the engine end to end -----------------------------------------------------------------------------
+# ---- CUDA: the engine end to end ----
 
 BACKENDS = ["torch", "triton"]
 
@@ -172,7 +201,7 @@ def test_cuda_greedy_matches_transformers(arch, backend, tiny_checkpoint):
     if backend == "triton" and not _triton_ready():
         pytest.skip("Triton backends not importable")
     path = str(tiny_checkpoint(arch))
-    llm = LLM(path, dtype="float32", device="cuda", attention_backend=backend, expert_kernel=backend)
+    llm = LLM(path, dtype="float32", attention_backend=backend, expert_kernel=backend, **CUDA)
     runner = llm.engine.runner
     assert runner.ctx.attention.name == backend and runner.ctx.expert_kernel.name == backend
     assert (runner.graphs is not None) == (backend == "triton")  # graphs exactly with graph-safe kernels
@@ -181,7 +210,8 @@ def test_cuda_greedy_matches_transformers(arch, backend, tiny_checkpoint):
     ours = [o.token_ids for o in llm.generate(prompts, GREEDY)]
     theirs, gaps = hf_greedy_with_gaps(path, prompts, 32)
     ties = assert_greedy_equal(ours, theirs, gaps, exact=backend == "torch")
-    print(f"[parity] {arch} {backend}: {len(prompts) - ties}/{len(prompts)} sequences identical, {ties} near-tie")
+    same = len(prompts) - ties
+    print(f"[parity] {arch} {backend}: {same}/{len(prompts)} identical, {ties} parted at a near-tie")
 
 
 @pytest.mark.gpu
@@ -190,10 +220,10 @@ def test_cuda_graphs_on_equals_off(arch, tiny_checkpoint):
     if not _triton_ready():
         pytest.skip("Triton backends not importable")
     path = str(tiny_checkpoint(arch))
-    prompts = random_prompts(11, 1000, 1, 40, seed=2)  # 11 running requests: graphs of 16, then fewer
+    prompts = random_prompts(11, VOCAB_SIZE, 1, 40, seed=2)  # 11 running requests: graphs of 16, then fewer
     outs = {}
     for graphs in (True, False):
-        llm = LLM(path, dtype="float32", device="cuda", enable_cuda_graphs=graphs, cuda_graph_max_batch=16)
+        llm = LLM(path, dtype="float32", enable_cuda_graphs=graphs, **CUDA)
         assert (llm.engine.runner.graphs is not None) == graphs
         params = [SamplingParams(temperature=0.0, max_tokens=8 + 2 * i, ignore_eos=True) for i in range(11)]
         outs[graphs] = [o.token_ids for o in llm.generate(prompts, params)]
@@ -206,10 +236,10 @@ def test_bf16_first_tokens_match_fp32(arch, tiny_checkpoint):
     """bf16 (the serving dtype) picks fp32's tokens wherever fp32's choice is clear (log-prob gap > 0.5),
     up to the first unclear step."""
     path = str(tiny_checkpoint(arch))
-    prompts = random_prompts(8, 1000, 4, 40, seed=3)
+    prompts = random_prompts(8, VOCAB_SIZE, 4, 40, seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
-    ref = LLM(path, dtype="float32", device="cuda").generate(prompts, params)
-    got = LLM(path, dtype="bfloat16", device="cuda").generate(prompts, params)
+    ref = LLM(path, dtype="float32", **CUDA).generate(prompts, params)
+    got = LLM(path, dtype="bfloat16", **CUDA).generate(prompts, params)
     compared = 0
     for r, g in zip(ref, got):
         for step, (tok, entry) in enumerate(zip(r.token_ids, r.outputs[0].logprobs)):

@@ -29,6 +29,8 @@ class TorchAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
+        if meta.max_query_len == 1 and q.shape[0] == meta.num_reqs:
+            return _decode(q, k_cache, v_cache, meta, scale)
         num_q_heads = q.shape[1]
         out = q.new_empty(q.shape[0], num_q_heads, v_cache.shape[-1])
         qsl = meta.query_start_loc_cpu
@@ -51,3 +53,19 @@ class TorchAttentionBackend(AttentionBackend):
             probs = torch.softmax(scores, dim=-1)
             out[lo:hi] = torch.einsum("hns,shd->nhd", probs, v).to(q.dtype)
         return out
+
+
+def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One new token per request, all requests at once: contexts padded to the longest and masked."""
+    num_reqs, num_q_heads, _ = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks = (meta.max_seq_len + block_size - 1) // block_size
+    table = meta.block_tables[:, :num_blocks].long()
+    k = k_cache[table].reshape(num_reqs, num_blocks * block_size, num_kv_heads, -1).float()
+    v = v_cache[table].reshape(num_reqs, num_blocks * block_size, num_kv_heads, -1).float()
+    qg = q.float().reshape(num_reqs, num_kv_heads, num_q_heads // num_kv_heads, -1)
+    scores = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale
+    past_end = torch.arange(k.shape[1], device=q.device)[None, :] >= meta.seq_lens[:, None]
+    scores.masked_fill_(past_end[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgs,bskd->bkgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(num_reqs, num_q_heads, -1).to(q.dtype)

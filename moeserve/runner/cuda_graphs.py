@@ -195,9 +195,9 @@ class CudaGraphRunner:
         assert self.use_graphs and self.buffers.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.buffers.device)
-        stream.wait_stream(torch.cuda.current_stream())
         for size in reversed(self.sizes):
-            self.buffers.fill([], size)
+            self.buffers.fill([], size)  # copies on the current stream: the capture stream waits for them
+            stream.wait_stream(torch.cuda.current_stream())
             batch = self.buffers.batch(size, [1] * size, self.max_seq_len)
             with torch.cuda.stream(stream):
                 self.model(batch)
@@ -214,9 +214,9 @@ class CudaGraphRunner:
         order. The tensor is the graph's own output: read it before the next `run`."""
         n = len(reqs)
         size = self.padded_size(n)
-        seq_lens = self.buffers.fill(reqs, size)
         if not self.use_graphs:
-            return self.model(self.buffers.batch(size, seq_lens, self.max_seq_len))[:n]
+            return self.run_eager(reqs)
+        self.buffers.fill(reqs, size)
         self.graphs[size].replay()
         return self.outputs[size][:n]
 

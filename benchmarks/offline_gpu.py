@@ -1,0 +1,505 @@
+"""The engine on one GPU: decode step time against its roofline, and offline throughput against transformers.
+
+Random-weight bf16 checkpoints with the real shapes of Qwen3-30B-A3B and DeepSeek-V2-Lite (fewer layers, so
+that model, transformers baseline and KV cache fit one GPU and build in seconds) are initialised on the GPU
+and saved in HF layout. Per model:
+  (a) decode steps at batch 1, 10, 64 with ~1024 tokens of context: CUDA-graph replay, eager forward and whole
+      engine step, against the roofline = bytes the step must read (distinct experts the batch's routing
+      touches x 3 x H x I, all other weights, LM head, embedding rows, KV cache) over the HBM bandwidth that a
+      device-to-device copy measures in the same run;
+  (b) offline throughput on N random prompts (ignore_eos) against transformers' batched generate (left
+      padding, bf16, same GPU; the largest batch that fits its memory).
+Prints tables and writes JSON under --out.
+
+    python benchmarks/offline_gpu.py --out benchmarks/out/offline_gpu            # on a GPU
+    python benchmarks/offline_gpu.py --tiny --device cpu --out /tmp/og           # logic check on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+# model name -> (transformers config class, real shape; layers reduced by --layers)
+MODELS = {
+    "qwen3-30b-a3b": (
+        "Qwen3MoeConfig",
+        dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            max_position_embeddings=40960,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6),
+        ),
+    ),
+    "deepseek-v2-lite": (
+        "DeepseekV2Config",
+        dict(
+            vocab_size=102400,
+            hidden_size=2048,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            intermediate_size=10944,
+            moe_intermediate_size=1408,
+            n_routed_experts=64,
+            num_experts_per_tok=6,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            q_lora_rank=None,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            topk_method="greedy",
+            routed_scaling_factor=1.0,
+            norm_topk_prob=False,
+            max_position_embeddings=163840,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=40.0,
+                original_max_position_embeddings=4096,
+                mscale=0.707,
+                mscale_all_dim=0.707,
+                beta_fast=32.0,
+                beta_slow=1.0,
+            ),
+        ),
+    ),
+}
+# --tiny: the same architectures at toy size, to check this script's logic on a CPU.
+TINY = {
+    "qwen3-30b-a3b": dict(
+        vocab_size=512,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        moe_intermediate_size=32,
+        num_experts=16,
+        num_experts_per_tok=4,
+    ),
+    "deepseek-v2-lite": dict(
+        vocab_size=512,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+    ),
+}
+
+log = logging.getLogger("offline_gpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, reps: int) -> float:
+    """Median time of fn() in ms: CUDA events on a GPU, the host clock on a CPU (after one warm-up)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def hbm_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, reps=20)
+
+    return 2 * nbytes / (ms / 1e3)
+
+
+def build_checkpoint(
+    name: str, layers: int, path: Path, device: torch.device, dtype: torch.dtype, tiny: bool
+):
+    """Random weights initialised on `device`, saved in HF layout with the byte tokenizer; returns the model
+    (kept for the transformers baseline)."""
+    import transformers
+
+    from moeserve.testing import byte_tokenizer as bt
+
+    cls_name, shape = MODELS[name]
+    fields = {
+        **shape,
+        **(TINY[name] if tiny else {}),
+        "num_hidden_layers": layers,
+        "bos_token_id": bt.BOS_TOKEN_ID,
+        "eos_token_id": bt.EOS_TOKEN_ID,
+        "pad_token_id": bt.PAD_TOKEN_ID,
+    }
+    config = getattr(transformers, cls_name)(**fields)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    shutil.rmtree(path, ignore_errors=True)
+    model.save_pretrained(path)
+    bt.write_byte_tokenizer(path)
+    return model
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
+@torch.inference_mode()
+def run_transformers(model, prompts, output_len: int, device: torch.device, batches: list[int]) -> dict:
+    """Batched greedy generate (left padding; equal-length prompts need none), largest batch that fits."""
+    from transformers import GenerationConfig
+
+    model.generation_config.eos_token_id = None  # exactly output_len tokens, like ignore_eos
+    gen = GenerationConfig(do_sample=False, max_new_tokens=output_len, eos_token_id=None, pad_token_id=0)
+    model.generate(
+        torch.tensor(prompts[:2], device=device),
+        generation_config=GenerationConfig(
+            do_sample=False, max_new_tokens=4, eos_token_id=None, pad_token_id=0
+        ),
+    )  # warm-up
+    for batch in batches:
+        try:
+            outs: list[list[int]] = []
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(0, len(prompts), batch):
+                chunk = prompts[i : i + batch]
+                width = max(len(p) for p in chunk)
+                ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+                out = model.generate(ids, attention_mask=mask, generation_config=gen)
+                outs.extend(out[:, width:].tolist())
+            sync(device)
+            return dict(seconds=time.perf_counter() - t0, batch=batch, tokens=outs)
+        except torch.OutOfMemoryError:
+            log.warning("transformers: batch %d does not fit, halving", batch)
+            gc.collect()
+            torch.cuda.empty_cache()
+    raise RuntimeError("transformers did not fit any batch size")
+
+
+def distinct_experts(runner, reqs) -> list[int]:
+    """Per MoE layer, how many distinct experts the real rows of this decode batch route to (eager pass)."""
+    from moeserve.moe.layer import MoELayer
+    from moeserve.moe.routing import select_experts
+
+    counts: list[int] = []
+    hooks = []
+    for layer in runner.model.model.layers:
+        moe = layer.ffn
+        if not isinstance(moe, MoELayer):
+            continue
+
+        def hook(module, args, logits, moe=moe):
+            r = moe.routing
+            _, ids = select_experts(
+                logits[: len(reqs)],
+                r.top_k,
+                scoring=r.scoring,
+                renormalize=r.renormalize,
+                topk_method=r.topk_method,
+                n_group=r.n_group,
+                topk_group=r.topk_group,
+                correction_bias=moe.gate.e_score_correction_bias,
+                routed_scaling_factor=r.routed_scaling_factor,
+            )
+            counts.append(int(ids.unique().numel()))
+
+        hooks.append(moe.gate.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            runner.model(runner.build_batch(reqs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def step_bytes(runner, reqs, experts_per_layer: list[int]) -> dict:
+    """Bytes one decode step must read: touched experts, every other weight, embedding rows, KV cache."""
+    from moeserve.moe.layer import MoELayer
+
+    model, n = runner.model, len(reqs)
+    elem = torch.tensor([], dtype=runner.dtype).element_size()
+    moe_layers = [layer.ffn for layer in model.model.layers if isinstance(layer.ffn, MoELayer)]
+    expert = sum(
+        c * 3 * m.hidden_size * m.intermediate_size * elem for c, m in zip(experts_per_layer, moe_layers)
+    )
+    stacked = {id(m.w13) for m in moe_layers} | {id(m.w2) for m in moe_layers}
+    embed = model.model.embed_tokens.weight
+    dense = sum(
+        p.numel() * p.element_size() for p in model.parameters() if id(p) not in stacked and p is not embed
+    )
+    dense += n * embed.shape[1] * embed.element_size()
+    context = sum(r.start_position + 1 for r in reqs)
+    kv = sum(
+        context * s.num_kv_heads * (s.k_dim + (0 if s.v_is_k_prefix else s.v_dim)) * elem
+        for s in model.kv_cache_specs()
+    )
+    return dict(expert=expert, dense=dense, kv=kv, total=expert + dense + kv)
+
+
+def decode_steps(llm, batch: int, context: int, steps: int, bw: float, device: torch.device) -> dict:
+    """Prefill `batch` prompts of context-1 tokens, then time decode steps (engine, graph replay, eager)."""
+    from moeserve import SamplingParams
+
+    engine, runner = llm.engine, llm.engine.runner
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 16, ignore_eos=True)
+    ids = [
+        engine.add_request(p, params) for p in random_prompts(batch, context - 1, engine.vocab_size, batch)
+    ]
+    started: set[str] = set()
+    while len(started) < batch:  # prefill (chunked) until every request has its first token
+        started.update(c.request_id for c in engine.step())
+    last = {}
+    execute = runner.execute
+
+    def recording_execute(sched, plan=None):
+        last["sched"] = sched
+        return execute(sched, plan)
+
+    runner.execute = recording_execute
+    wall = []
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            wall.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        runner.execute = execute
+    reqs = last["sched"].requests
+    assert len(reqs) == batch and all(len(r.token_ids) == 1 for r in reqs), "timed steps were not pure decode"
+    with torch.inference_mode():
+        eager_batch = runner.build_batch(reqs)
+        eager_ms = time_ms(lambda: runner.model(eager_batch), device, reps=10)
+        graph_ms = None
+        if runner.graphs is not None and runner.graphs.fits(reqs):
+            size = runner.graphs.padded_size(batch)
+            runner.graphs.buffers.fill(reqs, size)  # replays rewrite this step's KV with the same values
+            graph_ms = time_ms(runner.graphs.graphs[size].replay, device, reps=20)
+    experts = distinct_experts(runner, reqs)
+    nbytes = step_bytes(runner, reqs, experts)
+    for rid in ids:
+        engine.abort(rid)
+    roofline_ms = nbytes["total"] / bw * 1e3
+    best = graph_ms if graph_ms is not None else eager_ms
+    return dict(
+        batch=batch,
+        context=context,
+        engine_step_ms=statistics.median(wall),
+        eager_forward_ms=eager_ms,
+        graph_replay_ms=graph_ms,
+        experts_per_layer=experts,
+        bytes=nbytes,
+        roofline_ms=roofline_ms,
+        roofline_fraction=roofline_ms / best,
+    )
+
+
+def run_moeserve_throughput(llm, prompts, output_len: int, warmup: int) -> dict:
+    from moeserve import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts[:warmup], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    return dict(seconds=time.perf_counter() - t0, tokens=[o.token_ids for o in outs])
+
+
+def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
+    from moeserve import LLM
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    path = Path(args.ckpt_dir) / name
+    t0 = time.perf_counter()
+    hf = build_checkpoint(name, args.layers, path, device, dtype, args.tiny)
+    build_s = time.perf_counter() - t0
+    vocab = hf.config.vocab_size
+    prompts = random_prompts(args.num_requests, args.input_len, vocab, seed=0)
+    result: dict = dict(model=name, layers=args.layers, build_seconds=build_s)
+    if not args.skip_hf:
+        batches = [b for b in (256, 128, 64, 32, 16, 8) if b <= args.num_requests] or [args.num_requests]
+        hf_run = run_transformers(hf, prompts, args.output_len, device, batches)
+        result["transformers"] = {k: v for k, v in hf_run.items() if k != "tokens"}
+    del hf
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    t0 = time.perf_counter()
+    llm = LLM(
+        str(path),
+        device=device.type,
+        dtype="auto" if device.type == "cuda" else "float32",
+        max_model_len=args.input_len + args.output_len + 64,
+        max_num_seqs=max(args.num_requests, 64),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_cuda_graphs=not args.no_graphs,
+        cuda_graph_max_batch=min(256, max(args.num_requests, 64)),
+    )
+    runner = llm.engine.runner
+    result["engine"] = dict(
+        start_seconds=time.perf_counter() - t0,
+        attention=runner.ctx.attention.name,
+        experts=runner.ctx.expert_kernel.name,
+        cuda_graph_sizes=runner.graphs.sizes if runner.graphs is not None else None,
+    )
+    result["decode"] = [
+        decode_steps(llm, b, args.context, args.steps, bw, device) for b in args.decode_batches
+    ]
+    ours = run_moeserve_throughput(llm, prompts, args.output_len, warmup=min(32, args.num_requests))
+    result["moeserve"] = dict(seconds=ours["seconds"], max_num_seqs=llm.engine.config.max_num_seqs)
+    if not args.skip_hf:
+        agree = sum(a[:1] == b[:1] for a, b in zip(ours["tokens"], hf_run["tokens"]))
+        result["first_token_agreement"] = agree / len(prompts)
+    out_tokens = args.num_requests * args.output_len
+    for key in ("moeserve", "transformers"):
+        if key in result:
+            s = result[key]["seconds"]
+            result[key].update(
+                output_tok_s=out_tokens / s,
+                total_tok_s=args.num_requests * (args.input_len + args.output_len) / s,
+            )
+    del llm, runner
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    shutil.rmtree(path, ignore_errors=True)
+    return result
+
+
+def print_tables(results: list[dict], bw: float, card: str) -> None:
+    print(f"\n{card}; HBM copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    for r in results:
+        e = r["engine"]
+        print(
+            f"\n{r['model']} ({r['layers']} layers, attention={e['attention']}, experts={e['experts']}, "
+            f"graphs={'on' if e['cuda_graph_sizes'] else 'off'}, start {e['start_seconds']:.1f} s)"
+        )
+        print(
+            "| batch | ctx | experts/layer | MB read | roofline ms | graph ms | eager ms | engine step ms "
+            "| roofline/graph |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for d in r["decode"]:
+            g = f"{d['graph_replay_ms']:.3f}" if d["graph_replay_ms"] is not None else "-"
+            avg = sum(d["experts_per_layer"]) / max(len(d["experts_per_layer"]), 1)
+            print(
+                f"| {d['batch']} | {d['context']} | {avg:.1f} | {d['bytes']['total'] / 1e6:.0f} | "
+                f"{d['roofline_ms']:.3f} | {g} | {d['eager_forward_ms']:.3f} | {d['engine_step_ms']:.3f} | "
+                f"{d['roofline_fraction']:.2f} |"
+            )
+        print("| engine | batch | seconds | output tok/s | total tok/s |")
+        print("|---|---:|---:|---:|---:|")
+        m = r["moeserve"]
+        print(
+            f"| moeserve | <= {m['max_num_seqs']} | {m['seconds']:.1f} | {m['output_tok_s']:.0f} | "
+            f"{m['total_tok_s']:.0f} |"
+        )
+        if "transformers" in r:
+            t = r["transformers"]
+            print(
+                f"| transformers | {t['batch']} | {t['seconds']:.1f} | {t['output_tok_s']:.0f} | "
+                f"{t['total_tok_s']:.0f} |"
+            )
+            print(
+                f"moeserve / transformers throughput: {m['seconds'] and t['seconds'] / m['seconds']:.2f}x; "
+                f"first-token agreement {r['first_token_agreement']:.2f}"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="qwen3-30b-a3b,deepseek-v2-lite")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--context", type=int, default=1024, help="context of the timed decode steps")
+    ap.add_argument("--decode-batches", default="1,10,64")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="toy shapes (checks this script on a CPU)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--ckpt-dir", default=None, help="where checkpoints are written (default: /dev/shm or /tmp)"
+    )
+    ap.add_argument("--out", default="benchmarks/out/offline_gpu")
+    args = ap.parse_args()
+    args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    device = torch.device(args.device)
+    if args.ckpt_dir is None:
+        shm = Path("/dev/shm")
+        roomy = shm.is_dir() and shutil.disk_usage(shm).free > 40 * 2**30
+        args.ckpt_dir = str(shm / "moeserve_bench") if roomy else "/tmp/moeserve_bench"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    bw = hbm_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
+    results = []
+    for name in args.models.split(","):
+        log.info("benchmarking %s", name)
+        results.append(bench_model(name, args, device, bw))
+        (out / f"{name}.json").write_text(
+            json.dumps(
+                dict(
+                    card=card,
+                    date=time.strftime("%Y-%m-%d"),
+                    hbm_bytes_per_s=bw,
+                    args=vars(args),
+                    result=results[-1],
+                ),
+                indent=1,
+            )
+        )
+        print_tables(results[-1:], bw, card)
+    print_tables(results, bw, card)
+
+
+if __name__ == "__main__":
+    main()
