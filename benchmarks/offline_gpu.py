@@ -377,6 +377,8 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
         max_num_seqs=max(args.num_requests, 64),
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_cuda_graphs=not args.no_graphs,
+        attention_backend=args.attention_backend,
+        expert_kernel=args.expert_kernel,
         cuda_graph_max_batch=min(256, max(args.num_requests, 64)),
     )
     runner = llm.engine.runner
@@ -462,6 +464,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--expert-kernel", default="auto")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="toy shapes (checks this script on a CPU)")
     ap.add_argument("--device", default="cuda")
@@ -484,7 +488,14 @@ def main() -> None:
     results = []
     for name in args.models.split(","):
         log.info("benchmarking %s", name)
-        results.append(bench_model(name, args, device, bw))
+        try:
+            results.append(bench_model(name, args, device, bw))
+        except Exception:  # report and go on with the next model
+            log.exception("%s failed", name)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         (out / f"{name}.json").write_text(
             json.dumps(
                 dict(

@@ -29,6 +29,7 @@ class DistGroups:
     world: dist.ProcessGroup
     cpu_group: dist.ProcessGroup
     ep_group: dist.ProcessGroup
+    eplb_group: dist.ProcessGroup  # expert weight moves, kept off the MoE data path's communicator
 
 
 def find_free_port() -> int:
@@ -72,7 +73,8 @@ def init_distributed(
     # new_group is collective: every rank creates the groups in this same order.
     cpu_group = dist.new_group(backend="gloo", timeout=timeout)
     ep_group = dist.new_group(ranks=list(range(world_size)), backend=backend, timeout=timeout)
-    return DistGroups(rank, world_size, backend, device, dist.group.WORLD, cpu_group, ep_group)
+    eplb_group = dist.new_group(ranks=list(range(world_size)), backend=backend, timeout=timeout)
+    return DistGroups(rank, world_size, backend, device, dist.group.WORLD, cpu_group, ep_group, eplb_group)
 
 
 def destroy_distributed() -> None:

@@ -33,23 +33,24 @@ HEALTH_POLL_S = 0.5
 
 
 def connect(address: str | None, *, start_local: bool, num_cpus: int | None = None) -> bool:
-    """Connect to the Ray cluster at address / $RAY_ADDRESS; without either, to a cluster running on this machine,
-    or (start_local) start one in this process. Returns whether a local Ray was started here."""
+    """Connect to the Ray cluster at address / $RAY_ADDRESS. Without either: start a local Ray in this process
+    (start_local), else join the cluster running on this machine (as `ray status` does). Returns whether a
+    local Ray was started here."""
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = dict(logging_level=logging.WARNING, log_to_driver=False)
     if address:
         ray.init(address=address, **quiet)
         return False
+    if start_local:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+        return True
     try:
         ray.init(address="auto", **quiet)
-        return False
     except ConnectionError:
-        if not start_local:
-            raise ConnectionError(
-                "no Ray cluster found: set RAY_ADDRESS or pass --address (or start one with `ray start --head`)"
-            ) from None
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
-    return True
+        raise ConnectionError(
+            "no Ray cluster found on this machine; set RAY_ADDRESS or pass --address"
+        ) from None
+    return False
 
 
 def local_num_cpus(config: DeployConfig) -> int:

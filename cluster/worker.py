@@ -40,8 +40,25 @@ class EngineWorker(RankActor):
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
         setup, sync = self._rank_setup()
         self.engine = LLMEngine(self.config, setup, sync)
+        if self.config.expert_parallel_size > 1:
+            from moeserve.engine.eplb_state import RankEplb
+
+            gpus_per_node = self._ranks_on_my_node()
+            self.engine.attach_eplb(RankEplb(
+                self.engine.runner.model, setup.placement, eplb_group=self.groups.eplb_group,
+                cpu_group=self.groups.cpu_group, rank=self.rank, gpus_per_node=gpus_per_node,
+                window_steps=self.config.eplb_window_steps, device=self.groups.device,
+            ))
         self.loop = StepLoop(self.engine, self._on_chunks)
         self.loop.start()
+
+    def _ranks_on_my_node(self) -> int:
+        """How many ranks share this node (ranks are node-contiguous, nodes assumed equal in size)."""
+        import torch.distributed as dist
+
+        ips: list = [None] * self.world_size
+        dist.all_gather_object(ips, self.node_info()["ip"], group=self.groups.cpu_group)
+        return ips.count(ips[self.rank])
 
     def _rank_setup(self) -> tuple[RankSetup, StepSync | None]:
         from moeserve.loader.checkpoint import read_hf_config
@@ -105,6 +122,48 @@ class EngineWorker(RankActor):
 
     async def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)
+
+    # ---- EPLB (control plane: runs on the loop thread between steps) ----------------------------------
+    async def _on_loop(self, fn):
+        return await asyncio.wrap_future(self.loop.call(fn))
+
+    async def expert_load(self) -> dict:
+        """This rank's recent load: {"logical": [L][E] tokens, "phy2log": [L][P], "steps": n}."""
+
+        def read(engine):
+            eplb = self._require_eplb(engine)
+            moe = eplb.layers[0]
+            expert_bytes = (moe.w13[0].numel() + moe.w2[0].numel()) * moe.w13.element_size()
+            return {"logical": eplb.logical_load().tolist(), "phy2log": eplb.placement.phy2log.tolist(),
+                    "steps": min(eplb.window.steps_recorded, eplb.window.window), "expert_bytes": expert_bytes,
+                    "gpus_per_node": eplb.gpus_per_node, "num_groups": engine.runner.model_config.n_group or 1}
+
+        return await self._on_loop(read)
+
+    async def start_rebalance(self, plan_id: int, new_phy2log: list[list[int]], layers_per_chunk: int) -> None:
+        import torch
+
+        await self._on_loop(lambda e: self._require_eplb(e).start(plan_id, torch.tensor(new_phy2log),
+                                                                 layers_per_chunk))
+
+    async def rebalance_status(self) -> dict:
+        return await self._on_loop(lambda e: self._require_eplb(e).status())
+
+    async def slot_checksums(self) -> list[list[float]]:
+        """[L][local slots] checksums of this rank's expert weights (for verifying moves)."""
+        from moeserve.moe.weight_mover import checksum
+
+        def read(engine):
+            layers = self._require_eplb(engine).layers
+            return [[checksum(m.w13[s]) + checksum(m.w2[s]) for s in range(m.w13.shape[0])] for m in layers]
+
+        return await self._on_loop(read)
+
+    @staticmethod
+    def _require_eplb(engine):
+        if engine.eplb is None:
+            raise ValueError("expert load balancing needs expert_parallel_size > 1; this deployment has EP = 1")
+        return engine.eplb
 
     def stats(self) -> dict:
         stats = self.loop.stats() if self.loop else {}

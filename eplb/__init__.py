@@ -11,6 +11,7 @@ from moeserve.eplb.metrics import (
 )
 from moeserve.eplb.movement import rebalance_experts_movement_aware
 from moeserve.eplb.plan import MoveKind, MoveOp, MovePlan, plan_moves
+from moeserve.eplb.proposal import Proposal, propose
 from moeserve.eplb.stats import ExpertLoadWindow
 from moeserve.eplb.tables import check_placement, gpu_expert_counts, replica_tables
 
@@ -20,6 +21,7 @@ __all__ = [
     "MoveKind",
     "MoveOp",
     "MovePlan",
+    "Proposal",
     "balanced_packing",
     "balancedness",
     "check_placement",
@@ -29,6 +31,7 @@ __all__ = [
     "gpu_loads",
     "physical_loads",
     "plan_moves",
+    "propose",
     "rebalance_experts",
     "rebalance_experts_movement_aware",
     "replica_tables",

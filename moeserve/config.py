@@ -48,6 +48,7 @@ class EngineConfig:
     num_redundant_experts: int = 0
     enable_tbo: bool = False
     moe_dispatcher: str = "auto"
+    eplb_window_steps: int = 1000  # steps of expert load kept for rebalancing
     enable_cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
 

@@ -27,16 +27,24 @@ class StepPlan:
     mode: ForwardMode
     tokens_per_rank: tuple[int, ...]
     use_tbo: bool
+    rebalance_id: int = 0  # nonzero: every rank holds this EPLB plan and moves its next chunk this step
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens_per_rank)
 
 
-def plan_step(rows: list[tuple[int, bool, bool]], enable_tbo: bool) -> StepPlan | None:
-    """rows[r] = (num_tokens, has_extend, tbo_possible) of rank r -> the plan, or None when no rank has work."""
+def plan_step(rows: list[tuple[int, bool, bool, int]], enable_tbo: bool) -> StepPlan | None:
+    """rows[r] = (num_tokens, has_extend, tbo_possible, pending_rebalance_id) of rank r -> the plan, or None
+    when no rank has anything to do."""
     tokens = tuple(r[0] for r in rows)
-    if sum(tokens) == 0:
+    ids = {r[3] for r in rows}
+    rebalance_id = ids.pop() if len(ids) == 1 else 0  # only once every rank has the same plan
+    if sum(tokens) == 0 and not rebalance_id:
         return None
     mode = ForwardMode.EXTEND if any(r[1] for r in rows) else ForwardMode.DECODE
     use_tbo = enable_tbo and all(r[2] for r in rows)
-    return StepPlan(mode, tokens, use_tbo)
+    return StepPlan(mode, tokens, use_tbo, rebalance_id)
 
 
 class StepSync:
@@ -47,9 +55,11 @@ class StepSync:
         self.world_size = world_size
         self.enable_tbo = enable_tbo
 
-    def agree(self, num_tokens: int, has_extend: bool, tbo_possible: bool) -> StepPlan | None:
-        local = torch.tensor([num_tokens, int(has_extend), int(tbo_possible)], dtype=torch.int64)
+    def agree(
+        self, num_tokens: int, has_extend: bool, tbo_possible: bool, rebalance_id: int = 0
+    ) -> StepPlan | None:
+        local = torch.tensor([num_tokens, int(has_extend), int(tbo_possible), rebalance_id], dtype=torch.int64)
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
-        rows = [(int(t[0]), bool(t[1]), bool(t[2])) for t in gathered]
+        rows = [(int(t[0]), bool(t[1]), bool(t[2]), int(t[3])) for t in gathered]
         return plan_step(rows, self.enable_tbo)

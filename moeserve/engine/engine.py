@@ -59,6 +59,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.sync = sync
+        self.eplb = None  # RankEplb, attached by the EP worker
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -102,6 +103,11 @@ class LLMEngine:
         return self._chunk(tracked, [], "", None, "abort", None)
 
     # ---- the step ---------------------------------------------------------------------------------------
+    def attach_eplb(self, eplb) -> None:
+        """Record expert load every step and accept rebalances (EP ranks only)."""
+        self.eplb = eplb
+        self.runner.expert_load = eplb.step_counts
+
     def has_unfinished(self) -> bool:
         return bool(self._tracked)
 
@@ -116,11 +122,19 @@ class LLMEngine:
         else:
             # Every rank enters this collective every step; ranks without work then run an idle batch.
             has_extend = any(len(r.token_ids) > 1 for r in sched.requests)
-            plan = self.sync.agree(sched.num_tokens, has_extend, len(sched.requests) >= 2)
+            rebalance_id = self.eplb.pending_id if self.eplb is not None else 0
+            plan = self.sync.agree(sched.num_tokens, has_extend, len(sched.requests) >= 2, rebalance_id)
             if plan is None:
+                return []
+            if plan.rebalance_id:  # every rank moves the same chunk of expert weights in this step
+                self.eplb.run_next_chunk()
+            if plan.total_tokens == 0:
+                self.last_step_ran = True
                 return []
         self.last_step_ran = True
         model_out = self.runner.execute(sched, plan)
+        if self.eplb is not None:
+            self.eplb.step_done()
         changed = self.scheduler.update(sched, model_out)
         self.num_steps += 1
         chunks = []

@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from moeserve.engine.engine import LLMEngine
 from moeserve.outputs import StreamChunk
@@ -78,6 +79,13 @@ class StepLoop:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def call(self, fn: Callable[[LLMEngine], object]) -> Future:
+        """Run fn(engine) on the loop thread between two steps; the future holds its result or error."""
+        future: Future = Future()
+        self._inbox.put(("call", fn, future))
+        self._wake.set()
+        return future
+
     def _drain_inbox(self) -> list[StreamChunk]:
         chunks = []
         while True:
@@ -92,6 +100,12 @@ class StepLoop:
                 except ValueError as e:  # e.g. a duplicate id: fail only this request
                     logger.warning("request %s refused: %s", rid, e)
                     chunks.append(StreamChunk(rid, "", [], None, "abort", str(e), len(prompt_ids), 0, 0))
+            elif item[0] == "call":
+                _, fn, future = item
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as e:  # the caller gets the error; the loop goes on
+                    future.set_exception(e)
             else:
                 chunk = self.engine.abort(item[1])
                 if chunk is not None:

@@ -98,10 +98,7 @@ class MoELayer(nn.Module):
         self.placement, self.dispatcher, self.expert_kernel = placement, ctx.dispatcher, ctx.expert_kernel
         # One dispatcher instance per two-batch-overlap micro-batch.
         self.dispatchers = (ctx.dispatcher, ctx.tbo_dispatcher or ctx.dispatcher)
-        self.local_experts: list[int] = placement.local_logical_experts(layer_idx)
-        self.slots_of: dict[int, list[int]] = {}
-        for slot, expert in enumerate(self.local_experts):
-            self.slots_of.setdefault(expert, []).append(slot)
+        self.set_local_experts(placement.local_logical_experts(layer_idx))
         self.expert_proj_names = expert_proj_names
 
         self.gate = Router(hidden_size, num_experts, fp32=gate_fp32, correction_bias=correction_bias)
@@ -165,6 +162,13 @@ class MoELayer(nn.Module):
             counts = torch.zeros(load.shape[1] + 1, dtype=load.dtype, device=load.device)
             counts.scatter_add_(0, idx, torch.ones_like(idx, dtype=load.dtype))
             load[self.layer_idx].add_(counts[1:])
+
+    def set_local_experts(self, experts: list[int]) -> None:
+        """Which logical expert each local slot holds (at load time, and after an EPLB weight move)."""
+        self.local_experts = list(experts)
+        self.slots_of: dict[int, list[int]] = {}
+        for slot, expert in enumerate(self.local_experts):
+            self.slots_of.setdefault(expert, []).append(slot)
 
     # ---- weight loading (called by the model's load_weights) ----
 

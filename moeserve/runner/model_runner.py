@@ -74,6 +74,7 @@ class ModelRunner:
         self.sampler = Sampler(config.seed)
         self.graphs = self._capture_graphs(graph_reason)
         self.num_tbo_steps = 0
+        self.expert_load: torch.Tensor | None = None  # [num_moe_layers, num_physical] int64 when EPLB records
         logger.info(
             "model %s on %s (%s); attention=%s experts=%s dispatcher=%s; %d KV blocks of %d tokens",
             mc.architecture, self.device, str(self.dtype).replace("torch.", ""), self.ctx.attention.name,
@@ -156,6 +157,9 @@ class ModelRunner:
         batch = self.build_batch(sched.requests)
         if plan is not None:
             batch.mode = plan.mode
+        if self.expert_load is not None:  # EPLB: the MoE layers add this step's tokens per expert
+            self.expert_load.zero_()
+            batch.extras["expert_load"] = self.expert_load
         for dispatcher in {id(d): d for d in (self.ctx.dispatcher, self.ctx.tbo_dispatcher) if d}.values():
             dispatcher.begin_step(batch.mode)
         if plan is not None and plan.use_tbo:
