@@ -147,6 +147,7 @@ def bench_case(shape: MoEShape, weights: dict, m: int, fp8: bool, ceilings: dict
                                    w13_scale=weights.get("w13_scale"), w2_scale=weights.get("w2_scale"))
     ref = ref_fn()
     us = bench_ms(run_all) * 1e3 / rotations
+    torch.cuda.synchronize()  # do_bench_cudagraph runs on a side stream
     graph_ms = float(triton.testing.do_bench_cudagraph(run_all, rep=100, return_mode="median"))
     us_graph = graph_ms * 1e3 / rotations
     rate = ceilings["fp8_tflops"] if fp8 else ceilings["bf16_tflops"]

@@ -138,6 +138,8 @@ def precompile(jobs: list, workers: int) -> list[str]:
 
 def _time_ms(fn) -> float:
     # Graph replay: at small M a plain launch loop would time the host's launch overhead, not the kernel.
+    # do_bench_cudagraph runs on a side stream: inputs made on the default stream must be finished first.
+    torch.cuda.synchronize()
     return float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
 
 

@@ -21,11 +21,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+
 from moeserve.cluster.config import DeployConfig
 from moeserve.cluster.engine_client import EngineUnavailable
 from moeserve.cluster.protocol import bad_request
 from moeserve.cluster.router import CacheAwareRouter
-
 from moeserve.engine.prompts import PromptChecker
 from moeserve.loader.checkpoint import read_hf_config
 from moeserve.models.config import ModelConfig
@@ -34,6 +34,10 @@ from moeserve.sampling_params import SamplingParams
 from moeserve.tokenizer import Tokenizer
 
 logger = logging.getLogger("moeserve")
+
+
+class _RankGone(Exception):
+    """The rank serving a request died or its engine failed."""
 
 LOADS_REFRESH_S = 0.25
 CONTROLLER_TIMEOUT_S = 30.0
@@ -76,44 +80,57 @@ class RayEngineClient:
         except ValueError as exc:
             raise bad_request(str(exc), param="prompt") from None
         self._start_refresher()
-        generation, actors = await self._workers()
-        rank = self.router.route(ids, self.loads())
-        actor, rank_request_id = actors[rank], f"{request_id}@{self._tag}-{next(self._seq)}"
-        self._inflight[rank] += 1
-        self.routed[rank] += 1
-        self._where[request_id] = (actor, rank_request_id)
-        finished = False
-        try:
-            stream = actor.generate.options(num_returns="streaming").remote(rank_request_id, ids, params)
-            while not finished:
-                chunk = await self._next(stream, generation, rank)
-                if chunk is None:
-                    raise EngineUnavailable(f"rank {rank} ended the stream of {request_id} without finishing it")
-                finished = chunk.finish_reason is not None
-                chunk.request_id = request_id
-                yield chunk
-        finally:
-            self._inflight[rank] -= 1
-            self._where.pop(request_id, None)
-            if not finished:  # the consumer left early, or the rank failed: make sure the rank stops too
-                self._background(actor.abort.remote(rank_request_id))
+        # A request whose rank turns out dead before it produced anything is sent again, once, if the group
+        # has already been replaced (handles older than the controller's): nothing was delivered, so it is safe.
+        for attempt in range(2):
+            generation, actors = await self._workers()
+            rank = self.router.route(ids, self.loads())
+            actor, rank_request_id = actors[rank], f"{request_id}@{self._tag}-{next(self._seq)}"
+            self._inflight[rank] += 1
+            self.routed[rank] += 1
+            self._where[request_id] = (actor, rank_request_id)
+            finished = delivered = False
+            try:
+                stream = actor.generate.options(num_returns="streaming").remote(rank_request_id, ids, params)
+                while not finished:
+                    try:
+                        chunk = await self._next(stream, rank)
+                    except _RankGone as gone:
+                        self._forget_workers(generation)
+                        if delivered or attempt > 0 or not await self._replaced_since(generation):
+                            raise EngineUnavailable(f"{gone}; the workers are restarting") from None
+                        break
+                    finished, delivered = chunk.finish_reason is not None, True
+                    chunk.request_id = request_id
+                    yield chunk
+            finally:
+                self._inflight[rank] -= 1
+                self._where.pop(request_id, None)
+                if not finished:  # the consumer left early, or the rank failed: make sure the rank stops too
+                    self._background(actor.abort.remote(rank_request_id))
+            if finished:
+                return
 
-    async def _next(self, stream: Any, generation: int, rank: int) -> StreamChunk | None:
-        """The stream's next chunk (None at its end), with Ray's errors turned into the engine's."""
+    async def _next(self, stream: Any, rank: int) -> StreamChunk:
+        """The stream's next chunk, with Ray's errors turned into the engine's."""
         try:
             ref = await stream.__anext__()
             return await ref
         except StopAsyncIteration:
-            return None
+            raise EngineUnavailable(f"rank {rank} ended a stream without finishing it") from None
         except ray.exceptions.RayActorError as exc:
-            self._forget_workers(generation)
-            raise EngineUnavailable(f"rank {rank} is gone ({type(exc).__name__}); the workers are restarting") from None
+            raise _RankGone(f"rank {rank} is gone ({type(exc).__name__})") from None
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, ValueError):
                 raise bad_request(str(exc.cause)) from None
             if isinstance(exc.cause, RuntimeError) and "engine loop failed" in str(exc.cause):
-                raise EngineUnavailable(f"rank {rank} failed; the workers are restarting") from None
+                raise _RankGone(f"rank {rank} failed") from None
             raise
+
+    async def _replaced_since(self, generation: int) -> bool:
+        """Whether the controller already has a newer group than `generation` (raises while it restarts)."""
+        newer, _ = await self._workers()
+        return newer > generation
 
     async def abort(self, request_id: str) -> None:
         where = self._where.get(request_id)

@@ -1,0 +1,81 @@
+"""`moeserve rebalance`: ask a running deployment's EPLB actor to plan (and apply) a new expert placement."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import ray
+
+from moeserve.cluster.eplb_actor import NAMESPACE, get_eplb_actor
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at --address / RAY_ADDRESS / the local one; clear error when there is none."""
+    try:
+        ray.init(address=address or "auto", namespace=NAMESPACE, logging_level="ERROR",
+                 log_to_driver=False)
+    except ConnectionError as e:
+        raise ValueError(f"no Ray cluster found at {address or 'RAY_ADDRESS / the local node'}: {e}") from None
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'layer':>5} {'balancedness before':>20} {'after':>8}"]
+    for i, (b, a) in enumerate(zip(report["balancedness_before"], report["balancedness_after"])):
+        lines.append(f"{i:>5} {b:>20.3f} {a:>8.3f}")
+    lines.append(f"{'mean':>5} {report['mean_before']:>20.3f} {report['mean_after']:>8.3f}")
+    lines.append(f"experts to move: {report['experts_moved']}  ({report['bytes_moved'] / 1e6:.1f} MB)")
+    if report.get("applied"):
+        lines.append(f"applied as plan {report['plan_id']} in {report['seconds']:.2f}s: "
+                     f"{report['bytes_received'] / 1e6:.1f} MB moved in {report['chunks']} layer chunks, "
+                     f"checksums {'ok' if report['checksums_ok'] else 'MISMATCH'}")
+    else:
+        lines.append("dry run: nothing moved" if report["dry_run"] else "nothing to move")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: str) -> None:
+    """Heatmaps of load per GPU (rows: MoE layers) before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    before, after = report["gpu_load_before"], report["gpu_load_after"]
+    vmax = max(max(map(max, before)), max(map(max, after))) or 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.3 * len(before) + 2), sharey=True)
+    for ax, data, title in ((axes[0], before, "before"), (axes[1], after, "after")):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_title(f"load per GPU {title} (mean balancedness "
+                     f"{report['mean_before' if title == 'before' else 'mean_after']:.3f})")
+        ax.set_xlabel("GPU (EP rank)")
+    axes[0].set_ylabel("MoE layer")
+    fig.colorbar(im, ax=axes, label="tokens")
+    fig.savefig(path, dpi=100)
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    connect(args.address)
+    actor = get_eplb_actor(args.app)
+    try:
+        report = ray.get(actor.rebalance.remote(dry_run=args.dry_run))
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        print(f"moeserve rebalance: error: {cause}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else format_report(report))
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def add_rebalance_parser(sub) -> None:
+    p = sub.add_parser("rebalance", help="plan (and apply) a new expert placement on a running deployment")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--app", default="moeserve", help="application name (default: moeserve)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan without moving anything")
+    p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG heatmap of load per GPU")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_rebalance)
