@@ -126,7 +126,7 @@ class Controller:
         try:
             dead = self.group.dead_ranks(timeout_s)
         except ray.exceptions.RayTaskError as exc:  # a rank answered, but its engine loop has failed
-            return f"a rank's engine failed: {exc.cause!r}"
+            return f"a rank's engine failed: {str(exc.cause)[:300]}"
         return f"ranks {dead} died or stopped answering" if dead else None
 
     async def _restart(self, reason: str) -> None:

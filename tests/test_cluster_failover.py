@@ -1,6 +1,6 @@
-"""A rank dies under load: every in-flight request ends at once with a clear, retriable error (a 503, or an error
-event on a stream that had started), the controller restarts the whole group (generation + 1) and new requests
-are served again, with the same greedy output as before. Real Ray, real Serve, real HTTP, DP = EP = 2 on CPU."""
+"""A rank dies under load: every in-flight request ends at once with a clear, retriable error (a 503, or an
+error event on a stream that had started), the controller restarts the whole group (generation + 1) and new
+requests are served again, with the same greedy output as before. Real Ray, Serve and HTTP; DP = EP = 2 on CPU."""
 
 from __future__ import annotations
 
@@ -97,11 +97,14 @@ def test_killing_a_rank_fails_inflight_requests_fast_and_the_group_comes_back(ap
             started, count = asyncio.Event(), [0] * NUM_STREAMS
             streams = [asyncio.create_task(stream_until_end(client, url, i, started, count))
                        for i in range(NUM_STREAMS)]
-            plain = [asyncio.create_task(client.post(f"{url}/v1/completions", json={**LONG, "prompt": f"plain {i}"}))
-                     for i in range(NUM_PLAIN)]
+            plain = [
+                asyncio.create_task(client.post(f"{url}/v1/completions", json={**LONG, "prompt": f"plain {i}"}))
+                for i in range(NUM_PLAIN)
+            ]
             await asyncio.wait_for(started.wait(), 120)
             # Every request is on a rank (the plain ones too) before one rank is killed.
-            assert await asyncio.to_thread(wait_until, lambda: total_running() == NUM_STREAMS + NUM_PLAIN, 120)
+            all_running = lambda: total_running() == NUM_STREAMS + NUM_PLAIN  # noqa: E731
+            assert await asyncio.to_thread(wait_until, all_running, 120)
             _, actors = await controller().workers.remote()
             ray.kill(actors[1])
             # A hang fails here: every request must end within 30 s of the kill.
@@ -123,10 +126,11 @@ def test_killing_a_rank_fails_inflight_requests_fast_and_the_group_comes_back(ap
 
     assert wait_until(restarted, 180)
     status = controller().status.remote().result(timeout_s=30)
-    assert status["restarts"] == 1 and "died" in status["last_failure"]
+    # The monitor sees the dead rank, or first the survivor's failed collective: either names a rank.
+    assert status["restarts"] == 1 and "rank" in status["last_failure"]
     assert httpx.get(f"{url}/health", timeout=30).status_code == 200
     # New requests are served again, on both ranks, with the same greedy output as before the failure.
-    for i in range(4):
+    for _ in range(4):
         after = httpx.post(f"{url}/v1/completions", json=probe, timeout=60)
         assert after.status_code == 200, after.text
         assert after.json()["choices"][0]["text"] == before

@@ -54,7 +54,6 @@ def random_moe(num_tokens, hidden, inter, num_experts, top_k, dtype, seed=0, dev
 
 def test_reference_matches_torch_experts():
     from moeserve.kernels import moe_reference
-
     from moeserve.moe.experts import torch_experts
 
     x, w13, w2, tw, ids = random_moe(9, 32, 24, 5, 2, torch.float32, skip_expert=3)

@@ -24,7 +24,7 @@ from moeserve.models.config import ModelConfig, UnsupportedModelError
 from moeserve.moe.dispatcher import LocalDispatcher
 from moeserve.moe.experts import TorchExperts
 from moeserve.moe.placement import ExpertPlacement
-from moeserve.testing.tiny_checkpoints import build_tiny_checkpoint, demo_checkpoint
+from moeserve.testing.tiny_checkpoints import DEMO_NAME, build_tiny_checkpoint, demo_checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -304,10 +304,10 @@ def test_tied_embeddings_match_transformers(tmp_path):
 def test_demo_checkpoint_is_built_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MOESERVE_CACHE", str(tmp_path))
     path = demo_checkpoint()
-    assert path == tmp_path / "demo-v1" and (path / "tokenizer.json").is_file()
+    assert path == tmp_path / DEMO_NAME and (path / "tokenizer.json").is_file()
     stamp = (path / "config.json").stat().st_mtime_ns
     assert demo_checkpoint() == path and (path / "config.json").stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == ["demo-v1"]  # no temporary directory left behind
+    assert [p.name for p in tmp_path.iterdir()] == [DEMO_NAME]  # no temporary directory left behind
     model, cfg = load(path)
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_experts, cfg.top_k) == (128, 4, 16, 4)
     gen = json.loads((path / "generation_config.json").read_text())
