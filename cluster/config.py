@@ -130,7 +130,8 @@ class DeployConfig(_Strict):
         """This config with the model path and the device pinned, so every process agrees on them
         (the demo model is built once, by the caller; device "auto" is decided here, where Ray is seen)."""
         device = "cuda" if self.use_gpu() else "cpu"
-        return self.model_copy(update={"model": model_path, "device": device})
+        # The served name is fixed first: the demo model keeps its name once its path is known.
+        return self.model_copy(update={"model": model_path, "device": device, "served_model_name": self.model_name})
 
     def engine_config(self, model_path: str) -> EngineConfig:
         e = self.engine

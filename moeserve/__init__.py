@@ -5,9 +5,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# In a source tree (e.g. a Ray job's --working-dir), cluster/, eplb/ and kernels/ sit beside this folder: import
+# them from that same tree as moeserve.cluster / .eplb / .kernels, as the installed distribution maps them.
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+if (_SOURCE_ROOT / "cluster" / "launch.py").is_file():
+    __path__.append(str(_SOURCE_ROOT))
 __all__ = ["LLM", "SamplingParams", "EngineConfig", "__version__"]
 
 if TYPE_CHECKING:

@@ -142,7 +142,8 @@ def _kv(runner: ModelRunner) -> list[torch.Tensor]:
 def test_padded_decode_batch_matches_eager_and_spares_real_blocks(arch, device, tiny_checkpoint):
     if device == "cuda" and not _triton_ready():
         pytest.skip("Triton backends not importable")
-    path = str(tiny_checkpoint(arch))
+    # MLA with rope width 16: the smallest the latent decode kernel's tl.dot accepts (the tiny default is 8).
+    path = str(tiny_checkpoint(arch, **({"qk_rope_head_dim": 16} if arch == "deepseek_v2" else {})))
     config = EngineConfig(
         model=path,
         device=device,
@@ -230,22 +231,37 @@ def test_cuda_graphs_on_equals_off(arch, tiny_checkpoint):
     assert outs[True] == outs[False]
 
 
+def _prefill_logits(path: str, dtype: str, prompts) -> torch.Tensor:
+    """Logits [len(prompts), vocab] (float64) at each prompt's last token, one prefill batch on CUDA."""
+    config = EngineConfig(
+        model=path, device="cuda", dtype=dtype, num_kv_blocks=3 * len(prompts), enable_cuda_graphs=False
+    )
+    runner = ModelRunner(config, path)
+    greedy = SamplingParams(temperature=0.0)
+    reqs = [
+        ScheduledRequest(f"r{i}", p, 0, [3 * i, 3 * i + 1, 3 * i + 2], True, greedy)
+        for i, p in enumerate(prompts)
+    ]
+    with torch.inference_mode():
+        batch = runner.build_batch(reqs)
+        return runner.model.compute_logits(runner.model(batch)[batch.sample_indices]).double()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_bf16_first_tokens_match_fp32(arch, tiny_checkpoint):
-    """bf16 (the serving dtype) picks fp32's tokens wherever fp32's choice is clear (log-prob gap > 0.5),
-    up to the first unclear step."""
+def test_bf16_close_to_fp32(arch, tiny_checkpoint):
+    """bf16 (the serving dtype) computes the same function as fp32 within bf16's error.
+
+    Per prompt, the relative error of the centred logits is typically 1-2 %; a prompt whose router scores
+    nearly tie can pick another expert in bf16 (measured on the CPU: up to ~20 % for such a prompt), so the
+    median is held tight and the maximum loose (unrelated logits would give ~140 %). The greedy first token
+    agrees on most prompts."""
     path = str(tiny_checkpoint(arch))
     prompts = random_prompts(8, VOCAB_SIZE, 4, 40, seed=3)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
-    ref = LLM(path, dtype="float32", **CUDA).generate(prompts, params)
-    got = LLM(path, dtype="bfloat16", **CUDA).generate(prompts, params)
-    compared = 0
-    for r, g in zip(ref, got):
-        for step, (tok, entry) in enumerate(zip(r.token_ids, r.outputs[0].logprobs)):
-            (_, best), (_, second) = entry.top[0], entry.top[1]
-            if best - second < 0.5:
-                break
-            assert g.token_ids[step] == tok, f"step {step}: bf16 {g.token_ids[step]} vs fp32 {tok}"
-            compared += 1
-    assert compared >= len(prompts)  # most prompts' first token at least was clear
+    ref, got = _prefill_logits(path, "float32", prompts), _prefill_logits(path, "bfloat16", prompts)
+    ref_c, got_c = ref - ref.mean(-1, keepdim=True), got - got.mean(-1, keepdim=True)
+    rel = (got_c - ref_c).norm(dim=-1) / ref_c.norm(dim=-1)
+    agree = int((ref.argmax(-1) == got.argmax(-1)).sum())
+    print(f"[bf16] {arch}: relative error median {rel.median():.4f} max {rel.max():.4f}, argmax {agree}/8")
+    assert rel.median() < 0.05 and rel.max() < 0.5
+    assert agree >= 6

@@ -1,5 +1,5 @@
-"""The deployment path users run: a Ray head started with `ray start`, `ray job submit` of the launch entrypoint,
-HTTP queries against the app it deploys, `ray job stop` deleting the app, then the head stopped.
+"""The deployment path users run: a Ray head started with `ray start`, `ray job submit` of the launch
+entrypoint, HTTP queries against the app it deploys, `ray job stop` deleting the app, then the head stopped.
 
 The head runs as `ray start --head --block`, a child of this test: terminating it stops exactly this cluster
 (`ray stop` would stop every Ray on the machine).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -38,7 +39,7 @@ def free_port() -> int:
 
 
 def wait_until(condition, timeout_s: float) -> bool:
-    """Poll an outside system (the cluster, the HTTP endpoint) until condition() holds; False after timeout_s."""
+    """Poll an outside system (cluster, HTTP endpoint) until condition() holds; False after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -47,8 +48,20 @@ def wait_until(condition, timeout_s: float) -> bool:
     return True
 
 
+# Ray's token authentication (on by default for new clusters), with a token of this test's own, passed to the
+# head and to every CLI through the environment (the job inherits it from the head).
+ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+ENV.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+# Nothing is serving once the test ends: the head may stop at once instead of draining for half a minute.
+ENV["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+
+
+def run_cli(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
 def ray_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout)
+    return run_cli("ray", *args, timeout=timeout)
 
 
 def answers(url: str, status: int | str | None = 200) -> bool:
@@ -70,9 +83,7 @@ def head():
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         assert wait_until(lambda: answers(f"{dashboard}/api/version", "any") or proc.poll() is not None, 180)
@@ -107,34 +118,31 @@ def test_job_submit_serves_and_job_stop_deletes_the_app(head, tiny_checkpoint, t
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
     def job_status() -> str:
-        out = ray_cli("job", "status", "--address", dashboard, job_id, timeout=60).stdout
-        return next((w for w in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED") if w in out), "?")
+        done = ray_cli("job", "status", "--address", dashboard, job_id, timeout=60)
+        text = (done.stdout + done.stderr).lower()
+        # The CLI's wording: "... succeeded", "... was stopped", "... failed", else "Status for job ...: RUNNING".
+        return next((w for w in ("running", "pending", "succeeded", "stopped", "failed") if w in text), text)
 
     url = f"http://127.0.0.1:{port}"
     up = wait_until(lambda: answers(f"{url}/health"), 300)
     logs = ray_cli("job", "logs", "--address", dashboard, job_id, timeout=60).stdout
     assert up, f"the app never became healthy; job logs:\n{logs}"
     assert f"moeserve: app '{APP}' serving model 'tiny' at {url}" in logs
-    assert job_status() == "RUNNING"
+    assert job_status() == "running"
 
     body = {"model": "tiny", "prompt": "Hello, my name is", "max_tokens": 5, "temperature": 0}
     reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] >= 1
-    status = subprocess.run(
-        [str(BIN / "moeserve"), "status", "--address", gcs, "--app", APP],
-        capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-    )
+    status = run_cli("moeserve", "status", "--address", gcs, "--app", APP, timeout=120)
     assert status.returncode == 0 and "2 ranks (ep 2, cpu), state up" in status.stdout, status.stderr
 
     stop = ray_cli("job", "stop", "--address", dashboard, job_id)
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    assert job_status() == "STOPPED"
+    assert job_status() == "stopped"
     # The entrypoint deletes the app on SIGTERM: its route is gone (404 from Serve's proxy, or refused).
     assert wait_until(lambda: answers(f"{url}/health", 404) or answers(f"{url}/health", None), 120)
-    serve_status = subprocess.run(
-        [str(BIN / "serve"), "status", "--address", dashboard], capture_output=True, text=True, timeout=120
-    )
+    serve_status = run_cli("serve", "status", "--address", dashboard, timeout=120)
     assert APP not in serve_status.stdout, serve_status.stdout
     logs = ray_cli("job", "logs", "--address", dashboard, job_id, timeout=60).stdout
     assert f"SIGTERM received, deleting app '{APP}'" in logs

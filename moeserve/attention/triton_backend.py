@@ -22,15 +22,15 @@ from moeserve.kernels.mla_decode import mla_decode_attention
 def mla_lora_rank(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int | None:
     """kv_lora_rank when ``v_cache`` is ``k_cache[..., :rank]`` over one latent head (MLA), else None.
 
-    The latent kernel also needs rank and rope width to be powers of two; other shapes return None and run
-    the generic decode kernel, which reads V separately.
+    The latent kernel also needs rank and rope width to be powers of two of at least 16 (`tl.dot` needs
+    K >= 16); other shapes return None and run the generic decode kernel, which reads V separately.
     """
     if k_cache.shape[2] != 1 or v_cache.data_ptr() != k_cache.data_ptr():
         return None
     if v_cache.stride() != k_cache.stride() or v_cache.shape[:3] != k_cache.shape[:3]:
         return None
     rank, rope = v_cache.shape[-1], k_cache.shape[-1] - v_cache.shape[-1]
-    if rope <= 0 or triton.next_power_of_2(rank) != rank or triton.next_power_of_2(rope) != rope:
+    if min(rank, rope) < 16 or triton.next_power_of_2(rank) != rank or triton.next_power_of_2(rope) != rope:
         return None
     return rank
 

@@ -1,6 +1,11 @@
 """The model runner: turns a `SchedulerOutput` into one forward pass and a `ModelOutput`.
 
 It owns the model, the paged KV cache tensors and the sampler; it knows nothing of scheduling policy.
+
+On CUDA a step does not wait for the GPU until its end: batch tensors go up through pinned memory with
+non_blocking copies, decode-only steps replay a captured CUDA graph (`runner/cuda_graphs.py`), and the forward
+has no host syncs. The one sync left is the sampled ids coming back (`Sampler`'s `.tolist()`), which the
+scheduler needs before it can build step N+1; overlapping that would take placeholder tokens in the scheduler.
 """
 
 from __future__ import annotations
