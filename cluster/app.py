@@ -1,5 +1,5 @@
-"""The Serve application: `Ingress` (the OpenAI HTTP API, N CPU replicas) in front of one `Controller` (the worker
-group). `build_app` is the one way it is built, from `serve run`, a Serve config file or `moeserve.cluster.launch`:
+"""The Serve application: `Ingress` (the OpenAI HTTP API, N CPU replicas) in front of one `Controller` (the
+worker group). `build_app` builds it for `serve run`, a Serve config file and `moeserve.cluster.launch` alike:
 
     serve run moeserve.cluster.app:build_app model=/models/Qwen3-30B-A3B parallel.dp=4 parallel.ep=4
 
@@ -9,26 +9,28 @@ group). `build_app` is the one way it is built, from `serve run`, a Serve config
         route_prefix: /
         import_path: moeserve.cluster.app:build_app
         args: {parallel: {dp: 2, ep: 2}, engine: {max_model_len: 4096}}
+
+(With `serve run` / a Serve config, Serve's own HTTP options apply; `http:` is read by launch and the CLI.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ray import serve
+from ray.serve import Application
+
 from moeserve.cluster.config import DeployConfig, parse_deploy_config
 from moeserve.cluster.controller import actor_options, controller_deployment
 from moeserve.cluster.offline import resolve_model
 from moeserve.cluster.openai_app import build_openai_app
 from moeserve.cluster.serve_client import RayEngineClient
-from ray import serve
-from ray.serve import Application
-
 from moeserve.config import EngineConfig
 
 
 @serve.ingress()
 class Ingress:
-    """One HTTP replica: the OpenAI app over a `RayEngineClient` (Serve builds the app after the constructor)."""
+    """One HTTP replica: the OpenAI app over a `RayEngineClient` (Serve builds it after the constructor)."""
 
     def __init__(self, controller: Any, config: DeployConfig) -> None:
         self.config = config
@@ -43,10 +45,9 @@ class Ingress:
 
 
 def resolve_deploy_config(config: DeployConfig) -> DeployConfig:
-    """Pin what every replica must agree on: the model path (the demo model is built here, once), the device
-    (decided where the Ray cluster is visible) and the API key (read from $MOESERVE_API_KEY here)."""
-    model = resolve_model(EngineConfig(model=config.model)).model
-    return config.resolved(model).model_copy(update={"api_key": config.resolved_api_key})
+    """The config every replica gets: model path pinned (the demo model is built here, once), device and API
+    key decided here (see `DeployConfig.resolved`)."""
+    return config.resolved(resolve_model(EngineConfig(model=config.model)).model)
 
 
 def build_app(args: DeployConfig | dict[str, Any]) -> Application:

@@ -66,14 +66,14 @@ class HttpConfig(_Strict):
 
 class HealthConfig(_Strict):
     interval_s: float = Field(1.0, gt=0, description="how often the controller pings every rank")
-    ping_timeout_s: float = Field(10.0, gt=0, description="a rank that does not answer a ping in time is dead")
+    ping_timeout_s: float = Field(10.0, gt=0, description="a rank not answering a ping this fast is dead")
 
 
 class EplbConfig(_Strict):
     enabled: bool = False
     interval_s: float = Field(60.0, gt=0)
     window_steps: int = Field(1000, ge=1)
-    threshold: float = Field(0.05, ge=0, description="rebalance when balancedness would rise by more than this")
+    threshold: float = Field(0.05, ge=0, description="rebalance when balancedness would rise more than this")
     layers_per_chunk: int = Field(4, ge=1)
 
 
@@ -81,7 +81,7 @@ class DeployConfig(_Strict):
     """Everything one deployment needs. `model: null` serves the built-in demo model."""
 
     app_name: str = "moeserve"
-    route_prefix: str = "/"
+    route_prefix: str = Field("/", pattern=r"^/", description="the app's URL prefix")
     model: str | None = None
     served_model_name: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -97,8 +97,10 @@ class DeployConfig(_Strict):
     @model_validator(mode="after")
     def _check_model(self) -> DeployConfig:
         if self.model is not None and not Path(self.model).is_dir():
-            raise ValueError(f"model={self.model!r} is not a directory; give an HF-layout checkpoint directory "
-                             "or omit model for the demo model")
+            raise ValueError(
+                f"model={self.model!r} is not a directory; give an HF-layout checkpoint directory "
+                "or omit model for the demo model"
+            )
         return self
 
     @property
@@ -127,11 +129,14 @@ class DeployConfig(_Strict):
         return torch.cuda.is_available()
 
     def resolved(self, model_path: str) -> DeployConfig:
-        """This config with the model path and the device pinned, so every process agrees on them
-        (the demo model is built once, by the caller; device "auto" is decided here, where Ray is seen)."""
-        device = "cuda" if self.use_gpu() else "cpu"
-        # The served name is fixed first: the demo model keeps its name once its path is known.
-        return self.model_copy(update={"model": model_path, "device": device, "served_model_name": self.model_name})
+        """This config with everything pinned that every process must agree on: the model path (the caller
+        builds the demo model once), the device ("auto" is decided here, where the Ray cluster is seen), the
+        served name (the demo model keeps its name) and the API key (read from $MOESERVE_API_KEY here)."""
+        pinned = {
+            "model": model_path, "device": "cuda" if self.use_gpu() else "cpu",
+            "served_model_name": self.model_name, "api_key": self.resolved_api_key,
+        }
+        return self.model_copy(update=pinned)
 
     def engine_config(self, model_path: str) -> EngineConfig:
         e = self.engine
@@ -162,11 +167,13 @@ def load_deploy_config(path: str | Path, overrides: dict[str, Any] | None = None
 
 
 def parse_deploy_config(data: dict[str, Any], source: str = "config") -> DeployConfig:
-    """Validate settings; keys may be dotted ("parallel.dp": 2), as `serve run ... parallel.dp=2` passes them."""
+    """Validate settings; keys may be dotted ("parallel.dp": 2), as `serve run ... parallel.dp=2` passes."""
     try:
         return DeployConfig.model_validate(_expand_dotted(data))
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors()
+        )
         raise ValueError(f"invalid {source}: {problems}") from None
 
 

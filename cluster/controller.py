@@ -1,8 +1,8 @@
 """The controller: one Serve replica per deployment that owns the worker group and watches its health.
 
-Ingress replicas ask it for the worker handles (`workers`), for per-rank load (`loads`, feeding the router) and
-for operator status (`status`, what `moeserve status` and /metrics show). A monitor task pings every rank each
-`health.interval_s`; when one is dead or its engine loop has failed, the whole group is restarted (expert
+Ingress replicas ask it for the worker handles (`workers`), for per-rank load (`loads`, feeding the router)
+and for operator status (`status`, what `moeserve status` and /metrics show). A monitor task pings every rank
+each `health.interval_s`; when one is dead or its engine loop has failed, the whole group is restarted (expert
 parallelism cannot run with a rank missing) and the generation goes up, so ingress replicas refetch handles.
 
 Killing the old group is what makes in-flight requests fail fast: their streams end with an actor error, which
@@ -18,10 +18,11 @@ import time
 from typing import Any
 
 import ray
+from ray import serve
+
 from moeserve.cluster.config import DeployConfig
 from moeserve.cluster.worker import EngineWorker
 from moeserve.cluster.worker_group import WorkerGroup
-from ray import serve
 
 logger = logging.getLogger("moeserve")
 
@@ -30,17 +31,16 @@ STATS_TIMEOUT_S = 5.0
 
 
 class Controller:
-    """Owns the `WorkerGroup` of `EngineWorker`s for one app. Constructed by Serve (see `controller_deployment`).
+    """Owns the `WorkerGroup` of `EngineWorker`s of one app; Serve constructs it (`controller_deployment`).
 
-    state: "starting" (constructor), "up", "restarting" (a rank died; handles are being replaced),
-    "down" (a restart failed; the monitor retries on its next tick).
+    state: "up", "restarting" (a rank died; every rank is being replaced), "down" (a restart failed; the
+    monitor tries again on its next tick).
     """
 
     async def __init__(self, config: DeployConfig) -> None:
         assert config.model is not None and config.device != "auto", "build_app pins model and device"
         self.config = config
         self.engine_config = config.engine_config(config.model)
-        self.state = "starting"
         self.restarts = 0
         self.last_failure: str | None = None
         self._loads: tuple[float, int, list[int] | None] = (0.0, -1, None)
@@ -130,7 +130,8 @@ class Controller:
         return f"ranks {dead} died or stopped answering" if dead else None
 
     async def _restart(self, reason: str) -> None:
-        logger.warning("app %r: %s; restarting all %d ranks", self.config.app_name, reason, self.group.num_ranks)
+        app, num_ranks = self.config.app_name, self.group.num_ranks
+        logger.warning("app %r: %s; restarting all %d ranks", app, reason, num_ranks)
         self.state = "restarting"
         self.last_failure = reason
         try:
@@ -150,7 +151,8 @@ class Controller:
             raise RuntimeError(f"the health monitor stopped: {self._monitor.exception()!r}")
 
     def __del__(self) -> None:
-        # Serve calls this when the app is deleted; the ranks would also die with this actor (Ray fate-sharing).
+        # Serve calls this when the app is deleted (the ranks would die with this actor anyway: Ray
+        # fate-shares actors with their owner).
         group = getattr(self, "group", None)
         if group is not None:
             group.shutdown()
@@ -164,6 +166,8 @@ def controller_deployment(config: DeployConfig) -> serve.Deployment:
         num_replicas=1,
         max_ongoing_requests=1000,
         ray_actor_options=actor_options(config, num_cpus=0.1),
+        # Ingress replicas poll `loads` four times a second each: an access-log line per call is noise.
+        logging_config={"enable_access_log": False},
     )
 
 
@@ -176,7 +180,7 @@ def actor_options(config: DeployConfig, num_cpus: float) -> dict[str, Any]:
     return options
 
 
-# ---- `moeserve status` ---------------------------------------------------------------------------------------
+# ---- `moeserve status` ------------------------------------------------------------------------------------
 def fetch_status(address: str | None, app_name: str, timeout_s: float = 30.0) -> dict[str, Any]:
     """Connect to the Ray cluster (address / $RAY_ADDRESS / a local one) and ask the app's controller.
     Raises ConnectionError (no cluster), LookupError (no such moeserve app) or TimeoutError."""
@@ -207,7 +211,8 @@ def format_status(status: dict[str, Any]) -> str:
     if not status["ranks"]:
         lines.append("ranks: not answering (restarting?)")
         return "\n".join(lines)
-    lines.append(f"{'rank':>4} {'running':>8} {'waiting':>8} {'kv_use':>7} {'prefix_hit':>10} {'preempted':>9}")
+    header = ("rank", "running", "waiting", "kv_use", "prefix_hit", "preempted")
+    lines.append("{:>4} {:>8} {:>8} {:>7} {:>10} {:>9}".format(*header))
     for s in status["ranks"]:
         lines.append(
             f"{s['rank']:>4} {s['num_running']:>8} {s['num_waiting']:>8} {s['kv_usage']:>7.1%} "

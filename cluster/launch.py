@@ -2,10 +2,10 @@
 
     ray job submit --working-dir . -- python -m moeserve.cluster.launch --config deploy.yaml [--detach]
 
-Connects to the cluster (RAY_ADDRESS, which `ray job submit` sets, or --address), starts Serve's HTTP proxy on
-`http.host:http.port`, deploys the app named `app_name`, waits until its /health answers 200 and prints the URL.
-Without --detach it then stays up until SIGINT/SIGTERM (`ray job stop` sends SIGTERM) and deletes the app; with
---detach it returns 0 once healthy and the app keeps running (delete it with `serve delete <app_name>`).
+Connects to the cluster (RAY_ADDRESS, which `ray job submit` sets, or --address), starts Serve's HTTP proxy
+on `http.host:http.port`, deploys the app named `app_name`, waits until its /health answers 200 and prints the
+URL. Without --detach it then stays up until SIGINT/SIGTERM (`ray job stop` sends SIGTERM) and deletes the
+app; with --detach it returns 0 once healthy and the app keeps running (`serve delete <app_name>` removes it).
 
 `ray job stop` kills the entrypoint 3 s after SIGTERM unless the cluster sets RAY_JOB_STOP_WAIT_TIME_S: the
 delete is requested first thing, so Serve finishes it even if this process is killed while waiting.
@@ -24,8 +24,9 @@ import time
 
 import httpx
 import ray
-from moeserve.cluster.config import DeployConfig, load_deploy_config
 from ray import serve
+
+from moeserve.cluster.config import DeployConfig, load_deploy_config
 
 logger = logging.getLogger("moeserve")
 

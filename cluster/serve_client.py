@@ -58,7 +58,7 @@ class RayEngineClient:
         self._controller = controller
         self._generation = -1
         self._actors: list[Any] | None = None
-        self._actors_lock = asyncio.Lock()
+        self._fetch: asyncio.Task | None = None
         # Load bookkeeping, all per rank. Own in-flight requests now, and when the snapshot was asked for.
         self._inflight = [0] * self.num_ranks
         self._snapshot: list[int] = [0] * self.num_ranks
@@ -81,7 +81,7 @@ class RayEngineClient:
             raise bad_request(str(exc), param="prompt") from None
         self._start_refresher()
         # A request whose rank turns out dead before it produced anything is sent again, once, if the group
-        # has already been replaced (handles older than the controller's): nothing was delivered, so it is safe.
+        # has already been replaced (our handles were stale): nothing was delivered yet, so that is safe.
         for attempt in range(2):
             generation, actors = await self._workers()
             rank = self.router.route(ids, self.loads())
@@ -147,7 +147,7 @@ class RayEngineClient:
             raise EngineUnavailable(f"the workers are {status['state']}")
         return {"ranks": status["ranks"], "balancedness": status["balancedness"]}
 
-    # ---- routing ---------------------------------------------------------------------------------------------
+    # ---- routing -----------------------------------------------------------------------------------------
     def loads(self) -> list[int]:
         """Per-rank load the router sees: the controller's snapshot + this replica's change since then."""
         return [
@@ -167,8 +167,8 @@ class RayEngineClient:
             asked_at = list(self._inflight)
             try:
                 generation, loads = await self._call_controller("loads")
-            except Exception:
-                logger.warning("loads from the controller failed", exc_info=True)
+            except Exception as exc:  # routing goes on with the last snapshot
+                logger.warning("loads from the controller failed: %s", exc)
             else:
                 if generation != self._generation:
                     self._forget_workers(self._generation)
@@ -176,15 +176,21 @@ class RayEngineClient:
                     self._snapshot, self._inflight_at_snapshot = loads, asked_at
             await asyncio.sleep(LOADS_REFRESH_S)
 
-    # ---- worker handles --------------------------------------------------------------------------------------
+    # ---- worker handles ----------------------------------------------------------------------------------
     async def _workers(self) -> tuple[int, list[Any]]:
-        async with self._actors_lock:  # one fetch for a burst of requests
-            if self._actors is None:
-                generation, actors = await self._call_controller("workers")
-                if not actors:
-                    raise EngineUnavailable("the workers are restarting")
-                self._generation, self._actors = generation, actors
-            return self._generation, self._actors
+        if self._actors is None:
+            # One fetch shared by every request that needs it (a burst after a restart asks once, and all of
+            # them fail together, not one controller timeout after another, if the controller is stuck).
+            if self._fetch is None or self._fetch.done():
+                self._fetch = asyncio.get_running_loop().create_task(self._fetch_workers())
+            await asyncio.shield(self._fetch)
+        return self._generation, self._actors
+
+    async def _fetch_workers(self) -> None:
+        generation, actors = await self._call_controller("workers")
+        if not actors:
+            raise EngineUnavailable("the workers are restarting")
+        self._generation, self._actors = generation, actors
 
     def _forget_workers(self, generation: int) -> None:
         if generation == self._generation:
@@ -193,7 +199,7 @@ class RayEngineClient:
     async def _call_controller(self, method: str) -> Any:
         try:
             return await asyncio.wait_for(getattr(self._controller, method).remote(), CONTROLLER_TIMEOUT_S)
-        except (asyncio.TimeoutError, ray.exceptions.RayActorError) as exc:
+        except Exception as exc:  # timeout, controller replica gone or not yet up
             raise EngineUnavailable(f"the controller does not answer ({type(exc).__name__})") from None
 
     def _background(self, ref: ray.ObjectRef) -> None:

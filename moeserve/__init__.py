@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# In a source tree (e.g. a Ray job's --working-dir), cluster/, eplb/ and kernels/ sit beside this folder: import
-# them from that same tree as moeserve.cluster / .eplb / .kernels, as the installed distribution maps them.
+# In a source tree (e.g. a Ray job's --working-dir), cluster/, eplb/ and kernels/ sit beside this folder:
+# import them from that same tree as moeserve.cluster / .eplb / .kernels, as the installed package maps them.
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 if (_SOURCE_ROOT / "cluster" / "launch.py").is_file():
     __path__.append(str(_SOURCE_ROOT))

@@ -69,7 +69,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict:
         "http.port": args.port, "parallel.dp": args.dp, "parallel.ep": args.ep,
         "parallel.redundant_experts": args.redundant_experts, "parallel.tbo": True if args.tbo else None,
         "engine.max_model_len": args.max_model_len, "engine.max_num_seqs": args.max_num_seqs,
-        "engine.num_kv_blocks": args.num_kv_blocks, "ingress.replicas": args.replicas, "api_key": args.api_key,
+        "engine.num_kv_blocks": args.num_kv_blocks, "ingress.replicas": args.replicas,
+        "api_key": args.api_key,
     }
     return {k: v for k, v in flags.items() if v is not None}
 
@@ -127,14 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser(
-        "serve", help="serve the OpenAI API with Ray Serve (no arguments: the demo model on CPU at 127.0.0.1:8000)"
+        "serve", help="serve the OpenAI API on Ray Serve (no arguments: the demo model at 127.0.0.1:8000)"
     )
     s.add_argument("--config", default=None, help="deploy.yaml; flags given here override its settings")
     s.add_argument("--model", default=None, help="HF-layout checkpoint directory (default: the demo model)")
     s.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     s.add_argument("--dp", type=int, default=None, help="data-parallel ranks (default 1)")
-    s.add_argument("--ep", type=int, default=None, help="expert-parallel size: 1 or equal to --dp (default 1)")
+    s.add_argument("--ep", type=int, default=None, help="expert-parallel size: 1 or --dp (default 1)")
     s.add_argument("--redundant-experts", type=int, default=None)
     s.add_argument("--tbo", action="store_true", help="two-batch overlap")
     s.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
@@ -143,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-kv-blocks", type=int, default=None)
     s.add_argument("--replicas", type=int, default=None, help="HTTP ingress replicas (default 1)")
     s.add_argument("--app-name", default=None, help="Serve application name (default moeserve)")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default $MOESERVE_API_KEY)")
-    s.add_argument("--address", default=None, help="join this Ray cluster (default $RAY_ADDRESS, else a local one)")
+    s.add_argument("--api-key", default=None, help="require this Bearer key (default $MOESERVE_API_KEY)")
+    s.add_argument(
+        "--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)"
+    )
     s.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the app to be healthy")
     s.set_defaults(func=cmd_serve)
 

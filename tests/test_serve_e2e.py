@@ -26,10 +26,11 @@ import pytest
 openai = pytest.importorskip("openai")
 ray = pytest.importorskip("ray")
 
+from ray import serve  # noqa: E402
+
 from moeserve.cluster.config import parse_deploy_config  # noqa: E402
 from moeserve.cluster.launch import delete_app, deploy  # noqa: E402
 from moeserve.sampling_params import SamplingParams  # noqa: E402
-from ray import serve  # noqa: E402
 
 MAX_MODEL_LEN = 512
 PROMPTS = ["Hello, my name is", "The capital of France", "1, 2, 3, 4,", "def add(a, b):", "Once upon a time"]
