@@ -3,7 +3,12 @@ moeserve.kernels, moeserve.eplb and moeserve.cluster (see docs/architecture.md).
 
 from setuptools import find_packages, setup
 
-ROOTS = {"moeserve": "moeserve", "moeserve.kernels": "kernels", "moeserve.eplb": "eplb", "moeserve.cluster": "cluster"}
+ROOTS = {
+    "moeserve": "moeserve",
+    "moeserve.kernels": "kernels",
+    "moeserve.eplb": "eplb",
+    "moeserve.cluster": "cluster",
+}
 
 packages = []
 for package, folder in ROOTS.items():

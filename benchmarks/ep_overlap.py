@@ -100,8 +100,11 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
         return (torch.randn(*shape, generator=g) * 0.02).to(device=device, dtype=dtype)
 
     layers = [
-        ((rand(args.hidden, args.attn_rank), rand(args.attn_rank, args.hidden)),
-         rand(local, 2 * args.inter, args.hidden), rand(local, args.hidden, args.inter))
+        (
+            (rand(args.hidden, args.attn_rank), rand(args.attn_rank, args.hidden)),
+            rand(local, 2 * args.inter, args.hidden),
+            rand(local, args.hidden, args.inter),
+        )
         for _ in range(args.layers)
     ]
     x = rand(args.tokens, args.hidden)
@@ -167,8 +170,10 @@ def main() -> None:
     per_layer = {k: agg[k] / args.layers * 1e3 for k in ("compute_s", "comm_s")}
     compute, comm = per_layer["compute_s"], per_layer["comm_s"]
     ideal = (compute + comm) / max(compute, comm)
-    print(f"\n{args.ranks} {args.backend} ranks, {args.tokens} tokens/rank, hidden {args.hidden}, "
-          f"{args.experts} experts top-{args.topk}, {args.layers} layers, median of {args.repeats}")
+    print(
+        f"\n{args.ranks} {args.backend} ranks, {args.tokens} tokens/rank, hidden {args.hidden}, "
+        f"{args.experts} experts top-{args.topk}, {args.layers} layers, median of {args.repeats}"
+    )
     print(f"{'per layer':<34}{'ms':>10}")
     print(f"{'  compute (dense + route + experts)':<34}{compute:>10.2f}")
     print(f"{'  communication (dispatch+combine)':<34}{comm:>10.2f}  (includes waiting for the slowest rank)")
@@ -178,8 +183,18 @@ def main() -> None:
     gain = agg["step_off_s"] / agg["step_on_s"]
     print(f"measured speed-up {gain:.2f}x; ideal with full overlap (compute+comm)/max = {ideal:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "per_rank": per_rank, "per_layer_ms": per_layer,
-                                          "speedup": gain, "ideal_speedup": ideal}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "per_rank": per_rank,
+                "per_layer_ms": per_layer,
+                "speedup": gain,
+                "ideal_speedup": ideal,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 
 import torch
+
 from moeserve.kernels.attention_reference import make_paged_cache, query_start_loc, rel_err
 
 BF16 = torch.bfloat16
@@ -136,8 +137,9 @@ def bench_mla_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
 def _sdpa_baseline(q, k, v, bt, qsl, seq, new, scale):
     """torch SDPA per request on contiguous, head-expanded copies (copies made outside the timed region)."""
     import torch.nn.functional as F
-    from moeserve.kernels.attention_reference import gather_paged
     from torch.nn.attention.bias import causal_lower_right
+
+    from moeserve.kernels.attention_reference import gather_paged
 
     group = q.shape[1] // k.shape[2]
     items = []

@@ -79,16 +79,25 @@ def main() -> None:
         ("moeserve engine", ours_s, out_tokens / ours_s),
         (f"transformers.generate (batch {args.hf_batch_size})", hf_s, out_tokens / hf_s),
     ]
-    print(f"\nmodel {args.model}: {args.num_requests} requests, input {args.input_len}, output {args.output_len} "
-          f"tokens, greedy, CPU threads {torch.get_num_threads()}")
+    print(
+        f"\nmodel {args.model}: {args.num_requests} requests, input {args.input_len}, output {args.output_len} "
+        f"tokens, greedy, CPU threads {torch.get_num_threads()}"
+    )
     print(f"{'engine':<40} {'seconds':>9} {'output tok/s':>13}")
     for name, s, tps in rows:
         print(f"{name:<40} {s:>9.2f} {tps:>13.1f}")
-    print(f"ratio moeserve / transformers: {hf_s / ours_s:.2f}x; identical greedy outputs: {same}/{len(prompts)}")
+    print(
+        f"ratio moeserve / transformers: {hf_s / ours_s:.2f}x; identical greedy outputs: {same}/{len(prompts)}"
+    )
     result = {
-        "model": args.model, "num_requests": args.num_requests, "input_len": args.input_len,
-        "output_len": args.output_len, "threads": torch.get_num_threads(),
-        "moeserve_seconds": ours_s, "transformers_seconds": hf_s, "speedup": hf_s / ours_s,
+        "model": args.model,
+        "num_requests": args.num_requests,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "threads": torch.get_num_threads(),
+        "moeserve_seconds": ours_s,
+        "transformers_seconds": hf_s,
+        "speedup": hf_s / ours_s,
         "identical_outputs": same,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

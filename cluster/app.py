@@ -39,10 +39,6 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         return build_openai_app(self.client, api_key=self.config.api_key)
 
-    async def routing_stats(self) -> dict[str, list[int]]:
-        """Requests this replica sent to each rank, its in-flight counts and the loads it routes by."""
-        return self.client.routing_stats()
-
 
 def resolve_deploy_config(config: DeployConfig) -> DeployConfig:
     """The config every replica gets: model path pinned (the demo model is built here, once), device and API

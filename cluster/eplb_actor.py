@@ -54,8 +54,10 @@ class EplbActor:
 
     async def _collect(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
         if len(self.workers) < 2:
-            raise ValueError("expert load balancing needs expert parallelism (EP > 1); this deployment has "
-                             f"{len(self.workers)} rank(s) holding all experts")
+            raise ValueError(
+                "expert load balancing needs expert parallelism (EP > 1); this deployment has "
+                f"{len(self.workers)} rank(s) holding all experts"
+            )
         loads = await asyncio.gather(*(w.expert_load.remote() for w in self.workers))
         logical = sum(torch.tensor(entry["logical"], dtype=torch.float64) for entry in loads)
         return logical, torch.tensor(loads[0]["phy2log"]), loads[0]
@@ -64,8 +66,12 @@ class EplbActor:
         logical, current, info = await self._collect()
         num_gpus = len(self.workers)
         proposal = await asyncio.to_thread(
-            propose, logical, current, num_groups=info["num_groups"],
-            num_nodes=max(1, num_gpus // info["gpus_per_node"]), num_gpus=num_gpus,
+            propose,
+            logical,
+            current,
+            num_groups=info["num_groups"],
+            num_nodes=max(1, num_gpus // info["gpus_per_node"]),
+            num_gpus=num_gpus,
             expert_bytes=info["expert_bytes"],
         )
         return proposal, current
@@ -98,8 +104,9 @@ class EplbActor:
         plan_id = next(self._plan_ids)
         new = proposal.new_phy2log.tolist()
         t0 = time.monotonic()
-        await asyncio.gather(*(w.start_rebalance.remote(plan_id, new, self.settings.layers_per_chunk)
-                               for w in self.workers))
+        await asyncio.gather(
+            *(w.start_rebalance.remote(plan_id, new, self.settings.layers_per_chunk) for w in self.workers)
+        )
         while True:
             status = await asyncio.gather(*(w.rebalance_status.remote() for w in self.workers))
             if all(s["plan_id"] == plan_id and not s["running"] for s in status):
@@ -122,7 +129,9 @@ class EplbActor:
             try:
                 report = await self.rebalance(dry_run=False, force=False)
                 if report["applied"]:
-                    logger.info("EPLB: balancedness %.3f -> %.3f", report["mean_before"], report["mean_after"])
+                    logger.info(
+                        "EPLB: balancedness %.3f -> %.3f", report["mean_before"], report["mean_after"]
+                    )
             except Exception as e:  # a restart or an idle deployment: try again next interval
                 logger.warning("EPLB periodic rebalance skipped: %s", e)
 
@@ -142,6 +151,7 @@ def get_eplb_actor(app_name: str):
     try:
         return ray.get_actor(eplb_actor_name(app_name), namespace=NAMESPACE)
     except ValueError:
-        raise ValueError(f"no deployment named {app_name!r} with an EPLB actor is running on this Ray cluster "
-                         "(start one with `moeserve serve` or `ray job submit ... moeserve.cluster.launch`)"
-                         ) from None
+        raise ValueError(
+            f"no deployment named {app_name!r} with an EPLB actor is running on this Ray cluster "
+            "(start one with `moeserve serve` or `ray job submit ... moeserve.cluster.launch`)"
+        ) from None

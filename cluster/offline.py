@@ -8,9 +8,9 @@ import logging
 import os
 
 import ray
+
 from moeserve.cluster.worker import EngineWorker
 from moeserve.cluster.worker_group import WorkerGroup
-
 from moeserve.config import EngineConfig
 from moeserve.engine.prompts import PromptChecker
 from moeserve.outputs import StreamChunk
@@ -65,7 +65,11 @@ class RayEngineGroup:
             self.tokenizer, mc.vocab_size, config.max_model_len or mc.max_position_embeddings
         )
         self.group = WorkerGroup(
-            config.data_parallel_size, EngineWorker, {"config": self.config}, use_gpu=use_gpu, name=name,
+            config.data_parallel_size,
+            EngineWorker,
+            {"config": self.config},
+            use_gpu=use_gpu,
+            name=name,
             actor_options={"max_concurrency": 1000},
         )
 
@@ -81,7 +85,9 @@ class RayEngineGroup:
         per_rank: list[list[Job]] = [[] for _ in range(self.num_ranks)]
         for prompt_jobs, rank in zip(jobs, ranks):
             per_rank[rank].extend(prompt_jobs)
-        refs = [actor.generate_batch.remote(batch) for actor, batch in zip(self.group.actors, per_rank) if batch]
+        refs = [
+            actor.generate_batch.remote(batch) for actor, batch in zip(self.group.actors, per_rank) if batch
+        ]
         return {chunk.request_id: chunk for chunks in ray.get(refs) for chunk in chunks}
 
     def stats(self) -> list[dict]:

@@ -17,6 +17,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from moeserve.cluster.engine_client import EngineClient
 from moeserve.cluster.metrics import CONTENT_TYPE, ServingMetrics
 from moeserve.cluster.openai_format import (
@@ -42,9 +46,6 @@ from moeserve.cluster.protocol import (
     to_api_error,
     to_sampling_params,
 )
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 

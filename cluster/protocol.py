@@ -13,7 +13,6 @@ import dataclasses
 import logging
 from typing import Any, Literal, TypeVar
 
-from moeserve.cluster.engine_client import EngineOverloaded, EngineUnavailable
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from moeserve.cluster.engine_client import EngineOverloaded, EngineUnavailable
 from moeserve.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
 # -------------------------------------------------------------------------------------------- errors

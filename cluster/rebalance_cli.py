@@ -14,10 +14,11 @@ from moeserve.cluster.eplb_actor import NAMESPACE, get_eplb_actor
 def connect(address: str | None) -> None:
     """Join the Ray cluster at --address / RAY_ADDRESS / the local one; clear error when there is none."""
     try:
-        ray.init(address=address or "auto", namespace=NAMESPACE, logging_level="ERROR",
-                 log_to_driver=False)
+        ray.init(address=address or "auto", namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
     except ConnectionError as e:
-        raise ValueError(f"no Ray cluster found at {address or 'RAY_ADDRESS / the local node'}: {e}") from None
+        raise ValueError(
+            f"no Ray cluster found at {address or 'RAY_ADDRESS / the local node'}: {e}"
+        ) from None
 
 
 def format_report(report: dict) -> str:
@@ -27,9 +28,11 @@ def format_report(report: dict) -> str:
     lines.append(f"{'mean':>5} {report['mean_before']:>20.3f} {report['mean_after']:>8.3f}")
     lines.append(f"experts to move: {report['experts_moved']}  ({report['bytes_moved'] / 1e6:.1f} MB)")
     if report.get("applied"):
-        lines.append(f"applied as plan {report['plan_id']} in {report['seconds']:.2f}s: "
-                     f"{report['bytes_received'] / 1e6:.1f} MB moved in {report['chunks']} layer chunks, "
-                     f"checksums {'ok' if report['checksums_ok'] else 'MISMATCH'}")
+        lines.append(
+            f"applied as plan {report['plan_id']} in {report['seconds']:.2f}s: "
+            f"{report['bytes_received'] / 1e6:.1f} MB moved in {report['chunks']} layer chunks, "
+            f"checksums {'ok' if report['checksums_ok'] else 'MISMATCH'}"
+        )
     else:
         lines.append("dry run: nothing moved" if report["dry_run"] else "nothing to move")
     return "\n".join(lines)
@@ -47,8 +50,10 @@ def plot_report(report: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.3 * len(before) + 2), sharey=True)
     for ax, data, title in ((axes[0], before, "before"), (axes[1], after, "after")):
         im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-        ax.set_title(f"load per GPU {title} (mean balancedness "
-                     f"{report['mean_before' if title == 'before' else 'mean_after']:.3f})")
+        ax.set_title(
+            f"load per GPU {title} (mean balancedness "
+            f"{report['mean_before' if title == 'before' else 'mean_after']:.3f})"
+        )
         ax.set_xlabel("GPU (EP rank)")
     axes[0].set_ylabel("MoE layer")
     fig.colorbar(im, ax=axes, label="tokens")

@@ -39,6 +39,7 @@ logger = logging.getLogger("moeserve")
 class _RankGone(Exception):
     """The rank serving a request died or its engine failed."""
 
+
 LOADS_REFRESH_S = 0.25
 CONTROLLER_TIMEOUT_S = 30.0
 
@@ -63,7 +64,6 @@ class RayEngineClient:
         self._inflight = [0] * self.num_ranks
         self._snapshot: list[int] = [0] * self.num_ranks
         self._inflight_at_snapshot = [0] * self.num_ranks
-        self.routed = [0] * self.num_ranks  # requests sent to each rank since this replica started
         self._where: dict[str, tuple[Any, str]] = {}  # request id -> (actor, id on the rank)
         # Ids on the ranks are made unique per replica: clients may reuse x-request-id.
         self._tag = uuid.uuid4().hex[:8]
@@ -87,7 +87,6 @@ class RayEngineClient:
             rank = self.router.route(ids, self.loads())
             actor, rank_request_id = actors[rank], f"{request_id}@{self._tag}-{next(self._seq)}"
             self._inflight[rank] += 1
-            self.routed[rank] += 1
             self._where[request_id] = (actor, rank_request_id)
             finished = delivered = False
             try:
@@ -155,9 +154,6 @@ class RayEngineClient:
             for snap, now, then in zip(self._snapshot, self._inflight, self._inflight_at_snapshot)
         ]
 
-    def routing_stats(self) -> dict[str, list[int]]:
-        return {"routed": list(self.routed), "inflight": list(self._inflight), "loads": self.loads()}
-
     def _start_refresher(self) -> None:
         if self._refresher is None or self._refresher.done():
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loads())
@@ -178,19 +174,20 @@ class RayEngineClient:
 
     # ---- worker handles ----------------------------------------------------------------------------------
     async def _workers(self) -> tuple[int, list[Any]]:
-        if self._actors is None:
-            # One fetch shared by every request that needs it (a burst after a restart asks once, and all of
-            # them fail together, not one controller timeout after another, if the controller is stuck).
-            if self._fetch is None or self._fetch.done():
-                self._fetch = asyncio.get_running_loop().create_task(self._fetch_workers())
-            await asyncio.shield(self._fetch)
-        return self._generation, self._actors
+        if self._actors is not None:
+            return self._generation, self._actors
+        # One fetch shared by every request that needs it: a burst after a restart asks once, and if the
+        # controller is stuck they all fail together, not one controller timeout after another.
+        if self._fetch is None or self._fetch.done():
+            self._fetch = asyncio.get_running_loop().create_task(self._fetch_workers())
+        return await asyncio.shield(self._fetch)
 
-    async def _fetch_workers(self) -> None:
+    async def _fetch_workers(self) -> tuple[int, list[Any]]:
         generation, actors = await self._call_controller("workers")
         if not actors:
             raise EngineUnavailable("the workers are restarting")
         self._generation, self._actors = generation, actors
+        return generation, actors
 
     def _forget_workers(self, generation: int) -> None:
         if generation == self._generation:

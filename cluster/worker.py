@@ -12,7 +12,6 @@ import logging
 from collections.abc import AsyncIterator
 
 from moeserve.cluster.worker_group import RankActor
-
 from moeserve.config import EngineConfig
 from moeserve.engine.dp_sync import StepSync
 from moeserve.engine.engine import LLMEngine
@@ -44,11 +43,18 @@ class EngineWorker(RankActor):
             from moeserve.engine.eplb_state import RankEplb
 
             gpus_per_node = self._ranks_on_my_node()
-            self.engine.attach_eplb(RankEplb(
-                self.engine.runner.model, setup.placement, eplb_group=self.groups.eplb_group,
-                cpu_group=self.groups.cpu_group, rank=self.rank, gpus_per_node=gpus_per_node,
-                window_steps=self.config.eplb_window_steps, device=self.groups.device,
-            ))
+            self.engine.attach_eplb(
+                RankEplb(
+                    self.engine.runner.model,
+                    setup.placement,
+                    eplb_group=self.groups.eplb_group,
+                    cpu_group=self.groups.cpu_group,
+                    rank=self.rank,
+                    gpus_per_node=gpus_per_node,
+                    window_steps=self.config.eplb_window_steps,
+                    device=self.groups.device,
+                )
+            )
         self.loop = StepLoop(self.engine, self._on_chunks)
         self.loop.start()
 
@@ -73,13 +79,22 @@ class EngineWorker(RankActor):
         assert cfg.model is not None, "the group pins the model path before starting ranks"
         mc = ModelConfig.from_hf(read_hf_config(cfg.model))
         placement = ExpertPlacement.default(
-            mc.num_moe_layers, mc.num_experts, cfg.num_redundant_experts, self.rank, ep,
-            device=self.groups.device, dynamic=True,
+            mc.num_moe_layers,
+            mc.num_experts,
+            cfg.num_redundant_experts,
+            self.rank,
+            ep,
+            device=self.groups.device,
+            dynamic=True,
         )
         dispatcher = create_dispatcher(
-            cfg.moe_dispatcher, group=self.groups.ep_group, ep_size=ep,
-            num_local_slots=placement.num_local_slots, device=self.groups.device,
-            max_tokens_per_rank=cfg.max_num_batched_tokens, hidden=mc.hidden_size,
+            cfg.moe_dispatcher,
+            group=self.groups.ep_group,
+            ep_size=ep,
+            num_local_slots=placement.num_local_slots,
+            device=self.groups.device,
+            max_tokens_per_rank=cfg.max_num_batched_tokens,
+            hidden=mc.hidden_size,
         )
         sync = StepSync(self.groups.cpu_group, self.world_size, cfg.enable_tbo)
         tbo_dispatcher = dispatcher.sibling() if cfg.enable_tbo else None
@@ -112,7 +127,9 @@ class EngineWorker(RankActor):
             if not finished:
                 self.loop.abort(request_id)
 
-    async def generate_batch(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[StreamChunk]:
+    async def generate_batch(
+        self, requests: list[tuple[str, list[int], SamplingParams]]
+    ) -> list[StreamChunk]:
         """Offline: run many requests to completion; one merged chunk (whole output) per request, in order."""
 
         async def one(rid, prompt, params):
@@ -134,17 +151,25 @@ class EngineWorker(RankActor):
             eplb = self._require_eplb(engine)
             moe = eplb.layers[0]
             expert_bytes = (moe.w13[0].numel() + moe.w2[0].numel()) * moe.w13.element_size()
-            return {"logical": eplb.logical_load().tolist(), "phy2log": eplb.placement.phy2log.tolist(),
-                    "steps": min(eplb.window.steps_recorded, eplb.window.window), "expert_bytes": expert_bytes,
-                    "gpus_per_node": eplb.gpus_per_node, "num_groups": engine.runner.model_config.n_group or 1}
+            return {
+                "logical": eplb.logical_load().tolist(),
+                "phy2log": eplb.placement.phy2log.tolist(),
+                "steps": min(eplb.window.steps_recorded, eplb.window.window),
+                "expert_bytes": expert_bytes,
+                "gpus_per_node": eplb.gpus_per_node,
+                "num_groups": engine.runner.model_config.n_group or 1,
+            }
 
         return await self._on_loop(read)
 
-    async def start_rebalance(self, plan_id: int, new_phy2log: list[list[int]], layers_per_chunk: int) -> None:
+    async def start_rebalance(
+        self, plan_id: int, new_phy2log: list[list[int]], layers_per_chunk: int
+    ) -> None:
         import torch
 
-        await self._on_loop(lambda e: self._require_eplb(e).start(plan_id, torch.tensor(new_phy2log),
-                                                                 layers_per_chunk))
+        await self._on_loop(
+            lambda e: self._require_eplb(e).start(plan_id, torch.tensor(new_phy2log), layers_per_chunk)
+        )
 
     async def rebalance_status(self) -> dict:
         return await self._on_loop(lambda e: self._require_eplb(e).status())
@@ -162,7 +187,9 @@ class EngineWorker(RankActor):
     @staticmethod
     def _require_eplb(engine):
         if engine.eplb is None:
-            raise ValueError("expert load balancing needs expert_parallel_size > 1; this deployment has EP = 1")
+            raise ValueError(
+                "expert load balancing needs expert_parallel_size > 1; this deployment has EP = 1"
+            )
         return engine.eplb
 
     def stats(self) -> dict:

@@ -17,6 +17,9 @@ import os
 from typing import Any
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from moeserve.cluster.dist import (
     DistGroups,
     destroy_distributed,
@@ -24,8 +27,6 @@ from moeserve.cluster.dist import (
     init_distributed,
     tcp_init_method,
 )
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 logger = logging.getLogger("moeserve")
 

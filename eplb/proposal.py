@@ -61,5 +61,12 @@ def propose(
     before = gpu_loads(load, num_gpus, current)
     after = gpu_loads(load, num_gpus, new)
     plan = plan_moves(current, new, num_gpus, num_gpus // num_nodes)
-    return Proposal(new, balancedness(before), balancedness(after), before, after, plan.num_transfers,
-                    plan.bytes_moved(expert_bytes))
+    return Proposal(
+        new,
+        balancedness(before),
+        balancedness(after),
+        before,
+        after,
+        plan.num_transfers,
+        plan.bytes_moved(expert_bytes),
+    )

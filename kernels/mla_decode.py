@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from moeserve.kernels.attention_decode import LOG2E, alloc_partials, choose_num_splits, split_reduce
 
 

@@ -54,14 +54,26 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not supported; allowed: 'auto', {', '.join(map(repr, _DTYPES))}")
+            raise ValueError(
+                f"dtype={self.dtype!r} is not supported; allowed: 'auto', {', '.join(map(repr, _DTYPES))}"
+            )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device={self.device!r} is not supported; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
-        _positive(self, "block_size", "max_num_batched_tokens", "max_num_seqs", "data_parallel_size",
-                  "expert_parallel_size", "cuda_graph_max_batch")
+            raise ValueError(
+                f"device={self.device!r} is not supported; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"
+            )
+        _positive(
+            self,
+            "block_size",
+            "max_num_batched_tokens",
+            "max_num_seqs",
+            "data_parallel_size",
+            "expert_parallel_size",
+            "cuda_graph_max_batch",
+        )
         if self.cuda_graph_max_batch > 1024:
             raise ValueError(
-                f"cuda_graph_max_batch={self.cuda_graph_max_batch} is too large; allowed: 1..1024")
+                f"cuda_graph_max_batch={self.cuda_graph_max_batch} is too large; allowed: 1..1024"
+            )
         if not isinstance(self.enable_cuda_graphs, bool):
             raise ValueError(f"enable_cuda_graphs={self.enable_cuda_graphs!r} must be True or False")
         if self.expert_parallel_size not in (1, self.data_parallel_size):
@@ -72,8 +84,9 @@ class EngineConfig:
         if self.num_redundant_experts < 0:
             raise ValueError(f"num_redundant_experts={self.num_redundant_experts} must be >= 0")
         if self.moe_dispatcher not in ("auto", "local", "all_to_all", "deepep"):
-            raise ValueError(f"moe_dispatcher={self.moe_dispatcher!r}; allowed: 'auto', 'local', 'all_to_all', "
-                             "'deepep'")
+            raise ValueError(
+                f"moe_dispatcher={self.moe_dispatcher!r}; allowed: 'auto', 'local', 'all_to_all', 'deepep'"
+            )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} is too small; allowed: None or >= 2")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -1,4 +1,4 @@
-"""Shared pytest set-up: GPU markers skip cleanly without CUDA; tiny checkpoints are built once per session."""
+"""Shared pytest set-up: GPU markers skip without CUDA; tiny checkpoints are built once per session."""
 
 from __future__ import annotations
 

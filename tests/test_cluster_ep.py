@@ -52,8 +52,14 @@ def test_ep_matches_single_process(ray_cluster, tiny_checkpoint, arch, ranks, re
     prompts = prompts_for(single.engine.vocab_size)
     expected = [o.token_ids for o in single.generate(prompts, PARAMS)]
 
-    llm = LLM(path, device="cpu", data_parallel_size=ranks, expert_parallel_size=ranks,
-              num_redundant_experts=redundant, enable_tbo=tbo)
+    llm = LLM(
+        path,
+        device="cpu",
+        data_parallel_size=ranks,
+        expert_parallel_size=ranks,
+        num_redundant_experts=redundant,
+        enable_tbo=tbo,
+    )
     try:
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
         # Every request on rank 0: the other ranks step idle batches and still enter every collective.

@@ -28,7 +28,7 @@ def hf_greedy(path, prompts: list[list[int]], max_new_tokens: int) -> list[list[
         for p in prompts:
             ids = torch.tensor([p])
             out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
-            outs.append(out[0, len(p):].tolist())
+            outs.append(out[0, len(p) :].tolist())
     return outs
 
 
@@ -84,8 +84,10 @@ def test_batching_invariance_together_and_staggered(qwen):
 def test_seeded_sampling_is_batch_invariant(qwen):
     llm = LLM(qwen, device="cpu")
     prompts = random_prompts(6, llm.engine.vocab_size, 2, 30, seed=4)
-    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=100 + i, max_tokens=10, ignore_eos=True)
-              for i in range(len(prompts))]
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=100 + i, max_tokens=10, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
     together = [o.token_ids for o in llm.generate(prompts, params)]
     alone = [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
     assert together == alone
@@ -133,8 +135,9 @@ def test_text_prompts_stop_strings_and_logprobs(qwen):
     assert base.text == llm.tokenizer.decode(base.token_ids)
     if len(base.text) > 4:
         stop = base.text[2:4]
-        cut = llm.generate(["Hello world"], SamplingParams(temperature=0.0, max_tokens=20, stop=[stop],
-                                                          ignore_eos=True))[0]
+        cut = llm.generate(
+            ["Hello world"], SamplingParams(temperature=0.0, max_tokens=20, stop=[stop], ignore_eos=True)
+        )[0]
         assert cut.finish_reason == "stop" and cut.text == base.text[: base.text.index(stop)]
     lp = llm.generate(["Hello world"], SamplingParams(temperature=0.0, max_tokens=5, logprobs=3))[0]
     assert len(lp.logprobs) == len(lp.token_ids)
@@ -158,8 +161,14 @@ def test_bad_input_is_refused_clearly(qwen, tmp_path):
         llm.generate([[]], SamplingParams())
     with pytest.raises(ValueError, match=r"\[0, "):
         llm.generate([[10**9]], SamplingParams())
-    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(max_tokens=0), dict(n=0),
-                dict(temperature=float("nan"))):
+    for bad in (
+        dict(temperature=-1.0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(max_tokens=0),
+        dict(n=0),
+        dict(temperature=float("nan")),
+    ):
         field = next(iter(bad))
         with pytest.raises(ValueError, match=field):
             SamplingParams(**bad)
@@ -172,6 +181,8 @@ def test_bad_input_is_refused_clearly(qwen, tmp_path):
 
 
 def test_import_moeserve_does_not_import_ray():
-    code = "import sys, moeserve; from moeserve import LLM, SamplingParams; import moeserve.engine.engine; " \
-           "assert 'ray' not in sys.modules, 'ray was imported'"
+    code = (
+        "import sys, moeserve; from moeserve import LLM, SamplingParams; import moeserve.engine.engine; "
+        "assert 'ray' not in sys.modules, 'ray was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

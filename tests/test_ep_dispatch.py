@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from moeserve.cluster.dist import destroy_distributed, init_distributed
 
+from moeserve.cluster.dist import destroy_distributed, init_distributed
 from moeserve.forward_batch import ForwardMode
 from moeserve.moe.all_to_all import TorchAllToAllDispatcher
 from moeserve.moe.experts import torch_experts

@@ -8,8 +8,9 @@ import threading
 import pytest
 import ray
 import torch
-from moeserve.cluster.worker_group import RankActor, WorkerGroup
 from ray import cloudpickle
+
+from moeserve.cluster.worker_group import RankActor, WorkerGroup
 
 # Ray workers cannot import this test module by name: ship its classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

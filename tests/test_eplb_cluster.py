@@ -86,14 +86,19 @@ def test_rebalance_under_load(cluster, tiny_checkpoint, tmp_path):
                     table.setdefault((layer, e), set()).add(sums[p // slots][layer][p % slots])
             return table
 
-        old, new = by_expert(before_sums, placement_before), by_expert(ray.get([a.slot_checksums.remote() for a in group.actors]), after)
+        old, new = (
+            by_expert(before_sums, placement_before),
+            by_expert(ray.get([a.slot_checksums.remote() for a in group.actors]), after),
+        )
         assert all(len(v) == 1 for v in new.values()) and new == old
 
         # Greedy outputs unchanged, and the load measured afterwards is better balanced.
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
         measured = ray.get(eplb.rebalance.remote(dry_run=True))
-        print(f"balancedness: before {report['mean_before']:.3f}, predicted {report['mean_after']:.3f}, "
-              f"measured after {measured['mean_before']:.3f}")
+        print(
+            f"balancedness: before {report['mean_before']:.3f}, predicted {report['mean_after']:.3f}, "
+            f"measured after {measured['mean_before']:.3f}"
+        )
         assert measured["mean_before"] > report["mean_before"]
     finally:
         llm.shutdown()

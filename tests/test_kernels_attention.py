@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+
 from moeserve.kernels.attention_reference import make_paged_cache, query_start_loc, rel_err
 
 F16, F32 = torch.float16, torch.float32

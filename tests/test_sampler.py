@@ -1,4 +1,4 @@
-"""The sampler's batched top-k / top-p / min-p filter against a per-row reference, and its sampling contract."""
+"""The sampler's batched top-k / top-p / min-p filter against a per-row reference, and its contract."""
 
 from __future__ import annotations
 
@@ -39,8 +39,12 @@ def test_filter_matches_reference(seed):
 
 def test_greedy_rows_take_argmax_and_seeded_rows_repeat():
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
-    rows = [SamplingRow(SamplingParams(temperature=0.0), 0), SamplingRow(SamplingParams(seed=7), 3),
-            SamplingRow(SamplingParams(seed=7), 4), SamplingRow(SamplingParams(temperature=0.0), 1)]
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0), 0),
+        SamplingRow(SamplingParams(seed=7), 3),
+        SamplingRow(SamplingParams(seed=7), 4),
+        SamplingRow(SamplingParams(temperature=0.0), 1),
+    ]
     tokens, _ = Sampler()(logits, rows)
     assert tokens[0] == int(logits[0].argmax()) and tokens[3] == int(logits[3].argmax())
     # The same (seed, position) gives the same draw whatever else is in the batch.
@@ -60,8 +64,10 @@ def test_seeded_sampling_follows_the_distribution():
 
 def test_logprobs_are_log_softmax_of_raw_logits():
     logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(1))
-    rows = [SamplingRow(SamplingParams(temperature=0.0, logprobs=4), 0),
-            SamplingRow(SamplingParams(temperature=0.0), 0)]
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0, logprobs=4), 0),
+        SamplingRow(SamplingParams(temperature=0.0), 0),
+    ]
     tokens, lps = Sampler()(logits, rows)
     ref = torch.log_softmax(logits[0], -1)
     assert lps[1] is None
@@ -73,7 +79,10 @@ def test_token_mask_restricts_choices():
     logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(2))
     mask = torch.zeros(3, 20, dtype=torch.bool)
     mask[:, [3, 9]] = True
-    rows = [SamplingRow(SamplingParams(temperature=0.0), 0), SamplingRow(SamplingParams(seed=1), 0),
-            SamplingRow(SamplingParams(temperature=2.0, seed=2), 5)]
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0), 0),
+        SamplingRow(SamplingParams(seed=1), 0),
+        SamplingRow(SamplingParams(temperature=2.0, seed=2), 5),
+    ]
     tokens, _ = Sampler()(logits, rows, token_mask=mask)
     assert all(t in (3, 9) for t in tokens)

@@ -7,6 +7,7 @@ import random
 import re
 
 import pytest
+
 from moeserve.cluster.metrics import Registry, ServingMetrics
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$")

@@ -20,7 +20,6 @@ uvicorn = pytest.importorskip("uvicorn")
 from moeserve.cluster.engine_client import EngineOverloaded, EngineUnavailable  # noqa: E402
 from moeserve.cluster.metrics import ServingMetrics  # noqa: E402
 from moeserve.cluster.openai_app import build_openai_app  # noqa: E402
-
 from moeserve.outputs import StreamChunk  # noqa: E402
 from moeserve.scheduler.output import TokenLogprobs  # noqa: E402
 from moeserve.testing.byte_tokenizer import write_byte_tokenizer  # noqa: E402

@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+
 from moeserve.cluster.openai_format import chat_logprobs, completion_logprobs
 from moeserve.cluster.protocol import (
     APIError,
@@ -17,7 +18,6 @@ from moeserve.cluster.protocol import (
     resolve_max_tokens,
     to_sampling_params,
 )
-
 from moeserve.scheduler.output import TokenLogprobs
 from moeserve.testing.byte_tokenizer import write_byte_tokenizer
 from moeserve.tokenizer import Tokenizer

@@ -58,7 +58,9 @@ class StepSync:
     def agree(
         self, num_tokens: int, has_extend: bool, tbo_possible: bool, rebalance_id: int = 0
     ) -> StepPlan | None:
-        local = torch.tensor([num_tokens, int(has_extend), int(tbo_possible), rebalance_id], dtype=torch.int64)
+        local = torch.tensor(
+            [num_tokens, int(has_extend), int(tbo_possible), rebalance_id], dtype=torch.int64
+        )
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
         rows = [(int(t[0]), bool(t[1]), bool(t[2]), int(t[3])) for t in gathered]

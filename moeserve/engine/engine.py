@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 
 from moeserve.config import EngineConfig
-from moeserve.engine.dp_sync import StepSync
 from moeserve.engine.detokenizer import IncrementalDetokenizer
+from moeserve.engine.dp_sync import StepSync
 from moeserve.engine.prompts import PromptChecker
 from moeserve.outputs import StreamChunk
 from moeserve.request import Request
@@ -88,7 +88,9 @@ class LLMEngine:
         )
         self.scheduler.add_request(request)
         detok = IncrementalDetokenizer(
-            self.tokenizer, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+            self.tokenizer,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
             prompt_token_ids=prompt_ids,
         )
         self._tracked[request_id] = _Tracked(request, detok)
@@ -182,4 +184,8 @@ class LLMEngine:
         )
 
     def stats(self) -> dict:
-        return {**self.scheduler.stats(), "num_steps": self.num_steps, "num_tbo_steps": self.runner.num_tbo_steps}
+        return {
+            **self.scheduler.stats(),
+            "num_steps": self.num_steps,
+            "num_tbo_steps": self.runner.num_tbo_steps,
+        }

@@ -34,17 +34,27 @@ class Rebalance:
 class RankEplb:
     """Load statistics and weight moves of one EP rank."""
 
-    def __init__(self, model: torch.nn.Module, placement: ExpertPlacement, *, eplb_group: dist.ProcessGroup,
-                 cpu_group: dist.ProcessGroup, rank: int, gpus_per_node: int, window_steps: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        placement: ExpertPlacement,
+        *,
+        eplb_group: dist.ProcessGroup,
+        cpu_group: dist.ProcessGroup,
+        rank: int,
+        gpus_per_node: int,
+        window_steps: int,
+        device: torch.device,
+    ) -> None:
         layers = sorted((m for m in model.modules() if isinstance(m, MoELayer)), key=lambda m: m.layer_idx)
         assert [m.layer_idx for m in layers] == list(range(placement.num_layers)), "one MoE layer per row"
         self.placement = placement
         self.rank = rank
         self.gpus_per_node = gpus_per_node
         self.window = ExpertLoadWindow(placement.num_layers, placement.num_physical, window_steps, device)
-        self.step_counts = torch.zeros(placement.num_layers, placement.num_physical, dtype=torch.int64,
-                                       device=device)
+        self.step_counts = torch.zeros(
+            placement.num_layers, placement.num_physical, dtype=torch.int64, device=device
+        )
         self.mover = ExpertWeightMover(layers, placement, eplb_group, cpu_group, rank)
         self.layers = layers
         self.pending: Rebalance | None = None

@@ -62,17 +62,24 @@ class LLM:
         jobs: list[list[Job]] = []
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             rid = f"gen-{next(self._ids)}"
-            results.append(RequestOutput(rid, prompt if isinstance(prompt, str) else None, token_ids[i], [],
-                                         False, 0))
+            results.append(
+                RequestOutput(rid, prompt if isinstance(prompt, str) else None, token_ids[i], [], False, 0)
+            )
             jobs.append([(f"{rid}-{j}", token_ids[i], _nth_params(params, j)) for j in range(params.n)])
         finals = self.backend.run(jobs)
         for result, prompt_jobs in zip(results, jobs):
             for j, (seq_id, _, params) in enumerate(prompt_jobs):
                 chunk = finals[seq_id]
-                result.outputs.append(CompletionOutput(
-                    j, chunk.text, list(chunk.token_ids), chunk.finish_reason, chunk.stop_reason,
-                    list(chunk.logprobs or []) if params.logprobs is not None else None,
-                ))
+                result.outputs.append(
+                    CompletionOutput(
+                        j,
+                        chunk.text,
+                        list(chunk.token_ids),
+                        chunk.finish_reason,
+                        chunk.stop_reason,
+                        list(chunk.logprobs or []) if params.logprobs is not None else None,
+                    )
+                )
             result.num_cached_tokens = finals[prompt_jobs[0][0]].num_cached_tokens
             result.finished = True
         return results

@@ -22,9 +22,15 @@ class PromptChecker:
             ids = list(prompt)
             if not ids:
                 raise ValueError("prompt is empty; a prompt needs at least one token")
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            bad = [
+                t
+                for t in ids
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size
+            ]
             if bad:
-                raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
+                raise ValueError(
+                    f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}"
+                )
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens; the context limit is {self.max_model_len} "

@@ -39,8 +39,14 @@ def checksum(t: torch.Tensor) -> float:
 class ExpertWeightMover:
     """Executes move-plan chunks on one rank. layers[i] is the MoE layer with placement row i."""
 
-    def __init__(self, layers: list[MoELayer], placement: ExpertPlacement, group: dist.ProcessGroup | None,
-                 cpu_group: dist.ProcessGroup | None, rank: int) -> None:
+    def __init__(
+        self,
+        layers: list[MoELayer],
+        placement: ExpertPlacement,
+        group: dist.ProcessGroup | None,
+        cpu_group: dist.ProcessGroup | None,
+        rank: int,
+    ) -> None:
         self.layers = layers
         self.placement = placement
         self.group = group
@@ -91,13 +97,18 @@ class ExpertWeightMover:
         ok_all = [None] * len(all_sums)
         dist.all_gather_object(ok_all, ok, group=self.cpu_group)
         if not all(ok_all):
-            raise RuntimeError(f"expert weight move for layers {chunk.first_layer}..{chunk.end_layer - 1}: "
-                               "checksum mismatch; placement left unchanged")
-        bytes_received = sum(staging[(op.layer, op.dst_slot)].numel() * staging[(op.layer, op.dst_slot)]
-                             .element_size() for op in chunk.recvs_for(me))
+            raise RuntimeError(
+                f"expert weight move for layers {chunk.first_layer}..{chunk.end_layer - 1}: "
+                "checksum mismatch; placement left unchanged"
+            )
+        bytes_received = sum(
+            staging[(op.layer, op.dst_slot)].numel() * staging[(op.layer, op.dst_slot)].element_size()
+            for op in chunk.recvs_for(me)
+        )
         self._flip(chunk, staging, new_phy2log)
-        return ChunkReport((chunk.first_layer, chunk.end_layer), bytes_received, bytes_sent,
-                           time.perf_counter() - t0, True)
+        return ChunkReport(
+            (chunk.first_layer, chunk.end_layer), bytes_received, bytes_sent, time.perf_counter() - t0, True
+        )
 
     def _flip(self, chunk: MovePlan, staging: dict, new_phy2log: torch.Tensor) -> None:
         lo = self.rank * self.slots
@@ -105,7 +116,7 @@ class ExpertWeightMover:
             moe = self.layers[layer]
             w13, w2 = moe.w13[slot - lo], moe.w2[slot - lo]
             w13.copy_(packed[: w13.numel()].view_as(w13))
-            w2.copy_(packed[w13.numel():].view_as(w2))
+            w2.copy_(packed[w13.numel() :].view_as(w2))
         merged = self.placement.phy2log.clone()
         rows = slice(chunk.first_layer, chunk.end_layer)
         merged[rows] = new_phy2log[rows].to(merged.device)
