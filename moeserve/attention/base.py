@@ -55,18 +55,11 @@ class AttentionBackend(ABC):
 def create_attention_backend(name: str = "auto", device: torch.device | str = "cpu") -> AttentionBackend:
     """Pick a backend by name: "torch" (reference, any device), "triton" (CUDA), "auto" (best available)."""
     from moeserve.attention.torch_backend import TorchAttentionBackend
+    from moeserve.backend_choice import choose_backend
 
-    device = torch.device(device)
-    if name in ("auto", "triton") and device.type == "cuda":
-        try:
-            from moeserve.attention.triton_backend import TritonAttentionBackend
-        except ImportError:
-            if name == "triton":
-                raise
-        else:
-            return TritonAttentionBackend()
-    if name in ("auto", "torch"):
-        return TorchAttentionBackend()
-    if name == "triton":
-        raise ValueError("attention backend 'triton' needs a CUDA device")
-    raise ValueError(f"unknown attention backend {name!r}; allowed: 'auto', 'torch', 'triton'")
+    def make_triton() -> AttentionBackend:
+        from moeserve.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+
+    return choose_backend("attention backend", name, device, TorchAttentionBackend, make_triton)

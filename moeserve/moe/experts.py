@@ -65,19 +65,11 @@ class TorchExperts(ExpertKernel):
 
 def create_expert_kernel(name: str = "auto", device: torch.device | str = "cpu") -> ExpertKernel:
     """"torch" (reference), "triton" (CUDA fused MoE), "auto" (triton on CUDA when importable, else torch)."""
-    device = torch.device(device)
-    if name in ("auto", "triton") and device.type == "cuda":
-        try:
-            from moeserve.kernels import fused_moe  # noqa: F401
-        except ImportError:
-            if name == "triton":
-                raise
-        else:
-            from moeserve.moe.triton_experts import TritonExperts
+    from moeserve.backend_choice import choose_backend
 
-            return TritonExperts()
-    if name in ("auto", "torch"):
-        return TorchExperts()
-    if name == "triton":
-        raise ValueError("expert kernel 'triton' needs a CUDA device")
-    raise ValueError(f"unknown expert kernel {name!r}; allowed: 'auto', 'torch', 'triton'")
+    def make_triton() -> ExpertKernel:
+        from moeserve.moe.triton_experts import TritonExperts
+
+        return TritonExperts()
+
+    return choose_backend("expert kernel", name, device, TorchExperts, make_triton)
