@@ -8,17 +8,7 @@ import sys
 
 import ray
 
-from moeserve.cluster.eplb_actor import NAMESPACE, get_eplb_actor
-
-
-def connect(address: str | None) -> None:
-    """Join the Ray cluster at --address / RAY_ADDRESS / the local one; clear error when there is none."""
-    try:
-        ray.init(address=address or "auto", namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
-    except ConnectionError as e:
-        raise ValueError(
-            f"no Ray cluster found at {address or 'RAY_ADDRESS / the local node'}: {e}"
-        ) from None
+from moeserve.cluster.eplb_actor import get_eplb_actor
 
 
 def format_report(report: dict) -> str:
@@ -61,7 +51,13 @@ def plot_report(report: dict, path: str) -> None:
 
 
 def cmd_rebalance(args: argparse.Namespace) -> int:
-    connect(args.address)
+    from moeserve.cluster.launch import connect
+
+    try:
+        connect(args.address, start_local=False)
+    except ConnectionError as e:
+        print(f"moeserve rebalance: error: {e}", file=sys.stderr)
+        return 1
     actor = get_eplb_actor(args.app)
     try:
         report = ray.get(actor.rebalance.remote(dry_run=args.dry_run))
@@ -74,13 +70,3 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-def add_rebalance_parser(sub) -> None:
-    p = sub.add_parser("rebalance", help="plan (and apply) a new expert placement on a running deployment")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-    p.add_argument("--app", default="moeserve", help="application name (default: moeserve)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan without moving anything")
-    p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG heatmap of load per GPU")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_rebalance)

@@ -109,6 +109,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    from moeserve.cluster.rebalance_cli import cmd_rebalance as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -156,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--app", default="moeserve", help="Serve application name (default moeserve)")
     st.add_argument("--json", action="store_true", help="print the raw status as JSON")
     st.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("rebalance", help="plan (and apply) a new expert placement on a running deployment")
+    r.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local)")
+    r.add_argument("--app", default="moeserve", help="Serve application name (default moeserve)")
+    r.add_argument("--dry-run", action="store_true", help="print the plan without moving anything")
+    r.add_argument("--plot", default=None, metavar="FILE", help="write a PNG heatmap of load per GPU")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.set_defaults(func=cmd_rebalance)
     return parser
 
 
