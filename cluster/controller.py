@@ -114,12 +114,15 @@ class Controller:
         health = self.config.health
         while True:
             await asyncio.sleep(health.interval_s)
-            if self.state == "up":
-                problem = await asyncio.to_thread(self._check, health.ping_timeout_s)
-            else:
-                problem = f"previous restart failed: {self.last_failure}"
-            if problem is not None:
-                await self._restart(problem)
+            try:
+                if self.state == "up":
+                    problem = await asyncio.to_thread(self._check, health.ping_timeout_s)
+                else:
+                    problem = f"previous restart failed: {self.last_failure}"
+                if problem is not None:
+                    await self._restart(problem)
+            except Exception:  # the monitor must outlive any one bad round (e.g. Ray hiccups)
+                logger.exception("app %r: health check round failed", self.config.app_name)
 
     def _check(self, timeout_s: float) -> str | None:
         """None when every rank answers a ping; else what is wrong (runs off the event loop thread)."""
@@ -172,8 +175,8 @@ def controller_deployment(config: DeployConfig) -> serve.Deployment:
 
 
 def actor_options(config: DeployConfig, num_cpus: float) -> dict[str, Any]:
-    """Ray options of a deployment's replicas; a runtime_env only when the config names one (an empty one
-    would still be merged with the job's, but keeping it out keeps Serve's config readable)."""
+    """Ray options of a deployment's replicas. The config's runtime_env only when it names one: otherwise the
+    replicas inherit the deploying job's (its working_dir included)."""
     options: dict[str, Any] = {"num_cpus": num_cpus}
     if config.runtime_env:
         options["runtime_env"] = dict(config.runtime_env)

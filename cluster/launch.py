@@ -5,7 +5,7 @@
 Connects to the cluster (RAY_ADDRESS, which `ray job submit` sets, or --address), starts Serve's HTTP proxy
 on `http.host:http.port`, deploys the app named `app_name`, waits until its /health answers 200 and prints the
 URL. Without --detach it then stays up until SIGINT/SIGTERM (`ray job stop` sends SIGTERM) and deletes the
-app; with --detach it returns 0 once healthy and the app keeps running (`serve delete <app_name>` removes it).
+app; with --detach it returns 0 once healthy and the app keeps running (`--delete` removes it later).
 
 `ray job stop` kills the entrypoint 3 s after SIGTERM unless the cluster sets RAY_JOB_STOP_WAIT_TIME_S: the
 delete is requested first thing, so Serve finishes it even if this process is killed while waiting.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -31,6 +32,7 @@ from moeserve.cluster.config import DeployConfig, load_deploy_config
 logger = logging.getLogger("moeserve")
 
 HEALTH_POLL_S = 0.5
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)(\(\w+\))?: (?!Traceback)")
 
 
 def connect(address: str | None, *, start_local: bool, num_cpus: int | None = None) -> bool:
@@ -88,7 +90,9 @@ def deploy(config: DeployConfig, timeout_s: float) -> str:
     runner.start()
     runner.join(timeout_s)
     if errors:
-        raise RuntimeError(f"deploying app {config.app_name!r} failed: {errors[0]}") from None
+        raise RuntimeError(
+            f"deploying app {config.app_name!r} failed: {errors[0]} {_app_message(config.app_name)}"
+        ) from None
     if runner.is_alive():
         raise TimeoutError(
             f"app {config.app_name!r} was not running after {timeout_s:.0f}s: {_app_message(config.app_name)}"
@@ -127,9 +131,15 @@ def _app_message(app_name: str) -> str:
     if app is None:
         return "not deployed"
     details = "; ".join(
-        f"{name}: {d.status} {d.message}".strip() for name, d in app.deployments.items()
+        f"{name}: {d.status.value} {_root_cause(d.message)}".strip() for name, d in app.deployments.items()
     )
-    return f"{app.status} {app.message} [{details}]"
+    return f"({app.status.value}: {details})"
+
+
+def _root_cause(message: str) -> str:
+    """The last `SomeError: ...` line of a replica's traceback (Serve reports the whole traceback)."""
+    errors = [line for line in message.splitlines() if _ERROR_LINE.match(line)]
+    return errors[-1] if errors else message.splitlines()[0] if message else ""
 
 
 def delete_app(app_name: str, timeout_s: float = 60.0) -> bool:
@@ -141,11 +151,27 @@ def delete_app(app_name: str, timeout_s: float = 60.0) -> bool:
         logger.warning("deleting app %r failed", app_name, exc_info=True)
         return False
     deadline = time.monotonic() + timeout_s
-    while app_name in serve.status().applications:
+    while app_name in _app_names():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)
     return True
+
+
+def _app_names() -> set[str]:
+    try:
+        return set(serve.status().applications)
+    except Exception:  # Serve itself is gone: so is every app
+        return set()
+
+
+def delete_named_app(app_name: str) -> int:
+    if app_name not in _app_names():
+        print(f"moeserve: no app named {app_name!r} is running", file=sys.stderr)
+        return 1
+    gone = delete_app(app_name)
+    print(f"moeserve: app {app_name!r} {'deleted' if gone else 'deletion requested'}", flush=True)
+    return 0 if gone else 1
 
 
 def wait_for_stop() -> str:
@@ -167,7 +193,8 @@ def serve_until_stopped(config: DeployConfig, *, detach: bool, timeout_s: float,
     """Deploy, print the URL, then (unless detach) wait for a stop signal and tear the app down."""
     try:
         url = deploy(config, timeout_s)
-    except BaseException:
+    except BaseException:  # failed, timed out or interrupted: leave nothing half-deployed holding resources
+        delete_app(config.app_name, timeout_s=30.0)
         if started_ray:
             serve.shutdown()
         raise
@@ -192,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="deploy.yaml (see examples/deploy.yaml)")
     p.add_argument("--detach", action="store_true", help="return once the app is healthy; leave it running")
+    p.add_argument("--delete", action="store_true", help="delete the config's app (e.g. a detached one) and exit")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the app to be healthy")
     return p
@@ -203,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_deploy_config(args.config)
         connect(args.address, start_local=False)
+        if args.delete:
+            return delete_named_app(config.app_name)
         return serve_until_stopped(config, detach=args.detach, timeout_s=args.timeout, started_ray=False)
     except (ValueError, ConnectionError, TimeoutError, RuntimeError) as exc:
         print(f"moeserve launch: error: {exc}", file=sys.stderr)

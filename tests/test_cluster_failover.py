@@ -1,6 +1,6 @@
 """A rank dies under load: every in-flight request ends at once with a clear, retriable error (a 503, or an
 error event on a stream that had started), the controller restarts the whole group (generation + 1) and new
-requests are served again, with the same greedy output as before. Real Ray, Serve and HTTP; DP = EP = 2 on CPU."""
+requests are served again, with the same greedy output as before. Real Ray, Serve, HTTP; DP = EP = 2, CPU."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_killing_a_rank_fails_inflight_requests_fast_and_the_group_comes_back(ap
             streams = [asyncio.create_task(stream_until_end(client, url, i, started, count))
                        for i in range(NUM_STREAMS)]
             plain = [
-                asyncio.create_task(client.post(f"{url}/v1/completions", json={**LONG, "prompt": f"plain {i}"}))
+                asyncio.create_task(client.post(f"{url}/v1/completions", json={**LONG, "prompt": f"plain{i}"}))
                 for i in range(NUM_PLAIN)
             ]
             await asyncio.wait_for(started.wait(), 120)

@@ -1,12 +1,12 @@
 """The whole serving path on CPU: real Ray, real Serve, real HTTP on 127.0.0.1, the official `openai` client.
 
 Two apps on one local Ray (one after the other, to keep the 2-core CI box calm):
-- "ep2": DP = EP = 2 (experts spread over two ranks, all-to-all over gloo): OpenAI API results equal the offline
-  engine's greedy output, bad input is refused field by field without hurting the workers, 200 concurrent
-  streams, /metrics, /health, `moeserve status`.
-- "dp4": DP = 4, EP = 1 (four independent ranks; routing is the subject, EP adds nothing to it) behind two ingress
-  replicas: requests that share a long prefix land on one rank and hit its prefix cache; a burst of one hot
-  prefix spreads so that no rank holds more than twice its share.
+- "ep2": DP = EP = 2 (experts spread over two ranks, all-to-all over gloo): OpenAI API results equal the
+  offline engine's greedy output, bad input is refused field by field without hurting the workers, 200
+  concurrent streams, /metrics, /health, `moeserve status`.
+- "dp4": DP = 4, EP = 1 (four independent ranks; routing is the subject, EP adds nothing to it) behind two
+  ingress replicas: requests that share a long prefix land on one rank and hit its prefix cache; a burst of
+  one hot prefix spreads so that no rank holds more than twice its share.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from moeserve.cluster.launch import delete_app, deploy  # noqa: E402
 from moeserve.sampling_params import SamplingParams  # noqa: E402
 
 MAX_MODEL_LEN = 512
+HIT_RATE = "moeserve_prefix_cache_hit_rate "  # the all-ranks gauge (per-rank ones carry a label)
 PROMPTS = ["Hello, my name is", "The capital of France", "1, 2, 3, 4,", "def add(a, b):", "Once upon a time"]
 
 
@@ -74,6 +75,10 @@ class App:
         return self.controller.status.remote().result(timeout_s=60)
 
 
+def async_client(app: App):
+    return openai.AsyncOpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
 def start_app(model: str, port: int, name: str, **settings) -> App:
     config = parse_deploy_config(
         {"app_name": name, "model": model, "served_model_name": "tiny", "device": "cpu",
@@ -84,7 +89,8 @@ def start_app(model: str, port: int, name: str, **settings) -> App:
 
 @pytest.fixture(scope="class")
 def ep2(port, model):
-    app = start_app(model, port, "ep2", **{"parallel.dp": 2, "parallel.ep": 2, "engine.max_model_len": MAX_MODEL_LEN})
+    settings = {"parallel.dp": 2, "parallel.ep": 2, "engine.max_model_len": MAX_MODEL_LEN}
+    app = start_app(model, port, "ep2", **settings)
     yield app
     delete_app(app.name)
 
@@ -117,7 +123,9 @@ class TestDPEP2:
     def test_chat_streaming_and_not_equal_offline_greedy(self, ep2, offline):
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
         want = greedy(offline, chat_prompt_ids(offline, messages), max_tokens=10)[0]
-        got = ep2.client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+        got = ep2.client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=10, temperature=0
+        )
         assert got.choices[0].message.content == want.text
         assert got.choices[0].message.role == "assistant"
         stream = ep2.client.chat.completions.create(
@@ -139,7 +147,8 @@ class TestDPEP2:
         for choice, ref in zip(sorted(got.choices, key=lambda c: c.index), want):
             assert choice.text == ref.text == full[: full.index(stop)]
             assert choice.finish_reason == "stop"
-            assert choice.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-4)
+            want_logprobs = [lp.logprob for lp in ref.logprobs]
+            assert choice.logprobs.token_logprobs == pytest.approx(want_logprobs, abs=1e-4)
             assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
 
     BAD_REQUESTS = [
@@ -185,7 +194,7 @@ class TestDPEP2:
             return "".join([c.choices[0].text async for c in stream])
 
         async def run():
-            client = openai.AsyncOpenAI(base_url=f"{ep2.url}/v1", api_key="unused", max_retries=0, timeout=300)
+            client = async_client(ep2)
             async with client:
                 return await asyncio.gather(*(one(client, p) for p in prompts))
 
@@ -213,7 +222,7 @@ class TestDPEP2:
         assert "no Serve app named 'nope'" in missing.stderr and "ep2" in missing.stderr
 
 
-# ---- cache-aware routing over four DP ranks and two ingress replicas -------------------------------------------
+# ---- cache-aware routing over four DP ranks and two ingress replicas ----------------------------------------
 @pytest.fixture(scope="class")
 def dp4(port, model):
     app = start_app(model, port, "dp4", **{"parallel.dp": 4, "parallel.ep": 1, "ingress.replicas": 2})
@@ -256,7 +265,7 @@ class TestRoutingDP4:
         hits = rank_counter(dp4, "prefix_cache_hit_tokens")
         assert all(hits[r] > 0 for r in hit_ranks), hits
         metrics = httpx.get(f"{dp4.url}/metrics").text
-        rate = next(line for line in metrics.splitlines() if line.startswith("moeserve_prefix_cache_hit_rate "))
+        rate = next(line for line in metrics.splitlines() if line.startswith(HIT_RATE))
         assert float(rate.split()[1]) > 0.5
 
     def test_hot_prefix_burst_spreads_within_twice_the_fair_share(self, dp4):
@@ -274,7 +283,7 @@ class TestRoutingDP4:
             return stream
 
         async def run():
-            client = openai.AsyncOpenAI(base_url=f"{dp4.url}/v1", api_key="unused", max_retries=0, timeout=300)
+            client = async_client(dp4)
             streams = await asyncio.gather(*(hold(client, i) for i in range(num)))
             ranks = (await asyncio.to_thread(dp4.status))["ranks"]
             for stream in streams:

@@ -120,7 +120,7 @@ def test_job_submit_serves_and_job_stop_deletes_the_app(head, tiny_checkpoint, t
     def job_status() -> str:
         done = ray_cli("job", "status", "--address", dashboard, job_id, timeout=60)
         text = (done.stdout + done.stderr).lower()
-        # The CLI's wording: "... succeeded", "... was stopped", "... failed", else "Status for job ...: RUNNING".
+        # The CLI says "... succeeded", "... was stopped", "... failed", else "Status for job ...: RUNNING".
         return next((w for w in ("running", "pending", "succeeded", "stopped", "failed") if w in text), text)
 
     url = f"http://127.0.0.1:{port}"
