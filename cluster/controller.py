@@ -21,6 +21,7 @@ import ray
 from ray import serve
 
 from moeserve.cluster.config import DeployConfig
+from moeserve.cluster.eplb_actor import EplbSettings, start_eplb_actor
 from moeserve.cluster.worker import EngineWorker
 from moeserve.cluster.worker_group import WorkerGroup
 
@@ -48,7 +49,17 @@ class Controller:
         # Built before the constructor returns: Serve counts the replica ready only once its ranks are up.
         self.group = await asyncio.to_thread(self._new_group)
         self.state = "up"
+        self.eplb = self._start_eplb()
+        await self.eplb.set_workers.remote(list(self.group.actors))
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
+
+    def _start_eplb(self):
+        """The app's named EPLB actor (`moeserve rebalance` finds it by the app name)."""
+        e = self.config.eplb
+        return start_eplb_actor(self.config.app_name, EplbSettings(
+            enabled=e.enabled and self.config.parallel.ep > 1, interval_s=e.interval_s, threshold=e.threshold,
+            layers_per_chunk=e.layers_per_chunk,
+        ))
 
     def _new_group(self) -> WorkerGroup:
         return WorkerGroup(
@@ -88,14 +99,19 @@ class Controller:
             "expert_parallel_size": self.config.parallel.ep,
             "device": self.config.device,
             "ranks": stats or [],
-            "balancedness": self.balancedness(),
+            "balancedness": await self.balancedness(),
         }
 
-    def balancedness(self) -> float | None:
-        """Expert-load balancedness (mean / max tokens per rank over MoE layers), None while unknown.
-
-        Hook for EPLB: once the EPLB actor exists, this asks it for its latest measurement."""
-        return None
+    async def balancedness(self) -> float | None:
+        """Expert-load balancedness (mean / max tokens per rank, averaged over MoE layers) of the current
+        placement under the recent load, from the EPLB actor; None with EP = 1, no load yet, or restarting."""
+        if self.state != "up" or self.config.parallel.ep < 2:
+            return None
+        try:
+            return await asyncio.wait_for(self.eplb.balancedness.remote(), STATS_TIMEOUT_S)
+        except Exception as exc:
+            logger.info("balancedness unavailable: %r", exc)
+            return None
 
     async def _rank_stats(self) -> list[dict] | None:
         if self.state != "up":
@@ -145,6 +161,7 @@ class Controller:
             logger.exception("app %r: restart failed; retrying", self.config.app_name)
             return
         self.restarts += 1
+        await self.eplb.set_workers.remote(list(self.group.actors))
         self.state = "up"
         logger.warning("app %r: ranks back (generation %d)", self.config.app_name, self.group.generation)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import ray
 import torch
 
+from moeserve.eplb.metrics import balancedness as balancedness_of
+from moeserve.eplb.metrics import gpu_loads
 from moeserve.eplb.proposal import Proposal, propose
 
 logger = logging.getLogger("moeserve")
@@ -81,10 +83,12 @@ class EplbActor:
         if len(self.workers) < 2:
             return None
         try:
-            proposal, _ = await self._propose()
+            logical, current, _ = await self._collect()
         except Exception:  # workers restarting: no figure now
             return None
-        return float(proposal.before.mean())
+        if not logical.sum():
+            return None
+        return float(balancedness_of(gpu_loads(logical, len(self.workers), current)).mean())
 
     async def rebalance(self, dry_run: bool = False, force: bool = True) -> dict:
         """Plan now; unless dry_run, apply the plan (force: even below the threshold). Returns the report:

@@ -30,7 +30,10 @@ def format_report(report: dict) -> str:
 
 def plot_report(report: dict, path: str) -> None:
     """Heatmaps of load per GPU (rows: MoE layers) before and after."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

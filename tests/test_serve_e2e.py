@@ -221,6 +221,40 @@ class TestDPEP2:
         assert missing.returncode == 1
         assert "no Serve app named 'nope'" in missing.stderr and "ep2" in missing.stderr
 
+    def test_rebalance_command_dry_run_then_apply(self, ep2, offline, tmp_path):
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        worker = ep2.controller.workers.remote().result(timeout_s=60)[1][0]
+
+        def rebalance(*flags):
+            cmd = [sys.executable, "-m", "moeserve.cli", "rebalance", "--app", "ep2", "--json", *flags]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout.splitlines()[0])
+
+        for prompt in PROMPTS:  # some load for the plan
+            ep2.client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0)
+        before = ray.get(worker.expert_load.remote())["phy2log"]
+        assert ep2.status()["balancedness"] is not None
+        dry = rebalance("--dry-run")
+        assert dry["dry_run"] and not dry["applied"] and len(dry["balancedness_before"]) == len(before)
+        assert ray.get(worker.expert_load.remote())["phy2log"] == before  # nothing moved
+
+        plot = tmp_path / "load.png"
+        report = rebalance("--plot", str(plot))
+        assert plot.stat().st_size > 0
+        if report["experts_moved"]:
+            assert report["applied"] and report["checksums_ok"]
+            assert ray.get(worker.expert_load.remote())["phy2log"] != before
+        # Serving goes on with the same greedy outputs, and status shows the balancedness of the new placement.
+        prompt = "The capital of France is"
+        got = ep2.client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        assert got.choices[0].text == greedy(offline, prompt, max_tokens=12)[0].text
+        assert ep2.status()["balancedness"] is not None
+
+        unknown = subprocess.run([sys.executable, "-m", "moeserve.cli", "rebalance", "--app", "nope"], env=env,
+                                 capture_output=True, text=True, timeout=120)
+        assert unknown.returncode != 0 and "no deployment named 'nope'" in unknown.stderr
+
 
 # ---- cache-aware routing over four DP ranks and two ingress replicas ----------------------------------------
 @pytest.fixture(scope="class")
@@ -250,6 +284,12 @@ def rank_counter(app: App, key: str) -> list[int]:
 
 
 class TestRoutingDP4:
+    def test_rebalance_on_ep1_says_why(self, dp4):
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        cmd = [sys.executable, "-m", "moeserve.cli", "rebalance", "--app", "dp4", "--dry-run"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and "EP = 1" in out.stderr
+
     def test_shared_prefix_lands_on_one_rank_and_hits_its_cache(self, dp4):
         hit_ranks = set()
         for group in range(4):
