@@ -123,11 +123,14 @@ def test_job_submit_serves_and_job_stop_deletes_the_app(head, tiny_checkpoint, t
         # The CLI says "... succeeded", "... was stopped", "... failed", else "Status for job ...: RUNNING".
         return next((w for w in ("running", "pending", "succeeded", "stopped", "failed") if w in text), text)
 
+    def job_logs() -> str:
+        return ray_cli("job", "logs", "--address", dashboard, job_id, timeout=60).stdout
+
     url = f"http://127.0.0.1:{port}"
     up = wait_until(lambda: answers(f"{url}/health"), 300)
-    logs = ray_cli("job", "logs", "--address", dashboard, job_id, timeout=60).stdout
-    assert up, f"the app never became healthy; job logs:\n{logs}"
-    assert f"moeserve: app '{APP}' serving model 'tiny' at {url}" in logs
+    assert up, f"the app never became healthy; job logs:\n{job_logs()}"
+    # The entrypoint prints its URL once it sees the app healthy (the log may lag our own health check).
+    assert wait_until(lambda: f"moeserve: app '{APP}' serving model 'tiny' at {url}" in job_logs(), 60), job_logs()
     assert job_status() == "running"
 
     body = {"model": "tiny", "prompt": "Hello, my name is", "max_tokens": 5, "temperature": 0}
@@ -142,7 +145,9 @@ def test_job_submit_serves_and_job_stop_deletes_the_app(head, tiny_checkpoint, t
     assert job_status() == "stopped"
     # The entrypoint deletes the app on SIGTERM: its route is gone (404 from Serve's proxy, or refused).
     assert wait_until(lambda: answers(f"{url}/health", 404) or answers(f"{url}/health", None), 120)
-    serve_status = run_cli("serve", "status", "--address", dashboard, timeout=120)
-    assert APP not in serve_status.stdout, serve_status.stdout
-    logs = ray_cli("job", "logs", "--address", dashboard, job_id, timeout=60).stdout
-    assert f"SIGTERM received, deleting app '{APP}'" in logs
+
+    def app_listed() -> bool:
+        return APP in run_cli("serve", "status", "--address", dashboard, timeout=120).stdout
+
+    assert wait_until(lambda: not app_listed(), 60), "the app is still listed by `serve status`"
+    assert wait_until(lambda: f"SIGTERM received, deleting app '{APP}'" in job_logs(), 60), job_logs()
