@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from moeserve.forward_batch import ForwardMode
-from moeserve.moe.dispatcher import Dispatcher, DispatchOutput
+from moeserve.moe.dispatcher import DispatchOutput, StagedDispatcher
 
 
 @dataclass(slots=True)
@@ -52,7 +52,7 @@ class PendingCombine:
     handle: AllToAllHandle
 
 
-class TorchAllToAllDispatcher(Dispatcher):
+class TorchAllToAllDispatcher(StagedDispatcher):
     """Variable-split all-to-all over an EP process group (None = the default group)."""
 
     name = "all_to_all"
@@ -62,12 +62,6 @@ class TorchAllToAllDispatcher(Dispatcher):
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
-
-    def dispatch(self, hidden, topk_ids, topk_weights, mode: ForwardMode) -> DispatchOutput:
-        return self.dispatch_end(self.dispatch_begin(hidden, topk_ids, topk_weights, mode))
-
-    def combine(self, expert_out: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        return self.combine_end(self.combine_begin(expert_out, handle))
 
     def dispatch_begin(
         self,

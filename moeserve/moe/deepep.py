@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from moeserve.forward_batch import ForwardMode
-from moeserve.moe.dispatcher import Dispatcher, DispatchOutput
+from moeserve.moe.dispatcher import DispatchOutput, StagedDispatcher
 
 _NORMAL = "normal"
 _LOW_LATENCY = "low_latency"
@@ -98,7 +98,7 @@ class PendingDeepEP:
     hook: Any = None
 
 
-class DeepEPDispatcher(Dispatcher):
+class DeepEPDispatcher(StagedDispatcher):
     """Dispatcher over a `DeepEPBuffer`. Use `sibling()` for the second TBO micro-batch (same buffer)."""
 
     name = "deepep"
@@ -133,12 +133,6 @@ class DeepEPDispatcher(Dispatcher):
         Dispatch does this itself; a runner that replays a captured CUDA graph (which skips Python) must
         call it before the replay."""
         self.shared.enter(_LOW_LATENCY if mode == ForwardMode.DECODE else _NORMAL)
-
-    def dispatch(self, hidden, topk_ids, topk_weights, mode: ForwardMode) -> DispatchOutput:
-        return self.dispatch_end(self.dispatch_begin(hidden, topk_ids, topk_weights, mode))
-
-    def combine(self, expert_out: torch.Tensor, handle: DeepEPHandle) -> torch.Tensor:
-        return self.combine_end(self.combine_begin(expert_out, handle))
 
     def dispatch_begin(
         self,

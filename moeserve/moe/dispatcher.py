@@ -84,6 +84,17 @@ class Dispatcher(ABC):
         return pending
 
 
+class StagedDispatcher(Dispatcher):
+    """A backend whose transfers are truly asynchronous: it implements the four stages, and the blocking
+    `dispatch` / `combine` are begin + end."""
+
+    def dispatch(self, hidden, topk_ids, topk_weights, mode):
+        return self.dispatch_end(self.dispatch_begin(hidden, topk_ids, topk_weights, mode))
+
+    def combine(self, expert_out, handle):
+        return self.combine_end(self.combine_begin(expert_out, handle))
+
+
 class LocalDispatcher(Dispatcher):
     """One rank holds every expert: nothing moves."""
 
