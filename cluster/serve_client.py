@@ -26,6 +26,7 @@ from moeserve.cluster.config import DeployConfig
 from moeserve.cluster.engine_client import EngineUnavailable
 from moeserve.cluster.protocol import bad_request
 from moeserve.cluster.router import CacheAwareRouter
+from moeserve.engine.errors import EngineLoopFailed
 from moeserve.engine.prompts import PromptChecker
 from moeserve.loader.checkpoint import read_hf_config
 from moeserve.models.config import ModelConfig
@@ -122,7 +123,7 @@ class RayEngineClient:
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, ValueError):
                 raise bad_request(str(exc.cause)) from None
-            if isinstance(exc.cause, RuntimeError) and "engine loop failed" in str(exc.cause):
+            if isinstance(exc.cause, EngineLoopFailed):
                 raise _RankGone(f"rank {rank} failed") from None
             raise
 

@@ -15,6 +15,7 @@ from moeserve.cluster.worker_group import RankActor
 from moeserve.config import EngineConfig
 from moeserve.engine.dp_sync import StepSync
 from moeserve.engine.engine import LLMEngine
+from moeserve.engine.errors import EngineLoopFailed
 from moeserve.engine.step_loop import StepLoop
 from moeserve.outputs import StreamChunk, merge_chunks
 from moeserve.runner.model_runner import RankSetup
@@ -118,7 +119,7 @@ class EngineWorker(RankActor):
                     items.append(queue.get_nowait())
                 for item in items:
                     if isinstance(item, BaseException):
-                        raise RuntimeError(f"rank {self.rank}: engine loop failed: {item!r}")
+                        raise EngineLoopFailed(f"rank {self.rank}: engine loop failed: {item!r}")
                 chunk = merge_chunks(items)
                 finished = chunk.finish_reason is not None
                 yield chunk
@@ -198,7 +199,7 @@ class EngineWorker(RankActor):
 
     def ping(self) -> int:
         if self.loop is not None and self.loop.error is not None:
-            raise RuntimeError(f"rank {self.rank}: engine loop failed: {self.loop.error!r}")
+            raise EngineLoopFailed(f"rank {self.rank}: engine loop failed: {self.loop.error!r}")
         return self.rank
 
     def _on_chunks(self, chunks: list[StreamChunk]) -> None:
