@@ -7,6 +7,7 @@ the last ``query_lens[i]`` are new. Cache slot of token t is ``slot_mapping[t] =
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -89,31 +90,26 @@ def build_forward_batch(
     sample_rows[i]:    offsets within token_ids[i] whose logits are needed; default: the last token only.
     """
     num_reqs = len(token_ids)
-    flat_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    qsl = [0]
-    seq_lens: list[int] = []
-    samples: list[int] = []
-    for i in range(num_reqs):
-        toks, start, table = token_ids[i], start_positions[i], block_tables[i]
-        n = len(toks)
-        assert n > 0, "a scheduled request computes at least one token"
-        assert len(table) * block_size >= start + n, "block table too short for the context"
-        flat_ids.extend(toks)
-        for p in range(start, start + n):
-            positions.append(p)
-            slots.append(table[p // block_size] * block_size + p % block_size)
-        rows = sample_rows[i] if sample_rows is not None else [n - 1]
-        samples.extend(qsl[-1] + r for r in rows)
-        qsl.append(qsl[-1] + n)
-        seq_lens.append(start + n)
-    max_blocks = max((len(t) for t in block_tables), default=0)
-    table_tensor = torch.zeros((num_reqs, max(max_blocks, 1)), dtype=torch.int32)
-    for i, t in enumerate(block_tables):
-        if t:
-            table_tensor[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    query_lens = [qsl[i + 1] - qsl[i] for i in range(num_reqs)]
+    query_lens = [len(t) for t in token_ids]
+    assert all(query_lens), "a scheduled request computes at least one token"
+    seq_lens = [start + n for start, n in zip(start_positions, query_lens)]
+    qsl = [0, *itertools.accumulate(query_lens)]
+    if sample_rows is None:
+        samples = [end - 1 for end in qsl[1:]]
+    else:
+        samples = [qsl[i] + r for i, rows in enumerate(sample_rows) for r in rows]
+    width = max(1, max((len(t) for t in block_tables), default=0))
+    assert all(len(t) * block_size >= n for t, n in zip(block_tables, seq_lens)), "block table too short"
+    table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+    table_tensor = table_tensor.reshape(num_reqs, width)
+    # Position and cache slot of every new token, without a Python loop over tokens.
+    lens = torch.tensor(query_lens, dtype=torch.int64)
+    req_of_token = torch.repeat_interleave(torch.arange(num_reqs), lens)
+    first_row = torch.tensor(qsl[:-1], dtype=torch.int64)
+    starts = torch.tensor(start_positions, dtype=torch.int64)
+    positions = torch.arange(qsl[-1], dtype=torch.int64) - first_row[req_of_token] + starts[req_of_token]
+    blocks = table_tensor[req_of_token, positions // block_size].to(torch.int64)
+    slots = blocks * block_size + positions % block_size
     if num_reqs == 0:
         mode = ForwardMode.IDLE
     elif max(query_lens) == 1:
@@ -124,7 +120,7 @@ def build_forward_batch(
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         block_tables=table_tensor.to(device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        slot_mapping=slots.to(device),
         query_start_loc_cpu=qsl,
         seq_lens_cpu=seq_lens,
         block_size=block_size,
@@ -133,8 +129,8 @@ def build_forward_batch(
     )
     return ForwardBatch(
         mode=mode,
-        input_ids=torch.tensor(flat_ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        input_ids=torch.tensor(list(itertools.chain.from_iterable(token_ids)), dtype=torch.int64, device=device),
+        positions=positions.to(device),
         attn=attn,
         sample_indices=torch.tensor(samples, dtype=torch.int64, device=device),
     )
