@@ -223,7 +223,6 @@ def run_transformers(model, prompts, output_len: int, device: torch.device, batc
 def distinct_experts(runner, reqs) -> list[int]:
     """Per MoE layer, how many distinct experts the real rows of this decode batch route to (eager pass)."""
     from moeserve.moe.layer import MoELayer
-    from moeserve.moe.routing import select_experts
 
     counts: list[int] = []
     hooks = []
@@ -233,18 +232,7 @@ def distinct_experts(runner, reqs) -> list[int]:
             continue
 
         def hook(module, args, logits, moe=moe):
-            r = moe.routing
-            _, ids = select_experts(
-                logits[: len(reqs)],
-                r.top_k,
-                scoring=r.scoring,
-                renormalize=r.renormalize,
-                topk_method=r.topk_method,
-                n_group=r.n_group,
-                topk_group=r.topk_group,
-                correction_bias=moe.gate.e_score_correction_bias,
-                routed_scaling_factor=r.routed_scaling_factor,
-            )
+            _, ids = moe.select(logits[: len(reqs)])
             counts.append(int(ids.unique().numel()))
 
         hooks.append(moe.gate.register_forward_hook(hook))

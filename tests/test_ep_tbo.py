@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,9 +11,31 @@ from test_ep_dispatch import spawn_ranks
 
 from moeserve.forward_batch import ForwardMode
 from moeserve.moe.all_to_all import TorchAllToAllDispatcher
+from moeserve.moe.dispatcher import Dispatcher, DispatchOutput
 from moeserve.moe.experts import torch_experts
 from moeserve.moe.placement import ExpertPlacement
-from moeserve.moe.tbo import moe_stages, run_overlapped, run_sequential, split_for_tbo
+from moeserve.moe.tbo import run_overlapped, run_sequential, split_for_tbo
+
+
+def moe_stages(  # the staged MoE layer of MoELayer.forward_stages, without a model
+    dispatcher: Dispatcher,
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    mode: ForwardMode,
+    experts: Callable[[DispatchOutput], torch.Tensor],
+) -> Generator[None, None, torch.Tensor]:
+    """One MoE layer as stages: dispatch send | yield | receive, experts, combine send | yield | receive.
+
+    hidden: [T, H]; topk_ids: [T, k] int32 physical ids; topk_weights: [T, k] float32;
+    experts(received) -> [num_recv, H]. Returns (via StopIteration) the combined output [T, H].
+    Use with `yield from` inside a micro-batch's layer loop."""
+    pending = dispatcher.dispatch_begin(hidden, topk_ids, topk_weights, mode)
+    yield
+    received = dispatcher.dispatch_end(pending)
+    pending_combine = dispatcher.combine_begin(experts(received), received.handle)
+    yield
+    return dispatcher.combine_end(pending_combine)
 
 
 def brute_force_split(counts: list[int]) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 
 from moeserve.attention.base import AttentionBackend, create_attention_backend
 from moeserve.forward_batch import ForwardBatch
-from moeserve.layers.attention import KVCacheSpec
+from moeserve.layers.attention import GQAAttention, KVCacheSpec
 from moeserve.layers.linear import Embedding, Linear
 from moeserve.layers.mlp import GatedMLP
 from moeserve.layers.norm import RMSNorm
@@ -141,7 +141,18 @@ class CausalLM(nn.Module):
     # ---- what a family provides ----
 
     def build_attention(self, i: int) -> nn.Module:
-        raise NotImplementedError
+        """GQA from the config's flags (qkv / o bias, Qwen3's per-head q/k norm); MLA families override."""
+        c = self.config
+        return GQAAttention(
+            c.hidden_size,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            self.ctx.attention,
+            qkv_bias=c.qkv_bias,
+            o_bias=c.o_proj_bias,
+            qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
+        )
 
     def build_moe(self, i: int, moe_ordinal: int) -> MoELayer:
         raise NotImplementedError

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from moeserve.layers.attention import GQAAttention
 from moeserve.models.base import CausalLM
 from moeserve.moe.layer import MoELayer
 
 
 class MixtralForCausalLM(CausalLM):
     mlp_name = "block_sparse_moe"
-
-    def build_attention(self, i: int) -> GQAAttention:
-        c = self.config
-        return GQAAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, self.ctx.attention)
 
     def build_moe(self, i: int, moe_ordinal: int) -> MoELayer:
         return self._moe_layer(moe_ordinal, expert_proj_names=("w1", "w3", "w2"))

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from moeserve.layers.attention import GQAAttention
 from moeserve.layers.mlp import GatedMLP
 from moeserve.models.base import CausalLM
 from moeserve.moe.layer import MoELayer
 
 
 class Qwen2MoeForCausalLM(CausalLM):
-    def build_attention(self, i: int) -> GQAAttention:
-        c = self.config
-        return GQAAttention(
-            c.hidden_size,
-            c.num_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            self.ctx.attention,
-            qkv_bias=c.qkv_bias,
-            o_bias=c.o_proj_bias,
-        )
-
     def build_moe(self, i: int, moe_ordinal: int) -> MoELayer:
         c = self.config
         shared = (

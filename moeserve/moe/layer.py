@@ -117,19 +117,7 @@ class MoELayer(nn.Module):
     def forward_stages(self, x: torch.Tensor, batch: ForwardBatch) -> Generator[None, None, torch.Tensor]:
         """The layer as stages, yielding while tokens travel (two-batch overlap runs the other micro-batch
         there): route, dispatch send | yield | receive, experts, combine send | yield | receive."""
-        logits = self.gate(x)
-        r = self.routing
-        weights, ids = select_experts(
-            logits,
-            r.top_k,
-            scoring=r.scoring,
-            renormalize=r.renormalize,
-            topk_method=r.topk_method,
-            n_group=r.n_group,
-            topk_group=r.topk_group,
-            correction_bias=self.gate.e_score_correction_bias,
-            routed_scaling_factor=r.routed_scaling_factor,
-        )
+        weights, ids = self.select(self.gate(x))
         phys = self.placement.to_physical(self.layer_idx, ids)
         self._record_load(phys, batch)
         dispatcher = self.dispatchers[batch.micro_batch]
@@ -142,6 +130,21 @@ class MoELayer(nn.Module):
         yield
         y = dispatcher.combine_end(pending)
         return y if shared is None else y + shared
+
+    def select(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """router_logits: [T, E] float32 -> (topk_weights [T, k] float32, topk_ids [T, k] int32, logical)."""
+        r = self.routing
+        return select_experts(
+            router_logits,
+            r.top_k,
+            scoring=r.scoring,
+            renormalize=r.renormalize,
+            topk_method=r.topk_method,
+            n_group=r.n_group,
+            topk_group=r.topk_group,
+            correction_bias=self.gate.e_score_correction_bias,
+            routed_scaling_factor=r.routed_scaling_factor,
+        )
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.shared_name is None:

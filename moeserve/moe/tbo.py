@@ -8,13 +8,8 @@ travel the other computes. Every EP rank must run the same number of micro-batch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any
-
-import torch
-
-from moeserve.forward_batch import ForwardMode
-from moeserve.moe.dispatcher import Dispatcher, DispatchOutput
 
 MicroBatch = Generator[None, None, Any]
 
@@ -71,24 +66,3 @@ def drive(stages: Generator[None, None, Any]) -> Any:
 def run_sequential(stage_gens: list[MicroBatch]) -> list[Any]:
     """Run each generator to completion, one after another (TBO off, same stages); for comparisons."""
     return [run_overlapped([gen])[0] for gen in stage_gens]
-
-
-def moe_stages(
-    dispatcher: Dispatcher,
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    mode: ForwardMode,
-    experts: Callable[[DispatchOutput], torch.Tensor],
-) -> Generator[None, None, torch.Tensor]:
-    """One MoE layer as stages: dispatch send | yield | receive, experts, combine send | yield | receive.
-
-    hidden: [T, H]; topk_ids: [T, k] int32 physical ids; topk_weights: [T, k] float32;
-    experts(received) -> [num_recv, H]. Returns (via StopIteration) the combined output [T, H].
-    Use with `yield from` inside a micro-batch's layer loop."""
-    pending = dispatcher.dispatch_begin(hidden, topk_ids, topk_weights, mode)
-    yield
-    received = dispatcher.dispatch_end(pending)
-    pending_combine = dispatcher.combine_begin(experts(received), received.handle)
-    yield
-    return dispatcher.combine_end(pending_combine)
