@@ -282,21 +282,21 @@ def decode_steps(llm, batch: int, context: int, steps: int, bw: float, device: t
     while len(started) < batch:  # prefill (chunked) until every request has its first token
         started.update(c.request_id for c in engine.step())
     last = {}
-    execute = runner.execute
+    launch = runner.launch
 
-    def recording_execute(sched, plan=None):
+    def recording_launch(sched, plan=None):
         last["sched"] = sched
-        return execute(sched, plan)
+        return launch(sched, plan)
 
-    runner.execute = recording_execute
+    runner.launch = recording_launch
     wall = []
-    try:
+    try:  # with async scheduling a step's wall time is max(host work, device step), as in a steady state
         for _ in range(steps):
             t0 = time.perf_counter()
             engine.step()
             wall.append((time.perf_counter() - t0) * 1e3)
     finally:
-        runner.execute = execute
+        runner.launch = launch
     reqs = last["sched"].requests
     assert len(reqs) == batch and all(len(r.token_ids) == 1 for r in reqs), "timed steps were not pure decode"
     with torch.inference_mode():
@@ -380,12 +380,20 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
         decode_steps(llm, b, args.context, args.steps, bw, device) for b in args.decode_batches
     ]
     ours = run_moeserve_throughput(llm, prompts, args.output_len, warmup=min(32, args.num_requests))
-    result["moeserve"] = dict(seconds=ours["seconds"], max_num_seqs=llm.engine.config.max_num_seqs)
+    result["moeserve"] = dict(
+        seconds=ours["seconds"], max_num_seqs=llm.engine.config.max_num_seqs,
+        async_scheduling=llm.engine.async_scheduling,
+    )
+    if llm.engine.async_scheduling and not args.skip_sync:  # the same engine, host and device in turn
+        llm.engine.async_scheduling = False
+        sync_run = run_moeserve_throughput(llm, prompts, args.output_len, warmup=0)
+        llm.engine.async_scheduling = True
+        result["moeserve_sync"] = dict(seconds=sync_run["seconds"], same_tokens=sync_run["tokens"] == ours["tokens"])
     if not args.skip_hf:
         agree = sum(a[:1] == b[:1] for a, b in zip(ours["tokens"], hf_run["tokens"]))
         result["first_token_agreement"] = agree / len(prompts)
     out_tokens = args.num_requests * args.output_len
-    for key in ("moeserve", "transformers"):
+    for key in ("moeserve", "moeserve_sync", "transformers"):
         if key in result:
             s = result[key]["seconds"]
             result[key].update(
@@ -424,10 +432,17 @@ def print_tables(results: list[dict], bw: float, card: str) -> None:
         print("| engine | batch | seconds | output tok/s | total tok/s |")
         print("|---|---:|---:|---:|---:|")
         m = r["moeserve"]
+        label = "moeserve (async scheduling)" if m["async_scheduling"] else "moeserve"
         print(
-            f"| moeserve | <= {m['max_num_seqs']} | {m['seconds']:.1f} | {m['output_tok_s']:.0f} | "
+            f"| {label} | <= {m['max_num_seqs']} | {m['seconds']:.2f} | {m['output_tok_s']:.0f} | "
             f"{m['total_tok_s']:.0f} |"
         )
+        if "moeserve_sync" in r:
+            m = r["moeserve_sync"]
+            print(
+                f"| moeserve (sync, same tokens: {m['same_tokens']}) | same | {m['seconds']:.2f} | "
+                f"{m['output_tok_s']:.0f} | {m['total_tok_s']:.0f} |"
+            )
         if "transformers" in r:
             t = r["transformers"]
             print(
@@ -455,6 +470,7 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--expert-kernel", default="auto")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-sync", action="store_true", help="no side-by-side run with async scheduling off")
     ap.add_argument("--tiny", action="store_true", help="toy shapes (checks this script on a CPU)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument(

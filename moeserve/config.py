@@ -25,6 +25,9 @@ class EngineConfig:
     enable_cuda_graphs: capture the decode forward in CUDA graphs at start-up and replay them for decode-only
         steps (CUDA with graph-safe attention and expert kernels only; otherwise start-up logs why not).
     cuda_graph_max_batch: largest decode batch (requests) run through a graph; larger ones run eagerly.
+    async_scheduling: schedule and launch step N+1 before waiting for step N's sampled tokens, so host work
+        overlaps device work. None (auto): on for a lone CUDA rank; off on CPU, where the forward runs in
+        the caller's thread and nothing would overlap. Lockstep DP/EP ranks always run synchronously.
     """
 
     model: str | None = None
@@ -51,6 +54,7 @@ class EngineConfig:
     eplb_window_steps: int = 1000  # steps of expert load kept for rebalancing
     enable_cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -74,6 +78,8 @@ class EngineConfig:
             raise ValueError(
                 f"cuda_graph_max_batch={self.cuda_graph_max_batch} is too large; allowed: 1..1024"
             )
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling={self.async_scheduling!r} must be None (auto), True or False")
         if not isinstance(self.enable_cuda_graphs, bool):
             raise ValueError(f"enable_cuda_graphs={self.enable_cuda_graphs!r} must be True or False")
         if self.expert_parallel_size not in (1, self.data_parallel_size):

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 FinishReason = Literal["stop", "length", "abort"]
 
 
+# Stands for a sampled token whose value is still on the device (see Request.num_placeholders).
+PLACEHOLDER = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued, never ran
     RUNNING = "running"  # holds KV blocks, scheduled each step while budget allows
@@ -28,10 +32,13 @@ class RequestStatus(enum.Enum):
 class Request:
     """One sequence. Invariants the scheduler keeps:
 
-    - 0 <= num_computed_tokens < num_tokens while unfinished (the newest token is never in the KV cache
-      before it is fed back, so every step computes at least one token).
+    - 0 <= num_computed_tokens <= num_tokens while unfinished; num_computed_tokens counts tokens scheduled
+      for computation (advanced when a step is scheduled, so a step in flight counts as computed).
     - block_ids cover at least num_computed_tokens tokens (block i holds positions [i*B, (i+1)*B)).
-    - all_token_ids == prompt_token_ids + output_token_ids.
+    - all_token_ids == prompt_token_ids + output_token_ids + [PLACEHOLDER] * num_placeholders: a step that
+      samples appends a placeholder when it is scheduled, and the sampled token replaces it when the step's
+      results come back. With asynchronous scheduling the next step is scheduled before that, and feeds
+      the placeholder in as its input (the runner takes the real token from the device).
     """
 
     request_id: str
@@ -54,6 +61,8 @@ class Request:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # Tokens sampled by steps whose results have not come back yet (the tail of all_token_ids).
+    num_placeholders: int = 0
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,8 +92,29 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt plus generated tokens whose values are known (placeholders excluded)."""
+        return len(self._all_token_ids) - self.num_placeholders
+
+    def add_placeholder(self) -> None:
+        """A step that will sample this request's next token has been scheduled."""
+        self._all_token_ids.append(PLACEHOLDER)
+        self.num_placeholders += 1
+
+    def drop_placeholders(self) -> None:
+        """Forget tokens still in flight (the request finished; they will never be used)."""
+        if self.num_placeholders:
+            del self._all_token_ids[-self.num_placeholders :]
+            self.num_placeholders = 0
+
     def append_output_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
+        """Record a sampled token: it fills the oldest placeholder, if any, else extends the sequence."""
         self.output_token_ids.append(token_id)
-        self._all_token_ids.append(token_id)
+        if self.num_placeholders:
+            self._all_token_ids[len(self._all_token_ids) - self.num_placeholders] = token_id
+            self.num_placeholders -= 1
+        else:
+            self._all_token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)

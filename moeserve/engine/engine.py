@@ -1,7 +1,8 @@
-"""LLMEngine: one rank's engine. `step()` = schedule -> execute -> update -> detokenize -> emit.
+"""LLMEngine: one rank's engine. `step()` = schedule -> launch -> resolve -> update -> detokenize -> emit.
 
-It is synchronous and single-threaded; the async engine (serving) and the Ray worker drive it from their own
-step loops.
+It is single-threaded; serving and the Ray worker drive it from their own step loops. With asynchronous
+scheduling (`EngineConfig.async_scheduling`) a step launches its forward pass and then finishes the step
+launched before it, so scheduling, detokenizing and emitting step N overlap the device running step N+1.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from moeserve.engine.dp_sync import StepSync
 from moeserve.engine.prompts import PromptChecker
 from moeserve.outputs import StreamChunk
 from moeserve.request import Request
-from moeserve.runner.model_runner import ModelRunner, RankSetup
+from moeserve.runner.model_runner import ModelRunner, PendingStep, RankSetup
 from moeserve.sampling_params import SamplingParams
+from moeserve.scheduler.output import SchedulerOutput
 from moeserve.scheduler.scheduler import Scheduler
 from moeserve.tokenizer import Tokenizer
 
@@ -59,6 +61,12 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.sync = sync
+        # Lockstep ranks stay synchronous: their step plan and EPLB flips are agreed step by step.
+        if config.async_scheduling is None:
+            self.async_scheduling = sync is None and self.runner.device.type == "cuda"
+        else:
+            self.async_scheduling = config.async_scheduling and sync is None
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
         self.eplb = None  # RankEplb, attached by the EP worker
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
@@ -111,15 +119,22 @@ class LLMEngine:
         self.runner.expert_load = eplb.step_counts
 
     def has_unfinished(self) -> bool:
-        return bool(self._tracked)
+        return bool(self._tracked) or self._in_flight is not None
 
     def step(self) -> list[StreamChunk]:
-        """Run one scheduling step and return the new output of every request that produced some."""
+        """Run one scheduling step and return the new output of every request that produced some (with
+        asynchronous scheduling: the output of the step launched before this one)."""
         self.last_step_ran = False
-        sched = self.scheduler.schedule()
+        launched = self._launch(self.scheduler.schedule())
+        if self.async_scheduling:
+            launched, self._in_flight = self._in_flight, launched
+        return self._finish(*launched) if launched is not None else []
+
+    def _launch(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, PendingStep] | None:
+        """Queue the step's forward pass and sampling; None when this rank runs nothing to sample from."""
         if self.sync is None:
             if sched.is_empty:
-                return []
+                return None
             plan = None
         else:
             # Every rank enters this collective every step; ranks without work then run an idle batch.
@@ -127,16 +142,21 @@ class LLMEngine:
             rebalance_id = self.eplb.pending_id if self.eplb is not None else 0
             plan = self.sync.agree(sched.num_tokens, has_extend, len(sched.requests) >= 2, rebalance_id)
             if plan is None:
-                return []
+                return None
             if plan.rebalance_id:  # every rank moves the same chunk of expert weights in this step
                 self.eplb.run_next_chunk()
             if plan.total_tokens == 0:
                 self.last_step_ran = True
-                return []
+                return None
         self.last_step_ran = True
-        model_out = self.runner.execute(sched, plan)
+        pending = self.runner.launch(sched, plan)
         if self.eplb is not None:
             self.eplb.step_done()
+        return sched, pending
+
+    def _finish(self, sched: SchedulerOutput, pending: PendingStep) -> list[StreamChunk]:
+        """Wait for a launched step's tokens, apply them, and turn them into chunks."""
+        model_out = pending.resolve()
         changed = self.scheduler.update(sched, model_out)
         self.num_steps += 1
         chunks = []

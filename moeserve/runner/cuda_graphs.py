@@ -19,7 +19,7 @@ Invariants a replay relies on:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -209,20 +209,29 @@ class CudaGraphRunner:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize(self.buffers.device)
 
-    def run(self, reqs: Sequence[ScheduledRequest]) -> torch.Tensor:
+    def run(
+        self, reqs: Sequence[ScheduledRequest], fill_inputs: Callable[[torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
         """Forward of a decode batch. Returns hidden [len(reqs), hidden] in the model dtype, rows in request
-        order. The tensor is the graph's own output: read it before the next `run`."""
+        order. The tensor is the graph's own output: read it before the next `run`.
+        fill_inputs(input_ids [len(reqs)] int64, device) may then rewrite inputs on the device (placeholders)."""
         n = len(reqs)
         size = self.padded_size(n)
         if not self.use_graphs:
-            return self.run_eager(reqs)
+            return self.run_eager(reqs, fill_inputs)
         self.buffers.fill(reqs, size)
+        if fill_inputs is not None:
+            fill_inputs(self.buffers.tokens[0, :n])
         self.graphs[size].replay()
         return self.outputs[size][:n]
 
-    def run_eager(self, reqs: Sequence[ScheduledRequest]) -> torch.Tensor:
+    def run_eager(
+        self, reqs: Sequence[ScheduledRequest], fill_inputs: Callable[[torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
         """The same padded static batch as `run`, without the graph (comparisons, routing statistics)."""
         n = len(reqs)
         size = self.padded_size(n)
         seq_lens = self.buffers.fill(reqs, size)
+        if fill_inputs is not None:
+            fill_inputs(self.buffers.tokens[0, :n])
         return self.model(self.buffers.batch(size, seq_lens, self.max_seq_len))[:n]

@@ -2,10 +2,12 @@
 
 It owns the model, the paged KV cache tensors and the sampler; it knows nothing of scheduling policy.
 
-On CUDA a step does not wait for the GPU until its end: batch tensors go up through pinned memory with
-non_blocking copies, decode-only steps replay a captured CUDA graph (`runner/cuda_graphs.py`), and the forward
-has no host syncs. The one sync left is the sampled ids coming back (`Sampler`'s `.tolist()`), which the
-scheduler needs before it can build step N+1; overlapping that would take placeholder tokens in the scheduler.
+A step is launched, then resolved. `launch` queues the whole step on the device without waiting for it:
+batch tensors go up through pinned memory with non_blocking copies, decode-only steps replay a captured CUDA
+graph (`runner/cuda_graphs.py`), the forward and the sampler have no host syncs. `PendingStep.resolve()` waits
+for that step's sampled ids only. Between the two the engine schedules and launches the next step, whose
+decode inputs are placeholders (see `moeserve.request.PLACEHOLDER`): `launch` fills them on the device from
+the previous launch's sampled tokens, so the CPU work of step N+1 overlaps the GPU work of step N.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from moeserve.moe.dispatcher import Dispatcher, LocalDispatcher
 from moeserve.moe.experts import create_expert_kernel
 from moeserve.moe.placement import ExpertPlacement
 from moeserve.moe.tbo import run_overlapped, split_for_tbo
+from moeserve.request import PLACEHOLDER
 from moeserve.runner.cuda_graphs import CudaGraphRunner, graph_unsupported_reason
-from moeserve.runner.sampler import Sampler, SamplingRow
+from moeserve.runner.sampler import SampledTokens, Sampler, SamplingRow
 from moeserve.scheduler.output import ModelOutput, ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger("moeserve")
@@ -38,6 +41,24 @@ class RankSetup:
     placement: ExpertPlacement | None = None
     dispatcher: Dispatcher | None = None
     tbo_dispatcher: Dispatcher | None = None  # the second micro-batch's instance when TBO is on
+
+
+class PendingStep:
+    """A launched step. `resolve()` waits for its sampled tokens and returns them as a ModelOutput."""
+
+    def __init__(self, request_ids: list[str], sampled: SampledTokens | None) -> None:
+        self.request_ids = request_ids  # the requests that sample, in the order of sampled's rows
+        self.sampled = sampled
+
+    def resolve(self) -> ModelOutput:
+        if self.sampled is None:
+            return ModelOutput(sampled={})
+        tokens, logprobs = self.sampled.resolve()
+        out = ModelOutput(sampled={rid: [t] for rid, t in zip(self.request_ids, tokens)})
+        for rid, lp in zip(self.request_ids, logprobs):
+            if lp is not None:
+                out.logprobs[rid] = [lp]
+        return out
 
 
 class ModelRunner:
@@ -79,6 +100,8 @@ class ModelRunner:
         self.sampler = Sampler(config.seed)
         self.graphs = self._capture_graphs(graph_reason)
         self.num_tbo_steps = 0
+        # The last launch's sampled tokens on the device, and each sampling request's row in them.
+        self._last_sampled: tuple[dict[str, int], torch.Tensor] | None = None
         self.expert_load: torch.Tensor | None = None  # [num_moe_layers, num_physical] int64 when EPLB records
         logger.info(
             "model %s on %s (%s); attention=%s experts=%s dispatcher=%s; %d KV blocks of %d tokens",
@@ -146,11 +169,36 @@ class ModelRunner:
             sample_rows=[[len(r.token_ids) - 1] if r.sample else [] for r in reqs],
             device="cpu" if on_cuda else self.device,
         )
-        return _to_device_async(batch, self.device) if on_cuda else batch
+        if on_cuda:
+            batch = _to_device_async(batch, self.device)
+        self._fill_placeholders(reqs, batch.input_ids)
+        return batch
+
+    def _fill_placeholders(self, reqs: list[ScheduledRequest], input_ids: torch.Tensor) -> None:
+        """Replace placeholder inputs by the tokens the previous launch sampled, on the device.
+
+        input_ids: [>= num tokens of reqs] int64 on the device, reqs' tokens in order. A placeholder is
+        always a decode step's single token, sampled by the launch just before this one.
+        """
+        dst, src, offset = [], [], 0
+        for r in reqs:
+            offset += len(r.token_ids)
+            if r.token_ids[-1] == PLACEHOLDER:
+                assert self._last_sampled is not None, "a placeholder with no launch before it"
+                dst.append(offset - 1)
+                src.append(self._last_sampled[0][r.request_id])
+        if dst:
+            rows = _host_to_device(torch.tensor([dst, src], dtype=torch.int64), self.device)
+            input_ids[rows[0]] = self._last_sampled[1][rows[1]]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, plan: StepPlan | None = None) -> ModelOutput:
-        """Run one step: forward over every scheduled token, sample for the requests that asked.
+        """Run one step to the end: `launch` then resolve."""
+        return self.launch(sched, plan).resolve()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, plan: StepPlan | None = None) -> PendingStep:
+        """Queue one step: forward over every scheduled token, sample for the requests that asked.
 
         plan: the step all DP ranks agreed on (None on a lone rank). With a plan, a rank with no requests
         still runs the model on zero tokens so that it enters every MoE collective.
@@ -158,7 +206,10 @@ class ModelRunner:
         graph_step = plan is None or (plan.mode == ForwardMode.DECODE and not plan.use_tbo)
         if self.graphs is not None and graph_step and self.graphs.fits(sched.requests):
             # Every request samples here, so the graph's rows are the sample rows.
-            return self._sample(sched.requests, self.model.compute_logits(self.graphs.run(sched.requests)))
+            hidden = self.graphs.run(
+                sched.requests, fill_inputs=lambda ids: self._fill_placeholders(sched.requests, ids)
+            )
+            return self._sample(sched.requests, self.model.compute_logits(hidden))
         batch = self.build_batch(sched.requests)
         if plan is not None:
             batch.mode = plan.mode
@@ -173,19 +224,17 @@ class ModelRunner:
             hidden = self.model(batch)
         sampling = [r for r in sched.requests if r.sample]
         if not sampling:
-            return ModelOutput(sampled={})
+            self._last_sampled = None
+            return PendingStep([], None)
         return self._sample(sampling, self.model.compute_logits(hidden[batch.sample_indices]))
 
-    def _sample(self, sampling: list[ScheduledRequest], logits: torch.Tensor) -> ModelOutput:
-        """logits: [len(sampling), vocab] float32, row i for sampling[i]. The step's one host sync is here:
-        the sampled ids come back to the scheduler."""
+    def _sample(self, sampling: list[ScheduledRequest], logits: torch.Tensor) -> PendingStep:
+        """logits: [len(sampling), vocab] float32, row i for sampling[i]. Queued, not waited for."""
         rows = [SamplingRow(r.sampling_params, r.num_output_tokens) for r in sampling]
-        tokens, logprobs = self.sampler(logits, rows)
-        out = ModelOutput(sampled={r.request_id: [t] for r, t in zip(sampling, tokens)})
-        for r, lp in zip(sampling, logprobs):
-            if lp is not None:
-                out.logprobs[r.request_id] = [lp]
-        return out
+        sampled = self.sampler.launch(logits, rows)
+        ids = [r.request_id for r in sampling]
+        self._last_sampled = ({rid: i for i, rid in enumerate(ids)}, sampled.tokens)
+        return PendingStep(ids, sampled)
 
     def _forward_two_batches(self, reqs: list[ScheduledRequest], batch: ForwardBatch) -> torch.Tensor:
         """Two-batch overlap: split the requests into two micro-batches of near-equal tokens and interleave
@@ -210,7 +259,7 @@ def _to_device_async(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
     its copy has run.)"""
 
     def move(t: torch.Tensor) -> torch.Tensor:
-        return t.pin_memory().to(device, non_blocking=True)
+        return _host_to_device(t, device)
 
     meta = batch.attn
     if meta is not None:
@@ -219,3 +268,10 @@ def _to_device_async(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
     batch.input_ids, batch.positions = move(batch.input_ids), move(batch.positions)
     batch.sample_indices = move(batch.sample_indices)
     return batch
+
+
+def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device (pinned staging, non_blocking copy)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -37,6 +37,13 @@ class Sampler:
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits: [S, V] float32; token_mask: optional [S, V] bool, True = allowed.
         Returns the sampled token of each row and, for rows that asked for logprobs, their TokenLogprobs."""
+        return self.launch(logits, rows, token_mask).resolve()
+
+    def launch(
+        self, logits: torch.Tensor, rows: list[SamplingRow], token_mask: torch.Tensor | None = None
+    ) -> SampledTokens:
+        """Queue the sampling of every row on the logits' device without waiting for it (no host sync):
+        the result's `tokens` can feed the next step on the device; `resolve()` brings the values back."""
         assert logits.shape[0] == len(rows)
         if token_mask is not None:
             logits = logits.masked_fill(~token_mask, float("-inf"))
@@ -46,17 +53,16 @@ class Sampler:
         if len(greedy) == len(rows):  # the common all-greedy batch: no index tensor to copy to the device
             tokens = logits.argmax(dim=-1)
         elif greedy:
-            idx = torch.tensor(greedy, device=logits.device)
+            idx = _device_tensor(greedy, torch.int64, logits.device)
             tokens[idx] = logits[idx].argmax(dim=-1)
         if random:
-            idx = torch.tensor(random, device=logits.device)
+            idx = _device_tensor(random, torch.int64, logits.device)
             tokens[idx] = self._sample_random(logits[idx], [rows[i] for i in random])
-        token_list = tokens.tolist()
-        return token_list, _logprobs(logits, rows, token_list)
+        return SampledTokens(tokens, rows, _logprobs(logits, rows, tokens))
 
     def _sample_random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         device = logits.device
-        temperature = torch.tensor([r.params.temperature for r in rows], device=device, dtype=torch.float32)
+        temperature = _device_tensor([r.params.temperature for r in rows], torch.float32, device)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
         probs = _filter(probs, rows)
         # Exponential race: argmax(p / q), q ~ Exp(1), is a sample from p; q comes from a per-row stream.
@@ -86,28 +92,70 @@ def _filter(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     device = probs.device
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[1], device=device)[None, :]
-    drop = rank >= torch.tensor(top_k, device=device)[:, None]
+    drop = rank >= _device_tensor(top_k, torch.int64, device)[:, None]
     # top-p keeps the smallest prefix whose mass reaches p (the token that crosses p stays).
     mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-    drop |= mass_before >= torch.tensor(top_p, device=device, dtype=probs.dtype)[:, None]
-    drop |= sorted_p < sorted_p[:, :1] * torch.tensor(min_p, device=device, dtype=probs.dtype)[:, None]
+    drop |= mass_before >= _device_tensor(top_p, probs.dtype, device)[:, None]
+    drop |= sorted_p < sorted_p[:, :1] * _device_tensor(min_p, probs.dtype, device)[:, None]
     drop[:, 0] = False  # the most likely token always survives
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(1, order, sorted_p)
 
 
-def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], tokens: list[int]) -> list[TokenLogprobs | None]:
+def _device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without a host sync (a pageable copy would wait for the stream)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+@dataclass(slots=True)
+class _LogprobTensors:
+    """Device tensors of the rows that asked for logprobs (rows `wanted`, k = most alternatives asked)."""
+
+    wanted: list[int]
+    chosen: torch.Tensor  # [W] float32: log-probability of the sampled token
+    top_v: torch.Tensor  # [W, k] float32
+    top_i: torch.Tensor  # [W, k] int64
+
+
+def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor) -> _LogprobTensors | None:
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    out: list[TokenLogprobs | None] = [None] * len(rows)
     if not wanted:
-        return out
-    idx = torch.tensor(wanted, device=logits.device)
+        return None
+    idx = _device_tensor(wanted, torch.int64, logits.device)
     logp = torch.log_softmax(logits[idx].float(), dim=-1)
     k = max(rows[i].params.logprobs for i in wanted)
     top_v, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
-    chosen = logp.gather(1, torch.tensor([tokens[i] for i in wanted], device=logits.device)[:, None])
-    chosen, top_v, top_i = chosen.squeeze(1).tolist(), top_v.tolist(), top_i.tolist()
-    for j, i in enumerate(wanted):
-        n = rows[i].params.logprobs
-        out[i] = TokenLogprobs(tokens[i], chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
-    return out
+    chosen = logp.gather(1, tokens[idx][:, None]).squeeze(1)
+    return _LogprobTensors(wanted, chosen, top_v, top_i)
+
+
+class SampledTokens:
+    """One step's sampled tokens: on the device at once (`tokens`, [S] int64), on the host after
+    `resolve()`. On CUDA the copies back start as soon as sampling is queued (into pinned memory, behind an
+    event), so resolving waits for this step only, not for work queued after it."""
+
+    def __init__(self, tokens: torch.Tensor, rows: list[SamplingRow], logprobs: _LogprobTensors | None):
+        self.tokens = tokens
+        self._rows = rows
+        self._logprobs = logprobs
+        back = [tokens] if logprobs is None else [tokens, logprobs.chosen, logprobs.top_v, logprobs.top_i]
+        self._ready: torch.cuda.Event | None = None
+        if tokens.device.type == "cuda":
+            back = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in back]
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        self._host = back
+
+    def resolve(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Wait for this step's sampling; returns each row's token and, where asked, its TokenLogprobs."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens = self._host[0].tolist()
+        out: list[TokenLogprobs | None] = [None] * len(tokens)
+        if self._logprobs is not None:
+            chosen, top_v, top_i = (t.tolist() for t in self._host[1:])
+            for j, i in enumerate(self._logprobs.wanted):
+                n = self._rows[i].params.logprobs
+                out[i] = TokenLogprobs(tokens[i], chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
+        return tokens, out

@@ -34,6 +34,9 @@ class SchedulerOutput:
     # Requests that left the running set since the last step (finished, aborted, preempted): the runner
     # drops any per-request state it keeps for them.
     dropped_request_ids: list[str] = field(default_factory=list)
+    # The scheduler's own Request objects, one per entry of `requests` (the scheduler's, not the runner's:
+    # `update` applies results only to the very request scheduled, even if its id was reused meanwhile).
+    scheduled: list = field(default_factory=list, repr=False)
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,11 @@ when it decodes, its whole context again after a preemption. Each step gives run
 (oldest first), then admits waiting requests first-come first-served while the budget, the sequence limit and
 the KV blocks allow. A long prompt is computed in chunks across steps; a token is sampled only when a chunk
 reaches the request's newest token.
+
+A step's bookkeeping is done when it is scheduled: the request's computed-token count advances and, when it
+samples, a placeholder stands for the token until `update` brings the real one. So the next step can be
+scheduled before the last one's results are back (asynchronous scheduling): a decode request then feeds its
+placeholder in, and the runner substitutes the token sampled on the device.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 
-from moeserve.request import FinishReason, Request, RequestStatus
+from moeserve.request import PLACEHOLDER, FinishReason, Request, RequestStatus
 from moeserve.scheduler.kv_cache_manager import KVCacheManager
 from moeserve.scheduler.output import ModelOutput, ScheduledRequest, SchedulerOutput
 
@@ -127,13 +132,14 @@ class Scheduler:
         i = 0
         while i < len(self._running) and budget > 0:
             request = self._running[i]
+            i += 1
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            assert num_new > 0, "a running request always has a token to compute"
+            if num_new == 0 or self._will_finish(request):
+                continue  # everything is in flight, or its last token is: nothing to compute now
             if not self._allocate_or_preempt(request, num_new):
                 break  # the request preempted itself: it was the newest running one
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
-            i += 1
         # After a preemption memory is short: admitting more now would only cause more preemptions.
         if self.num_preemptions == preemptions_before:
             budget = self._admit_waiting(budget, scheduled)
@@ -141,7 +147,11 @@ class Scheduler:
         dropped: list[str] = []
         if scheduled:
             dropped, self._dropped = self._dropped, []
-        return SchedulerOutput(step=self._step, requests=scheduled, dropped_request_ids=dropped)
+        by_id = self._requests
+        return SchedulerOutput(
+            step=self._step, requests=scheduled, dropped_request_ids=dropped,
+            scheduled=[by_id[r.request_id] for r in scheduled],
+        )
 
     def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
         """Find blocks for request, preempting the newest running requests as needed; False if it was."""
@@ -152,9 +162,21 @@ class Scheduler:
                 return False
         return True
 
+    def _will_finish(self, request: Request) -> bool:
+        """Whether a token in flight is the request's last (max_tokens or the context limit)."""
+        if not request.num_placeholders:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        return (
+            request.num_output_tokens + request.num_placeholders >= max_tokens
+            or request.num_tokens >= self.context_limit
+        )
+
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
             request = self._waiting[0]
+            if request.num_placeholders:
+                break  # preempted while its last token was in flight: it waits for that token
             computed, num_cached = self.kv_cache.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv_cache.allocate_slots(request, num_new, computed):
@@ -162,7 +184,7 @@ class Scheduler:
             self._waiting.popleft()
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached
-            request.num_computed_tokens = num_cached
+            request.num_computed_tokens = num_cached  # _scheduled advances it by num_new
             request.status = RequestStatus.RUNNING
             bisect.insort(self._running, request, key=_arrival)
             scheduled.append(self._scheduled(request, num_new))
@@ -170,16 +192,24 @@ class Scheduler:
         return budget
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        """Describe the request's work for this step and book it: the tokens count as computed from now
+        on, and a step that samples leaves a placeholder for its token."""
         start = request.num_computed_tokens
-        return ScheduledRequest(
+        sample = start + num_new == request.num_tokens
+        out = ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.all_token_ids[start : start + num_new],
             start_position=start,
             block_ids=list(request.block_ids),
-            sample=start + num_new == request.num_tokens,
+            sample=sample,
             sampling_params=request.sampling_params,
-            num_output_tokens=request.num_output_tokens,
+            num_output_tokens=request.num_output_tokens + request.num_placeholders,
         )
+        assert PLACEHOLDER not in out.token_ids[:-1], "only a decode step's one input may be in flight"
+        request.num_computed_tokens = start + num_new
+        if sample:
+            request.add_placeholder()
+        return out
 
     def _preempt(self, request: Request) -> None:
         # Recompute, not swap: the blocks go back now; the generated tokens stay and are recomputed as
@@ -196,14 +226,13 @@ class Scheduler:
     def update(self, scheduler_output: SchedulerOutput, model_output: ModelOutput) -> list[Request]:
         """Apply a step's results; returns the requests that got new tokens (some may now be finished)."""
         changed: list[Request] = []
-        for sched in scheduler_output.requests:
-            request = self._requests.get(sched.request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
+        for sched, request in zip(scheduler_output.requests, scheduler_output.scheduled, strict=True):
+            if self._requests.get(sched.request_id) is not request:
                 continue  # finished or aborted after it was scheduled
-            request.num_computed_tokens += len(sched.token_ids)
-            assert request.num_computed_tokens <= request.num_tokens
-            self.kv_cache.cache_blocks(request)
-            if not sched.sample:
+            if request.status is RequestStatus.RUNNING:
+                self.kv_cache.cache_blocks(request)
+            # A request preempted while this step ran still takes its sampled token: the token is right.
+            if not sched.sample or not request.num_placeholders:
                 continue
             tokens = model_output.sampled.get(request.request_id)
             assert tokens, f"request {request.request_id} was to sample but the model returned no token"
@@ -226,7 +255,7 @@ class Scheduler:
             return "stop", None
         if token in params.stop_token_ids:
             return "stop", token
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.context_limit:
+        if request.num_output_tokens >= params.max_tokens or request.num_known_tokens >= self.context_limit:
             return "length", None
         return None
 
@@ -238,6 +267,7 @@ class Scheduler:
         else:
             self._waiting.remove(request)
         self.kv_cache.free(request)
+        request.drop_placeholders()
         del self._requests[request.request_id]
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

@@ -1,0 +1,72 @@
+"""The engine with asynchronous scheduling (step N+1 launched before step N's tokens are read) gives exactly
+the outputs of the synchronous engine: greedy, seeded sampling, logprobs, stop strings, preemption, aborts.
+
+On CPU the forward runs at launch, so nothing overlaps here; what is checked is the bookkeeping (placeholders
+fed from the previous launch's sampled tokens on the device, results applied one step later)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeserve import LLM, SamplingParams
+from tests.test_engine_offline import random_prompts
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "deepseek_v3"])
+def arch_path(request, tiny_checkpoint):
+    return str(tiny_checkpoint(request.param))
+
+
+def _outputs(llm: LLM, prompts, params):
+    """Tokens, text, finish reason and logprobs (rounded: batches differ by a step, so do float sums)."""
+    out = []
+    for o in llm.generate(prompts, params):
+        logprobs = [
+            (lp.token_id, round(lp.logprob, 4), [(t, round(v, 4)) for t, v in lp.top])
+            for lp in o.outputs[0].logprobs or []
+        ]
+        out.append((o.token_ids, o.text, o.finish_reason, logprobs))
+    return out
+
+
+def test_async_engine_equals_sync_engine(arch_path):
+    sync = LLM(arch_path, device="cpu", block_size=4, async_scheduling=False)
+    fast = LLM(arch_path, device="cpu", block_size=4, async_scheduling=True)
+    assert fast.engine.async_scheduling and not sync.engine.async_scheduling
+    vocab = sync.engine.vocab_size
+    prompts = random_prompts(12, vocab, 1, 30, seed=21)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=1 + 3 * i, ignore_eos=True) if i % 3 == 0 else
+        SamplingParams(temperature=0.9, top_k=30, seed=7 + i, max_tokens=14, logprobs=2, ignore_eos=i % 2 == 0)
+        for i in range(len(prompts))
+    ]
+    assert _outputs(fast, prompts, params) == _outputs(sync, prompts, params)
+
+
+def test_async_engine_stop_strings_preemption_and_abort(tiny_checkpoint):
+    path = str(tiny_checkpoint("qwen3_moe"))
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    roomy = LLM(path, device="cpu", block_size=4, async_scheduling=False)
+    prompts = random_prompts(16, roomy.engine.vocab_size, 10, 40, seed=6)
+    expected = [o.token_ids for o in roomy.generate(prompts, params)]
+    tight = LLM(path, device="cpu", block_size=4, num_kv_blocks=40, async_scheduling=True)
+    assert [o.token_ids for o in tight.generate(prompts, params)] == expected
+    assert tight.engine.stats()["num_preemptions"] > 0
+
+    # A stop string found one step late still cuts the text at the string; the token in flight is dropped.
+    base = roomy.generate(["Hello world"], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))[0]
+    stop = SamplingParams(temperature=0.0, max_tokens=20, stop=[base.text[3:5]], ignore_eos=True)
+    assert _outputs(tight, ["Hello world"], stop) == _outputs(roomy, ["Hello world"], stop)
+
+    # Abort while a step is in flight, then reuse the id: the old request's token never reaches the new one.
+    engine = tight.engine
+    engine.add_request(prompts[0], params, "x")
+    engine.step()
+    engine.step()
+    assert engine.abort("x").finish_reason == "abort"
+    engine.add_request(prompts[1], params, "x")
+    tokens = []
+    while engine.has_unfinished():
+        for chunk in engine.step():
+            tokens += chunk.token_ids
+    assert tokens == expected[1]
