@@ -27,7 +27,7 @@ class EngineConfig:
     cuda_graph_max_batch: largest decode batch (requests) run through a graph; larger ones run eagerly.
     async_scheduling: schedule and launch step N+1 before waiting for step N's sampled tokens, so host work
         overlaps device work. None (auto): on for a lone CUDA rank; off on CPU, where the forward runs in
-        the caller's thread and nothing would overlap. Lockstep DP/EP ranks always run synchronously.
+        the caller's thread and nothing would overlap, and off for lockstep DP/EP ranks unless set True.
     """
 
     model: str | None = None

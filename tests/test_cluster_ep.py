@@ -38,15 +38,15 @@ def settled_stats(llm, timeout_s: float = 10.0) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "arch,ranks,redundant,tbo",
+    "arch,ranks,redundant,tbo,async_scheduling",
     [
-        ("qwen3_moe", 2, 0, False),
-        ("qwen3_moe", 4, 0, True),
-        ("deepseek_v3", 2, 4, True),
-        ("deepseek_v3", 4, 4, False),
+        ("qwen3_moe", 2, 0, False, False),
+        ("qwen3_moe", 4, 0, True, False),
+        ("deepseek_v3", 2, 4, True, True),
+        ("deepseek_v3", 4, 4, False, False),
     ],
 )
-def test_ep_matches_single_process(ray_cluster, tiny_checkpoint, arch, ranks, redundant, tbo):
+def test_ep_matches_single_process(ray_cluster, tiny_checkpoint, arch, ranks, redundant, tbo, async_scheduling):
     path = str(tiny_checkpoint(arch))
     single = LLM(path, device="cpu")
     prompts = prompts_for(single.engine.vocab_size)
@@ -59,6 +59,7 @@ def test_ep_matches_single_process(ray_cluster, tiny_checkpoint, arch, ranks, re
         expert_parallel_size=ranks,
         num_redundant_experts=redundant,
         enable_tbo=tbo,
+        async_scheduling=async_scheduling,  # lockstep steps launched one ahead of their results
     )
     try:
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
@@ -69,5 +70,6 @@ def test_ep_matches_single_process(ray_cluster, tiny_checkpoint, arch, ranks, re
         stats = settled_stats(llm)
         assert stats[0]["num_steps"] > 0 and all(s["num_steps"] == stats[0]["num_steps"] for s in stats)
         assert all((s["num_tbo_steps"] > 0) == tbo for s in stats)
+        assert all(s["async_scheduling"] == async_scheduling for s in stats)
     finally:
         llm.shutdown()

@@ -61,11 +61,12 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.sync = sync
-        # Lockstep ranks stay synchronous: their step plan and EPLB flips are agreed step by step.
+        # Auto: a lone CUDA rank. Lockstep DP/EP ranks run it only when asked (checked on CPU ranks; not yet
+        # measured on several GPUs).
         if config.async_scheduling is None:
             self.async_scheduling = sync is None and self.runner.device.type == "cuda"
         else:
-            self.async_scheduling = config.async_scheduling and sync is None
+            self.async_scheduling = config.async_scheduling
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
         self.eplb = None  # RankEplb, attached by the EP worker
         self._tracked: dict[str, _Tracked] = {}
@@ -208,4 +209,5 @@ class LLMEngine:
             **self.scheduler.stats(),
             "num_steps": self.num_steps,
             "num_tbo_steps": self.runner.num_tbo_steps,
+            "async_scheduling": self.async_scheduling,
         }
