@@ -26,6 +26,7 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
 
 from moeserve.loader.checkpoint import CheckpointError, checkpoint_dir, read_json
 
@@ -52,6 +53,9 @@ class Tokenizer:
         self.pad_token_id = self._token_id("pad_token")
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._template: jinja2.Template | None = None
+        # Built on first use, per skip_special_tokens setting (False, True): see token_bytes().
+        self._token_bytes: list[list[bytes] | None] = [None, None]
+        self._is_byte_level = isinstance(backend.decoder, decoders.ByteLevel)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -98,6 +102,23 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``. A trailing incomplete UTF-8 sequence decodes to U+FFFD."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, skip_special_tokens: bool = True) -> list[bytes] | None:
+        """The bytes each token id decodes to, when decoding is byte-level (GPT-2 style BPE); else None.
+
+        For a byte-level tokenizer ``decode(ids)`` is ``b"".join(table[i] for i in ids).decode("utf-8",
+        "replace")`` for ids in ``range(len(table))``, which lets text be decoded incrementally without
+        decoding token windows again. Ids the vocabulary lacks, and special tokens when skipped, map to b"".
+        Built on first use per setting (a few tenths of a second for a 150k vocabulary) and shared: do not
+        modify it.
+        """
+        if not self._is_byte_level:
+            return None
+        table = self._token_bytes[skip_special_tokens]
+        if table is None:
+            table = _byte_level_table(self._tok, skip_special_tokens)
+            self._token_bytes[skip_special_tokens] = table
+        return table
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
         """Vocabulary strings of ``ids`` (None for an id outside the vocabulary)."""
@@ -149,6 +170,48 @@ class Tokenizer:
     def _token_id(self, key: str) -> int | None:
         token = self.special_tokens.get(key)
         return None if token is None else self._tok.token_to_id(token)
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable alphabet, character -> byte (the mapping GPT-2 introduced).
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, 0x7F-0xA0, 0xAD) take
+    the code points 256, 257, ... in byte order.
+    """
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    alphabet = {chr(b): b for b in printable}
+    shifted = (b for b in range(256) if b not in printable)
+    alphabet.update((chr(256 + i), b) for i, b in enumerate(shifted))
+    return alphabet
+
+
+def _byte_level_table(backend: HFTokenizer, skip_special_tokens: bool) -> list[bytes]:
+    """Bytes of every token id under a ByteLevel decoder (see `Tokenizer.token_bytes`).
+
+    The decoder maps each character of a token's string to its byte; a token with a character outside the
+    alphabet (an added token such as "<｜end▁of▁sentence｜>") stands for its own UTF-8 encoding instead.
+    Added tokens are decoded like any other token; special ones vanish when skipped.
+    """
+    # str.translate maps alphabet characters to their bytes as Latin-1 code points; other characters below
+    # 256 are pushed out of Latin-1 so that encoding fails for them as for those above.
+    to_byte = {ord(c): b for c, b in byte_level_alphabet().items()}
+    to_byte.update((c, 0xFFFF) for c in range(256) if c not in to_byte)
+    skipped = set()
+    if skip_special_tokens:
+        skipped = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    # Added tokens may leave gaps above the model's vocabulary: size the table by the largest id.
+    size = max(backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    table: list[bytes] = []
+    for i in range(size):
+        token = backend.id_to_token(i)
+        if token is None or i in skipped:
+            table.append(b"")
+            continue
+        try:
+            table.append(token.translate(to_byte).encode("latin-1"))
+        except UnicodeEncodeError:
+            table.append(token.encode("utf-8"))
+    return table
 
 
 def _read_optional_json(file: Path) -> dict:

@@ -24,6 +24,22 @@ def byte_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     return Tokenizer.from_pretrained(path)
 
 
+class DecodeOnly:
+    """A tokenizer seen only through ``decode``: the detokenizer must take its generic (window) path."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.fixture(params=["byte_stream", "window_stream"])
+def any_tok(request: pytest.FixtureRequest, byte_tok: Tokenizer):
+    """The byte tokenizer, through the byte-level fast path or through decode alone."""
+    return byte_tok if request.param == "byte_stream" else DecodeOnly(byte_tok)
+
+
 def llama_style_tokenizer() -> Tokenizer:
     """SentencePiece-like BPE with byte fallback and a decoder that strips the first leading space.
 
@@ -77,18 +93,22 @@ def first_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
 
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
-def test_stream_equals_one_shot_decode(byte_tok: Tokenizer, seed: int, skip_special_tokens: bool) -> None:
+def test_stream_equals_one_shot_decode(
+    byte_tok: Tokenizer, any_tok, seed: int, skip_special_tokens: bool
+) -> None:
     rng = random.Random(seed)
     ids = random_ids(rng, rng.randint(0, 60), noise=True)
     reference = byte_tok.decode(ids, skip_special_tokens=skip_special_tokens)
-    detok = IncrementalDetokenizer(byte_tok, skip_special_tokens=skip_special_tokens)
+    detok = IncrementalDetokenizer(any_tok, skip_special_tokens=skip_special_tokens)
     assert stream(detok, ids, rng, reference) == reference
     assert detok.stop_reason is None
 
 
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("include_stop", [False, True])
-def test_stop_strings_cut_at_first_occurrence(byte_tok: Tokenizer, seed: int, include_stop: bool) -> None:
+def test_stop_strings_cut_at_first_occurrence(
+    byte_tok: Tokenizer, any_tok, seed: int, include_stop: bool
+) -> None:
     rng = random.Random(100 + seed)
     ids = random_ids(rng, rng.randint(5, 60), noise=seed % 3 == 0)
     full = byte_tok.decode(ids)
@@ -102,14 +122,14 @@ def test_stop_strings_cut_at_first_occurrence(byte_tok: Tokenizer, seed: int, in
     else:
         start, expected_stop = hit
         expected = full[: start + len(expected_stop)] if include_stop else full[:start]
-    detok = IncrementalDetokenizer(byte_tok, stop=stops, include_stop_str_in_output=include_stop)
+    detok = IncrementalDetokenizer(any_tok, stop=stops, include_stop_str_in_output=include_stop)
     assert stream(detok, ids, rng, expected) == expected
     assert detok.stop_reason == expected_stop
     assert detok.finished
 
 
-def test_hold_back_and_stop_across_updates(byte_tok: Tokenizer) -> None:
-    detok = IncrementalDetokenizer(byte_tok, stop=["世界!", "zz"])
+def test_hold_back_and_stop_across_updates(any_tok) -> None:
+    detok = IncrementalDetokenizer(any_tok, stop=["世界!", "zz"])
     assert detok.update(list(b"hi \xe4")).text == ""  # the newest character is incomplete: hold it all
     assert detok.update(list(b"\xb8\x96")).text == "hi"  # "hi 世": the last 2 chars may start "世界!"
     assert detok.update(list("界".encode())).text == " "
@@ -119,17 +139,17 @@ def test_hold_back_and_stop_across_updates(byte_tok: Tokenizer) -> None:
     assert detok.update(list(b"more")).text == "" and detok.flush() == ""
 
 
-def test_longer_stop_that_starts_earlier_loses_to_one_that_ends_first(byte_tok: Tokenizer) -> None:
+def test_longer_stop_that_starts_earlier_loses_to_one_that_ends_first(any_tok) -> None:
     ids = list(b"xabcd")
     for chunks in ([ids], [[i] for i in ids]):
-        detok = IncrementalDetokenizer(byte_tok, stop=["abcd", "bc"])
+        detok = IncrementalDetokenizer(any_tok, stop=["abcd", "bc"])
         text = "".join(detok.update(c).text for c in chunks)
         assert (text, detok.stop_reason) == ("xa", "bc")
 
 
-def test_flush_emits_incomplete_character(byte_tok: Tokenizer) -> None:
+def test_flush_emits_incomplete_character(byte_tok: Tokenizer, any_tok) -> None:
     ids = list(b"ok\xf0\x9f")  # the first half of an emoji
-    detok = IncrementalDetokenizer(byte_tok)
+    detok = IncrementalDetokenizer(any_tok)
     assert detok.update(ids).text == ""  # text ending in U+FFFD is held back
     assert detok.flush() == byte_tok.decode(ids) == "ok\ufffd"
 
@@ -190,3 +210,86 @@ def test_works_with_transformers_tokenizer(tmp_path: Path) -> None:
     detok = IncrementalDetokenizer(hf, stop=["界"])
     text = "".join(detok.update([i]).text for i in ids)
     assert text == "héllo 🎉 世" and detok.stop_reason == "界"
+
+
+# ---- the byte-level fast path against one-shot decoding ------------------------------------------------------
+
+BPE_SPECIAL = ["<|end|>", "<｜User｜>"]  # the second has characters outside the byte alphabet
+# Not special: never skipped. "ÿ" is the alphabet's byte 0xFF; " " and "€" are outside the alphabet.
+BPE_ADDED = ["ÿ€", "<tool>", "a b"]
+
+
+def trained_byte_level_bpe() -> HFTokenizer:
+    """A GPT-2 style byte-level BPE trained here on random multilingual text, so that merged tokens span
+    character boundaries, plus special and plain added tokens."""
+    from tokenizers import AddedToken, trainers
+
+    rng = random.Random(0)
+    corpus = ["".join(rng.choices(ALPHABET + ["ab", "世界", "the "], k=40)) for _ in range(300)]
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    backend.train_from_iterator(corpus, trainer)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BPE_SPECIAL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in BPE_ADDED])
+    return backend
+
+
+def random_bpe_ids(rng: random.Random, size: int, n: int) -> list[int]:
+    """Uniform random ids (any byte-level token may follow any other), plus a few unknown ids."""
+    return [rng.randrange(size + 3) if rng.random() < 0.97 else size + rng.randrange(5) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def bpe_backend() -> HFTokenizer:
+    return trained_byte_level_bpe()
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(bpe_backend: HFTokenizer) -> Tokenizer:
+    return Tokenizer(bpe_backend, special_tokens={"eos_token": "<|end|>"})
+
+
+def test_token_bytes_only_for_byte_level_decoders(byte_tok: Tokenizer, bpe_tok: Tokenizer) -> None:
+    table = byte_tok.token_bytes(skip_special_tokens=False)
+    assert table[: NUM_BYTES] == [bytes([b]) for b in range(NUM_BYTES)]
+    assert byte_tok.token_bytes(skip_special_tokens=True)[NUM_BYTES:] == [b""] * (BYTE_VOCAB_SIZE - NUM_BYTES)
+    assert len(bpe_tok.token_bytes()) == bpe_tok.vocab_size
+    assert max(len(b) for b in bpe_tok.token_bytes()) > 4  # real merges: tokens longer than a character
+    assert llama_style_tokenizer().token_bytes() is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_byte_stream_matches_one_shot_decode_of_trained_bpe(
+    bpe_tok: Tokenizer, seed: int, skip_special_tokens: bool
+) -> None:
+    rng = random.Random(200 + seed)
+    ids = random_bpe_ids(rng, bpe_tok.vocab_size, rng.randint(1, 300))
+    reference = bpe_tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    counter = CountingDecoder(bpe_tok)
+    counter.token_bytes = bpe_tok.token_bytes  # the fast path, observed
+    detok = IncrementalDetokenizer(
+        counter, skip_special_tokens=skip_special_tokens, prompt_token_ids=ids[:7]
+    )
+    assert stream(detok, ids, rng, reference) == reference
+    assert counter.window_sizes == []  # nothing was decoded through the tokenizer
+
+
+def test_byte_stream_matches_transformers_decode(bpe_backend: HFTokenizer, bpe_tok: Tokenizer) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=bpe_backend, clean_up_tokenization_spaces=False)
+    rng = random.Random(5)
+    for _ in range(20):
+        ids = random_bpe_ids(rng, bpe_tok.vocab_size, rng.randint(1, 120))
+        for skip in (True, False):
+            reference = hf.decode(ids, skip_special_tokens=skip)
+            stops = ["".join(rng.choices(ALPHABET, k=2))]
+            hit = first_stop(reference, stops)
+            expected = reference if hit is None else reference[: hit[0]]
+            detok = IncrementalDetokenizer(bpe_tok, skip_special_tokens=skip, stop=stops)
+            assert stream(detok, ids, rng, expected) == expected

@@ -49,6 +49,7 @@ class LLMEngine:
         self.model_path = model_path
         self.runner = ModelRunner(config, model_path, setup)  # checks the checkpoint first
         self.tokenizer = Tokenizer.from_pretrained(model_path)
+        self.tokenizer.token_bytes(True)  # built now, not on the first request (byte-level tokenizers)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model_config.vocab_size
         self.check = PromptChecker(self.tokenizer, self.vocab_size, self.max_model_len)
@@ -195,7 +196,7 @@ class LLMEngine:
         return StreamChunk(
             request_id=request.request_id,
             text=text,
-            token_ids=list(new_ids),
+            token_ids=new_ids,
             logprobs=logprobs,
             finish_reason=finish_reason,
             stop_reason=stop_reason,

@@ -24,7 +24,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from moeserve.forward_batch import AttentionMetadata, ForwardBatch, ForwardMode
+from moeserve.forward_batch import (
+    AttentionMetadata,
+    ForwardBatch,
+    ForwardMode,
+    PackedBlockTables,
+    pack_block_tables,
+)
 from moeserve.scheduler.output import ScheduledRequest
 
 logger = logging.getLogger("moeserve")
@@ -95,8 +101,11 @@ class DecodeBuffers:
             self._host_tables = None
         self._copied: torch.cuda.Event | None = None
 
-    def fill(self, reqs: Sequence[ScheduledRequest], padded: int) -> list[int]:
+    def fill(
+        self, reqs: Sequence[ScheduledRequest], padded: int, tables: PackedBlockTables | None = None
+    ) -> list[int]:
         """Write the decode inputs of `reqs` (one token each) into rows [0, n) and padding into [n, padded).
+        tables: reqs' block tables already packed (row i for reqs[i]); None packs them from the lists.
         Returns seq_lens of the padded batch as a host list."""
         n, bs = len(reqs), self.block_size
         assert n <= padded <= self.max_batch
@@ -111,15 +120,17 @@ class DecodeBuffers:
         host[1, :padded] = positions + [0] * (padded - n)
         host[2, :padded] = slots + [pad_slot] * (padded - n)
         self._host_seq.numpy()[:padded] = seq_lens
-        width = max(len(r.block_ids) for r in reqs) if reqs else 1
+        if tables is None:
+            tables = pack_block_tables([r.block_ids for r in reqs])
+        width = max(tables.table.shape[1], 1)
         assert width <= self.max_blocks, "a request's block table is longer than the context limit allows"
         if self._host_tables is None:
-            tables = self.block_tables.numpy()
+            host_tables = self.block_tables.numpy()
         else:
-            tables = self._host_tables[: padded * width].numpy().reshape(padded, width)
-        tables[:padded, :width] = self.scratch_block
-        for i, r in enumerate(reqs):
-            tables[i, : len(r.block_ids)] = r.block_ids
+            host_tables = self._host_tables[: padded * width].numpy().reshape(padded, width)
+        # Past a row's real blocks the kernels read nothing (seq_lens bound them); padding rows: scratch.
+        host_tables[:n, : tables.table.shape[1]] = tables.table.numpy()
+        host_tables[n:padded, :width] = self.scratch_block
         if self._host_tables is not None:
             self.tokens.copy_(self._host_tokens, non_blocking=True)
             self.seq_lens.copy_(self._host_seq, non_blocking=True)
@@ -210,28 +221,28 @@ class CudaGraphRunner:
         torch.cuda.synchronize(self.buffers.device)
 
     def run(
-        self, reqs: Sequence[ScheduledRequest], fill_inputs: Callable[[torch.Tensor], None] | None = None
+        self,
+        reqs: Sequence[ScheduledRequest],
+        tables: PackedBlockTables | None = None,
+        fill_inputs: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Forward of a decode batch. Returns hidden [len(reqs), hidden] in the model dtype, rows in request
         order. The tensor is the graph's own output: read it before the next `run`.
-        fill_inputs(input_ids [len(reqs)] int64, device) may then rewrite inputs on the device (placeholders)."""
+        tables: as `DecodeBuffers.fill`. fill_inputs(input_ids [len(reqs)] int64, on the device) may rewrite
+        inputs on the device before the replay (placeholders)."""
         n = len(reqs)
         size = self.padded_size(n)
-        if not self.use_graphs:
-            return self.run_eager(reqs, fill_inputs)
-        self.buffers.fill(reqs, size)
+        seq_lens = self.buffers.fill(reqs, size, tables)
         if fill_inputs is not None:
             fill_inputs(self.buffers.tokens[0, :n])
+        if not self.use_graphs:
+            return self.model(self.buffers.batch(size, seq_lens, self.max_seq_len))[:n]
         self.graphs[size].replay()
         return self.outputs[size][:n]
 
-    def run_eager(
-        self, reqs: Sequence[ScheduledRequest], fill_inputs: Callable[[torch.Tensor], None] | None = None
-    ) -> torch.Tensor:
+    def run_eager(self, reqs: Sequence[ScheduledRequest]) -> torch.Tensor:
         """The same padded static batch as `run`, without the graph (comparisons, routing statistics)."""
         n = len(reqs)
-        size = self.padded_size(n)
-        seq_lens = self.buffers.fill(reqs, size)
-        if fill_inputs is not None:
-            fill_inputs(self.buffers.tokens[0, :n])
-        return self.model(self.buffers.batch(size, seq_lens, self.max_seq_len))[:n]
+        seq_lens = self.buffers.fill(reqs, self.padded_size(n))
+        return self.model(self.buffers.batch(self.padded_size(n), seq_lens, self.max_seq_len))[:n]
+

@@ -21,7 +21,7 @@ import torch
 from moeserve.attention import create_attention_backend
 from moeserve.config import EngineConfig
 from moeserve.engine.dp_sync import StepPlan
-from moeserve.forward_batch import ForwardBatch, ForwardMode, build_forward_batch
+from moeserve.forward_batch import BlockTableRows, ForwardBatch, ForwardMode, build_forward_batch
 from moeserve.moe.dispatcher import Dispatcher, LocalDispatcher
 from moeserve.moe.experts import create_expert_kernel
 from moeserve.moe.placement import ExpertPlacement
@@ -100,6 +100,7 @@ class ModelRunner:
         self.sampler = Sampler(config.seed)
         self.graphs = self._capture_graphs(graph_reason)
         self.num_tbo_steps = 0
+        self.block_tables = BlockTableRows()  # host copies of running requests' tables, kept across steps
         # The last launch's sampled tokens on the device, and each sampling request's row in them.
         self._last_sampled: tuple[dict[str, int], torch.Tensor] | None = None
         self.expert_load: torch.Tensor | None = None  # [num_moe_layers, num_physical] int64 when EPLB records
@@ -164,7 +165,7 @@ class ModelRunner:
         batch = build_forward_batch(
             [r.token_ids for r in reqs],
             [r.start_position for r in reqs],
-            [r.block_ids for r in reqs],
+            self.block_tables.pack([r.request_id for r in reqs], [r.block_ids for r in reqs]),
             self.config.block_size,
             sample_rows=[[len(r.token_ids) - 1] if r.sample else [] for r in reqs],
             device="cpu" if on_cuda else self.device,
@@ -203,11 +204,15 @@ class ModelRunner:
         plan: the step all DP ranks agreed on (None on a lone rank). With a plan, a rank with no requests
         still runs the model on zero tokens so that it enters every MoE collective.
         """
+        self.block_tables.drop(sched.dropped_request_ids)
         graph_step = plan is None or (plan.mode == ForwardMode.DECODE and not plan.use_tbo)
         if self.graphs is not None and graph_step and self.graphs.fits(sched.requests):
             # Every request samples here, so the graph's rows are the sample rows.
+            reqs = sched.requests
             hidden = self.graphs.run(
-                sched.requests, fill_inputs=lambda ids: self._fill_placeholders(sched.requests, ids)
+                reqs,
+                self.block_tables.pack([r.request_id for r in reqs], [r.block_ids for r in reqs]),
+                fill_inputs=lambda ids: self._fill_placeholders(reqs, ids),
             )
             return self._sample(sched.requests, self.model.compute_logits(hidden))
         batch = self.build_batch(sched.requests)
