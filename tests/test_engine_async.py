@@ -70,3 +70,47 @@ def test_async_engine_stop_strings_preemption_and_abort(tiny_checkpoint):
         for chunk in engine.step():
             tokens += chunk.token_ids
     assert tokens == expected[1]
+
+
+def test_step_loop_streams_async_engine_output(tiny_checkpoint):
+    """The serving loop (a thread driving engine.step) delivers every chunk of an async engine, ends every
+    request exactly once, and an abort from another thread stops only its own request."""
+    import threading
+
+    from moeserve.engine.step_loop import StepLoop
+
+    path = str(tiny_checkpoint("qwen3_moe"))
+    sync = LLM(path, device="cpu", async_scheduling=False)
+    prompts = random_prompts(6, sync.engine.vocab_size, 2, 20, seed=9)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    expected = [o.token_ids for o in sync.generate(prompts, params)]
+
+    engine = LLM(path, device="cpu", async_scheduling=True).engine
+    got: dict[str, list[int]] = {}
+    finished: dict[str, str] = {}
+    done = threading.Event()
+
+    def on_chunks(chunks):
+        for c in chunks:
+            got.setdefault(c.request_id, []).extend(c.token_ids)
+            if c.finish_reason is not None:
+                assert c.request_id not in finished, "a request finished twice"
+                finished[c.request_id] = c.finish_reason
+        if len(finished) == len(prompts) + 1:
+            done.set()
+
+    loop = StepLoop(engine, on_chunks)
+    loop.start()
+    try:
+        long = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
+        loop.submit("endless", prompts[0], long)
+        for i, p in enumerate(prompts):
+            loop.submit(f"r{i}", p, params)
+        loop.abort("endless")
+        assert done.wait(60), f"finished only {sorted(finished)}"
+    finally:
+        loop.stop()
+    assert loop.error is None
+    assert [got[f"r{i}"] for i in range(len(prompts))] == expected
+    assert finished["endless"] == "abort" and all(finished[f"r{i}"] == "length" for i in range(len(prompts)))
+    assert not engine.has_unfinished()

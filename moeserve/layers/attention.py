@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moeserve.attention.base import AttentionBackend
@@ -73,7 +74,10 @@ class _PagedAttention(nn.Module):
 class GQAAttention(_PagedAttention):
     """Multi-head attention with grouped KV heads (Qwen2/3-MoE, Mixtral).
 
-    qk_norm_eps: RMSNorm per head on q and k before rotary (Qwen3), or None. Parameter names follow HF.
+    qk_norm_eps: RMSNorm per head on q and k before rotary (Qwen3), or None.
+    The q, k and v projections are one parameter, ``qkv_proj.weight [(Hq + 2 Hk) * head_dim, hidden]`` (rows
+    q | k | v, bias likewise), so a CUDA step runs one GEMM; `checkpoint_views` exposes its row blocks under
+    the HF names (q_proj / k_proj / v_proj), which is what checkpoints are loaded into. Other names follow HF.
     """
 
     def __init__(
@@ -91,12 +95,22 @@ class GQAAttention(_PagedAttention):
         super().__init__(backend)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
-        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.qkv_sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+        self.qkv_proj = Linear(hidden_size, sum(self.qkv_sizes), bias=qkv_bias)
         self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+
+    def checkpoint_views(self) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """(names of the fused parameters, {HF checkpoint name: view of the rows it fills}), names relative
+        to this module. The views share the fused parameters' storage, so loading into them fills qkv_proj."""
+        fused = ["qkv_proj.weight"] + (["qkv_proj.bias"] if self.qkv_proj.bias is not None else [])
+        views: dict[str, torch.Tensor] = {}
+        for name in fused:
+            param = getattr(self.qkv_proj, name.split(".")[1]).detach()
+            for proj, block in zip(("q_proj", "k_proj", "v_proj"), param.split(self.qkv_sizes)):
+                views[f"{proj}.{name.split('.')[1]}"] = block
+        return fused, views
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(self.num_kv_heads, self.head_dim, self.head_dim)
@@ -104,14 +118,26 @@ class GQAAttention(_PagedAttention):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RopeCache) -> torch.Tensor:
         """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q), rope.apply(k)
+        q, k, v = self._project_qkv(x)
+        q, k = rope.apply_qk(q, k, self.q_norm, self.k_norm)
         out = self._attend(q, k, v, batch, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, hidden] -> q [T, Hq, d], k [T, Hk, d], v [T, Hk, d] (on CUDA: views of one GEMM's output)."""
+        t, d = x.shape[0], self.head_dim
+        heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
+        weight, bias = self.qkv_proj.weight, self.qkv_proj.bias
+        if x.device.type == "cuda":
+            qkv = F.linear(x, weight, bias).view(t, sum(heads), d)
+            return qkv.split(heads, dim=1)
+        # Elsewhere three GEMMs over the row blocks, bit for bit what separate projections compute.
+        biases = bias.split(self.qkv_sizes) if bias is not None else (None, None, None)
+        q, k, v = (
+            F.linear(x, w, b).view(t, h, d)
+            for w, b, h in zip(weight.split(self.qkv_sizes), biases, heads)
+        )
+        return q, k, v
 
 
 class MLAAttention(_PagedAttention):

@@ -1,9 +1,30 @@
-"""RMSNorm, computed in float32 whatever the activation dtype (as every supported family does)."""
+"""RMSNorm, computed in float32 whatever the activation dtype (as every supported family does).
+
+On CUDA (when Triton imports) the norm, and the residual add before it, run as one Triton kernel
+(`moeserve.kernels.norm`) with the same rounding steps; elsewhere the torch code below runs unchanged.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        import moeserve.kernels.norm  # noqa: F401  (imports triton)
+    except ImportError:
+        return False
+    return True
+
+
+def fused_kernels_available(x: torch.Tensor) -> bool:
+    """Whether the small fused Triton kernels (norm, rotary, router top-k) may run on x: on CUDA only, and
+    only when Triton imports. CPU runs keep the torch code and its exact results."""
+    return x.device.type == "cuda" and _triton_imports()
 
 
 class RMSNorm(nn.Module):
@@ -19,6 +40,29 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_kernels_available(x) and x.stride(-1) == 1:
+            from moeserve.kernels.norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
+        return self._torch_norm(x)
+
+    def add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-norm block step: r = x + residual (in x's dtype), returns (norm(r), r).
+
+        x, residual: [num_tokens, dim]; residual None means x is the stream itself (first layer): (norm(x), x).
+        """
+        if residual is None:
+            return self(x), x
+        if fused_kernels_available(x) and x.stride(-1) == 1 and residual.is_contiguous():
+            from moeserve.kernels.norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual=residual)
+        r = x + residual
+        return self._torch_norm(r), r
+
+    def _torch_norm(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moeserve.layers.norm import fused_kernels_available
 from moeserve.models.config import RopeScaling, yarn_mscale
 
 
@@ -62,21 +63,90 @@ def _yarn_inv_freq(
 
 @dataclass(slots=True)
 class RopeCache:
-    """cos/sin of one batch's positions. cos, sin: [num_tokens, rotary_dim // 2], float32."""
+    """What rotating one batch needs. positions: [num_tokens] int64; inv_freq: [rotary_dim // 2] float32.
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos, sin: [num_tokens, rotary_dim // 2] float32 (attention factor included) on the torch path; None on
+    the fused path, whose Triton kernel computes them from positions and inv_freq itself, so a step builds
+    no cos/sin tensors at all (fewer launches in a captured decode graph).
+    """
+
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    attention_factor: float
     interleaved: bool
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.cos is None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, heads, rotary_dim] -> same shape and dtype, rotated (in float32)."""
+        if self.fused and x.stride(-1) == 1:
+            from moeserve.kernels.rope import apply_rope
+
+            return apply_rope(
+                x, None, self.positions, self.inv_freq, self.attention_factor, interleaved=self.interleaved
+            )[0]
+        cos, sin = self._cos_sin()
         xf = x.float()
         if self.interleaved:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]
         else:
             x1, x2 = xf.chunk(2, dim=-1)
-        cos, sin = self.cos[:, None, :], self.sin[:, None, :]
+        cos, sin = cos[:, None, :], sin[:, None, :]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    def apply_qk(
+        self, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, head_dim], k: [T, Hk, head_dim] -> both per-head RMS-normalised (when q_norm / k_norm,
+        `RMSNorm` modules, are given) and rotated. The fused path runs one kernel and writes into q and k
+        (callers pass fresh projection outputs); the torch path returns new tensors."""
+        if self.fused and self._fusable(q, k, q_norm, k_norm):
+            from moeserve.kernels.rope import apply_rope
+
+            return apply_rope(
+                q, k, self.positions, self.inv_freq, self.attention_factor,
+                interleaved=self.interleaved,
+                q_norm_weight=q_norm.weight if q_norm is not None else None,
+                k_norm_weight=k_norm.weight if k_norm is not None else None,
+                eps=q_norm.eps if q_norm is not None else 1e-6,
+                inplace=True,
+            )
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        return self.apply(q), self.apply(k)
+
+    @staticmethod
+    def _fusable(q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None) -> bool:
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or k.dtype != q.dtype:
+            return False
+        if q_norm is None:
+            return k_norm is None
+        # One eps per launch, and weights in the activation dtype (else torch would promote the output).
+        return (
+            k_norm is not None
+            and q_norm.eps == k_norm.eps
+            and q_norm.weight.dtype == q.dtype == k_norm.weight.dtype
+        )
+
+    def _cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is not None:
+            return self.cos, self.sin
+        return rope_cos_sin(self.positions, self.inv_freq, self.attention_factor)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [T] int64, inv_freq: [R // 2] float32 -> cos, sin: [T, R // 2] float32 (times the factor)."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = freqs.cos(), freqs.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin
 
 
 class RotaryEmbedding(nn.Module):
@@ -93,10 +163,13 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = interleaved
 
     def forward(self, positions: torch.Tensor) -> RopeCache:
-        """positions: [num_tokens] int64 -> RopeCache (cos/sin include YaRN's attention factor)."""
+        """positions: [num_tokens] int64 -> RopeCache (cos/sin include YaRN's attention factor).
+
+        On CUDA with Triton this launches nothing: the rotary kernel derives cos/sin from the positions."""
         inv_freq = self.inv_freq.to(device=positions.device, dtype=torch.float32)
-        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-        cos, sin = freqs.cos(), freqs.sin()
-        if self.attention_factor != 1.0:
-            cos, sin = cos * self.attention_factor, sin * self.attention_factor
-        return RopeCache(cos, sin, self.interleaved)
+        if positions.dim() == 1 and positions.stride(0) != 1:
+            positions = positions.contiguous()
+        rope = RopeCache(positions, inv_freq, self.attention_factor, self.interleaved)
+        if not fused_kernels_available(positions):
+            rope.cos, rope.sin = rope_cos_sin(positions, inv_freq, self.attention_factor)
+        return rope

@@ -2,7 +2,8 @@
 
 A family file only says how to build one layer's attention and MoE block; embedding, decoder stack, final
 norm, LM head, KV-cache binding and weight loading live here. Parameter names equal the HF checkpoint names,
-so loading is a lookup; the only tensors stored differently are routed experts (stacked per local slot).
+so loading is a lookup; the only tensors stored differently are routed experts (stacked per local slot) and
+fused projections (GQA's qkv_proj), loaded through views under the checkpoint's names.
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ class WeightLoadError(ValueError):
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). The MLP is registered as `mlp_name`
-    ("mlp", or Mixtral's "block_sparse_moe") so parameter names match the checkpoint."""
+    ("mlp", or Mixtral's "block_sparse_moe") so parameter names match the checkpoint.
+
+    The residual stream travels beside the block output rather than added into it: each norm adds its input
+    to the stream first (`RMSNorm.add_norm`, one fused kernel on CUDA), which computes the same sums as
+    adding at the end of each sub-block.
+    """
 
     def __init__(self, attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float, mlp_name: str = "mlp"):
         super().__init__()
@@ -89,14 +95,17 @@ class DecoderLayer(nn.Module):
         return getattr(self, self.mlp_name)
 
     def forward_stages(
-        self, x: torch.Tensor, batch: ForwardBatch, rope: RopeCache
-    ) -> Generator[None, None, torch.Tensor]:
-        """x: [num_tokens, hidden] -> [num_tokens, hidden]; yields while an MoE layer's tokens travel."""
-        x = x + self.self_attn(self.input_layernorm(x), batch, rope)
-        h = self.post_attention_layernorm(x)
+        self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, rope: RopeCache
+    ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor]]:
+        """x: [num_tokens, hidden], the previous block's output not yet added to `residual` (the stream,
+        same shape; None before the first layer, where x is the stream). Returns (this block's MLP output,
+        the stream before it); their sum is the layer's output. Yields while an MoE layer's tokens travel."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        x = self.self_attn(h, batch, rope)
+        h, residual = self.post_attention_layernorm.add_norm(x, residual)
         ffn = self.ffn
         y = (yield from ffn.forward_stages(h, batch)) if isinstance(ffn, MoELayer) else ffn(h)
-        return x + y
+        return y, residual
 
 
 class CausalLM(nn.Module):
@@ -169,11 +178,11 @@ class CausalLM(nn.Module):
     def forward_stages(self, batch: ForwardBatch) -> Generator[None, None, torch.Tensor]:
         """The forward pass as stages that yield at each MoE communication point, so two micro-batches can
         interleave (`moeserve.moe.tbo.run_overlapped`); the value is forward's result."""
-        x = self.model.embed_tokens(batch.input_ids)
+        x, residual = self.model.embed_tokens(batch.input_ids), None
         rope = self.rotary_emb(batch.positions)
         for layer in self.model.layers:
-            x = yield from layer.forward_stages(x, batch, rope)
-        return self.model.norm(x)
+            x, residual = yield from layer.forward_stages(x, residual, batch, rope)
+        return self.model.norm.add_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [num_samples, hidden] (rows of forward's output) -> logits [num_samples, vocab] float32."""
@@ -201,6 +210,15 @@ class CausalLM(nn.Module):
                 self._moe_layers[f"model.layers.{i}.{self.mlp_name}"] = layer.ffn
         stacked = {f"{p}.{w}" for p in self._moe_layers for w in ("w13", "w2")}
         self._params = {n: p for n, p in self.named_parameters() if n not in stacked}
+        # Fused parameters (GQA's qkv_proj) are loaded through views named as the checkpoint names them.
+        for prefix, module in self.named_modules():
+            views = getattr(module, "checkpoint_views", None)
+            if views is None:
+                continue
+            fused, named_views = views()
+            for name in fused:
+                del self._params[f"{prefix}.{name}"]
+            self._params.update({f"{prefix}.{name}": view for name, view in named_views.items()})
 
     def _match_expert(self, name: str) -> tuple[MoELayer, int, str] | None:
         m = _EXPERT_NAME.match(name)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.layers.norm import fused_kernels_available
 from moeserve.models.config import ModelConfig
 
 
@@ -58,8 +59,19 @@ def select_experts(
     """router_logits: [T, E] float32; correction_bias: [E] float32 or None (used for choosing only).
 
     Returns (topk_weights [T, k] float32, topk_ids [T, k] int32 logical expert ids). The order of the k
-    choices within a row is unspecified.
+    choices within a row is unspecified. On CUDA, softmax + greedy without a bias runs as one Triton kernel.
     """
+    if (
+        scoring == "softmax"
+        and topk_method == "greedy"
+        and correction_bias is None
+        and _fused_topk_ok(router_logits, top_k)
+    ):
+        from moeserve.kernels.topk_softmax import topk_softmax
+
+        return topk_softmax(
+            router_logits, top_k, renormalize=renormalize, scaling_factor=routed_scaling_factor
+        )
     logits = router_logits.float()
     if scoring == "softmax":
         scores = logits.softmax(dim=-1)
@@ -85,6 +97,18 @@ def select_experts(
     if routed_scaling_factor != 1.0:
         topk_weights = topk_weights * routed_scaling_factor
     return topk_weights, topk_ids.to(torch.int32)
+
+
+def _fused_topk_ok(router_logits: torch.Tensor, top_k: int) -> bool:
+    if not fused_kernels_available(router_logits):
+        return False
+    from moeserve.kernels.topk_softmax import MAX_EXPERTS
+
+    return (
+        router_logits.dim() == 2
+        and router_logits.stride(-1) == 1
+        and 0 < top_k <= router_logits.shape[1] <= MAX_EXPERTS
+    )
 
 
 def _mask_to_best_groups(

@@ -1,0 +1,238 @@
+"""Small per-layer ops of the decode forward: the torch code against the fused Triton kernels.
+
+    python benchmarks/kernels_small.py [--tokens 1,64,256] [--out benchmarks/out/kernels_small.json]
+
+Qwen3-30B-A3B shapes (hidden 2048, 32 q / 4 kv heads x 128, 128 experts top-8), bf16 on one GPU. Each op is
+timed two ways: under CUDA-graph replay (what a captured decode step pays: kernel time plus the gaps between
+kernels, no host launch cost) and eagerly (host launch cost included). Ops, per decoder layer:
+
+  add_norm      residual add + RMSNorm (x2 per layer)   torch: add, float, pow, mean, add, rsqrt, mul, cast, mul
+  qkv_proj      the q, k, v projections                 torch: three GEMMs; fused: one GEMM
+  qk_norm_rope  Qwen3 q/k RMSNorm + rotary              torch: two norms + two rotations (cos/sin built once
+                                                        per step, reported separately as rope_cos_sin)
+  router_topk   softmax -> top-8 -> renormalise         torch: `select_experts`' ops
+
+Then a 2-layer Qwen3-30B-A3B-shaped model: one decode forward (context 512) under graph replay and its kernel
+launches (torch profiler), per layer (2 layers minus 1), with the fused norm / rotary / router paths off and on
+(the fused qkv GEMM is on in both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import moeserve.moe.routing as routing  # noqa: E402
+from moeserve.kernels.norm import rms_norm, rms_norm_reference  # noqa: E402
+from moeserve.kernels.rope import apply_rope  # noqa: E402
+from moeserve.kernels.topk_softmax import topk_softmax  # noqa: E402
+from moeserve.layers.rotary import RopeCache, rope_cos_sin  # noqa: E402
+
+_FUSED_AVAILABLE = routing.fused_kernels_available
+HIDDEN, HQ, HK, D, EXPERTS, TOP_K, EPS = 2048, 32, 4, 128, 128, 8, 1e-6
+BF16 = torch.bfloat16
+DEVICE = "cuda"
+
+
+def time_graph(fn: Callable[[], object], reps: int = 20, replays: int = 20) -> float:
+    """Microseconds per call of fn under CUDA-graph replay (reps calls captured in one graph)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * replays)
+
+
+def time_eager(fn: Callable[[], object], iters: int = 200) -> float:
+    """Microseconds per call launched eagerly (host launch cost included), after a warm-up."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e6 / iters
+
+
+def build_ops(t: int) -> dict[str, tuple[Callable[[], object], Callable[[], object] | None]]:
+    """op name -> (torch version, fused version or None)."""
+    dev = DEVICE
+    x, res = (torch.randn(t, HIDDEN, device=dev, dtype=BF16) for _ in range(2))
+    w_norm = torch.rand(HIDDEN, device=dev, dtype=BF16) + 0.5
+    w_qkv = torch.randn((HQ + 2 * HK) * D, HIDDEN, device=dev, dtype=BF16) * HIDDEN**-0.5
+    w_q, w_k, w_v = w_qkv.split([HQ * D, HK * D, HK * D])
+    qkv = torch.randn(t, HQ + 2 * HK, D, device=dev, dtype=BF16)
+    q, k, _ = qkv.split([HQ, HK, HK], dim=1)
+    qn, kn = (torch.rand(D, device=dev, dtype=BF16) + 0.5 for _ in range(2))
+    pos = torch.randint(0, 30000, (t,), device=dev)
+    inv_freq = (1.0 / 1e6 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)).to(dev)
+    cos, sin = rope_cos_sin(pos, inv_freq, 1.0)
+    cache = RopeCache(pos, inv_freq, 1.0, False, cos, sin)
+    logits = torch.randn(t, EXPERTS, device=dev)
+
+    def torch_qk():
+        qq = rms_norm_reference(q, qn, EPS)
+        kk = rms_norm_reference(k, kn, EPS)
+        return cache.apply(qq), cache.apply(kk)
+
+    def torch_router():
+        set_fused(False)
+        try:
+            return routing.select_experts(logits, TOP_K, renormalize=True)
+        finally:
+            set_fused(True)
+
+    return {
+        "add_norm": (lambda: rms_norm_reference(x, w_norm, EPS, res), lambda: rms_norm(x, w_norm, EPS, res)),
+        "qkv_proj": (lambda: (F.linear(x, w_q), F.linear(x, w_k), F.linear(x, w_v)), lambda: F.linear(x, w_qkv)),
+        "qk_norm_rope": (
+            torch_qk,
+            lambda: apply_rope(q, k, pos, inv_freq, q_norm_weight=qn, k_norm_weight=kn, eps=EPS, inplace=True),
+        ),
+        "router_topk": (torch_router, lambda: topk_softmax(logits, TOP_K, renormalize=True)),
+        "rope_cos_sin": (lambda: rope_cos_sin(pos, inv_freq, 1.0), None),
+    }
+
+
+QWEN3_HF = dict(
+    architectures=["Qwen3MoeForCausalLM"], vocab_size=4096, hidden_size=HIDDEN, num_attention_heads=HQ,
+    num_key_value_heads=HK, head_dim=D, intermediate_size=6144, moe_intermediate_size=768, num_experts=EXPERTS,
+    num_experts_per_tok=TOP_K, norm_topk_prob=True, max_position_embeddings=40960, rms_norm_eps=EPS,
+    rope_theta=1e6, num_hidden_layers=2,
+)
+
+
+def set_fused(on: bool) -> None:
+    """Switch the fused norm / rotary / router kernels on or off (the qkv GEMM stays fused on CUDA)."""
+    import moeserve.layers.norm as norm_mod
+    import moeserve.layers.rotary as rotary_mod
+
+    for mod in (norm_mod, rotary_mod, routing):
+        mod.fused_kernels_available = _FUSED_AVAILABLE if on else (lambda _: False)
+
+
+def count_kernels(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def decode_layers(batch_sizes: list[int]) -> list[dict]:
+    """A 2-layer Qwen3-30B-A3B-shaped model (random bf16 weights, Triton attention and experts): decode forward
+    under graph replay and kernel launches, per layer (2 layers minus 1), fused paths on and off."""
+    from moeserve.forward_batch import build_forward_batch
+    from moeserve.models.base import ModelContext
+    from moeserve.models.config import ModelConfig
+    from moeserve.models.registry import create_model
+
+    cfg = ModelConfig.from_hf(QWEN3_HF)
+    model = create_model(cfg, ModelContext.single_device(cfg, BF16, DEVICE))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    block, context = 16, 512
+    num_blocks = max(batch_sizes) * context // block + 1
+    model.bind_kv_caches([
+        (torch.randn(num_blocks, block, s.num_kv_heads, s.k_dim, device=DEVICE, dtype=BF16),
+         torch.randn(num_blocks, block, s.num_kv_heads, s.v_dim, device=DEVICE, dtype=BF16))
+        for s in model.kv_cache_specs()
+    ])
+    all_layers, rows = model.model.layers, []
+    for n in batch_sizes:
+        per_req = context // block
+        batch = build_forward_batch([[7]] * n, [context - 1] * n,
+                                    [list(range(i * per_req, (i + 1) * per_req)) for i in range(n)], block,
+                                    device=DEVICE)
+        row: dict = {"op": "decode_layer", "tokens": n}
+
+        def step(b=batch):
+            return model(b)
+
+        for fused in (False, True):
+            set_fused(fused)
+            stats = {}
+            for num in (1, 2):
+                model.model.layers = all_layers[:num]
+                with torch.inference_mode():
+                    stats[num] = time_graph(step, reps=5, replays=20), count_kernels(step)
+            key = "fused" if fused else "torch"
+            row[f"{key}_graph_us"] = stats[2][0] - stats[1][0]
+            row[f"{key}_kernels"] = stats[2][1] - stats[1][1]
+        model.model.layers = all_layers
+        set_fused(True)
+        rows.append(row)
+        print(f"{'decode_layer':<14}{n:>5} | {row['torch_graph_us']:>11.1f} {row['fused_graph_us']:>11.1f} "
+              f"{row['torch_graph_us'] / row['fused_graph_us']:>7.2f}x | kernels per layer "
+              f"{row['torch_kernels']} -> {row['fused_kernels']}")
+    return rows
+
+
+PER_LAYER = {"add_norm": 2, "qkv_proj": 1, "qk_norm_rope": 1, "router_topk": 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="1,64,256")
+    parser.add_argument("--out", default="benchmarks/out/kernels_small.json")
+    parser.add_argument("--no-model", action="store_true", help="skip the 2-layer model decode timing")
+    args = parser.parse_args()
+    rows = []
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"{'op':<14}{'T':>5} | {'torch graph':>11} {'fused graph':>11} {'speedup':>8} | "
+          f"{'torch eager':>11} {'fused eager':>11}   (us)")
+    for t in (int(v) for v in args.tokens.split(",")):
+        ops = build_ops(t)
+        layer = {"torch_graph_us": 0.0, "fused_graph_us": 0.0}
+        for name, (ref, fused) in ops.items():
+            row = {"op": name, "tokens": t, "torch_graph_us": time_graph(ref), "torch_eager_us": time_eager(ref)}
+            if fused is not None:
+                row.update(fused_graph_us=time_graph(fused), fused_eager_us=time_eager(fused))
+            if name in PER_LAYER:
+                layer["torch_graph_us"] += PER_LAYER[name] * row["torch_graph_us"]
+                layer["fused_graph_us"] += PER_LAYER[name] * row["fused_graph_us"]
+            rows.append(row)
+            fg = row.get("fused_graph_us")
+            print(f"{name:<14}{t:>5} | {row['torch_graph_us']:>11.1f} "
+                  f"{fg if fg is not None else float('nan'):>11.1f} "
+                  f"{(row['torch_graph_us'] / fg) if fg else float('nan'):>7.2f}x | "
+                  f"{row['torch_eager_us']:>11.1f} {row.get('fused_eager_us', float('nan')):>11.1f}")
+        rows.append({"op": "per_layer_sum", "tokens": t, **layer})
+        print(f"{'per_layer_sum':<14}{t:>5} | {layer['torch_graph_us']:>11.1f} {layer['fused_graph_us']:>11.1f} "
+              f"{layer['torch_graph_us'] / layer['fused_graph_us']:>7.2f}x |")
+    if not args.no_model:
+        try:
+            rows += decode_layers([int(v) for v in args.tokens.split(",")])
+        except Exception as e:  # the micro-benchmarks above stand on their own
+            print(f"decode_layer skipped: {type(e).__name__}: {e}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "shapes": dict(hidden=HIDDEN, q_heads=HQ, kv_heads=HK, head_dim=D, experts=EXPERTS,
+                                  top_k=TOP_K), "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Rotary position embedding for queries and keys in one launch, cos/sin computed in the kernel.
+
+Layouts follow `moeserve.layers.rotary`: "neox" rotates the pairs (x[i], x[i + R/2]); "interleaved" rotates
+(x[2i], x[2i+1]) and writes the result de-interleaved, [rotated evens | rotated odds]. Only the first
+R = 2 * len(inv_freq) dims of each head rotate; dims [R, D) pass through unchanged.
+
+Optionally each head is RMS-normalised first (Qwen3's q_norm / k_norm), with `RMSNorm`'s rounding: float32
+normalisation cast to the activation dtype, times the weight, rounded again; the rotation then runs in
+float32 and is rounded once more, exactly as the torch modules chained would.
+
+cos/sin: angle = float32(position) * inv_freq in float32 (the same rounded product torch forms), reduced
+modulo 2*pi in three parts (exact for |angle| < 2^16 * 2*pi) before tl.cos / tl.sin, so that the hardware's
+fast sin/cos, accurate near zero only, agree with torch's to float32 rounding at any context length.
+One program handles one token and up to BLOCK_H heads of q or of k; the grid depends on shapes only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _cos_sin(angle):
+    # 2*pi = 6.28125 + 0.00193023681640625 + 5.0703634e-06: the first two parts have 8 significant bits, so
+    # n * part is exact for n < 2^16 and the reduced angle keeps float32 accuracy.
+    n = tl.floor(angle * 0.15915494309189535 + 0.5)
+    r = angle - n * 6.28125
+    r = r - n * 0.00193023681640625
+    r = r - n * 5.070363386039389e-06
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def _rope_heads(
+    X, Out, W, token, head0, num_heads,
+    stride_xt, stride_xh, stride_ot, stride_oh,
+    cos, sin, eps,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
+    BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr, HAS_REST: tl.constexpr,
+):
+    heads = head0 + tl.arange(0, BLOCK_H)
+    offs = tl.arange(0, BLOCK_HALF)
+    if INTERLEAVED:
+        offs1 = 2 * offs
+        offs2 = 2 * offs + 1
+    else:
+        offs1 = offs
+        offs2 = offs + HALF
+    mask = (heads < num_heads)[:, None] & (offs < HALF)[None, :]
+    row = X + token * stride_xt + heads[:, None] * stride_xh
+    x1 = tl.load(row + offs1[None, :], mask=mask, other=0.0)
+    act_dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = tl.load(row + offs2[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_REST:
+        offs_r = 2 * HALF + tl.arange(0, BLOCK_REST)
+        mask_r = (heads < num_heads)[:, None] & (offs_r < HEAD_DIM)[None, :]
+        xr = tl.load(row + offs_r[None, :], mask=mask_r, other=0.0).to(tl.float32)
+    if NORM:
+        sum_sq = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if HAS_REST:
+            sum_sq += tl.sum(xr * xr, axis=1)
+        rstd = tl.rsqrt(sum_sq / HEAD_DIM + eps)[:, None]
+        w1 = tl.load(W + offs1, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(W + offs2, mask=offs < HALF, other=0.0).to(tl.float32)[None, :]
+        x1 = (w1 * (x1 * rstd).to(act_dtype).to(tl.float32)).to(act_dtype).to(tl.float32)
+        x2 = (w2 * (x2 * rstd).to(act_dtype).to(tl.float32)).to(act_dtype).to(tl.float32)
+        if HAS_REST:
+            wr = tl.load(W + offs_r, mask=offs_r < HEAD_DIM, other=0.0).to(tl.float32)[None, :]
+            xr = (wr * (xr * rstd).to(act_dtype).to(tl.float32)).to(act_dtype).to(tl.float32)
+    out1 = x1 * cos - x2 * sin
+    out2 = x2 * cos + x1 * sin
+    orow = Out + token * stride_ot + heads[:, None] * stride_oh
+    tl.store(orow + offs[None, :], out1.to(act_dtype), mask=mask)
+    tl.store(orow + HALF + offs[None, :], out2.to(act_dtype), mask=mask)
+    if HAS_REST:
+        tl.store(orow + offs_r[None, :], xr.to(act_dtype), mask=mask_r)
+
+
+@triton.jit
+def _rope_kernel(
+    Q, K, QOut, KOut, QW, KW, Positions, InvFreq,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_qot, stride_qoh, stride_kot, stride_koh,
+    num_q_heads, num_k_heads, num_q_blocks,
+    factor, eps,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
+    BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr, HAS_REST: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    offs = tl.arange(0, BLOCK_HALF)
+    inv_freq = tl.load(InvFreq + offs, mask=offs < HALF, other=0.0)
+    angle = tl.load(Positions + token).to(tl.float32) * inv_freq
+    cos, sin = _cos_sin(angle)
+    cos = (cos * factor)[None, :]
+    sin = (sin * factor)[None, :]
+    if block < num_q_blocks:
+        _rope_heads(
+            Q, QOut, QW, token, block * BLOCK_H, num_q_heads,
+            stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin, eps,
+            HEAD_DIM, HALF, BLOCK_HALF, BLOCK_REST, BLOCK_H, INTERLEAVED, NORM, HAS_REST,
+        )
+    else:
+        _rope_heads(
+            K, KOut, KW, token, (block - num_q_blocks) * BLOCK_H, num_k_heads,
+            stride_kt, stride_kh, stride_kot, stride_koh, cos, sin, eps,
+            HEAD_DIM, HALF, BLOCK_HALF, BLOCK_REST, BLOCK_H, INTERLEAVED, NORM, HAS_REST,
+        )
+
+
+def _check(name: str, x: torch.Tensor, num_tokens: int, head_dim: int, dtype: torch.dtype) -> None:
+    if x.dim() != 3 or x.shape[0] != num_tokens or x.shape[2] != head_dim or x.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must be [{num_tokens}, heads, {head_dim}] with a contiguous last dim, got "
+            f"{tuple(x.shape)} strides {x.stride()}"
+        )
+    if x.dtype != dtype:
+        raise ValueError(f"{name} dtype {x.dtype} differs from q's {dtype}")
+
+
+def apply_rope(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_factor: float = 1.0,
+    *,
+    interleaved: bool = False,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate q and k (and RMS-normalise each head first when norm weights are given).
+
+    q: [T, Hq, D], k: [T, Hk, D] or None — float16 / bfloat16 / float32, last dim contiguous, any token and
+       head strides (e.g. views into a fused qkv projection or into MLA's [nope | rope] heads).
+    positions: [T] int64 (or int32), contiguous; inv_freq: [R // 2] float32 with R <= D (dims [R, D) pass through).
+    q_norm_weight / k_norm_weight: [D] in q's dtype, both or neither.
+    inplace: write into q and k (returned as they are); otherwise return new contiguous tensors.
+    """
+    t, hq, d = q.shape if q.dim() == 3 else (-1, -1, -1)
+    _check("q", q, t, d, q.dtype)
+    if k is not None:
+        _check("k", k, t, d, q.dtype)
+    half = inv_freq.numel()
+    if 2 * half > d or half == 0:
+        raise ValueError(f"rotary dim {2 * half} must be in (0, head dim {d}]")
+    if positions.shape != (t,) or positions.stride(0) != 1:
+        raise ValueError(f"positions must be a contiguous [{t}], got {tuple(positions.shape)}")
+    if inv_freq.dtype != torch.float32 or not inv_freq.is_contiguous():
+        raise ValueError("inv_freq must be a contiguous float32 [R // 2]")
+    norm = q_norm_weight is not None
+    if k is not None and norm != (k_norm_weight is not None):
+        raise ValueError("pass both q_norm_weight and k_norm_weight, or neither")
+    for w in (q_norm_weight, k_norm_weight) if norm else ():
+        if w is not None and (w.shape != (d,) or w.dtype != q.dtype):
+            raise ValueError(f"norm weights must be [{d}] in {q.dtype}, got {tuple(w.shape)} {w.dtype}")
+    q_out = q if inplace else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = k if (inplace or k is None) else torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    hk = k.shape[1] if k is not None else 0
+    if t == 0:
+        return q_out, k_out
+    block_h = min(triton.next_power_of_2(max(hq, hk, 1)), max(1, 1024 // triton.next_power_of_2(d)))
+    num_q_blocks = triton.cdiv(hq, block_h)
+    grid = (t, num_q_blocks + triton.cdiv(hk, block_h))
+    k_, k_out_ = (k, k_out) if k is not None else (q, q_out)  # unused when there is no k
+    qw = q_norm_weight if norm else q
+    kw = (k_norm_weight if k is not None else q_norm_weight) if norm else q
+    rest = d - 2 * half
+    _rope_kernel[grid](
+        q, k_, q_out, k_out_, qw, kw, positions, inv_freq,
+        q.stride(0), q.stride(1), k_.stride(0), k_.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out_.stride(0), k_out_.stride(1),
+        hq, hk, num_q_blocks,
+        float(attention_factor), float(eps),
+        HEAD_DIM=d, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_REST=triton.next_power_of_2(rest) if rest else 1,
+        BLOCK_H=block_h, INTERLEAVED=interleaved, NORM=norm, HAS_REST=rest > 0,
+        num_warps=4 if block_h * d >= 2048 else 2 if block_h * d >= 512 else 1,
+    )
+    return q_out, k_out
+
+
+def rope_reference(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_factor: float = 1.0,
+    *,
+    interleaved: bool = False,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The torch definition `apply_rope` must match (out of place): RMSNorm per head, then rotation of the
+    first R dims in float32 with cos/sin of float32(position) * inv_freq, times attention_factor."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos = (freqs.cos() * attention_factor)[:, None, :]
+    sin = (freqs.sin() * attention_factor)[:, None, :]
+    rot = 2 * inv_freq.numel()
+
+    def one(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        if w is not None:
+            xf = x.float()
+            x = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        xf = x[..., :rot].float()
+        x1, x2 = (xf[..., 0::2], xf[..., 1::2]) if interleaved else xf.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return torch.cat((rotated, x[..., rot:]), dim=-1)
+
+    return one(q, q_norm_weight), (one(k, k_norm_weight) if k is not None else None)

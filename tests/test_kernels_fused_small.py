@@ -1,0 +1,308 @@
+"""The small fused kernels of the decode forward (RMSNorm + residual, q/k norm + rotary, router top-k) against
+their torch references, and the model wiring that uses them.
+
+Three groups:
+- CPU, plain: launcher validation, the torch paths the CPU keeps, GQA's fused qkv parameter loaded through
+  the checkpoint's q/k/v names.
+- CPU, Triton interpreter: the kernels on tiny fp32/fp16 shapes (the interpreter is wrong for bf16).
+  TRITON_INTERPRET must be set before triton is first imported, so `test_fused_kernels_under_interpreter`
+  re-runs this file's `test_interp_*` tests in a fresh subprocess.
+- GPU (`gpu` marker): bf16 at Qwen3-30B-A3B shapes, CUDA-graph capture, and a tiny model with the fused
+  paths against the same model with them switched off.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(not INTERP, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+
+def inv_freq(rotary_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+
+
+def assert_same_topk(got, want, atol: float) -> None:
+    """Same expert set per row; weights compared expert by expert (the order within a row is free)."""
+    (gw, gi), (ww, wi) = got, want
+    assert gi.dtype == torch.int32 and gw.dtype == torch.float32
+    g_sorted, g_order = gi.long().sort(dim=1)
+    w_sorted, w_order = wi.long().sort(dim=1)
+    assert torch.equal(g_sorted, w_sorted)
+    torch.testing.assert_close(gw.gather(1, g_order), ww.gather(1, w_order), atol=atol, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- CPU, no kernel launches
+
+
+@pytest.mark.parametrize("case", ["rope_dim", "rope_norm_pair", "rope_layout", "norm_weight", "topk_k"])
+def test_launchers_reject_bad_inputs(case):
+    from moeserve.kernels.norm import rms_norm
+    from moeserve.kernels.rope import apply_rope
+    from moeserve.kernels.topk_softmax import topk_softmax
+
+    q, k, pos = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.arange(2)
+    with pytest.raises(ValueError):
+        if case == "rope_dim":
+            apply_rope(q, k, pos, inv_freq(18))
+        elif case == "rope_norm_pair":
+            apply_rope(q, k, pos, inv_freq(16), q_norm_weight=torch.randn(16))
+        elif case == "rope_layout":
+            apply_rope(q.transpose(1, 2), k, pos, inv_freq(16))
+        elif case == "norm_weight":
+            rms_norm(q, torch.randn(8), 1e-6)
+        else:
+            topk_softmax(torch.randn(3, 4), 5)
+
+
+def test_cpu_keeps_the_torch_paths():
+    from moeserve.layers.norm import RMSNorm, fused_kernels_available
+    from moeserve.layers.rotary import RotaryEmbedding
+
+    x, res = torch.randn(3, 8), torch.randn(3, 8)
+    assert not fused_kernels_available(x)
+    norm = RMSNorm(8, 1e-5)
+    norm.weight.data.uniform_(0.5, 1.5)
+    h, r = norm.add_norm(x, res)
+    assert torch.equal(r, res + x) and torch.equal(h, norm(res + x))
+    h0, r0 = norm.add_norm(x, None)
+    assert r0 is x and torch.equal(h0, norm(x))
+    rope = RotaryEmbedding(8, 10000.0, None)(torch.tensor([0, 3, 9]))
+    assert not rope.fused and rope.cos.shape == (3, 4)
+
+
+def test_gqa_fused_qkv_loads_through_checkpoint_names(tiny_checkpoint):
+    from safetensors.torch import load_file
+
+    from moeserve.loader.checkpoint import read_hf_config
+    from moeserve.loader.model_loader import load_model
+    from moeserve.models.base import ModelContext
+    from moeserve.models.config import ModelConfig
+
+    path = tiny_checkpoint("qwen2_moe")  # q/k/v with biases
+    cfg = ModelConfig.from_hf(read_hf_config(path))
+    model, _ = load_model(path, ModelContext.single_device(cfg, attention="torch", expert_kernel="torch"))
+    names = model.required_weight_names()
+    assert "model.layers.0.self_attn.k_proj.bias" in names
+    assert not any("qkv_proj" in n for n in names)
+    ckpt = {}
+    for f in sorted(path.glob("*.safetensors")):
+        ckpt.update(load_file(f))
+    attn = model.model.layers[1].self_attn
+    for part in ("weight", "bias"):
+        want = torch.cat([ckpt[f"model.layers.1.self_attn.{p}_proj.{part}"] for p in "qkv"])
+        assert torch.equal(getattr(attn.qkv_proj, part), want)
+
+
+# ---------------------------------------------------------------- CPU, Triton interpreter
+
+
+def test_fused_kernels_under_interpreter():
+    """Runs the `test_interp_*` tests below in a subprocess with TRITON_INTERPRET=1."""
+    if INTERP:
+        pytest.skip("already inside the interpreter run")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_interp_"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 48), (3, 4, 16)])
+def test_interp_rms_norm_matches_reference(dtype, shape):
+    from moeserve.kernels.norm import rms_norm, rms_norm_reference
+
+    g = torch.Generator().manual_seed(1)
+    x, res = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5))
+    (h, r), (h_ref, r_ref) = rms_norm(x, w, 1e-5, res), rms_norm_reference(x, w, 1e-5, res)
+    assert torch.equal(r, r_ref)  # the new residual stream is exactly torch's add
+    torch.testing.assert_close(h, h_ref)
+
+
+@interp
+def test_interp_rms_norm_strided_rows():
+    """A column slice of a wider row (MLA's latent beside k_pe) is normalised in place of a copy."""
+    from moeserve.kernels.norm import rms_norm, rms_norm_reference
+
+    wide = torch.randn(4, 40)
+    x, w = wide[:, :32], torch.rand(32) + 0.5
+    assert not x.is_contiguous()
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rotary_dim", [16, 12])
+@pytest.mark.parametrize("norm", [False, True])
+def test_interp_rope_matches_reference(dtype, interleaved, rotary_dim, norm):
+    from moeserve.kernels.rope import apply_rope, rope_reference
+
+    g = torch.Generator().manual_seed(2)
+    # q and k as views of one fused projection output, as GQA passes them.
+    qkv = torch.randn(3, 5 + 2 + 2, 16, generator=g).to(dtype)
+    q, k, _ = qkv.split([5, 2, 2], dim=1)
+    pos = torch.tensor([0, 7, 100_003])  # far positions exercise the 2*pi reduction
+    freqs = inv_freq(rotary_dim)
+    kw = {}
+    if norm:
+        kw = dict(q_norm_weight=(torch.rand(16, generator=g) + 0.5).to(dtype),
+                  k_norm_weight=(torch.rand(16, generator=g) + 0.5).to(dtype), eps=1e-6)
+    want = rope_reference(q, k, pos, freqs, 0.8, interleaved=interleaved, **kw)
+    got = apply_rope(q, k, pos, freqs, 0.8, interleaved=interleaved, **kw)
+    for a, b in zip(got, want):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, atol=2e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3)
+    before = qkv.clone()
+    q2, k2 = apply_rope(q, k, pos, freqs, 0.8, interleaved=interleaved, inplace=True, **kw)
+    assert q2.data_ptr() == q.data_ptr()
+    torch.testing.assert_close(qkv[:, :7], torch.cat(got, dim=1))
+    assert torch.equal(qkv[:, 7:], before[:, 7:])  # v untouched
+
+
+@interp
+def test_interp_rope_single_tensor_strided():
+    """MLA: q_pe is the tail of each [nope | rope] head, rotated out of place, no k."""
+    from moeserve.kernels.rope import apply_rope, rope_reference
+
+    q = torch.randn(4, 3, 24)[..., 16:]
+    pos = torch.tensor([5, 0, 31, 2])
+    got, none = apply_rope(q, None, pos, inv_freq(8), interleaved=True)
+    assert none is None
+    torch.testing.assert_close(got, rope_reference(q, None, pos, inv_freq(8), interleaved=True)[0])
+
+
+@interp
+@pytest.mark.parametrize("num_experts,top_k", [(60, 4), (128, 8), (8, 2)])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_interp_topk_softmax_matches_reference(num_experts, top_k, renormalize):
+    from moeserve.kernels.topk_softmax import topk_softmax, topk_softmax_reference
+
+    logits = torch.randn(7, num_experts, generator=torch.Generator().manual_seed(3)) * 3
+    kw = dict(renormalize=renormalize, scaling_factor=1.5)
+    assert_same_topk(topk_softmax(logits, top_k, **kw), topk_softmax_reference(logits, top_k, **kw), 1e-6)
+
+
+# ---------------------------------------------------------------- GPU (bf16, target shapes)
+
+QWEN3 = dict(hidden=2048, q_heads=32, kv_heads=4, head_dim=128, experts=128, top_k=8, eps=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 256])
+def test_gpu_add_norm_bf16(t):
+    from moeserve.kernels.norm import rms_norm, rms_norm_reference
+
+    x, res = (torch.randn(t, QWEN3["hidden"], device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.rand(QWEN3["hidden"], device="cuda", dtype=torch.bfloat16) + 0.5
+    (h, r), (h_ref, r_ref) = rms_norm(x, w, 1e-6, res), rms_norm_reference(x, w, 1e-6, res)
+    assert torch.equal(r, r_ref)
+    torch.testing.assert_close(h, h_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 256])
+def test_gpu_qk_norm_rope_bf16(t):
+    from moeserve.kernels.rope import apply_rope, rope_reference
+
+    hq, hk, d = QWEN3["q_heads"], QWEN3["kv_heads"], QWEN3["head_dim"]
+    qkv = torch.randn(t, hq + 2 * hk, d, device="cuda", dtype=torch.bfloat16)
+    q, k, _ = qkv.split([hq, hk, hk], dim=1)
+    pos = torch.randint(0, 40_000, (t,), device="cuda")
+    w = dict(q_norm_weight=torch.rand(d, device="cuda", dtype=torch.bfloat16) + 0.5,
+             k_norm_weight=torch.rand(d, device="cuda", dtype=torch.bfloat16) + 0.5)
+    freqs = inv_freq(d, 1e6).cuda()
+    want = rope_reference(q, k, pos, freqs, **w)
+    got = apply_rope(q, k, pos, freqs, **w, inplace=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 256])
+def test_gpu_topk_softmax(t):
+    from moeserve.kernels.topk_softmax import topk_softmax, topk_softmax_reference
+
+    logits = torch.randn(t, QWEN3["experts"], device="cuda") * 2
+    kw = dict(renormalize=True)
+    assert_same_topk(topk_softmax(logits, QWEN3["top_k"], **kw),
+                     topk_softmax_reference(logits, QWEN3["top_k"], **kw), 1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_replay_in_cuda_graph():
+    from moeserve.kernels.norm import rms_norm, rms_norm_reference
+    from moeserve.kernels.rope import apply_rope, rope_reference
+    from moeserve.kernels.topk_softmax import topk_softmax, topk_softmax_reference
+
+    t, h, d = 8, QWEN3["hidden"], QWEN3["head_dim"]
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(h, device="cuda", dtype=torch.bfloat16) + 0.5
+    q = torch.randn(t, 4, d, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(t, device="cuda")
+    freqs = inv_freq(d).cuda()
+    logits = torch.randn(t, QWEN3["experts"], device="cuda")
+
+    def step():
+        return rms_norm(x, w, 1e-6), apply_rope(q, None, pos, freqs)[0], topk_softmax(logits, 8)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for buf in (x, q, logits):
+        buf.copy_(torch.randn_like(buf))
+    pos.copy_(torch.randint(0, 5000, (t,), device="cuda"))
+    graph.replay()
+    torch.testing.assert_close(outs[0], rms_norm_reference(x, w, 1e-6))
+    torch.testing.assert_close(outs[1], rope_reference(q, None, pos, freqs)[0], atol=2e-2, rtol=2e-2)
+    assert_same_topk(outs[2], topk_softmax_reference(logits, 8), 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "deepseek_v2"])
+def test_gpu_model_fused_paths_match_torch_paths(arch, tiny_checkpoint, monkeypatch):
+    """The same tiny model on CUDA in float32, fused kernels on vs off: equal hidden states up to rounding."""
+    import moeserve.layers.norm as norm_mod
+    import moeserve.layers.rotary as rotary_mod
+    import moeserve.moe.routing as routing_mod
+    from moeserve.forward_batch import build_forward_batch
+    from moeserve.loader.checkpoint import read_hf_config
+    from moeserve.loader.model_loader import load_model
+    from moeserve.models.base import ModelContext
+    from moeserve.models.config import ModelConfig
+
+    path = tiny_checkpoint(arch)
+    cfg = ModelConfig.from_hf(read_hf_config(path))
+    ctx = ModelContext.single_device(cfg, torch.float32, "cuda", attention="torch", expert_kernel="torch")
+    model, _ = load_model(path, ctx)
+    g = torch.Generator().manual_seed(0)
+    caches = []
+    for s in model.kv_cache_specs():
+        k = torch.randn(16, 4, s.num_kv_heads, s.k_dim, generator=g).cuda()
+        v = k[..., : s.v_dim] if s.v_is_k_prefix else torch.randn(16, 4, s.num_kv_heads, s.v_dim, generator=g).cuda()
+        caches.append((k, v))
+    model.bind_kv_caches(caches)
+
+    def run() -> torch.Tensor:
+        batch = build_forward_batch([[3, 5, 7, 11, 13], [200, 17, 4]], [0, 0], [[0, 1], [2]], 4,
+                                    sample_rows=[list(range(5)), list(range(3))], device="cuda")
+        with torch.inference_mode():
+            return model(batch).float()
+
+    fused = run()
+    for mod in (norm_mod, rotary_mod, routing_mod):
+        monkeypatch.setattr(mod, "fused_kernels_available", lambda x: False)
+    plain = run()
+    err, scale = (fused - plain).abs().max().item(), plain.abs().max().item()
+    assert err <= 1e-4 * scale, f"max |diff| {err:.3g} vs max |h| {scale:.3g}"
