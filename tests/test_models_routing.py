@@ -131,8 +131,11 @@ def test_router_precision_modes():
     assert torch.equal(fp32_router(x), x.float() @ fp32_router.weight.t())
     plain = Router(32, 8, fp32=False, correction_bias=False).to(torch.bfloat16)
     plain.weight.data = torch.randn(8, 32, generator=g).to(torch.bfloat16)
-    out = plain(x)
-    assert out.dtype == torch.float32 and torch.equal(out, F.linear(x, plain.weight).float())
+    out = plain(x)  # model-dtype logits; selection upcasts them before the softmax
+    assert out.dtype == torch.bfloat16 and torch.equal(out, F.linear(x, plain.weight))
+    weights, ids = select_experts(out, 2, renormalize=True)
+    ref_w, ref_i = select_experts(out.float(), 2, renormalize=True)
+    assert torch.equal(ids, ref_i) and torch.equal(weights, ref_w)
 
 
 def _ctx(phy2log: torch.Tensor, num_logical: int) -> ModelContext:

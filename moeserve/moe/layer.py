@@ -43,10 +43,11 @@ class Router(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] -> router logits [T, E] float32."""
+        """x: [T, H] -> router logits [T, E]: float32 (fp32 routers), else x's dtype — `select_experts`
+        upcasts before the softmax, as the reference implementations do (one launch fewer per layer)."""
         if self.fp32:
             return F.linear(x.float(), self.weight.float())
-        return F.linear(x, self.weight).float()
+        return F.linear(x, self.weight)
 
 
 class MoELayer(nn.Module):
@@ -132,7 +133,8 @@ class MoELayer(nn.Module):
         return y if shared is None else y + shared
 
     def select(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """router_logits: [T, E] float32 -> (topk_weights [T, k] float32, topk_ids [T, k] int32, logical)."""
+        """router_logits: [T, E] (any float dtype) -> (topk_weights [T, k] float32, topk_ids [T, k] int32,
+        logical ids)."""
         r = self.routing
         return select_experts(
             router_logits,

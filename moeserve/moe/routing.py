@@ -56,7 +56,8 @@ def select_experts(
     correction_bias: torch.Tensor | None = None,
     routed_scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits: [T, E] float32; correction_bias: [E] float32 or None (used for choosing only).
+    """router_logits: [T, E], float32 or the model dtype (upcast to float32 first); correction_bias: [E]
+    float32 or None (used for choosing only).
 
     Returns (topk_weights [T, k] float32, topk_ids [T, k] int32 logical expert ids). The order of the k
     choices within a row is unspecified. On CUDA, softmax + greedy without a bias runs as one Triton kernel.
