@@ -20,7 +20,7 @@ import triton
 import triton.testing
 
 from moeserve.kernels.fp8 import per_token_group_quant_fp8
-from moeserve.kernels.fused_moe import down, gate_up
+from moeserve.kernels.fused_moe import down, fused_moe, gate_up
 from moeserve.kernels.moe_align import moe_align
 from moeserve.kernels.moe_configs import CONFIG_DIR, GemmConfig, MoEConfig, save_table, table_name
 
@@ -47,6 +47,11 @@ CANDIDATES = {
     ("fp8", "cmp", "gate_up"): _CMP_FP8_GU, ("fp8", "cmp", "down"): _CMP_FP8_DN,
 }
 TUNE_ROTATIONS = 4
+# The two-launch pairs path (MoEConfig.pairs) is tried against the aligned winner, whole call against whole
+# call, while M*k is at most this; its (gate/up, down) tiles are few, as its programs only stream weights.
+PAIRS_MAX_PAIRS = 64
+_PAIRS_TILES = [(G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 3)), (G(64, 128, 1, 4, 4), G(64, 128, 1, 4, 4)),
+                (G(32, 256, 1, 4, 3), G(64, 128, 1, 4, 4)), (G(32, 128, 1, 4, 4), G(32, 128, 1, 4, 4))]
 
 
 def _pick_bm(pairs_per_expert: float) -> int:
@@ -180,6 +185,27 @@ def tune_case(shape, fp8: bool, m: int, w: dict, make_inputs) -> tuple[MoEConfig
     return best[1], log
 
 
+def tune_pairs(shape, fp8: bool, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple[MoEConfig, dict]:
+    """Whole-call graph timing of the aligned winner against the pairs path; returns the faster config."""
+    inputs, _ = _tune_inputs(shape, m, make_inputs)
+    timed, log = [], {}
+    for cfg in [aligned] + [MoEConfig(16, gu, dn, pairs="pair") for gu, dn in _PAIRS_TILES]:
+        def run(c=cfg):
+            for hidden, tw, ids in inputs:
+                fused_moe(hidden, w["w13"], w["w2"], tw, ids, w13_scale=w.get("w13_scale"),
+                          w2_scale=w.get("w2_scale"), config=c)
+
+        try:
+            run()
+            us = _time_ms(run) / TUNE_ROTATIONS * 1e3
+        except Exception as exc:  # noqa: BLE001 - an unfit tile is skipped
+            log[f"whole {cfg}"] = f"failed: {type(exc).__name__}"
+            continue
+        log[f"whole {cfg}"] = round(us, 2)
+        timed.append((us, cfg))
+    return min(timed, key=lambda t: t[0])[1], log
+
+
 def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_inputs) -> dict:
     """Tunes every (shape, dtype, M), writes kernels/configs/*.json, returns {file: table} plus timings."""
     from kernels import SHAPES
@@ -205,6 +231,9 @@ def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_
         table = {}
         for m in ms:
             cfg, log = tune_case(shape, fp8, m, w, make_inputs)
+            if m * shape.top_k <= PAIRS_MAX_PAIRS:
+                cfg, pairs_log = tune_pairs(shape, fp8, m, w, make_inputs, cfg)
+                log.update(pairs_log)
             table[m] = cfg
             bundle["timings_us"][f"{shape.name} {dtype} M={m}"] = log
             print(f"tuned {shape.name} {dtype} M={m}: {cfg}", flush=True)

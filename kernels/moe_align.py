@@ -17,10 +17,18 @@ import torch
 import triton
 import triton.language as tl
 
-# Up to this many pairs one program does the whole job (one launch: what decode needs); above it a
-# histogram launch plus a scatter launch spread over many programs.
-SINGLE_PROGRAM_MAX_PAIRS = 4096
+# Up to SINGLE_PROGRAM_MAX_PAIRS pairs one program does the whole job. Up to RANKED_MAX_PAIRS one launch
+# of many programs: each counts all pairs itself (cheap at this size), writes one chunk of the block tables,
+# then places its own RANK_CHUNK pairs by their rank among earlier pairs of the same expert (no atomics, no
+# zeroed buffer, deterministic order). Above it a zero-fill, a histogram launch and a scatter launch
+# (atomics), since every ranked program would re-count too many pairs. Measured on the H100 (graph replay,
+# E=128, 2026-11-25): one program 15-35 us at 256-4096 pairs (the block tables are written serially),
+# ranked 9-14 us up to 4096 and 33 us at 16384, zero-fill + count + scatter 11-13 us from 2048 to 16384.
+SINGLE_PROGRAM_MAX_PAIRS = 32
+RANKED_MAX_PAIRS = 2048
+METHODS = ("single", "ranked", "scatter")
 _CHUNK = 1024
+_RANK_CHUNK = 128
 _BLOCKS_CHUNK = 32
 
 
@@ -118,6 +126,40 @@ def _align_single_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, 
         _scatter_chunk(ids_ptr, sorted_ptr, work_ptr, work_ptr + E_POW2, start, num_pairs, num_experts, CHUNK)
 
 
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
+def _align_ranked_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_ptr,
+                         num_pairs, num_experts, max_blocks,
+                         BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
+                         RANK_CHUNK: tl.constexpr, BLOCKS_CHUNK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+    pid = tl.program_id(0)
+    first = pid * RANK_CHUNK
+    counts = tl.zeros([E_POW2], dtype=tl.int32)
+    before = tl.zeros([E_POW2], dtype=tl.int32)  # per expert: valid pairs with index < first
+    for start in range(0, num_pairs, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        e, valid = _valid_expert(ids_ptr, offs, num_pairs, num_experts)
+        counts += tl.histogram(tl.where(valid, e, num_experts), E_POW2)
+        before += tl.histogram(tl.where(valid & (offs < first), e, num_experts), E_POW2)
+    counts, starts, ends = _layout(counts, num_experts, BLOCK_M, E_POW2)
+    for i in range(0, BLOCKS_PER_PROGRAM, BLOCKS_CHUNK):
+        _write_block_tables(block_expert_ptr, block_rows_ptr, pid * BLOCKS_PER_PROGRAM + i, max_blocks,
+                            counts, starts, ends, BLOCK_M, E_POW2, BLOCKS_CHUNK)
+    # Per-expert base slot of this program's pairs, gathered through this program's own scratch row.
+    experts = tl.arange(0, E_POW2)
+    base_ptr = work_ptr + pid * E_POW2
+    tl.store(base_ptr + experts, starts + before)
+    tl.debug_barrier()
+    idx = tl.arange(0, RANK_CHUNK)
+    offs = first + idx
+    e, valid = _valid_expert(ids_ptr, offs, num_pairs, num_experts)
+    e = tl.where(valid, e, num_experts)
+    # Rank of each pair among the earlier pairs of its expert inside this chunk.
+    same = (e[:, None] == e[None, :]) & (idx[None, :] < idx[:, None])
+    rank = tl.sum(same.to(tl.int32), axis=1)
+    base = tl.load(base_ptr + e, mask=valid, other=0)
+    tl.store(sorted_ptr + base + rank, offs, mask=valid)
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
 def _count_kernel(ids_ptr, counts_ptr, num_pairs, num_experts, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
     counts = _count_chunk(ids_ptr, tl.program_id(0) * CHUNK, num_pairs, num_experts, E_POW2, CHUNK)
@@ -147,12 +189,18 @@ def _scatter_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
-              single_program_max_pairs: int = SINGLE_PROGRAM_MAX_PAIRS) -> AlignedRouting:
+              method: str | None = None) -> AlignedRouting:
     """topk_ids: [M, top_k] int32, contiguous; -1 or ids >= num_experts are dropped.
+    method: one of METHODS, default by the number of pairs (see SINGLE_PROGRAM_MAX_PAIRS).
     Returns the block layout described in `AlignedRouting`, on topk_ids' device."""
     assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), "topk_ids must be contiguous int32"
     assert block_m >= 16 and block_m & (block_m - 1) == 0, f"block_m: power of 2 >= 16, got {block_m}"
     num_pairs = topk_ids.numel()
+    if method is None:
+        method = ("single" if num_pairs <= SINGLE_PROGRAM_MAX_PAIRS else
+                  "ranked" if num_pairs <= RANKED_MAX_PAIRS else "scatter")
+    if method not in METHODS:
+        raise ValueError(f"moe_align: method must be one of {METHODS}, got {method!r}")
     device = topk_ids.device
     max_blocks = max_blocks_for(num_pairs, num_experts, block_m)
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
@@ -160,20 +208,30 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     block_rows = torch.empty(max_blocks, dtype=torch.int32, device=device)
     e_pow2 = triton.next_power_of_2(num_experts + 1)
     meta = dict(BLOCK_M=block_m, E_POW2=e_pow2, CHUNK=_CHUNK, BLOCKS_CHUNK=_BLOCKS_CHUNK)
-    if num_pairs <= single_program_max_pairs:
+    args = (num_pairs, num_experts, max_blocks)
+    if method == "single":
         work = torch.empty(2 * e_pow2, dtype=torch.int32, device=device)
-        _align_single_kernel[(1,)](topk_ids, sorted_ids, block_expert, block_rows, work,
-                                   num_pairs, num_experts, max_blocks, **meta)
+        _align_single_kernel[(1,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args, **meta)
+    elif method == "ranked":
+        # Enough programs that each writes one chunk of block tables (the slowest step) and ranks at most
+        # one chunk of pairs.
+        programs = max(1, triton.cdiv(num_pairs, _RANK_CHUNK), triton.cdiv(max_blocks, _BLOCKS_CHUNK))
+        work = torch.empty(programs * e_pow2, dtype=torch.int32, device=device)  # one scratch row each
+        _align_ranked_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,
+                                          RANK_CHUNK=_RANK_CHUNK, num_warps=8,
+                                          BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **meta)
     else:
         # work = [counts | starts | cursor]; counts and cursor start at zero.
         work = torch.zeros(3 * e_pow2, dtype=torch.int32, device=device)
-        programs = triton.cdiv(num_pairs, _CHUNK)
-        blocks_per_program = triton.cdiv(triton.cdiv(max_blocks, programs), _BLOCKS_CHUNK) * _BLOCKS_CHUNK
+        programs = max(1, triton.cdiv(num_pairs, _CHUNK))
         _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, E_POW2=e_pow2, CHUNK=_CHUNK)
-        _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work,
-                                     num_pairs, num_experts, max_blocks,
-                                     BLOCKS_PER_PROGRAM=blocks_per_program, **meta)
+        _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,
+                                     BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **meta)
     return AlignedRouting(sorted_ids, block_expert, block_rows, block_m)
+
+
+def _blocks_per_program(max_blocks: int, programs: int) -> int:
+    return triton.cdiv(triton.cdiv(max_blocks, programs), _BLOCKS_CHUNK) * _BLOCKS_CHUNK
 
 
 def moe_align_reference(topk_ids: torch.Tensor, num_experts: int,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _NUM_SMS = 132  # H100 SXM; only steers the fallback heuristic
+PAIRS_MODES = ("", "pair")
 
 
 @dataclass(slots=True, frozen=True)
@@ -30,17 +31,26 @@ class GemmConfig:
 
 @dataclass(slots=True, frozen=True)
 class MoEConfig:
-    """block_m is shared by the token layout (moe_align) and both GEMMs."""
+    """block_m is shared by the token layout (moe_align) and both GEMMs.
+
+    pairs: small-M path with no align and no top-k-sum launch (2 launches instead of 4): gate/up runs one
+    program per (pair, N tile), reading the expert straight from topk_ids; then "pair": down runs one program
+    per (pair, N tile) and the last of a token's k programs on a tile sums their rows in a fixed order.
+    "" = aligned path. Weights of an expert chosen by several tokens are read once per pair, so it only
+    pays while M*k is small. block_m is then the MMA row count only (one row is real)."""
 
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
+    pairs: str = ""
 
     def __post_init__(self) -> None:
         for name, g in (("gate_up", self.gate_up), ("down", self.down)):
             for field, value in (("block_n", g.block_n), ("block_k", g.block_k)):
                 if value < 16 or value & (value - 1):
                     raise ValueError(f"{name}.{field} must be a power of two >= 16, got {value}")
+        if self.pairs not in PAIRS_MODES:
+            raise ValueError(f"pairs must be one of {PAIRS_MODES}, got {self.pairs!r}")
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"block_m must be a power of two >= 16, got {self.block_m}")
 
@@ -49,7 +59,8 @@ class MoEConfig:
 
     @staticmethod
     def from_dict(d: dict) -> MoEConfig:
-        return MoEConfig(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]))
+        return MoEConfig(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]),
+                         d.get("pairs", ""))
 
 
 def table_name(num_experts: int, hidden: int, inter: int, fp8: bool) -> str:

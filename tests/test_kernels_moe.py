@@ -148,14 +148,18 @@ def _check_layout(routing, ids: torch.Tensor, num_experts: int, block_m: int) ->
 
 @interp
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m",
-                         [(1, 4, 2, 16), (37, 6, 3, 16), (50, 9, 4, 32)])
-@pytest.mark.parametrize("single", [True, False])
-def test_interp_align_layout(num_tokens, num_experts, top_k, block_m, single):
+                         [(1, 4, 2, 16), (37, 6, 3, 16), (50, 9, 4, 32), (70, 5, 4, 16)])
+@pytest.mark.parametrize("method", ["single", "ranked", "scatter"])
+def test_interp_align_layout(num_tokens, num_experts, top_k, block_m, method):
     from moeserve.kernels.moe_align import moe_align
 
     _, ids = random_routing(num_tokens, num_experts, top_k, skip_expert=1, seed=num_tokens)
-    routing = moe_align(ids, num_experts, block_m, single_program_max_pairs=10**9 if single else 0)
+    routing = moe_align(ids, num_experts, block_m, method=method)
     _check_layout(routing, ids, num_experts, block_m)
+    if method == "ranked":  # no atomics: each expert's slots hold its pairs in increasing order
+        for b, r in enumerate(routing.block_rows.tolist()):
+            got = routing.sorted_ids[b * block_m: b * block_m + r].tolist()
+            assert got == sorted(got)
 
 
 INTERP_CASES = {
@@ -166,34 +170,38 @@ INTERP_CASES = {
 }
 
 
-def _interp_config(spec):
+def _interp_config(spec, pairs: str = ""):
     from moeserve.kernels import GemmConfig, MoEConfig
 
     bm, (gn, gk), (dn, dk) = spec
-    return MoEConfig(bm, GemmConfig(gn, gk, 2, 4, 2), GemmConfig(dn, dk, 2, 4, 2))
+    return MoEConfig(bm, GemmConfig(gn, gk, 2, 4, 2), GemmConfig(dn, dk, 2, 4, 2), pairs)
 
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", sorted(INTERP_CASES))
-def test_interp_fused_moe_matches_reference(case, dtype):
+@pytest.mark.parametrize("pairs", ["", "pair"], ids=["aligned", "pairs"])
+def test_interp_fused_moe_matches_reference(case, dtype, pairs):
     from moeserve.kernels import fused_moe, moe_reference
 
     m, h, i, e, k, spec = INTERP_CASES[case]
     x, w13, w2, tw, ids = random_moe(m, h, i, e, k, dtype, seed=m, skip_expert=e - 1)
-    out = fused_moe(x, w13, w2, tw, ids, config=_interp_config(spec))
+    out = fused_moe(x, w13, w2, tw, ids, config=_interp_config(spec, pairs))
     ref = moe_reference(x.double(), w13.double(), w2.double(), tw, ids)
     assert out.dtype == dtype and out.shape == x.shape
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
 @interp
-def test_interp_fused_moe_default_config_and_all_dropped():
+@pytest.mark.parametrize("pairs", [None, "pair"], ids=["default", "pairs"])
+def test_interp_fused_moe_default_config_and_all_dropped(pairs):
     from moeserve.kernels import fused_moe, moe_reference
 
     x, w13, w2, tw, ids = random_moe(3, 64, 32, 4, 2, torch.float32, seed=7)
     ids[1] = -1  # a token none of whose experts is on this rank gets zeros
-    out = fused_moe(x, w13, w2, tw, ids)
+    ids[2, 0] = 9  # out of range: dropped like -1
+    cfg = _interp_config((16, (16, 32), (32, 32)), pairs) if pairs else None
+    out = fused_moe(x, w13, w2, tw, ids, config=cfg)
     assert rel_err(out, moe_reference(x.double(), w13.double(), w2.double(), tw, ids)) < 1e-5
     assert torch.all(out[1] == 0)
 
@@ -214,13 +222,14 @@ def test_interp_token_group_quant_matches_reference(shape):
 
 
 @interp
-def test_interp_fp8_fused_moe_matches_quantised_reference():
+@pytest.mark.parametrize("pairs", ["", "pair"], ids=["aligned", "pairs"])
+def test_interp_fp8_fused_moe_matches_quantised_reference(pairs):
     from moeserve.kernels import fused_moe, moe_reference
     from moeserve.kernels.fp8 import quant_weight_block_fp8
 
     x, w13, w2, tw, ids = random_moe(6, 256, 192, 4, 2, torch.float32, seed=3, skip_expert=0)
     (q13, s13), (q2, s2) = quant_weight_block_fp8(w13), quant_weight_block_fp8(w2)
-    cfg = _interp_config((16, (32, 64), (64, 128)))
+    cfg = _interp_config((16, (32, 64), (64, 128)), pairs)
     out = fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, config=cfg)
     assert rel_err(out, moe_reference(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)) < 1e-4
     assert rel_err(out, moe_reference(x, w13, w2, tw, ids)) < 0.1  # the quantisation error itself
@@ -288,20 +297,23 @@ def test_gpu_large_align_layout():
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay_with_new_routing():
-    from moeserve.kernels import fused_moe, moe_reference
+@pytest.mark.parametrize("mode", [None, "pair"], ids=["table", "pair"])
+def test_gpu_cuda_graph_replay_with_new_routing(mode):
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
 
+    cfg = MoEConfig(16, GemmConfig(64, 128), GemmConfig(64, 128), pairs=mode) if mode else None
     x, w13, w2, tw, ids, _ = _target_inputs("qwen3", 8, False, seed=1)
-    fused_moe(x, w13, w2, tw, ids)  # compile outside the capture
+    fused_moe(x, w13, w2, tw, ids, config=cfg)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fused_moe(x, w13, w2, tw, ids)
-    x2, _, _, tw2, ids2, _ = _target_inputs("qwen3", 8, False, seed=2)
-    for t, new in ((x, x2), (tw, tw2), (ids, ids2)):
-        t.copy_(new)
-    graph.replay()
-    ref = moe_reference(x, w13, w2, tw, ids, compute_dtype=torch.float32)
-    assert rel_err(out, ref) <= 1e-2
+        out = fused_moe(x, w13, w2, tw, ids, config=cfg)
+    for seed in (2, 3):  # twice: the in-kernel counters must come back to a clean state each replay
+        x2, _, _, tw2, ids2, _ = _target_inputs("qwen3", 8, False, seed=seed)
+        for t, new in ((x, x2), (tw, tw2), (ids, ids2)):
+            t.copy_(new)
+        graph.replay()
+        ref = moe_reference(x, w13, w2, tw, ids, compute_dtype=torch.float32)
+        assert rel_err(out, ref) <= 1e-2
 
 
 @pytest.mark.gpu
@@ -312,3 +324,42 @@ def test_gpu_triton_experts_via_factory():
     x, w13, w2, tw, ids, _ = _target_inputs("mixtral", 5, False)
     assert kernel.name == "triton"
     assert rel_err(kernel(x, w13, w2, tw, ids.long()), torch_experts(x, w13, w2, tw, ids)) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_pairs_path_matches_aligned_path(name, fp8):
+    """The small-M path (no align, top-k sum in the down kernel) against the reference and the aligned path."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
+
+    x, w13, w2, tw, ids, scales = _target_inputs(name, 6, fp8, seed=11)
+    ids[1, -1] = -1  # a dropped choice inside a token that has valid ones
+    pairs = MoEConfig(16, GemmConfig(32, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3), pairs="pair")
+    aligned = MoEConfig(16, GemmConfig(32, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3))
+    out = fused_moe(x, w13, w2, tw, ids, config=pairs, **scales)
+    ref = moe_reference(x, w13, w2, tw, ids, **scales) if fp8 else moe_reference(
+        x, w13, w2, tw, ids, compute_dtype=torch.float32)
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2)
+    assert rel_err(out, fused_moe(x, w13, w2, tw, ids, config=aligned, **scales)) <= (2e-2 if fp8 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,mode", [(1, None), (8, None), (24, "pair"), (512, None), (2048, None)])
+def test_gpu_results_identical_run_to_run(m, mode):
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+
+    cfg = MoEConfig(16, GemmConfig(32, 128), GemmConfig(32, 128), pairs=mode) if mode else None
+    x, w13, w2, tw, ids, _ = _target_inputs("qwen3", m, False, seed=5)
+    first = fused_moe(x, w13, w2, tw, ids, config=cfg)
+    for _ in range(5):
+        assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=cfg), first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["single", "ranked", "scatter"])
+def test_gpu_align_methods_layout(method):
+    from moeserve.kernels.moe_align import moe_align
+
+    _, ids = random_routing(1500, 128, 8, skip_expert=5, device="cuda")
+    _check_layout(moe_align(ids, 128, 32, method=method), ids.cpu(), 128, 32)
