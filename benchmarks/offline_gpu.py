@@ -18,6 +18,7 @@ Prints tables and writes JSON under --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -299,6 +300,12 @@ def decode_steps(llm, batch: int, context: int, steps: int, bw: float, device: t
         runner.launch = launch
     reqs = last["sched"].requests
     assert len(reqs) == batch and all(len(r.token_ids) == 1 for r in reqs), "timed steps were not pure decode"
+    # With async scheduling the last step's inputs were placeholders; their tokens are known by now.
+    reqs = [
+        dataclasses.replace(r, token_ids=[engine.scheduler.get_request(r.request_id).all_token_ids[r.start_position]])
+        for r in reqs
+    ]
+    assert all(r.token_ids[0] >= 0 for r in reqs)
     with torch.inference_mode():
         eager_batch = runner.build_batch(reqs)
         eager_ms = time_ms(lambda: runner.model(eager_batch), device, reps=10)
@@ -327,10 +334,14 @@ def decode_steps(llm, batch: int, context: int, steps: int, bw: float, device: t
 
 
 def run_moeserve_throughput(llm, prompts, output_len: int, warmup: int) -> dict:
+    """Time the workload from a cold prefix cache (the warm-up uses other prompts, and the cache is reset)."""
     from moeserve import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:warmup], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    if warmup:
+        others = random_prompts(warmup, len(prompts[0]), llm.engine.vocab_size, seed=12345)
+        llm.generate(others, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    llm.engine.reset_prefix_cache()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     return dict(seconds=time.perf_counter() - t0, tokens=[o.token_ids for o in outs])
@@ -368,6 +379,7 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
         attention_backend=args.attention_backend,
         expert_kernel=args.expert_kernel,
         cuda_graph_max_batch=min(256, max(args.num_requests, 64)),
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     )
     runner = llm.engine.runner
     result["engine"] = dict(
@@ -471,6 +483,7 @@ def main() -> None:
     ap.add_argument("--expert-kernel", default="auto")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-sync", action="store_true", help="no side-by-side run with async scheduling off")
+    ap.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--tiny", action="store_true", help="toy shapes (checks this script on a CPU)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument(

@@ -108,6 +108,17 @@ def test_prefix_cache_reuse_gives_identical_output(qwen):
     assert out.token_ids == cold.generate([second], params)[0].token_ids
 
 
+def test_reset_prefix_cache_forgets_idle_prefixes(qwen):
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm = LLM(qwen, device="cpu", block_size=16)
+    prompt = random_prompts(1, llm.engine.vocab_size, 100, 100, seed=8)[0]
+    first = llm.generate([prompt], params)[0]
+    assert llm.engine.stats()["prefix_cache_blocks"] == 6
+    assert llm.engine.reset_prefix_cache() == 6 and llm.engine.stats()["prefix_cache_blocks"] == 0
+    again = llm.generate([prompt], params)[0]
+    assert again.num_cached_tokens == 0 and again.token_ids == first.token_ids
+
+
 def test_tiny_kv_budget_preempts_and_evicts_without_changing_outputs(qwen):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     roomy = LLM(qwen, device="cpu", block_size=4)

@@ -205,6 +205,10 @@ class LLMEngine:
             num_output_tokens=len(request.output_token_ids),
         )
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the idle cached prefixes (see KVCacheManager.reset_prefix_cache); returns blocks freed."""
+        return self.scheduler.kv_cache.reset_prefix_cache()
+
     def stats(self) -> dict:
         return {
             **self.scheduler.stats(),

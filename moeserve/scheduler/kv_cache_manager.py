@@ -127,6 +127,13 @@ class KVCacheManager:
                 request.block_ids[i] = cached[i]
         self._num_inserted[request.request_id] = num_full
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every idle cached prefix (blocks in use stay until their requests finish); returns how many
+        blocks were freed. For a clean measurement, or after the model's weights changed."""
+        if self.prefix_cache is None:
+            return 0
+        return self.prefix_cache.evict(self.prefix_cache.num_evictable_blocks)
+
     def free(self, request: Request) -> None:
         """Release the request's blocks. Cached ones stay in the cache (idle) for later requests."""
         blocks = request.block_ids
