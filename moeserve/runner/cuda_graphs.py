@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps: capture the model's forward once per batch size, replay it every decode step.
+"""CUDA graphs for decode steps: capture the model's forward and LM head once per batch size, replay them every
+decode step.
 
 A decode step launches hundreds of small kernels (a few per layer per op) whose launch cost, not their run
 time, dominates at small batches. Captured once at start-up, the whole forward replays as one graph launch.
@@ -211,11 +212,11 @@ class CudaGraphRunner:
             stream.wait_stream(torch.cuda.current_stream())
             batch = self.buffers.batch(size, [1] * size, self.max_seq_len)
             with torch.cuda.stream(stream):
-                self.model(batch)
+                self._forward(batch)
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[size] = self.model(batch)
+                self.outputs[size] = self._forward(batch)
             self.graphs[size] = graph
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize(self.buffers.device)
@@ -226,8 +227,8 @@ class CudaGraphRunner:
         tables: PackedBlockTables | None = None,
         fill_inputs: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Forward of a decode batch. Returns hidden [len(reqs), hidden] in the model dtype, rows in request
-        order. The tensor is the graph's own output: read it before the next `run`.
+        """Forward of a decode batch and its LM head. Returns logits [len(reqs), vocab] float32, rows in
+        request order. The tensor is the graph's own output: read it before the next `run`.
         tables: as `DecodeBuffers.fill`. fill_inputs(input_ids [len(reqs)] int64, on the device) may rewrite
         inputs on the device before the replay (placeholders)."""
         n = len(reqs)
@@ -236,13 +237,11 @@ class CudaGraphRunner:
         if fill_inputs is not None:
             fill_inputs(self.buffers.tokens[0, :n])
         if not self.use_graphs:
-            return self.model(self.buffers.batch(size, seq_lens, self.max_seq_len))[:n]
+            return self._forward(self.buffers.batch(size, seq_lens, self.max_seq_len))[:n]
         self.graphs[size].replay()
         return self.outputs[size][:n]
 
-    def run_eager(self, reqs: Sequence[ScheduledRequest]) -> torch.Tensor:
-        """The same padded static batch as `run`, without the graph (comparisons, routing statistics)."""
-        n = len(reqs)
-        seq_lens = self.buffers.fill(reqs, self.padded_size(n))
-        return self.model(self.buffers.batch(self.padded_size(n), seq_lens, self.max_seq_len))[:n]
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """What a graph holds: the forward and the LM head (every row of a decode batch samples)."""
+        return self.model.compute_logits(self.model(batch))
 

@@ -209,12 +209,12 @@ class ModelRunner:
         if self.graphs is not None and graph_step and self.graphs.fits(sched.requests):
             # Every request samples here, so the graph's rows are the sample rows.
             reqs = sched.requests
-            hidden = self.graphs.run(
+            logits = self.graphs.run(
                 reqs,
                 self.block_tables.pack([r.request_id for r in reqs], [r.block_ids for r in reqs]),
                 fill_inputs=lambda ids: self._fill_placeholders(reqs, ids),
             )
-            return self._sample(sched.requests, self.model.compute_logits(hidden))
+            return self._sample(reqs, logits)
         batch = self.build_batch(sched.requests)
         if plan is not None:
             batch.mode = plan.mode
