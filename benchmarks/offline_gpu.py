@@ -5,9 +5,10 @@ that model, transformers baseline and KV cache fit one GPU and build in seconds)
 and saved in HF layout. Per model:
   (a) decode steps at batch 1, 10, 64 with ~1024 tokens of context: CUDA-graph replay (forward + LM head),
       eager forward and the whole engine step (`LLMEngine.step()` wall time in a steady decode: with async
-      scheduling max(host work, device work incl. sampling)), against the roofline = bytes the step must read (distinct experts the batch's routing
-      touches x 3 x H x I, all other weights, LM head, embedding rows, KV cache) over the HBM bandwidth that a
-      device-to-device copy measures in the same run;
+      scheduling max(host work, device work incl. sampling)), against the roofline = bytes the step must
+      read (distinct experts the batch's routing touches x 3 x H x I, all other weights, LM head, embedding
+      rows, KV cache) over the HBM bandwidth that a device-to-device copy measures in the same run;
+      --profile-kernels adds each graph's kernel count, kernel time and heaviest kernels (torch.profiler);
   (b) offline throughput on N random prompts (ignore_eos) against transformers' batched generate (left
       padding, bf16, same GPU; the largest batch that fits its memory).
 Prints tables and writes JSON under --out.
@@ -271,7 +272,9 @@ def step_bytes(runner, reqs, experts_per_layer: list[int]) -> dict:
     return dict(expert=expert, dense=dense, kv=kv, total=expert + dense + kv)
 
 
-def decode_steps(llm, batch: int, context: int, steps: int, bw: float, device: torch.device) -> dict:
+def decode_steps(
+    llm, batch: int, context: int, steps: int, bw: float, device: torch.device, profile: bool = False
+) -> dict:
     """Prefill `batch` prompts of context-1 tokens, then time decode steps (engine, graph replay, eager)."""
     from moeserve import SamplingParams
 
@@ -315,6 +318,7 @@ def decode_steps(llm, batch: int, context: int, steps: int, bw: float, device: t
             size = runner.graphs.padded_size(batch)
             runner.graphs.buffers.fill(reqs, size)  # replays rewrite this step's KV with the same values
             graph_ms = time_ms(runner.graphs.graphs[size].replay, device, reps=20)
+            kernels = kernel_breakdown(runner.graphs.graphs[size].replay, device) if profile else None
     experts = distinct_experts(runner, reqs)
     nbytes = step_bytes(runner, reqs, experts)
     for rid in ids:
@@ -331,6 +335,31 @@ def decode_steps(llm, batch: int, context: int, steps: int, bw: float, device: t
         bytes=nbytes,
         roofline_ms=roofline_ms,
         roofline_fraction=roofline_ms / best,
+        kernels=kernels if graph_ms is not None else None,
+    )
+
+
+def kernel_breakdown(replay, device: torch.device, reps: int = 5, top: int = 14) -> dict:
+    """Kernels inside one graph replay (torch.profiler): launches, summed kernel time, and the heaviest names.
+    Replay time minus kernel time is what the boundaries between kernels cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    replay()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            replay()
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0 and e.count >= reps:
+            rows.append((us / reps, e.count / reps, e.key))
+    rows.sort(reverse=True)
+    return dict(
+        launches_per_replay=sum(c for _, c, _ in rows),
+        kernel_us_per_replay=sum(us for us, _, _ in rows),
+        top=[dict(us=round(us, 1), count=c, name=name[:90]) for us, c, name in rows[:top]],
     )
 
 
@@ -390,7 +419,8 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
         cuda_graph_sizes=runner.graphs.sizes if runner.graphs is not None else None,
     )
     result["decode"] = [
-        decode_steps(llm, b, args.context, args.steps, bw, device) for b in args.decode_batches
+        decode_steps(llm, b, args.context, args.steps, bw, device, profile=args.profile_kernels)
+        for b in args.decode_batches
     ]
     ours = run_moeserve_throughput(llm, prompts, args.output_len, warmup=min(32, args.num_requests))
     result["moeserve"] = dict(
@@ -442,6 +472,15 @@ def print_tables(results: list[dict], bw: float, card: str) -> None:
                 f"{d['roofline_ms']:.3f} | {g} | {d['eager_forward_ms']:.3f} | {d['engine_step_ms']:.3f} | "
                 f"{d['roofline_fraction']:.2f} | {d['roofline_ms'] / d['engine_step_ms']:.2f} |"
             )
+        for d in r["decode"]:
+            k = d.get("kernels")
+            if k:
+                print(
+                    f"batch {d['batch']} graph: {k['launches_per_replay']:.0f} kernels, "
+                    f"{k['kernel_us_per_replay']:.0f} µs of kernel time in a {d['graph_replay_ms'] * 1e3:.0f} µs replay"
+                )
+                for row in k["top"]:
+                    print(f"    {row['us']:8.1f} µs  x{row['count']:<4.0f} {row['name']}")
         print("| engine | batch | seconds | output tok/s | total tok/s |")
         print("|---|---:|---:|---:|---:|")
         m = r["moeserve"]
@@ -485,6 +524,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-sync", action="store_true", help="no side-by-side run with async scheduling off")
     ap.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--profile-kernels", action="store_true", help="kernel breakdown of each decode graph")
     ap.add_argument("--tiny", action="store_true", help="toy shapes (checks this script on a CPU)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument(
