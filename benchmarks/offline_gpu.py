@@ -318,7 +318,12 @@ def decode_steps(
             size = runner.graphs.padded_size(batch)
             runner.graphs.buffers.fill(reqs, size)  # replays rewrite this step's KV with the same values
             graph_ms = time_ms(runner.graphs.graphs[size].replay, device, reps=20)
-            kernels = kernel_breakdown(runner.graphs.graphs[size].replay, device) if profile else None
+            kernels = None
+            if profile:
+                try:
+                    kernels = kernel_breakdown(runner.graphs.graphs[size].replay, device)
+                except Exception as exc:  # noqa: BLE001 - a profiler problem must not lose the run
+                    kernels = dict(error=f"{type(exc).__name__}: {exc}")
     experts = distinct_experts(runner, reqs)
     nbytes = step_bytes(runner, reqs, experts)
     for rid in ids:
@@ -474,7 +479,9 @@ def print_tables(results: list[dict], bw: float, card: str) -> None:
             )
         for d in r["decode"]:
             k = d.get("kernels")
-            if k:
+            if k and "error" in k:
+                print(f"batch {d['batch']} kernel profile failed: {k['error']}")
+            elif k:
                 print(
                     f"batch {d['batch']} graph: {k['launches_per_replay']:.0f} kernels, "
                     f"{k['kernel_us_per_replay']:.0f} µs of kernel time in a {d['graph_replay_ms'] * 1e3:.0f} µs replay"
