@@ -193,7 +193,48 @@ def test_interp_topk_softmax_matches_reference(num_experts, top_k, renormalize):
     assert_same_topk(topk_softmax(logits, top_k, **kw), topk_softmax_reference(logits, top_k, **kw), 1e-6)
 
 
+def _kv_case(device, dtype, t=6, blocks=5, bs=4, heads=2, dk=16, dv=8, seed=5):
+    """New k/v (k a strided view, as a fused qkv projection gives), caches full of random values, and
+    distinct random slots."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(t, 3 * heads, dk, generator=g).to(device=device, dtype=dtype)
+    k = qkv[:, heads : 2 * heads]
+    v = torch.randn(t, heads, dv, generator=g).to(device=device, dtype=dtype)
+    k_cache = torch.randn(blocks, bs, heads, dk, generator=g).to(device=device, dtype=dtype)
+    v_cache = torch.randn(blocks, bs, heads, dv, generator=g).to(device=device, dtype=dtype)
+    slots = torch.randperm(blocks * bs, generator=g)[:t].to(device)
+    return k, v, k_cache, v_cache, slots
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interp_store_kv_matches_reference(dtype):
+    from moeserve.kernels.kv_store import store_kv, store_kv_reference
+
+    k, v, kc, vc, slots = _kv_case("cpu", dtype)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    store_kv_reference(k, v, kc_ref, vc_ref, slots)
+    assert store_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
 # ---------------------------------------------------------------- GPU (bf16, target shapes)
+
+
+@pytest.mark.gpu
+def test_gpu_store_kv_bf16_and_in_the_backend():
+    from moeserve.attention.triton_backend import TritonAttentionBackend
+    from moeserve.kernels.kv_store import store_kv_reference
+
+    k, v, kc, vc, slots = _kv_case("cuda", torch.bfloat16, t=64, blocks=40, bs=16, heads=4, dk=128, dv=128)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    store_kv_reference(k, v, kc_ref, vc_ref, slots)
+
+    class Meta:
+        slot_mapping = slots
+
+    TritonAttentionBackend().write_kv(kc, vc, k, v, Meta())
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
 
 QWEN3 = dict(hidden=2048, q_heads=32, kv_heads=4, head_dim=128, experts=128, top_k=8, eps=1e-6)
 

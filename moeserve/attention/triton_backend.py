@@ -16,6 +16,7 @@ from moeserve.attention.base import AttentionBackend
 from moeserve.forward_batch import AttentionMetadata
 from moeserve.kernels.attention_decode import paged_decode_attention
 from moeserve.kernels.attention_prefill import extend_attention
+from moeserve.kernels.kv_store import store_kv
 from moeserve.kernels.mla_decode import mla_decode_attention
 
 
@@ -39,6 +40,11 @@ class TritonAttentionBackend(AttentionBackend):
     """Fast paths for CUDA (and the Triton interpreter); same results as `TorchAttentionBackend`."""
 
     name = "triton"
+
+    def write_kv(self, k_cache, v_cache, k, v, meta) -> None:
+        """As `AttentionBackend.write_kv`, with K and V stored in one launch when both are given."""
+        if v is None or v_cache is None or not store_kv(k, v, k_cache, v_cache, meta.slot_mapping):
+            super().write_kv(k_cache, v_cache, k, v, meta)
 
     def attend(
         self,
