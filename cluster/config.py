@@ -51,6 +51,11 @@ class EngineLimits(_Strict):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     enable_prefix_caching: bool = True
     seed: int = 0
+    async_scheduling: bool | None = Field(
+        None, description="schedule step N+1 while step N runs; null: on for one CUDA rank, off for DP/EP ranks"
+    )
+    enable_cuda_graphs: bool = True
+    cuda_graph_max_batch: int = Field(256, ge=1, le=1024)
 
 
 class IngressConfig(_Strict):
@@ -148,6 +153,8 @@ class DeployConfig(_Strict):
             enable_prefix_caching=e.enable_prefix_caching, data_parallel_size=self.parallel.dp,
             expert_parallel_size=self.parallel.ep, num_redundant_experts=self.parallel.redundant_experts,
             enable_tbo=self.parallel.tbo, moe_dispatcher=self.parallel.dispatcher,
+            async_scheduling=e.async_scheduling, enable_cuda_graphs=e.enable_cuda_graphs,
+            cuda_graph_max_batch=e.cuda_graph_max_batch,
         )
 
 
