@@ -13,15 +13,10 @@ Three groups:
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(not INTERP, reason="runs in the TRITON_INTERPRET=1 subprocess")
+from tests.interp import interp, run_interpreter_tests
 
 
 def inv_freq(rotary_dim: int, theta: float = 10000.0) -> torch.Tensor:
@@ -105,13 +100,7 @@ def test_gqa_fused_qkv_loads_through_checkpoint_names(tiny_checkpoint):
 
 def test_fused_kernels_under_interpreter():
     """Runs the `test_interp_*` tests below in a subprocess with TRITON_INTERPRET=1."""
-    if INTERP:
-        pytest.skip("already inside the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_interp_"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    run_interpreter_tests(__file__)
 
 
 @interp
