@@ -23,6 +23,7 @@ from tests.test_scheduler_policy import (
     check_invariants,
     make_requests,
     new_scheduler,
+    random_workload,
 )
 
 
@@ -126,27 +127,7 @@ def test_abort_in_flight_and_reuse_of_the_id():
     caching=st.booleans(),
 )
 def test_async_random_configs_match_running_alone(seed, block_size, budget, max_num_seqs, num_blocks, caching):
-    rng, vocab = random.Random(seed), 11  # a small vocabulary: eos and stop tokens end requests early
-    sched = new_scheduler(
-        max_num_batched_tokens=budget,
-        max_num_seqs=max_num_seqs,
-        block_size=block_size,
-        num_blocks=num_blocks,
-        max_model_len=rng.randint(8, 80),
-        enable_prefix_caching=caching,
-    )
-    shared = [rng.randrange(vocab) for _ in range(20)]
-    arrivals: dict[int, list[Request]] = {}
-    requests = []
-    for i in range(rng.randint(1, 12)):
-        prompt = shared[: rng.randint(0, 20)] + [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
-        prompt = prompt[: sched.context_limit - 1]
-        params = SamplingParams(
-            max_tokens=rng.randint(1, 12), ignore_eos=rng.random() < 0.3,
-            stop_token_ids=rng.sample(range(vocab), rng.randint(0, 1)),
-        )
-        req = Request(f"r{i}", prompt, params, eos_token_ids=frozenset({0}))
-        requests.append(req)
-        arrivals.setdefault(rng.randrange(10), []).append(req)
+    vocab = 11  # a small vocabulary: eos and stop tokens end requests early
+    sched, requests, arrivals = random_workload(seed, vocab, block_size, budget, max_num_seqs, num_blocks, caching)
     drive_async(sched, arrivals, vocab)
     assert_matches_reference(requests, sched, vocab)

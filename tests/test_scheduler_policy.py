@@ -191,7 +191,18 @@ def test_tiny_kv_pool_preempts_and_evicts_without_changing_outputs():
     caching=st.booleans(),
 )
 def test_random_configs_match_running_alone(seed, block_size, budget, max_num_seqs, num_blocks, caching):
-    rng, vocab = random.Random(seed), 11  # a small vocabulary makes eos and stop tokens common
+    vocab = 11  # a small vocabulary makes eos and stop tokens common
+    sched, requests, arrivals = random_workload(seed, vocab, block_size, budget, max_num_seqs, num_blocks, caching)
+    drive(sched, arrivals, vocab)
+    assert_matches_reference(requests, sched, vocab)
+
+
+def random_workload(
+    seed: int, vocab: int, block_size: int, budget: int, max_num_seqs: int, num_blocks: int, caching: bool
+) -> tuple[Scheduler, list[Request], dict[int, list[Request]]]:
+    """A scheduler with these limits and 1-12 requests (shared prefixes, stop tokens, eos) arriving over 10
+    steps."""
+    rng = random.Random(seed)
     sched = new_scheduler(
         max_num_batched_tokens=budget,
         max_num_seqs=max_num_seqs,
@@ -213,8 +224,7 @@ def test_random_configs_match_running_alone(seed, block_size, budget, max_num_se
         req = Request(f"r{i}", prompt, params, eos_token_ids=frozenset({0}))
         requests.append(req)
         arrivals.setdefault(rng.randrange(10), []).append(req)
-    drive(sched, arrivals, vocab)
-    assert_matches_reference(requests, sched, vocab)
+    return sched, requests, arrivals
 
 
 # ---- chunked prefill and prefix caching ---------------------------------------------------------------
