@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, settings
 
 from moeserve.request import PLACEHOLDER, Request, RequestStatus
 from moeserve.sampling_params import SamplingParams
@@ -23,6 +22,7 @@ from tests.test_scheduler_policy import (
     check_invariants,
     make_requests,
     new_scheduler,
+    random_configs,
     random_workload,
 )
 
@@ -118,14 +118,7 @@ def test_abort_in_flight_and_reuse_of_the_id():
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    block_size=st.sampled_from([1, 2, 4, 16]),
-    budget=st.integers(3, 64),
-    max_num_seqs=st.integers(1, 8),
-    num_blocks=st.integers(12, 120),
-    caching=st.booleans(),
-)
+@random_configs
 def test_async_random_configs_match_running_alone(seed, block_size, budget, max_num_seqs, num_blocks, caching):
     vocab = 11  # a small vocabulary: eos and stop tokens end requests early
     sched, requests, arrivals = random_workload(seed, vocab, block_size, budget, max_num_seqs, num_blocks, caching)

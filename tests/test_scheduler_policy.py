@@ -181,8 +181,8 @@ def test_tiny_kv_pool_preempts_and_evicts_without_changing_outputs():
     assert len(dropped) == 64 + stats["num_preemptions"]
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-@given(
+# Scheduler limits drawn by hypothesis; the test gets them as keyword arguments (see random_workload).
+random_configs = given(
     seed=st.integers(0, 2**32 - 1),
     block_size=st.sampled_from([1, 2, 4, 16]),
     budget=st.integers(3, 64),
@@ -190,6 +190,10 @@ def test_tiny_kv_pool_preempts_and_evicts_without_changing_outputs():
     num_blocks=st.integers(12, 120),
     caching=st.booleans(),
 )
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@random_configs
 def test_random_configs_match_running_alone(seed, block_size, budget, max_num_seqs, num_blocks, caching):
     vocab = 11  # a small vocabulary makes eos and stop tokens common
     sched, requests, arrivals = random_workload(seed, vocab, block_size, budget, max_num_seqs, num_blocks, caching)
