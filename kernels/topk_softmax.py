@@ -17,9 +17,10 @@ import triton.language as tl
 
 @triton.jit
 def _topk_softmax_kernel(
-    Logits, Weights, Ids,
+    Logits, Weights, Ids, NumReal,
     stride_l, num_experts, scale,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr,
+    HAS_NUM_REAL: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
@@ -42,6 +43,10 @@ def _topk_softmax_kernel(
     if RENORMALIZE:
         top_w = top_w / (tl.sum(top_w, axis=0) + 1e-20)
     top_w = top_w * scale
+    if HAS_NUM_REAL:  # a padding row chooses no expert (id -1, weight 0)
+        pad = token >= tl.load(NumReal).to(tl.int64)
+        top_i = tl.where(pad, -1, top_i)
+        top_w = tl.where(pad, 0.0, top_w)
     out_mask = slots < TOP_K
     tl.store(Weights + token * TOP_K + slots, top_w, mask=out_mask)
     tl.store(Ids + token * TOP_K + slots, top_i, mask=out_mask)
@@ -51,9 +56,15 @@ MAX_EXPERTS = 4096  # one row must fit one program's registers
 
 
 def topk_softmax(
-    router_logits: torch.Tensor, top_k: int, *, renormalize: bool = False, scaling_factor: float = 1.0
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    renormalize: bool = False,
+    scaling_factor: float = 1.0,
+    num_real_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits: [T, E] float32 (or bf16/fp16, upcast in the kernel), last dim contiguous.
+    num_real_tokens: optional [1] int32 on the device; rows at and beyond it get ids -1 and weights 0.
 
     Returns (topk_weights [T, k] float32, topk_ids [T, k] int32): softmax probabilities of the k best
     experts, divided by their sum (+1e-20) when renormalize, times scaling_factor.
@@ -67,9 +78,12 @@ def topk_softmax(
     ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
     if t:
         block_e = triton.next_power_of_2(e)
+        has_num_real = num_real_tokens is not None
         _topk_softmax_kernel[(t,)](
-            router_logits, weights, ids, router_logits.stride(0), e, float(scaling_factor),
+            router_logits, weights, ids, num_real_tokens if has_num_real else ids,
+            router_logits.stride(0), e, float(scaling_factor),
             TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_E=block_e, RENORMALIZE=renormalize,
+            HAS_NUM_REAL=has_num_real,
             num_warps=4 if block_e >= 1024 else 2 if block_e >= 256 else 1,
         )
     return weights, ids

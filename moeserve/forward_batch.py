@@ -70,6 +70,9 @@ class ForwardBatch:
     extras: dict = field(default_factory=dict)
     # Which two-batch-overlap micro-batch this is (0 or 1): picks the MoE dispatcher instance.
     micro_batch: int = 0
+    # [1] int32 on the device: rows at and beyond it are padding (a CUDA-graph decode batch of a captured
+    # size); MoE layers route them nowhere. None: every row is real.
+    num_real_tokens: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

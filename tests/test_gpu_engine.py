@@ -12,6 +12,7 @@ import torch
 
 from moeserve import LLM, SamplingParams
 from moeserve.config import EngineConfig
+from moeserve.moe.layer import MoELayer
 from moeserve.runner.cuda_graphs import CudaGraphRunner, graph_batch_sizes, graph_unsupported_reason
 from moeserve.runner.model_runner import ModelRunner
 from moeserve.scheduler.output import ScheduledRequest, SchedulerOutput
@@ -172,12 +173,27 @@ def test_padded_decode_batch_matches_eager_and_spares_real_blocks(arch, device, 
     prompts = random_prompts(5, vocab, 2, 11, seed=11)
     blocks = [[1, 2, 3], [5, 6, 7], [9, 10, 11], [13, 14, 15], [17, 18, 19]]
     reqs = _decode_reqs(runner, prompts, blocks)
+    moe = next(m for m in runner.model.modules() if isinstance(m, MoELayer))
+    chosen = []
+    select = moe.select
+
+    def recording_select(logits, num_real=None):
+        weights, ids = select(logits, num_real)
+        chosen.append(ids)
+        return weights, ids
+
+    moe.select = recording_select
     with torch.inference_mode():
         for subset in (reqs[:3], reqs, reqs[:1]):  # padded to 4, 8, 1; buffers reused across sizes
             ref = runner.model.compute_logits(runner.model(runner.build_batch(subset)))
             before = _kv(runner)
+            chosen.clear()
             got = graphs.run(subset).clone()  # the graph ends with the LM head
             after = _kv(runner)
+            if device == "cpu":  # padding rows choose no expert: a padded graph reads no extra expert weights
+                ids = chosen[0]
+                assert ids.shape[0] == graphs.padded_size(len(subset))
+                assert (ids[len(subset):] == -1).all() and (ids[: len(subset)] >= 0).all()
             torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
             assert torch.equal(got.argmax(-1), ref.argmax(-1))
             for b, a in zip(before, after):

@@ -182,6 +182,18 @@ def test_interp_topk_softmax_matches_reference(num_experts, top_k, renormalize):
     assert_same_topk(topk_softmax(logits, top_k, **kw), topk_softmax_reference(logits, top_k, **kw), 1e-6)
 
 
+@interp
+@pytest.mark.parametrize("num_real", [0, 3, 7])
+def test_interp_topk_softmax_padding_rows_choose_nothing(num_real):
+    from moeserve.kernels.topk_softmax import topk_softmax, topk_softmax_reference
+
+    logits = torch.randn(7, 16, generator=torch.Generator().manual_seed(4)) * 3
+    weights, ids = topk_softmax(logits, 4, renormalize=True, num_real_tokens=torch.tensor([num_real]).int())
+    assert torch.all(ids[num_real:] == -1) and torch.all(weights[num_real:] == 0)
+    ref_w, ref_i = topk_softmax_reference(logits[:num_real], 4, renormalize=True)
+    assert_same_topk((weights[:num_real], ids[:num_real]), (ref_w, ref_i), 1e-6)
+
+
 def _kv_case(device, dtype, t=6, blocks=5, bs=4, heads=2, dk=16, dv=8, seed=5):
     """New k/v (k a strided view, as a fused qkv projection gives), caches full of random values, and
     distinct random slots."""

@@ -111,6 +111,21 @@ def test_select_experts_matches_per_token_reference(family):
             assert got[i] == pytest.approx(ref[i], rel=1e-5)
 
 
+@pytest.mark.parametrize("family", list(ROUTINGS))
+def test_padding_rows_choose_no_expert(family):
+    """Rows at and beyond num_real_tokens (padding of a captured decode graph) read no expert weights."""
+    spec = dict(ROUTINGS[family])
+    e, k, scale = spec.pop("num_experts"), spec.pop("top_k"), spec.pop("scale", 1.0)
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(6, e, generator=g)
+    bias = torch.randn(e, generator=g) if spec.pop("bias", False) else None
+    kwargs = dict(correction_bias=bias, routed_scaling_factor=scale, **spec)
+    full_w, full_i = select_experts(logits, k, **kwargs)
+    w, i = select_experts(logits, k, num_real_tokens=torch.tensor([4], dtype=torch.int32), **kwargs)
+    assert torch.equal(i[:4], full_i[:4]) and torch.equal(w[:4], full_w[:4])
+    assert torch.all(i[4:] == -1) and torch.all(w[4:] == 0)
+
+
 def test_correction_bias_changes_choice_not_weights():
     """DeepSeek-V3: a large bias on one expert forces it in, but its weight is its own (unbiased) score."""
     logits = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))

@@ -118,7 +118,7 @@ class MoELayer(nn.Module):
     def forward_stages(self, x: torch.Tensor, batch: ForwardBatch) -> Generator[None, None, torch.Tensor]:
         """The layer as stages, yielding while tokens travel (two-batch overlap runs the other micro-batch
         there): route, dispatch send | yield | receive, experts, combine send | yield | receive."""
-        weights, ids = self.select(self.gate(x))
+        weights, ids = self.select(self.gate(x), batch.num_real_tokens)
         phys = self.placement.to_physical(self.layer_idx, ids)
         self._record_load(phys, batch)
         dispatcher = self.dispatchers[batch.micro_batch]
@@ -132,9 +132,11 @@ class MoELayer(nn.Module):
         y = dispatcher.combine_end(pending)
         return y if shared is None else y + shared
 
-    def select(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(
+        self, router_logits: torch.Tensor, num_real_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """router_logits: [T, E] (any float dtype) -> (topk_weights [T, k] float32, topk_ids [T, k] int32,
-        logical ids)."""
+        logical ids); rows at and beyond num_real_tokens ([1] int32, device) choose no expert."""
         r = self.routing
         return select_experts(
             router_logits,
@@ -146,6 +148,7 @@ class MoELayer(nn.Module):
             topk_group=r.topk_group,
             correction_bias=self.gate.e_score_correction_bias,
             routed_scaling_factor=r.routed_scaling_factor,
+            num_real_tokens=num_real_tokens,
         )
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:

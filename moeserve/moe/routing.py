@@ -55,9 +55,13 @@ def select_experts(
     topk_group: int | None = None,
     correction_bias: torch.Tensor | None = None,
     routed_scaling_factor: float = 1.0,
+    num_real_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits: [T, E], float32 or the model dtype (upcast to float32 first); correction_bias: [E]
     float32 or None (used for choosing only).
+
+    num_real_tokens: optional [1] int32 on the device; rows at and beyond it are padding and choose no expert
+    (ids -1, weights 0), so padded decode graphs read no expert weights for them.
 
     Returns (topk_weights [T, k] float32, topk_ids [T, k] int32 logical expert ids). The order of the k
     choices within a row is unspecified. On CUDA, softmax + greedy without a bias runs as one Triton kernel.
@@ -71,7 +75,8 @@ def select_experts(
         from moeserve.kernels.topk_softmax import topk_softmax
 
         return topk_softmax(
-            router_logits, top_k, renormalize=renormalize, scaling_factor=routed_scaling_factor
+            router_logits, top_k, renormalize=renormalize, scaling_factor=routed_scaling_factor,
+            num_real_tokens=num_real_tokens,
         )
     logits = router_logits.float()
     if scoring == "softmax":
@@ -97,7 +102,11 @@ def select_experts(
         topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
     if routed_scaling_factor != 1.0:
         topk_weights = topk_weights * routed_scaling_factor
-    return topk_weights, topk_ids.to(torch.int32)
+    topk_ids = topk_ids.to(torch.int32)
+    if num_real_tokens is not None:
+        pad = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None] >= num_real_tokens
+        topk_ids, topk_weights = topk_ids.masked_fill(pad, -1), topk_weights.masked_fill(pad, 0.0)
+    return topk_weights, topk_ids
 
 
 def _fused_topk_ok(router_logits: torch.Tensor, top_k: int) -> bool:

@@ -74,7 +74,8 @@ class DecodeBuffers:
 
     Device (addresses fixed for the buffers' lifetime):
       tokens:       [3, max_batch] int64 — rows: input_ids, positions, slot_mapping.
-      seq_lens:     [max_batch] int32.
+      seq_lens:     [max_batch] int32; num_real: [1] int32, the number of real (non-padding) rows — both views
+                    of one buffer, so one copy moves them.
       block_tables: [max_batch, max_blocks] int32.
       query_start_loc [max_batch + 1] int32, sample_indices [max_batch] int64: constant (one token each).
     `fill` writes a step's values into pinned host memory and copies them with non_blocking copies; the next
@@ -87,7 +88,8 @@ class DecodeBuffers:
         self.scratch_block, self.device = scratch_block, device
         i32, i64 = torch.int32, torch.int64
         self.tokens = torch.zeros(3, max_batch, dtype=i64, device=device)
-        self.seq_lens = torch.ones(max_batch, dtype=i32, device=device)
+        lens = torch.ones(max_batch + 1, dtype=i32, device=device)
+        self.seq_lens, self.num_real = lens[:max_batch], lens[max_batch:]
         self.block_tables = torch.full((max_batch, max_blocks), scratch_block, dtype=i32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=device)
         self.sample_indices = torch.arange(max_batch, dtype=i64, device=device)
@@ -95,11 +97,12 @@ class DecodeBuffers:
         pinned = device.type == "cuda"
         if pinned:
             self._host_tokens = torch.empty(3, max_batch, dtype=i64, pin_memory=True)
-            self._host_seq = torch.empty(max_batch, dtype=i32, pin_memory=True)
+            self._host_lens = torch.empty(max_batch + 1, dtype=i32, pin_memory=True)
             self._host_tables = torch.empty(max_batch * max_blocks, dtype=i32, pin_memory=True)
         else:  # CPU: the device buffers are host memory already
-            self._host_tokens, self._host_seq = self.tokens, self.seq_lens
+            self._host_tokens, self._host_lens = self.tokens, lens
             self._host_tables = None
+        self._lens = lens
         self._copied: torch.cuda.Event | None = None
 
     def fill(
@@ -120,7 +123,9 @@ class DecodeBuffers:
         host[0, :padded] = [r.token_ids[0] for r in reqs] + [0] * (padded - n)
         host[1, :padded] = positions + [0] * (padded - n)
         host[2, :padded] = slots + [pad_slot] * (padded - n)
-        self._host_seq.numpy()[:padded] = seq_lens
+        host_lens = self._host_lens.numpy()
+        host_lens[:padded] = seq_lens
+        host_lens[self.max_batch] = n
         if tables is None:
             tables = pack_block_tables([r.block_ids for r in reqs])
         width = max(tables.table.shape[1], 1)
@@ -134,7 +139,7 @@ class DecodeBuffers:
         host_tables[n:padded, :width] = self.scratch_block
         if self._host_tables is not None:
             self.tokens.copy_(self._host_tokens, non_blocking=True)
-            self.seq_lens.copy_(self._host_seq, non_blocking=True)
+            self._lens.copy_(self._host_lens, non_blocking=True)
             host_tables = self._host_tables[: padded * width].view(padded, width)
             self.block_tables[:padded, :width].copy_(host_tables, non_blocking=True)
             self._copied = torch.cuda.Event()
@@ -160,6 +165,7 @@ class DecodeBuffers:
             positions=self.tokens[1, :size],
             attn=meta,
             sample_indices=self.sample_indices[:size],
+            num_real_tokens=self.num_real,
         )
 
 
