@@ -9,7 +9,8 @@ Invariants a replay relies on:
   captured the buffers' addresses, never their values.
 - A batch of n requests runs in the graph of the next captured size b >= n. The b - n padding rows read and
   write only the scratch KV block (one block the scheduler never hands out): token 0 at position 0, one
-  cached token, block table all scratch. Real requests' rows and KV blocks are untouched by them.
+  cached token, block table all scratch. Real requests' rows and KV blocks are untouched by them, and their
+  router choices are masked to "no expert" (`ForwardBatch.num_real_tokens`), so they read no expert weights.
 - Shapes that kernels derive on the host are fixed at capture: ``max_query_len`` is 1 and ``max_seq_len`` is
   the model's context limit (the split-KV decode kernel sizes its grid from it; any shorter context is
   handled inside the kernel).
