@@ -6,6 +6,10 @@ bound lists above), timing each grouped GEMM on its own over several routings un
 small M a plain launch loop would time the host's launch overhead). The best pair per block_m is kept and
 the block_m with the smallest sum wins. All candidates are compiled first in parallel processes (Triton's
 disk cache then serves the timing process), since compiling dominates a serial search.
+
+    python benchmarks/kernels_moe_tune.py --out probe.json [--no-search --baseline old.json]
+runs `probe_large`: a wider compute-bound tile search for the M >= 512 cases of issue 6 (PROBE_CASES), then
+whole-call graph timing of the winner against the table entry, alternated so drift hits both alike.
 """
 
 from __future__ import annotations
@@ -69,12 +73,16 @@ def _candidates(dtype: str, bm: int, kind: str) -> list[GemmConfig]:
     return CANDIDATES[(dtype, "mem" if bm <= 32 else "cmp", kind)]
 
 
-def _run_kernel(shape, fp8: bool, bm: int, kind: str, cfg: GemmConfig, w: dict, sets: list) -> None:
-    """One gate_up or down launch per routing set (inputs prepared by _prepare)."""
+def _run_kernel(shape, fp8: bool, bm: int, kind: str, cfg, w: dict, sets: list) -> None:
+    """One gate_up or down launch per routing set (inputs prepared by _prepare); kind "whole": fused_moe
+    with MoEConfig cfg (compiles align, quantisation and top-k sum too)."""
     for s in sets:
         if kind == "gate_up":
             gate_up(s["x"], w["w13"], s["routing"], shape.top_k, cfg, torch.bfloat16, s.get("xs"),
                     w.get("w13_scale"))
+        elif kind == "whole":
+            fused_moe(s["hidden"], w["w13"], w["w2"], s["tw"], s["ids"], w13_scale=w.get("w13_scale"),
+                      w2_scale=w.get("w2_scale"), config=cfg)
         else:
             down(s["act"], w["w2"], s["tw"], s["routing"], cfg, torch.bfloat16, s.get("act_s"),
                  w.get("w2_scale"))
@@ -83,7 +91,7 @@ def _run_kernel(shape, fp8: bool, bm: int, kind: str, cfg: GemmConfig, w: dict, 
 def _prepare(shape, fp8: bool, bm: int, w: dict, inputs: list) -> list[dict]:
     sets = []
     for hidden, tw, ids in inputs:
-        s = dict(tw=tw, routing=moe_align(ids, w["w13"].shape[0], bm), x=hidden)
+        s = dict(tw=tw, routing=moe_align(ids, w["w13"].shape[0], bm), x=hidden, hidden=hidden, ids=ids)
         if fp8:
             s["x"], s["xs"] = per_token_group_quant_fp8(hidden)
         act = gate_up(s["x"], w["w13"], s["routing"], shape.top_k, _candidates("fp8" if fp8 else "bf16", bm,
@@ -245,3 +253,171 @@ def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_
         del w
         torch.cuda.empty_cache()
     return bundle
+
+
+# ---------------------------------------------------------------- wide search at M >= 512 (probe_large)
+
+# Around the current compute-bound winners: BLOCK_N 64-256, BLOCK_K 64/128, 8 warps (4 for a few), 3-5
+# stages, GROUP_M 4/8/16. Gate/up holds two fp32 accumulators, so its BLOCK_N stops at 128. fp8: no tile
+# with 4+ stages above 32 KB per stage (the Triton 3.6 crash noted above kills the whole process).
+_WIDE = {
+    ("bf16", "gate_up"): [G(128, 64, 8, 8, 4), G(128, 64, 8, 8, 3), G(128, 64, 8, 8, 5), G(128, 64, 4, 8, 4),
+                          G(128, 64, 16, 8, 4), G(64, 64, 8, 8, 5), G(64, 128, 8, 8, 3), G(64, 128, 8, 8, 4),
+                          G(128, 128, 8, 8, 3), G(64, 64, 8, 4, 4)],
+    ("bf16", "down"): [G(256, 64, 8, 8, 4), G(256, 64, 8, 8, 3), G(256, 64, 8, 8, 5), G(256, 64, 4, 8, 4),
+                       G(256, 64, 16, 8, 4), G(128, 64, 8, 8, 4), G(128, 64, 8, 8, 5), G(128, 128, 8, 8, 3),
+                       G(128, 128, 8, 8, 4), G(256, 128, 8, 8, 3), G(128, 64, 8, 4, 4)],
+    ("fp8", "gate_up"): [G(128, 128, 8, 8, 3), G(128, 128, 4, 8, 3), G(128, 128, 16, 8, 3), G(128, 128, 8, 4, 3),
+                         G(64, 128, 8, 4, 4), G(64, 128, 8, 8, 4), G(64, 128, 8, 8, 3)],
+    ("fp8", "down"): [G(128, 128, 8, 4, 4), G(128, 128, 8, 8, 3), G(128, 128, 4, 8, 3), G(128, 128, 16, 8, 3),
+                      G(256, 128, 8, 8, 3), G(64, 128, 8, 4, 4)],
+}
+# (shape key, dtype, M, block_m values): the cases of issue 6 that missed, weights shared per (shape, dtype).
+PROBE_CASES = [("qwen3", "bf16", 8192, (128,)), ("deepseek", "bf16", 8192, (128,)),
+               ("mixtral", "bf16", 2048, (128,)), ("qwen3", "bf16", 2048, (64, 128)),
+               ("mixtral", "bf16", 512, (64, 128)), ("qwen3", "bf16", 512, (32, 64)),
+               ("qwen3", "fp8", 512, (32, 64)), ("mixtral", "fp8", 512, (64, 128))]
+# The roofline constants of the issue's table (H100, 2026-11-25), so fractions compare with it.
+ISSUE_TBS, ISSUE_TFLOPS, ISSUE_FP8_TFLOPS = 3.00, 716.0, 1258.0
+REPEATS = 3
+
+
+def _probe_cands(dtype: str, bm: int, kind: str, current: MoEConfig, bad: str = "") -> list[GemmConfig]:
+    """Candidates at block_m bm; bad: the precompile failures, whose tiles are left out (a tile that faulted
+    there must not run in the timing process)."""
+    listed = CANDIDATES[(dtype, "mem", kind)] if bm <= 32 else _WIDE[(dtype, kind)]
+    mine = current.gate_up if kind == "gate_up" else current.down
+    listed = listed + ([mine] if bm == current.block_m and mine not in listed else [])
+    return [c for c in listed if f"fp8={dtype == 'fp8'} bm={bm} {kind} {c}:" not in bad]
+
+
+def _whole_us(shape, w: dict, inputs: list, cfg: MoEConfig) -> float:
+    def run():
+        for hidden, tw, ids in inputs:
+            fused_moe(hidden, w["w13"], w["w2"], tw, ids, w13_scale=w.get("w13_scale"),
+                      w2_scale=w.get("w2_scale"), config=cfg)
+
+    run()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(run, rep=60, return_mode="median")) * 1e3 / len(inputs)
+
+
+def _search_case(shape, fp8: bool, m: int, bms: tuple, w: dict, current: MoEConfig, log: dict,
+                 bad: str) -> MoEConfig:
+    """Per-kernel graph timing of every candidate at each block_m; the best (gate/up, down) pair."""
+    from kernels import make_inputs
+
+    dtype = "fp8" if fp8 else "bf16"
+    inputs = [make_inputs(shape, m, 5000 + r) for r in range(2)]
+    best = None
+    for bm in bms:
+        sets = _prepare(shape, fp8, bm, w, inputs)
+        picked = {}
+        for kind in ("gate_up", "down"):
+            timed = []
+            for cfg in _probe_cands(dtype, bm, kind, current, bad):
+                def run(c=cfg, k=kind, b=bm, s=sets):
+                    _run_kernel(shape, fp8, b, k, c, w, s)
+
+                try:
+                    us = _time_ms(run) * 1e3 / 2
+                except Exception as exc:  # noqa: BLE001 - an unfit tile is skipped
+                    log[f"bm{bm} {kind} {cfg}"] = f"failed: {type(exc).__name__}"
+                    continue
+                log[f"bm{bm} {kind} {cfg}"] = round(us, 1)
+                timed.append((us, cfg))
+            if timed:
+                picked[kind] = min(timed, key=lambda t: t[0])
+        if len(picked) == 2:
+            total = picked["gate_up"][0] + picked["down"][0]
+            if best is None or total < best[0]:
+                best = (total, MoEConfig(bm, picked["gate_up"][1], picked["down"][1]))
+    return best[1] if best else current
+
+
+def probe_jobs(current: dict) -> list:
+    from kernels import SHAPES
+
+    jobs = []
+    for key, dtype, m, bms in PROBE_CASES:
+        cur = current[f"{key} {dtype} {m}"]
+        for bm in bms:
+            for kind in ("gate_up", "down"):
+                jobs += [(key, dtype == "fp8", bm, kind, c) for c in _probe_cands(dtype, bm, kind, cur)]
+        jobs.append((key, dtype == "fp8", cur.block_m, "whole", cur))
+    # One job per compiled kernel: the shapes' strides and sizes share Triton's specialisation (all multiples of
+    # 16, even tiles), so only dtype, tiles and (for the top-k sum) k tell kernels apart.
+    unique = {}
+    for job in jobs:
+        key, fp8, bm, kind, cfg = job
+        unique.setdefault((fp8, bm, kind, cfg, SHAPES[key].top_k if kind == "whole" else 0), job)
+    return list(unique.values())
+
+
+def probe_large(out_path: str, budget_s: float, search: bool, baseline: dict | None = None) -> dict:
+    """For each PROBE_CASES entry: whole-call graph time of "old" (baseline's config, else the table entry)
+    against "new" (search: the best tiles of a wide per-kernel search; else the table entry), timed
+    alternately REPEATS times each so clock drift hits both alike. Writes out_path after every case."""
+    import json
+    import statistics
+
+    from kernels import SHAPES, make_inputs, make_weights, measure_ceilings, traffic
+    from moeserve.kernels.moe_configs import get_config
+
+    t0 = time.time()
+    current, table = {}, {}
+    for key, dtype, m, _ in PROBE_CASES:
+        s = SHAPES[key]
+        name = f"{key} {dtype} {m}"
+        table[name] = get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8")
+        current[name] = MoEConfig.from_dict(baseline[name]) if baseline else table[name]
+    jobs = probe_jobs(current) if search else [
+        (key, dtype == "fp8", c.block_m, "whole", c) for key, dtype, m, _ in PROBE_CASES
+        for c in {current[f"{key} {dtype} {m}"], table[f"{key} {dtype} {m}"]}]
+    errors = precompile(jobs, min(14, max(1, (os.cpu_count() or 2) - 2)))
+    bundle = dict(device=torch.cuda.get_device_name(), compile_s=round(time.time() - t0, 1),
+                  compile_failures=errors, ceilings=measure_ceilings(), cases={},
+                  old_configs={k: c.to_dict() for k, c in current.items()})
+    for key, dtype, m, bms in PROBE_CASES:
+        name = f"{key} {dtype} {m}"
+        if time.time() - t0 > budget_s:
+            bundle["cases"][name] = "skipped: time budget"
+            continue
+        shape, fp8 = SHAPES[key], dtype == "fp8"
+        w = make_weights(shape, fp8)
+        inputs = [make_inputs(shape, m, 1000 + r) for r in range(2)]  # as benchmarks/kernels.py (2 rotations)
+        nbytes, flops = (sum(t) / 2 for t in zip(*(traffic(shape, fp8, i[2]) for i in inputs)))
+        roof_us = max(nbytes / ISSUE_TBS / 1e6, flops / (ISSUE_FP8_TFLOPS if fp8 else ISSUE_TFLOPS) / 1e6)
+        log = {}
+        new = _search_case(shape, fp8, m, bms, w, current[name], log, "\n".join(errors)) if search else table[name]
+        variants = {"old": current[name], "new": new}
+        row = dict(roofline_us=roof_us, kernels_us=log, same=new == current[name],
+                   configs={k: c.to_dict() for k, c in variants.items()}, runs={k: [] for k in variants})
+        for _ in range(1 if row["same"] else REPEATS):
+            for label, cfg in variants.items():
+                row["runs"][label].append(round(_whole_us(shape, w, inputs, cfg), 1))
+        row["us_graph"] = {k: statistics.median(v) for k, v in row["runs"].items()}
+        row["frac"] = {k: round(roof_us / v, 3) for k, v in row["us_graph"].items()}
+        bundle["cases"][name] = row
+        print(name, row["runs"], row["frac"], flush=True)
+        with open(out_path, "w") as f:
+            json.dump(bundle, f, indent=1)
+        del w
+        torch.cuda.empty_cache()
+    return bundle
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    parser = argparse.ArgumentParser(description="wide fused-MoE tile search at M >= 512 (probe_large)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--budget-s", type=float, default=150.0)
+    parser.add_argument("--no-search", action="store_true", help="time the table entries (and baseline) only")
+    parser.add_argument("--baseline", help="JSON {case: MoEConfig dict} timed as 'old' instead of the tables")
+    args = parser.parse_args()
+    base = json.load(open(args.baseline)) if args.baseline else None
+    probe_large(args.out, args.budget_s, not args.no_search, base)
