@@ -207,7 +207,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
     block_rows = torch.empty(max_blocks, dtype=torch.int32, device=device)
     e_pow2 = triton.next_power_of_2(num_experts + 1)
-    meta = dict(BLOCK_M=block_m, E_POW2=e_pow2, CHUNK=_CHUNK, BLOCKS_CHUNK=_BLOCKS_CHUNK)
+    # Pairs are counted CHUNK at a time; at decode sizes a full 1024-wide histogram would be mostly masked.
+    chunk = min(_CHUNK, max(16, triton.next_power_of_2(num_pairs)))
+    meta = dict(BLOCK_M=block_m, E_POW2=e_pow2, CHUNK=chunk, BLOCKS_CHUNK=_BLOCKS_CHUNK)
     args = (num_pairs, num_experts, max_blocks)
     if method == "single":
         work = torch.empty(2 * e_pow2, dtype=torch.int32, device=device)
@@ -223,8 +225,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     else:
         # work = [counts | starts | cursor]; counts and cursor start at zero.
         work = torch.zeros(3 * e_pow2, dtype=torch.int32, device=device)
-        programs = max(1, triton.cdiv(num_pairs, _CHUNK))
-        _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, E_POW2=e_pow2, CHUNK=_CHUNK)
+        programs = max(1, triton.cdiv(num_pairs, chunk))
+        _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, E_POW2=e_pow2, CHUNK=chunk)
         _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,
                                      BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **meta)
     return AlignedRouting(sorted_ids, block_expert, block_rows, block_m)
