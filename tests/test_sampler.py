@@ -86,3 +86,21 @@ def test_token_mask_restricts_choices():
     ]
     tokens, _ = Sampler()(logits, rows, token_mask=mask)
     assert all(t in (3, 9) for t in tokens)
+
+
+def test_model_dtype_logits_sample_as_their_float32_upcast():
+    """The LM head's bf16 logits go to the sampler as they are: every row samples, and reports logprobs,
+    exactly as from their float32 upcast (which is what the sampler computes in where it matters)."""
+    logits = (torch.randn(6, 300, generator=torch.Generator().manual_seed(5)) * 4).to(torch.bfloat16)
+    logits[0, 7] = logits[0, 11] = logits[0].max() + 1  # a tie: the lower id wins either way
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0, logprobs=2), 0),
+        SamplingRow(SamplingParams(temperature=0.0), 3),
+        SamplingRow(SamplingParams(temperature=0.7, seed=1, top_k=50), 0),
+        SamplingRow(SamplingParams(temperature=1.3, seed=2, top_p=0.8, logprobs=3), 4),
+        SamplingRow(SamplingParams(temperature=0.9, seed=3, min_p=0.05), 1),
+        SamplingRow(SamplingParams(temperature=0.0, logprobs=0), 2),
+    ]
+    got = Sampler(seed=0)(logits, rows)
+    want = Sampler(seed=0)(logits.float(), rows)
+    assert got == want and got[0][0] == 7

@@ -234,8 +234,8 @@ class CudaGraphRunner:
         tables: PackedBlockTables | None = None,
         fill_inputs: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Forward of a decode batch and its LM head. Returns logits [len(reqs), vocab] float32, rows in
-        request order. The tensor is the graph's own output: read it before the next `run`.
+        """Forward of a decode batch and its LM head. Returns logits [len(reqs), vocab] in the model dtype,
+        rows in request order. The tensor is the graph's own output: read it before the next `run`.
         tables: as `DecodeBuffers.fill`. fill_inputs(input_ids [len(reqs)] int64, on the device) may rewrite
         inputs on the device before the replay (placeholders)."""
         n = len(reqs)

@@ -234,7 +234,7 @@ class ModelRunner:
         return self._sample(sampling, self.model.compute_logits(hidden[batch.sample_indices]))
 
     def _sample(self, sampling: list[ScheduledRequest], logits: torch.Tensor) -> PendingStep:
-        """logits: [len(sampling), vocab] float32, row i for sampling[i]. Queued, not waited for."""
+        """logits: [len(sampling), vocab] (model dtype), row i for sampling[i]. Queued, not waited for."""
         rows = [SamplingRow(r.sampling_params, r.num_output_tokens) for r in sampling]
         sampled = self.sampler.launch(logits, rows)
         ids = [r.request_id for r in sampling]

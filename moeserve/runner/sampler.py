@@ -35,8 +35,8 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow], token_mask: torch.Tensor | None = None
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """logits: [S, V] float32; token_mask: optional [S, V] bool, True = allowed.
-        Returns the sampled token of each row and, for rows that asked for logprobs, their TokenLogprobs."""
+        """logits: [S, V], any float dtype (float32 math where it matters); token_mask: optional [S, V] bool,
+        True = allowed. Returns the sampled token of each row and, for rows asking, their TokenLogprobs."""
         return self.launch(logits, rows, token_mask).resolve()
 
     def launch(
@@ -57,7 +57,7 @@ class Sampler:
             tokens[idx] = logits[idx].argmax(dim=-1)
         if random:
             idx = _device_tensor(random, torch.int64, logits.device)
-            tokens[idx] = self._sample_random(logits[idx], [rows[i] for i in random])
+            tokens[idx] = self._sample_random(logits[idx].float(), [rows[i] for i in random])
         return SampledTokens(tokens, rows, _logprobs(logits, rows, tokens))
 
     def _sample_random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
