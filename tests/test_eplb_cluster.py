@@ -42,13 +42,17 @@ def cluster():
     ray.shutdown()
 
 
-def test_rebalance_under_load(cluster, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_rebalance_under_load(cluster, tiny_checkpoint, tmp_path, async_scheduling):
     path = str(skewed_checkpoint(tiny_checkpoint("deepseek_v3"), tmp_path / "skewed"))
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(4, 40))] for _ in range(32)]
     expected = [o.token_ids for o in LLM(path, device="cpu").generate(prompts, PARAMS)]
 
-    llm = LLM(path, device="cpu", data_parallel_size=4, expert_parallel_size=4, num_redundant_experts=4)
+    llm = LLM(
+        path, device="cpu", data_parallel_size=4, expert_parallel_size=4, num_redundant_experts=4,
+        async_scheduling=async_scheduling,  # lockstep steps launched one ahead of their results
+    )
     try:
         group = llm.backend.group
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
