@@ -78,6 +78,8 @@ def load_table(name: str) -> dict[int, MoEConfig]:
 
 
 def nearest(table: dict[int, MoEConfig], num_tokens: int) -> MoEConfig:
+    """The entry whose M is nearest in log2 (ties: the larger M). Each entry therefore serves a range of M
+    (with entries at 128 and 512, M = 256 takes the 512 entry): when changing one, time its neighbours too."""
     return table[min(table, key=lambda m: (abs(math.log2(m) - math.log2(max(num_tokens, 1))), -m))]
 
 
