@@ -11,7 +11,6 @@ import random
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,8 @@ fastapi = pytest.importorskip("fastapi")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import serving  # noqa: E402
 import serving_lib as lib  # noqa: E402
+
+from tests.net import serving as serving_app  # noqa: E402
 
 # ---- metrics math ------------------------------------------------------------------------------------------
 
@@ -242,24 +243,11 @@ def fake_app(seen: list[dict]) -> fastapi.FastAPI:
     return app
 
 
-def serve(app) -> tuple[str, uvicorn.Server, threading.Thread]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)  # connections queue here until uvicorn accepts them: no need to wait for start-up
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    host, port = sock.getsockname()
-    return f"http://{host}:{port}", server, thread
-
-
 @pytest.fixture
 def fake_server():
     seen: list[dict] = []
-    url, server, thread = serve(fake_app(seen))
-    yield url, seen
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving_app(fake_app(seen)) as url:
+        yield url, seen
 
 
 def test_benchmark_against_fake_server(fake_server, tmp_path):
@@ -352,15 +340,11 @@ def test_benchmark_against_moeserve_openai_app(tmp_path, token_counts):
     write_byte_tokenizer(tmp_path / "tok")
     engine = TinyEngine(Tokenizer.from_pretrained(tmp_path / "tok"))
     app = openai_app.build_openai_app(engine, api_key=API_KEY)
-    url, server, thread = serve(app)
-    try:
+    with serving_app(app) as url:
         argv = ["--base-url", url, "--api-key", API_KEY, "--num-prompts", "8", "--input-len", "12",
                 "--output-len", "6", "--range-ratio", "0.5", "--shared-prefix-len", "4",
                 "--request-rate", "1000", "--token-counts", token_counts, "--out", str(tmp_path / "r.json")]
         report = asyncio.run(serving.run(serving.parse_args(argv)))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
     reqs = lib.make_workload(lib.WorkloadSpec(8, 12, 6, 0.5, 4, 256, 0))
     s = report["summary"]
     assert report["model"] == "tiny-engine" and s["completed"] == 8 and s["failed"] == 0

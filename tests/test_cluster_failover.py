@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import httpx
@@ -18,16 +17,11 @@ from ray import serve  # noqa: E402
 
 from moeserve.cluster.config import parse_deploy_config  # noqa: E402
 from moeserve.cluster.launch import delete_app, deploy  # noqa: E402
+from tests.net import free_port  # noqa: E402
 
 APP = "failover"
 NUM_STREAMS, NUM_PLAIN = 6, 2
 LONG = {"model": "tiny", "max_tokens": 3000, "ignore_eos": True}  # runs far longer than the test
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,6 @@ from moeserve.moe.placement import ExpertPlacement
 from moeserve.testing.tiny_checkpoints import DEMO_NAME, build_tiny_checkpoint, demo_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def context(cfg: ModelConfig, placement: ExpertPlacement | None = None, dtype=torch.float32) -> ModelContext:
     placement = placement or ExpertPlacement.trivial(cfg.num_moe_layers, cfg.num_experts)
     return ModelContext(

@@ -33,15 +33,6 @@ BLOCK_SIZE = 4
 NEW_TOKENS = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread avoids thread hand-off costs on a shared CI machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def torch_context(cfg: ModelConfig) -> ModelContext:
     return ModelContext(
         dtype=torch.float32,

@@ -19,14 +19,6 @@ from moeserve.moe.placement import ExpertPlacement
 from moeserve.moe.routing import RoutingConfig, select_experts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def reference_route(
     logits: list[float],
     top_k: int,

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -31,16 +30,11 @@ from ray import serve  # noqa: E402
 from moeserve.cluster.config import parse_deploy_config  # noqa: E402
 from moeserve.cluster.launch import delete_app, deploy  # noqa: E402
 from moeserve.sampling_params import SamplingParams  # noqa: E402
+from tests.net import free_port  # noqa: E402
 
 MAX_MODEL_LEN = 512
 HIT_RATE = "moeserve_prefix_cache_hit_rate "  # the all-ranks gauge (per-rank ones carry a label)
 PROMPTS = ["Hello, my name is", "The capital of France", "1, 2, 3, 4,", "def add(a, b):", "Once upon a time"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

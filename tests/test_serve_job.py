@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.net import free_port
+
 pytest.importorskip("ray.dashboard")
 yaml = pytest.importorskip("yaml")
 
@@ -30,12 +31,6 @@ BIN = Path(sys.executable).parent
 APP = "moeserve-job"
 # What the job does not need from the repository; .gitignore'd paths are left out by Ray already.
 EXCLUDES = [".git", "**/__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "benchmarks/out"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(condition, timeout_s: float) -> bool:

@@ -24,6 +24,7 @@ from moeserve.outputs import StreamChunk  # noqa: E402
 from moeserve.scheduler.output import TokenLogprobs  # noqa: E402
 from moeserve.testing.byte_tokenizer import write_byte_tokenizer  # noqa: E402
 from moeserve.tokenizer import Tokenizer  # noqa: E402
+from tests.net import serving  # noqa: E402
 
 API_KEY = "test-key"
 MODEL = "tiny-echo"
@@ -134,17 +135,8 @@ def engine(tokenizer) -> EchoEngine:
 
 @pytest.fixture(scope="module")
 def base_url(engine):
-    app = build_openai_app(engine, api_key=API_KEY, metrics=ServingMetrics())
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)  # connections queue here until uvicorn accepts them: no need to wait for start-up
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join()
-    sock.close()
+    with serving(build_openai_app(engine, api_key=API_KEY, metrics=ServingMetrics())) as url:
+        yield url
 
 
 @pytest.fixture()
