@@ -288,10 +288,21 @@ def decode_steps(
         started.update(c.request_id for c in engine.step())
     last = {}
     launch = runner.launch
+    waits: list[float] = []  # ms each step spent waiting for the device inside resolve()
 
     def recording_launch(sched, plan=None):
         last["sched"] = sched
-        return launch(sched, plan)
+        pending = launch(sched, plan)
+        resolve = pending.resolve
+
+        def timed_resolve():
+            t0 = time.perf_counter()
+            out = resolve()
+            waits.append((time.perf_counter() - t0) * 1e3)
+            return out
+
+        pending.resolve = timed_resolve
+        return pending
 
     runner.launch = recording_launch
     wall = []
@@ -334,6 +345,8 @@ def decode_steps(
         batch=batch,
         context=context,
         engine_step_ms=statistics.median(wall),
+        # Host work per step = wall - waiting for the device; near-zero waits mean the step is host-bound.
+        resolve_wait_ms=statistics.median(waits[-steps:]) if waits else None,
         eager_forward_ms=eager_ms,
         graph_replay_ms=graph_ms,
         experts_per_layer=experts,
@@ -466,16 +479,17 @@ def print_tables(results: list[dict], bw: float, card: str) -> None:
         )
         print(
             "| batch | ctx | experts/layer | MB read | roofline ms | graph ms | eager ms | engine step ms "
-            "| roofline/graph | roofline/step |"
+            "| roofline/graph | roofline/step | wait in resolve ms |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for d in r["decode"]:
             g = f"{d['graph_replay_ms']:.3f}" if d["graph_replay_ms"] is not None else "-"
             avg = sum(d["experts_per_layer"]) / max(len(d["experts_per_layer"]), 1)
             print(
                 f"| {d['batch']} | {d['context']} | {avg:.1f} | {d['bytes']['total'] / 1e6:.0f} | "
                 f"{d['roofline_ms']:.3f} | {g} | {d['eager_forward_ms']:.3f} | {d['engine_step_ms']:.3f} | "
-                f"{d['roofline_fraction']:.2f} | {d['roofline_ms'] / d['engine_step_ms']:.2f} |"
+                f"{d['roofline_fraction']:.2f} | {d['roofline_ms'] / d['engine_step_ms']:.2f} | "
+                f"{d['resolve_wait_ms'] if d.get('resolve_wait_ms') is None else round(d['resolve_wait_ms'], 3)} |"
             )
         for d in r["decode"]:
             k = d.get("kernels")

@@ -25,6 +25,7 @@ import triton.language as tl
 from .fp8 import FP8_DTYPE, GROUP, per_token_group_quant_fp8
 from .moe_align import AlignedRouting, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config
+from .pdl import launch_kwargs, pdl_enter
 
 
 @triton.jit
@@ -82,8 +83,9 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, xs_ptr, ws_ptr, sorted_ptr, block_exp
                     stride_xm, stride_we, stride_wn, stride_am, stride_xsm, stride_wse, stride_wsn,
                     FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                    EVEN_N: tl.constexpr):
+                    EVEN_N: tl.constexpr, USE_PDL: tl.constexpr):
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block."""
+    pdl_enter(USE_PDL)
     pid_m, pid_n = _tile(tl.program_id(0), max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -115,10 +117,11 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, xs_ptr, ws_ptr, ids_ptr, topk_w
                           stride_xm, stride_we, stride_wn, stride_am, stride_xsm, stride_wse, stride_wsn,
                           FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                          EVEN_N: tl.constexpr, COUNT_CHUNK: tl.constexpr):
+                          EVEN_N: tl.constexpr, COUNT_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     """act[pair, n] = w[pair] * silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for one pair and N
     tile, e = topk_ids[pair]; w = topk_weights[pair], or 1 when FP8 (down applies it with the act scale).
     Rows of dropped pairs are left unwritten. Also zeroes count[:num_counts] for `_down_pairs_kernel`."""
+    pdl_enter(USE_PDL)
     offs_c = tl.program_id(0) * COUNT_CHUNK + tl.arange(0, COUNT_CHUNK)
     tl.store(count_ptr + offs_c, tl.zeros([COUNT_CHUNK], dtype=tl.int32), mask=offs_c < num_counts)
     # N-tile-major order: programs of the same weight tile run together, so an expert picked by several
@@ -151,8 +154,10 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
                  block_rows_ptr, max_blocks, N, K,
                  stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
                  FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block."""
+    pdl_enter(USE_PDL)
     pid_m, pid_n = _tile(tl.program_id(0), max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -198,10 +203,11 @@ def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, 
                        num_pairs, num_experts, N, K,
                        stride_am, stride_we, stride_wn, stride_ym, stride_om, stride_asm, stride_wse, stride_wsn,
                        FP8: tl.constexpr, QBLOCK: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """y[pair, n] = act[pair] . w2[e, n] (x topk_weight when FP8; bf16 act carries it; 0 for a dropped
     pair) for one pair and N tile; the last of a token's TOP_K programs on the tile (an int counter tells)
     writes out[tok, n] = sum over j of y[tok*TOP_K + j, n] in a fixed order: deterministic, one launch."""
+    pdl_enter(USE_PDL)
     pair = tl.program_id(0) % num_pairs
     pid_n = tl.program_id(0) // num_pairs
     token = pair // TOP_K
@@ -250,8 +256,9 @@ def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, 
 
 @triton.jit
 def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, num_experts, stride_ym, stride_om,
-                     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
     """out[m, n] = sum over valid choices j of y[m*TOP_K + j, n], accumulated in fp32."""
+    pdl_enter(USE_PDL)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -266,10 +273,10 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, num_experts, stride_ym, stride_
     tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool) -> dict:
+def _gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool, device: torch.device) -> dict:
     return dict(FP8=fp8, QBLOCK=GROUP, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(device))
 
 
 def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: int, cfg: GemmConfig,
@@ -287,7 +294,7 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: 
                           routing.max_blocks, hidden_size, inter, top_k,
                           x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
                           xs.stride(0), ws.stride(0), ws.stride(1),
-                          **_gemm_meta(cfg, routing.block_m, inter, hidden_size, fp8))
+                          **_gemm_meta(cfg, routing.block_m, inter, hidden_size, fp8, x.device))
     return act
 
 
@@ -304,7 +311,7 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
     _down_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
                        routing.block_rows, routing.max_blocks, hidden_size, inter,
                        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0), as_.stride(0), ws.stride(0),
-                       ws.stride(1), **_gemm_meta(cfg, routing.block_m, hidden_size, inter, fp8))
+                       ws.stride(1), **_gemm_meta(cfg, routing.block_m, hidden_size, inter, fp8, act.device))
     return y
 
 
@@ -325,7 +332,7 @@ def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor
     grid = (num_pairs * triton.cdiv(inter, cfg.block_n),)
     counts = act if counts is None else counts  # unused pointer when numel is 0
     num_counts = counts.numel() if counts is not act else 0
-    meta = _gemm_meta(cfg, block_m, inter, hidden_size, fp8)
+    meta = _gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device)
     del meta["GROUP_M"]
     _gate_up_pairs_kernel[grid](x, w13, act, xs, ws, topk_ids, topk_weights, counts, num_pairs, num_experts,
                                 hidden_size, inter, topk_ids.shape[1], num_counts,
@@ -353,7 +360,7 @@ def down_pairs(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, 
                              y.stride(0), out.stride(0), as_.stride(0), ws.stride(0), ws.stride(1), FP8=fp8,
                              QBLOCK=GROUP, TOP_K=top_k, K_POW2=max(2, triton.next_power_of_2(top_k)),
                              BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(act.device))
     return out
 
 
@@ -363,7 +370,7 @@ def topk_sum(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: tor
     block_n = min(1024, triton.next_power_of_2(out.shape[1]))
     grid = (num_tokens, triton.cdiv(out.shape[1], block_n))
     _topk_sum_kernel[grid](y, topk_ids, out, out.shape[1], num_experts, y.stride(0), out.stride(0),
-                           TOP_K=top_k, BLOCK_N=block_n, num_warps=4)
+                           TOP_K=top_k, BLOCK_N=block_n, num_warps=4, **launch_kwargs(y.device))
     return out
 
 

@@ -11,14 +11,17 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.pdl import launch_kwargs, pdl_enter
+
 
 @triton.jit
 def _store_kv_kernel(
     K, V, KCache, VCache, Slots,
     stride_k, stride_v, stride_kc, stride_vc,
     k_width, v_width,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + token).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
@@ -55,6 +58,7 @@ def store_kv(
         k2.stride(0), v2.stride(0), kc.stride(0), vc.stride(0),
         k2.shape[1], v2.shape[1],
         BLOCK_K=triton.next_power_of_2(k2.shape[1]), BLOCK_V=triton.next_power_of_2(v2.shape[1]),
+        **launch_kwargs(k.device),
     )
     return True
 

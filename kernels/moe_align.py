@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_kwargs, pdl_enter
+
 # Up to SINGLE_PROGRAM_MAX_PAIRS pairs one program does the whole job. Up to RANKED_MAX_PAIRS one launch
 # of many programs: each counts all pairs itself (cheap at this size), writes one chunk of the block tables,
 # then places its own RANK_CHUNK pairs by their rank among earlier pairs of the same expert (no atomics, no
@@ -109,7 +111,8 @@ def _scatter_chunk(ids_ptr, sorted_ptr, starts_ptr, cursor_ptr, start, num_pairs
 def _align_single_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_ptr,
                          num_pairs, num_experts, max_blocks,
                          BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
-                         BLOCKS_CHUNK: tl.constexpr):
+                         BLOCKS_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     counts = tl.zeros([E_POW2], dtype=tl.int32)
     for start in range(0, num_pairs, CHUNK):
         counts += _count_chunk(ids_ptr, start, num_pairs, num_experts, E_POW2, CHUNK)
@@ -130,7 +133,9 @@ def _align_single_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, 
 def _align_ranked_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_ptr,
                          num_pairs, num_experts, max_blocks,
                          BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
-                         RANK_CHUNK: tl.constexpr, BLOCKS_CHUNK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+                         RANK_CHUNK: tl.constexpr, BLOCKS_CHUNK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     pid = tl.program_id(0)
     first = pid * RANK_CHUNK
     counts = tl.zeros([E_POW2], dtype=tl.int32)
@@ -161,7 +166,9 @@ def _align_ranked_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, 
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _count_kernel(ids_ptr, counts_ptr, num_pairs, num_experts, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, num_pairs, num_experts, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
+                  USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     counts = _count_chunk(ids_ptr, tl.program_id(0) * CHUNK, num_pairs, num_experts, E_POW2, CHUNK)
     experts = tl.arange(0, E_POW2)
     tl.atomic_add(counts_ptr + experts, counts, mask=(experts < num_experts) & (counts > 0), sem="relaxed")
@@ -171,7 +178,8 @@ def _count_kernel(ids_ptr, counts_ptr, num_pairs, num_experts, E_POW2: tl.conste
 def _scatter_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_ptr,
                     num_pairs, num_experts, max_blocks,
                     BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
-                    BLOCKS_CHUNK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+                    BLOCKS_CHUNK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     pid = tl.program_id(0)
     experts = tl.arange(0, E_POW2)
     counts = tl.load(work_ptr + experts)  # counts_ptr, complete: written by the previous launch
@@ -209,7 +217,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     e_pow2 = triton.next_power_of_2(num_experts + 1)
     # Pairs are counted CHUNK at a time; at decode sizes a full 1024-wide histogram would be mostly masked.
     chunk = min(_CHUNK, max(16, triton.next_power_of_2(num_pairs)))
-    meta = dict(BLOCK_M=block_m, E_POW2=e_pow2, CHUNK=chunk, BLOCKS_CHUNK=_BLOCKS_CHUNK)
+    meta = dict(BLOCK_M=block_m, E_POW2=e_pow2, CHUNK=chunk, BLOCKS_CHUNK=_BLOCKS_CHUNK, **launch_kwargs(device))
     args = (num_pairs, num_experts, max_blocks)
     if method == "single":
         work = torch.empty(2 * e_pow2, dtype=torch.int32, device=device)
@@ -226,7 +234,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
         # work = [counts | starts | cursor]; counts and cursor start at zero.
         work = torch.zeros(3 * e_pow2, dtype=torch.int32, device=device)
         programs = max(1, triton.cdiv(num_pairs, chunk))
-        _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, E_POW2=e_pow2, CHUNK=chunk)
+        _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, E_POW2=e_pow2, CHUNK=chunk,
+                                   **launch_kwargs(device))
         _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,
                                      BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **meta)
     return AlignedRouting(sorted_ids, block_expert, block_rows, block_m)

@@ -12,14 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.pdl import launch_kwargs, pdl_enter
+
 
 @triton.jit
 def _rms_norm_kernel(
     X, Res, W, Out, ResOut,
     stride_x, stride_r,
     dim, eps,
-    BLOCK_D: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_RES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < dim
@@ -79,6 +82,7 @@ def rms_norm(
             stride_x, stride_r, dim, eps,
             BLOCK_D=block, HAS_RES=residual is not None,
             num_warps=8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1,
+            **launch_kwargs(x.device),
         )
     return out if residual is None else (out, res_out)
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.pdl import launch_kwargs, pdl_enter
+
 
 @triton.jit
 def _cos_sin(angle):
@@ -88,7 +90,9 @@ def _rope_kernel(
     factor, eps,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
     BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr, HAS_REST: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
@@ -180,7 +184,7 @@ def apply_rope(
         HEAD_DIM=d, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_REST=triton.next_power_of_2(rest) if rest else 1,
         BLOCK_H=block_h, INTERLEAVED=interleaved, NORM=norm, HAS_REST=rest > 0,
-        num_warps=4 if block_h * d >= 2048 else 2 if block_h * d >= 512 else 1,
+        num_warps=4 if block_h * d >= 2048 else 2 if block_h * d >= 512 else 1, **launch_kwargs(q.device),
     )
     return q_out, k_out
 

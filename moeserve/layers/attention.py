@@ -129,7 +129,7 @@ class GQAAttention(_PagedAttention):
         heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
         weight, bias = self.qkv_proj.weight, self.qkv_proj.bias
         if x.device.type == "cuda":
-            qkv = F.linear(x, weight, bias).view(t, sum(heads), d)
+            qkv = self.qkv_proj(x).view(t, sum(heads), d)
             return qkv.split(heads, dim=1)
         # Elsewhere three GEMMs over the row blocks, bit for bit what separate projections compute.
         biases = bias.split(self.qkv_sizes) if bias is not None else (None, None, None)

@@ -1,0 +1,184 @@
+"""Linear layers at decode batch sizes: y = x @ W.T (+ bias) for a few rows of x, in one launch.
+
+At 1–16 rows a projection is a pass over its weight: the floor is weight bytes over HBM bandwidth. cuBLAS
+reaches 58–75% of that on the decode projections of a Qwen3-30B-A3B layer (o_proj 16.8 MB in 10 µs through
+a split-K GEMM plus a separate reduce kernel; qkv 21 MB in 9.6 µs; benchmarks/RESULTS.md). This kernel
+streams the weight with many programs in flight and reduces its K splits inside the same launch: each
+program stores an fp32 partial, and the last of a column tile's splits to arrive (an int32 counter, reset by
+that program) sums the partials in split order, so results are deterministic and the launch is graph-safe.
+
+The MMA computes yᵀ = W xᵀ so the weight tile is the wide operand and the few rows of x the narrow one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels.pdl import launch_kwargs
+
+MAX_ROWS = 16  # one MMA tile of rows; larger batches use cuBLAS
+
+
+@triton.jit
+def _skinny_kernel(
+    X, W, Bias, Y, Part, Count,
+    M, N, K, k_per_split,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
+    x_ptrs = X + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_ok = offs_k < k_hi - k0
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(x), acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    out_mask = n_ok[:, None] & m_ok[None, :]
+    y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
+    else:
+        # Part: [SPLIT_K, BLOCK_M, N] fp32. Every thread's partial store is ordered before the counter's
+        # release; the last arriver's acquire (and the barrier after it) orders its loads after all of them.
+        part_ptrs = Part + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(part_ptrs + split * BLOCK_M * N, acc, mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Count + pid_n, 1, sem="acq_rel")
+        tl.debug_barrier()
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(SPLIT_K):  # fixed order: deterministic whatever the arrival order
+                total += tl.load(part_ptrs + s * BLOCK_M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=out_mask)
+            tl.store(Count + pid_n, 0)  # ready for the next launch (stream order)
+
+
+@dataclass(frozen=True, slots=True)
+class SkinnyConfig:
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def default_config(n: int, k: int, num_sms: int = 132) -> SkinnyConfig:
+    """64-column tiles; split K (halving it down to 512) while the grid still fits one wave of programs.
+
+    Chosen from the sweep in benchmarks/kernels_skinny.py on an H100: Qwen3 qkv (5120 x 2048) is fastest
+    unsplit with 128-deep tiles and 5 stages (80 programs, 8.6 µs, 82% of the floor), Qwen3 o_proj
+    (2048 x 4096) split 4 ways with 256-deep tiles and 3 stages (128 programs, 8.0 µs, 70%).
+    """
+    tiles = triton.cdiv(n, 64)
+    split = 1
+    while tiles * split * 2 <= num_sms and k // (split * 2) >= 512:
+        split *= 2
+    if split == 1:
+        return SkinnyConfig(block_n=64, block_k=128, split_k=1, num_stages=5)
+    return SkinnyConfig(block_n=64, block_k=256, split_k=split, num_stages=3)
+
+
+def skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `skinny_linear` should run x @ weight.T: CUDA, at most MAX_ROWS rows of x, 16-bit floats, and
+    a weight whose 64-column tiles fit one wave of programs (wider ones, like an LM head, already stream at
+    full bandwidth through cuBLAS). MOESERVE_SKINNY_GEMM=0 turns it off (A/B timing)."""
+    return (
+        x.device.type == "cuda"
+        and x.dim() == 2
+        and 0 < x.shape[0] <= MAX_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and x.stride(1) == 1
+        and weight.stride(1) == 1
+        and triton.cdiv(weight.shape[0], 64) <= _num_sms(x.device)
+        and os.environ.get("MOESERVE_SKINNY_GEMM", "1") != "0"
+    )
+
+
+_scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_scratch(device: torch.device, n: int, cfg: SkinnyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partials [split_k, MAX_ROWS, n] fp32 and zeroed tile counters, kept per (device, shape, config).
+    Allocated on the first (eager) call, so a CUDA graph captured later reuses the same buffers; launches of
+    one stream run in order, so layers of the same shape may share them."""
+    key = (device, n, cfg.block_n, cfg.split_k)
+    if key not in _scratch:
+        part = torch.empty(cfg.split_k, MAX_ROWS, n, dtype=torch.float32, device=device)
+        count = torch.zeros(triton.cdiv(n, cfg.block_n), dtype=torch.int32, device=device)
+        _scratch[key] = (part, count)
+    return _scratch[key]
+
+
+def skinny_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: SkinnyConfig | None = None
+) -> torch.Tensor:
+    """y = x @ weight.T (+ bias) for at most MAX_ROWS rows, accumulated in fp32.
+
+    x: [M, K] with M <= MAX_ROWS and a contiguous last dim; weight: [N, K] with a contiguous last dim (an
+    nn.Linear weight); bias: [N] or None; all one float dtype. Returns [M, N] contiguous in x's dtype.
+    """
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"need x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {m}")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x and weight need a contiguous last dim")
+    if x.dtype != weight.dtype or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"x {x.dtype}, weight {weight.dtype}, bias {None if bias is None else bias.shape}: "
+                         f"need one dtype and bias [{n}]")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    cfg = config or default_config(n, k, _num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)
+    part, count = _split_scratch(x.device, n, cfg) if split > 1 else (y, y)
+    _skinny_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        x, weight, bias if bias is not None else y, y, part, count,
+        m, n, k, k_per_split,
+        x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, SPLIT_K=split,
+        BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(x.device),
+    )
+    return y
+
+
+_sms: dict[torch.device, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    if device not in _sms:
+        _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sms[device]
