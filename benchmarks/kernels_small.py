@@ -1,6 +1,7 @@
 """Small per-layer ops of the decode forward: the torch code against the fused Triton kernels.
 
-    python benchmarks/kernels_small.py [--tokens 1,64,256] [--out benchmarks/out/kernels_small.json]
+    python benchmarks/kernels_small.py [--tokens 1,64,256] [--sections small,router,attention,model]
+                                       [--out benchmarks/out/kernels_small.json]
 
 Qwen3-30B-A3B shapes (hidden 2048, 32 q / 4 kv heads x 128, 128 experts top-8), bf16 on one GPU. Each op is
 timed two ways: under CUDA-graph replay (what a captured decode step pays: kernel time plus the gaps between
@@ -12,6 +13,15 @@ kernels, no host launch cost) and eagerly (host launch cost included). Ops, per 
                                                         per step, reported separately as rope_cos_sin)
   router_topk   softmax -> top-8 -> renormalise         torch: `select_experts`' ops
 
+Fused launches (--sections router,attention), old path vs new, graph replay only:
+
+  router        logits GEMM (cuBLAS) + `topk_softmax`  vs  `router_topk` (one launch), Qwen3-30B-A3B (E=128,
+                H=2048, top-8) and Mixtral (E=8, H=4096, top-2), T = 1, 10 real of 16 rows, 64, 256; plus the
+                fused kernel at half and twice its planned hidden-dim split count (tuning data)
+  decode_attn   `paged_decode_attention` split-KV with the `split_reduce` launch vs the merge in the same
+                launch, batch 1/16/64, context 1024, 32/4 heads x 128, page 16, at the split count chosen
+                from the context (max_seq_len 1024) and the one a graph runner gets (max_seq_len 40960)
+
 Then a 2-layer Qwen3-30B-A3B-shaped model: one decode forward (context 512) under graph replay and its kernel
 launches (torch profiler), per layer (2 layers minus 1), with the fused norm / rotary / router paths off and on
 (the fused qkv GEMM is on in both).
@@ -20,6 +30,7 @@ launches (torch profiler), per layer (2 layers minus 1), with the fused norm / r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -190,19 +201,84 @@ def decode_layers(batch_sizes: list[int]) -> list[dict]:
 
 
 PER_LAYER = {"add_norm": 2, "qkv_proj": 1, "qk_norm_rope": 1, "router_topk": 1}
+ROUTERS = {"qwen3": (128, 2048, 8), "mixtral": (8, 4096, 2)}  # experts, hidden, top-k
+ROUTER_ROWS = [(1, 1), (10, 16), (64, 64), (256, 256)]  # (real tokens, rows the graph holds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default="1,64,256")
-    parser.add_argument("--out", default="benchmarks/out/kernels_small.json")
-    parser.add_argument("--no-model", action="store_true", help="skip the 2-layer model decode timing")
-    args = parser.parse_args()
+def _old_new_row(op: str, label: str, old: Callable[[], object], new: Callable[[], object], **extra) -> dict:
+    row = {"op": op, "case": label, **extra, "old_graph_us": time_graph(old), "new_graph_us": time_graph(new)}
+    print(f"{op:<12}{label:<34}| {row['old_graph_us']:>8.1f} {row['new_graph_us']:>8.1f} "
+          f"{row['old_graph_us'] / row['new_graph_us']:>7.2f}x  {extra.get('note', '')}", flush=True)
+    return row
+
+
+def unfused_router(x: torch.Tensor, w: torch.Tensor, k: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `MoELayer` runs without the fused router on CUDA: bf16 logits from cuBLAS, then `topk_softmax`."""
+    return topk_softmax(F.linear(x, w), k, **kw)
+
+
+def router_rows() -> list[dict]:
+    """Router GEMM + top-k: cuBLAS + `topk_softmax` vs `router_topk`, and the fused kernel's split count."""
+    from moeserve.kernels.router_topk import router_topk, split_plan
+
     rows = []
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    for name, (e, h, k) in ROUTERS.items():
+        w = torch.randn(e, h, device=DEVICE, dtype=BF16) * h**-0.5
+        for real, t in ROUTER_ROWS:
+            x = torch.randn(t, h, device=DEVICE, dtype=BF16)
+            num_real = torch.tensor([real], device=DEVICE, dtype=torch.int32)
+            kw = dict(renormalize=True, num_real_tokens=num_real)
+            splits = split_plan(t, e, h, x.device)[0]
+            old_out, new_out = unfused_router(x, w, k, **kw), router_topk(x, w, k, **kw)
+            same = (old_out[1].sort(1).values == new_out[1].sort(1).values).all(1).float().mean().item()
+            rows.append(_old_new_row(
+                "router", f"{name} T={real}/{t} splits={splits}",
+                functools.partial(unfused_router, x, w, k, **kw), functools.partial(router_topk, x, w, k, **kw),
+                model=name, tokens=real, rows=t, k_splits=splits, same_ids_fraction=same,
+                note=f"same ids {same:.3f}",
+            ))
+            for alt in sorted({max(1, splits // 2), min(h // 64, 2 * splits)} - {splits}):
+                us = time_graph(functools.partial(router_topk, x, w, k, k_splits=alt, **kw))
+                rows.append({"op": "router_splits", "model": name, "tokens": real, "rows": t, "k_splits": alt,
+                             "new_graph_us": us})
+                print(f"{'':<12}{'  k_splits=' + str(alt):<34}| {'':>8} {us:>8.1f}", flush=True)
+    return rows
+
+
+def attention_rows() -> list[dict]:
+    """Split-KV decode: the `split_reduce` launch vs the merge in the same launch."""
+    from moeserve.kernels.attention_decode import choose_num_splits, paged_decode_attention
+    from moeserve.kernels.attention_reference import make_paged_cache, paged_decode_attention_ref, rel_err
+
+    rows, ctx, scale = [], 1024, D**-0.5
+    for b in (1, 16, 64):
+        k, v, bt, sl = make_paged_cache([ctx] * b, 16, HK, D, D, BF16, DEVICE)
+        q = torch.randn(b, HQ, D, device=DEVICE, dtype=BF16)
+        ref = paged_decode_attention_ref(q, k, v, bt, sl, scale)
+        auto = {choose_num_splits(b * HK, m, 32, q.device): src for m, src in ((40960, "engine"), (ctx, "ctx"))}
+        if b == 1:
+            auto.setdefault(16, "sweep")
+        for splits, src in sorted(auto.items()):
+            def call(fused, s=splits, q=q, k=k, v=v, bt=bt, sl=sl):
+                return paged_decode_attention(q, k, v, bt, sl, scale, ctx, num_splits=s, fused_reduce=fused)
+
+            err_old, err_new = rel_err(call(False), ref), rel_err(call(True), ref)
+            same = torch.equal(call(False), call(True))
+            rows.append(_old_new_row(
+                "decode_attn", f"B={b} ctx={ctx} splits={splits} ({src})",
+                lambda c=call: c(False), lambda c=call: c(True),
+                batch=b, context=ctx, num_splits=splits, rel_err_old=err_old, rel_err_new=err_new,
+                bitwise_equal=same, note=f"rel err {err_old:.1e}/{err_new:.1e} equal={same}",
+            ))
+    return rows
+
+
+def small_ops(tokens: list[int]) -> list[dict]:
+    """The torch-vs-fused table of the small per-layer ops."""
+    rows = []
     print(f"{'op':<14}{'T':>5} | {'torch graph':>11} {'fused graph':>11} {'speedup':>8} | "
           f"{'torch eager':>11} {'fused eager':>11}   (us)")
-    for t in (int(v) for v in args.tokens.split(",")):
+    for t in tokens:
         ops = build_ops(t)
         layer = {"torch_graph_us": 0.0, "fused_graph_us": 0.0}
         for name, (ref, fused) in ops.items():
@@ -221,9 +297,32 @@ def main() -> None:
         rows.append({"op": "per_layer_sum", "tokens": t, **layer})
         print(f"{'per_layer_sum':<14}{t:>5} | {layer['torch_graph_us']:>11.1f} {layer['fused_graph_us']:>11.1f} "
               f"{layer['torch_graph_us'] / layer['fused_graph_us']:>7.2f}x |")
-    if not args.no_model:
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="1,64,256")
+    parser.add_argument("--sections", default="small,router,attention,model",
+                        help="comma-separated subset of small, router, attention, model")
+    parser.add_argument("--out", default="benchmarks/out/kernels_small.json")
+    parser.add_argument("--no-model", action="store_true", help="skip the 2-layer model decode timing")
+    args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    tokens = [int(v) for v in args.tokens.split(",")]
+    rows = []
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    if "small" in sections:
+        rows += small_ops(tokens)
+    if sections & {"router", "attention"}:
+        print(f"{'op':<12}{'case':<34}| {'old us':>8} {'new us':>8} {'speedup':>8}   (CUDA-graph replay)")
+    if "router" in sections:
+        rows += router_rows()
+    if "attention" in sections:
+        rows += attention_rows()
+    if "model" in sections and not args.no_model:
         try:
-            rows += decode_layers([int(v) for v in args.tokens.split(",")])
+            rows += decode_layers(tokens)
         except Exception as e:  # the micro-benchmarks above stand on their own
             print(f"decode_layer skipped: {type(e).__name__}: {e}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

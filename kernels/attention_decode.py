@@ -3,7 +3,9 @@
 Each program owns one request, one KV head (and up to ``BLOCK_H`` of the query heads that share it) and one
 contiguous slice of the request's context. Loading a KV tile once for the whole query-head group is what makes
 decode bandwidth-bound instead of L2-bound: the K/V cache is read from HBM exactly once. Slices of one request
-are merged by `split_reduce` from their normalised partial outputs and log-sum-exps.
+are merged from their normalised partial outputs and log-sum-exps, either in the same launch (the last slice
+of a (request, KV head) to finish merges them, elected through `moeserve.kernels.counters`) or by a second
+launch, `split_reduce`; the same math either way (summed in another order: equal up to rounding).
 
 The grid depends on (num_reqs, num_kv_heads, num_splits) only, never on context lengths. By default
 `num_splits` is chosen from the step's max_seq_len; a caller that captures CUDA graphs passes a fixed one.
@@ -11,20 +13,15 @@ The grid depends on (num_reqs, num_kv_heads, num_splits) only, never on context 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.counters import completion_counters
+from moeserve.kernels.device import num_sms
+from moeserve.kernels.pdl import launch_kwargs, pdl_enter
+
 LOG2E = 1.4426950408889634
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # interpreter / CPU: any small number keeps grids small
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def choose_num_splits(
@@ -35,7 +32,7 @@ def choose_num_splits(
     More splits raise memory parallelism but each costs a partial output write and read; a split shorter
     than a few tiles is not worth its reduce traffic.
     """
-    target = int(programs_per_sm * _num_sms(device))
+    target = int(programs_per_sm * num_sms(device))
     splits = triton.cdiv(target, max(num_programs, 1))
     max_useful = max(1, triton.cdiv(max_seq_len, 4 * block_n))
     return int(max(1, min(splits, max_useful, 32)))
@@ -55,7 +52,9 @@ def _gqa_decode_kernel(
     HEAD_DK: tl.constexpr, BLOCK_DK: tl.constexpr,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, num_splits, SPLIT_OUT: tl.constexpr,
+    Counters, FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     req = tl.program_id(0)
     head_blocks: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
     kvh = tl.program_id(1) // head_blocks
@@ -113,6 +112,53 @@ def _gqa_decode_kernel(
         tl.store(part + offs_dv[None, :], out, mask=o_mask)
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(PartLse + (req * stride_pt + heads * stride_ph) // stride_ps + split, lse, mask=row_ok)
+        if FUSED_REDUCE:
+            # Publish this split, then count it: the barrier orders every thread's stores before the
+            # (single-thread) release of the atomic, whose acquire in the last program orders its loads after
+            # every split's stores. The last split of (request, kv head, head block) merges them all.
+            tl.debug_barrier()
+            slot = Counters + req * tl.num_programs(1) + tl.program_id(1)
+            if tl.atomic_add(slot, 1, sem="acq_rel") == num_splits - 1:
+                tl.store(slot, 0)  # every split has counted: reset for the next launch (graph replays)
+                _merge_splits(
+                    PartOut, PartLse, Out, req * stride_pt + heads * stride_ph, req * stride_ot + heads * stride_oh,
+                    row_ok, stride_ps, num_splits, BLOCK_H, HEAD_DV, BLOCK_DV, BLOCK_S, 4,
+                )
+
+
+@triton.jit
+def _merge_splits(
+    PartOut, PartLse, Out, part_rows, out_rows, row_ok, stride_ps, num_splits,
+    ROWS: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """Merge the splits of a block of (token, head) rows by their log-sum-exps (`split_reduce`'s math, summed
+    in split order): Out[out_rows] = sum_s part_s * 2^(lse_s - m) / sum_s 2^(lse_s - m).
+
+    part_rows: [ROWS] offsets of (token, head, split 0) in PartOut (the lse of a row sits at part_rows // stride_ps
+    in PartLse); out_rows: [ROWS] offsets in Out. Whole rows at a time: no reduction across threads but one max.
+    Loads use ".cg": other programs of this launch wrote the partials; read them from L2, not a stale L1.
+    """
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DV
+    lse_rows = part_rows // stride_ps
+    lse = tl.load(PartLse + lse_rows[:, None] + offs_s[None, :], mask=row_ok[:, None] & (offs_s < num_splits)[None, :],
+                  other=float("-inf"), cache_modifier=".cg")
+    m = tl.where(row_ok, tl.max(lse, 1), 0.0)  # finite for real rows: split 0 always holds a key
+    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
+    den = tl.zeros([ROWS], dtype=tl.float32)
+    for s0 in range(0, num_splits, UNROLL):
+        for u in tl.static_range(UNROLL):  # unrolled: UNROLL splits' loads in flight at once
+            ok = row_ok & (tl.full([ROWS], s0 + u, tl.int32) < num_splits)
+            w = tl.exp2(tl.load(PartLse + lse_rows + s0 + u, mask=ok, other=float("-inf"), cache_modifier=".cg") - m)
+            part = tl.load(PartOut + part_rows[:, None] + (s0 + u) * stride_ps + offs_d[None, :],
+                           mask=ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+            acc += part * w[:, None]
+            den += w
+    out = acc / tl.where(row_ok, den, 1.0)[:, None]
+    tl.store(Out + out_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -121,8 +167,9 @@ def _split_reduce_kernel(
     stride_pt, stride_ph, stride_ps,
     stride_ot, stride_oh,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    num_splits, BLOCK_S: tl.constexpr,
+    num_splits, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -137,6 +184,20 @@ def _split_reduce_kernel(
                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
     tl.store(Out + t * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+# The merging program reads num_splits x heads x Dv fp32 partials alone, on the critical path, where the
+# `split_reduce` launch spreads them over num_reqs x num_heads programs. Measured on the H100 (CUDA-graph
+# replay, Qwen3-30B-A3B shapes, context 1024, two launches vs one): batch 64, 3 splits (12 KB per merging
+# program): 58.8 vs 53.8 us; batch 16, 8-9 splits (32-36 KB): 14.5-14.7 vs 14.6 us; batch 1, 8/16/32 splits
+# (32/64/128 KB): 8.4/6.4/6.3 vs 9.4/7.5/11.9 us (one launch loses: its merge is the whole tail).
+FUSED_REDUCE_MAX_BYTES = 16 * 1024
+
+
+def use_fused_reduce(num_splits: int, heads_per_program: int, head_dim_v: int) -> bool:
+    """Whether the splits are merged in the decode launch itself: worth a launch (~2 us of graph time) while
+    the merging program's read stays small."""
+    return num_splits > 1 and num_splits * heads_per_program * head_dim_v * 4 <= FUSED_REDUCE_MAX_BYTES
 
 
 def alloc_partials(num_tokens: int, num_heads: int, num_splits: int, head_dim_v: int,
@@ -165,7 +226,7 @@ def split_reduce(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tens
         out.stride(0), out.stride(1),
         HEAD_DV=dv, BLOCK_DV=triton.next_power_of_2(dv),
         num_splits=s, BLOCK_S=max(triton.next_power_of_2(s), 2),
-        num_warps=4,
+        num_warps=4, **launch_kwargs(out.device),
     )
 
 
@@ -182,6 +243,7 @@ def paged_decode_attention(
     block_h: int = 16,
     num_warps: int = 4,
     num_stages: int = 2,
+    fused_reduce: bool | None = None,
 ) -> torch.Tensor:
     """One new query per request attends over its whole paged context.
 
@@ -190,6 +252,9 @@ def paged_decode_attention(
     v_cache:      [num_blocks, block_size, num_kv_heads, head_dim_v] (may be a strided view)
     block_tables: [num_reqs, max_blocks], int32; seq_lens: [num_reqs], int32 (>= 1)
     max_seq_len:  host-side max of seq_lens (sizes the split count without a device sync)
+    fused_reduce: with several splits, merge them in the same launch (the last split of each request and
+                  KV head to finish merges, in split order) instead of a second `split_reduce` launch;
+                  None: `use_fused_reduce`. Both give the same values up to rounding.
     Returns [num_reqs, num_q_heads, head_dim_v] in q's dtype.
     """
     num_reqs, num_heads, dk = q.shape
@@ -203,11 +268,15 @@ def paged_decode_attention(
     grid_hb = kv_heads * triton.cdiv(group, block_h)
     if num_splits is None:
         num_splits = choose_num_splits(num_reqs * grid_hb, max_seq_len, block_n, q.device)
+    if fused_reduce is None:
+        fused_reduce = use_fused_reduce(num_splits, min(group, block_h), dv)
+    fused_reduce = fused_reduce and num_splits > 1
     out = q.new_empty(num_reqs, num_heads, dv)
     if num_splits > 1:
         part_out, part_lse = alloc_partials(num_reqs, num_heads, num_splits, dv, q.device)
     else:
         part_out = part_lse = out  # unused by the kernel's single-split branch
+    counters = completion_counters(q.device, num_reqs * grid_hb) if fused_reduce else out
     _gqa_decode_kernel[(num_reqs, grid_hb, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         scale * LOG2E,
@@ -221,8 +290,9 @@ def paged_decode_attention(
         HEAD_DK=dk, BLOCK_DK=triton.next_power_of_2(dk),
         HEAD_DV=dv, BLOCK_DV=triton.next_power_of_2(dv),
         PAGE=page, BLOCK_N=block_n, num_splits=num_splits, SPLIT_OUT=num_splits > 1,
-        num_warps=num_warps, num_stages=num_stages,
+        Counters=counters, FUSED_REDUCE=fused_reduce, BLOCK_S=max(triton.next_power_of_2(num_splits), 2),
+        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused_reduce:
         split_reduce(part_out, part_lse, out)
     return out

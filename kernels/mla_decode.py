@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels.attention_decode import LOG2E, alloc_partials, choose_num_splits, split_reduce
+from moeserve.kernels.pdl import launch_kwargs, pdl_enter
 
 
 @triton.jit
@@ -26,8 +27,9 @@ def _mla_decode_kernel(
     stride_ot, stride_oh,
     stride_pt, stride_ph, stride_ps,
     LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_H: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, num_splits, SPLIT_OUT: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, num_splits, SPLIT_OUT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     hb = tl.program_id(0)  # fastest-varying: head blocks of one request run together and share the tile in L2
     req = tl.program_id(1)
     split = tl.program_id(2)
@@ -129,7 +131,7 @@ def mla_decode_attention(
         part_out.stride(0), part_out.stride(1), part_out.stride(2) if num_splits > 1 else 1,
         LORA=kv_lora_rank, ROPE=rope, BLOCK_H=block_h,
         PAGE=page, BLOCK_N=block_n, num_splits=num_splits, SPLIT_OUT=num_splits > 1,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
     )
     if num_splits > 1:
         split_reduce(part_out, part_lse, out)

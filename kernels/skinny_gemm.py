@@ -5,7 +5,8 @@ reaches 58–75% of that on the decode projections of a Qwen3-30B-A3B layer (o_p
 a split-K GEMM plus a separate reduce kernel; qkv 21 MB in 9.6 µs; benchmarks/RESULTS.md). This kernel
 streams the weight with many programs in flight and reduces its K splits inside the same launch: each
 program stores an fp32 partial, and the last of a column tile's splits to arrive (an int32 counter, reset by
-that program) sums the partials in split order, so results are deterministic and the launch is graph-safe.
+that program; `moeserve.kernels.counters`) sums the partials in split order, so results are deterministic and
+the launch is graph-safe.
 
 The MMA computes yᵀ = W xᵀ so the weight tile is the wide operand and the few rows of x the narrow one.
 """
@@ -19,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.counters import completion_counters
+from moeserve.kernels.device import num_sms
 from moeserve.kernels.pdl import launch_kwargs
 
 MAX_ROWS = 16  # one MMA tile of rows; larger batches use cuBLAS
@@ -88,7 +91,7 @@ class SkinnyConfig:
     num_stages: int = 4
 
 
-def default_config(n: int, k: int, num_sms: int = 132) -> SkinnyConfig:
+def default_config(n: int, k: int, sms: int = 132) -> SkinnyConfig:
     """64-column tiles; split K (halving it down to 512) while the grid still fits one wave of programs.
 
     Chosen from the sweep in benchmarks/kernels_skinny.py on an H100: Qwen3 qkv (5120 x 2048) is fastest
@@ -97,7 +100,7 @@ def default_config(n: int, k: int, num_sms: int = 132) -> SkinnyConfig:
     """
     tiles = triton.cdiv(n, 64)
     split = 1
-    while tiles * split * 2 <= num_sms and k // (split * 2) >= 512:
+    while tiles * split * 2 <= sms and k // (split * 2) >= 512:
         split *= 2
     if split == 1:
         return SkinnyConfig(block_n=64, block_k=128, split_k=1, num_stages=5)
@@ -116,24 +119,22 @@ def skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == x.dtype
         and x.stride(1) == 1
         and weight.stride(1) == 1
-        and triton.cdiv(weight.shape[0], 64) <= _num_sms(x.device)
+        and triton.cdiv(weight.shape[0], 64) <= num_sms(x.device)
         and os.environ.get("MOESERVE_SKINNY_GEMM", "1") != "0"
     )
 
 
-_scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_partials: dict[tuple, torch.Tensor] = {}
 
 
-def _split_scratch(device: torch.device, n: int, cfg: SkinnyConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partials [split_k, MAX_ROWS, n] fp32 and zeroed tile counters, kept per (device, shape, config).
-    Allocated on the first (eager) call, so a CUDA graph captured later reuses the same buffers; launches of
-    one stream run in order, so layers of the same shape may share them."""
-    key = (device, n, cfg.block_n, cfg.split_k)
-    if key not in _scratch:
-        part = torch.empty(cfg.split_k, MAX_ROWS, n, dtype=torch.float32, device=device)
-        count = torch.zeros(triton.cdiv(n, cfg.block_n), dtype=torch.int32, device=device)
-        _scratch[key] = (part, count)
-    return _scratch[key]
+def _split_partials(device: torch.device, n: int, split: int) -> torch.Tensor:
+    """Partials [split, MAX_ROWS, n] fp32, kept per (device, n, split). Allocated on the first (eager) call, so
+    a CUDA graph captured later reuses the buffer; launches of one stream run in order, so layers of the same
+    shape may share it."""
+    key = (device, n, split)
+    if key not in _partials:
+        _partials[key] = torch.empty(split, MAX_ROWS, n, dtype=torch.float32, device=device)
+    return _partials[key]
 
 
 def skinny_linear(
@@ -158,10 +159,13 @@ def skinny_linear(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    cfg = config or default_config(n, k, _num_sms(x.device))
+    cfg = config or default_config(n, k, num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
-    part, count = _split_scratch(x.device, n, cfg) if split > 1 else (y, y)
+    if split > 1:
+        part, count = _split_partials(x.device, n, split), completion_counters(x.device, triton.cdiv(n, cfg.block_n))
+    else:
+        part = count = y  # unused by the unsplit kernel
     _skinny_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x, weight, bias if bias is not None else y, y, part, count,
         m, n, k, k_per_split,
@@ -171,14 +175,3 @@ def skinny_linear(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(x.device),
     )
     return y
-
-
-_sms: dict[torch.device, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    if device not in _sms:
-        _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sms[device]

@@ -14,14 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.pdl import launch_kwargs, pdl_enter
+
 
 @triton.jit
 def _topk_softmax_kernel(
     Logits, Weights, Ids, NumReal,
     stride_l, num_experts, scale,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr,
-    HAS_NUM_REAL: tl.constexpr,
+    HAS_NUM_REAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     valid = offs < num_experts
@@ -84,7 +87,7 @@ def topk_softmax(
             router_logits.stride(0), e, float(scaling_factor),
             TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_E=block_e, RENORMALIZE=renormalize,
             HAS_NUM_REAL=has_num_real,
-            num_warps=4 if block_e >= 1024 else 2 if block_e >= 256 else 1,
+            num_warps=4 if block_e >= 1024 else 2 if block_e >= 256 else 1, **launch_kwargs(router_logits.device),
         )
     return weights, ids
 

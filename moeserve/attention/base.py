@@ -36,6 +36,13 @@ class AttentionBackend(ABC):
             assert v_cache is not None
             v_cache.view(nb * bs, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
+    def before_graph_replay(self, meta: AttentionMetadata) -> None:
+        """Host-side preparation a captured decode batch needs (e.g. a kernel library's per-step schedule),
+        called before the warm-up run that precedes each capture and before every replay; meta is the graph's
+        batch (static device buffers, host seq_lens of the padded batch). Backends whose kernels read only
+        the device buffers need nothing."""
+        return None
+
     @abstractmethod
     def attend(
         self,
@@ -53,9 +60,26 @@ class AttentionBackend(ABC):
 
 
 def create_attention_backend(name: str = "auto", device: torch.device | str = "cpu") -> AttentionBackend:
-    """Pick a backend by name: "torch" (reference, any device), "triton" (CUDA), "auto" (best available)."""
+    """Pick a backend by name: "torch" (reference, any device), "triton" (CUDA), "auto" (best available),
+    "flashinfer" (CUDA with the optional flashinfer package; decode through FlashInfer, the rest Triton)."""
     from moeserve.attention.torch_backend import TorchAttentionBackend
     from moeserve.backend_choice import choose_backend
+
+    if name == "flashinfer":
+        from moeserve.attention.flashinfer_backend import (
+            FlashInferAttentionBackend,
+            flashinfer_unavailable_reason,
+        )
+
+        reason = flashinfer_unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(
+                f"attention backend 'flashinfer' is unavailable: {reason}; the other choices, 'auto', "
+                "'torch' and 'triton' (CUDA), need no extra package"
+            )
+        return FlashInferAttentionBackend(device)
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown attention backend {name!r}; allowed: 'auto', 'torch', 'triton', 'flashinfer'")
 
     def make_triton() -> AttentionBackend:
         from moeserve.attention.triton_backend import TritonAttentionBackend

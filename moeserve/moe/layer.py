@@ -16,7 +16,7 @@ from torch import nn
 
 from moeserve.forward_batch import ForwardBatch
 from moeserve.layers.linear import Linear
-from moeserve.moe.routing import RoutingConfig, select_experts
+from moeserve.moe.routing import RoutingConfig, fused_router_applies, select_experts
 from moeserve.moe.tbo import drive
 
 if TYPE_CHECKING:
@@ -48,6 +48,15 @@ class Router(nn.Module):
         if self.fp32:
             return F.linear(x.float(), self.weight.float())
         return F.linear(x, self.weight)
+
+    @property
+    def observed(self) -> bool:
+        """Whether a forward hook wants the logits (e.g. a benchmark counting experts): then they must be
+        computed by `forward`, not fused away."""
+        return bool(
+            self._forward_hooks or self._forward_pre_hooks
+            or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+        )
 
 
 class MoELayer(nn.Module):
@@ -118,7 +127,7 @@ class MoELayer(nn.Module):
     def forward_stages(self, x: torch.Tensor, batch: ForwardBatch) -> Generator[None, None, torch.Tensor]:
         """The layer as stages, yielding while tokens travel (two-batch overlap runs the other micro-batch
         there): route, dispatch send | yield | receive, experts, combine send | yield | receive."""
-        weights, ids = self.select(self.gate(x), batch.num_real_tokens)
+        weights, ids = self.route(x, batch.num_real_tokens)
         phys = self.placement.to_physical(self.layer_idx, ids)
         self._record_load(phys, batch)
         dispatcher = self.dispatchers[batch.micro_batch]
@@ -131,6 +140,27 @@ class MoELayer(nn.Module):
         yield
         y = dispatcher.combine_end(pending)
         return y if shared is None else y + shared
+
+    def route(
+        self, x: torch.Tensor, num_real_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (topk_weights [T, k] float32, topk_ids [T, k] int32, logical ids): the gate, then
+        `select`. Decode-sized CUDA batches whose routing `topk_softmax` covers run both in one launch
+        (`router_topk`), unless a hook observes the gate's logits; CPU keeps the unfused path unchanged."""
+        r, gate = self.routing, self.gate
+        # The kernel's logits dtype is promote(x, weight): an fp32 router needs its fp32 weight to match.
+        same_logits = not gate.fp32 or gate.weight.dtype == torch.float32
+        if same_logits and not gate.observed and fused_router_applies(
+            x, gate.weight, r.top_k, scoring=r.scoring, topk_method=r.topk_method,
+            correction_bias=gate.e_score_correction_bias,
+        ):
+            from moeserve.kernels.router_topk import router_topk
+
+            return router_topk(
+                x, gate.weight, r.top_k, renormalize=r.renormalize, scaling_factor=r.routed_scaling_factor,
+                num_real_tokens=num_real_tokens,
+            )
+        return self.select(gate(x), num_real_tokens)
 
     def select(
         self, router_logits: torch.Tensor, num_real_tokens: torch.Tensor | None = None

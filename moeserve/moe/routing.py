@@ -64,7 +64,8 @@ def select_experts(
     (ids -1, weights 0), so padded decode graphs read no expert weights for them.
 
     Returns (topk_weights [T, k] float32, topk_ids [T, k] int32 logical expert ids). The order of the k
-    choices within a row is unspecified. On CUDA, softmax + greedy without a bias runs as one Triton kernel.
+    choices within a row is unspecified. On CUDA, softmax + greedy without a bias runs as one Triton kernel
+    (and at decode sizes `MoELayer.route` fuses the router GEMM into it: see `fused_router_applies`).
     """
     if (
         scoring == "softmax"
@@ -107,6 +108,41 @@ def select_experts(
         pad = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None] >= num_real_tokens
         topk_ids, topk_weights = topk_ids.masked_fill(pad, -1), topk_weights.masked_fill(pad, 0.0)
     return topk_weights, topk_ids
+
+
+def fused_router_applies(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str,
+    topk_method: str,
+    correction_bias: torch.Tensor | None,
+) -> bool:
+    """Whether `moeserve.kernels.router_topk.router_topk` may compute the logits ``x @ router_weight.T`` and
+    `select_experts`' choice in one launch: on CUDA only, for what `topk_softmax` covers (softmax, greedy, no
+    correction bias), shapes where it is the faster path (`fused_router_pays`: decode-sized batches, small
+    rows x experts x top_k) and x's dtype or fp32 weights.
+    The caller also checks that nothing else reads the logits (they are never materialised).
+
+    x: [T, H]; router_weight: [E, H].
+    """
+    if scoring != "softmax" or topk_method != "greedy" or correction_bias is not None:
+        return False
+    if not fused_kernels_available(x):
+        return False
+    from moeserve.kernels.router_topk import MAX_EXPERTS, fused_router_pays
+
+    return (
+        x.dim() == 2
+        and router_weight.dim() == 2
+        and fused_router_pays(x.shape[0], router_weight.shape[0], top_k)
+        and x.stride(-1) == 1
+        and router_weight.is_contiguous()
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and router_weight.dtype in (x.dtype, torch.float32)
+        and 0 < top_k <= router_weight.shape[0] <= MAX_EXPERTS
+    )
 
 
 def _fused_topk_ok(router_logits: torch.Tensor, top_k: int) -> bool:

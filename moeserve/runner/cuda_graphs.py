@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from moeserve.attention.base import AttentionBackend
 from moeserve.forward_batch import (
     AttentionMetadata,
     ForwardBatch,
@@ -41,7 +42,7 @@ logger = logging.getLogger("moeserve")
 _BASE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 # Backends known to be free of host syncs and data-dependent shapes in decode.
-GRAPH_SAFE_ATTENTION = frozenset({"triton"})
+GRAPH_SAFE_ATTENTION = frozenset({"triton", "flashinfer"})
 GRAPH_SAFE_EXPERTS = frozenset({"triton"})
 GRAPH_SAFE_DISPATCHERS = frozenset({"local"})
 
@@ -174,13 +175,16 @@ class CudaGraphRunner:
     """Runs decode batches of up to `max_batch` requests through graphs captured per padded size.
 
     model: the loaded model (its KV caches bound, with `scratch_block` allocated but never scheduled).
+    attention: the model's attention backend; its `before_graph_replay` runs before each capture and replay.
     max_seq_len: the context limit; fixes the decode kernels' host-side launch shapes.
     use_graphs: False runs the same padded static batch eagerly (CPU tests of the padding logic).
     """
 
     def __init__(self, model: nn.Module, *, max_batch: int, max_seq_len: int, block_size: int,
-                 scratch_block: int, device: torch.device, use_graphs: bool = True) -> None:
+                 scratch_block: int, device: torch.device, use_graphs: bool = True,
+                 attention: AttentionBackend | None = None) -> None:
         self.model = model
+        self.attention = attention
         self.max_seq_len = max_seq_len
         self.sizes = graph_batch_sizes(max_batch)
         max_blocks = -(-max_seq_len // block_size)
@@ -218,6 +222,7 @@ class CudaGraphRunner:
             self.buffers.fill([], size)  # copies on the current stream: the capture stream waits for them
             stream.wait_stream(torch.cuda.current_stream())
             batch = self.buffers.batch(size, [1] * size, self.max_seq_len)
+            self._prepare(batch.attn)
             with torch.cuda.stream(stream):
                 self._forward(batch)
             stream.synchronize()
@@ -243,10 +248,16 @@ class CudaGraphRunner:
         seq_lens = self.buffers.fill(reqs, size, tables)
         if fill_inputs is not None:
             fill_inputs(self.buffers.tokens[0, :n])
+        batch = self.buffers.batch(size, seq_lens, self.max_seq_len)
         if not self.use_graphs:
-            return self._forward(self.buffers.batch(size, seq_lens, self.max_seq_len))[:n]
+            return self._forward(batch)[:n]
+        self._prepare(batch.attn)
         self.graphs[size].replay()
         return self.outputs[size][:n]
+
+    def _prepare(self, meta: AttentionMetadata) -> None:
+        if self.attention is not None:
+            self.attention.before_graph_replay(meta)
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         """What a graph holds: the forward and the LM head (every row of a decode batch samples)."""

@@ -150,6 +150,7 @@ class ModelRunner:
         runner = CudaGraphRunner(
             self.model, max_batch=max_batch, max_seq_len=self.max_model_len,
             block_size=self.config.block_size, scratch_block=self.num_blocks, device=self.device,
+            attention=self.ctx.attention,
         )
         try:
             runner.capture()

@@ -1,0 +1,43 @@
+"""Completion counters: the int32 slots a kernel uses to elect "the last program of a group to finish".
+
+A kernel whose programs each write a partial result and then need one of them to combine the partials (split-K
+router logits, split-KV attention) increments a counter per group after its writes; the program that reads
+``group_size - 1`` back is the last, combines, and sets the counter to 0 again. So every counter is 0 between
+launches, and a CUDA graph can replay the kernel any number of times without a reset.
+
+One buffer per device serves every such kernel: they run one after another on one stream, and no two launches
+that share it may run concurrently. It is allocated lazily on the first eager call; a graph captured afterwards
+keeps its address. Growing allocates a new buffer and keeps the old one alive (graphs may hold its address), and
+is refused during capture (nothing would zero it): make one eager call of each shape before capturing, as
+`CudaGraphRunner.capture` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MIN_COUNTERS = 4096
+_buffers: dict[tuple[str, int | None], torch.Tensor] = {}
+_retired: list[torch.Tensor] = []  # outgrown buffers, kept alive for the graphs that captured them
+
+
+def completion_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least ``count`` int32 counters on ``device``, all 0 (each kernel leaves them 0 when it ends)."""
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    key = (device.type, index)
+    buf = _buffers.get(key)
+    if buf is not None and buf.numel() >= count:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"completion counters: {count} needed on {device} during CUDA-graph capture but "
+            f"{0 if buf is None else buf.numel()} allocated; run the kernel once eagerly with this shape "
+            "before capturing"
+        )
+    if buf is not None:
+        _retired.append(buf)
+    size = max(_MIN_COUNTERS, 1 << (count - 1).bit_length())
+    _buffers[key] = torch.zeros(size, dtype=torch.int32, device=torch.device(key[0], key[1]))
+    return _buffers[key]
