@@ -124,6 +124,17 @@ def decode_meta(seq_lens: torch.Tensor, block_tables: torch.Tensor, page: int) -
     )
 
 
+def paged_setup(seq: list[int], bt: torch.Tensor, sl: torch.Tensor, page: int):
+    """(our decode metadata, FlashInfer's host CSR, its page ids on the GPU, a 128 MB workspace) for a cache."""
+    from moeserve.attention.flashinfer_backend import HostCsr, pages_to_indices
+
+    meta = decode_meta(sl, bt, page)
+    csr = HostCsr.from_seq_lens(seq, page)
+    indices = torch.empty(csr.total_pages, dtype=torch.int32, device="cuda")
+    pages_to_indices(bt, sl, page, indices)
+    return meta, csr, indices, torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+
+
 def host_us(fn: Callable[[], object], reps: int = 30) -> float:
     """Median host time of fn in µs (the GPU is synchronized before each call, not after)."""
     times = []
@@ -185,7 +196,7 @@ def run_variant(rows: list[dict], base: dict, make: Callable[[], tuple[Callable,
 def mla_case(rows: list[dict], batch: int, ctx: int, page: int, copy_tbs: float, ready: dict) -> None:
     import flashinfer
 
-    from moeserve.attention.flashinfer_backend import FlashInferAttentionBackend, HostCsr, pages_to_indices
+    from moeserve.attention.flashinfer_backend import FlashInferAttentionBackend, pages_to_indices
     from moeserve.kernels.mla_decode import mla_decode_attention
 
     seq = [ctx - 7 * i for i in range(batch)]  # ragged, so the last pages are partly filled
@@ -195,11 +206,7 @@ def mla_case(rows: list[dict], batch: int, ctx: int, page: int, copy_tbs: float,
     nbytes = sum(seq) * (LORA + ROPE) * 2 + q.numel() * 2 + batch * MLA_HEADS * LORA * 2
     flops = 2.0 * sum(seq) * MLA_HEADS * (LORA + ROPE + LORA)
     base = dict(kernel="decode_mla", shape=f"B{batch} ctx{ctx} {MLA_HEADS}h {LORA}+{ROPE} page{page}")
-    meta = decode_meta(sl, bt, page)
-    csr = HostCsr.from_seq_lens(seq, page)
-    indices = torch.empty(csr.total_pages, dtype=torch.int32, device="cuda")
-    pages_to_indices(bt, sl, page, indices)
-    workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    meta, csr, indices, workspace = paged_setup(seq, bt, sl, page)
 
     run_variant(rows, dict(base, config="triton (ours)"),
                 lambda: (lambda: mla_decode_attention(q, kv, bt, sl, MLA_SCALE, LORA, max(seq)),
@@ -256,7 +263,7 @@ def gqa_case(rows: list[dict], batch: int, ctx: int, page: int, copy_tbs: float,
              skip_tensor_cores: bool) -> None:
     import flashinfer
 
-    from moeserve.attention.flashinfer_backend import FlashInferAttentionBackend, HostCsr, pages_to_indices
+    from moeserve.attention.flashinfer_backend import FlashInferAttentionBackend
     from moeserve.kernels.attention_decode import paged_decode_attention
 
     seq = [ctx - 7 * i for i in range(batch)]
@@ -266,11 +273,7 @@ def gqa_case(rows: list[dict], batch: int, ctx: int, page: int, copy_tbs: float,
     ref = paged_decode_attention_ref(q, k, v, bt, sl, scale)
     nbytes = sum(seq) * GQA_KV_HEADS * 2 * GQA_DIM * 2 + 2 * q.numel() * 2
     base = dict(kernel="decode_gqa", shape=f"B{batch} ctx{ctx} {GQA_HEADS}/{GQA_KV_HEADS}h d{GQA_DIM} page{page}")
-    meta = decode_meta(sl, bt, page)
-    csr = HostCsr.from_seq_lens(seq, page)
-    indices = torch.empty(csr.total_pages, dtype=torch.int32, device="cuda")
-    pages_to_indices(bt, sl, page, indices)
-    workspace = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    meta, csr, indices, workspace = paged_setup(seq, bt, sl, page)
 
     run_variant(rows, dict(base, config="triton (ours)"),
                 lambda: (lambda: paged_decode_attention(q, k, v, bt, sl, scale, max(seq)),
