@@ -56,6 +56,11 @@ class EngineLimits(_Strict):
     )
     enable_cuda_graphs: bool = True
     cuda_graph_max_batch: int = Field(256, ge=1, le=1024)
+    attention_backend: Literal["auto", "torch", "triton", "flashinfer"] = Field(
+        "auto", description="auto: Triton on CUDA, torch elsewhere; flashinfer: decode through FlashInfer (CUDA, "
+        "needs the flashinfer package)"
+    )
+    expert_kernel: Literal["auto", "torch", "triton"] = "auto"
 
 
 class IngressConfig(_Strict):
@@ -154,7 +159,8 @@ class DeployConfig(_Strict):
             expert_parallel_size=self.parallel.ep, num_redundant_experts=self.parallel.redundant_experts,
             enable_tbo=self.parallel.tbo, moe_dispatcher=self.parallel.dispatcher,
             async_scheduling=e.async_scheduling, enable_cuda_graphs=e.enable_cuda_graphs,
-            cuda_graph_max_batch=e.cuda_graph_max_batch,
+            cuda_graph_max_batch=e.cuda_graph_max_batch, attention_backend=e.attention_backend,
+            expert_kernel=e.expert_kernel,
         )
 
 
