@@ -26,8 +26,8 @@ Workspace buffers are allocated once: one float workspace shared by all wrappers
 device + 8 MiB pinned integer workspace per wrapper (one wrapper per layout, plus one per captured batch
 size); only FlashInfer's eager MLA plan takes a fresh integer pair from torch's caching allocators each time.
 
-CUDA graphs: see `before_graph_replay`. Until the graph runner calls it, `graph_unsupported_reason` keeps
-"flashinfer" out of graphs (it is not in ``GRAPH_SAFE_ATTENTION``).
+CUDA graphs: `CudaGraphRunner` calls `before_graph_replay` before each capture's warm-up run and before every
+replay (see there); the captured graph gathers the page ids and runs FlashInfer's kernels.
 """
 
 from __future__ import annotations
