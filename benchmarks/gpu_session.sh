@@ -7,8 +7,8 @@ out=${OUT:-benchmarks/out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
 # FlashInfer (optional): installed from .fi/ when the call carries it (benchmarks/flashinfer_bundle.sh builds it).
-if [ -f .fi/fi.tar.xz ] && [ -z "${FLASHINFER_READY:-}" ]; then
-    . benchmarks/flashinfer_device.sh && export FLASHINFER_READY=1
+if [ -f .fi/fi.tar.xz ]; then
+    . benchmarks/flashinfer_device.sh
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/card.txt"
 if [ "${GPU_TESTS:-1}" != 0 ]; then

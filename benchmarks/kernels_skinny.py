@@ -24,8 +24,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kernels_attention import copy_bandwidth_tbs  # noqa: E402
+from kernels_small import time_graph  # noqa: E402
 
 from moeserve.kernels import pdl  # noqa: E402
+from moeserve.kernels.attention_reference import rel_err  # noqa: E402
 from moeserve.kernels.skinny_gemm import SkinnyConfig, default_config, skinny_linear  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -44,32 +46,10 @@ SHAPES = {  # name: (out N, in K)
 }
 
 
-def graph_us(fn: Callable[[int], object], reps: int = 10, replays: int = 20) -> float:
-    """µs per call of fn(layer) under CUDA-graph replay; one graph holds reps passes over the LAYERS weights."""
-    for i in range(LAYERS):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for i in range(LAYERS):
-                fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(replays // 5):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (reps * LAYERS * (replays // 5)))
-    return sorted(times)[len(times) // 2]
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm())
+def graph_us(fn: Callable[[int], object]) -> float:
+    """µs per call of fn(layer) under CUDA-graph replay, one pass over the LAYERS distinct weights per call of
+    `time_graph`'s function (so no weight is served from L2)."""
+    return time_graph(lambda: [fn(i) for i in range(LAYERS)], reps=10) / LAYERS
 
 
 def case(name: str, n: int, k: int, m: int, copy_tbs: float, configs: list[SkinnyConfig | None]) -> list[dict]:

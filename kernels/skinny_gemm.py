@@ -124,19 +124,6 @@ def skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-_partials: dict[tuple, torch.Tensor] = {}
-
-
-def _split_partials(device: torch.device, n: int, split: int) -> torch.Tensor:
-    """Partials [split, MAX_ROWS, n] fp32, kept per (device, n, split). Allocated on the first (eager) call, so
-    a CUDA graph captured later reuses the buffer; launches of one stream run in order, so layers of the same
-    shape may share it."""
-    key = (device, n, split)
-    if key not in _partials:
-        _partials[key] = torch.empty(split, MAX_ROWS, n, dtype=torch.float32, device=device)
-    return _partials[key]
-
-
 def skinny_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: SkinnyConfig | None = None
 ) -> torch.Tensor:
@@ -162,8 +149,9 @@ def skinny_linear(
     cfg = config or default_config(n, k, num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
-    if split > 1:
-        part, count = _split_partials(x.device, n, split), completion_counters(x.device, triton.cdiv(n, cfg.block_n))
+    if split > 1:  # fp32 partials [split, MAX_ROWS, n] and the column tiles' counters
+        part = torch.empty(split, MAX_ROWS, n, dtype=torch.float32, device=x.device)
+        count = completion_counters(x.device, triton.cdiv(n, cfg.block_n))
     else:
         part = count = y  # unused by the unsplit kernel
     _skinny_kernel[(triton.cdiv(n, cfg.block_n), split)](

@@ -11,13 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeserve.kernels.attention_reference import rel_err
 from tests.interp import interp, run_interpreter_tests
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm())
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -51,7 +48,7 @@ def test_interp_skinny_matches_reference(dtype):
             for _ in range(2):  # the second call reuses the split counters the first one reset
                 y = skinny_linear(x, w, b, cfg)
                 assert y.shape == (m, n) and y.dtype == dtype
-                assert _rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3), (m, n, k, cfg, bias)
+                assert rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3), (m, n, k, cfg, bias)
 
 
 def test_skinny_rejects_bad_input():
@@ -86,7 +83,7 @@ def test_skinny_bf16_matches_reference(n, k, m):
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     y = skinny_linear(x, w, b)
-    assert _rel_err(y, _reference(x, w, b)) < 1e-2
+    assert rel_err(y, _reference(x, w, b)) < 1e-2
     assert torch.equal(y, skinny_linear(x, w, b))  # deterministic: splits are summed in a fixed order
 
 
@@ -106,7 +103,7 @@ def test_skinny_replays_in_cuda_graph_with_new_inputs():
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
-        assert _rel_err(y, _reference(x, w, None)) < 1e-2
+        assert rel_err(y, _reference(x, w, None)) < 1e-2
 
 
 @gpu
@@ -124,5 +121,5 @@ def test_linear_uses_skinny_for_decode_rows_only(monkeypatch):
     for rows in (1, 16, 17, 300):
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         ref = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
-        assert _rel_err(layer(x), ref) < 1e-2
+        assert rel_err(layer(x), ref) < 1e-2
     assert calls == [(1, 1024), (16, 1024)]

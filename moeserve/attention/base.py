@@ -19,6 +19,8 @@ class AttentionBackend(ABC):
     """
 
     name: str = "base"
+    # Whether `before_graph_replay` does anything: the graph runner calls it before replays only then.
+    plans_graph_replays: bool = False
 
     def write_kv(
         self,
@@ -38,9 +40,9 @@ class AttentionBackend(ABC):
 
     def before_graph_replay(self, meta: AttentionMetadata) -> None:
         """Host-side preparation a captured decode batch needs (e.g. a kernel library's per-step schedule),
-        called before the warm-up run that precedes each capture and before every replay; meta is the graph's
-        batch (static device buffers, host seq_lens of the padded batch). Backends whose kernels read only
-        the device buffers need nothing."""
+        called before the warm-up run that precedes each capture and, when `plans_graph_replays`, before every
+        replay; meta is the graph's batch (static device buffers, host seq_lens of the padded batch). Backends
+        whose kernels read only the device buffers need nothing."""
         return None
 
     @abstractmethod
@@ -59,6 +61,9 @@ class AttentionBackend(ABC):
         """
 
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+
+
 def create_attention_backend(name: str = "auto", device: torch.device | str = "cpu") -> AttentionBackend:
     """Pick a backend by name: "torch" (reference, any device), "triton" (CUDA), "auto" (best available),
     "flashinfer" (CUDA with the optional flashinfer package; decode through FlashInfer, the rest Triton)."""
@@ -66,20 +71,15 @@ def create_attention_backend(name: str = "auto", device: torch.device | str = "c
     from moeserve.backend_choice import choose_backend
 
     if name == "flashinfer":
-        from moeserve.attention.flashinfer_backend import (
-            FlashInferAttentionBackend,
-            flashinfer_unavailable_reason,
-        )
+        from moeserve.attention.flashinfer_backend import FlashInferAttentionBackend
 
-        reason = flashinfer_unavailable_reason(device)
-        if reason is not None:
-            raise ValueError(
-                f"attention backend 'flashinfer' is unavailable: {reason}; the other choices, 'auto', "
-                "'torch' and 'triton' (CUDA), need no extra package"
-            )
-        return FlashInferAttentionBackend(device)
-    if name not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown attention backend {name!r}; allowed: 'auto', 'torch', 'triton', 'flashinfer'")
+        try:
+            return FlashInferAttentionBackend(device)
+        except (ImportError, ValueError) as exc:  # no CUDA device, or no importable flashinfer package
+            raise ValueError(f"{exc}; the other choices, 'auto', 'torch' and 'triton' (CUDA), need no extra "
+                             "package") from None
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; allowed: {', '.join(map(repr, ATTENTION_BACKENDS))}")
 
     def make_triton() -> AttentionBackend:
         from moeserve.attention.triton_backend import TritonAttentionBackend

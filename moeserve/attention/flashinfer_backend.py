@@ -163,6 +163,7 @@ class FlashInferAttentionBackend(TritonAttentionBackend):
     """
 
     name = "flashinfer"
+    plans_graph_replays = True
 
     def __init__(self, device: torch.device | str = "cuda", workspace_bytes: int = 128 << 20,
                  mla_backend: str = "auto") -> None:

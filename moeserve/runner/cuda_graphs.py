@@ -222,7 +222,8 @@ class CudaGraphRunner:
             self.buffers.fill([], size)  # copies on the current stream: the capture stream waits for them
             stream.wait_stream(torch.cuda.current_stream())
             batch = self.buffers.batch(size, [1] * size, self.max_seq_len)
-            self._prepare(batch.attn)
+            if self.attention is not None:
+                self.attention.before_graph_replay(batch.attn)
             with torch.cuda.stream(stream):
                 self._forward(batch)
             stream.synchronize()
@@ -248,16 +249,12 @@ class CudaGraphRunner:
         seq_lens = self.buffers.fill(reqs, size, tables)
         if fill_inputs is not None:
             fill_inputs(self.buffers.tokens[0, :n])
-        batch = self.buffers.batch(size, seq_lens, self.max_seq_len)
         if not self.use_graphs:
-            return self._forward(batch)[:n]
-        self._prepare(batch.attn)
+            return self._forward(self.buffers.batch(size, seq_lens, self.max_seq_len))[:n]
+        if self.attention is not None and self.attention.plans_graph_replays:
+            self.attention.before_graph_replay(self.buffers.batch(size, seq_lens, self.max_seq_len).attn)
         self.graphs[size].replay()
         return self.outputs[size][:n]
-
-    def _prepare(self, meta: AttentionMetadata) -> None:
-        if self.attention is not None:
-            self.attention.before_graph_replay(meta)
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         """What a graph holds: the forward and the LM head (every row of a decode batch samples)."""
