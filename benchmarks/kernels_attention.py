@@ -96,11 +96,11 @@ def bench_gqa_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
 
 def bench_mla_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
     from moeserve.kernels.attention_reference import mla_decode_attention_ref
-    from moeserve.kernels.mla_decode import mla_decode_attention
+    from moeserve.kernels.mla_decode import mla_decode_attention, mla_decode_attention_tma, use_mla_tma
 
     batch, ctx, heads, lora, rope = (8, 1024, 128, 512, 64) if quick else (64, 4096, 128, 512, 64)
     rows: list[dict] = []
-    pages = (16,) if quick or not sweep else (16, 64)
+    pages = (16,) if quick else (16, 64)
     for page in pages:
         seq = [ctx] * batch
         kv, _, bt, sl = make_paged_cache(seq, page, 1, lora + rope, None, BF16, "cuda")
@@ -115,6 +115,9 @@ def bench_mla_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
 
         base = dict(kernel="decode_mla", shape=shape, config="default")
         _try(rows, base, call(), ref, nbytes, copy_tbs, flops)
+        if use_mla_tma(q, kv):  # the backend's choice at this shape: tiles through TMA descriptors
+            tma = functools.partial(mla_decode_attention_tma, q, kv, bt, sl, scale, lora, ctx)
+            _try(rows, dict(base, config="TMA (use_mla_tma)"), tma, ref, nbytes, copy_tbs, flops)
         if not sweep or page != 16:
             continue
         best = (float("inf"), {})

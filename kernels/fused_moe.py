@@ -22,19 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fused_moe_tma
 from .fp8 import FP8_DTYPE, GROUP, per_token_group_quant_fp8
 from .moe_align import AlignedRouting, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config
+from .moe_tiles import store_act, store_down, tile_of
 from .pdl import launch_kwargs, pdl_enter
-
-
-@triton.jit
-def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    # Grouped order: GROUP_M consecutive blocks (mostly one expert) share each weight tile while it is in L2.
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % width) % size_m, (pid % width) // size_m
 
 
 @triton.jit
@@ -86,7 +79,7 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, xs_ptr, ws_ptr, sorted_ptr, block_exp
                     EVEN_N: tl.constexpr, USE_PDL: tl.constexpr):
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block."""
     pdl_enter(USE_PDL)
-    pid_m, pid_n = _tile(tl.program_id(0), max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
+    pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
@@ -102,13 +95,7 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, xs_ptr, ws_ptr, sorted_ptr, block_exp
     acc_g, acc_u = _gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
                                 stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
                                 FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
-    slots = pid_m * BLOCK_M + offs_r
-    out_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am + offs_n[None, :]
-    if EVEN_N:
-        tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty))
-    else:
-        tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=offs_n[None, :] < INTER)
+    store_act(act_ptr, acc_g, acc_u, pid_m, offs_n, stride_am, INTER, BLOCK_M, EVEN_N)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -158,7 +145,7 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
                  USE_PDL: tl.constexpr):
     """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block."""
     pdl_enter(USE_PDL)
-    pid_m, pid_n = _tile(tl.program_id(0), max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
@@ -193,9 +180,7 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    acc *= tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
-    y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+    store_down(y_ptr, acc, topk_w_ptr, pair, row_ok, offs_n, stride_ym, N)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -288,6 +273,9 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: 
     inter = two_i // 2
     fp8 = x_scale is not None
     act = torch.empty(routing.sorted_ids.shape[0], inter, dtype=out_dtype, device=x.device)
+    if fused_moe_tma.tma_ok(cfg, inter, hidden_size, routing.block_m, x.device):
+        fused_moe_tma.gate_up_tma(x, w13, act, routing, top_k, cfg, GROUP, x_scale, w13_scale)
+        return act
     xs, ws = (x_scale, w13_scale) if fp8 else (x, w13)  # unused pointers when not fp8
     grid = (routing.max_blocks * triton.cdiv(inter, cfg.block_n),)
     _gate_up_kernel[grid](x, w13, act, xs, ws, routing.sorted_ids, routing.block_expert, routing.block_rows,
@@ -306,6 +294,9 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
     num_experts, hidden_size, inter = w2.shape
     fp8 = act_scale is not None
     y = torch.empty(topk_weights.numel(), hidden_size, dtype=out_dtype, device=act.device)
+    if fused_moe_tma.tma_ok(cfg, hidden_size, inter, routing.block_m, act.device):
+        fused_moe_tma.down_tma(act, w2, y, topk_weights, routing, cfg, GROUP, act_scale, w2_scale)
+        return y
     as_, ws = (act_scale, w2_scale) if fp8 else (act, w2)
     grid = (routing.max_blocks * triton.cdiv(hidden_size, cfg.block_n),)
     _down_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,

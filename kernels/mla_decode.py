@@ -5,9 +5,17 @@ Cache: ``kv_cache [num_blocks, block_size, 1, kv_lora_rank + rope_dim]``; the va
 ``lora + rope`` columns) and as V (the ``lora`` prefix), for ``BLOCK_H`` query heads at a time; all heads
 share the single latent head, so larger ``BLOCK_H`` means fewer re-reads of the cache (the rest come from L2,
 since head blocks of one request are adjacent in launch order).
+
+`mla_decode_attention_tma` is the same computation with the cache tiles loaded through TMA tensor descriptors
+and the [BLOCK_H, 512] accumulator held as two 256-wide halves (one per TMA box). On the H100 with 64-key
+tiles (page 64) and 128 heads it takes 279 µs where the pointer kernel takes 346 µs (B64, context 4096;
+benchmarks/RESULTS.md); with 16-key tiles (page 16) it is 1.8x slower, so `use_mla_tma` picks it only for
+64-key tiles and at least 64 heads. Triton's warp specialisation of its key loop compiled but gave nothing.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -15,6 +23,11 @@ import triton.language as tl
 
 from moeserve.kernels.attention_decode import LOG2E, alloc_partials, choose_num_splits, split_reduce
 from moeserve.kernels.pdl import launch_kwargs, pdl_enter
+
+try:  # Triton >= 3.4: host-side TMA descriptors (also run by the interpreter)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the TMA path reports itself unavailable
+    TensorDescriptor = None
 
 
 @triton.jit
@@ -126,6 +139,212 @@ def mla_decode_attention(
         scale * LOG2E, num_heads,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2) if num_splits > 1 else 1,
+        LORA=kv_lora_rank, ROPE=rope, BLOCK_H=block_h,
+        PAGE=page, BLOCK_N=block_n, num_splits=num_splits, SPLIT_OUT=num_splits > 1,
+        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
+    )
+    if num_splits > 1:
+        split_reduce(part_out, part_lse, out)
+    return out
+
+
+# ---------------------------------------------------------------- tiles through TMA descriptors
+
+
+@triton.jit
+def _mla_tma_tile(q0, q1, qr, c0, c1, r, m_i, l_i, acc0, acc1, scale_log2, n_ok, MASKED: tl.constexpr):
+    """One key tile of online softmax. c0/c1: the latent halves [BLOCK_N, LORA/2] (K and V), r: the rope part
+    [BLOCK_N, ROPE] (K only); acc0/acc1: the matching output halves [BLOCK_H, LORA/2], fp32."""
+    s = tl.dot(q0, tl.trans(c0))
+    s = tl.dot(q1, tl.trans(c1), s)
+    s = tl.dot(qr, tl.trans(r), s) * scale_log2
+    if MASKED:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one key
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(c0.dtype)
+    acc0 = tl.dot(p, c0, acc0 * alpha[:, None])
+    acc1 = tl.dot(p, c1, acc1 * alpha[:, None])
+    return m_new, l_i, acc0, acc1
+
+
+@triton.jit
+def _tile_row(BlockTables, req, stride_bt, n0, PAGE: tl.constexpr):
+    """Row of token n0 in the cache's 2-D view [num_blocks * PAGE, LORA + ROPE]."""
+    return tl.load(BlockTables + req * stride_bt + n0 // PAGE) * PAGE + n0 % PAGE
+
+
+@triton.jit
+def _mla_decode_tma_kernel(
+    Q, Latent, Rope, BlockTables, SeqLens, Out, PartOut, PartLse,
+    scale_log2, num_heads,
+    stride_qt, stride_qh,
+    stride_bt,
+    stride_ot, stride_oh,
+    stride_pt, stride_ph, stride_ps,
+    LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_H: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, num_splits, SPLIT_OUT: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    # Latent: descriptor over the cache as [num_blocks * PAGE, LORA + ROPE] rows, box [BLOCK_N, LORA // 2];
+    # Rope: the same rows, box [BLOCK_N, ROPE]. PAGE % BLOCK_N == 0, so a tile never crosses a page and its
+    # rows are contiguous in the 2-D view: row = block_table[n0 // PAGE] * PAGE + n0 % PAGE.
+    pdl_enter(USE_PDL)
+    HALF: tl.constexpr = LORA // 2
+    hb = tl.program_id(0)  # fastest-varying: head blocks of one request run together and share tiles in L2
+    req = tl.program_id(1)
+    split = tl.program_id(2)
+
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < num_heads
+    offs_c = tl.arange(0, HALF)
+    offs_r = LORA + tl.arange(0, ROPE)
+
+    seq_len = tl.load(SeqLens + req)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    # Full tiles run in the loop without masks; the one partial tile of a request (only
+    # the last split has one) runs after it with the rows past the context zeroed, since the tail rows of a
+    # page may hold anything (a TMA load cannot be masked).
+    full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
+
+    q_rows = Q + req * stride_qt + heads[:, None] * stride_qh
+    q0 = tl.load(q_rows + offs_c[None, :], mask=h_ok[:, None], other=0.0)  # [BLOCK_H, HALF]
+    q1 = tl.load(q_rows + HALF + offs_c[None, :], mask=h_ok[:, None], other=0.0)  # [BLOCK_H, HALF]
+    qr = tl.load(q_rows + offs_r[None, :], mask=h_ok[:, None], other=0.0)  # [BLOCK_H, ROPE]
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc0 = tl.zeros([BLOCK_H, HALF], tl.float32)
+    acc1 = tl.zeros([BLOCK_H, HALF], tl.float32)
+    all_keys = tl.full([BLOCK_N], 1, tl.int1)
+    for n0 in range(start, full_end, BLOCK_N):
+        row = _tile_row(BlockTables, req, stride_bt, n0, PAGE)
+        c0 = Latent.load([row, 0])
+        c1 = Latent.load([row, HALF])
+        r = Rope.load([row, LORA])
+        m_i, l_i, acc0, acc1 = _mla_tma_tile(q0, q1, qr, c0, c1, r, m_i, l_i, acc0, acc1, scale_log2,
+                                             all_keys, False)
+    if full_end < end:
+        row = _tile_row(BlockTables, req, stride_bt, full_end, PAGE)
+        n_ok = full_end + tl.arange(0, BLOCK_N) < end
+        c0 = tl.where(n_ok[:, None], Latent.load([row, 0]), 0.0).to(q0.dtype)
+        c1 = tl.where(n_ok[:, None], Latent.load([row, HALF]), 0.0).to(q0.dtype)
+        r = tl.where(n_ok[:, None], Rope.load([row, LORA]), 0.0).to(q0.dtype)
+        m_i, l_i, acc0, acc1 = _mla_tma_tile(q0, q1, qr, c0, c1, r, m_i, l_i, acc0, acc1, scale_log2,
+                                             n_ok, True)
+
+    has_keys = l_i > 0.0
+    inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
+    out0 = acc0 * inv_l[:, None]
+    out1 = acc1 * inv_l[:, None]
+    if not SPLIT_OUT:
+        o = Out + req * stride_ot + heads[:, None] * stride_oh
+        tl.store(o + offs_c[None, :], out0.to(Out.dtype.element_ty), mask=h_ok[:, None])
+        tl.store(o + HALF + offs_c[None, :], out1.to(Out.dtype.element_ty), mask=h_ok[:, None])
+    else:
+        part = PartOut + req * stride_pt + heads[:, None] * stride_ph + split * stride_ps
+        tl.store(part + offs_c[None, :], out0, mask=h_ok[:, None])
+        tl.store(part + HALF + offs_c[None, :], out1, mask=h_ok[:, None])
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(PartLse + (req * stride_pt + heads * stride_ph) // stride_ps + split, lse, mask=h_ok)
+
+
+def _is_pow2_in(x: int, lo: int, hi: int) -> bool:
+    return lo <= x <= hi and x & (x - 1) == 0
+
+
+def mla_tma_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 64) -> str | None:
+    """Why `mla_decode_attention_tma` cannot take these inputs, or None when it can (see `mla_tma_ok`)."""
+    if TensorDescriptor is None:
+        return "this Triton has no triton.tools.tensor_descriptor (needs >= 3.4)"
+    if q.dtype not in (torch.float16, torch.bfloat16) or kv_cache.dtype != q.dtype:
+        return f"q and kv_cache must share a 16-bit dtype (fp16/bf16), got {q.dtype} and {kv_cache.dtype}"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
+            return "TMA needs a CUDA device of compute capability >= 9.0 (Hopper)"
+    if q.dim() != 3 or kv_cache.dim() != 4 or kv_cache.shape[2] != 1 or kv_cache.shape[3] != q.shape[2]:
+        return f"want q [R, H, D] and kv_cache [NB, page, 1, D], got {tuple(q.shape)} and {tuple(kv_cache.shape)}"
+    page = kv_cache.shape[1]
+    if not _is_pow2_in(block_n, 16, 256) or page % block_n:
+        return f"block_n must be a power of two in [16, 256] dividing the page size {page}, got {block_n}"
+    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1 or kv_cache.stride(0) != page * kv_cache.stride(1):
+        return "q and kv_cache need a contiguous last dim, and the cache's token rows must be evenly spaced"
+    if (kv_cache.stride(1) * kv_cache.element_size()) % 16 or kv_cache.data_ptr() % 16:
+        return "the cache's rows must start at 16-byte aligned addresses (TMA)"
+    return None
+
+
+def mla_tma_ok(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 64) -> bool:
+    """Whether `mla_decode_attention_tma` runs on these inputs: fp16/bf16 q and cache of the same dtype; a
+    Hopper (or newer) CUDA device, or the Triton interpreter; ``block_n`` a power of two in [16, 256] that
+    divides the page size (each TMA tile lies inside one page: page 16 -> block_n 16, page 64 -> 16/32/64);
+    the cache's token rows evenly spaced and 16-byte aligned (any contiguous cache). kv_lora_rank and
+    rope_dim are checked by the call (powers of two, lora in [32, 512], rope in [16, 256])."""
+    return mla_tma_unsupported(q, kv_cache, block_n) is None
+
+
+def use_mla_tma(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether a decode step should take `mla_decode_attention_tma` rather than `mla_decode_attention`: where
+    it measured faster, i.e. 64-key tiles (a page size that is a multiple of 64) and at least 64 heads."""
+    return q.shape[1] >= 64 and mla_tma_ok(q, kv_cache, 64)
+
+
+def mla_decode_attention_tma(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    kv_lora_rank: int,
+    max_seq_len: int,
+    *,
+    num_splits: int | None = None,
+    block_n: int = 64,
+    block_h: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """`mla_decode_attention` with the cache read through TMA descriptors (same contract and result).
+
+    q:            [num_reqs, num_heads, kv_lora_rank + rope_dim], fp16/bf16
+    kv_cache:     [num_blocks, block_size, 1, kv_lora_rank + rope_dim], q's dtype (see `mla_tma_ok`)
+    block_tables: [num_reqs, max_blocks], int32; seq_lens: [num_reqs], int32 (>= 1)
+    Returns [num_reqs, num_heads, kv_lora_rank] in q's dtype. Graph-safe: the grid depends on shapes only,
+    and the descriptors are rebuilt on the host each call from the cache's (stable) address.
+    """
+    reason = mla_tma_unsupported(q, kv_cache, block_n)
+    if reason is not None:
+        raise ValueError(f"mla_decode_attention_tma: {reason}")
+    num_reqs, num_heads, dk = q.shape
+    num_blocks, page = kv_cache.shape[:2]
+    rope = dk - kv_lora_rank
+    if not _is_pow2_in(kv_lora_rank, 32, 512) or not _is_pow2_in(rope, 16, 256):
+        raise ValueError(f"kv_lora_rank must be a power of two in [32, 512] and rope_dim one in [16, 256] "
+                         f"(TMA boxes of at most 256 columns), got {kv_lora_rank} and {rope}")
+    rows = kv_cache.view(num_blocks * page, dk)  # valid view: checked by mla_tma_unsupported
+    latent = TensorDescriptor.from_tensor(rows, [block_n, kv_lora_rank // 2])
+    rope_desc = TensorDescriptor.from_tensor(rows, [block_n, rope])
+    block_h = max(16, min(block_h, triton.next_power_of_2(num_heads)))
+    head_blocks = triton.cdiv(num_heads, block_h)
+    if num_splits is None:  # same policy as mla_decode_attention: split only to fill idle multiprocessors
+        num_splits = choose_num_splits(
+            num_reqs * head_blocks, max_seq_len, block_n, q.device, programs_per_sm=0.9
+        )
+    out = q.new_empty(num_reqs, num_heads, kv_lora_rank)
+    if num_splits > 1:
+        part_out, part_lse = alloc_partials(num_reqs, num_heads, num_splits, kv_lora_rank, q.device)
+    else:
+        part_out = part_lse = out
+    _mla_decode_tma_kernel[(head_blocks, num_reqs, num_splits)](
+        q, latent, rope_desc, block_tables, seq_lens, out, part_out, part_lse,
+        scale * LOG2E, num_heads,
+        q.stride(0), q.stride(1),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2) if num_splits > 1 else 1,

@@ -18,15 +18,25 @@ _NUM_SMS = 132  # H100 SXM; only steers the fallback heuristic
 PAIRS_MODES = ("", "pair")
 
 
+LOADS = ("ptr", "tma", "tma_gathered")
+
+
 @dataclass(slots=True, frozen=True)
 class GemmConfig:
-    """Tile of one grouped GEMM: BLOCK_N x BLOCK_K per k step, GROUP_M blocks sharing a weight tile."""
+    """Tile of one grouped GEMM: BLOCK_N x BLOCK_K per k step, GROUP_M blocks sharing a weight tile.
+
+    loads (aligned path only; `moeserve.kernels.fused_moe_tma`): "ptr" = every tile by pointer loads; "tma" =
+    weight tiles (and down's activation tiles) by TMA, gate/up's token rows by pointer gather; "tma_gathered" =
+    as "tma", with gate/up's token rows first copied into slot order so they come by TMA too.
+    warp_specialize: with TMA loads, let Triton split the k loop into producer and consumer warps."""
 
     block_n: int
     block_k: int
     group_m: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    loads: str = "ptr"
+    warp_specialize: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -49,6 +59,12 @@ class MoEConfig:
             for field, value in (("block_n", g.block_n), ("block_k", g.block_k)):
                 if value < 16 or value & (value - 1):
                     raise ValueError(f"{name}.{field} must be a power of two >= 16, got {value}")
+        for name, g in (("gate_up", self.gate_up), ("down", self.down)):
+            if g.loads not in LOADS or (g.warp_specialize and g.loads == "ptr"):
+                raise ValueError(f"{name}.loads must be one of {LOADS} (warp_specialize needs TMA), got "
+                                 f"{g.loads!r} with warp_specialize={g.warp_specialize}")
+        if self.pairs and (self.gate_up.loads != "ptr" or self.down.loads != "ptr"):
+            raise ValueError("the pairs path loads by pointer only (loads='ptr')")
         if self.pairs not in PAIRS_MODES:
             raise ValueError(f"pairs must be one of {PAIRS_MODES}, got {self.pairs!r}")
         if self.block_m < 16 or self.block_m & (self.block_m - 1):

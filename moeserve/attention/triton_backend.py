@@ -3,7 +3,8 @@
 Which kernel runs depends on the step and the cache layout only:
 - every request computes one token (``meta.max_query_len == 1``): a decode kernel;
   the MLA layout (one latent head, ``v_cache`` a prefix view of ``k_cache``) takes the latent kernel, which
-  reads each latent once as both key and value;
+  reads each latent once as both key and value (its TMA variant on Hopper with 64-token pages and >= 64
+  heads, `use_mla_tma`);
 - otherwise (prefill, chunked prefill, mixed steps): the extend kernel.
 """
 
@@ -17,7 +18,7 @@ from moeserve.forward_batch import AttentionMetadata
 from moeserve.kernels.attention_decode import paged_decode_attention
 from moeserve.kernels.attention_prefill import extend_attention
 from moeserve.kernels.kv_store import store_kv
-from moeserve.kernels.mla_decode import mla_decode_attention
+from moeserve.kernels.mla_decode import mla_decode_attention, mla_decode_attention_tma, use_mla_tma
 
 
 def mla_lora_rank(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int | None:
@@ -62,9 +63,8 @@ class TritonAttentionBackend(AttentionBackend):
             assert q.shape[0] == meta.num_reqs, "a decode step has exactly one query per request"
             rank = mla_lora_rank(k_cache, v_cache)
             if rank is not None:
-                return mla_decode_attention(
-                    q, k_cache, meta.block_tables, meta.seq_lens, scale, rank, meta.max_seq_len
-                )
+                mla = mla_decode_attention_tma if use_mla_tma(q, k_cache) else mla_decode_attention
+                return mla(q, k_cache, meta.block_tables, meta.seq_lens, scale, rank, meta.max_seq_len)
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len
             )

@@ -1,0 +1,156 @@
+"""Split-KV decode attention at decode batch sizes: which split count and which merge are fastest?
+
+    PYTHONPATH=. python benchmarks/attention_splits_probe.py [--contexts 1024,4096] [--batches 1,4,10,16]
+                                                            [--out DIR or FILE.json]
+
+Times `paged_decode_attention` (kernels/attention_decode.py) under CUDA-graph replay for the Qwen3-30B-A3B
+attention shape (32 query / 4 KV heads x 128, bf16, page 16), every request at the same context, with
+num_splits in {1, 2, 4, 8, 16, 32} and the splits merged in the same launch (fused_reduce) or by the
+`split_reduce` launch. Each timed call reads a different copy of the KV cache (distinct blocks of one pool,
+together larger than L2), as the layers of a decode step do, so no replay is served from L2. Each result is
+checked against the fp32 reference (`rel_err`). Printed: a table per (context, batch) with the fastest
+configuration and what the current rule picks (`choose_num_splits` for a graph runner's max_seq_len and for
+the context itself, `use_fused_reduce`), then JSON. Measures only: the rule is not changed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kernels_small import time_graph  # noqa: E402
+
+from moeserve.kernels.attention_decode import (  # noqa: E402
+    choose_num_splits,
+    paged_decode_attention,
+    use_fused_reduce,
+)
+from moeserve.kernels.attention_reference import paged_decode_attention_ref, rel_err  # noqa: E402
+
+HQ, HK, D, PAGE, BLOCK_N, BLOCK_H = 32, 4, 128, 16, 32, 16
+SPLITS = (1, 2, 4, 8, 16, 32)
+ENGINE_MAX_SEQ_LEN = 40960  # Qwen3-30B-A3B's max_position_embeddings: what a graph runner passes
+L2_DEFEAT_BYTES = 128 * 2**20  # KV bytes touched per pass over the copies (H100 L2: 50 MB)
+BF16 = torch.bfloat16
+
+
+def make_copies(batch: int, ctx: int, copies: int, seed: int):
+    """One K and one V pool [blocks, PAGE, HK, D] and `copies` block tables [batch, blocks_per_req], each over
+    its own blocks (shuffled), so that every copy reads distinct memory."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    per_req = -(-ctx // PAGE)
+    blocks = copies * batch * per_req
+    k = torch.randn(blocks, PAGE, HK, D, device="cuda", dtype=BF16, generator=gen)
+    v = torch.randn(blocks, PAGE, HK, D, device="cuda", dtype=BF16, generator=gen)
+    perm = torch.randperm(blocks, device="cuda", generator=gen).to(torch.int32)
+    tables = list(perm.view(copies, batch, per_req).unbind(0))
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return k, v, tables, seq_lens
+
+
+def rule(batch: int, ctx: int) -> dict:
+    """What the current code picks for this shape: split counts for a graph runner and for an eager step."""
+    group = HQ // HK  # as paged_decode_attention sizes its grid and its merge
+    block_h = max(16, min(BLOCK_H, triton.next_power_of_2(group)))
+    grid_hb = HK * triton.cdiv(group, block_h)
+    heads_per_program = min(group, block_h)
+    dev = torch.device("cuda")
+    graph = choose_num_splits(batch * grid_hb, ENGINE_MAX_SEQ_LEN, BLOCK_N, dev)
+    eager = choose_num_splits(batch * grid_hb, ctx, BLOCK_N, dev)
+    return dict(graph_splits=graph, graph_fused=use_fused_reduce(graph, heads_per_program, D),
+                eager_splits=eager, eager_fused=use_fused_reduce(eager, heads_per_program, D))
+
+
+def probe(batch: int, ctx: int, seed: int) -> list[dict]:
+    kv_bytes = 2 * batch * ctx * HK * D * 2
+    copies = max(2, min(64, -(-L2_DEFEAT_BYTES // kv_bytes)))
+    k, v, tables, seq_lens = make_copies(batch, ctx, copies, seed)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=BF16)
+    scale = D**-0.5
+    ref = paged_decode_attention_ref(q, k, v, tables[0], seq_lens, scale)
+    rows = []
+    for splits in SPLITS:
+        for fused in ((False, True) if splits > 1 else (False,)):
+            row = dict(context=ctx, batch=batch, num_splits=splits, fused_reduce=fused, copies=copies)
+            try:
+                def call(t, s=splits, f=fused):
+                    return paged_decode_attention(q, k, v, t, seq_lens, scale, ctx, num_splits=s, fused_reduce=f)
+
+                row["rel_err"] = rel_err(call(tables[0]), ref)
+                reps = max(1, 64 // copies)
+                row["us"] = time_graph(lambda: [call(t) for t in tables], reps=reps, replays=10) / copies
+                row["gbs"] = kv_bytes / row["us"] / 1e3
+            except Exception as exc:  # a configuration that fails is a result: print it and go on
+                row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], picks: dict) -> None:
+    """One line per (context, batch): µs per split count (unfused / fused), the best, the rule's picks."""
+    head = " ".join(f"{s:>13}" for s in SPLITS)
+    print(f"{'ctx':>5} {'B':>3} | {head} | best             | rule graph / eager")
+    for (ctx, b), pick in picks.items():
+        cells, best = [], None
+        for s in SPLITS:
+            got = {r["fused_reduce"]: r for r in rows if (r["context"], r["batch"], r["num_splits"]) == (ctx, b, s)}
+            us = [f"{got[f]['us']:.1f}" if "us" in got.get(f, {}) else "-" for f in (False, True) if f in got]
+            cells.append("/".join(us))
+            for r in got.values():
+                if "us" in r and (best is None or r["us"] < best["us"]):
+                    best = r
+        best_s = "-"
+        if best is not None:
+            best_s = f"{best['num_splits']}{' fused' if best['fused_reduce'] else ''} {best['us']:.1f}"
+        rule_s = (f"{pick['graph_splits']}{'f' if pick['graph_fused'] else ''} / "
+                  f"{pick['eager_splits']}{'f' if pick['eager_fused'] else ''}")
+        print(f"{ctx:>5} {b:>3} | {' '.join(f'{c:>13}' for c in cells)} | {best_s:<16} | {rule_s}")
+    print("(cells: µs with split_reduce / with the merge fused; 'f' = the rule fuses the merge)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="1024,4096")
+    parser.add_argument("--batches", default="1,4,10,16")
+    parser.add_argument("--out", default="benchmarks/out", help="a directory, or a .json file")
+    args = parser.parse_args()
+    out = args.out if args.out.endswith(".json") else os.path.join(args.out, "attention_splits_probe.json")
+    print(f"{torch.cuda.get_device_name()}; GQA {HQ}/{HK} heads x {D}, bf16, page {PAGE}")
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    picks: dict = {}
+    for ctx in (int(c) for c in args.contexts.split(",")):
+        for b in (int(x) for x in args.batches.split(",")):
+            picks[(ctx, b)] = rule(b, ctx)
+            try:
+                got = probe(b, ctx, seed=ctx + b)
+            except Exception as exc:  # e.g. out of memory: report and go on with the next shape
+                print(f"ctx {ctx} batch {b} failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            rows += got
+            errs = [r for r in got if "error" in r]
+            print(f"ctx {ctx} batch {b}: {len(got) - len(errs)} timed, {len(errs)} failed, "
+                  f"max rel_err {max((r['rel_err'] for r in got if 'rel_err' in r), default=float('nan')):.1e}, "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            for r in errs:
+                print("  ", r, flush=True)
+    table(rows, picks)
+    result = dict(device=torch.cuda.get_device_name(), shape=dict(hq=HQ, hk=HK, d=D, page=PAGE),
+                  rule={f"{c}x{b}": p for (c, b), p in picks.items()}, rows=rows)
+    print(json.dumps(result))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The aligned fused-MoE GEMMs with their tiles loaded by TMA (Hopper tensor descriptors).
+
+Same contracts as `fused_moe.gate_up` / `fused_moe.down`; `GemmConfig.loads` selects them. Pointer loads
+leave address arithmetic and the load pipeline to every thread; TMA moves a whole tile per instruction
+through the copy engine, and with `warp_specialize` Triton gives the loads to a producer warp while the
+other warps run the MMAs, which is what compute-bound grouped GEMMs at large M need.
+
+- Weights: descriptors over w13 viewed as [E * 2I, H] and w2 as [E * H, I]; the tile of expert e starts at
+  row e * 2I + n (gate), e * 2I + I + n (up), e * H + n (down). A tile must not cross into the next expert,
+  so N must be a multiple of BLOCK_N (`tma_ok`).
+- down's activations are already in slot order: a descriptor over act [slots, I].
+- gate/up's token rows are gathered (slot -> token = sorted_ids[slot] // top_k), which TMA cannot do on Hopper:
+  loads="tma" reads them by pointer, loads="tma_gathered" first copies them into slot order (one extra pass
+  over slots x H, then TMA).
+Descriptors are built in the kernel (`tl.make_tensor_descriptor`); Triton takes their 128-byte scratch from
+the allocator set here (torch's caching allocator, so CUDA-graph capture works).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .moe_configs import GemmConfig
+from .moe_tiles import store_act, store_down, tile_of
+from .pdl import launch_kwargs, pdl_enter
+
+GATHER_BLOCK_H = 512
+
+
+@functools.cache
+def _set_allocator() -> None:
+    """Triton's scratch for in-kernel tensor descriptors comes from torch's caching allocator."""
+
+    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+    triton.set_allocator(alloc)
+
+
+def tma_ok(cfg: GemmConfig, n: int, k: int, block_m: int, device: torch.device) -> bool:
+    """Whether a grouped GEMM with output width n and depth k can take cfg's TMA loads: a Hopper or newer GPU
+    (or the CPU interpreter), tiles that do not cross experts (n % BLOCK_N == 0), a k loop without a tail
+    (k % BLOCK_K == 0) and boxes at most 256 wide. Otherwise the pointer kernel runs the same config."""
+    if cfg.loads == "ptr" or n % cfg.block_n or k % cfg.block_k or max(cfg.block_n, cfg.block_k, block_m) > 256:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def _gather_rows_kernel(x_ptr, out_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, H, top_k,
+                        stride_xm, stride_om, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                        USE_PDL: tl.constexpr):
+    """out[slot] = x[sorted_ids[slot] // top_k] for the slots of used blocks (padding rows: token 0)."""
+    pdl_enter(USE_PDL)
+    pid_m = tl.program_id(0)
+    if tl.load(block_expert_ptr + pid_m) < 0:
+        return
+    offs_r = tl.arange(0, BLOCK_M)
+    rows = tl.load(block_rows_ptr + pid_m)
+    token = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=offs_r < rows, other=0) // top_k
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs_h[None, :] < H
+    v = tl.load(x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_h[None, :], mask=h_ok)
+    slots = pid_m * BLOCK_M + offs_r
+    tl.store(out_ptr + slots[:, None].to(tl.int64) * stride_om + offs_h[None, :], v, mask=h_ok)
+
+
+@triton.jit(do_not_specialize=["max_blocks", "num_slots", "num_experts"])
+def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, xs_ptr, ws_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr,
+                        max_blocks, num_slots, num_experts, K, INTER, top_k,
+                        stride_xm, stride_am, stride_xsm, stride_wse, stride_wsn,
+                        GATHERED: tl.constexpr, FP8: tl.constexpr, QBLOCK: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, WS: tl.constexpr, USE_PDL: tl.constexpr):
+    """As `fused_moe._gate_up_kernel`; x is [num_slots, K] in slot order when GATHERED, else [M, K]."""
+    pdl_enter(USE_PDL)
+    pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    offs_r = tl.arange(0, BLOCK_M)
+    token = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=offs_r < tl.load(block_rows_ptr + pid_m),
+                    other=0) // top_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * 2 * INTER, K], strides=[K, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K])
+    if GATHERED:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[num_slots, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    else:
+        a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    g_row = expert * 2 * INTER + pid_n * BLOCK_N
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in tl.range(0, K // BLOCK_K, warp_specialize=WS):
+        k0 = kk * BLOCK_K
+        if GATHERED:
+            a = x_desc.load([pid_m * BLOCK_M, k0])
+        else:
+            a = tl.load(a_ptrs + k0)
+        g = w_desc.load([g_row, k0])
+        u = w_desc.load([g_row + INTER, k0])
+        if FP8:
+            grp = k0 // QBLOCK
+            a_s = tl.load(xs_ptr + token * stride_xsm + grp)
+            ws_base = ws_ptr + expert * stride_wse + grp
+            g_s = tl.load(ws_base + (offs_n // QBLOCK) * stride_wsn)
+            u_s = tl.load(ws_base + ((offs_n + INTER) // QBLOCK) * stride_wsn)
+            acc_g += tl.dot(a, g.T) * (a_s[:, None] * g_s[None, :])
+            acc_u += tl.dot(a, u.T) * (a_s[:, None] * u_s[None, :])
+        else:
+            acc_g = tl.dot(a, g.T, acc_g)
+            acc_u = tl.dot(a, u.T, acc_u)
+    store_act(act_ptr, acc_g, acc_u, pid_m, offs_n, stride_am, INTER, BLOCK_M, True)
+
+
+@triton.jit(do_not_specialize=["max_blocks", "num_slots", "num_experts"])
+def _down_tma_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr,
+                     block_rows_ptr, max_blocks, num_slots, num_experts, N, K,
+                     stride_am, stride_ym, stride_asm, stride_wse, stride_wsn,
+                     FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WS: tl.constexpr, USE_PDL: tl.constexpr):
+    """As `fused_moe._down_kernel`, both operands by TMA."""
+    pdl_enter(USE_PDL)
+    pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    offs_r = tl.arange(0, BLOCK_M)
+    row_ok = offs_r < tl.load(block_rows_ptr + pid_m)
+    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=row_ok, other=0)
+    slots = pid_m * BLOCK_M + offs_r
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_desc = tl.make_tensor_descriptor(act_ptr, shape=[num_slots, K], strides=[stride_am, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * N, K], strides=[K, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in tl.range(0, K // BLOCK_K, warp_specialize=WS):
+        k0 = kk * BLOCK_K
+        a = a_desc.load([pid_m * BLOCK_M, k0])
+        b = w_desc.load([expert * N + pid_n * BLOCK_N, k0])
+        if FP8:
+            grp = k0 // QBLOCK
+            a_s = tl.load(as_ptr + slots * stride_asm + grp)
+            b_s = tl.load(ws_ptr + expert * stride_wse + (offs_n // QBLOCK) * stride_wsn + grp)
+            acc += tl.dot(a, b.T) * (a_s[:, None] * b_s[None, :])
+        else:
+            acc = tl.dot(a, b.T, acc)
+    store_down(y_ptr, acc, topk_w_ptr, pair, row_ok, offs_n, stride_ym, N)
+
+
+def gather_slots(x: torch.Tensor, routing, top_k: int) -> torch.Tensor:
+    """x: [M, H] -> [slots, H], row s = x[sorted_ids[s] // top_k] for slots of used blocks (others unset)."""
+    out = torch.empty(routing.sorted_ids.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    grid = (routing.max_blocks, triton.cdiv(x.shape[1], GATHER_BLOCK_H))
+    _gather_rows_kernel[grid](x, out, routing.sorted_ids, routing.block_expert, routing.block_rows,
+                              x.shape[1], top_k, x.stride(0), out.stride(0), BLOCK_M=routing.block_m,
+                              BLOCK_H=GATHER_BLOCK_H, num_warps=4, **launch_kwargs(x.device))
+    return out
+
+
+def _meta(cfg: GemmConfig, block_m: int, fp8: bool, qblock: int, device: torch.device) -> dict:
+    return dict(FP8=fp8, QBLOCK=qblock, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                GROUP_M=cfg.group_m, WS=cfg.warp_specialize, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **launch_kwargs(device))
+
+
+def gate_up_tma(x, w13, act, routing, top_k: int, cfg: GemmConfig, qblock: int, x_scale=None,
+                w13_scale=None) -> None:
+    """Fills act [slots, I] as `fused_moe.gate_up` does (the caller allocates it and checked `tma_ok`)."""
+    _set_allocator()
+    num_experts, two_i, hidden_size = w13.shape
+    fp8 = x_scale is not None
+    gathered = cfg.loads == "tma_gathered"
+    xin = gather_slots(x, routing, top_k) if gathered else x
+    xs, ws = (x_scale, w13_scale) if fp8 else (x, w13)
+    grid = (routing.max_blocks * triton.cdiv(two_i // 2, cfg.block_n),)
+    _gate_up_tma_kernel[grid](xin, w13, act, xs, ws, routing.sorted_ids, routing.block_expert,
+                              routing.block_rows, routing.max_blocks, xin.shape[0], num_experts, hidden_size,
+                              two_i // 2, top_k, xin.stride(0), act.stride(0), xs.stride(0), ws.stride(0),
+                              ws.stride(1), GATHERED=gathered,
+                              **_meta(cfg, routing.block_m, fp8, qblock, x.device))
+
+
+def down_tma(act, w2, y, topk_weights, routing, cfg: GemmConfig, qblock: int, act_scale=None,
+             w2_scale=None) -> None:
+    """Fills y [M*k, H] as `fused_moe.down` does (the caller allocates it and checked `tma_ok`)."""
+    _set_allocator()
+    num_experts, hidden_size, inter = w2.shape
+    fp8 = act_scale is not None
+    as_, ws = (act_scale, w2_scale) if fp8 else (act, w2)
+    grid = (routing.max_blocks * triton.cdiv(hidden_size, cfg.block_n),)
+    _down_tma_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
+                           routing.block_rows, routing.max_blocks, act.shape[0], num_experts, hidden_size,
+                           inter, act.stride(0), y.stride(0), as_.stride(0), ws.stride(0), ws.stride(1),
+                           **_meta(cfg, routing.block_m, fp8, qblock, act.device))
