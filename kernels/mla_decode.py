@@ -32,10 +32,9 @@ except ImportError:  # pragma: no cover - older Triton: the TMA path reports its
 
 @triton.jit
 def _mla_decode_kernel(
-    Q, KV, BlockTables, SeqLens, Out, PartOut, PartLse,
+    Q, KV, stride_kb, stride_kt, BlockTables, SeqLens, Out, PartOut, PartLse,
     scale_log2, num_heads,
     stride_qt, stride_qh,
-    stride_kb, stride_kt,
     stride_bt,
     stride_ot, stride_oh,
     stride_pt, stride_ph, stride_ps,
@@ -115,12 +114,22 @@ def mla_decode_attention(
     kv_lora_rank and rope_dim must be powers of two (512 and 64 in DeepSeek-V2/V3).
     Returns [num_reqs, num_heads, kv_lora_rank] in q's dtype.
     """
-    num_reqs, num_heads, dk = q.shape
     _, page, kv_heads, dk_cache = kv_cache.shape
-    rope = dk - kv_lora_rank
-    assert kv_heads == 1 and dk_cache == dk, "MLA cache holds one latent head of the query's width"
+    rope = q.shape[2] - kv_lora_rank
+    assert kv_heads == 1 and dk_cache == q.shape[2], "MLA cache holds one latent head of the query's width"
     assert triton.next_power_of_2(kv_lora_rank) == kv_lora_rank and triton.next_power_of_2(rope) == rope
     assert q.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    return _launch(_mla_decode_kernel, (kv_cache, kv_cache.stride(0), kv_cache.stride(1)), q, block_tables,
+                   seq_lens, scale, kv_lora_rank, max_seq_len, page, num_splits, block_n, block_h, num_warps,
+                   num_stages)
+
+
+def _launch(kernel, cache_args: tuple, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+            scale: float, kv_lora_rank: int, max_seq_len: int, page: int, num_splits: int | None, block_n: int,
+            block_h: int, num_warps: int, num_stages: int) -> torch.Tensor:
+    """Grid, split count and fp32 partials shared by both MLA kernels; cache_args are the kernel's cache
+    arguments (pointer and strides, or the two descriptors). Returns [num_reqs, num_heads, kv_lora_rank]."""
+    num_reqs, num_heads, dk = q.shape
     block_h = max(16, min(block_h, triton.next_power_of_2(num_heads)))
     head_blocks = triton.cdiv(num_heads, block_h)
     if num_splits is None:
@@ -134,15 +143,14 @@ def mla_decode_attention(
         part_out, part_lse = alloc_partials(num_reqs, num_heads, num_splits, kv_lora_rank, q.device)
     else:
         part_out = part_lse = out
-    _mla_decode_kernel[(head_blocks, num_reqs, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse,
+    kernel[(head_blocks, num_reqs, num_splits)](
+        q, *cache_args, block_tables, seq_lens, out, part_out, part_lse,
         scale * LOG2E, num_heads,
         q.stride(0), q.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2) if num_splits > 1 else 1,
-        LORA=kv_lora_rank, ROPE=rope, BLOCK_H=block_h,
+        LORA=kv_lora_rank, ROPE=dk - kv_lora_rank, BLOCK_H=block_h,
         PAGE=page, BLOCK_N=block_n, num_splits=num_splits, SPLIT_OUT=num_splits > 1,
         num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
     )
@@ -321,37 +329,14 @@ def mla_decode_attention_tma(
     reason = mla_tma_unsupported(q, kv_cache, block_n)
     if reason is not None:
         raise ValueError(f"mla_decode_attention_tma: {reason}")
-    num_reqs, num_heads, dk = q.shape
+    dk = q.shape[2]
     num_blocks, page = kv_cache.shape[:2]
     rope = dk - kv_lora_rank
     if not _is_pow2_in(kv_lora_rank, 32, 512) or not _is_pow2_in(rope, 16, 256):
         raise ValueError(f"kv_lora_rank must be a power of two in [32, 512] and rope_dim one in [16, 256] "
                          f"(TMA boxes of at most 256 columns), got {kv_lora_rank} and {rope}")
     rows = kv_cache.view(num_blocks * page, dk)  # valid view: checked by mla_tma_unsupported
-    latent = TensorDescriptor.from_tensor(rows, [block_n, kv_lora_rank // 2])
-    rope_desc = TensorDescriptor.from_tensor(rows, [block_n, rope])
-    block_h = max(16, min(block_h, triton.next_power_of_2(num_heads)))
-    head_blocks = triton.cdiv(num_heads, block_h)
-    if num_splits is None:  # same policy as mla_decode_attention: split only to fill idle multiprocessors
-        num_splits = choose_num_splits(
-            num_reqs * head_blocks, max_seq_len, block_n, q.device, programs_per_sm=0.9
-        )
-    out = q.new_empty(num_reqs, num_heads, kv_lora_rank)
-    if num_splits > 1:
-        part_out, part_lse = alloc_partials(num_reqs, num_heads, num_splits, kv_lora_rank, q.device)
-    else:
-        part_out = part_lse = out
-    _mla_decode_tma_kernel[(head_blocks, num_reqs, num_splits)](
-        q, latent, rope_desc, block_tables, seq_lens, out, part_out, part_lse,
-        scale * LOG2E, num_heads,
-        q.stride(0), q.stride(1),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2) if num_splits > 1 else 1,
-        LORA=kv_lora_rank, ROPE=rope, BLOCK_H=block_h,
-        PAGE=page, BLOCK_N=block_n, num_splits=num_splits, SPLIT_OUT=num_splits > 1,
-        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
-    )
-    if num_splits > 1:
-        split_reduce(part_out, part_lse, out)
-    return out
+    descriptors = (TensorDescriptor.from_tensor(rows, [block_n, kv_lora_rank // 2]),
+                   TensorDescriptor.from_tensor(rows, [block_n, rope]))
+    return _launch(_mla_decode_tma_kernel, descriptors, q, block_tables, seq_lens, scale, kv_lora_rank,
+                   max_seq_len, page, num_splits, block_n, block_h, num_warps, num_stages)
