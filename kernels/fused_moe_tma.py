@@ -31,6 +31,8 @@ from .moe_tiles import store_act, store_down, tile_of
 from .pdl import launch_kwargs, pdl_enter
 
 GATHER_BLOCK_H = 512
+# In-kernel tensor descriptors and the scratch allocator arrived in Triton 3.4 (the extra allows >= 3.1).
+HAVE_TMA = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
 @functools.cache
@@ -44,10 +46,13 @@ def _set_allocator() -> None:
 
 
 def tma_ok(cfg: GemmConfig, n: int, k: int, block_m: int, device: torch.device) -> bool:
-    """Whether a grouped GEMM with output width n and depth k can take cfg's TMA loads: a Hopper or newer GPU
-    (or the CPU interpreter), tiles that do not cross experts (n % BLOCK_N == 0), a k loop without a tail
-    (k % BLOCK_K == 0) and boxes at most 256 wide. Otherwise the pointer kernel runs the same config."""
-    if cfg.loads == "ptr" or n % cfg.block_n or k % cfg.block_k or max(cfg.block_n, cfg.block_k, block_m) > 256:
+    """Whether a grouped GEMM with output width n and depth k can take cfg's TMA loads: Triton >= 3.4 on a
+    Hopper or newer GPU (or the CPU interpreter), tiles that do not cross experts (n % BLOCK_N == 0), a k loop
+    without a tail (k % BLOCK_K == 0) and boxes at most 256 wide. Otherwise the pointer kernel runs the same
+    config."""
+    if not HAVE_TMA or cfg.loads == "ptr" or n % cfg.block_n or k % cfg.block_k:
+        return False
+    if max(cfg.block_n, cfg.block_k, block_m) > 256:
         return False
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
