@@ -22,6 +22,7 @@ from tests.test_scheduler_policy import (
     check_invariants,
     make_requests,
     new_scheduler,
+    next_token,
     random_configs,
     random_workload,
 )
@@ -47,10 +48,11 @@ class AsyncFakeModel(FakeModel):
 
 
 def drive_async(
-    sched: Scheduler, arrivals: dict[int, list[Request]], vocab: int = 1000, aborts: dict[int, str] | None = None
+    sched: Scheduler, arrivals: dict[int, list[Request]], vocab: int = 1000, aborts: dict[int, str] | None = None,
+    model: AsyncFakeModel | None = None,
 ) -> AsyncFakeModel:
     """Launch step s, then apply step s-1's results; aborts[s], then arrivals[s], happen before step s."""
-    model = AsyncFakeModel(sched, vocab)
+    model = model or AsyncFakeModel(sched, vocab)
     in_flight: tuple[SchedulerOutput, ModelOutput] | None = None
     step = 0
     while sched.has_unfinished() or in_flight is not None or any(k >= step for k in arrivals):
@@ -124,3 +126,33 @@ def test_async_random_configs_match_running_alone(seed, block_size, budget, max_
     sched, requests, arrivals = random_workload(seed, vocab, block_size, budget, max_num_seqs, num_blocks, caching)
     drive_async(sched, arrivals, vocab)
     assert_matches_reference(requests, sched, vocab)
+
+
+class _PerRequestModel(AsyncFakeModel):
+    """Requests with the same context sample different tokens (as seeded sampling does): the salt of a
+    request is the number in its id."""
+
+    def execute(self, out: SchedulerOutput) -> ModelOutput:
+        result = super().execute(out)
+        for rid, tokens in result.sampled.items():
+            tokens[0] = (tokens[0] + int(rid[1:])) % self.vocab
+        self.last_sampled = {rid: tokens[0] for rid, tokens in result.sampled.items()}
+        return result
+
+
+def test_tokens_still_in_flight_never_enter_the_prefix_cache():
+    """Two equal prompts one token short of a block, decoded a step ahead of their results: the block their
+    first sampled token completes is cached under that token, never under the placeholder, so the second
+    request does not take the first one's block (its KV holds the other request's token)."""
+    prompt = list(range(100, 115))  # 15 tokens, block size 16
+    requests = [Request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+                for i in (1, 2)]
+    sched = new_scheduler()
+    drive_async(sched, {0: requests}, model=_PerRequestModel(sched))
+    assert not any(PLACEHOLDER in key for key in sched.kv_cache.prefix_cache.cached_prefixes())
+    for req in requests:  # each request's own context, as if it ran alone
+        seq, want = list(prompt), []
+        for _ in range(20):
+            want.append((next_token(seq) + int(req.request_id[1:])) % 1000)
+            seq.append(want[-1])
+        assert req.output_token_ids == want, req.request_id

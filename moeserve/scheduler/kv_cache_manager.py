@@ -108,11 +108,13 @@ class KVCacheManager:
         """After a step: put the request's newly computed full blocks into the prefix cache.
 
         A block whose tokens were cached meanwhile by another request is swapped for the cached copy (same
-        tokens at the same positions, so the same keys and values) and freed.
+        tokens at the same positions, so the same keys and values) and freed. With asynchronous scheduling the
+        computed tokens may run past the known ones (inputs still placeholders for tokens in flight): a block
+        is cached only once every token in it is known, since the placeholder is no key.
         """
         if self.prefix_cache is None:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        num_full = min(request.num_computed_tokens, request.num_known_tokens) // self.block_size
         done = self._num_inserted.get(request.request_id, 0)
         if num_full <= done:
             return
