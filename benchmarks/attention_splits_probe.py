@@ -33,7 +33,11 @@ from moeserve.kernels.attention_decode import (  # noqa: E402
     paged_decode_attention,
     use_fused_reduce,
 )
-from moeserve.kernels.attention_reference import paged_decode_attention_ref, rel_err  # noqa: E402
+from moeserve.kernels.attention_reference import (  # noqa: E402
+    make_paged_cache,
+    paged_decode_attention_ref,
+    rel_err,
+)
 
 HQ, HK, D, PAGE, BLOCK_N, BLOCK_H = 32, 4, 128, 16, 32, 16
 SPLITS = (1, 2, 4, 8, 16, 32)
@@ -43,17 +47,11 @@ BF16 = torch.bfloat16
 
 
 def make_copies(batch: int, ctx: int, copies: int, seed: int):
-    """One K and one V pool [blocks, PAGE, HK, D] and `copies` block tables [batch, blocks_per_req], each over
-    its own blocks (shuffled), so that every copy reads distinct memory."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    per_req = -(-ctx // PAGE)
-    blocks = copies * batch * per_req
-    k = torch.randn(blocks, PAGE, HK, D, device="cuda", dtype=BF16, generator=gen)
-    v = torch.randn(blocks, PAGE, HK, D, device="cuda", dtype=BF16, generator=gen)
-    perm = torch.randperm(blocks, device="cuda", generator=gen).to(torch.int32)
-    tables = list(perm.view(copies, batch, per_req).unbind(0))
-    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    return k, v, tables, seq_lens
+    """One K and one V pool [blocks, PAGE, HK, D] (`make_paged_cache` over copies * batch requests) and `copies`
+    block tables [batch, blocks_per_req], each over its own blocks (shuffled), so that every copy reads distinct
+    memory; seq_lens [batch] int32."""
+    k, v, tables, seq_lens = make_paged_cache([ctx] * (copies * batch), PAGE, HK, D, D, BF16, "cuda", seed)
+    return k, v, list(tables.view(copies, batch, -1).unbind(0)), seq_lens[:batch]
 
 
 def rule(batch: int, ctx: int) -> dict:

@@ -112,23 +112,11 @@ def save_jit_outputs(out_dir: str) -> list[str]:
 # ---------------------------------------------------------------- cases
 
 
-def decode_meta(seq_lens: torch.Tensor, block_tables: torch.Tensor, page: int) -> AttentionMetadata:
-    """The AttentionMetadata of a decode step over these requests (one new token each)."""
-    n = seq_lens.shape[0]
-    lens = seq_lens.tolist()
-    return AttentionMetadata(
-        query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=seq_lens.device), seq_lens=seq_lens,
-        block_tables=block_tables, slot_mapping=torch.zeros(n, dtype=torch.int64, device=seq_lens.device),
-        query_start_loc_cpu=list(range(n + 1)), seq_lens_cpu=lens, block_size=page, max_query_len=1,
-        max_seq_len=max(lens),
-    )
-
-
 def paged_setup(seq: list[int], bt: torch.Tensor, sl: torch.Tensor, page: int):
     """(our decode metadata, FlashInfer's host CSR, its page ids on the GPU, a 128 MB workspace) for a cache."""
     from moeserve.attention.flashinfer_backend import HostCsr, pages_to_indices
 
-    meta = decode_meta(sl, bt, page)
+    meta = AttentionMetadata.for_decode(bt, sl, page)
     csr = HostCsr.from_seq_lens(seq, page)
     indices = torch.empty(csr.total_pages, dtype=torch.int32, device="cuda")
     pages_to_indices(bt, sl, page, indices)
@@ -158,7 +146,7 @@ def graph_plan_us(backend, attend: Callable[[AttentionMetadata], object], sl: to
                   page: int) -> float:
     """Host time of before_graph_replay (the per-step cost under CUDA graphs), after a warm-up that creates the
     graph-mode wrapper of this batch size (no capture needed for the host cost)."""
-    meta = decode_meta(sl, bt, page)
+    meta = AttentionMetadata.for_decode(bt, sl, page)
     backend.before_graph_replay(meta)
     attend(meta)
     return host_us(lambda: backend.before_graph_replay(meta))

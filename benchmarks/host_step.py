@@ -8,7 +8,7 @@ forward stands in for the GPU step; every other row is host work a GPU step woul
     python benchmarks/host_step.py --profile     # also print the top functions by own time (cProfile)
 
 Rows are inclusive times per step; indented rows are parts of the row above, and "(rest)" rows are what the
-parent spent outside its listed parts. A stage a rewritten engine no longer has is reported as absent.
+parent spent outside its listed parts.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 ROWS: list[tuple[str, str | None]] = [
     ("step", None),
     ("schedule", "step"),
-    ("launch", "step"),  # runner.launch (queue forward + sampling), or runner.execute in a synchronous engine
+    ("launch", "step"),  # runner.launch: queue the forward and the sampling
     ("build_batch", "launch"),
     ("build_forward_batch", "build_batch"),
     ("forward", "launch"),
@@ -64,52 +64,34 @@ class Timers:
 
         return timed
 
-    def patch(self, obj: object, attr: str, label: str) -> bool:
+    def patch(self, obj: object, attr: str, label: str) -> None:
         """Replace obj.attr by a timed version (on the instance, or on the class for slotted objects)."""
-        fn = getattr(obj, attr, None)
-        if fn is None:
-            return False
+        fn = getattr(obj, attr)
         try:
             setattr(obj, attr, self.wrap(label, fn))
         except AttributeError:  # __slots__ instance: patch the class; its methods take self explicitly
             cls = type(obj)
             setattr(cls, attr, self.wrap(label, getattr(cls, attr)))
-        return True
 
 
-def instrument(engine, timers: Timers) -> list[str]:
-    """Patch timing wrappers onto the engine's stages; returns the labels not found in this engine version
-    (the engine is being reworked: each stage is looked up under the names it has had)."""
+def instrument(engine, timers: Timers) -> None:
+    """Patch timing wrappers onto the engine's stages (the labels of ROWS)."""
     import moeserve.engine.detokenizer as detok_mod
     import moeserve.runner.model_runner as runner_mod
 
     runner = engine.runner
-    found = {
-        "step": timers.patch(engine, "step", "step"),
-        "schedule": timers.patch(engine.scheduler, "schedule", "schedule"),
-        "update": timers.patch(engine.scheduler, "update", "update"),
-        "emit": timers.patch(engine, "_emit", "emit"),
-        "launch": timers.patch(runner, "launch", "launch") or timers.patch(runner, "execute", "launch"),
-        "build_batch": timers.patch(runner, "build_batch", "build_batch"),
-        "forward": timers.patch(runner.model, "forward", "forward"),
-        "compute_logits": timers.patch(runner.model, "compute_logits", "compute_logits"),
-        "sampler": timers.patch(runner.sampler, "launch", "sampler"),
-    }
-    if not found["sampler"]:  # an older runner calls the sampler object itself
-        runner.sampler = timers.wrap("sampler", runner.sampler)
-        found["sampler"] = True
-    pending_cls = getattr(runner_mod, "PendingStep", None)
-    if pending_cls is not None:
-        pending_cls.resolve = timers.wrap("resolve", pending_cls.resolve)
-    found["resolve"] = pending_cls is not None
-    if hasattr(runner_mod, "build_forward_batch"):  # the runner calls it through its module global
-        runner_mod.build_forward_batch = timers.wrap("build_forward_batch", runner_mod.build_forward_batch)
-    found["build_forward_batch"] = hasattr(runner_mod, "build_forward_batch")
+    for obj, attr, label in ((engine, "step", "step"), (engine.scheduler, "schedule", "schedule"),
+                             (engine.scheduler, "update", "update"), (engine, "_emit", "emit"),
+                             (runner, "launch", "launch"), (runner, "build_batch", "build_batch"),
+                             (runner.model, "forward", "forward"), (runner.model, "compute_logits", "compute_logits"),
+                             (runner.sampler, "launch", "sampler")):
+        timers.patch(obj, attr, label)
+    runner_mod.PendingStep.resolve = timers.wrap("resolve", runner_mod.PendingStep.resolve)
+    # The runner calls build_forward_batch through its module global.
+    runner_mod.build_forward_batch = timers.wrap("build_forward_batch", runner_mod.build_forward_batch)
     cls = detok_mod.IncrementalDetokenizer
     cls.update = timers.wrap("detokenize", cls.update)
     cls.flush = timers.wrap("detokenize", cls.flush)
-    found["detokenize"] = True
-    return [label for label, ok in found.items() if not ok]
 
 
 def fill_engine(engine, args) -> None:
@@ -139,7 +121,7 @@ def fill_engine(engine, args) -> None:
         raise SystemExit(f"only {running} of {args.num_requests} requests run at once: raise --kv-blocks")
 
 
-def table(timers: Timers, steps: int, missing: list[str]) -> list[dict]:
+def table(timers: Timers, steps: int) -> list[dict]:
     """Per-step milliseconds in tree order, with a "(rest)" row after each parent's children: the time the
     parent spent outside them."""
     children: dict[str | None, list[str]] = defaultdict(list)
@@ -152,12 +134,11 @@ def table(timers: Timers, steps: int, missing: list[str]) -> list[dict]:
     rows: list[dict] = []
 
     def walk(label: str, depth: int) -> None:
-        absent = label in missing
-        rows.append({"stage": label, "depth": depth, "ms_per_step": None if absent else ms(label),
+        rows.append({"stage": label, "depth": depth, "ms_per_step": ms(label),
                      "calls_per_step": timers.calls[label] / steps})
         for child in children[label]:
             walk(child, depth + 1)
-        if children[label] and not absent:
+        if children[label]:
             rest = ms(label) - sum(ms(c) for c in children[label])
             rows.append({"stage": f"({label} rest)", "depth": depth + 1, "ms_per_step": rest,
                          "calls_per_step": None})
@@ -235,7 +216,7 @@ def main() -> None:
         options["async_scheduling"] = True
     engine = LLM(args.model, **options).engine
     timers = Timers()
-    missing = instrument(engine, timers)
+    instrument(engine, timers)
     fill_engine(engine, args)
 
     profiler = cProfile.Profile() if args.profile else None
@@ -248,15 +229,14 @@ def main() -> None:
         profiler.disable()
     timers.enabled = False
 
-    rows = table(timers, args.steps, missing)
+    rows = table(timers, args.steps)
     print(f"\n{args.num_requests} requests decoding, input {args.input_len}, {args.steps} steps timed, "
           f"torch threads {torch.get_num_threads()}{', cProfile on' if profiler else ''}")
     print(f"{'stage':<30} {'ms/step':>9} {'calls/step':>11}")
     for row in rows:
         name = "  " * row["depth"] + row["stage"]
-        ms = "absent" if row["ms_per_step"] is None else f"{row['ms_per_step']:.3f}"
         calls = "" if row["calls_per_step"] is None else f"{row['calls_per_step']:.0f}"
-        print(f"{name:<30} {ms:>9} {calls:>11}")
+        print(f"{name:<30} {row['ms_per_step']:>9.3f} {calls:>11}")
     if profiler:
         s = io.StringIO()
         pstats.Stats(profiler, stream=s).sort_stats("tottime").print_stats(25)

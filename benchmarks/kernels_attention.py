@@ -96,7 +96,7 @@ def bench_gqa_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
 
 def bench_mla_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
     from moeserve.kernels.attention_reference import mla_decode_attention_ref
-    from moeserve.kernels.mla_decode import mla_decode_attention, mla_decode_attention_tma, use_mla_tma
+    from moeserve.kernels.mla_decode import mla_decode_attention, use_mla_tma
 
     batch, ctx, heads, lora, rope = (8, 1024, 128, 512, 64) if quick else (64, 4096, 128, 512, 64)
     rows: list[dict] = []
@@ -116,8 +116,7 @@ def bench_mla_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
         base = dict(kernel="decode_mla", shape=shape, config="default")
         _try(rows, base, call(), ref, nbytes, copy_tbs, flops)
         if use_mla_tma(q, kv):  # the backend's choice at this shape: tiles through TMA descriptors
-            tma = functools.partial(mla_decode_attention_tma, q, kv, bt, sl, scale, lora, ctx)
-            _try(rows, dict(base, config="TMA (use_mla_tma)"), tma, ref, nbytes, copy_tbs, flops)
+            _try(rows, dict(base, config="TMA (use_mla_tma)"), call(tma=True), ref, nbytes, copy_tbs, flops)
         if not sweep or page != 16:
             continue
         best = (float("inf"), {})

@@ -4,8 +4,9 @@ For each (shape, dtype, M) it tries a few block_m values around the tokens-per-e
 routing and, for each, a short list of gate/up and down tiles (memory-bound lists for block_m <= 32, compute-
 bound lists above), timing each grouped GEMM on its own over several routings under CUDA-graph replay (at
 small M a plain launch loop would time the host's launch overhead). The best pair per block_m is kept and
-the block_m with the smallest sum wins. All candidates are compiled first in parallel processes (Triton's
-disk cache then serves the timing process), since compiling dominates a serial search.
+the block_m with the smallest sum wins. All candidates are compiled first, each in its own process, several at
+once (Triton's disk cache then serves the timing process): compiling dominates a serial search, and a compiler
+crash or a faulting tile then drops only that candidate.
 
     python benchmarks/kernels_moe_tune.py --out probe.json [--no-search --baseline old.json]
 runs `probe_large`: a wider compute-bound tile search for the M >= 512 cases of issue 6 (PROBE_CASES), then
@@ -17,7 +18,9 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import statistics
 import time
+from multiprocessing.connection import wait
 
 import torch
 import triton
@@ -73,19 +76,23 @@ def _candidates(dtype: str, bm: int, kind: str) -> list[GemmConfig]:
     return CANDIDATES[(dtype, "mem" if bm <= 32 else "cmp", kind)]
 
 
-def _run_kernel(shape, fp8: bool, bm: int, kind: str, cfg, w: dict, sets: list) -> None:
-    """One gate_up or down launch per routing set (inputs prepared by _prepare); kind "whole": fused_moe
-    with MoEConfig cfg (compiles align, quantisation and top-k sum too)."""
+def _run_kernel(shape, fp8: bool, bm: int, kind: str, cfg: GemmConfig, w: dict, sets: list) -> None:
+    """One gate_up or down launch per routing set (inputs prepared by _prepare)."""
     for s in sets:
         if kind == "gate_up":
             gate_up(s["x"], w["w13"], s["routing"], shape.top_k, cfg, torch.bfloat16, s.get("xs"),
                     w.get("w13_scale"))
-        elif kind == "whole":
-            fused_moe(s["hidden"], w["w13"], w["w2"], s["tw"], s["ids"], w13_scale=w.get("w13_scale"),
-                      w2_scale=w.get("w2_scale"), config=cfg)
         else:
             down(s["act"], w["w2"], s["tw"], s["routing"], cfg, torch.bfloat16, s.get("act_s"),
                  w.get("w2_scale"))
+
+
+def _fused_calls(w: dict, inputs: list, cfg: MoEConfig | None) -> None:
+    """One whole fused_moe call (align, quantisation, both GEMMs, top-k sum) per routing (hidden, topk_weights,
+    topk_ids) of inputs, on the weights w (w13, w2 and, for fp8, their scales)."""
+    for hidden, tw, ids in inputs:
+        fused_moe(hidden, w["w13"], w["w2"], tw, ids, w13_scale=w.get("w13_scale"),
+                  w2_scale=w.get("w2_scale"), config=cfg)
 
 
 def _prepare(shape, fp8: bool, bm: int, w: dict, inputs: list) -> list[dict]:
@@ -117,13 +124,22 @@ def _compile_weights(shape, fp8: bool) -> dict:
     return w
 
 
+def _job_label(job: tuple) -> str:
+    """A compile job (shape key, fp8, block_m, kind, config) as its error lines start; `_probe_cands` and
+    benchmarks/moe_tma_probe.py look failed tiles up by it."""
+    shape_key, fp8, bm, kind, cfg = job
+    return f"{shape_key} fp8={fp8} bm={bm} {kind} {cfg}"
+
+
 def _compile_worker(jobs: list) -> list[str]:
     """Runs each (shape, fp8, bm, kind, cfg) once on a 2-expert copy of the shape: same strides, same
-    specialisation, so the compiled kernel lands in Triton's cache under the key the full run will use."""
+    specialisation, so the compiled kernel lands in Triton's cache under the key the full run will use.
+    kind "whole": one fused_moe call with MoEConfig cfg (it aligns and quantises by itself)."""
     from kernels import SHAPES, make_inputs  # the benchmark driver module
 
     errors, weights = [], {}
-    for shape_key, fp8, bm, kind, cfg in jobs:
+    for job in jobs:
+        shape_key, fp8, bm, kind, cfg = job
         shape = SHAPES[shape_key]
         small = type(shape)(shape.name, 2, max(2, shape.top_k), shape.top_k, shape.hidden, shape.inter)
         if (shape_key, fp8) not in weights:
@@ -132,28 +148,80 @@ def _compile_worker(jobs: list) -> list[str]:
             weights[(shape_key, fp8)] = _compile_weights(small, fp8)
         w = weights[(shape_key, fp8)]
         try:
-            sets = _prepare(small, fp8, bm, w, [make_inputs(small, 16, 0)])
-            _run_kernel(small, fp8, bm, kind, cfg, w, sets)
+            inputs = [make_inputs(small, 16, 0)]
+            if kind == "whole":
+                _fused_calls(w, inputs, cfg)
+            else:
+                _run_kernel(small, fp8, bm, kind, cfg, w, _prepare(small, fp8, bm, w, inputs))
             torch.cuda.synchronize()
         except Exception as exc:  # a tile that does not fit is dropped from the search, not fatal
-            errors.append(f"{shape_key} fp8={fp8} bm={bm} {kind} {cfg}: {type(exc).__name__}: "
-                          f"{str(exc)[:120]}")
+            errors.append(f"{_job_label(job)}: {type(exc).__name__}: {str(exc)[:120]}")
     return errors
 
 
-def precompile(jobs: list, workers: int) -> list[str]:
-    jobs = sorted(set(jobs), key=lambda j: (j[0], j[1]))
-    chunks = [jobs[i::workers] for i in range(workers)]
+def _compile_one(job: tuple, queue) -> None:
+    queue.put(_compile_worker([job]))
+
+
+def precompile(jobs: list, workers: int, timeout_s: float = 240.0) -> list[str]:
+    """Compiles each distinct job in its own spawned process, at most `workers` at once, so that a compiler
+    crash (Triton's Hopper warp-specialisation pass asserts on some loops), a faulting tile or a hang drops
+    only that job. Returns one line per failed job, starting with its `_job_label`."""
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers) as pool:
-        return [e for errs in pool.map(_compile_worker, [c for c in chunks if c]) for e in errs]
+    errors, running, pending = [], [], list(dict.fromkeys(jobs))
+    while pending or running:
+        while pending and len(running) < workers:
+            job = pending.pop()
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_compile_one, args=(job, queue))
+            proc.start()
+            running.append((proc, queue, job, time.time()))
+        wait([proc.sentinel for proc, *_ in running], timeout=1.0)
+        for item in list(running):
+            proc, queue, job, t0 = item
+            if proc.is_alive() and time.time() - t0 < timeout_s:
+                continue
+            if proc.is_alive():
+                proc.kill()
+                errors.append(f"{_job_label(job)}: compile timeout")
+            elif not queue.empty():
+                errors += queue.get()
+            elif proc.exitcode != 0:
+                errors.append(f"{_job_label(job)}: process died (exit {proc.exitcode})")
+            running.remove(item)
+    return errors
 
 
-def _time_ms(fn) -> float:
+def _time_ms(fn, rep: int = 20) -> float:
     # Graph replay: at small M a plain launch loop would time the host's launch overhead, not the kernel.
     # do_bench_cudagraph runs on a side stream: inputs made on the default stream must be finished first.
     torch.cuda.synchronize()
-    return float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
+    return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+
+def _whole_us(w: dict, inputs: list, cfg: MoEConfig | None, rep: int = 60) -> float:
+    """µs per whole fused_moe call (`_fused_calls`), graph-replayed over the routings of inputs; a first
+    call outside the graph compiles."""
+    _fused_calls(w, inputs, cfg)
+    return _time_ms(lambda: _fused_calls(w, inputs, cfg), rep) * 1e3 / len(inputs)
+
+
+def alternate_us(w: dict, inputs: list, variants: dict[str, MoEConfig], repeats: int) -> dict[str, list[float]]:
+    """`_whole_us` of each variant, timed in turn `repeats` times (so clock drift hits all alike): label -> runs."""
+    runs: dict[str, list[float]] = {label: [] for label in variants}
+    for _ in range(repeats):
+        for label, cfg in variants.items():
+            runs[label].append(_whole_us(w, inputs, cfg))
+    return runs
+
+
+def roofline_us(shape, fp8: bool, inputs: list, copy_tbs: float, tflops: float) -> float:
+    """max(bytes / copy bandwidth, FLOPs / matmul rate) of one call, in µs, with bytes and FLOPs as
+    `kernels.traffic` counts them averaged over the routings of inputs; copy_tbs in TB/s, tflops in TFLOP/s."""
+    from kernels import traffic
+
+    nbytes, flops = (sum(t) / len(inputs) for t in zip(*(traffic(shape, fp8, i[2]) for i in inputs)))
+    return max(nbytes / copy_tbs / 1e6, flops / tflops / 1e6)
 
 
 def _tune_inputs(shape, m: int, make_inputs) -> tuple[list, float]:
@@ -163,49 +231,59 @@ def _tune_inputs(shape, m: int, make_inputs) -> tuple[list, float]:
     return inputs, valid / shape.num_experts
 
 
-def tune_case(shape, fp8: bool, m: int, w: dict, make_inputs) -> tuple[MoEConfig, dict]:
-    inputs, pairs_per_expert = _tune_inputs(shape, m, make_inputs)
-    dtype = "fp8" if fp8 else "bf16"
-    best, log = None, {}
-    for bm in bm_candidates(pairs_per_expert):
+def _search_tiles(shape, fp8: bool, w: dict, inputs: list, bms, cands, log: dict) -> MoEConfig | None:
+    """Per-kernel graph timing over the routings of inputs of every tile cands(bm, kind) gives, at each
+    block_m in bms; the best gate/up and best down tile per block_m, and the block_m with the smallest sum.
+    log gets "bm{bm} {kind} {tile}" -> µs per call (or why it failed). None when no block_m had both."""
+    best = None
+    for bm in bms:
         sets = _prepare(shape, fp8, bm, w, inputs)
         picked = {}
         for kind in ("gate_up", "down"):
             timed = []
-            for cfg in _candidates(dtype, bm, kind):
+            for cfg in cands(bm, kind):
                 def run(c=cfg, k=kind, b=bm, s=sets):
                     _run_kernel(shape, fp8, b, k, c, w, s)
 
                 try:
-                    ms = _time_ms(run) / TUNE_ROTATIONS
+                    us = _time_ms(run) * 1e3 / len(inputs)
                 except Exception as exc:  # noqa: BLE001 - an unfit tile is skipped
                     log[f"bm{bm} {kind} {cfg}"] = f"failed: {type(exc).__name__}"
                     continue
-                log[f"bm{bm} {kind} {cfg}"] = round(ms * 1e3, 2)
-                timed.append((ms, cfg))
+                log[f"bm{bm} {kind} {cfg}"] = round(us, 2)
+                timed.append((us, cfg))
             if timed:
                 picked[kind] = min(timed, key=lambda t: t[0])
-        if len(picked) < 2:
-            continue
-        total = picked["gate_up"][0] + picked["down"][0]
-        if best is None or total < best[0]:
-            best = (total, MoEConfig(bm, picked["gate_up"][1], picked["down"][1]))
-    return best[1], log
+        if len(picked) == 2:
+            total = picked["gate_up"][0] + picked["down"][0]
+            if best is None or total < best[0]:
+                best = (total, MoEConfig(bm, picked["gate_up"][1], picked["down"][1]))
+    return best[1] if best else None
+
+
+def tune_case(shape, fp8: bool, m: int, w: dict, make_inputs) -> tuple[MoEConfig, dict]:
+    inputs, pairs_per_expert = _tune_inputs(shape, m, make_inputs)
+    dtype, log = "fp8" if fp8 else "bf16", {}
+    best = _search_tiles(shape, fp8, w, inputs, bm_candidates(pairs_per_expert),
+                         lambda bm, kind: _candidates(dtype, bm, kind), log)
+    if best is None:
+        raise RuntimeError(f"no block_m of {shape.name} {dtype} M={m} ran both GEMMs: {log}")
+    return best, log
+
+
+def pairs_candidates() -> dict[str, MoEConfig]:
+    """The two-launch pairs configs tried against an aligned config, labelled by their tiles."""
+    return {f"pairs gu{gu.block_n}x{gu.block_k} dn{dn.block_n}x{dn.block_k}": MoEConfig(16, gu, dn, pairs="pair")
+            for gu, dn in _PAIRS_TILES}
 
 
 def tune_pairs(shape, fp8: bool, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple[MoEConfig, dict]:
     """Whole-call graph timing of the aligned winner against the pairs path; returns the faster config."""
     inputs, _ = _tune_inputs(shape, m, make_inputs)
     timed, log = [], {}
-    for cfg in [aligned] + [MoEConfig(16, gu, dn, pairs="pair") for gu, dn in _PAIRS_TILES]:
-        def run(c=cfg):
-            for hidden, tw, ids in inputs:
-                fused_moe(hidden, w["w13"], w["w2"], tw, ids, w13_scale=w.get("w13_scale"),
-                          w2_scale=w.get("w2_scale"), config=c)
-
+    for cfg in [aligned, *pairs_candidates().values()]:
         try:
-            run()
-            us = _time_ms(run) / TUNE_ROTATIONS * 1e3
+            us = _whole_us(w, inputs, cfg, rep=20)
         except Exception as exc:  # noqa: BLE001 - an unfit tile is skipped
             log[f"whole {cfg}"] = f"failed: {type(exc).__name__}"
             continue
@@ -291,62 +369,23 @@ def _probe_cands(dtype: str, bm: int, kind: str, current: MoEConfig, bad: str = 
     return [c for c in listed if f"fp8={dtype == 'fp8'} bm={bm} {kind} {c}:" not in bad]
 
 
-def _whole_us(shape, w: dict, inputs: list, cfg: MoEConfig) -> float:
-    def run():
-        for hidden, tw, ids in inputs:
-            fused_moe(hidden, w["w13"], w["w2"], tw, ids, w13_scale=w.get("w13_scale"),
-                      w2_scale=w.get("w2_scale"), config=cfg)
-
-    run()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench_cudagraph(run, rep=60, return_mode="median")) * 1e3 / len(inputs)
-
-
 def _search_case(shape, fp8: bool, m: int, bms: tuple, w: dict, current: MoEConfig, log: dict,
                  bad: str) -> MoEConfig:
-    """Per-kernel graph timing of every candidate at each block_m; the best (gate/up, down) pair."""
+    """`_search_tiles` over `_probe_cands` on 2 routings; current when no block_m ran both GEMMs."""
     from kernels import make_inputs
 
     dtype = "fp8" if fp8 else "bf16"
     inputs = [make_inputs(shape, m, 5000 + r) for r in range(2)]
-    best = None
-    for bm in bms:
-        sets = _prepare(shape, fp8, bm, w, inputs)
-        picked = {}
-        for kind in ("gate_up", "down"):
-            timed = []
-            for cfg in _probe_cands(dtype, bm, kind, current, bad):
-                def run(c=cfg, k=kind, b=bm, s=sets):
-                    _run_kernel(shape, fp8, b, k, c, w, s)
-
-                try:
-                    us = _time_ms(run) * 1e3 / 2
-                except Exception as exc:  # noqa: BLE001 - an unfit tile is skipped
-                    log[f"bm{bm} {kind} {cfg}"] = f"failed: {type(exc).__name__}"
-                    continue
-                log[f"bm{bm} {kind} {cfg}"] = round(us, 1)
-                timed.append((us, cfg))
-            if timed:
-                picked[kind] = min(timed, key=lambda t: t[0])
-        if len(picked) == 2:
-            total = picked["gate_up"][0] + picked["down"][0]
-            if best is None or total < best[0]:
-                best = (total, MoEConfig(bm, picked["gate_up"][1], picked["down"][1]))
-    return best[1] if best else current
+    best = _search_tiles(shape, fp8, w, inputs, bms, lambda bm, kind: _probe_cands(dtype, bm, kind, current, bad),
+                         log)
+    return best or current
 
 
-def probe_jobs(current: dict) -> list:
+def unique_jobs(jobs: list) -> list:
+    """One job per compiled kernel: the shapes' strides and sizes share Triton's specialisation (all multiples
+    of 16, even tiles), so only dtype, tiles and (for the top-k sum of a whole call) k tell kernels apart."""
     from kernels import SHAPES
 
-    jobs = []
-    for key, dtype, m, bms in PROBE_CASES:
-        cur = current[f"{key} {dtype} {m}"]
-        for bm in bms:
-            for kind in ("gate_up", "down"):
-                jobs += [(key, dtype == "fp8", bm, kind, c) for c in _probe_cands(dtype, bm, kind, cur)]
-        jobs.append((key, dtype == "fp8", cur.block_m, "whole", cur))
-    # One job per compiled kernel: the shapes' strides and sizes share Triton's specialisation (all multiples of
-    # 16, even tiles), so only dtype, tiles and (for the top-k sum) k tell kernels apart.
     unique = {}
     for job in jobs:
         key, fp8, bm, kind, cfg = job
@@ -354,14 +393,24 @@ def probe_jobs(current: dict) -> list:
     return list(unique.values())
 
 
+def probe_jobs(current: dict) -> list:
+    jobs = []
+    for key, dtype, m, bms in PROBE_CASES:
+        cur = current[f"{key} {dtype} {m}"]
+        for bm in bms:
+            for kind in ("gate_up", "down"):
+                jobs += [(key, dtype == "fp8", bm, kind, c) for c in _probe_cands(dtype, bm, kind, cur)]
+        jobs.append((key, dtype == "fp8", cur.block_m, "whole", cur))
+    return unique_jobs(jobs)
+
+
 def probe_large(out_path: str, budget_s: float, search: bool, baseline: dict | None = None) -> dict:
     """For each PROBE_CASES entry: whole-call graph time of "old" (baseline's config, else the table entry)
     against "new" (search: the best tiles of a wide per-kernel search; else the table entry), timed
     alternately REPEATS times each so clock drift hits both alike. Writes out_path after every case."""
     import json
-    import statistics
 
-    from kernels import SHAPES, make_inputs, make_weights, measure_ceilings, traffic
+    from kernels import SHAPES, make_inputs, make_weights, measure_ceilings
     from moeserve.kernels.moe_configs import get_config
 
     t0 = time.time()
@@ -386,16 +435,14 @@ def probe_large(out_path: str, budget_s: float, search: bool, baseline: dict | N
         shape, fp8 = SHAPES[key], dtype == "fp8"
         w = make_weights(shape, fp8)
         inputs = [make_inputs(shape, m, 1000 + r) for r in range(2)]  # as benchmarks/kernels.py (2 rotations)
-        nbytes, flops = (sum(t) / 2 for t in zip(*(traffic(shape, fp8, i[2]) for i in inputs)))
-        roof_us = max(nbytes / ISSUE_TBS / 1e6, flops / (ISSUE_FP8_TFLOPS if fp8 else ISSUE_TFLOPS) / 1e6)
+        roof_us = roofline_us(shape, fp8, inputs, ISSUE_TBS, ISSUE_FP8_TFLOPS if fp8 else ISSUE_TFLOPS)
         log = {}
         new = _search_case(shape, fp8, m, bms, w, current[name], log, "\n".join(errors)) if search else table[name]
         variants = {"old": current[name], "new": new}
         row = dict(roofline_us=roof_us, kernels_us=log, same=new == current[name],
-                   configs={k: c.to_dict() for k, c in variants.items()}, runs={k: [] for k in variants})
-        for _ in range(1 if row["same"] else REPEATS):
-            for label, cfg in variants.items():
-                row["runs"][label].append(round(_whole_us(shape, w, inputs, cfg), 1))
+                   configs={k: c.to_dict() for k, c in variants.items()})
+        runs = alternate_us(w, inputs, variants, 1 if row["same"] else REPEATS)
+        row["runs"] = {k: [round(us, 1) for us in v] for k, v in runs.items()}
         row["us_graph"] = {k: statistics.median(v) for k, v in row["runs"].items()}
         row["frac"] = {k: round(roof_us / v, 3) for k, v in row["us_graph"].items()}
         bundle["cases"][name] = row

@@ -46,7 +46,7 @@ import moeserve.moe.routing as routing  # noqa: E402
 from moeserve.kernels.norm import rms_norm, rms_norm_reference  # noqa: E402
 from moeserve.kernels.rope import apply_rope  # noqa: E402
 from moeserve.kernels.topk_softmax import topk_softmax  # noqa: E402
-from moeserve.layers.rotary import RopeCache, rope_cos_sin  # noqa: E402
+from moeserve.layers.rotary import RopeCache, rope_cos_sin, rope_inv_freq  # noqa: E402
 
 _FUSED_AVAILABLE = routing.fused_kernels_available
 HIDDEN, HQ, HK, D, EXPERTS, TOP_K, EPS = 2048, 32, 4, 128, 128, 8, 1e-6
@@ -95,7 +95,7 @@ def build_ops(t: int) -> dict[str, tuple[Callable[[], object], Callable[[], obje
     q, k, _ = qkv.split([HQ, HK, HK], dim=1)
     qn, kn = (torch.rand(D, device=dev, dtype=BF16) + 0.5 for _ in range(2))
     pos = torch.randint(0, 30000, (t,), device=dev)
-    inv_freq = (1.0 / 1e6 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)).to(dev)
+    inv_freq = rope_inv_freq(D, 1e6, None)[0].to(dev)
     cos, sin = rope_cos_sin(pos, inv_freq, 1.0)
     cache = RopeCache(pos, inv_freq, 1.0, False, cos, sin)
     logits = torch.randn(t, EXPERTS, device=dev)
@@ -262,8 +262,9 @@ def attention_rows() -> list[dict]:
             def call(fused, s=splits, q=q, k=k, v=v, bt=bt, sl=sl):
                 return paged_decode_attention(q, k, v, bt, sl, scale, ctx, num_splits=s, fused_reduce=fused)
 
-            err_old, err_new = rel_err(call(False), ref), rel_err(call(True), ref)
-            same = torch.equal(call(False), call(True))
+            out_old, out_new = call(False), call(True)
+            err_old, err_new = rel_err(out_old, ref), rel_err(out_new, ref)
+            same = torch.equal(out_old, out_new)
             rows.append(_old_new_row(
                 "decode_attn", f"B={b} ctx={ctx} splits={splits} ({src})",
                 lambda c=call: c(False), lambda c=call: c(True),
@@ -306,7 +307,6 @@ def main() -> None:
     parser.add_argument("--sections", default="small,router,attention,model",
                         help="comma-separated subset of small, router, attention, model")
     parser.add_argument("--out", default="benchmarks/out/kernels_small.json")
-    parser.add_argument("--no-model", action="store_true", help="skip the 2-layer model decode timing")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     tokens = [int(v) for v in args.tokens.split(",")]
@@ -320,7 +320,7 @@ def main() -> None:
         rows += router_rows()
     if "attention" in sections:
         rows += attention_rows()
-    if "model" in sections and not args.no_model:
+    if "model" in sections:
         try:
             rows += decode_layers(tokens)
         except Exception as e:  # the micro-benchmarks above stand on their own

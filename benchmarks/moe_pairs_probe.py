@@ -19,11 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernels_moe_tune import _PAIRS_TILES, _time_ms  # noqa: E402
+from kernels_moe_tune import _whole_us, pairs_candidates  # noqa: E402
 
 from kernels import SHAPES, make_inputs, make_weights  # noqa: E402
-from moeserve.kernels.fused_moe import fused_moe  # noqa: E402
-from moeserve.kernels.moe_configs import MoEConfig, get_config  # noqa: E402
+from moeserve.kernels.moe_configs import get_config  # noqa: E402
 
 CASES = [(16, 10), (16, 16), (32, 20), (32, 32)]  # (graph rows, real rows)
 
@@ -42,17 +41,8 @@ def main() -> None:
             ids[real:] = -1
             inputs.append((hidden, tw, ids))
         table = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, False)
-        cands = [("table", table)] + [
-            (f"pairs gu{gu.block_n}x{gu.block_k} dn{dn.block_n}x{dn.block_k}", MoEConfig(16, gu, dn, pairs="pair"))
-            for gu, dn in _PAIRS_TILES
-        ]
-        for label, cfg in cands:
-            def run(c=cfg, s=inputs):
-                for hidden, tw, ids in s:
-                    fused_moe(hidden, w["w13"], w["w2"], tw, ids, config=c)
-
-            run()
-            us = _time_ms(run) / len(inputs) * 1e3
+        for label, cfg in {"table": table, **pairs_candidates()}.items():
+            us = _whole_us(w, inputs, cfg, rep=20)
             rows.append(dict(m=m, real=real, config=label, pairs=cfg.pairs, us=us))
             print(rows[-1], flush=True)
     print("\n| graph rows | real rows | config | µs per call |\n|---:|---:|---|---:|")

@@ -6,8 +6,8 @@ For each case (shape, dtype, M) of the M >= 512 misses in benchmarks/RESULTS.md:
 CUDA-graph replay (2 routings, as benchmarks/kernels.py times large M) for the table's entry ("table", pointer
 loads) and the same tiles with `GemmConfig.loads` = tma / tma_gathered, warp_specialize off / on, plus 3-stage
 variants of the warp-specialised tiles; then the table and the best variant alternately, REPEATS times each.
-Every distinct kernel is compiled first, each in its own process, so a compiler crash (Triton's Hopper
-warp-specialisation pass asserts on some loops) or a faulting tile only drops that variant.
+Every distinct kernel is compiled first, each in its own process (`kernels_moe_tune.precompile`), so a compiler
+crash (Triton's Hopper warp-specialisation pass asserts on some loops) or a faulting tile only drops that variant.
 Fractions: roofline = max(bytes / copy bandwidth, FLOPs / matmul rate), both measured in this run.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -25,16 +24,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from kernels_moe_tune import _compile_worker, _whole_us  # noqa: E402
+from kernels_moe_tune import (  # noqa: E402
+    PROBE_CASES,
+    REPEATS,
+    _whole_us,
+    alternate_us,
+    precompile,
+    roofline_us,
+    unique_jobs,
+)
 
-from kernels import SHAPES, make_inputs, make_weights, measure_ceilings, traffic  # noqa: E402
+from kernels import SHAPES, make_inputs, make_weights, measure_ceilings  # noqa: E402
 from moeserve.kernels.moe_configs import GemmConfig, MoEConfig, get_config  # noqa: E402
 
-CASES = [("qwen3", "bf16", 8192), ("qwen3", "bf16", 2048), ("deepseek", "bf16", 8192),
-         ("mixtral", "bf16", 2048), ("mixtral", "bf16", 512), ("qwen3", "bf16", 512),
-         ("mixtral", "fp8", 512), ("qwen3", "fp8", 512)]
+CASES = [(key, dtype, m) for key, dtype, m, _ in PROBE_CASES]  # the M >= 512 misses of issue 6
 MODES = [("tma", False), ("tma", True), ("tma_gathered", True)]
-REPEATS = 3
 
 
 def variants(table: MoEConfig) -> dict[str, MoEConfig]:
@@ -91,37 +95,6 @@ def wide_variants(table: MoEConfig, dtype: str) -> dict[str, MoEConfig]:
     return out
 
 
-def _one_job(job, queue) -> None:
-    queue.put(_compile_worker([job]))
-
-
-def precompile(jobs: list, workers: int, timeout_s: float) -> list[str]:
-    """Each job in its own process (at most `workers` at once); a crash or hang is reported, not fatal."""
-    ctx = mp.get_context("spawn")
-    errors, running, pending = [], [], list(jobs)
-    while pending or running:
-        while pending and len(running) < workers:
-            job = pending.pop()
-            q = ctx.Queue()
-            p = ctx.Process(target=_one_job, args=(job, q))
-            p.start()
-            running.append((p, q, job, time.time()))
-        time.sleep(0.2)
-        for item in list(running):
-            p, q, job, t0 = item
-            if p.is_alive() and time.time() - t0 < timeout_s:
-                continue
-            if p.is_alive():
-                p.kill()
-                errors.append(f"{job[0]} fp8={job[1]} {job[4]}: compile timeout")
-            elif not q.empty():
-                errors += q.get()
-            elif p.exitcode != 0:
-                errors.append(f"{job[0]} fp8={job[1]} {job[4]}: process died (exit {p.exitcode})")
-            running.remove(item)
-    return errors
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/out/moe_tma_probe.json")
@@ -135,12 +108,8 @@ def main() -> None:
         s = SHAPES[key]
         table = get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8")
         plan[(key, dtype, m)] = wide_variants(table, dtype) if args.wide else variants(table)
-    # One job per compiled kernel set: shapes share Triton's specialisation, only dtype, tiles and k differ.
-    jobs = {}
-    for (key, dtype, _), vs in plan.items():
-        for c in vs.values():
-            jobs.setdefault((dtype, c, SHAPES[key].top_k), (key, dtype == "fp8", c.block_m, "whole", c))
-    jobs = list(jobs.values())
+    jobs = unique_jobs([(key, dtype == "fp8", c.block_m, "whole", c)
+                        for (key, dtype, _), vs in plan.items() for c in vs.values()])
     errors = precompile(jobs, args.workers, 240.0)
     failed = "\n".join(errors)
     bundle = dict(device=torch.cuda.get_device_name(), compile_s=round(time.time() - t0, 1), compile_errors=errors,
@@ -157,16 +126,14 @@ def main() -> None:
         shape, fp8 = SHAPES[key], dtype == "fp8"
         w = make_weights(shape, fp8)
         inputs = [make_inputs(shape, m, 1000 + r) for r in range(2)]
-        nbytes, flops = (sum(t) / 2 for t in zip(*(traffic(shape, fp8, i[2]) for i in inputs)))
-        rate = ceil["fp8_tflops"] if fp8 else ceil["bf16_tflops"]
-        roof_us = max(nbytes / ceil["copy_tbs"] / 1e6, flops / rate / 1e6)
+        roof_us = roofline_us(shape, fp8, inputs, ceil["copy_tbs"], ceil["fp8_tflops" if fp8 else "bf16_tflops"])
         row = dict(roofline_us=roof_us, us={}, frac={})
         for label, cfg in vs.items():
             if f" {cfg}:" in failed:
                 row["us"][label] = "compile failed"
                 continue
             try:
-                row["us"][label] = round(_whole_us(shape, w, inputs, cfg), 1)
+                row["us"][label] = round(_whole_us(w, inputs, cfg), 1)
             except Exception as exc:  # noqa: BLE001 - report and go on
                 row["us"][label] = f"failed: {type(exc).__name__}: {str(exc)[:100]}"
         timed = {k: v for k, v in row["us"].items() if isinstance(v, float)}
@@ -174,13 +141,10 @@ def main() -> None:
             gu = min((k for k in timed if k.startswith("gu ")), key=timed.get)
             dn = min((k for k in timed if k.startswith("dn ")), key=timed.get)
             vs["combined"] = MoEConfig(vs[gu].block_m, vs[gu].gate_up, vs[dn].down)
-            timed["combined"] = row["us"]["combined"] = round(_whole_us(shape, w, inputs, vs["combined"]), 1)
+            timed["combined"] = row["us"]["combined"] = round(_whole_us(w, inputs, vs["combined"]), 1)
         best = min((k for k in timed if k != "table"), key=timed.get, default=None)
         if best and "table" in timed:
-            runs = {"table": [], best: []}
-            for _ in range(REPEATS):
-                for label in runs:
-                    runs[label].append(_whole_us(shape, w, inputs, vs[label]))
+            runs = alternate_us(w, inputs, {label: vs[label] for label in ("table", best)}, REPEATS)
             row["ab"] = {k: round(statistics.median(v), 1) for k, v in runs.items()}
             row["best"] = best
             row["best_config"] = vs[best].to_dict()

@@ -6,7 +6,6 @@ A formatter is fed the merged engine deltas of a request's choices; it both accu
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 from collections.abc import Sequence
@@ -157,25 +156,19 @@ def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-@functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """Character -> byte of the byte-level BPE alphabet (GPT-2 style: printable bytes stand for themselves,
-    the other 68 bytes map to code points 256, 257, ... in byte order)."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
-
-
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _token_bytes(tokenizer: Tokenizer, token_id: int, text: str) -> list[int]:
     """UTF-8 bytes of one token, exact even when the token is part of a character (OpenAI's `bytes`)."""
     if "\ufffd" in text:
+        # Imported here: this module loads without moeserve's runtime (torch); a tokenizer brings it along.
+        from moeserve.tokenizer import byte_level_alphabet
+
         piece = tokenizer.convert_ids_to_tokens([token_id])[0] or ""
         if m := _BYTE_FALLBACK.fullmatch(piece):  # SentencePiece byte-fallback token
             return [int(m.group(1), 16)]
-        alphabet = _byte_level_alphabet()
+        alphabet = byte_level_alphabet()
         if piece and all(ch in alphabet for ch in piece):  # byte-level BPE token
             return [alphabet[ch] for ch in piece]
     return list(text.encode("utf-8"))

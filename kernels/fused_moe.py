@@ -26,7 +26,7 @@ from . import fused_moe_tma
 from .fp8 import FP8_DTYPE, GROUP, per_token_group_quant_fp8
 from .moe_align import AlignedRouting, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config
-from .moe_tiles import store_act, store_down, tile_of
+from .moe_tiles import gemm_meta, store_act, store_down, tile_of
 from .pdl import launch_kwargs, pdl_enter
 
 
@@ -259,9 +259,7 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, num_experts, stride_ym, stride_
 
 
 def _gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool, device: torch.device) -> dict:
-    return dict(FP8=fp8, QBLOCK=GROUP, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(device))
+    return dict(gemm_meta(cfg, block_m, fp8, device), EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0)
 
 
 def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: int, cfg: GemmConfig,
@@ -274,7 +272,7 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: 
     fp8 = x_scale is not None
     act = torch.empty(routing.sorted_ids.shape[0], inter, dtype=out_dtype, device=x.device)
     if fused_moe_tma.tma_ok(cfg, inter, hidden_size, routing.block_m, x.device):
-        fused_moe_tma.gate_up_tma(x, w13, act, routing, top_k, cfg, GROUP, x_scale, w13_scale)
+        fused_moe_tma.gate_up_tma(x, w13, act, routing, top_k, cfg, x_scale, w13_scale)
         return act
     xs, ws = (x_scale, w13_scale) if fp8 else (x, w13)  # unused pointers when not fp8
     grid = (routing.max_blocks * triton.cdiv(inter, cfg.block_n),)
@@ -295,7 +293,7 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
     fp8 = act_scale is not None
     y = torch.empty(topk_weights.numel(), hidden_size, dtype=out_dtype, device=act.device)
     if fused_moe_tma.tma_ok(cfg, hidden_size, inter, routing.block_m, act.device):
-        fused_moe_tma.down_tma(act, w2, y, topk_weights, routing, cfg, GROUP, act_scale, w2_scale)
+        fused_moe_tma.down_tma(act, w2, y, topk_weights, routing, cfg, act_scale, w2_scale)
         return y
     as_, ws = (act_scale, w2_scale) if fp8 else (act, w2)
     grid = (routing.max_blocks * triton.cdiv(hidden_size, cfg.block_n),)

@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import compute_capability
 from .moe_configs import GemmConfig
-from .moe_tiles import store_act, store_down, tile_of
+from .moe_tiles import gemm_meta, store_act, store_down, tile_of
 from .pdl import launch_kwargs, pdl_enter
 
 GATHER_BLOCK_H = 512
@@ -54,7 +55,7 @@ def tma_ok(cfg: GemmConfig, n: int, k: int, block_m: int, device: torch.device) 
         return False
     if max(cfg.block_n, cfg.block_k, block_m) > 256:
         return False
-    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type != "cuda" or compute_capability(device)[0] >= 9
 
 
 @triton.jit
@@ -171,14 +172,7 @@ def gather_slots(x: torch.Tensor, routing, top_k: int) -> torch.Tensor:
     return out
 
 
-def _meta(cfg: GemmConfig, block_m: int, fp8: bool, qblock: int, device: torch.device) -> dict:
-    return dict(FP8=fp8, QBLOCK=qblock, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                GROUP_M=cfg.group_m, WS=cfg.warp_specialize, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **launch_kwargs(device))
-
-
-def gate_up_tma(x, w13, act, routing, top_k: int, cfg: GemmConfig, qblock: int, x_scale=None,
-                w13_scale=None) -> None:
+def gate_up_tma(x, w13, act, routing, top_k: int, cfg: GemmConfig, x_scale=None, w13_scale=None) -> None:
     """Fills act [slots, I] as `fused_moe.gate_up` does (the caller allocates it and checked `tma_ok`)."""
     _set_allocator()
     num_experts, two_i, hidden_size = w13.shape
@@ -191,11 +185,10 @@ def gate_up_tma(x, w13, act, routing, top_k: int, cfg: GemmConfig, qblock: int, 
                               routing.block_rows, routing.max_blocks, xin.shape[0], num_experts, hidden_size,
                               two_i // 2, top_k, xin.stride(0), act.stride(0), xs.stride(0), ws.stride(0),
                               ws.stride(1), GATHERED=gathered,
-                              **_meta(cfg, routing.block_m, fp8, qblock, x.device))
+                              WS=cfg.warp_specialize, **gemm_meta(cfg, routing.block_m, fp8, x.device))
 
 
-def down_tma(act, w2, y, topk_weights, routing, cfg: GemmConfig, qblock: int, act_scale=None,
-             w2_scale=None) -> None:
+def down_tma(act, w2, y, topk_weights, routing, cfg: GemmConfig, act_scale=None, w2_scale=None) -> None:
     """Fills y [M*k, H] as `fused_moe.down` does (the caller allocates it and checked `tma_ok`)."""
     _set_allocator()
     num_experts, hidden_size, inter = w2.shape
@@ -205,4 +198,4 @@ def down_tma(act, w2, y, topk_weights, routing, cfg: GemmConfig, qblock: int, ac
     _down_tma_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
                            routing.block_rows, routing.max_blocks, act.shape[0], num_experts, hidden_size,
                            inter, act.stride(0), y.stride(0), as_.stride(0), ws.stride(0), ws.stride(1),
-                           **_meta(cfg, routing.block_m, fp8, qblock, act.device))
+                           WS=cfg.warp_specialize, **gemm_meta(cfg, routing.block_m, fp8, act.device))

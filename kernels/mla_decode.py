@@ -6,7 +6,7 @@ Cache: ``kv_cache [num_blocks, block_size, 1, kv_lora_rank + rope_dim]``; the va
 share the single latent head, so larger ``BLOCK_H`` means fewer re-reads of the cache (the rest come from L2,
 since head blocks of one request are adjacent in launch order).
 
-`mla_decode_attention_tma` is the same computation with the cache tiles loaded through TMA tensor descriptors
+`mla_decode_attention(..., tma=True)` is the same computation with the cache tiles loaded through TMA descriptors
 and the [BLOCK_H, 512] accumulator held as two 256-wide halves (one per TMA box). On the H100 with 64-key
 tiles (page 64) and 128 heads it takes 279 µs where the pointer kernel takes 346 µs (B64, context 4096;
 benchmarks/RESULTS.md); with 16-key tiles (page 16) it is 1.8x slower, so `use_mla_tma` picks it only for
@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels.attention_decode import LOG2E, alloc_partials, choose_num_splits, split_reduce
+from moeserve.kernels.device import compute_capability
 from moeserve.kernels.pdl import launch_kwargs, pdl_enter
 
 try:  # Triton >= 3.4: host-side TMA descriptors (also run by the interpreter)
@@ -105,6 +106,7 @@ def mla_decode_attention(
     block_h: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
+    tma: bool = False,
 ) -> torch.Tensor:
     """Absorbed-MLA decode: one query per request over its paged latent context.
 
@@ -112,16 +114,31 @@ def mla_decode_attention(
     kv_cache:     [num_blocks, block_size, 1, kv_lora_rank + rope_dim] (last dim contiguous)
     block_tables: [num_reqs, max_blocks], int32; seq_lens: [num_reqs], int32 (>= 1)
     kv_lora_rank and rope_dim must be powers of two (512 and 64 in DeepSeek-V2/V3).
+    tma: read the cache tiles through TMA descriptors (`mla_tma_ok` says which inputs allow it; ValueError
+    otherwise); the result is the same. Graph-safe either way: the grid depends on shapes only, and the
+    descriptors are rebuilt on the host each call from the cache's (stable) address.
     Returns [num_reqs, num_heads, kv_lora_rank] in q's dtype.
     """
-    _, page, kv_heads, dk_cache = kv_cache.shape
-    rope = q.shape[2] - kv_lora_rank
-    assert kv_heads == 1 and dk_cache == q.shape[2], "MLA cache holds one latent head of the query's width"
-    assert triton.next_power_of_2(kv_lora_rank) == kv_lora_rank and triton.next_power_of_2(rope) == rope
-    assert q.stride(-1) == 1 and kv_cache.stride(-1) == 1
-    return _launch(_mla_decode_kernel, (kv_cache, kv_cache.stride(0), kv_cache.stride(1)), q, block_tables,
-                   seq_lens, scale, kv_lora_rank, max_seq_len, page, num_splits, block_n, block_h, num_warps,
-                   num_stages)
+    page, dk = kv_cache.shape[1], q.shape[2]
+    rope = dk - kv_lora_rank
+    if tma:
+        reason = mla_tma_unsupported(q, kv_cache, block_n)
+        if reason is not None:
+            raise ValueError(f"mla_decode_attention(tma=True): {reason}")
+        if not _is_pow2_in(kv_lora_rank, 32, 512) or not _is_pow2_in(rope, 16, 256):
+            raise ValueError(f"kv_lora_rank must be a power of two in [32, 512] and rope_dim one in [16, 256] "
+                             f"(TMA boxes of at most 256 columns), got {kv_lora_rank} and {rope}")
+        rows = kv_cache.view(kv_cache.shape[0] * page, dk)  # valid view: checked by mla_tma_unsupported
+        kernel = _mla_decode_tma_kernel
+        cache_args = (TensorDescriptor.from_tensor(rows, [block_n, kv_lora_rank // 2]),
+                      TensorDescriptor.from_tensor(rows, [block_n, rope]))
+    else:
+        assert kv_cache.shape[2] == 1 and kv_cache.shape[3] == dk, "MLA cache holds one latent head of q's width"
+        assert triton.next_power_of_2(kv_lora_rank) == kv_lora_rank and triton.next_power_of_2(rope) == rope
+        assert q.stride(-1) == 1 and kv_cache.stride(-1) == 1
+        kernel, cache_args = _mla_decode_kernel, (kv_cache, kv_cache.stride(0), kv_cache.stride(1))
+    return _launch(kernel, cache_args, q, block_tables, seq_lens, scale, kv_lora_rank, max_seq_len, page,
+                   num_splits, block_n, block_h, num_warps, num_stages)
 
 
 def _launch(kernel, cache_args: tuple, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -268,14 +285,13 @@ def _is_pow2_in(x: int, lo: int, hi: int) -> bool:
 
 
 def mla_tma_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 64) -> str | None:
-    """Why `mla_decode_attention_tma` cannot take these inputs, or None when it can (see `mla_tma_ok`)."""
+    """Why `mla_decode_attention(..., tma=True)` cannot take these inputs, or None when it can (see `mla_tma_ok`)."""
     if TensorDescriptor is None:
         return "this Triton has no triton.tools.tensor_descriptor (needs >= 3.4)"
     if q.dtype not in (torch.float16, torch.bfloat16) or kv_cache.dtype != q.dtype:
         return f"q and kv_cache must share a 16-bit dtype (fp16/bf16), got {q.dtype} and {kv_cache.dtype}"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
-            return "TMA needs a CUDA device of compute capability >= 9.0 (Hopper)"
+    if os.environ.get("TRITON_INTERPRET") != "1" and compute_capability(q.device)[0] < 9:
+        return "TMA needs a CUDA device of compute capability >= 9.0 (Hopper)"
     if q.dim() != 3 or kv_cache.dim() != 4 or kv_cache.shape[2] != 1 or kv_cache.shape[3] != q.shape[2]:
         return f"want q [R, H, D] and kv_cache [NB, page, 1, D], got {tuple(q.shape)} and {tuple(kv_cache.shape)}"
     page = kv_cache.shape[1]
@@ -289,7 +305,7 @@ def mla_tma_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 
 
 
 def mla_tma_ok(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 64) -> bool:
-    """Whether `mla_decode_attention_tma` runs on these inputs: fp16/bf16 q and cache of the same dtype; a
+    """Whether `mla_decode_attention(..., tma=True)` runs on these inputs: fp16/bf16 q and cache of the same dtype; a
     Hopper (or newer) CUDA device, or the Triton interpreter; ``block_n`` a power of two in [16, 256] that
     divides the page size (each TMA tile lies inside one page: page 16 -> block_n 16, page 64 -> 16/32/64);
     the cache's token rows evenly spaced and 16-byte aligned (any contiguous cache). kv_lora_rank and
@@ -298,45 +314,7 @@ def mla_tma_ok(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 64) -> bo
 
 
 def use_mla_tma(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Whether a decode step should take `mla_decode_attention_tma` rather than `mla_decode_attention`: where
-    it measured faster, i.e. 64-key tiles (a page size that is a multiple of 64) and at least 64 heads."""
-    return q.shape[1] >= 64 and mla_tma_ok(q, kv_cache, 64)
-
-
-def mla_decode_attention_tma(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    kv_lora_rank: int,
-    max_seq_len: int,
-    *,
-    num_splits: int | None = None,
-    block_n: int = 64,
-    block_h: int = 64,
-    num_warps: int = 8,
-    num_stages: int = 2,
-) -> torch.Tensor:
-    """`mla_decode_attention` with the cache read through TMA descriptors (same contract and result).
-
-    q:            [num_reqs, num_heads, kv_lora_rank + rope_dim], fp16/bf16
-    kv_cache:     [num_blocks, block_size, 1, kv_lora_rank + rope_dim], q's dtype (see `mla_tma_ok`)
-    block_tables: [num_reqs, max_blocks], int32; seq_lens: [num_reqs], int32 (>= 1)
-    Returns [num_reqs, num_heads, kv_lora_rank] in q's dtype. Graph-safe: the grid depends on shapes only,
-    and the descriptors are rebuilt on the host each call from the cache's (stable) address.
-    """
-    reason = mla_tma_unsupported(q, kv_cache, block_n)
-    if reason is not None:
-        raise ValueError(f"mla_decode_attention_tma: {reason}")
-    dk = q.shape[2]
-    num_blocks, page = kv_cache.shape[:2]
-    rope = dk - kv_lora_rank
-    if not _is_pow2_in(kv_lora_rank, 32, 512) or not _is_pow2_in(rope, 16, 256):
-        raise ValueError(f"kv_lora_rank must be a power of two in [32, 512] and rope_dim one in [16, 256] "
-                         f"(TMA boxes of at most 256 columns), got {kv_lora_rank} and {rope}")
-    rows = kv_cache.view(num_blocks * page, dk)  # valid view: checked by mla_tma_unsupported
-    descriptors = (TensorDescriptor.from_tensor(rows, [block_n, kv_lora_rank // 2]),
-                   TensorDescriptor.from_tensor(rows, [block_n, rope]))
-    return _launch(_mla_decode_tma_kernel, descriptors, q, block_tables, seq_lens, scale, kv_lora_rank,
-                   max_seq_len, page, num_splits, block_n, block_h, num_warps, num_stages)
+    """Whether a decode step should read the cache through TMA (`mla_decode_attention(..., tma=True)`): where
+    it measured faster, i.e. 64-key tiles (a page size that is a multiple of 64) and at least 64 heads. The
+    shape tests come first, so other steps skip the device checks."""
+    return q.shape[1] >= 64 and kv_cache.shape[1] % 64 == 0 and mla_tma_ok(q, kv_cache, 64)

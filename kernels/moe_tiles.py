@@ -1,11 +1,22 @@
 """Pieces shared by the aligned fused-MoE GEMM kernels (`fused_moe`: pointer loads; `fused_moe_tma`: tiles by
-TMA): the launch order of (block, N tile) programs and the two epilogues. Kept apart so both kernel modules
-import them without importing each other."""
+TMA): the launch order of (block, N tile) programs, the two epilogues and the launch constants. Kept apart so
+both kernel modules import them without importing each other."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from .fp8 import GROUP
+from .moe_configs import GemmConfig
+from .pdl import launch_kwargs
+
+
+def gemm_meta(cfg: GemmConfig, block_m: int, fp8: bool, device: torch.device) -> dict:
+    """Launch constants every grouped-GEMM kernel takes (each module adds its own)."""
+    return dict(FP8=fp8, QBLOCK=GROUP, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(device))
 
 
 @triton.jit

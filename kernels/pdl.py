@@ -24,13 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.device import compute_capability
+
 
 @functools.cache
 def pdl_supported(device: torch.device) -> bool:
     """PDL runs on CUDA devices of compute capability 9.0+ (Hopper), unless MOESERVE_PDL=0."""
-    if device.type != "cuda" or os.environ.get("MOESERVE_PDL", "1") == "0":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return os.environ.get("MOESERVE_PDL", "1") != "0" and compute_capability(device)[0] >= 9
 
 
 def launch_kwargs(device: torch.device) -> dict:

@@ -37,6 +37,7 @@ MAX_EXPERTS = 512  # the finishing program holds [16, E] logits (and int64 keys)
 MAX_SELECT_WORK = 2048
 
 _BLOCK_T = 16  # rows per program (tl.dot needs M >= 16)
+_BLOCK_E = 16  # experts per program of the GEMM part
 _MIN_K_SLICE = 64  # hidden columns per program, at least
 _REDUCE_BYTES = 32 * 1024  # fp32 partial logits the finishing program of a row block reads back at once
 _ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -157,10 +158,15 @@ def _router_topk_kernel(
 
 
 
+def _select_tile(num_tokens: int, num_experts: int) -> tuple[int, int]:
+    """(rows, experts) of the tile the finishing program of a row block selects from."""
+    return min(_BLOCK_T, triton.next_power_of_2(num_tokens)), max(_BLOCK_E, triton.next_power_of_2(num_experts))
+
+
 def fused_router_pays(num_tokens: int, num_experts: int, top_k: int) -> bool:
     """Whether `router_topk` beats cuBLAS + `topk_softmax` for this shape (see MAX_SELECT_WORK)."""
-    rows = min(_BLOCK_T, triton.next_power_of_2(num_tokens))
-    work = rows * max(16, triton.next_power_of_2(num_experts)) * top_k
+    rows, experts = _select_tile(num_tokens, num_experts)
+    work = rows * experts * top_k
     return 0 < num_tokens <= MAX_FUSED_TOKENS and work <= MAX_SELECT_WORK
 
 
@@ -172,10 +178,9 @@ def split_plan(num_tokens: int, num_experts: int, hidden: int, device: torch.dev
     program reads back at once (32 KB: 64 KB made Mixtral at T=16 5.7 us instead of 4.3).
     """
     row_blocks = triton.cdiv(num_tokens, _BLOCK_T)
-    e_blocks = triton.cdiv(num_experts, 16)
-    splits = triton.cdiv(num_sms(device), row_blocks * e_blocks)
-    block_r = min(_BLOCK_T, triton.next_power_of_2(num_tokens))
-    reduce_cap = _REDUCE_BYTES // (block_r * max(16, triton.next_power_of_2(num_experts)) * 4)
+    splits = triton.cdiv(num_sms(device), row_blocks * triton.cdiv(num_experts, _BLOCK_E))
+    block_r, block_eall = _select_tile(num_tokens, num_experts)
+    reduce_cap = _REDUCE_BYTES // (block_r * block_eall * 4)
     return _slices(hidden, min(splits, hidden // _MIN_K_SLICE, reduce_cap))
 
 
@@ -225,15 +230,14 @@ def router_topk(
     row_blocks = triton.cdiv(t, _BLOCK_T)
     counters = completion_counters(x.device, row_blocks)
     logit_dtype = torch.promote_types(x.dtype, router_weight.dtype)
-    block_eall = max(16, triton.next_power_of_2(e))
+    block_r, block_eall = _select_tile(t, e)
     partial = torch.empty(splits, t, block_eall, dtype=torch.float32, device=x.device)
-    block_r = min(_BLOCK_T, triton.next_power_of_2(t))  # rows the finishing program selects for
     has_num_real = num_real_tokens is not None
-    _router_topk_kernel[(triton.cdiv(e, 16) * splits, row_blocks)](
+    _router_topk_kernel[(triton.cdiv(e, _BLOCK_E) * splits, row_blocks)](
         x, router_weight, partial, counters, weights, ids, num_real_tokens if has_num_real else ids,
         t, h, e, k_slice, float(scaling_factor),
         x.stride(0), router_weight.stride(0),
-        TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_T=_BLOCK_T, BLOCK_R=block_r, BLOCK_E=16,
+        TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_T=_BLOCK_T, BLOCK_R=block_r, BLOCK_E=_BLOCK_E,
         BLOCK_H=min(256, triton.next_power_of_2(k_slice)), BLOCK_EALL=block_eall, K_SPLITS=splits,
         FP32_DOT=logit_dtype == torch.float32, ROUND=_ROUND[logit_dtype], RENORMALIZE=renormalize,
         HAS_NUM_REAL=has_num_real,

@@ -13,6 +13,7 @@ The MMA computes yᵀ = W xᵀ so the weight tile is the wide operand and the fe
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -120,8 +121,14 @@ def skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.stride(1) == 1
         and weight.stride(1) == 1
         and triton.cdiv(weight.shape[0], 64) <= num_sms(x.device)
-        and os.environ.get("MOESERVE_SKINNY_GEMM", "1") != "0"
+        and _enabled()
     )
+
+
+@functools.cache
+def _enabled() -> bool:
+    """MOESERVE_SKINNY_GEMM=0 turns the kernel off; read once per process, like MOESERVE_PDL."""
+    return os.environ.get("MOESERVE_SKINNY_GEMM", "1") != "0"
 
 
 def skinny_linear(

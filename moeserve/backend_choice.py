@@ -1,7 +1,9 @@
-"""One rule for picking a torch-or-Triton implementation, shared by the attention backend and expert kernel."""
+"""When Triton code runs instead of torch code: `choose_backend` picks the attention backend and expert
+kernel, `fused_kernels_available` gates the small fused kernels (norm, rotary, router top-k, skinny GEMM)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -27,3 +29,18 @@ def choose_backend(
             if name == "triton":
                 raise
     return make_torch()
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        import moeserve.kernels.norm  # noqa: F401  (imports triton)
+    except ImportError:
+        return False
+    return True
+
+
+def fused_kernels_available(x: torch.Tensor) -> bool:
+    """Whether the small fused Triton kernels (norm, rotary, router top-k, skinny GEMM) may run on x: on CUDA
+    only, and only when Triton imports. CPU runs keep the torch code and its exact results."""
+    return x.device.type == "cuda" and _triton_imports()

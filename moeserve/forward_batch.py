@@ -49,6 +49,30 @@ class AttentionMetadata:
     def num_reqs(self) -> int:
         return len(self.seq_lens_cpu)
 
+    @classmethod
+    def for_decode(
+        cls, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int
+    ) -> AttentionMetadata:
+        """A decode step's metadata (one new token per request) over a filled paged cache, for calling an
+        attention backend directly (tests, benchmarks). Every slot_mapping entry is 0: only for calls that
+        read the cache, not for a forward that writes K/V.
+
+        block_tables: [num_reqs, max_blocks] int32; seq_lens: [num_reqs] int32, on the same device (read to
+        the host once).
+        """
+        n, lens, device = seq_lens.shape[0], seq_lens.tolist(), seq_lens.device
+        return cls(
+            query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=device),
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            slot_mapping=torch.zeros(n, dtype=torch.int64, device=device),
+            query_start_loc_cpu=list(range(n + 1)),
+            seq_lens_cpu=lens,
+            block_size=block_size,
+            max_query_len=1,
+            max_seq_len=max(lens, default=0),
+        )
+
 
 @dataclass(slots=True)
 class ForwardBatch:
@@ -202,6 +226,24 @@ class BlockTableRows:
 
     def pack(self, request_ids: list[str], block_tables: list[list[int]]) -> PackedBlockTables:
         """Tables of these requests, in this order (see `PackedBlockTables`); updates the kept rows."""
+        rows, width = self._update(request_ids, block_tables)
+        lens = _tensor([len(t) for t in block_tables], "q")
+        return PackedBlockTables(self._table[rows, :width], lens)
+
+    def gather(self, request_ids: list[str], block_tables: list[list[int]], out: torch.Tensor) -> None:
+        """Write the tables of these requests, in this order, into out (e.g. pinned staging memory); updates
+        the kept rows. Like `pack`'s table, without building it first.
+
+        out: [len(request_ids), max(1, longest table)] int32, CPU, any strides; row i = request i's block ids
+        padded with 0.
+        """
+        rows, width = self._update(request_ids, block_tables)
+        need = (rows.shape[0], width)
+        assert out.shape == need, f"out is {tuple(out.shape)}, the tables need {need}"
+        torch.index_select(self._table[:, :width], 0, rows, out=out)
+
+    def _update(self, request_ids: list[str], block_tables: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """Bring these requests' rows up to date; returns (their row indices [n] int64, max(1, longest))."""
         longest = max([1, *map(len, block_tables)])
         if longest > self._table.shape[1]:
             self._grow(self._table.shape[0], max(longest, 2 * self._table.shape[1]))
@@ -215,8 +257,7 @@ class BlockTableRows:
                 self._rewrite(row, known, blocks)
                 self._known[rid] = list(blocks)
             rows.append(row)
-        lens = _tensor([len(t) for t in block_tables], "q")
-        return PackedBlockTables(self._table[_tensor(rows, "q"), :longest], lens)
+        return _tensor(rows, "q"), longest
 
     def drop(self, request_ids: Iterable[str]) -> None:
         """Forget requests that finished or were preempted (their rows are zeroed and reused)."""

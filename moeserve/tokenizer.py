@@ -16,6 +16,7 @@ decoding non-incremental).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -172,11 +173,13 @@ class Tokenizer:
         return None if token is None else self._tok.token_to_id(token)
 
 
+@functools.cache
 def byte_level_alphabet() -> dict[str, int]:
     """Byte-level BPE's printable alphabet, character -> byte (the mapping GPT-2 introduced).
 
     Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, 0x7F-0xA0, 0xAD) take
-    the code points 256, 257, ... in byte order.
+    the code points 256, 257, ... in byte order. This is the alphabet of ``tokenizers``' ByteLevel
+    pre-tokenizer and decoder. Built once and shared: do not modify it.
     """
     printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
     alphabet = {chr(b): b for b in printable}

@@ -109,17 +109,6 @@ def test_pages_to_indices_under_interpreter() -> None:
 BF16 = torch.bfloat16
 
 
-def _meta(seq_lens: torch.Tensor, block_tables: torch.Tensor, page: int) -> AttentionMetadata:
-    n, lens = seq_lens.shape[0], seq_lens.tolist()
-    dev = seq_lens.device
-    return AttentionMetadata(
-        query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=dev), seq_lens=seq_lens,
-        block_tables=block_tables, slot_mapping=torch.zeros(n, dtype=torch.int64, device=dev),
-        query_start_loc_cpu=list(range(n + 1)), seq_lens_cpu=lens, block_size=page, max_query_len=1,
-        max_seq_len=max(lens),
-    )
-
-
 def _problem(layout: str, lens: list[int], page: int, seed: int):
     """(q, k_cache, v_cache, block_tables, seq_lens, scale, fp32 reference) on the GPU, random."""
     torch.manual_seed(seed)
@@ -153,7 +142,7 @@ def test_gpu_decode_matches_reference_and_triton(fi_backend, layout: str, page: 
         g = torch.Generator().manual_seed(100 * step + page)
         lens = torch.randint(1, 700, (batch,), generator=g).tolist()
         q, k, v, bt, sl, scale, ref = _problem(layout, lens, page, seed=step)
-        meta = _meta(sl, bt, page)
+        meta = AttentionMetadata.for_decode(bt, sl, page)
         out = fi_backend.attend(q, k, v, meta, scale)
         assert out.shape == ref.shape and out.dtype == BF16
         assert rel_err(out, ref) <= 1e-2, (layout, page, batch)

@@ -16,11 +16,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeserve.layers.rotary import rope_inv_freq
 from tests.interp import interp, run_interpreter_tests
 
 
 def inv_freq(rotary_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    return 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    """[rotary_dim // 2] float32, unscaled."""
+    return rope_inv_freq(rotary_dim, theta, None)[0]
 
 
 def assert_same_topk(got, want, atol: float) -> None:

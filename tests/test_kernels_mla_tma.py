@@ -1,4 +1,4 @@
-"""`mla_decode_attention_tma` (MLA decode through TMA descriptors) against the pure-torch reference.
+"""`mla_decode_attention(..., tma=True)` (MLA decode through TMA descriptors) against the pure-torch reference.
 
 CPU: the kernel runs under the Triton interpreter (fp16; descriptors are emulated) in a subprocess, see
 tests/interp.py. GPU (`gpu` mark): bf16, DeepSeek shapes, relative error <= 1e-2 against the fp32 reference,
@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeserve.forward_batch import AttentionMetadata
 from moeserve.kernels.attention_reference import make_paged_cache, mla_decode_attention_ref, rel_err
 from tests.interp import interp, run_interpreter_tests
 
@@ -21,7 +22,7 @@ def _run(seq_lens, page, block_n, splits, heads=16, lora=512, rope=64, dtype=F16
     """Relative error of the TMA kernel against the reference on a random paged cache. poison: the unused
     slots of every request's last page hold NaN (a TMA tile cannot be masked, so the kernel must zero them).
     The default scale gives flat softmaxes; a large one, peaked rows whose max keeps growing."""
-    from moeserve.kernels.mla_decode import mla_decode_attention_tma
+    from moeserve.kernels.mla_decode import mla_decode_attention
 
     kv, _, bt, sl = make_paged_cache(seq_lens, page, 1, lora + rope, None, dtype, device)
     if poison:
@@ -30,8 +31,8 @@ def _run(seq_lens, page, block_n, splits, heads=16, lora=512, rope=64, dtype=F16
                 kv[bt[i, n // page], n % page :] = float("nan")
     q = torch.randn(len(seq_lens), heads, lora + rope).to(dtype).to(device)
     scale = 0.3 / rope if scale is None else scale
-    out = mla_decode_attention_tma(q, kv, bt, sl, scale, lora, max(seq_lens), num_splits=splits,
-                                   block_n=block_n, **kw)
+    out = mla_decode_attention(q, kv, bt, sl, scale, lora, max(seq_lens), num_splits=splits,
+                               block_n=block_n, tma=True, **kw)
     assert out.shape == (len(seq_lens), heads, lora) and out.dtype == dtype
     assert torch.isfinite(out).all()
     return rel_err(out, mla_decode_attention_ref(q, kv, bt, sl, scale, lora))
@@ -82,16 +83,16 @@ def test_interp_peaked_rows() -> None:
 
 @interp
 def test_interp_unsupported_inputs_say_why() -> None:
-    from moeserve.kernels.mla_decode import mla_decode_attention_tma, mla_tma_ok
+    from moeserve.kernels.mla_decode import mla_decode_attention, mla_tma_ok
 
     kv, _, bt, sl = make_paged_cache([20], 16, 1, 576, None, F16)
     q = torch.randn(1, 16, 576).to(F16)
     assert mla_tma_ok(q, kv, 16) and not mla_tma_ok(q, kv, 32) and not mla_tma_ok(q, kv, 8)
     assert not mla_tma_ok(q.float(), kv.float(), 16)
     with pytest.raises(ValueError, match="dividing the page size 16"):
-        mla_decode_attention_tma(q, kv, bt, sl, 0.1, 512, 20, block_n=32)
+        mla_decode_attention(q, kv, bt, sl, 0.1, 512, 20, block_n=32, tma=True)
     with pytest.raises(ValueError, match="kv_lora_rank must be"):
-        mla_decode_attention_tma(q, kv, bt, sl, 0.1, 448, 20, block_n=16)
+        mla_decode_attention(q, kv, bt, sl, 0.1, 448, 20, block_n=16, tma=True)
 
 
 def test_interpreter_cases() -> None:
@@ -129,13 +130,12 @@ def test_gpu_triton_backend_takes_tma_kernel_where_it_pays(page: int, heads: int
     """64-key tiles and >= 64 heads: the TMA kernel; otherwise the pointer kernel. Same results either way."""
     from moeserve.attention.triton_backend import TritonAttentionBackend
     from moeserve.kernels.mla_decode import use_mla_tma
-    from tests.test_flashinfer_backend import _meta
 
     seq_lens = [300, 1, 64, 1000]
     kv, _, bt, sl = make_paged_cache(seq_lens, page, 1, 576, None, torch.bfloat16, "cuda")
     q = torch.randn(len(seq_lens), heads, 576, device="cuda", dtype=torch.bfloat16)
     assert use_mla_tma(q, kv) == tma
-    meta = _meta(sl, bt, page)
+    meta = AttentionMetadata.for_decode(bt, sl, page)
     out = TritonAttentionBackend().attend(q, kv, kv[..., :512], meta, 192**-0.5)
     assert rel_err(out, mla_decode_attention_ref(q, kv, bt, sl, 192**-0.5, 512)) <= 1e-2
 
@@ -145,12 +145,12 @@ def test_gpu_triton_backend_takes_tma_kernel_where_it_pays(page: int, heads: int
 def test_gpu_cuda_graph_replay_follows_new_inputs() -> None:
     """Captured once, replayed after the query and context lengths change in place (descriptors are baked into
     the graph and must stay valid)."""
-    from moeserve.kernels.mla_decode import mla_decode_attention_tma
+    from moeserve.kernels.mla_decode import mla_decode_attention
 
     seq_lens = [1024] * 8
     kv, _, bt, sl = make_paged_cache(seq_lens, 64, 1, 576, None, torch.bfloat16, "cuda")
     q = torch.randn(8, 16, 576, device="cuda", dtype=torch.bfloat16)
-    call = lambda: mla_decode_attention_tma(q, kv, bt, sl, 192**-0.5, 512, 1024, num_splits=4)  # noqa: E731
+    call = lambda: mla_decode_attention(q, kv, bt, sl, 192**-0.5, 512, 1024, num_splits=4, tma=True)  # noqa: E731
     call()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -308,6 +308,15 @@ def _target_inputs(name: str, m: int, fp8: bool, seed: int = 0):
     return x, w13, w2, tw, ids, scales
 
 
+def _target_ref(x, w13, w2, tw, ids, scales: dict) -> torch.Tensor:
+    """fp8 (scales given): the same quantised weights in the reference; bf16: the reference in fp32."""
+    from moeserve.kernels import moe_reference
+
+    if scales:
+        return moe_reference(x, w13, w2, tw, ids, **scales)
+    return moe_reference(x, w13, w2, tw, ids, compute_dtype=torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(TARGETS))
 @pytest.mark.parametrize("m", [1, 77, 2048])
@@ -333,30 +342,47 @@ def test_gpu_fp8_target_shapes(name, m):
 
 
 @pytest.mark.gpu
-def test_gpu_large_align_layout():
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m,method", [
+    pytest.param(3000, 40, 6, 64, None, id="large-default"),
+    *(pytest.param(1500, 128, 8, 32, m, id=m) for m in ("single", "ranked", "scatter")),
+])
+def test_gpu_large_align_layout(num_tokens, num_experts, top_k, block_m, method):
     from moeserve.kernels.moe_align import moe_align
 
-    _, ids = random_routing(3000, 40, 6, skip_expert=5, device="cuda")
-    _check_layout(moe_align(ids, 40, 64), ids.cpu(), 40, 64)
+    _, ids = random_routing(num_tokens, num_experts, top_k, skip_expert=5, device="cuda")
+    _check_layout(moe_align(ids, num_experts, block_m, method=method), ids.cpu(), num_experts, block_m)
+
+
+GRAPH_CASES = {
+    # id: (M, config: None = the table's, else (block_m, gate_up GemmConfig args, down GemmConfig args, pairs))
+    "table": (8, None),
+    "pair": (8, (16, (64, 128), (64, 128), "pair")),
+    # In-kernel TMA descriptors take their scratch from torch's allocator: capture and replay with them too.
+    "tma": (256, (64, (128, 64, 8, 8, 4, "tma_gathered", True), (128, 64, 8, 8, 4, "tma"), "")),
+}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", [None, "pair"], ids=["table", "pair"])
-def test_gpu_cuda_graph_replay_with_new_routing(mode):
-    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
+@pytest.mark.parametrize("case", sorted(GRAPH_CASES))
+def test_gpu_cuda_graph_replay_with_new_routing(case):
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
-    cfg = MoEConfig(16, GemmConfig(64, 128), GemmConfig(64, 128), pairs=mode) if mode else None
-    x, w13, w2, tw, ids, _ = _target_inputs("qwen3", 8, False, seed=1)
+    m, spec = GRAPH_CASES[case]
+    cfg = None
+    if spec is not None:
+        bm, gate_up, down, pairs = spec
+        cfg = MoEConfig(bm, GemmConfig(*gate_up), GemmConfig(*down), pairs=pairs)
+    x, w13, w2, tw, ids, _ = _target_inputs("qwen3", m, False, seed=1)
     fused_moe(x, w13, w2, tw, ids, config=cfg)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fused_moe(x, w13, w2, tw, ids, config=cfg)
     for seed in (2, 3):  # twice: the in-kernel counters must come back to a clean state each replay
-        x2, _, _, tw2, ids2, _ = _target_inputs("qwen3", 8, False, seed=seed)
+        x2, _, _, tw2, ids2, _ = _target_inputs("qwen3", m, False, seed=seed)
         for t, new in ((x, x2), (tw, tw2), (ids, ids2)):
             t.copy_(new)
         graph.replay()
-        ref = moe_reference(x, w13, w2, tw, ids, compute_dtype=torch.float32)
+        ref = _target_ref(x, w13, w2, tw, ids, {})
         assert rel_err(out, ref) <= 1e-2
 
 
@@ -375,15 +401,14 @@ def test_gpu_triton_experts_via_factory():
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_gpu_pairs_path_matches_aligned_path(name, fp8):
     """The small-M path (no align, top-k sum in the down kernel) against the reference and the aligned path."""
-    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
     x, w13, w2, tw, ids, scales = _target_inputs(name, 6, fp8, seed=11)
     ids[1, -1] = -1  # a dropped choice inside a token that has valid ones
     pairs = MoEConfig(16, GemmConfig(32, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3), pairs="pair")
     aligned = MoEConfig(16, GemmConfig(32, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3))
     out = fused_moe(x, w13, w2, tw, ids, config=pairs, **scales)
-    ref = moe_reference(x, w13, w2, tw, ids, **scales) if fp8 else moe_reference(
-        x, w13, w2, tw, ids, compute_dtype=torch.float32)
+    ref = _target_ref(x, w13, w2, tw, ids, scales)
     assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2)
     assert rel_err(out, fused_moe(x, w13, w2, tw, ids, config=aligned, **scales)) <= (2e-2 if fp8 else 1e-2)
 
@@ -401,45 +426,16 @@ def test_gpu_results_identical_run_to_run(m, mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["single", "ranked", "scatter"])
-def test_gpu_align_methods_layout(method):
-    from moeserve.kernels.moe_align import moe_align
-
-    _, ids = random_routing(1500, 128, 8, skip_expert=5, device="cuda")
-    _check_layout(moe_align(ids, 128, 32, method=method), ids.cpu(), 128, 32)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(TARGETS))
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("loads,ws", TMA_LOADS)
 def test_gpu_tma_loads_match_reference(name, fp8, loads, ws):
     """Every TMA load mode, with and without warp specialisation, at the target shapes (compute-bound tiles)."""
-    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
     x, w13, w2, tw, ids, scales = _target_inputs(name, 300, fp8, seed=13)
     bk, stages = (128, 3) if fp8 else (64, 4)
     cfg = MoEConfig(64, GemmConfig(128, bk, 8, 8, stages, loads, ws), GemmConfig(128, bk, 8, 8, stages, loads, ws))
     out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
-    ref = moe_reference(x, w13, w2, tw, ids, **scales) if fp8 else moe_reference(
-        x, w13, w2, tw, ids, compute_dtype=torch.float32)
+    ref = _target_ref(x, w13, w2, tw, ids, scales)
     assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2)
-
-
-@pytest.mark.gpu
-def test_gpu_tma_loads_under_cuda_graph_replay():
-    """In-kernel descriptors take their scratch from torch's allocator: capture and replay with new routing."""
-    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
-
-    cfg = MoEConfig(64, GemmConfig(128, 64, 8, 8, 4, "tma_gathered", True), GemmConfig(128, 64, 8, 8, 4, "tma"))
-    x, w13, w2, tw, ids, _ = _target_inputs("qwen3", 256, False, seed=1)
-    fused_moe(x, w13, w2, tw, ids, config=cfg)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fused_moe(x, w13, w2, tw, ids, config=cfg)
-    for seed in (2, 3):
-        x2, _, _, tw2, ids2, _ = _target_inputs("qwen3", 256, False, seed=seed)
-        for t, new in ((x, x2), (tw, tw2), (ids, ids2)):
-            t.copy_(new)
-        graph.replay()
-        assert rel_err(out, moe_reference(x, w13, w2, tw, ids, compute_dtype=torch.float32)) <= 1e-2

@@ -14,8 +14,6 @@ import torch
 from moeserve.kernels.attention_reference import rel_err
 from tests.interp import interp, run_interpreter_tests
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     ref = x.double() @ w.double().T
@@ -71,7 +69,6 @@ def test_default_config_fills_one_wave():
         assert k // cfg.split_k >= 512 or cfg.split_k == 1
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(5120, 2048), (2048, 4096), (576, 2048), (6144, 4096)])
 @pytest.mark.parametrize("m", [1, 7, 16])
@@ -87,7 +84,6 @@ def test_skinny_bf16_matches_reference(n, k, m):
     assert torch.equal(y, skinny_linear(x, w, b))  # deterministic: splits are summed in a fixed order
 
 
-@gpu
 @pytest.mark.gpu
 def test_skinny_replays_in_cuda_graph_with_new_inputs():
     from moeserve.kernels.skinny_gemm import skinny_linear
@@ -106,7 +102,6 @@ def test_skinny_replays_in_cuda_graph_with_new_inputs():
         assert rel_err(y, _reference(x, w, None)) < 1e-2
 
 
-@gpu
 @pytest.mark.gpu
 def test_linear_uses_skinny_for_decode_rows_only(monkeypatch):
     from moeserve.kernels import skinny_gemm

@@ -18,7 +18,7 @@ from moeserve.forward_batch import AttentionMetadata
 from moeserve.kernels.attention_decode import paged_decode_attention
 from moeserve.kernels.attention_prefill import extend_attention
 from moeserve.kernels.kv_store import store_kv
-from moeserve.kernels.mla_decode import mla_decode_attention, mla_decode_attention_tma, use_mla_tma
+from moeserve.kernels.mla_decode import mla_decode_attention, use_mla_tma
 
 
 def mla_lora_rank(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int | None:
@@ -63,8 +63,8 @@ class TritonAttentionBackend(AttentionBackend):
             assert q.shape[0] == meta.num_reqs, "a decode step has exactly one query per request"
             rank = mla_lora_rank(k_cache, v_cache)
             if rank is not None:
-                mla = mla_decode_attention_tma if use_mla_tma(q, k_cache) else mla_decode_attention
-                return mla(q, k_cache, meta.block_tables, meta.seq_lens, scale, rank, meta.max_seq_len)
+                return mla_decode_attention(q, k_cache, meta.block_tables, meta.seq_lens, scale, rank,
+                                            meta.max_seq_len, tma=use_mla_tma(q, k_cache))
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len
             )

@@ -3,21 +3,11 @@ random initialisation would only cost time (minutes for large expert-parallel sh
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@functools.cache
-def _skinny():
-    """moeserve.kernels.skinny_gemm, or None when Triton does not import."""
-    try:
-        from moeserve.kernels import skinny_gemm
-    except ImportError:
-        return None
-    return skinny_gemm
+from moeserve.backend_choice import fused_kernels_available
 
 
 class Linear(nn.Linear):
@@ -32,10 +22,11 @@ class Linear(nn.Linear):
         pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda" and x.dim() == 2 and x.shape[0] <= 16:
-            skinny = _skinny()
-            if skinny is not None and skinny.skinny_ok(x, self.weight):
-                return skinny.skinny_linear(x, self.weight, self.bias)
+        if fused_kernels_available(x):
+            from moeserve.kernels.skinny_gemm import skinny_linear, skinny_ok
+
+            if skinny_ok(x, self.weight):
+                return skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -6,25 +6,10 @@ On CUDA (when Triton imports) the norm, and the residual add before it, run as o
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
-
-@functools.cache
-def _triton_imports() -> bool:
-    try:
-        import moeserve.kernels.norm  # noqa: F401  (imports triton)
-    except ImportError:
-        return False
-    return True
-
-
-def fused_kernels_available(x: torch.Tensor) -> bool:
-    """Whether the small fused Triton kernels (norm, rotary, router top-k) may run on x: on CUDA only, and
-    only when Triton imports. CPU runs keep the torch code and its exact results."""
-    return x.device.type == "cuda" and _triton_imports()
+from moeserve.backend_choice import fused_kernels_available
 
 
 class RMSNorm(nn.Module):

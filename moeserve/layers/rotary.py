@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moeserve.layers.norm import fused_kernels_available
+from moeserve.backend_choice import fused_kernels_available
 from moeserve.models.config import RopeScaling, yarn_mscale
 
 

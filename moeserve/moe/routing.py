@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.layers.norm import fused_kernels_available
+from moeserve.backend_choice import fused_kernels_available
 from moeserve.models.config import ModelConfig
 
 
@@ -67,11 +67,9 @@ def select_experts(
     choices within a row is unspecified. On CUDA, softmax + greedy without a bias runs as one Triton kernel
     (and at decode sizes `MoELayer.route` fuses the router GEMM into it: see `fused_router_applies`).
     """
-    if (
-        scoring == "softmax"
-        and topk_method == "greedy"
-        and correction_bias is None
-        and _fused_topk_ok(router_logits, top_k)
+    if _topk_softmax_covers(
+        router_logits, router_logits.shape[-1], top_k,
+        scoring=scoring, topk_method=topk_method, correction_bias=correction_bias,
     ):
         from moeserve.kernels.topk_softmax import topk_softmax
 
@@ -110,6 +108,30 @@ def select_experts(
     return topk_weights, topk_ids
 
 
+def _topk_softmax_covers(
+    x: torch.Tensor,
+    num_experts: int,
+    top_k: int,
+    *,
+    scoring: str,
+    topk_method: str,
+    correction_bias: torch.Tensor | None,
+) -> bool:
+    """Whether `moeserve.kernels.topk_softmax` computes `select_experts`' choice: softmax scoring, greedy,
+    no correction bias, on CUDA with Triton, x 2-D with contiguous rows, 0 < top_k <= num_experts <=
+    its MAX_EXPERTS.
+
+    x: the kernel's input rows, [T, E] router logits (or [T, H] router input for `fused_router_applies`).
+    """
+    if scoring != "softmax" or topk_method != "greedy" or correction_bias is not None:
+        return False
+    if not fused_kernels_available(x):
+        return False
+    from moeserve.kernels.topk_softmax import MAX_EXPERTS
+
+    return x.dim() == 2 and x.stride(-1) == 1 and 0 < top_k <= num_experts <= MAX_EXPERTS
+
+
 def fused_router_applies(
     x: torch.Tensor,
     router_weight: torch.Tensor,
@@ -120,40 +142,29 @@ def fused_router_applies(
     correction_bias: torch.Tensor | None,
 ) -> bool:
     """Whether `moeserve.kernels.router_topk.router_topk` may compute the logits ``x @ router_weight.T`` and
-    `select_experts`' choice in one launch: on CUDA only, for what `topk_softmax` covers (softmax, greedy, no
-    correction bias), shapes where it is the faster path (`fused_router_pays`: decode-sized batches, small
-    rows x experts x top_k) and x's dtype or fp32 weights.
+    `select_experts`' choice in one launch: for what `topk_softmax` covers (`_topk_softmax_covers`), at most
+    router_topk's MAX_EXPERTS experts, shapes where it is the faster path (`fused_router_pays`:
+    decode-sized batches, small rows x experts x top_k) and x's dtype or fp32 weights.
     The caller also checks that nothing else reads the logits (they are never materialised).
 
     x: [T, H]; router_weight: [E, H].
     """
-    if scoring != "softmax" or topk_method != "greedy" or correction_bias is not None:
+    if router_weight.dim() != 2:
         return False
-    if not fused_kernels_available(x):
+    num_experts = router_weight.shape[0]
+    covered = _topk_softmax_covers(
+        x, num_experts, top_k, scoring=scoring, topk_method=topk_method, correction_bias=correction_bias
+    )
+    if not covered:
         return False
     from moeserve.kernels.router_topk import MAX_EXPERTS, fused_router_pays
 
     return (
-        x.dim() == 2
-        and router_weight.dim() == 2
-        and fused_router_pays(x.shape[0], router_weight.shape[0], top_k)
-        and x.stride(-1) == 1
+        num_experts <= MAX_EXPERTS
+        and fused_router_pays(x.shape[0], num_experts, top_k)
         and router_weight.is_contiguous()
         and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and router_weight.dtype in (x.dtype, torch.float32)
-        and 0 < top_k <= router_weight.shape[0] <= MAX_EXPERTS
-    )
-
-
-def _fused_topk_ok(router_logits: torch.Tensor, top_k: int) -> bool:
-    if not fused_kernels_available(router_logits):
-        return False
-    from moeserve.kernels.topk_softmax import MAX_EXPERTS
-
-    return (
-        router_logits.dim() == 2
-        and router_logits.stride(-1) == 1
-        and 0 < top_k <= router_logits.shape[1] <= MAX_EXPERTS
     )
 
 

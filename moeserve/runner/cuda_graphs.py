@@ -29,9 +29,9 @@ from torch import nn
 from moeserve.attention.base import AttentionBackend
 from moeserve.forward_batch import (
     AttentionMetadata,
+    BlockTableRows,
     ForwardBatch,
     ForwardMode,
-    PackedBlockTables,
     pack_block_tables,
 )
 from moeserve.scheduler.output import ScheduledRequest
@@ -108,11 +108,12 @@ class DecodeBuffers:
         self._copied: torch.cuda.Event | None = None
 
     def fill(
-        self, reqs: Sequence[ScheduledRequest], padded: int, tables: PackedBlockTables | None = None
+        self, reqs: Sequence[ScheduledRequest], padded: int, table_rows: BlockTableRows | None = None
     ) -> list[int]:
         """Write the decode inputs of `reqs` (one token each) into rows [0, n) and padding into [n, padded).
-        tables: reqs' block tables already packed (row i for reqs[i]); None packs them from the lists.
-        Returns seq_lens of the padded batch as a host list."""
+        table_rows: the runner's kept block tables, which write reqs' tables straight into the staging memory
+        (and are updated); None packs them from the lists. Returns seq_lens of the padded batch as a host
+        list."""
         n, bs = len(reqs), self.block_size
         assert n <= padded <= self.max_batch
         if self._copied is not None:
@@ -128,21 +129,21 @@ class DecodeBuffers:
         host_lens = self._host_lens.numpy()
         host_lens[:padded] = seq_lens
         host_lens[self.max_batch] = n
-        if tables is None:
-            tables = pack_block_tables([r.block_ids for r in reqs])
-        width = max(tables.table.shape[1], 1)
+        width = max([1, *(len(r.block_ids) for r in reqs)])  # the packed tables' width
         assert width <= self.max_blocks, "a request's block table is longer than the context limit allows"
         if self._host_tables is None:
-            host_tables = self.block_tables.numpy()
+            host_tables = self.block_tables[:padded, :width]
         else:
-            host_tables = self._host_tables[: padded * width].numpy().reshape(padded, width)
+            host_tables = self._host_tables[: padded * width].view(padded, width)
         # Past a row's real blocks the kernels read nothing (seq_lens bound them); padding rows: scratch.
-        host_tables[:n, : tables.table.shape[1]] = tables.table.numpy()
-        host_tables[n:padded, :width] = self.scratch_block
+        if table_rows is None:
+            host_tables[:n] = pack_block_tables([r.block_ids for r in reqs]).table
+        else:
+            table_rows.gather([r.request_id for r in reqs], [r.block_ids for r in reqs], out=host_tables[:n])
+        host_tables[n:] = self.scratch_block
         if self._host_tables is not None:
             self.tokens.copy_(self._host_tokens, non_blocking=True)
             self._lens.copy_(self._host_lens, non_blocking=True)
-            host_tables = self._host_tables[: padded * width].view(padded, width)
             self.block_tables[:padded, :width].copy_(host_tables, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
@@ -237,16 +238,16 @@ class CudaGraphRunner:
     def run(
         self,
         reqs: Sequence[ScheduledRequest],
-        tables: PackedBlockTables | None = None,
+        table_rows: BlockTableRows | None = None,
         fill_inputs: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Forward of a decode batch and its LM head. Returns logits [len(reqs), vocab] in the model dtype,
         rows in request order. The tensor is the graph's own output: read it before the next `run`.
-        tables: as `DecodeBuffers.fill`. fill_inputs(input_ids [len(reqs)] int64, on the device) may rewrite
-        inputs on the device before the replay (placeholders)."""
+        table_rows: as `DecodeBuffers.fill`. fill_inputs(input_ids [len(reqs)] int64, on the device) may
+        rewrite inputs on the device before the replay (placeholders)."""
         n = len(reqs)
         size = self.padded_size(n)
-        seq_lens = self.buffers.fill(reqs, size, tables)
+        seq_lens = self.buffers.fill(reqs, size, table_rows)
         if fill_inputs is not None:
             fill_inputs(self.buffers.tokens[0, :n])
         if not self.use_graphs:

@@ -28,7 +28,7 @@ from moeserve.moe.placement import ExpertPlacement
 from moeserve.moe.tbo import run_overlapped, split_for_tbo
 from moeserve.request import PLACEHOLDER
 from moeserve.runner.cuda_graphs import CudaGraphRunner, graph_unsupported_reason
-from moeserve.runner.sampler import SampledTokens, Sampler, SamplingRow
+from moeserve.runner.sampler import SampledTokens, Sampler, SamplingRow, host_to_device
 from moeserve.scheduler.output import ModelOutput, ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger("moeserve")
@@ -49,8 +49,10 @@ class PendingStep:
     def __init__(self, request_ids: list[str], sampled: SampledTokens | None) -> None:
         self.request_ids = request_ids  # the requests that sample, in the order of sampled's rows
         self.sampled = sampled
+        self.resolved = False  # once True, the scheduler holds these tokens: later steps have no placeholder
 
     def resolve(self) -> ModelOutput:
+        self.resolved = True
         if self.sampled is None:
             return ModelOutput(sampled={})
         tokens, logprobs = self.sampled.resolve()
@@ -101,8 +103,8 @@ class ModelRunner:
         self.graphs = self._capture_graphs(graph_reason)
         self.num_tbo_steps = 0
         self.block_tables = BlockTableRows()  # host copies of running requests' tables, kept across steps
-        # The last launch's sampled tokens on the device, and each sampling request's row in them.
-        self._last_sampled: tuple[dict[str, int], torch.Tensor] | None = None
+        # The last launch that sampled (None when the last launch did not): placeholders come from its tokens.
+        self._last_step: PendingStep | None = None
         self.expert_load: torch.Tensor | None = None  # [num_moe_layers, num_physical] int64 when EPLB records
         logger.info(
             "model %s on %s (%s); attention=%s experts=%s dispatcher=%s; %d KV blocks of %d tokens",
@@ -182,16 +184,23 @@ class ModelRunner:
         input_ids: [>= num tokens of reqs] int64 on the device, reqs' tokens in order. A placeholder is
         always a decode step's single token, sampled by the launch just before this one.
         """
+        last = self._last_step
+        if last is None or last.resolved:
+            # Placeholders stand only for tokens of the launch just before, while it is unresolved (with
+            # asynchronous scheduling); once resolved the scheduler has its tokens: nothing to look for.
+            return
         dst, src, offset = [], [], 0
+        row_of: dict[str, int] | None = None  # request id -> row of last.sampled, built on first need
         for r in reqs:
             offset += len(r.token_ids)
             if r.token_ids[-1] == PLACEHOLDER:
-                assert self._last_sampled is not None, "a placeholder with no launch before it"
+                if row_of is None:
+                    row_of = {rid: i for i, rid in enumerate(last.request_ids)}
                 dst.append(offset - 1)
-                src.append(self._last_sampled[0][r.request_id])
+                src.append(row_of[r.request_id])
         if dst:
-            rows = _host_to_device(torch.tensor([dst, src], dtype=torch.int64), self.device)
-            input_ids[rows[0]] = self._last_sampled[1][rows[1]]
+            rows = host_to_device([dst, src], self.device, torch.int64)
+            input_ids[rows[0]] = last.sampled.tokens[rows[1]]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, plan: StepPlan | None = None) -> ModelOutput:
@@ -211,9 +220,7 @@ class ModelRunner:
             # Every request samples here, so the graph's rows are the sample rows.
             reqs = sched.requests
             logits = self.graphs.run(
-                reqs,
-                self.block_tables.pack([r.request_id for r in reqs], [r.block_ids for r in reqs]),
-                fill_inputs=lambda ids: self._fill_placeholders(reqs, ids),
+                reqs, self.block_tables, fill_inputs=lambda ids: self._fill_placeholders(reqs, ids)
             )
             return self._sample(reqs, logits)
         batch = self.build_batch(sched.requests)
@@ -230,7 +237,7 @@ class ModelRunner:
             hidden = self.model(batch)
         sampling = [r for r in sched.requests if r.sample]
         if not sampling:
-            self._last_sampled = None
+            self._last_step = None
             return PendingStep([], None)
         return self._sample(sampling, self.model.compute_logits(hidden[batch.sample_indices]))
 
@@ -238,9 +245,8 @@ class ModelRunner:
         """logits: [len(sampling), vocab] (model dtype), row i for sampling[i]. Queued, not waited for."""
         rows = [SamplingRow(r.sampling_params, r.num_output_tokens) for r in sampling]
         sampled = self.sampler.launch(logits, rows)
-        ids = [r.request_id for r in sampling]
-        self._last_sampled = ({rid: i for i, rid in enumerate(ids)}, sampled.tokens)
-        return PendingStep(ids, sampled)
+        self._last_step = PendingStep([r.request_id for r in sampling], sampled)
+        return self._last_step
 
     def _forward_two_batches(self, reqs: list[ScheduledRequest], batch: ForwardBatch) -> torch.Tensor:
         """Two-batch overlap: split the requests into two micro-batches of near-equal tokens and interleave
@@ -263,21 +269,14 @@ def _to_device_async(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
     """Move a batch built on the host to `device` through pinned memory with non_blocking copies, so that
     building the batch never waits for the GPU. (PyTorch's pinned allocator keeps each staging block until
     its copy has run.)"""
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return _host_to_device(t, device)
-
     meta = batch.attn
     if meta is not None:
-        meta.query_start_loc, meta.seq_lens = move(meta.query_start_loc), move(meta.seq_lens)
-        meta.block_tables, meta.slot_mapping = move(meta.block_tables), move(meta.slot_mapping)
-    batch.input_ids, batch.positions = move(batch.input_ids), move(batch.positions)
-    batch.sample_indices = move(batch.sample_indices)
+        meta.query_start_loc = host_to_device(meta.query_start_loc, device)
+        meta.seq_lens = host_to_device(meta.seq_lens, device)
+        meta.block_tables = host_to_device(meta.block_tables, device)
+        meta.slot_mapping = host_to_device(meta.slot_mapping, device)
+    batch.input_ids = host_to_device(batch.input_ids, device)
+    batch.positions = host_to_device(batch.positions, device)
+    batch.sample_indices = host_to_device(batch.sample_indices, device)
     return batch
 
-
-def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without waiting for the device (pinned staging, non_blocking copy)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)

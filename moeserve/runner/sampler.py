@@ -53,16 +53,16 @@ class Sampler:
         if len(greedy) == len(rows):  # the common all-greedy batch: no index tensor to copy to the device
             tokens = logits.argmax(dim=-1)
         elif greedy:
-            idx = _device_tensor(greedy, torch.int64, logits.device)
+            idx = host_to_device(greedy, logits.device, torch.int64)
             tokens[idx] = logits[idx].argmax(dim=-1)
         if random:
-            idx = _device_tensor(random, torch.int64, logits.device)
+            idx = host_to_device(random, logits.device, torch.int64)
             tokens[idx] = self._sample_random(logits[idx].float(), [rows[i] for i in random])
         return SampledTokens(tokens, rows, _logprobs(logits, rows, tokens))
 
     def _sample_random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         device = logits.device
-        temperature = _device_tensor([r.params.temperature for r in rows], torch.float32, device)
+        temperature = host_to_device([r.params.temperature for r in rows], device, torch.float32)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
         probs = _filter(probs, rows)
         # Exponential race: argmax(p / q), q ~ Exp(1), is a sample from p; q comes from a per-row stream.
@@ -92,20 +92,26 @@ def _filter(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     device = probs.device
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[1], device=device)[None, :]
-    drop = rank >= _device_tensor(top_k, torch.int64, device)[:, None]
+    drop = rank >= host_to_device(top_k, device, torch.int64)[:, None]
     # top-p keeps the smallest prefix whose mass reaches p (the token that crosses p stays).
     mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-    drop |= mass_before >= _device_tensor(top_p, probs.dtype, device)[:, None]
-    drop |= sorted_p < sorted_p[:, :1] * _device_tensor(min_p, probs.dtype, device)[:, None]
+    drop |= mass_before >= host_to_device(top_p, device, probs.dtype)[:, None]
+    drop |= sorted_p < sorted_p[:, :1] * host_to_device(min_p, device, probs.dtype)[:, None]
     drop[:, 0] = False  # the most likely token always survives
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(1, order, sorted_p)
 
 
-def _device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on `device` without a host sync (a pageable copy would wait for the stream)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+def host_to_device(
+    values: torch.Tensor | list, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A host tensor (or a list, made a tensor of `dtype`) on `device` without waiting for the device: on CUDA
+    through pinned staging and a non_blocking copy (a pageable copy would wait for the stream; PyTorch's
+    pinned allocator keeps the staging block until its copy has run), elsewhere a plain `.to`."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(slots=True)
@@ -122,7 +128,7 @@ def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tenso
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if not wanted:
         return None
-    idx = _device_tensor(wanted, torch.int64, logits.device)
+    idx = host_to_device(wanted, logits.device, torch.int64)
     logp = torch.log_softmax(logits[idx].float(), dim=-1)
     k = max(rows[i].params.logprobs for i in wanted)
     top_v, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())

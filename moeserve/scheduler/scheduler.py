@@ -128,6 +128,7 @@ class Scheduler:
         self._step += 1
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
+        requests: list[Request] = []  # scheduled[i] describes requests[i]
         preemptions_before = self.num_preemptions
         i = 0
         while i < len(self._running) and budget > 0:
@@ -139,18 +140,17 @@ class Scheduler:
             if not self._allocate_or_preempt(request, num_new):
                 break  # the request preempted itself: it was the newest running one
             scheduled.append(self._scheduled(request, num_new))
+            requests.append(request)
             budget -= num_new
         # After a preemption memory is short: admitting more now would only cause more preemptions.
         if self.num_preemptions == preemptions_before:
-            budget = self._admit_waiting(budget, scheduled)
+            budget = self._admit_waiting(budget, scheduled, requests)
         # Dropped ids ride on the next output that has work, so an engine that skips empty steps loses none.
         dropped: list[str] = []
         if scheduled:
             dropped, self._dropped = self._dropped, []
-        by_id = self._requests
         return SchedulerOutput(
-            step=self._step, requests=scheduled, dropped_request_ids=dropped,
-            scheduled=[by_id[r.request_id] for r in scheduled],
+            step=self._step, requests=scheduled, dropped_request_ids=dropped, scheduled=requests
         )
 
     def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
@@ -166,13 +166,15 @@ class Scheduler:
         """Whether a token in flight is the request's last (max_tokens or the context limit)."""
         if not request.num_placeholders:
             return False
-        max_tokens = request.sampling_params.max_tokens
-        return (
-            request.num_output_tokens + request.num_placeholders >= max_tokens
-            or request.num_tokens >= self.context_limit
-        )
+        num_output = request.num_output_tokens + request.num_placeholders
+        return self._length_reached(request, num_output, request.num_tokens)
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+    def _length_reached(self, request: Request, num_output: int, num_tokens: int) -> bool:
+        """Whether a request with num_output generated tokens and num_tokens in all ends on length:
+        max_tokens, or the context limit."""
+        return num_output >= request.sampling_params.max_tokens or num_tokens >= self.context_limit
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest], requests: list[Request]) -> int:
         while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
             request = self._waiting[0]
             if request.num_placeholders:
@@ -188,6 +190,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             bisect.insort(self._running, request, key=_arrival)
             scheduled.append(self._scheduled(request, num_new))
+            requests.append(request)
             budget -= num_new
         return budget
 
@@ -255,7 +258,7 @@ class Scheduler:
             return "stop", None
         if token in params.stop_token_ids:
             return "stop", token
-        if request.num_output_tokens >= params.max_tokens or request.num_known_tokens >= self.context_limit:
+        if self._length_reached(request, request.num_output_tokens, request.num_known_tokens):
             return "length", None
         return None
 

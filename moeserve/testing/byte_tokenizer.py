@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from moeserve.tokenizer import byte_level_alphabet
+
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
 IM_START_TOKEN = "<|im_start|>"
@@ -39,25 +41,9 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def byte_to_char() -> dict[int, str]:
-    """The byte-level BPE alphabet: each byte as one printable character.
-
-    Printable Latin-1 bytes stand for themselves; the others (controls, space, 0x7F-0xA0, 0xAD) are shifted to
-    code points from 256 on, in byte order. This is the alphabet ``tokenizers``' ByteLevel pre-tokenizer and
-    decoder use, so a vocabulary written in it decodes back to raw bytes.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table = {b: chr(b) for b in printable}
-    shifted = (b for b in range(NUM_BYTES) if b not in table)
-    for i, b in enumerate(shifted):
-        table[b] = chr(NUM_BYTES + i)
-    return dict(sorted(table.items()))
-
-
 def build_byte_tokenizer() -> HFTokenizer:
     """A ``tokenizers.Tokenizer`` with ids 0..255 = bytes and the special tokens after them."""
-    vocab = {ch: b for b, ch in byte_to_char().items()}
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok = HFTokenizer(models.BPE(vocab=dict(byte_level_alphabet()), merges=[]))
     # No regex split and no prefix space: the text is cut into bytes exactly as given.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -67,7 +53,7 @@ def build_byte_tokenizer() -> HFTokenizer:
 
 
 def alphabet_matches(tok: HFTokenizer) -> bool:
-    return set(pre_tokenizers.ByteLevel.alphabet()) == set(byte_to_char().values()) and all(
+    return set(pre_tokenizers.ByteLevel.alphabet()) == set(byte_level_alphabet()) and all(
         tok.token_to_id(t) == NUM_BYTES + i for i, t in enumerate(SPECIAL_TOKENS)
     )
 
