@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels.counters import completion_counters
+from moeserve.kernels.counters import completion_counters, last_to_arrive
 from moeserve.kernels.device import num_sms
 from moeserve.kernels.pdl import launch_kwargs, pdl_enter
 
@@ -36,6 +36,41 @@ def choose_num_splits(
     splits = triton.cdiv(target, max(num_programs, 1))
     max_useful = max(1, triton.cdiv(max_seq_len, 4 * block_n))
     return int(max(1, min(splits, max_useful, 32)))
+
+
+@triton.jit
+def split_range(SeqLens, req, split, num_splits, BLOCK_N: tl.constexpr):
+    """Tokens [start, end) of request ``req`` that split ``split`` of ``num_splits`` attends over.
+
+    Each slice is rounded up to whole BLOCK_N tiles, so only the last tile of the request is partial; a
+    context shorter than the split count allows leaves the last splits empty (start >= end)."""
+    seq_len = tl.load(SeqLens + req)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    return start, tl.minimum(start + split_len, seq_len)
+
+
+@triton.jit
+def split_out_rows(Out, PartOut, req, heads, split, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps,
+                   SPLIT_OUT: tl.constexpr):
+    """[len(heads), 1] pointers to where this program writes its normalised output rows (column 0): Out's
+    rows of (req, heads) with one split, else split ``split``'s fp32 partial rows in PartOut."""
+    if SPLIT_OUT:
+        rows = PartOut + req * stride_pt + heads[:, None] * stride_ph + split * stride_ps
+    else:
+        rows = Out + req * stride_ot + heads[:, None] * stride_oh
+    return rows
+
+
+@triton.jit
+def store_split_lse(PartLse, part_rows, stride_ps, split, m_i, l_i, mask):
+    """Store a split's log2-sum-exp per row: m_i + log2(l_i), or -inf for an empty split (l_i == 0).
+
+    part_rows: offsets of (token, head, split 0) in PartOut; the lse rows share its strides divided by Dv
+    (`alloc_partials`), so the lse of a row sits at part_rows // stride_ps + split in PartLse."""
+    has_keys = l_i > 0.0
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(PartLse + part_rows // stride_ps + split, lse, mask=mask)
 
 
 @triton.jit
@@ -69,11 +104,7 @@ def _gqa_decode_kernel(
     dk_ok = offs_dk < HEAD_DK
     dv_ok = offs_dv < HEAD_DV
 
-    seq_len = tl.load(SeqLens + req)
-    # Slice length rounded to whole tiles so that only the last tile of the request is partial.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    start, end = split_range(SeqLens, req, split, num_splits, BLOCK_N)
 
     q = tl.load(
         Q + req * stride_qt + heads[:, None] * stride_qh + offs_dk[None, :],
@@ -103,25 +134,16 @@ def _gqa_decode_kernel(
 
     has_keys = l_i > 0.0  # false only for an empty slice (context shorter than the split count allows)
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    o_mask = row_ok[:, None] & dv_ok[None, :]
-    if not SPLIT_OUT:
-        tl.store(Out + req * stride_ot + heads[:, None] * stride_oh + offs_dv[None, :],
-                 out.to(Out.dtype.element_ty), mask=o_mask)
-    else:
-        part = PartOut + req * stride_pt + heads[:, None] * stride_ph + split * stride_ps
-        tl.store(part + offs_dv[None, :], out, mask=o_mask)
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(PartLse + (req * stride_pt + heads * stride_ph) // stride_ps + split, lse, mask=row_ok)
-        if FUSED_REDUCE:
-            # Publish this split, then count it: the barrier orders every thread's stores before the
-            # (single-thread) release of the atomic, whose acquire in the last program orders its loads after
-            # every split's stores. The last split of (request, kv head, head block) merges them all.
-            tl.debug_barrier()
-            slot = Counters + req * tl.num_programs(1) + tl.program_id(1)
-            if tl.atomic_add(slot, 1, sem="acq_rel") == num_splits - 1:
-                tl.store(slot, 0)  # every split has counted: reset for the next launch (graph replays)
+    dst = split_out_rows(Out, PartOut, req, heads, split, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps,
+                         SPLIT_OUT)
+    tl.store(dst + offs_dv[None, :], out.to(dst.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    if SPLIT_OUT:
+        part_rows = req * stride_pt + heads * stride_ph
+        store_split_lse(PartLse, part_rows, stride_ps, split, m_i, l_i, row_ok)
+        if FUSED_REDUCE:  # the last split of (request, kv head, head block) to arrive merges them all
+            if last_to_arrive(Counters + req * tl.num_programs(1) + tl.program_id(1), num_splits):
                 _merge_splits(
-                    PartOut, PartLse, Out, req * stride_pt + heads * stride_ph, req * stride_ot + heads * stride_oh,
+                    PartOut, PartLse, Out, part_rows, req * stride_ot + heads * stride_oh,
                     row_ok, stride_ps, num_splits, BLOCK_H, HEAD_DV, BLOCK_DV, BLOCK_S, 4,
                 )
 
@@ -137,7 +159,7 @@ def _merge_splits(
 
     part_rows: [ROWS] offsets of (token, head, split 0) in PartOut (the lse of a row sits at part_rows // stride_ps
     in PartLse); out_rows: [ROWS] offsets in Out. Whole rows at a time: no reduction across threads but one max.
-    Loads use ".cg": other programs of this launch wrote the partials; read them from L2, not a stale L1.
+    Loads use ".cg": other programs of this launch wrote the partials (see `last_to_arrive`).
     """
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_DV)

@@ -15,6 +15,8 @@ is refused during capture (nothing would zero it): make one eager call of each s
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 _MIN_COUNTERS = 4096
 _buffers: dict[tuple[str, int | None], torch.Tensor] = {}
@@ -41,3 +43,20 @@ def completion_counters(device: torch.device, count: int) -> torch.Tensor:
     size = max(_MIN_COUNTERS, 1 << (count - 1).bit_length())
     _buffers[key] = torch.zeros(size, dtype=torch.int32, device=torch.device(key[0], key[1]))
     return _buffers[key]
+
+
+@triton.jit
+def last_to_arrive(counter_ptr, group_size):
+    """Count this program in; True in the last of the group_size programs sharing counter_ptr to arrive.
+
+    Call once per program, after storing its partial result. The barrier before the atomic orders every
+    thread's stores before the atomic's (single-thread) release; the acquire, and the barrier after it, order
+    the last program's later loads of the partials after every other program's stores (load them with
+    cache_modifier=".cg": L1 is not coherent). The last program also sets the counter back to 0, so counters
+    are 0 between launches and a CUDA graph can replay the kernel without resetting them."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    tl.debug_barrier()
+    last = arrived == group_size - 1
+    tl.store(counter_ptr, 0, mask=last)
+    return last

@@ -21,7 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels.attention_decode import LOG2E, alloc_partials, choose_num_splits, split_reduce
+from moeserve.kernels.attention_decode import (
+    LOG2E,
+    alloc_partials,
+    choose_num_splits,
+    split_out_rows,
+    split_range,
+    split_reduce,
+    store_split_lse,
+)
 from moeserve.kernels.device import compute_capability
 from moeserve.kernels.pdl import launch_kwargs, pdl_enter
 
@@ -29,6 +37,18 @@ try:  # Triton >= 3.4: host-side TMA descriptors (also run by the interpreter)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: the TMA path reports itself unavailable
     TensorDescriptor = None
+
+
+@triton.jit
+def _program_heads(num_heads, BLOCK_H: tl.constexpr):
+    """(req, split, heads [BLOCK_H], h_ok [BLOCK_H]) of this program in `_launch`'s grid
+    (head blocks, requests, splits): head blocks vary fastest, so those of one request run together and share
+    each cache tile in L2."""
+    hb = tl.program_id(0)
+    req = tl.program_id(1)
+    split = tl.program_id(2)
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    return req, split, heads, heads < num_heads
 
 
 @triton.jit
@@ -43,19 +63,11 @@ def _mla_decode_kernel(
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, num_splits, SPLIT_OUT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
-    hb = tl.program_id(0)  # fastest-varying: head blocks of one request run together and share the tile in L2
-    req = tl.program_id(1)
-    split = tl.program_id(2)
-
-    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = heads < num_heads
+    req, split, heads, h_ok = _program_heads(num_heads, BLOCK_H)
     offs_c = tl.arange(0, LORA)
     offs_r = LORA + tl.arange(0, ROPE)
 
-    seq_len = tl.load(SeqLens + req)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    start, end = split_range(SeqLens, req, split, num_splits, BLOCK_N)
 
     q_rows = Q + req * stride_qt + heads[:, None] * stride_qh
     q_c = tl.load(q_rows + offs_c[None, :], mask=h_ok[:, None], other=0.0)  # [BLOCK_H, LORA]
@@ -83,14 +95,11 @@ def _mla_decode_kernel(
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if not SPLIT_OUT:
-        tl.store(Out + req * stride_ot + heads[:, None] * stride_oh + offs_c[None, :],
-                 out.to(Out.dtype.element_ty), mask=h_ok[:, None])
-    else:
-        part = PartOut + req * stride_pt + heads[:, None] * stride_ph + split * stride_ps
-        tl.store(part + offs_c[None, :], out, mask=h_ok[:, None])
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(PartLse + (req * stride_pt + heads * stride_ph) // stride_ps + split, lse, mask=h_ok)
+    dst = split_out_rows(Out, PartOut, req, heads, split, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps,
+                         SPLIT_OUT)
+    tl.store(dst + offs_c[None, :], out.to(dst.dtype.element_ty), mask=h_ok[:, None])
+    if SPLIT_OUT:
+        store_split_lse(PartLse, req * stride_pt + heads * stride_ph, stride_ps, split, m_i, l_i, h_ok)
 
 
 def mla_decode_attention(
@@ -221,19 +230,11 @@ def _mla_decode_tma_kernel(
     # rows are contiguous in the 2-D view: row = block_table[n0 // PAGE] * PAGE + n0 % PAGE.
     pdl_enter(USE_PDL)
     HALF: tl.constexpr = LORA // 2
-    hb = tl.program_id(0)  # fastest-varying: head blocks of one request run together and share tiles in L2
-    req = tl.program_id(1)
-    split = tl.program_id(2)
-
-    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = heads < num_heads
+    req, split, heads, h_ok = _program_heads(num_heads, BLOCK_H)
     offs_c = tl.arange(0, HALF)
     offs_r = LORA + tl.arange(0, ROPE)
 
-    seq_len = tl.load(SeqLens + req)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    start, end = split_range(SeqLens, req, split, num_splits, BLOCK_N)
     # Full tiles run in the loop without masks; the one partial tile of a request (only
     # the last split has one) runs after it with the rows past the context zeroed, since the tail rows of a
     # page may hold anything (a TMA load cannot be masked).
@@ -268,16 +269,12 @@ def _mla_decode_tma_kernel(
     inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
     out0 = acc0 * inv_l[:, None]
     out1 = acc1 * inv_l[:, None]
-    if not SPLIT_OUT:
-        o = Out + req * stride_ot + heads[:, None] * stride_oh
-        tl.store(o + offs_c[None, :], out0.to(Out.dtype.element_ty), mask=h_ok[:, None])
-        tl.store(o + HALF + offs_c[None, :], out1.to(Out.dtype.element_ty), mask=h_ok[:, None])
-    else:
-        part = PartOut + req * stride_pt + heads[:, None] * stride_ph + split * stride_ps
-        tl.store(part + offs_c[None, :], out0, mask=h_ok[:, None])
-        tl.store(part + HALF + offs_c[None, :], out1, mask=h_ok[:, None])
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(PartLse + (req * stride_pt + heads * stride_ph) // stride_ps + split, lse, mask=h_ok)
+    dst = split_out_rows(Out, PartOut, req, heads, split, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps,
+                         SPLIT_OUT)
+    tl.store(dst + offs_c[None, :], out0.to(dst.dtype.element_ty), mask=h_ok[:, None])
+    tl.store(dst + HALF + offs_c[None, :], out1.to(dst.dtype.element_ty), mask=h_ok[:, None])
+    if SPLIT_OUT:
+        store_split_lse(PartLse, req * stride_pt + heads * stride_ph, stride_ps, split, m_i, l_i, h_ok)
 
 
 def _is_pow2_in(x: int, lo: int, hi: int) -> bool:

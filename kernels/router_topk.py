@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from moeserve.kernels.counters import completion_counters
+from moeserve.kernels.counters import completion_counters, last_to_arrive
 from moeserve.kernels.device import num_sms
 from moeserve.kernels.pdl import launch_kwargs, pdl_enter
 from moeserve.kernels.topk_softmax import topk_softmax_reference
@@ -66,7 +66,7 @@ def _softmax_topk_rows(
     mask = real[:, None] & (offs_e < BLOCK_EALL)[None, :]  # whole rows: columns >= E are dropped below
     logits = tl.zeros([BLOCK_R, BLOCK_EALL], dtype=tl.float32)
     # Unrolled, so that every slice's load is in flight at once; summed in slice order (deterministic).
-    # ".cg": other programs wrote these partials; read them from L2, never from a stale L1 line.
+    # ".cg": other programs wrote these partials (see `last_to_arrive`).
     for s in tl.static_range(K_SPLITS):
         logits += tl.load(ptrs + s * (num_tokens * BLOCK_EALL), mask=mask, other=0.0, cache_modifier=".cg")
     if ROUND == 1:  # the unfused GEMM returns logits in the model dtype
@@ -144,18 +144,12 @@ def _router_topk_kernel(
     tl.store(Partial + ks * (num_tokens * BLOCK_EALL) + rows[:, None] * BLOCK_EALL + experts[None, :], acc,
              mask=row_ok[:, None] & e_ok[None, :])
 
-    # Publish the partial, then count it: the barrier orders every thread's stores before the (single-thread)
-    # release of the atomic; its acquire orders the finishing program's loads after every other program's stores.
-    tl.debug_barrier()
-    done = tl.atomic_add(Counters + rb, 1, sem="acq_rel")
-    if done == tl.num_programs(0) - 1:
-        tl.store(Counters + rb, 0)  # every program of this row block has counted: reset for the next launch
+    # The last program of this row block (every expert block and hidden slice) to arrive selects for it.
+    if last_to_arrive(Counters + rb, tl.num_programs(0)):
         _softmax_topk_rows(  # BLOCK_R = BLOCK_T, or fewer when the whole batch is fewer rows
             Partial, Weights, Ids, NumReal, rb * BLOCK_T, num_tokens, num_experts, scale,
             TOP_K, BLOCK_K, BLOCK_R, BLOCK_EALL, K_SPLITS, ROUND, RENORMALIZE, HAS_NUM_REAL,
         )
-
-
 
 
 def _select_tile(num_tokens: int, num_experts: int) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels.counters import completion_counters
+from moeserve.kernels.counters import completion_counters, last_to_arrive
 from moeserve.kernels.device import num_sms
 from moeserve.kernels.pdl import launch_kwargs
 
@@ -66,21 +66,16 @@ def _skinny_kernel(
             acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
     else:
-        # Part: [SPLIT_K, BLOCK_M, N] fp32. Every thread's partial store is ordered before the counter's
-        # release; the last arriver's acquire (and the barrier after it) orders its loads after all of them.
+        # Part: [SPLIT_K, BLOCK_M, N] fp32; the last split of the column tile to arrive sums them.
         part_ptrs = Part + offs_m[None, :] * N + offs_n[:, None]
         tl.store(part_ptrs + split * BLOCK_M * N, acc, mask=out_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(Count + pid_n, 1, sem="acq_rel")
-        tl.debug_barrier()
-        if arrived == SPLIT_K - 1:
+        if last_to_arrive(Count + pid_n, SPLIT_K):
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(SPLIT_K):  # fixed order: deterministic whatever the arrival order
                 total += tl.load(part_ptrs + s * BLOCK_M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=out_mask)
-            tl.store(Count + pid_n, 0)  # ready for the next launch (stream order)
 
 
 @dataclass(frozen=True, slots=True)

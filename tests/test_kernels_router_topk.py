@@ -4,7 +4,7 @@ where `MoELayer.route` uses it.
 - CPU, plain: which routings and shapes take the fused path (only where it computes the same and is faster).
 - CPU, Triton interpreter (fp16/fp32; `test_router_topk_under_interpreter` re-runs the `test_interp_*` tests
   in a subprocess with TRITON_INTERPRET=1): several row blocks, expert blocks and hidden slices, exact ties,
-  padding rows; the completion counters are left at zero.
+  padding rows, the same choice as `topk_softmax` on the same logits; the completion counters are left at zero.
 - GPU (`gpu` marker): bf16 at real router shapes, and replay inside a CUDA graph with new inputs, together
   with the one-launch split-KV decode that uses the same counters.
 """
@@ -99,6 +99,27 @@ def test_interp_router_topk_exact_logits_and_ties(x_dtype, w_dtype):
     weights, ids = router_topk(x.to(x_dtype), w.to(w_dtype), k, renormalize=True, scaling_factor=1.5, k_splits=2)
     assert torch.equal(ids, want_ids.int())
     torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-5)
+
+
+@interp
+@pytest.mark.parametrize("t,e,k", [(9, 40, 6), (20, 128, 8), (3, 8, 2)])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_interp_router_topk_chooses_as_topk_softmax(t, e, k, renormalize):
+    """The two kernels implement the same selection rules with different code (a packed-key max per pick over
+    a row block here, a max then a lowest-index min per token there): on the same exact logits, with ties and
+    a padding row, they choose the same ids in the same order with the same weights."""
+    from moeserve.kernels.router_topk import router_topk
+    from moeserve.kernels.topk_softmax import topk_softmax
+
+    g = torch.Generator().manual_seed(t + e)
+    x = torch.randint(-3, 4, (t, 128), generator=g).float() / 8
+    w = torch.randint(-2, 3, (e, 128), generator=g).float()
+    w[e // 2] = w[1]  # a tie in every row
+    kw = dict(renormalize=renormalize, scaling_factor=1.5, num_real_tokens=torch.tensor([t - 1]).int())
+    fused = router_topk(x.half(), w.half(), k, k_splits=2, **kw)
+    unfused = topk_softmax(x @ w.t(), k, **kw)  # exact in float32, and in fp16 too
+    assert torch.equal(fused[1], unfused[1])
+    torch.testing.assert_close(fused[0], unfused[0], atol=1e-7, rtol=1e-6)
 
 
 @interp
