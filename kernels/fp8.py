@@ -14,6 +14,10 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 GROUP = 128  # channels per activation scale, and the weight block edge
 _MIN_AMAX = 1e-10  # keeps an all-zero group's scale finite
+# The same three for use inside @triton.jit helpers (globals there must be constexpr).
+_FP8_MAX_C = tl.constexpr(FP8_MAX)
+GROUP_C = tl.constexpr(GROUP)
+_MIN_AMAX_C = tl.constexpr(_MIN_AMAX)
 
 
 @triton.jit
@@ -27,6 +31,33 @@ def _round_to_e4m3(v):
     return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
 
 
+@triton.jit
+def quant_groups_e4m3(x, FP8_MAX_C: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """x: [R, G] fp32, one quantisation group per row -> (q: [R, G] fp32 holding e4m3 values, scale: [R] fp32)
+    with x ~= q * scale. The one code path for every activation quantisation (the quant kernel below and the
+    fused-MoE gate/up epilogue), so both give the same bits."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), MIN_AMAX)
+    scale = amax / FP8_MAX_C
+    q = _round_to_e4m3(tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C))
+    return q, scale
+
+
+@triton.jit
+def quant_act_tile(act, offs_n, N, ROUND_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   EVEN_N: tl.constexpr):
+    """act: [BLOCK_M, BLOCK_N] fp32 at columns offs_n of an [*, N] matrix, the tile starting on a GROUP boundary
+    and BLOCK_N a multiple of GROUP. Returns (q: [BLOCK_M, BLOCK_N] fp32 holding e4m3 values, scale:
+    [BLOCK_M, BLOCK_N // GROUP] fp32), bit for bit what `per_token_group_quant_fp8` gives for act stored in
+    ROUND_DTYPE: rounded first, columns >= N counted as 0 (EVEN_N: the tile has none)."""
+    x = act.to(ROUND_DTYPE).to(tl.float32)
+    if not EVEN_N:
+        x = tl.where(offs_n[None, :] < N, x, 0.0)
+    # Row-major [BLOCK_M, G * GROUP] -> [BLOCK_M * G, GROUP]: row m * G + g is group g of row m.
+    q, scale = quant_groups_e4m3(tl.reshape(x, [BLOCK_M * (BLOCK_N // GROUP_C), GROUP_C]), _FP8_MAX_C,
+                                 _MIN_AMAX_C)
+    return tl.reshape(q, [BLOCK_M, BLOCK_N]), tl.reshape(scale, [BLOCK_M, BLOCK_N // GROUP_C])
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _token_group_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows, K, stride_xm, stride_qm, stride_sm,
                               GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr, FP8_MAX_C: tl.constexpr,
@@ -37,9 +68,7 @@ def _token_group_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows, K, stride_xm, strid
     cols = group * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
     mask = (rows[:, None] < num_rows) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), MIN_AMAX)
-    scale = amax / FP8_MAX_C
-    q = _round_to_e4m3(tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C))
+    q, scale = quant_groups_e4m3(x, FP8_MAX_C, MIN_AMAX)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows * stride_sm + group, scale, mask=rows < num_rows)
 

@@ -1,7 +1,7 @@
 """Fused MoE for routed experts: align -> grouped GEMM gate/up (+SiLU*mul) -> grouped GEMM down (x routed
 weight) -> top-k sum. bf16/fp16/fp32 weights, or float8_e4m3fn weights with 128x128 block scales.
-Small M (config.pairs) skips the align and the top-k sum: gate/up per (token, choice) pair, then down per
-pair, the last of a token's programs summing its k rows in a fixed order (two launches, deterministic).
+Small M (config.pairs) skips the align and the top-k sum: the two per-pair launches of `fused_moe_pairs`,
+driven from here (hidden and act quantisation included, so `FUSE_ACT_QUANT` governs both paths).
 
 Design (H100 targets, see benchmarks/RESULTS.md):
 - Small M is memory-bound on the weights of the experts that received tokens. Only blocks that own pairs run
@@ -10,13 +10,16 @@ Design (H100 targets, see benchmarks/RESULTS.md):
   break the SiLU fusion and add a reduction pass).
 - Large M is compute-bound: 64-128 row blocks, wide N tiles, 3-4 pipeline stages, 8 warps.
 - Aligned path: the top-k sum is a separate small kernel over [M*k, H] rather than float atomics in the down
-  epilogue: deterministic, fp32 accumulation, no zero-filled output. Pairs path: the down program that
-  arrives last on a (token, N tile) (an int counter, zeroed by the gate/up launch) sums the token's k fp32
-  rows in a fixed order, so it is deterministic too and needs no third launch.
+  epilogue: deterministic, fp32 accumulation, no zero-filled output.
+- FP8: where gate/up's N tiles cover whole 128-channel groups, its epilogue quantises act itself (fp8 act
+  plus per-group scales, the bits the separate quantisation launch would give), so act never goes to memory
+  in 16 bits and the quantisation launch goes away.
 - Every buffer size depends only on shapes, never on routing: the whole call is CUDA-graph capturable.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -24,60 +27,36 @@ import triton.language as tl
 
 from . import fused_moe_tma
 from .fp8 import FP8_DTYPE, GROUP, per_token_group_quant_fp8
+from .fused_moe_pairs import down_pairs, gate_up_pairs
 from .moe_align import AlignedRouting, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config
-from .moe_tiles import gemm_meta, store_act, store_down, tile_of
+from .moe_tiles import (
+    act_quant_meta,
+    down_acc,
+    gate_up_acc,
+    new_act,
+    ptr_gemm_meta,
+    store_act,
+    store_down,
+    tile_of,
+)
 from .pdl import launch_kwargs, pdl_enter
 
-
-@triton.jit
-def _gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
-                 stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
-                 FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """(x[token] . w13[e, n], x[token] . w13[e, INTER + n]) in fp32, [BLOCK_M, BLOCK_N] each."""
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
-    u_ptrs = g_ptrs + INTER * stride_wn
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            g = tl.load(g_ptrs)
-            u = tl.load(u_ptrs)
-        else:
-            k_ok = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-        if FP8:
-            # BLOCK_K divides QBLOCK, so one scale group covers the whole k step.
-            grp = kk * BLOCK_K // QBLOCK
-            a_s = tl.load(xs_ptr + token * stride_xsm + grp)
-            ws_base = ws_ptr + expert * stride_wse + grp
-            g_s = tl.load(ws_base + (offs_nw // QBLOCK) * stride_wsn)
-            u_s = tl.load(ws_base + ((offs_nw + INTER) // QBLOCK) * stride_wsn)
-            acc_g += tl.dot(a, g) * (a_s[:, None] * g_s[None, :])
-            acc_u += tl.dot(a, u) * (a_s[:, None] * u_s[None, :])
-        else:
-            acc_g = tl.dot(a, g, acc_g)
-            acc_u = tl.dot(a, u, acc_u)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-    return acc_g, acc_u
+# False sends fp8 act through the separate quantisation launch even where gate/up's epilogue could quantise it:
+# for A/B timing, and the unfused route the tests compare the fused epilogue with (bit for bit).
+FUSE_ACT_QUANT = True
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
-def _gate_up_kernel(x_ptr, w_ptr, act_ptr, xs_ptr, ws_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr,
-                    max_blocks, K, INTER, top_k,
-                    stride_xm, stride_we, stride_wn, stride_am, stride_xsm, stride_wse, stride_wsn,
+def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_expert_ptr,
+                    block_rows_ptr, max_blocks, K, INTER, top_k,
+                    stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse, stride_wsn,
                     FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                    EVEN_N: tl.constexpr, USE_PDL: tl.constexpr):
-    """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block."""
+                    EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block
+    (QUANT_ACT: fp8 with scales in as, see `store_act`)."""
     pdl_enter(USE_PDL)
     pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -92,48 +71,11 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, xs_ptr, ws_ptr, sorted_ptr, block_exp
         offs_nw = offs_n
     else:
         offs_nw = offs_n % INTER  # in-bounds weight rows; the extra columns are never stored
-    acc_g, acc_u = _gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
-                                stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
-                                FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-    store_act(act_ptr, acc_g, acc_u, pid_m, offs_n, stride_am, INTER, BLOCK_M, EVEN_N)
-
-
-@triton.jit(do_not_specialize=["num_pairs"])
-def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, xs_ptr, ws_ptr, ids_ptr, topk_w_ptr, count_ptr,
-                          num_pairs, num_experts, K, INTER, top_k, num_counts,
-                          stride_xm, stride_we, stride_wn, stride_am, stride_xsm, stride_wse, stride_wsn,
-                          FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                          EVEN_N: tl.constexpr, COUNT_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
-    """act[pair, n] = w[pair] * silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for one pair and N
-    tile, e = topk_ids[pair]; w = topk_weights[pair], or 1 when FP8 (down applies it with the act scale).
-    Rows of dropped pairs are left unwritten. Also zeroes count[:num_counts] for `_down_pairs_kernel`."""
-    pdl_enter(USE_PDL)
-    offs_c = tl.program_id(0) * COUNT_CHUNK + tl.arange(0, COUNT_CHUNK)
-    tl.store(count_ptr + offs_c, tl.zeros([COUNT_CHUNK], dtype=tl.int32), mask=offs_c < num_counts)
-    # N-tile-major order: programs of the same weight tile run together, so an expert picked by several
-    # tokens is mostly served from L2.
-    pair = tl.program_id(0) % num_pairs
-    pid_n = tl.program_id(0) // num_pairs
-    expert = tl.load(ids_ptr + pair)
-    if (expert < 0) | (expert >= num_experts):
-        return
-    # All BLOCK_M MMA rows read the pair's token (the MMA needs >= 16 rows); only row 0 is stored.
-    token = tl.zeros([BLOCK_M], dtype=tl.int32) + pair // top_k
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if EVEN_N:
-        offs_nw = offs_n
-    else:
-        offs_nw = offs_n % INTER
-    acc_g, acc_u = _gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
-                                stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
-                                FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
-    if not FP8:
-        act = act * tl.load(topk_w_ptr + pair)
-    offs_r = tl.arange(0, BLOCK_M)
-    out_ptrs = act_ptr + pair.to(tl.int64) * stride_am + offs_n[None, :] + offs_r[:, None] * 0
-    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=(offs_r[:, None] == 0) & (offs_n[None, :] < INTER))
+    acc_g, acc_u = gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
+                               stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
+                               FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    store_act(act_ptr, as_ptr, acc_g, acc_u, pid_m, pid_n, offs_n, stride_am, stride_asm, INTER,
+              BLOCK_M, BLOCK_N, EVEN_N, QUANT_ACT, ROUND_DTYPE)
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
@@ -159,84 +101,10 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
         offs_nw = offs_n
     else:
         offs_nw = offs_n % N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_ok = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if FP8:
-            grp = kk * BLOCK_K // QBLOCK
-            a_s = tl.load(as_ptr + slots * stride_asm + grp)
-            b_s = tl.load(ws_ptr + expert * stride_wse + (offs_nw // QBLOCK) * stride_wsn + grp)
-            acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    acc = down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, slots, expert, offs_nw, K, tl.cdiv(K, BLOCK_K),
+                   stride_am, stride_we, stride_wn, stride_asm, stride_wse, stride_wsn,
+                   FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
     store_down(y_ptr, acc, topk_w_ptr, pair, row_ok, offs_n, stride_ym, N)
-
-
-@triton.jit(do_not_specialize=["num_pairs"])
-def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, topk_w_ptr, count_ptr,
-                       num_pairs, num_experts, N, K,
-                       stride_am, stride_we, stride_wn, stride_ym, stride_om, stride_asm, stride_wse, stride_wsn,
-                       FP8: tl.constexpr, QBLOCK: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """y[pair, n] = act[pair] . w2[e, n] (x topk_weight when FP8; bf16 act carries it; 0 for a dropped
-    pair) for one pair and N tile; the last of a token's TOP_K programs on the tile (an int counter tells)
-    writes out[tok, n] = sum over j of y[tok*TOP_K + j, n] in a fixed order: deterministic, one launch."""
-    pdl_enter(USE_PDL)
-    pair = tl.program_id(0) % num_pairs
-    pid_n = tl.program_id(0) // num_pairs
-    token = pair // TOP_K
-    expert = tl.load(ids_ptr + pair)
-    valid = (expert >= 0) & (expert < num_experts)
-    expert = tl.where(valid, expert, 0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_nw = offs_n % N
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_M)
-    # All MMA rows read the pair's row; a dropped pair runs no k step and stores zeros.
-    a_ptrs = act_ptr + pair.to(tl.int64) * stride_am + offs_k[None, :] + offs_r[:, None] * 0
-    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(K, BLOCK_K) * valid.to(tl.int32)):
-        k_ok = offs_k < K - kk * BLOCK_K
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if FP8:
-            grp = kk * BLOCK_K // QBLOCK
-            a_s = tl.load(as_ptr + pair * stride_asm + grp)
-            b_s = tl.load(ws_ptr + expert * stride_wse + (offs_nw // QBLOCK) * stride_wsn + grp)
-            acc += tl.dot(a, b) * (a_s * b_s[None, :])
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    if FP8:
-        acc *= tl.load(topk_w_ptr + pair)
-    n_ok = offs_n < N
-    y_ptrs = y_ptr + pair.to(tl.int64) * stride_ym + offs_n[None, :] + offs_r[:, None] * 0
-    tl.store(y_ptrs, acc, mask=(offs_r[:, None] == 0) & n_ok[None, :])
-    # Every thread's y store is ordered before the counter's release; the last arriver's acquire (and the
-    # barrier after it) orders its y loads after all TOP_K stores. The counter was zeroed by gate/up.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + token * tl.cdiv(N, BLOCK_N) + pid_n, 1, sem="acq_rel")
-    tl.debug_barrier()
-    if arrived == TOP_K - 1:
-        offs_j = tl.arange(0, K_POW2)
-        rows = token * TOP_K + offs_j
-        y = tl.load(y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
-                    mask=(offs_j[:, None] < TOP_K) & n_ok[None, :], other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + token.to(tl.int64) * stride_om + offs_n, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty),
-                 mask=n_ok)
 
 
 @triton.jit
@@ -258,29 +126,34 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, num_experts, stride_ym, stride_
     tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool, device: torch.device) -> dict:
-    return dict(gemm_meta(cfg, block_m, fp8, device), EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0)
+def act_quant_fusable(cfg: GemmConfig) -> bool:
+    """Whether gate/up with tile cfg quantises fp8 act in its epilogue: its N tiles cover whole 128-channel
+    groups (a ragged last group is handled). Otherwise fp8 act takes a separate quantisation launch."""
+    return FUSE_ACT_QUANT and cfg.block_n % GROUP == 0
 
 
 def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: int, cfg: GemmConfig,
-            out_dtype: torch.dtype, x_scale: torch.Tensor | None = None,
-            w13_scale: torch.Tensor | None = None) -> torch.Tensor:
+            out_dtype: torch.dtype, x_scale: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
+            act_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, H] (fp8 with x_scale [M, H/128] when w13 is fp8); w13: [E, 2I, H].
-    Returns act: [max_blocks * block_m, I] out_dtype, one row per slot (padding slots hold junk)."""
+    Returns act: [max_blocks * block_m, I] out_dtype, one row per slot (padding slots hold junk).
+    act_scale (fp8 only, cfg.block_n % 128 == 0): a [slots, ceil(I/128)] float32 buffer; act then comes back
+    as float8_e4m3fn with its scales there, the bits `per_token_group_quant_fp8` gives for the out_dtype act."""
     num_experts, two_i, hidden_size = w13.shape
     inter = two_i // 2
     fp8 = x_scale is not None
-    act = torch.empty(routing.sorted_ids.shape[0], inter, dtype=out_dtype, device=x.device)
+    act = new_act(routing.sorted_ids.shape[0], inter, out_dtype, act_scale, fp8, cfg, x.device)
     if fused_moe_tma.tma_ok(cfg, inter, hidden_size, routing.block_m, x.device):
-        fused_moe_tma.gate_up_tma(x, w13, act, routing, top_k, cfg, x_scale, w13_scale)
+        fused_moe_tma.gate_up_tma(x, w13, act, routing, top_k, cfg, x_scale, w13_scale, act_scale, out_dtype)
         return act
     xs, ws = (x_scale, w13_scale) if fp8 else (x, w13)  # unused pointers when not fp8
+    as_ = act if act_scale is None else act_scale
     grid = (routing.max_blocks * triton.cdiv(inter, cfg.block_n),)
-    _gate_up_kernel[grid](x, w13, act, xs, ws, routing.sorted_ids, routing.block_expert, routing.block_rows,
-                          routing.max_blocks, hidden_size, inter, top_k,
-                          x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-                          xs.stride(0), ws.stride(0), ws.stride(1),
-                          **_gemm_meta(cfg, routing.block_m, inter, hidden_size, fp8, x.device))
+    _gate_up_kernel[grid](x, w13, act, as_, xs, ws, routing.sorted_ids, routing.block_expert,
+                          routing.block_rows, routing.max_blocks, hidden_size, inter, top_k,
+                          x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0),
+                          xs.stride(0), ws.stride(0), ws.stride(1), **act_quant_meta(act_scale, out_dtype),
+                          **ptr_gemm_meta(cfg, routing.block_m, inter, hidden_size, fp8, x.device))
     return act
 
 
@@ -300,57 +173,8 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
     _down_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
                        routing.block_rows, routing.max_blocks, hidden_size, inter,
                        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0), as_.stride(0), ws.stride(0),
-                       ws.stride(1), **_gemm_meta(cfg, routing.block_m, hidden_size, inter, fp8, act.device))
+                       ws.stride(1), **ptr_gemm_meta(cfg, routing.block_m, hidden_size, inter, fp8, act.device))
     return y
-
-
-def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                  cfg: GemmConfig, block_m: int, out_dtype: torch.dtype, x_scale: torch.Tensor | None = None,
-                  w13_scale: torch.Tensor | None = None,
-                  counts: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M, H] (fp8 with x_scale [M, H/128] when w13 is fp8); w13: [E, 2I, H]; topk_*: [M, k].
-    Returns act: [M*k, I] out_dtype, row m*k+j for choice j of token m, already times topk_weights[m, j]
-    unless fp8; rows of dropped choices are unwritten. counts: int32 buffer zeroed on the way (for
-    `down_pairs`), or None."""
-    num_experts, two_i, hidden_size = w13.shape
-    inter = two_i // 2
-    num_pairs = topk_ids.numel()
-    fp8 = x_scale is not None
-    act = torch.empty(num_pairs, inter, dtype=out_dtype, device=x.device)
-    xs, ws = (x_scale, w13_scale) if fp8 else (x, w13)
-    grid = (num_pairs * triton.cdiv(inter, cfg.block_n),)
-    counts = act if counts is None else counts  # unused pointer when numel is 0
-    num_counts = counts.numel() if counts is not act else 0
-    meta = _gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device)
-    del meta["GROUP_M"]
-    _gate_up_pairs_kernel[grid](x, w13, act, xs, ws, topk_ids, topk_weights, counts, num_pairs, num_experts,
-                                hidden_size, inter, topk_ids.shape[1], num_counts,
-                                x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-                                xs.stride(0), ws.stride(0), ws.stride(1),
-                                COUNT_CHUNK=max(2, triton.next_power_of_2(triton.cdiv(num_counts, grid[0]))),
-                                **meta)
-    return act
-
-
-def down_pairs(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-               cfg: GemmConfig, block_m: int, out: torch.Tensor, counts: torch.Tensor,
-               act_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """act: [M*k, I] from `gate_up_pairs` (fp8 with act_scale [M*k, I/128]); w2: [E, H, I]; counts: int32
-    [M * ceil(H / cfg.block_n)], zero (gate_up_pairs zeroes it); out: [M, H], filled with the weighted sum
-    over each token's valid choices."""
-    num_experts, hidden_size, inter = w2.shape
-    num_tokens, top_k = topk_ids.shape
-    fp8 = act_scale is not None
-    y = torch.empty(topk_ids.numel(), hidden_size, dtype=torch.float32, device=act.device)
-    as_, ws = (act_scale, w2_scale) if fp8 else (act, w2)
-    grid = (topk_ids.numel() * triton.cdiv(hidden_size, cfg.block_n),)
-    _down_pairs_kernel[grid](act, w2, y, out, as_, ws, topk_ids, topk_weights, counts, topk_ids.numel(),
-                             num_experts, hidden_size, inter, act.stride(0), w2.stride(0), w2.stride(1),
-                             y.stride(0), out.stride(0), as_.stride(0), ws.stride(0), ws.stride(1), FP8=fp8,
-                             QBLOCK=GROUP, TOP_K=top_k, K_POW2=max(2, triton.next_power_of_2(top_k)),
-                             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(act.device))
-    return out
 
 
 def topk_sum(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor) -> torch.Tensor:
@@ -431,8 +255,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     routing = moe_align(topk_ids, num_experts, cfg.block_m)
     if fp8:
         xq, xs = per_token_group_quant_fp8(hidden)
-        act = gate_up(xq, w13, routing, top_k, cfg.gate_up, hidden.dtype, xs, w13_scale)
-        aq, act_s = per_token_group_quant_fp8(act)
+        run = functools.partial(gate_up, xq, w13, routing, top_k, cfg.gate_up, hidden.dtype, xs, w13_scale)
+        aq, act_s = _fp8_act(run, routing.sorted_ids.shape[0], two_i // 2, cfg.gate_up, hidden.device)
         y = down(aq, w2, topk_weights, routing, cfg.down, hidden.dtype, act_s, w2_scale)
     else:
         act = gate_up(hidden, w13, routing, top_k, cfg.gate_up, hidden.dtype)
@@ -440,13 +264,26 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     return topk_sum(y, topk_ids, num_experts, out)
 
 
+def _fp8_act(run_gate_up, rows: int, inter: int, cfg: GemmConfig,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act [rows, I] float8_e4m3fn, act_scale [rows, ceil(I/128)] float32) from run_gate_up(act_scale=...)
+    (`gate_up` or `gate_up_pairs` with the other arguments bound): quantised in its epilogue where cfg allows
+    (`act_quant_fusable`), else returned in hidden's dtype and quantised by a separate launch. Same bits."""
+    if act_quant_fusable(cfg):
+        act_scale = torch.empty(rows, triton.cdiv(inter, GROUP), dtype=torch.float32, device=device)
+        return run_gate_up(act_scale=act_scale), act_scale
+    return per_token_group_quant_fp8(run_gate_up(act_scale=None))
+
+
 def _fused_moe_pairs(hidden, w13, w2, topk_weights, topk_ids, cfg: MoEConfig, out, w13_scale, w2_scale):
-    """The two-launch small-M path of `fused_moe` (config.pairs); same arguments, writes out."""
-    fp8 = w13.dtype == FP8_DTYPE
-    counts = torch.empty(hidden.shape[0] * triton.cdiv(hidden.shape[1], cfg.down.block_n),
-                         dtype=torch.int32, device=hidden.device)
-    x, xs = per_token_group_quant_fp8(hidden) if fp8 else (hidden, None)
-    act = gate_up_pairs(x, w13, topk_weights, topk_ids, cfg.gate_up, cfg.block_m, hidden.dtype, xs,
-                        w13_scale, counts)
-    act, act_s = per_token_group_quant_fp8(act) if fp8 else (act, None)
-    return down_pairs(act, w2, topk_weights, topk_ids, cfg.down, cfg.block_m, out, counts, act_s, w2_scale)
+    """The two-launch small-M path of `fused_moe` (config.pairs); same arguments, writes out. Kept here, not in
+    `fused_moe_pairs`: it quantises hidden and act, which this module's `FUSE_ACT_QUANT` and
+    `per_token_group_quant_fp8` govern (tests and probes switch them on this module)."""
+    if w13.dtype != FP8_DTYPE:
+        act = gate_up_pairs(hidden, w13, topk_weights, topk_ids, cfg.gate_up, cfg.block_m, hidden.dtype)
+        return down_pairs(act, w2, topk_weights, topk_ids, cfg.down, cfg.block_m, out)
+    x, xs = per_token_group_quant_fp8(hidden)
+    run = functools.partial(gate_up_pairs, x, w13, topk_weights, topk_ids, cfg.gate_up, cfg.block_m, hidden.dtype,
+                            xs, w13_scale)
+    act, act_s = _fp8_act(run, topk_ids.numel(), w2.shape[2], cfg.gate_up, hidden.device)
+    return down_pairs(act, w2, topk_weights, topk_ids, cfg.down, cfg.block_m, out, act_s, w2_scale)

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .device import compute_capability
 from .moe_configs import GemmConfig
-from .moe_tiles import gemm_meta, store_act, store_down, tile_of
+from .moe_tiles import act_quant_meta, gemm_meta, store_act, store_down, tile_of
 from .pdl import launch_kwargs, pdl_enter
 
 GATHER_BLOCK_H = 512
@@ -78,12 +78,13 @@ def _gather_rows_kernel(x_ptr, out_ptr, sorted_ptr, block_expert_ptr, block_rows
 
 
 @triton.jit(do_not_specialize=["max_blocks", "num_slots", "num_experts"])
-def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, xs_ptr, ws_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr,
-                        max_blocks, num_slots, num_experts, K, INTER, top_k,
-                        stride_xm, stride_am, stride_xsm, stride_wse, stride_wsn,
+def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_expert_ptr,
+                        block_rows_ptr, max_blocks, num_slots, num_experts, K, INTER, top_k,
+                        stride_xm, stride_am, stride_asm, stride_xsm, stride_wse, stride_wsn,
                         GATHERED: tl.constexpr, FP8: tl.constexpr, QBLOCK: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, WS: tl.constexpr, USE_PDL: tl.constexpr):
+                        GROUP_M: tl.constexpr, WS: tl.constexpr, QUANT_ACT: tl.constexpr,
+                        ROUND_DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
     """As `fused_moe._gate_up_kernel`; x is [num_slots, K] in slot order when GATHERED, else [M, K]."""
     pdl_enter(USE_PDL)
     pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
@@ -123,7 +124,8 @@ def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, xs_ptr, ws_ptr, sorted_ptr, block
         else:
             acc_g = tl.dot(a, g.T, acc_g)
             acc_u = tl.dot(a, u.T, acc_u)
-    store_act(act_ptr, acc_g, acc_u, pid_m, offs_n, stride_am, INTER, BLOCK_M, True)
+    store_act(act_ptr, as_ptr, acc_g, acc_u, pid_m, pid_n, offs_n, stride_am, stride_asm, INTER,
+              BLOCK_M, BLOCK_N, True, QUANT_ACT, ROUND_DTYPE)
 
 
 @triton.jit(do_not_specialize=["max_blocks", "num_slots", "num_experts"])
@@ -172,20 +174,24 @@ def gather_slots(x: torch.Tensor, routing, top_k: int) -> torch.Tensor:
     return out
 
 
-def gate_up_tma(x, w13, act, routing, top_k: int, cfg: GemmConfig, x_scale=None, w13_scale=None) -> None:
-    """Fills act [slots, I] as `fused_moe.gate_up` does (the caller allocates it and checked `tma_ok`)."""
+def gate_up_tma(x, w13, act, routing, top_k: int, cfg: GemmConfig, x_scale=None, w13_scale=None,
+                act_scale=None, round_dtype: torch.dtype | None = None) -> None:
+    """Fills act [slots, I] (and act_scale, when given: act is then fp8 rounded through round_dtype) as
+    `fused_moe.gate_up` does (the caller allocates them and checked `tma_ok`)."""
     _set_allocator()
     num_experts, two_i, hidden_size = w13.shape
     fp8 = x_scale is not None
     gathered = cfg.loads == "tma_gathered"
     xin = gather_slots(x, routing, top_k) if gathered else x
     xs, ws = (x_scale, w13_scale) if fp8 else (x, w13)
+    as_ = act if act_scale is None else act_scale
     grid = (routing.max_blocks * triton.cdiv(two_i // 2, cfg.block_n),)
-    _gate_up_tma_kernel[grid](xin, w13, act, xs, ws, routing.sorted_ids, routing.block_expert,
+    _gate_up_tma_kernel[grid](xin, w13, act, as_, xs, ws, routing.sorted_ids, routing.block_expert,
                               routing.block_rows, routing.max_blocks, xin.shape[0], num_experts, hidden_size,
-                              two_i // 2, top_k, xin.stride(0), act.stride(0), xs.stride(0), ws.stride(0),
-                              ws.stride(1), GATHERED=gathered,
-                              WS=cfg.warp_specialize, **gemm_meta(cfg, routing.block_m, fp8, x.device))
+                              two_i // 2, top_k, xin.stride(0), act.stride(0), as_.stride(0), xs.stride(0),
+                              ws.stride(0), ws.stride(1), GATHERED=gathered, WS=cfg.warp_specialize,
+                              **act_quant_meta(act_scale, round_dtype),
+                              **gemm_meta(cfg, routing.block_m, fp8, x.device))
 
 
 def down_tma(act, w2, y, topk_weights, routing, cfg: GemmConfig, act_scale=None, w2_scale=None) -> None:

@@ -1,6 +1,8 @@
-"""Pieces shared by the aligned fused-MoE GEMM kernels (`fused_moe`: pointer loads; `fused_moe_tma`: tiles by
-TMA): the launch order of (block, N tile) programs, the two epilogues and the launch constants. Kept apart so
-both kernel modules import them without importing each other."""
+"""Pieces shared by the fused-MoE kernel modules (`fused_moe`: aligned GEMMs by pointer loads;
+`fused_moe_tma`: aligned GEMMs with tiles by TMA; `fused_moe_pairs`: the small-M per-pair path): the launch
+order of (block, N tile) programs, the pointer-load gate/up and down k loops, the epilogues (gate/up's with
+optional FP8 quantisation of act), act allocation and the launch constants. Kept apart so the kernel modules
+import them without importing each other."""
 
 from __future__ import annotations
 
@@ -8,15 +10,44 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import GROUP
+from .fp8 import FP8_DTYPE, GROUP, GROUP_C, quant_act_tile
 from .moe_configs import GemmConfig
 from .pdl import launch_kwargs
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 def gemm_meta(cfg: GemmConfig, block_m: int, fp8: bool, device: torch.device) -> dict:
     """Launch constants every grouped-GEMM kernel takes (each module adds its own)."""
     return dict(FP8=fp8, QBLOCK=GROUP, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(device))
+
+
+def act_quant_meta(act_scale: torch.Tensor | None, round_dtype: torch.dtype) -> dict:
+    """gate/up's epilogue constants for `store_act`: QUANT_ACT when act_scale is given (act fp8), ROUND_DTYPE
+    the dtype act is rounded to before quantising (hidden's, as the unquantised route stores act)."""
+    if act_scale is None:
+        return dict(QUANT_ACT=False, ROUND_DTYPE=tl.float32)  # ROUND_DTYPE unused
+    return dict(QUANT_ACT=True, ROUND_DTYPE=_TL_DTYPES[round_dtype])
+
+
+def ptr_gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool, device: torch.device) -> dict:
+    """`gemm_meta` plus the pointer-load kernels' EVEN_K / EVEN_N: K and N (the GEMM's reduction and output
+    widths) are whole tiles, so loads and stores need no mask."""
+    return dict(gemm_meta(cfg, block_m, fp8, device), EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0)
+
+
+def new_act(rows: int, inter: int, out_dtype: torch.dtype, act_scale: torch.Tensor | None, fp8: bool,
+            cfg: GemmConfig, device: torch.device) -> torch.Tensor:
+    """act [rows, I] out_dtype, or float8_e4m3fn where gate/up's epilogue quantises it, its scales going to
+    act_scale [rows, ceil(I/128)] float32 (fp8 weights and N tiles of whole 128-channel groups only)."""
+    if act_scale is None:
+        return torch.empty(rows, inter, dtype=out_dtype, device=device)
+    assert fp8 and cfg.block_n % GROUP == 0, f"act quantised by gate/up needs fp8 and block_n % {GROUP} == 0"
+    want = (rows, triton.cdiv(inter, GROUP))
+    assert tuple(act_scale.shape) == want and act_scale.dtype == torch.float32 and act_scale.stride(1) == 1, \
+        f"act_scale must be float32 {want} with unit column stride, got {tuple(act_scale.shape)} {act_scale.dtype}"
+    return torch.empty(rows, inter, dtype=FP8_DTYPE, device=device)
 
 
 @triton.jit
@@ -30,11 +61,19 @@ def tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def store_act(act_ptr, acc_g, acc_u, pid_m, offs_n, stride_am, INTER,
-              BLOCK_M: tl.constexpr, EVEN_N: tl.constexpr):
-    """act[slot, n] = silu(gate) * up for the BLOCK_M slots of block pid_m; columns past INTER are dropped."""
+def store_act(act_ptr, as_ptr, acc_g, acc_u, pid_m, pid_n, offs_n, stride_am, stride_asm, INTER,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr,
+              ROUND_DTYPE: tl.constexpr):
+    """act[slot, n] = silu(gate) * up for the BLOCK_M slots of block pid_m; columns past INTER are dropped.
+
+    QUANT_ACT (BLOCK_N a multiple of GROUP): act is float8_e4m3fn and as_ptr its [slots, ceil(INTER/GROUP)]
+    float32 scales, the bits `per_token_group_quant_fp8` would give for act stored in ROUND_DTYPE."""
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if QUANT_ACT:
+        act, scale = quant_act_tile(act, offs_n, INTER, ROUND_DTYPE, BLOCK_M, BLOCK_N, EVEN_N)
+        every_row = tl.full([BLOCK_M], True, tl.int1)
+        store_group_scales(as_ptr, scale, slots, every_row, pid_n, stride_asm, INTER, BLOCK_N, EVEN_N)
     out_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am + offs_n[None, :]
     if EVEN_N:
         tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty))
@@ -43,8 +82,91 @@ def store_act(act_ptr, acc_g, acc_u, pid_m, offs_n, stride_am, INTER,
 
 
 @triton.jit
+def store_group_scales(as_ptr, scale, rows, row_ok, pid_n, stride_asm, INTER, BLOCK_N: tl.constexpr,
+                       EVEN_N: tl.constexpr):
+    """as[rows[i], pid_n * G + g] = scale[i, g] (scale: [len(rows), G = BLOCK_N // GROUP]) where row_ok[i],
+    for the groups that start below INTER."""
+    groups = pid_n * (BLOCK_N // GROUP_C) + tl.arange(0, BLOCK_N // GROUP_C)
+    ptrs = as_ptr + rows[:, None].to(tl.int64) * stride_asm + groups[None, :]
+    if EVEN_N:
+        tl.store(ptrs, scale, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, scale, mask=row_ok[:, None] & (groups[None, :] * GROUP_C < INTER))
+
+
+@triton.jit
 def store_down(y_ptr, acc, topk_w_ptr, pair, row_ok, offs_n, stride_ym, N):
     """y[pair, n] = topk_weight[pair] * acc for the block's valid rows (padding rows write nothing)."""
     acc *= tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
     y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
+                stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
+                FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """(x[token] . w13[e, n], x[token] . w13[e, INTER + n]) in fp32, [BLOCK_M, BLOCK_N] each."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + INTER * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            g = tl.load(g_ptrs)
+            u = tl.load(u_ptrs)
+        else:
+            k_ok = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+        if FP8:
+            # BLOCK_K divides QBLOCK, so one scale group covers the whole k step.
+            grp = kk * BLOCK_K // QBLOCK
+            a_s = tl.load(xs_ptr + token * stride_xsm + grp)
+            ws_base = ws_ptr + expert * stride_wse + grp
+            g_s = tl.load(ws_base + (offs_nw // QBLOCK) * stride_wsn)
+            u_s = tl.load(ws_base + ((offs_nw + INTER) // QBLOCK) * stride_wsn)
+            acc_g += tl.dot(a, g) * (a_s[:, None] * g_s[None, :])
+            acc_u += tl.dot(a, u) * (a_s[:, None] * u_s[None, :])
+        else:
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    return acc_g, acc_u
+
+
+@triton.jit
+def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, expert, offs_nw, K, k_steps,
+             stride_am, stride_we, stride_wn, stride_asm, stride_wse, stride_wsn,
+             FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """act[rows] . w2[expert, offs_nw] over the first k_steps BLOCK_K steps of K, fp32 [BLOCK_M, BLOCK_N]."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, k_steps):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if FP8:
+            grp = kk * BLOCK_K // QBLOCK
+            a_s = tl.load(as_ptr + rows * stride_asm + grp)
+            b_s = tl.load(ws_ptr + expert * stride_wse + (offs_nw // QBLOCK) * stride_wsn + grp)
+            acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc

@@ -279,6 +279,62 @@ def test_interp_fp8_tma_loads_match_quantised_reference(loads):
     assert rel_err(out, moe_reference(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)) < 1e-4
 
 
+FUSED_QUANT_CASES = {
+    # id: (I, gate_up and down loads, pairs, gate_up (block_n, block_k)); H = 256, down tile (64, 128)
+    "ptr_n128": (256, "ptr", "", (128, 64)),
+    "ptr_n256": (256, "ptr", "", (256, 128)),
+    "ptr_ragged_i": (320, "ptr", "", (256, 64)),  # last N tile: a part group, then a group wholly past I
+    "tma_n128": (256, "tma", "", (128, 64)),
+    "tma_gathered_n256": (256, "tma_gathered", "", (256, 64)),
+    "pairs_n128": (256, "ptr", "pair", (128, 64)),
+}
+
+
+def _moe_module():
+    """moeserve.kernels.fused_moe the module (the package exports the function under the same name)."""
+    import importlib
+
+    return importlib.import_module("moeserve.kernels.fused_moe")
+
+
+def _fused_vs_separate_act_quant(monkeypatch, args: tuple, scales: dict, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_moe(*args) twice: act quantised in gate/up's epilogue, then by the separate launch
+    (FUSE_ACT_QUANT off). Asserts each route ran its own quantisation launches (1 = hidden only, 2 = + act)."""
+    fm = _moe_module()
+    launches = []
+    quant = fm.per_token_group_quant_fp8
+    monkeypatch.setattr(fm, "per_token_group_quant_fp8", lambda t: launches.append(t.shape) or quant(t))
+    assert fm.act_quant_fusable(cfg.gate_up)
+    fused = fm.fused_moe(*args, config=cfg, **scales)
+    assert len(launches) == 1, launches
+    monkeypatch.setattr(fm, "FUSE_ACT_QUANT", False)
+    separate = fm.fused_moe(*args, config=cfg, **scales)
+    assert len(launches) == 3, launches
+    return fused, separate
+
+
+@interp
+@pytest.mark.parametrize("case", sorted(FUSED_QUANT_CASES))
+def test_interp_fp8_act_quant_in_epilogue_equals_separate_launch(case, monkeypatch):
+    """gate/up quantising act in its epilogue gives the bits of the separate quantisation launch."""
+    from moeserve.kernels import GemmConfig, MoEConfig, moe_reference
+    from moeserve.kernels.counters import completion_counters
+    from moeserve.kernels.fp8 import quant_weight_block_fp8
+    from moeserve.kernels.fused_moe_tma import tma_ok
+
+    inter, loads, pairs, (gn, gk) = FUSED_QUANT_CASES[case]
+    x, w13, w2, tw, ids = random_moe(9, 256, inter, 4, 2, torch.float16, seed=inter, skip_expert=0)
+    (q13, s13), (q2, s2) = quant_weight_block_fp8(w13), quant_weight_block_fp8(w2)
+    scales = dict(w13_scale=s13, w2_scale=s2)
+    cfg = MoEConfig(16, GemmConfig(gn, gk, 2, 4, 2, loads), GemmConfig(64, 128, 2, 4, 2, loads), pairs)
+    assert tma_ok(cfg.gate_up, inter, 256, 16, x.device) == (loads != "ptr")
+    fused, separate = _fused_vs_separate_act_quant(monkeypatch, (x, q13, q2, tw, ids), scales, cfg)
+    assert torch.equal(fused, separate)
+    # fp16 output and act rounding: this file's fp16 tolerance (the fp32 fp8 tests above hold 1e-4).
+    assert rel_err(fused, moe_reference(x, q13, q2, tw, ids, **scales)) < 2e-3
+    assert not completion_counters(x.device, 1).any()  # the pairs path leaves its counters at 0
+
+
 # ---------------------------------------------------------------- GPU
 
 TARGETS = {
@@ -339,6 +395,24 @@ def test_gpu_fp8_target_shapes(name, m):
     out = fused_moe(x, w13, w2, tw, ids, **scales)
     # Same quantisation in the reference: only accumulation order and bf16 rounding of act differ.
     assert rel_err(out, moe_reference(x, w13, w2, tw, ids, **scales)) <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,m,pairs", [("qwen3", 512, False), ("mixtral", 512, False), ("qwen3", 6, True)],
+                         ids=["qwen3-m512", "mixtral-m512-tma", "qwen3-pairs"])
+def test_gpu_fp8_act_quant_in_epilogue_equals_separate_launch(name, m, pairs, monkeypatch):
+    """bf16 hidden, fp8 weights: table configs with 128-wide gate/up tiles (Qwen3's by pointer, Mixtral's by
+    TMA) and a pairs config quantise act in gate/up's epilogue, bit for bit as the separate launch does."""
+    from moeserve.kernels import GemmConfig, MoEConfig
+    from moeserve.kernels.moe_configs import get_config
+
+    x, w13, w2, tw, ids, scales = _target_inputs(name, m, True, seed=17)
+    e, _, k, h, i = TARGETS[name]
+    cfg = (MoEConfig(16, GemmConfig(128, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3), pairs="pair") if pairs
+           else get_config(m, e, h, i, k, True))
+    fused, separate = _fused_vs_separate_act_quant(monkeypatch, (x, w13, w2, tw, ids), scales, cfg)
+    assert torch.equal(fused, separate)
+    assert rel_err(fused, _target_ref(x, w13, w2, tw, ids, scales)) <= 2e-2
 
 
 @pytest.mark.gpu

@@ -1,0 +1,152 @@
+"""The small-M ("pairs") path of `fused_moe.fused_moe` (MoEConfig.pairs): no align and no top-k sum launch.
+gate/up runs per (token, choice) pair, then down per pair, the last of a token's programs on an N tile summing
+its k rows in a fixed order: two launches, deterministic.
+
+- One program per (pair, N tile), in N-tile-major order so an expert picked by several tokens is mostly read
+  from L2; a dropped choice's gate/up program exits at once and its down program stores zeros.
+- The down program that arrives last on a (token, N tile) (a self-resetting counter of
+  `counters.completion_counters`) sums the token's k fp32 rows in a fixed order, so it needs no third launch.
+- Routing weight: unquantised act carries it from gate/up; with fp8, down applies it with act's scale.
+`fused_moe` drives the two launches (and the fp8 quantisation of hidden and act), so this module does not
+import it; the k loops and act allocation it shares with the aligned path live in `moe_tiles`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .counters import completion_counters, last_to_arrive
+from .fp8 import GROUP, quant_act_tile
+from .moe_configs import GemmConfig
+from .moe_tiles import act_quant_meta, down_acc, gate_up_acc, new_act, ptr_gemm_meta, store_group_scales
+from .pdl import launch_kwargs, pdl_enter
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, ids_ptr, topk_w_ptr,
+                          num_pairs, num_experts, K, INTER, top_k,
+                          stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse,
+                          stride_wsn, FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                          EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    """act[pair, n] = w[pair] * silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for one pair and N
+    tile, e = topk_ids[pair]; w = topk_weights[pair], or 1 when FP8 (down applies it with the act scale).
+    QUANT_ACT: act is fp8 with scales in as (see `moe_tiles.store_act`). Rows of dropped pairs are left
+    unwritten."""
+    pdl_enter(USE_PDL)
+    # N-tile-major order: programs of the same weight tile run together, so an expert picked by several
+    # tokens is mostly served from L2.
+    pair = tl.program_id(0) % num_pairs
+    pid_n = tl.program_id(0) // num_pairs
+    expert = tl.load(ids_ptr + pair)
+    if (expert < 0) | (expert >= num_experts):
+        return
+    # All BLOCK_M MMA rows read the pair's token (the MMA needs >= 16 rows); only row 0 is stored.
+    token = tl.zeros([BLOCK_M], dtype=tl.int32) + pair // top_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_N:
+        offs_nw = offs_n
+    else:
+        offs_nw = offs_n % INTER
+    acc_g, acc_u = gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
+                               stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
+                               FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    if not FP8:
+        act = act * tl.load(topk_w_ptr + pair)
+    offs_r = tl.arange(0, BLOCK_M)
+    if QUANT_ACT:
+        act, scale = quant_act_tile(act, offs_n, INTER, ROUND_DTYPE, BLOCK_M, BLOCK_N, EVEN_N)
+        store_group_scales(as_ptr, scale, token * 0 + pair, offs_r == 0, pid_n, stride_asm, INTER, BLOCK_N,
+                           EVEN_N)
+    out_ptrs = act_ptr + pair.to(tl.int64) * stride_am + offs_n[None, :] + offs_r[:, None] * 0
+    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=(offs_r[:, None] == 0) & (offs_n[None, :] < INTER))
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, topk_w_ptr, count_ptr,
+                       num_pairs, num_experts, N, K,
+                       stride_am, stride_we, stride_wn, stride_ym, stride_om, stride_asm, stride_wse, stride_wsn,
+                       FP8: tl.constexpr, QBLOCK: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """y[pair, n] = act[pair] . w2[e, n] (x topk_weight when FP8; bf16 act carries it; 0 for a dropped
+    pair) for one pair and N tile; the last of a token's TOP_K programs on the tile (a self-resetting counter
+    per (token, N tile) tells) writes out[tok, n] = sum over j of y[tok*TOP_K + j, n] in a fixed order:
+    deterministic, one launch."""
+    pdl_enter(USE_PDL)
+    pair = tl.program_id(0) % num_pairs
+    pid_n = tl.program_id(0) // num_pairs
+    token = pair // TOP_K
+    expert = tl.load(ids_ptr + pair)
+    valid = (expert >= 0) & (expert < num_experts)
+    expert = tl.where(valid, expert, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nw = offs_n % N
+    offs_r = tl.arange(0, BLOCK_M)
+    # All MMA rows read the pair's row; a dropped pair runs no k step and stores zeros.
+    acc = down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, tl.zeros([BLOCK_M], dtype=tl.int32) + pair, expert,
+                   offs_nw, K, tl.cdiv(K, BLOCK_K) * valid.to(tl.int32),
+                   stride_am, stride_we, stride_wn, stride_asm, stride_wse, stride_wsn,
+                   FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, False)
+    if FP8:
+        acc *= tl.load(topk_w_ptr + pair)
+    n_ok = offs_n < N
+    y_ptrs = y_ptr + pair.to(tl.int64) * stride_ym + offs_n[None, :] + offs_r[:, None] * 0
+    tl.store(y_ptrs, acc, mask=(offs_r[:, None] == 0) & n_ok[None, :])
+    if last_to_arrive(count_ptr + token * tl.cdiv(N, BLOCK_N) + pid_n, TOP_K):
+        offs_j = tl.arange(0, K_POW2)
+        rows = token * TOP_K + offs_j
+        # .cg: the other programs' rows are read past L1 (not coherent across SMs).
+        y = tl.load(y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+                    mask=(offs_j[:, None] < TOP_K) & n_ok[None, :], other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + token.to(tl.int64) * stride_om + offs_n, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty),
+                 mask=n_ok)
+
+
+def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                  cfg: GemmConfig, block_m: int, out_dtype: torch.dtype, x_scale: torch.Tensor | None = None,
+                  w13_scale: torch.Tensor | None = None, act_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, H] (fp8 with x_scale [M, H/128] when w13 is fp8); w13: [E, 2I, H]; topk_*: [M, k].
+    Returns act: [M*k, I] out_dtype, row m*k+j for choice j of token m, already times topk_weights[m, j]
+    unless fp8; rows of dropped choices are unwritten. act_scale: as in `gate_up` ([M*k, ceil(I/128)])."""
+    num_experts, two_i, hidden_size = w13.shape
+    inter = two_i // 2
+    num_pairs = topk_ids.numel()
+    fp8 = x_scale is not None
+    act = new_act(num_pairs, inter, out_dtype, act_scale, fp8, cfg, x.device)
+    xs, ws = (x_scale, w13_scale) if fp8 else (x, w13)
+    as_ = act if act_scale is None else act_scale
+    grid = (num_pairs * triton.cdiv(inter, cfg.block_n),)
+    meta = ptr_gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device)
+    del meta["GROUP_M"]
+    _gate_up_pairs_kernel[grid](x, w13, act, as_, xs, ws, topk_ids, topk_weights, num_pairs, num_experts,
+                                hidden_size, inter, topk_ids.shape[1],
+                                x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0),
+                                xs.stride(0), ws.stride(0), ws.stride(1), **act_quant_meta(act_scale, out_dtype),
+                                **meta)
+    return act
+
+
+def down_pairs(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+               cfg: GemmConfig, block_m: int, out: torch.Tensor, act_scale: torch.Tensor | None = None,
+               w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """act: [M*k, I] from `gate_up_pairs` (fp8 with act_scale [M*k, I/128]); w2: [E, H, I]; out: [M, H], filled
+    with the weighted sum over each token's valid choices. Uses M * ceil(H / cfg.block_n) completion counters
+    (a count that depends on the shape only, so CUDA-graph capture reuses the eager call's buffer)."""
+    num_experts, hidden_size, inter = w2.shape
+    num_tokens, top_k = topk_ids.shape
+    fp8 = act_scale is not None
+    y = torch.empty(topk_ids.numel(), hidden_size, dtype=torch.float32, device=act.device)
+    counts = completion_counters(act.device, num_tokens * triton.cdiv(hidden_size, cfg.block_n))
+    as_, ws = (act_scale, w2_scale) if fp8 else (act, w2)
+    grid = (topk_ids.numel() * triton.cdiv(hidden_size, cfg.block_n),)
+    _down_pairs_kernel[grid](act, w2, y, out, as_, ws, topk_ids, topk_weights, counts, topk_ids.numel(),
+                             num_experts, hidden_size, inter, act.stride(0), w2.stride(0), w2.stride(1),
+                             y.stride(0), out.stride(0), as_.stride(0), ws.stride(0), ws.stride(1), FP8=fp8,
+                             QBLOCK=GROUP, TOP_K=top_k, K_POW2=max(2, triton.next_power_of_2(top_k)),
+                             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(act.device))
+    return out
