@@ -2,17 +2,17 @@
 
     python benchmarks/moe_fp8_quant_probe.py [--tiles] [--out benchmarks/out/moe_fp8_quant_probe.json]
 
-Whole `fused_moe` calls under CUDA-graph replay (the table's configs) with `fused_moe.FUSE_ACT_QUANT` on and off,
-timed alternately REPEATS times; fractions against max(bytes / copy bandwidth, FLOPs / fp8 matmul rate) measured
-in this run (`kernels.measure_ceilings`, `kernels_moe_tune.roofline_us`). `--tiles`: instead, whole calls (fused
-epilogue) of the table's entry and a few tile variants around it for the Qwen3 M=512 case, alternately.
+Whole `fused_moe` calls under CUDA-graph replay: each case's table config as it is (`MoEConfig.fuse_act_quant`
+on) and with fuse_act_quant=False (act through the separate launch), timed alternately REPEATS times; fractions
+against max(bytes / copy bandwidth, FLOPs / fp8 matmul rate) measured in this run (`kernels.measure_ceilings`,
+`kernels_moe_tune.roofline_us`). `--tiles`: instead, whole calls (fused epilogue) of the table's entry and a few
+tile variants around it for the Qwen3 M=512 case, alternately.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import statistics
@@ -41,7 +41,8 @@ def tile_variants(table: MoEConfig) -> dict[str, MoEConfig]:
         "gate_up group_m 1": rep(table, gate_up=rep(gu, group_m=1)),
         "down 8 warps 3 stages": rep(table, down=rep(dn, num_warps=8, num_stages=3)),
         "down 64 wide 5 stages": rep(table, down=rep(dn, block_n=64, num_stages=5)),
-        "block_m 32": MoEConfig(32, rep(gu, num_warps=4, num_stages=4), rep(dn, num_warps=4, num_stages=4)),
+        "block_m 32, 4 warps 4 stages": MoEConfig(32, rep(gu, num_warps=4, num_stages=4),
+                                                  rep(dn, num_warps=4, num_stages=4)),
     }
 
 
@@ -69,19 +70,8 @@ def search_tiles(ceilings: dict) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tiles", action="store_true")
-    parser.add_argument("--out", default="benchmarks/out/moe_fp8_quant_probe.json")
-    args = parser.parse_args()
-    fm = importlib.import_module("moeserve.kernels.fused_moe")
-    ceilings = measure_ceilings()
-    if args.tiles:
-        rows = search_tiles(ceilings)
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name(), ceilings=ceilings, rows=rows), f, indent=1)
-        return
+def compare_act_quant(ceilings: dict) -> list[dict]:
+    """Each case's table config with act quantised in gate/up's epilogue against the separate launch."""
     rows = []
     print("| shape | M | fused µs | separate µs | change | roofline µs | frac fused | frac separate |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -91,23 +81,33 @@ def main() -> None:
         first, _ = traffic(shape, True, make_inputs(shape, m, 1000)[2])
         inputs = [make_inputs(shape, m, 1000 + r) for r in range(8 if first < 4 * L2_BYTES else 2)]
         cfg = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, True)
-        runs: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(REPEATS):
-            for fuse in (True, False):
-                fm.FUSE_ACT_QUANT = fuse
-                runs[fuse].append(_whole_us(w, inputs, None))
-        fm.FUSE_ACT_QUANT = True
+        runs = alternate_us(w, inputs, {"fused": cfg, "separate": dataclasses.replace(cfg, fuse_act_quant=False)},
+                            REPEATS)
         roof = roofline_us(shape, True, inputs, ceilings["copy_tbs"], ceilings["fp8_tflops"])
-        on, off = statistics.median(runs[True]), statistics.median(runs[False])
-        rows.append(dict(shape=shape.name, m=m, config=cfg.to_dict(), fused_runs=runs[True],
-                         separate_runs=runs[False], roofline_us=roof))
+        on, off = statistics.median(runs["fused"]), statistics.median(runs["separate"])
+        rows.append(dict(shape=shape.name, m=m, config=cfg.to_dict(), fused_runs=runs["fused"],
+                         separate_runs=runs["separate"], roofline_us=roof))
         print(f"| {shape.name} | {m} | {on:.1f} | {off:.1f} | {on / off - 1:+.1%} | {roof:.1f} | "
               f"{roof / on:.3f} | {roof / off:.3f} |", flush=True)
         del w
         torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(card=torch.cuda.get_device_name(), ceilings=ceilings, rows=rows), f, indent=1)
+    return rows
+
+
+def _write(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiles", action="store_true")
+    parser.add_argument("--out", default="benchmarks/out/moe_fp8_quant_probe.json")
+    args = parser.parse_args()
+    ceilings = measure_ceilings()
+    rows = search_tiles(ceilings) if args.tiles else compare_act_quant(ceilings)
+    _write(args.out, dict(card=torch.cuda.get_device_name(), ceilings=ceilings, rows=rows))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Completion counters: the int32 slots a kernel uses to elect "the last program of a group to finish".
 
-A kernel whose programs each write a partial result and then need one of them to combine the partials (split-K
-router logits, split-KV attention) increments a counter per group after its writes; the program that reads
-``group_size - 1`` back is the last, combines, and sets the counter to 0 again. So every counter is 0 between
-launches, and a CUDA graph can replay the kernel any number of times without a reset.
+A kernel whose programs each write a partial result and then need one of them to combine the partials (the
+split-K GEMV, split-K router logits, the split-KV attention merge, the fused-MoE pairs path's top-k sum) calls
+`last_to_arrive` on its group's counter after its writes: the program that reads ``group_size - 1`` back is the
+last; it sets the counter to 0 again, then combines. So every counter is 0 between launches, and a CUDA graph can
+replay the kernel any number of times without a reset.
 
 One buffer per device serves every such kernel: they run one after another on one stream, and no two launches
 that share it may run concurrently. It is allocated lazily on the first eager call; a graph captured afterwards

@@ -14,7 +14,8 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 GROUP = 128  # channels per activation scale, and the weight block edge
 _MIN_AMAX = 1e-10  # keeps an all-zero group's scale finite
-# The same three for use inside @triton.jit helpers (globals there must be constexpr).
+# The same three for use inside @triton.jit functions (globals there must be constexpr); GROUP_C is public
+# because moe_tiles' epilogue uses it too.
 _FP8_MAX_C = tl.constexpr(FP8_MAX)
 GROUP_C = tl.constexpr(GROUP)
 _MIN_AMAX_C = tl.constexpr(_MIN_AMAX)
@@ -32,13 +33,13 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def quant_groups_e4m3(x, FP8_MAX_C: tl.constexpr, MIN_AMAX: tl.constexpr):
+def quant_groups_e4m3(x):
     """x: [R, G] fp32, one quantisation group per row -> (q: [R, G] fp32 holding e4m3 values, scale: [R] fp32)
     with x ~= q * scale. The one code path for every activation quantisation (the quant kernel below and the
     fused-MoE gate/up epilogue), so both give the same bits."""
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), MIN_AMAX)
-    scale = amax / FP8_MAX_C
-    q = _round_to_e4m3(tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C))
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), _MIN_AMAX_C)
+    scale = amax / _FP8_MAX_C
+    q = _round_to_e4m3(tl.clamp(x / scale[:, None], -_FP8_MAX_C, _FP8_MAX_C))
     return q, scale
 
 
@@ -53,22 +54,20 @@ def quant_act_tile(act, offs_n, N, ROUND_DTYPE: tl.constexpr, BLOCK_M: tl.conste
     if not EVEN_N:
         x = tl.where(offs_n[None, :] < N, x, 0.0)
     # Row-major [BLOCK_M, G * GROUP] -> [BLOCK_M * G, GROUP]: row m * G + g is group g of row m.
-    q, scale = quant_groups_e4m3(tl.reshape(x, [BLOCK_M * (BLOCK_N // GROUP_C), GROUP_C]), _FP8_MAX_C,
-                                 _MIN_AMAX_C)
+    q, scale = quant_groups_e4m3(tl.reshape(x, [BLOCK_M * (BLOCK_N // GROUP_C), GROUP_C]))
     return tl.reshape(q, [BLOCK_M, BLOCK_N]), tl.reshape(scale, [BLOCK_M, BLOCK_N // GROUP_C])
 
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _token_group_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows, K, stride_xm, stride_qm, stride_sm,
-                              GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr, FP8_MAX_C: tl.constexpr,
-                              MIN_AMAX: tl.constexpr):
+                              GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr):
     # One program quantises ROWS rows of one GROUP_SIZE-channel group.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     group = tl.program_id(1)
     cols = group * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
     mask = (rows[:, None] < num_rows) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    q, scale = quant_groups_e4m3(x, FP8_MAX_C, MIN_AMAX)
+    q, scale = quant_groups_e4m3(x)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows * stride_sm + group, scale, mask=rows < num_rows)
 
@@ -85,8 +84,7 @@ def per_token_group_quant_fp8(x: torch.Tensor, group: int = GROUP) -> tuple[torc
     rows = 8
     grid = (triton.cdiv(num_rows, rows), scale.shape[1])
     _token_group_quant_kernel[grid](x, q, scale, num_rows, k, x.stride(0), q.stride(0), scale.stride(0),
-                                    GROUP_SIZE=group, ROWS=rows, FP8_MAX_C=FP8_MAX, MIN_AMAX=_MIN_AMAX,
-                                    num_warps=4)
+                                    GROUP_SIZE=group, ROWS=rows, num_warps=4)
     return q, scale
 
 

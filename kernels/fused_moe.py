@@ -1,7 +1,7 @@
 """Fused MoE for routed experts: align -> grouped GEMM gate/up (+SiLU*mul) -> grouped GEMM down (x routed
 weight) -> top-k sum. bf16/fp16/fp32 weights, or float8_e4m3fn weights with 128x128 block scales.
-Small M (config.pairs) skips the align and the top-k sum: the two per-pair launches of `fused_moe_pairs`,
-driven from here (hidden and act quantisation included, so `FUSE_ACT_QUANT` governs both paths).
+Small M (config.pairs) skips the align and the top-k sum: `fused_moe_pairs.fused_moe_pairs` runs its two
+per-pair launches (after this module's input checks; `MoEConfig.fuse_act_quant` governs both paths).
 
 Design (H100 targets, see benchmarks/RESULTS.md):
 - Small M is memory-bound on the weights of the experts that received tokens. Only blocks that own pairs run
@@ -14,7 +14,9 @@ Design (H100 targets, see benchmarks/RESULTS.md):
 - FP8: where gate/up's N tiles cover whole 128-channel groups, its epilogue quantises act itself (fp8 act
   plus per-group scales, the bits the separate quantisation launch would give), so act never goes to memory
   in 16 bits and the quantisation launch goes away.
-- Every buffer size depends only on shapes, never on routing: the whole call is CUDA-graph capturable.
+- Every buffer size depends only on shapes, never on routing: the whole call is CUDA-graph capturable. The
+  pairs path also takes completion counters from a shared buffer that can only grow outside capture, so a
+  shape needs one eager call before capture (as CudaGraphRunner makes).
 """
 
 from __future__ import annotations
@@ -25,15 +27,19 @@ import torch
 import triton
 import triton.language as tl
 
+# per_token_group_quant_fp8 is looked up on its module at each call, so a test can count the launches.
+from . import fp8 as fp8_quant
 from . import fused_moe_tma
-from .fp8 import FP8_DTYPE, GROUP, per_token_group_quant_fp8
-from .fused_moe_pairs import down_pairs, gate_up_pairs
+from .fp8 import FP8_DTYPE, GROUP
+from .fused_moe_pairs import fused_moe_pairs
 from .moe_align import AlignedRouting, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config
 from .moe_tiles import (
     act_quant_meta,
     down_acc,
+    fp8_act,
     gate_up_acc,
+    gate_up_scales,
     new_act,
     ptr_gemm_meta,
     store_act,
@@ -41,10 +47,6 @@ from .moe_tiles import (
     tile_of,
 )
 from .pdl import launch_kwargs, pdl_enter
-
-# False sends fp8 act through the separate quantisation launch even where gate/up's epilogue could quantise it:
-# for A/B timing, and the unfused route the tests compare the fused epilogue with (bit for bit).
-FUSE_ACT_QUANT = True
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
@@ -74,8 +76,10 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, b
     acc_g, acc_u = gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
                                stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
                                FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-    store_act(act_ptr, as_ptr, acc_g, acc_u, pid_m, pid_n, offs_n, stride_am, stride_asm, INTER,
-              BLOCK_M, BLOCK_N, EVEN_N, QUANT_ACT, ROUND_DTYPE)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # every slot, padding too: down reads whole blocks
+    store_act(act_ptr, as_ptr, act, slots, tl.full([BLOCK_M], True, tl.int1), pid_n, offs_n, stride_am,
+              stride_asm, INTER, BLOCK_M, BLOCK_N, EVEN_N, QUANT_ACT, ROUND_DTYPE)
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
@@ -126,12 +130,6 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, num_experts, stride_ym, stride_
     tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def act_quant_fusable(cfg: GemmConfig) -> bool:
-    """Whether gate/up with tile cfg quantises fp8 act in its epilogue: its N tiles cover whole 128-channel
-    groups (a ragged last group is handled). Otherwise fp8 act takes a separate quantisation launch."""
-    return FUSE_ACT_QUANT and cfg.block_n % GROUP == 0
-
-
 def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: int, cfg: GemmConfig,
             out_dtype: torch.dtype, x_scale: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
             act_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,12 +140,11 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: 
     num_experts, two_i, hidden_size = w13.shape
     inter = two_i // 2
     fp8 = x_scale is not None
-    act = new_act(routing.sorted_ids.shape[0], inter, out_dtype, act_scale, fp8, cfg, x.device)
+    act = new_act(routing.sorted_ids.shape[0], inter, out_dtype, act_scale, x.device)
     if fused_moe_tma.tma_ok(cfg, inter, hidden_size, routing.block_m, x.device):
-        fused_moe_tma.gate_up_tma(x, w13, act, routing, top_k, cfg, x_scale, w13_scale, act_scale, out_dtype)
+        fused_moe_tma.gate_up_tma(x, w13, act, routing, top_k, cfg, out_dtype, x_scale, w13_scale, act_scale)
         return act
-    xs, ws = (x_scale, w13_scale) if fp8 else (x, w13)  # unused pointers when not fp8
-    as_ = act if act_scale is None else act_scale
+    xs, ws, as_ = gate_up_scales(x, w13, act, x_scale, w13_scale, act_scale)
     grid = (routing.max_blocks * triton.cdiv(inter, cfg.block_n),)
     _gate_up_kernel[grid](x, w13, act, as_, xs, ws, routing.sorted_ids, routing.block_expert,
                           routing.block_rows, routing.max_blocks, hidden_size, inter, top_k,
@@ -251,39 +248,15 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     if fp8 and (GROUP % cfg.gate_up.block_k or GROUP % cfg.down.block_k):
         raise ValueError(f"fused_moe: fp8 needs block_k dividing {GROUP}, got {cfg}")
     if cfg.pairs:
-        return _fused_moe_pairs(hidden, w13, w2, topk_weights, topk_ids, cfg, out, w13_scale, w2_scale)
+        return fused_moe_pairs(hidden, w13, w2, topk_weights, topk_ids, cfg, out, w13_scale, w2_scale)
     routing = moe_align(topk_ids, num_experts, cfg.block_m)
     if fp8:
-        xq, xs = per_token_group_quant_fp8(hidden)
+        xq, xs = fp8_quant.per_token_group_quant_fp8(hidden)
         run = functools.partial(gate_up, xq, w13, routing, top_k, cfg.gate_up, hidden.dtype, xs, w13_scale)
-        aq, act_s = _fp8_act(run, routing.sorted_ids.shape[0], two_i // 2, cfg.gate_up, hidden.device)
+        aq, act_s = fp8_act(run, routing.sorted_ids.shape[0], two_i // 2, cfg, hidden.device)
         y = down(aq, w2, topk_weights, routing, cfg.down, hidden.dtype, act_s, w2_scale)
     else:
         act = gate_up(hidden, w13, routing, top_k, cfg.gate_up, hidden.dtype)
         y = down(act, w2, topk_weights, routing, cfg.down, hidden.dtype)
     return topk_sum(y, topk_ids, num_experts, out)
 
-
-def _fp8_act(run_gate_up, rows: int, inter: int, cfg: GemmConfig,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act [rows, I] float8_e4m3fn, act_scale [rows, ceil(I/128)] float32) from run_gate_up(act_scale=...)
-    (`gate_up` or `gate_up_pairs` with the other arguments bound): quantised in its epilogue where cfg allows
-    (`act_quant_fusable`), else returned in hidden's dtype and quantised by a separate launch. Same bits."""
-    if act_quant_fusable(cfg):
-        act_scale = torch.empty(rows, triton.cdiv(inter, GROUP), dtype=torch.float32, device=device)
-        return run_gate_up(act_scale=act_scale), act_scale
-    return per_token_group_quant_fp8(run_gate_up(act_scale=None))
-
-
-def _fused_moe_pairs(hidden, w13, w2, topk_weights, topk_ids, cfg: MoEConfig, out, w13_scale, w2_scale):
-    """The two-launch small-M path of `fused_moe` (config.pairs); same arguments, writes out. Kept here, not in
-    `fused_moe_pairs`: it quantises hidden and act, which this module's `FUSE_ACT_QUANT` and
-    `per_token_group_quant_fp8` govern (tests and probes switch them on this module)."""
-    if w13.dtype != FP8_DTYPE:
-        act = gate_up_pairs(hidden, w13, topk_weights, topk_ids, cfg.gate_up, cfg.block_m, hidden.dtype)
-        return down_pairs(act, w2, topk_weights, topk_ids, cfg.down, cfg.block_m, out)
-    x, xs = per_token_group_quant_fp8(hidden)
-    run = functools.partial(gate_up_pairs, x, w13, topk_weights, topk_ids, cfg.gate_up, cfg.block_m, hidden.dtype,
-                            xs, w13_scale)
-    act, act_s = _fp8_act(run, topk_ids.numel(), w2.shape[2], cfg.gate_up, hidden.device)
-    return down_pairs(act, w2, topk_weights, topk_ids, cfg.down, cfg.block_m, out, act_s, w2_scale)

@@ -6,21 +6,36 @@ its k rows in a fixed order: two launches, deterministic.
   from L2; a dropped choice's gate/up program exits at once and its down program stores zeros.
 - The down program that arrives last on a (token, N tile) (a self-resetting counter of
   `counters.completion_counters`) sums the token's k fp32 rows in a fixed order, so it needs no third launch.
-- Routing weight: unquantised act carries it from gate/up; with fp8, down applies it with act's scale.
-`fused_moe` drives the two launches (and the fp8 quantisation of hidden and act), so this module does not
-import it; the k loops and act allocation it shares with the aligned path live in `moe_tiles`.
+- Routing weight: unquantised act carries it from gate/up; with fp8 (act quantised per 128 channels), down
+  multiplies its output by topk_weights[pair] after the k loop instead.
+`fused_moe_pairs` drives the two launches (and the fp8 quantisation of hidden and act) once
+`fused_moe.fused_moe` has checked the inputs; the k loops, the gate/up epilogue, act allocation and the choice
+of act quantisation route it shares with the aligned path live in `moe_tiles`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+# per_token_group_quant_fp8 is looked up on its module at each call, so a test can count the launches.
+from . import fp8 as fp8_quant
 from .counters import completion_counters, last_to_arrive
-from .fp8 import GROUP, quant_act_tile
-from .moe_configs import GemmConfig
-from .moe_tiles import act_quant_meta, down_acc, gate_up_acc, new_act, ptr_gemm_meta, store_group_scales
+from .fp8 import FP8_DTYPE, GROUP
+from .moe_configs import GemmConfig, MoEConfig
+from .moe_tiles import (
+    act_quant_meta,
+    down_acc,
+    fp8_act,
+    gate_up_acc,
+    gate_up_scales,
+    new_act,
+    ptr_gemm_meta,
+    store_act,
+)
 from .pdl import launch_kwargs, pdl_enter
 
 
@@ -33,7 +48,7 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, ids_ptr
                           EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
                           USE_PDL: tl.constexpr):
     """act[pair, n] = w[pair] * silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for one pair and N
-    tile, e = topk_ids[pair]; w = topk_weights[pair], or 1 when FP8 (down applies it with the act scale).
+    tile, e = topk_ids[pair]; w = topk_weights[pair], or 1 when FP8 (down multiplies its output by it).
     QUANT_ACT: act is fp8 with scales in as (see `moe_tiles.store_act`). Rows of dropped pairs are left
     unwritten."""
     pdl_enter(USE_PDL)
@@ -57,13 +72,9 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, ids_ptr
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     if not FP8:
         act = act * tl.load(topk_w_ptr + pair)
-    offs_r = tl.arange(0, BLOCK_M)
-    if QUANT_ACT:
-        act, scale = quant_act_tile(act, offs_n, INTER, ROUND_DTYPE, BLOCK_M, BLOCK_N, EVEN_N)
-        store_group_scales(as_ptr, scale, token * 0 + pair, offs_r == 0, pid_n, stride_asm, INTER, BLOCK_N,
-                           EVEN_N)
-    out_ptrs = act_ptr + pair.to(tl.int64) * stride_am + offs_n[None, :] + offs_r[:, None] * 0
-    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=(offs_r[:, None] == 0) & (offs_n[None, :] < INTER))
+    # Every MMA row holds the pair's values; only row 0 is stored, in act row pair.
+    store_act(act_ptr, as_ptr, act, tl.zeros([BLOCK_M], dtype=tl.int32) + pair, tl.arange(0, BLOCK_M) == 0,
+              pid_n, offs_n, stride_am, stride_asm, INTER, BLOCK_M, BLOCK_N, EVEN_N, QUANT_ACT, ROUND_DTYPE)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -116,9 +127,8 @@ def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor
     inter = two_i // 2
     num_pairs = topk_ids.numel()
     fp8 = x_scale is not None
-    act = new_act(num_pairs, inter, out_dtype, act_scale, fp8, cfg, x.device)
-    xs, ws = (x_scale, w13_scale) if fp8 else (x, w13)
-    as_ = act if act_scale is None else act_scale
+    act = new_act(num_pairs, inter, out_dtype, act_scale, x.device)
+    xs, ws, as_ = gate_up_scales(x, w13, act, x_scale, w13_scale, act_scale)
     grid = (num_pairs * triton.cdiv(inter, cfg.block_n),)
     meta = ptr_gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device)
     del meta["GROUP_M"]
@@ -150,3 +160,20 @@ def down_pairs(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, 
                              BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(act.device))
     return out
+
+
+def fused_moe_pairs(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor, cfg: MoEConfig, out: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                    w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The two-launch small-M path of `fused_moe.fused_moe` (cfg.pairs set), on inputs it has checked:
+    hidden: [M, H]; w13: [E, 2I, H] and w2: [E, H, I] in hidden's dtype, or float8_e4m3fn with w13_scale and
+    w2_scale (128x128 block scales; hidden and act are then quantised per token per 128 channels);
+    topk_weights: [M, k] float32; topk_ids: [M, k] int32. Fills and returns out: [M, H] in hidden's dtype."""
+    if w13.dtype != FP8_DTYPE:
+        act = gate_up_pairs(hidden, w13, topk_weights, topk_ids, cfg.gate_up, cfg.block_m, hidden.dtype)
+        return down_pairs(act, w2, topk_weights, topk_ids, cfg.down, cfg.block_m, out)
+    x, xs = fp8_quant.per_token_group_quant_fp8(hidden)
+    run = functools.partial(gate_up_pairs, x, w13, topk_weights, topk_ids, cfg.gate_up, cfg.block_m, hidden.dtype,
+                            xs, w13_scale)
+    act, act_s = fp8_act(run, topk_ids.numel(), w2.shape[2], cfg, hidden.device)
+    return down_pairs(act, w2, topk_weights, topk_ids, cfg.down, cfg.block_m, out, act_s, w2_scale)

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .device import compute_capability
 from .moe_configs import GemmConfig
-from .moe_tiles import act_quant_meta, gemm_meta, store_act, store_down, tile_of
+from .moe_tiles import act_quant_meta, gate_up_scales, gemm_meta, store_act, store_down, tile_of
 from .pdl import launch_kwargs, pdl_enter
 
 GATHER_BLOCK_H = 512
@@ -124,8 +124,10 @@ def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_pt
         else:
             acc_g = tl.dot(a, g.T, acc_g)
             acc_u = tl.dot(a, u.T, acc_u)
-    store_act(act_ptr, as_ptr, acc_g, acc_u, pid_m, pid_n, offs_n, stride_am, stride_asm, INTER,
-              BLOCK_M, BLOCK_N, True, QUANT_ACT, ROUND_DTYPE)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # every slot, padding too: down reads whole blocks
+    store_act(act_ptr, as_ptr, act, slots, tl.full([BLOCK_M], True, tl.int1), pid_n, offs_n, stride_am,
+              stride_asm, INTER, BLOCK_M, BLOCK_N, True, QUANT_ACT, ROUND_DTYPE)
 
 
 @triton.jit(do_not_specialize=["max_blocks", "num_slots", "num_experts"])
@@ -174,17 +176,17 @@ def gather_slots(x: torch.Tensor, routing, top_k: int) -> torch.Tensor:
     return out
 
 
-def gate_up_tma(x, w13, act, routing, top_k: int, cfg: GemmConfig, x_scale=None, w13_scale=None,
-                act_scale=None, round_dtype: torch.dtype | None = None) -> None:
-    """Fills act [slots, I] (and act_scale, when given: act is then fp8 rounded through round_dtype) as
-    `fused_moe.gate_up` does (the caller allocates them and checked `tma_ok`)."""
+def gate_up_tma(x, w13, act, routing, top_k: int, cfg: GemmConfig, round_dtype: torch.dtype, x_scale=None,
+                w13_scale=None, act_scale=None) -> None:
+    """Fills act [slots, I] (and act_scale, when given: act is then fp8, quantised from act rounded to
+    round_dtype) as `fused_moe.gate_up` does with out_dtype round_dtype (the caller allocates them and checked
+    `tma_ok`)."""
     _set_allocator()
     num_experts, two_i, hidden_size = w13.shape
     fp8 = x_scale is not None
     gathered = cfg.loads == "tma_gathered"
     xin = gather_slots(x, routing, top_k) if gathered else x
-    xs, ws = (x_scale, w13_scale) if fp8 else (x, w13)
-    as_ = act if act_scale is None else act_scale
+    xs, ws, as_ = gate_up_scales(x, w13, act, x_scale, w13_scale, act_scale)
     grid = (routing.max_blocks * triton.cdiv(two_i // 2, cfg.block_n),)
     _gate_up_tma_kernel[grid](xin, w13, act, as_, xs, ws, routing.sorted_ids, routing.block_expert,
                               routing.block_rows, routing.max_blocks, xin.shape[0], num_experts, hidden_size,

@@ -45,12 +45,17 @@ class MoEConfig:
     program per (pair, N tile), reading the expert straight from topk_ids; then "pair": down runs one program
     per (pair, N tile) and the last of a token's k programs on a tile sums their rows in a fixed order.
     "" = aligned path. Weights of an expert chosen by several tokens are read once per pair, so it only
-    pays while M*k is small. block_m is then the MMA row count only (one row is real)."""
+    pays while M*k is small. block_m is then the MMA row count only (one row is real).
+
+    fuse_act_quant (fp8 weights): gate/up's epilogue quantises act where its N tiles cover whole 128-channel
+    groups (`moe_tiles.act_quant_fusable`); False sends act through the separate quantisation launch, which
+    gives the same bits (for A/B timing, and the route tests compare the epilogue with)."""
 
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
     pairs: str = ""
+    fuse_act_quant: bool = True
 
     def __post_init__(self) -> None:
         for name, g in (("gate_up", self.gate_up), ("down", self.down)):
@@ -72,8 +77,9 @@ class MoEConfig:
 
     @staticmethod
     def from_dict(d: dict) -> MoEConfig:
+        # Tables written before a field existed lack it: its default.
         return MoEConfig(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]),
-                         d.get("pairs", ""))
+                         d.get("pairs", ""), d.get("fuse_act_quant", True))
 
 
 def table_name(num_experts: int, hidden: int, inter: int, fp8: bool) -> str:

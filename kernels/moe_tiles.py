@@ -1,8 +1,9 @@
 """Pieces shared by the fused-MoE kernel modules (`fused_moe`: aligned GEMMs by pointer loads;
 `fused_moe_tma`: aligned GEMMs with tiles by TMA; `fused_moe_pairs`: the small-M per-pair path): the launch
 order of (block, N tile) programs, the pointer-load gate/up and down k loops, the epilogues (gate/up's with
-optional FP8 quantisation of act), act allocation and the launch constants. Kept apart so the kernel modules
-import them without importing each other."""
+optional FP8 quantisation of act), act allocation, the choice between quantising act in gate/up's epilogue or
+by its own launch, and the launch constants. Kept apart so the kernel modules import them without importing
+each other."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+# per_token_group_quant_fp8 is looked up on its module at each call, so a test can count the launches.
+from . import fp8 as fp8_quant
 from .fp8 import FP8_DTYPE, GROUP, GROUP_C, quant_act_tile
-from .moe_configs import GemmConfig
+from .moe_configs import GemmConfig, MoEConfig
 from .pdl import launch_kwargs
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -37,13 +40,40 @@ def ptr_gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool, devi
     return dict(gemm_meta(cfg, block_m, fp8, device), EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0)
 
 
-def new_act(rows: int, inter: int, out_dtype: torch.dtype, act_scale: torch.Tensor | None, fp8: bool,
-            cfg: GemmConfig, device: torch.device) -> torch.Tensor:
-    """act [rows, I] out_dtype, or float8_e4m3fn where gate/up's epilogue quantises it, its scales going to
-    act_scale [rows, ceil(I/128)] float32 (fp8 weights and N tiles of whole 128-channel groups only)."""
+def act_quant_fusable(cfg: MoEConfig) -> bool:
+    """Whether gate/up (fp8 weights) quantises act in its epilogue: cfg.fuse_act_quant and its N tiles cover
+    whole 128-channel groups (a ragged last group is handled). Otherwise act takes a separate quantisation
+    launch."""
+    return cfg.fuse_act_quant and cfg.gate_up.block_n % GROUP == 0
+
+
+def fp8_act(run_gate_up, rows: int, inter: int, cfg: MoEConfig,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act [rows, I] float8_e4m3fn, act_scale [rows, ceil(I/128)] float32) from run_gate_up(act_scale=...)
+    (`fused_moe.gate_up` or `fused_moe_pairs.gate_up_pairs` with the other arguments bound): quantised in its
+    epilogue where `act_quant_fusable(cfg)`, else returned in hidden's dtype and quantised by a separate
+    launch. Same bits either way."""
+    if act_quant_fusable(cfg):
+        act_scale = torch.empty(rows, triton.cdiv(inter, GROUP), dtype=torch.float32, device=device)
+        return run_gate_up(act_scale=act_scale), act_scale
+    return fp8_quant.per_token_group_quant_fp8(run_gate_up(act_scale=None))
+
+
+def gate_up_scales(x: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, x_scale: torch.Tensor | None,
+                   w13_scale: torch.Tensor | None,
+                   act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_scale, w13_scale, act_scale) for a gate/up launch, each absent one replaced by a tensor the kernel
+    never reads (x and w13 when not FP8, act when not QUANT_ACT), so every pointer argument is a tensor."""
+    xs, ws = (x_scale, w13_scale) if x_scale is not None else (x, w13)
+    return xs, ws, act if act_scale is None else act_scale
+
+
+def new_act(rows: int, inter: int, out_dtype: torch.dtype, act_scale: torch.Tensor | None,
+            device: torch.device) -> torch.Tensor:
+    """act [rows, I] out_dtype, or float8_e4m3fn when gate/up's epilogue quantises it (act_scale given), its
+    scales going to act_scale [rows, ceil(I/128)] float32 (the caller checked `act_quant_fusable`)."""
     if act_scale is None:
         return torch.empty(rows, inter, dtype=out_dtype, device=device)
-    assert fp8 and cfg.block_n % GROUP == 0, f"act quantised by gate/up needs fp8 and block_n % {GROUP} == 0"
     want = (rows, triton.cdiv(inter, GROUP))
     assert tuple(act_scale.shape) == want and act_scale.dtype == torch.float32 and act_scale.stride(1) == 1, \
         f"act_scale must be float32 {want} with unit column stride, got {tuple(act_scale.shape)} {act_scale.dtype}"
@@ -61,24 +91,23 @@ def tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def store_act(act_ptr, as_ptr, acc_g, acc_u, pid_m, pid_n, offs_n, stride_am, stride_asm, INTER,
+def store_act(act_ptr, as_ptr, act, rows, row_ok, pid_n, offs_n, stride_am, stride_asm, INTER,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr,
               ROUND_DTYPE: tl.constexpr):
-    """act[slot, n] = silu(gate) * up for the BLOCK_M slots of block pid_m; columns past INTER are dropped.
+    """Row rows[i] of act_ptr ([*, INTER]) gets act[i] where row_ok[i]; act: [BLOCK_M, BLOCK_N] fp32 (silu(gate)
+    * up) at columns offs_n, those past INTER dropped. The aligned kernels store every row: their all-true
+    row_ok folds away (the generated code is that of an unmasked store).
 
-    QUANT_ACT (BLOCK_N a multiple of GROUP): act is float8_e4m3fn and as_ptr its [slots, ceil(INTER/GROUP)]
+    QUANT_ACT (BLOCK_N a multiple of GROUP): act_ptr is float8_e4m3fn and as_ptr its [*, ceil(INTER/GROUP)]
     float32 scales, the bits `per_token_group_quant_fp8` would give for act stored in ROUND_DTYPE."""
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if QUANT_ACT:
         act, scale = quant_act_tile(act, offs_n, INTER, ROUND_DTYPE, BLOCK_M, BLOCK_N, EVEN_N)
-        every_row = tl.full([BLOCK_M], True, tl.int1)
-        store_group_scales(as_ptr, scale, slots, every_row, pid_n, stride_asm, INTER, BLOCK_N, EVEN_N)
-    out_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_am + offs_n[None, :]
+        store_group_scales(as_ptr, scale, rows, row_ok, pid_n, stride_asm, INTER, BLOCK_N, EVEN_N)
+    out_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + offs_n[None, :]
     if EVEN_N:
-        tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty))
+        tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
-        tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=offs_n[None, :] < INTER)
+        tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < INTER))
 
 
 @triton.jit

@@ -87,7 +87,10 @@ def test_config_tables_are_valid_and_pick_nearest_m():
         assert table, f"{path.name} holds no configs"
         if path.name.endswith("_fp8.json"):
             assert all(128 % c.gate_up.block_k == 0 and 128 % c.down.block_k == 0 for c in table.values())
+        assert all(c.fuse_act_quant for c in table.values())  # tables without the field take its default
     tiles = GemmConfig(32, 64), GemmConfig(64, 64)
+    for c in (MoEConfig(16, *tiles, pairs="pair"), MoEConfig(64, *tiles, fuse_act_quant=False)):
+        assert MoEConfig.from_dict(c.to_dict()) == c
     cfg = {m: MoEConfig(bm, *tiles) for m, bm in ((1, 16), (32, 32), (512, 64))}
     assert nearest(cfg, 1).block_m == 16
     assert nearest(cfg, 5).block_m == 16  # log2 5 is nearer 1 (log 0) than 32 (log 5)
@@ -287,28 +290,28 @@ FUSED_QUANT_CASES = {
     "tma_n128": (256, "tma", "", (128, 64)),
     "tma_gathered_n256": (256, "tma_gathered", "", (256, 64)),
     "pairs_n128": (256, "ptr", "pair", (128, 64)),
+    "pairs_ragged_i": (320, "ptr", "pair", (256, 64)),
 }
 
 
-def _moe_module():
-    """moeserve.kernels.fused_moe the module (the package exports the function under the same name)."""
+def _fused_vs_separate_act_quant(monkeypatch, args: tuple, scales: dict, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_moe(*args) twice: act quantised in gate/up's epilogue, then by the separate launch (cfg with
+    fuse_act_quant=False). Asserts each route ran its own quantisation launches (1 = hidden only, 2 = + act)."""
+    import dataclasses
     import importlib
 
-    return importlib.import_module("moeserve.kernels.fused_moe")
+    from moeserve.kernels import fused_moe
+    from moeserve.kernels.moe_tiles import act_quant_fusable
 
-
-def _fused_vs_separate_act_quant(monkeypatch, args: tuple, scales: dict, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """fused_moe(*args) twice: act quantised in gate/up's epilogue, then by the separate launch
-    (FUSE_ACT_QUANT off). Asserts each route ran its own quantisation launches (1 = hidden only, 2 = + act)."""
-    fm = _moe_module()
+    # Every driver calls the quantisation through its module, so patching it there counts them all.
+    fp8_module = importlib.import_module("moeserve.kernels.fp8")
     launches = []
-    quant = fm.per_token_group_quant_fp8
-    monkeypatch.setattr(fm, "per_token_group_quant_fp8", lambda t: launches.append(t.shape) or quant(t))
-    assert fm.act_quant_fusable(cfg.gate_up)
-    fused = fm.fused_moe(*args, config=cfg, **scales)
+    quant = fp8_module.per_token_group_quant_fp8
+    monkeypatch.setattr(fp8_module, "per_token_group_quant_fp8", lambda t: launches.append(t.shape) or quant(t))
+    assert act_quant_fusable(cfg)
+    fused = fused_moe(*args, config=cfg, **scales)
     assert len(launches) == 1, launches
-    monkeypatch.setattr(fm, "FUSE_ACT_QUANT", False)
-    separate = fm.fused_moe(*args, config=cfg, **scales)
+    separate = fused_moe(*args, config=dataclasses.replace(cfg, fuse_act_quant=False), **scales)
     assert len(launches) == 3, launches
     return fused, separate
 

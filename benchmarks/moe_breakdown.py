@@ -1,0 +1,83 @@
+"""Where a fused-MoE call's time goes: per-kernel device time of whole `fused_moe` calls, from the profiler.
+
+    MOESERVE_PDL=0 python benchmarks/moe_breakdown.py [--cases qwen3:bf16:512,...] [--out F]
+
+Each case runs the table's config on 8 (or 2, when the touched weights would fit L2 four times) routings, eager
+calls after a warm-up, under torch.profiler; kernel durations are summed by kernel name and divided by the
+number of calls. With PDL on, a kernel's duration includes the time it waits for its predecessor, so run with
+MOESERVE_PDL=0 for clean per-kernel times (the whole call is then somewhat slower than under PDL). `floor µs`:
+the call's roofline (`kernels_moe_tune.roofline_us`, ceilings measured in this run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from kernels_moe_tune import roofline_us  # noqa: E402
+
+from kernels import L2_BYTES, SHAPES, make_inputs, make_weights, measure_ceilings, traffic  # noqa: E402
+from moeserve.kernels import fused_moe  # noqa: E402
+
+DEFAULT_CASES = "qwen3:bf16:512,qwen3:bf16:2048,qwen3:fp8:512,mixtral:bf16:512,mixtral:fp8:512"
+REPS = 5
+
+
+def breakdown(key: str, dtype: str, m: int, ceilings: dict) -> dict:
+    """Per-kernel µs per call of one case, with the call's roofline."""
+    shape, fp8 = SHAPES[key], dtype == "fp8"
+    w = make_weights(shape, fp8)
+    first, _ = traffic(shape, fp8, make_inputs(shape, m, 1000)[2])
+    inputs = [make_inputs(shape, m, 1000 + r) for r in range(8 if first < 4 * L2_BYTES else 2)]
+    scales = dict(w13_scale=w["w13_scale"], w2_scale=w["w2_scale"]) if fp8 else {}
+
+    def calls() -> None:
+        for hidden, topk_w, topk_ids in inputs:
+            fused_moe(hidden, w["w13"], w["w2"], topk_w, topk_ids, **scales)
+
+    calls()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPS):
+            calls()
+        torch.cuda.synchronize()
+    per_kernel = {}  # the same aggregation as offline_gpu.kernel_breakdown
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            per_kernel[e.key] = us / (REPS * len(inputs))
+    rate = ceilings["fp8_tflops"] if fp8 else ceilings["bf16_tflops"]
+    return dict(shape=shape.name, dtype=dtype, m=m, kernels_us=dict(per_kernel),
+                roofline_us=roofline_us(shape, fp8, inputs, ceilings["copy_tbs"], rate))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="comma list of shape:dtype:M")
+    parser.add_argument("--out", default="benchmarks/out/moe_breakdown.json")
+    args = parser.parse_args()
+    ceilings = measure_ceilings()
+    rows = []
+    for case in args.cases.split(","):
+        key, dtype, m = case.split(":")
+        row = breakdown(key, dtype, int(m), ceilings)
+        rows.append(row)
+        total = sum(row["kernels_us"].values())
+        print(f"\n{row['shape']} {dtype} M={m}: {total:.1f} µs of kernels per call, roofline "
+              f"{row['roofline_us']:.1f} µs ({row['roofline_us'] / total:.3f})")
+        for name, us in sorted(row["kernels_us"].items(), key=lambda kv: -kv[1]):
+            print(f"    {us:8.1f} µs  {us / total:6.1%}  {name[:100]}")
+        torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(card=torch.cuda.get_device_name(), pdl=os.environ.get("MOESERVE_PDL", "1"),
+                       ceilings=ceilings, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
