@@ -23,13 +23,16 @@ from .pdl import launch_kwargs, pdl_enter
 # of many programs: each counts all pairs itself (cheap at this size), writes one chunk of the block tables,
 # then places its own RANK_CHUNK pairs by their rank among earlier pairs of the same expert (no atomics, no
 # zeroed buffer, deterministic order). Above it a zero-fill, a histogram launch and a scatter launch
-# (atomics), since every ranked program would re-count too many pairs. Measured on the H100 (graph replay,
-# E=128, 2026-11-25): one program 15-35 us at 256-4096 pairs (the block tables are written serially),
-# ranked 9-14 us up to 4096 and 33 us at 16384, zero-fill + count + scatter 11-13 us from 2048 to 16384.
+# (atomics, one program per _SCATTER_CHUNK pairs), since every ranked program would re-count too many pairs.
+# Measured on the H100 (graph replay, E=128, 2026-11-25): one program 15-35 us at 256-4096 pairs (the block
+# tables are written serially), ranked 9-14 us up to 4096 and 33 us at 16384, zero-fill + count + scatter
+# 11-13 us from 2048 to 16384 with 1024-pair programs, 6.5 us (4096 pairs) and 9.3 us (16384) with 256-pair
+# programs (benchmarks/align_probe.py: the whole Qwen3 M=512 call 465 -> 459 us).
 SINGLE_PROGRAM_MAX_PAIRS = 32
 RANKED_MAX_PAIRS = 2048
 METHODS = ("single", "ranked", "scatter")
 _CHUNK = 1024
+_SCATTER_CHUNK = 256
 _RANK_CHUNK = 128
 _BLOCKS_CHUNK = 32
 
@@ -233,11 +236,13 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     else:
         # work = [counts | starts | cursor]; counts and cursor start at zero.
         work = torch.zeros(3 * e_pow2, dtype=torch.int32, device=device)
+        chunk = min(_SCATTER_CHUNK, chunk)
         programs = max(1, triton.cdiv(num_pairs, chunk))
         _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, E_POW2=e_pow2, CHUNK=chunk,
                                    **launch_kwargs(device))
         _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,
-                                     BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **meta)
+                                     BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs),
+                                     **dict(meta, CHUNK=chunk))
     return AlignedRouting(sorted_ids, block_expert, block_rows, block_m)
 
 
