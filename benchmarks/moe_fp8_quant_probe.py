@@ -32,13 +32,15 @@ REPEATS = 3
 
 
 def tile_variants(table: MoEConfig) -> dict[str, MoEConfig]:
-    """The table's entry and one-knob variants of it (gate/up keeps 128-wide tiles: the fused epilogue's)."""
+    """The table's entry and variants of it, mostly one knob each (gate/up keeps 128-wide tiles)."""
     gu, dn = table.gate_up, table.down
     rep = dataclasses.replace
     return {
         "table": table,
         "gate_up 4 warps 4 stages": rep(table, gate_up=rep(gu, num_warps=4, num_stages=4)),
         "gate_up group_m 1": rep(table, gate_up=rep(gu, group_m=1)),
+        "gate_up 4 stages": rep(table, gate_up=rep(gu, num_stages=4)),  # not yet measured (session 5)
+        "down 5 stages": rep(table, down=rep(dn, num_stages=5)),  # not yet measured (session 5)
         "down 8 warps 3 stages": rep(table, down=rep(dn, num_warps=8, num_stages=3)),
         "down 64 wide 5 stages": rep(table, down=rep(dn, block_n=64, num_stages=5)),
         "block_m 32, 4 warps 4 stages": MoEConfig(32, rep(gu, num_warps=4, num_stages=4),
