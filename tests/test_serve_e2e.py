@@ -319,7 +319,14 @@ class TestRoutingDP4:
         async def run():
             client = async_client(dp4)
             streams = await asyncio.gather(*(hold(client, i) for i in range(num)))
-            ranks = (await asyncio.to_thread(dp4.status))["ranks"]
+            # A rank's status is a snapshot its step loop takes at most every 50 ms: poll until every
+            # request shows (or 30 s pass and the assertion below reports what was seen).
+            deadline = time.monotonic() + 30
+            while True:
+                ranks = (await asyncio.to_thread(dp4.status))["ranks"]
+                if sum(s["num_running"] + s["num_waiting"] for s in ranks) == num or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
             for stream in streams:
                 await stream.close()
             await client.close()
