@@ -80,7 +80,7 @@ def jit_modules(skip_tensor_cores: bool) -> dict[str, Callable[[], object]]:
     return mods
 
 
-def start_jit(mods: dict[str, Callable[[], object]], out_dir: str) -> dict[str, cf.Future]:
+def start_jit(mods: dict[str, Callable[[], object]]) -> dict[str, cf.Future]:
     """Build every module in its own thread; each future returns (seconds, error or None)."""
     def build(name: str, fn: Callable[[], object]) -> tuple[float, str | None]:
         t0 = time.monotonic()
@@ -329,7 +329,7 @@ def main() -> None:
                 device=torch.cuda.get_device_name(), flashinfer_path=os.path.dirname(flashinfer.__file__))
     rows.append(info)
     log(info)
-    futures = start_jit(jit_modules(args.skip_tensor_cores), args.out)
+    futures = start_jit(jit_modules(args.skip_tensor_cores))
     global JIT_BUSY, TRITON
     from moeserve.attention.triton_backend import TritonAttentionBackend
 

@@ -127,10 +127,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
-def bench_case(shape: MoEShape, weights: dict, m: int, fp8: bool, ceilings: dict, with_ref: bool) -> dict:
+def rotating_inputs(shape: MoEShape, m: int, fp8: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The routings a timed case cycles through (`make_inputs`, seeds 1000…): 8, or 2 where the experts one
+    call touches exceed 4x L2 anyway, so that the weights are not served from L2."""
     first_bytes, _ = traffic(shape, fp8, make_inputs(shape, m, 1000)[2])
-    rotations = 8 if first_bytes < 4 * L2_BYTES else 2
-    sets = [make_inputs(shape, m, 1000 + r) for r in range(rotations)]
+    return [make_inputs(shape, m, 1000 + r) for r in range(8 if first_bytes < 4 * L2_BYTES else 2)]
+
+
+def bench_case(shape: MoEShape, weights: dict, m: int, fp8: bool, ceilings: dict, with_ref: bool) -> dict:
+    sets = rotating_inputs(shape, m, fp8)
+    rotations = len(sets)
     totals = [traffic(shape, fp8, s[2]) for s in sets]
     nbytes = sum(t[0] for t in totals) / rotations
     flops = sum(t[1] for t in totals) / rotations

@@ -76,7 +76,7 @@ def _candidates(dtype: str, bm: int, kind: str) -> list[GemmConfig]:
     return CANDIDATES[(dtype, "mem" if bm <= 32 else "cmp", kind)]
 
 
-def _run_kernel(shape, fp8: bool, bm: int, kind: str, cfg: GemmConfig, w: dict, sets: list) -> None:
+def _run_kernel(shape, kind: str, cfg: GemmConfig, w: dict, sets: list) -> None:
     """One gate_up or down launch per routing set (inputs prepared by _prepare)."""
     for s in sets:
         if kind == "gate_up":
@@ -98,7 +98,7 @@ def _fused_calls(w: dict, inputs: list, cfg: MoEConfig | None) -> None:
 def _prepare(shape, fp8: bool, bm: int, w: dict, inputs: list) -> list[dict]:
     sets = []
     for hidden, tw, ids in inputs:
-        s = dict(tw=tw, routing=moe_align(ids, w["w13"].shape[0], bm), x=hidden, hidden=hidden, ids=ids)
+        s = dict(tw=tw, routing=moe_align(ids, w["w13"].shape[0], bm), x=hidden)
         if fp8:
             s["x"], s["xs"] = per_token_group_quant_fp8(hidden)
         act = gate_up(s["x"], w["w13"], s["routing"], shape.top_k, _candidates("fp8" if fp8 else "bf16", bm,
@@ -152,7 +152,7 @@ def _compile_worker(jobs: list) -> list[str]:
             if kind == "whole":
                 _fused_calls(w, inputs, cfg)
             else:
-                _run_kernel(small, fp8, bm, kind, cfg, w, _prepare(small, fp8, bm, w, inputs))
+                _run_kernel(small, kind, cfg, w, _prepare(small, fp8, bm, w, inputs))
             torch.cuda.synchronize()
         except Exception as exc:  # a tile that does not fit is dropped from the search, not fatal
             errors.append(f"{_job_label(job)}: {type(exc).__name__}: {str(exc)[:120]}")
@@ -242,8 +242,8 @@ def _search_tiles(shape, fp8: bool, w: dict, inputs: list, bms, cands, log: dict
         for kind in ("gate_up", "down"):
             timed = []
             for cfg in cands(bm, kind):
-                def run(c=cfg, k=kind, b=bm, s=sets):
-                    _run_kernel(shape, fp8, b, k, c, w, s)
+                def run(c=cfg, k=kind, s=sets):
+                    _run_kernel(shape, k, c, w, s)
 
                 try:
                     us = _time_ms(run) * 1e3 / len(inputs)
@@ -277,7 +277,7 @@ def pairs_candidates() -> dict[str, MoEConfig]:
             for gu, dn in _PAIRS_TILES}
 
 
-def tune_pairs(shape, fp8: bool, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple[MoEConfig, dict]:
+def tune_pairs(shape, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple[MoEConfig, dict]:
     """Whole-call graph timing of the aligned winner against the pairs path; returns the faster config."""
     inputs, _ = _tune_inputs(shape, m, make_inputs)
     timed, log = [], {}
@@ -318,7 +318,7 @@ def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_
         for m in ms:
             cfg, log = tune_case(shape, fp8, m, w, make_inputs)
             if m * shape.top_k <= PAIRS_MAX_PAIRS:
-                cfg, pairs_log = tune_pairs(shape, fp8, m, w, make_inputs, cfg)
+                cfg, pairs_log = tune_pairs(shape, m, w, make_inputs, cfg)
                 log.update(pairs_log)
             table[m] = cfg
             bundle["timings_us"][f"{shape.name} {dtype} M={m}"] = log

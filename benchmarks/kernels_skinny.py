@@ -28,6 +28,7 @@ from kernels_small import time_graph  # noqa: E402
 
 from moeserve.kernels import pdl  # noqa: E402
 from moeserve.kernels.attention_reference import rel_err  # noqa: E402
+from moeserve.kernels.device import num_sms  # noqa: E402
 from moeserve.kernels.skinny_gemm import SkinnyConfig, default_config, skinny_linear  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -76,7 +77,7 @@ def case(name: str, n: int, k: int, m: int, copy_tbs: float, configs: list[Skinn
             continue
         rows.append(dict(shape=name, n=n, k=k, m=m, impl=label, us=us, pct_floor=100 * floor_us / us,
                          rel_err=err, vs_cublas=cublas / us,
-                         config=str(cfg or default_config(n, k))))
+                         config=str(cfg or default_config(n, k, num_sms(x.device)))))
     for r in rows:
         print({key: round(v, 4) if isinstance(v, float) else v for key, v in r.items()}, flush=True)
     return rows

@@ -19,10 +19,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from kernels_moe_tune import roofline_us  # noqa: E402
+from kernels_moe_tune import _fused_calls, roofline_us  # noqa: E402
 
-from kernels import L2_BYTES, SHAPES, make_inputs, make_weights, measure_ceilings, traffic  # noqa: E402
-from moeserve.kernels import fused_moe  # noqa: E402
+from kernels import SHAPES, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 
 DEFAULT_CASES = "qwen3:bf16:512,qwen3:bf16:2048,qwen3:fp8:512,mixtral:bf16:512,mixtral:fp8:512"
 REPS = 5
@@ -32,13 +31,10 @@ def breakdown(key: str, dtype: str, m: int, ceilings: dict) -> dict:
     """Per-kernel µs per call of one case, with the call's roofline."""
     shape, fp8 = SHAPES[key], dtype == "fp8"
     w = make_weights(shape, fp8)
-    first, _ = traffic(shape, fp8, make_inputs(shape, m, 1000)[2])
-    inputs = [make_inputs(shape, m, 1000 + r) for r in range(8 if first < 4 * L2_BYTES else 2)]
-    scales = dict(w13_scale=w["w13_scale"], w2_scale=w["w2_scale"]) if fp8 else {}
+    inputs = rotating_inputs(shape, m, fp8)
 
     def calls() -> None:
-        for hidden, topk_w, topk_ids in inputs:
-            fused_moe(hidden, w["w13"], w["w2"], topk_w, topk_ids, **scales)
+        _fused_calls(w, inputs, None)
 
     calls()
     torch.cuda.synchronize()

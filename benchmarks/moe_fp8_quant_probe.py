@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from kernels_moe_tune import _whole_us, alternate_us, roofline_us  # noqa: E402
 
-from kernels import L2_BYTES, SHAPES, make_inputs, make_weights, measure_ceilings, traffic  # noqa: E402
+from kernels import SHAPES, make_inputs, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 from moeserve.kernels.moe_configs import MoEConfig, get_config  # noqa: E402
 
 CASES = [("qwen3", 128), ("qwen3", 512), ("qwen3", 2048), ("deepseek", 512), ("deepseek", 2048),
@@ -80,8 +80,7 @@ def compare_act_quant(ceilings: dict) -> list[dict]:
     for key, m in CASES:
         shape = SHAPES[key]
         w = make_weights(shape, True)
-        first, _ = traffic(shape, True, make_inputs(shape, m, 1000)[2])
-        inputs = [make_inputs(shape, m, 1000 + r) for r in range(8 if first < 4 * L2_BYTES else 2)]
+        inputs = rotating_inputs(shape, m, True)
         cfg = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, True)
         runs = alternate_us(w, inputs, {"fused": cfg, "separate": dataclasses.replace(cfg, fuse_act_quant=False)},
                             REPEATS)

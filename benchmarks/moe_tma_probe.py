@@ -49,9 +49,8 @@ def variants(table: MoEConfig) -> dict[str, MoEConfig]:
         dn = dataclasses.replace(table.down, loads="tma", warp_specialize=ws)
         out[f"{loads}{'+ws' if ws else ''}"] = MoEConfig(table.block_m, gu, dn)
         if ws:
-            for st in (3,):
-                out[f"{loads}+ws s{st}"] = MoEConfig(table.block_m, dataclasses.replace(gu, num_stages=st),
-                                                     dataclasses.replace(dn, num_stages=st))
+            out[f"{loads}+ws s3"] = MoEConfig(table.block_m, dataclasses.replace(gu, num_stages=3),
+                                              dataclasses.replace(dn, num_stages=3))
     unique = {}
     for label, cfg in out.items():  # a stage variant equal to its parent is timed once
         if cfg not in unique.values():

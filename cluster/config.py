@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from moeserve.backend_choice import ATTENTION_BACKENDS, KERNEL_BACKENDS
 from moeserve.config import EngineConfig
 
 
@@ -56,11 +57,11 @@ class EngineLimits(_Strict):
     )
     enable_cuda_graphs: bool = True
     cuda_graph_max_batch: int = Field(256, ge=1, le=1024)
-    attention_backend: Literal["auto", "torch", "triton", "flashinfer"] = Field(
+    attention_backend: Literal[ATTENTION_BACKENDS] = Field(
         "auto", description="auto: Triton on CUDA, torch elsewhere; flashinfer: decode through FlashInfer (CUDA, "
         "needs the flashinfer package)"
     )
-    expert_kernel: Literal["auto", "torch", "triton"] = "auto"
+    expert_kernel: Literal[KERNEL_BACKENDS] = "auto"
 
 
 class IngressConfig(_Strict):

@@ -312,7 +312,9 @@ def paged_decode_attention(
         HEAD_DK=dk, BLOCK_DK=triton.next_power_of_2(dk),
         HEAD_DV=dv, BLOCK_DV=triton.next_power_of_2(dv),
         PAGE=page, BLOCK_N=block_n, num_splits=num_splits, SPLIT_OUT=num_splits > 1,
-        Counters=counters, FUSED_REDUCE=fused_reduce, BLOCK_S=max(triton.next_power_of_2(num_splits), 2),
+        Counters=counters, FUSED_REDUCE=fused_reduce,
+        # Read only by the fused merge: a constant otherwise, so each split count does not compile a kernel.
+        BLOCK_S=max(triton.next_power_of_2(num_splits), 2) if fused_reduce else 2,
         num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
     )
     if num_splits > 1 and not fused_reduce:

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_kwargs, pdl_enter
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 GROUP = 128  # channels per activation scale, and the weight block edge
@@ -60,8 +62,9 @@ def quant_act_tile(act, offs_n, N, ROUND_DTYPE: tl.constexpr, BLOCK_M: tl.conste
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _token_group_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows, K, stride_xm, stride_qm, stride_sm,
-                              GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr):
+                              GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr, USE_PDL: tl.constexpr):
     # One program quantises ROWS rows of one GROUP_SIZE-channel group.
+    pdl_enter(USE_PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     group = tl.program_id(1)
     cols = group * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
@@ -84,7 +87,7 @@ def per_token_group_quant_fp8(x: torch.Tensor, group: int = GROUP) -> tuple[torc
     rows = 8
     grid = (triton.cdiv(num_rows, rows), scale.shape[1])
     _token_group_quant_kernel[grid](x, q, scale, num_rows, k, x.stride(0), q.stride(0), scale.stride(0),
-                                    GROUP_SIZE=group, ROWS=rows, num_warps=4)
+                                    GROUP_SIZE=group, ROWS=rows, num_warps=4, **launch_kwargs(x.device))
     return q, scale
 
 

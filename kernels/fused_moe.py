@@ -36,11 +36,13 @@ from .moe_align import AlignedRouting, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config
 from .moe_tiles import (
     act_quant_meta,
+    block_pairs,
     down_acc,
     fp8_act,
     gate_up_acc,
     gate_up_scales,
     new_act,
+    operand_scales,
     ptr_gemm_meta,
     store_act,
     store_down,
@@ -64,10 +66,8 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, b
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    rows = tl.load(block_rows_ptr + pid_m)
-    offs_r = tl.arange(0, BLOCK_M)
-    # Padding rows read token 0: finite values whose results are never used.
-    token = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=offs_r < rows, other=0) // top_k
+    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M)
+    token = pair // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if EVEN_N:
         offs_nw = offs_n
@@ -95,11 +95,8 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    rows = tl.load(block_rows_ptr + pid_m)
-    offs_r = tl.arange(0, BLOCK_M)
-    row_ok = offs_r < rows
-    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=row_ok, other=0)
-    slots = pid_m * BLOCK_M + offs_r
+    pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if EVEN_N:
         offs_nw = offs_n
@@ -165,7 +162,7 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
     if fused_moe_tma.tma_ok(cfg, hidden_size, inter, routing.block_m, act.device):
         fused_moe_tma.down_tma(act, w2, y, topk_weights, routing, cfg, act_scale, w2_scale)
         return y
-    as_, ws = (act_scale, w2_scale) if fp8 else (act, w2)
+    as_, ws = operand_scales(act, w2, act_scale, w2_scale)
     grid = (routing.max_blocks * triton.cdiv(hidden_size, cfg.block_n),)
     _down_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
                        routing.block_rows, routing.max_blocks, hidden_size, inter,

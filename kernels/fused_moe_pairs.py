@@ -33,6 +33,7 @@ from .moe_tiles import (
     gate_up_acc,
     gate_up_scales,
     new_act,
+    operand_scales,
     ptr_gemm_meta,
     store_act,
 )
@@ -151,7 +152,7 @@ def down_pairs(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, 
     fp8 = act_scale is not None
     y = torch.empty(topk_ids.numel(), hidden_size, dtype=torch.float32, device=act.device)
     counts = completion_counters(act.device, num_tokens * triton.cdiv(hidden_size, cfg.block_n))
-    as_, ws = (act_scale, w2_scale) if fp8 else (act, w2)
+    as_, ws = operand_scales(act, w2, act_scale, w2_scale)
     grid = (topk_ids.numel() * triton.cdiv(hidden_size, cfg.block_n),)
     _down_pairs_kernel[grid](act, w2, y, out, as_, ws, topk_ids, topk_weights, counts, topk_ids.numel(),
                              num_experts, hidden_size, inter, act.stride(0), w2.stride(0), w2.stride(1),

@@ -28,7 +28,16 @@ import triton.language as tl
 
 from .device import compute_capability
 from .moe_configs import GemmConfig
-from .moe_tiles import act_quant_meta, gate_up_scales, gemm_meta, store_act, store_down, tile_of
+from .moe_tiles import (
+    act_quant_meta,
+    block_pairs,
+    gate_up_scales,
+    gemm_meta,
+    operand_scales,
+    store_act,
+    store_down,
+    tile_of,
+)
 from .pdl import launch_kwargs, pdl_enter
 
 GATHER_BLOCK_H = 512
@@ -40,8 +49,10 @@ HAVE_TMA = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_alloca
 def _set_allocator() -> None:
     """Triton's scratch for in-kernel tensor descriptors comes from torch's caching allocator."""
 
-    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def alloc(size: int, _alignment: int, _stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)
 
     triton.set_allocator(alloc)
 
@@ -67,13 +78,12 @@ def _gather_rows_kernel(x_ptr, out_ptr, sorted_ptr, block_expert_ptr, block_rows
     pid_m = tl.program_id(0)
     if tl.load(block_expert_ptr + pid_m) < 0:
         return
-    offs_r = tl.arange(0, BLOCK_M)
-    rows = tl.load(block_rows_ptr + pid_m)
-    token = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=offs_r < rows, other=0) // top_k
+    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M)
+    token = pair // top_k
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h[None, :] < H
     v = tl.load(x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_h[None, :], mask=h_ok)
-    slots = pid_m * BLOCK_M + offs_r
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tl.store(out_ptr + slots[:, None].to(tl.int64) * stride_om + offs_h[None, :], v, mask=h_ok)
 
 
@@ -91,9 +101,8 @@ def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_pt
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    offs_r = tl.arange(0, BLOCK_M)
-    token = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=offs_r < tl.load(block_rows_ptr + pid_m),
-                    other=0) // top_k
+    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M)
+    token = pair // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * 2 * INTER, K], strides=[K, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
@@ -142,10 +151,8 @@ def _down_tma_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_p
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    offs_r = tl.arange(0, BLOCK_M)
-    row_ok = offs_r < tl.load(block_rows_ptr + pid_m)
-    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=row_ok, other=0)
-    slots = pid_m * BLOCK_M + offs_r
+    pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M)
+    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     a_desc = tl.make_tensor_descriptor(act_ptr, shape=[num_slots, K], strides=[stride_am, 1],
                                        block_shape=[BLOCK_M, BLOCK_K])
@@ -201,7 +208,7 @@ def down_tma(act, w2, y, topk_weights, routing, cfg: GemmConfig, act_scale=None,
     _set_allocator()
     num_experts, hidden_size, inter = w2.shape
     fp8 = act_scale is not None
-    as_, ws = (act_scale, w2_scale) if fp8 else (act, w2)
+    as_, ws = operand_scales(act, w2, act_scale, w2_scale)
     grid = (routing.max_blocks * triton.cdiv(hidden_size, cfg.block_n),)
     _down_tma_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
                            routing.block_rows, routing.max_blocks, act.shape[0], num_experts, hidden_size,

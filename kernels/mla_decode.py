@@ -15,6 +15,7 @@ benchmarks/RESULTS.md); with 16-key tiles (page 16) it is 1.8x slower, so `use_m
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -281,13 +282,19 @@ def _is_pow2_in(x: int, lo: int, hi: int) -> bool:
     return lo <= x <= hi and x & (x - 1) == 0
 
 
+@functools.cache
+def _interpreting() -> bool:
+    """Whether kernels run under the Triton interpreter (TRITON_INTERPRET=1; read once per process)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def mla_tma_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 64) -> str | None:
     """Why `mla_decode_attention(..., tma=True)` cannot take these inputs, or None when it can (see `mla_tma_ok`)."""
     if TensorDescriptor is None:
         return "this Triton has no triton.tools.tensor_descriptor (needs >= 3.4)"
     if q.dtype not in (torch.float16, torch.bfloat16) or kv_cache.dtype != q.dtype:
         return f"q and kv_cache must share a 16-bit dtype (fp16/bf16), got {q.dtype} and {kv_cache.dtype}"
-    if os.environ.get("TRITON_INTERPRET") != "1" and compute_capability(q.device)[0] < 9:
+    if not _interpreting() and compute_capability(q.device)[0] < 9:
         return "TMA needs a CUDA device of compute capability >= 9.0 (Hopper)"
     if q.dim() != 3 or kv_cache.dim() != 4 or kv_cache.shape[2] != 1 or kv_cache.shape[3] != q.shape[2]:
         return f"want q [R, H, D] and kv_cache [NB, page, 1, D], got {tuple(q.shape)} and {tuple(kv_cache.shape)}"

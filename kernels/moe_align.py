@@ -219,12 +219,14 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     block_rows = torch.empty(max_blocks, dtype=torch.int32, device=device)
     e_pow2 = triton.next_power_of_2(num_experts + 1)
     # Pairs are counted CHUNK at a time; at decode sizes a full 1024-wide histogram would be mostly masked.
-    chunk = min(_CHUNK, max(16, triton.next_power_of_2(num_pairs)))
-    meta = dict(BLOCK_M=block_m, E_POW2=e_pow2, CHUNK=chunk, BLOCKS_CHUNK=_BLOCKS_CHUNK, **launch_kwargs(device))
+    # The scatter path runs one program per chunk.
+    chunk = min(_SCATTER_CHUNK if method == "scatter" else _CHUNK, max(16, triton.next_power_of_2(num_pairs)))
+    meta = dict(E_POW2=e_pow2, CHUNK=chunk, **launch_kwargs(device))
+    layout = dict(meta, BLOCK_M=block_m, BLOCKS_CHUNK=_BLOCKS_CHUNK)
     args = (num_pairs, num_experts, max_blocks)
     if method == "single":
         work = torch.empty(2 * e_pow2, dtype=torch.int32, device=device)
-        _align_single_kernel[(1,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args, **meta)
+        _align_single_kernel[(1,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args, **layout)
     elif method == "ranked":
         # Enough programs that each writes one chunk of block tables (the slowest step) and ranks at most
         # one chunk of pairs.
@@ -232,17 +234,14 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
         work = torch.empty(programs * e_pow2, dtype=torch.int32, device=device)  # one scratch row each
         _align_ranked_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,
                                           RANK_CHUNK=_RANK_CHUNK, num_warps=8,
-                                          BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **meta)
+                                          BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **layout)
     else:
         # work = [counts | starts | cursor]; counts and cursor start at zero.
         work = torch.zeros(3 * e_pow2, dtype=torch.int32, device=device)
-        chunk = min(_SCATTER_CHUNK, chunk)
         programs = max(1, triton.cdiv(num_pairs, chunk))
-        _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, E_POW2=e_pow2, CHUNK=chunk,
-                                   **launch_kwargs(device))
+        _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, **meta)
         _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,
-                                     BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs),
-                                     **dict(meta, CHUNK=chunk))
+                                     BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **layout)
     return AlignedRouting(sorted_ids, block_expert, block_rows, block_m)
 
 

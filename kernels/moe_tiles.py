@@ -59,13 +59,19 @@ def fp8_act(run_gate_up, rows: int, inter: int, cfg: MoEConfig,
     return fp8_quant.per_token_group_quant_fp8(run_gate_up(act_scale=None))
 
 
+def operand_scales(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor | None,
+                   w_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_scale, w_scale) for a GEMM launch, or (a, w) when not FP8: tensors the kernel never reads, so every
+    pointer argument is a tensor."""
+    return (a_scale, w_scale) if a_scale is not None else (a, w)
+
+
 def gate_up_scales(x: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, x_scale: torch.Tensor | None,
                    w13_scale: torch.Tensor | None,
                    act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_scale, w13_scale, act_scale) for a gate/up launch, each absent one replaced by a tensor the kernel
-    never reads (x and w13 when not FP8, act when not QUANT_ACT), so every pointer argument is a tensor."""
-    xs, ws = (x_scale, w13_scale) if x_scale is not None else (x, w13)
-    return xs, ws, act if act_scale is None else act_scale
+    """(x_scale, w13_scale, act_scale) for a gate/up launch (`operand_scales`; act stands in for act_scale
+    when gate/up does not quantise act)."""
+    return *operand_scales(x, w13, x_scale, w13_scale), act if act_scale is None else act_scale
 
 
 def new_act(rows: int, inter: int, out_dtype: torch.dtype, act_scale: torch.Tensor | None,
@@ -88,6 +94,15 @@ def tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
     first_m = (pid // width) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M: tl.constexpr):
+    """(pair, row_ok) of block pid_m's BLOCK_M slots: the flat pair index m*top_k+j of each valid slot (0 for
+    padding slots, so they read token 0: finite values whose results are never stored) and which are valid."""
+    offs_r = tl.arange(0, BLOCK_M)
+    row_ok = offs_r < tl.load(block_rows_ptr + pid_m)
+    return tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=row_ok, other=0), row_ok
 
 
 @triton.jit

@@ -11,14 +11,17 @@ import torch
 
 T = TypeVar("T")
 
+KERNEL_BACKENDS = ("auto", "torch", "triton")  # the expert kernel's choices, and the attention backend's
+ATTENTION_BACKENDS = (*KERNEL_BACKENDS, "flashinfer")
+
 
 def choose_backend(
     what: str, name: str, device: torch.device | str, make_torch: Callable[[], T], make_triton: Callable[[], T]
 ) -> T:
     """name: "torch" (the reference, any device), "triton" (CUDA only), or "auto" (Triton on CUDA when it
     imports, else torch). `make_triton` may raise ImportError when Triton is missing."""
-    if name not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown {what} {name!r}; allowed: 'auto', 'torch', 'triton'")
+    if name not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(map(repr, KERNEL_BACKENDS))}")
     on_cuda = torch.device(device).type == "cuda"
     if name == "triton" and not on_cuda:
         raise ValueError(f"{what} 'triton' needs a CUDA device")

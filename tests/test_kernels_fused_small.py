@@ -67,7 +67,8 @@ def test_launchers_reject_bad_inputs(case):
 
 
 def test_cpu_keeps_the_torch_paths():
-    from moeserve.layers.norm import RMSNorm, fused_kernels_available
+    from moeserve.backend_choice import fused_kernels_available
+    from moeserve.layers.norm import RMSNorm
     from moeserve.layers.rotary import RotaryEmbedding
 
     x, res = torch.randn(3, 8), torch.randn(3, 8)

@@ -61,14 +61,11 @@ class AttentionBackend(ABC):
         """
 
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
-
-
 def create_attention_backend(name: str = "auto", device: torch.device | str = "cpu") -> AttentionBackend:
     """Pick a backend by name: "torch" (reference, any device), "triton" (CUDA), "auto" (best available),
     "flashinfer" (CUDA with the optional flashinfer package; decode through FlashInfer, the rest Triton)."""
     from moeserve.attention.torch_backend import TorchAttentionBackend
-    from moeserve.backend_choice import choose_backend
+    from moeserve.backend_choice import ATTENTION_BACKENDS, choose_backend
 
     if name == "flashinfer":
         from moeserve.attention.flashinfer_backend import FlashInferAttentionBackend

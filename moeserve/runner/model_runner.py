@@ -49,10 +49,8 @@ class PendingStep:
     def __init__(self, request_ids: list[str], sampled: SampledTokens | None) -> None:
         self.request_ids = request_ids  # the requests that sample, in the order of sampled's rows
         self.sampled = sampled
-        self.resolved = False  # once True, the scheduler holds these tokens: later steps have no placeholder
 
     def resolve(self) -> ModelOutput:
-        self.resolved = True
         if self.sampled is None:
             return ModelOutput(sampled={})
         tokens, logprobs = self.sampled.resolve()
@@ -185,15 +183,12 @@ class ModelRunner:
         always a decode step's single token, sampled by the launch just before this one.
         """
         last = self._last_step
-        if last is None or last.resolved:
-            # Placeholders stand only for tokens of the launch just before, while it is unresolved (with
-            # asynchronous scheduling); once resolved the scheduler has its tokens: nothing to look for.
-            return
         dst, src, offset = [], [], 0
         row_of: dict[str, int] | None = None  # request id -> row of last.sampled, built on first need
         for r in reqs:
             offset += len(r.token_ids)
             if r.token_ids[-1] == PLACEHOLDER:
+                assert last is not None and last.sampled is not None, "a placeholder with no launch before it"
                 if row_of is None:
                     row_of = {rid: i for i, rid in enumerate(last.request_ids)}
                 dst.append(offset - 1)

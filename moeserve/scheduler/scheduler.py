@@ -127,8 +127,7 @@ class Scheduler:
         """Choose this step's work: running requests first (oldest first), then waiting ones (FCFS)."""
         self._step += 1
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
-        requests: list[Request] = []  # scheduled[i] describes requests[i]
+        out = SchedulerOutput(step=self._step, requests=[])
         preemptions_before = self.num_preemptions
         i = 0
         while i < len(self._running) and budget > 0:
@@ -139,19 +138,15 @@ class Scheduler:
                 continue  # everything is in flight, or its last token is: nothing to compute now
             if not self._allocate_or_preempt(request, num_new):
                 break  # the request preempted itself: it was the newest running one
-            scheduled.append(self._scheduled(request, num_new))
-            requests.append(request)
+            self._schedule(out, request, num_new)
             budget -= num_new
         # After a preemption memory is short: admitting more now would only cause more preemptions.
         if self.num_preemptions == preemptions_before:
-            budget = self._admit_waiting(budget, scheduled, requests)
+            budget = self._admit_waiting(budget, out)
         # Dropped ids ride on the next output that has work, so an engine that skips empty steps loses none.
-        dropped: list[str] = []
-        if scheduled:
-            dropped, self._dropped = self._dropped, []
-        return SchedulerOutput(
-            step=self._step, requests=scheduled, dropped_request_ids=dropped, scheduled=requests
-        )
+        if out.requests:
+            out.dropped_request_ids, self._dropped = self._dropped, []
+        return out
 
     def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
         """Find blocks for request, preempting the newest running requests as needed; False if it was."""
@@ -174,7 +169,7 @@ class Scheduler:
         max_tokens, or the context limit."""
         return num_output >= request.sampling_params.max_tokens or num_tokens >= self.context_limit
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest], requests: list[Request]) -> int:
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
         while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
             request = self._waiting[0]
             if request.num_placeholders:
@@ -186,20 +181,19 @@ class Scheduler:
             self._waiting.popleft()
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached
-            request.num_computed_tokens = num_cached  # _scheduled advances it by num_new
+            request.num_computed_tokens = num_cached  # _schedule advances it by num_new
             request.status = RequestStatus.RUNNING
             bisect.insort(self._running, request, key=_arrival)
-            scheduled.append(self._scheduled(request, num_new))
-            requests.append(request)
+            self._schedule(out, request, num_new)
             budget -= num_new
         return budget
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
-        """Describe the request's work for this step and book it: the tokens count as computed from now
-        on, and a step that samples leaves a placeholder for its token."""
+    def _schedule(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
+        """Add the request's work for this step to out (its description and the request itself) and book it:
+        the tokens count as computed from now on, and a step that samples leaves a placeholder for its token."""
         start = request.num_computed_tokens
         sample = start + num_new == request.num_tokens
-        out = ScheduledRequest(
+        work = ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.all_token_ids[start : start + num_new],
             start_position=start,
@@ -208,11 +202,12 @@ class Scheduler:
             sampling_params=request.sampling_params,
             num_output_tokens=request.num_output_tokens + request.num_placeholders,
         )
-        assert PLACEHOLDER not in out.token_ids[:-1], "only a decode step's one input may be in flight"
+        assert PLACEHOLDER not in work.token_ids[:-1], "only a decode step's one input may be in flight"
         request.num_computed_tokens = start + num_new
         if sample:
             request.add_placeholder()
-        return out
+        out.requests.append(work)
+        out.scheduled.append(request)
 
     def _preempt(self, request: Request) -> None:
         # Recompute, not swap: the blocks go back now; the generated tokens stay and are recomputed as
