@@ -48,13 +48,22 @@ def layer_stages(x, layer, dispatcher, args, clock=None):
     yield
     out = dispatcher.dispatch_end(pending)
     tick("comm")
-    y = torch_experts(out.hidden, w13, w2, out.topk_weights, out.topk_ids)
+    y = expert_fn(x)(out.hidden, w13, w2, out.topk_weights, out.topk_ids)
     tick("compute")
     pending = dispatcher.combine_begin(y, out.handle)
     yield
     y = dispatcher.combine_end(pending)
     tick("comm")
     return x + y
+
+
+def expert_fn(x):
+    """The engine's expert kernel for x's device: Triton's fused MoE on a GPU, the torch loop on a CPU."""
+    if x.device.type == "cuda":
+        from moeserve.kernels import fused_moe
+
+        return fused_moe
+    return torch_experts
 
 
 class Clock:
@@ -90,7 +99,7 @@ def timed(fn, sync, repeats):
 
 def worker(rank: int, args, init_file: str, out_file: str) -> None:
     torch.set_num_threads(args.threads)
-    groups = init_distributed(rank, args.ranks, f"file://{init_file}", backend=args.backend)
+    groups = init_distributed(rank, args.ranks, f"file://{init_file}", backend=args.backend, device_index=rank)
     device = groups.device
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     local = args.experts // args.ranks

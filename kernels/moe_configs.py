@@ -10,11 +10,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _NUM_SMS = 132  # H100 SXM; only steers the fallback heuristic
+# Pipeline buffers a tile may take: the H100's 227 KB of shared memory per block less room for Triton's
+# barriers and epilogue scratch. Every tuned (bf16/fp8) entry fits; fp32 tiles of the same shape may not.
+SMEM_BUDGET = 200 * 1024
 PAIRS_MODES = ("", "pair")
 LOADS = ("ptr", "tma", "tma_gathered")
 
@@ -146,6 +149,22 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k
     if table:
         return nearest(table, num_tokens)
     return default_config(num_tokens, num_experts, hidden, inter, top_k, fp8)
+
+
+def fit_shared_memory(cfg: MoEConfig, elem_bytes: int) -> MoEConfig:
+    """cfg with each GEMM's num_stages lowered (to 1 at least) until its pipeline buffers, (block_m x block_k
+    activations + block_n x block_k weights, gate and up for gate/up) x elem_bytes per stage, fit SMEM_BUDGET.
+    The tables are tuned for 1- and 2-byte operands; fp32 operands (tests, tiny models) need fewer stages."""
+
+    def fit(g: GemmConfig, weight_tiles: int) -> GemmConfig:
+        per_stage = (cfg.block_m + weight_tiles * g.block_n) * g.block_k * elem_bytes
+        stages = g.num_stages
+        while stages > 1 and stages * per_stage > SMEM_BUDGET:
+            stages -= 1
+        return g if stages == g.num_stages else replace(g, num_stages=stages)
+
+    gate_up, down = fit(cfg.gate_up, 2), fit(cfg.down, 1)
+    return cfg if (gate_up, down) == (cfg.gate_up, cfg.down) else replace(cfg, gate_up=gate_up, down=down)
 
 
 def save_table(path: Path, configs: dict[int, MoEConfig], note: str) -> None:

@@ -7,6 +7,7 @@ import random
 import time
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 
@@ -71,5 +72,28 @@ def test_ep_matches_single_process(ray_cluster, tiny_checkpoint, arch, ranks, re
         assert stats[0]["num_steps"] > 0 and all(s["num_steps"] == stats[0]["num_steps"] for s in stats)
         assert all((s["num_tbo_steps"] > 0) == tbo for s in stats)
         assert all(s["async_scheduling"] == async_scheduling for s in stats)
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("arch,redundant,tbo,async_scheduling",
+                         [("qwen3_moe", 0, False, True), ("deepseek_v3", 4, True, True)])
+def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, arch, redundant, tbo, async_scheduling):
+    """DP = EP = every visible GPU (NCCL all-to-all between GPUs) gives the one-GPU engine's greedy tokens."""
+    ranks = torch.cuda.device_count()
+    path = str(tiny_checkpoint(arch))
+    # A fixed KV size: the one-GPU engine in this process shares GPU 0 with rank 0.
+    single = LLM(path, device="cuda", dtype="float32", num_kv_blocks=1024)
+    prompts = prompts_for(single.engine.vocab_size)
+    expected = [o.token_ids for o in single.generate(prompts, PARAMS)]
+
+    llm = LLM(path, device="cuda", dtype="float32", num_kv_blocks=1024, data_parallel_size=ranks,
+              expert_parallel_size=ranks, num_redundant_experts=redundant, enable_tbo=tbo,
+              async_scheduling=async_scheduling)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
+        stats = settled_stats(llm)
+        assert all((s["num_tbo_steps"] > 0) == tbo for s in stats)
     finally:
         llm.shutdown()

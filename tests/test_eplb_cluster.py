@@ -20,7 +20,8 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
 def skewed_checkpoint(src, dst):
-    """The same tiny DeepSeek-V3 with a correction bias that sends most tokens to experts 0-3."""
+    """The same tiny DeepSeek-V3 with a correction bias that sends most tokens to experts 4-7 (16 experts + 4
+    redundant copies of 0-3 in the first placement: on 2 ranks as on 4, one rank holds most of 4-7)."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
@@ -29,7 +30,7 @@ def skewed_checkpoint(src, dst):
         for name, t in tensors.items():
             if name.endswith("e_score_correction_bias"):
                 bias = torch.zeros_like(t)
-                bias[:4] = 1.0
+                bias[4:8] = 1.0
                 tensors[name] = bias
         save_file(tensors, f, metadata={"format": "pt"})
     return dst
@@ -44,13 +45,26 @@ def cluster():
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_rebalance_under_load(cluster, tiny_checkpoint, tmp_path, async_scheduling):
+    rebalance_under_load(tiny_checkpoint, tmp_path, "cpu", 4, async_scheduling)
+
+
+@pytest.mark.multigpu
+def test_rebalance_under_load_on_gpus(cluster, tiny_checkpoint, tmp_path):
+    """The same over NCCL, one rank per visible GPU: weights move GPU to GPU."""
+    rebalance_under_load(tiny_checkpoint, tmp_path, "cuda", torch.cuda.device_count(), True)
+
+
+def rebalance_under_load(tiny_checkpoint, tmp_path, device: str, ranks: int, async_scheduling: bool):
     path = str(skewed_checkpoint(tiny_checkpoint("deepseek_v3"), tmp_path / "skewed"))
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(4, 40))] for _ in range(32)]
-    expected = [o.token_ids for o in LLM(path, device="cpu").generate(prompts, PARAMS)]
+    # A fixed KV size: on GPUs the one-rank engine in this process shares GPU 0 with rank 0.
+    options = dict(device=device, dtype="float32", num_kv_blocks=1024)
+    expected = [o.token_ids for o in LLM(path, **options).generate(prompts, PARAMS)]
 
     llm = LLM(
-        path, device="cpu", data_parallel_size=4, expert_parallel_size=4, num_redundant_experts=4,
+        path, **options, data_parallel_size=ranks, expert_parallel_size=ranks,
+        num_redundant_experts=4,
         async_scheduling=async_scheduling,  # lockstep steps launched one ahead of their results
     )
     try:
@@ -100,8 +114,8 @@ def test_rebalance_under_load(cluster, tiny_checkpoint, tmp_path, async_scheduli
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
         measured = ray.get(eplb.rebalance.remote(dry_run=True))
         print(
-            f"balancedness: before {report['mean_before']:.3f}, predicted {report['mean_after']:.3f}, "
-            f"measured after {measured['mean_before']:.3f}"
+            f"{device} x{ranks}: balancedness before {report['mean_before']:.3f}, predicted "
+            f"{report['mean_after']:.3f}, measured after {measured['mean_before']:.3f}; report {report}"
         )
         assert measured["mean_before"] > report["mean_before"]
     finally:
