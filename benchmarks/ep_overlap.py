@@ -2,7 +2,8 @@
 measured compute and communication time per layer, so the expected gain on GPUs can be read off.
 
 Each rank runs a stack of MoE layers (a dense matmul standing in for attention, then dispatch -> experts ->
-combine through `TorchAllToAllDispatcher`). Runs on CPU ranks (gloo) or GPUs (nccl), without Ray:
+combine through the dispatcher named by --dispatcher: `all_to_all` or `all_gather`, the latter with no host
+sync). Runs on CPU ranks (gloo) or GPUs (nccl), without Ray:
 
     python benchmarks/ep_overlap.py --ranks 2 --tokens 256 --hidden 2048
     python benchmarks/ep_overlap.py --ranks 8 --backend nccl      # on an 8-GPU host
@@ -27,8 +28,8 @@ import torch.multiprocessing as mp
 
 from moeserve.cluster.dist import destroy_distributed, init_distributed
 from moeserve.forward_batch import ForwardMode
-from moeserve.moe.all_to_all import TorchAllToAllDispatcher
 from moeserve.moe.experts import torch_experts
+from moeserve.moe.factory import create_dispatcher
 from moeserve.moe.tbo import run_overlapped
 
 
@@ -117,8 +118,13 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
         for _ in range(args.layers)
     ]
     x = rand(args.tokens, args.hidden)
-    d0 = TorchAllToAllDispatcher(groups.ep_group, local)
-    d1 = TorchAllToAllDispatcher(groups.ep_group, local)
+    d0, d1 = (create_dispatcher(args.dispatcher, group=groups.ep_group, ep_size=args.ranks, num_local_slots=local,
+                                device=device) for _ in range(2))
+    half = args.tokens // 2
+
+    def begin_step(sizes):  # as the engine's runner does: each instance's most tokens on any rank
+        for d, n in zip((d0, d1), sizes):
+            d.begin_step(ForwardMode.EXTEND, n)
 
     def sync():
         if device.type == "cuda":
@@ -126,15 +132,17 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
         dist.barrier(group=groups.cpu_group)
 
     def step_off():
+        begin_step((args.tokens, args.tokens))
         run_overlapped([model_stages(x, layers, d0, args)])
 
     def step_on():
-        half = args.tokens // 2
+        begin_step((half, args.tokens - half))
         run_overlapped([model_stages(x[:half], layers, d0, args), model_stages(x[half:], layers, d1, args)])
 
     def breakdown():
         device_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         clock = Clock(device_sync)
+        begin_step((args.tokens, args.tokens))
         run_overlapped([model_stages(x, layers, d0, args, clock)])
         return clock.totals
 
@@ -158,6 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    ap.add_argument("--dispatcher", choices=("all_to_all", "all_gather"), default="all_to_all")
     ap.add_argument("--tokens", type=int, default=256, help="tokens per rank per step")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--inter", type=int, default=64, help="expert intermediate size")
@@ -180,7 +189,7 @@ def main() -> None:
     compute, comm = per_layer["compute_s"], per_layer["comm_s"]
     ideal = (compute + comm) / max(compute, comm)
     print(
-        f"\n{args.ranks} {args.backend} ranks, {args.tokens} tokens/rank, hidden {args.hidden}, "
+        f"\n{args.ranks} {args.backend} ranks, {args.dispatcher}, {args.tokens} tokens/rank, hidden {args.hidden}, "
         f"{args.experts} experts top-{args.topk}, {args.layers} layers, median of {args.repeats}"
     )
     print(f"{'per layer':<34}{'ms':>10}")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moeserve.backend_choice import ATTENTION_BACKENDS, KERNEL_BACKENDS
+from moeserve.backend_choice import ATTENTION_BACKENDS, DISPATCHERS, KERNEL_BACKENDS
 from moeserve.config import EngineConfig
 
 
@@ -32,7 +32,7 @@ class ParallelConfig(_Strict):
     ep: int = Field(1, ge=1, description="expert-parallel size: 1, or equal to dp")
     redundant_experts: int = Field(0, ge=0)
     tbo: bool = False
-    dispatcher: Literal["auto", "local", "all_to_all", "deepep"] = "auto"
+    dispatcher: Literal[DISPATCHERS] = "auto"
 
     @model_validator(mode="after")
     def _ep_matches_dp(self) -> ParallelConfig:

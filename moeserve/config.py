@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.backend_choice import DISPATCHERS
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,9 +91,9 @@ class EngineConfig:
             )
         if self.num_redundant_experts < 0:
             raise ValueError(f"num_redundant_experts={self.num_redundant_experts} must be >= 0")
-        if self.moe_dispatcher not in ("auto", "local", "all_to_all", "deepep"):
+        if self.moe_dispatcher not in DISPATCHERS:
             raise ValueError(
-                f"moe_dispatcher={self.moe_dispatcher!r}; allowed: 'auto', 'local', 'all_to_all', 'deepep'"
+                f"moe_dispatcher={self.moe_dispatcher!r}; allowed: {', '.join(map(repr, DISPATCHERS))}"
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} is too small; allowed: None or >= 2")

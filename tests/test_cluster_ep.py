@@ -39,15 +39,18 @@ def settled_stats(llm, timeout_s: float = 10.0) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "arch,ranks,redundant,tbo,async_scheduling",
+    "arch,ranks,redundant,tbo,async_scheduling,dispatcher",
     [
-        ("qwen3_moe", 2, 0, False, False),
-        ("qwen3_moe", 4, 0, True, False),
-        ("deepseek_v3", 2, 4, True, True),
-        ("deepseek_v3", 4, 4, False, False),
+        ("qwen3_moe", 2, 0, False, False, "auto"),
+        ("qwen3_moe", 4, 0, True, False, "auto"),
+        ("deepseek_v3", 2, 4, True, True, "auto"),
+        ("deepseek_v3", 4, 4, False, False, "auto"),
+        ("deepseek_v3", 3, 2, True, True, "all_gather"),
     ],
 )
-def test_ep_matches_single_process(ray_cluster, tiny_checkpoint, arch, ranks, redundant, tbo, async_scheduling):
+def test_ep_matches_single_process(
+    ray_cluster, tiny_checkpoint, arch, ranks, redundant, tbo, async_scheduling, dispatcher
+):
     path = str(tiny_checkpoint(arch))
     single = LLM(path, device="cpu")
     prompts = prompts_for(single.engine.vocab_size)
@@ -61,6 +64,7 @@ def test_ep_matches_single_process(ray_cluster, tiny_checkpoint, arch, ranks, re
         num_redundant_experts=redundant,
         enable_tbo=tbo,
         async_scheduling=async_scheduling,  # lockstep steps launched one ahead of their results
+        moe_dispatcher=dispatcher,
     )
     try:
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
@@ -77,9 +81,11 @@ def test_ep_matches_single_process(ray_cluster, tiny_checkpoint, arch, ranks, re
 
 
 @pytest.mark.multigpu
-@pytest.mark.parametrize("arch,redundant,tbo,async_scheduling",
-                         [("qwen3_moe", 0, False, True), ("deepseek_v3", 4, True, True)])
-def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, arch, redundant, tbo, async_scheduling):
+@pytest.mark.parametrize("arch,redundant,tbo,async_scheduling,dispatcher",
+                         [("qwen3_moe", 0, False, True, "auto"), ("deepseek_v3", 4, True, True, "auto"),
+                          ("deepseek_v3", 4, True, True, "all_gather")])
+def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, arch, redundant, tbo, async_scheduling,
+                                    dispatcher):
     """DP = EP = every visible GPU (NCCL all-to-all between GPUs) gives the one-GPU engine's greedy tokens."""
     ranks = torch.cuda.device_count()
     path = str(tiny_checkpoint(arch))
@@ -90,7 +96,7 @@ def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, arch, redundan
 
     llm = LLM(path, device="cuda", dtype="float32", num_kv_blocks=1024, data_parallel_size=ranks,
               expert_parallel_size=ranks, num_redundant_experts=redundant, enable_tbo=tbo,
-              async_scheduling=async_scheduling)
+              async_scheduling=async_scheduling, moe_dispatcher=dispatcher)
     try:
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
         stats = settled_stats(llm)

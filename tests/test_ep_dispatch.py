@@ -1,4 +1,5 @@
-"""Expert-parallel dispatch/combine equals every rank computing all experts locally.
+"""Expert-parallel dispatch/combine (the all-to-all and all-gather backends) equals every rank computing all
+experts locally.
 
 Ranks are spawned processes on gloo (CPU). Every rank builds the same global expert weights from a seed and
 can regenerate every other rank's inputs (seeded by rank), so it also checks exactly which rows it received.
@@ -18,6 +19,7 @@ import torch.multiprocessing as mp
 
 from moeserve.cluster.dist import destroy_distributed, init_distributed
 from moeserve.forward_batch import ForwardMode
+from moeserve.moe.all_gather import AllGatherDispatcher
 from moeserve.moe.all_to_all import TorchAllToAllDispatcher
 from moeserve.moe.experts import torch_experts
 from moeserve.moe.placement import ExpertPlacement
@@ -139,12 +141,13 @@ def run_scenarios(rank: int, world_size: int, ep_group) -> None:
     ]:
         w13, w2 = expert_weights(dtype=dtype)
         placement = placement_for(kind, rank, world_size)
-        dispatcher = TorchAllToAllDispatcher(ep_group, placement.num_local_slots)
         x, ids, weights = scenario_inputs(kind, rank, world_size, dtype)
         ref = torch_experts(x, w13, w2, weights, ids)
         w13_local, w2_local = local_expert_weights(placement, w13, w2)
-        y, received = ep_moe(dispatcher, placement, 0, x, ids, weights, w13_local, w2_local)
         where = f"scenario {kind}/{dtype} on rank {rank} of {world_size}"
+        check_all_gather(kind, rank, world_size, ep_group, placement, x, ids, weights, ref, tol, where)
+        dispatcher = TorchAllToAllDispatcher(ep_group, placement.num_local_slots)
+        y, received = ep_moe(dispatcher, placement, 0, x, ids, weights, w13_local, w2_local)
         assert y.shape == ref.shape and y.dtype == dtype, where
         torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol, msg=where)
         # Each token arrives at most once per rank, and only where one of its choices lives.
@@ -160,6 +163,32 @@ def run_scenarios(rank: int, world_size: int, ep_group) -> None:
             assert bool((phys[mine] // placement.num_local_slots == rank).all()), where
 
 
+def check_all_gather(kind, rank, world_size, ep_group, placement, x, ids, weights, ref, tol, where) -> None:
+    """AllGatherDispatcher gives the reference, with the step's capacity set (as the engine's runner does)
+    and agreed by the dispatcher itself; every rank receives every rank's tokens, padded to the capacity."""
+    dtype = x.dtype
+    w13_local, w2_local = local_expert_weights(placement, *expert_weights(dtype=dtype))
+    counts = [scenario_inputs(kind, src, world_size, dtype)[0].shape[0] for src in range(world_size)]
+    capacity = max(counts)
+    dispatcher = AllGatherDispatcher(ep_group, placement.num_local_slots)
+    for step_capacity in (capacity, None, capacity + 3):
+        dispatcher.begin_step(ForwardMode.EXTEND, step_capacity)
+        y, received = ep_moe(dispatcher, placement, 0, x, ids, weights, w13_local, w2_local)
+        torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol, msg=f"{where}, all_gather")
+        rows = step_capacity or capacity
+        assert received.hidden.shape[0] == world_size * rows, where
+        for src, n in enumerate(counts):
+            block = received.hidden[src * rows:(src + 1) * rows]
+            assert torch.equal(block[:n], scenario_inputs(kind, src, world_size, dtype)[0]), where
+            assert not block[n:].any() and bool((received.topk_ids[src * rows + n:(src + 1) * rows] == -1).all())
+        local = received.topk_ids
+        assert local.dtype == torch.int32 and bool(((local >= -1) & (local < placement.num_local_slots)).all())
+    if rank == 0 and counts[0]:
+        dispatcher.begin_step(ForwardMode.EXTEND, counts[0] - 1)
+        with pytest.raises(ValueError, match="capacity"):
+            dispatcher.dispatch_begin(x, placement.to_physical(0, ids), weights, ForwardMode.EXTEND)
+
+
 def run_all_world_sizes(rank: int, world_size: int, groups) -> None:
     """EP groups of 2, 3 and 4 ranks carved out of one 4-process world (one spawn, fewer start-ups)."""
     for size in (2, 3, 4):
@@ -171,7 +200,7 @@ def run_all_world_sizes(rank: int, world_size: int, groups) -> None:
         dist.barrier(groups.cpu_group)
 
 
-def test_all_to_all_matches_local_reference_on_2_3_4_ranks():
+def test_all_to_all_and_all_gather_match_local_reference_on_2_3_4_ranks():
     spawn_ranks(run_all_world_sizes, 4)
 
 
@@ -240,6 +269,8 @@ def check_factory_on_rank(rank: int, world_size: int, ep_group) -> None:
     d = create_dispatcher(group=ep_group, ep_size=world_size, num_local_slots=4, device="cpu")
     assert isinstance(d, TorchAllToAllDispatcher) and d.num_local_slots == 4
     assert records == ["MoE dispatcher: all_to_all (device is cpu, DeepEP needs CUDA)"]
+    gathered = create_dispatcher("all_gather", group=ep_group, ep_size=world_size, num_local_slots=4, device="cpu")
+    assert gathered.name == "all_gather" and records[-1] == "MoE dispatcher: all_gather (requested)"
     with pytest.raises(ValueError, match="ep_size=3 but the EP process group has 2 ranks"):
         create_dispatcher("all_to_all", group=ep_group, ep_size=3, num_local_slots=4, device="cpu")
 
@@ -253,7 +284,7 @@ def test_create_dispatcher_picks_a_backend_and_says_why(caplog):
     assert isinstance(d, LocalDispatcher)
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["MoE dispatcher: local (ep_size == 1, no communication)"]
-    with pytest.raises(ValueError, match="allowed: 'auto', 'local', 'all_to_all', 'deepep'"):
+    with pytest.raises(ValueError, match="allowed: 'auto', 'local', 'all_to_all', 'all_gather', 'deepep'"):
         create_dispatcher("nccl", group=None, ep_size=2, num_local_slots=8, device="cpu")
     if not _deepep_available():
         with pytest.raises(ValueError, match="dispatcher 'deepep' requested but deep_ep not importable"):

@@ -9,12 +9,14 @@ import torch
 import torch.distributed as dist
 from test_ep_dispatch import spawn_ranks
 
+from moeserve.engine.dp_sync import plan_step
 from moeserve.forward_batch import ForwardMode
+from moeserve.moe.all_gather import AllGatherDispatcher
 from moeserve.moe.all_to_all import TorchAllToAllDispatcher
 from moeserve.moe.dispatcher import Dispatcher, DispatchOutput
 from moeserve.moe.experts import torch_experts
 from moeserve.moe.placement import ExpertPlacement
-from moeserve.moe.tbo import run_overlapped, run_sequential, split_for_tbo
+from moeserve.moe.tbo import run_overlapped, run_sequential, split_for_tbo, tbo_cut
 
 
 def moe_stages(  # the staged MoE layer of MoELayer.forward_stages, without a model
@@ -48,6 +50,22 @@ def brute_force_split(counts: list[int]) -> int:
 )
 def test_split_for_tbo_balances_tokens(counts):
     assert split_for_tbo(counts) == brute_force_split(counts)
+
+
+def test_step_plan_gives_each_micro_batch_its_largest_size():
+    """The plan pads micro-batch k to the most tokens any rank puts into its k-th micro-batch; a rank with
+    no useful split (one request, or a lopsided one) puts everything into the first."""
+    ranks = [[3, 4, 5, 2], [9], [100, 1, 1], []]
+    rows = []
+    for counts in ranks:
+        first = sum(counts[: tbo_cut(counts)])
+        rows.append((sum(counts), False, len(counts) >= 2, 0, first))
+    assert [r[4] for r in rows] == [7, 9, 102, 0]
+    assert plan_step(rows, enable_tbo=False).micro_batch_tokens == (0, 0)
+    assert plan_step(rows, enable_tbo=True).use_tbo is False  # ranks with < 2 requests cannot split
+    rows = [(14, True, True, 0, 7), (40, False, True, 0, 22), (6, False, True, 0, 6)]
+    plan = plan_step(rows, enable_tbo=True)
+    assert plan.use_tbo and plan.micro_batch_tokens == (22, 18) and plan.tokens_per_rank == (14, 40, 6)
 
 
 def test_split_for_tbo_refuses_useless_splits():
@@ -108,22 +126,26 @@ def run_tbo_on_and_off(rank: int, world_size: int, groups) -> None:
     # Replicated experts so that routing depends on token positions (the split changes them).
     num_redundant = -NUM_EXPERTS % world_size + world_size
     placement = ExpertPlacement.default(NUM_LAYERS, NUM_EXPERTS, num_redundant, rank, world_size)
-    dispatcher = TorchAllToAllDispatcher(groups.ep_group, placement.num_local_slots)
     gen = torch.Generator().manual_seed(rank)
     # Rank 1: a single request (cannot split); last rank: no requests at all.
     num_reqs = {1: 1, world_size - 1: 0}.get(rank, 5)
     counts = torch.randint(1, 6, (num_reqs,), generator=gen).tolist()
     h = torch.randn(sum(counts), HIDDEN, generator=gen)
-
-    (off,) = run_sequential([micro_batch(h, dispatcher, placement, weights)])
-    cut = split_for_tbo(counts)
-    split_at = sum(counts[:cut]) if cut is not None else h.shape[0]
-    first = micro_batch(h[:split_at], dispatcher, placement, weights)
-    second = micro_batch(h[split_at:], dispatcher, placement, weights)
-    on_a, on_b = run_overlapped([first, second])
-    if rank == 0:
-        assert cut is not None and 0 < split_at < h.shape[0]
-    torch.testing.assert_close(torch.cat([on_a, on_b]), off, atol=1e-5, rtol=1e-5, msg=f"rank {rank}")
+    max_tokens = torch.tensor([h.shape[0]])
+    dist.all_reduce(max_tokens, op=dist.ReduceOp.MAX, group=groups.cpu_group)  # the step plan's figure
+    for dispatcher in (TorchAllToAllDispatcher(groups.ep_group, placement.num_local_slots),
+                       AllGatherDispatcher(groups.ep_group, placement.num_local_slots)):
+        dispatcher.begin_step(ForwardMode.EXTEND, int(max_tokens))
+        (off,) = run_sequential([micro_batch(h, dispatcher, placement, weights)])
+        cut = split_for_tbo(counts)
+        split_at = sum(counts[:cut]) if cut is not None else h.shape[0]
+        first = micro_batch(h[:split_at], dispatcher, placement, weights)
+        second = micro_batch(h[split_at:], dispatcher, placement, weights)
+        on_a, on_b = run_overlapped([first, second])
+        if rank == 0:
+            assert cut is not None and 0 < split_at < h.shape[0]
+        where = f"{dispatcher.name} on rank {rank}"
+        torch.testing.assert_close(torch.cat([on_a, on_b]), off, atol=1e-5, rtol=1e-5, msg=where)
     dist.barrier(groups.cpu_group)
 
 

@@ -1,8 +1,9 @@
 """Lockstep across data-parallel ranks: one small collective at the start of every step.
 
 MoE layers exchange tokens between all EP ranks, so every rank must enter every MoE collective of every step.
-Each step starts with one all-gather over a CPU (gloo) group carrying, per rank, its token count and whether it
-has prefill work and could run two-batch overlap; from it every rank derives the same plan.
+Each step starts with one all-gather over a CPU (gloo) group carrying, per rank, its token count, whether it
+has prefill work and could run two-batch overlap, and how many of its tokens would go into the first
+micro-batch; from it every rank derives the same plan.
 """
 
 from __future__ import annotations
@@ -22,21 +23,24 @@ class StepPlan:
     mode: EXTEND when any rank computes a prompt chunk (normal dispatch), else DECODE (low-latency dispatch).
     tokens_per_rank: [world] token counts; a rank with 0 runs an idle batch that still enters every collective.
     use_tbo: every rank splits this step into two micro-batches.
+    micro_batch_tokens: with use_tbo, the most tokens any rank puts into its first and into its second
+        micro-batch (the sizes a fixed-size dispatcher pads each micro-batch to).
     """
 
     mode: ForwardMode
     tokens_per_rank: tuple[int, ...]
     use_tbo: bool
     rebalance_id: int = 0  # nonzero: every rank holds this EPLB plan and moves its next chunk this step
+    micro_batch_tokens: tuple[int, int] = (0, 0)
 
     @property
     def total_tokens(self) -> int:
         return sum(self.tokens_per_rank)
 
 
-def plan_step(rows: list[tuple[int, bool, bool, int]], enable_tbo: bool) -> StepPlan | None:
-    """rows[r] = (num_tokens, has_extend, tbo_possible, pending_rebalance_id) of rank r -> the plan, or None
-    when no rank has anything to do."""
+def plan_step(rows: list[tuple[int, bool, bool, int, int]], enable_tbo: bool) -> StepPlan | None:
+    """rows[r] = (num_tokens, has_extend, tbo_possible, pending_rebalance_id, first_micro_batch_tokens) of rank
+    r -> the plan, or None when no rank has anything to do."""
     tokens = tuple(r[0] for r in rows)
     ids = {r[3] for r in rows}
     rebalance_id = ids.pop() if len(ids) == 1 else 0  # only once every rank has the same plan
@@ -44,7 +48,8 @@ def plan_step(rows: list[tuple[int, bool, bool, int]], enable_tbo: bool) -> Step
         return None
     mode = ForwardMode.EXTEND if any(r[1] for r in rows) else ForwardMode.DECODE
     use_tbo = enable_tbo and all(r[2] for r in rows)
-    return StepPlan(mode, tokens, use_tbo, rebalance_id)
+    micro = (max(r[4] for r in rows), max(r[0] - r[4] for r in rows)) if use_tbo else (0, 0)
+    return StepPlan(mode, tokens, use_tbo, rebalance_id, micro)
 
 
 class StepSync:
@@ -56,12 +61,15 @@ class StepSync:
         self.enable_tbo = enable_tbo
 
     def agree(
-        self, num_tokens: int, has_extend: bool, tbo_possible: bool, rebalance_id: int = 0
+        self, num_tokens: int, has_extend: bool, tbo_possible: bool, rebalance_id: int = 0,
+        first_micro_batch_tokens: int | None = None,
     ) -> StepPlan | None:
+        """first_micro_batch_tokens: this rank's tokens in its first TBO micro-batch (default: all of them)."""
+        first = num_tokens if first_micro_batch_tokens is None else first_micro_batch_tokens
         local = torch.tensor(
-            [num_tokens, int(has_extend), int(tbo_possible), rebalance_id], dtype=torch.int64
+            [num_tokens, int(has_extend), int(tbo_possible), rebalance_id, first], dtype=torch.int64
         )
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
-        rows = [(int(t[0]), bool(t[1]), bool(t[2]), int(t[3])) for t in gathered]
+        rows = [(int(t[0]), bool(t[1]), bool(t[2]), int(t[3]), int(t[4])) for t in gathered]
         return plan_step(rows, self.enable_tbo)

@@ -16,6 +16,7 @@ from moeserve.config import EngineConfig
 from moeserve.engine.detokenizer import IncrementalDetokenizer
 from moeserve.engine.dp_sync import StepSync
 from moeserve.engine.prompts import PromptChecker
+from moeserve.moe.tbo import tbo_cut
 from moeserve.outputs import StreamChunk
 from moeserve.request import Request
 from moeserve.runner.model_runner import ModelRunner, PendingStep, RankSetup
@@ -140,9 +141,11 @@ class LLMEngine:
             plan = None
         else:
             # Every rank enters this collective every step; ranks without work then run an idle batch.
-            has_extend = any(len(r.token_ids) > 1 for r in sched.requests)
+            counts = [len(r.token_ids) for r in sched.requests]
+            has_extend = any(n > 1 for n in counts)
             rebalance_id = self.eplb.pending_id if self.eplb is not None else 0
-            plan = self.sync.agree(sched.num_tokens, has_extend, len(sched.requests) >= 2, rebalance_id)
+            first = sum(counts[: tbo_cut(counts)])  # what the runner's first TBO micro-batch would hold
+            plan = self.sync.agree(sched.num_tokens, has_extend, len(counts) >= 2, rebalance_id, first)
             if plan is None:
                 return None
             if plan.rebalance_id:  # every rank moves the same chunk of expert weights in this step

@@ -128,7 +128,7 @@ class DeepEPDispatcher(StagedDispatcher):
             buffer=self.shared,
         )
 
-    def begin_step(self, mode: ForwardMode) -> None:
+    def begin_step(self, mode: ForwardMode, max_tokens: int | None = None) -> None:
         """Switch the shared buffer to this step's mode (cleaning it for low-latency after normal mode).
         Dispatch does this itself; a runner that replays a captured CUDA graph (which skips Python) must
         call it before the replay."""

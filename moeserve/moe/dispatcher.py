@@ -60,9 +60,11 @@ class Dispatcher(ABC):
         """A second instance for the other TBO micro-batch (backends with per-call buffers override this)."""
         return self
 
-    def begin_step(self, mode: ForwardMode) -> None:
+    def begin_step(self, mode: ForwardMode, max_tokens: int | None = None) -> None:
         """Called once per step with the mode all EP ranks agreed on, before any dispatch (and before a CUDA
-        graph replay). Backends with per-mode state (DeepEP buffers) switch here; others ignore it."""
+        graph replay). max_tokens: the most tokens any EP rank has this step (None off the lockstep path).
+        Backends with per-step state switch here (DeepEP's buffer mode, the all-gather's capacity); others
+        ignore it."""
         return None
 
     # Split API for two-batch overlap: `*_begin` starts a transfer, `*_end` waits for it, and the other

@@ -8,11 +8,11 @@ import logging
 import torch
 import torch.distributed as dist
 
+from moeserve.backend_choice import DISPATCHERS
 from moeserve.moe.dispatcher import Dispatcher, LocalDispatcher
 
 logger = logging.getLogger("moeserve")
 
-DISPATCHERS = ("auto", "local", "all_to_all", "deepep")
 
 
 def _deep_ep_problem() -> str | None:
@@ -38,7 +38,8 @@ def create_dispatcher(
     """Build the MoE dispatcher for this rank.
 
     name: "auto" (local when ep_size == 1; deepep when `deep_ep` imports and device is CUDA; else all_to_all),
-          or one of "local", "all_to_all", "deepep".
+          or one of "local", "all_to_all", "all_gather" (fixed-size all-gather + reduce-scatter, no host sync:
+          see moeserve/moe/all_gather.py), "deepep".
     group: the EP process group (None = default group); ep_size: its size; num_local_slots: physical experts
     per rank. max_tokens_per_rank, hidden, num_sms: DeepEP buffer sizing (low-latency batch cap, hidden size,
     SMs for normal-mode kernels); ignored by other backends.
@@ -60,6 +61,10 @@ def create_dispatcher(
         from moeserve.moe.all_to_all import TorchAllToAllDispatcher
 
         return TorchAllToAllDispatcher(group, num_local_slots)
+    if chosen == "all_gather":
+        from moeserve.moe.all_gather import AllGatherDispatcher
+
+        return AllGatherDispatcher(group, num_local_slots)
     if hidden is None:
         raise ValueError("dispatcher 'deepep' needs hidden= (the model's hidden size) to size its buffer")
     from moeserve.moe.deepep import DeepEPDispatcher
@@ -74,8 +79,8 @@ def _choose(name: str, ep_size: int, device: torch.device) -> tuple[str, str]:
     """-> (backend, reason for the start-up log line). Raises when an explicit choice cannot run."""
     if name == "local":
         return "local", "requested"
-    if name == "all_to_all":
-        return "all_to_all", "requested"
+    if name in ("all_to_all", "all_gather"):
+        return name, "requested"
     if name == "deepep":
         problem = _deep_ep_problem()
         if problem is not None:

@@ -35,6 +35,14 @@ def split_for_tbo(token_counts: list[int], *, min_fraction: float = 0.25) -> int
     return best_i
 
 
+def tbo_cut(token_counts: list[int]) -> int:
+    """Where a TBO step splits its requests: `split_for_tbo`'s index, or all requests in the first micro-batch
+    (the second then runs empty) when there is no useful split. The engine tells the other ranks the first
+    micro-batch's tokens from it, and the runner splits by it."""
+    cut = split_for_tbo(token_counts)
+    return len(token_counts) if cut is None else cut
+
+
 def run_overlapped(stage_gens: list[MicroBatch]) -> list[Any]:
     """Advance each generator by one stage in turn until all finish; returns their return values in order.
 

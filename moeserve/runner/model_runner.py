@@ -25,7 +25,7 @@ from moeserve.forward_batch import BlockTableRows, ForwardBatch, ForwardMode, bu
 from moeserve.moe.dispatcher import Dispatcher, LocalDispatcher
 from moeserve.moe.experts import create_expert_kernel
 from moeserve.moe.placement import ExpertPlacement
-from moeserve.moe.tbo import run_overlapped, split_for_tbo
+from moeserve.moe.tbo import run_overlapped, tbo_cut
 from moeserve.request import PLACEHOLDER
 from moeserve.runner.cuda_graphs import CudaGraphRunner, graph_unsupported_reason
 from moeserve.runner.sampler import SampledTokens, Sampler, SamplingRow, host_to_device
@@ -224,8 +224,7 @@ class ModelRunner:
         if self.expert_load is not None:  # EPLB: the MoE layers add this step's tokens per expert
             self.expert_load.zero_()
             batch.extras["expert_load"] = self.expert_load
-        for dispatcher in {id(d): d for d in (self.ctx.dispatcher, self.ctx.tbo_dispatcher) if d}.values():
-            dispatcher.begin_step(batch.mode)
+        self._begin_dispatch_step(batch.mode, plan)
         if plan is not None and plan.use_tbo:
             hidden = self._forward_two_batches(sched.requests, batch)
         else:
@@ -243,15 +242,30 @@ class ModelRunner:
         self._last_step = PendingStep([r.request_id for r in sampling], sampled)
         return self._last_step
 
+    def _begin_dispatch_step(self, mode: ForwardMode, plan: StepPlan | None) -> None:
+        """Tell the dispatchers this step's mode and the most tokens any rank sends through each: the largest
+        rank's count, or with TBO and a second instance, each micro-batch's largest (micro-batch k uses the
+        k-th instance)."""
+        first, second = self.ctx.dispatcher, self.ctx.tbo_dispatcher
+        if first is None:
+            return
+        most = max(plan.tokens_per_rank) if plan is not None else None
+        if second is None or second is first:
+            first.begin_step(mode, most)
+        elif plan is not None and plan.use_tbo:
+            first.begin_step(mode, plan.micro_batch_tokens[0])
+            second.begin_step(mode, plan.micro_batch_tokens[1])
+        else:
+            first.begin_step(mode, most)
+            second.begin_step(mode, most)
+
     def _forward_two_batches(self, reqs: list[ScheduledRequest], batch: ForwardBatch) -> torch.Tensor:
         """Two-batch overlap: split the requests into two micro-batches of near-equal tokens and interleave
         their forward passes, so one's MoE communication runs while the other computes. Every rank runs two
         micro-batches (the second may be empty), so collectives meet in the same order everywhere.
         Returns the hidden states of `batch`'s tokens, in its order."""
         self.num_tbo_steps += 1
-        cut = split_for_tbo([len(r.token_ids) for r in reqs])
-        if cut is None:
-            cut = len(reqs)
+        cut = tbo_cut([len(r.token_ids) for r in reqs])  # the split the engine announced in the step plan
         micro = []
         for k, part in enumerate((reqs[:cut], reqs[cut:])):
             mb = self.build_batch(part)
