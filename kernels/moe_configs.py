@@ -151,6 +151,7 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k
     return default_config(num_tokens, num_experts, hidden, inter, top_k, fp8)
 
 
+@functools.lru_cache(maxsize=256)  # on every fused_moe call's host path
 def fit_shared_memory(cfg: MoEConfig, elem_bytes: int) -> MoEConfig:
     """cfg with each GEMM's num_stages lowered (to 1 at least) until its pipeline buffers, (block_m x block_k
     activations + block_n x block_k weights, gate and up for gate/up) x elem_bytes per stage, fit SMEM_BUDGET.

@@ -93,7 +93,7 @@ def test_tile_pipelines_fit_shared_memory():
 
     for path in CONFIG_DIR.glob("*.json"):
         elem = 1 if path.name.endswith("_fp8.json") else 2
-        assert all(fit_shared_memory(c, elem) is c for c in load_table(path.name).values())
+        assert all(fit_shared_memory(c, elem) == c for c in load_table(path.name).values())
 
     def pipeline_bytes(c: MoEConfig, elem: int) -> list[int]:
         return [(c.block_m + tiles * g.block_n) * g.block_k * elem * g.num_stages

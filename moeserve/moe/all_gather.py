@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from moeserve.forward_batch import ForwardMode
-from moeserve.moe.dispatcher import DispatchOutput, StagedDispatcher
+from moeserve.moe.dispatcher import CollectiveDispatcher, DispatchOutput
 
 # reduce_scatter_single is the newer name (torch >= 2.13 deprecates the old one); same signature.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -51,16 +51,13 @@ class PendingScatter:
     handle: GatherHandle
 
 
-class AllGatherDispatcher(StagedDispatcher):
+class AllGatherDispatcher(CollectiveDispatcher):
     """Fixed-size all-gather dispatch and reduce-scatter combine over an EP process group (None = default)."""
 
     name = "all_gather"
 
     def __init__(self, group: dist.ProcessGroup | None, num_local_slots: int) -> None:
-        super().__init__(num_local_slots)
-        self.group = group
-        self.ep_size = dist.get_world_size(group)
-        self.ep_rank = dist.get_rank(group)
+        super().__init__(group, num_local_slots)
         self.capacity: int | None = None
 
     def sibling(self) -> AllGatherDispatcher:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from moeserve.forward_batch import ForwardMode
-from moeserve.moe.dispatcher import DispatchOutput, StagedDispatcher
+from moeserve.moe.dispatcher import CollectiveDispatcher, DispatchOutput
 
 
 @dataclass(slots=True)
@@ -52,16 +52,10 @@ class PendingCombine:
     handle: AllToAllHandle
 
 
-class TorchAllToAllDispatcher(StagedDispatcher):
+class TorchAllToAllDispatcher(CollectiveDispatcher):
     """Variable-split all-to-all over an EP process group (None = the default group)."""
 
     name = "all_to_all"
-
-    def __init__(self, group: dist.ProcessGroup | None, num_local_slots: int) -> None:
-        super().__init__(num_local_slots)
-        self.group = group
-        self.ep_size = dist.get_world_size(group)
-        self.ep_rank = dist.get_rank(group)
 
     def dispatch_begin(
         self,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from moeserve.forward_batch import ForwardMode
 
@@ -95,6 +96,16 @@ class StagedDispatcher(Dispatcher):
 
     def combine(self, expert_out, handle):
         return self.combine_end(self.combine_begin(expert_out, handle))
+
+
+class CollectiveDispatcher(StagedDispatcher):
+    """A staged backend over a torch.distributed EP process group (None = the default group)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, num_local_slots: int) -> None:
+        super().__init__(num_local_slots)
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
 
 
 class LocalDispatcher(Dispatcher):
