@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build .whl/ on a machine where pip has network: Ray (core + Serve) and the OpenAI client for the GPU box, which
 # has none and lacks them. Ray's wheel (79 MB) loses its Java jars and the dashboard's source maps, so that all
-# of .whl/ (~55 MB) fits one device call (64 MiB). Listed: what Ray core, Ray Serve, moeserve's HTTP app and the
+# of .whl/ (58 MB) fits one device call (64 MiB). Listed: what Ray core, Ray Serve, moeserve's HTTP app and the
 # serving tests import that the box's Python 3.12 lacks (checked by importing in a bare venv, 2026-11-25);
 # what the box already has (torch, numpy, aiohttp, requests, click, msgpack, protobuf, pyyaml, tqdm, ...) is not.
 # Then, on the box: `bash benchmarks/multigpu_session.sh` with `.whl` carried.

@@ -131,19 +131,25 @@ def run_tbo_on_and_off(rank: int, world_size: int, groups) -> None:
     num_reqs = {1: 1, world_size - 1: 0}.get(rank, 5)
     counts = torch.randint(1, 6, (num_reqs,), generator=gen).tolist()
     h = torch.randn(sum(counts), HIDDEN, generator=gen)
-    max_tokens = torch.tensor([h.shape[0]])
-    dist.all_reduce(max_tokens, op=dist.ReduceOp.MAX, group=groups.cpu_group)  # the step plan's figure
+    # The step plan as the engine makes it: each rank announces its first micro-batch's tokens (`tbo_cut`).
+    split_at = sum(counts[: tbo_cut(counts)])
+    rows = [None] * world_size
+    dist.all_gather_object(rows, (h.shape[0], True, True, 0, split_at), group=groups.cpu_group)
+    plan = plan_step(rows, enable_tbo=True)
+    if rank == 0:
+        assert split_for_tbo(counts) is not None and 0 < split_at < h.shape[0]
     for dispatcher in (TorchAllToAllDispatcher(groups.ep_group, placement.num_local_slots),
                        AllGatherDispatcher(groups.ep_group, placement.num_local_slots)):
-        dispatcher.begin_step(ForwardMode.EXTEND, int(max_tokens))
+        # As the runner does: the whole step through one instance, or micro-batch k through the k-th
+        # instance sized for that micro-batch's largest on any rank.
+        dispatcher.begin_step(ForwardMode.EXTEND, max(plan.tokens_per_rank))
         (off,) = run_sequential([micro_batch(h, dispatcher, placement, weights)])
-        cut = split_for_tbo(counts)
-        split_at = sum(counts[:cut]) if cut is not None else h.shape[0]
-        first = micro_batch(h[:split_at], dispatcher, placement, weights)
-        second = micro_batch(h[split_at:], dispatcher, placement, weights)
+        pair = (dispatcher, dispatcher.sibling())
+        for d, size in zip(pair, plan.micro_batch_tokens):
+            d.begin_step(ForwardMode.EXTEND, size)
+        first = micro_batch(h[:split_at], pair[0], placement, weights)
+        second = micro_batch(h[split_at:], pair[1], placement, weights)
         on_a, on_b = run_overlapped([first, second])
-        if rank == 0:
-            assert cut is not None and 0 < split_at < h.shape[0]
         where = f"{dispatcher.name} on rank {rank}"
         torch.testing.assert_close(torch.cat([on_a, on_b]), off, atol=1e-5, rtol=1e-5, msg=where)
     dist.barrier(groups.cpu_group)

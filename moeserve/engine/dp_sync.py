@@ -61,13 +61,14 @@ class StepSync:
         self.enable_tbo = enable_tbo
 
     def agree(
-        self, num_tokens: int, has_extend: bool, tbo_possible: bool, rebalance_id: int = 0,
-        first_micro_batch_tokens: int | None = None,
+        self, num_tokens: int, has_extend: bool, tbo_possible: bool, rebalance_id: int,
+        first_micro_batch_tokens: int,
     ) -> StepPlan | None:
-        """first_micro_batch_tokens: this rank's tokens in its first TBO micro-batch (default: all of them)."""
-        first = num_tokens if first_micro_batch_tokens is None else first_micro_batch_tokens
+        """first_micro_batch_tokens: this rank's tokens in its first TBO micro-batch (`tbo_cut`; any value when
+        TBO is off)."""
         local = torch.tensor(
-            [num_tokens, int(has_extend), int(tbo_possible), rebalance_id, first], dtype=torch.int64
+            [num_tokens, int(has_extend), int(tbo_possible), rebalance_id, first_micro_batch_tokens],
+            dtype=torch.int64,
         )
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)

@@ -144,7 +144,8 @@ class LLMEngine:
             counts = [len(r.token_ids) for r in sched.requests]
             has_extend = any(n > 1 for n in counts)
             rebalance_id = self.eplb.pending_id if self.eplb is not None else 0
-            first = sum(counts[: tbo_cut(counts)])  # what the runner's first TBO micro-batch would hold
+            # What the runner's first TBO micro-batch would hold (it splits by the same tbo_cut).
+            first = sum(counts[: tbo_cut(counts)]) if self.sync.enable_tbo else sched.num_tokens
             plan = self.sync.agree(sched.num_tokens, has_extend, len(counts) >= 2, rebalance_id, first)
             if plan is None:
                 return None

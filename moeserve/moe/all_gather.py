@@ -25,7 +25,8 @@ import torch.distributed as dist
 from moeserve.forward_batch import ForwardMode
 from moeserve.moe.dispatcher import CollectiveDispatcher, DispatchOutput
 
-# reduce_scatter_single is the newer name (torch >= 2.13 deprecates the old one); same signature.
+# The *_single names are the newer ones (torch 2.13 deprecates the *_tensor ones); same signatures.
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
@@ -92,7 +93,7 @@ class AllGatherDispatcher(CollectiveDispatcher):
         recv_hidden = send.new_empty(self.ep_size * capacity, hidden.shape[1])
         recv_meta = meta.new_empty(self.ep_size * capacity, 2 * top_k)
         works = [
-            dist.all_gather_into_tensor(out, inp, group=self.group, async_op=True)
+            _all_gather(out, inp, group=self.group, async_op=True)
             for out, inp in ((recv_hidden, send), (recv_meta, meta))
         ]
         return PendingGather(recv_hidden, recv_meta, works, GatherHandle(num_tokens, capacity, hidden.dtype))
@@ -129,5 +130,5 @@ class AllGatherDispatcher(CollectiveDispatcher):
             return self.capacity
         count = torch.tensor([num_tokens], dtype=torch.int64, device=device)
         counts = count.new_empty(self.ep_size)
-        dist.all_gather_into_tensor(counts, count, group=self.group)
+        _all_gather(counts, count, group=self.group)
         return int(counts.max())

@@ -1,7 +1,7 @@
 """The dispatcher contract: send each token to the ranks holding its experts, and bring the results back.
 
-Every backend (local, torch all-to-all, DeepEP) has the same contract and must give the same result as
-`LocalDispatcher` run with all experts on one rank.
+Every backend (local, torch all-to-all, all-gather, DeepEP) has the same contract and must give the same result
+as `LocalDispatcher` run with all experts on one rank.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from moeserve.forward_batch import ForwardMode
 
 @dataclass(slots=True)
 class DispatchOutput:
-    """What one rank received: each token at most once, with the choices that fall on this rank.
+    """What one rank received: each token at most once, with the choices that fall on this rank. Rows may have
+    no choice here at all (the all-gather backend sends every token everywhere, plus zero padding rows); the
+    expert kernel must return exact zeros for them, since combine adds them into real tokens.
 
     hidden:       [num_recv, hidden], the activations received.
     topk_ids:     [num_recv, top_k], int32 — this rank's local expert slot (0 .. num_local_slots - 1) for each

@@ -26,7 +26,8 @@ class ExpertKernel(ABC):
     ) -> torch.Tensor:
         """hidden: [M, H]; w13: [E, 2*I, H] (gate rows first, then up); w2: [E, H, I];
         topk_weights: [M, k] float32; topk_ids: [M, k] int32, -1 = skip this choice.
-        Returns [M, H] in hidden's dtype: sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(hidden[m])."""
+        Returns [M, H] in hidden's dtype: sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(hidden[m]); a row
+        whose choices are all -1 gets exact zeros (dispatchers add such rows into real tokens)."""
 
 
 def torch_experts(
