@@ -58,6 +58,39 @@ def test_flashinfer_decode_runs_in_cuda_graphs() -> None:
 # ---------------------------------------------------------------- page ids (CPU)
 
 
+def test_eager_wrappers_keep_one_plan_per_tbo_micro_batch() -> None:
+    """With two-batch overlap the two micro-batches' attention layers alternate within a step: each must keep
+    its own planned wrapper (one plan per micro-batch per step), not evict the other's at every layer."""
+    from moeserve.attention.flashinfer_backend import EAGER_SLOTS_PER_LAYOUT, _Slot, pick_slot
+
+    slots: list[_Slot] = []
+    made, plans = [], []
+
+    def make() -> _Slot:
+        made.append(_Slot(object(), torch.empty(0)))
+        return made[-1]
+
+    def attend(meta) -> _Slot:  # what _eager_slot does, with the plan reduced to booking it
+        slot, needs_plan = pick_slot(slots, meta, make)
+        if needs_plan:
+            slot.planned_for = meta
+            plans.append(meta)
+        return slot
+
+    for step in range(3):  # TBO steps: micro-batches a and b alternate over 4 layers
+        a, b = object(), object()
+        used = {"a": set(), "b": set()}
+        for _layer in range(4):
+            used["a"].add(id(attend(a)))
+            used["b"].add(id(attend(b)))
+        assert len(used["a"]) == len(used["b"]) == 1 and used["a"] != used["b"]
+        assert plans[-2:] == [a, b] and len(plans) == 2 * (step + 1)
+    for _step in range(3):  # steps without TBO: one plan per step, no new wrappers
+        meta = object()
+        assert all(attend(meta) is attend(meta) for _layer in range(4))
+    assert len(plans) == 6 + 3 and len(made) == EAGER_SLOTS_PER_LAYOUT == 2
+
+
 def _indices_ref(block_tables: torch.Tensor, seq_lens: list[int], page: int) -> torch.Tensor:
     rows = [block_tables[i, : (n + page - 1) // page] for i, n in enumerate(seq_lens)]
     return torch.cat(rows).to(torch.int32)

@@ -23,8 +23,9 @@ then one `pages_to_indices` launch. Every layer then costs one ``run()`` (Python
 launches). Measured on an H100 host (benchmarks/flashinfer_probe.py): the first layer of a step 0.55 ms (GQA)
 and 1.5-2.2 ms (MLA: FlashInfer's MLA plan() is mostly Python validation), each further layer 60-140 us.
 Workspace buffers are allocated once: one float workspace shared by all wrappers, and FlashInfer's 8 MiB
-device + 8 MiB pinned integer workspace per wrapper (one wrapper per layout, plus one per captured batch
-size); only FlashInfer's eager MLA plan takes a fresh integer pair from torch's caching allocators each time.
+device + 8 MiB pinned integer workspace per wrapper (up to two eager wrappers per layout, one per TBO
+micro-batch, plus one per captured batch size); only FlashInfer's eager MLA plan takes a fresh integer pair from
+torch's caching allocators each time.
 
 CUDA graphs: `CudaGraphRunner` calls `before_graph_replay` before each capture's warm-up run and before every
 replay (see there); the captured graph gathers the page ids and runs FlashInfer's kernels.
@@ -153,6 +154,23 @@ class _Slot:
     converted_capturing: bool = False
 
 
+# Eager wrappers kept per layout: one per TBO micro-batch, so each keeps its plan for the whole step while the
+# two micro-batches' layers alternate (with one, every layer re-planned and waited for the previous plan).
+EAGER_SLOTS_PER_LAYOUT = 2
+
+
+def pick_slot(slots: list[_Slot], meta: AttentionMetadata, make) -> tuple[_Slot, bool]:
+    """(slot, needs_plan) for a forward with metadata ``meta``: the slot last planned for it, else a new one
+    from ``make()`` while there are fewer than EAGER_SLOTS_PER_LAYOUT, else the one planned longest ago.
+    ``slots`` is kept in plan order (oldest first); a slot returned with needs_plan moves to its end."""
+    for slot in slots:
+        if slot.planned_for is meta:
+            return slot, False
+    slot = make() if len(slots) < EAGER_SLOTS_PER_LAYOUT else slots.pop(0)
+    slots.append(slot)
+    return slot, True
+
+
 class FlashInferAttentionBackend(TritonAttentionBackend):
     """Decode through FlashInfer (MLA and GQA layouts); prefill, extend and KV writes through Triton.
 
@@ -177,7 +195,7 @@ class FlashInferAttentionBackend(TritonAttentionBackend):
         self.device = torch.device(device)
         self.mla_backend = mla_backend
         self._workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=self.device)
-        self._eager: dict[_Key, _Slot] = {}
+        self._eager: dict[_Key, list[_Slot]] = {}  # oldest plan first (`pick_slot`)
         self._graph: dict[tuple[_Key, int], _Slot] = {}  # keyed by (shapes, padded batch size)
         self._graph_meta: AttentionMetadata | None = None
         self._last_plan: torch.cuda.Event | None = None
@@ -221,10 +239,8 @@ class FlashInferAttentionBackend(TritonAttentionBackend):
         assert not torch.cuda.is_current_stream_capturing(), (
             "FlashInfer attention under CUDA-graph capture needs before_graph_replay(meta) first"
         )
-        slot = self._eager.get(key)
-        if slot is None:
-            slot = self._eager[key] = self._new_slot(key.layout)
-        if slot.planned_for is not meta:
+        slot, needs_plan = pick_slot(self._eager.setdefault(key, []), meta, lambda: self._new_slot(key.layout))
+        if needs_plan:
             self._plan(slot, key, meta)
             pages_to_indices(meta.block_tables, meta.seq_lens, key.page_size, slot.indices)
         return slot
