@@ -5,8 +5,9 @@ choices, with its choices rewritten to that rank's local slots (-1 for choices h
 (destination rank, token index) order, so `combine` can send results back with the splits reversed and add
 them into the token they came from.
 
-Per dispatch: one small all-to-all of row counts (the receiver must know its buffer sizes; this syncs the
-host), then two payload all-to-alls: hidden, and a metadata tensor packing ids and weights as int32 bits.
+Per dispatch: one small all-to-all of row counts (the receiver must know its buffer sizes; reading them is
+the dispatch's one host sync), then two payload all-to-alls: hidden, and a metadata tensor packing ids and
+weights as int32 bits. The send layout is built after that read, with its size known, so it adds no sync.
 Every rank enters every collective, also with zero tokens (ForwardMode.IDLE).
 """
 
@@ -68,14 +69,17 @@ class TorchAllToAllDispatcher(CollectiveDispatcher):
         Exchanges row counts (blocking), then starts the payload transfer (async)."""
         num_tokens, top_k = topk_ids.shape
         assert hidden.shape[0] == num_tokens, "hidden and topk_ids disagree on the number of tokens"
-        tok_idx, local_ids, send_counts = self._send_layout(topk_ids.to(hidden.device))
-        meta = torch.cat([local_ids, topk_weights[tok_idx].float().view(torch.int32)], dim=1)
-        send_hidden = hidden[tok_idx]
-
+        ids = topk_ids.to(hidden.device).long()
+        dest, in_rank = self._destinations(ids)
+        send_counts = in_rank.sum(dim=0)
         recv_counts_t = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts_t, send_counts, group=self.group)
-        send_list, recv_list = send_counts.tolist(), recv_counts_t.tolist()
+        counts = torch.cat([send_counts, recv_counts_t]).tolist()  # the host sync
+        send_list, recv_list = counts[: self.ep_size], counts[self.ep_size :]
         num_recv = sum(recv_list)
+        tok_idx, local_ids = self._send_layout(ids, dest, in_rank, sum(send_list))
+        meta = torch.cat([local_ids, topk_weights[tok_idx].float().view(torch.int32)], dim=1)
+        send_hidden = hidden[tok_idx]
 
         recv_hidden = hidden.new_empty(num_recv, hidden.shape[1])
         recv_meta = meta.new_empty(num_recv, 2 * top_k)
@@ -118,20 +122,21 @@ class TorchAllToAllDispatcher(CollectiveDispatcher):
         out.index_add_(0, pending.handle.send_token_idx, recv.float())
         return out.to(recv.dtype)
 
-    def _send_layout(self, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """topk_ids: [T, k] physical ids -> tok_idx [n] int64, local_ids [n, k] int32, send_counts [W] int64.
-
-        Row j of the send buffer carries token tok_idx[j] to the rank of its block; rows sorted by rank."""
-        num_tokens, top_k = topk_ids.shape
-        ids = topk_ids.long()
-        slots = self.num_local_slots
+    def _destinations(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids: [T, k] physical ids (int64) -> dest [T, k], the rank of each choice (ep_size for -1), and
+        in_rank [T, W] bool, whether token t has a choice on rank r."""
         # Choices of -1 go to a virtual rank ep_size, dropped after the scatter.
-        dest = torch.where(ids >= 0, ids // slots, self.ep_size)
-        in_rank = torch.zeros(num_tokens, self.ep_size + 1, dtype=torch.bool, device=ids.device)
+        dest = torch.where(ids >= 0, ids // self.num_local_slots, self.ep_size)
+        in_rank = torch.zeros(ids.shape[0], self.ep_size + 1, dtype=torch.bool, device=ids.device)
         in_rank.scatter_(1, dest, True)
-        in_rank = in_rank[:, : self.ep_size]
-        rank_idx, tok_idx = in_rank.t().nonzero(as_tuple=True)
+        return dest, in_rank[:, : self.ep_size]
+
+    def _send_layout(self, ids: torch.Tensor, dest: torch.Tensor, in_rank: torch.Tensor,
+                     num_sent: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tok_idx [num_sent] int64, local_ids [num_sent, k] int32: row j of the send buffer carries token
+        tok_idx[j] to the rank of its block; rows sorted by rank. num_sent (= in_rank.sum(), known on the host)
+        sizes the result, so nothing here waits for the device."""
+        rank_idx, tok_idx = torch.nonzero_static(in_rank.t(), size=num_sent).unbind(1)
         rank_col = rank_idx[:, None]
-        local_ids = torch.where(dest[tok_idx] == rank_col, ids[tok_idx] - rank_col * slots, -1)
-        send_counts = in_rank.sum(dim=0)
-        return tok_idx, local_ids.to(torch.int32), send_counts
+        local_ids = torch.where(dest[tok_idx] == rank_col, ids[tok_idx] - rank_col * self.num_local_slots, -1)
+        return tok_idx, local_ids.to(torch.int32)
