@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One device call on a host with several GPUs (`.whl` from benchmarks/multigpu_bundle.sh carried): install Ray and
 # Serve, run the multi-GPU tests (DP = EP over the GPUs against one GPU, EPLB moving weights between GPUs), the
+# engine on real-shape random-weight models at DP = EP = N against one GPU (benchmarks/multigpu_engine.py), the
 # two-batch-overlap benchmark for both dispatchers side by side, and the Serve endpoint at DP = EP = N against
 # DP = 1 on the demo model. Logs and JSON under $OUT (or benchmarks/out).
-#   usage (repo root): [STAGES="tests overlap serve"] [DEADLINE_S=570] bash benchmarks/multigpu_session.sh
+#   usage (repo root): [STAGES="tests engine overlap serve"] [DEADLINE_S=570] bash benchmarks/multigpu_session.sh
 # Every step's timeout is cut to what is left of DEADLINE_S, so the call ends inside the device tool's 600 s;
 # a later call can run the stages left over. (GPUS, DEVICE=cpu, BACKEND=gloo, EP_TOKENS, NUM_PROMPTS let the
 # script itself be checked on CPU ranks.)
 set -u
 out=${OUT:-benchmarks/out}
-stages=${STAGES:-tests overlap serve}
+stages=${STAGES:-tests engine overlap serve}
 end=$((SECONDS + ${DEADLINE_S:-570}))
 mkdir -p "$out"
 # seconds for the next step: its own limit, or what is left of the deadline when that is less
@@ -25,6 +26,11 @@ if [[ " $stages " == *" tests "* ]]; then
     timeout "$(budget 240)" python3 -m pytest -q -s -m multigpu -p no:cacheprovider -rf \
         tests/test_cluster_ep.py tests/test_eplb_cluster.py 2>&1 \
         | grep -E "balancedness|passed|failed|skipped|Error" | tee "$out/multigpu_tests.txt"
+fi
+if [[ " $stages " == *" engine "* ]]; then
+    timeout "$(budget 360)" python3 benchmarks/multigpu_engine.py --device "${DEVICE:-cuda}" --ranks "$gpus" \
+        ${ENGINE_ARGS:-} --out "$out/multigpu_engine.json" 2>&1 | grep -E "^\||^[a-z].*greedy|Error" \
+        | tee "$out/multigpu_engine.txt"
 fi
 if [[ " $stages " == *" overlap "* ]]; then
     for tokens in ${EP_TOKENS:-128 512 4096}; do

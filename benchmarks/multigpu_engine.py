@@ -1,0 +1,146 @@
+"""The engine over several GPUs against one GPU: greedy agreement and offline throughput per GPU.
+
+Random-weight bf16 checkpoints with the real shapes of Qwen3-30B-A3B and DeepSeek-V2-Lite, with fewer layers
+(`offline_gpu.build_checkpoint`). Per model, N random prompts run through:
+- one GPU's engine (`LLM`, the baseline);
+- `LLM(data_parallel_size=R, expert_parallel_size=R)`, the Ray worker group with one actor per GPU, for each
+  MoE dispatcher x two-batch-overlap setting.
+
+Reported per run: seconds, output tokens/s, output tokens/s per GPU against the one-GPU figure, and how many
+requests' greedy tokens equal the one-GPU run's. With bf16 random weights, a near-tie may flip a few requests;
+the tiny fp32 tests (`pytest -m multigpu`) are the strict check. Prints a table and writes JSON.
+
+    python benchmarks/multigpu_engine.py --out benchmarks/out/multigpu_engine.json           # on R GPUs
+    python benchmarks/multigpu_engine.py --tiny --device cpu --ranks 2 --out /tmp/mge.json   # logic check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from offline_gpu import build_checkpoint, random_prompts  # noqa: E402
+
+log = logging.getLogger("multigpu_engine")
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(path: Path, prompts: list[list[int]], args, device: torch.device, **options) -> dict:
+    """One engine (one rank, or R through Ray when options ask for it) over the prompts, from a cold start."""
+    from moeserve import LLM, SamplingParams
+
+    llm = LLM(
+        str(path), device=device.type, dtype="auto" if device.type == "cuda" else "float32",
+        max_model_len=args.input_len + args.output_len + 64, max_num_seqs=max(args.num_requests, 64),
+        max_num_batched_tokens=args.max_num_batched_tokens, **options,
+    )
+    try:
+        warm = random_prompts(min(16, args.num_requests), args.input_len, args.vocab, seed=999)
+        llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        seconds = time.perf_counter() - t0
+    finally:
+        llm.shutdown()
+        del llm
+        free(device)
+    return dict(seconds=seconds, tokens=[o.token_ids for o in outs])
+
+
+def bench_model(name: str, args, device: torch.device) -> dict:
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    path = Path(args.ckpt_dir) / name
+    hf = build_checkpoint(name, args.layers, path, device, dtype, args.tiny)
+    args.vocab = hf.config.vocab_size
+    del hf
+    free(device)
+    prompts = random_prompts(args.num_requests, args.input_len, args.vocab, seed=0)
+    out_tokens = args.num_requests * args.output_len
+    base = run(path, prompts, args, device)
+    rows = [dict(setup="1 GPU", ranks=1, seconds=base["seconds"], same=args.num_requests)]
+    for dispatcher in args.dispatchers.split(","):
+        for tbo in args.tbo:
+            options = dict(data_parallel_size=args.ranks, expert_parallel_size=args.ranks, moe_dispatcher=dispatcher,
+                           enable_tbo=tbo, async_scheduling=args.async_scheduling)
+            try:
+                got = run(path, prompts, args, device, **options)
+            except Exception as exc:  # report and go on with the next setting
+                log.exception("%s %s tbo=%s failed", name, dispatcher, tbo)
+                rows.append(dict(setup=f"{dispatcher}, TBO {'on' if tbo else 'off'}", error=repr(exc)))
+                continue
+            same = sum(a == b for a, b in zip(got["tokens"], base["tokens"]))
+            rows.append(dict(setup=f"{dispatcher}, TBO {'on' if tbo else 'off'}", ranks=args.ranks,
+                             seconds=got["seconds"], same=same))
+    for row in rows:
+        if "seconds" in row:
+            row["output_tok_s"] = out_tokens / row["seconds"]
+            row["per_gpu_vs_one"] = row["output_tok_s"] / row["ranks"] / rows[0]["output_tok_s"]
+    return dict(model=name, layers=args.layers, rows=rows)
+
+
+def print_table(result: dict, args) -> None:
+    print(f"\n{result['model']} ({result['layers']} layers), {args.num_requests} x ({args.input_len} -> "
+          f"{args.output_len}), greedy")
+    print("| setup | GPUs | s | output tok/s | per GPU vs 1 GPU | same tokens as 1 GPU |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in result["rows"]:
+        if "error" in r:
+            print(f"| {r['setup']} | | failed: {r['error'][:60]} | | | |")
+            continue
+        print(f"| {r['setup']} | {r['ranks']} | {r['seconds']:.2f} | {r['output_tok_s']:.0f} | "
+              f"{r['per_gpu_vs_one']:.2f} | {r['same']}/{args.num_requests} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="qwen3-30b-a3b,deepseek-v2-lite")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--ranks", type=int, default=None, help="DP = EP ranks (default: every visible GPU)")
+    ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--dispatchers", default="all_to_all,all_gather")
+    ap.add_argument("--tbo", default="off,on", help="comma list of off, on")
+    ap.add_argument("--async-scheduling", choices=["on", "off"], default="on")
+    ap.add_argument("--tiny", action="store_true", help="toy shapes (checks this script on a CPU)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--ckpt-dir", default="/tmp/moeserve_multigpu")
+    ap.add_argument("--out", default="benchmarks/out/multigpu_engine.json")
+    args = ap.parse_args()
+    args.tbo = [{"off": False, "on": True}[t] for t in args.tbo.split(",")]
+    args.async_scheduling = args.async_scheduling == "on"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    device = torch.device(args.device)
+    if args.ranks is None:
+        args.ranks = torch.cuda.device_count() if device.type == "cuda" else 2
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    results = []
+    for name in args.models.split(","):
+        log.info("benchmarking %s", name)
+        results.append(bench_model(name, args, device))
+        print_table(results[-1], args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(card=card, date=time.strftime("%Y-%m-%d"), args=vars(args), results=results),
+                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
