@@ -147,7 +147,14 @@ class WorkerGroup:
         self.generation += 1
         self._start()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Let every rank shut down (an engine's step loop ends at a step all ranks agree on, then the process
+        groups go), then end the actors. Killing ranks first would leave the others failing inside a
+        collective; ranks that do not answer within timeout_s are killed anyway."""
+        try:
+            ray.get([actor.shutdown.remote() for actor in self.actors], timeout=timeout_s)
+        except Exception:  # a dead or stuck rank: the kill below ends it
+            logger.warning("worker group %r: not every rank shut down cleanly", self.name)
         self._stop()
 
     # ---- lifecycle -----------------------------------------------------------------------------------

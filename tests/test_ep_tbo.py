@@ -68,6 +68,31 @@ def test_step_plan_gives_each_micro_batch_its_largest_size():
     assert plan.use_tbo and plan.micro_batch_tokens == (22, 18) and plan.tokens_per_rank == (14, 40, 6)
 
 
+def agreed_stop(rank: int, world_size: int, groups) -> None:
+    """Ranks ask to stop at different steps (rank r before its step 3 + 2r); all must stop at the first
+    agreement after the earliest request, and agree() stays None afterwards without a collective."""
+    from moeserve.engine.dp_sync import StepSync
+
+    sync = StepSync(groups.cpu_group, world_size)
+    steps = 0
+    while True:
+        if steps == 3 + 2 * rank:
+            sync.stop_requested = True
+        plan = sync.agree(1, False, False, 0, 1)
+        if sync.stopped:
+            assert plan is None
+            break
+        assert plan is not None and plan.tokens_per_rank == (1,) * world_size
+        steps += 1
+    assert steps == 3, f"rank {rank} stopped after {steps} steps"
+    assert sync.agree(1, False, False, 0, 1) is None  # no collective: the other ranks may be gone
+    dist.barrier(groups.cpu_group)
+
+
+def test_ranks_stop_at_one_agreed_step():
+    spawn_ranks(agreed_stop, 3)
+
+
 def test_split_for_tbo_refuses_useless_splits():
     assert split_for_tbo([]) is None
     assert split_for_tbo([64]) is None

@@ -53,12 +53,18 @@ def plan_step(rows: list[tuple[int, bool, bool, int, int]], enable_tbo: bool) ->
 
 
 class StepSync:
-    """The per-step agreement over a CPU process group (gloo)."""
+    """The per-step agreement over a CPU process group (gloo).
+
+    Stopping is agreed too: `stop_requested` (set from any thread) travels in this rank's row, and once any
+    row carries it every rank's `agree` returns None and sets `stopped` at the same agreement, so all step
+    loops end there and none is left waiting in a collective for a rank that has gone."""
 
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, enable_tbo: bool = False) -> None:
         self.group = group
         self.world_size = world_size
         self.enable_tbo = enable_tbo
+        self.stop_requested = False
+        self.stopped = False
 
     def agree(
         self, num_tokens: int, has_extend: bool, tbo_possible: bool, rebalance_id: int,
@@ -66,11 +72,17 @@ class StepSync:
     ) -> StepPlan | None:
         """first_micro_batch_tokens: this rank's tokens in its first TBO micro-batch (`tbo_cut`; any value when
         TBO is off)."""
+        if self.stopped:
+            return None
         local = torch.tensor(
-            [num_tokens, int(has_extend), int(tbo_possible), rebalance_id, first_micro_batch_tokens],
+            [num_tokens, int(has_extend), int(tbo_possible), rebalance_id, first_micro_batch_tokens,
+             int(self.stop_requested)],
             dtype=torch.int64,
         )
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
+        if any(int(t[5]) for t in gathered):
+            self.stopped = True
+            return None
         rows = [(int(t[0]), bool(t[1]), bool(t[2]), int(t[3]), int(t[4])) for t in gathered]
         return plan_step(rows, self.enable_tbo)

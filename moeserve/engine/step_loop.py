@@ -57,6 +57,14 @@ class StepLoop:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """End the loop. A lockstep rank first asks for an agreed stop (`StepSync.stop_requested`), so that
+        every rank's loop ends at the same step; only if that does not happen within `timeout` (a rank gone)
+        does this one leave on its own."""
+        sync = self.engine.sync
+        if sync is not None and self.alive:
+            sync.stop_requested = True
+            self._wake.set()
+            self._thread.join(timeout)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -123,6 +131,8 @@ class StepLoop:
                     ran = self.engine.last_step_ran
                 if chunks:
                     self.on_chunks(chunks)
+                if lockstep and self.engine.sync.stopped:
+                    return  # every rank stops at this same agreement
                 idle = not self.engine.has_unfinished() and not ran
                 self._snapshot_stats(force=idle)
                 if idle:
