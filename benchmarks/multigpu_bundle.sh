@@ -3,7 +3,8 @@
 # has none and lacks them. Ray's wheel (79 MB) loses its Java jars and the dashboard's source maps, so that all
 # of .whl/ (58 MB) fits one device call (64 MiB). Listed: what Ray core, Ray Serve, moeserve's HTTP app and the
 # serving tests import that the box's Python 3.12 lacks (checked by importing in a bare venv, 2026-11-25);
-# what the box already has (torch, numpy, aiohttp, requests, click, msgpack, protobuf, pyyaml, tqdm, ...) is not.
+# what the box already has (torch, numpy, aiohttp, requests, click, msgpack, protobuf, pyyaml, tqdm, ...) is not
+# (typing-extensions travels anyway: pydantic wants a recent one).
 # Then, on the box: `bash benchmarks/multigpu_session.sh` with `.whl` carried.
 #   usage (repo root): bash benchmarks/multigpu_bundle.sh [OUT_DIR, default .whl]   (needs pip and zip)
 set -euo pipefail
@@ -27,6 +28,6 @@ unzip -p "$ray_whl" "ray-$ray_version.dist-info/RECORD" | grep -v '^ray/jars/\|\
 mv "$ray_whl" "$out/"
 get "$out" jsonschema jsonschema-specifications referencing rpds-py \
     fastapi annotated-doc starlette uvicorn h11 anyio sniffio pydantic pydantic-core annotated-types \
-    typing-inspection opentelemetry-api importlib-metadata zipp grpcio grpcio-reflection \
+    typing-inspection typing-extensions opentelemetry-api importlib-metadata zipp grpcio grpcio-reflection \
     httpx httpcore openai distro jiter
 du -sh "$out"
