@@ -28,13 +28,14 @@ import torch.multiprocessing as mp
 
 from moeserve.cluster.dist import destroy_distributed, init_distributed
 from moeserve.forward_batch import ForwardMode
-from moeserve.moe.experts import torch_experts
+from moeserve.moe.experts import create_expert_kernel
 from moeserve.moe.factory import create_dispatcher
 from moeserve.moe.tbo import run_overlapped
 
 
-def layer_stages(x, layer, dispatcher, args, clock=None):
+def layer_stages(x, layer, dispatcher, args, experts, clock=None):
     """One layer as stages: dense compute, route, dispatch | yield | experts, combine | yield.
+    experts: the engine's expert kernel for the device (`create_expert_kernel`).
     clock: when given (TBO off only), adds the seconds spent computing and communicating to it."""
     tick = clock.tick if clock else (lambda kind: None)
     tick(None)
@@ -49,22 +50,13 @@ def layer_stages(x, layer, dispatcher, args, clock=None):
     yield
     out = dispatcher.dispatch_end(pending)
     tick("comm")
-    y = expert_fn(x)(out.hidden, w13, w2, out.topk_weights, out.topk_ids)
+    y = experts(out.hidden, w13, w2, out.topk_weights, out.topk_ids)
     tick("compute")
     pending = dispatcher.combine_begin(y, out.handle)
     yield
     y = dispatcher.combine_end(pending)
     tick("comm")
     return x + y
-
-
-def expert_fn(x):
-    """The engine's expert kernel for x's device: Triton's fused MoE on a GPU, the torch loop on a CPU."""
-    if x.device.type == "cuda":
-        from moeserve.kernels import fused_moe
-
-        return fused_moe
-    return torch_experts
 
 
 class Clock:
@@ -81,9 +73,9 @@ class Clock:
         self.last = now
 
 
-def model_stages(x, layers, dispatcher, args, clock=None):
+def model_stages(x, layers, dispatcher, args, experts, clock=None):
     for layer in layers:
-        x = yield from layer_stages(x, layer, dispatcher, args, clock)
+        x = yield from layer_stages(x, layer, dispatcher, args, experts, clock)
     return x
 
 
@@ -118,6 +110,7 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
         for _ in range(args.layers)
     ]
     x = rand(args.tokens, args.hidden)
+    experts = create_expert_kernel("auto", device)  # Triton's fused MoE on a GPU, the torch loop on a CPU
     d0, d1 = (create_dispatcher(args.dispatcher, group=groups.ep_group, ep_size=args.ranks, num_local_slots=local,
                                 device=device) for _ in range(2))
     half = args.tokens // 2
@@ -133,17 +126,18 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
 
     def step_off():
         begin_step((args.tokens, args.tokens))
-        run_overlapped([model_stages(x, layers, d0, args)])
+        run_overlapped([model_stages(x, layers, d0, args, experts)])
 
     def step_on():
         begin_step((half, args.tokens - half))
-        run_overlapped([model_stages(x[:half], layers, d0, args), model_stages(x[half:], layers, d1, args)])
+        run_overlapped([model_stages(x[:half], layers, d0, args, experts),
+                        model_stages(x[half:], layers, d1, args, experts)])
 
     def breakdown():
         device_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         clock = Clock(device_sync)
         begin_step((args.tokens, args.tokens))
-        run_overlapped([model_stages(x, layers, d0, args, clock)])
+        run_overlapped([model_stages(x, layers, d0, args, experts, clock)])
         return clock.totals
 
     for fn in (step_off, step_on):  # warm-up

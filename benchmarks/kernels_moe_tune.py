@@ -131,36 +131,28 @@ def _job_label(job: tuple) -> str:
     return f"{shape_key} fp8={fp8} bm={bm} {kind} {cfg}"
 
 
-def _compile_worker(jobs: list) -> list[str]:
-    """Runs each (shape, fp8, bm, kind, cfg) once on a 2-expert copy of the shape: same strides, same
-    specialisation, so the compiled kernel lands in Triton's cache under the key the full run will use.
-    kind "whole": one fused_moe call with MoEConfig cfg (it aligns and quantises by itself)."""
+def _compile_one(job: tuple, queue) -> None:
+    """Runs the (shape, fp8, bm, kind, cfg) job once on a 2-expert copy of the shape (same strides, same
+    specialisation, so the compiled kernel lands in Triton's cache under the key the full run will use) and
+    puts its error lines on queue. kind "whole": one fused_moe call with MoEConfig cfg (it aligns and
+    quantises by itself)."""
     from kernels import SHAPES, make_inputs  # the benchmark driver module
 
-    errors, weights = [], {}
-    for job in jobs:
-        shape_key, fp8, bm, kind, cfg = job
-        shape = SHAPES[shape_key]
-        small = type(shape)(shape.name, 2, max(2, shape.top_k), shape.top_k, shape.hidden, shape.inter)
-        if (shape_key, fp8) not in weights:
-            weights.clear()
-            torch.cuda.empty_cache()
-            weights[(shape_key, fp8)] = _compile_weights(small, fp8)
-        w = weights[(shape_key, fp8)]
-        try:
-            inputs = [make_inputs(small, 16, 0)]
-            if kind == "whole":
-                _fused_calls(w, inputs, cfg)
-            else:
-                _run_kernel(small, kind, cfg, w, _prepare(small, fp8, bm, w, inputs))
-            torch.cuda.synchronize()
-        except Exception as exc:  # a tile that does not fit is dropped from the search, not fatal
-            errors.append(f"{_job_label(job)}: {type(exc).__name__}: {str(exc)[:120]}")
-    return errors
-
-
-def _compile_one(job: tuple, queue) -> None:
-    queue.put(_compile_worker([job]))
+    shape_key, fp8, bm, kind, cfg = job
+    shape = SHAPES[shape_key]
+    small = type(shape)(shape.name, 2, max(2, shape.top_k), shape.top_k, shape.hidden, shape.inter)
+    w = _compile_weights(small, fp8)
+    errors = []
+    try:
+        inputs = [make_inputs(small, 16, 0)]
+        if kind == "whole":
+            _fused_calls(w, inputs, cfg)
+        else:
+            _run_kernel(small, kind, cfg, w, _prepare(small, fp8, bm, w, inputs))
+        torch.cuda.synchronize()
+    except Exception as exc:  # a tile that does not fit is dropped from the search, not fatal
+        errors.append(f"{_job_label(job)}: {type(exc).__name__}: {str(exc)[:120]}")
+    queue.put(errors)
 
 
 def precompile(jobs: list, workers: int, timeout_s: float = 240.0) -> list[str]:

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from kernels_moe_tune import _fused_calls, roofline_us  # noqa: E402
+from offline_gpu import profile_kernels  # noqa: E402
 
 from kernels import SHAPES, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 
@@ -33,20 +34,8 @@ def breakdown(key: str, dtype: str, m: int, ceilings: dict) -> dict:
     w = make_weights(shape, fp8)
     inputs = rotating_inputs(shape, m, fp8)
 
-    def calls() -> None:
-        _fused_calls(w, inputs, None)
-
-    calls()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPS):
-            calls()
-        torch.cuda.synchronize()
-    per_kernel = {}  # the same aggregation as offline_gpu.kernel_breakdown
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us > 0:
-            per_kernel[e.key] = us / (REPS * len(inputs))
+    rows = profile_kernels(lambda: _fused_calls(w, inputs, None), torch.device("cuda"), REPS)
+    per_kernel = {name: us / len(inputs) for us, _, name in rows}  # one _fused_calls runs len(inputs) calls
     rate = ceilings["fp8_tflops"] if fp8 else ceilings["bf16_tflops"]
     return dict(shape=shape.name, dtype=dtype, m=m, kernels_us=dict(per_kernel),
                 roofline_us=roofline_us(shape, fp8, inputs, ceilings["copy_tbs"], rate))

@@ -109,7 +109,7 @@ def main() -> None:
         plan[(key, dtype, m)] = wide_variants(table, dtype) if args.wide else variants(table)
     jobs = unique_jobs([(key, dtype == "fp8", c.block_m, "whole", c)
                         for (key, dtype, _), vs in plan.items() for c in vs.values()])
-    errors = precompile(jobs, args.workers, 240.0)
+    errors = precompile(jobs, args.workers)
     failed = "\n".join(errors)
     bundle = dict(device=torch.cuda.get_device_name(), compile_s=round(time.time() - t0, 1), compile_errors=errors,
                   ceilings=measure_ceilings(), cases={})

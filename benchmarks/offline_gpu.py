@@ -357,23 +357,29 @@ def decode_steps(
     )
 
 
-def kernel_breakdown(replay, device: torch.device, reps: int = 5, top: int = 14) -> dict:
-    """Kernels inside one graph replay (torch.profiler): launches, summed kernel time, and the heaviest names.
-    Replay time minus kernel time is what the boundaries between kernels cost."""
+def profile_kernels(fn, device: torch.device, reps: int) -> list[tuple[float, float, str]]:
+    """(µs, launches, name) per call of fn() for each kernel it runs (torch.profiler over `reps` calls after
+    one warm-up), heaviest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    replay()
+    fn()
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            replay()
+            fn()
         sync(device)
     rows = []
     for e in prof.key_averages():
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us > 0 and e.count >= reps:
+        if us > 0:
             rows.append((us / reps, e.count / reps, e.key))
-    rows.sort(reverse=True)
+    return sorted(rows, reverse=True)
+
+
+def kernel_breakdown(replay, device: torch.device, reps: int = 5, top: int = 14) -> dict:
+    """Kernels inside one graph replay (torch.profiler): launches, summed kernel time, and the heaviest names.
+    Replay time minus kernel time is what the boundaries between kernels cost."""
+    rows = [row for row in profile_kernels(replay, device, reps) if row[1] >= 1]  # in every replay
     return dict(
         launches_per_replay=sum(c for _, c, _ in rows),
         kernel_us_per_replay=sum(us for us, _, _ in rows),

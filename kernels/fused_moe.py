@@ -33,7 +33,7 @@ from . import fused_moe_tma
 from .fp8 import FP8_DTYPE, GROUP
 from .fused_moe_pairs import fused_moe_pairs
 from .moe_align import AlignedRouting, moe_align
-from .moe_configs import GemmConfig, MoEConfig, fit_shared_memory, get_config
+from .moe_configs import GemmConfig, MoEConfig, get_config
 from .moe_tiles import (
     act_quant_meta,
     block_pairs,
@@ -241,8 +241,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     if num_tokens == 0:
         return out
     fp8 = w13.dtype == FP8_DTYPE
-    cfg = config or fit_shared_memory(get_config(num_tokens, num_experts, hidden_size, two_i // 2, top_k, fp8),
-                                      w13.element_size())  # operand bytes: fp8 1, bf16 2, fp32 4
+    cfg = config or get_config(num_tokens, num_experts, hidden_size, two_i // 2, top_k, fp8, w13.element_size())
     if fp8 and (GROUP % cfg.gate_up.block_k or GROUP % cfg.down.block_k):
         raise ValueError(f"fused_moe: fp8 needs block_k dividing {GROUP}, got {cfg}")
     if cfg.pairs:

@@ -116,7 +116,7 @@ def mla_decode_attention(
     block_h: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
-    tma: bool = False,
+    tma: bool | None = False,
 ) -> torch.Tensor:
     """Absorbed-MLA decode: one query per request over its paged latent context.
 
@@ -125,16 +125,20 @@ def mla_decode_attention(
     block_tables: [num_reqs, max_blocks], int32; seq_lens: [num_reqs], int32 (>= 1)
     kv_lora_rank and rope_dim must be powers of two (512 and 64 in DeepSeek-V2/V3).
     tma: read the cache tiles through TMA descriptors (`mla_tma_ok` says which inputs allow it; ValueError
-    otherwise); the result is the same. Graph-safe either way: the grid depends on shapes only, and the
+    otherwise); the result is the same. None: where `use_mla_tma` picks it (the attention backend's choice;
+    its input checks are then not run twice). Graph-safe either way: the grid depends on shapes only, and the
     descriptors are rebuilt on the host each call from the cache's (stable) address.
     Returns [num_reqs, num_heads, kv_lora_rank] in q's dtype.
     """
     page, dk = kv_cache.shape[1], q.shape[2]
     rope = dk - kv_lora_rank
-    if tma:
+    if tma is None:  # use_mla_tma checked the inputs for 64-key tiles
+        tma = block_n == 64 and use_mla_tma(q, kv_cache)
+    elif tma:
         reason = mla_tma_unsupported(q, kv_cache, block_n)
         if reason is not None:
             raise ValueError(f"mla_decode_attention(tma=True): {reason}")
+    if tma:
         if not _is_pow2_in(kv_lora_rank, 32, 512) or not _is_pow2_in(rope, 16, 256):
             raise ValueError(f"kv_lora_rank must be a power of two in [32, 512] and rope_dim one in [16, 256] "
                              f"(TMA boxes of at most 256 columns), got {kv_lora_rank} and {rope}")

@@ -143,15 +143,17 @@ def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, t
 
 @functools.lru_cache(maxsize=4096)
 def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
-               fp8: bool) -> MoEConfig:
-    """Tuned entry nearest to num_tokens for this shape, else the heuristic."""
+               fp8: bool, elem_bytes: int | None = None) -> MoEConfig:
+    """Tuned entry nearest to num_tokens for this shape, else the heuristic; with elem_bytes (the operands'
+    bytes: fp8 1, bf16 2, fp32 4) fitted to shared memory (`fit_shared_memory`)."""
     table = load_table(table_name(num_experts, hidden, inter, fp8))
     if table:
-        return nearest(table, num_tokens)
-    return default_config(num_tokens, num_experts, hidden, inter, top_k, fp8)
+        cfg = nearest(table, num_tokens)
+    else:
+        cfg = default_config(num_tokens, num_experts, hidden, inter, top_k, fp8)
+    return cfg if elem_bytes is None else fit_shared_memory(cfg, elem_bytes)
 
 
-@functools.lru_cache(maxsize=256)  # on every fused_moe call's host path
 def fit_shared_memory(cfg: MoEConfig, elem_bytes: int) -> MoEConfig:
     """cfg with each GEMM's num_stages lowered (to 1 at least) until its pipeline buffers, (block_m x block_k
     activations + block_n x block_k weights, gate and up for gate/up) x elem_bytes per stage, fit SMEM_BUDGET.

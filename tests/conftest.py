@@ -26,6 +26,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def gpu_ep_ranks() -> int:
+    """DP = EP ranks for the multi-GPU tests: the visible GPUs rounded down to 2, 4 or 8 (a power of two
+    divides the tiny models' experts, redundant ones included)."""
+    return 1 << (min(torch.cuda.device_count(), 8).bit_length() - 1)
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """build(arch, **overrides) -> path of a tiny random HF checkpoint, cached per (arch, overrides)."""
     from moeserve.testing.tiny_checkpoints import build_tiny_checkpoint

@@ -7,7 +7,6 @@ import random
 import time
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray")
 
@@ -84,10 +83,10 @@ def test_ep_matches_single_process(
 @pytest.mark.parametrize("arch,redundant,tbo,async_scheduling,dispatcher",
                          [("qwen3_moe", 0, False, True, "auto"), ("deepseek_v3", 1, True, True, "auto"),
                           ("deepseek_v3", 1, True, True, "all_gather")])
-def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, arch, redundant, tbo, async_scheduling,
-                                    dispatcher):  # redundant: extra expert slots per rank
+def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, gpu_ep_ranks, arch, redundant, tbo,
+                                    async_scheduling, dispatcher):  # redundant: extra expert slots per rank
     """DP = EP over the visible GPUs (NCCL between them) gives the one-GPU engine's greedy tokens."""
-    ranks = 1 << (min(torch.cuda.device_count(), 8).bit_length() - 1)  # a power of two: divides the experts
+    ranks = gpu_ep_ranks
     path = str(tiny_checkpoint(arch))
     # A fixed KV size: the one-GPU engine in this process shares GPU 0 with rank 0.
     single = LLM(path, device="cuda", dtype="float32", num_kv_blocks=1024)

@@ -145,17 +145,16 @@ def run_scenarios(rank: int, world_size: int, ep_group) -> None:
         ref = torch_experts(x, w13, w2, weights, ids)
         w13_local, w2_local = local_expert_weights(placement, w13, w2)
         where = f"scenario {kind}/{dtype} on rank {rank} of {world_size}"
-        check_all_gather(kind, rank, world_size, ep_group, placement, x, ids, weights, ref, tol, where)
+        sources = [scenario_inputs(kind, src, world_size, dtype)[0] for src in range(world_size)]
+        check_all_gather(ep_group, placement, (x, ids, weights), sources, (w13_local, w2_local), ref, tol, where)
         dispatcher = TorchAllToAllDispatcher(ep_group, placement.num_local_slots)
         y, received = ep_moe(dispatcher, placement, 0, x, ids, weights, w13_local, w2_local)
         assert y.shape == ref.shape and y.dtype == dtype, where
         torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol, msg=where)
         # Each token arrives at most once per rank, and only where one of its choices lives.
         assert torch.equal(received.hidden, expected_received(kind, rank, world_size, dtype)), where
-        local = received.topk_ids
-        assert local.dtype == torch.int32, where
-        assert bool(((local >= -1) & (local < placement.num_local_slots)).all()), where
-        assert bool((local >= 0).any(dim=1).all()), where
+        assert_local_slots(received.topk_ids, placement, where)
+        assert bool((received.topk_ids >= 0).any(dim=1).all()), where
         if kind == "redundant":
             held = set(placement.local_logical_experts(0))
             phys = placement.to_physical(0, ids).long()
@@ -163,27 +162,33 @@ def run_scenarios(rank: int, world_size: int, ep_group) -> None:
             assert bool((phys[mine] // placement.num_local_slots == rank).all()), where
 
 
-def check_all_gather(kind, rank, world_size, ep_group, placement, x, ids, weights, ref, tol, where) -> None:
+def assert_local_slots(local: torch.Tensor, placement: ExpertPlacement, where: str) -> None:
+    """Received choices are int32 local slots of this rank, or -1."""
+    assert local.dtype == torch.int32, where
+    assert bool(((local >= -1) & (local < placement.num_local_slots)).all()), where
+
+
+def check_all_gather(ep_group, placement, inputs, sources, local_weights, ref, tol, where) -> None:
     """AllGatherDispatcher gives the reference, with the step's capacity set (as the engine's runner does)
-    and agreed by the dispatcher itself; every rank receives every rank's tokens, padded to the capacity."""
-    dtype = x.dtype
-    w13_local, w2_local = local_expert_weights(placement, *expert_weights(dtype=dtype))
-    counts = [scenario_inputs(kind, src, world_size, dtype)[0].shape[0] for src in range(world_size)]
+    and agreed by the dispatcher itself; every rank receives every rank's tokens, padded to the capacity.
+    inputs: this rank's (x, logical ids, weights); sources: every rank's x; local_weights: (w13, w2) of
+    this rank's slots."""
+    x, ids, weights = inputs
+    counts = [src.shape[0] for src in sources]
     capacity = max(counts)
     dispatcher = AllGatherDispatcher(ep_group, placement.num_local_slots)
     for step_capacity in (capacity, None, capacity + 3):
         dispatcher.begin_step(ForwardMode.EXTEND, step_capacity)
-        y, received = ep_moe(dispatcher, placement, 0, x, ids, weights, w13_local, w2_local)
+        y, received = ep_moe(dispatcher, placement, 0, x, ids, weights, *local_weights)
         torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol, msg=f"{where}, all_gather")
         rows = step_capacity or capacity
-        assert received.hidden.shape[0] == world_size * rows, where
+        assert received.hidden.shape[0] == len(sources) * rows, where
         for src, n in enumerate(counts):
             block = received.hidden[src * rows:(src + 1) * rows]
-            assert torch.equal(block[:n], scenario_inputs(kind, src, world_size, dtype)[0]), where
+            assert torch.equal(block[:n], sources[src]), where
             assert not block[n:].any() and bool((received.topk_ids[src * rows + n:(src + 1) * rows] == -1).all())
-        local = received.topk_ids
-        assert local.dtype == torch.int32 and bool(((local >= -1) & (local < placement.num_local_slots)).all())
-    if rank == 0 and counts[0]:
+        assert_local_slots(received.topk_ids, placement, where)
+    if dist.get_rank(ep_group) == 0 and counts[0]:
         dispatcher.begin_step(ForwardMode.EXTEND, counts[0] - 1)
         with pytest.raises(ValueError, match="capacity"):
             dispatcher.dispatch_begin(x, placement.to_physical(0, ids), weights, ForwardMode.EXTEND)

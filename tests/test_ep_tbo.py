@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from test_ep_dispatch import spawn_ranks
 
-from moeserve.engine.dp_sync import plan_step
+from moeserve.engine.dp_sync import StepSync, plan_step
 from moeserve.forward_batch import ForwardMode
 from moeserve.moe.all_gather import AllGatherDispatcher
 from moeserve.moe.all_to_all import TorchAllToAllDispatcher
@@ -71,8 +71,6 @@ def test_step_plan_gives_each_micro_batch_its_largest_size():
 def agreed_stop(rank: int, world_size: int, groups) -> None:
     """Ranks ask to stop at different steps (rank r before its step 3 + 2r); all must stop at the first
     agreement after the earliest request, and agree() stays None afterwards without a collective."""
-    from moeserve.engine.dp_sync import StepSync
-
     sync = StepSync(groups.cpu_group, world_size)
     steps = 0
     while True:
@@ -158,9 +156,7 @@ def run_tbo_on_and_off(rank: int, world_size: int, groups) -> None:
     h = torch.randn(sum(counts), HIDDEN, generator=gen)
     # The step plan as the engine makes it: each rank announces its first micro-batch's tokens (`tbo_cut`).
     split_at = sum(counts[: tbo_cut(counts)])
-    rows = [None] * world_size
-    dist.all_gather_object(rows, (h.shape[0], True, True, 0, split_at), group=groups.cpu_group)
-    plan = plan_step(rows, enable_tbo=True)
+    plan = StepSync(groups.cpu_group, world_size, enable_tbo=True).agree(h.shape[0], True, True, 0, split_at)
     if rank == 0:
         assert split_for_tbo(counts) is not None and 0 < split_at < h.shape[0]
     for dispatcher in (TorchAllToAllDispatcher(groups.ep_group, placement.num_local_slots),

@@ -49,10 +49,9 @@ def test_rebalance_under_load(cluster, tiny_checkpoint, tmp_path, async_scheduli
 
 
 @pytest.mark.multigpu
-def test_rebalance_under_load_on_gpus(cluster, tiny_checkpoint, tmp_path):
+def test_rebalance_under_load_on_gpus(cluster, tiny_checkpoint, tmp_path, gpu_ep_ranks):
     """The same over NCCL, one rank per GPU (2, 4 or 8 of them): weights move GPU to GPU."""
-    ranks = 1 << (min(torch.cuda.device_count(), 8).bit_length() - 1)  # a power of two (2, 4 or 8)
-    rebalance_under_load(tiny_checkpoint, tmp_path, "cuda", ranks, True)
+    rebalance_under_load(tiny_checkpoint, tmp_path, "cuda", gpu_ep_ranks, True)
 
 
 def rebalance_under_load(tiny_checkpoint, tmp_path, device: str, ranks: int, async_scheduling: bool):

@@ -33,6 +33,7 @@ replay (see there); the captured graph gathers the page ids and runs FlashInfer'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -159,7 +160,7 @@ class _Slot:
 EAGER_SLOTS_PER_LAYOUT = 2
 
 
-def pick_slot(slots: list[_Slot], meta: AttentionMetadata, make) -> tuple[_Slot, bool]:
+def pick_slot(slots: list[_Slot], meta: AttentionMetadata, make: Callable[[], _Slot]) -> tuple[_Slot, bool]:
     """(slot, needs_plan) for a forward with metadata ``meta``: the slot last planned for it, else a new one
     from ``make()`` while there are fewer than EAGER_SLOTS_PER_LAYOUT, else the one planned longest ago.
     ``slots`` is kept in plan order (oldest first); a slot returned with needs_plan moves to its end."""

@@ -18,7 +18,7 @@ from moeserve.forward_batch import AttentionMetadata
 from moeserve.kernels.attention_decode import paged_decode_attention
 from moeserve.kernels.attention_prefill import extend_attention
 from moeserve.kernels.kv_store import store_kv
-from moeserve.kernels.mla_decode import mla_decode_attention, use_mla_tma
+from moeserve.kernels.mla_decode import mla_decode_attention
 
 
 def mla_lora_rank(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int | None:
@@ -64,7 +64,7 @@ class TritonAttentionBackend(AttentionBackend):
             rank = mla_lora_rank(k_cache, v_cache)
             if rank is not None:
                 return mla_decode_attention(q, k_cache, meta.block_tables, meta.seq_lens, scale, rank,
-                                            meta.max_seq_len, tma=use_mla_tma(q, k_cache))
+                                            meta.max_seq_len, tma=None)  # None: as use_mla_tma picks
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len
             )

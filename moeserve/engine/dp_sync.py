@@ -81,8 +81,9 @@ class StepSync:
         )
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
-        if any(int(t[5]) for t in gathered):
+        table = torch.stack(gathered).tolist()
+        if any(row[5] for row in table):
             self.stopped = True
             return None
-        rows = [(int(t[0]), bool(t[1]), bool(t[2]), int(t[3]), int(t[4])) for t in gathered]
+        rows = [(row[0], bool(row[1]), bool(row[2]), row[3], row[4]) for row in table]
         return plan_step(rows, self.enable_tbo)

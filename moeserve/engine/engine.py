@@ -135,6 +135,7 @@ class LLMEngine:
 
     def _launch(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, PendingStep] | None:
         """Queue the step's forward pass and sampling; None when this rank runs nothing to sample from."""
+        cut = None  # where a TBO step splits this rank's requests
         if self.sync is None:
             if sched.is_empty:
                 return None
@@ -144,9 +145,8 @@ class LLMEngine:
             counts = [len(r.token_ids) for r in sched.requests]
             has_extend = any(n > 1 for n in counts)
             rebalance_id = self.eplb.pending_id if self.eplb is not None else 0
-            # What the runner's first TBO micro-batch would hold (it splits by the same tbo_cut).
-            first = sum(counts[: tbo_cut(counts)]) if self.sync.enable_tbo else sched.num_tokens
-            plan = self.sync.agree(sched.num_tokens, has_extend, len(counts) >= 2, rebalance_id, first)
+            cut = tbo_cut(counts) if self.sync.enable_tbo else len(counts)
+            plan = self.sync.agree(sum(counts), has_extend, len(counts) >= 2, rebalance_id, sum(counts[:cut]))
             if plan is None:
                 return None
             if plan.rebalance_id:  # every rank moves the same chunk of expert weights in this step
@@ -155,7 +155,7 @@ class LLMEngine:
                 self.last_step_ran = True
                 return None
         self.last_step_ran = True
-        pending = self.runner.launch(sched, plan)
+        pending = self.runner.launch(sched, plan, tbo_cut=cut)
         if self.eplb is not None:
             self.eplb.step_done()
         return sched, pending

@@ -60,15 +60,19 @@ class StepLoop:
         """End the loop. A lockstep rank first asks for an agreed stop (`StepSync.stop_requested`), so that
         every rank's loop ends at the same step; only if that does not happen within `timeout` (a rank gone)
         does this one leave on its own."""
-        sync = self.engine.sync
-        if sync is not None and self.alive:
-            sync.stop_requested = True
+        deadline = time.monotonic() + timeout
+
+        def join() -> None:
+            if self._thread is not None:
+                self._thread.join(max(0.0, deadline - time.monotonic()))
+
+        if self.engine.sync is not None:
+            self.engine.sync.stop_requested = True
             self._wake.set()
-            self._thread.join(timeout)
+            join()
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        join()
 
     @property
     def alive(self) -> bool:

@@ -88,8 +88,7 @@ class AllGatherDispatcher(CollectiveDispatcher):
         send[:num_tokens] = hidden
         meta = torch.zeros(capacity, 2 * top_k, dtype=torch.int32, device=hidden.device)
         meta[:, :top_k] = -1
-        meta[:num_tokens, :top_k] = topk_ids.to(device=hidden.device, dtype=torch.int32)
-        meta[:num_tokens, top_k:] = topk_weights.to(hidden.device).float().view(torch.int32)
+        meta[:num_tokens] = self.pack_routing(topk_ids.to(hidden.device), topk_weights.to(hidden.device))
         recv_hidden = send.new_empty(self.ep_size * capacity, hidden.shape[1])
         recv_meta = meta.new_empty(self.ep_size * capacity, 2 * top_k)
         works = [
@@ -103,12 +102,10 @@ class AllGatherDispatcher(CollectiveDispatcher):
         held here as local slots and every other choice -1."""
         for work in pending.works:
             work.wait()
-        top_k = pending.recv_meta.shape[1] // 2
-        phys = pending.recv_meta[:, :top_k]
+        phys, weights = self.unpack_routing(pending.recv_meta)
         first = self.ep_rank * self.num_local_slots
         here = (phys >= first) & (phys < first + self.num_local_slots)
         local_ids = torch.where(here, phys - first, -1).to(torch.int32)
-        weights = pending.recv_meta[:, top_k:].contiguous().view(torch.float32)
         return DispatchOutput(pending.recv_hidden, local_ids, weights, pending.handle)
 
     def combine_begin(self, expert_out: torch.Tensor, handle: GatherHandle) -> PendingScatter:

@@ -78,7 +78,7 @@ class TorchAllToAllDispatcher(CollectiveDispatcher):
         send_list, recv_list = counts[: self.ep_size], counts[self.ep_size :]
         num_recv = sum(recv_list)
         tok_idx, local_ids = self._send_layout(ids, dest, in_rank, sum(send_list))
-        meta = torch.cat([local_ids, topk_weights[tok_idx].float().view(torch.int32)], dim=1)
+        meta = self.pack_routing(local_ids, topk_weights[tok_idx])
         send_hidden = hidden[tok_idx]
 
         recv_hidden = hidden.new_empty(num_recv, hidden.shape[1])
@@ -95,9 +95,7 @@ class TorchAllToAllDispatcher(CollectiveDispatcher):
     def dispatch_end(self, pending: PendingDispatch) -> DispatchOutput:
         for work in pending.works:
             work.wait()
-        top_k = pending.recv_meta.shape[1] // 2
-        ids = pending.recv_meta[:, :top_k].contiguous()
-        weights = pending.recv_meta[:, top_k:].contiguous().view(torch.float32)
+        ids, weights = self.unpack_routing(pending.recv_meta)
         return DispatchOutput(pending.recv_hidden, ids, weights, pending.handle)
 
     def combine_begin(self, expert_out: torch.Tensor, handle: AllToAllHandle) -> PendingCombine:

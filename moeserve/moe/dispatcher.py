@@ -109,6 +109,18 @@ class CollectiveDispatcher(StagedDispatcher):
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
 
+    @staticmethod
+    def pack_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """ids [n, k] and float32 weights [n, k] -> one [n, 2k] int32 tensor (the weights as their bits), so
+        one transfer carries both."""
+        return torch.cat([topk_ids.to(torch.int32), topk_weights.float().view(torch.int32)], dim=1)
+
+    @staticmethod
+    def unpack_routing(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pack_routing`'s inverse: [n, 2k] int32 -> (ids [n, k] int32, weights [n, k] float32)."""
+        top_k = meta.shape[1] // 2
+        return meta[:, :top_k].contiguous(), meta[:, top_k:].contiguous().view(torch.float32)
+
 
 class LocalDispatcher(Dispatcher):
     """One rank holds every expert: nothing moves."""

@@ -14,7 +14,6 @@ from moeserve.moe.dispatcher import Dispatcher, LocalDispatcher
 logger = logging.getLogger("moeserve")
 
 
-
 def _deep_ep_problem() -> str | None:
     """None when `deep_ep` imports, else why not (the import error's message)."""
     try:

@@ -25,7 +25,7 @@ from moeserve.forward_batch import BlockTableRows, ForwardBatch, ForwardMode, bu
 from moeserve.moe.dispatcher import Dispatcher, LocalDispatcher
 from moeserve.moe.experts import create_expert_kernel
 from moeserve.moe.placement import ExpertPlacement
-from moeserve.moe.tbo import run_overlapped, tbo_cut
+from moeserve.moe.tbo import run_overlapped
 from moeserve.request import PLACEHOLDER
 from moeserve.runner.cuda_graphs import CudaGraphRunner, graph_unsupported_reason
 from moeserve.runner.sampler import SampledTokens, Sampler, SamplingRow, host_to_device
@@ -203,11 +203,14 @@ class ModelRunner:
         return self.launch(sched, plan).resolve()
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, plan: StepPlan | None = None) -> PendingStep:
+    def launch(self, sched: SchedulerOutput, plan: StepPlan | None = None,
+               tbo_cut: int | None = None) -> PendingStep:
         """Queue one step: forward over every scheduled token, sample for the requests that asked.
 
         plan: the step all DP ranks agreed on (None on a lone rank). With a plan, a rank with no requests
         still runs the model on zero tokens so that it enters every MoE collective.
+        tbo_cut: with plan.use_tbo, the request index splitting the two micro-batches (`moe/tbo.py: tbo_cut`,
+        the split the engine announced in the step agreement).
         """
         self.block_tables.drop(sched.dropped_request_ids)
         graph_step = plan is None or (plan.mode == ForwardMode.DECODE and not plan.use_tbo)
@@ -226,7 +229,7 @@ class ModelRunner:
             batch.extras["expert_load"] = self.expert_load
         self._begin_dispatch_step(batch.mode, plan)
         if plan is not None and plan.use_tbo:
-            hidden = self._forward_two_batches(sched.requests, batch)
+            hidden = self._forward_two_batches(sched.requests, batch, tbo_cut)
         else:
             hidden = self.model(batch)
         sampling = [r for r in sched.requests if r.sample]
@@ -245,27 +248,23 @@ class ModelRunner:
     def _begin_dispatch_step(self, mode: ForwardMode, plan: StepPlan | None) -> None:
         """Tell the dispatchers this step's mode and the most tokens any rank sends through each: the largest
         rank's count, or with TBO and a second instance, each micro-batch's largest (micro-batch k uses the
-        k-th instance)."""
-        first, second = self.ctx.dispatcher, self.ctx.tbo_dispatcher
-        if first is None:
-            return
+        k-th instance; without a second instance both use the first, as `MoELayer` does)."""
+        first, second = self.ctx.dispatcher, self.ctx.tbo_dispatcher or self.ctx.dispatcher
         most = max(plan.tokens_per_rank) if plan is not None else None
-        if second is None or second is first:
+        if second is first:
             first.begin_step(mode, most)
-        elif plan is not None and plan.use_tbo:
-            first.begin_step(mode, plan.micro_batch_tokens[0])
-            second.begin_step(mode, plan.micro_batch_tokens[1])
-        else:
-            first.begin_step(mode, most)
-            second.begin_step(mode, most)
+            return
+        sizes = plan.micro_batch_tokens if plan is not None and plan.use_tbo else (most, most)
+        for dispatcher, size in zip((first, second), sizes):
+            dispatcher.begin_step(mode, size)
 
-    def _forward_two_batches(self, reqs: list[ScheduledRequest], batch: ForwardBatch) -> torch.Tensor:
-        """Two-batch overlap: split the requests into two micro-batches of near-equal tokens and interleave
-        their forward passes, so one's MoE communication runs while the other computes. Every rank runs two
-        micro-batches (the second may be empty), so collectives meet in the same order everywhere.
+    def _forward_two_batches(self, reqs: list[ScheduledRequest], batch: ForwardBatch, cut: int | None) -> torch.Tensor:
+        """Two-batch overlap: split the requests at `cut` into two micro-batches of near-equal tokens and
+        interleave their forward passes, so one's MoE communication runs while the other computes. Every rank
+        runs two micro-batches (the second may be empty), so collectives meet in the same order everywhere.
         Returns the hidden states of `batch`'s tokens, in its order."""
+        assert cut is not None, "a TBO step needs the split the engine announced (launch(tbo_cut=...))"
         self.num_tbo_steps += 1
-        cut = tbo_cut([len(r.token_ids) for r in reqs])  # the split the engine announced in the step plan
         micro = []
         for k, part in enumerate((reqs[:cut], reqs[cut:])):
             mb = self.build_batch(part)
