@@ -290,9 +290,9 @@ def decode_steps(
     launch = runner.launch
     waits: list[float] = []  # ms each step spent waiting for the device inside resolve()
 
-    def recording_launch(sched, plan=None):
+    def recording_launch(sched, *args, **kwargs):
         last["sched"] = sched
-        pending = launch(sched, plan)
+        pending = launch(sched, *args, **kwargs)
         resolve = pending.resolve
 
         def timed_resolve():
@@ -570,13 +570,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     bw = hbm_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
-    results = []
+    results, failed = [], []
     for name in args.models.split(","):
         log.info("benchmarking %s", name)
         try:
             results.append(bench_model(name, args, device, bw))
         except Exception:  # report and go on with the next model
             log.exception("%s failed", name)
+            failed.append(name)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -595,6 +596,8 @@ def main() -> None:
         )
         print_tables(results[-1:], bw, card)
     print_tables(results, bw, card)
+    if failed:
+        raise SystemExit(f"offline_gpu: {', '.join(failed)} failed (tracebacks above)")
 
 
 if __name__ == "__main__":

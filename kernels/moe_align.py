@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .counters import completion_counters, last_to_arrive
 from .pdl import launch_kwargs, pdl_enter
 
 # Up to SINGLE_PROGRAM_MAX_PAIRS pairs one program does the whole job. Up to RANKED_MAX_PAIRS one launch
@@ -197,6 +198,12 @@ def _scatter_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_
     tl.debug_barrier()
     cursor_ptr = work_ptr + 2 * E_POW2
     _scatter_chunk(ids_ptr, sorted_ptr, starts_ptr, cursor_ptr, pid * CHUNK, num_pairs, num_experts, CHUNK)
+    # work is completion counters: the last program to finish leaves counts, starts and cursor 0 again.
+    if last_to_arrive(work_ptr + 3 * E_POW2, tl.num_programs(0)):
+        zero = tl.zeros([E_POW2], dtype=tl.int32)
+        tl.store(work_ptr + experts, zero)
+        tl.store(starts_ptr + experts, zero)
+        tl.store(cursor_ptr + experts, zero)
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
@@ -236,8 +243,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
                                           RANK_CHUNK=_RANK_CHUNK, num_warps=8,
                                           BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **layout)
     else:
-        # work = [counts | starts | cursor]; counts and cursor start at zero.
-        work = torch.zeros(3 * e_pow2, dtype=torch.int32, device=device)
+        # work = [counts | starts | cursor | arrivals] in the device's completion counters: 0 on entry, and
+        # 0 again when the scatter launch ends, so no memset launch precedes the count.
+        work = completion_counters(device, 3 * e_pow2 + 1)
         programs = max(1, triton.cdiv(num_pairs, chunk))
         _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, **meta)
         _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,

@@ -306,10 +306,10 @@ def test_cuda_async_scheduling_equals_sync_and_launch_never_waits(arch, tiny_che
         assert llm.engine.async_scheduling == flag and llm.engine.runner.graphs is not None
         runner, launch = llm.engine.runner, llm.engine.runner.launch
 
-        def checked_launch(sched, plan=None, launch=launch):
+        def checked_launch(*args, launch=launch, **kwargs):
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                return launch(sched, plan)
+                return launch(*args, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
 

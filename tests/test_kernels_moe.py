@@ -169,6 +169,18 @@ def _check_layout(routing, ids: torch.Tensor, num_experts: int, block_m: int) ->
             p for we, ps in want if we == e for p in ps)
 
 
+def _check_align_twice(moe_align, ids: torch.Tensor, num_experts: int, block_m: int, method: str | None) -> None:
+    """Two layouts of different routings in a row are both right, and the completion counters (the scatter
+    path's scratch) are all 0 after each."""
+    from moeserve.kernels.counters import completion_counters
+
+    for flip in (False, True):
+        routing_ids = ids.flip(0).contiguous() if flip else ids
+        _check_layout(moe_align(routing_ids, num_experts, block_m, method=method), routing_ids.cpu(), num_experts,
+                      block_m)
+        assert not completion_counters(ids.device, 1).any(), "moe_align left a completion counter nonzero"
+
+
 @interp
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m",
                          [(1, 4, 2, 16), (37, 6, 3, 16), (50, 9, 4, 32), (70, 5, 4, 16)])
@@ -177,8 +189,8 @@ def test_interp_align_layout(num_tokens, num_experts, top_k, block_m, method):
     from moeserve.kernels.moe_align import moe_align
 
     _, ids = random_routing(num_tokens, num_experts, top_k, skip_expert=1, seed=num_tokens)
+    _check_align_twice(moe_align, ids, num_experts, block_m, method)
     routing = moe_align(ids, num_experts, block_m, method=method)
-    _check_layout(routing, ids, num_experts, block_m)
     if method == "ranked":  # no atomics: each expert's slots hold its pairs in increasing order
         for b, r in enumerate(routing.block_rows.tolist()):
             got = routing.sorted_ids[b * block_m: b * block_m + r].tolist()
@@ -454,7 +466,7 @@ def test_gpu_large_align_layout(num_tokens, num_experts, top_k, block_m, method)
     from moeserve.kernels.moe_align import moe_align
 
     _, ids = random_routing(num_tokens, num_experts, top_k, skip_expert=5, device="cuda")
-    _check_layout(moe_align(ids, num_experts, block_m, method=method), ids.cpu(), num_experts, block_m)
+    _check_align_twice(moe_align, ids, num_experts, block_m, method)
 
 
 GRAPH_CASES = {
@@ -463,6 +475,8 @@ GRAPH_CASES = {
     "pair": (8, (16, (64, 128), (64, 128), "pair")),
     # In-kernel TMA descriptors take their scratch from torch's allocator: capture and replay with them too.
     "tma": (256, (64, (128, 64, 8, 8, 4, "tma_gathered", True), (128, 64, 8, 8, 4, "tma"), "")),
+    # More than RANKED_MAX_PAIRS pairs: the count + scatter align, whose scratch must come back to 0 each replay.
+    "scatter": (512, None),
 }
 
 
