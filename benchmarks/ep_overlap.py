@@ -9,7 +9,9 @@ sync). Runs on CPU ranks (gloo) or GPUs (nccl), without Ray:
     python benchmarks/ep_overlap.py --ranks 8 --backend nccl      # on an 8-GPU host
 
 With perfect overlap a step takes max(compute, comm) per layer instead of compute + comm; on CPU ranks compute
-and gloo's transfers share the same cores, so the measured gain there is a lower bound.
+and gloo's transfers share the same cores, so the measured gain there is a lower bound. With NCCL,
+`--normal-priority-too` also times the steps with the EP collectives on a normal-priority stream (the EP group
+of `init_distributed` puts them on a high-priority one), side by side.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moeserve.cluster.dist import destroy_distributed, init_distributed
+from moeserve.cluster.dist import destroy_distributed, ep_group_options, init_distributed
 from moeserve.forward_batch import ForwardMode
 from moeserve.moe.experts import create_expert_kernel
 from moeserve.moe.factory import create_dispatcher
@@ -79,6 +81,25 @@ def model_stages(x, layers, dispatcher, args, experts, clock=None):
     return x
 
 
+def export_traces(folder: str | None, steps: dict, sync) -> None:
+    """One run of each step function (label -> fn); where folder is given, profiled, its Chrome trace written to
+    folder/<label>.json: which kernels ran on which stream when, so the overlap of NCCL and compute kernels can
+    be read off."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for label, fn in steps.items():
+        sync()
+        if folder is None:
+            fn()
+            sync()
+            continue
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            sync()
+        prof.export_chrome_trace(str(Path(folder) / f"{label}.json"))
+
+
 def timed(fn, sync, repeats):
     times = []
     for _ in range(repeats):
@@ -111,44 +132,53 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
     ]
     x = rand(args.tokens, args.hidden)
     experts = create_expert_kernel("auto", device)  # Triton's fused MoE on a GPU, the torch loop on a CPU
-    d0, d1 = (create_dispatcher(args.dispatcher, group=groups.ep_group, ep_size=args.ranks, num_local_slots=local,
-                                device=device) for _ in range(2))
     half = args.tokens // 2
-
-    def begin_step(sizes):  # as the engine's runner does: each instance's most tokens on any rank
-        for d, n in zip((d0, d1), sizes):
-            d.begin_step(ForwardMode.EXTEND, n)
+    # The EP group of init_distributed (NCCL: collectives on a high-priority stream) and, on request, one on a
+    # normal-priority stream, timed side by side.
+    ep_groups = {"": groups.ep_group}
+    if args.backend == "nccl" and args.normal_priority_too:
+        ep_groups["_normal_priority"] = dist.new_group(ranks=list(range(args.ranks)), backend="nccl",
+                                                       pg_options=ep_group_options("nccl", high_priority=False))
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
         dist.barrier(group=groups.cpu_group)
 
-    def step_off():
-        begin_step((args.tokens, args.tokens))
-        run_overlapped([model_stages(x, layers, d0, args, experts)])
+    result = {}
+    for suffix, ep_group in ep_groups.items():
+        d0, d1 = (create_dispatcher(args.dispatcher, group=ep_group, ep_size=args.ranks, num_local_slots=local,
+                                    device=device) for _ in range(2))
 
-    def step_on():
-        begin_step((half, args.tokens - half))
-        run_overlapped([model_stages(x[:half], layers, d0, args, experts),
-                        model_stages(x[half:], layers, d1, args, experts)])
+        def begin_step(sizes, d0=d0, d1=d1):  # as the engine's runner does: each instance's most tokens on any rank
+            for d, n in zip((d0, d1), sizes):
+                d.begin_step(ForwardMode.EXTEND, n)
 
-    def breakdown():
-        device_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        clock = Clock(device_sync)
-        begin_step((args.tokens, args.tokens))
-        run_overlapped([model_stages(x, layers, d0, args, experts, clock)])
-        return clock.totals
+        def step_off(d0=d0, begin_step=begin_step):
+            begin_step((args.tokens, args.tokens))
+            run_overlapped([model_stages(x, layers, d0, args, experts)])
 
-    for fn in (step_off, step_on):  # warm-up
-        fn()
-    result = {
-        "step_off_s": timed(step_off, sync, args.repeats),
-        "step_on_s": timed(step_on, sync, args.repeats),
-    }
-    splits = [breakdown() for _ in range(args.repeats)]
-    result["compute_s"] = statistics.median(t["compute"] for t in splits)
-    result["comm_s"] = statistics.median(t["comm"] for t in splits)
+        def step_on(d0=d0, d1=d1, begin_step=begin_step):
+            begin_step((half, args.tokens - half))
+            run_overlapped([model_stages(x[:half], layers, d0, args, experts),
+                            model_stages(x[half:], layers, d1, args, experts)])
+
+        for fn in (step_off, step_on):  # warm-up
+            fn()
+        if args.profile and not suffix:  # every rank runs the steps (their collectives pair up); rank 0 records
+            export_traces(args.profile if rank == 0 else None, {"off": step_off, "on": step_on}, sync)
+        result[f"step_off{suffix}_s"] = timed(step_off, sync, args.repeats)
+        result[f"step_on{suffix}_s"] = timed(step_on, sync, args.repeats)
+        if not suffix:
+            def breakdown(d0=d0, begin_step=begin_step):
+                clock = Clock(torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
+                begin_step((args.tokens, args.tokens))
+                run_overlapped([model_stages(x, layers, d0, args, experts, clock)])
+                return clock.totals
+
+            splits = [breakdown() for _ in range(args.repeats)]
+            result["compute_s"] = statistics.median(t["compute"] for t in splits)
+            result["comm_s"] = statistics.median(t["comm"] for t in splits)
     gathered = [None] * args.ranks
     dist.all_gather_object(gathered, result, group=groups.cpu_group)
     if rank == 0:
@@ -170,6 +200,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per CPU rank")
+    ap.add_argument("--profile", metavar="DIR", help="write rank 0's Chrome traces of one step each way here")
+    ap.add_argument("--normal-priority-too", action="store_true",
+                    help="NCCL: also time the steps with the EP collectives on a normal-priority stream")
     ap.add_argument("--out", default="benchmarks/out/ep_overlap.json")
     args = ap.parse_args()
     if args.experts % args.ranks:
@@ -192,6 +225,9 @@ def main() -> None:
     print(f"{'step':<34}{'ms':>10}")
     print(f"{'  TBO off':<34}{agg['step_off_s'] * 1e3:>10.2f}")
     print(f"{'  TBO on':<34}{agg['step_on_s'] * 1e3:>10.2f}")
+    if "step_on_normal_priority_s" in agg:
+        print(f"{'  TBO off, EP stream normal priority':<34}{agg['step_off_normal_priority_s'] * 1e3:>10.2f}")
+        print(f"{'  TBO on, EP stream normal priority':<34}{agg['step_on_normal_priority_s'] * 1e3:>10.2f}")
     gain = agg["step_off_s"] / agg["step_on_s"]
     print(f"measured speed-up {gain:.2f}x; ideal with full overlap (compute+comm)/max = {ideal:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@
 #   usage (repo root): [STAGES="tests engine overlap serve"] [DEADLINE_S=570] bash benchmarks/multigpu_session.sh
 # Every step's timeout is cut to what is left of DEADLINE_S, so the call ends inside the device tool's 600 s;
 # a later call can run the stages left over. (GPUS, DEVICE=cpu, BACKEND=gloo, EP_TOKENS, NUM_PROMPTS let the
-# script itself be checked on CPU ranks.)
+# script itself be checked on CPU ranks; ATTN_RANK sizes ep_overlap's dense stand-in for attention.)
 set -u
 out=${OUT:-benchmarks/out}
 stages=${STAGES:-tests engine overlap serve}
@@ -37,7 +37,7 @@ if [[ " $stages " == *" overlap "* ]]; then
         for dispatcher in all_gather all_to_all; do  # side by side, same machine
             timeout "$(budget 120)" python3 benchmarks/ep_overlap.py --ranks "$gpus" --backend "${BACKEND:-nccl}" \
                 --dispatcher "$dispatcher" --tokens "$tokens" --hidden 7168 --experts $((16 * gpus)) --topk 8 \
-                --inter 2048 --layers 8 --attn-rank 2048 --repeats 5 \
+                --inter 2048 --layers 8 --attn-rank "${ATTN_RANK:-2048}" --repeats 5 \
                 --out "$out/ep_overlap_${dispatcher}_$tokens.json" 2>&1 \
                 | grep -E "ranks|compute|communication|TBO|speed-up" | tee -a "$out/ep_overlap.txt"
         done
