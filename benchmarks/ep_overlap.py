@@ -22,6 +22,8 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -100,21 +102,42 @@ def export_traces(folder: str | None, steps: dict, sync) -> None:
         prof.export_chrome_trace(str(Path(folder) / f"{label}.json"))
 
 
-def timed(fn, sync, repeats):
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed_once(fn, sync) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
-def worker(rank: int, args, init_file: str, out_file: str) -> None:
-    torch.set_num_threads(args.threads)
-    groups = init_distributed(rank, args.ranks, f"file://{init_file}", backend=args.backend, device_index=rank)
-    device = groups.device
+@dataclass
+class Steps:
+    """One step through the layer stack with TBO off (one micro-batch, dispatcher d0) and on (two, d0 and d1)."""
+
+    x: torch.Tensor
+    layers: list
+    experts: object
+    d0: object
+    d1: object
+    args: argparse.Namespace
+
+    def _begin(self, sizes) -> None:  # as the engine's runner does: each instance's most tokens on any rank
+        for d, n in zip((self.d0, self.d1), sizes):
+            d.begin_step(ForwardMode.EXTEND, n)
+
+    def off(self, clock: Clock | None = None) -> None:
+        self._begin((self.args.tokens, self.args.tokens))
+        run_overlapped([model_stages(self.x, self.layers, self.d0, self.args, self.experts, clock)])
+
+    def on(self) -> None:
+        half = self.args.tokens // 2
+        self._begin((half, self.args.tokens - half))
+        run_overlapped([model_stages(self.x[:half], self.layers, self.d0, self.args, self.experts),
+                        model_stages(self.x[half:], self.layers, self.d1, self.args, self.experts)])
+
+
+def random_layers(args, device: torch.device, rank: int) -> tuple[list, torch.Tensor]:
+    """(layers, x): per layer the dense stand-in's two matrices and this rank's w13, w2; x: [tokens, hidden]."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     local = args.experts // args.ranks
     g = torch.Generator(device="cpu").manual_seed(rank)
@@ -122,63 +145,54 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
     def rand(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(device=device, dtype=dtype)
 
-    layers = [
-        (
-            (rand(args.hidden, args.attn_rank), rand(args.attn_rank, args.hidden)),
-            rand(local, 2 * args.inter, args.hidden),
-            rand(local, args.hidden, args.inter),
-        )
-        for _ in range(args.layers)
-    ]
-    x = rand(args.tokens, args.hidden)
+    layers = [((rand(args.hidden, args.attn_rank), rand(args.attn_rank, args.hidden)),
+               rand(local, 2 * args.inter, args.hidden), rand(local, args.hidden, args.inter))
+              for _ in range(args.layers)]
+    return layers, rand(args.tokens, args.hidden)
+
+
+def worker(rank: int, args, init_file: str, out_file: str) -> None:
+    torch.set_num_threads(args.threads)
+    timeout = timedelta(seconds=600)
+    groups = init_distributed(rank, args.ranks, f"file://{init_file}", backend=args.backend, device_index=rank,
+                              timeout_s=timeout.total_seconds())
+    device = groups.device
+    layers, x = random_layers(args, device, rank)
     experts = create_expert_kernel("auto", device)  # Triton's fused MoE on a GPU, the torch loop on a CPU
-    half = args.tokens // 2
     # The EP group of init_distributed (NCCL: collectives on a high-priority stream) and, on request, one on a
-    # normal-priority stream, timed side by side.
+    # normal-priority stream; their steps are timed in turn on every repeat.
     ep_groups = {"": groups.ep_group}
-    if args.backend == "nccl" and args.normal_priority_too:
-        ep_groups["_normal_priority"] = dist.new_group(ranks=list(range(args.ranks)), backend="nccl",
-                                                       pg_options=ep_group_options("nccl", high_priority=False))
+    if args.normal_priority_too:
+        ep_groups["_normal_priority"] = dist.new_group(
+            ranks=list(range(args.ranks)), backend="nccl", timeout=timeout,
+            pg_options=ep_group_options("nccl", timeout, high_priority=False))
+    steps = {suffix: Steps(x, layers, experts, *(create_dispatcher(
+        args.dispatcher, group=group, ep_size=args.ranks, num_local_slots=args.experts // args.ranks,
+        device=device) for _ in range(2)), args) for suffix, group in ep_groups.items()}
+    device_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        device_sync()
         dist.barrier(group=groups.cpu_group)
 
-    result = {}
-    for suffix, ep_group in ep_groups.items():
-        d0, d1 = (create_dispatcher(args.dispatcher, group=ep_group, ep_size=args.ranks, num_local_slots=local,
-                                    device=device) for _ in range(2))
-
-        def begin_step(sizes, d0=d0, d1=d1):  # as the engine's runner does: each instance's most tokens on any rank
-            for d, n in zip((d0, d1), sizes):
-                d.begin_step(ForwardMode.EXTEND, n)
-
-        def step_off(d0=d0, begin_step=begin_step):
-            begin_step((args.tokens, args.tokens))
-            run_overlapped([model_stages(x, layers, d0, args, experts)])
-
-        def step_on(d0=d0, d1=d1, begin_step=begin_step):
-            begin_step((half, args.tokens - half))
-            run_overlapped([model_stages(x[:half], layers, d0, args, experts),
-                            model_stages(x[half:], layers, d1, args, experts)])
-
-        for fn in (step_off, step_on):  # warm-up
-            fn()
-        if args.profile and not suffix:  # every rank runs the steps (their collectives pair up); rank 0 records
-            export_traces(args.profile if rank == 0 else None, {"off": step_off, "on": step_on}, sync)
-        result[f"step_off{suffix}_s"] = timed(step_off, sync, args.repeats)
-        result[f"step_on{suffix}_s"] = timed(step_on, sync, args.repeats)
-        if not suffix:
-            def breakdown(d0=d0, begin_step=begin_step):
-                clock = Clock(torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
-                begin_step((args.tokens, args.tokens))
-                run_overlapped([model_stages(x, layers, d0, args, experts, clock)])
-                return clock.totals
-
-            splits = [breakdown() for _ in range(args.repeats)]
-            result["compute_s"] = statistics.median(t["compute"] for t in splits)
-            result["comm_s"] = statistics.median(t["comm"] for t in splits)
+    for s in steps.values():  # warm-up
+        s.off()
+        s.on()
+    if args.profile:  # every rank runs the steps (their collectives pair up); rank 0 records
+        export_traces(args.profile if rank == 0 else None, {"off": steps[""].off, "on": steps[""].on}, sync)
+    times: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        for suffix, s in steps.items():
+            for mode in ("off", "on"):
+                times.setdefault(f"step_{mode}{suffix}_s", []).append(timed_once(getattr(s, mode), sync))
+    result = {key: statistics.median(v) for key, v in times.items()}
+    splits = []
+    for _ in range(args.repeats):  # TBO off with a device sync at every stage boundary
+        clock = Clock(device_sync)
+        steps[""].off(clock)
+        splits.append(clock.totals)
+    result["compute_s"] = statistics.median(t["compute"] for t in splits)
+    result["comm_s"] = statistics.median(t["comm"] for t in splits)
     gathered = [None] * args.ranks
     dist.all_gather_object(gathered, result, group=groups.cpu_group)
     if rank == 0:
@@ -207,6 +221,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.experts % args.ranks:
         ap.error("--experts must divide over --ranks")
+    if args.normal_priority_too and args.backend != "nccl":
+        ap.error("--normal-priority-too compares NCCL stream priorities; it needs --backend nccl")
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
         mp.spawn(worker, args=(args, init_file, out_file), nprocs=args.ranks, join=True)
@@ -219,15 +235,15 @@ def main() -> None:
         f"\n{args.ranks} {args.backend} ranks, {args.dispatcher}, {args.tokens} tokens/rank, hidden {args.hidden}, "
         f"{args.experts} experts top-{args.topk}, {args.layers} layers, median of {args.repeats}"
     )
-    print(f"{'per layer':<34}{'ms':>10}")
-    print(f"{'  compute (dense + route + experts)':<34}{compute:>10.2f}")
-    print(f"{'  communication (dispatch+combine)':<34}{comm:>10.2f}  (includes waiting for the slowest rank)")
-    print(f"{'step':<34}{'ms':>10}")
-    print(f"{'  TBO off':<34}{agg['step_off_s'] * 1e3:>10.2f}")
-    print(f"{'  TBO on':<34}{agg['step_on_s'] * 1e3:>10.2f}")
+    rows = [("per layer", None), ("  compute (dense + route + experts)", compute),
+            ("  communication (dispatch+combine)", comm), ("step", None),
+            ("  TBO off", agg["step_off_s"] * 1e3), ("  TBO on", agg["step_on_s"] * 1e3)]
     if "step_on_normal_priority_s" in agg:
-        print(f"{'  TBO off, EP stream normal priority':<34}{agg['step_off_normal_priority_s'] * 1e3:>10.2f}")
-        print(f"{'  TBO on, EP stream normal priority':<34}{agg['step_on_normal_priority_s'] * 1e3:>10.2f}")
+        rows += [("  TBO off, EP stream normal priority", agg["step_off_normal_priority_s"] * 1e3),
+                 ("  TBO on, EP stream normal priority", agg["step_on_normal_priority_s"] * 1e3)]
+    for label, ms in rows:
+        note = "  (includes waiting for the slowest rank)" if label.startswith("  communication") else ""
+        print(f"{label:<40}{'ms' if ms is None else f'{ms:.2f}':>10}{note}")
     gain = agg["step_off_s"] / agg["step_on_s"]
     print(f"measured speed-up {gain:.2f}x; ideal with full overlap (compute+comm)/max = {ideal:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,19 @@
-"""Fused-MoE table entries against nearby tiles and top-k-sum launch shapes.
+"""Fused-MoE table entries against their neighbours' tiles and nearby tiles; optionally the count + scatter align
+with the memset launch that zeroed its scratch before session 7.
 
-    python benchmarks/moe_entries_probe.py [--cases qwen3:bf16:512,...] [--out benchmarks/out/moe_entries.json]
+    python benchmarks/moe_entries_probe.py [--cases qwen3:bf16:512,...] [--memset] [--out F.json]
 
 Whole `fused_moe` calls under CUDA-graph replay over the routings `kernels.rotating_inputs` gives: each case's
-table entry with each top-k-sum launch shape of TOPK_SUMS, and the configs of EXTRA with the default one, timed
-alternately REPEATS times so clock drift hits all alike; fractions against max(bytes / copy bandwidth, FLOPs /
-matmul rate) measured in this run. Every GEMM kernel is compiled first, in parallel processes
-(`kernels_moe_tune.precompile`). (Session 7 also timed the count + scatter align with and without the memset
-that zeroed its scratch before: the run is in benchmarks/RESULTS.md.)
+table entry and the configs of EXTRA, timed alternately REPEATS times so clock drift hits all alike; fractions
+against max(bytes / copy bandwidth, FLOPs / matmul rate) measured in this run. `--memset` also times every
+variant with the align's scratch in a fresh zeroed buffer per call (one memset node more in the graph), as the
+code had it before. Every kernel is compiled first, in parallel processes (`kernels_moe_tune.precompile`); the
+script exits non-zero when a variant fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import os
@@ -30,43 +30,48 @@ from kernels import SHAPES, make_weights, measure_ceilings, rotating_inputs  # n
 from moeserve.kernels.moe_configs import GemmConfig as G  # noqa: E402
 from moeserve.kernels.moe_configs import MoEConfig, get_config  # noqa: E402
 
-# The module, not the function `moeserve.kernels.fused_moe` the package exports under the same name.
-fused_mod = importlib.import_module("moeserve.kernels.fused_moe")
+# The module, not the function `moeserve.kernels.moe_align` the package exports under the same name.
+align_mod = importlib.import_module("moeserve.kernels.moe_align")
 
-CASES = "qwen3:bf16:512,qwen3:fp8:512"
-# Configs timed besides the table entry (label -> config), with the default top-k sum.
-_BF16 = dict(bm=64, gu=G(64, 128, 1, 4, 4), dn=G(128, 128, 1, 4, 4))
-_FP8 = dict(bm=64, gu=G(128, 128, 8, 8, 4), dn=G(128, 128, 8, 4, 4))
+# Where the Qwen3 bf16 entries (128: block_m 16; 256: block_m 32; 512: block_m 64) meet under the nearest-M
+# lookup, and the two M=512 cases the entries were chosen on.
+CASES = "qwen3:bf16:192,qwen3:bf16:224,qwen3:bf16:384,qwen3:bf16:768,qwen3:bf16:512,qwen3:fp8:512"
+_BM16 = MoEConfig(16, G(32, 256, 1, 4, 3), G(128, 128, 1, 4, 3))  # the bf16 table's M=128 entry
+_BM32 = MoEConfig(32, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 3))  # its M=256 entry (M=512 before session 7)
+_BM64 = MoEConfig(64, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 4))  # its M=512 entry
+_FP8 = dict(gu=G(128, 128, 8, 8, 4), dn=G(128, 128, 8, 4, 4))  # the fp8 table's M=512 tiles
+# Configs timed besides the table entry (label -> config).
 EXTRA = {
+    "qwen3:bf16:192": {"M=128 entry (block_m 16)": _BM16},
+    "qwen3:bf16:224": {"M=128 entry (block_m 16)": _BM16},
+    "qwen3:bf16:384": {"M=256 entry (block_m 32)": _BM32},
+    "qwen3:bf16:768": {"M=256 entry (block_m 32)": _BM32},
     "qwen3:bf16:512": {
-        "previous (bm32)": MoEConfig(32, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 3)),
-        "gate/up k64 6 stages": MoEConfig(64, G(64, 64, 1, 4, 6), _BF16["dn"]),
-        "gate/up k64 8 stages": MoEConfig(64, G(64, 64, 1, 4, 8), _BF16["dn"]),
-        "gate/up 32 wide": MoEConfig(64, G(32, 128, 1, 4, 4), _BF16["dn"]),
-        "gate/up 3 stages": MoEConfig(64, G(64, 128, 1, 4, 3), _BF16["dn"]),
-        "down k64 6 stages": MoEConfig(64, _BF16["gu"], G(128, 64, 1, 4, 6)),
-        "down 64 wide": MoEConfig(64, _BF16["gu"], G(64, 128, 1, 4, 4)),
-        "down 3 stages": MoEConfig(64, _BF16["gu"], G(128, 128, 1, 4, 3)),
+        "M=256 entry (block_m 32)": _BM32,
+        "gate/up k64 8 stages": MoEConfig(64, G(64, 64, 1, 4, 8), _BM64.down),
+        "down k64 6 stages": MoEConfig(64, _BM64.gate_up, G(128, 64, 1, 4, 6)),
     },
     "qwen3:fp8:512": {
-        "previous (gate/up 3 stages)": MoEConfig(64, G(128, 128, 8, 8, 3), _FP8["dn"]),
-        "down 5 stages": MoEConfig(64, _FP8["gu"], G(128, 128, 8, 4, 5)),
-        "down 8 warps": MoEConfig(64, _FP8["gu"], G(128, 128, 8, 8, 4)),
-        "down group_m 1": MoEConfig(64, _FP8["gu"], G(128, 128, 1, 4, 4)),
-        "down 64 wide 6 stages": MoEConfig(64, _FP8["gu"], G(64, 128, 8, 4, 6)),
+        "gate/up 3 stages (before session 7)": MoEConfig(64, G(128, 128, 8, 8, 3), _FP8["dn"]),
         "gate/up group_m 1": MoEConfig(64, G(128, 128, 1, 8, 4), _FP8["dn"]),
+        "down 8 warps": MoEConfig(64, _FP8["gu"], G(128, 128, 8, 8, 4)),
     },
 }
-# Top-k-sum launch shapes (block_n, num_warps) timed with the table entry; the first is the default.
-TOPK_SUMS = [(1024, 4), (2048, 8), (2048, 4), (512, 4), (512, 2), (256, 2)]
 REPEATS = 3
-_topk_sum = fused_mod.topk_sum
+_counters = align_mod.completion_counters
 
 
-def _variants(key: str, table: MoEConfig) -> dict[str, tuple[MoEConfig, tuple[int, int]]]:
-    """label -> (config, top-k-sum launch shape) for a case."""
-    out = {f"table, top-k sum {bn}x{w}w": (table, (bn, w)) for bn, w in TOPK_SUMS}
-    out.update({label: (cfg, TOPK_SUMS[0]) for label, cfg in EXTRA.get(key, {}).items()})
+def _fresh_zeros(device: torch.device, count: int) -> torch.Tensor:
+    return torch.zeros(count, dtype=torch.int32, device=device)
+
+
+def _variants(key: str, table: MoEConfig, memset: bool) -> dict[str, tuple[MoEConfig, bool]]:
+    """label -> (config, align scratch zeroed by a memset launch) for a case."""
+    out = {}
+    for label, cfg in {"table": table, **EXTRA.get(key, {})}.items():
+        out[label] = (cfg, False)
+        if memset:
+            out[f"{label}, memset"] = (cfg, True)
     return out
 
 
@@ -75,15 +80,47 @@ def _table(shape_key: str, dtype: str, m: int) -> MoEConfig:
     return get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8")
 
 
+def _time_case(key: str, dtype: str, m: int, ceilings: dict, memset: bool) -> tuple[dict, list[str]]:
+    """(row for the JSON, labels of variants that failed) for one case."""
+    name = f"{key}:{dtype}:{m}"
+    shape, fp8 = SHAPES[key], dtype == "fp8"
+    w = make_weights(shape, fp8)
+    inputs = rotating_inputs(shape, m, fp8)
+    roof = roofline_us(shape, fp8, inputs, ceilings["copy_tbs"],
+                       ceilings["fp8_tflops"] if fp8 else ceilings["bf16_tflops"])
+    variants = _variants(name, _table(key, dtype, m), memset)
+    runs: dict[str, list[float]] = {label: [] for label in variants}
+    failed = []
+    for _ in range(REPEATS):
+        for label, (cfg, zeroed) in variants.items():
+            align_mod.completion_counters = _fresh_zeros if zeroed else _counters
+            try:
+                runs[label].append(round(_whole_us(w, inputs, cfg), 2))
+            except Exception as exc:  # noqa: BLE001 - reported, and the exit status says so
+                runs[label].append(float("nan"))
+                failed.append(f"{name} {label}")
+                print(f"{name} {label}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+    align_mod.completion_counters = _counters
+    row = dict(roofline_us=roof, variants={})
+    for label, (cfg, zeroed) in variants.items():
+        med = statistics.median(runs[label])
+        row["variants"][label] = dict(config=cfg.to_dict(), memset=zeroed, runs=runs[label], median_us=med)
+        print(f"| {name} | {label} | {med:.1f} | {runs[label]} | {roof / med:.3f} |", flush=True)
+    del w
+    torch.cuda.empty_cache()
+    return row, failed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default=CASES)
+    parser.add_argument("--memset", action="store_true", help="also time each variant with the memset align")
     parser.add_argument("--out", default="benchmarks/out/moe_entries.json")
     args = parser.parse_args()
     cases = [(k, d, int(m)) for k, d, m in (c.split(":") for c in args.cases.split(","))]
     t0 = time.time()
     jobs = [(key, dtype == "fp8", cfg.block_m, "whole", cfg) for key, dtype, m in cases
-            for cfg, _ in _variants(f"{key}:{dtype}:{m}", _table(key, dtype, m)).values()]
+            for cfg, _ in _variants(f"{key}:{dtype}:{m}", _table(key, dtype, m), False).values()]
     errors = precompile(list(dict.fromkeys(jobs)), 14)
     print(f"compiled in {time.time() - t0:.0f} s; failures: {errors}", flush=True)
     ceilings = measure_ceilings()
@@ -91,36 +128,15 @@ def main() -> None:
     print(f"ceilings: {ceilings}")
     print("| case | variant | µs (median) | runs | frac |")
     print("|---|---|---:|---|---:|")
+    failed = list(errors)
     for key, dtype, m in cases:
-        name = f"{key}:{dtype}:{m}"
-        shape, fp8 = SHAPES[key], dtype == "fp8"
-        w = make_weights(shape, fp8)
-        inputs = rotating_inputs(shape, m, fp8)
-        roof = roofline_us(shape, fp8, inputs, ceilings["copy_tbs"],
-                           ceilings["fp8_tflops"] if fp8 else ceilings["bf16_tflops"])
-        variants = _variants(name, _table(key, dtype, m))
-        runs: dict[str, list[float]] = {label: [] for label in variants}
-        for _ in range(REPEATS):
-            for label, (cfg, (block_n, warps)) in variants.items():
-                fused_mod.topk_sum = functools.partial(_topk_sum, block_n=block_n, num_warps=warps)
-                try:
-                    runs[label].append(round(_whole_us(w, inputs, cfg), 2))
-                except Exception as exc:  # noqa: BLE001 - a variant that fails is reported, not fatal
-                    runs[label].append(float("nan"))
-                    print(f"{name} {label}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-        fused_mod.topk_sum = _topk_sum
-        row = dict(roofline_us=roof, variants={k: dict(config=c.to_dict(), topk_sum=t, runs=runs[k])
-                                               for k, (c, t) in variants.items()})
-        for label, us in runs.items():
-            med = statistics.median(us)
-            row["variants"][label]["median_us"] = med
-            print(f"| {name} | {label} | {med:.1f} | {us} | {roof / med:.3f} |", flush=True)
-        bundle["cases"][name] = row
+        bundle["cases"][f"{key}:{dtype}:{m}"], bad = _time_case(key, dtype, m, ceilings, args.memset)
+        failed += bad
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(bundle, f, indent=1)
-        del w
-        torch.cuda.empty_cache()
+    if failed:
+        raise SystemExit(f"moe_entries_probe: {len(failed)} variant(s) failed: {failed}")
 
 
 if __name__ == "__main__":

@@ -73,19 +73,24 @@ def init_distributed(
     # new_group is collective: every rank creates the groups in this same order.
     cpu_group = dist.new_group(backend="gloo", timeout=timeout)
     ep_group = dist.new_group(ranks=list(range(world_size)), backend=backend, timeout=timeout,
-                              pg_options=ep_group_options(backend))
+                              pg_options=ep_group_options(backend, timeout))
     eplb_group = dist.new_group(ranks=list(range(world_size)), backend=backend, timeout=timeout)
     return DistGroups(rank, world_size, backend, device, dist.group.WORLD, cpu_group, ep_group, eplb_group)
 
 
-def ep_group_options(backend: str, high_priority: bool = True):
-    """Options for the EP group: with NCCL its collectives run on a high-priority stream, so that under two-batch
-    overlap their kernels are scheduled ahead of the other micro-batch's compute kernels rather than queued
-    behind them (benchmarks/ep_overlap.py times both). The EPLB group keeps normal priority: weight moves must
-    not delay serving."""
+def ep_group_options(backend: str, timeout: timedelta,
+                     high_priority: bool = True) -> dist.ProcessGroupNCCL.Options | None:
+    """Options for the EP group (None for gloo): with NCCL its collectives run on a high-priority stream, so that
+    under two-batch overlap their kernels are scheduled ahead of the other micro-batch's compute kernels rather
+    than queued behind them (benchmarks/ep_overlap.py --normal-priority-too times both). The EPLB group keeps
+    normal priority: weight moves must not delay serving. timeout: the group's (torch warns when the options'
+    own timeout differs from new_group's)."""
     if backend != "nccl":
         return None
-    return dist.ProcessGroupNCCL.Options(is_high_priority_stream=high_priority)
+    options = dist.ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = high_priority
+    options._timeout = timeout
+    return options
 
 
 def destroy_distributed() -> None:

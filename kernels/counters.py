@@ -6,11 +6,12 @@ split-K GEMV, split-K router logits, the split-KV attention merge, the fused-MoE
 last; it sets the counter to 0 again, then combines. So every counter is 0 between launches, and a CUDA graph can
 replay the kernel any number of times without a reset.
 
-One buffer per device serves every such kernel: they run one after another on one stream, and no two launches
-that share it may run concurrently. It is allocated lazily on the first eager call; a graph captured afterwards
-keeps its address. Growing allocates a new buffer and keeps the old one alive (graphs may hold its address), and
-is refused during capture (nothing would zero it): make one eager call of each shape before capturing, as
-`CudaGraphRunner.capture` does.
+One buffer per device serves every such kernel: they run one after another on one stream, and no two launches that
+share it may run concurrently. `moe_align`'s count + scatter path also keeps its scratch here, across its two
+launches (slots 0 to 3 * E_POW2: counts, starts, cursor, arrivals), and its last scatter program zeroes it. It is
+allocated lazily on the first eager call; a graph captured afterwards keeps its address. Growing allocates a new
+buffer and keeps the old one alive (graphs may hold its address), and is refused during capture (nothing would
+zero it): make one eager call of each shape before capturing, as `CudaGraphRunner.capture` does.
 """
 
 from __future__ import annotations

@@ -248,8 +248,14 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
         work = completion_counters(device, 3 * e_pow2 + 1)
         programs = max(1, triton.cdiv(num_pairs, chunk))
         _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, **meta)
-        _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,
-                                     BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **layout)
+        try:
+            _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,
+                                         BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **layout)
+        except Exception:
+            # The counts are in the shared counters and no scatter program will zero them: every later
+            # "last program" election on this device would go wrong.
+            work[:3 * e_pow2 + 1].zero_()
+            raise
     return AlignedRouting(sorted_ids, block_expert, block_rows, block_m)
 
 

@@ -101,7 +101,8 @@ def load_table(name: str) -> dict[int, MoEConfig]:
 
 def nearest(table: dict[int, MoEConfig], num_tokens: int) -> MoEConfig:
     """The entry whose M is nearest in log2 (ties: the larger M). Each entry therefore serves a range of M
-    (with entries at 128 and 512, M = 256 takes the 512 entry): when changing one, time its neighbours too."""
+    (with entries at 128, 256 and 512, the 256 entry serves M 182-362): when adding or changing one, time the
+    sizes whose entry moves too."""
     return table[min(table, key=lambda m: (abs(math.log2(m) - math.log2(max(num_tokens, 1))), -m))]
 
 

@@ -280,6 +280,19 @@ def check_factory_on_rank(rank: int, world_size: int, ep_group) -> None:
         create_dispatcher("all_to_all", group=ep_group, ep_size=3, num_local_slots=4, device="cpu")
 
 
+def test_ep_group_options_only_for_nccl():
+    """gloo groups take no options (and a CPU-only torch has no ProcessGroupNCCL); NCCL's EP group is told its
+    timeout, which torch warns about when it differs from new_group's."""
+    from datetime import timedelta
+
+    from moeserve.cluster.dist import ep_group_options
+
+    assert ep_group_options("gloo", timedelta(seconds=5)) is None
+    if dist.is_nccl_available():
+        options = ep_group_options("nccl", timedelta(seconds=5))
+        assert options.is_high_priority_stream and options._timeout == timedelta(seconds=5)
+
+
 def test_create_dispatcher_picks_a_backend_and_says_why(caplog):
     from moeserve.moe.dispatcher import LocalDispatcher
     from moeserve.moe.factory import create_dispatcher

@@ -170,12 +170,13 @@ def _check_layout(routing, ids: torch.Tensor, num_experts: int, block_m: int) ->
 
 
 def _check_align_twice(moe_align, ids: torch.Tensor, num_experts: int, block_m: int, method: str | None) -> None:
-    """Two layouts of different routings in a row are both right, and the completion counters (the scatter
-    path's scratch) are all 0 after each."""
+    """Two layouts in a row, of ids and of another routing with other per-expert counts, are both right, and the
+    completion counters (the scatter path's scratch) are all 0 after each."""
     from moeserve.kernels.counters import completion_counters
 
-    for flip in (False, True):
-        routing_ids = ids.flip(0).contiguous() if flip else ids
+    num_tokens, top_k = ids.shape
+    other = random_routing(num_tokens, num_experts, top_k, seed=num_tokens + 1, device=str(ids.device))[1]
+    for routing_ids in (ids, other):
         _check_layout(moe_align(routing_ids, num_experts, block_m, method=method), routing_ids.cpu(), num_experts,
                       block_m)
         assert not completion_counters(ids.device, 1).any(), "moe_align left a completion counter nonzero"
