@@ -46,15 +46,19 @@ HAVE_TMA = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_alloca
 
 
 @functools.cache
+def _scratch_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _alloc(size: int, _alignment: int, _stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device=_scratch_device())
+
+
 def _set_allocator() -> None:
-    """Triton's scratch for in-kernel tensor descriptors comes from torch's caching allocator."""
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def alloc(size: int, _alignment: int, _stream: int | None) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.int8, device=device)
-
-    triton.set_allocator(alloc)
+    """Triton's scratch for in-kernel tensor descriptors comes from torch's caching allocator. Triton keeps the
+    allocator in a context variable, which a new thread starts without: set on every launch (a cheap
+    assignment), so a kernel launched from any thread (the engine's step loop, a graph capture) finds it."""
+    triton.set_allocator(_alloc)
 
 
 def tma_ok(cfg: GemmConfig, n: int, k: int, block_m: int, device: torch.device) -> bool:

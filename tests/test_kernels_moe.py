@@ -11,6 +11,8 @@ Three groups:
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -131,6 +133,27 @@ def test_config_tables_are_valid_and_pick_nearest_m():
         MoEConfig(16, GemmConfig(32, 64, warp_specialize=True), GemmConfig(64, 64))
     with pytest.raises(ValueError, match="pointer only"):
         MoEConfig(16, GemmConfig(32, 64, loads="tma"), GemmConfig(64, 64), pairs="pair")
+
+
+def test_tma_scratch_allocator_is_set_in_every_thread():
+    """Triton keeps its scratch allocator in a context variable, which a new thread starts without; the TMA
+    kernels set it at every launch, so a launch from the engine's step-loop thread finds it too."""
+    from moeserve.kernels import fused_moe_tma
+
+    allocation = pytest.importorskip("triton.runtime._allocation")
+    if not fused_moe_tma.HAVE_TMA:
+        pytest.skip("this Triton has no in-kernel tensor descriptors")
+    fused_moe_tma._set_allocator()  # in this thread first, as a warm-up or graph capture would
+    seen = []
+
+    def launch_side() -> None:
+        fused_moe_tma._set_allocator()
+        seen.append(allocation._allocator.get())
+
+    thread = threading.Thread(target=launch_side)
+    thread.start()
+    thread.join()
+    assert seen == [fused_moe_tma._alloc]
 
 
 def test_weight_block_quant_roundtrip():
