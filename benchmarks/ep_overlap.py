@@ -17,20 +17,20 @@ of `init_distributed` puts them on a high-priority one), side by side.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moeserve.cluster.dist import destroy_distributed, ep_group_options, init_distributed
+from moeserve.cluster.dist import destroy_distributed, init_distributed
 from moeserve.forward_batch import ForwardMode
 from moeserve.moe.experts import create_expert_kernel
 from moeserve.moe.factory import create_dispatcher
@@ -89,17 +89,17 @@ def export_traces(folder: str | None, steps: dict, sync) -> None:
     be read off."""
     from torch.profiler import ProfilerActivity, profile
 
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
     for label, fn in steps.items():
         sync()
-        if folder is None:
+        recorder = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if folder else (
+            contextlib.nullcontext())
+        with recorder as prof:
             fn()
             sync()
-            continue
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            sync()
-        prof.export_chrome_trace(str(Path(folder) / f"{label}.json"))
+        if folder:
+            prof.export_chrome_trace(str(Path(folder) / f"{label}.json"))
 
 
 def timed_once(fn, sync) -> float:
@@ -153,22 +153,21 @@ def random_layers(args, device: torch.device, rank: int) -> tuple[list, torch.Te
 
 def worker(rank: int, args, init_file: str, out_file: str) -> None:
     torch.set_num_threads(args.threads)
-    timeout = timedelta(seconds=600)
-    groups = init_distributed(rank, args.ranks, f"file://{init_file}", backend=args.backend, device_index=rank,
-                              timeout_s=timeout.total_seconds())
+    groups = init_distributed(rank, args.ranks, f"file://{init_file}", backend=args.backend, device_index=rank)
     device = groups.device
     layers, x = random_layers(args, device, rank)
     experts = create_expert_kernel("auto", device)  # Triton's fused MoE on a GPU, the torch loop on a CPU
-    # The EP group of init_distributed (NCCL: collectives on a high-priority stream) and, on request, one on a
-    # normal-priority stream; their steps are timed in turn on every repeat.
+    # The EP group of init_distributed (NCCL: collectives on a high-priority stream) and, on request, a group
+    # on a normal-priority stream: the EPLB group, which init_distributed builds over the same ranks, backend
+    # and timeout at normal priority. Their steps are timed in turn on every repeat.
     ep_groups = {"": groups.ep_group}
     if args.normal_priority_too:
-        ep_groups["_normal_priority"] = dist.new_group(
-            ranks=list(range(args.ranks)), backend="nccl", timeout=timeout,
-            pg_options=ep_group_options("nccl", timeout, high_priority=False))
-    steps = {suffix: Steps(x, layers, experts, *(create_dispatcher(
-        args.dispatcher, group=group, ep_size=args.ranks, num_local_slots=args.experts // args.ranks,
-        device=device) for _ in range(2)), args) for suffix, group in ep_groups.items()}
+        ep_groups["_normal_priority"] = groups.eplb_group
+    steps = {}
+    for suffix, group in ep_groups.items():
+        d0 = create_dispatcher(args.dispatcher, group=group, ep_size=args.ranks,
+                               num_local_slots=args.experts // args.ranks, device=device)
+        steps[suffix] = Steps(x, layers, experts, d0, d0.sibling(), args)  # as the engine's runner pairs them
     device_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def sync():

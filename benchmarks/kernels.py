@@ -130,8 +130,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def rotating_inputs(shape: MoEShape, m: int, fp8: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The routings a timed case cycles through (`make_inputs`, seeds 1000…): 8, or 2 where the experts one
     call touches exceed 4x L2 anyway, so that the weights are not served from L2."""
-    first_bytes, _ = traffic(shape, fp8, make_inputs(shape, m, 1000)[2])
-    return [make_inputs(shape, m, 1000 + r) for r in range(8 if first_bytes < 4 * L2_BYTES else 2)]
+    first = make_inputs(shape, m, 1000)
+    first_bytes, _ = traffic(shape, fp8, first[2])
+    count = 8 if first_bytes < 4 * L2_BYTES else 2
+    return [first] + [make_inputs(shape, m, 1000 + r) for r in range(1, count)]
 
 
 def bench_case(shape: MoEShape, weights: dict, m: int, fp8: bool, ceilings: dict, with_ref: bool) -> dict:

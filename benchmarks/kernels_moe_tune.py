@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 
 import torch
@@ -59,6 +60,9 @@ TUNE_ROTATIONS = 4
 PAIRS_MAX_PAIRS = 64
 _PAIRS_TILES = [(G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 3)), (G(64, 128, 1, 4, 4), G(64, 128, 1, 4, 4)),
                 (G(32, 256, 1, 4, 3), G(64, 128, 1, 4, 4)), (G(32, 128, 1, 4, 4), G(32, 128, 1, 4, 4))]
+# Compile processes `precompile` runs at once by default: all cores but two (left to the parent and the
+# system), at most 14.
+COMPILE_WORKERS = min(14, max(1, (os.cpu_count() or 2) - 2))
 
 
 def _pick_bm(pairs_per_expert: float) -> int:
@@ -155,7 +159,7 @@ def _compile_one(job: tuple, queue) -> None:
     queue.put(errors)
 
 
-def precompile(jobs: list, workers: int, timeout_s: float = 240.0) -> list[str]:
+def precompile(jobs: list, workers: int = COMPILE_WORKERS, timeout_s: float = 240.0) -> list[str]:
     """Compiles each distinct job in its own spawned process, at most `workers` at once, so that a compiler
     crash (Triton's Hopper warp-specialisation pass asserts on some loops), a faulting tile or a hang drops
     only that job. Returns one line per failed job, starting with its `_job_label`."""
@@ -198,12 +202,26 @@ def _whole_us(w: dict, inputs: list, cfg: MoEConfig | None, rep: int = 60) -> fl
     return _time_ms(lambda: _fused_calls(w, inputs, cfg), rep) * 1e3 / len(inputs)
 
 
-def alternate_us(w: dict, inputs: list, variants: dict[str, MoEConfig], repeats: int) -> dict[str, list[float]]:
-    """`_whole_us` of each variant, timed in turn `repeats` times (so clock drift hits all alike): label -> runs."""
+def alternate_us(w: dict, inputs: list, variants: dict[str, MoEConfig], repeats: int, *,
+                 before: Callable[[str], None] | None = None, failed: list | None = None) -> dict[str, list[float]]:
+    """`_whole_us` of each variant, timed in turn `repeats` times (so clock drift hits all alike): label -> runs.
+    before(label), when given, runs before each timing. failed, when given, catches a timing's exception: it is
+    printed, that run is nan, and the label is appended to failed once (however many of its runs fail);
+    without failed the exception propagates."""
     runs: dict[str, list[float]] = {label: [] for label in variants}
     for _ in range(repeats):
         for label, cfg in variants.items():
-            runs[label].append(_whole_us(w, inputs, cfg))
+            if before is not None:
+                before(label)
+            try:
+                runs[label].append(_whole_us(w, inputs, cfg))
+            except Exception as exc:  # noqa: BLE001 - reported through failed, the caller decides
+                if failed is None:
+                    raise
+                runs[label].append(float("nan"))
+                if label not in failed:
+                    failed.append(label)
+                print(f"{label}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
     return runs
 
 
@@ -402,7 +420,7 @@ def probe_large(out_path: str, budget_s: float, search: bool, baseline: dict | N
     alternately REPEATS times each so clock drift hits both alike. Writes out_path after every case."""
     import json
 
-    from kernels import SHAPES, make_inputs, make_weights, measure_ceilings
+    from kernels import SHAPES, make_weights, measure_ceilings, rotating_inputs
     from moeserve.kernels.moe_configs import get_config
 
     t0 = time.time()
@@ -415,7 +433,7 @@ def probe_large(out_path: str, budget_s: float, search: bool, baseline: dict | N
     jobs = probe_jobs(current) if search else [
         (key, dtype == "fp8", c.block_m, "whole", c) for key, dtype, m, _ in PROBE_CASES
         for c in {current[f"{key} {dtype} {m}"], table[f"{key} {dtype} {m}"]}]
-    errors = precompile(jobs, min(14, max(1, (os.cpu_count() or 2) - 2)))
+    errors = precompile(jobs)
     bundle = dict(device=torch.cuda.get_device_name(), compile_s=round(time.time() - t0, 1),
                   compile_failures=errors, ceilings=measure_ceilings(), cases={},
                   old_configs={k: c.to_dict() for k, c in current.items()})
@@ -426,7 +444,7 @@ def probe_large(out_path: str, budget_s: float, search: bool, baseline: dict | N
             continue
         shape, fp8 = SHAPES[key], dtype == "fp8"
         w = make_weights(shape, fp8)
-        inputs = [make_inputs(shape, m, 1000 + r) for r in range(2)]  # as benchmarks/kernels.py (2 rotations)
+        inputs = rotating_inputs(shape, m, fp8)  # 2 routings: every PROBE_CASES call touches > 4x L2
         roof_us = roofline_us(shape, fp8, inputs, ISSUE_TBS, ISSUE_FP8_TFLOPS if fp8 else ISSUE_TFLOPS)
         log = {}
         new = _search_case(shape, fp8, m, bms, w, current[name], log, "\n".join(errors)) if search else table[name]

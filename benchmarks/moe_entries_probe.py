@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from kernels_moe_tune import _whole_us, precompile, roofline_us  # noqa: E402
+from kernels_moe_tune import alternate_us, precompile, roofline_us, unique_jobs  # noqa: E402
 
 from kernels import SHAPES, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 from moeserve.kernels.moe_configs import GemmConfig as G  # noqa: E402
@@ -80,27 +80,26 @@ def _table(shape_key: str, dtype: str, m: int) -> MoEConfig:
     return get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8")
 
 
-def _time_case(key: str, dtype: str, m: int, ceilings: dict, memset: bool) -> tuple[dict, list[str]]:
-    """(row for the JSON, labels of variants that failed) for one case."""
+def _time_case(key: str, dtype: str, m: int, variants: dict[str, tuple[MoEConfig, bool]],
+               ceilings: dict) -> tuple[dict, list[str]]:
+    """(row for the JSON, "case label" of each variant that failed) for one case and its `_variants`."""
     name = f"{key}:{dtype}:{m}"
     shape, fp8 = SHAPES[key], dtype == "fp8"
     w = make_weights(shape, fp8)
     inputs = rotating_inputs(shape, m, fp8)
     roof = roofline_us(shape, fp8, inputs, ceilings["copy_tbs"],
                        ceilings["fp8_tflops"] if fp8 else ceilings["bf16_tflops"])
-    variants = _variants(name, _table(key, dtype, m), memset)
-    runs: dict[str, list[float]] = {label: [] for label in variants}
-    failed = []
-    for _ in range(REPEATS):
-        for label, (cfg, zeroed) in variants.items():
-            align_mod.completion_counters = _fresh_zeros if zeroed else _counters
-            try:
-                runs[label].append(round(_whole_us(w, inputs, cfg), 2))
-            except Exception as exc:  # noqa: BLE001 - reported, and the exit status says so
-                runs[label].append(float("nan"))
-                failed.append(f"{name} {label}")
-                print(f"{name} {label}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-    align_mod.completion_counters = _counters
+
+    def swap_counters(label: str) -> None:  # the align's scratch: zeroed by a memset launch, or the counters
+        align_mod.completion_counters = _fresh_zeros if variants[label][1] else _counters
+
+    bad: list[str] = []
+    try:
+        runs = alternate_us(w, inputs, {label: cfg for label, (cfg, _) in variants.items()}, REPEATS,
+                            before=swap_counters, failed=bad)
+    finally:
+        align_mod.completion_counters = _counters
+    runs = {label: [round(us, 2) for us in v] for label, v in runs.items()}
     row = dict(roofline_us=roof, variants={})
     for label, (cfg, zeroed) in variants.items():
         med = statistics.median(runs[label])
@@ -108,7 +107,7 @@ def _time_case(key: str, dtype: str, m: int, ceilings: dict, memset: bool) -> tu
         print(f"| {name} | {label} | {med:.1f} | {runs[label]} | {roof / med:.3f} |", flush=True)
     del w
     torch.cuda.empty_cache()
-    return row, failed
+    return row, [f"{name} {label}" for label in bad]
 
 
 def main() -> None:
@@ -118,10 +117,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/out/moe_entries.json")
     args = parser.parse_args()
     cases = [(k, d, int(m)) for k, d, m in (c.split(":") for c in args.cases.split(","))]
+    plan = {(key, dtype, m): _variants(f"{key}:{dtype}:{m}", _table(key, dtype, m), args.memset)
+            for key, dtype, m in cases}
     t0 = time.time()
-    jobs = [(key, dtype == "fp8", cfg.block_m, "whole", cfg) for key, dtype, m in cases
-            for cfg, _ in _variants(f"{key}:{dtype}:{m}", _table(key, dtype, m), False).values()]
-    errors = precompile(list(dict.fromkeys(jobs)), 14)
+    # A memset variant runs its config's kernels: unique_jobs keeps one job per compiled kernel.
+    errors = precompile(unique_jobs([(key, dtype == "fp8", cfg.block_m, "whole", cfg)
+                                     for (key, dtype, _), variants in plan.items() for cfg, _ in variants.values()]))
     print(f"compiled in {time.time() - t0:.0f} s; failures: {errors}", flush=True)
     ceilings = measure_ceilings()
     bundle = dict(device=torch.cuda.get_device_name(), ceilings=ceilings, compile_failures=errors, cases={})
@@ -129,8 +130,8 @@ def main() -> None:
     print("| case | variant | µs (median) | runs | frac |")
     print("|---|---|---:|---|---:|")
     failed = list(errors)
-    for key, dtype, m in cases:
-        bundle["cases"][f"{key}:{dtype}:{m}"], bad = _time_case(key, dtype, m, ceilings, args.memset)
+    for (key, dtype, m), variants in plan.items():
+        bundle["cases"][f"{key}:{dtype}:{m}"], bad = _time_case(key, dtype, m, variants, ceilings)
         failed += bad
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from kernels_moe_tune import (  # noqa: E402
+    COMPILE_WORKERS,
     PROBE_CASES,
     REPEATS,
     _whole_us,
@@ -34,7 +35,7 @@ from kernels_moe_tune import (  # noqa: E402
     unique_jobs,
 )
 
-from kernels import SHAPES, make_inputs, make_weights, measure_ceilings  # noqa: E402
+from kernels import SHAPES, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 from moeserve.kernels.moe_configs import GemmConfig, MoEConfig, get_config  # noqa: E402
 
 CASES = [(key, dtype, m) for key, dtype, m, _ in PROBE_CASES]  # the M >= 512 misses of issue 6
@@ -98,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/out/moe_tma_probe.json")
     parser.add_argument("--budget-s", type=float, default=300.0)
-    parser.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--workers", type=int, default=COMPILE_WORKERS)
     parser.add_argument("--wide", action="store_true", help="per-GEMM tile search under TMA loads")
     args = parser.parse_args()
     t0 = time.time()
@@ -124,7 +125,7 @@ def main() -> None:
             continue
         shape, fp8 = SHAPES[key], dtype == "fp8"
         w = make_weights(shape, fp8)
-        inputs = [make_inputs(shape, m, 1000 + r) for r in range(2)]
+        inputs = rotating_inputs(shape, m, fp8)  # 2 routings: every case's call touches > 4x L2
         roof_us = roofline_us(shape, fp8, inputs, ceil["copy_tbs"], ceil["fp8_tflops" if fp8 else "bf16_tflops"])
         row = dict(roofline_us=roof_us, us={}, frac={})
         for label, cfg in vs.items():

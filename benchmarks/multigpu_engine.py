@@ -17,7 +17,6 @@ the tiny fp32 tests (`pytest -m multigpu`) are the strict check. Prints a table 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -29,28 +28,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from offline_gpu import build_checkpoint, random_prompts  # noqa: E402
+from offline_gpu import build_checkpoint, engine_options, free, random_prompts  # noqa: E402
 
 log = logging.getLogger("multigpu_engine")
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def run(path: Path, prompts: list[list[int]], args, device: torch.device, **options) -> dict:
-    """One engine (one rank, or R through Ray when options ask for it) over the prompts, from a cold start."""
+def run(path: Path, prompts: list[list[int]], warm: list[list[int]], args, device: torch.device,
+        **options) -> dict:
+    """One engine (one rank, or R through Ray when options ask for it) over the prompts, from a cold start, after
+    a short greedy warm-up over `warm`."""
     from moeserve import LLM, SamplingParams
 
-    llm = LLM(
-        str(path), device=device.type, dtype="auto" if device.type == "cuda" else "float32",
-        max_model_len=args.input_len + args.output_len + 64, max_num_seqs=max(args.num_requests, 64),
-        max_num_batched_tokens=args.max_num_batched_tokens, **options,
-    )
+    llm = LLM(str(path), **engine_options(args, device), **options)
     try:
-        warm = random_prompts(min(16, args.num_requests), args.input_len, args.vocab, seed=999)
         llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
         params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
         t0 = time.perf_counter()
@@ -67,26 +57,27 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     path = Path(args.ckpt_dir) / name
     hf = build_checkpoint(name, args.layers, path, device, dtype, args.tiny)
-    args.vocab = hf.config.vocab_size
+    vocab = hf.config.vocab_size
     del hf
     free(device)
-    prompts = random_prompts(args.num_requests, args.input_len, args.vocab, seed=0)
+    prompts = random_prompts(args.num_requests, args.input_len, vocab, seed=0)
+    warm = random_prompts(min(16, args.num_requests), args.input_len, vocab, seed=999)
     out_tokens = args.num_requests * args.output_len
-    base = run(path, prompts, args, device)
+    base = run(path, prompts, warm, args, device)
     rows = [dict(setup="1 GPU", ranks=1, seconds=base["seconds"], same=args.num_requests)]
     for dispatcher in args.dispatchers.split(","):
         for tbo in args.tbo:
+            setup = f"{dispatcher}, TBO {'on' if tbo else 'off'}"
             options = dict(data_parallel_size=args.ranks, expert_parallel_size=args.ranks, moe_dispatcher=dispatcher,
                            enable_tbo=tbo, async_scheduling=args.async_scheduling)
             try:
-                got = run(path, prompts, args, device, **options)
+                got = run(path, prompts, warm, args, device, **options)
             except Exception as exc:  # report and go on with the next setting
-                log.exception("%s %s tbo=%s failed", name, dispatcher, tbo)
-                rows.append(dict(setup=f"{dispatcher}, TBO {'on' if tbo else 'off'}", error=repr(exc)))
+                log.exception("%s %s failed", name, setup)
+                rows.append(dict(setup=setup, error=repr(exc)))
                 continue
             same = sum(a == b for a, b in zip(got["tokens"], base["tokens"]))
-            rows.append(dict(setup=f"{dispatcher}, TBO {'on' if tbo else 'off'}", ranks=args.ranks,
-                             seconds=got["seconds"], same=same))
+            rows.append(dict(setup=setup, ranks=args.ranks, seconds=got["seconds"], same=same))
     for row in rows:
         if "seconds" in row:
             row["output_tok_s"] = out_tokens / row["seconds"]

@@ -126,6 +126,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def free(device: torch.device) -> None:
+    """Collect dropped models and engines now and, on a GPU, hand their cached blocks back to the driver, so the
+    next run starts with the memory free."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def engine_options(args, device: torch.device) -> dict:
+    """The `LLM` options every engine of these benchmarks shares: the checkpoint's bf16 on a GPU, fp32 on a CPU;
+    room for a prompt, its output and a margin; every request in one batch (at least 64)."""
+    return dict(
+        device=device.type,
+        dtype="auto" if device.type == "cuda" else "float32",
+        max_model_len=args.input_len + args.output_len + 64,
+        max_num_seqs=max(args.num_requests, 64),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+
+
 def time_ms(fn, device: torch.device, reps: int) -> float:
     """Median time of fn() in ms: CUDA events on a GPU, the host clock on a CPU (after one warm-up)."""
     fn()
@@ -218,8 +238,7 @@ def run_transformers(model, prompts, output_len: int, device: torch.device, batc
             return dict(seconds=time.perf_counter() - t0, batch=batch, tokens=outs)
         except torch.OutOfMemoryError:
             log.warning("transformers: batch %d does not fit, halving", batch)
-            gc.collect()
-            torch.cuda.empty_cache()
+            free(device)
     raise RuntimeError("transformers did not fit any batch size")
 
 
@@ -417,18 +436,12 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
         hf_run = run_transformers(hf, prompts, args.output_len, device, batches)
         result["transformers"] = {k: v for k, v in hf_run.items() if k != "tokens"}
     del hf
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free(device)
 
     t0 = time.perf_counter()
     llm = LLM(
         str(path),
-        device=device.type,
-        dtype="auto" if device.type == "cuda" else "float32",
-        max_model_len=args.input_len + args.output_len + 64,
-        max_num_seqs=max(args.num_requests, 64),
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        **engine_options(args, device),
         enable_cuda_graphs=not args.no_graphs,
         attention_backend=args.attention_backend,
         expert_kernel=args.expert_kernel,
@@ -468,9 +481,7 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
                 total_tok_s=args.num_requests * (args.input_len + args.output_len) / s,
             )
     del llm, runner
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free(device)
     shutil.rmtree(path, ignore_errors=True)
     return result
 
@@ -578,9 +589,7 @@ def main() -> None:
         except Exception:  # report and go on with the next model
             log.exception("%s failed", name)
             failed.append(name)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free(device)
             continue
         (out / f"{name}.json").write_text(
             json.dumps(

@@ -78,17 +78,16 @@ def init_distributed(
     return DistGroups(rank, world_size, backend, device, dist.group.WORLD, cpu_group, ep_group, eplb_group)
 
 
-def ep_group_options(backend: str, timeout: timedelta,
-                     high_priority: bool = True) -> dist.ProcessGroupNCCL.Options | None:
+def ep_group_options(backend: str, timeout: timedelta) -> dist.ProcessGroupNCCL.Options | None:
     """Options for the EP group (None for gloo): with NCCL its collectives run on a high-priority stream, so that
     under two-batch overlap their kernels are scheduled ahead of the other micro-batch's compute kernels rather
-    than queued behind them (benchmarks/ep_overlap.py --normal-priority-too times both). The EPLB group keeps
-    normal priority: weight moves must not delay serving. timeout: the group's (torch warns when the options'
-    own timeout differs from new_group's)."""
+    than queued behind them. The EPLB group keeps normal priority: weight moves must not delay serving
+    (benchmarks/ep_overlap.py --normal-priority-too times the EP steps over the EPLB group to compare the two).
+    timeout: the group's (torch warns when the options' own timeout differs from new_group's)."""
     if backend != "nccl":
         return None
     options = dist.ProcessGroupNCCL.Options()
-    options.is_high_priority_stream = high_priority
+    options.is_high_priority_stream = True
     options._timeout = timeout
     return options
 

@@ -118,11 +118,11 @@ def _dedup(row: torch.Tensor) -> torch.Tensor:
     return torch.tensor(out)
 
 
-def expected_received(kind, rank, world_size, dtype) -> torch.Tensor:
-    """Rows this rank must receive: each source rank's tokens with a choice here, in (source, token) order."""
+def expected_received(kind, rank, world_size, all_inputs) -> torch.Tensor:
+    """Rows this rank must receive: each source rank's tokens with a choice here, in (source, token) order.
+    all_inputs: every rank's `scenario_inputs`, by rank."""
     rows = []
-    for src in range(world_size):
-        x, ids, _ = scenario_inputs(kind, src, world_size, dtype)
+    for src, (x, ids, _) in enumerate(all_inputs):
         pl = placement_for(kind, src, world_size)
         phys = pl.to_physical(0, ids).long()
         here = ((phys // pl.num_local_slots == rank) & (phys >= 0)).any(dim=1)
@@ -141,18 +141,19 @@ def run_scenarios(rank: int, world_size: int, ep_group) -> None:
     ]:
         w13, w2 = expert_weights(dtype=dtype)
         placement = placement_for(kind, rank, world_size)
-        x, ids, weights = scenario_inputs(kind, rank, world_size, dtype)
+        all_inputs = [scenario_inputs(kind, src, world_size, dtype) for src in range(world_size)]
+        x, ids, weights = all_inputs[rank]
         ref = torch_experts(x, w13, w2, weights, ids)
         w13_local, w2_local = local_expert_weights(placement, w13, w2)
         where = f"scenario {kind}/{dtype} on rank {rank} of {world_size}"
-        sources = [scenario_inputs(kind, src, world_size, dtype)[0] for src in range(world_size)]
+        sources = [inputs[0] for inputs in all_inputs]
         check_all_gather(ep_group, placement, (x, ids, weights), sources, (w13_local, w2_local), ref, tol, where)
         dispatcher = TorchAllToAllDispatcher(ep_group, placement.num_local_slots)
         y, received = ep_moe(dispatcher, placement, 0, x, ids, weights, w13_local, w2_local)
         assert y.shape == ref.shape and y.dtype == dtype, where
         torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol, msg=where)
         # Each token arrives at most once per rank, and only where one of its choices lives.
-        assert torch.equal(received.hidden, expected_received(kind, rank, world_size, dtype)), where
+        assert torch.equal(received.hidden, expected_received(kind, rank, world_size, all_inputs)), where
         assert_local_slots(received.topk_ids, placement, where)
         assert bool((received.topk_ids >= 0).any(dim=1).all()), where
         if kind == "redundant":

@@ -192,17 +192,20 @@ def _check_layout(routing, ids: torch.Tensor, num_experts: int, block_m: int) ->
             p for we, ps in want if we == e for p in ps)
 
 
-def _check_align_twice(moe_align, ids: torch.Tensor, num_experts: int, block_m: int, method: str | None) -> None:
+def _check_align_twice(ids: torch.Tensor, num_experts: int, block_m: int, method: str | None):
     """Two layouts in a row, of ids and of another routing with other per-expert counts, are both right, and the
-    completion counters (the scatter path's scratch) are all 0 after each."""
+    completion counters (the scatter path's scratch) are all 0 after each. Returns ids' layout."""
     from moeserve.kernels.counters import completion_counters
+    from moeserve.kernels.moe_align import moe_align
 
     num_tokens, top_k = ids.shape
     other = random_routing(num_tokens, num_experts, top_k, seed=num_tokens + 1, device=str(ids.device))[1]
+    layouts = []
     for routing_ids in (ids, other):
-        _check_layout(moe_align(routing_ids, num_experts, block_m, method=method), routing_ids.cpu(), num_experts,
-                      block_m)
+        layouts.append(moe_align(routing_ids, num_experts, block_m, method=method))
+        _check_layout(layouts[-1], routing_ids.cpu(), num_experts, block_m)
         assert not completion_counters(ids.device, 1).any(), "moe_align left a completion counter nonzero"
+    return layouts[0]
 
 
 @interp
@@ -210,11 +213,8 @@ def _check_align_twice(moe_align, ids: torch.Tensor, num_experts: int, block_m: 
                          [(1, 4, 2, 16), (37, 6, 3, 16), (50, 9, 4, 32), (70, 5, 4, 16)])
 @pytest.mark.parametrize("method", ["single", "ranked", "scatter"])
 def test_interp_align_layout(num_tokens, num_experts, top_k, block_m, method):
-    from moeserve.kernels.moe_align import moe_align
-
     _, ids = random_routing(num_tokens, num_experts, top_k, skip_expert=1, seed=num_tokens)
-    _check_align_twice(moe_align, ids, num_experts, block_m, method)
-    routing = moe_align(ids, num_experts, block_m, method=method)
+    routing = _check_align_twice(ids, num_experts, block_m, method)
     if method == "ranked":  # no atomics: each expert's slots hold its pairs in increasing order
         for b, r in enumerate(routing.block_rows.tolist()):
             got = routing.sorted_ids[b * block_m: b * block_m + r].tolist()
@@ -487,10 +487,8 @@ def test_gpu_fp8_act_quant_in_epilogue_equals_separate_launch(name, m, pairs, mo
     *(pytest.param(1500, 128, 8, 32, m, id=m) for m in ("single", "ranked", "scatter")),
 ])
 def test_gpu_large_align_layout(num_tokens, num_experts, top_k, block_m, method):
-    from moeserve.kernels.moe_align import moe_align
-
     _, ids = random_routing(num_tokens, num_experts, top_k, skip_expert=5, device="cuda")
-    _check_align_twice(moe_align, ids, num_experts, block_m, method)
+    _check_align_twice(ids, num_experts, block_m, method)
 
 
 GRAPH_CASES = {

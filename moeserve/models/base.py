@@ -48,6 +48,11 @@ class ModelContext:
     # The dispatcher of the second two-batch-overlap micro-batch (None: share `dispatcher`).
     tbo_dispatcher: Dispatcher | None = None
 
+    @property
+    def dispatchers(self) -> tuple[Dispatcher, Dispatcher]:
+        """The instance each two-batch-overlap micro-batch uses (the same one twice without a second)."""
+        return self.dispatcher, self.tbo_dispatcher or self.dispatcher
+
     @classmethod
     def single_device(
         cls,

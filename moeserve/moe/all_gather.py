@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from moeserve.forward_batch import ForwardMode
 from moeserve.moe.dispatcher import CollectiveDispatcher, DispatchOutput
@@ -84,11 +85,10 @@ class AllGatherDispatcher(CollectiveDispatcher):
         assert hidden.shape[0] == num_tokens, "hidden and topk_ids disagree on the number of tokens"
         capacity = self._capacity(num_tokens, hidden.device)
         # Padding rows are zero, with no choices (-1) and zero weights: finite and never computed.
-        send = hidden.new_zeros(capacity, hidden.shape[1])
-        send[:num_tokens] = hidden
-        meta = torch.zeros(capacity, 2 * top_k, dtype=torch.int32, device=hidden.device)
-        meta[:, :top_k] = -1
-        meta[:num_tokens] = self.pack_routing(topk_ids.to(hidden.device), topk_weights.to(hidden.device))
+        pad = (0, 0, 0, capacity - num_tokens)
+        send = F.pad(hidden, pad)
+        meta = self.pack_routing(F.pad(topk_ids.to(hidden.device), pad, value=-1),
+                                 F.pad(topk_weights.to(hidden.device), pad))
         recv_hidden = send.new_empty(self.ep_size * capacity, hidden.shape[1])
         recv_meta = meta.new_empty(self.ep_size * capacity, 2 * top_k)
         works = [

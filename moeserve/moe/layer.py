@@ -106,8 +106,7 @@ class MoELayer(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.routing = routing
         self.placement, self.dispatcher, self.expert_kernel = placement, ctx.dispatcher, ctx.expert_kernel
-        # One dispatcher instance per two-batch-overlap micro-batch.
-        self.dispatchers = (ctx.dispatcher, ctx.tbo_dispatcher or ctx.dispatcher)
+        self.dispatchers = ctx.dispatchers  # one instance per two-batch-overlap micro-batch
         self.set_local_experts(placement.local_logical_experts(layer_idx))
         self.expert_proj_names = expert_proj_names
 

@@ -249,7 +249,7 @@ class ModelRunner:
         """Tell the dispatchers this step's mode and the most tokens any rank sends through each: the largest
         rank's count, or with TBO and a second instance, each micro-batch's largest (micro-batch k uses the
         k-th instance; without a second instance both use the first, as `MoELayer` does)."""
-        first, second = self.ctx.dispatcher, self.ctx.tbo_dispatcher or self.ctx.dispatcher
+        first, second = self.ctx.dispatchers
         most = max(plan.tokens_per_rank) if plan is not None else None
         if second is first:
             first.begin_step(mode, most)
