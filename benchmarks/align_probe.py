@@ -43,7 +43,8 @@ def main() -> None:
     shape = SHAPES["qwen3"]
     rows = []
     for m in (512, 2048):
-        cfg = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, False)
+        cfg = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, False,
+                         global_experts=shape.global_experts)
         ids = [make_inputs(shape, m, 1000 + r)[2] for r in range(8)]
         for variant in VARIANTS:
             use(variant)

@@ -156,7 +156,8 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
     groups = init_distributed(rank, args.ranks, f"file://{init_file}", backend=args.backend, device_index=rank)
     device = groups.device
     layers, x = random_layers(args, device, rank)
-    experts = create_expert_kernel("auto", device)  # Triton's fused MoE on a GPU, the torch loop on a CPU
+    # Triton's fused MoE on a GPU (block sizes: the global expert count's table), the torch loop on a CPU
+    experts = create_expert_kernel("auto", device, num_experts=args.experts)
     # The EP group of init_distributed (NCCL: collectives on a high-priority stream) and, on request, a group
     # on a normal-priority stream: the EPLB group, which init_distributed builds over the same ranks, backend
     # and timeout at normal priority. Their steps are timed in turn on every repeat.

@@ -10,7 +10,8 @@ graph replay), achieved TB/s and TFLOP/s, the fraction of roofline, and the pure
 Roofline = max(bytes / copy bandwidth, FLOPs / matmul rate), where bytes = weights (and fp8 scales) of the
 experts that received at least one valid choice + hidden in + output out + routing, and FLOPs = 6 * H * I per
 valid (token, expert) pair. Routing: random top-k without replacement, uniform over all experts of the model;
-for DeepSeek-V3 one EP-8 rank holds experts 0..31 of 256, so choices of other ranks' experts become -1. Each
+for DeepSeek-V3 one EP-8 rank holds experts 0..31 of 256 (the qwen3-ep* shapes likewise), so choices of other
+ranks' experts become -1, and fused_moe is told the global count (`get_config`'s global_experts). Each
 timing cycles through several routings (and hidden states) so the touched experts are not served from L2.
 
 --tune searches block sizes per (shape, M) first (benchmarks/kernels_moe_tune.py), writes the tables under
@@ -56,6 +57,11 @@ SHAPES = {
     "qwen3": MoEShape("qwen3-30b-a3b", 128, 128, 8, 2048, 768),
     "deepseek": MoEShape("deepseek-v3-ep8-rank", 32, 256, 8, 7168, 2048),
     "mixtral": MoEShape("mixtral-8x7b", 8, 8, 2, 4096, 14336),
+    # One rank of Qwen3-30B-A3B under expert parallelism 2/4/8, with the all-gather dispatcher's rows (all M
+    # tokens, other ranks' choices -1). Without an E64/E32/E16 table they take the E128 table's entries.
+    "qwen3-ep2": MoEShape("qwen3-30b-a3b-ep2-rank", 64, 128, 8, 2048, 768),
+    "qwen3-ep4": MoEShape("qwen3-30b-a3b-ep4-rank", 32, 128, 8, 2048, 768),
+    "qwen3-ep8": MoEShape("qwen3-30b-a3b-ep8-rank", 16, 128, 8, 2048, 768),
 }
 
 
@@ -145,12 +151,12 @@ def bench_case(shape: MoEShape, weights: dict, m: int, fp8: bool, ceilings: dict
 
     def run_all():
         for hidden, tw, ids in sets:
-            fused_moe(hidden, weights["w13"], weights["w2"], tw, ids,
-                      w13_scale=weights.get("w13_scale"), w2_scale=weights.get("w2_scale"))
+            fused_moe(hidden, weights["w13"], weights["w2"], tw, ids, w13_scale=weights.get("w13_scale"),
+                      w2_scale=weights.get("w2_scale"), global_experts=shape.global_experts)
 
     hidden, tw, ids = sets[0]
-    out = fused_moe(hidden, weights["w13"], weights["w2"], tw, ids,
-                    w13_scale=weights.get("w13_scale"), w2_scale=weights.get("w2_scale"))
+    out = fused_moe(hidden, weights["w13"], weights["w2"], tw, ids, w13_scale=weights.get("w13_scale"),
+                    w2_scale=weights.get("w2_scale"), global_experts=shape.global_experts)
     ref_fn = lambda: moe_reference(hidden, weights["w13"], weights["w2"], tw, ids,  # noqa: E731
                                    w13_scale=weights.get("w13_scale"), w2_scale=weights.get("w2_scale"))
     ref = ref_fn()

@@ -428,7 +428,8 @@ def probe_large(out_path: str, budget_s: float, search: bool, baseline: dict | N
     for key, dtype, m, _ in PROBE_CASES:
         s = SHAPES[key]
         name = f"{key} {dtype} {m}"
-        table[name] = get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8")
+        table[name] = get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8",
+                                 global_experts=s.global_experts)
         current[name] = MoEConfig.from_dict(baseline[name]) if baseline else table[name]
     jobs = probe_jobs(current) if search else [
         (key, dtype == "fp8", c.block_m, "whole", c) for key, dtype, m, _ in PROBE_CASES

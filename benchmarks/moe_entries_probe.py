@@ -1,7 +1,13 @@
 """Fused-MoE table entries against their neighbours' tiles and nearby tiles; optionally the count + scatter align
 with the memset launch that zeroed its scratch before session 7.
 
-    python benchmarks/moe_entries_probe.py [--cases qwen3:bf16:512,...] [--memset] [--out F.json]
+    python benchmarks/moe_entries_probe.py [--cases default|ep|qwen3:bf16:512,...] [--memset] [--out F.json]
+
+A case is shape key:dtype:M (shape keys of `kernels.SHAPES`); `--cases default` is CASES, `--cases ep` is
+EP_CASES: one Qwen3-30B-A3B rank at expert parallelism 2/4/8 (64/32/16 of 128 experts, all-gather rows).
+Without a table of its own such a rank takes the E128 table's entry (`get_config`'s global_experts); its
+cases also time "heuristic" (the `default_config` pick, what the code took before that lookup existed) and,
+once a local table exists, "unsharded table".
 
 Whole `fused_moe` calls under CUDA-graph replay over the routings `kernels.rotating_inputs` gives: each case's
 table entry and the configs of EXTRA, timed alternately REPEATS times so clock drift hits all alike; fractions
@@ -28,7 +34,13 @@ from kernels_moe_tune import alternate_us, precompile, roofline_us, unique_jobs 
 
 from kernels import SHAPES, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 from moeserve.kernels.moe_configs import GemmConfig as G  # noqa: E402
-from moeserve.kernels.moe_configs import MoEConfig, get_config  # noqa: E402
+from moeserve.kernels.moe_configs import (  # noqa: E402
+    MoEConfig,
+    default_config,
+    get_config,
+    load_table,
+    table_name,
+)
 
 # The module, not the function `moeserve.kernels.moe_align` the package exports under the same name.
 align_mod = importlib.import_module("moeserve.kernels.moe_align")
@@ -36,6 +48,11 @@ align_mod = importlib.import_module("moeserve.kernels.moe_align")
 # Where the Qwen3 bf16 entries (128: block_m 16; 256: block_m 32; 512: block_m 64) meet under the nearest-M
 # lookup, and the two M=512 cases the entries were chosen on.
 CASES = "qwen3:bf16:192,qwen3:bf16:224,qwen3:bf16:384,qwen3:bf16:768,qwen3:bf16:512,qwen3:fp8:512"
+# Qwen3 EP ranks: the E128 table's entry against the heuristic they took before (M = all-gather rows).
+EP_CASES = ("qwen3-ep2:bf16:256,qwen3-ep2:bf16:1024,qwen3-ep2:bf16:4096,"
+            "qwen3-ep4:bf16:512,qwen3-ep4:bf16:2048,"
+            "qwen3-ep8:bf16:512,qwen3-ep8:bf16:2048,qwen3-ep8:bf16:8192,qwen3-ep8:fp8:2048")
+CASE_SETS = {"default": CASES, "ep": EP_CASES}
 _BM16 = MoEConfig(16, G(32, 256, 1, 4, 3), G(128, 128, 1, 4, 3))  # the bf16 table's M=128 entry
 _BM32 = MoEConfig(32, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 3))  # its M=256 entry (M=512 before session 7)
 _BM64 = MoEConfig(64, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 4))  # its M=512 entry
@@ -65,19 +82,46 @@ def _fresh_zeros(device: torch.device, count: int) -> torch.Tensor:
     return torch.zeros(count, dtype=torch.int32, device=device)
 
 
-def _variants(key: str, table: MoEConfig, memset: bool) -> dict[str, tuple[MoEConfig, bool]]:
-    """label -> (config, align scratch zeroed by a memset launch) for a case."""
+def parse_cases(spec: str) -> list[tuple[str, str, int]]:
+    """--cases: "default", "ep" or a comma list of shape key:dtype:M -> [(shape key, dtype, M)]."""
+    spec = CASE_SETS.get(spec, spec)
+    cases = [c.split(":") for c in spec.split(",")]
+    bad = [":".join(c) for c in cases if len(c) != 3 or c[0] not in SHAPES or c[1] not in ("bf16", "fp8")
+           or not c[2].isdigit()]
+    if bad:
+        raise SystemExit(f"moe_entries_probe: bad case(s) {bad}; a case is key:dtype:M with key one of "
+                         f"{sorted(SHAPES)} and dtype bf16 or fp8, or --cases {' or '.join(CASE_SETS)}")
+    return [(k, d, int(m)) for k, d, m in cases]
+
+
+def _variants(shape_key: str, dtype: str, m: int, memset: bool) -> dict[str, tuple[MoEConfig, bool]]:
+    """label -> (config, align scratch zeroed by a memset launch) for a case: its table entry, EXTRA's configs
+    and, for a rank holding a share of the experts of a model with an unsharded table: "heuristic" (the `default_config` pick for the local
+    count) and, once the rank has a table of its own, "unsharded table" (the global count's entry, which
+    `get_config` takes where the local table is missing)."""
+    s, fp8 = SHAPES[shape_key], dtype == "fp8"
+    configs = {"table": _table(shape_key, dtype, m), **EXTRA.get(f"{shape_key}:{dtype}:{m}", {})}
+    if s.num_experts != s.global_experts and load_table(table_name(s.global_experts, s.hidden, s.inter, fp8)):
+        configs["heuristic"] = default_config(m, s.num_experts, s.hidden, s.inter, s.top_k, fp8)
+        if load_table(table_name(s.num_experts, s.hidden, s.inter, fp8)):
+            configs["unsharded table"] = get_config(m, s.global_experts, s.hidden, s.inter, s.top_k, fp8)
     out = {}
-    for label, cfg in {"table": table, **EXTRA.get(key, {})}.items():
+    for label, cfg in configs.items():
         out[label] = (cfg, False)
         if memset:
             out[f"{label}, memset"] = (cfg, True)
     return out
 
 
+def build_plan(cases: list[tuple[str, str, int]], memset: bool) -> dict[tuple[str, str, int], dict]:
+    """(shape key, dtype, M) -> `_variants`; no GPU needed."""
+    return {(key, dtype, m): _variants(key, dtype, m, memset) for key, dtype, m in cases}
+
+
 def _table(shape_key: str, dtype: str, m: int) -> MoEConfig:
     s = SHAPES[shape_key]
-    return get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8")
+    return get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8",
+                      global_experts=s.global_experts)
 
 
 def _time_case(key: str, dtype: str, m: int, variants: dict[str, tuple[MoEConfig, bool]],
@@ -111,14 +155,13 @@ def _time_case(key: str, dtype: str, m: int, variants: dict[str, tuple[MoEConfig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cases", default=CASES)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="default",
+                        help="default (CASES), ep (EP_CASES) or a comma list of shape key:dtype:M")
     parser.add_argument("--memset", action="store_true", help="also time each variant with the memset align")
     parser.add_argument("--out", default="benchmarks/out/moe_entries.json")
     args = parser.parse_args()
-    cases = [(k, d, int(m)) for k, d, m in (c.split(":") for c in args.cases.split(","))]
-    plan = {(key, dtype, m): _variants(f"{key}:{dtype}:{m}", _table(key, dtype, m), args.memset)
-            for key, dtype, m in cases}
+    plan = build_plan(parse_cases(args.cases), args.memset)
     t0 = time.time()
     # A memset variant runs its config's kernels: unique_jobs keeps one job per compiled kernel.
     errors = precompile(unique_jobs([(key, dtype == "fp8", cfg.block_m, "whole", cfg)

@@ -53,7 +53,8 @@ def search_tiles(ceilings: dict) -> list[dict]:
     w = make_weights(shape, True)
     inputs = [make_inputs(shape, m, 1000 + r) for r in range(8)]
     roof = roofline_us(shape, True, inputs, ceilings["copy_tbs"], ceilings["fp8_tflops"])
-    variants = tile_variants(get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, True))
+    variants = tile_variants(get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, True,
+                                        global_experts=shape.global_experts))
     ok = {}
     for label, cfg in variants.items():  # a variant that fails to compile or run drops out
         try:
@@ -81,7 +82,8 @@ def compare_act_quant(ceilings: dict) -> list[dict]:
         shape = SHAPES[key]
         w = make_weights(shape, True)
         inputs = rotating_inputs(shape, m, True)
-        cfg = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, True)
+        cfg = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, True,
+                         global_experts=shape.global_experts)
         runs = alternate_us(w, inputs, {"fused": cfg, "separate": dataclasses.replace(cfg, fuse_act_quant=False)},
                             REPEATS)
         roof = roofline_us(shape, True, inputs, ceilings["copy_tbs"], ceilings["fp8_tflops"])

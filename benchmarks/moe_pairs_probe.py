@@ -40,7 +40,8 @@ def main() -> None:
             hidden, tw, ids = make_inputs(shape, m, 2000 + r)
             ids[real:] = -1
             inputs.append((hidden, tw, ids))
-        table = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, False)
+        table = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, False,
+                           global_experts=shape.global_experts)
         for label, cfg in {"table": table, **pairs_candidates()}.items():
             us = _whole_us(w, inputs, cfg, rep=20)
             rows.append(dict(m=m, real=real, config=label, pairs=cfg.pairs, us=us))

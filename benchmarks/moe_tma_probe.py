@@ -106,7 +106,8 @@ def main() -> None:
     plan = {}
     for key, dtype, m in WIDE_CASES if args.wide else CASES:
         s = SHAPES[key]
-        table = get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8")
+        table = get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8",
+                           global_experts=s.global_experts)
         plan[(key, dtype, m)] = wide_variants(table, dtype) if args.wide else variants(table)
     jobs = unique_jobs([(key, dtype == "fp8", c.block_m, "whole", c)
                         for (key, dtype, _), vs in plan.items() for c in vs.values()])

@@ -224,7 +224,8 @@ def _check_inputs(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) 
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
-              w2_scale: torch.Tensor | None = None, config: MoEConfig | None = None) -> torch.Tensor:
+              w2_scale: torch.Tensor | None = None, config: MoEConfig | None = None,
+              global_experts: int | None = None) -> torch.Tensor:
     """Routed expert MLP, weighted and summed over top-k.
 
     hidden: [M, H] bf16/fp16/fp32; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]; both in hidden's
@@ -232,6 +233,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     ceil(I/128)] float32 (128x128 block scales, weight = q * scale; activations are then quantised per token
     per 128 channels inside); topk_weights: [M, k] float32; topk_ids: [M, k] int32, -1 = expert not here.
     config: block sizes (default: the tuned table for this shape, nearest M).
+    global_experts: the model's routed-expert count when w13 holds only this rank's share; without a table for
+    the local count the lookup then takes the one for this count (`get_config`). Unused with config.
     Returns [M, H] in hidden's dtype: sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(hidden[m])."""
     _check_inputs(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     num_tokens, hidden_size = hidden.shape
@@ -241,7 +244,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     if num_tokens == 0:
         return out
     fp8 = w13.dtype == FP8_DTYPE
-    cfg = config or get_config(num_tokens, num_experts, hidden_size, two_i // 2, top_k, fp8, w13.element_size())
+    cfg = config or get_config(num_tokens, num_experts, hidden_size, two_i // 2, top_k, fp8,
+                               w13.element_size(), global_experts=global_experts)
     if fp8 and (GROUP % cfg.gate_up.block_k or GROUP % cfg.down.block_k):
         raise ValueError(f"fused_moe: fp8 needs block_k dividing {GROUP}, got {cfg}")
     if cfg.pairs:

@@ -2,7 +2,8 @@
 
 A table lives in kernels/configs/E{E}_H{H}_I{I}_{bf16|fp8}.json and maps M (tokens in the call) to one
 `MoEConfig`; a call takes the entry whose M is nearest on a log scale. Tables are written by
-`python benchmarks/kernels.py --tune` on the target GPU.
+`python benchmarks/kernels.py --tune` on the target GPU. An expert-parallel rank without a table for its
+local expert count borrows the unsharded model's table (`get_config`'s global_experts).
 """
 
 from __future__ import annotations
@@ -144,10 +145,22 @@ def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, t
 
 @functools.lru_cache(maxsize=4096)
 def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
-               fp8: bool, elem_bytes: int | None = None) -> MoEConfig:
+               fp8: bool, elem_bytes: int | None = None, global_experts: int | None = None) -> MoEConfig:
     """Tuned entry nearest to num_tokens for this shape, else the heuristic; with elem_bytes (the operands'
-    bytes: fp8 1, bf16 2, fp32 4) fitted to shared memory (`fit_shared_memory`)."""
+    bytes: fp8 1, bf16 2, fp32 4) fitted to shared memory (`fit_shared_memory`).
+
+    num_experts: the experts this call's weights hold (w13.shape[0]); global_experts: the model's routed
+    expert count when they are only this rank's share under expert parallelism. Lookup order: the table for
+    num_experts (a table tuned for this rank's share, as E32_H7168_I2048 for a DeepSeek-V3 EP-8 rank, wins);
+    else, when global_experts is given and differs, the table for global_experts; else `default_config`.
+    Why the global table: with the all-gather dispatcher every rank sees all M tokens (choices held elsewhere
+    are -1), so under the uniform routing the tables are tuned on each local expert receives
+    M*k/global_experts pairs, the same as in the unsharded call at the same M. Caveat: with the all-to-all
+    dispatcher a rank's rows are only the tokens with at least one local choice, so M under-counts the pairs
+    per local expert by about P(a token has a local choice); the lookup still keys on M as given."""
     table = load_table(table_name(num_experts, hidden, inter, fp8))
+    if not table and global_experts is not None and global_experts != num_experts:
+        table = load_table(table_name(global_experts, hidden, inter, fp8))
     if table:
         cfg = nearest(table, num_tokens)
     else:

@@ -135,6 +135,109 @@ def test_config_tables_are_valid_and_pick_nearest_m():
         MoEConfig(16, GemmConfig(32, 64, loads="tma"), GemmConfig(64, 64), pairs="pair")
 
 
+def test_ep_rank_without_own_table_takes_global_table(monkeypatch, tmp_path):
+    """An EP rank of Qwen3-30B-A3B (64 of 128 experts) has no E64 table: given the global count it takes the
+    E128 entry nearest M (all-gather rows: the same pairs per expert as the unsharded call), else the heuristic.
+    A table for the local count keeps priority over the global one."""
+    from moeserve.kernels import moe_configs as mc
+
+    assert not mc.load_table(mc.table_name(64, 2048, 768, False)), "an E64 table now exists: pick another shape"
+    for fp8 in (False, True):
+        table = mc.load_table(mc.table_name(128, 2048, 768, fp8))
+        for m in (1, 200, 1024, 5000):
+            want = mc.nearest(table, m)
+            assert mc.get_config(m, 64, 2048, 768, 8, fp8, global_experts=128) == want
+            assert mc.get_config(m, 64, 2048, 768, 8, fp8, 2, global_experts=128) == mc.fit_shared_memory(want, 2)
+            heuristic = mc.default_config(m, 64, 2048, 768, 8, fp8)
+            assert mc.get_config(m, 64, 2048, 768, 8, fp8) == heuristic
+            assert mc.get_config(m, 64, 2048, 768, 8, fp8, global_experts=64) == heuristic
+    # DeepSeek-V3 EP-8 rank: its own E32 table, whatever the global count.
+    deepseek = mc.load_table(mc.table_name(32, 7168, 2048, False))
+    assert mc.get_config(700, 32, 7168, 2048, 8, False, global_experts=256) == mc.nearest(deepseek, 700)
+    # Priority where both tables exist (written to a scratch table directory; the caches see only it).
+    tiles = mc.GemmConfig(32, 64), mc.GemmConfig(64, 64)
+    mc.save_table(tmp_path / mc.table_name(4, 64, 32, False), {16: mc.MoEConfig(16, *tiles)}, "local")
+    mc.save_table(tmp_path / mc.table_name(8, 64, 32, False), {16: mc.MoEConfig(32, *tiles)}, "global")
+    monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
+    mc.load_table.cache_clear()
+    mc.get_config.cache_clear()
+    try:
+        assert mc.get_config(16, 4, 64, 32, 2, False, global_experts=8).block_m == 16  # the local table
+        assert mc.get_config(16, 2, 64, 32, 2, False, global_experts=8).block_m == 32  # no E2: the global one
+    finally:
+        monkeypatch.undo()
+        mc.load_table.cache_clear()
+        mc.get_config.cache_clear()
+
+
+def test_expert_kernel_factory_hands_global_count_to_triton():
+    from moeserve.moe.experts import TorchExperts, create_expert_kernel
+
+    kernel = create_expert_kernel("triton", "cuda", num_experts=128)  # constructing it launches nothing
+    assert kernel.name == "triton" and kernel.global_experts == 128
+    assert create_expert_kernel("triton", "cuda").global_experts is None
+    assert isinstance(create_expert_kernel("auto", "cpu", num_experts=128), TorchExperts)
+
+
+@pytest.fixture
+def entries_probe(monkeypatch):
+    """benchmarks/moe_entries_probe.py as a module. It imports the benchmark driver under the top-level name
+    `kernels`, which the repository root's `kernels/` package would shadow: sys.modules is restored after."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    names = ("kernels", "kernels_moe_tune", "moe_entries_probe")
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        yield importlib.import_module("moe_entries_probe")
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+
+
+def test_entries_probe_plans_ep_cases_without_gpu(entries_probe):
+    """`--cases ep`: each EP case times its entry against the heuristic the rank took before the global-table
+    lookup (and against the unsharded table's entry once it has a table of its own); DeepSeek's rank, which
+    always had its own table, gets neither. The CLI parses (--help) without a GPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moeserve.kernels.moe_configs import default_config, get_config, load_table, table_name
+
+    probe = entries_probe
+    cases = probe.parse_cases("ep")
+    assert cases == probe.parse_cases(probe.EP_CASES) and len(cases) == 9
+    assert probe.parse_cases("default") == probe.parse_cases(probe.CASES)
+    plan = probe.build_plan(cases + [("deepseek", "bf16", 512), ("qwen3", "bf16", 512)], memset=False)
+    for (key, dtype, m), variants in plan.items():
+        s, fp8 = probe.SHAPES[key], dtype == "fp8"
+        args = (s.hidden, s.inter, s.top_k, fp8)
+        assert variants["table"] == (get_config(m, s.num_experts, *args, global_experts=s.global_experts), False)
+        own = bool(load_table(table_name(s.num_experts, s.hidden, s.inter, fp8)))
+        if key.startswith("qwen3-ep"):
+            assert variants["heuristic"] == (default_config(m, s.num_experts, *args), False)
+            assert ("unsharded table" in variants) == own
+            if not own:  # the lookup falls back to the unsharded table
+                assert variants["table"] == (get_config(m, s.global_experts, *args), False)
+        else:
+            assert "heuristic" not in variants and "unsharded table" not in variants
+    with_memset = probe.build_plan([("qwen3-ep8", "bf16", 512)], memset=True)[("qwen3-ep8", "bf16", 512)]
+    assert {"table", "table, memset", "heuristic", "heuristic, memset"} <= set(with_memset)
+    jobs = [(k, d == "fp8", c.block_m, "whole", c) for (k, d, _), vs in plan.items() for c, _ in vs.values()]
+    unique = probe.unique_jobs(jobs)  # what precompile gets: every config once per dtype
+    assert sorted(map(str, {(j[1], j[4]) for j in unique})) == sorted(map(str, {(j[1], j[4]) for j in jobs}))
+    assert len(unique) == len({(j[1], j[4]) for j in jobs})  # all cases share k = 8
+    with pytest.raises(SystemExit, match="bad case"):
+        probe.parse_cases("qwen3-ep3:bf16:512")
+    cmd = [sys.executable, "benchmarks/moe_entries_probe.py", "--help"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(probe.__file__).parents[1])
+    assert proc.returncode == 0 and "--cases" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_tma_scratch_allocator_is_set_in_every_thread():
     """Triton keeps its scratch allocator in a context variable, which a new thread starts without; the TMA
     kernels set it at every launch, so a launch from the engine's step-loop thread finds it too."""
@@ -263,6 +366,30 @@ def test_interp_fused_moe_default_config_and_all_dropped(pairs):
     out = fused_moe(x, w13, w2, tw, ids, config=cfg)
     assert rel_err(out, moe_reference(x.double(), w13.double(), w2.double(), tw, ids)) < 1e-5
     assert torch.all(out[1] == 0)
+
+
+@interp
+def test_interp_triton_experts_passes_global_count_to_config_lookup(monkeypatch):
+    """TritonExperts(global_experts=...) hands the count to the block-size lookup; the result is unchanged."""
+    import importlib
+
+    from moeserve.kernels import moe_reference
+    from moeserve.moe.triton_experts import TritonExperts
+
+    fused_moe_mod = importlib.import_module("moeserve.kernels.fused_moe")  # the package exports the function
+    real, seen = fused_moe_mod.get_config, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_moe_mod, "get_config", spy)
+    x, w13, w2, tw, ids = random_moe(6, 64, 32, 4, 2, torch.float32, seed=11)
+    out = TritonExperts(global_experts=128)(x, w13, w2, tw, ids.long())
+    assert [kw.get("global_experts") for kw in seen] == [128]
+    assert rel_err(out, moe_reference(x.double(), w13.double(), w2.double(), tw, ids)) < 1e-5
+    TritonExperts()(x, w13, w2, tw, ids)
+    assert seen[-1].get("global_experts") is None
 
 
 @interp

@@ -64,13 +64,18 @@ class TorchExperts(ExpertKernel):
         return torch_experts(hidden, w13, w2, topk_weights, topk_ids)
 
 
-def create_expert_kernel(name: str = "auto", device: torch.device | str = "cpu") -> ExpertKernel:
-    """"torch" (reference), "triton" (CUDA fused MoE), "auto" (triton on CUDA when importable, else torch)."""
+def create_expert_kernel(name: str = "auto", device: torch.device | str = "cpu",
+                         num_experts: int | None = None) -> ExpertKernel:
+    """"torch" (reference), "triton" (CUDA fused MoE), "auto" (triton on CUDA when importable, else torch).
+
+    num_experts: the model's routed (logical) expert count; the Triton kernel picks block sizes from the
+    unsharded model's tuned table when a rank holds only a share of the experts and its own count has none.
+    The torch kernel ignores it."""
     from moeserve.backend_choice import choose_backend
 
     def make_triton() -> ExpertKernel:
         from moeserve.moe.triton_experts import TritonExperts
 
-        return TritonExperts()
+        return TritonExperts(global_experts=num_experts)
 
     return choose_backend("expert kernel", name, device, TorchExperts, make_triton)

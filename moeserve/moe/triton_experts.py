@@ -14,6 +14,11 @@ class TritonExperts(ExpertKernel):
 
     name = "triton"
 
+    def __init__(self, global_experts: int | None = None) -> None:
+        """global_experts: the model's routed (logical) expert count, for the block-size lookup when w13 holds
+        only this rank's share (`moeserve.kernels.moe_configs.get_config`); None = w13 holds them all."""
+        self.global_experts = global_experts
+
     def __call__(
         self,
         hidden: torch.Tensor,
@@ -29,4 +34,4 @@ class TritonExperts(ExpertKernel):
         topk_weights = topk_weights.to(torch.float32).contiguous()
         topk_ids = topk_ids.to(torch.int32).contiguous()
         return fused_moe(hidden.contiguous(), w13, w2, topk_weights, topk_ids, w13_scale=w13_scale,
-                         w2_scale=w2_scale)
+                         w2_scale=w2_scale, global_experts=self.global_experts)
