@@ -65,19 +65,20 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     out_tokens = args.num_requests * args.output_len
     base = run(path, prompts, warm, args, device)
     rows = [dict(setup="1 GPU", ranks=1, seconds=base["seconds"], same=args.num_requests)]
-    for dispatcher in args.dispatchers.split(","):
-        for tbo in args.tbo:
-            setup = f"{dispatcher}, TBO {'on' if tbo else 'off'}"
-            options = dict(data_parallel_size=args.ranks, expert_parallel_size=args.ranks, moe_dispatcher=dispatcher,
-                           enable_tbo=tbo, async_scheduling=args.async_scheduling)
-            try:
-                got = run(path, prompts, warm, args, device, **options)
-            except Exception as exc:  # report and go on with the next setting
-                log.exception("%s %s failed", name, setup)
-                rows.append(dict(setup=setup, error=repr(exc)))
-                continue
-            same = sum(a == b for a, b in zip(got["tokens"], base["tokens"]))
-            rows.append(dict(setup=setup, ranks=args.ranks, seconds=got["seconds"], same=same))
+    settings = [(d, tbo, graphs) for d in args.dispatchers.split(",") for tbo in args.tbo for graphs in args.graphs
+                if graphs or d == "all_gather"]  # only the all-gather's decode steps replay graphs under EP
+    for dispatcher, tbo, graphs in settings:
+        setup = f"{dispatcher}, TBO {'on' if tbo else 'off'}" + ("" if graphs else ", graphs off")
+        options = dict(data_parallel_size=args.ranks, expert_parallel_size=args.ranks, moe_dispatcher=dispatcher,
+                       enable_tbo=tbo, async_scheduling=args.async_scheduling, enable_cuda_graphs=graphs)
+        try:
+            got = run(path, prompts, warm, args, device, **options)
+        except Exception as exc:  # report and go on with the next setting
+            log.exception("%s %s failed", name, setup)
+            rows.append(dict(setup=setup, error=repr(exc)))
+            continue
+        same = sum(a == b for a, b in zip(got["tokens"], base["tokens"]))
+        rows.append(dict(setup=setup, ranks=args.ranks, seconds=got["seconds"], same=same))
     for row in rows:
         if "seconds" in row:
             row["output_tok_s"] = out_tokens / row["seconds"]
@@ -109,6 +110,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--dispatchers", default="all_to_all,all_gather")
     ap.add_argument("--tbo", default="off,on", help="comma list of off, on")
+    ap.add_argument("--graphs", default="on", help="comma list of on, off: CUDA graphs (the all-gather's decode)")
     ap.add_argument("--async-scheduling", choices=["on", "off"], default="on")
     ap.add_argument("--tiny", action="store_true", help="toy shapes (checks this script on a CPU)")
     ap.add_argument("--device", default="cuda")
@@ -116,6 +118,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/multigpu_engine.json")
     args = ap.parse_args()
     args.tbo = [{"off": False, "on": True}[t] for t in args.tbo.split(",")]
+    args.graphs = [{"off": False, "on": True}[t] for t in args.graphs.split(",")]
     args.async_scheduling = args.async_scheduling == "on"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = torch.device(args.device)

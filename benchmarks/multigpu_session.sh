@@ -6,8 +6,9 @@
 # DP = 1 on the demo model. Logs and JSON under $OUT (or benchmarks/out).
 #   usage (repo root): [STAGES="tests engine overlap serve"] [DEADLINE_S=570] bash benchmarks/multigpu_session.sh
 # Every step's timeout is cut to what is left of DEADLINE_S, so the call ends inside the device tool's 600 s;
-# a later call can run the stages left over. (GPUS, DEVICE=cpu, BACKEND=gloo, EP_TOKENS, NUM_PROMPTS let the
-# script itself be checked on CPU ranks; ATTN_RANK sizes ep_overlap's dense stand-in for attention.)
+# a later call can run the stages left over. TESTS_S (default 240) bounds the tests. (GPUS, DEVICE=cpu,
+# BACKEND=gloo, EP_TOKENS, NUM_PROMPTS let the script itself be checked on CPU ranks; ATTN_RANK sizes
+# ep_overlap's dense stand-in for attention.)
 set -u
 out=${OUT:-benchmarks/out}
 stages=${STAGES:-tests engine overlap serve}
@@ -23,7 +24,7 @@ export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTI
 gpus=${GPUS:-$(nvidia-smi -L | wc -l)}
 { nvidia-smi -L; nvidia-smi topo -m; } 2>&1 | tee "$out/card.txt"
 if [[ " $stages " == *" tests "* ]]; then
-    timeout "$(budget 240)" python3 -m pytest -q -s -m multigpu -p no:cacheprovider -rf \
+    timeout "$(budget "${TESTS_S:-240}")" python3 -m pytest -q -s -m multigpu -p no:cacheprovider -rf \
         tests/test_cluster_ep.py tests/test_eplb_cluster.py 2>&1 \
         | grep -E "balancedness|passed|failed|skipped|Error" | tee "$out/multigpu_tests.txt"
 fi

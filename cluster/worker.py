@@ -11,6 +11,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import torch
+
 from moeserve.cluster.worker_group import RankActor
 from moeserve.config import EngineConfig
 from moeserve.engine.dp_sync import StepSync
@@ -219,4 +221,9 @@ class EngineWorker(RankActor):
     def shutdown(self) -> None:
         if self.loop is not None:
             self.loop.stop()
+        if self.engine is not None and self.engine.runner.graphs is not None:
+            # Graphs holding NCCL collectives go before their process group: destroying a group whose work
+            # was captured can hang (pytorch/pytorch#115388).
+            self.engine.runner.graphs = None
+            torch.cuda.synchronize()
         super().shutdown()

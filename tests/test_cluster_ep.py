@@ -82,10 +82,12 @@ def test_ep_matches_single_process(
 @pytest.mark.multigpu
 @pytest.mark.parametrize("arch,redundant,tbo,async_scheduling,dispatcher",
                          [("qwen3_moe", 0, False, True, "auto"), ("deepseek_v3", 1, True, True, "auto"),
-                          ("deepseek_v3", 1, True, True, "all_gather")])
+                          ("deepseek_v3", 1, True, True, "all_gather"), ("qwen3_moe", 1, False, True, "all_gather")])
 def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, gpu_ep_ranks, arch, redundant, tbo,
                                     async_scheduling, dispatcher):  # redundant: extra expert slots per rank
-    """DP = EP over the visible GPUs (NCCL between them) gives the one-GPU engine's greedy tokens."""
+    """DP = EP over the visible GPUs (NCCL between them) gives the one-GPU engine's greedy tokens. With the
+    all-gather dispatcher, decode steps without TBO replay CUDA graphs holding the NCCL collectives, also on
+    ranks without requests."""
     ranks = gpu_ep_ranks
     path = str(tiny_checkpoint(arch))
     # A fixed KV size: the one-GPU engine in this process shares GPU 0 with rank 0.
@@ -98,7 +100,13 @@ def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, gpu_ep_ranks, 
               async_scheduling=async_scheduling, moe_dispatcher=dispatcher)
     try:
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
+        graphs = dispatcher == "all_gather"  # with TBO too: steps where a rank has under 2 requests replay
+        if graphs:  # every request on rank 0: the others replay padding-only graphs for its collectives
+            jobs = [[(f"one-{i}", p, PARAMS)] for i, p in enumerate(prompts)]
+            finals = llm.backend.run(jobs, ranks=[0] * len(jobs))
+            assert [finals[f"one-{i}"].token_ids for i in range(len(prompts))] == expected
         stats = settled_stats(llm)
         assert all((s["num_tbo_steps"] > 0) == tbo for s in stats)
+        assert all((s["num_graph_steps"] > 0) == graphs for s in stats)
     finally:
         llm.shutdown()

@@ -49,12 +49,16 @@ def test_rebalance_under_load(cluster, tiny_checkpoint, tmp_path, async_scheduli
 
 
 @pytest.mark.multigpu
-def test_rebalance_under_load_on_gpus(cluster, tiny_checkpoint, tmp_path, gpu_ep_ranks):
-    """The same over NCCL, one rank per GPU (2, 4 or 8 of them): weights move GPU to GPU."""
-    rebalance_under_load(tiny_checkpoint, tmp_path, "cuda", gpu_ep_ranks, True)
+@pytest.mark.parametrize("dispatcher", ["auto", "all_gather"])
+def test_rebalance_under_load_on_gpus(cluster, tiny_checkpoint, tmp_path, gpu_ep_ranks, dispatcher):
+    """The same over NCCL, one rank per GPU (2, 4 or 8 of them): weights move GPU to GPU. With the all-gather
+    dispatcher decode steps replay CUDA graphs: they count the load, and after the move read the new weights
+    and placement tables in place."""
+    rebalance_under_load(tiny_checkpoint, tmp_path, "cuda", gpu_ep_ranks, True, dispatcher)
 
 
-def rebalance_under_load(tiny_checkpoint, tmp_path, device: str, ranks: int, async_scheduling: bool):
+def rebalance_under_load(tiny_checkpoint, tmp_path, device: str, ranks: int, async_scheduling: bool,
+                         dispatcher: str = "auto"):
     path = str(skewed_checkpoint(tiny_checkpoint("deepseek_v3"), tmp_path / "skewed"))
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(4, 40))] for _ in range(32)]
@@ -66,6 +70,7 @@ def rebalance_under_load(tiny_checkpoint, tmp_path, device: str, ranks: int, asy
         path, **options, data_parallel_size=ranks, expert_parallel_size=ranks,
         num_redundant_experts=max(4, ranks),  # 16 + this divides over 2, 4 or 8 ranks
         async_scheduling=async_scheduling,  # lockstep steps launched one ahead of their results
+        moe_dispatcher=dispatcher,
     )
     try:
         group = llm.backend.group

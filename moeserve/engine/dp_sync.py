@@ -20,7 +20,8 @@ from moeserve.forward_batch import ForwardMode
 class StepPlan:
     """What all ranks agreed for this step.
 
-    mode: EXTEND when any rank computes a prompt chunk (normal dispatch), else DECODE (low-latency dispatch).
+    mode: EXTEND when any rank computes a prompt chunk (normal dispatch), else DECODE (low-latency dispatch;
+        every request on every rank computes and samples one token).
     tokens_per_rank: [world] token counts; a rank with 0 runs an idle batch that still enters every collective.
     use_tbo: every rank splits this step into two micro-batches.
     micro_batch_tokens: with use_tbo, the most tokens any rank puts into its first and into its second

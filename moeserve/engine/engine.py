@@ -143,7 +143,9 @@ class LLMEngine:
         else:
             # Every rank enters this collective every step; ranks without work then run an idle batch.
             counts = [len(r.token_ids) for r in sched.requests]
-            has_extend = any(n > 1 for n in counts)
+            # A prompt chunk: several tokens, or one that samples nothing (a chunk short of the prompt's end).
+            # Decode plans thus hold one sampling token per request on every rank, as the EP graphs need.
+            has_extend = any(n > 1 or not r.sample for n, r in zip(counts, sched.requests))
             rebalance_id = self.eplb.pending_id if self.eplb is not None else 0
             cut = tbo_cut(counts) if self.sync.enable_tbo else len(counts)
             plan = self.sync.agree(sum(counts), has_extend, len(counts) >= 2, rebalance_id, sum(counts[:cut]))
@@ -218,5 +220,6 @@ class LLMEngine:
             **self.scheduler.stats(),
             "num_steps": self.num_steps,
             "num_tbo_steps": self.runner.num_tbo_steps,
+            "num_graph_steps": self.runner.num_graph_steps,
             "async_scheduling": self.async_scheduling,
         }

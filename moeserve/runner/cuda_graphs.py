@@ -16,6 +16,12 @@ Invariants a replay relies on:
   handled inside the kernel).
 - Only graph-safe kernels are captured: no host syncs, no data-dependent shapes. The torch reference attention
   and expert kernels loop over Python lists and are not; `graph_unsupported_reason` says so.
+- Under expert parallelism the graphs hold the MoE layers' collectives (the all-gather dispatcher: fixed-size
+  buffers, no host sync). Every EP rank then replays the same size in the same step, the size for the most
+  requests any rank has (`StepPlan`), a rank without requests included: its rows are all padding. The
+  dispatchers' capacity is that size (`begin_step`, before capture and before each replay). NCCL's
+  collectives are captured after an eager warm-up of the same size (which also creates the communicator);
+  `TORCH_NCCL_BLOCKING_WAIT=1` cannot be used with them (its wait syncs the host, which capture forbids).
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ _BASE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 # Backends known to be free of host syncs and data-dependent shapes in decode.
 GRAPH_SAFE_ATTENTION = frozenset({"triton", "flashinfer"})
 GRAPH_SAFE_EXPERTS = frozenset({"triton"})
-GRAPH_SAFE_DISPATCHERS = frozenset({"local"})
+# The all-gather's buffers have the step's capacity (the graph's size on every rank) and it never syncs the host;
+# the all-to-all reads its row counts on the host, and DeepEP's normal mode sizes buffers from the routing.
+GRAPH_SAFE_DISPATCHERS = frozenset({"local", "all_gather"})
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -149,8 +157,10 @@ class DecodeBuffers:
             self._copied.record()
         return seq_lens
 
-    def batch(self, size: int, seq_lens_cpu: list[int], max_seq_len: int) -> ForwardBatch:
-        """The ForwardBatch over rows [0, size): views of the static buffers."""
+    def batch(self, size: int, seq_lens_cpu: list[int], max_seq_len: int,
+              extras: dict[str, torch.Tensor] | None = None) -> ForwardBatch:
+        """The ForwardBatch over rows [0, size): views of the static buffers. extras: `ForwardBatch.extras`
+        (static tensors the graph writes, e.g. the expert-load counts)."""
         meta = AttentionMetadata(
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],
@@ -169,6 +179,7 @@ class DecodeBuffers:
             attn=meta,
             sample_indices=self.sample_indices[:size],
             num_real_tokens=self.num_real,
+            extras=dict(extras or {}),
         )
 
 
@@ -179,13 +190,19 @@ class CudaGraphRunner:
     attention: the model's attention backend; its `before_graph_replay` runs before each capture and replay.
     max_seq_len: the context limit; fixes the decode kernels' host-side launch shapes.
     use_graphs: False runs the same padded static batch eagerly (CPU tests of the padding logic).
+    begin_step(size): with expert parallelism, tells the dispatchers the step's capacity (the size) before each
+        capture and replay; its presence marks the graphs as holding collectives (see the module docstring).
+    extras: `ForwardBatch.extras` the captured batches carry (static tensors, e.g. the expert-load counts).
     """
 
     def __init__(self, model: nn.Module, *, max_batch: int, max_seq_len: int, block_size: int,
                  scratch_block: int, device: torch.device, use_graphs: bool = True,
-                 attention: AttentionBackend | None = None) -> None:
+                 attention: AttentionBackend | None = None, begin_step: Callable[[int], None] | None = None,
+                 extras: dict[str, torch.Tensor] | None = None) -> None:
         self.model = model
         self.attention = attention
+        self.begin_step = begin_step
+        self.extras = extras or {}
         self.max_seq_len = max_seq_len
         self.sizes = graph_batch_sizes(max_batch)
         max_blocks = -(-max_seq_len // block_size)
@@ -202,10 +219,17 @@ class CudaGraphRunner:
         """The smallest captured size >= n (n <= max_batch)."""
         return next(s for s in self.sizes if s >= n)
 
+    @property
+    def collective(self) -> bool:
+        """Whether the graphs hold EP collectives (every EP rank must replay the same size each step)."""
+        return self.begin_step is not None
+
     def fits(self, reqs: Sequence[ScheduledRequest]) -> bool:
-        """Whether this step can replay a graph: 1..max_batch requests, each computing and sampling one
-        token. (The caller also checks the step plan: decode mode, no two-batch overlap.)"""
-        if not 0 < len(reqs) <= self.max_batch:
+        """Whether this step can replay a graph: 1..max_batch requests (0 too, with collectives: an idle EP
+        rank replays padding rows only), each computing and sampling one token. (The caller also checks the
+        step plan: decode mode, no two-batch overlap.)"""
+        lowest = 0 if self.collective else 1
+        if not lowest <= len(reqs) <= self.max_batch:
             return False
         return all(len(r.token_ids) == 1 and r.sample for r in reqs)
 
@@ -214,22 +238,27 @@ class CudaGraphRunner:
         """Capture one graph per size, largest first so smaller ones reuse the shared memory pool.
 
         Each size runs once eagerly first (on the capture stream) so Triton compiles and caches its kernels
-        outside the capture. Every row is padding here: the runs write only the scratch block.
+        outside the capture. Every row is padding here: the runs write only the scratch block. With collectives
+        every EP rank captures the same sizes in the same order, so each warm-up and capture meets its peers'.
         """
         assert self.use_graphs and self.buffers.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.buffers.device)
+        # Collectives: other threads (the process group's watchdog) may query streams while this one captures.
+        mode = "thread_local" if self.collective else "global"
         for size in reversed(self.sizes):
+            if self.begin_step is not None:
+                self.begin_step(size)
             self.buffers.fill([], size)  # copies on the current stream: the capture stream waits for them
             stream.wait_stream(torch.cuda.current_stream())
-            batch = self.buffers.batch(size, [1] * size, self.max_seq_len)
+            batch = self.buffers.batch(size, [1] * size, self.max_seq_len, self.extras)
             if self.attention is not None:
                 self.attention.before_graph_replay(batch.attn)
             with torch.cuda.stream(stream):
                 self._forward(batch)
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=mode):
                 self.outputs[size] = self._forward(batch)
             self.graphs[size] = graph
         torch.cuda.current_stream().wait_stream(stream)
@@ -240,18 +269,23 @@ class CudaGraphRunner:
         reqs: Sequence[ScheduledRequest],
         table_rows: BlockTableRows | None = None,
         fill_inputs: Callable[[torch.Tensor], None] | None = None,
+        size: int | None = None,
     ) -> torch.Tensor:
         """Forward of a decode batch and its LM head. Returns logits [len(reqs), vocab] in the model dtype,
         rows in request order. The tensor is the graph's own output: read it before the next `run`.
         table_rows: as `DecodeBuffers.fill`. fill_inputs(input_ids [len(reqs)] int64, on the device) may
-        rewrite inputs on the device before the replay (placeholders)."""
+        rewrite inputs on the device before the replay (placeholders). size: the captured size to replay
+        (with collectives, the one every EP rank agreed on); default the smallest that holds reqs."""
         n = len(reqs)
-        size = self.padded_size(n)
+        size = self.padded_size(n) if size is None else size
+        assert size in self.sizes and n <= size, f"{n} requests cannot replay the graph of size {size}"
+        if self.begin_step is not None:
+            self.begin_step(size)
         seq_lens = self.buffers.fill(reqs, size, table_rows)
-        if fill_inputs is not None:
+        if fill_inputs is not None and n:
             fill_inputs(self.buffers.tokens[0, :n])
         if not self.use_graphs:
-            return self._forward(self.buffers.batch(size, seq_lens, self.max_seq_len))[:n]
+            return self._forward(self.buffers.batch(size, seq_lens, self.max_seq_len, self.extras))[:n]
         if self.attention is not None and self.attention.plans_graph_replays:
             self.attention.before_graph_replay(self.buffers.batch(size, seq_lens, self.max_seq_len).attn)
         self.graphs[size].replay()

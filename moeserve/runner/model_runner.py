@@ -82,7 +82,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
             attention=create_attention_backend(config.attention_backend, self.device),
-            expert_kernel=create_expert_kernel(config.expert_kernel, self.device),
+            expert_kernel=create_expert_kernel(config.expert_kernel, self.device, num_experts=num_experts),
             dispatcher=dispatcher,
             placement=placement,
             tbo_dispatcher=setup.tbo_dispatcher,
@@ -100,6 +100,7 @@ class ModelRunner:
         self.sampler = Sampler(config.seed)
         self.graphs = self._capture_graphs(graph_reason)
         self.num_tbo_steps = 0
+        self.num_graph_steps = 0
         self.block_tables = BlockTableRows()  # host copies of running requests' tables, kept across steps
         # The last launch that sampled (None when the last launch did not): placeholders come from its tokens.
         self._last_step: PendingStep | None = None
@@ -146,20 +147,34 @@ class ModelRunner:
         if reason is not None:
             logger.info("CUDA graphs off: %s", reason)
             return None
-        max_batch = min(self.config.cuda_graph_max_batch, self.config.max_num_seqs)
-        runner = CudaGraphRunner(
-            self.model, max_batch=max_batch, max_seq_len=self.max_model_len,
-            block_size=self.config.block_size, scratch_block=self.num_blocks, device=self.device,
-            attention=self.ctx.attention,
-        )
+        runner = self.graph_runner(self.num_blocks)
         try:
             runner.capture()
-        except Exception as exc:  # a kernel that cannot be captured must not stop the engine
+        except Exception as exc:
+            if runner.collective:  # the EP peers capture too: a rank that went on without graphs would not meet them
+                raise
+            # On one rank, a kernel that cannot be captured must not stop the engine.
             logger.warning("CUDA graphs off: capture failed (%s: %s)", type(exc).__name__, exc)
             torch.cuda.synchronize(self.device)
             return None
         logger.info("CUDA graphs captured for decode batch sizes %s", runner.sizes)
         return runner
+
+    def graph_runner(self, scratch_block: int, use_graphs: bool = True) -> CudaGraphRunner:
+        """A decode-graph runner for this model (not captured yet). With a collective dispatcher (EP) its graphs
+        hold the dispatch, and count expert load into their own buffer, `extras["expert_load"]` (see `_replay`).
+        use_graphs=False runs the same static batches eagerly (CPU tests)."""
+        extras = {}
+        collective = not isinstance(self.ctx.dispatcher, LocalDispatcher)
+        if collective:
+            p = self.ctx.placement
+            extras["expert_load"] = torch.zeros(p.num_layers, p.num_physical, dtype=torch.int64, device=self.device)
+        return CudaGraphRunner(
+            self.model, max_batch=min(self.config.cuda_graph_max_batch, self.config.max_num_seqs),
+            max_seq_len=self.max_model_len, block_size=self.config.block_size, scratch_block=scratch_block,
+            device=self.device, use_graphs=use_graphs, attention=self.ctx.attention,
+            begin_step=self._begin_graph_step if collective else None, extras=extras,
+        )
 
     def build_batch(self, reqs: list[ScheduledRequest]) -> ForwardBatch:
         on_cuda = self.device.type == "cuda"
@@ -213,14 +228,9 @@ class ModelRunner:
         the split the engine announced in the step agreement).
         """
         self.block_tables.drop(sched.dropped_request_ids)
-        graph_step = plan is None or (plan.mode == ForwardMode.DECODE and not plan.use_tbo)
-        if self.graphs is not None and graph_step and self.graphs.fits(sched.requests):
-            # Every request samples here, so the graph's rows are the sample rows.
-            reqs = sched.requests
-            logits = self.graphs.run(
-                reqs, self.block_tables, fill_inputs=lambda ids: self._fill_placeholders(reqs, ids)
-            )
-            return self._sample(reqs, logits)
+        size = self._graph_size(sched.requests, plan)
+        if size is not None:
+            return self._replay(sched.requests, size)
         batch = self.build_batch(sched.requests)
         if plan is not None:
             batch.mode = plan.mode
@@ -237,6 +247,52 @@ class ModelRunner:
             self._last_step = None
             return PendingStep([], None)
         return self._sample(sampling, self.model.compute_logits(hidden[batch.sample_indices]))
+
+    def _graph_size(self, reqs: list[ScheduledRequest], plan: StepPlan | None) -> int | None:
+        """The captured decode graph this step replays, or None for an eager step."""
+        graphs = self.graphs
+        if graphs is None:
+            return None
+        if graphs.collective:
+            size = self._ep_graph_size(plan)
+            # A decode plan means one sampling token per request on every rank (the engine's has_extend), so
+            # every rank replays: a rank running eagerly would pair its collectives with its peers' graphs.
+            if size is not None and not graphs.fits(reqs):
+                raise RuntimeError(f"decode plan {plan}, but this rank's {len(reqs)} requests cannot replay a graph")
+            return size
+        if plan is not None and (plan.mode != ForwardMode.DECODE or plan.use_tbo):
+            return None
+        return graphs.padded_size(len(reqs)) if graphs.fits(reqs) else None
+
+    def _ep_graph_size(self, plan: StepPlan | None) -> int | None:
+        """With EP collectives in the graphs: the size every EP rank replays this step (for the most requests any
+        rank has; it depends on the plan alone, so all ranks agree), or None when every rank runs eagerly (not
+        a decode step, TBO, or more requests than the largest graph)."""
+        if plan is None or plan.mode != ForwardMode.DECODE or plan.use_tbo:
+            return None
+        most = max(plan.tokens_per_rank)
+        return self.graphs.padded_size(most) if most <= self.graphs.max_batch else None
+
+    def _begin_graph_step(self, size: int) -> None:
+        for dispatcher in dict.fromkeys(self.ctx.dispatchers):
+            dispatcher.begin_step(ForwardMode.DECODE, size)
+
+    def _replay(self, reqs: list[ScheduledRequest], size: int) -> PendingStep:
+        """A decode step by graph replay. Every request samples here, so the graph's rows are the sample rows."""
+        graph_load = self.graphs.extras.get("expert_load")
+        if graph_load is not None:  # EP: the graph adds this step's counts to its own buffer
+            graph_load.zero_()
+        logits = self.graphs.run(
+            reqs, self.block_tables, fill_inputs=lambda ids: self._fill_placeholders(reqs, ids), size=size
+        )
+        self.num_graph_steps += 1
+        if self.expert_load is not None:  # EPLB (attached after capture) reads its own buffer
+            assert graph_load is not None, "expert load is recorded under expert parallelism only"
+            self.expert_load.copy_(graph_load)
+        if not reqs:  # an idle EP rank: it replayed for its peers' collectives
+            self._last_step = None
+            return PendingStep([], None)
+        return self._sample(reqs, logits)
 
     def _sample(self, sampling: list[ScheduledRequest], logits: torch.Tensor) -> PendingStep:
         """logits: [len(sampling), vocab] (model dtype), row i for sampling[i]. Queued, not waited for."""
