@@ -96,9 +96,9 @@ def parse_cases(spec: str) -> list[tuple[str, str, int]]:
 
 def _variants(shape_key: str, dtype: str, m: int, memset: bool) -> dict[str, tuple[MoEConfig, bool]]:
     """label -> (config, align scratch zeroed by a memset launch) for a case: its table entry, EXTRA's configs
-    and, for a rank holding a share of the experts of a model with an unsharded table: "heuristic" (the `default_config` pick for the local
-    count) and, once the rank has a table of its own, "unsharded table" (the global count's entry, which
-    `get_config` takes where the local table is missing)."""
+    and, for a rank holding a share of the experts of a model with an unsharded table: "heuristic" (the
+    `default_config` pick for the local count) and, once the rank has a table of its own, "unsharded table"
+    (the global count's entry, which `get_config` takes where the local table is missing)."""
     s, fp8 = SHAPES[shape_key], dtype == "fp8"
     configs = {"table": _table(shape_key, dtype, m), **EXTRA.get(f"{shape_key}:{dtype}:{m}", {})}
     if s.num_experts != s.global_experts and load_table(table_name(s.global_experts, s.hidden, s.inter, fp8)):

@@ -13,7 +13,8 @@ T = TypeVar("T")
 
 KERNEL_BACKENDS = ("auto", "torch", "triton")  # the expert kernel's choices, and the attention backend's
 ATTENTION_BACKENDS = (*KERNEL_BACKENDS, "flashinfer")
-DISPATCHERS = ("auto", "local", "all_to_all", "all_gather", "deepep")  # the MoE dispatcher's (moe/factory.py)
+# The MoE dispatcher's choices (moe/factory.py).
+DISPATCHERS = ("auto", "local", "all_to_all", "all_gather", "by_mode", "deepep")
 
 
 def choose_backend(

@@ -45,6 +45,7 @@ def settled_stats(llm, timeout_s: float = 10.0) -> list[dict]:
         ("deepseek_v3", 2, 4, True, True, "auto"),
         ("deepseek_v3", 4, 4, False, False, "auto"),
         ("deepseek_v3", 3, 2, True, True, "all_gather"),
+        ("qwen3_moe", 2, 2, True, True, "by_mode"),
     ],
 )
 def test_ep_matches_single_process(
@@ -82,7 +83,8 @@ def test_ep_matches_single_process(
 @pytest.mark.multigpu
 @pytest.mark.parametrize("arch,redundant,tbo,async_scheduling,dispatcher",
                          [("qwen3_moe", 0, False, True, "auto"), ("deepseek_v3", 1, True, True, "auto"),
-                          ("deepseek_v3", 1, True, True, "all_gather"), ("qwen3_moe", 1, False, True, "all_gather")])
+                          ("deepseek_v3", 1, True, True, "all_gather"), ("qwen3_moe", 1, False, True, "all_gather"),
+                          ("qwen3_moe", 0, False, True, "all_to_all")])
 def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, gpu_ep_ranks, arch, redundant, tbo,
                                     async_scheduling, dispatcher):  # redundant: extra expert slots per rank
     """DP = EP over the visible GPUs (NCCL between them) gives the one-GPU engine's greedy tokens. With the
@@ -100,7 +102,10 @@ def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, gpu_ep_ranks, 
               async_scheduling=async_scheduling, moe_dispatcher=dispatcher)
     try:
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
-        graphs = dispatcher == "all_gather"  # with TBO too: steps where a rank has under 2 requests replay
+        # The all-gather's decode steps replay graphs (auto without deep_ep: by_mode, whose decode is the
+        # all-gather), with TBO too: steps where a rank has under 2 requests run without it.
+        names = {s["moe_dispatcher"] for s in llm.backend.stats()}
+        graphs = bool(names & {"all_gather", "by_mode"})
         if graphs:  # every request on rank 0: the others replay padding-only graphs for its collectives
             jobs = [[(f"one-{i}", p, PARAMS)] for i, p in enumerate(prompts)]
             finals = llm.backend.run(jobs, ranks=[0] * len(jobs))

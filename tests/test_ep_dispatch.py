@@ -21,6 +21,7 @@ from moeserve.cluster.dist import destroy_distributed, init_distributed
 from moeserve.forward_batch import ForwardMode
 from moeserve.moe.all_gather import AllGatherDispatcher
 from moeserve.moe.all_to_all import TorchAllToAllDispatcher
+from moeserve.moe.by_mode import ByModeDispatcher
 from moeserve.moe.experts import torch_experts
 from moeserve.moe.placement import ExpertPlacement
 
@@ -156,11 +157,31 @@ def run_scenarios(rank: int, world_size: int, ep_group) -> None:
         assert torch.equal(received.hidden, expected_received(kind, rank, world_size, all_inputs)), where
         assert_local_slots(received.topk_ids, placement, where)
         assert bool((received.topk_ids >= 0).any(dim=1).all()), where
+        check_by_mode(ep_group, kind, placement, all_inputs, (w13_local, w2_local), ref, tol, f"{where}, by_mode")
         if kind == "redundant":
             held = set(placement.local_logical_experts(0))
             phys = placement.to_physical(0, ids).long()
             mine = torch.isin(ids, torch.tensor(sorted(held))) & (ids >= 0)
             assert bool((phys[mine] // placement.num_local_slots == rank).all()), where
+
+
+def check_by_mode(ep_group, kind, placement, all_inputs, local_weights, ref, tol, where) -> None:
+    """ByModeDispatcher gives the reference in every mode, through the all-gather at decode (every rank's tokens,
+    padded to the capacity, arrive) and the all-to-all otherwise (only tokens with a choice here arrive), also
+    when the mode changes from step to step."""
+    rank, world_size = dist.get_rank(ep_group), len(all_inputs)
+    x, ids, weights = all_inputs[rank]
+    capacity = max(inputs[0].shape[0] for inputs in all_inputs)
+    dispatcher = ByModeDispatcher(AllGatherDispatcher(ep_group, placement.num_local_slots),
+                                  TorchAllToAllDispatcher(ep_group, placement.num_local_slots))
+    for mode in (ForwardMode.DECODE, ForwardMode.EXTEND, ForwardMode.DECODE):
+        dispatcher.begin_step(mode, capacity)
+        y, received = ep_moe(dispatcher, placement, 0, x, ids, weights, *local_weights, mode)
+        torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol, msg=f"{where}, {mode}")
+        if mode == ForwardMode.DECODE:
+            assert received.hidden.shape[0] == world_size * capacity, where
+        else:
+            assert torch.equal(received.hidden, expected_received(kind, rank, world_size, all_inputs)), where
 
 
 def assert_local_slots(local: torch.Tensor, placement: ExpertPlacement, where: str) -> None:
@@ -277,6 +298,10 @@ def check_factory_on_rank(rank: int, world_size: int, ep_group) -> None:
     assert records == ["MoE dispatcher: all_to_all (device is cpu, DeepEP needs CUDA)"]
     gathered = create_dispatcher("all_gather", group=ep_group, ep_size=world_size, num_local_slots=4, device="cpu")
     assert gathered.name == "all_gather" and records[-1] == "MoE dispatcher: all_gather (requested)"
+    by_mode = create_dispatcher("by_mode", group=ep_group, ep_size=world_size, num_local_slots=4, device="cpu")
+    assert isinstance(by_mode, ByModeDispatcher) and records[-1] == "MoE dispatcher: by_mode (requested)"
+    assert by_mode.for_mode(ForwardMode.DECODE).name == "all_gather"
+    assert by_mode.for_mode(ForwardMode.EXTEND).name == "all_to_all"
     with pytest.raises(ValueError, match="ep_size=3 but the EP process group has 2 ranks"):
         create_dispatcher("all_to_all", group=ep_group, ep_size=3, num_local_slots=4, device="cpu")
 
@@ -296,19 +321,23 @@ def test_ep_group_options_only_for_nccl():
 
 def test_create_dispatcher_picks_a_backend_and_says_why(caplog):
     from moeserve.moe.dispatcher import LocalDispatcher
-    from moeserve.moe.factory import create_dispatcher
+    from moeserve.moe.factory import _choose, create_dispatcher
 
     with caplog.at_level("INFO", logger="moeserve"):
         d = create_dispatcher(group=None, ep_size=1, num_local_slots=8, device="cpu")
     assert isinstance(d, LocalDispatcher)
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["MoE dispatcher: local (ep_size == 1, no communication)"]
-    with pytest.raises(ValueError, match="allowed: 'auto', 'local', 'all_to_all', 'all_gather', 'deepep'"):
+    with pytest.raises(ValueError, match="allowed: 'auto', 'local', 'all_to_all', 'all_gather', 'by_mode', 'deepep'"):
         create_dispatcher("nccl", group=None, ep_size=2, num_local_slots=8, device="cpu")
     if not _deepep_available():
         with pytest.raises(ValueError, match="dispatcher 'deepep' requested but deep_ep not importable"):
             create_dispatcher("deepep", group=None, ep_size=2, num_local_slots=8, device="cpu")
-    # The multi-rank choice (all_to_all on CPU, one log line) is checked on gloo ranks (run_all_world_sizes).
+    # Without deep_ep a CUDA rank takes by_mode (the all-gather's decode graphs); CPU ranks the all-to-all (no
+    # graphs there), with one log line: checked on gloo ranks (run_all_world_sizes).
+    if not _deepep_available():
+        backend, reason = _choose("auto", 2, torch.device("cuda"))
+        assert backend == "by_mode" and "all_gather for decode" in reason
 
 
 # ---- DeepEP adapter logic against a one-rank stand-in for deep_ep (runs anywhere) ----------------------

@@ -221,5 +221,6 @@ class LLMEngine:
             "num_steps": self.num_steps,
             "num_tbo_steps": self.runner.num_tbo_steps,
             "num_graph_steps": self.runner.num_graph_steps,
+            "moe_dispatcher": self.runner.ctx.dispatcher.name,
             "async_scheduling": self.async_scheduling,
         }

@@ -63,6 +63,10 @@ class Dispatcher(ABC):
         """A second instance for the other TBO micro-batch (backends with per-call buffers override this)."""
         return self
 
+    def for_mode(self, mode: ForwardMode) -> Dispatcher:
+        """The backend that moves tokens in steps of this mode (itself, except for `ByModeDispatcher`)."""
+        return self
+
     def begin_step(self, mode: ForwardMode, max_tokens: int | None = None) -> None:
         """Called once per step with the mode all EP ranks agreed on, before any dispatch (and before a CUDA
         graph replay). max_tokens: the most tokens any EP rank has this step (None off the lockstep path).

@@ -36,9 +36,10 @@ def create_dispatcher(
 ) -> Dispatcher:
     """Build the MoE dispatcher for this rank.
 
-    name: "auto" (local when ep_size == 1; deepep when `deep_ep` imports and device is CUDA; else all_to_all),
-          or one of "local", "all_to_all", "all_gather" (fixed-size all-gather + reduce-scatter, no host sync:
-          see moeserve/moe/all_gather.py), "deepep".
+    name: "auto" (local when ep_size == 1; deepep when `deep_ep` imports and device is CUDA; else by_mode on
+          CUDA, all_to_all on CPU), or one of "local", "all_to_all", "all_gather" (fixed-size all-gather +
+          reduce-scatter, no host sync: see moeserve/moe/all_gather.py), "by_mode" (all_gather for decode
+          steps, which then replay CUDA graphs, all_to_all for prefill: moeserve/moe/by_mode.py), "deepep".
     group: the EP process group (None = default group); ep_size: its size; num_local_slots: physical experts
     per rank. max_tokens_per_rank, hidden, num_sms: DeepEP buffer sizing (low-latency batch cap, hidden size,
     SMs for normal-mode kernels); ignored by other backends.
@@ -56,14 +57,17 @@ def create_dispatcher(
     group_size = dist.get_world_size(group)
     if group_size != ep_size:
         raise ValueError(f"ep_size={ep_size} but the EP process group has {group_size} ranks")
-    if chosen == "all_to_all":
-        from moeserve.moe.all_to_all import TorchAllToAllDispatcher
-
-        return TorchAllToAllDispatcher(group, num_local_slots)
-    if chosen == "all_gather":
+    if chosen in ("all_to_all", "all_gather", "by_mode"):
         from moeserve.moe.all_gather import AllGatherDispatcher
+        from moeserve.moe.all_to_all import TorchAllToAllDispatcher
+        from moeserve.moe.by_mode import ByModeDispatcher
 
-        return AllGatherDispatcher(group, num_local_slots)
+        if chosen == "all_to_all":
+            return TorchAllToAllDispatcher(group, num_local_slots)
+        if chosen == "all_gather":
+            return AllGatherDispatcher(group, num_local_slots)
+        return ByModeDispatcher(AllGatherDispatcher(group, num_local_slots),
+                                TorchAllToAllDispatcher(group, num_local_slots))
     if hidden is None:
         raise ValueError("dispatcher 'deepep' needs hidden= (the model's hidden size) to size its buffer")
     from moeserve.moe.deepep import DeepEPDispatcher
@@ -78,7 +82,7 @@ def _choose(name: str, ep_size: int, device: torch.device) -> tuple[str, str]:
     """-> (backend, reason for the start-up log line). Raises when an explicit choice cannot run."""
     if name == "local":
         return "local", "requested"
-    if name in ("all_to_all", "all_gather"):
+    if name in ("all_to_all", "all_gather", "by_mode"):
         return name, "requested"
     if name == "deepep":
         problem = _deep_ep_problem()
@@ -93,5 +97,5 @@ def _choose(name: str, ep_size: int, device: torch.device) -> tuple[str, str]:
         return "all_to_all", f"device is {device.type}, DeepEP needs CUDA"
     problem = _deep_ep_problem()
     if problem is not None:
-        return "all_to_all", problem
+        return "by_mode", f"{problem}; all_gather for decode (CUDA graphs), all_to_all for prefill"
     return "deepep", "deep_ep importable and device is CUDA"

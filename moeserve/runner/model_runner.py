@@ -92,7 +92,7 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         graph_reason = (
             graph_unsupported_reason(self.device, self.ctx.attention.name, self.ctx.expert_kernel.name,
-                                     dispatcher.name)
+                                     dispatcher.for_mode(ForwardMode.DECODE).name)
             if config.enable_cuda_graphs else "enable_cuda_graphs=False"
         )
         # With graphs, one extra KV block (id num_blocks, never scheduled) absorbs the padding rows' writes.
