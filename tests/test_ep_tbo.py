@@ -66,6 +66,8 @@ def test_step_plan_gives_each_micro_batch_its_largest_size():
     rows = [(14, True, True, 0, 7), (40, False, True, 0, 22), (6, False, True, 0, 6)]
     plan = plan_step(rows, enable_tbo=True)
     assert plan.use_tbo and plan.micro_batch_tokens == (22, 18) and plan.tokens_per_rank == (14, 40, 6)
+    decode = plan_step([(n, False, split, 0, first) for n, _, split, _, first in rows], enable_tbo=True)
+    assert decode.mode == ForwardMode.DECODE and not decode.use_tbo  # decode steps never split
 
 
 def agreed_stop(rank: int, world_size: int, groups) -> None:

@@ -231,22 +231,25 @@ class ModelRunner:
         size = self._graph_size(sched.requests, plan)
         if size is not None:
             return self._replay(sched.requests, size)
-        batch = self.build_batch(sched.requests)
-        if plan is not None:
-            batch.mode = plan.mode
+        extras = {}
         if self.expert_load is not None:  # EPLB: the MoE layers add this step's tokens per expert
             self.expert_load.zero_()
-            batch.extras["expert_load"] = self.expert_load
-        self._begin_dispatch_step(batch.mode, plan)
+            extras["expert_load"] = self.expert_load
         if plan is not None and plan.use_tbo:
-            hidden = self._forward_two_batches(sched.requests, batch, tbo_cut)
+            self._begin_dispatch_step(plan.mode, plan)
+            hidden, sample_indices = self._forward_two_batches(sched.requests, plan.mode, extras, tbo_cut)
         else:
-            hidden = self.model(batch)
+            batch = self.build_batch(sched.requests)
+            batch.extras.update(extras)
+            if plan is not None:
+                batch.mode = plan.mode
+            self._begin_dispatch_step(batch.mode, plan)
+            hidden, sample_indices = self.model(batch), batch.sample_indices
         sampling = [r for r in sched.requests if r.sample]
         if not sampling:
             self._last_step = None
             return PendingStep([], None)
-        return self._sample(sampling, self.model.compute_logits(hidden[batch.sample_indices]))
+        return self._sample(sampling, self.model.compute_logits(hidden[sample_indices]))
 
     def _graph_size(self, reqs: list[ScheduledRequest], plan: StepPlan | None) -> int | None:
         """The captured decode graph this step replays, or None for an eager step."""
@@ -314,19 +317,22 @@ class ModelRunner:
         for dispatcher, size in zip((first, second), sizes):
             dispatcher.begin_step(mode, size)
 
-    def _forward_two_batches(self, reqs: list[ScheduledRequest], batch: ForwardBatch, cut: int | None) -> torch.Tensor:
+    def _forward_two_batches(self, reqs: list[ScheduledRequest], mode: ForwardMode, extras: dict,
+                             cut: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Two-batch overlap: split the requests at `cut` into two micro-batches of near-equal tokens and
         interleave their forward passes, so one's MoE communication runs while the other computes. Every rank
         runs two micro-batches (the second may be empty), so collectives meet in the same order everywhere.
-        Returns the hidden states of `batch`'s tokens, in its order."""
+        Returns the hidden states of reqs' tokens in order, and the rows to sample ([num_samples] int64)."""
         assert cut is not None, "a TBO step needs the split the engine announced (launch(tbo_cut=...))"
         self.num_tbo_steps += 1
         micro = []
         for k, part in enumerate((reqs[:cut], reqs[cut:])):
             mb = self.build_batch(part)
-            mb.mode, mb.micro_batch, mb.extras = batch.mode, k, batch.extras
+            mb.mode, mb.micro_batch, mb.extras = mode, k, extras
             micro.append(mb)
-        return torch.cat(run_overlapped([self.model.forward_stages(mb) for mb in micro]))
+        first_rows = sum(len(r.token_ids) for r in reqs[:cut])
+        sample_indices = torch.cat([micro[0].sample_indices, micro[1].sample_indices + first_rows])
+        return torch.cat(run_overlapped([self.model.forward_stages(mb) for mb in micro])), sample_indices
 
 
 def _to_device_async(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
