@@ -67,7 +67,7 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     base = run(path, prompts, warm, args, device)
     rows = [dict(setup="1 GPU", ranks=1, seconds=base["seconds"], same=args.num_requests)]
     settings = [(d, tbo, graphs) for d in args.dispatchers.split(",") for tbo in args.tbo for graphs in args.graphs
-                if graphs or d == "all_gather"]  # only the all-gather's decode steps replay graphs under EP
+                if graphs or d in ("all_gather", "by_mode", "auto")]  # graphs off matters where decode replays them
     for dispatcher, tbo, graphs in settings:
         setup = f"{dispatcher}, TBO {'on' if tbo else 'off'}" + ("" if graphs else ", graphs off")
         options = dict(data_parallel_size=args.ranks, expert_parallel_size=args.ranks, moe_dispatcher=dispatcher,

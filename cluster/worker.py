@@ -221,9 +221,11 @@ class EngineWorker(RankActor):
     def shutdown(self) -> None:
         if self.loop is not None:
             self.loop.stop()
-        if self.engine is not None and self.engine.runner.graphs is not None:
+        idle = self.loop is None or not self.loop.alive
+        if self.engine is not None and self.engine.runner.graphs is not None and idle:
             # Graphs holding NCCL collectives go before their process group: destroying a group whose work
-            # was captured can hang (pytorch/pytorch#115388).
+            # was captured can hang (pytorch/pytorch#115388). (A step loop still running keeps them.)
+            torch.cuda.synchronize()
             self.engine.runner.graphs = None
             torch.cuda.synchronize()
         super().shutdown()

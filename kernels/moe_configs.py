@@ -157,7 +157,9 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k
     are -1), so under the uniform routing the tables are tuned on each local expert receives
     M*k/global_experts pairs, the same as in the unsharded call at the same M. Caveat: with the all-to-all
     dispatcher a rank's rows are only the tokens with at least one local choice, so M under-counts the pairs
-    per local expert by about P(a token has a local choice); the lookup still keys on M as given."""
+    per local expert by about P(a token has a local choice); the lookup still keys on M as given. With
+    redundant experts (EPLB) a rank's slots hold E + R physical experts in all, so each gets about
+    M*k/(E + R) pairs, slightly fewer than the table assumes."""
     table = load_table(table_name(num_experts, hidden, inter, fp8))
     if not table and global_experts is not None and global_experts != num_experts:
         table = load_table(table_name(global_experts, hidden, inter, fp8))

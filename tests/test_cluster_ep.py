@@ -88,8 +88,8 @@ def test_ep_matches_single_process(
 def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, gpu_ep_ranks, arch, redundant, tbo,
                                     async_scheduling, dispatcher):  # redundant: extra expert slots per rank
     """DP = EP over the visible GPUs (NCCL between them) gives the one-GPU engine's greedy tokens. With the
-    all-gather dispatcher, decode steps without TBO replay CUDA graphs holding the NCCL collectives, also on
-    ranks without requests."""
+    all-gather dispatcher (or by_mode, auto's choice without DeepEP), decode steps replay CUDA graphs holding the
+    NCCL collectives, also on ranks without requests."""
     ranks = gpu_ep_ranks
     path = str(tiny_checkpoint(arch))
     # A fixed KV size: the one-GPU engine in this process shares GPU 0 with rank 0.
@@ -103,7 +103,7 @@ def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, gpu_ep_ranks, 
     try:
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
         # The all-gather's decode steps replay graphs (auto without deep_ep: by_mode, whose decode is the
-        # all-gather), with TBO too: steps where a rank has under 2 requests run without it.
+        # all-gather), with TBO on too: only prefill steps split.
         names = {s["moe_dispatcher"] for s in llm.backend.stats()}
         graphs = bool(names & {"all_gather", "by_mode"})
         if graphs:  # every request on rank 0: the others replay padding-only graphs for its collectives

@@ -168,15 +168,17 @@ def run_scenarios(rank: int, world_size: int, ep_group) -> None:
 def check_by_mode(ep_group, kind, placement, all_inputs, local_weights, ref, tol, where) -> None:
     """ByModeDispatcher gives the reference in every mode, through the all-gather at decode (every rank's tokens,
     padded to the capacity, arrive) and the all-to-all otherwise (only tokens with a choice here arrive), also
-    when the mode changes from step to step."""
+    when the mode changes from step to step; the step's mode decides, not the one a call names (IDLE)."""
     rank, world_size = dist.get_rank(ep_group), len(all_inputs)
     x, ids, weights = all_inputs[rank]
     capacity = max(inputs[0].shape[0] for inputs in all_inputs)
     dispatcher = ByModeDispatcher(AllGatherDispatcher(ep_group, placement.num_local_slots),
                                   TorchAllToAllDispatcher(ep_group, placement.num_local_slots))
-    for mode in (ForwardMode.DECODE, ForwardMode.EXTEND, ForwardMode.DECODE):
+    steps = [(ForwardMode.DECODE, ForwardMode.DECODE), (ForwardMode.EXTEND, ForwardMode.EXTEND),
+             (ForwardMode.DECODE, ForwardMode.IDLE)]  # (the step's mode, the mode the call names)
+    for mode, named in steps:
         dispatcher.begin_step(mode, capacity)
-        y, received = ep_moe(dispatcher, placement, 0, x, ids, weights, *local_weights, mode)
+        y, received = ep_moe(dispatcher, placement, 0, x, ids, weights, *local_weights, named)
         torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol, msg=f"{where}, {mode}")
         if mode == ForwardMode.DECODE:
             assert received.hidden.shape[0] == world_size * capacity, where

@@ -91,3 +91,31 @@ def test_ep_graph_step_refuses_a_decode_plan_with_a_prompt_chunk(tiny_checkpoint
     """The engine plans a step with a non-sampling chunk as extend; a decode plan holding one anyway fails loudly
     rather than leaving this rank eager while its peers replay graphs."""
     spawn_ranks(decode_plan_with_a_chunk, 1, str(tiny_checkpoint("qwen3_moe")))
+
+
+class RecordingSync:
+    """Stands in for `StepSync`: records what the engine tells the other ranks, and plans nothing."""
+
+    enable_tbo = False
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+
+    def agree(self, *row) -> None:
+        self.rows.append(row)
+        return None
+
+
+def test_a_one_token_chunk_that_samples_nothing_plans_as_extend(tiny_checkpoint):
+    """Decode plans mean one sampling token per request on every rank (the EP graphs rely on it): a one-token
+    prompt chunk short of the prompt's end is announced as extend."""
+    from moeserve.engine.engine import LLMEngine
+
+    path = str(tiny_checkpoint("qwen3_moe"))
+    sync = RecordingSync()
+    engine = LLMEngine(EngineConfig(model=path, device="cpu", dtype="float32", num_kv_blocks=16), sync=sync)
+    decode = ScheduledRequest("d", [5], 3, [0], True, GREEDY, 1)
+    for reqs, extend in (([decode], False), ([decode, dataclasses.replace(decode, request_id="c", sample=False)],
+                                             True), ([dataclasses.replace(decode, token_ids=[5, 6])], True)):
+        assert engine._launch(SchedulerOutput(0, reqs)) is None  # the stand-in plans nothing
+        assert sync.rows[-1][1] is extend, reqs

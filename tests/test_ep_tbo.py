@@ -180,3 +180,41 @@ def run_tbo_on_and_off(rank: int, world_size: int, groups) -> None:
 
 def test_tbo_on_equals_tbo_off_on_gloo_ranks():
     spawn_ranks(run_tbo_on_and_off, 3)
+
+
+def tbo_step_with_chunks(rank: int, world_size: int, groups, path: str) -> None:
+    """One rank's runner: a TBO prefill step equals the same step unsplit, for every cut (an empty second
+    micro-batch included), with a chunk that samples nothing among the requests."""
+    from moeserve.config import EngineConfig
+    from moeserve.loader.checkpoint import read_hf_config
+    from moeserve.models.config import ModelConfig
+    from moeserve.runner.model_runner import ModelRunner, RankSetup
+    from moeserve.sampling_params import SamplingParams
+    from moeserve.scheduler.output import ScheduledRequest, SchedulerOutput
+
+    mc = ModelConfig.from_hf(read_hf_config(path))
+    placement = ExpertPlacement.default(mc.num_moe_layers, mc.num_experts, 0, rank, world_size, dynamic=True)
+    first = AllGatherDispatcher(groups.ep_group, placement.num_local_slots)
+    config = EngineConfig(model=path, device="cpu", dtype="float32", block_size=4, num_kv_blocks=32,
+                          max_model_len=64)
+    setup = RankSetup(placement=placement, dispatcher=first, tbo_dispatcher=first.sibling())
+    runner = ModelRunner(config, path, setup)
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    gen = torch.Generator().manual_seed(5)
+    reqs = [ScheduledRequest("chunk", torch.randint(3, 90, (5,), generator=gen).tolist(), 0, [0, 1], False, greedy),
+            ScheduledRequest("whole", torch.randint(3, 90, (7,), generator=gen).tolist(), 0, [2, 3], True, greedy),
+            ScheduledRequest("short", torch.randint(3, 90, (2,), generator=gen).tolist(), 0, [4], True, greedy)]
+    tokens = sum(len(r.token_ids) for r in reqs)
+    plain = runner.execute(SchedulerOutput(0, reqs), plan_step([(tokens, True, False, 0, tokens)], False)).sampled
+    assert set(plain) == {"whole", "short"}
+    for cut in (1, 2, 3):
+        first_tokens = sum(len(r.token_ids) for r in reqs[:cut])
+        plan = plan_step([(tokens, True, True, 0, first_tokens)], enable_tbo=True)
+        assert plan.use_tbo
+        split = runner.launch(SchedulerOutput(0, reqs), plan, tbo_cut=cut).resolve().sampled
+        assert split == plain, cut
+    assert runner.num_tbo_steps == 3
+
+
+def test_tbo_step_equals_the_unsplit_step_for_every_cut(tiny_checkpoint):
+    spawn_ranks(tbo_step_with_chunks, 1, str(tiny_checkpoint("qwen3_moe")))

@@ -157,6 +157,8 @@ def test_padded_decode_batch_matches_eager_and_spares_real_blocks(arch, device, 
     runner = ModelRunner(config, path)
     if device == "cuda":
         assert runner.graphs is not None, "CUDA graphs were not captured"
+        # The block-size lookup learns the model's expert count (an EP rank's weights hold only its share).
+        assert runner.ctx.expert_kernel.global_experts == runner.model_config.num_experts
         graphs, scratch = runner.graphs, runner.num_blocks
     else:  # same static buffers and padding, run eagerly; block 23 plays the scratch block
         scratch = 23

@@ -3,16 +3,20 @@
 The default pairing without DeepEP is the all-gather for decode and the all-to-all for prefill. At decode sizes
 the all-gather's traffic (every token to every rank) is small, and it never syncs the host, so decode steps
 replay CUDA graphs holding its collectives (benchmarks/RESULTS.md: 7.5x the eager steps' throughput on a
-decode-heavy workload on 2 GPUs). At prefill sizes its traffic grows with the EP size, while the all-to-all
-sends a token only to the ranks holding its choices. DeepEP makes the same split inside one buffer
-(low-latency and normal kernels).
+decode-heavy workload, 2 GPUs). At prefill sizes its traffic grows with the EP size, faster than the
+all-to-all's, which sends a token only to the ranks holding its choices. DeepEP makes the same split inside one
+buffer (low-latency and normal kernels).
 
-Every EP rank runs the same mode in a step (`StepPlan.mode`), so all ranks pick the same backend.
+The backend is the step's: `begin_step` receives the mode every EP rank agreed on (`StepPlan.mode`), so all
+ranks pick the same one whatever mode a single call names (an idle rank's batch says IDLE). Handles carry their
+backend, so each combine goes back through the backend that dispatched.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from moeserve.forward_batch import ForwardMode
 from moeserve.moe.dispatcher import Dispatcher, DispatchOutput
@@ -29,7 +33,7 @@ class ByModeDispatcher(Dispatcher):
                              f"{extend.num_local_slots} (extend)")
         super().__init__(decode.num_local_slots)
         self.decode, self.extend = decode, extend
-        self._active: Dispatcher = extend  # the backend of the dispatch in flight; its combine goes there too
+        self.step_mode: ForwardMode | None = None  # set by begin_step; None: each call's own mode decides
 
     def for_mode(self, mode: ForwardMode) -> Dispatcher:
         return self.decode if mode == ForwardMode.DECODE else self.extend
@@ -38,24 +42,34 @@ class ByModeDispatcher(Dispatcher):
         return ByModeDispatcher(self.decode.sibling(), self.extend.sibling())
 
     def begin_step(self, mode: ForwardMode, max_tokens: int | None = None) -> None:
+        self.step_mode = mode
         self.for_mode(mode).begin_step(mode, max_tokens)
 
-    def dispatch(self, hidden, topk_ids, topk_weights, mode) -> DispatchOutput:
-        self._active = self.for_mode(mode)
-        return self._active.dispatch(hidden, topk_ids, topk_weights, mode)
+    def _backend(self, mode: ForwardMode) -> Dispatcher:
+        return self.for_mode(mode if self.step_mode is None else self.step_mode)
 
-    def combine(self, expert_out, handle):
-        return self._active.combine(expert_out, handle)
+    # The contract's four stages (and the blocking pair): outputs and pending objects carry their backend.
+    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 mode: ForwardMode) -> DispatchOutput:
+        return self.dispatch_end(self.dispatch_begin(hidden, topk_ids, topk_weights, mode))
 
-    def dispatch_begin(self, hidden, topk_ids, topk_weights, mode) -> Any:
-        self._active = self.for_mode(mode)
-        return self._active.dispatch_begin(hidden, topk_ids, topk_weights, mode)
+    def combine(self, expert_out: torch.Tensor, handle: Any) -> torch.Tensor:
+        return self.combine_end(self.combine_begin(expert_out, handle))
 
-    def dispatch_end(self, pending: Any) -> DispatchOutput:
-        return self._active.dispatch_end(pending)
+    def dispatch_begin(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       mode: ForwardMode) -> tuple[Dispatcher, Any]:
+        backend = self._backend(mode)
+        return backend, backend.dispatch_begin(hidden, topk_ids, topk_weights, mode)
 
-    def combine_begin(self, expert_out, handle) -> Any:
-        return self._active.combine_begin(expert_out, handle)
+    def dispatch_end(self, pending: tuple[Dispatcher, Any]) -> DispatchOutput:
+        backend, inner = pending
+        out = backend.dispatch_end(inner)
+        return DispatchOutput(out.hidden, out.topk_ids, out.topk_weights, (backend, out.handle))
 
-    def combine_end(self, pending: Any):
-        return self._active.combine_end(pending)
+    def combine_begin(self, expert_out: torch.Tensor, handle: tuple[Dispatcher, Any]) -> tuple[Dispatcher, Any]:
+        backend, inner = handle
+        return backend, backend.combine_begin(expert_out, inner)
+
+    def combine_end(self, pending: tuple[Dispatcher, Any]) -> torch.Tensor:
+        backend, inner = pending
+        return backend.combine_end(inner)

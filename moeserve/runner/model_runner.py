@@ -263,15 +263,15 @@ class ModelRunner:
             if size is not None and not graphs.fits(reqs):
                 raise RuntimeError(f"decode plan {plan}, but this rank's {len(reqs)} requests cannot replay a graph")
             return size
-        if plan is not None and (plan.mode != ForwardMode.DECODE or plan.use_tbo):
+        if plan is not None and plan.mode != ForwardMode.DECODE:  # (decode steps never split for TBO)
             return None
         return graphs.padded_size(len(reqs)) if graphs.fits(reqs) else None
 
     def _ep_graph_size(self, plan: StepPlan | None) -> int | None:
         """With EP collectives in the graphs: the size every EP rank replays this step (for the most requests any
         rank has; it depends on the plan alone, so all ranks agree), or None when every rank runs eagerly (not
-        a decode step, TBO, or more requests than the largest graph)."""
-        if plan is None or plan.mode != ForwardMode.DECODE or plan.use_tbo:
+        a decode step, or more requests than the largest graph)."""
+        if plan is None or plan.mode != ForwardMode.DECODE:
             return None
         most = max(plan.tokens_per_rank)
         return self.graphs.padded_size(most) if most <= self.graphs.max_batch else None
