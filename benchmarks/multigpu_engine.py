@@ -6,8 +6,9 @@ Random-weight bf16 checkpoints with the real shapes of Qwen3-30B-A3B and DeepSee
 - `LLM(data_parallel_size=R, expert_parallel_size=R)`, the Ray worker group with one actor per GPU, for each
   MoE dispatcher x two-batch-overlap setting.
 
-Reported per run: seconds, output tokens/s, output tokens/s per GPU against the one-GPU figure, and how many
-requests' greedy tokens equal the one-GPU run's. With bf16 random weights, a near-tie may flip a few requests;
+Reported per run: seconds, output tokens/s, output tokens/s per GPU against the one-GPU figure, the mean
+decode step (the run against a one-token run of other prompts, see `run`), and how many requests' greedy tokens
+equal the one-GPU run's. With bf16 random weights, a near-tie may flip a few requests;
 the tiny fp32 tests (`pytest -m multigpu`) are the strict check. Prints a table and writes JSON.
 
     python benchmarks/multigpu_engine.py --out benchmarks/out/multigpu_engine.json           # on R GPUs
@@ -36,21 +37,27 @@ log = logging.getLogger("multigpu_engine")
 def run(path: Path, prompts: list[list[int]], warm: list[list[int]], args, device: torch.device,
         **options) -> dict:
     """One engine (one rank, or R through Ray when options ask for it) over the prompts, from a cold start, after
-    a short greedy warm-up over `warm`."""
+    a short greedy warm-up over `warm[0]`. Also times `warm[1]` (other prompts of the same lengths, so neither
+    run finds the other's prefixes cached) with one output token each, so that the decode steps' share comes out:
+    decode_ms = (full run - one-token run) / (output_len - 1), the mean step while the requests decode."""
     from moeserve import LLM, SamplingParams
+
+    def timed(llm, batch: list[list[int]], max_tokens: int) -> tuple[float, list]:
+        t0 = time.perf_counter()
+        outs = llm.generate(batch, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+        return time.perf_counter() - t0, outs
 
     llm = LLM(str(path), **engine_options(args, device), **options)
     try:
-        llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
-        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        seconds = time.perf_counter() - t0
+        timed(llm, warm[0], 8)
+        one_token, _ = timed(llm, warm[1], 1)
+        seconds, outs = timed(llm, prompts, args.output_len)
     finally:
         llm.shutdown()
         del llm
         free(device)
-    return dict(seconds=seconds, tokens=[o.token_ids for o in outs])
+    decode_ms = (seconds - one_token) / max(args.output_len - 1, 1) * 1e3
+    return dict(seconds=seconds, decode_ms=decode_ms, tokens=[o.token_ids for o in outs])
 
 
 def bench_model(name: str, args, device: torch.device) -> dict:
@@ -61,11 +68,13 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     del hf
     free(device)
     prompts = random_prompts(args.num_requests, args.input_len, vocab, seed=0)
-    # As many prompts as the timed run: its prefill and decode batch sizes compile (Triton) before the clock.
-    warm = random_prompts(args.num_requests, args.input_len, vocab, seed=999)
+    # Warm-up, then the one-token run: as many prompts as the timed run, so its prefill and decode batch sizes
+    # compile (Triton) before the clock.
+    warm = [random_prompts(args.num_requests, args.input_len, vocab, seed=seed) for seed in (999, 998)]
     out_tokens = args.num_requests * args.output_len
     base = run(path, prompts, warm, args, device)
-    rows = [dict(setup="1 GPU", ranks=1, seconds=base["seconds"], same=args.num_requests)]
+    rows = [dict(setup="1 GPU", ranks=1, seconds=base["seconds"], decode_ms=base["decode_ms"],
+                 same=args.num_requests)]
     settings = [(d, tbo, graphs) for d in args.dispatchers.split(",") for tbo in args.tbo for graphs in args.graphs
                 if graphs or d in ("all_gather", "by_mode", "auto")]  # graphs off matters where decode replays them
     for dispatcher, tbo, graphs in settings:
@@ -79,7 +88,8 @@ def bench_model(name: str, args, device: torch.device) -> dict:
             rows.append(dict(setup=setup, error=repr(exc)))
             continue
         same = sum(a == b for a, b in zip(got["tokens"], base["tokens"]))
-        rows.append(dict(setup=setup, ranks=args.ranks, seconds=got["seconds"], same=same))
+        rows.append(dict(setup=setup, ranks=args.ranks, seconds=got["seconds"], decode_ms=got["decode_ms"],
+                         same=same))
     for row in rows:
         if "seconds" in row:
             row["output_tok_s"] = out_tokens / row["seconds"]
@@ -90,14 +100,14 @@ def bench_model(name: str, args, device: torch.device) -> dict:
 def print_table(result: dict, args) -> None:
     print(f"\n{result['model']} ({result['layers']} layers), {args.num_requests} x ({args.input_len} -> "
           f"{args.output_len}), greedy")
-    print("| setup | GPUs | s | output tok/s | per GPU vs 1 GPU | same tokens as 1 GPU |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| setup | GPUs | s | output tok/s | per GPU vs 1 GPU | decode ms/step | same tokens as 1 GPU |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
         if "error" in r:
-            print(f"| {r['setup']} | | failed: {r['error'][:60]} | | | |")
+            print(f"| {r['setup']} | | failed: {r['error'][:60]} | | | | |")
             continue
         print(f"| {r['setup']} | {r['ranks']} | {r['seconds']:.2f} | {r['output_tok_s']:.0f} | "
-              f"{r['per_gpu_vs_one']:.2f} | {r['same']}/{args.num_requests} |")
+              f"{r['per_gpu_vs_one']:.2f} | {r['decode_ms']:.2f} | {r['same']}/{args.num_requests} |")
 
 
 def main() -> None:
