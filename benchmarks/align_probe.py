@@ -23,7 +23,6 @@ from kernels_moe_tune import _time_ms, _whole_us  # noqa: E402
 
 from kernels import SHAPES, make_inputs, make_weights  # noqa: E402
 from moeserve.kernels import moe_align as align_mod  # noqa: E402
-from moeserve.kernels.moe_configs import get_config  # noqa: E402
 
 VARIANTS = {"ranked": ("ranked", 256), "scatter/1024": ("scatter", 1024), "scatter/256": ("scatter", 256),
             "scatter/128": ("scatter", 128)}
@@ -43,8 +42,7 @@ def main() -> None:
     shape = SHAPES["qwen3"]
     rows = []
     for m in (512, 2048):
-        cfg = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, False,
-                         global_experts=shape.global_experts)
+        cfg = shape.table_config(m, False)
         ids = [make_inputs(shape, m, 1000 + r)[2] for r in range(8)]
         for variant in VARIANTS:
             use(variant)

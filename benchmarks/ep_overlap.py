@@ -23,7 +23,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -112,14 +112,18 @@ def timed_once(fn, sync) -> float:
 
 @dataclass
 class Steps:
-    """One step through the layer stack with TBO off (one micro-batch, dispatcher d0) and on (two, d0 and d1)."""
+    """One step through the layer stack with TBO off (one micro-batch, dispatcher d0) and on (two, d0 and d1, its
+    sibling, as the engine's runner pairs them)."""
 
     x: torch.Tensor
     layers: list
     experts: object
     d0: object
-    d1: object
     args: argparse.Namespace
+    d1: object = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.d1 = self.d0.sibling()
 
     def _begin(self, sizes) -> None:  # as the engine's runner does: each instance's most tokens on any rank
         for d, n in zip((self.d0, self.d1), sizes):
@@ -168,7 +172,7 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
     for suffix, group in ep_groups.items():
         d0 = create_dispatcher(args.dispatcher, group=group, ep_size=args.ranks,
                                num_local_slots=args.experts // args.ranks, device=device)
-        steps[suffix] = Steps(x, layers, experts, d0, d0.sibling(), args)  # as the engine's runner pairs them
+        steps[suffix] = Steps(x, layers, experts, d0, args)
     device_sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def sync():

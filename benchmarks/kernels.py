@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from moeserve.kernels import fused_moe, moe_reference  # noqa: E402
 from moeserve.kernels.fp8 import FP8_DTYPE, quant_weight_block_fp8  # noqa: E402
-from moeserve.kernels.moe_configs import get_config, load_table  # noqa: E402
+from moeserve.kernels.moe_configs import MoEConfig, get_config, load_table  # noqa: E402
 
 M_VALUES = (1, 8, 32, 128, 512, 2048, 8192)
 DEVICE = "cuda"
@@ -51,6 +51,12 @@ class MoEShape:
     top_k: int
     hidden: int
     inter: int
+
+    def table_config(self, m: int, fp8: bool) -> MoEConfig:
+        """The config `fused_moe` picks for this shape at m tokens (an EP rank's: the global count's table when
+        it has none of its own, see `get_config`)."""
+        return get_config(m, self.num_experts, self.hidden, self.inter, self.top_k, fp8,
+                          global_experts=self.global_experts)
 
 
 SHAPES = {

@@ -403,6 +403,11 @@ def unique_jobs(jobs: list) -> list:
     return list(unique.values())
 
 
+def whole_jobs(cases) -> list:
+    """`unique_jobs` of whole calls: cases yields (shape key, fp8, MoEConfig)."""
+    return unique_jobs([(key, fp8, cfg.block_m, "whole", cfg) for key, fp8, cfg in cases])
+
+
 def probe_jobs(current: dict) -> list:
     jobs = []
     for key, dtype, m, bms in PROBE_CASES:
@@ -421,19 +426,17 @@ def probe_large(out_path: str, budget_s: float, search: bool, baseline: dict | N
     import json
 
     from kernels import SHAPES, make_weights, measure_ceilings, rotating_inputs
-    from moeserve.kernels.moe_configs import get_config
 
     t0 = time.time()
     current, table = {}, {}
     for key, dtype, m, _ in PROBE_CASES:
         s = SHAPES[key]
         name = f"{key} {dtype} {m}"
-        table[name] = get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8",
-                                 global_experts=s.global_experts)
+        table[name] = s.table_config(m, dtype == "fp8")
         current[name] = MoEConfig.from_dict(baseline[name]) if baseline else table[name]
-    jobs = probe_jobs(current) if search else [
-        (key, dtype == "fp8", c.block_m, "whole", c) for key, dtype, m, _ in PROBE_CASES
-        for c in {current[f"{key} {dtype} {m}"], table[f"{key} {dtype} {m}"]}]
+    jobs = probe_jobs(current) if search else whole_jobs(
+        (key, dtype == "fp8", c) for key, dtype, m, _ in PROBE_CASES
+        for c in {current[f"{key} {dtype} {m}"], table[f"{key} {dtype} {m}"]})
     errors = precompile(jobs)
     bundle = dict(device=torch.cuda.get_device_name(), compile_s=round(time.time() - t0, 1),
                   compile_failures=errors, ceilings=measure_ceilings(), cases={},

@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from kernels_moe_tune import alternate_us, precompile, roofline_us, unique_jobs  # noqa: E402
+from kernels_moe_tune import alternate_us, precompile, roofline_us, whole_jobs  # noqa: E402
 
 from kernels import SHAPES, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 from moeserve.kernels.moe_configs import GemmConfig as G  # noqa: E402
@@ -100,7 +100,7 @@ def _variants(shape_key: str, dtype: str, m: int, memset: bool) -> dict[str, tup
     `default_config` pick for the local count) and, once the rank has a table of its own, "unsharded table"
     (the global count's entry, which `get_config` takes where the local table is missing)."""
     s, fp8 = SHAPES[shape_key], dtype == "fp8"
-    configs = {"table": _table(shape_key, dtype, m), **EXTRA.get(f"{shape_key}:{dtype}:{m}", {})}
+    configs = {"table": s.table_config(m, fp8), **EXTRA.get(f"{shape_key}:{dtype}:{m}", {})}
     if s.num_experts != s.global_experts and load_table(table_name(s.global_experts, s.hidden, s.inter, fp8)):
         configs["heuristic"] = default_config(m, s.num_experts, s.hidden, s.inter, s.top_k, fp8)
         if load_table(table_name(s.num_experts, s.hidden, s.inter, fp8)):
@@ -116,12 +116,6 @@ def _variants(shape_key: str, dtype: str, m: int, memset: bool) -> dict[str, tup
 def build_plan(cases: list[tuple[str, str, int]], memset: bool) -> dict[tuple[str, str, int], dict]:
     """(shape key, dtype, M) -> `_variants`; no GPU needed."""
     return {(key, dtype, m): _variants(key, dtype, m, memset) for key, dtype, m in cases}
-
-
-def _table(shape_key: str, dtype: str, m: int) -> MoEConfig:
-    s = SHAPES[shape_key]
-    return get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8",
-                      global_experts=s.global_experts)
 
 
 def _time_case(key: str, dtype: str, m: int, variants: dict[str, tuple[MoEConfig, bool]],
@@ -163,9 +157,9 @@ def main() -> None:
     args = parser.parse_args()
     plan = build_plan(parse_cases(args.cases), args.memset)
     t0 = time.time()
-    # A memset variant runs its config's kernels: unique_jobs keeps one job per compiled kernel.
-    errors = precompile(unique_jobs([(key, dtype == "fp8", cfg.block_m, "whole", cfg)
-                                     for (key, dtype, _), variants in plan.items() for cfg, _ in variants.values()]))
+    # A memset variant runs its config's kernels: whole_jobs keeps one job per compiled kernel.
+    errors = precompile(whole_jobs((key, dtype == "fp8", cfg)
+                                   for (key, dtype, _), variants in plan.items() for cfg, _ in variants.values()))
     print(f"compiled in {time.time() - t0:.0f} s; failures: {errors}", flush=True)
     ceilings = measure_ceilings()
     bundle = dict(device=torch.cuda.get_device_name(), ceilings=ceilings, compile_failures=errors, cases={})

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from kernels_moe_tune import _whole_us, alternate_us, roofline_us  # noqa: E402
 
 from kernels import SHAPES, make_inputs, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
-from moeserve.kernels.moe_configs import MoEConfig, get_config  # noqa: E402
+from moeserve.kernels.moe_configs import MoEConfig  # noqa: E402
 
 CASES = [("qwen3", 128), ("qwen3", 512), ("qwen3", 2048), ("deepseek", 512), ("deepseek", 2048),
          ("mixtral", 128), ("mixtral", 512)]
@@ -53,8 +53,7 @@ def search_tiles(ceilings: dict) -> list[dict]:
     w = make_weights(shape, True)
     inputs = [make_inputs(shape, m, 1000 + r) for r in range(8)]
     roof = roofline_us(shape, True, inputs, ceilings["copy_tbs"], ceilings["fp8_tflops"])
-    variants = tile_variants(get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, True,
-                                        global_experts=shape.global_experts))
+    variants = tile_variants(shape.table_config(m, True))
     ok = {}
     for label, cfg in variants.items():  # a variant that fails to compile or run drops out
         try:
@@ -82,8 +81,7 @@ def compare_act_quant(ceilings: dict) -> list[dict]:
         shape = SHAPES[key]
         w = make_weights(shape, True)
         inputs = rotating_inputs(shape, m, True)
-        cfg = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, True,
-                         global_experts=shape.global_experts)
+        cfg = shape.table_config(m, True)
         runs = alternate_us(w, inputs, {"fused": cfg, "separate": dataclasses.replace(cfg, fuse_act_quant=False)},
                             REPEATS)
         roof = roofline_us(shape, True, inputs, ceilings["copy_tbs"], ceilings["fp8_tflops"])

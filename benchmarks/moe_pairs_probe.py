@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_moe_tune import _whole_us, pairs_candidates  # noqa: E402
 
 from kernels import SHAPES, make_inputs, make_weights  # noqa: E402
-from moeserve.kernels.moe_configs import get_config  # noqa: E402
 
 CASES = [(16, 10), (16, 16), (32, 20), (32, 32)]  # (graph rows, real rows)
 
@@ -40,8 +39,7 @@ def main() -> None:
             hidden, tw, ids = make_inputs(shape, m, 2000 + r)
             ids[real:] = -1
             inputs.append((hidden, tw, ids))
-        table = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, False,
-                           global_experts=shape.global_experts)
+        table = shape.table_config(m, False)
         for label, cfg in {"table": table, **pairs_candidates()}.items():
             us = _whole_us(w, inputs, cfg, rep=20)
             rows.append(dict(m=m, real=real, config=label, pairs=cfg.pairs, us=us))

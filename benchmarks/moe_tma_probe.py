@@ -32,11 +32,11 @@ from kernels_moe_tune import (  # noqa: E402
     alternate_us,
     precompile,
     roofline_us,
-    unique_jobs,
+    whole_jobs,
 )
 
 from kernels import SHAPES, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
-from moeserve.kernels.moe_configs import GemmConfig, MoEConfig, get_config  # noqa: E402
+from moeserve.kernels.moe_configs import GemmConfig, MoEConfig  # noqa: E402
 
 CASES = [(key, dtype, m) for key, dtype, m, _ in PROBE_CASES]  # the M >= 512 misses of issue 6
 MODES = [("tma", False), ("tma", True), ("tma_gathered", True)]
@@ -105,12 +105,9 @@ def main() -> None:
     t0 = time.time()
     plan = {}
     for key, dtype, m in WIDE_CASES if args.wide else CASES:
-        s = SHAPES[key]
-        table = get_config(m, s.num_experts, s.hidden, s.inter, s.top_k, dtype == "fp8",
-                           global_experts=s.global_experts)
+        table = SHAPES[key].table_config(m, dtype == "fp8")
         plan[(key, dtype, m)] = wide_variants(table, dtype) if args.wide else variants(table)
-    jobs = unique_jobs([(key, dtype == "fp8", c.block_m, "whole", c)
-                        for (key, dtype, _), vs in plan.items() for c in vs.values()])
+    jobs = whole_jobs((key, dtype == "fp8", c) for (key, dtype, _), vs in plan.items() for c in vs.values())
     errors = precompile(jobs, args.workers)
     failed = "\n".join(errors)
     bundle = dict(device=torch.cuda.get_device_name(), compile_s=round(time.time() - t0, 1), compile_errors=errors,

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from offline_gpu import build_checkpoint, engine_options, free, random_prompts  # noqa: E402
+from offline_gpu import build_checkpoint, engine_options, free, random_prompts, timed_generate  # noqa: E402
 
 log = logging.getLogger("multigpu_engine")
 
@@ -40,18 +40,13 @@ def run(path: Path, prompts: list[list[int]], warm: list[list[int]], args, devic
     a short greedy warm-up over `warm[0]`. Also times `warm[1]` (other prompts of the same lengths, so neither
     run finds the other's prefixes cached) with one output token each, so that the decode steps' share comes out:
     decode_ms = (full run - one-token run) / (output_len - 1), the mean step while the requests decode."""
-    from moeserve import LLM, SamplingParams
-
-    def timed(llm, batch: list[list[int]], max_tokens: int) -> tuple[float, list]:
-        t0 = time.perf_counter()
-        outs = llm.generate(batch, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-        return time.perf_counter() - t0, outs
+    from moeserve import LLM
 
     llm = LLM(str(path), **engine_options(args, device), **options)
     try:
-        timed(llm, warm[0], 8)
-        one_token, _ = timed(llm, warm[1], 1)
-        seconds, outs = timed(llm, prompts, args.output_len)
+        timed_generate(llm, warm[0], 8)
+        one_token, _ = timed_generate(llm, warm[1], 1)
+        seconds, outs = timed_generate(llm, prompts, args.output_len)
     finally:
         llm.shutdown()
         del llm

@@ -406,18 +406,22 @@ def kernel_breakdown(replay, device: torch.device, reps: int = 5, top: int = 14)
     )
 
 
-def run_moeserve_throughput(llm, prompts, output_len: int, warmup: int) -> dict:
-    """Time the workload from a cold prefix cache (the warm-up uses other prompts, and the cache is reset)."""
+def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, list]:
+    """(seconds, outputs) of one greedy `llm.generate` over prompts, max_tokens each (eos ignored)."""
     from moeserve import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    if warmup:
-        others = random_prompts(warmup, len(prompts[0]), llm.engine.vocab_size, seed=12345)
-        llm.generate(others, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
-    llm.engine.reset_prefix_cache()
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    return dict(seconds=time.perf_counter() - t0, tokens=[o.token_ids for o in outs])
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    return time.perf_counter() - t0, outs
+
+
+def run_moeserve_throughput(llm, prompts, output_len: int, warmup: int) -> dict:
+    """Time the workload from a cold prefix cache (the warm-up uses other prompts, and the cache is reset)."""
+    if warmup:
+        timed_generate(llm, random_prompts(warmup, len(prompts[0]), llm.engine.vocab_size, seed=12345), 16)
+    llm.engine.reset_prefix_cache()
+    seconds, outs = timed_generate(llm, prompts, output_len)
+    return dict(seconds=seconds, tokens=[o.token_ids for o in outs])
 
 
 def bench_model(name: str, args, device: torch.device, bw: float) -> dict:

@@ -227,5 +227,4 @@ class EngineWorker(RankActor):
             # was captured can hang (pytorch/pytorch#115388). (A step loop still running keeps them.)
             torch.cuda.synchronize()
             self.engine.runner.graphs = None
-            torch.cuda.synchronize()
         super().shutdown()

@@ -3,6 +3,7 @@ without two-batch overlap, with redundant experts, and when every request sits o
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 
@@ -25,6 +26,26 @@ def ray_cluster():
 def prompts_for(vocab: int, n: int = 32, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))] for _ in range(n)]
+
+
+@functools.cache
+def reference(path: str, **options) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompts, their greedy tokens) from the one-process engine with options; once per checkpoint and options
+    (the cases of one architecture share it)."""
+    single = LLM(path, **options)
+    try:
+        prompts = prompts_for(single.engine.vocab_size)
+        return prompts, [o.token_ids for o in single.generate(prompts, PARAMS)]
+    finally:
+        single.shutdown()
+
+
+def assert_all_on_rank0_match(llm, prompts: list[list[int]], expected: list[list[int]]) -> None:
+    """Every request on rank 0: the other ranks step idle batches (or replay padding-only graphs) and still
+    enter every collective; the tokens are the reference's."""
+    jobs = [[(f"one-{i}", p, PARAMS)] for i, p in enumerate(prompts)]
+    finals = llm.backend.run(jobs, ranks=[0] * len(jobs))
+    assert [finals[f"one-{i}"].token_ids for i in range(len(prompts))] == expected
 
 
 def settled_stats(llm, timeout_s: float = 10.0) -> list[dict]:
@@ -52,9 +73,7 @@ def test_ep_matches_single_process(
     ray_cluster, tiny_checkpoint, arch, ranks, redundant, tbo, async_scheduling, dispatcher
 ):
     path = str(tiny_checkpoint(arch))
-    single = LLM(path, device="cpu")
-    prompts = prompts_for(single.engine.vocab_size)
-    expected = [o.token_ids for o in single.generate(prompts, PARAMS)]
+    prompts, expected = reference(path, device="cpu")
 
     llm = LLM(
         path,
@@ -68,10 +87,7 @@ def test_ep_matches_single_process(
     )
     try:
         assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
-        # Every request on rank 0: the other ranks step idle batches and still enter every collective.
-        jobs = [[(f"one-{i}", p, PARAMS)] for i, p in enumerate(prompts)]
-        finals = llm.backend.run(jobs, ranks=[0] * len(jobs))
-        assert [finals[f"one-{i}"].token_ids for i in range(len(prompts))] == expected
+        assert_all_on_rank0_match(llm, prompts, expected)
         stats = settled_stats(llm)
         assert stats[0]["num_steps"] > 0 and all(s["num_steps"] == stats[0]["num_steps"] for s in stats)
         assert all((s["num_tbo_steps"] > 0) == tbo for s in stats)
@@ -93,9 +109,7 @@ def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, gpu_ep_ranks, 
     ranks = gpu_ep_ranks
     path = str(tiny_checkpoint(arch))
     # A fixed KV size: the one-GPU engine in this process shares GPU 0 with rank 0.
-    single = LLM(path, device="cuda", dtype="float32", num_kv_blocks=1024)
-    prompts = prompts_for(single.engine.vocab_size)
-    expected = [o.token_ids for o in single.generate(prompts, PARAMS)]
+    prompts, expected = reference(path, device="cuda", dtype="float32", num_kv_blocks=1024)
 
     llm = LLM(path, device="cuda", dtype="float32", num_kv_blocks=1024, data_parallel_size=ranks,
               expert_parallel_size=ranks, num_redundant_experts=redundant * ranks, enable_tbo=tbo,
@@ -106,10 +120,8 @@ def test_ep_on_gpus_matches_one_gpu(ray_cluster, tiny_checkpoint, gpu_ep_ranks, 
         # all-gather), with TBO on too: only prefill steps split.
         names = {s["moe_dispatcher"] for s in llm.backend.stats()}
         graphs = bool(names & {"all_gather", "by_mode"})
-        if graphs:  # every request on rank 0: the others replay padding-only graphs for its collectives
-            jobs = [[(f"one-{i}", p, PARAMS)] for i, p in enumerate(prompts)]
-            finals = llm.backend.run(jobs, ranks=[0] * len(jobs))
-            assert [finals[f"one-{i}"].token_ids for i in range(len(prompts))] == expected
+        if graphs:
+            assert_all_on_rank0_match(llm, prompts, expected)
         stats = settled_stats(llm)
         assert all((s["num_tbo_steps"] > 0) == tbo for s in stats)
         assert all((s["num_graph_steps"] > 0) == graphs for s in stats)

@@ -147,17 +147,17 @@ def run_scenarios(rank: int, world_size: int, ep_group) -> None:
         ref = torch_experts(x, w13, w2, weights, ids)
         w13_local, w2_local = local_expert_weights(placement, w13, w2)
         where = f"scenario {kind}/{dtype} on rank {rank} of {world_size}"
-        sources = [inputs[0] for inputs in all_inputs]
-        check_all_gather(ep_group, placement, (x, ids, weights), sources, (w13_local, w2_local), ref, tol, where)
+        check_all_gather(ep_group, placement, all_inputs, (w13_local, w2_local), ref, tol, where)
         dispatcher = TorchAllToAllDispatcher(ep_group, placement.num_local_slots)
         y, received = ep_moe(dispatcher, placement, 0, x, ids, weights, w13_local, w2_local)
         assert y.shape == ref.shape and y.dtype == dtype, where
         torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol, msg=where)
         # Each token arrives at most once per rank, and only where one of its choices lives.
-        assert torch.equal(received.hidden, expected_received(kind, rank, world_size, all_inputs)), where
+        arrived = expected_received(kind, rank, world_size, all_inputs)
+        assert torch.equal(received.hidden, arrived), where
         assert_local_slots(received.topk_ids, placement, where)
         assert bool((received.topk_ids >= 0).any(dim=1).all()), where
-        check_by_mode(ep_group, kind, placement, all_inputs, (w13_local, w2_local), ref, tol, f"{where}, by_mode")
+        check_by_mode(ep_group, placement, all_inputs, arrived, (w13_local, w2_local), ref, tol, f"{where}, by_mode")
         if kind == "redundant":
             held = set(placement.local_logical_experts(0))
             phys = placement.to_physical(0, ids).long()
@@ -165,10 +165,11 @@ def run_scenarios(rank: int, world_size: int, ep_group) -> None:
             assert bool((phys[mine] // placement.num_local_slots == rank).all()), where
 
 
-def check_by_mode(ep_group, kind, placement, all_inputs, local_weights, ref, tol, where) -> None:
+def check_by_mode(ep_group, placement, all_inputs, arrived, local_weights, ref, tol, where) -> None:
     """ByModeDispatcher gives the reference in every mode, through the all-gather at decode (every rank's tokens,
-    padded to the capacity, arrive) and the all-to-all otherwise (only tokens with a choice here arrive), also
-    when the mode changes from step to step; the step's mode decides, not the one a call names (IDLE)."""
+    padded to the capacity, arrive) and the all-to-all otherwise (only tokens with a choice here arrive: the
+    rows `arrived`), also when the mode changes from step to step; the step's mode decides, not the one a call
+    names (IDLE)."""
     rank, world_size = dist.get_rank(ep_group), len(all_inputs)
     x, ids, weights = all_inputs[rank]
     capacity = max(inputs[0].shape[0] for inputs in all_inputs)
@@ -183,7 +184,7 @@ def check_by_mode(ep_group, kind, placement, all_inputs, local_weights, ref, tol
         if mode == ForwardMode.DECODE:
             assert received.hidden.shape[0] == world_size * capacity, where
         else:
-            assert torch.equal(received.hidden, expected_received(kind, rank, world_size, all_inputs)), where
+            assert torch.equal(received.hidden, arrived), where
 
 
 def assert_local_slots(local: torch.Tensor, placement: ExpertPlacement, where: str) -> None:
@@ -192,12 +193,12 @@ def assert_local_slots(local: torch.Tensor, placement: ExpertPlacement, where: s
     assert bool(((local >= -1) & (local < placement.num_local_slots)).all()), where
 
 
-def check_all_gather(ep_group, placement, inputs, sources, local_weights, ref, tol, where) -> None:
+def check_all_gather(ep_group, placement, all_inputs, local_weights, ref, tol, where) -> None:
     """AllGatherDispatcher gives the reference, with the step's capacity set (as the engine's runner does)
     and agreed by the dispatcher itself; every rank receives every rank's tokens, padded to the capacity.
-    inputs: this rank's (x, logical ids, weights); sources: every rank's x; local_weights: (w13, w2) of
-    this rank's slots."""
-    x, ids, weights = inputs
+    all_inputs: every rank's (x, logical ids, weights); local_weights: (w13, w2) of this rank's slots."""
+    x, ids, weights = all_inputs[dist.get_rank(ep_group)]
+    sources = [inputs[0] for inputs in all_inputs]
     counts = [src.shape[0] for src in sources]
     capacity = max(counts)
     dispatcher = AllGatherDispatcher(ep_group, placement.num_local_slots)

@@ -33,15 +33,22 @@ def rank_prompts(rank: int, count: int, vocab: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 9))] for _ in range(count)]
 
 
-def prefilled_runner(rank: int, world: int, groups, path: str, counts: tuple[int, ...]):
-    """A runner on an all-gather EP rank with EPLB's load buffer, its requests prefilled (one eager lockstep
-    step); returns (runner, dispatcher, each request's first decode step, the model config)."""
+def ep_runner(rank: int, world: int, groups, path: str, tbo: bool = False, **config):
+    """A CPU runner on an all-gather EP rank (with the dispatcher's TBO sibling when tbo), fp32, blocks of 4,
+    contexts up to 64; config: more `EngineConfig` fields. Returns (runner, dispatcher, model config)."""
     mc = ModelConfig.from_hf(read_hf_config(path))
     placement = ExpertPlacement.default(mc.num_moe_layers, mc.num_experts, 0, rank, world, dynamic=True)
     dispatcher = AllGatherDispatcher(groups.ep_group, placement.num_local_slots)
-    config = EngineConfig(model=path, device="cpu", dtype="float32", block_size=4, num_kv_blocks=48,
-                          max_model_len=64, cuda_graph_max_batch=8)
-    runner = ModelRunner(config, path, RankSetup(placement=placement, dispatcher=dispatcher))
+    engine_config = EngineConfig(model=path, device="cpu", dtype="float32", block_size=4, max_model_len=64, **config)
+    setup = RankSetup(placement=placement, dispatcher=dispatcher, tbo_dispatcher=dispatcher.sibling() if tbo else None)
+    return ModelRunner(engine_config, path, setup), dispatcher, mc
+
+
+def prefilled_runner(rank: int, world: int, groups, path: str, counts: tuple[int, ...]):
+    """A runner on an all-gather EP rank with EPLB's load buffer, its requests prefilled (one eager lockstep
+    step); returns (runner, dispatcher, each request's first decode step, the model config)."""
+    runner, dispatcher, mc = ep_runner(rank, world, groups, path, num_kv_blocks=48, cuda_graph_max_batch=8)
+    placement = runner.ctx.placement
     runner.expert_load = torch.zeros(placement.num_layers, placement.num_physical, dtype=torch.int64)  # EPLB's
     prompts = {r: rank_prompts(r, counts[r], mc.vocab_size) for r in range(world)}
     mine = prompts[rank]

@@ -185,20 +185,12 @@ def test_tbo_on_equals_tbo_off_on_gloo_ranks():
 def tbo_step_with_chunks(rank: int, world_size: int, groups, path: str) -> None:
     """One rank's runner: a TBO prefill step equals the same step unsplit, for every cut (an empty second
     micro-batch included), with a chunk that samples nothing among the requests."""
-    from moeserve.config import EngineConfig
-    from moeserve.loader.checkpoint import read_hf_config
-    from moeserve.models.config import ModelConfig
-    from moeserve.runner.model_runner import ModelRunner, RankSetup
+    from test_ep_graphs import ep_runner
+
     from moeserve.sampling_params import SamplingParams
     from moeserve.scheduler.output import ScheduledRequest, SchedulerOutput
 
-    mc = ModelConfig.from_hf(read_hf_config(path))
-    placement = ExpertPlacement.default(mc.num_moe_layers, mc.num_experts, 0, rank, world_size, dynamic=True)
-    first = AllGatherDispatcher(groups.ep_group, placement.num_local_slots)
-    config = EngineConfig(model=path, device="cpu", dtype="float32", block_size=4, num_kv_blocks=32,
-                          max_model_len=64)
-    setup = RankSetup(placement=placement, dispatcher=first, tbo_dispatcher=first.sibling())
-    runner = ModelRunner(config, path, setup)
+    runner, _, _ = ep_runner(rank, world_size, groups, path, tbo=True, num_kv_blocks=32)
     greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     gen = torch.Generator().manual_seed(5)
     reqs = [ScheduledRequest("chunk", torch.randint(3, 90, (5,), generator=gen).tolist(), 0, [0, 1], False, greedy),

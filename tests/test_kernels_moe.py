@@ -228,7 +228,8 @@ def test_entries_probe_plans_ep_cases_without_gpu(entries_probe):
     with_memset = probe.build_plan([("qwen3-ep8", "bf16", 512)], memset=True)[("qwen3-ep8", "bf16", 512)]
     assert {"table", "table, memset", "heuristic", "heuristic, memset"} <= set(with_memset)
     jobs = [(k, d == "fp8", c.block_m, "whole", c) for (k, d, _), vs in plan.items() for c, _ in vs.values()]
-    unique = probe.unique_jobs(jobs)  # what precompile gets: every config once per dtype
+    unique = probe.whole_jobs((k, d == "fp8", c) for (k, d, _), vs in plan.items() for c, _ in vs.values())
+    # (what precompile gets: every config once per dtype)
     assert sorted(map(str, {(j[1], j[4]) for j in unique})) == sorted(map(str, {(j[1], j[4]) for j in jobs}))
     assert len(unique) == len({(j[1], j[4]) for j in jobs})  # all cases share k = 8
     with pytest.raises(SystemExit, match="bad case"):

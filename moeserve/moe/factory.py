@@ -9,6 +9,9 @@ import torch
 import torch.distributed as dist
 
 from moeserve.backend_choice import DISPATCHERS
+from moeserve.moe.all_gather import AllGatherDispatcher
+from moeserve.moe.all_to_all import TorchAllToAllDispatcher
+from moeserve.moe.by_mode import ByModeDispatcher
 from moeserve.moe.dispatcher import Dispatcher, LocalDispatcher
 
 logger = logging.getLogger("moeserve")
@@ -57,15 +60,11 @@ def create_dispatcher(
     group_size = dist.get_world_size(group)
     if group_size != ep_size:
         raise ValueError(f"ep_size={ep_size} but the EP process group has {group_size} ranks")
-    if chosen in ("all_to_all", "all_gather", "by_mode"):
-        from moeserve.moe.all_gather import AllGatherDispatcher
-        from moeserve.moe.all_to_all import TorchAllToAllDispatcher
-        from moeserve.moe.by_mode import ByModeDispatcher
-
-        if chosen == "all_to_all":
-            return TorchAllToAllDispatcher(group, num_local_slots)
-        if chosen == "all_gather":
-            return AllGatherDispatcher(group, num_local_slots)
+    if chosen == "all_to_all":
+        return TorchAllToAllDispatcher(group, num_local_slots)
+    if chosen == "all_gather":
+        return AllGatherDispatcher(group, num_local_slots)
+    if chosen == "by_mode":
         return ByModeDispatcher(AllGatherDispatcher(group, num_local_slots),
                                 TorchAllToAllDispatcher(group, num_local_slots))
     if hidden is None:

@@ -235,15 +235,16 @@ class ModelRunner:
         if self.expert_load is not None:  # EPLB: the MoE layers add this step's tokens per expert
             self.expert_load.zero_()
             extras["expert_load"] = self.expert_load
+        most = max(plan.tokens_per_rank) if plan is not None else None
         if plan is not None and plan.use_tbo:
-            self._begin_dispatch_step(plan.mode, plan)
+            self._begin_dispatch_step(plan.mode, most, plan.micro_batch_tokens)
             hidden, sample_indices = self._forward_two_batches(sched.requests, plan.mode, extras, tbo_cut)
         else:
             batch = self.build_batch(sched.requests)
             batch.extras.update(extras)
             if plan is not None:
                 batch.mode = plan.mode
-            self._begin_dispatch_step(batch.mode, plan)
+            self._begin_dispatch_step(batch.mode, most)
             hidden, sample_indices = self.model(batch), batch.sample_indices
         sampling = [r for r in sched.requests if r.sample]
         if not sampling:
@@ -277,8 +278,7 @@ class ModelRunner:
         return self.graphs.padded_size(most) if most <= self.graphs.max_batch else None
 
     def _begin_graph_step(self, size: int) -> None:
-        for dispatcher in dict.fromkeys(self.ctx.dispatchers):
-            dispatcher.begin_step(ForwardMode.DECODE, size)
+        self._begin_dispatch_step(ForwardMode.DECODE, size)
 
     def _replay(self, reqs: list[ScheduledRequest], size: int) -> PendingStep:
         """A decode step by graph replay. Every request samples here, so the graph's rows are the sample rows."""
@@ -304,17 +304,17 @@ class ModelRunner:
         self._last_step = PendingStep([r.request_id for r in sampling], sampled)
         return self._last_step
 
-    def _begin_dispatch_step(self, mode: ForwardMode, plan: StepPlan | None) -> None:
-        """Tell the dispatchers this step's mode and the most tokens any rank sends through each: the largest
-        rank's count, or with TBO and a second instance, each micro-batch's largest (micro-batch k uses the
-        k-th instance; without a second instance both use the first, as `MoELayer` does)."""
+    def _begin_dispatch_step(self, mode: ForwardMode, most: int | None,
+                             micro_batch_tokens: tuple[int, int] | None = None) -> None:
+        """Tell the dispatchers this step's mode and the most tokens any rank sends through each: `most` (the
+        largest rank's count; None off the lockstep path), or with TBO and a second instance, each micro-batch's
+        largest (micro-batch k uses the k-th instance; without a second instance both use the first, as
+        `MoELayer` does)."""
         first, second = self.ctx.dispatchers
-        most = max(plan.tokens_per_rank) if plan is not None else None
         if second is first:
             first.begin_step(mode, most)
             return
-        sizes = plan.micro_batch_tokens if plan is not None and plan.use_tbo else (most, most)
-        for dispatcher, size in zip((first, second), sizes):
+        for dispatcher, size in zip((first, second), micro_batch_tokens or (most, most)):
             dispatcher.begin_step(mode, size)
 
     def _forward_two_batches(self, reqs: list[ScheduledRequest], mode: ForwardMode, extras: dict,
