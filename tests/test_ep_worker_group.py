@@ -54,6 +54,19 @@ class EPTestActor(RankActor):
         threading.Event().wait()
 
 
+class FailingStartActor(RankActor):
+    """Rank 1 fails while building its engine; rank 0 then waits for it in a collective, as EP ranks do when
+    one rank's CUDA-graph capture fails (the others are inside a captured collective)."""
+
+    def init_distributed(self, rank, world_size, master_addr, master_port, backend) -> None:
+        import torch.distributed as dist
+
+        super().init_distributed(rank, world_size, master_addr, master_port, backend)
+        if rank == 1:
+            raise RuntimeError("rank 1: CUDA graph capture failed")
+        dist.barrier(group=self.groups.world)  # never met: rank 1 has given up
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -81,5 +94,31 @@ def test_group_runs_ep_and_restarts_after_a_rank_dies(local_ray):
         assert group.alive() and group.generation == 1
         assert group.call_all("ping") == [0, 1]
         assert max(group.call_all("moe_error", 2)) < 1e-4
+    finally:
+        group.shutdown()
+
+
+def test_a_rank_failing_at_start_fails_the_group_and_frees_its_ranks(local_ray):
+    """The start must not wait for the ranks stuck in a collective (gloo/NCCL time out after minutes): it
+    raises the failing rank's error, kills every rank and gives back the placement group, so a new group
+    can start on the same resources."""
+    outcome = {}
+
+    def start() -> None:
+        try:
+            WorkerGroup(2, FailingStartActor, {}, use_gpu=False, name="failing-start")
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    thread.join(timeout=120)  # liveness bound, far below the collective's own timeout
+    assert not thread.is_alive(), "the group's start hung on the rank waiting in a collective"
+    assert "CUDA graph capture failed" in str(outcome["error"])
+
+    # 3 of the fixture's 4 CPUs: this starts only if the failed group gave its 2 back.
+    group = WorkerGroup(3, EPTestActor, {}, use_gpu=False, name="after-failing-start", ready_timeout_s=60)
+    try:
+        assert group.call_all("ping") == [0, 1, 2]
     finally:
         group.shutdown()
