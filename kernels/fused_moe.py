@@ -225,7 +225,7 @@ def _check_inputs(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, config: MoEConfig | None = None,
-              global_experts: int | None = None) -> torch.Tensor:
+              global_experts: int | None = None, lookup_tokens: int | None = None) -> torch.Tensor:
     """Routed expert MLP, weighted and summed over top-k.
 
     hidden: [M, H] bf16/fp16/fp32; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]; both in hidden's
@@ -235,6 +235,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     config: block sizes (default: the tuned table for this shape, nearest M).
     global_experts: the model's routed-expert count when w13 holds only this rank's share; without a table for
     the local count the lookup then takes the one for this count (`get_config`). Unused with config.
+    lookup_tokens: the token count the table lookup keys on instead of M, for rows that carry more choices
+    per row than the tables' routing (`moeserve.moe.triton_experts.lookup_tokens`). Unused with config.
     Returns [M, H] in hidden's dtype: sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(hidden[m])."""
     _check_inputs(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     num_tokens, hidden_size = hidden.shape
@@ -244,7 +246,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     if num_tokens == 0:
         return out
     fp8 = w13.dtype == FP8_DTYPE
-    cfg = config or get_config(num_tokens, num_experts, hidden_size, two_i // 2, top_k, fp8,
+    cfg = config or get_config(lookup_tokens or num_tokens, num_experts, hidden_size, two_i // 2, top_k, fp8,
                                w13.element_size(), global_experts=global_experts)
     if fp8 and (GROUP % cfg.gate_up.block_k or GROUP % cfg.down.block_k):
         raise ValueError(f"fused_moe: fp8 needs block_k dividing {GROUP}, got {cfg}")

@@ -155,11 +155,11 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k
     else, when global_experts is given and differs, the table for global_experts; else `default_config`.
     Why the global table: with the all-gather dispatcher every rank sees all M tokens (choices held elsewhere
     are -1), so under the uniform routing the tables are tuned on each local expert receives
-    M*k/global_experts pairs, the same as in the unsharded call at the same M. Caveat: with the all-to-all
-    dispatcher a rank's rows are only the tokens with at least one local choice, so M under-counts the pairs
-    per local expert by about P(a token has a local choice); the lookup still keys on M as given. With
-    redundant experts (EPLB) a rank's slots hold E + R physical experts in all, so each gets about
-    M*k/(E + R) pairs, slightly fewer than the table assumes."""
+    M*k/global_experts pairs, the same as in the unsharded call at the same M. With the all-to-all
+    dispatcher a rank's rows are only the tokens with at least one local choice, so their count under-counts
+    the pairs per local expert; callers that know the pair count pass the equivalent token count as
+    num_tokens instead (`moeserve.moe.triton_experts.lookup_tokens`, which also accounts for redundant
+    experts' extra slots)."""
     table = load_table(table_name(num_experts, hidden, inter, fp8))
     if not table and global_experts is not None and global_experts != num_experts:
         table = load_table(table_name(global_experts, hidden, inter, fp8))

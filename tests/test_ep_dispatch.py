@@ -157,6 +157,8 @@ def run_scenarios(rank: int, world_size: int, ep_group) -> None:
         assert torch.equal(received.hidden, arrived), where
         assert_local_slots(received.topk_ids, placement, where)
         assert bool((received.topk_ids >= 0).any(dim=1).all()), where
+        # The choice count came with the row counts, for the expert kernel's tile lookup.
+        assert received.num_pairs == int((received.topk_ids >= 0).sum()), where
         check_by_mode(ep_group, placement, all_inputs, arrived, (w13_local, w2_local), ref, tol, f"{where}, by_mode")
         if kind == "redundant":
             held = set(placement.local_logical_experts(0))
@@ -183,8 +185,10 @@ def check_by_mode(ep_group, placement, all_inputs, arrived, local_weights, ref, 
         torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol, msg=f"{where}, {mode}")
         if mode == ForwardMode.DECODE:
             assert received.hidden.shape[0] == world_size * capacity, where
+            assert received.num_pairs is None, where  # the all-gather's rows are every token
         else:
             assert torch.equal(received.hidden, arrived), where
+            assert received.num_pairs == int((received.topk_ids >= 0).sum()), where
 
 
 def assert_local_slots(local: torch.Tensor, placement: ExpertPlacement, where: str) -> None:

@@ -325,6 +325,46 @@ def test_interp_align_layout(num_tokens, num_experts, top_k, block_m, method):
             assert got == sorted(got)
 
 
+def test_lookup_tokens_gives_the_token_count_the_tables_were_tuned_on():
+    """The tables key on M tokens routed top-k uniformly over the model's experts (M*k/E choices per expert):
+    all-gather rows (every token) map back to M, all-to-all rows (only tokens with a choice here) to the M
+    their choices stand for, not to their row count; redundant slots share the choices."""
+    from moeserve.moe.triton_experts import lookup_tokens
+
+    # Qwen3-30B-A3B, 128 experts, top-8; EP 8: 16 local. 512 tokens give 512*8*16/128 = 512 local choices.
+    assert lookup_tokens(512, 8, 16, 128) == 512
+    assert lookup_tokens(512 * 8, 8, 128, None) == 512  # unsharded: choices / k
+    assert lookup_tokens(512, 8, 16, 128) > 349  # the ~349 rows an all-to-all delivers for those choices
+    assert lookup_tokens(512, 8, 20, 128) == round(512 * 128 / (8 * 20))  # 4 redundant slots
+    assert lookup_tokens(0, 8, 16, 128) == 1
+
+
+def test_fused_moe_and_triton_experts_key_the_table_on_the_choice_count(monkeypatch):
+    """TritonExperts turns the dispatcher's choice count into the lookup's token count, and fused_moe looks
+    the table up for it (rows stay the rows); without a count both key on the rows as before."""
+    import importlib
+
+    from moeserve.moe.triton_experts import TritonExperts, lookup_tokens
+
+    fm = importlib.import_module("moeserve.kernels.fused_moe")
+    keys = []
+
+    class Looked(Exception):
+        pass
+
+    def spy(num_tokens, *args, **kwargs):
+        keys.append(num_tokens)
+        raise Looked
+
+    monkeypatch.setattr(fm, "get_config", spy)
+    x, w13, w2, tw, ids = random_moe(30, 64, 32, 4, 3, torch.float32, seed=2)
+    experts = TritonExperts(global_experts=16)
+    for num_pairs in (None, 70):
+        with pytest.raises(Looked):
+            experts(x, w13, w2, tw, ids, num_pairs=num_pairs)
+    assert keys == [30, lookup_tokens(70, 3, 4, 16)]
+
+
 INTERP_CASES = {
     # name: (M, H, I, E, k, config (block_m, gate_up (n, k), down (n, k)))
     "decode_m1": (1, 64, 32, 4, 2, (16, (16, 32), (32, 32))),

@@ -5,8 +5,9 @@ choices, with its choices rewritten to that rank's local slots (-1 for choices h
 (destination rank, token index) order, so `combine` can send results back with the splits reversed and add
 them into the token they came from.
 
-Per dispatch: one small all-to-all of row counts (the receiver must know its buffer sizes; reading them is
-the dispatch's one host sync), then two payload all-to-alls: hidden, and a metadata tensor packing ids and
+Per dispatch: one small all-to-all of row and choice counts (the receiver must know its buffer sizes; reading
+them is the dispatch's one host sync; the choice count goes to the expert kernel's tile lookup, see
+`DispatchOutput.num_pairs`), then two payload all-to-alls: hidden, and a metadata tensor packing ids and
 weights as int32 bits. The send layout is built after that read, with its size known, so it adds no sync.
 Every rank enters every collective, also with zero tokens (ForwardMode.IDLE).
 """
@@ -28,12 +29,14 @@ class AllToAllHandle:
 
     send_token_idx: [num_sent], int64 — local token of each sent row, rows ordered by destination rank.
     send_counts / recv_counts: rows sent to / received from each rank (Python ints).
+    num_recv_pairs: choices held here among the received rows.
     """
 
     send_token_idx: torch.Tensor
     send_counts: list[int]
     recv_counts: list[int]
     num_tokens: int
+    num_recv_pairs: int
 
 
 @dataclass(slots=True)
@@ -71,12 +74,15 @@ class TorchAllToAllDispatcher(CollectiveDispatcher):
         assert hidden.shape[0] == num_tokens, "hidden and topk_ids disagree on the number of tokens"
         ids = topk_ids.to(hidden.device).long()
         dest, in_rank = self._destinations(ids)
-        send_counts = in_rank.sum(dim=0)
+        # Per destination rank: (rows, choices) sent there; the exchange gives what each rank receives.
+        pairs = torch.zeros(self.ep_size + 1, dtype=torch.long, device=ids.device)
+        pairs.scatter_add_(0, dest.flatten(), torch.ones_like(dest.flatten()))
+        send_counts = torch.stack([in_rank.sum(dim=0), pairs[: self.ep_size]], dim=1).flatten()
         recv_counts_t = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts_t, send_counts, group=self.group)
         counts = torch.cat([send_counts, recv_counts_t]).tolist()  # the host sync
-        send_list, recv_list = counts[: self.ep_size], counts[self.ep_size :]
-        num_recv = sum(recv_list)
+        send_list, recv_list = counts[: 2 * self.ep_size : 2], counts[2 * self.ep_size :: 2]
+        num_recv, num_recv_pairs = sum(recv_list), sum(counts[2 * self.ep_size + 1 :: 2])
         tok_idx, local_ids = self._send_layout(ids, dest, in_rank, sum(send_list))
         meta = self.pack_routing(local_ids, topk_weights[tok_idx])
         send_hidden = hidden[tok_idx]
@@ -89,14 +95,14 @@ class TorchAllToAllDispatcher(CollectiveDispatcher):
             )
             for out, inp in ((recv_hidden, send_hidden), (recv_meta, meta))
         ]
-        handle = AllToAllHandle(tok_idx, send_list, recv_list, num_tokens)
+        handle = AllToAllHandle(tok_idx, send_list, recv_list, num_tokens, num_recv_pairs)
         return PendingDispatch(recv_hidden, recv_meta, works, handle)
 
     def dispatch_end(self, pending: PendingDispatch) -> DispatchOutput:
         for work in pending.works:
             work.wait()
         ids, weights = self.unpack_routing(pending.recv_meta)
-        return DispatchOutput(pending.recv_hidden, ids, weights, pending.handle)
+        return DispatchOutput(pending.recv_hidden, ids, weights, pending.handle, pending.handle.num_recv_pairs)
 
     def combine_begin(self, expert_out: torch.Tensor, handle: AllToAllHandle) -> PendingCombine:
         """expert_out: [num_recv, H], row i the weighted sum of this rank's experts for received row i."""

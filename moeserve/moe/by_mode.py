@@ -64,7 +64,7 @@ class ByModeDispatcher(Dispatcher):
     def dispatch_end(self, pending: tuple[Dispatcher, Any]) -> DispatchOutput:
         backend, inner = pending
         out = backend.dispatch_end(inner)
-        return DispatchOutput(out.hidden, out.topk_ids, out.topk_weights, (backend, out.handle))
+        return DispatchOutput(out.hidden, out.topk_ids, out.topk_weights, (backend, out.handle), out.num_pairs)
 
     def combine_begin(self, expert_out: torch.Tensor, handle: tuple[Dispatcher, Any]) -> tuple[Dispatcher, Any]:
         backend, inner = handle

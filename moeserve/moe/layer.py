@@ -134,7 +134,8 @@ class MoELayer(nn.Module):
         shared = self._shared(x)  # overlaps the dispatch's communication
         yield
         out = dispatcher.dispatch_end(pending)
-        y = self.expert_kernel(out.hidden, self.w13, self.w2, out.topk_weights, out.topk_ids)
+        y = self.expert_kernel(out.hidden, self.w13, self.w2, out.topk_weights, out.topk_ids,
+                               num_pairs=out.num_pairs)
         pending = dispatcher.combine_begin(y, out.handle)
         yield
         y = dispatcher.combine_end(pending)
