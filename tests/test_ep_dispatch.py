@@ -386,7 +386,9 @@ class _FakeBuffer:
     def dispatch(self, x, topk_idx=None, topk_weights=None, is_token_in_rank=None, **kwargs):
         rows = is_token_in_rank[:, 0].nonzero()[:, 0]
         handle = (rows, x.shape[0])
-        return x[rows], topk_idx[rows], topk_weights[rows], [], handle, _FakeEvent()
+        recv_idx = topk_idx[rows]
+        per_expert = torch.bincount(recv_idx[recv_idx >= 0], minlength=NUM_EXPERTS).tolist()  # on the host
+        return x[rows], recv_idx, topk_weights[rows], per_expert, handle, _FakeEvent()
 
     def combine(self, x, handle, **kwargs):
         rows, num_tokens = handle
@@ -455,6 +457,9 @@ def test_deepep_adapter_matches_reference_with_a_stand_in(monkeypatch):
             ids[0, 1] = -1
         ref = torch_experts(x, w13, w2, weights, ids)
         received = d.dispatch(x, ids.int(), weights, mode)
+        # Normal mode passes DeepEP's per-expert receive counts on as the choice count; low-latency has none.
+        want_pairs = int((received.topk_ids >= 0).sum()) if mode == extend else None
+        assert received.num_pairs == want_pairs, f"step {step} ({mode})"
         y = torch_experts(received.hidden, w13, w2, received.topk_weights, received.topk_ids)
         out = d.combine(y, received.handle)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=f"step {step} ({mode})")

@@ -153,8 +153,8 @@ class DeepEPDispatcher(StagedDispatcher):
             pending.hook()
             return self._ll_rows(pending.result, pending.handle)
         pending.event.current_stream_wait()
-        recv_x, recv_ids, recv_weights = pending.result
-        return DispatchOutput(recv_x, recv_ids.to(torch.int32), recv_weights.float(), pending.handle)
+        recv_x, recv_ids, recv_weights, num_pairs = pending.result
+        return DispatchOutput(recv_x, recv_ids.to(torch.int32), recv_weights.float(), pending.handle, num_pairs)
 
     def combine_begin(self, expert_out: torch.Tensor, handle: DeepEPHandle) -> PendingDeepEP:
         """expert_out: [num_recv, H] bf16, rows as `dispatch_end` gave them."""
@@ -196,7 +196,7 @@ class DeepEPDispatcher(StagedDispatcher):
             async_finish=True,
             allocate_on_comm_stream=True,
         )
-        recv_x, recv_ids, recv_weights, _, inner, event = buf.dispatch(
+        recv_x, recv_ids, recv_weights, per_local_expert, inner, event = buf.dispatch(
             hidden,
             topk_idx=ids,
             topk_weights=weights,
@@ -209,7 +209,9 @@ class DeepEPDispatcher(StagedDispatcher):
             allocate_on_comm_stream=True,
         )
         handle = DeepEPHandle(_NORMAL, inner)
-        return PendingDeepEP(_NORMAL, (recv_x, recv_ids, recv_weights), handle, event=event)
+        # DeepEP hands back, on the host, the tokens each local expert receives: the choices held here.
+        num_pairs = sum(per_local_expert)
+        return PendingDeepEP(_NORMAL, (recv_x, recv_ids, recv_weights, num_pairs), handle, event=event)
 
     def _ll_dispatch_begin(self, hidden, ids, weights) -> PendingDeepEP:
         shared = self.shared
