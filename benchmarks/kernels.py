@@ -51,6 +51,9 @@ class MoEShape:
     top_k: int
     hidden: int
     inter: int
+    # An EP rank's rows: "all_gather" = every token (choices held elsewhere -1); "all_to_all" = only the tokens
+    # with a choice here, as the all-to-all dispatcher delivers them (M then counts the tokens before dispatch).
+    rows: str = "all_gather"
 
     def table_config(self, m: int, fp8: bool) -> MoEConfig:
         """The config `fused_moe` picks for this shape at m tokens (an EP rank's: the global count's table when
@@ -68,6 +71,9 @@ SHAPES = {
     "qwen3-ep2": MoEShape("qwen3-30b-a3b-ep2-rank", 64, 128, 8, 2048, 768),
     "qwen3-ep4": MoEShape("qwen3-30b-a3b-ep4-rank", 32, 128, 8, 2048, 768),
     "qwen3-ep8": MoEShape("qwen3-30b-a3b-ep8-rank", 16, 128, 8, 2048, 768),
+    # The same ranks fed by the all-to-all dispatcher (by_mode's prefill).
+    "qwen3-ep4-a2a": MoEShape("qwen3-30b-a3b-ep4-rank-a2a", 32, 128, 8, 2048, 768, rows="all_to_all"),
+    "qwen3-ep8-a2a": MoEShape("qwen3-30b-a3b-ep8-rank-a2a", 16, 128, 8, 2048, 768, rows="all_to_all"),
 }
 
 
@@ -109,13 +115,17 @@ def make_weights(shape: MoEShape, fp8: bool, seed: int = 0) -> dict:
 
 
 def make_inputs(shape: MoEShape, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden [m, H] bf16, topk_weights [m, k] f32, topk_ids [m, k] int32 (uniform top-k, -1: other rank)."""
+    """hidden [m, H] bf16, topk_weights [m, k] f32, topk_ids [m, k] int32 (uniform top-k, -1: other rank);
+    all-to-all rows (`MoEShape.rows`): only the rows of the m tokens with a choice here."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     hidden = torch.randn(m, shape.hidden, device=DEVICE, dtype=torch.bfloat16, generator=g)
     scores = torch.rand(m, shape.global_experts, device=DEVICE, generator=g)
     ids = scores.topk(shape.top_k, dim=1).indices  # a uniform random k-subset per token
     weights = torch.softmax(torch.randn(m, shape.top_k, device=DEVICE, generator=g), dim=1)
     ids = torch.where(ids < shape.num_experts, ids, -1).to(torch.int32)  # this rank holds experts 0..E-1
+    if shape.rows == "all_to_all":  # only the tokens with a choice here arrive
+        keep = (ids >= 0).any(dim=1)
+        hidden, weights, ids = hidden[keep], weights[keep], ids[keep]
     return hidden, weights.float().contiguous(), ids.contiguous()
 
 

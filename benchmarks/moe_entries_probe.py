@@ -7,7 +7,10 @@ A case is shape key:dtype:M (shape keys of `kernels.SHAPES`); `--cases default` 
 EP_CASES: one Qwen3-30B-A3B rank at expert parallelism 2/4/8 (64/32/16 of 128 experts, all-gather rows).
 Without a table of its own such a rank takes the E128 table's entry (`get_config`'s global_experts); its
 cases also time "heuristic" (the `default_config` pick, what the code took before that lookup existed) and,
-once a local table exists, "unsharded table".
+once a local table exists, "unsharded table". `--cases ep-a2a` is EP_A2A_CASES: the EP 4/8 ranks fed by the
+all-to-all (only the M tokens' rows with a choice here arrive), whose "table" entry is the one the code now
+picks (keyed on the choices, `triton_experts.lookup_tokens`, M in expectation), timed against "keyed on rows"
+(the entry for the rows' expected count, what the code picked before).
 
 Whole `fused_moe` calls under CUDA-graph replay over the routings `kernels.rotating_inputs` gives: each case's
 table entry and the configs of EXTRA, timed alternately REPEATS times so clock drift hits all alike; fractions
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -52,7 +56,9 @@ CASES = "qwen3:bf16:192,qwen3:bf16:224,qwen3:bf16:384,qwen3:bf16:768,qwen3:bf16:
 EP_CASES = ("qwen3-ep2:bf16:256,qwen3-ep2:bf16:1024,qwen3-ep2:bf16:4096,"
             "qwen3-ep4:bf16:512,qwen3-ep4:bf16:2048,"
             "qwen3-ep8:bf16:512,qwen3-ep8:bf16:2048,qwen3-ep8:bf16:8192,qwen3-ep8:fp8:2048")
-CASE_SETS = {"default": CASES, "ep": EP_CASES}
+EP_A2A_CASES = ("qwen3-ep8-a2a:bf16:256,qwen3-ep8-a2a:bf16:512,qwen3-ep8-a2a:bf16:1024,"
+                "qwen3-ep4-a2a:bf16:256,qwen3-ep4-a2a:bf16:1024")
+CASE_SETS = {"default": CASES, "ep": EP_CASES, "ep-a2a": EP_A2A_CASES}
 _BM16 = MoEConfig(16, G(32, 256, 1, 4, 3), G(128, 128, 1, 4, 3))  # the bf16 table's M=128 entry
 _BM32 = MoEConfig(32, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 3))  # its M=256 entry (M=512 before session 7)
 _BM64 = MoEConfig(64, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 4))  # its M=512 entry
@@ -94,6 +100,13 @@ def parse_cases(spec: str) -> list[tuple[str, str, int]]:
     return [(k, d, int(m)) for k, d, m in cases]
 
 
+def expected_rows(s, m: int) -> int:
+    """Rows an all-to-all delivers to a rank holding s.num_experts of s.global_experts for m tokens routed
+    top-k uniformly: the tokens with at least one choice here."""
+    none_here = math.comb(s.global_experts - s.num_experts, s.top_k) / math.comb(s.global_experts, s.top_k)
+    return max(1, round(m * (1 - none_here)))
+
+
 def _variants(shape_key: str, dtype: str, m: int, memset: bool) -> dict[str, tuple[MoEConfig, bool]]:
     """label -> (config, align scratch zeroed by a memset launch) for a case: its table entry, EXTRA's configs
     and, for a rank holding a share of the experts of a model with an unsharded table: "heuristic" (the
@@ -101,6 +114,8 @@ def _variants(shape_key: str, dtype: str, m: int, memset: bool) -> dict[str, tup
     (the global count's entry, which `get_config` takes where the local table is missing)."""
     s, fp8 = SHAPES[shape_key], dtype == "fp8"
     configs = {"table": s.table_config(m, fp8), **EXTRA.get(f"{shape_key}:{dtype}:{m}", {})}
+    if s.rows == "all_to_all":
+        configs["keyed on rows"] = s.table_config(expected_rows(s, m), fp8)
     if s.num_experts != s.global_experts and load_table(table_name(s.global_experts, s.hidden, s.inter, fp8)):
         configs["heuristic"] = default_config(m, s.num_experts, s.hidden, s.inter, s.top_k, fp8)
         if load_table(table_name(s.num_experts, s.hidden, s.inter, fp8)):
@@ -151,7 +166,8 @@ def _time_case(key: str, dtype: str, m: int, variants: dict[str, tuple[MoEConfig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="default",
-                        help="default (CASES), ep (EP_CASES) or a comma list of shape key:dtype:M")
+                        help="default (CASES), ep (EP_CASES), ep-a2a (EP_A2A_CASES) or a comma list of "
+                             "shape key:dtype:M")
     parser.add_argument("--memset", action="store_true", help="also time each variant with the memset align")
     parser.add_argument("--out", default="benchmarks/out/moe_entries.json")
     args = parser.parse_args()

@@ -13,7 +13,8 @@ def lookup_tokens(num_pairs: int, top_k: int, local_experts: int, global_experts
     global_experts in the model; None = these are all): the tables are tuned on M tokens routed top-k
     uniformly over the model's experts, i.e. M*k/E choices per expert. Rows that an all-to-all sent here only
     because they have a choice here carry more choices per row, so their row count under-counts the work
-    (measured on an H100: keying on it picked tiles 0.5-3% slower at EP 4 and 8, benchmarks/RESULTS.md)."""
+    (measured on an H100, benchmarks/RESULTS.md: keying on it picked tiles 0.8-3% slower at EP 4 and 8 for
+    256-512 tokens; near 1024 tokens, between two table entries, the two keys were within 3% either way)."""
     return max(1, round(num_pairs * (global_experts or local_experts) / (top_k * local_experts)))
 
 
