@@ -239,6 +239,37 @@ def test_entries_probe_plans_ep_cases_without_gpu(entries_probe):
     assert proc.returncode == 0 and "--cases" in proc.stdout, proc.stderr[-2000:]
 
 
+def test_entries_probe_plans_all_to_all_rows_without_gpu(entries_probe, monkeypatch):
+    """`--cases ep-a2a`: an all-to-all rank's rows are only the tokens with a choice there, and its cases time
+    the entry the code picks now (keyed on the choices: M in expectation) against the entry for the rows'
+    expected count (what it picked before); `make_inputs` gives such rows."""
+    import importlib
+    import math
+
+    from moeserve.kernels.moe_configs import get_config
+    from moeserve.moe.triton_experts import lookup_tokens
+
+    probe = entries_probe
+    plan = probe.build_plan(probe.parse_cases("ep-a2a"), memset=False)
+    assert len(plan) == 5
+    for (key, _, m), variants in plan.items():
+        s = probe.SHAPES[key]
+        assert s.rows == "all_to_all"
+        p_none = math.comb(s.global_experts - s.num_experts, s.top_k) / math.comb(s.global_experts, s.top_k)
+        assert probe.expected_rows(s, m) == round(m * (1 - p_none)) < m
+        rows_key = get_config(probe.expected_rows(s, m), s.num_experts, s.hidden, s.inter, s.top_k, False,
+                              global_experts=s.global_experts)
+        assert variants["keyed on rows"] == (rows_key, False)
+        # The entry the code picks for the expected choices (m * k * E_local / E) is the table entry.
+        choices = m * s.top_k * s.num_experts // s.global_experts
+        assert lookup_tokens(choices, s.top_k, s.num_experts, s.global_experts) == m
+    bench = importlib.import_module("kernels")
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    _, _, ids = bench.make_inputs(probe.SHAPES["qwen3-ep8-a2a"], 256, 7)
+    _, _, all_rows = bench.make_inputs(probe.SHAPES["qwen3-ep8"], 256, 7)
+    assert bool((ids >= 0).any(dim=1).all()) and torch.equal(ids, all_rows[(all_rows >= 0).any(dim=1)])
+
+
 def test_tma_scratch_allocator_is_set_in_every_thread():
     """Triton keeps its scratch allocator in a context variable, which a new thread starts without; the TMA
     kernels set it at every launch, so a launch from the engine's step-loop thread finds it too."""
