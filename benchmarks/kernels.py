@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import triton
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moeserve.kernels import fused_moe, moe_reference  # noqa: E402
 from moeserve.kernels.fp8 import FP8_DTYPE, quant_weight_block_fp8  # noqa: E402
 from moeserve.kernels.moe_configs import MoEConfig, get_config, load_table  # noqa: E402
+from moeserve.moe.triton_experts import lookup_tokens  # noqa: E402
 
 M_VALUES = (1, 8, 32, 128, 512, 2048, 8192)
 DEVICE = "cuda"
@@ -53,11 +55,16 @@ class MoEShape:
     inter: int
     # An EP rank's rows: "all_gather" = every token (choices held elsewhere -1); "all_to_all" = only the tokens
     # with a choice here, as the all-to-all dispatcher delivers them (M then counts the tokens before dispatch).
-    rows: str = "all_gather"
+    rows: Literal["all_gather", "all_to_all"] = "all_gather"
+
+    def __post_init__(self) -> None:
+        if self.rows not in ("all_gather", "all_to_all"):
+            raise ValueError(f"MoEShape.rows must be 'all_gather' or 'all_to_all', got {self.rows!r}")
 
     def table_config(self, m: int, fp8: bool) -> MoEConfig:
         """The config `fused_moe` picks for this shape at m tokens (an EP rank's: the global count's table when
-        it has none of its own, see `get_config`)."""
+        it has none of its own, see `get_config`; all-to-all rows: keyed on their choices, which stand for the
+        m tokens before dispatch in expectation)."""
         return get_config(m, self.num_experts, self.hidden, self.inter, self.top_k, fp8,
                           global_experts=self.global_experts)
 
@@ -165,14 +172,18 @@ def bench_case(shape: MoEShape, weights: dict, m: int, fp8: bool, ceilings: dict
     nbytes = sum(t[0] for t in totals) / rotations
     flops = sum(t[1] for t in totals) / rotations
 
+    # All-to-all rows: the lookup keys on their choices, as `TritonExperts` does with the dispatcher's count.
+    keys = [lookup_tokens(int((s[2] >= 0).sum()), shape.top_k, shape.num_experts, shape.global_experts)
+            if shape.rows == "all_to_all" else None for s in sets]
+
     def run_all():
-        for hidden, tw, ids in sets:
+        for (hidden, tw, ids), key in zip(sets, keys):
             fused_moe(hidden, weights["w13"], weights["w2"], tw, ids, w13_scale=weights.get("w13_scale"),
-                      w2_scale=weights.get("w2_scale"), global_experts=shape.global_experts)
+                      w2_scale=weights.get("w2_scale"), global_experts=shape.global_experts, lookup_tokens=key)
 
     hidden, tw, ids = sets[0]
     out = fused_moe(hidden, weights["w13"], weights["w2"], tw, ids, w13_scale=weights.get("w13_scale"),
-                    w2_scale=weights.get("w2_scale"), global_experts=shape.global_experts)
+                    w2_scale=weights.get("w2_scale"), global_experts=shape.global_experts, lookup_tokens=keys[0])
     ref_fn = lambda: moe_reference(hidden, weights["w13"], weights["w2"], tw, ids,  # noqa: E731
                                    w13_scale=weights.get("w13_scale"), w2_scale=weights.get("w2_scale"))
     ref = ref_fn()
@@ -240,6 +251,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "kernels.json"))
     args = parser.parse_args()
     shapes = [SHAPES[s] for s in args.shapes.split(",")]
+    if args.tune and any(s.rows == "all_to_all" for s in shapes):
+        # A table is keyed by the experts a call holds: an all-to-all shape would overwrite its all-gather twin's.
+        raise SystemExit("kernels.py --tune: all-to-all row shapes (*-a2a) share their all-gather twin's table; "
+                         "tune the twin instead")
     ms = [int(m) for m in args.m.split(",")]
     dtypes = args.dtypes.split(",")
     info = device_info()

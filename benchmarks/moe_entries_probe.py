@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from kernels_moe_tune import alternate_us, precompile, roofline_us, whole_jobs  # noqa: E402
 
-from kernels import SHAPES, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
+from kernels import SHAPES, MoEShape, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 from moeserve.kernels.moe_configs import GemmConfig as G  # noqa: E402
 from moeserve.kernels.moe_configs import (  # noqa: E402
     MoEConfig,
@@ -62,13 +62,17 @@ CASE_SETS = {"default": CASES, "ep": EP_CASES, "ep-a2a": EP_A2A_CASES}
 _BM16 = MoEConfig(16, G(32, 256, 1, 4, 3), G(128, 128, 1, 4, 3))  # the bf16 table's M=128 entry
 _BM32 = MoEConfig(32, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 3))  # its M=256 entry (M=512 before session 7)
 _BM64 = MoEConfig(64, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 4))  # its M=512 entry
+_BM128 = MoEConfig(128, G(128, 64, 8, 8, 4), G(256, 64, 8, 8, 4))  # its M=2048 entry
 _FP8 = dict(gu=G(128, 128, 8, 8, 4), dn=G(128, 128, 8, 4, 4))  # the fp8 table's M=512 tiles
 # Configs timed besides the table entry (label -> config).
 EXTRA = {
     "qwen3:bf16:192": {"M=128 entry (block_m 16)": _BM16},
     "qwen3:bf16:224": {"M=128 entry (block_m 16)": _BM16},
     "qwen3:bf16:384": {"M=256 entry (block_m 32)": _BM32},
-    "qwen3:bf16:768": {"M=256 entry (block_m 32)": _BM32},
+    "qwen3:bf16:768": {"M=256 entry (block_m 32)": _BM32, "M=2048 entry (block_m 128)": _BM128},
+    # Where the M=512 and M=2048 entries meet (1024 on the log scale).
+    **{f"qwen3:bf16:{m}": {"M=512 entry (block_m 64)": _BM64, "M=2048 entry (block_m 128)": _BM128}
+       for m in (1024, 1280, 1536)},
     "qwen3:bf16:512": {
         "M=256 entry (block_m 32)": _BM32,
         "gate/up k64 8 stages": MoEConfig(64, G(64, 64, 1, 4, 8), _BM64.down),
@@ -100,7 +104,7 @@ def parse_cases(spec: str) -> list[tuple[str, str, int]]:
     return [(k, d, int(m)) for k, d, m in cases]
 
 
-def expected_rows(s, m: int) -> int:
+def expected_rows(s: MoEShape, m: int) -> int:
     """Rows an all-to-all delivers to a rank holding s.num_experts of s.global_experts for m tokens routed
     top-k uniformly: the tokens with at least one choice here."""
     none_here = math.comb(s.global_experts - s.num_experts, s.top_k) / math.comb(s.global_experts, s.top_k)

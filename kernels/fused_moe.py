@@ -246,8 +246,9 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     if num_tokens == 0:
         return out
     fp8 = w13.dtype == FP8_DTYPE
-    cfg = config or get_config(lookup_tokens or num_tokens, num_experts, hidden_size, two_i // 2, top_k, fp8,
-                               w13.element_size(), global_experts=global_experts)
+    key = num_tokens if lookup_tokens is None else lookup_tokens
+    cfg = config or get_config(key, num_experts, hidden_size, two_i // 2, top_k, fp8, w13.element_size(),
+                               global_experts=global_experts)
     if fp8 and (GROUP % cfg.gate_up.block_k or GROUP % cfg.down.block_k):
         raise ValueError(f"fused_moe: fp8 needs block_k dividing {GROUP}, got {cfg}")
     if cfg.pairs:

@@ -159,7 +159,9 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k
     dispatcher a rank's rows are only the tokens with at least one local choice, so their count under-counts
     the pairs per local expert; callers that know the pair count pass the equivalent token count as
     num_tokens instead (`moeserve.moe.triton_experts.lookup_tokens`, which also accounts for redundant
-    experts' extra slots)."""
+    experts' extra slots). Keyed on M (the all-gather rows), a rank with redundant experts (EPLB) is looked
+    up as if each of its slots got M*k/E pairs; with E + R physical experts in all each gets about
+    M*k/(E + R)."""
     table = load_table(table_name(num_experts, hidden, inter, fp8))
     if not table and global_experts is not None and global_experts != num_experts:
         table = load_table(table_name(global_experts, hidden, inter, fp8))

@@ -269,10 +269,12 @@ def run_deepep_vs_all_to_all(rank: int, world_size: int, init: str) -> None:
             x = torch.randn(num_tokens, hidden, generator=gen_r).bfloat16().cuda()
             weights, ids = torch.randn(num_tokens, num_experts, generator=gen_r).softmax(1).topk(top_k, dim=1)
             ids, weights = ids.cuda(), weights.cuda()
-            ref, _ = ep_moe(a2a, placement, 0, x, ids, weights, w13_local, w2_local, mode)
-            out, _ = ep_moe(deepep, placement, 0, x, ids, weights, w13_local, w2_local, mode)
+            ref, a2a_recv = ep_moe(a2a, placement, 0, x, ids, weights, w13_local, w2_local, mode)
+            out, deepep_recv = ep_moe(deepep, placement, 0, x, ids, weights, w13_local, w2_local, mode)
             where = f"{mode} T={num_tokens}"
             torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2, msg=where)
+            if mode == ForwardMode.EXTEND:  # DeepEP's per-expert receive counts against the all-to-all's
+                assert deepep_recv.num_pairs == a2a_recv.num_pairs, where
         torch.cuda.synchronize()
         dist.barrier(groups.cpu_group)
     finally:

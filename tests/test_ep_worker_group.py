@@ -114,6 +114,7 @@ def test_a_rank_failing_at_start_fails_the_group_and_frees_its_ranks(local_ray):
     thread.start()
     thread.join(timeout=120)  # liveness bound, far below the collective's own timeout
     assert not thread.is_alive(), "the group's start hung on the rank waiting in a collective"
+    assert "error" in outcome, "the group started although a rank failed"
     assert "CUDA graph capture failed" in str(outcome["error"])
 
     # 3 of the fixture's 4 CPUs: this starts only if the failed group gave its 2 back.

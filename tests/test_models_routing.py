@@ -258,6 +258,37 @@ def test_replicated_placement_gives_same_output_and_counts_load():
     assert torch.equal(load[:6] + torch.tensor([load[6], 0, 0, load[7], 0, 0]), per_logical)
 
 
+def test_moe_layer_hands_the_dispatchers_choice_count_to_the_expert_kernel():
+    """What a dispatcher knows about the received choices (`DispatchOutput.num_pairs`) reaches the expert
+    kernel, which sizes its tiles by it (`TritonExperts`); the layer's output is unchanged."""
+    from moeserve.moe.dispatcher import DispatchOutput
+
+    e, h, i, t = 6, 8, 8, 9
+    ctx = _ctx(torch.arange(e)[None], e)
+    seen = []
+
+    class CountingDispatcher(LocalDispatcher):
+        def dispatch(self, hidden, topk_ids, topk_weights, mode):
+            out = super().dispatch(hidden, topk_ids, topk_weights, mode)
+            return DispatchOutput(out.hidden, out.topk_ids, out.topk_weights, out.handle,
+                                  int((out.topk_ids >= 0).sum()))
+
+    class RecordingExperts(TorchExperts):
+        def __call__(self, hidden, w13, w2, topk_weights, topk_ids, *, num_pairs=None):
+            seen.append((num_pairs, int((topk_ids >= 0).sum())))
+            return super().__call__(hidden, w13, w2, topk_weights, topk_ids, num_pairs=num_pairs)
+
+    g = torch.Generator().manual_seed(5)
+    experts, gate_w, x = _random_experts(e, h, i, 3), torch.randn(e, h, generator=g), torch.randn(t, h, generator=g)
+    plain = _build_layer(ctx, RoutingConfig(top_k=2), experts, gate_w)
+    counting_ctx = ModelContext(torch.float32, torch.device("cpu"), TorchAttentionBackend(), RecordingExperts(),
+                                CountingDispatcher(ctx.placement.num_local_slots), ctx.placement)
+    counted = _build_layer(counting_ctx, RoutingConfig(top_k=2), experts, gate_w)
+    with torch.inference_mode():
+        torch.testing.assert_close(counted(x, _batch(t)), plain(x, _batch(t)))
+    assert seen == [(2 * t, 2 * t)]
+
+
 def test_moe_layer_runs_on_zero_tokens():
     """An idle EP rank still enters dispatch/combine with an empty batch."""
     e, h, i = 4, 8, 8

@@ -29,14 +29,12 @@ class AllToAllHandle:
 
     send_token_idx: [num_sent], int64 — local token of each sent row, rows ordered by destination rank.
     send_counts / recv_counts: rows sent to / received from each rank (Python ints).
-    num_recv_pairs: choices held here among the received rows.
     """
 
     send_token_idx: torch.Tensor
     send_counts: list[int]
     recv_counts: list[int]
     num_tokens: int
-    num_recv_pairs: int
 
 
 @dataclass(slots=True)
@@ -47,6 +45,7 @@ class PendingDispatch:
     recv_meta: torch.Tensor  # [num_recv, 2 * top_k] int32: local ids, then float32 weight bits
     works: list
     handle: AllToAllHandle
+    num_recv_pairs: int  # choices held here among the received rows
 
 
 @dataclass(slots=True)
@@ -69,20 +68,20 @@ class TorchAllToAllDispatcher(CollectiveDispatcher):
         mode: ForwardMode,
     ) -> PendingDispatch:
         """hidden: [T, H]; topk_ids: [T, k] physical ids (-1 = none); topk_weights: [T, k] float32.
-        Exchanges row counts (blocking), then starts the payload transfer (async)."""
+        Exchanges row and choice counts (blocking), then starts the payload transfer (async)."""
         num_tokens, top_k = topk_ids.shape
         assert hidden.shape[0] == num_tokens, "hidden and topk_ids disagree on the number of tokens"
         ids = topk_ids.to(hidden.device).long()
         dest, in_rank = self._destinations(ids)
-        # Per destination rank: (rows, choices) sent there; the exchange gives what each rank receives.
-        pairs = torch.zeros(self.ep_size + 1, dtype=torch.long, device=ids.device)
+        # [rank r] = (rows, choices) sent to rank r; the exchange turns it into (rows, choices) received from r.
+        pairs = torch.zeros(self.ep_size + 1, dtype=torch.long, device=ids.device)  # the last bin: choices of -1
         pairs.scatter_add_(0, dest.flatten(), torch.ones_like(dest.flatten()))
-        send_counts = torch.stack([in_rank.sum(dim=0), pairs[: self.ep_size]], dim=1).flatten()
+        send_counts = torch.stack([in_rank.sum(dim=0), pairs[: self.ep_size]], dim=1)
         recv_counts_t = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts_t, send_counts, group=self.group)
-        counts = torch.cat([send_counts, recv_counts_t]).tolist()  # the host sync
-        send_list, recv_list = counts[: 2 * self.ep_size : 2], counts[2 * self.ep_size :: 2]
-        num_recv, num_recv_pairs = sum(recv_list), sum(counts[2 * self.ep_size + 1 :: 2])
+        sent, got = torch.stack([send_counts, recv_counts_t]).tolist()  # the host sync
+        send_list, recv_list = [rows for rows, _ in sent], [rows for rows, _ in got]
+        num_recv, num_recv_pairs = sum(recv_list), sum(choices for _, choices in got)
         tok_idx, local_ids = self._send_layout(ids, dest, in_rank, sum(send_list))
         meta = self.pack_routing(local_ids, topk_weights[tok_idx])
         send_hidden = hidden[tok_idx]
@@ -95,14 +94,14 @@ class TorchAllToAllDispatcher(CollectiveDispatcher):
             )
             for out, inp in ((recv_hidden, send_hidden), (recv_meta, meta))
         ]
-        handle = AllToAllHandle(tok_idx, send_list, recv_list, num_tokens, num_recv_pairs)
-        return PendingDispatch(recv_hidden, recv_meta, works, handle)
+        handle = AllToAllHandle(tok_idx, send_list, recv_list, num_tokens)
+        return PendingDispatch(recv_hidden, recv_meta, works, handle, num_recv_pairs)
 
     def dispatch_end(self, pending: PendingDispatch) -> DispatchOutput:
         for work in pending.works:
             work.wait()
         ids, weights = self.unpack_routing(pending.recv_meta)
-        return DispatchOutput(pending.recv_hidden, ids, weights, pending.handle, pending.handle.num_recv_pairs)
+        return DispatchOutput(pending.recv_hidden, ids, weights, pending.handle, pending.num_recv_pairs)
 
     def combine_begin(self, expert_out: torch.Tensor, handle: AllToAllHandle) -> PendingCombine:
         """expert_out: [num_recv, H], row i the weighted sum of this rank's experts for received row i."""

@@ -209,8 +209,9 @@ class DeepEPDispatcher(StagedDispatcher):
             allocate_on_comm_stream=True,
         )
         handle = DeepEPHandle(_NORMAL, inner)
-        # DeepEP hands back, on the host, the tokens each local expert receives: the choices held here.
-        num_pairs = sum(per_local_expert)
+        # DeepEP hands back, on the host, the tokens each local expert receives: the choices held here (exact
+        # with its default expert_alignment of 1; an empty list, as its cached mode gives, means unknown).
+        num_pairs = sum(per_local_expert) if per_local_expert else None
         return PendingDeepEP(_NORMAL, (recv_x, recv_ids, recv_weights, num_pairs), handle, event=event)
 
     def _ll_dispatch_begin(self, hidden, ids, weights) -> PendingDeepEP:

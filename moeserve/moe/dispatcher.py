@@ -27,11 +27,10 @@ class DispatchOutput:
                   choice held here, -1 for choices held elsewhere.
     topk_weights: [num_recv, top_k], float32 — routing weights (those of -1 choices are ignored).
     handle:       backend state `combine` needs to send results back.
-    num_pairs:    the choices held here (topk_ids >= 0), when the backend knows the count on the host without a
-                  sync (the all-to-all exchanges it with its row counts; DeepEP's normal mode returns it), else
-                  None. The expert kernel's tile
-                  lookup keys on it (`ExpertKernel`): rows that arrive only because they have a choice here
-                  carry more choices per row than the tables assume.
+    num_pairs:    the choices held here (topk_ids >= 0), when the backend knows the count on the host without an
+                  extra sync (the all-to-all exchanges it with its row counts; DeepEP's normal mode returns it),
+                  else None. The expert kernel's tile lookup keys on it (`ExpertKernel`): rows that arrive only
+                  because they have a choice here carry more choices per row than the tables assume.
     """
 
     hidden: torch.Tensor

@@ -23,12 +23,13 @@ class ExpertKernel(ABC):
         w2: torch.Tensor,
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
+        *,
         num_pairs: int | None = None,
     ) -> torch.Tensor:
         """hidden: [M, H]; w13: [E, 2*I, H] (gate rows first, then up); w2: [E, H, I];
         topk_weights: [M, k] float32; topk_ids: [M, k] int32, -1 = skip this choice. num_pairs: the valid
         choices, when the caller knows the count on the host (a hint for kernels that size their tiles by the
-        work; the result does not depend on it).
+        work: only block sizes depend on it, so results agree up to float rounding).
         Returns [M, H] in hidden's dtype: sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(hidden[m]); a row
         whose choices are all -1 gets exact zeros (dispatchers add such rows into real tokens)."""
 
@@ -63,7 +64,7 @@ def torch_experts(
 class TorchExperts(ExpertKernel):
     name = "torch"
 
-    def __call__(self, hidden, w13, w2, topk_weights, topk_ids, num_pairs=None):
+    def __call__(self, hidden, w13, w2, topk_weights, topk_ids, *, num_pairs=None):
         return torch_experts(hidden, w13, w2, topk_weights, topk_ids)
 
 

@@ -14,7 +14,7 @@ def lookup_tokens(num_pairs: int, top_k: int, local_experts: int, global_experts
     uniformly over the model's experts, i.e. M*k/E choices per expert. Rows that an all-to-all sent here only
     because they have a choice here carry more choices per row, so their row count under-counts the work
     (measured on an H100, benchmarks/RESULTS.md: keying on it picked tiles 0.8-3% slower at EP 4 and 8 for
-    256-512 tokens; near 1024 tokens, between two table entries, the two keys were within 3% either way)."""
+    256-512 tokens; near 1024 tokens, between two table entries, the two keys were within 3.4% either way)."""
     return max(1, round(num_pairs * (global_experts or local_experts) / (top_k * local_experts)))
 
 
@@ -38,6 +38,7 @@ class TritonExperts(ExpertKernel):
         topk_ids: torch.Tensor,
         w13_scale: torch.Tensor | None = None,
         w2_scale: torch.Tensor | None = None,
+        *,
         num_pairs: int | None = None,
     ) -> torch.Tensor:
         """hidden: [M, H]; w13: [E, 2I, H]; w2: [E, H, I]; topk_weights: [M, k]; topk_ids: [M, k], -1 = skip.
