@@ -76,10 +76,10 @@ class TorchAllToAllDispatcher(CollectiveDispatcher):
         # [rank r] = (rows, choices) sent to rank r; the exchange turns it into (rows, choices) received from r.
         pairs = torch.zeros(self.ep_size + 1, dtype=torch.long, device=ids.device)  # the last bin: choices of -1
         pairs.scatter_add_(0, dest.flatten(), torch.ones_like(dest.flatten()))
-        send_counts = torch.stack([in_rank.sum(dim=0), pairs[: self.ep_size]], dim=1)
+        send_counts = torch.stack([in_rank.sum(dim=0), pairs[: self.ep_size]], dim=1).flatten()
         recv_counts_t = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts_t, send_counts, group=self.group)
-        sent, got = torch.stack([send_counts, recv_counts_t]).tolist()  # the host sync
+        sent, got = torch.stack([send_counts, recv_counts_t]).view(2, self.ep_size, 2).tolist()  # the host sync
         send_list, recv_list = [rows for rows, _ in sent], [rows for rows, _ in got]
         num_recv, num_recv_pairs = sum(recv_list), sum(choices for _, choices in got)
         tok_idx, local_ids = self._send_layout(ids, dest, in_rank, sum(send_list))
