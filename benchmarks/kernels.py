@@ -38,7 +38,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moeserve.kernels import fused_moe, moe_reference  # noqa: E402
 from moeserve.kernels.fp8 import FP8_DTYPE, quant_weight_block_fp8  # noqa: E402
 from moeserve.kernels.moe_configs import MoEConfig, get_config, load_table  # noqa: E402
-from moeserve.moe.triton_experts import lookup_tokens  # noqa: E402
 
 M_VALUES = (1, 8, 32, 128, 512, 2048, 8192)
 DEVICE = "cuda"
@@ -173,17 +172,16 @@ def bench_case(shape: MoEShape, weights: dict, m: int, fp8: bool, ceilings: dict
     flops = sum(t[1] for t in totals) / rotations
 
     # All-to-all rows: the lookup keys on their choices, as `TritonExperts` does with the dispatcher's count.
-    keys = [lookup_tokens(int((s[2] >= 0).sum()), shape.top_k, shape.num_experts, shape.global_experts)
-            if shape.rows == "all_to_all" else None for s in sets]
+    counts = [int((s[2] >= 0).sum()) if shape.rows == "all_to_all" else None for s in sets]
 
     def run_all():
-        for (hidden, tw, ids), key in zip(sets, keys):
+        for (hidden, tw, ids), count in zip(sets, counts):
             fused_moe(hidden, weights["w13"], weights["w2"], tw, ids, w13_scale=weights.get("w13_scale"),
-                      w2_scale=weights.get("w2_scale"), global_experts=shape.global_experts, lookup_tokens=key)
+                      w2_scale=weights.get("w2_scale"), global_experts=shape.global_experts, num_pairs=count)
 
     hidden, tw, ids = sets[0]
     out = fused_moe(hidden, weights["w13"], weights["w2"], tw, ids, w13_scale=weights.get("w13_scale"),
-                    w2_scale=weights.get("w2_scale"), global_experts=shape.global_experts, lookup_tokens=keys[0])
+                    w2_scale=weights.get("w2_scale"), global_experts=shape.global_experts, num_pairs=counts[0])
     ref_fn = lambda: moe_reference(hidden, weights["w13"], weights["w2"], tw, ids,  # noqa: E731
                                    w13_scale=weights.get("w13_scale"), w2_scale=weights.get("w2_scale"))
     ref = ref_fn()

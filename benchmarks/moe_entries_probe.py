@@ -9,7 +9,7 @@ Without a table of its own such a rank takes the E128 table's entry (`get_config
 cases also time "heuristic" (the `default_config` pick, what the code took before that lookup existed) and,
 once a local table exists, "unsharded table". `--cases ep-a2a` is EP_A2A_CASES: the EP 4/8 ranks fed by the
 all-to-all (only the M tokens' rows with a choice here arrive), whose "table" entry is the one the code now
-picks (keyed on the choices, `triton_experts.lookup_tokens`, M in expectation), timed against "keyed on rows"
+picks (keyed on the choices, `moe_configs.lookup_tokens`, M in expectation), timed against "keyed on rows"
 (the entry for the rows' expected count, what the code picked before).
 
 Whole `fused_moe` calls under CUDA-graph replay over the routings `kernels.rotating_inputs` gives: each case's

@@ -33,7 +33,7 @@ from . import fused_moe_tma
 from .fp8 import FP8_DTYPE, GROUP
 from .fused_moe_pairs import fused_moe_pairs
 from .moe_align import AlignedRouting, moe_align
-from .moe_configs import GemmConfig, MoEConfig, get_config
+from .moe_configs import GemmConfig, MoEConfig, get_config, lookup_tokens
 from .moe_tiles import (
     act_quant_meta,
     block_pairs,
@@ -225,7 +225,7 @@ def _check_inputs(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, config: MoEConfig | None = None,
-              global_experts: int | None = None, lookup_tokens: int | None = None) -> torch.Tensor:
+              global_experts: int | None = None, num_pairs: int | None = None) -> torch.Tensor:
     """Routed expert MLP, weighted and summed over top-k.
 
     hidden: [M, H] bf16/fp16/fp32; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]; both in hidden's
@@ -235,8 +235,9 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     config: block sizes (default: the tuned table for this shape, nearest M).
     global_experts: the model's routed-expert count when w13 holds only this rank's share; without a table for
     the local count the lookup then takes the one for this count (`get_config`). Unused with config.
-    lookup_tokens: the token count the table lookup keys on instead of M, for rows that carry more choices
-    per row than the tables' routing (`moeserve.moe.triton_experts.lookup_tokens`). Unused with config.
+    num_pairs: the valid choices in topk_ids, when the caller knows the count on the host; the table lookup
+    then keys on the tokens they stand for (`lookup_tokens`) instead of M, for rows that carry more choices
+    per row than the tables' routing (an all-to-all rank's). Unused with config.
     Returns [M, H] in hidden's dtype: sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(hidden[m])."""
     _check_inputs(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     num_tokens, hidden_size = hidden.shape
@@ -246,7 +247,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     if num_tokens == 0:
         return out
     fp8 = w13.dtype == FP8_DTYPE
-    key = num_tokens if lookup_tokens is None else lookup_tokens
+    key = num_tokens if num_pairs is None else lookup_tokens(num_pairs, top_k, num_experts, global_experts)
     cfg = config or get_config(key, num_experts, hidden_size, two_i // 2, top_k, fp8, w13.element_size(),
                                global_experts=global_experts)
     if fp8 and (GROUP % cfg.gate_up.block_k or GROUP % cfg.down.block_k):

@@ -143,6 +143,16 @@ def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, t
     return MoEConfig(bm, gate_up, down)
 
 
+def lookup_tokens(num_pairs: int, top_k: int, local_experts: int, global_experts: int | None) -> int:
+    """The token count whose tuned table entry fits num_pairs choices over local_experts experts (of
+    global_experts in the model; None = these are all): the tables are tuned on M tokens routed top-k
+    uniformly over the model's experts, i.e. M*k/E choices per expert. Rows that an all-to-all sent here only
+    because they have a choice here carry more choices per row, so their row count under-counts the work
+    (measured on an H100, benchmarks/RESULTS.md: keying on it picked tiles 0.8-3% slower at EP 4 and 8 for
+    256-512 tokens; near 1024 tokens, between two table entries, the two keys were within 3.4% either way)."""
+    return max(1, round(num_pairs * (global_experts or local_experts) / (top_k * local_experts)))
+
+
 @functools.lru_cache(maxsize=4096)
 def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
                fp8: bool, elem_bytes: int | None = None, global_experts: int | None = None) -> MoEConfig:
@@ -158,10 +168,9 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k
     M*k/global_experts pairs, the same as in the unsharded call at the same M. With the all-to-all
     dispatcher a rank's rows are only the tokens with at least one local choice, so their count under-counts
     the pairs per local expert; callers that know the pair count pass the equivalent token count as
-    num_tokens instead (`moeserve.moe.triton_experts.lookup_tokens`, which also accounts for redundant
-    experts' extra slots). Keyed on M (the all-gather rows), a rank with redundant experts (EPLB) is looked
-    up as if each of its slots got M*k/E pairs; with E + R physical experts in all each gets about
-    M*k/(E + R)."""
+    num_tokens instead (`lookup_tokens`, which also accounts for redundant experts' extra slots). Keyed on M
+    (the all-gather rows), a rank with redundant experts (EPLB) is looked up as if each of its slots got
+    M*k/E pairs; with E + R physical experts in all each gets about M*k/(E + R)."""
     table = load_table(table_name(num_experts, hidden, inter, fp8))
     if not table and global_experts is not None and global_experts != num_experts:
         table = load_table(table_name(global_experts, hidden, inter, fp8))

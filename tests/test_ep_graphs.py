@@ -24,7 +24,6 @@ from moeserve.sampling_params import SamplingParams
 from moeserve.scheduler.output import ScheduledRequest, SchedulerOutput
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-SCRATCH = 47  # the last KV block plays the graphs' scratch block; requests use blocks below it
 
 
 def rank_prompts(rank: int, count: int, vocab: int) -> list[list[int]]:
@@ -35,22 +34,22 @@ def rank_prompts(rank: int, count: int, vocab: int) -> list[list[int]]:
 
 def ep_runner(rank: int, world: int, groups, path: str, tbo: bool = False, **config):
     """A CPU runner on an all-gather EP rank (with the dispatcher's TBO sibling when tbo), fp32, blocks of 4,
-    contexts up to 64; config: more `EngineConfig` fields. Returns (runner, dispatcher, model config)."""
+    contexts up to 64; config: more `EngineConfig` fields. (Its dispatcher is `runner.ctx.dispatcher`.)"""
     mc = ModelConfig.from_hf(read_hf_config(path))
     placement = ExpertPlacement.default(mc.num_moe_layers, mc.num_experts, 0, rank, world, dynamic=True)
     dispatcher = AllGatherDispatcher(groups.ep_group, placement.num_local_slots)
     engine_config = EngineConfig(model=path, device="cpu", dtype="float32", block_size=4, max_model_len=64, **config)
     setup = RankSetup(placement=placement, dispatcher=dispatcher, tbo_dispatcher=dispatcher.sibling() if tbo else None)
-    return ModelRunner(engine_config, path, setup), dispatcher, mc
+    return ModelRunner(engine_config, path, setup)
 
 
 def prefilled_runner(rank: int, world: int, groups, path: str, counts: tuple[int, ...]):
     """A runner on an all-gather EP rank with EPLB's load buffer, its requests prefilled (one eager lockstep
-    step); returns (runner, dispatcher, each request's first decode step, the model config)."""
-    runner, dispatcher, mc = ep_runner(rank, world, groups, path, num_kv_blocks=48, cuda_graph_max_batch=8)
+    step); returns (runner, each request's first decode step)."""
+    runner = ep_runner(rank, world, groups, path, num_kv_blocks=48, cuda_graph_max_batch=8)
     placement = runner.ctx.placement
     runner.expert_load = torch.zeros(placement.num_layers, placement.num_physical, dtype=torch.int64)  # EPLB's
-    prompts = {r: rank_prompts(r, counts[r], mc.vocab_size) for r in range(world)}
+    prompts = {r: rank_prompts(r, counts[r], runner.model_config.vocab_size) for r in range(world)}
     mine = prompts[rank]
     blocks = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(len(mine))]
     prefill = [ScheduledRequest(f"r{i}", p, 0, b, True, GREEDY) for i, (p, b) in enumerate(zip(mine, blocks))]
@@ -58,24 +57,29 @@ def prefilled_runner(rank: int, world: int, groups, path: str, counts: tuple[int
     first = runner.execute(SchedulerOutput(0, prefill), extend).sampled
     decode = [ScheduledRequest(f"r{i}", first[f"r{i}"], len(p), b, True, GREEDY, 1)
               for i, (p, b) in enumerate(zip(mine, blocks))]
-    return runner, dispatcher, decode, mc
+    return runner, decode
+
+
+def scratch_graph_runner(runner: ModelRunner):
+    """The decode-graph runner, run eagerly; the last KV block plays its scratch block (requests use lower ones)."""
+    return runner.graph_runner(runner.num_blocks - 1, use_graphs=False)
 
 
 def ep_decode_step(rank: int, world: int, groups, path: str, counts: tuple[int, ...], size: int | None) -> None:
-    runner, dispatcher, decode, mc = prefilled_runner(rank, world, groups, path, counts)
+    runner, decode = prefilled_runner(rank, world, groups, path, counts)
     plan = StepPlan(ForwardMode.DECODE, counts, False)
     eager = runner.execute(SchedulerOutput(1, decode), plan).sampled  # no graph runner: the plain eager step
     eager_load = runner.expert_load.clone()
-    runner.graphs = runner.graph_runner(SCRATCH, use_graphs=False)
+    runner.graphs = scratch_graph_runner(runner)
     runner.expert_load.fill_(-7)  # the step must overwrite it with its own counts
     stepped = runner.execute(SchedulerOutput(1, decode), plan).sampled
 
     assert runner.num_graph_steps == (size is not None), "graph path taken (or not) against the plan"
-    assert dispatcher.capacity == (size or max(counts)), "every rank dispatches with the same capacity"
+    assert runner.ctx.dispatcher.capacity == (size or max(counts)), "every rank dispatches with the same capacity"
     assert stepped == eager and len(stepped) == counts[rank]
     assert torch.equal(runner.expert_load, eager_load)
     # Padding rows choose no expert: each layer counts exactly this rank's real tokens' choices.
-    assert (runner.expert_load.sum(dim=1) == counts[rank] * mc.top_k).all()
+    assert (runner.expert_load.sum(dim=1) == counts[rank] * runner.model_config.top_k).all()
 
 
 @pytest.mark.parametrize("counts,size", [((3, 1), 4), ((3, 0), 4), ((0, 5), 8), ((9, 2), None)])
@@ -87,8 +91,8 @@ def test_ep_decode_graph_batches_match_eager(tiny_checkpoint, counts, size):
 
 
 def decode_plan_with_a_chunk(rank: int, world: int, groups, path: str) -> None:
-    runner, _, decode, _ = prefilled_runner(rank, world, groups, path, (2,))
-    runner.graphs = runner.graph_runner(SCRATCH, use_graphs=False)
+    runner, decode = prefilled_runner(rank, world, groups, path, (2,))
+    runner.graphs = scratch_graph_runner(runner)
     chunk = dataclasses.replace(decode[1], sample=False)  # a one-token prompt chunk short of the prompt's end
     with pytest.raises(RuntimeError, match="cannot replay a graph"):
         runner.launch(SchedulerOutput(1, [decode[0], chunk]), StepPlan(ForwardMode.DECODE, (2,), False))
@@ -110,7 +114,6 @@ class RecordingSync:
 
     def agree(self, *row) -> None:
         self.rows.append(row)
-        return None
 
 
 def test_a_one_token_chunk_that_samples_nothing_plans_as_extend(tiny_checkpoint):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_ep_dispatch import spawn_ranks
+from test_ep_graphs import GREEDY, ep_runner
 
 from moeserve.engine.dp_sync import StepSync, plan_step
 from moeserve.forward_batch import ForwardMode
@@ -185,17 +186,13 @@ def test_tbo_on_equals_tbo_off_on_gloo_ranks():
 def tbo_step_with_chunks(rank: int, world_size: int, groups, path: str) -> None:
     """One rank's runner: a TBO prefill step equals the same step unsplit, for every cut (an empty second
     micro-batch included), with a chunk that samples nothing among the requests."""
-    from test_ep_graphs import ep_runner
-
-    from moeserve.sampling_params import SamplingParams
     from moeserve.scheduler.output import ScheduledRequest, SchedulerOutput
 
-    runner, _, _ = ep_runner(rank, world_size, groups, path, tbo=True, num_kv_blocks=32)
-    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    runner = ep_runner(rank, world_size, groups, path, tbo=True, num_kv_blocks=32)
     gen = torch.Generator().manual_seed(5)
-    reqs = [ScheduledRequest("chunk", torch.randint(3, 90, (5,), generator=gen).tolist(), 0, [0, 1], False, greedy),
-            ScheduledRequest("whole", torch.randint(3, 90, (7,), generator=gen).tolist(), 0, [2, 3], True, greedy),
-            ScheduledRequest("short", torch.randint(3, 90, (2,), generator=gen).tolist(), 0, [4], True, greedy)]
+    reqs = [ScheduledRequest("chunk", torch.randint(3, 90, (5,), generator=gen).tolist(), 0, [0, 1], False, GREEDY),
+            ScheduledRequest("whole", torch.randint(3, 90, (7,), generator=gen).tolist(), 0, [2, 3], True, GREEDY),
+            ScheduledRequest("short", torch.randint(3, 90, (2,), generator=gen).tolist(), 0, [4], True, GREEDY)]
     tokens = sum(len(r.token_ids) for r in reqs)
     plain = runner.execute(SchedulerOutput(0, reqs), plan_step([(tokens, True, False, 0, tokens)], False)).sampled
     assert set(plain) == {"whole", "short"}

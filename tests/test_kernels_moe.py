@@ -245,8 +245,7 @@ def test_entries_probe_plans_all_to_all_rows_without_gpu(entries_probe, monkeypa
     expected count (what it picked before); `make_inputs` gives such rows."""
     import importlib
 
-    from moeserve.kernels.moe_configs import get_config
-    from moeserve.moe.triton_experts import lookup_tokens
+    from moeserve.kernels.moe_configs import get_config, lookup_tokens
 
     probe = entries_probe
     plan = probe.build_plan(probe.parse_cases("ep-a2a"), memset=False)
@@ -360,7 +359,7 @@ def test_lookup_tokens_gives_the_token_count_the_tables_were_tuned_on():
     """The tables key on M tokens routed top-k uniformly over the model's experts (M*k/E choices per expert):
     all-gather rows (every token) map back to M, all-to-all rows (only tokens with a choice here) to the M
     their choices stand for, not to their row count; redundant slots share the choices."""
-    from moeserve.moe.triton_experts import lookup_tokens
+    from moeserve.kernels.moe_configs import lookup_tokens
 
     # Qwen3-30B-A3B, 128 experts, top-8; EP 8: 16 local. 512 tokens give 512*8*16/128 = 512 local choices,
     # which an all-to-all delivers on ~342 rows.
@@ -377,7 +376,8 @@ def test_fused_moe_and_triton_experts_key_the_table_on_the_choice_count(monkeypa
     the table up for it; without a count both key on the rows as before."""
     import importlib
 
-    from moeserve.moe.triton_experts import TritonExperts, lookup_tokens
+    from moeserve.kernels.moe_configs import lookup_tokens
+    from moeserve.moe.triton_experts import TritonExperts
 
     fm = importlib.import_module("moeserve.kernels.fused_moe")
     keys = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -261,8 +262,6 @@ def test_replicated_placement_gives_same_output_and_counts_load():
 def test_moe_layer_hands_the_dispatchers_choice_count_to_the_expert_kernel():
     """What a dispatcher knows about the received choices (`DispatchOutput.num_pairs`) reaches the expert
     kernel, which sizes its tiles by it (`TritonExperts`); the layer's output is unchanged."""
-    from moeserve.moe.dispatcher import DispatchOutput
-
     e, h, i, t = 6, 8, 8, 9
     ctx = _ctx(torch.arange(e)[None], e)
     seen = []
@@ -270,8 +269,7 @@ def test_moe_layer_hands_the_dispatchers_choice_count_to_the_expert_kernel():
     class CountingDispatcher(LocalDispatcher):
         def dispatch(self, hidden, topk_ids, topk_weights, mode):
             out = super().dispatch(hidden, topk_ids, topk_weights, mode)
-            return DispatchOutput(out.hidden, out.topk_ids, out.topk_weights, out.handle,
-                                  int((out.topk_ids >= 0).sum()))
+            return dataclasses.replace(out, num_pairs=int((out.topk_ids >= 0).sum()))
 
     class RecordingExperts(TorchExperts):
         def __call__(self, hidden, w13, w2, topk_weights, topk_ids, *, num_pairs=None):
@@ -281,8 +279,8 @@ def test_moe_layer_hands_the_dispatchers_choice_count_to_the_expert_kernel():
     g = torch.Generator().manual_seed(5)
     experts, gate_w, x = _random_experts(e, h, i, 3), torch.randn(e, h, generator=g), torch.randn(t, h, generator=g)
     plain = _build_layer(ctx, RoutingConfig(top_k=2), experts, gate_w)
-    counting_ctx = ModelContext(torch.float32, torch.device("cpu"), TorchAttentionBackend(), RecordingExperts(),
-                                CountingDispatcher(ctx.placement.num_local_slots), ctx.placement)
+    counting_ctx = dataclasses.replace(ctx, expert_kernel=RecordingExperts(),
+                                       dispatcher=CountingDispatcher(ctx.placement.num_local_slots))
     counted = _build_layer(counting_ctx, RoutingConfig(top_k=2), experts, gate_w)
     with torch.inference_mode():
         torch.testing.assert_close(counted(x, _batch(t)), plain(x, _batch(t)))

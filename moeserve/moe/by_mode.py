@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from moeserve.forward_batch import ForwardMode
-from moeserve.moe.dispatcher import Dispatcher, DispatchOutput
+from moeserve.moe.dispatcher import Dispatcher, DispatchOutput, StagedDispatcher
 
 
-class ByModeDispatcher(Dispatcher):
+class ByModeDispatcher(StagedDispatcher):
     """decode: the backend of DECODE steps (and of the CUDA graphs); extend: of every other mode."""
 
     name = "by_mode"
@@ -48,14 +48,7 @@ class ByModeDispatcher(Dispatcher):
     def _backend(self, mode: ForwardMode) -> Dispatcher:
         return self.for_mode(mode if self.step_mode is None else self.step_mode)
 
-    # The contract's four stages (and the blocking pair): outputs and pending objects carry their backend.
-    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 mode: ForwardMode) -> DispatchOutput:
-        return self.dispatch_end(self.dispatch_begin(hidden, topk_ids, topk_weights, mode))
-
-    def combine(self, expert_out: torch.Tensor, handle: Any) -> torch.Tensor:
-        return self.combine_end(self.combine_begin(expert_out, handle))
-
+    # The contract's four stages: outputs and pending objects carry their backend.
     def dispatch_begin(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        mode: ForwardMode) -> tuple[Dispatcher, Any]:
         backend = self._backend(mode)
