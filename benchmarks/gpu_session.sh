@@ -15,7 +15,7 @@ if [ "${GPU_TESTS:-1}" != 0 ]; then
     timeout "${GPU_TESTS_TIMEOUT:-300}" python -m pytest -q -m gpu -p no:cacheprovider -rf \
         tests/test_gpu_engine.py tests/test_kernels_moe.py tests/test_kernels_attention.py \
         tests/test_kernels_fused_small.py tests/test_kernels_router_topk.py tests/test_kernels_skinny.py \
-        tests/test_kernels_mla_tma.py tests/test_flashinfer_backend.py 2>&1 \
+        tests/test_kernels_mla_tma.py tests/test_kernels_mla_gluon.py tests/test_flashinfer_backend.py 2>&1 \
         | tail -30 | tee "$out/gpu_tests.txt"
 fi
 python benchmarks/offline_gpu.py --out "$out/offline_gpu" "$@" 2>&1 | grep -v "^Writing\|it/s\]" \

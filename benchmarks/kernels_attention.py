@@ -1,7 +1,9 @@
 """Benchmark the Triton paged-attention kernels against the memory roofline and torch baselines.
 
 Decode kernels are memory-bound: their figure of merit is bytes moved (K/V cache read once + q + out) over
-time, as a fraction of the device-to-device copy bandwidth measured in the same process. Prefill/extend is
+time, as a fraction of the device-to-device copy bandwidth measured in the same process; the backends' decode
+choices are also timed as CUDA-graph replays (`pct_copy_bw_graph`, TFLOP/s from it), which is how the engine's
+decode steps run them and what excludes host launch time (about 100 us for the Gluon MLA kernel). Prefill/extend is
 compared with the pure-torch reference and with torch SDPA on a contiguous copy of the context.
 
     python benchmarks/kernels_attention.py [--quick] [--sweep] [--out PATH]
@@ -40,13 +42,30 @@ def copy_bandwidth_tbs() -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e9
 
 
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Median time of one CUDA-graph replay of ``fn`` in ms: the kernels alone, as a captured decode step runs
+    them (``bench_ms`` also counts host launch time wherever it exceeds the kernel's)."""
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median"))
+
+
 def _try(rows: list[dict], base: dict, fn: Callable[[], torch.Tensor], ref: torch.Tensor, nbytes: int,
-         copy_tbs: float, flops: float = 0.0) -> float | None:
-    """Check fn against ref, time it, and append one row; returns the time in ms (None on failure)."""
+         copy_tbs: float, flops: float = 0.0, graph: bool = False) -> float | None:
+    """Check fn against ref, time it (graph: also as a CUDA-graph replay), and append one row; returns the time
+    in ms (None on failure)."""
     row = dict(base)
     try:
         row["rel_err"] = rel_err(fn(), ref)
         ms = bench_ms(fn)
+        if graph:
+            g_ms = graph_ms(fn)
+            row.update(time_graph_us=g_ms * 1e3, pct_copy_bw_graph=100 * nbytes / g_ms / 1e9 / copy_tbs)
     except Exception as exc:  # a config that does not compile or fit is a result, not a crash
         row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
         rows.append(row)
@@ -54,7 +73,7 @@ def _try(rows: list[dict], base: dict, fn: Callable[[], torch.Tensor], ref: torc
         return None
     row.update(time_us=ms * 1e3, tb_per_s=nbytes / ms / 1e9, pct_copy_bw=100 * nbytes / ms / 1e9 / copy_tbs)
     if flops:
-        row["tflops"] = flops / ms / 1e9
+        row["tflops"] = flops / (g_ms if graph else ms) / 1e9
     rows.append(row)
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return ms
@@ -77,7 +96,7 @@ def bench_gqa_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
         call = functools.partial(functools.partial, paged_decode_attention, q, k, v, bt, sl, dim**-0.5, ctx)
 
         base = dict(kernel="decode_gqa", shape=shape, config="default")
-        _try(rows, base, call(), ref, nbytes, copy_tbs)
+        _try(rows, base, call(), ref, nbytes, copy_tbs, graph=True)
         if not sweep:
             continue
         best = (float("inf"), {})
@@ -96,7 +115,7 @@ def bench_gqa_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
 
 def bench_mla_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
     from moeserve.kernels.attention_reference import mla_decode_attention_ref
-    from moeserve.kernels.mla_decode import mla_decode_attention, use_mla_tma
+    from moeserve.kernels.mla_decode import mla_decode_attention, use_mla_gluon, use_mla_tma
 
     batch, ctx, heads, lora, rope = (8, 1024, 128, 512, 64) if quick else (64, 4096, 128, 512, 64)
     rows: list[dict] = []
@@ -114,9 +133,13 @@ def bench_mla_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
         call = functools.partial(functools.partial, mla_decode_attention, q, kv, bt, sl, scale, lora, ctx)
 
         base = dict(kernel="decode_mla", shape=shape, config="default")
-        _try(rows, base, call(), ref, nbytes, copy_tbs, flops)
-        if use_mla_tma(q, kv):  # the backend's choice at this shape: tiles through TMA descriptors
-            _try(rows, dict(base, config="TMA (use_mla_tma)"), call(tma=True), ref, nbytes, copy_tbs, flops)
+        _try(rows, base, call(), ref, nbytes, copy_tbs, flops, graph=True)
+        if use_mla_tma(q, kv):  # the Triton kernel's choice at this shape: tiles through TMA descriptors
+            _try(rows, dict(base, config="TMA (use_mla_tma)"), call(tma=True), ref, nbytes, copy_tbs, flops,
+                 graph=True)
+        if use_mla_gluon(q, kv, lora):  # the backend's choice on Hopper: the warp-specialised Gluon kernel
+            _try(rows, dict(base, config="Gluon (use_mla_gluon)"), call(gluon=True), ref, nbytes, copy_tbs, flops,
+                 graph=True)
         if not sweep or page != 16:
             continue
         best = (float("inf"), {})
@@ -255,7 +278,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["kernel", "shape", "config", "time_us", "tb_per_s", "pct_copy_bw", "tflops", "rel_err",
+    cols = ["kernel", "shape", "config", "time_us", "tb_per_s", "pct_copy_bw", "time_graph_us", "pct_copy_bw_graph",
+            "tflops", "rel_err",
             "speedup_vs_ref", "speedup_vs_sdpa", "error"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

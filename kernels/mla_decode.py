@@ -117,6 +117,7 @@ def mla_decode_attention(
     num_warps: int = 8,
     num_stages: int = 2,
     tma: bool | None = False,
+    gluon: bool = False,
 ) -> torch.Tensor:
     """Absorbed-MLA decode: one query per request over its paged latent context.
 
@@ -126,10 +127,15 @@ def mla_decode_attention(
     kv_lora_rank and rope_dim must be powers of two (512 and 64 in DeepSeek-V2/V3).
     tma: read the cache tiles through TMA descriptors (`mla_tma_ok` says which inputs allow it; ValueError
     otherwise); the result is the same. None: where `use_mla_tma` picks it (the attention backend's choice;
-    its input checks are then not run twice). Graph-safe either way: the grid depends on shapes only, and the
-    descriptors are rebuilt on the host each call from the cache's (stable) address.
+    its input checks are then not run twice), unless `use_mla_gluon` picks the Gluon kernel. Graph-safe either
+    way: the grid depends on shapes only, and the descriptors are rebuilt on the host each call from the
+    cache's (stable) address.
+    gluon: run the warp-specialised Gluon kernel (`mla_decode_gluon`; ValueError where
+    `mla_gluon_unsupported` gives a reason); block_n, block_h, num_warps, num_stages and tma do not apply.
     Returns [num_reqs, num_heads, kv_lora_rank] in q's dtype.
     """
+    if gluon or (tma is None and use_mla_gluon(q, kv_cache, kv_lora_rank)):
+        return _mla_decode_gluon(q, kv_cache, block_tables, seq_lens, scale, kv_lora_rank, max_seq_len, num_splits)
     page, dk = kv_cache.shape[1], q.shape[2]
     rope = dk - kv_lora_rank
     if tma is None:  # use_mla_tma checked the inputs for 64-key tiles
@@ -185,6 +191,31 @@ def _launch(kernel, cache_args: tuple, q: torch.Tensor, block_tables: torch.Tens
         PAGE=page, BLOCK_N=block_n, num_splits=num_splits, SPLIT_OUT=num_splits > 1,
         num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
     )
+    if num_splits > 1:
+        split_reduce(part_out, part_lse, out)
+    return out
+
+
+def _mla_decode_gluon(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                      scale: float, kv_lora_rank: int, max_seq_len: int, num_splits: int | None) -> torch.Tensor:
+    """`mla_decode_attention(..., gluon=True)`: the same splits and partials as `_launch`, one 64-head program
+    per multiprocessor (it takes all of its shared memory)."""
+    from moeserve.kernels import mla_decode_gluon as mg
+
+    reason = mg.mla_gluon_unsupported(q, kv_cache, kv_lora_rank)
+    if reason is not None:
+        raise ValueError(f"mla_decode_attention(gluon=True): {reason}")
+    num_reqs, num_heads, _ = q.shape
+    if num_splits is None:
+        num_splits = choose_num_splits(num_reqs * triton.cdiv(num_heads, mg.BLOCK_H), max_seq_len, mg.BLOCK_N,
+                                       q.device, programs_per_sm=0.9)
+    out = q.new_empty(num_reqs, num_heads, kv_lora_rank)
+    if num_splits > 1:
+        part_out, part_lse = alloc_partials(num_reqs, num_heads, num_splits, kv_lora_rank, q.device)
+    else:
+        part_out = part_lse = out
+    mg.launch_mla_decode_gluon(q, kv_cache, block_tables, seq_lens, scale * LOG2E, out, part_out, part_lse,
+                               num_splits)
     if num_splits > 1:
         split_reduce(part_out, part_lse, out)
     return out
@@ -319,6 +350,18 @@ def mla_tma_ok(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 64) -> bo
     the cache's token rows evenly spaced and 16-byte aligned (any contiguous cache). kv_lora_rank and
     rope_dim are checked by the call (powers of two, lora in [32, 512], rope in [16, 256])."""
     return mla_tma_unsupported(q, kv_cache, block_n) is None
+
+
+def use_mla_gluon(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> bool:
+    """Whether a decode step should run the warp-specialised Gluon kernel (`mla_decode_gluon`): wherever it
+    runs (Hopper, DeepSeek's 512 + 64 latent, pages of 16, 32 or a multiple of 64 keys). On the H100 it
+    measured faster than both Triton kernels at every batch, context and head count tried
+    (benchmarks/RESULTS.md). ``MOESERVE_MLA_GLUON=0`` turns it off (A/B timing, escape hatch)."""
+    if os.environ.get("MOESERVE_MLA_GLUON", "1") == "0" or kv_lora_rank != 512 or q.device.type != "cuda":
+        return False
+    from moeserve.kernels.mla_decode_gluon import mla_gluon_unsupported
+
+    return mla_gluon_unsupported(q, kv_cache, kv_lora_rank) is None
 
 
 def use_mla_tma(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:

@@ -126,11 +126,13 @@ def test_gpu_bf16_matches_reference(page: int, block_n: int) -> None:
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("page,heads,tma", [(64, 128, True), (16, 128, False), (64, 16, False)])
-def test_gpu_triton_backend_takes_tma_kernel_where_it_pays(page: int, heads: int, tma: bool) -> None:
-    """64-key tiles and >= 64 heads: the TMA kernel; otherwise the pointer kernel. Same results either way."""
+def test_gpu_triton_backend_takes_tma_kernel_where_it_pays(page: int, heads: int, tma: bool, monkeypatch) -> None:
+    """With the Gluon kernel off (it takes this latent on Hopper otherwise): 64-key tiles and >= 64 heads take
+    the TMA kernel, everything else the pointer kernel. Same results either way."""
     from moeserve.attention.triton_backend import TritonAttentionBackend
     from moeserve.kernels.mla_decode import use_mla_tma
 
+    monkeypatch.setenv("MOESERVE_MLA_GLUON", "0")
     seq_lens = [300, 1, 64, 1000]
     kv, _, bt, sl = make_paged_cache(seq_lens, page, 1, 576, None, torch.bfloat16, "cuda")
     q = torch.randn(len(seq_lens), heads, 576, device="cuda", dtype=torch.bfloat16)
@@ -142,15 +144,19 @@ def test_gpu_triton_backend_takes_tma_kernel_where_it_pays(page: int, heads: int
 
 @pytest.mark.gpu
 @hopper
-def test_gpu_cuda_graph_replay_follows_new_inputs() -> None:
+@pytest.mark.parametrize("kernel", ["tma", "gluon"])
+def test_gpu_cuda_graph_replay_follows_new_inputs(kernel: str) -> None:
     """Captured once, replayed after the query and context lengths change in place (descriptors are baked into
-    the graph and must stay valid)."""
+    the graph and must stay valid); the Triton TMA kernel and the Gluon one (tests/test_kernels_mla_gluon.py)."""
     from moeserve.kernels.mla_decode import mla_decode_attention
 
+    if kernel == "gluon" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel needs sm_90")
     seq_lens = [1024] * 8
     kv, _, bt, sl = make_paged_cache(seq_lens, 64, 1, 576, None, torch.bfloat16, "cuda")
     q = torch.randn(8, 16, 576, device="cuda", dtype=torch.bfloat16)
-    call = lambda: mla_decode_attention(q, kv, bt, sl, 192**-0.5, 512, 1024, num_splits=4, tma=True)  # noqa: E731
+    call = lambda: mla_decode_attention(q, kv, bt, sl, 192**-0.5, 512, 1024, num_splits=4,  # noqa: E731
+                                        **{kernel: True})
     call()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

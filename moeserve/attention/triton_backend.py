@@ -3,8 +3,9 @@
 Which kernel runs depends on the step and the cache layout only:
 - every request computes one token (``meta.max_query_len == 1``): a decode kernel;
   the MLA layout (one latent head, ``v_cache`` a prefix view of ``k_cache``) takes the latent kernel, which
-  reads each latent once as both key and value (its TMA variant on Hopper with 64-token pages and >= 64
-  heads, `use_mla_tma`);
+  reads each latent once as both key and value: on Hopper with DeepSeek's 512 + 64 latent the warp-specialised
+  Gluon kernel (`use_mla_gluon`), else the Triton kernel (its TMA variant on Hopper with 64-token pages and
+  >= 64 heads, `use_mla_tma`);
 - otherwise (prefill, chunked prefill, mixed steps): the extend kernel.
 """
 
@@ -64,7 +65,7 @@ class TritonAttentionBackend(AttentionBackend):
             rank = mla_lora_rank(k_cache, v_cache)
             if rank is not None:
                 return mla_decode_attention(q, k_cache, meta.block_tables, meta.seq_lens, scale, rank,
-                                            meta.max_seq_len, tma=None)  # None: as use_mla_tma picks
+                                            meta.max_seq_len, tma=None)  # None: as use_mla_gluon / use_mla_tma pick
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len
             )

@@ -1,0 +1,149 @@
+"""`mla_decode_attention(..., gluon=True)` (the warp-specialised Gluon MLA decode kernel) against the pure-torch
+reference: ragged contexts, stale NaN past each context, split-KV with empty splits, head counts that do not
+fill the 64-head programs, peaked softmax rows; the backend's and the engine's use of it (CUDA-graph replay:
+tests/test_kernels_mla_tma.py). GPU tests need a Hopper (sm_90) GPU; on CPU the call says why it cannot run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeserve.kernels.attention_reference import make_paged_cache, mla_decode_attention_ref, rel_err
+
+BF16 = torch.bfloat16
+SCALE = 192**-0.5
+
+
+def _inputs(seq_lens, heads, page=64, poison=False, seed=0):
+    kv, _, bt, sl = make_paged_cache(seq_lens, page, 1, 576, None, BF16, "cuda", seed=seed)
+    if poison:  # unused slots of each request's last page: stale NaN the kernel must never read into the output
+        for i, n in enumerate(seq_lens):
+            if n % page:
+                kv[bt[i, n // page], n % page :] = float("nan")
+    q = torch.randn(len(seq_lens), heads, 576, generator=torch.Generator().manual_seed(seed)).to(BF16).cuda()
+    return q, kv, bt, sl
+
+
+def _err(q, kv, bt, sl, splits, scale=SCALE) -> float:
+    from moeserve.kernels.mla_decode import mla_decode_attention
+
+    out = mla_decode_attention(q, kv, bt, sl, scale, 512, int(sl.max()), num_splits=splits, gluon=True)
+    assert out.shape == (q.shape[0], q.shape[1], 512) and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    return rel_err(out, mla_decode_attention_ref(q, kv, bt, sl, scale, 512))
+
+
+def test_unsupported_inputs_say_why() -> None:
+    """Off a Hopper GPU the explicit call says why, and the backend's choice falls back to the Triton kernels."""
+    from moeserve.kernels.mla_decode import mla_decode_attention, use_mla_gluon
+    from moeserve.kernels.mla_decode_gluon import mla_gluon_unsupported
+
+    kv, _, bt, sl = make_paged_cache([20], 64, 1, 576, None, BF16)
+    q = torch.randn(1, 64, 576).to(BF16)
+    with pytest.raises(ValueError, match="gluon=True"):
+        mla_decode_attention(q, kv, bt, sl, SCALE, 512, 20, gluon=True)
+    assert "Hopper" in mla_gluon_unsupported(q, kv, 512) or "Gluon" in mla_gluon_unsupported(q, kv, 512)
+    assert not use_mla_gluon(q, kv, 512)
+
+
+sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                          reason="needs a Hopper (sm_90) GPU")
+
+
+@pytest.mark.gpu
+@sm90
+def test_gpu_unsupported_shapes_say_why() -> None:
+    from moeserve.kernels.mla_decode_gluon import mla_gluon_unsupported
+
+    q, kv, _, _ = _inputs([70], 64)
+    assert mla_gluon_unsupported(q, kv, 512) is None
+    for page in (16, 32, 128):
+        assert mla_gluon_unsupported(q, make_paged_cache([70], page, 1, 576, None, BF16, "cuda")[0], 512) is None
+    for page in (8, 48):
+        assert "multiple of 64" in mla_gluon_unsupported(q, make_paged_cache([70], page, 1, 576, None, BF16, "cuda")[0],
+                                                         512)
+    assert "kv_lora_rank" in mla_gluon_unsupported(q, kv, 448)
+    assert "16-bit" in mla_gluon_unsupported(q.float(), kv.float(), 512)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("heads,page", [(128, 64), (16, 64), (80, 64), (128, 16), (16, 16), (128, 32), (128, 128)])
+def test_gpu_ragged_contexts_with_stale_nan(heads: int, page: int) -> None:
+    """Contexts of 1 key, under one tile, exact tiles and long ones; 16 and 80 heads leave programs part-empty;
+    pages under 64 keys make a tile of several pages, whose last page may end the request's block table."""
+    q, kv, bt, sl = _inputs([1, 3, 64, 65, 130, 1000, 4096], heads, page=page, poison=True, seed=heads + page)
+    for splits in (1, None):
+        assert _err(q, kv, bt, sl, splits) <= 1e-2, splits
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("splits", [3, 8])
+def test_gpu_split_kv_with_empty_splits(splits: int) -> None:
+    """fp32 partials merged by split_reduce; 8 splits of a 5-token context leave most of them empty."""
+    q, kv, bt, sl = _inputs([5, 70, 997], 128, page=16, poison=True, seed=splits)
+    assert _err(q, kv, bt, sl, splits) <= 1e-2
+
+
+@pytest.mark.gpu
+@sm90
+def test_gpu_peaked_rows_and_long_context_match_the_tma_kernel() -> None:
+    """A large scale makes each row's max keep growing (the rescale path); at the benchmark shape (B64,
+    context 4096, 128 heads) the result equals the Triton TMA kernel's within bf16 rounding."""
+    from moeserve.kernels.mla_decode import mla_decode_attention
+
+    q, kv, bt, sl = _inputs([4096] * 64, 128, seed=1)
+    assert _err(q, kv, bt, sl, None) <= 1e-2
+    assert _err(q, kv, bt, sl, None, scale=1.0) <= 1e-2
+    ours = mla_decode_attention(q, kv, bt, sl, SCALE, 512, 4096, gluon=True)
+    tma = mla_decode_attention(q, kv, bt, sl, SCALE, 512, 4096, tma=True)
+    assert rel_err(ours, tma) <= 1e-2
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("page,heads", [(64, 128), (16, 16)])
+def test_gpu_triton_backend_takes_the_gluon_kernel(page: int, heads: int) -> None:
+    """The attention backend's decode picks the Gluon kernel for DeepSeek's latent on Hopper, any head count."""
+    from moeserve.attention.triton_backend import TritonAttentionBackend
+    from moeserve.forward_batch import AttentionMetadata
+    from moeserve.kernels.mla_decode import use_mla_gluon
+
+    q, kv, bt, sl = _inputs([300, 1, 64, 1000], heads, page=page)
+    assert use_mla_gluon(q, kv, 512)
+    out = TritonAttentionBackend().attend(q, kv, kv[..., :512], AttentionMetadata.for_decode(bt, sl, page), SCALE)
+    assert rel_err(out, mla_decode_attention_ref(q, kv, bt, sl, SCALE, 512)) <= 1e-2
+
+
+@pytest.mark.gpu
+@sm90
+def test_gpu_engine_decodes_through_the_gluon_kernel(tiny_checkpoint, monkeypatch) -> None:
+    """A DeepSeek-V2 model with the 512 + 64 latent decodes through the Gluon kernel (in its CUDA graphs) and
+    generates what it generates with the kernel off (MOESERVE_MLA_GLUON=0: the Triton kernel), up to bf16
+    near-ties."""
+    from moeserve import LLM, SamplingParams
+    from moeserve.kernels import mla_decode_gluon
+    from tests.test_flashinfer_backend import ENGINE_SHAPES
+    from tests.test_gpu_engine import assert_greedy_agree_up_to_ties
+
+    launches = []
+    launch = mla_decode_gluon.launch_mla_decode_gluon
+    monkeypatch.setattr(mla_decode_gluon, "launch_mla_decode_gluon",
+                        lambda *args, **kw: launches.append(args[0].shape) or launch(*args, **kw))
+    path = str(tiny_checkpoint("deepseek_v2", **ENGINE_SHAPES["deepseek_v2"]))
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 200, (int(n),), generator=gen).tolist() for n in (1, 7, 30, 64, 5, 19)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MOESERVE_MLA_GLUON", flag)
+        launches.clear()
+        llm = LLM(path, dtype="bfloat16", device="cuda", cuda_graph_max_batch=8)
+        assert llm.engine.runner.graphs is not None
+        outs[flag] = llm.generate(prompts, params)
+        assert bool(launches) == (flag == "1"), launches
+        del llm
+        torch.cuda.empty_cache()
+    assert assert_greedy_agree_up_to_ties(outs["1"], outs["0"]) >= len(prompts) // 2
