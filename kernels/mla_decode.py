@@ -11,6 +11,10 @@ and the [BLOCK_H, 512] accumulator held as two 256-wide halves (one per TMA box)
 tiles (page 64) and 128 heads it takes 279 µs where the pointer kernel takes 346 µs (B64, context 4096;
 benchmarks/RESULTS.md); with 16-key tiles (page 16) it is 1.8x slower, so `use_mla_tma` picks it only for
 64-key tiles and at least 64 heads. Triton's warp specialisation of its key loop compiled but gave nothing.
+
+`mla_decode_attention(..., gluon=True)` runs the warp-specialised Gluon kernel (`mla_decode_gluon`), which the
+backend takes on Hopper for DeepSeek's latent (`use_mla_gluon`): 144 µs at page 64 and 148 µs at page 16 for
+the shape above, as CUDA-graph replays.
 """
 
 from __future__ import annotations
@@ -161,64 +165,68 @@ def mla_decode_attention(
                    num_splits, block_n, block_h, num_warps, num_stages)
 
 
-def _launch(kernel, cache_args: tuple, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-            scale: float, kv_lora_rank: int, max_seq_len: int, page: int, num_splits: int | None, block_n: int,
-            block_h: int, num_warps: int, num_stages: int) -> torch.Tensor:
-    """Grid, split count and fp32 partials shared by both MLA kernels; cache_args are the kernel's cache
-    arguments (pointer and strides, or the two descriptors). Returns [num_reqs, num_heads, kv_lora_rank]."""
-    num_reqs, num_heads, dk = q.shape
-    block_h = max(16, min(block_h, triton.next_power_of_2(num_heads)))
-    head_blocks = triton.cdiv(num_heads, block_h)
+def _with_splits(q: torch.Tensor, kv_lora_rank: int, max_seq_len: int, num_splits: int | None, head_blocks: int,
+                 block_n: int, run) -> torch.Tensor:
+    """Split count, output and fp32 partials shared by the MLA kernels: run(out, part_out, part_lse, num_splits)
+    launches one (with one split part_out and part_lse are out itself). Returns [num_reqs, num_heads,
+    kv_lora_rank]."""
+    num_reqs, num_heads, _ = q.shape
     if num_splits is None:
-        # One 8-warp program fills a multiprocessor (registers and shared memory), and each split adds a
-        # [H, 512] fp32 partial write + read: split only when the batch leaves multiprocessors idle.
-        num_splits = choose_num_splits(
-            num_reqs * head_blocks, max_seq_len, block_n, q.device, programs_per_sm=0.9
-        )
+        # One program fills a multiprocessor (registers and shared memory), and each split adds a [H, 512] fp32
+        # partial write + read: split only when the batch leaves multiprocessors idle.
+        num_splits = choose_num_splits(num_reqs * head_blocks, max_seq_len, block_n, q.device, programs_per_sm=0.9)
     out = q.new_empty(num_reqs, num_heads, kv_lora_rank)
     if num_splits > 1:
         part_out, part_lse = alloc_partials(num_reqs, num_heads, num_splits, kv_lora_rank, q.device)
     else:
         part_out = part_lse = out
-    kernel[(head_blocks, num_reqs, num_splits)](
-        q, *cache_args, block_tables, seq_lens, out, part_out, part_lse,
-        scale * LOG2E, num_heads,
-        q.stride(0), q.stride(1),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2) if num_splits > 1 else 1,
-        LORA=kv_lora_rank, ROPE=dk - kv_lora_rank, BLOCK_H=block_h,
-        PAGE=page, BLOCK_N=block_n, num_splits=num_splits, SPLIT_OUT=num_splits > 1,
-        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
-    )
+    run(out, part_out, part_lse, num_splits)
     if num_splits > 1:
         split_reduce(part_out, part_lse, out)
     return out
 
 
+def _launch(kernel, cache_args: tuple, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+            scale: float, kv_lora_rank: int, max_seq_len: int, page: int, num_splits: int | None, block_n: int,
+            block_h: int, num_warps: int, num_stages: int) -> torch.Tensor:
+    """Grid of both Triton MLA kernels; cache_args are the kernel's cache arguments (pointer and strides, or the
+    two descriptors). Returns [num_reqs, num_heads, kv_lora_rank]."""
+    num_reqs, num_heads, dk = q.shape
+    block_h = max(16, min(block_h, triton.next_power_of_2(num_heads)))
+    head_blocks = triton.cdiv(num_heads, block_h)
+
+    def run(out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor, splits: int) -> None:
+        kernel[(head_blocks, num_reqs, splits)](
+            q, *cache_args, block_tables, seq_lens, out, part_out, part_lse,
+            scale * LOG2E, num_heads,
+            q.stride(0), q.stride(1),
+            block_tables.stride(0),
+            out.stride(0), out.stride(1),
+            part_out.stride(0), part_out.stride(1), part_out.stride(2) if splits > 1 else 1,
+            LORA=kv_lora_rank, ROPE=dk - kv_lora_rank, BLOCK_H=block_h,
+            PAGE=page, BLOCK_N=block_n, num_splits=splits, SPLIT_OUT=splits > 1,
+            num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
+        )
+
+    return _with_splits(q, kv_lora_rank, max_seq_len, num_splits, head_blocks, block_n, run)
+
+
 def _mla_decode_gluon(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       scale: float, kv_lora_rank: int, max_seq_len: int, num_splits: int | None) -> torch.Tensor:
-    """`mla_decode_attention(..., gluon=True)`: the same splits and partials as `_launch`, one 64-head program
-    per multiprocessor (it takes all of its shared memory)."""
+    """`mla_decode_attention(..., gluon=True)`: one 64-head program per multiprocessor (it takes all of its
+    shared memory), the same splits and partials as the Triton kernels."""
     from moeserve.kernels import mla_decode_gluon as mg
 
     reason = mg.mla_gluon_unsupported(q, kv_cache, kv_lora_rank)
     if reason is not None:
         raise ValueError(f"mla_decode_attention(gluon=True): {reason}")
-    num_reqs, num_heads, _ = q.shape
-    if num_splits is None:
-        num_splits = choose_num_splits(num_reqs * triton.cdiv(num_heads, mg.BLOCK_H), max_seq_len, mg.BLOCK_N,
-                                       q.device, programs_per_sm=0.9)
-    out = q.new_empty(num_reqs, num_heads, kv_lora_rank)
-    if num_splits > 1:
-        part_out, part_lse = alloc_partials(num_reqs, num_heads, num_splits, kv_lora_rank, q.device)
-    else:
-        part_out = part_lse = out
-    mg.launch_mla_decode_gluon(q, kv_cache, block_tables, seq_lens, scale * LOG2E, out, part_out, part_lse,
-                               num_splits)
-    if num_splits > 1:
-        split_reduce(part_out, part_lse, out)
-    return out
+
+    def run(out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor, splits: int) -> None:
+        mg.launch_mla_decode_gluon(q, kv_cache, block_tables, seq_lens, scale * LOG2E, out, part_out, part_lse,
+                                   splits)
+
+    return _with_splits(q, kv_lora_rank, max_seq_len, num_splits, triton.cdiv(q.shape[1], mg.BLOCK_H), mg.BLOCK_N,
+                        run)
 
 
 # ---------------------------------------------------------------- tiles through TMA descriptors
@@ -354,14 +362,16 @@ def mla_tma_ok(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 64) -> bo
 
 def use_mla_gluon(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> bool:
     """Whether a decode step should run the warp-specialised Gluon kernel (`mla_decode_gluon`): wherever it
-    runs (Hopper, DeepSeek's 512 + 64 latent, pages of 16, 32 or a multiple of 64 keys). On the H100 it
-    measured faster than both Triton kernels at every batch, context and head count tried
-    (benchmarks/RESULTS.md). ``MOESERVE_MLA_GLUON=0`` turns it off (A/B timing, escape hatch)."""
-    if os.environ.get("MOESERVE_MLA_GLUON", "1") == "0" or kv_lora_rank != 512 or q.device.type != "cuda":
+    runs (Hopper, Triton 3.6, DeepSeek's 512 + 64 latent, pages of 16, 32 or a multiple of 64 keys). On the
+    H100 its kernel time measured below both Triton kernels' at every batch, context and head count tried
+    (benchmarks/RESULTS.md). Its launch costs ~70 us more host time than theirs, which decode steps captured in
+    CUDA graphs (the engine's default up to `cuda_graph_max_batch`) do not pay; an eager step of a small batch
+    does. ``MOESERVE_MLA_GLUON=0`` turns it off (A/B timing, escape hatch)."""
+    if os.environ.get("MOESERVE_MLA_GLUON", "1") == "0" or q.device.type != "cuda":
         return False
-    from moeserve.kernels.mla_decode_gluon import mla_gluon_unsupported
+    from moeserve.kernels import mla_decode_gluon as mg
 
-    return mla_gluon_unsupported(q, kv_cache, kv_lora_rank) is None
+    return kv_lora_rank == mg.LORA and mg.mla_gluon_unsupported(q, kv_cache, kv_lora_rank) is None
 
 
 def use_mla_tma(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:

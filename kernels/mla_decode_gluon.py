@@ -17,17 +17,18 @@ both warpgroups' MMAs that read it have completed; P's buffer when warpgroup 1's
 a request's last tile come from the page's unused slots: their scores are masked, and each warpgroup zeroes its
 value half of those rows before its PV, so stale cache contents (NaN included) never reach the output.
 
-Requirements (`mla_gluon_unsupported` says which one fails): a Hopper GPU (sm_90), Gluon (written for and run with
-Triton 3.6), 16-bit
-q and cache of one dtype, kv_lora_rank 512 and rope dim 64 (DeepSeek-V2/V3), a page size that is a multiple
-of 64, or 16 or 32 (a key tile then takes one TMA box per page).
+Requirements (`mla_gluon_unsupported` says which one fails): a Hopper GPU (sm_90), Triton 3.6 (Gluon's API still
+changes between releases; the kernel was written and measured with 3.6), 16-bit q and cache of one dtype,
+kv_lora_rank 512 and rope dim 64 (DeepSeek-V2/V3), a page size that is a multiple of 64, or 16 or 32 (a key
+tile then takes one TMA box per page).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 
-try:  # Gluon: Triton >= 3.5
+try:  # Gluon (Triton >= 3.5; `mla_gluon_unsupported` also wants the tested release)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -49,12 +50,13 @@ LORA = 512
 ROPE = 64
 STAGES = 2  # 72 KB per key tile; q takes another 72 KB
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+TRITON_TESTED = "3.6."  # the Triton release the kernel was written for and measured with
 
 
 def mla_gluon_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> str | None:
     """Why the Gluon MLA decode kernel cannot take these inputs, or None when it can."""
-    if gluon is None:
-        return "this Triton has no Gluon (triton.experimental.gluon, Triton >= 3.5)"
+    if gluon is None or not triton.__version__.startswith(TRITON_TESTED):
+        return f"the Gluon kernel is written for Triton {TRITON_TESTED}x, this is Triton {triton.__version__}"
     if q.device.type != "cuda" or compute_capability(q.device) != (9, 0):
         return "the Gluon MLA kernel needs a Hopper GPU (sm_90: wgmma)"
     if q.dtype not in _GL_DTYPES or kv_cache.dtype != q.dtype:
@@ -88,8 +90,8 @@ if gluon is not None:
         one TMA box per page it spans (pages under 64 keys: c_lat / c_rope boxes of PAGE rows)."""
         HALF: gl.constexpr = q0.type.shape[1]
         SUB: gl.constexpr = c_lat.block_type.shape[0]  # rows per cache box: min(PAGE, BLOCK_N)
-        tile_bytes: gl.constexpr = 2 * q_lat.block_type.nbytes + q_rope.block_type.nbytes
-        mbarrier.expect(q_bar, tile_bytes)
+        tile_bytes: gl.constexpr = (_BLOCK_N // SUB) * (2 * c_lat.block_type.nbytes + c_rope.block_type.nbytes)
+        mbarrier.expect(q_bar, 2 * q_lat.block_type.nbytes + q_rope.block_type.nbytes)
         tma.async_copy_global_to_shared(q_lat, [q_row, 0], q_bar, q0)
         tma.async_copy_global_to_shared(q_lat, [q_row, HALF], q_bar, q1)
         tma.async_copy_global_to_shared(q_rope, [q_row, 2 * HALF], q_bar, qr)
@@ -221,7 +223,7 @@ if gluon is not None:
         h_ok = heads < num_heads
         _store_half(o, gl.convert_layout(inv_l, row_o), Out, PartOut, req, heads, h_ok, split, 0, stride_ot,
                     stride_oh, stride_pt, stride_ph, stride_ps, SPLIT_OUT, o_layout)
-        if SPLIT_OUT:
+        if SPLIT_OUT:  # as attention_decode.store_split_lse
             heads_s = head0 + gl.arange(0, _BLOCK_H, layout=row_s)
             lse = gl.where(has_keys, m_i + gl.log2(gl.where(has_keys, l_i, 1.0)), float("-inf"))
             rows = (req * stride_pt + heads_s.to(gl.int64) * stride_ph) // stride_ps + split
@@ -321,9 +323,11 @@ def launch_mla_decode_gluon(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     """Run the kernel over grid (head blocks, requests, splits); the caller checked `mla_gluon_unsupported`,
     chose num_splits and allocated out (and the fp32 partials when num_splits > 1: `attention_decode`'s).
 
-    The descriptors are built on the host, which costs each launch ~80 us of host time (CUDA graphs, which the
-    engine's decode steps use, replay without it); descriptors built in the kernel made the kernel ~7% slower
-    (155 against 145 us, B64 context 4096 on an H100)."""
+    The descriptors are built on the host: a launch costs ~105 us of host time against 36 us for the Triton
+    kernel (H100), which CUDA graphs, as the engine's decode steps use, replay without; descriptors built in
+    the kernel made the kernel ~7% slower (155 against 145 us, B64 context 4096 on an H100)."""
+    # The block table's entries become TMA coordinates: int32 with consecutive pages.
+    assert block_tables.dtype == torch.int32 and block_tables.stride(-1) == 1, "block_tables: int32, contiguous rows"
     num_reqs, num_heads, dk = q.shape
     q2d = q.contiguous().view(num_reqs * num_heads, dk)
     if q2d.data_ptr() % 16:  # TMA needs 16-byte aligned rows (a view may start anywhere)

@@ -281,4 +281,4 @@ def test_gpu_engine_on_flashinfer_matches_triton(arch: str, tiny_checkpoint) -> 
         outs[backend] = llm.generate(prompts, params)
         del llm
         torch.cuda.empty_cache()
-    assert assert_greedy_agree_up_to_ties(outs["flashinfer"], outs["triton"]) >= len(prompts) // 2
+    assert_greedy_agree_up_to_ties(outs["flashinfer"], outs["triton"], min_identical=len(prompts) // 2)

@@ -82,20 +82,21 @@ def assert_greedy_equal(ours, theirs, gaps, exact: bool) -> int:
     return ties
 
 
-def assert_greedy_agree_up_to_ties(ours, ref, tie_nats: float = 0.1) -> int:
-    """Two engines' greedy outputs (`RequestOutput`s, the reference's with logprobs) agree: where a sequence
-    parts, our token is within tie_nats of the reference's best at that step (bf16 near-ties between kernels
-    that sum in different orders). Returns how many sequences are identical."""
+def assert_greedy_agree_up_to_ties(ours, ref, min_identical: int, tie_nats: float = 0.1) -> None:
+    """Two engines' greedy outputs (`RequestOutput`s of the same lengths, the reference's with logprobs) agree:
+    where a sequence parts, our token is within tie_nats of the reference's best at that step (bf16 near-ties
+    between kernels that sum in different orders), and at least min_identical sequences are identical."""
     identical = 0
-    for o, r in zip(ours, ref):
+    for o, r in zip(ours, ref, strict=True):
         a, b = o.outputs[0].token_ids, r.outputs[0].token_ids
+        assert len(a) == len(b), (len(a), len(b))
         if a == b:
             identical += 1
             continue
         d = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
         top = dict(r.outputs[0].logprobs[d].top)
         assert a[d] in top and top[b[d]] - top[a[d]] < tie_nats, (d, a[d], b[d], top)
-    return identical
+    assert identical >= min_identical, (identical, min_identical)
 
 
 # ---- CPU: config and graph planning ----

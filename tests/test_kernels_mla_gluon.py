@@ -47,6 +47,22 @@ def test_unsupported_inputs_say_why() -> None:
     assert not use_mla_gluon(q, kv, 512)
 
 
+@pytest.fixture
+def gluon_launches(monkeypatch) -> list:
+    """The q shapes of every Gluon kernel launch from here on (the launcher is looked up at each call)."""
+    from moeserve.kernels import mla_decode_gluon
+
+    launches = []
+    launch = mla_decode_gluon.launch_mla_decode_gluon
+
+    def counting_launch(q, *args, **kw):
+        launches.append(tuple(q.shape))
+        launch(q, *args, **kw)
+
+    monkeypatch.setattr(mla_decode_gluon, "launch_mla_decode_gluon", counting_launch)
+    return launches
+
+
 sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                           reason="needs a Hopper (sm_90) GPU")
 
@@ -105,8 +121,8 @@ def test_gpu_peaked_rows_and_long_context_match_the_tma_kernel() -> None:
 @pytest.mark.gpu
 @sm90
 @pytest.mark.parametrize("page,heads", [(64, 128), (16, 16)])
-def test_gpu_triton_backend_takes_the_gluon_kernel(page: int, heads: int) -> None:
-    """The attention backend's decode picks the Gluon kernel for DeepSeek's latent on Hopper, any head count."""
+def test_gpu_triton_backend_takes_the_gluon_kernel(page: int, heads: int, gluon_launches: list) -> None:
+    """The attention backend's decode runs the Gluon kernel for DeepSeek's latent on Hopper, any head count."""
     from moeserve.attention.triton_backend import TritonAttentionBackend
     from moeserve.forward_batch import AttentionMetadata
     from moeserve.kernels.mla_decode import use_mla_gluon
@@ -114,24 +130,20 @@ def test_gpu_triton_backend_takes_the_gluon_kernel(page: int, heads: int) -> Non
     q, kv, bt, sl = _inputs([300, 1, 64, 1000], heads, page=page)
     assert use_mla_gluon(q, kv, 512)
     out = TritonAttentionBackend().attend(q, kv, kv[..., :512], AttentionMetadata.for_decode(bt, sl, page), SCALE)
+    assert gluon_launches == [tuple(q.shape)]
     assert rel_err(out, mla_decode_attention_ref(q, kv, bt, sl, SCALE, 512)) <= 1e-2
 
 
 @pytest.mark.gpu
 @sm90
-def test_gpu_engine_decodes_through_the_gluon_kernel(tiny_checkpoint, monkeypatch) -> None:
+def test_gpu_engine_decodes_through_the_gluon_kernel(tiny_checkpoint, monkeypatch, gluon_launches: list) -> None:
     """A DeepSeek-V2 model with the 512 + 64 latent decodes through the Gluon kernel (in its CUDA graphs) and
     generates what it generates with the kernel off (MOESERVE_MLA_GLUON=0: the Triton kernel), up to bf16
     near-ties."""
     from moeserve import LLM, SamplingParams
-    from moeserve.kernels import mla_decode_gluon
     from tests.test_flashinfer_backend import ENGINE_SHAPES
     from tests.test_gpu_engine import assert_greedy_agree_up_to_ties
 
-    launches = []
-    launch = mla_decode_gluon.launch_mla_decode_gluon
-    monkeypatch.setattr(mla_decode_gluon, "launch_mla_decode_gluon",
-                        lambda *args, **kw: launches.append(args[0].shape) or launch(*args, **kw))
     path = str(tiny_checkpoint("deepseek_v2", **ENGINE_SHAPES["deepseek_v2"]))
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 200, (int(n),), generator=gen).tolist() for n in (1, 7, 30, 64, 5, 19)]
@@ -139,11 +151,11 @@ def test_gpu_engine_decodes_through_the_gluon_kernel(tiny_checkpoint, monkeypatc
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("MOESERVE_MLA_GLUON", flag)
-        launches.clear()
+        gluon_launches.clear()
         llm = LLM(path, dtype="bfloat16", device="cuda", cuda_graph_max_batch=8)
         assert llm.engine.runner.graphs is not None
         outs[flag] = llm.generate(prompts, params)
-        assert bool(launches) == (flag == "1"), launches
+        assert bool(gluon_launches) == (flag == "1"), gluon_launches
         del llm
         torch.cuda.empty_cache()
-    assert assert_greedy_agree_up_to_ties(outs["1"], outs["0"]) >= len(prompts) // 2
+    assert_greedy_agree_up_to_ties(outs["1"], outs["0"], min_identical=len(prompts) // 2)
