@@ -367,11 +367,18 @@ def use_mla_gluon(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) ->
     (benchmarks/RESULTS.md). Its launch costs ~70 us more host time than theirs, which decode steps captured in
     CUDA graphs (the engine's default up to `cuda_graph_max_batch`) do not pay; an eager step of a small batch
     does. ``MOESERVE_MLA_GLUON=0`` turns it off (A/B timing, escape hatch)."""
-    if os.environ.get("MOESERVE_MLA_GLUON", "1") == "0" or q.device.type != "cuda":
-        return False
-    from moeserve.kernels import mla_decode_gluon as mg
+    return mla_gluon_skipped_because(q, kv_cache, kv_lora_rank) is None
 
-    return kv_lora_rank == mg.LORA and mg.mla_gluon_unsupported(q, kv_cache, kv_lora_rank) is None
+
+def mla_gluon_skipped_because(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> str | None:
+    """Why `use_mla_gluon` says no for these inputs, or None when it says yes."""
+    if os.environ.get("MOESERVE_MLA_GLUON", "1") == "0":
+        return "MOESERVE_MLA_GLUON=0"
+    if q.device.type != "cuda":
+        return f"q is on {q.device.type}, not a CUDA device"
+    from moeserve.kernels.mla_decode_gluon import mla_gluon_unsupported
+
+    return mla_gluon_unsupported(q, kv_cache, kv_lora_rank)
 
 
 def use_mla_tma(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:

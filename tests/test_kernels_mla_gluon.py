@@ -63,6 +63,20 @@ def gluon_launches(monkeypatch) -> list:
     return launches
 
 
+def test_backend_says_which_mla_kernel_runs_and_why(monkeypatch, caplog) -> None:
+    """The attention backend logs its MLA decode kernel once, with the reason the Gluon kernel is not taken."""
+    from moeserve.attention.triton_backend import TritonAttentionBackend
+
+    kv, _, _, _ = make_paged_cache([20], 16, 1, 576, None, BF16)
+    q = torch.randn(1, 16, 576).to(BF16)
+    backend = TritonAttentionBackend()
+    with caplog.at_level("INFO", logger="moeserve.attention.triton_backend"):
+        line = backend.log_mla_kernel(q, kv, 512)
+    assert "Triton kernel (pointer loads); not the Gluon kernel: q is on cpu" in line and line in caplog.text
+    monkeypatch.setenv("MOESERVE_MLA_GLUON", "0")
+    assert backend.log_mla_kernel(q, kv, 512).endswith("MOESERVE_MLA_GLUON=0")
+
+
 sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                           reason="needs a Hopper (sm_90) GPU")
 
@@ -131,6 +145,7 @@ def test_gpu_triton_backend_takes_the_gluon_kernel(page: int, heads: int, gluon_
     assert use_mla_gluon(q, kv, 512)
     out = TritonAttentionBackend().attend(q, kv, kv[..., :512], AttentionMetadata.for_decode(bt, sl, page), SCALE)
     assert gluon_launches == [tuple(q.shape)]
+    assert TritonAttentionBackend().log_mla_kernel(q, kv, 512).endswith("the warp-specialised Gluon kernel (Hopper)")
     assert rel_err(out, mla_decode_attention_ref(q, kv, bt, sl, SCALE, 512)) <= 1e-2
 
 

@@ -11,6 +11,8 @@ Which kernel runs depends on the step and the cache layout only:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 
@@ -19,7 +21,9 @@ from moeserve.forward_batch import AttentionMetadata
 from moeserve.kernels.attention_decode import paged_decode_attention
 from moeserve.kernels.attention_prefill import extend_attention
 from moeserve.kernels.kv_store import store_kv
-from moeserve.kernels.mla_decode import mla_decode_attention
+from moeserve.kernels.mla_decode import mla_decode_attention, mla_gluon_skipped_because, use_mla_tma
+
+logger = logging.getLogger(__name__)
 
 
 def mla_lora_rank(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int | None:
@@ -42,6 +46,20 @@ class TritonAttentionBackend(AttentionBackend):
     """Fast paths for CUDA (and the Triton interpreter); same results as `TorchAttentionBackend`."""
 
     name = "triton"
+    _mla_kernel_logged = False
+
+    def log_mla_kernel(self, q: torch.Tensor, k_cache: torch.Tensor, rank: int) -> str:
+        """Log (once per backend) which MLA decode kernel the model's decode steps take, and why; returns the
+        line. The choice depends only on the device, dtypes, latent shape and page size, fixed for a model."""
+        self._mla_kernel_logged = True
+        why_not = mla_gluon_skipped_because(q, k_cache, rank)
+        if why_not is None:
+            line = "MLA decode: the warp-specialised Gluon kernel (Hopper)"
+        else:
+            loads = "TMA tiles" if use_mla_tma(q, k_cache) else "pointer loads"
+            line = f"MLA decode: the Triton kernel ({loads}); not the Gluon kernel: {why_not}"
+        logger.info(line)
+        return line
 
     def write_kv(self, k_cache, v_cache, k, v, meta) -> None:
         """As `AttentionBackend.write_kv`, with K and V stored in one launch when both are given."""
@@ -64,6 +82,8 @@ class TritonAttentionBackend(AttentionBackend):
             assert q.shape[0] == meta.num_reqs, "a decode step has exactly one query per request"
             rank = mla_lora_rank(k_cache, v_cache)
             if rank is not None:
+                if not self._mla_kernel_logged:  # the first decode step: graph capture, at start-up
+                    self.log_mla_kernel(q, k_cache, rank)
                 return mla_decode_attention(q, k_cache, meta.block_tables, meta.seq_lens, scale, rank,
                                             meta.max_seq_len, tma=None)  # None: as use_mla_gluon / use_mla_tma pick
             return paged_decode_attention(
