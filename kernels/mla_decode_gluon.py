@@ -54,11 +54,22 @@ TRITON_TESTED = "3.6."  # the Triton release the kernel was written for and meas
 
 
 def mla_gluon_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> str | None:
-    """Why the Gluon MLA decode kernel cannot take these inputs, or None when it can."""
+    """Why the Gluon MLA decode kernel cannot take these inputs, or None when it can: the inputs' shapes and
+    layout first (`mla_gluon_input_problem`), then the platform (Triton release, Hopper GPU)."""
+    problem = mla_gluon_input_problem(q, kv_cache, kv_lora_rank)
+    if problem is not None:
+        return problem
     if gluon is None or not triton.__version__.startswith(TRITON_TESTED):
         return f"the Gluon kernel is written for Triton {TRITON_TESTED}x, this is Triton {triton.__version__}"
     if q.device.type != "cuda" or compute_capability(q.device) != (9, 0):
         return "the Gluon MLA kernel needs a Hopper GPU (sm_90: wgmma)"
+    return None
+
+
+def mla_gluon_input_problem(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> str | None:
+    """What about q [R, H, LORA + ROPE] and kv_cache [blocks, page, 1, LORA + ROPE] the kernel cannot take, or
+    None: 16-bit dtypes shared by both, DeepSeek's 512 + 64 latent, a page of 16, 32 or a multiple of 64 keys,
+    and evenly spaced 16-byte aligned cache rows (TMA)."""
     if q.dtype not in _GL_DTYPES or kv_cache.dtype != q.dtype:
         return f"q and kv_cache must share a 16-bit dtype (fp16/bf16), got {q.dtype} and {kv_cache.dtype}"
     if q.dim() != 3 or kv_cache.dim() != 4 or kv_cache.shape[2] != 1 or kv_cache.shape[3] != q.shape[2]:
