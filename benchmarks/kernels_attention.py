@@ -43,8 +43,8 @@ def copy_bandwidth_tbs() -> float:
 
 
 def graph_ms(fn: Callable[[], object]) -> float:
-    """Median time of one CUDA-graph replay of ``fn`` in ms: the kernels alone, as a captured decode step runs
-    them (``bench_ms`` also counts host launch time wherever it exceeds the kernel's)."""
+    """Median time of one CUDA-graph replay of ``fn`` in ms, as a captured decode step runs its kernels: no host
+    launch time (which ``bench_ms`` counts wherever it exceeds the kernels' time)."""
     import triton
 
     fn()
@@ -76,7 +76,6 @@ def _try(rows: list[dict], base: dict, fn: Callable[[], torch.Tensor], ref: torc
             row.update(time_graph_us=best_ms * 1e3, pct_copy_bw_graph=100 * nbytes / best_ms / 1e9 / copy_tbs)
         except Exception as exc:  # the eager time stands
             row["error"] = f"graph capture: {type(exc).__name__}: {str(exc)[:140]}"
-            best_ms = ms
     if flops:
         row["tflops"] = flops / best_ms / 1e9
     rows.append(row)

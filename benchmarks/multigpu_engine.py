@@ -34,24 +34,24 @@ from offline_gpu import build_checkpoint, engine_options, free, random_prompts, 
 log = logging.getLogger("multigpu_engine")
 
 
-def run(path: Path, prompts: list[list[int]], warm: list[list[int]], args, device: torch.device,
-        **options) -> dict:
+def run(path: Path, prompts: list[list[int]], warm: list[list[int]], one_token: list[list[int]], args,
+        device: torch.device, **options) -> dict:
     """One engine (one rank, or R through Ray when options ask for it) over the prompts, from a cold start, after
-    a short greedy warm-up over `warm[0]`. Also times `warm[1]` (other prompts of the same lengths, so neither
+    a short greedy warm-up over `warm`. Also times `one_token` (other prompts of the same lengths, so neither
     run finds the other's prefixes cached) with one output token each, so that the decode steps' share comes out:
     decode_ms = (full run - one-token run) / (output_len - 1), the mean step while the requests decode."""
     from moeserve import LLM
 
     llm = LLM(str(path), **engine_options(args, device), **options)
     try:
-        timed_generate(llm, warm[0], 8)
-        one_token, _ = timed_generate(llm, warm[1], 1)
+        timed_generate(llm, warm, 8)
+        one_token_s, _ = timed_generate(llm, one_token, 1)
         seconds, outs = timed_generate(llm, prompts, args.output_len)
     finally:
         llm.shutdown()
         del llm
         free(device)
-    decode_ms = (seconds - one_token) / max(args.output_len - 1, 1) * 1e3
+    decode_ms = (seconds - one_token_s) / max(args.output_len - 1, 1) * 1e3
     return dict(seconds=seconds, decode_ms=decode_ms, tokens=[o.token_ids for o in outs])
 
 
@@ -65,9 +65,9 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     prompts = random_prompts(args.num_requests, args.input_len, vocab, seed=0)
     # Warm-up, then the one-token run: as many prompts as the timed run, so its prefill and decode batch sizes
     # compile (Triton) before the clock.
-    warm = [random_prompts(args.num_requests, args.input_len, vocab, seed=seed) for seed in (999, 998)]
+    warm, one_token = (random_prompts(args.num_requests, args.input_len, vocab, seed=seed) for seed in (999, 998))
     out_tokens = args.num_requests * args.output_len
-    base = run(path, prompts, warm, args, device)
+    base = run(path, prompts, warm, one_token, args, device)
     rows = [dict(setup="1 GPU", ranks=1, seconds=base["seconds"], decode_ms=base["decode_ms"],
                  same=args.num_requests)]
     settings = [(d, tbo, graphs) for d in args.dispatchers.split(",") for tbo in args.tbo for graphs in args.graphs
@@ -77,7 +77,7 @@ def bench_model(name: str, args, device: torch.device) -> dict:
         options = dict(data_parallel_size=args.ranks, expert_parallel_size=args.ranks, moe_dispatcher=dispatcher,
                        enable_tbo=tbo, async_scheduling=args.async_scheduling, enable_cuda_graphs=graphs)
         try:
-            got = run(path, prompts, warm, args, device, **options)
+            got = run(path, prompts, warm, one_token, args, device, **options)
         except Exception as exc:  # report and go on with the next setting
             log.exception("%s %s failed", name, setup)
             rows.append(dict(setup=setup, error=repr(exc)))

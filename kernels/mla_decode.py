@@ -138,7 +138,13 @@ def mla_decode_attention(
     `mla_gluon_unsupported` gives a reason); block_n, block_h, num_warps, num_stages and tma do not apply.
     Returns [num_reqs, num_heads, kv_lora_rank] in q's dtype.
     """
-    if gluon or (tma is None and use_mla_gluon(q, kv_cache, kv_lora_rank)):
+    if gluon:
+        from moeserve.kernels.mla_decode_gluon import mla_gluon_unsupported
+
+        reason = mla_gluon_unsupported(q, kv_cache, kv_lora_rank)
+        if reason is not None:
+            raise ValueError(f"mla_decode_attention(gluon=True): {reason}")
+    if gluon or (tma is None and use_mla_gluon(q, kv_cache, kv_lora_rank)):  # use_mla_gluon checked the inputs
         return _mla_decode_gluon(q, kv_cache, block_tables, seq_lens, scale, kv_lora_rank, max_seq_len, num_splits)
     page, dk = kv_cache.shape[1], q.shape[2]
     rope = dk - kv_lora_rank
@@ -213,13 +219,9 @@ def _launch(kernel, cache_args: tuple, q: torch.Tensor, block_tables: torch.Tens
 
 def _mla_decode_gluon(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       scale: float, kv_lora_rank: int, max_seq_len: int, num_splits: int | None) -> torch.Tensor:
-    """`mla_decode_attention(..., gluon=True)`: one 64-head program per multiprocessor (it takes all of its
+    """The Gluon kernel on inputs already checked: one 64-head program per multiprocessor (it takes all of its
     shared memory), the same splits and partials as the Triton kernels."""
     from moeserve.kernels import mla_decode_gluon as mg
-
-    reason = mg.mla_gluon_unsupported(q, kv_cache, kv_lora_rank)
-    if reason is not None:
-        raise ValueError(f"mla_decode_attention(gluon=True): {reason}")
 
     def run(out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor, splits: int) -> None:
         mg.launch_mla_decode_gluon(q, kv_cache, block_tables, seq_lens, scale * LOG2E, out, part_out, part_lse,

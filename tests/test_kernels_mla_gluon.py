@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moeserve.kernels.attention_reference import make_paged_cache, mla_decode_attention_ref, rel_err
+from tests.test_kernels_mla_tma import poison_past_context
 
 BF16 = torch.bfloat16
 SCALE = 192**-0.5
@@ -17,10 +18,8 @@ SCALE = 192**-0.5
 
 def _inputs(seq_lens, heads, page=64, poison=False, seed=0):
     kv, _, bt, sl = make_paged_cache(seq_lens, page, 1, 576, None, BF16, "cuda", seed=seed)
-    if poison:  # unused slots of each request's last page: stale NaN the kernel must never read into the output
-        for i, n in enumerate(seq_lens):
-            if n % page:
-                kv[bt[i, n // page], n % page :] = float("nan")
+    if poison:
+        poison_past_context(kv, bt, seq_lens)
     q = torch.randn(len(seq_lens), heads, 576, generator=torch.Generator().manual_seed(seed)).to(BF16).cuda()
     return q, kv, bt, sl
 

@@ -17,6 +17,15 @@ from tests.interp import interp, run_interpreter_tests
 F16 = torch.float16
 
 
+def poison_past_context(kv: torch.Tensor, block_tables: torch.Tensor, seq_lens: list[int]) -> None:
+    """Fill the unused slots of each request's last page with NaN, as stale cache contents may be (a TMA tile
+    cannot be masked, so a kernel must keep them out of its output)."""
+    page = kv.shape[1]
+    for i, n in enumerate(seq_lens):
+        if n % page:
+            kv[block_tables[i, n // page], n % page :] = float("nan")
+
+
 def _run(seq_lens, page, block_n, splits, heads=16, lora=512, rope=64, dtype=F16, device="cpu", poison=False,
          scale=None, **kw) -> float:
     """Relative error of the TMA kernel against the reference on a random paged cache. poison: the unused
@@ -26,9 +35,7 @@ def _run(seq_lens, page, block_n, splits, heads=16, lora=512, rope=64, dtype=F16
 
     kv, _, bt, sl = make_paged_cache(seq_lens, page, 1, lora + rope, None, dtype, device)
     if poison:
-        for i, n in enumerate(seq_lens):
-            if n % page:
-                kv[bt[i, n // page], n % page :] = float("nan")
+        poison_past_context(kv, bt, seq_lens)
     q = torch.randn(len(seq_lens), heads, lora + rope).to(dtype).to(device)
     scale = 0.3 / rope if scale is None else scale
     out = mla_decode_attention(q, kv, bt, sl, scale, lora, max(seq_lens), num_splits=splits,

@@ -227,9 +227,9 @@ def test_entries_probe_plans_ep_cases_without_gpu(entries_probe):
             assert "heuristic" not in variants and "unsharded table" not in variants
     with_memset = probe.build_plan([("qwen3-ep8", "bf16", 512)], memset=True)[("qwen3-ep8", "bf16", 512)]
     assert {"table", "table, memset", "heuristic", "heuristic, memset"} <= set(with_memset)
-    jobs = [(k, d == "fp8", c.block_m, "whole", c) for (k, d, _), vs in plan.items() for c, _ in vs.values()]
-    unique = probe.whole_jobs((k, d == "fp8", c) for (k, d, _), vs in plan.items() for c, _ in vs.values())
-    # (what precompile gets: every config once per dtype)
+    cases = [(k, d == "fp8", c) for (k, d, _), vs in plan.items() for c, _ in vs.values()]
+    jobs = [(k, fp8, c.block_m, "whole", c) for k, fp8, c in cases]
+    unique = probe.whole_jobs(cases)  # what precompile gets: every config once per dtype
     assert sorted(map(str, {(j[1], j[4]) for j in unique})) == sorted(map(str, {(j[1], j[4]) for j in jobs}))
     assert len(unique) == len({(j[1], j[4]) for j in jobs})  # all cases share k = 8
     with pytest.raises(SystemExit, match="bad case"):
@@ -245,7 +245,7 @@ def test_entries_probe_plans_all_to_all_rows_without_gpu(entries_probe, monkeypa
     expected count (what it picked before); `make_inputs` gives such rows."""
     import importlib
 
-    from moeserve.kernels.moe_configs import get_config, lookup_tokens
+    from moeserve.kernels.moe_configs import lookup_tokens
 
     probe = entries_probe
     plan = probe.build_plan(probe.parse_cases("ep-a2a"), memset=False)
@@ -254,9 +254,7 @@ def test_entries_probe_plans_all_to_all_rows_without_gpu(entries_probe, monkeypa
         s = probe.SHAPES[key]
         assert s.rows == "all_to_all"
         assert probe.expected_rows(s, m) < m
-        rows_key = get_config(probe.expected_rows(s, m), s.num_experts, s.hidden, s.inter, s.top_k, False,
-                              global_experts=s.global_experts)
-        assert variants["keyed on rows"] == (rows_key, False)
+        assert variants["keyed on rows"] == (s.table_config(probe.expected_rows(s, m), False), False)
         # The entry the code picks for the expected choices (m * k * E_local / E) is the table entry.
         choices = m * s.top_k * s.num_experts // s.global_experts
         assert lookup_tokens(choices, s.top_k, s.num_experts, s.global_experts) == m
