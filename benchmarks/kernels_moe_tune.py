@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import wait
 
 import torch
@@ -287,11 +288,11 @@ def pairs_candidates() -> dict[str, MoEConfig]:
             for gu, dn in _PAIRS_TILES}
 
 
-def tune_pairs(shape, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple[MoEConfig, dict]:
-    """Whole-call graph timing of the aligned winner against the pairs path; returns the faster config."""
-    inputs, _ = _tune_inputs(shape, m, make_inputs)
+def _fastest_whole(w: dict, inputs: list, candidates: list[MoEConfig]) -> tuple[MoEConfig, dict]:
+    """The candidate with the shortest whole-call graph time over inputs (one that fails is skipped), and the
+    timings by config."""
     timed, log = [], {}
-    for cfg in [aligned, *pairs_candidates().values()]:
+    for cfg in candidates:
         try:
             us = _whole_us(w, inputs, cfg, rep=20)
         except Exception as exc:  # noqa: BLE001 - an unfit tile is skipped
@@ -300,6 +301,28 @@ def tune_pairs(shape, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple
         log[f"whole {cfg}"] = round(us, 2)
         timed.append((us, cfg))
     return min(timed, key=lambda t: t[0])[1], log
+
+
+def tune_pairs(shape, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple[MoEConfig, dict]:
+    """Whole-call graph timing of the aligned winner against the pairs path; returns the faster config."""
+    inputs, _ = _tune_inputs(shape, m, make_inputs)
+    return _fastest_whole(w, inputs, [aligned, *pairs_candidates().values()])
+
+
+def short_candidates(cfg: MoEConfig) -> list[MoEConfig]:
+    """cfg with the other choices of short tiles (`GemmConfig.short_m`, both GEMMs alike): none, block_m/2 or
+    block_m/4 rows (at least 16); none for the pairs path."""
+    if cfg.pairs:
+        return []
+    return [replace(cfg, gate_up=replace(cfg.gate_up, short_m=sm), down=replace(cfg.down, short_m=sm))
+            for sm in (0, cfg.block_m // 2, cfg.block_m // 4)
+            if (sm == 0 or sm >= 16) and (sm, sm) != (cfg.gate_up.short_m, cfg.down.short_m)]
+
+
+def tune_short(shape, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple[MoEConfig, dict]:
+    """Whole-call graph timing of the aligned winner with and without short tiles; returns the fastest."""
+    inputs, _ = _tune_inputs(shape, m, make_inputs)
+    return _fastest_whole(w, inputs, [aligned, *short_candidates(aligned)])
 
 
 def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_inputs) -> dict:
@@ -327,6 +350,8 @@ def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_
         table = {}
         for m in ms:
             cfg, log = tune_case(shape, fp8, m, w, make_inputs)
+            cfg, short_log = tune_short(shape, m, w, make_inputs, cfg)
+            log.update(short_log)
             if m * shape.top_k <= PAIRS_MAX_PAIRS:
                 cfg, pairs_log = tune_pairs(shape, m, w, make_inputs, cfg)
                 log.update(pairs_log)

@@ -1,7 +1,8 @@
 """Fused-MoE table entries against their neighbours' tiles and nearby tiles; optionally the count + scatter align
 with the memset launch that zeroed its scratch before session 7.
 
-    python benchmarks/moe_entries_probe.py [--cases default|ep|qwen3:bf16:512,...] [--memset] [--out F.json]
+    python benchmarks/moe_entries_probe.py [--cases default|ep|short|qwen3:bf16:512,...] [--memset] [--short]
+        [--out F.json]
 
 A case is shape key:dtype:M (shape keys of `kernels.SHAPES`); `--cases default` is CASES, `--cases ep` is
 EP_CASES: one Qwen3-30B-A3B rank at expert parallelism 2/4/8 (64/32/16 of 128 experts, all-gather rows).
@@ -34,7 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from kernels_moe_tune import alternate_us, precompile, roofline_us, whole_jobs  # noqa: E402
+from kernels_moe_tune import alternate_us, precompile, roofline_us, short_candidates, whole_jobs  # noqa: E402
 
 from kernels import SHAPES, MoEShape, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 from moeserve.kernels.moe_configs import GemmConfig as G  # noqa: E402
@@ -58,7 +59,12 @@ EP_CASES = ("qwen3-ep2:bf16:256,qwen3-ep2:bf16:1024,qwen3-ep2:bf16:4096,"
             "qwen3-ep8:bf16:512,qwen3-ep8:bf16:2048,qwen3-ep8:bf16:8192,qwen3-ep8:fp8:2048")
 EP_A2A_CASES = ("qwen3-ep8-a2a:bf16:256,qwen3-ep8-a2a:bf16:512,qwen3-ep8-a2a:bf16:1024,"
                 "qwen3-ep4-a2a:bf16:256,qwen3-ep4-a2a:bf16:1024")
-CASE_SETS = {"default": CASES, "ep": EP_CASES, "ep-a2a": EP_A2A_CASES}
+# Where an expert's last 64- or 128-row block is often mostly padding (pairs per expert near a block multiple),
+# then sizes between table entries, where a block fills half its rows or less.
+SHORT_CASES = ("qwen3:bf16:2048,mixtral:bf16:512,qwen3:fp8:2048,mixtral:fp8:512,deepseek:bf16:2048,"
+               "deepseek:bf16:8192,qwen3:bf16:8192,mixtral:bf16:2048,qwen3:bf16:512,qwen3:fp8:512,"
+               "qwen3:bf16:256,qwen3:bf16:1024,qwen3:bf16:4096,deepseek:bf16:1024,mixtral:bf16:256,mixtral:bf16:1024")
+CASE_SETS = {"default": CASES, "ep": EP_CASES, "ep-a2a": EP_A2A_CASES, "short": SHORT_CASES}
 _BM16 = MoEConfig(16, G(32, 256, 1, 4, 3), G(128, 128, 1, 4, 3))  # the bf16 table's M=128 entry
 _BM32 = MoEConfig(32, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 3))  # its M=256 entry (M=512 before session 7)
 _BM64 = MoEConfig(64, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 4))  # its M=512 entry
@@ -111,13 +117,15 @@ def expected_rows(s: MoEShape, m: int) -> int:
     return max(1, round(m * (1 - none_here)))
 
 
-def _variants(shape_key: str, dtype: str, m: int, memset: bool) -> dict[str, tuple[MoEConfig, bool]]:
+def _variants(shape_key: str, dtype: str, m: int, memset: bool, short: bool) -> dict[str, tuple[MoEConfig, bool]]:
     """label -> (config, align scratch zeroed by a memset launch) for a case: its table entry, EXTRA's configs
     and, for a rank holding a share of the experts of a model with an unsharded table: "heuristic" (the
     `default_config` pick for the local count) and, once the rank has a table of its own, "unsharded table"
     (the global count's entry, which `get_config` takes where the local table is missing)."""
     s, fp8 = SHAPES[shape_key], dtype == "fp8"
     configs = {"table": s.table_config(m, fp8), **EXTRA.get(f"{shape_key}:{dtype}:{m}", {})}
+    if short:
+        configs.update({f"short_m {c.gate_up.short_m}": c for c in short_candidates(configs["table"])})
     if s.rows == "all_to_all":
         configs["keyed on rows"] = s.table_config(expected_rows(s, m), fp8)
     if s.num_experts != s.global_experts and load_table(table_name(s.global_experts, s.hidden, s.inter, fp8)):
@@ -132,9 +140,10 @@ def _variants(shape_key: str, dtype: str, m: int, memset: bool) -> dict[str, tup
     return out
 
 
-def build_plan(cases: list[tuple[str, str, int]], memset: bool) -> dict[tuple[str, str, int], dict]:
+def build_plan(cases: list[tuple[str, str, int]], memset: bool,
+               short: bool = False) -> dict[tuple[str, str, int], dict]:
     """(shape key, dtype, M) -> `_variants`; no GPU needed."""
-    return {(key, dtype, m): _variants(key, dtype, m, memset) for key, dtype, m in cases}
+    return {(key, dtype, m): _variants(key, dtype, m, memset, short) for key, dtype, m in cases}
 
 
 def _time_case(key: str, dtype: str, m: int, variants: dict[str, tuple[MoEConfig, bool]],
@@ -170,12 +179,13 @@ def _time_case(key: str, dtype: str, m: int, variants: dict[str, tuple[MoEConfig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="default",
-                        help="default (CASES), ep (EP_CASES), ep-a2a (EP_A2A_CASES) or a comma list of "
-                             "shape key:dtype:M")
+                        help="default (CASES), ep (EP_CASES), ep-a2a (EP_A2A_CASES), short (SHORT_CASES) or a "
+                             "comma list of shape key:dtype:M")
     parser.add_argument("--memset", action="store_true", help="also time each variant with the memset align")
+    parser.add_argument("--short", action="store_true", help="also time each table entry with short tiles")
     parser.add_argument("--out", default="benchmarks/out/moe_entries.json")
     args = parser.parse_args()
-    plan = build_plan(parse_cases(args.cases), args.memset)
+    plan = build_plan(parse_cases(args.cases), args.memset, args.short)
     t0 = time.time()
     # A memset variant runs its config's kernels: whole_jobs keeps one job per compiled kernel.
     errors = precompile(whole_jobs((key, dtype == "fp8", cfg)

@@ -38,6 +38,7 @@ from .moe_tiles import (
     act_quant_meta,
     block_pairs,
     down_acc,
+    fitting_tile,
     fp8_act,
     gate_up_acc,
     gate_up_scales,
@@ -55,18 +56,32 @@ from .pdl import launch_kwargs, pdl_enter
 def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_expert_ptr,
                     block_rows_ptr, max_blocks, K, INTER, top_k,
                     stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse, stride_wsn,
-                    FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                    FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                     EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
                     USE_PDL: tl.constexpr):
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block
-    (QUANT_ACT: fp8 with scales in as, see `store_act`)."""
+    (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M: `GemmConfig.short_m`."""
     pdl_enter(USE_PDL)
     pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M)
+    fitting_tile(_gate_up_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr,
+                                  pid_m, pid_n, expert, K, INTER, top_k, stride_xm, stride_we, stride_wn,
+                                  stride_am, stride_asm, stride_xsm, stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M,
+                                  BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, QUANT_ACT, ROUND_DTYPE),
+                 block_rows_ptr + pid_m, BLOCK_M, SHORT_M)
+
+
+@triton.jit
+def _gate_up_block(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, pid_m, pid_n,
+                   expert, K, INTER, top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm,
+                   stride_wse, stride_wsn, FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                   QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, ROWS: tl.constexpr):
+    """`_gate_up_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them)."""
+    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
     token = pair // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if EVEN_N:
@@ -75,28 +90,41 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, b
         offs_nw = offs_n % INTER  # in-bounds weight rows; the extra columns are never stored
     acc_g, acc_u = gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
                                stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
-                               FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                               FP8, QBLOCK, ROWS, BLOCK_N, BLOCK_K, EVEN_K)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # every slot, padding too: down reads whole blocks
-    store_act(act_ptr, as_ptr, act, slots, tl.full([BLOCK_M], True, tl.int1), pid_n, offs_n, stride_am,
-              stride_asm, INTER, BLOCK_M, BLOCK_N, EVEN_N, QUANT_ACT, ROUND_DTYPE)
+    slots = pid_m * BLOCK_M + tl.arange(0, ROWS)  # every slot, padding too: down reads whole tiles
+    store_act(act_ptr, as_ptr, act, slots, tl.full([ROWS], True, tl.int1), pid_n, offs_n, stride_am,
+              stride_asm, INTER, ROWS, BLOCK_N, EVEN_N, QUANT_ACT, ROUND_DTYPE)
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
 def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr,
                  block_rows_ptr, max_blocks, N, K,
                  stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
-                 FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                 USE_PDL: tl.constexpr):
-    """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block."""
+                 FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                 EVEN_N: tl.constexpr, USE_PDL: tl.constexpr):
+    """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block.
+    SHORT_M: `GemmConfig.short_m`."""
     pdl_enter(USE_PDL)
     pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M)
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    fitting_tile(_down_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr,
+                               pid_m, pid_n, expert, N, K, stride_am, stride_we, stride_wn, stride_ym, stride_asm,
+                               stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N),
+                 block_rows_ptr + pid_m, BLOCK_M, SHORT_M)
+
+
+@triton.jit
+def _down_block(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, pid_m, pid_n,
+                expert, N, K, stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
+                FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ROWS: tl.constexpr):
+    """`_down_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them)."""
+    pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
+    slots = pid_m * BLOCK_M + tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if EVEN_N:
         offs_nw = offs_n
@@ -104,7 +132,7 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
         offs_nw = offs_n % N
     acc = down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, slots, expert, offs_nw, K, tl.cdiv(K, BLOCK_K),
                    stride_am, stride_we, stride_wn, stride_asm, stride_wse, stride_wsn,
-                   FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                   FP8, QBLOCK, ROWS, BLOCK_N, BLOCK_K, EVEN_K)
     store_down(y_ptr, acc, topk_w_ptr, pair, row_ok, offs_n, stride_ym, N)
 
 
@@ -147,6 +175,7 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: 
                           routing.block_rows, routing.max_blocks, hidden_size, inter, top_k,
                           x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0),
                           xs.stride(0), ws.stride(0), ws.stride(1), **act_quant_meta(act_scale, out_dtype),
+                          SHORT_M=cfg.short_m,
                           **ptr_gemm_meta(cfg, routing.block_m, inter, hidden_size, fp8, x.device))
     return act
 
@@ -167,7 +196,8 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
     _down_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
                        routing.block_rows, routing.max_blocks, hidden_size, inter,
                        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0), as_.stride(0), ws.stride(0),
-                       ws.stride(1), **ptr_gemm_meta(cfg, routing.block_m, hidden_size, inter, fp8, act.device))
+                       ws.stride(1), SHORT_M=cfg.short_m,
+                       **ptr_gemm_meta(cfg, routing.block_m, hidden_size, inter, fp8, act.device))
     return y
 
 

@@ -31,6 +31,7 @@ from .moe_configs import GemmConfig
 from .moe_tiles import (
     act_quant_meta,
     block_pairs,
+    fitting_tile,
     gate_up_scales,
     gemm_meta,
     operand_scales,
@@ -82,7 +83,7 @@ def _gather_rows_kernel(x_ptr, out_ptr, sorted_ptr, block_expert_ptr, block_rows
     pid_m = tl.program_id(0)
     if tl.load(block_expert_ptr + pid_m) < 0:
         return
-    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M)
+    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, BLOCK_M)
     token = pair // top_k
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h[None, :] < H
@@ -96,8 +97,8 @@ def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_pt
                         block_rows_ptr, max_blocks, num_slots, num_experts, K, INTER, top_k,
                         stride_xm, stride_am, stride_asm, stride_xsm, stride_wse, stride_wsn,
                         GATHERED: tl.constexpr, FP8: tl.constexpr, QBLOCK: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, WS: tl.constexpr, QUANT_ACT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WS: tl.constexpr, QUANT_ACT: tl.constexpr,
                         ROUND_DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
     """As `fused_moe._gate_up_kernel`; x is [num_slots, K] in slot order when GATHERED, else [M, K]."""
     pdl_enter(USE_PDL)
@@ -105,19 +106,33 @@ def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_pt
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M)
+    fitting_tile(_gate_up_tma_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr,
+                                      pid_m, pid_n, expert, num_slots, num_experts, K, INTER, top_k, stride_xm,
+                                      stride_am, stride_asm, stride_xsm, stride_wse, stride_wsn, GATHERED, FP8,
+                                      QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, WS, QUANT_ACT, ROUND_DTYPE),
+                 block_rows_ptr + pid_m, BLOCK_M, SHORT_M)
+
+
+@triton.jit
+def _gate_up_tma_block(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, pid_m, pid_n,
+                       expert, num_slots, num_experts, K, INTER, top_k, stride_xm, stride_am, stride_asm,
+                       stride_xsm, stride_wse, stride_wsn, GATHERED: tl.constexpr, FP8: tl.constexpr,
+                       QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       WS: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, ROWS: tl.constexpr):
+    """`_gate_up_tma_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them)."""
+    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
     token = pair // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * 2 * INTER, K], strides=[K, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
     if GATHERED:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[num_slots, K], strides=[stride_xm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
+                                           block_shape=[ROWS, BLOCK_K])
     else:
         a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     g_row = expert * 2 * INTER + pid_n * BLOCK_N
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for kk in tl.range(0, K // BLOCK_K, warp_specialize=WS):
         k0 = kk * BLOCK_K
         if GATHERED:
@@ -138,31 +153,44 @@ def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_pt
             acc_g = tl.dot(a, g.T, acc_g)
             acc_u = tl.dot(a, u.T, acc_u)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # every slot, padding too: down reads whole blocks
-    store_act(act_ptr, as_ptr, act, slots, tl.full([BLOCK_M], True, tl.int1), pid_n, offs_n, stride_am,
-              stride_asm, INTER, BLOCK_M, BLOCK_N, True, QUANT_ACT, ROUND_DTYPE)
+    slots = pid_m * BLOCK_M + tl.arange(0, ROWS)  # every slot, padding too: down reads whole tiles
+    store_act(act_ptr, as_ptr, act, slots, tl.full([ROWS], True, tl.int1), pid_n, offs_n, stride_am,
+              stride_asm, INTER, ROWS, BLOCK_N, True, QUANT_ACT, ROUND_DTYPE)
 
 
 @triton.jit(do_not_specialize=["max_blocks", "num_slots", "num_experts"])
 def _down_tma_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr,
                      block_rows_ptr, max_blocks, num_slots, num_experts, N, K,
                      stride_am, stride_ym, stride_asm, stride_wse, stride_wsn,
-                     FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WS: tl.constexpr, USE_PDL: tl.constexpr):
+                     FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WS: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     """As `fused_moe._down_kernel`, both operands by TMA."""
     pdl_enter(USE_PDL)
     pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M)
-    slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    fitting_tile(_down_tma_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr,
+                                   pid_m, pid_n, expert, num_slots, num_experts, N, K, stride_am, stride_ym,
+                                   stride_asm, stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, WS),
+                 block_rows_ptr + pid_m, BLOCK_M, SHORT_M)
+
+
+@triton.jit
+def _down_tma_block(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, pid_m, pid_n,
+                    expert, num_slots, num_experts, N, K, stride_am, stride_ym, stride_asm, stride_wse, stride_wsn,
+                    FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, WS: tl.constexpr, ROWS: tl.constexpr):
+    """`_down_tma_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them)."""
+    pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
+    slots = pid_m * BLOCK_M + tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     a_desc = tl.make_tensor_descriptor(act_ptr, shape=[num_slots, K], strides=[stride_am, 1],
-                                       block_shape=[BLOCK_M, BLOCK_K])
+                                       block_shape=[ROWS, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * N, K], strides=[K, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for kk in tl.range(0, K // BLOCK_K, warp_specialize=WS):
         k0 = kk * BLOCK_K
         a = a_desc.load([pid_m * BLOCK_M, k0])
@@ -203,7 +231,7 @@ def gate_up_tma(x, w13, act, routing, top_k: int, cfg: GemmConfig, round_dtype: 
                               routing.block_rows, routing.max_blocks, xin.shape[0], num_experts, hidden_size,
                               two_i // 2, top_k, xin.stride(0), act.stride(0), as_.stride(0), xs.stride(0),
                               ws.stride(0), ws.stride(1), GATHERED=gathered, WS=cfg.warp_specialize,
-                              **act_quant_meta(act_scale, round_dtype),
+                              SHORT_M=cfg.short_m, **act_quant_meta(act_scale, round_dtype),
                               **gemm_meta(cfg, routing.block_m, fp8, x.device))
 
 
@@ -217,4 +245,5 @@ def down_tma(act, w2, y, topk_weights, routing, cfg: GemmConfig, act_scale=None,
     _down_tma_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
                            routing.block_rows, routing.max_blocks, act.shape[0], num_experts, hidden_size,
                            inter, act.stride(0), y.stride(0), as_.stride(0), ws.stride(0), ws.stride(1),
-                           WS=cfg.warp_specialize, **gemm_meta(cfg, routing.block_m, fp8, act.device))
+                           WS=cfg.warp_specialize, SHORT_M=cfg.short_m,
+                           **gemm_meta(cfg, routing.block_m, fp8, act.device))

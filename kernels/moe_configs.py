@@ -30,7 +30,12 @@ class GemmConfig:
     loads (aligned path only; `moeserve.kernels.fused_moe_tma`): "ptr" = every tile by pointer loads; "tma" =
     weight tiles (and down's activation tiles) by TMA, gate/up's token rows by pointer gather; "tma_gathered" =
     as "tma", with gate/up's token rows first copied into slot order so they come by TMA too.
-    warp_specialize: with TMA loads, let Triton split the k loop into producer and consumer warps."""
+    warp_specialize: with TMA loads, let Triton split the k loop into producer and consumer warps.
+    short_m (aligned path only): the smallest of the tile heights a block may run, block_m / 2 or block_m / 4
+    (at least 16 rows), or 0 = every block runs block_m rows. A block runs the smallest of short_m,
+    2 * short_m (below block_m) and block_m that holds its valid rows, so an expert's last, mostly padding
+    block costs a fraction of the MMA work. The kernel is built with each height and picks one per block at
+    run time (`moe_tiles.fitting_tile`)."""
 
     block_n: int
     block_k: int
@@ -39,6 +44,7 @@ class GemmConfig:
     num_stages: int = 4
     loads: str = "ptr"
     warp_specialize: bool = False
+    short_m: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,6 +75,11 @@ class MoEConfig:
             if g.loads not in LOADS or (g.warp_specialize and g.loads == "ptr"):
                 raise ValueError(f"{name}.loads must be one of {LOADS} (warp_specialize needs TMA), got "
                                  f"{g.loads!r} with warp_specialize={g.warp_specialize}")
+            shorts = [h for h in (self.block_m // 2, self.block_m // 4) if h >= 16]
+            if g.short_m and (g.short_m not in shorts or self.pairs):
+                raise ValueError(f"{name}.short_m must be 0 or one of {shorts} (block_m / 2 or / 4, at least 16), "
+                                 f"on the aligned path only; got {g.short_m} with block_m {self.block_m}, "
+                                 f"pairs={self.pairs!r}")
         if self.pairs and (self.gate_up.loads != "ptr" or self.down.loads != "ptr"):
             raise ValueError("the pairs path loads by pointer only (loads='ptr')")
         if self.pairs not in PAIRS_MODES:
@@ -140,6 +151,11 @@ def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, t
     else:
         gate_up = GemmConfig(64 if not fp8 else 128, bk, 8, 8, 4 if not fp8 else 3)
         down = GemmConfig(128, bk, 8, 8, 4 if not fp8 else 3)
+    if bm >= 64 and not fp8:
+        # Tiles of block_m/4 and block_m/2 rows for experts' mostly-padding last blocks: in bf16 the best or
+        # within 1% of it at every H100 table entry measured; fp8 gained at one entry and lost at another
+        # (benchmarks/RESULTS.md).
+        gate_up, down = replace(gate_up, short_m=bm // 4), replace(down, short_m=bm // 4)
     return MoEConfig(bm, gate_up, down)
 
 

@@ -97,10 +97,24 @@ def tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M: tl.constexpr):
-    """(pair, row_ok) of block pid_m's BLOCK_M slots: the flat pair index m*top_k+j of each valid slot (0 for
-    padding slots, so they read token 0: finite values whose results are never stored) and which are valid."""
-    offs_r = tl.arange(0, BLOCK_M)
+def fitting_tile(block_fn: tl.constexpr, args, rows_ptr, BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr):
+    """block_fn(*args, ROWS) over the smallest tile height ROWS that holds the block's valid rows (*rows_ptr):
+    SHORT_M, 2 * SHORT_M while below BLOCK_M, else BLOCK_M (`GemmConfig.short_m`). SHORT_M = 0 is a
+    compile-time False: only the BLOCK_M tile is built, and the row count is not read."""
+    if SHORT_M and tl.load(rows_ptr) <= SHORT_M:
+        block_fn(*args, SHORT_M)
+    elif SHORT_M and 2 * SHORT_M < BLOCK_M and tl.load(rows_ptr) <= 2 * SHORT_M:
+        block_fn(*args, 2 * SHORT_M)
+    else:
+        block_fn(*args, BLOCK_M)
+
+
+@triton.jit
+def block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """(pair, row_ok) of the first ROWS of block pid_m's BLOCK_M slots: the flat pair index m*top_k+j of each
+    valid slot (0 for padding slots, so they read token 0: finite values whose results are never stored) and
+    which are valid."""
+    offs_r = tl.arange(0, ROWS)
     row_ok = offs_r < tl.load(block_rows_ptr + pid_m)
     return tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=row_ok, other=0), row_ok
 

@@ -12,6 +12,7 @@ Three groups:
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -196,6 +197,25 @@ def entries_probe(monkeypatch):
         for n in names:
             sys.modules.pop(n, None)
         sys.modules.update(saved)
+
+
+def test_entries_probe_short_variants_are_the_other_short_tiles(entries_probe):
+    """`--short`: each aligned table entry is timed beside the same tiles with the other short_m choices (none,
+    block_m/2, block_m/4 of at least 16 rows); the pairs path gets none."""
+    plan = entries_probe.build_plan(entries_probe.parse_cases("short") + [("qwen3", "bf16", 1)], memset=False,
+                                    short=True)
+    for (key, dtype, m), variants in plan.items():
+        table = variants["table"][0]
+        shorts = {label: cfg for label, (cfg, _) in variants.items() if label.startswith("short_m")}
+        if table.pairs:
+            assert not shorts
+            continue
+        want = {sm for sm in (0, table.block_m // 2, table.block_m // 4) if sm in (0,) or sm >= 16}
+        assert {c.gate_up.short_m for c in shorts.values()} | {table.gate_up.short_m} == want, (key, dtype, m)
+        for cfg in shorts.values():
+            assert cfg.down.short_m == cfg.gate_up.short_m
+            assert cfg == replace(table, gate_up=replace(table.gate_up, short_m=cfg.gate_up.short_m),
+                                  down=replace(table.down, short_m=cfg.down.short_m))
 
 
 def test_entries_probe_plans_ep_cases_without_gpu(entries_probe):
@@ -544,6 +564,69 @@ def test_interp_fp8_tma_loads_match_quantised_reference(loads):
     assert rel_err(out, moe_reference(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)) < 1e-4
 
 
+def routing_with_counts(counts: list[int], drop: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_weights [M, 1] float32, topk_ids [M, 1] int32 in shuffled order: expert e chosen counts[e] times,
+    plus drop choices of -1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([e for e, c in enumerate(counts) for _ in range(c)] + [-1] * drop, dtype=torch.int32)
+    ids = ids[torch.randperm(len(ids), generator=g)][:, None]
+    return torch.rand(len(ids), 1, generator=g) + 0.1, ids
+
+
+def tile_heights(ids: torch.Tensor, num_experts: int, block_m: int, short_m: int) -> list[int]:
+    """The tile height each used block of ids' aligned layout runs (`GemmConfig.short_m`)."""
+    counts = torch.bincount(ids[(ids >= 0) & (ids < num_experts)].long(), minlength=num_experts).tolist()
+    rows = [r for c in counts for r in [block_m] * (c // block_m) + ([c % block_m] if c % block_m else [])]
+    heights = [h for h in (short_m, 2 * short_m) if short_m and h < block_m] + [block_m]
+    return [next(h for h in heights if r <= h) for r in rows]
+
+
+# Expert row counts that give blocks of every height at block_m 64, short_m 16: 12 -> 16, 28 -> 32, 50 -> 64,
+# 75 -> 64 + 16.
+SHORT_COUNTS = [12, 28, 50, 75]
+
+
+@interp
+@pytest.mark.parametrize("loads,dtype", [("ptr", torch.float32), ("ptr", torch.float16), ("tma", torch.float16),
+                                         ("tma_gathered", torch.float32)])
+def test_interp_short_tiles_match_reference(loads, dtype):
+    """short_m 16 (tiles of 16, 32 and 64 rows) and 32 (32 and 64) at block_m 64, in each GEMM alone and in
+    both: every height runs in one call."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
+
+    tw, ids = routing_with_counts(SHORT_COUNTS)
+    x, w13, w2, _, _ = random_moe(len(ids), 64, 32, len(SHORT_COUNTS), 1, dtype, seed=1)
+    assert set(tile_heights(ids, 4, 64, 16)) == {16, 32, 64} and set(tile_heights(ids, 4, 64, 32)) == {32, 64}
+    ref = moe_reference(x.double(), w13.double(), w2.double(), tw, ids)
+    for gate_up_short, down_short in ((16, 16), (32, 32), (16, 0), (0, 32)):
+        cfg = MoEConfig(64, GemmConfig(16, 32, 2, 4, 2, loads, short_m=gate_up_short),
+                        GemmConfig(32, 32, 2, 4, 2, loads, short_m=down_short))
+        out = fused_moe(x, w13, w2, tw, ids, config=cfg)
+        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3), (gate_up_short, down_short)
+
+
+@interp
+def test_interp_fp8_short_tiles_match_quantised_reference():
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
+    from moeserve.kernels.fp8 import quant_weight_block_fp8
+
+    tw, ids = routing_with_counts(SHORT_COUNTS, seed=2)
+    x, w13, w2, _, _ = random_moe(len(ids), 256, 128, len(SHORT_COUNTS), 1, torch.float32, seed=2)
+    (q13, s13), (q2, s2) = quant_weight_block_fp8(w13), quant_weight_block_fp8(w2)
+    cfg = MoEConfig(64, GemmConfig(128, 64, 2, 4, 2, short_m=16), GemmConfig(64, 128, 2, 4, 2, short_m=16))
+    out = fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, config=cfg)
+    assert rel_err(out, moe_reference(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)) < 1e-4
+
+
+@pytest.mark.parametrize("short_m,block_m,pairs", [(8, 32, ""), (24, 32, ""), (32, 32, ""), (16, 128, ""),
+                                                   (16, 32, "pair")])
+def test_config_rejects_short_tiles_it_cannot_build(short_m, block_m, pairs):
+    from moeserve.kernels import GemmConfig, MoEConfig
+
+    with pytest.raises(ValueError, match=r"short_m must be 0 or one of \[.*\] \(block_m / 2 or / 4"):
+        MoEConfig(block_m, GemmConfig(32, 64, short_m=short_m), GemmConfig(32, 64), pairs=pairs)
+
+
 FUSED_QUANT_CASES = {
     # id: (I, gate_up and down loads, pairs, gate_up (block_n, block_k)); H = 256, down tile (64, 128)
     "ptr_n128": (256, "ptr", "", (128, 64)),
@@ -778,3 +861,29 @@ def test_gpu_tma_loads_match_reference(name, fp8, loads, ws):
     out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
     ref = _target_ref(x, w13, w2, tw, ids, scales)
     assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("loads", ["ptr", "tma_gathered"])
+def test_gpu_short_tiles_match_reference(name, fp8, loads):
+    """short_m of block_m/2 and block_m/4 at the target shapes, on a routing skewed across experts so that
+    tiles of every height run in each call."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+
+    e, routed, k, _, _ = TARGETS[name]
+    bm, bk, stages = (64, 128, 3) if fp8 else (128, 64, 4)
+    x, w13, w2, tw, _, scales = _target_inputs(name, bm * routed // k, fp8, seed=17)
+    g = torch.Generator().manual_seed(0)
+    bias = torch.linspace(0.2, 1.0, routed)[torch.randperm(routed, generator=g)]  # popular and rare experts
+    ids = (torch.rand(x.shape[0], routed, generator=g) * bias).topk(k, dim=1).indices
+    ids = torch.where(ids < e, ids, -1).to(torch.int32)
+    assert set(tile_heights(ids, e, bm, bm // 4)) == {bm // 4, bm // 2, bm}
+    ids = ids.cuda()
+    ref = _target_ref(x, w13, w2, tw, ids, scales)
+    for short_m in (bm // 2, bm // 4):
+        cfg = MoEConfig(bm, GemmConfig(128, bk, 8, 8, stages, loads, short_m=short_m),
+                        GemmConfig(128, bk, 8, 8, stages, loads, short_m=short_m))
+        out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
+        assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2), short_m
