@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,6 +91,17 @@ EXTRA = {
         "down 8 warps": MoEConfig(64, _FP8["gu"], G(128, 128, 8, 8, 4)),
     },
 }
+_MIX128 = MoEConfig(64, G(64, 128, 8, 8, 3), G(128, 128, 8, 8, 3))  # the Mixtral bf16 table's M=128 entry
+
+
+def _both_short(cfg: MoEConfig, short_m: int) -> MoEConfig:
+    return replace(cfg, gate_up=replace(cfg.gate_up, short_m=short_m), down=replace(cfg.down, short_m=short_m))
+
+
+# Mixtral bf16 M=256 and 384 (served by the M=512 entry): block_m 64 tiles with short tiles.
+EXTRA.update({f"mixtral:bf16:{m}": {"M=128 entry (block_m 64)": _MIX128,
+                                    "M=128 entry, short_m 16": _both_short(_MIX128, 16),
+                                    "M=128 entry, short_m 32": _both_short(_MIX128, 32)} for m in (256, 384)})
 REPEATS = 3
 _counters = align_mod.completion_counters
 
