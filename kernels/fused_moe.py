@@ -36,6 +36,7 @@ from .moe_align import AlignedRouting, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config, lookup_tokens
 from .moe_tiles import (
     act_quant_meta,
+    block_of,
     block_pairs,
     down_acc,
     fitting_tile,
@@ -47,7 +48,6 @@ from .moe_tiles import (
     ptr_gemm_meta,
     store_act,
     store_down,
-    tile_of,
 )
 from .pdl import launch_kwargs, pdl_enter
 
@@ -63,8 +63,7 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, b
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block
     (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M: `GemmConfig.short_m`."""
     pdl_enter(USE_PDL)
-    pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + pid_m)
+    pid_m, pid_n, expert = block_of(block_expert_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
     if expert < 0:
         return
     fitting_tile(_gate_up_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr,
@@ -107,8 +106,7 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
     """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block.
     SHORT_M: `GemmConfig.short_m`."""
     pdl_enter(USE_PDL)
-    pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + pid_m)
+    pid_m, pid_n, expert = block_of(block_expert_ptr, max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     if expert < 0:
         return
     fitting_tile(_down_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr,

@@ -30,6 +30,7 @@ from .device import compute_capability
 from .moe_configs import GemmConfig
 from .moe_tiles import (
     act_quant_meta,
+    block_of,
     block_pairs,
     fitting_tile,
     gate_up_scales,
@@ -37,7 +38,6 @@ from .moe_tiles import (
     operand_scales,
     store_act,
     store_down,
-    tile_of,
 )
 from .pdl import launch_kwargs, pdl_enter
 
@@ -102,8 +102,7 @@ def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_pt
                         ROUND_DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
     """As `fused_moe._gate_up_kernel`; x is [num_slots, K] in slot order when GATHERED, else [M, K]."""
     pdl_enter(USE_PDL)
-    pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + pid_m)
+    pid_m, pid_n, expert = block_of(block_expert_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
     if expert < 0:
         return
     fitting_tile(_gate_up_tma_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr,
@@ -167,8 +166,7 @@ def _down_tma_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_p
                      USE_PDL: tl.constexpr):
     """As `fused_moe._down_kernel`, both operands by TMA."""
     pdl_enter(USE_PDL)
-    pid_m, pid_n = tile_of(tl.program_id(0), max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + pid_m)
+    pid_m, pid_n, expert = block_of(block_expert_ptr, max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     if expert < 0:
         return
     fitting_tile(_down_tma_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr,

@@ -87,13 +87,15 @@ def new_act(rows: int, inter: int, out_dtype: torch.dtype, act_scale: torch.Tens
 
 
 @triton.jit
-def tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """(block, N tile) of program pid in grouped order: GROUP_M consecutive blocks (mostly one expert) share
-    each weight tile while it is in L2."""
+def block_of(block_expert_ptr, num_m, num_n, GROUP_M: tl.constexpr):
+    """(block, N tile, expert) of this program in grouped order: GROUP_M consecutive blocks (mostly one expert)
+    share each weight tile while it is in L2. expert < 0: the block holds no pairs."""
+    pid = tl.program_id(0)
     width = GROUP_M * num_n
     first_m = (pid // width) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % width) % size_m, (pid % width) // size_m
+    pid_m = first_m + (pid % width) % size_m
+    return pid_m, (pid % width) // size_m, tl.load(block_expert_ptr + pid_m)
 
 
 @triton.jit
