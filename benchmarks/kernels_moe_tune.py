@@ -31,7 +31,14 @@ import triton.testing
 from moeserve.kernels.fp8 import per_token_group_quant_fp8
 from moeserve.kernels.fused_moe import down, fused_moe, gate_up
 from moeserve.kernels.moe_align import moe_align
-from moeserve.kernels.moe_configs import CONFIG_DIR, GemmConfig, MoEConfig, save_table, table_name
+from moeserve.kernels.moe_configs import (
+    CONFIG_DIR,
+    GemmConfig,
+    MoEConfig,
+    save_table,
+    short_heights,
+    table_name,
+)
 
 G = GemmConfig
 # (block_n, block_k, group_m, num_warps, num_stages)
@@ -309,20 +316,28 @@ def tune_pairs(shape, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple
     return _fastest_whole(w, inputs, [aligned, *pairs_candidates().values()])
 
 
+def with_short_m(cfg: MoEConfig, short_m: int) -> MoEConfig:
+    """cfg with short tiles of short_m rows (`GemmConfig.short_m`; 0 = none) in both GEMMs."""
+    return replace(cfg, gate_up=replace(cfg.gate_up, short_m=short_m), down=replace(cfg.down, short_m=short_m))
+
+
 def short_candidates(cfg: MoEConfig) -> list[MoEConfig]:
-    """cfg with the other choices of short tiles (`GemmConfig.short_m`, both GEMMs alike): none, block_m/2 or
-    block_m/4 rows (at least 16); none for the pairs path."""
+    """cfg with the other choices of short tiles, both GEMMs alike: none or one of `short_heights`; none for
+    the pairs path."""
     if cfg.pairs:
         return []
-    return [replace(cfg, gate_up=replace(cfg.gate_up, short_m=sm), down=replace(cfg.down, short_m=sm))
-            for sm in (0, cfg.block_m // 2, cfg.block_m // 4)
-            if (sm == 0 or sm >= 16) and (sm, sm) != (cfg.gate_up.short_m, cfg.down.short_m)]
+    return [with_short_m(cfg, sm) for sm in (0, *short_heights(cfg.block_m))
+            if (sm, sm) != (cfg.gate_up.short_m, cfg.down.short_m)]
 
 
 def tune_short(shape, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple[MoEConfig, dict]:
-    """Whole-call graph timing of the aligned winner with and without short tiles; returns the fastest."""
+    """Whole-call graph timing of the aligned winner against its `short_candidates` (their kernels compile
+    here, not in the parallel precompile: they depend on the winner); returns the fastest."""
+    candidates = short_candidates(aligned)
+    if not candidates:
+        return aligned, {}
     inputs, _ = _tune_inputs(shape, m, make_inputs)
-    return _fastest_whole(w, inputs, [aligned, *short_candidates(aligned)])
+    return _fastest_whole(w, inputs, [aligned, *candidates])
 
 
 def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_inputs) -> dict:

@@ -31,12 +31,18 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from kernels_moe_tune import alternate_us, precompile, roofline_us, short_candidates, whole_jobs  # noqa: E402
+from kernels_moe_tune import (  # noqa: E402
+    alternate_us,
+    precompile,
+    roofline_us,
+    short_candidates,
+    whole_jobs,
+    with_short_m,
+)
 
 from kernels import SHAPES, MoEShape, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 from moeserve.kernels.moe_configs import GemmConfig as G  # noqa: E402
@@ -94,14 +100,10 @@ EXTRA = {
 _MIX128 = MoEConfig(64, G(64, 128, 8, 8, 3), G(128, 128, 8, 8, 3))  # the Mixtral bf16 table's M=128 entry
 
 
-def _both_short(cfg: MoEConfig, short_m: int) -> MoEConfig:
-    return replace(cfg, gate_up=replace(cfg.gate_up, short_m=short_m), down=replace(cfg.down, short_m=short_m))
-
-
 # Mixtral bf16 M=256 and 384 (served by the M=512 entry): block_m 64 tiles with short tiles.
 EXTRA.update({f"mixtral:bf16:{m}": {"M=128 entry (block_m 64)": _MIX128,
-                                    "M=128 entry, short_m 16": _both_short(_MIX128, 16),
-                                    "M=128 entry, short_m 32": _both_short(_MIX128, 32)} for m in (256, 384)})
+                                    "M=128 entry, short_m 16": with_short_m(_MIX128, 16),
+                                    "M=128 entry, short_m 32": with_short_m(_MIX128, 32)} for m in (256, 384)})
 REPEATS = 3
 _counters = align_mod.completion_counters
 
@@ -130,10 +132,11 @@ def expected_rows(s: MoEShape, m: int) -> int:
 
 
 def _variants(shape_key: str, dtype: str, m: int, memset: bool, short: bool) -> dict[str, tuple[MoEConfig, bool]]:
-    """label -> (config, align scratch zeroed by a memset launch) for a case: its table entry, EXTRA's configs
-    and, for a rank holding a share of the experts of a model with an unsharded table: "heuristic" (the
-    `default_config` pick for the local count) and, once the rank has a table of its own, "unsharded table"
-    (the global count's entry, which `get_config` takes where the local table is missing)."""
+    """label -> (config, align scratch zeroed by a memset launch) for a case: its table entry, EXTRA's configs,
+    with short, the entry with its other short-tile choices ("short_m 0" = none; `short_candidates`), and, for
+    a rank holding a share of the experts of a model with an unsharded table: "heuristic" (the `default_config`
+    pick for the local count) and, once the rank has a table of its own, "unsharded table" (the global count's
+    entry, which `get_config` takes where the local table is missing)."""
     s, fp8 = SHAPES[shape_key], dtype == "fp8"
     configs = {"table": s.table_config(m, fp8), **EXTRA.get(f"{shape_key}:{dtype}:{m}", {})}
     if short:

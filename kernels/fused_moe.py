@@ -91,7 +91,8 @@ def _gate_up_block(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, bl
                                stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
                                FP8, QBLOCK, ROWS, BLOCK_N, BLOCK_K, EVEN_K)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
-    slots = pid_m * BLOCK_M + tl.arange(0, ROWS)  # every slot, padding too: down reads whole tiles
+    # All ROWS rows, padding too (an unmasked store): padding rows of act are never stored by down.
+    slots = pid_m * BLOCK_M + tl.arange(0, ROWS)
     store_act(act_ptr, as_ptr, act, slots, tl.full([ROWS], True, tl.int1), pid_n, offs_n, stride_am,
               stride_asm, INTER, ROWS, BLOCK_N, EVEN_N, QUANT_ACT, ROUND_DTYPE)
 

@@ -152,7 +152,8 @@ def _gate_up_tma_block(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr
             acc_g = tl.dot(a, g.T, acc_g)
             acc_u = tl.dot(a, u.T, acc_u)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
-    slots = pid_m * BLOCK_M + tl.arange(0, ROWS)  # every slot, padding too: down reads whole tiles
+    # All ROWS rows, padding too (an unmasked store): padding rows of act are never stored by down.
+    slots = pid_m * BLOCK_M + tl.arange(0, ROWS)
     store_act(act_ptr, as_ptr, act, slots, tl.full([ROWS], True, tl.int1), pid_n, offs_n, stride_am,
               stride_asm, INTER, ROWS, BLOCK_N, True, QUANT_ACT, ROUND_DTYPE)
 

@@ -35,7 +35,9 @@ class GemmConfig:
     (at least 16 rows), or 0 = every block runs block_m rows. A block runs the smallest of short_m,
     2 * short_m (below block_m) and block_m that holds its valid rows, so an expert's last, mostly padding
     block costs a fraction of the MMA work. The kernel is built with each height and picks one per block at
-    run time (`moe_tiles.fitting_tile`)."""
+    run time (`moe_tiles.fitting_tile`), so the height a token's rows take depends on how many other tokens
+    chose the same expert (as the table entry already depends on the batch's size); results are identical run
+    to run."""
 
     block_n: int
     block_k: int
@@ -75,17 +77,19 @@ class MoEConfig:
             if g.loads not in LOADS or (g.warp_specialize and g.loads == "ptr"):
                 raise ValueError(f"{name}.loads must be one of {LOADS} (warp_specialize needs TMA), got "
                                  f"{g.loads!r} with warp_specialize={g.warp_specialize}")
-            shorts = [h for h in (self.block_m // 2, self.block_m // 4) if h >= 16]
-            if g.short_m and (g.short_m not in shorts or self.pairs):
-                raise ValueError(f"{name}.short_m must be 0 or one of {shorts} (block_m / 2 or / 4, at least 16), "
-                                 f"on the aligned path only; got {g.short_m} with block_m {self.block_m}, "
-                                 f"pairs={self.pairs!r}")
         if self.pairs and (self.gate_up.loads != "ptr" or self.down.loads != "ptr"):
             raise ValueError("the pairs path loads by pointer only (loads='ptr')")
         if self.pairs not in PAIRS_MODES:
             raise ValueError(f"pairs must be one of {PAIRS_MODES}, got {self.pairs!r}")
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"block_m must be a power of two >= 16, got {self.block_m}")
+        allowed = short_heights(self.block_m) if not self.pairs else ()
+        for name, g in (("gate_up", self.gate_up), ("down", self.down)):
+            if g.short_m and (type(g.short_m) is not int or g.short_m not in allowed):
+                where = "the pairs path takes none" if self.pairs else (
+                    f"block_m {self.block_m} takes {list(allowed)} (block_m / 2 or / 4, at least 16 rows)"
+                    if allowed else f"block_m {self.block_m} takes none")
+                raise ValueError(f"{name}.short_m must be 0 or a short tile height: {where}; got {g.short_m!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +99,12 @@ class MoEConfig:
         # Tables written before a field existed lack it: its default.
         return MoEConfig(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]),
                          d.get("pairs", ""), d.get("fuse_act_quant", True))
+
+
+def short_heights(block_m: int) -> tuple[int, ...]:
+    """The values `GemmConfig.short_m` may take besides 0 at this block_m: block_m / 2 and block_m / 4, each of
+    at least 16 rows (the smallest MMA tile the kernels build)."""
+    return tuple(h for h in (block_m // 2, block_m // 4) if h >= 16)
 
 
 def table_name(num_experts: int, hidden: int, inter: int, fp8: bool) -> str:

@@ -1,6 +1,7 @@
 """Pieces shared by the fused-MoE kernel modules (`fused_moe`: aligned GEMMs by pointer loads;
 `fused_moe_tma`: aligned GEMMs with tiles by TMA; `fused_moe_pairs`: the small-M per-pair path): the launch
-order of (block, N tile) programs, the pointer-load gate/up and down k loops, the epilogues (gate/up's with
+order of (block, N tile) programs, the per-block choice of tile height (`fitting_tile`), the pointer-load gate/up
+and down k loops, the epilogues (gate/up's with
 optional FP8 quantisation of act), act allocation, the choice between quantising act in gate/up's epilogue or
 by its own launch, and the launch constants. Kept apart so the kernel modules import them without importing
 each other."""

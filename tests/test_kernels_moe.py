@@ -12,7 +12,6 @@ Three groups:
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 
 import pytest
 import torch
@@ -201,21 +200,25 @@ def entries_probe(monkeypatch):
 
 def test_entries_probe_short_variants_are_the_other_short_tiles(entries_probe):
     """`--short`: each aligned table entry is timed beside the same tiles with the other short_m choices (none,
-    block_m/2, block_m/4 of at least 16 rows); the pairs path gets none."""
+    block_m/2, block_m/4 of at least 16 rows; `kernels_moe_tune.short_candidates`); the pairs path gets none."""
+    import sys
+
+    from moeserve.kernels import GemmConfig, MoEConfig
+
+    tune = sys.modules["kernels_moe_tune"]  # as the probe imported it
+    bm128 = MoEConfig(128, GemmConfig(128, 64, short_m=32), GemmConfig(256, 64, short_m=32))
+    assert [(c.gate_up.short_m, c.down.short_m) for c in tune.short_candidates(bm128)] == [(0, 0), (64, 64)]
+    assert [c.gate_up.short_m for c in tune.short_candidates(tune.with_short_m(bm128, 0))] == [64, 32]
+    bm32 = MoEConfig(32, GemmConfig(64, 64), GemmConfig(64, 64))
+    assert [c.down.short_m for c in tune.short_candidates(bm32)] == [16]
+    assert tune.short_candidates(MoEConfig(16, GemmConfig(64, 64), GemmConfig(64, 64), pairs="pair")) == []
     plan = entries_probe.build_plan(entries_probe.parse_cases("short") + [("qwen3", "bf16", 1)], memset=False,
                                     short=True)
     for (key, dtype, m), variants in plan.items():
         table = variants["table"][0]
         shorts = {label: cfg for label, (cfg, _) in variants.items() if label.startswith("short_m")}
-        if table.pairs:
-            assert not shorts
-            continue
-        want = {sm for sm in (0, table.block_m // 2, table.block_m // 4) if sm in (0,) or sm >= 16}
-        assert {c.gate_up.short_m for c in shorts.values()} | {table.gate_up.short_m} == want, (key, dtype, m)
-        for cfg in shorts.values():
-            assert cfg.down.short_m == cfg.gate_up.short_m
-            assert cfg == replace(table, gate_up=replace(table.gate_up, short_m=cfg.gate_up.short_m),
-                                  down=replace(table.down, short_m=cfg.down.short_m))
+        want = {f"short_m {c.gate_up.short_m}": c for c in tune.short_candidates(table)}
+        assert shorts == want and (bool(shorts) != bool(table.pairs)), (key, dtype, m)
 
 
 def test_entries_probe_plans_ep_cases_without_gpu(entries_probe):
@@ -586,12 +589,29 @@ def tile_heights(ids: torch.Tensor, num_experts: int, block_m: int, short_m: int
 SHORT_COUNTS = [12, 28, 50, 75]
 
 
+@pytest.fixture
+def nan_act(monkeypatch):
+    """gate/up's act buffer starts as NaN instead of whatever torch.empty holds, so a row a tile does not write
+    stays NaN, and a padding row that leaked into an output would show."""
+    import importlib
+
+    fused_moe_mod = importlib.import_module("moeserve.kernels.fused_moe")  # the package exports the function
+    real = fused_moe_mod.new_act
+
+    def poisoned(*args, **kwargs):
+        act = real(*args, **kwargs)
+        return act.fill_(float("nan")) if act.is_floating_point() and act.element_size() > 1 else act
+
+    monkeypatch.setattr(fused_moe_mod, "new_act", poisoned)
+
+
 @interp
 @pytest.mark.parametrize("loads,dtype", [("ptr", torch.float32), ("ptr", torch.float16), ("tma", torch.float16),
                                          ("tma_gathered", torch.float32)])
-def test_interp_short_tiles_match_reference(loads, dtype):
+def test_interp_short_tiles_match_reference(loads, dtype, nan_act):
     """short_m 16 (tiles of 16, 32 and 64 rows) and 32 (32 and 64) at block_m 64, in each GEMM alone and in
-    both: every height runs in one call."""
+    both: every height runs in one call. act starts as NaN, so down reading rows gate/up's shorter tile left
+    unwritten must keep them out of the output."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
 
     tw, ids = routing_with_counts(SHORT_COUNTS)
@@ -606,7 +626,30 @@ def test_interp_short_tiles_match_reference(loads, dtype):
 
 
 @interp
+@pytest.mark.parametrize("short_m", [16, 32])
+def test_interp_short_tiles_write_only_their_rows(short_m, nan_act):
+    """Each block's gate/up tile is the smallest height that holds its rows: rows below that height of act are
+    written, the rest of the block's rows keep the NaN act started with. Fails if every block ran block_m."""
+    from moeserve.kernels import GemmConfig
+    from moeserve.kernels.fused_moe import gate_up
+    from moeserve.kernels.moe_align import moe_align
+
+    tw, ids = routing_with_counts(SHORT_COUNTS)
+    x, w13, _, _, _ = random_moe(len(ids), 64, 32, len(SHORT_COUNTS), 1, torch.float32, seed=3)
+    routing = moe_align(ids, len(SHORT_COUNTS), 64)
+    act = gate_up(x, w13, routing, 1, GemmConfig(16, 32, 2, 4, 2, short_m=short_m), x.dtype)
+    written = act.view(-1, 64, act.shape[1]).isfinite().all(dim=2)  # [blocks, 64]: whole rows written
+    ran = []
+    for block in (routing.block_expert >= 0).nonzero().flatten().tolist():
+        rows = int(routing.block_rows[block])
+        ran.append(next(h for h in (short_m, 2 * short_m, 64) if rows <= h))
+        assert written[block, :ran[-1]].all() and not written[block, ran[-1]:].any(), (block, rows, ran[-1])
+    assert sorted(ran) == sorted(tile_heights(ids, len(SHORT_COUNTS), 64, short_m)) and short_m in ran
+
+
+@interp
 def test_interp_fp8_short_tiles_match_quantised_reference():
+    """fp8 weights and activations with tiles of all three heights (per-row scales follow each tile's rows)."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
     from moeserve.kernels.fp8 import quant_weight_block_fp8
 
@@ -618,13 +661,17 @@ def test_interp_fp8_short_tiles_match_quantised_reference():
     assert rel_err(out, moe_reference(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)) < 1e-4
 
 
-@pytest.mark.parametrize("short_m,block_m,pairs", [(8, 32, ""), (24, 32, ""), (32, 32, ""), (16, 128, ""),
-                                                   (16, 32, "pair")])
-def test_config_rejects_short_tiles_it_cannot_build(short_m, block_m, pairs):
+@pytest.mark.parametrize("short_m,block_m,pairs,why", [
+    (8, 32, "", r"block_m 32 takes \[16\]"), (24, 64, "", r"block_m 64 takes \[32, 16\]"),
+    (16, 128, "", r"block_m 128 takes \[64, 32\]"), (16, 16, "", "block_m 16 takes none"),
+    (16.0, 64, "", r"block_m 64 takes \[32, 16\].*got 16\.0"), (16, 32, "pair", "the pairs path takes none")])
+def test_config_rejects_short_tiles_it_cannot_build(short_m, block_m, pairs, why):
     from moeserve.kernels import GemmConfig, MoEConfig
+    from moeserve.kernels.moe_configs import short_heights
 
-    with pytest.raises(ValueError, match=r"short_m must be 0 or one of \[.*\] \(block_m / 2 or / 4"):
+    with pytest.raises(ValueError, match="short_m must be 0 or a short tile height: " + why):
         MoEConfig(block_m, GemmConfig(32, 64, short_m=short_m), GemmConfig(32, 64), pairs=pairs)
+    assert short_heights(128) == (64, 32) and short_heights(32) == (16,) and short_heights(16) == ()
 
 
 FUSED_QUANT_CASES = {
@@ -866,10 +913,10 @@ def test_gpu_tma_loads_match_reference(name, fp8, loads, ws):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(TARGETS))
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("loads", ["ptr", "tma_gathered"])
-def test_gpu_short_tiles_match_reference(name, fp8, loads):
-    """short_m of block_m/2 and block_m/4 at the target shapes, on a routing skewed across experts so that
-    tiles of every height run in each call."""
+@pytest.mark.parametrize("loads,ws", [("ptr", False), ("tma", False), ("tma", True), ("tma_gathered", True)])
+def test_gpu_short_tiles_match_reference(name, fp8, loads, ws):
+    """short_m of block_m/2 and block_m/4 at the target shapes, in every load mode the tables use, on a routing
+    skewed across experts so that tiles of every height run in each call."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
     e, routed, k, _, _ = TARGETS[name]
@@ -883,7 +930,7 @@ def test_gpu_short_tiles_match_reference(name, fp8, loads):
     ids = ids.cuda()
     ref = _target_ref(x, w13, w2, tw, ids, scales)
     for short_m in (bm // 2, bm // 4):
-        cfg = MoEConfig(bm, GemmConfig(128, bk, 8, 8, stages, loads, short_m=short_m),
-                        GemmConfig(128, bk, 8, 8, stages, loads, short_m=short_m))
+        cfg = MoEConfig(bm, GemmConfig(128, bk, 8, 8, stages, loads, ws, short_m),
+                        GemmConfig(128, bk, 8, 8, stages, loads, ws, short_m))
         out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
         assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2), short_m
