@@ -44,7 +44,8 @@ def copy_bandwidth_tbs() -> float:
 
 def graph_ms(fn: Callable[[], object]) -> float:
     """Median time of one CUDA-graph replay of ``fn`` in ms, as a captured decode step runs its kernels: no host
-    launch time (which ``bench_ms`` counts wherever it exceeds the kernels' time)."""
+    launch time (which ``bench_ms`` counts wherever it exceeds the kernels' time). ``do_bench`` clears L2
+    before each replay, as for ``bench_ms``; ``do_bench_cudagraph`` (the fused-MoE scripts' timer) would not."""
     import triton
 
     fn()

@@ -279,8 +279,8 @@ def _search_tiles(shape, fp8: bool, w: dict, inputs: list, bms, cands, log: dict
     return best[1] if best else None
 
 
-def tune_case(shape, fp8: bool, m: int, w: dict, make_inputs) -> tuple[MoEConfig, dict]:
-    inputs, pairs_per_expert = _tune_inputs(shape, m, make_inputs)
+def tune_case(shape, fp8: bool, m: int, w: dict, inputs: list, pairs_per_expert: float) -> tuple[MoEConfig, dict]:
+    """The per-kernel tile search over the routings inputs (`_tune_inputs`)."""
     dtype, log = "fp8" if fp8 else "bf16", {}
     best = _search_tiles(shape, fp8, w, inputs, bm_candidates(pairs_per_expert),
                          lambda bm, kind: _candidates(dtype, bm, kind), log)
@@ -295,11 +295,14 @@ def pairs_candidates() -> dict[str, MoEConfig]:
             for gu, dn in _PAIRS_TILES}
 
 
-def _fastest_whole(w: dict, inputs: list, candidates: list[MoEConfig]) -> tuple[MoEConfig, dict]:
-    """The candidate with the shortest whole-call graph time over inputs (one that fails is skipped), and the
-    timings by config."""
+def tune_whole(w: dict, inputs: list, current: MoEConfig, candidates: list[MoEConfig]) -> tuple[MoEConfig, dict]:
+    """Whole-call graph timing of current against candidates over inputs (one that fails is skipped): the
+    fastest, and the timings by config. Without candidates, current untimed. The candidates' kernels compile
+    here, not in the parallel precompile: they depend on the tile search's winner."""
+    if not candidates:
+        return current, {}
     timed, log = [], {}
-    for cfg in candidates:
+    for cfg in [current, *candidates]:
         try:
             us = _whole_us(w, inputs, cfg, rep=20)
         except Exception as exc:  # noqa: BLE001 - an unfit tile is skipped
@@ -308,12 +311,6 @@ def _fastest_whole(w: dict, inputs: list, candidates: list[MoEConfig]) -> tuple[
         log[f"whole {cfg}"] = round(us, 2)
         timed.append((us, cfg))
     return min(timed, key=lambda t: t[0])[1], log
-
-
-def tune_pairs(shape, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple[MoEConfig, dict]:
-    """Whole-call graph timing of the aligned winner against the pairs path; returns the faster config."""
-    inputs, _ = _tune_inputs(shape, m, make_inputs)
-    return _fastest_whole(w, inputs, [aligned, *pairs_candidates().values()])
 
 
 def with_short_m(cfg: MoEConfig, short_m: int) -> MoEConfig:
@@ -328,16 +325,6 @@ def short_candidates(cfg: MoEConfig) -> list[MoEConfig]:
         return []
     return [with_short_m(cfg, sm) for sm in (0, *short_heights(cfg.block_m))
             if (sm, sm) != (cfg.gate_up.short_m, cfg.down.short_m)]
-
-
-def tune_short(shape, m: int, w: dict, make_inputs, aligned: MoEConfig) -> tuple[MoEConfig, dict]:
-    """Whole-call graph timing of the aligned winner against its `short_candidates` (their kernels compile
-    here, not in the parallel precompile: they depend on the winner); returns the fastest."""
-    candidates = short_candidates(aligned)
-    if not candidates:
-        return aligned, {}
-    inputs, _ = _tune_inputs(shape, m, make_inputs)
-    return _fastest_whole(w, inputs, [aligned, *candidates])
 
 
 def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_inputs) -> dict:
@@ -364,12 +351,13 @@ def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_
         w = make_weights(shape, fp8)
         table = {}
         for m in ms:
-            cfg, log = tune_case(shape, fp8, m, w, make_inputs)
-            cfg, short_log = tune_short(shape, m, w, make_inputs, cfg)
-            log.update(short_log)
-            if m * shape.top_k <= PAIRS_MAX_PAIRS:
-                cfg, pairs_log = tune_pairs(shape, m, w, make_inputs, cfg)
-                log.update(pairs_log)
+            inputs, pairs_per_expert = _tune_inputs(shape, m, make_inputs)
+            cfg, log = tune_case(shape, fp8, m, w, inputs, pairs_per_expert)
+            # Then, by whole calls: short tiles for the winner, and against it the pairs path at small M.
+            cfg, short_log = tune_whole(w, inputs, cfg, short_candidates(cfg))
+            pairs = list(pairs_candidates().values()) if m * shape.top_k <= PAIRS_MAX_PAIRS else []
+            cfg, pairs_log = tune_whole(w, inputs, cfg, pairs)
+            log.update(short_log | pairs_log)
             table[m] = cfg
             bundle["timings_us"][f"{shape.name} {dtype} M={m}"] = log
             print(f"tuned {shape.name} {dtype} M={m}: {cfg}", flush=True)

@@ -77,6 +77,10 @@ _BM32 = MoEConfig(32, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 3))  # its M=256 en
 _BM64 = MoEConfig(64, G(64, 128, 1, 4, 4), G(128, 128, 1, 4, 4))  # its M=512 entry
 _BM128 = MoEConfig(128, G(128, 64, 8, 8, 4), G(256, 64, 8, 8, 4))  # its M=2048 entry
 _FP8 = dict(gu=G(128, 128, 8, 8, 4), dn=G(128, 128, 8, 4, 4))  # the fp8 table's M=512 tiles
+_MIX128 = MoEConfig(64, G(64, 128, 8, 8, 3), G(128, 128, 8, 8, 3))  # the Mixtral bf16 table's M=128 entry
+# The Mixtral bf16 table's M=2048 tiles with short tiles: they won at M=768-1280 in session 11 (and became its
+# M=1024 entry); not yet timed at M=256-512, where the M=512 entry serves (M=512 is a target miss).
+_MIX2048_SHORT = with_short_m(SHAPES["mixtral"].table_config(2048, False), 32)
 # Configs timed besides the table entry (label -> config).
 EXTRA = {
     "qwen3:bf16:192": {"M=128 entry (block_m 16)": _BM16},
@@ -96,19 +100,13 @@ EXTRA = {
         "gate/up group_m 1": MoEConfig(64, G(128, 128, 1, 8, 4), _FP8["dn"]),
         "down 8 warps": MoEConfig(64, _FP8["gu"], G(128, 128, 8, 8, 4)),
     },
+    # Mixtral bf16 M=256 and 384 (served by the M=512 entry): block_m 64 tiles with short tiles.
+    **{f"mixtral:bf16:{m}": {"M=128 entry (block_m 64)": _MIX128,
+                             "M=128 entry, short_m 16": with_short_m(_MIX128, 16),
+                             "M=128 entry, short_m 32": with_short_m(_MIX128, 32),
+                             "M=2048 tiles, short_m 32": _MIX2048_SHORT} for m in (256, 384)},
+    "mixtral:bf16:512": {"M=2048 tiles, short_m 32": _MIX2048_SHORT},
 }
-_MIX128 = MoEConfig(64, G(64, 128, 8, 8, 3), G(128, 128, 8, 8, 3))  # the Mixtral bf16 table's M=128 entry
-
-
-# Mixtral bf16 M=256 and 384 (served by the M=512 entry): block_m 64 tiles with short tiles.
-EXTRA.update({f"mixtral:bf16:{m}": {"M=128 entry (block_m 64)": _MIX128,
-                                    "M=128 entry, short_m 16": with_short_m(_MIX128, 16),
-                                    "M=128 entry, short_m 32": with_short_m(_MIX128, 32)} for m in (256, 384)})
-# Mixtral bf16: the M=2048 entry's tiles with short tiles, which won at M=768-1280 in session 11 (and became the
-# M=1024 entry), against the M=512 entry at the sizes it serves (M=512 is a target miss); not yet timed.
-_MIX2048_SHORT = with_short_m(SHAPES["mixtral"].table_config(2048, False), 32)
-for _m in (256, 384, 512):
-    EXTRA.setdefault(f"mixtral:bf16:{_m}", {})["M=2048 tiles, short_m 32"] = _MIX2048_SHORT
 REPEATS = 3
 _counters = align_mod.completion_counters
 

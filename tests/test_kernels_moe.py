@@ -201,11 +201,9 @@ def entries_probe(monkeypatch):
 def test_entries_probe_short_variants_are_the_other_short_tiles(entries_probe):
     """`--short`: each aligned table entry is timed beside the same tiles with the other short_m choices (none,
     block_m/2, block_m/4 of at least 16 rows; `kernels_moe_tune.short_candidates`); the pairs path gets none."""
-    import sys
-
     from moeserve.kernels import GemmConfig, MoEConfig
 
-    tune = sys.modules["kernels_moe_tune"]  # as the probe imported it
+    tune = entries_probe  # the probe's short_candidates and with_short_m are kernels_moe_tune's
     bm128 = MoEConfig(128, GemmConfig(128, 64, short_m=32), GemmConfig(256, 64, short_m=32))
     assert [(c.gate_up.short_m, c.down.short_m) for c in tune.short_candidates(bm128)] == [(0, 0), (64, 64)]
     assert [c.gate_up.short_m for c in tune.short_candidates(tune.with_short_m(bm128, 0))] == [64, 32]
@@ -576,12 +574,16 @@ def routing_with_counts(counts: list[int], drop: int = 5, seed: int = 0) -> tupl
     return torch.rand(len(ids), 1, generator=g) + 0.1, ids
 
 
+def tile_height(rows: int, block_m: int, short_m: int) -> int:
+    """The tile height a block of rows valid rows runs (`GemmConfig.short_m`)."""
+    return next(h for h in (short_m, 2 * short_m, block_m) if h and h <= block_m and rows <= h)
+
+
 def tile_heights(ids: torch.Tensor, num_experts: int, block_m: int, short_m: int) -> list[int]:
-    """The tile height each used block of ids' aligned layout runs (`GemmConfig.short_m`)."""
-    counts = torch.bincount(ids[(ids >= 0) & (ids < num_experts)].long(), minlength=num_experts).tolist()
-    rows = [r for c in counts for r in [block_m] * (c // block_m) + ([c % block_m] if c % block_m else [])]
-    heights = [h for h in (short_m, 2 * short_m) if short_m and h < block_m] + [block_m]
-    return [next(h for h in heights if r <= h) for r in rows]
+    """The tile height each used block of ids' aligned layout (`moe_align_reference`) runs."""
+    from moeserve.kernels.moe_align import moe_align_reference
+
+    return [tile_height(len(pairs), block_m, short_m) for _, pairs in moe_align_reference(ids, num_experts, block_m)]
 
 
 # Expert row counts that give blocks of every height at block_m 64, short_m 16: 12 -> 16, 28 -> 32, 50 -> 64,
@@ -606,9 +608,10 @@ def nan_act(monkeypatch):
 
 
 @interp
+@pytest.mark.usefixtures("nan_act")
 @pytest.mark.parametrize("loads,dtype", [("ptr", torch.float32), ("ptr", torch.float16), ("tma", torch.float16),
                                          ("tma_gathered", torch.float32)])
-def test_interp_short_tiles_match_reference(loads, dtype, nan_act):
+def test_interp_short_tiles_match_reference(loads, dtype):
     """short_m 16 (tiles of 16, 32 and 64 rows) and 32 (32 and 64) at block_m 64, in each GEMM alone and in
     both: every height runs in one call. act starts as NaN, so down reading rows gate/up's shorter tile left
     unwritten must keep them out of the output."""
@@ -626,8 +629,9 @@ def test_interp_short_tiles_match_reference(loads, dtype, nan_act):
 
 
 @interp
+@pytest.mark.usefixtures("nan_act")
 @pytest.mark.parametrize("short_m", [16, 32])
-def test_interp_short_tiles_write_only_their_rows(short_m, nan_act):
+def test_interp_short_tiles_write_only_their_rows(short_m):
     """Each block's gate/up tile is the smallest height that holds its rows: rows below that height of act are
     written, the rest of the block's rows keep the NaN act started with. Fails if every block ran block_m."""
     from moeserve.kernels import GemmConfig
@@ -642,7 +646,7 @@ def test_interp_short_tiles_write_only_their_rows(short_m, nan_act):
     ran = []
     for block in (routing.block_expert >= 0).nonzero().flatten().tolist():
         rows = int(routing.block_rows[block])
-        ran.append(next(h for h in (short_m, 2 * short_m, 64) if rows <= h))
+        ran.append(tile_height(rows, 64, short_m))
         assert written[block, :ran[-1]].all() and not written[block, ran[-1]:].any(), (block, rows, ran[-1])
     assert sorted(ran) == sorted(tile_heights(ids, len(SHORT_COUNTS), 64, short_m)) and short_m in ran
 
