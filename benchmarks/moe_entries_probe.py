@@ -99,6 +99,8 @@ EXTRA = {
         "gate/up 3 stages (before session 7)": MoEConfig(64, G(128, 128, 8, 8, 3), _FP8["dn"]),
         "gate/up group_m 1": MoEConfig(64, G(128, 128, 1, 8, 4), _FP8["dn"]),
         "down 8 warps": MoEConfig(64, _FP8["gu"], G(128, 128, 8, 8, 4)),
+        "gate/up 5 stages": MoEConfig(64, G(128, 128, 8, 8, 5), _FP8["dn"]),
+        "down 6 stages": MoEConfig(64, _FP8["gu"], G(128, 128, 8, 4, 6)),
     },
     # Mixtral bf16 M=256 and 384 (served by the M=512 entry): block_m 64 tiles with short tiles.
     **{f"mixtral:bf16:{m}": {"M=128 entry (block_m 64)": _MIX128,
@@ -107,6 +109,38 @@ EXTRA = {
                              "M=2048 tiles, short_m 32": _MIX2048_SHORT} for m in (256, 384)},
     "mixtral:bf16:512": {"M=2048 tiles, short_m 32": _MIX2048_SHORT},
 }
+# Session 12. Mixtral bf16 M=256-512: the M=512 entry's tiles at block_m 64 (one 64-row block per expert at
+# M=256); none beat the table. Qwen3 fp8: the M=384 entry (block_m 32, 4-warp gate/up) against the entries on
+# either side, and its neighbours in tile space.
+_MIX512_BM64 = MoEConfig(64, G(128, 64, 16, 8, 4), G(128, 64, 8, 8, 4))
+for _m in (256, 384, 512):
+    EXTRA.setdefault(f"mixtral:bf16:{_m}", {}).update({
+        "M=512 tiles at block_m 64": _MIX512_BM64,
+        "M=512 tiles at block_m 64, short_m 16": with_short_m(_MIX512_BM64, 16),
+        "block_m 64, gate/up 5 stages": MoEConfig(64, G(128, 64, 16, 8, 5), G(128, 64, 8, 8, 4)),
+        "block_m 64, 64x128 gate/up": MoEConfig(64, G(64, 128, 16, 8, 4), G(128, 64, 8, 8, 4)),
+    })
+for _m in (192, 224, 256, 320, 384, 448):
+    EXTRA.setdefault(f"qwen3:fp8:{_m}", {}).update({
+        "M=128 entry": SHAPES["qwen3"].table_config(128, True),
+        "M=384 entry": SHAPES["qwen3"].table_config(384, True),
+        "M=512 entry": SHAPES["qwen3"].table_config(512, True),
+        "block_m 32, 4-warp gate/up 4 stages": MoEConfig(32, G(128, 128, 8, 4, 4), _FP8["dn"]),
+        "block_m 32, 4-warp gate/up 5 stages": MoEConfig(32, G(128, 128, 8, 4, 5), _FP8["dn"]),
+        "block_m 32, 4-warp, group_m 1": MoEConfig(32, G(128, 128, 1, 4, 3), G(128, 128, 1, 4, 4)),
+        "block_m 32, 4-warp, down 5 stages": MoEConfig(32, G(128, 128, 8, 4, 3), G(128, 128, 8, 4, 5)),
+    })
+# Mixtral fp8 M=256 and 384 (0.76 at 256 in session 11): short tiles on the entries either side, block_m 128
+# with 64-row short tiles (one block per expert), and the Qwen3 M=384 entry's tiles.
+for _m in (256, 384):
+    EXTRA[f"mixtral:fp8:{_m}"] = {
+        "M=128 entry": SHAPES["mixtral"].table_config(128, True),
+        "M=128 entry, short_m 16": with_short_m(SHAPES["mixtral"].table_config(128, True), 16),
+        "M=512 entry": SHAPES["mixtral"].table_config(512, True),
+        "M=512 entry, short_m 16": with_short_m(SHAPES["mixtral"].table_config(512, True), 16),
+        "block_m 128, short_m 32": with_short_m(MoEConfig(128, G(128, 128, 8, 8, 3), G(128, 128, 8, 8, 3)), 32),
+        "Qwen3 fp8 M=384 tiles": SHAPES["qwen3"].table_config(384, True),
+    }
 REPEATS = 3
 _counters = align_mod.completion_counters
 
