@@ -141,6 +141,19 @@ for _m in (256, 384):
         "block_m 128, short_m 32": with_short_m(MoEConfig(128, G(128, 128, 8, 8, 3), G(128, 128, 8, 8, 3)), 32),
         "Qwen3 fp8 M=384 tiles": SHAPES["qwen3"].table_config(384, True),
     }
+# ... and the Mixtral fp8 M=512 entry's TMA loads varied (stages, gathered rows, warp specialisation).
+_MIX8_DN = SHAPES["mixtral"].table_config(512, True).down
+for _m in (256, 512):
+    EXTRA.setdefault(f"mixtral:fp8:{_m}", {}).update({
+        "gate/up 4 stages": MoEConfig(64, G(128, 128, 16, 8, 4, "tma"), _MIX8_DN),
+        "gate/up rows gathered, warp-specialised": MoEConfig(64, G(128, 128, 16, 8, 3, "tma_gathered", True),
+                                                             _MIX8_DN),
+        "gate/up rows gathered, 4 stages, warp-specialised": MoEConfig(
+            64, G(128, 128, 16, 8, 4, "tma_gathered", True), _MIX8_DN),
+        "gate/up pointer loads, 4 stages": MoEConfig(64, G(128, 128, 16, 8, 4), _MIX8_DN),
+        "down not warp-specialised": MoEConfig(64, SHAPES["mixtral"].table_config(512, True).gate_up,
+                                               G(128, 128, 8, 8, 4, "tma")),
+    })
 REPEATS = 3
 _counters = align_mod.completion_counters
 

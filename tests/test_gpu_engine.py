@@ -99,6 +99,21 @@ def assert_greedy_agree_up_to_ties(ours, ref, min_identical: int, tie_nats: floa
     assert identical >= min_identical, (identical, min_identical)
 
 
+def engine_greedy_outputs(path: str, seed: int, check=None, **llm_kwargs) -> list:
+    """One engine's greedy outputs (bf16 on CUDA, graphs up to batch 8; 16 tokens with top-5 logprobs) for six
+    random prompts of 1-64 tokens drawn from seed, for `assert_greedy_agree_up_to_ties` between two engines.
+    check(llm), when given, runs once the engine is built; the engine is freed before returning."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 200, (int(n),), generator=gen).tolist() for n in (1, 7, 30, 64, 5, 19)]
+    llm = LLM(path, dtype="bfloat16", device="cuda", cuda_graph_max_batch=8, **llm_kwargs)
+    if check is not None:
+        check(llm)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5))
+    del llm
+    torch.cuda.empty_cache()
+    return outs
+
+
 # ---- CPU: config and graph planning ----
 
 

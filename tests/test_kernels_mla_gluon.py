@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeserve.kernels.attention_reference import make_paged_cache, mla_decode_attention_ref, rel_err
-from tests.test_kernels_mla_tma import poison_past_context
+from tests.test_kernels_mla_tma import poison_past_context, sm90
 
 BF16 = torch.bfloat16
 SCALE = 192**-0.5
@@ -24,13 +24,18 @@ def _inputs(seq_lens, heads, page=64, poison=False, seed=0):
     return q, kv, bt, sl
 
 
-def _err(q, kv, bt, sl, splits, scale=SCALE) -> float:
+def _gluon(q, kv, bt, sl, splits, scale=SCALE) -> torch.Tensor:
+    """The Gluon kernel's output, checked for shape, dtype and finiteness."""
     from moeserve.kernels.mla_decode import mla_decode_attention
 
     out = mla_decode_attention(q, kv, bt, sl, scale, 512, int(sl.max()), num_splits=splits, gluon=True)
     assert out.shape == (q.shape[0], q.shape[1], 512) and out.dtype == q.dtype
     assert torch.isfinite(out).all()
-    return rel_err(out, mla_decode_attention_ref(q, kv, bt, sl, scale, 512))
+    return out
+
+
+def _err(q, kv, bt, sl, splits, scale=SCALE) -> float:
+    return rel_err(_gluon(q, kv, bt, sl, splits, scale), mla_decode_attention_ref(q, kv, bt, sl, scale, 512))
 
 
 def test_unsupported_inputs_say_why() -> None:
@@ -101,10 +106,6 @@ def test_backend_says_which_mla_kernel_runs_and_why(monkeypatch, caplog) -> None
     assert backend.log_mla_kernel(q, kv, 512).endswith("MOESERVE_MLA_GLUON=0")
 
 
-sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                          reason="needs a Hopper (sm_90) GPU")
-
-
 @pytest.mark.gpu
 @sm90
 @pytest.mark.parametrize("heads,page", [(128, 64), (16, 64), (80, 64), (128, 16), (16, 16), (128, 32), (128, 128)])
@@ -133,11 +134,10 @@ def test_gpu_peaked_rows_and_long_context_match_the_tma_kernel() -> None:
     from moeserve.kernels.mla_decode import mla_decode_attention
 
     q, kv, bt, sl = _inputs([4096] * 64, 128, seed=1)
-    assert _err(q, kv, bt, sl, None) <= 1e-2
     assert _err(q, kv, bt, sl, None, scale=1.0) <= 1e-2
-    ours = mla_decode_attention(q, kv, bt, sl, SCALE, 512, 4096, gluon=True)
-    tma = mla_decode_attention(q, kv, bt, sl, SCALE, 512, 4096, tma=True)
-    assert rel_err(ours, tma) <= 1e-2
+    ours = _gluon(q, kv, bt, sl, None)
+    assert rel_err(ours, mla_decode_attention_ref(q, kv, bt, sl, SCALE, 512)) <= 1e-2
+    assert rel_err(ours, mla_decode_attention(q, kv, bt, sl, SCALE, 512, 4096, tma=True)) <= 1e-2
 
 
 @pytest.mark.gpu
@@ -163,22 +163,17 @@ def test_gpu_engine_decodes_through_the_gluon_kernel(tiny_checkpoint, monkeypatc
     """A DeepSeek-V2 model with the 512 + 64 latent decodes through the Gluon kernel (in its CUDA graphs) and
     generates what it generates with the kernel off (MOESERVE_MLA_GLUON=0: the Triton kernel), up to bf16
     near-ties."""
-    from moeserve import LLM, SamplingParams
     from tests.test_flashinfer_backend import ENGINE_SHAPES
-    from tests.test_gpu_engine import assert_greedy_agree_up_to_ties
+    from tests.test_gpu_engine import assert_greedy_agree_up_to_ties, engine_greedy_outputs
+
+    def has_graphs(llm) -> None:
+        assert llm.engine.runner.graphs is not None
 
     path = str(tiny_checkpoint("deepseek_v2", **ENGINE_SHAPES["deepseek_v2"]))
-    gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 200, (int(n),), generator=gen).tolist() for n in (1, 7, 30, 64, 5, 19)]
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5)
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("MOESERVE_MLA_GLUON", flag)
         gluon_launches.clear()
-        llm = LLM(path, dtype="bfloat16", device="cuda", cuda_graph_max_batch=8)
-        assert llm.engine.runner.graphs is not None
-        outs[flag] = llm.generate(prompts, params)
+        outs[flag] = engine_greedy_outputs(path, 5, has_graphs)
         assert bool(gluon_launches) == (flag == "1"), gluon_launches
-        del llm
-        torch.cuda.empty_cache()
-    assert_greedy_agree_up_to_ties(outs["1"], outs["0"], min_identical=len(prompts) // 2)
+    assert_greedy_agree_up_to_ties(outs["1"], outs["0"], min_identical=3)  # half the prompts

@@ -744,7 +744,19 @@ TARGETS = {
 }
 
 
-def _target_inputs(name: str, m: int, fp8: bool, seed: int = 0):
+def skewed_ids(m: int, name: str, seed: int) -> torch.Tensor:
+    """[m, k] int32 choices (on the CPU) of a routing skewed across experts, popular and rare ones, so that
+    experts' pair counts spread; -1 for experts not on this rank."""
+    e, routed, k, _, _ = TARGETS[name]
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.linspace(0.2, 1.0, routed)[torch.randperm(routed, generator=g)]
+    ids = (torch.rand(m, routed, generator=g) * bias).topk(k, dim=1).indices
+    return torch.where(ids < e, ids, -1).to(torch.int32)
+
+
+def _target_inputs(name: str, m: int, fp8: bool, seed: int = 0, ids: torch.Tensor | None = None):
+    """x, w13, w2, topk weights, topk ids and (fp8) the weight scales of a target shape on the GPU; ids: the
+    choices to use (else uniform top-k, with at least one on this rank)."""
     from moeserve.kernels.fp8 import quant_weight_block_fp8
 
     e, routed, k, h, i = TARGETS[name]
@@ -752,9 +764,12 @@ def _target_inputs(name: str, m: int, fp8: bool, seed: int = 0):
     x = torch.randn(m, h, device="cuda", generator=g).bfloat16()
     w13 = (torch.randn(e, 2 * i, h, device="cuda", generator=g) * h**-0.5).bfloat16()
     w2 = (torch.randn(e, h, i, device="cuda", generator=g) * i**-0.5).bfloat16()
-    ids = torch.rand(m, routed, device="cuda", generator=g).topk(k, dim=1).indices
-    ids = torch.where(ids < e, ids, -1).to(torch.int32)
-    ids[0, 0] = 3  # at least one choice on this rank, or the output (and the error's denominator) is zero
+    if ids is not None:
+        ids = ids.cuda()
+    else:
+        ids = torch.rand(m, routed, device="cuda", generator=g).topk(k, dim=1).indices
+        ids = torch.where(ids < e, ids, -1).to(torch.int32)
+        ids[0, 0] = 3  # at least one choice on this rank, or the output (and the error's denominator) is zero
     tw = torch.softmax(torch.randn(m, k, device="cuda", generator=g), dim=1)
     scales = {}
     if fp8:
@@ -925,13 +940,9 @@ def test_gpu_short_tiles_match_reference(name, fp8, loads, ws):
 
     e, routed, k, _, _ = TARGETS[name]
     bm, bk, stages = (64, 128, 3) if fp8 else (128, 64, 4)
-    x, w13, w2, tw, _, scales = _target_inputs(name, bm * routed // k, fp8, seed=17)
-    g = torch.Generator().manual_seed(0)
-    bias = torch.linspace(0.2, 1.0, routed)[torch.randperm(routed, generator=g)]  # popular and rare experts
-    ids = (torch.rand(x.shape[0], routed, generator=g) * bias).topk(k, dim=1).indices
-    ids = torch.where(ids < e, ids, -1).to(torch.int32)
+    ids = skewed_ids(bm * routed // k, name, seed=0)
     assert set(tile_heights(ids, e, bm, bm // 4)) == {bm // 4, bm // 2, bm}
-    ids = ids.cuda()
+    x, w13, w2, tw, ids, scales = _target_inputs(name, ids.shape[0], fp8, seed=17, ids=ids)
     ref = _target_ref(x, w13, w2, tw, ids, scales)
     for short_m in (bm // 2, bm // 4):
         cfg = MoEConfig(bm, GemmConfig(128, bk, 8, 8, stages, loads, ws, short_m),
