@@ -120,6 +120,13 @@ for _m in (256, 384, 512):
         "block_m 64, gate/up 5 stages": MoEConfig(64, G(128, 64, 16, 8, 5), G(128, 64, 8, 8, 4)),
         "block_m 64, 64x128 gate/up": MoEConfig(64, G(64, 128, 16, 8, 4), G(128, 64, 8, 8, 4)),
     })
+_MIX512 = SHAPES["mixtral"].table_config(512, False)
+for _m in (256, 384):
+    EXTRA[f"mixtral:bf16:{_m}"].update({  # 32-deep k steps, twice the stages in the same shared memory
+        "gate/up k32 8 stages": MoEConfig(128, G(128, 32, 16, 8, 8, short_m=32), _MIX512.down),
+        "down k32 8 stages": MoEConfig(128, _MIX512.gate_up, G(128, 32, 8, 8, 8, short_m=32)),
+        "both k32 8 stages": MoEConfig(128, G(128, 32, 16, 8, 8, short_m=32), G(128, 32, 8, 8, 8, short_m=32)),
+    })
 for _m in (192, 224, 256, 320, 384, 448):
     EXTRA.setdefault(f"qwen3:fp8:{_m}", {}).update({
         "M=128 entry": SHAPES["qwen3"].table_config(128, True),
@@ -141,18 +148,23 @@ for _m in (256, 384):
         "block_m 128, short_m 32": with_short_m(MoEConfig(128, G(128, 128, 8, 8, 3), G(128, 128, 8, 8, 3)), 32),
         "Qwen3 fp8 M=384 tiles": SHAPES["qwen3"].table_config(384, True),
     }
-# ... and the Mixtral fp8 M=512 entry's TMA loads varied (stages, gathered rows, warp specialisation).
-_MIX8_DN = SHAPES["mixtral"].table_config(512, True).down
-for _m in (256, 512):
+# ... and the Mixtral fp8 M=512 entry's TMA loads varied: gate/up with 4, then 5 stages won (the entry since
+# session 12); then its neighbours.
+_MIX8 = SHAPES["mixtral"].table_config(512, True)
+for _m in (256, 384, 512):
     EXTRA.setdefault(f"mixtral:fp8:{_m}", {}).update({
-        "gate/up 4 stages": MoEConfig(64, G(128, 128, 16, 8, 4, "tma"), _MIX8_DN),
+        "gate/up 3 stages (before session 12)": MoEConfig(64, G(128, 128, 16, 8, 3, "tma"), _MIX8.down),
         "gate/up rows gathered, warp-specialised": MoEConfig(64, G(128, 128, 16, 8, 3, "tma_gathered", True),
-                                                             _MIX8_DN),
-        "gate/up rows gathered, 4 stages, warp-specialised": MoEConfig(
-            64, G(128, 128, 16, 8, 4, "tma_gathered", True), _MIX8_DN),
-        "gate/up pointer loads, 4 stages": MoEConfig(64, G(128, 128, 16, 8, 4), _MIX8_DN),
-        "down not warp-specialised": MoEConfig(64, SHAPES["mixtral"].table_config(512, True).gate_up,
-                                               G(128, 128, 8, 8, 4, "tma")),
+                                                             _MIX8.down),
+        "gate/up rows gathered, 5 stages, warp-specialised": MoEConfig(
+            64, G(128, 128, 16, 8, 5, "tma_gathered", True), _MIX8.down),
+        "gate/up pointer loads, 5 stages": MoEConfig(64, G(128, 128, 16, 8, 5), _MIX8.down),
+        "down not warp-specialised": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 4, "tma")),
+        "gate/up 4 stages": MoEConfig(64, G(128, 128, 16, 8, 4, "tma"), _MIX8.down),
+        "gate/up group_m 8": MoEConfig(64, G(128, 128, 8, 8, 5, "tma"), _MIX8.down),
+        "down 3 stages": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 3, "tma", True)),
+        "down 5 stages": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 5, "tma", True)),
+        "short_m 16": with_short_m(_MIX8, 16),
     })
 REPEATS = 3
 _counters = align_mod.completion_counters
