@@ -166,6 +166,14 @@ for _m in (256, 384, 512):
         "down 5 stages": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 5, "tma", True)),
         "short_m 16": with_short_m(_MIX8, 16),
     })
+_MIX8_2048 = SHAPES["mixtral"].table_config(2048, True)
+for _m in (384, 512):  # block_m 128: one block per expert near 128 pairs, its remainder in short tiles
+    EXTRA.setdefault(f"mixtral:fp8:{_m}", {}).update({
+        "M=2048 entry": _MIX8_2048,
+        "M=2048 entry, short_m 32": with_short_m(_MIX8_2048, 32),
+        "block_m 128 TMA, short_m 32": with_short_m(
+            MoEConfig(128, G(128, 128, 8, 8, 3, "tma"), G(128, 128, 8, 8, 3, "tma", True)), 32),
+    })
 REPEATS = 3
 _counters = align_mod.completion_counters
 
