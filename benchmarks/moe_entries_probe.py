@@ -127,6 +127,17 @@ for _m in (256, 384):
         "down k32 8 stages": MoEConfig(128, _MIX512.gate_up, G(128, 32, 8, 8, 8, short_m=32)),
         "both k32 8 stages": MoEConfig(128, G(128, 32, 16, 8, 8, short_m=32), G(128, 32, 8, 8, 8, short_m=32)),
     })
+for _m in (192, 224, 256, 288, 320, 384, 512):  # narrower or deeper pipelines in the same shared memory
+    EXTRA.setdefault(f"mixtral:bf16:{_m}", {}).update({
+        "M=128 entry": SHAPES["mixtral"].table_config(128, False),
+        "M=256 entry": SHAPES["mixtral"].table_config(256, False),
+        "M=512 entry": _MIX512,
+        "gate/up 64 wide, 6 stages, group_m 8": MoEConfig(128, G(64, 64, 8, 8, 6, short_m=32), _MIX512.down),
+        "gate/up 64 wide, 6 stages": MoEConfig(128, G(64, 64, 16, 8, 6, short_m=32), _MIX512.down),
+        "gate/up 64 wide, 4 warps, 6 stages": MoEConfig(128, G(64, 64, 16, 4, 6, short_m=32), _MIX512.down),
+        "down 6 stages": MoEConfig(128, _MIX512.gate_up, G(128, 64, 8, 8, 6, short_m=32)),
+        "down 256 wide, 4 stages": MoEConfig(128, _MIX512.gate_up, G(256, 64, 8, 8, 4, short_m=32)),
+    })
 for _m in (192, 224, 256, 320, 384, 448):
     EXTRA.setdefault(f"qwen3:fp8:{_m}", {}).update({
         "M=128 entry": SHAPES["qwen3"].table_config(128, True),
