@@ -185,6 +185,19 @@ for _m in (384, 512):  # block_m 128: one block per expert near 128 pairs, its r
         "block_m 128 TMA, short_m 32": with_short_m(
             MoEConfig(128, G(128, 128, 8, 8, 3, "tma"), G(128, 128, 8, 8, 3, "tma", True)), 32),
     })
+# fp8 with 64-deep k steps (two per scale group): more stages, or two programs per SM, in the same memory.
+_Q8 = SHAPES["qwen3"].table_config(512, True)
+EXTRA["qwen3:fp8:512"].update({
+    "gate/up k64 5 stages": MoEConfig(64, G(128, 64, 8, 8, 5), _Q8.down),
+    "gate/up k64 8 stages": MoEConfig(64, G(128, 64, 8, 8, 8), _Q8.down),
+    "down k64 8 stages": MoEConfig(64, _Q8.gate_up, G(128, 64, 8, 4, 8)),
+    "both k64, 5 and 8 stages": MoEConfig(64, G(128, 64, 8, 8, 5), G(128, 64, 8, 4, 8)),
+})
+for _m in (384, 512):
+    EXTRA[f"mixtral:fp8:{_m}"].update({
+        "gate/up k64 8 stages": MoEConfig(64, G(128, 64, 16, 8, 8, "tma"), _MIX8.down),
+        "gate/up k64 10 stages": MoEConfig(64, G(128, 64, 16, 8, 10, "tma"), _MIX8.down),
+    })
 REPEATS = 3
 _counters = align_mod.completion_counters
 
