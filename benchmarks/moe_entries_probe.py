@@ -120,7 +120,8 @@ for _m in (256, 384, 512):
         "block_m 64, gate/up 5 stages": MoEConfig(64, G(128, 64, 16, 8, 5), G(128, 64, 8, 8, 4)),
         "block_m 64, 64x128 gate/up": MoEConfig(64, G(64, 128, 16, 8, 4), G(128, 64, 8, 8, 4)),
     })
-_MIX512 = SHAPES["mixtral"].table_config(512, False)
+# The Mixtral bf16 M=512 entry with pointer loads (its tiles by TMA since session 12; the M=288 entry).
+_MIX512 = MoEConfig(128, G(128, 64, 16, 8, 4, short_m=32), G(128, 64, 8, 8, 5, short_m=32))
 for _m in (256, 384):
     EXTRA[f"mixtral:bf16:{_m}"].update({  # 32-deep k steps, twice the stages in the same shared memory
         "gate/up k32 8 stages": MoEConfig(128, G(128, 32, 16, 8, 8, short_m=32), _MIX512.down),
@@ -131,7 +132,8 @@ for _m in (192, 224, 256, 288, 320, 384, 512):  # narrower or deeper pipelines i
     EXTRA.setdefault(f"mixtral:bf16:{_m}", {}).update({
         "M=128 entry": SHAPES["mixtral"].table_config(128, False),
         "M=256 entry": SHAPES["mixtral"].table_config(256, False),
-        "M=512 entry": _MIX512,
+        "M=512 entry": SHAPES["mixtral"].table_config(512, False),
+        "M=512 entry, pointer loads": _MIX512,
         "gate/up 64 wide, 6 stages, group_m 8": MoEConfig(128, G(64, 64, 8, 8, 6, short_m=32), _MIX512.down),
         "gate/up 64 wide, 6 stages": MoEConfig(128, G(64, 64, 16, 8, 6, short_m=32), _MIX512.down),
         "gate/up 64 wide, 4 warps, 6 stages": MoEConfig(128, G(64, 64, 16, 4, 6, short_m=32), _MIX512.down),
@@ -184,6 +186,17 @@ for _m in (384, 512):  # block_m 128: one block per expert near 128 pairs, its r
         "M=2048 entry, short_m 32": with_short_m(_MIX8_2048, 32),
         "block_m 128 TMA, short_m 32": with_short_m(
             MoEConfig(128, G(128, 128, 8, 8, 3, "tma"), G(128, 128, 8, 8, 3, "tma", True)), 32),
+    })
+# Mixtral bf16: the M=512 entry's tiles by TMA (the entry since session 12), with or without warp specialisation.
+for _m in (256, 384, 512):
+    EXTRA[f"mixtral:bf16:{_m}"].update({
+        "M=512 tiles by TMA": MoEConfig(128, G(128, 64, 16, 8, 4, "tma", short_m=32),
+                                        G(128, 64, 8, 8, 5, "tma", short_m=32)),
+        "M=512 tiles by TMA, gate/up warp-specialised": MoEConfig(
+            128, G(128, 64, 16, 8, 4, "tma", True, 32), G(128, 64, 8, 8, 5, "tma", short_m=32)),
+        "M=512 tiles by TMA, both warp-specialised": MoEConfig(
+            128, G(128, 64, 16, 8, 4, "tma", True, 32), G(128, 64, 8, 8, 5, "tma", True, 32)),
+        "M=512 tiles, down by TMA": MoEConfig(128, _MIX512.gate_up, G(128, 64, 8, 8, 5, "tma", short_m=32)),
     })
 # fp8 with 64-deep k steps (two per scale group): more stages, or two programs per SM, in the same memory.
 _Q8 = SHAPES["qwen3"].table_config(512, True)
