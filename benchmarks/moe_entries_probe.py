@@ -79,7 +79,7 @@ _BM128 = MoEConfig(128, G(128, 64, 8, 8, 4), G(256, 64, 8, 8, 4))  # its M=2048 
 _FP8 = dict(gu=G(128, 128, 8, 8, 4), dn=G(128, 128, 8, 4, 4))  # the fp8 table's M=512 tiles
 _MIX128 = MoEConfig(64, G(64, 128, 8, 8, 3), G(128, 128, 8, 8, 3))  # the Mixtral bf16 table's M=128 entry
 # The Mixtral bf16 table's M=2048 tiles with short tiles: they won at M=768-1280 in session 11 (and became its
-# M=1024 entry); not yet timed at M=256-512, where the M=512 entry serves (M=512 is a target miss).
+# M=1024 entry); timed in session 12 at M=256-512: slower there.
 _MIX2048_SHORT = with_short_m(SHAPES["mixtral"].table_config(2048, False), 32)
 # Configs timed besides the table entry (label -> config).
 EXTRA = {
@@ -102,7 +102,8 @@ EXTRA = {
         "gate/up 5 stages": MoEConfig(64, G(128, 128, 8, 8, 5), _FP8["dn"]),
         "down 6 stages": MoEConfig(64, _FP8["gu"], G(128, 128, 8, 4, 6)),
     },
-    # Mixtral bf16 M=256 and 384 (served by the M=512 entry): block_m 64 tiles with short tiles.
+    # Mixtral bf16 M=256 and 384 (the M=512 entry served both before session 12): block_m 64 tiles with short
+    # tiles.
     **{f"mixtral:bf16:{m}": {"M=128 entry (block_m 64)": _MIX128,
                              "M=128 entry, short_m 16": with_short_m(_MIX128, 16),
                              "M=128 entry, short_m 32": with_short_m(_MIX128, 32),
@@ -147,11 +148,12 @@ for _m in (192, 224, 256, 320, 384, 448):
         "M=512 entry": SHAPES["qwen3"].table_config(512, True),
         "block_m 32, 4-warp gate/up 4 stages": MoEConfig(32, G(128, 128, 8, 4, 4), _FP8["dn"]),
         "block_m 32, 4-warp gate/up 5 stages": MoEConfig(32, G(128, 128, 8, 4, 5), _FP8["dn"]),
-        "block_m 32, 4-warp, group_m 1": MoEConfig(32, G(128, 128, 1, 4, 3), G(128, 128, 1, 4, 4)),
-        "block_m 32, 4-warp, down 5 stages": MoEConfig(32, G(128, 128, 8, 4, 3), G(128, 128, 8, 4, 5)),
+        "block_m 32, 4-warp 4-stage gate/up, group_m 1": MoEConfig(32, G(128, 128, 1, 4, 4), G(128, 128, 1, 4, 4)),
+        "block_m 32, 4-warp 4-stage gate/up, down 5 stages": MoEConfig(32, G(128, 128, 8, 4, 4),
+                                                                        G(128, 128, 8, 4, 5)),
     })
 # Mixtral fp8 M=256 and 384 (0.76 at 256 in session 11): short tiles on the entries either side, block_m 128
-# with 64-row short tiles (one block per expert), and the Qwen3 M=384 entry's tiles.
+# with short_m 32 (tiles of 32, 64 or 128 rows; one block per expert), and the Qwen3 M=384 entry's tiles.
 for _m in (256, 384):
     EXTRA[f"mixtral:fp8:{_m}"] = {
         "M=128 entry": SHAPES["mixtral"].table_config(128, True),
@@ -167,8 +169,8 @@ _MIX8 = SHAPES["mixtral"].table_config(512, True)
 for _m in (256, 384, 512):
     EXTRA.setdefault(f"mixtral:fp8:{_m}", {}).update({
         "gate/up 3 stages (before session 12)": MoEConfig(64, G(128, 128, 16, 8, 3, "tma"), _MIX8.down),
-        "gate/up rows gathered, warp-specialised": MoEConfig(64, G(128, 128, 16, 8, 3, "tma_gathered", True),
-                                                             _MIX8.down),
+        "gate/up rows gathered, 3 stages, warp-specialised": MoEConfig(
+            64, G(128, 128, 16, 8, 3, "tma_gathered", True), _MIX8.down),
         "gate/up rows gathered, 5 stages, warp-specialised": MoEConfig(
             64, G(128, 128, 16, 8, 5, "tma_gathered", True), _MIX8.down),
         "gate/up pointer loads, 5 stages": MoEConfig(64, G(128, 128, 16, 8, 5), _MIX8.down),

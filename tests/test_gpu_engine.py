@@ -106,12 +106,13 @@ def engine_greedy_outputs(path: str, seed: int, check=None, **llm_kwargs) -> lis
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 200, (int(n),), generator=gen).tolist() for n in (1, 7, 30, 64, 5, 19)]
     llm = LLM(path, dtype="bfloat16", device="cuda", cuda_graph_max_batch=8, **llm_kwargs)
-    if check is not None:
-        check(llm)
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5))
-    del llm
-    torch.cuda.empty_cache()
-    return outs
+    try:
+        if check is not None:
+            check(llm)
+        return llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=5))
+    finally:  # also when a check fails, so the next test finds the GPU memory free
+        del llm
+        torch.cuda.empty_cache()
 
 
 # ---- CPU: config and graph planning ----

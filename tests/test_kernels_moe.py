@@ -789,7 +789,7 @@ def _target_ref(x, w13, w2, tw, ids, scales: dict) -> torch.Tensor:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(TARGETS))
-@pytest.mark.parametrize("m", [1, 77, 256, 512, 2048])
+@pytest.mark.parametrize("m", [1, 77, 256, 300, 512, 2048])
 def test_gpu_bf16_target_shapes(name, m):
     from moeserve.kernels import fused_moe, moe_reference
 
