@@ -124,7 +124,8 @@ def load_table(name: str) -> dict[int, MoEConfig]:
 def nearest(table: dict[int, MoEConfig], num_tokens: int) -> MoEConfig:
     """The entry whose M is nearest in log2 (ties: the larger M). Each entry therefore serves a range of M
     (with entries at 128, 256 and 512, the 256 entry serves M 182-362): when adding or changing one, time the
-    sizes whose entry moves too."""
+    sizes whose entry moves too. A table may repeat a neighbour's config under another M to narrow an entry's
+    range (the Mixtral bf16 table's M=224 and M=288 entries keep its M=256 entry to M 240-271)."""
     return table[min(table, key=lambda m: (abs(math.log2(m) - math.log2(max(num_tokens, 1))), -m))]
 
 
