@@ -110,109 +110,99 @@ EXTRA = {
                              "M=2048 tiles, short_m 32": _MIX2048_SHORT} for m in (256, 384)},
     "mixtral:bf16:512": {"M=2048 tiles, short_m 32": _MIX2048_SHORT},
 }
-# Session 12. Mixtral bf16 M=256-512: the M=512 entry's tiles at block_m 64 (one 64-row block per expert at
-# M=256); none beat the table. Qwen3 fp8: the M=384 entry (block_m 32, 4-warp gate/up) against the entries on
-# either side, and its neighbours in tile space.
+
+
+def _also_time(shape_key: str, dtype: str, ms: tuple[int, ...], variants: dict[str, MoEConfig]) -> None:
+    """Add variants to EXTRA for the cases shape_key:dtype:m, m in ms (merged with what they already have)."""
+    for m in ms:
+        EXTRA.setdefault(f"{shape_key}:{dtype}:{m}", {}).update(variants)
+
+
+# Session 12. Mixtral bf16 M=192-512: the M=512 entry's tiles at block_m 64 (one 64-row block per expert at
+# M=256), then narrower or deeper pipelines in the same shared memory (the 64-wide, 6-stage gate/up became the
+# M=256 entry), then the M=512 tiles by TMA (the M=512 entry since).
 _MIX512_BM64 = MoEConfig(64, G(128, 64, 16, 8, 4), G(128, 64, 8, 8, 4))
-for _m in (256, 384, 512):
-    EXTRA.setdefault(f"mixtral:bf16:{_m}", {}).update({
-        "M=512 tiles at block_m 64": _MIX512_BM64,
-        "M=512 tiles at block_m 64, short_m 16": with_short_m(_MIX512_BM64, 16),
-        "block_m 64, gate/up 5 stages": MoEConfig(64, G(128, 64, 16, 8, 5), G(128, 64, 8, 8, 4)),
-        "block_m 64, 64x128 gate/up": MoEConfig(64, G(64, 128, 16, 8, 4), G(128, 64, 8, 8, 4)),
-    })
+_also_time("mixtral", "bf16", (256, 384, 512), {
+    "M=512 tiles at block_m 64": _MIX512_BM64,
+    "M=512 tiles at block_m 64, short_m 16": with_short_m(_MIX512_BM64, 16),
+    "block_m 64, gate/up 5 stages": MoEConfig(64, G(128, 64, 16, 8, 5), G(128, 64, 8, 8, 4)),
+    "block_m 64, 64x128 gate/up": MoEConfig(64, G(64, 128, 16, 8, 4), G(128, 64, 8, 8, 4)),
+})
 # The Mixtral bf16 M=512 entry with pointer loads (its tiles by TMA since session 12; the M=288 entry).
 _MIX512 = MoEConfig(128, G(128, 64, 16, 8, 4, short_m=32), G(128, 64, 8, 8, 5, short_m=32))
-for _m in (256, 384):
-    EXTRA[f"mixtral:bf16:{_m}"].update({  # 32-deep k steps, twice the stages in the same shared memory
-        "gate/up k32 8 stages": MoEConfig(128, G(128, 32, 16, 8, 8, short_m=32), _MIX512.down),
-        "down k32 8 stages": MoEConfig(128, _MIX512.gate_up, G(128, 32, 8, 8, 8, short_m=32)),
-        "both k32 8 stages": MoEConfig(128, G(128, 32, 16, 8, 8, short_m=32), G(128, 32, 8, 8, 8, short_m=32)),
-    })
-for _m in (192, 224, 256, 288, 320, 384, 512):  # narrower or deeper pipelines in the same shared memory
-    EXTRA.setdefault(f"mixtral:bf16:{_m}", {}).update({
-        "M=128 entry": SHAPES["mixtral"].table_config(128, False),
-        "M=256 entry": SHAPES["mixtral"].table_config(256, False),
-        "M=512 entry": SHAPES["mixtral"].table_config(512, False),
-        "M=512 entry, pointer loads": _MIX512,
-        "gate/up 64 wide, 6 stages, group_m 8": MoEConfig(128, G(64, 64, 8, 8, 6, short_m=32), _MIX512.down),
-        "gate/up 64 wide, 6 stages": MoEConfig(128, G(64, 64, 16, 8, 6, short_m=32), _MIX512.down),
-        "gate/up 64 wide, 4 warps, 6 stages": MoEConfig(128, G(64, 64, 16, 4, 6, short_m=32), _MIX512.down),
-        "down 6 stages": MoEConfig(128, _MIX512.gate_up, G(128, 64, 8, 8, 6, short_m=32)),
-        "down 256 wide, 4 stages": MoEConfig(128, _MIX512.gate_up, G(256, 64, 8, 8, 4, short_m=32)),
-    })
-for _m in (192, 224, 256, 320, 384, 448):
-    EXTRA.setdefault(f"qwen3:fp8:{_m}", {}).update({
-        "M=128 entry": SHAPES["qwen3"].table_config(128, True),
-        "M=384 entry": SHAPES["qwen3"].table_config(384, True),
-        "M=512 entry": SHAPES["qwen3"].table_config(512, True),
-        "block_m 32, 4-warp gate/up 4 stages": MoEConfig(32, G(128, 128, 8, 4, 4), _FP8["dn"]),
-        "block_m 32, 4-warp gate/up 5 stages": MoEConfig(32, G(128, 128, 8, 4, 5), _FP8["dn"]),
-        "block_m 32, 4-warp 4-stage gate/up, group_m 1": MoEConfig(32, G(128, 128, 1, 4, 4), G(128, 128, 1, 4, 4)),
-        "block_m 32, 4-warp 4-stage gate/up, down 5 stages": MoEConfig(32, G(128, 128, 8, 4, 4),
-                                                                        G(128, 128, 8, 4, 5)),
-    })
-# Mixtral fp8 M=256 and 384 (0.76 at 256 in session 11): short tiles on the entries either side, block_m 128
-# with short_m 32 (tiles of 32, 64 or 128 rows; one block per expert), and the Qwen3 M=384 entry's tiles.
-for _m in (256, 384):
-    EXTRA[f"mixtral:fp8:{_m}"] = {
-        "M=128 entry": SHAPES["mixtral"].table_config(128, True),
-        "M=128 entry, short_m 16": with_short_m(SHAPES["mixtral"].table_config(128, True), 16),
-        "M=512 entry": SHAPES["mixtral"].table_config(512, True),
-        "M=512 entry, short_m 16": with_short_m(SHAPES["mixtral"].table_config(512, True), 16),
-        "block_m 128, short_m 32": with_short_m(MoEConfig(128, G(128, 128, 8, 8, 3), G(128, 128, 8, 8, 3)), 32),
-        "Qwen3 fp8 M=384 tiles": SHAPES["qwen3"].table_config(384, True),
-    }
-# ... and the Mixtral fp8 M=512 entry's TMA loads varied: gate/up with 4, then 5 stages won (the entry since
-# session 12); then its neighbours.
-_MIX8 = SHAPES["mixtral"].table_config(512, True)
-for _m in (256, 384, 512):
-    EXTRA.setdefault(f"mixtral:fp8:{_m}", {}).update({
-        "gate/up 3 stages (before session 12)": MoEConfig(64, G(128, 128, 16, 8, 3, "tma"), _MIX8.down),
-        "gate/up rows gathered, 3 stages, warp-specialised": MoEConfig(
-            64, G(128, 128, 16, 8, 3, "tma_gathered", True), _MIX8.down),
-        "gate/up rows gathered, 5 stages, warp-specialised": MoEConfig(
-            64, G(128, 128, 16, 8, 5, "tma_gathered", True), _MIX8.down),
-        "gate/up pointer loads, 5 stages": MoEConfig(64, G(128, 128, 16, 8, 5), _MIX8.down),
-        "down not warp-specialised": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 4, "tma")),
-        "gate/up 4 stages": MoEConfig(64, G(128, 128, 16, 8, 4, "tma"), _MIX8.down),
-        "gate/up group_m 8": MoEConfig(64, G(128, 128, 8, 8, 5, "tma"), _MIX8.down),
-        "down 3 stages": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 3, "tma", True)),
-        "down 5 stages": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 5, "tma", True)),
-        "short_m 16": with_short_m(_MIX8, 16),
-    })
-_MIX8_2048 = SHAPES["mixtral"].table_config(2048, True)
-for _m in (384, 512):  # block_m 128: one block per expert near 128 pairs, its remainder in short tiles
-    EXTRA.setdefault(f"mixtral:fp8:{_m}", {}).update({
-        "M=2048 entry": _MIX8_2048,
-        "M=2048 entry, short_m 32": with_short_m(_MIX8_2048, 32),
-        "block_m 128 TMA, short_m 32": with_short_m(
-            MoEConfig(128, G(128, 128, 8, 8, 3, "tma"), G(128, 128, 8, 8, 3, "tma", True)), 32),
-    })
-# Mixtral bf16: the M=512 entry's tiles by TMA (the entry since session 12), with or without warp specialisation.
-for _m in (256, 384, 512):
-    EXTRA[f"mixtral:bf16:{_m}"].update({
-        "M=512 tiles by TMA": MoEConfig(128, G(128, 64, 16, 8, 4, "tma", short_m=32),
-                                        G(128, 64, 8, 8, 5, "tma", short_m=32)),
-        "M=512 tiles by TMA, gate/up warp-specialised": MoEConfig(
-            128, G(128, 64, 16, 8, 4, "tma", True, 32), G(128, 64, 8, 8, 5, "tma", short_m=32)),
-        "M=512 tiles by TMA, both warp-specialised": MoEConfig(
-            128, G(128, 64, 16, 8, 4, "tma", True, 32), G(128, 64, 8, 8, 5, "tma", True, 32)),
-        "M=512 tiles, down by TMA": MoEConfig(128, _MIX512.gate_up, G(128, 64, 8, 8, 5, "tma", short_m=32)),
-    })
-# fp8 with 64-deep k steps (two per scale group): more stages, or two programs per SM, in the same memory.
-_Q8 = SHAPES["qwen3"].table_config(512, True)
-EXTRA["qwen3:fp8:512"].update({
-    "gate/up k64 5 stages": MoEConfig(64, G(128, 64, 8, 8, 5), _Q8.down),
-    "gate/up k64 8 stages": MoEConfig(64, G(128, 64, 8, 8, 8), _Q8.down),
-    "down k64 8 stages": MoEConfig(64, _Q8.gate_up, G(128, 64, 8, 4, 8)),
+_also_time("mixtral", "bf16", (256, 384), {  # 32-deep k steps, twice the stages in the same shared memory
+    "gate/up k32 8 stages": MoEConfig(128, G(128, 32, 16, 8, 8, short_m=32), _MIX512.down),
+    "down k32 8 stages": MoEConfig(128, _MIX512.gate_up, G(128, 32, 8, 8, 8, short_m=32)),
+    "both k32 8 stages": MoEConfig(128, G(128, 32, 16, 8, 8, short_m=32), G(128, 32, 8, 8, 8, short_m=32)),
+})
+_also_time("mixtral", "bf16", (192, 224, 256, 288, 320, 384, 512), {
+    "M=128 entry (block_m 64)": _MIX128,
+    "M=256 entry (gate/up 64 wide, 6 stages)": SHAPES["mixtral"].table_config(256, False),
+    "M=512 entry (tiles by TMA)": SHAPES["mixtral"].table_config(512, False),
+    "M=512 entry, pointer loads": _MIX512,
+    "gate/up 64 wide, 6 stages, group_m 8": MoEConfig(128, G(64, 64, 8, 8, 6, short_m=32), _MIX512.down),
+    "gate/up 64 wide, 4 warps, 6 stages": MoEConfig(128, G(64, 64, 16, 4, 6, short_m=32), _MIX512.down),
+    "down 6 stages": MoEConfig(128, _MIX512.gate_up, G(128, 64, 8, 8, 6, short_m=32)),
+    "down 256 wide, 4 stages": MoEConfig(128, _MIX512.gate_up, G(256, 64, 8, 8, 4, short_m=32)),
+})
+_also_time("mixtral", "bf16", (256, 384, 512), {
+    "M=512 tiles by TMA, gate/up warp-specialised": MoEConfig(
+        128, G(128, 64, 16, 8, 4, "tma", True, 32), G(128, 64, 8, 8, 5, "tma", short_m=32)),
+    "M=512 tiles by TMA, both warp-specialised": MoEConfig(
+        128, G(128, 64, 16, 8, 4, "tma", True, 32), G(128, 64, 8, 8, 5, "tma", True, 32)),
+    "M=512 tiles, down by TMA": MoEConfig(128, _MIX512.gate_up, G(128, 64, 8, 8, 5, "tma", short_m=32)),
+})
+# Qwen3 fp8: the M=384 entry (block_m 32, 4-warp gate/up) against the entries on either side, and its
+# neighbours in tile space; at M=512, 64-deep k steps (two per scale group: more stages, or two programs per SM,
+# in the same memory).
+_also_time("qwen3", "fp8", (192, 224, 256, 320, 384, 448), {
+    "M=128 entry": SHAPES["qwen3"].table_config(128, True),
+    "M=384 entry": SHAPES["qwen3"].table_config(384, True),
+    "M=512 entry": SHAPES["qwen3"].table_config(512, True),
+    "block_m 32, 4-warp gate/up 4 stages": MoEConfig(32, G(128, 128, 8, 4, 4), _FP8["dn"]),
+    "block_m 32, 4-warp gate/up 5 stages": MoEConfig(32, G(128, 128, 8, 4, 5), _FP8["dn"]),
+    "block_m 32, 4-warp 4-stage gate/up, group_m 1": MoEConfig(32, G(128, 128, 1, 4, 4), G(128, 128, 1, 4, 4)),
+    "block_m 32, 4-warp 4-stage gate/up, down 5 stages": MoEConfig(32, G(128, 128, 8, 4, 4), G(128, 128, 8, 4, 5)),
+})
+_also_time("qwen3", "fp8", (512,), {
+    "gate/up k64 5 stages": MoEConfig(64, G(128, 64, 8, 8, 5), _FP8["dn"]),
+    "gate/up k64 8 stages": MoEConfig(64, G(128, 64, 8, 8, 8), _FP8["dn"]),
+    "down k64 8 stages": MoEConfig(64, _FP8["gu"], G(128, 64, 8, 4, 8)),
     "both k64, 5 and 8 stages": MoEConfig(64, G(128, 64, 8, 8, 5), G(128, 64, 8, 4, 8)),
 })
-for _m in (384, 512):
-    EXTRA[f"mixtral:fp8:{_m}"].update({
-        "gate/up k64 8 stages": MoEConfig(64, G(128, 64, 16, 8, 8, "tma"), _MIX8.down),
-        "gate/up k64 10 stages": MoEConfig(64, G(128, 64, 16, 8, 10, "tma"), _MIX8.down),
-    })
+# Mixtral fp8 M=256-512 (0.76 at 256 in session 11): short tiles on the entries either side, block_m 128 with
+# short_m 32 (tiles of 32, 64 or 128 rows; one block per expert), the Qwen3 M=384 entry's tiles; then the M=512
+# entry's TMA loads varied: gate/up with 4, then 5 stages won (the entry since session 12); then its neighbours,
+# and 64-deep k steps.
+_MIX8, _MIX8_128, _MIX8_2048 = (SHAPES["mixtral"].table_config(m, True) for m in (512, 128, 2048))
+_also_time("mixtral", "fp8", (256, 384), {
+    "M=128 entry": _MIX8_128,
+    "M=128 entry, short_m 16": with_short_m(_MIX8_128, 16),
+    "block_m 128, short_m 32": with_short_m(MoEConfig(128, G(128, 128, 8, 8, 3), G(128, 128, 8, 8, 3)), 32),
+    "Qwen3 fp8 M=384 tiles": SHAPES["qwen3"].table_config(384, True),
+})
+_also_time("mixtral", "fp8", (256, 384, 512), {
+    "gate/up 3 stages (before session 12)": MoEConfig(64, G(128, 128, 16, 8, 3, "tma"), _MIX8.down),
+    "gate/up 4 stages": MoEConfig(64, G(128, 128, 16, 8, 4, "tma"), _MIX8.down),
+    "gate/up rows gathered, 3 stages, warp-specialised": MoEConfig(
+        64, G(128, 128, 16, 8, 3, "tma_gathered", True), _MIX8.down),
+    "gate/up rows gathered, 5 stages, warp-specialised": MoEConfig(
+        64, G(128, 128, 16, 8, 5, "tma_gathered", True), _MIX8.down),
+    "gate/up pointer loads, 5 stages": MoEConfig(64, G(128, 128, 16, 8, 5), _MIX8.down),
+    "gate/up group_m 8": MoEConfig(64, G(128, 128, 8, 8, 5, "tma"), _MIX8.down),
+    "down not warp-specialised": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 4, "tma")),
+    "down 3 stages": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 3, "tma", True)),
+    "down 5 stages": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 5, "tma", True)),
+    "short_m 16": with_short_m(_MIX8, 16),
+})
+_also_time("mixtral", "fp8", (384, 512), {
+    "M=2048 entry": _MIX8_2048,
+    "M=2048 entry, short_m 32": with_short_m(_MIX8_2048, 32),
+    "block_m 128 TMA, short_m 32": with_short_m(
+        MoEConfig(128, G(128, 128, 8, 8, 3, "tma"), G(128, 128, 8, 8, 3, "tma", True)), 32),
+    "gate/up k64 8 stages": MoEConfig(64, G(128, 64, 16, 8, 8, "tma"), _MIX8.down),
+    "gate/up k64 10 stages": MoEConfig(64, G(128, 64, 16, 8, 10, "tma"), _MIX8.down),
+})
 REPEATS = 3
 _counters = align_mod.completion_counters
 

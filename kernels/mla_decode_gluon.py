@@ -347,7 +347,7 @@ def launch_mla_decode_gluon(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     half = LORA // 2
     box = min(kv_cache.shape[1], BLOCK_N)  # a box never crosses a page
     split_out = num_splits > 1
-    _mla_decode_gluon_kernel[(-(-num_heads // BLOCK_H), num_reqs, num_splits)](
+    _mla_decode_gluon_kernel[(triton.cdiv(num_heads, BLOCK_H), num_reqs, num_splits)](
         _descriptor(q2d, [BLOCK_H, half]), _descriptor(q2d, [BLOCK_H, ROPE]),
         _descriptor(rows, [box, half]), _descriptor(rows, [box, ROPE]), block_tables, seq_lens, out, part_out,
         part_lse, scale_log2, num_heads, block_tables.stride(0), out.stride(0), out.stride(1),
