@@ -36,10 +36,9 @@ from .moe_align import AlignedRouting, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config, lookup_tokens
 from .moe_tiles import (
     act_quant_meta,
-    block_of,
     block_pairs,
     down_acc,
-    fitting_tile,
+    each_block,
     fp8_act,
     gate_up_acc,
     gate_up_scales,
@@ -63,23 +62,22 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, b
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block
     (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M: `GemmConfig.short_m`."""
     pdl_enter(USE_PDL)
-    pid_m, pid_n, expert = block_of(block_expert_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
-    if expert < 0:
-        return
-    fitting_tile(_gate_up_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr,
-                                  pid_m, pid_n, expert, K, INTER, top_k, stride_xm, stride_we, stride_wn,
-                                  stride_am, stride_asm, stride_xsm, stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, QUANT_ACT, ROUND_DTYPE),
-                 block_rows_ptr + pid_m, BLOCK_M, SHORT_M)
+    each_block(_gate_up_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, K, INTER,
+                                top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse,
+                                stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, QUANT_ACT,
+                                ROUND_DTYPE),
+               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), BLOCK_M, SHORT_M, GROUP_M)
 
 
 @triton.jit
-def _gate_up_block(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, pid_m, pid_n,
-                   expert, K, INTER, top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm,
+def _gate_up_block(block, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, K, INTER,
+                   top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm,
                    stride_wse, stride_wsn, FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                    QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, ROWS: tl.constexpr):
-    """`_gate_up_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them)."""
+    """`_gate_up_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them);
+    block = (pid_m, pid_n, expert) from `each_block`."""
+    pid_m, pid_n, expert = block
     pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
     token = pair // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,21 +105,20 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
     """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block.
     SHORT_M: `GemmConfig.short_m`."""
     pdl_enter(USE_PDL)
-    pid_m, pid_n, expert = block_of(block_expert_ptr, max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
-    if expert < 0:
-        return
-    fitting_tile(_down_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr,
-                               pid_m, pid_n, expert, N, K, stride_am, stride_we, stride_wn, stride_ym, stride_asm,
-                               stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N),
-                 block_rows_ptr + pid_m, BLOCK_M, SHORT_M)
+    each_block(_down_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, N, K,
+                             stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn, FP8,
+                             QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N),
+               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(N, BLOCK_N), BLOCK_M, SHORT_M, GROUP_M)
 
 
 @triton.jit
-def _down_block(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, pid_m, pid_n,
-                expert, N, K, stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
+def _down_block(block, act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, N, K,
+                stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
                 FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ROWS: tl.constexpr):
-    """`_down_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them)."""
+    """`_down_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them);
+    block = (pid_m, pid_n, expert) from `each_block`."""
+    pid_m, pid_n, expert = block
     pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
     slots = pid_m * BLOCK_M + tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

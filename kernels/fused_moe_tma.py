@@ -30,9 +30,8 @@ from .device import compute_capability
 from .moe_configs import GemmConfig
 from .moe_tiles import (
     act_quant_meta,
-    block_of,
     block_pairs,
-    fitting_tile,
+    each_block,
     gate_up_scales,
     gemm_meta,
     operand_scales,
@@ -102,23 +101,22 @@ def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_pt
                         ROUND_DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
     """As `fused_moe._gate_up_kernel`; x is [num_slots, K] in slot order when GATHERED, else [M, K]."""
     pdl_enter(USE_PDL)
-    pid_m, pid_n, expert = block_of(block_expert_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
-    if expert < 0:
-        return
-    fitting_tile(_gate_up_tma_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr,
-                                      pid_m, pid_n, expert, num_slots, num_experts, K, INTER, top_k, stride_xm,
-                                      stride_am, stride_asm, stride_xsm, stride_wse, stride_wsn, GATHERED, FP8,
-                                      QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, WS, QUANT_ACT, ROUND_DTYPE),
-                 block_rows_ptr + pid_m, BLOCK_M, SHORT_M)
+    each_block(_gate_up_tma_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr,
+                                    num_slots, num_experts, K, INTER, top_k, stride_xm, stride_am, stride_asm,
+                                    stride_xsm, stride_wse, stride_wsn, GATHERED, FP8, QBLOCK, BLOCK_M, BLOCK_N,
+                                    BLOCK_K, WS, QUANT_ACT, ROUND_DTYPE),
+               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), BLOCK_M, SHORT_M, GROUP_M)
 
 
 @triton.jit
-def _gate_up_tma_block(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, pid_m, pid_n,
-                       expert, num_slots, num_experts, K, INTER, top_k, stride_xm, stride_am, stride_asm,
+def _gate_up_tma_block(block, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr,
+                       num_slots, num_experts, K, INTER, top_k, stride_xm, stride_am, stride_asm,
                        stride_xsm, stride_wse, stride_wsn, GATHERED: tl.constexpr, FP8: tl.constexpr,
                        QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        WS: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, ROWS: tl.constexpr):
-    """`_gate_up_tma_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them)."""
+    """`_gate_up_tma_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them);
+    block = (pid_m, pid_n, expert) from `each_block`."""
+    pid_m, pid_n, expert = block
     pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
     token = pair // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -167,21 +165,20 @@ def _down_tma_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_p
                      USE_PDL: tl.constexpr):
     """As `fused_moe._down_kernel`, both operands by TMA."""
     pdl_enter(USE_PDL)
-    pid_m, pid_n, expert = block_of(block_expert_ptr, max_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
-    if expert < 0:
-        return
-    fitting_tile(_down_tma_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr,
-                                   pid_m, pid_n, expert, num_slots, num_experts, N, K, stride_am, stride_ym,
-                                   stride_asm, stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, WS),
-                 block_rows_ptr + pid_m, BLOCK_M, SHORT_M)
+    each_block(_down_tma_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr,
+                                 num_slots, num_experts, N, K, stride_am, stride_ym, stride_asm, stride_wse,
+                                 stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, WS),
+               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(N, BLOCK_N), BLOCK_M, SHORT_M, GROUP_M)
 
 
 @triton.jit
-def _down_tma_block(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, pid_m, pid_n,
-                    expert, num_slots, num_experts, N, K, stride_am, stride_ym, stride_asm, stride_wse, stride_wsn,
+def _down_tma_block(block, act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, num_slots,
+                    num_experts, N, K, stride_am, stride_ym, stride_asm, stride_wse, stride_wsn,
                     FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, WS: tl.constexpr, ROWS: tl.constexpr):
-    """`_down_tma_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them)."""
+    """`_down_tma_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them);
+    block = (pid_m, pid_n, expert) from `each_block`."""
+    pid_m, pid_n, expert = block
     pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
     slots = pid_m * BLOCK_M + tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -35,7 +35,7 @@ class GemmConfig:
     (at least 16 rows), or 0 = every block runs block_m rows. A block runs the smallest of short_m,
     2 * short_m (below block_m) and block_m that holds its valid rows, so an expert's last, mostly padding
     block costs a fraction of the MMA work. The kernel is built with each height and picks one per block at
-    run time (`moe_tiles.fitting_tile`), so the height a token's rows take depends on how many other tokens
+    run time (`moe_tiles.each_block`), so the height a token's rows take depends on how many other tokens
     chose the same expert (as the table entry already depends on the batch's size); results are identical run
     to run."""
 

@@ -1,6 +1,6 @@
 """Pieces shared by the fused-MoE kernel modules (`fused_moe`: aligned GEMMs by pointer loads;
 `fused_moe_tma`: aligned GEMMs with tiles by TMA; `fused_moe_pairs`: the small-M per-pair path): the launch
-order of (block, N tile) programs, the per-block choice of tile height (`fitting_tile`), the pointer-load gate/up
+order of (block, N tile) programs and the per-block choice of tile height (`each_block`), the pointer-load gate/up
 and down k loops, the epilogues (gate/up's with
 optional FP8 quantisation of act), act allocation, the choice between quantising act in gate/up's epilogue or
 by its own launch, and the launch constants. Kept apart so the kernel modules import them without importing
@@ -100,16 +100,22 @@ def block_of(block_expert_ptr, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def fitting_tile(block_fn: tl.constexpr, args, rows_ptr, BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr):
-    """block_fn(*args, ROWS) over the smallest tile height ROWS that holds the block's valid rows (*rows_ptr):
-    SHORT_M, 2 * SHORT_M while below BLOCK_M, else BLOCK_M (`GemmConfig.short_m`). SHORT_M = 0 is a
-    compile-time False: only the BLOCK_M tile is built, and the row count is not read."""
-    if SHORT_M and tl.load(rows_ptr) <= SHORT_M:
-        block_fn(*args, SHORT_M)
-    elif SHORT_M and 2 * SHORT_M < BLOCK_M and tl.load(rows_ptr) <= 2 * SHORT_M:
-        block_fn(*args, 2 * SHORT_M)
-    else:
-        block_fn(*args, BLOCK_M)
+def each_block(block_fn: tl.constexpr, args, block_expert_ptr, block_rows_ptr, num_m, num_n,
+               BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr, GROUP_M: tl.constexpr):
+    """The aligned GEMM kernels' program: block_fn((pid_m, pid_n, expert), *args, ROWS) for this program's block
+    and N tile (`block_of`), nothing for a block without pairs. ROWS is the smallest tile height that holds the
+    block's valid rows: SHORT_M, 2 * SHORT_M while below BLOCK_M, else BLOCK_M (`GemmConfig.short_m`). SHORT_M = 0
+    is a compile-time False: only the BLOCK_M tile is built, and the row count is not read. (The block's indices
+    travel as their own tuple: Triton 3.6 cannot concatenate a tuple holding constexprs.)"""
+    pid_m, pid_n, expert = block_of(block_expert_ptr, num_m, num_n, GROUP_M)
+    if expert >= 0:
+        block = (pid_m, pid_n, expert)
+        if SHORT_M and tl.load(block_rows_ptr + pid_m) <= SHORT_M:
+            block_fn(block, *args, SHORT_M)
+        elif SHORT_M and 2 * SHORT_M < BLOCK_M and tl.load(block_rows_ptr + pid_m) <= 2 * SHORT_M:
+            block_fn(block, *args, 2 * SHORT_M)
+        else:
+            block_fn(block, *args, BLOCK_M)
 
 
 @triton.jit
