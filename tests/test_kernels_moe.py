@@ -179,23 +179,64 @@ def test_expert_kernel_factory_hands_global_count_to_triton():
     assert isinstance(create_expert_kernel("auto", "cpu", num_experts=128), TorchExperts)
 
 
-@pytest.fixture
-def entries_probe(monkeypatch):
-    """benchmarks/moe_entries_probe.py as a module. It imports the benchmark driver under the top-level name
-    `kernels`, which the repository root's `kernels/` package would shadow: sys.modules is restored after."""
+def _benchmark_module(monkeypatch, name: str):
+    """benchmarks/{name}.py as a module (a generator for a fixture). The MoE benchmarks import the benchmark
+    driver under the top-level name `kernels`, which the repository root's `kernels/` package would shadow:
+    sys.modules is restored after."""
     import importlib
     import sys
     from pathlib import Path
 
-    names = ("kernels", "kernels_moe_tune", "moe_entries_probe")
+    names = ("kernels", "kernels_moe_tune", name)
     saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
-        yield importlib.import_module("moe_entries_probe")
+        yield importlib.import_module(name)
     finally:
         for n in names:
             sys.modules.pop(n, None)
         sys.modules.update(saved)
+
+
+@pytest.fixture
+def entries_probe(monkeypatch):
+    yield from _benchmark_module(monkeypatch, "moe_entries_probe")
+
+
+@pytest.fixture
+def vendor_baseline(monkeypatch):
+    yield from _benchmark_module(monkeypatch, "moe_vendor_baseline")
+
+
+def test_vendor_baseline_groups_are_the_valid_choices_by_expert(vendor_baseline):
+    """benchmarks/moe_vendor_baseline.py times torch's grouped GEMMs on the same routing as fused_moe: its rows
+    must be exactly each expert's valid choices (ids -1 dropped), in groups padded to 16 rows, so the two GEMMs
+    compute what the fused call's GEMMs compute. Checked with torch._grouped_mm on the CPU against one matmul
+    per expert."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(3)
+    num_experts, hidden, inter, top_k = 5, 32, 16, 2
+    ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(23)]).to(torch.int32)
+    ids[ids == 4] = -1  # expert 4 lives on another rank
+    x = torch.randn(23, hidden, generator=g).to(torch.bfloat16)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g).to(torch.bfloat16)
+    token, offs, rows = vendor_baseline.expert_order(ids, num_experts)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int32), offs[:-1]])
+    assert rows == int(offs[-1]) and all(int(o) % vendor_baseline.GROUP_ALIGN == 0 for o in offs)
+    for e in range(num_experts):
+        group = token[int(starts[e]):int(offs[e])]
+        want = [m for m in range(23) if e in ids[m].tolist()]
+        assert group[:len(want)].tolist() == want and bool((group[len(want):] == -1).all()), e
+    shape = SimpleNamespace(num_experts=num_experts, inter=inter)
+    v = vendor_baseline.vendor_weights(shape, dict(w13=w13, w2=w13[:, :hidden, :inter].contiguous()), False)
+    s = vendor_baseline.vendor_sets(shape, [(x, None, ids)], False)[0]
+    got = torch._grouped_mm(s["x"], v["w13"], offs=s["offs"]).float()
+    for e in range(num_experts):
+        rows_e = token[int(starts[e]):int(offs[e])]
+        real = rows_e >= 0
+        want = x[rows_e[real]].float() @ w13[e].float().T
+        torch.testing.assert_close(got[int(starts[e]):int(offs[e])][real], want, rtol=2e-2, atol=2e-2)
 
 
 def test_entries_probe_short_variants_are_the_other_short_tiles(entries_probe):
