@@ -140,10 +140,10 @@ def bench_mla_decode(copy_tbs: float, quick: bool, sweep: bool) -> list[dict]:
         base = dict(kernel="decode_mla", shape=shape, config="default")
         _try(rows, base, call(), ref, nbytes, copy_tbs, flops, graph=True)
         if use_mla_tma(q, kv):  # the Triton kernel's choice at this shape: tiles through TMA descriptors
-            _try(rows, dict(base, config="TMA (use_mla_tma)"), call(tma=True), ref, nbytes, copy_tbs, flops,
+            _try(rows, dict(base, config="TMA (use_mla_tma)"), call(kernel="tma"), ref, nbytes, copy_tbs, flops,
                  graph=True)
         if use_mla_gluon(q, kv, lora):  # the backend's choice on Hopper: the warp-specialised Gluon kernel
-            _try(rows, dict(base, config="Gluon (use_mla_gluon)"), call(gluon=True), ref, nbytes, copy_tbs, flops,
+            _try(rows, dict(base, config="Gluon (use_mla_gluon)"), call(kernel="gluon"), ref, nbytes, copy_tbs, flops,
                  graph=True)
         if not sweep or page != 16:
             continue

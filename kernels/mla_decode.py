@@ -6,13 +6,13 @@ Cache: ``kv_cache [num_blocks, block_size, 1, kv_lora_rank + rope_dim]``; the va
 share the single latent head, so larger ``BLOCK_H`` means fewer re-reads of the cache (the rest come from L2,
 since head blocks of one request are adjacent in launch order).
 
-`mla_decode_attention(..., tma=True)` is the same computation with the cache tiles loaded through TMA descriptors
+`mla_decode_attention(..., kernel="tma")` is the same computation with the cache tiles loaded through TMA descriptors
 and the [BLOCK_H, 512] accumulator held as two 256-wide halves (one per TMA box). On the H100 with 64-key
 tiles (page 64) and 128 heads it takes 279 µs where the pointer kernel takes 346 µs (B64, context 4096;
 benchmarks/RESULTS.md); with 16-key tiles (page 16) it is 1.8x slower, so `use_mla_tma` picks it only for
 64-key tiles and at least 64 heads. Triton's warp specialisation of its key loop compiled but gave nothing.
 
-`mla_decode_attention(..., gluon=True)` runs the warp-specialised Gluon kernel (`mla_decode_gluon`), which the
+`mla_decode_attention(..., kernel="gluon")` runs the warp-specialised Gluon kernel (`mla_decode_gluon`), which the
 backend takes on Hopper for DeepSeek's latent (`use_mla_gluon`): 144 µs at page 64 and 148 µs at page 16 for
 the shape above, as CUDA-graph replays.
 """
@@ -42,6 +42,8 @@ try:  # Triton >= 3.4: host-side TMA descriptors (also run by the interpreter)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: the TMA path reports itself unavailable
     TensorDescriptor = None
+
+MLA_KERNELS = ("ptr", "tma", "gluon", "auto")  # `mla_decode_attention`'s kernel choices
 
 
 @triton.jit
@@ -120,8 +122,7 @@ def mla_decode_attention(
     block_h: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
-    tma: bool | None = False,
-    gluon: bool = False,
+    kernel: str = "ptr",
 ) -> torch.Tensor:
     """Absorbed-MLA decode: one query per request over its paged latent context.
 
@@ -129,46 +130,55 @@ def mla_decode_attention(
     kv_cache:     [num_blocks, block_size, 1, kv_lora_rank + rope_dim] (last dim contiguous)
     block_tables: [num_reqs, max_blocks], int32; seq_lens: [num_reqs], int32 (>= 1)
     kv_lora_rank and rope_dim must be powers of two (512 and 64 in DeepSeek-V2/V3).
-    tma: read the cache tiles through TMA descriptors (`mla_tma_ok` says which inputs allow it; ValueError
-    otherwise); the result is the same. None: where `use_mla_tma` picks it (the attention backend's choice;
-    its input checks are then not run twice), unless `use_mla_gluon` picks the Gluon kernel. Graph-safe either
-    way: the grid depends on shapes only, and the descriptors are rebuilt on the host each call from the
-    cache's (stable) address.
-    gluon: run the warp-specialised Gluon kernel (`mla_decode_gluon`; ValueError where
-    `mla_gluon_unsupported` gives a reason); block_n, block_h, num_warps, num_stages and tma do not apply.
+    kernel: which kernel runs; all give the same result (up to rounding). Graph-safe each: the grid depends on
+    shapes only, and TMA descriptors are rebuilt on the host each call from the cache's (stable) address.
+      "ptr"   the Triton kernel with pointer loads (any inputs);
+      "tma"   the Triton kernel with the cache tiles loaded through TMA descriptors (`mla_tma_ok` says which
+              inputs allow it; ValueError otherwise);
+      "gluon" the warp-specialised Gluon kernel (`mla_decode_gluon`; ValueError where `mla_gluon_unsupported`
+              gives a reason); block_n, block_h, num_warps and num_stages do not apply;
+      "auto"  the attention backend's choice: "gluon" where `use_mla_gluon` picks it, else "tma" where
+              `use_mla_tma` does (with block_n 64), else "ptr". The inputs are checked once, by those picks.
     Returns [num_reqs, num_heads, kv_lora_rank] in q's dtype.
     """
-    if gluon:
-        from moeserve.kernels.mla_decode_gluon import mla_gluon_unsupported
-
-        reason = mla_gluon_unsupported(q, kv_cache, kv_lora_rank)
+    if kernel not in MLA_KERNELS:
+        raise ValueError(f"mla_decode_attention: kernel must be one of {MLA_KERNELS}, got {kernel!r}")
+    if kernel == "auto":  # use_mla_gluon and use_mla_tma checked the inputs
+        kernel = "gluon" if use_mla_gluon(q, kv_cache, kv_lora_rank) else (
+            "tma" if block_n == 64 and use_mla_tma(q, kv_cache) else "ptr")
+    elif kernel in ("gluon", "tma"):
+        reason = _unsupported(kernel, q, kv_cache, kv_lora_rank, block_n)
         if reason is not None:
-            raise ValueError(f"mla_decode_attention(gluon=True): {reason}")
-    if gluon or (tma is None and use_mla_gluon(q, kv_cache, kv_lora_rank)):  # use_mla_gluon checked the inputs
+            raise ValueError(f"mla_decode_attention(kernel={kernel!r}): {reason}")
+    if kernel == "gluon":
         return _mla_decode_gluon(q, kv_cache, block_tables, seq_lens, scale, kv_lora_rank, max_seq_len, num_splits)
     page, dk = kv_cache.shape[1], q.shape[2]
     rope = dk - kv_lora_rank
-    if tma is None:  # use_mla_tma checked the inputs for 64-key tiles
-        tma = block_n == 64 and use_mla_tma(q, kv_cache)
-    elif tma:
-        reason = mla_tma_unsupported(q, kv_cache, block_n)
-        if reason is not None:
-            raise ValueError(f"mla_decode_attention(tma=True): {reason}")
-    if tma:
+    if kernel == "tma":
         if not _is_pow2_in(kv_lora_rank, 32, 512) or not _is_pow2_in(rope, 16, 256):
             raise ValueError(f"kv_lora_rank must be a power of two in [32, 512] and rope_dim one in [16, 256] "
                              f"(TMA boxes of at most 256 columns), got {kv_lora_rank} and {rope}")
         rows = kv_cache.view(kv_cache.shape[0] * page, dk)  # valid view: checked by mla_tma_unsupported
-        kernel = _mla_decode_tma_kernel
+        triton_kernel = _mla_decode_tma_kernel
         cache_args = (TensorDescriptor.from_tensor(rows, [block_n, kv_lora_rank // 2]),
                       TensorDescriptor.from_tensor(rows, [block_n, rope]))
     else:
         assert kv_cache.shape[2] == 1 and kv_cache.shape[3] == dk, "MLA cache holds one latent head of q's width"
         assert triton.next_power_of_2(kv_lora_rank) == kv_lora_rank and triton.next_power_of_2(rope) == rope
         assert q.stride(-1) == 1 and kv_cache.stride(-1) == 1
-        kernel, cache_args = _mla_decode_kernel, (kv_cache, kv_cache.stride(0), kv_cache.stride(1))
-    return _launch(kernel, cache_args, q, block_tables, seq_lens, scale, kv_lora_rank, max_seq_len, page,
+        triton_kernel, cache_args = _mla_decode_kernel, (kv_cache, kv_cache.stride(0), kv_cache.stride(1))
+    return _launch(triton_kernel, cache_args, q, block_tables, seq_lens, scale, kv_lora_rank, max_seq_len, page,
                    num_splits, block_n, block_h, num_warps, num_stages)
+
+
+def _unsupported(kernel: str, q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int,
+                 block_n: int) -> str | None:
+    """Why the "gluon" or "tma" kernel of `mla_decode_attention` cannot take these inputs, or None."""
+    if kernel == "tma":
+        return mla_tma_unsupported(q, kv_cache, block_n)
+    from moeserve.kernels.mla_decode_gluon import mla_gluon_unsupported
+
+    return mla_gluon_unsupported(q, kv_cache, kv_lora_rank)
 
 
 def _with_splits(q: torch.Tensor, kv_lora_rank: int, max_seq_len: int, num_splits: int | None, head_blocks: int,
@@ -334,7 +344,8 @@ def _interpreting() -> bool:
 
 
 def mla_tma_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 64) -> str | None:
-    """Why `mla_decode_attention(..., tma=True)` cannot take these inputs, or None when it can (see `mla_tma_ok`)."""
+    """Why `mla_decode_attention(..., kernel="tma")` cannot take these inputs, or None when it can (see
+    `mla_tma_ok`)."""
     if TensorDescriptor is None:
         return "this Triton has no triton.tools.tensor_descriptor (needs >= 3.4)"
     if q.dtype not in (torch.float16, torch.bfloat16) or kv_cache.dtype != q.dtype:
@@ -354,8 +365,8 @@ def mla_tma_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 
 
 
 def mla_tma_ok(q: torch.Tensor, kv_cache: torch.Tensor, block_n: int = 64) -> bool:
-    """Whether `mla_decode_attention(..., tma=True)` runs on these inputs: fp16/bf16 q and cache of the same dtype; a
-    Hopper (or newer) CUDA device, or the Triton interpreter; ``block_n`` a power of two in [16, 256] that
+    """Whether `mla_decode_attention(..., kernel="tma")` runs on these inputs: fp16/bf16 q and cache of the same
+    dtype; a Hopper (or newer) CUDA device, or the Triton interpreter; ``block_n`` a power of two in [16, 256] that
     divides the page size (each TMA tile lies inside one page: page 16 -> block_n 16, page 64 -> 16/32/64);
     the cache's token rows evenly spaced and 16-byte aligned (any contiguous cache). kv_lora_rank and
     rope_dim are checked by the call (powers of two, lora in [32, 512], rope in [16, 256])."""
@@ -384,7 +395,7 @@ def mla_gluon_skipped_because(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_r
 
 
 def use_mla_tma(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Whether a decode step should read the cache through TMA (`mla_decode_attention(..., tma=True)`): where
+    """Whether a decode step should read the cache through TMA (`mla_decode_attention(..., kernel="tma")`): where
     it measured faster, i.e. 64-key tiles (a page size that is a multiple of 64) and at least 64 heads. The
     shape tests come first, so other steps skip the device checks."""
     return q.shape[1] >= 64 and kv_cache.shape[1] % 64 == 0 and mla_tma_ok(q, kv_cache, 64)

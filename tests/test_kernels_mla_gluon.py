@@ -1,4 +1,4 @@
-"""`mla_decode_attention(..., gluon=True)` (the warp-specialised Gluon MLA decode kernel) against the pure-torch
+"""`mla_decode_attention(..., kernel="gluon")` (the warp-specialised Gluon MLA decode kernel) against the pure-torch
 reference: ragged contexts, stale NaN past each context, split-KV with empty splits, head counts that do not
 fill the 64-head programs, peaked softmax rows; the backend's and the engine's use of it (CUDA-graph replay:
 tests/test_kernels_mla_tma.py). GPU tests need a Hopper (sm_90) GPU; on CPU the call says why it cannot run.
@@ -28,7 +28,7 @@ def _gluon(q, kv, bt, sl, splits, scale=SCALE) -> torch.Tensor:
     """The Gluon kernel's output, checked for shape, dtype and finiteness."""
     from moeserve.kernels.mla_decode import mla_decode_attention
 
-    out = mla_decode_attention(q, kv, bt, sl, scale, 512, int(sl.max()), num_splits=splits, gluon=True)
+    out = mla_decode_attention(q, kv, bt, sl, scale, 512, int(sl.max()), num_splits=splits, kernel="gluon")
     assert out.shape == (q.shape[0], q.shape[1], 512) and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     return out
@@ -45,8 +45,10 @@ def test_unsupported_inputs_say_why() -> None:
 
     kv, _, bt, sl = make_paged_cache([20], 64, 1, 576, None, BF16)
     q = torch.randn(1, 64, 576).to(BF16)
-    with pytest.raises(ValueError, match="gluon=True"):
-        mla_decode_attention(q, kv, bt, sl, SCALE, 512, 20, gluon=True)
+    with pytest.raises(ValueError, match="kernel='gluon'"):
+        mla_decode_attention(q, kv, bt, sl, SCALE, 512, 20, kernel="gluon")
+    with pytest.raises(ValueError, match=r"kernel must be one of \('ptr', 'tma', 'gluon', 'auto'\), got 'fast'"):
+        mla_decode_attention(q, kv, bt, sl, SCALE, 512, 20, kernel="fast")
     assert "Hopper" in mla_gluon_unsupported(q, kv, 512) or "Gluon" in mla_gluon_unsupported(q, kv, 512)
     assert not use_mla_gluon(q, kv, 512)
 
@@ -137,7 +139,7 @@ def test_gpu_peaked_rows_and_long_context_match_the_tma_kernel() -> None:
     assert _err(q, kv, bt, sl, None, scale=1.0) <= 1e-2
     ours = _gluon(q, kv, bt, sl, None)
     assert rel_err(ours, mla_decode_attention_ref(q, kv, bt, sl, SCALE, 512)) <= 1e-2
-    assert rel_err(ours, mla_decode_attention(q, kv, bt, sl, SCALE, 512, 4096, tma=True)) <= 1e-2
+    assert rel_err(ours, mla_decode_attention(q, kv, bt, sl, SCALE, 512, 4096, kernel="tma")) <= 1e-2
 
 
 @pytest.mark.gpu

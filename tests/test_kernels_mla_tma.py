@@ -1,4 +1,4 @@
-"""`mla_decode_attention(..., tma=True)` (MLA decode through TMA descriptors) against the pure-torch reference.
+"""`mla_decode_attention(..., kernel="tma")` (MLA decode through TMA descriptors) against the pure-torch reference.
 
 CPU: the kernel runs under the Triton interpreter (fp16; descriptors are emulated) in a subprocess, see
 tests/interp.py. GPU (`gpu` mark): bf16, DeepSeek shapes, relative error <= 1e-2 against the fp32 reference,
@@ -39,7 +39,7 @@ def _run(seq_lens, page, block_n, splits, heads=16, lora=512, rope=64, dtype=F16
     q = torch.randn(len(seq_lens), heads, lora + rope).to(dtype).to(device)
     scale = 0.3 / rope if scale is None else scale
     out = mla_decode_attention(q, kv, bt, sl, scale, lora, max(seq_lens), num_splits=splits,
-                               block_n=block_n, tma=True, **kw)
+                               block_n=block_n, kernel="tma", **kw)
     assert out.shape == (len(seq_lens), heads, lora) and out.dtype == dtype
     assert torch.isfinite(out).all()
     return rel_err(out, mla_decode_attention_ref(q, kv, bt, sl, scale, lora))
@@ -97,9 +97,9 @@ def test_interp_unsupported_inputs_say_why() -> None:
     assert mla_tma_ok(q, kv, 16) and not mla_tma_ok(q, kv, 32) and not mla_tma_ok(q, kv, 8)
     assert not mla_tma_ok(q.float(), kv.float(), 16)
     with pytest.raises(ValueError, match="dividing the page size 16"):
-        mla_decode_attention(q, kv, bt, sl, 0.1, 512, 20, block_n=32, tma=True)
+        mla_decode_attention(q, kv, bt, sl, 0.1, 512, 20, block_n=32, kernel="tma")
     with pytest.raises(ValueError, match="kv_lora_rank must be"):
-        mla_decode_attention(q, kv, bt, sl, 0.1, 448, 20, block_n=16, tma=True)
+        mla_decode_attention(q, kv, bt, sl, 0.1, 448, 20, block_n=16, kernel="tma")
 
 
 def test_interpreter_cases() -> None:
@@ -164,7 +164,7 @@ def test_gpu_cuda_graph_replay_follows_new_inputs(kernel: str) -> None:
     kv, _, bt, sl = make_paged_cache(seq_lens, 64, 1, 576, None, torch.bfloat16, "cuda")
     q = torch.randn(8, 16, 576, device="cuda", dtype=torch.bfloat16)
     call = lambda: mla_decode_attention(q, kv, bt, sl, 192**-0.5, 512, 1024, num_splits=4,  # noqa: E731
-                                        **{kernel: True})
+                                        kernel=kernel)
     call()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

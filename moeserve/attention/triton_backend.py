@@ -85,7 +85,7 @@ class TritonAttentionBackend(AttentionBackend):
                 if not self._mla_kernel_logged:  # the first decode step: graph capture, at start-up
                     self.log_mla_kernel(q, k_cache, rank)
                 return mla_decode_attention(q, k_cache, meta.block_tables, meta.seq_lens, scale, rank,
-                                            meta.max_seq_len, tma=None)  # None: as use_mla_gluon / use_mla_tma pick
+                                            meta.max_seq_len, kernel="auto")
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len
             )
