@@ -314,8 +314,13 @@ def tune_whole(w: dict, inputs: list, current: MoEConfig, candidates: list[MoECo
 
 
 def with_short_m(cfg: MoEConfig, short_m: int) -> MoEConfig:
-    """cfg with short tiles of short_m rows (`GemmConfig.short_m`; 0 = none) in both GEMMs."""
-    return replace(cfg, gate_up=replace(cfg.gate_up, short_m=short_m), down=replace(cfg.down, short_m=short_m))
+    """cfg with short tiles of short_m rows (`GemmConfig.short_m`; 0 = none) in both GEMMs; a GEMM's mid tiles
+    (`GemmConfig.mid_m`) stay only where short_m is still block_m / 4."""
+
+    def with_it(g):
+        return replace(g, short_m=short_m, mid_m=g.mid_m and short_m * 4 == cfg.block_m)
+
+    return replace(cfg, gate_up=with_it(cfg.gate_up), down=with_it(cfg.down))
 
 
 def short_candidates(cfg: MoEConfig) -> list[MoEConfig]:

@@ -203,6 +203,17 @@ _also_time("mixtral", "fp8", (384, 512), {
     "gate/up k64 8 stages": MoEConfig(64, G(128, 64, 16, 8, 8, "tma"), _MIX8.down),
     "gate/up k64 10 stages": MoEConfig(64, G(128, 64, 16, 8, 10, "tma"), _MIX8.down),
 })
+# Session 13: the MMAs transposed (swap_ab: tokens on the tensor cores' N side) with 96-row tiles (mid_m), the
+# Mixtral bf16 entries at M=240-443 since; timed against the entries they replaced and without the mid tiles.
+_TRANSPOSED = dict(swap_ab=True, mid_m=True)
+_also_time("mixtral", "bf16", (240, 256, 264, 272, 300, 320, 330, 352, 384, 416, 440, 448, 512), {
+    "M=256 entry before (not transposed)": MoEConfig(128, G(64, 64, 16, 8, 6, short_m=32), _MIX512.down),
+    "M=512 entry, pointer loads": _MIX512,  # the M=288 entry before
+    "M=512 tiles, transposed, no mid tiles": MoEConfig(128, G(128, 64, 16, 8, 4, short_m=32, swap_ab=True),
+                                                       G(128, 64, 8, 8, 5, short_m=32, swap_ab=True)),
+    "M=512 tiles, transposed, mid tiles": MoEConfig(128, G(128, 64, 16, 8, 4, short_m=32, **_TRANSPOSED),
+                                                    G(128, 64, 8, 8, 5, short_m=32, **_TRANSPOSED)),
+})
 REPEATS = 3
 _counters = align_mod.completion_counters
 

@@ -56,17 +56,18 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, b
                     block_rows_ptr, max_blocks, K, INTER, top_k,
                     stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse, stride_wsn,
                     FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                    EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
-                    USE_PDL: tl.constexpr):
+                    MID_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
+                    SWAP: tl.constexpr, USE_PDL: tl.constexpr):
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block
-    (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M: `GemmConfig.short_m`."""
+    (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M, MID_M: `GemmConfig.short_m`, `.mid_m`."""
     pdl_enter(USE_PDL)
     each_block(_gate_up_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, K, INTER,
                                 top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse,
                                 stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, QUANT_ACT,
-                                ROUND_DTYPE),
-               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), BLOCK_M, SHORT_M, GROUP_M)
+                                ROUND_DTYPE, SWAP),
+               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), BLOCK_M, SHORT_M, MID_M,
+               GROUP_M)
 
 
 @triton.jit
@@ -74,25 +75,33 @@ def _gate_up_block(block, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_
                    top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm,
                    stride_wse, stride_wsn, FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                   QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, ROWS: tl.constexpr):
-    """`_gate_up_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them);
-    block = (pid_m, pid_n, expert) from `each_block`."""
+                   QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, SWAP: tl.constexpr, ROWS: tl.constexpr,
+                   ROWS2: tl.constexpr):
+    """`_gate_up_kernel`'s tile over the first ROWS + ROWS2 slots of block pid_m (ROWS = BLOCK_M: all of them),
+    as one or two MMA row tiles; block = (pid_m, pid_n, expert) from `each_block`."""
     pid_m, pid_n, expert = block
-    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
+    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, 0, ROWS)
     token = pair // top_k
+    token2 = token
+    if ROWS2:
+        pair2, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS, ROWS2)
+        token2 = pair2 // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if EVEN_N:
         offs_nw = offs_n
     else:
         offs_nw = offs_n % INTER  # in-bounds weight rows; the extra columns are never stored
-    acc_g, acc_u = gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
-                               stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
-                               FP8, QBLOCK, ROWS, BLOCK_N, BLOCK_K, EVEN_K)
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
-    # All ROWS rows, padding too (an unmasked store): padding rows of act are never stored by down.
-    slots = pid_m * BLOCK_M + tl.arange(0, ROWS)
-    store_act(act_ptr, as_ptr, act, slots, tl.full([ROWS], True, tl.int1), pid_n, offs_n, stride_am,
-              stride_asm, INTER, ROWS, BLOCK_N, EVEN_N, QUANT_ACT, ROUND_DTYPE)
+    acc_g, acc_u, acc_g2, acc_u2 = gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token2, expert, offs_nw, K,
+                                               INTER, stride_xm, stride_we, stride_wn, stride_xsm, stride_wse,
+                                               stride_wsn, FP8, QBLOCK, ROWS, BLOCK_N, BLOCK_K, EVEN_K, ROWS2, SWAP)
+    # All rows, padding too (an unmasked store): padding rows of act are never stored by down.
+    store_act(act_ptr, as_ptr, acc_g * tl.sigmoid(acc_g) * acc_u, pid_m * BLOCK_M + tl.arange(0, ROWS),
+              tl.full([ROWS], True, tl.int1), pid_n, offs_n, stride_am, stride_asm, INTER, ROWS, BLOCK_N, EVEN_N,
+              QUANT_ACT, ROUND_DTYPE)
+    if ROWS2:
+        store_act(act_ptr, as_ptr, acc_g2 * tl.sigmoid(acc_g2) * acc_u2, pid_m * BLOCK_M + ROWS + tl.arange(0, ROWS2),
+                  tl.full([ROWS2], True, tl.int1), pid_n, offs_n, stride_am, stride_asm, INTER, ROWS2, BLOCK_N,
+                  EVEN_N, QUANT_ACT, ROUND_DTYPE)
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
@@ -100,36 +109,43 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
                  block_rows_ptr, max_blocks, N, K,
                  stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
                  FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                 EVEN_N: tl.constexpr, USE_PDL: tl.constexpr):
+                 MID_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SWAP: tl.constexpr, USE_PDL: tl.constexpr):
     """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block.
-    SHORT_M: `GemmConfig.short_m`."""
+    SHORT_M, MID_M: `GemmConfig.short_m`, `.mid_m`."""
     pdl_enter(USE_PDL)
     each_block(_down_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, N, K,
                              stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn, FP8,
-                             QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N),
-               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(N, BLOCK_N), BLOCK_M, SHORT_M, GROUP_M)
+                             QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, SWAP),
+               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(N, BLOCK_N), BLOCK_M, SHORT_M, MID_M, GROUP_M)
 
 
 @triton.jit
 def _down_block(block, act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, N, K,
                 stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
                 FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ROWS: tl.constexpr):
-    """`_down_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them);
-    block = (pid_m, pid_n, expert) from `each_block`."""
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SWAP: tl.constexpr,
+                ROWS: tl.constexpr, ROWS2: tl.constexpr):
+    """`_down_kernel`'s tile over the first ROWS + ROWS2 slots of block pid_m (ROWS = BLOCK_M: all of them), as
+    one or two MMA row tiles; block = (pid_m, pid_n, expert) from `each_block`."""
     pid_m, pid_n, expert = block
-    pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
-    slots = pid_m * BLOCK_M + tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if EVEN_N:
         offs_nw = offs_n
     else:
         offs_nw = offs_n % N
-    acc = down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, slots, expert, offs_nw, K, tl.cdiv(K, BLOCK_K),
-                   stride_am, stride_we, stride_wn, stride_asm, stride_wse, stride_wsn,
-                   FP8, QBLOCK, ROWS, BLOCK_N, BLOCK_K, EVEN_K)
+    pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, 0, ROWS)
+    slots = pid_m * BLOCK_M + tl.arange(0, ROWS)
+    pair2, row_ok2, slots2 = pair, row_ok, slots
+    if ROWS2:
+        pair2, row_ok2 = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS, ROWS2)
+        slots2 = pid_m * BLOCK_M + ROWS + tl.arange(0, ROWS2)
+    acc, acc2 = down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, slots, slots2, expert, offs_nw, K, tl.cdiv(K, BLOCK_K),
+                         stride_am, stride_we, stride_wn, stride_asm, stride_wse, stride_wsn,
+                         FP8, QBLOCK, ROWS, BLOCK_N, BLOCK_K, EVEN_K, ROWS2, SWAP)
     store_down(y_ptr, acc, topk_w_ptr, pair, row_ok, offs_n, stride_ym, N)
+    if ROWS2:
+        store_down(y_ptr, acc2, topk_w_ptr, pair2, row_ok2, offs_n, stride_ym, N)
 
 
 @triton.jit
@@ -276,8 +292,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     key = num_tokens if num_pairs is None else lookup_tokens(num_pairs, top_k, num_experts, global_experts)
     cfg = config or get_config(key, num_experts, hidden_size, two_i // 2, top_k, fp8, w13.element_size(),
                                global_experts=global_experts)
-    if fp8 and (GROUP % cfg.gate_up.block_k or GROUP % cfg.down.block_k):
-        raise ValueError(f"fused_moe: fp8 needs block_k dividing {GROUP}, got {cfg}")
+    if fp8 and (GROUP % cfg.gate_up.block_k or GROUP % cfg.down.block_k or cfg.gate_up.swap_ab or cfg.down.swap_ab):
+        raise ValueError(f"fused_moe: fp8 needs block_k dividing {GROUP} and no swap_ab, got {cfg}")
     if cfg.pairs:
         return fused_moe_pairs(hidden, w13, w2, topk_weights, topk_ids, cfg, out, w13_scale, w2_scale)
     routing = moe_align(topk_ids, num_experts, cfg.block_m)

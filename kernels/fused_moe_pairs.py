@@ -67,9 +67,9 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, ids_ptr
         offs_nw = offs_n
     else:
         offs_nw = offs_n % INTER
-    acc_g, acc_u = gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
-                               stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
-                               FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+    acc_g, acc_u, _, _ = gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token, expert, offs_nw, K, INTER,
+                                     stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
+                                     FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, 0, False)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     if not FP8:
         act = act * tl.load(topk_w_ptr + pair)
@@ -99,10 +99,10 @@ def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, 
     offs_nw = offs_n % N
     offs_r = tl.arange(0, BLOCK_M)
     # All MMA rows read the pair's row; a dropped pair runs no k step and stores zeros.
-    acc = down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, tl.zeros([BLOCK_M], dtype=tl.int32) + pair, expert,
-                   offs_nw, K, tl.cdiv(K, BLOCK_K) * valid.to(tl.int32),
-                   stride_am, stride_we, stride_wn, stride_asm, stride_wse, stride_wsn,
-                   FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, False)
+    pair_rows = tl.zeros([BLOCK_M], dtype=tl.int32) + pair
+    acc, _ = down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, pair_rows, pair_rows, expert, offs_nw, K,
+                      tl.cdiv(K, BLOCK_K) * valid.to(tl.int32), stride_am, stride_we, stride_wn, stride_asm,
+                      stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, False, 0, False)
     if FP8:
         acc *= tl.load(topk_w_ptr + pair)
     n_ok = offs_n < N
@@ -132,7 +132,7 @@ def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor
     xs, ws, as_ = gate_up_scales(x, w13, act, x_scale, w13_scale, act_scale)
     grid = (num_pairs * triton.cdiv(inter, cfg.block_n),)
     meta = ptr_gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device)
-    del meta["GROUP_M"]
+    del meta["GROUP_M"], meta["MID_M"], meta["SWAP"]  # the aligned kernels' block order and tile heights
     _gate_up_pairs_kernel[grid](x, w13, act, as_, xs, ws, topk_ids, topk_weights, num_pairs, num_experts,
                                 hidden_size, inter, topk_ids.shape[1],
                                 x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0),

@@ -82,7 +82,7 @@ def _gather_rows_kernel(x_ptr, out_ptr, sorted_ptr, block_expert_ptr, block_rows
     pid_m = tl.program_id(0)
     if tl.load(block_expert_ptr + pid_m) < 0:
         return
-    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, BLOCK_M)
+    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, 0, BLOCK_M)
     token = pair // top_k
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h[None, :] < H
@@ -105,7 +105,8 @@ def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_pt
                                     num_slots, num_experts, K, INTER, top_k, stride_xm, stride_am, stride_asm,
                                     stride_xsm, stride_wse, stride_wsn, GATHERED, FP8, QBLOCK, BLOCK_M, BLOCK_N,
                                     BLOCK_K, WS, QUANT_ACT, ROUND_DTYPE),
-               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), BLOCK_M, SHORT_M, GROUP_M)
+               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), BLOCK_M, SHORT_M, False,
+               GROUP_M)
 
 
 @triton.jit
@@ -113,11 +114,12 @@ def _gate_up_tma_block(block, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sor
                        num_slots, num_experts, K, INTER, top_k, stride_xm, stride_am, stride_asm,
                        stride_xsm, stride_wse, stride_wsn, GATHERED: tl.constexpr, FP8: tl.constexpr,
                        QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       WS: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, ROWS: tl.constexpr):
+                       WS: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, ROWS: tl.constexpr,
+                       ROWS2: tl.constexpr):
     """`_gate_up_tma_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them);
-    block = (pid_m, pid_n, expert) from `each_block`."""
+    block = (pid_m, pid_n, expert) from `each_block`. ROWS2 is 0: TMA tiles take no second row tile."""
     pid_m, pid_n, expert = block
-    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
+    pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, 0, ROWS)
     token = pair // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[num_experts * 2 * INTER, K], strides=[K, 1],
@@ -168,18 +170,18 @@ def _down_tma_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_p
     each_block(_down_tma_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr,
                                  num_slots, num_experts, N, K, stride_am, stride_ym, stride_asm, stride_wse,
                                  stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, WS),
-               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(N, BLOCK_N), BLOCK_M, SHORT_M, GROUP_M)
+               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(N, BLOCK_N), BLOCK_M, SHORT_M, False, GROUP_M)
 
 
 @triton.jit
 def _down_tma_block(block, act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, num_slots,
                     num_experts, N, K, stride_am, stride_ym, stride_asm, stride_wse, stride_wsn,
                     FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, WS: tl.constexpr, ROWS: tl.constexpr):
+                    BLOCK_K: tl.constexpr, WS: tl.constexpr, ROWS: tl.constexpr, ROWS2: tl.constexpr):
     """`_down_tma_kernel`'s tile over the first ROWS slots of block pid_m (ROWS = BLOCK_M: all of them);
-    block = (pid_m, pid_n, expert) from `each_block`."""
+    block = (pid_m, pid_n, expert) from `each_block`. ROWS2 is 0: TMA tiles take no second row tile."""
     pid_m, pid_n, expert = block
-    pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS)
+    pair, row_ok = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, 0, ROWS)
     slots = pid_m * BLOCK_M + tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     a_desc = tl.make_tensor_descriptor(act_ptr, shape=[num_slots, K], strides=[stride_am, 1],

@@ -36,9 +36,10 @@ def act_quant_meta(act_scale: torch.Tensor | None, round_dtype: torch.dtype) -> 
 
 
 def ptr_gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool, device: torch.device) -> dict:
-    """`gemm_meta` plus the pointer-load kernels' EVEN_K / EVEN_N: K and N (the GEMM's reduction and output
-    widths) are whole tiles, so loads and stores need no mask."""
-    return dict(gemm_meta(cfg, block_m, fp8, device), EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0)
+    """`gemm_meta` plus the pointer-load kernels' EVEN_K / EVEN_N (K and N, the GEMM's reduction and output
+    widths, are whole tiles, so loads and stores need no mask), MID_M and SWAP (`GemmConfig.mid_m`, `.swap_ab`)."""
+    return dict(gemm_meta(cfg, block_m, fp8, device), EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
+                MID_M=cfg.mid_m, SWAP=cfg.swap_ab)
 
 
 def act_quant_fusable(cfg: MoEConfig) -> bool:
@@ -101,29 +102,34 @@ def block_of(block_expert_ptr, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def each_block(block_fn: tl.constexpr, args, block_expert_ptr, block_rows_ptr, num_m, num_n,
-               BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr, GROUP_M: tl.constexpr):
-    """The aligned GEMM kernels' program: block_fn((pid_m, pid_n, expert), *args, ROWS) for this program's block
-    and N tile (`block_of`), nothing for a block without pairs. ROWS is the smallest tile height that holds the
-    block's valid rows: SHORT_M, 2 * SHORT_M while below BLOCK_M, else BLOCK_M (`GemmConfig.short_m`). SHORT_M = 0
-    is a compile-time False: only the BLOCK_M tile is built, and the row count is not read. (The block's indices
-    travel as their own tuple: Triton 3.6 cannot concatenate a tuple holding constexprs.)"""
+               BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr, MID_M: tl.constexpr, GROUP_M: tl.constexpr):
+    """The aligned GEMM kernels' program: block_fn((pid_m, pid_n, expert), *args, ROWS, ROWS2) for this
+    program's block and N tile (`block_of`), nothing for a block without pairs. The tile covers the block's
+    first ROWS + ROWS2 slots, in one MMA row tile of ROWS rows and, when ROWS2 > 0, a second of ROWS2 rows
+    sharing each weight tile. It is the smallest height that holds the block's valid rows: SHORT_M, 2 * SHORT_M
+    while below BLOCK_M, with MID_M 3 * SHORT_M (as 2 * SHORT_M + SHORT_M), else BLOCK_M (`GemmConfig.short_m`,
+    `GemmConfig.mid_m`). SHORT_M = 0 is a compile-time False: only the BLOCK_M tile is built, and the row count
+    is not read. (The block's indices travel as their own tuple: Triton 3.6 cannot concatenate a tuple holding
+    constexprs.)"""
     pid_m, pid_n, expert = block_of(block_expert_ptr, num_m, num_n, GROUP_M)
     if expert >= 0:
         block = (pid_m, pid_n, expert)
         if SHORT_M and tl.load(block_rows_ptr + pid_m) <= SHORT_M:
-            block_fn(block, *args, SHORT_M)
+            block_fn(block, *args, SHORT_M, 0)
         elif SHORT_M and 2 * SHORT_M < BLOCK_M and tl.load(block_rows_ptr + pid_m) <= 2 * SHORT_M:
-            block_fn(block, *args, 2 * SHORT_M)
+            block_fn(block, *args, 2 * SHORT_M, 0)
+        elif MID_M and tl.load(block_rows_ptr + pid_m) <= 3 * SHORT_M:
+            block_fn(block, *args, 2 * SHORT_M, SHORT_M)
         else:
-            block_fn(block, *args, BLOCK_M)
+            block_fn(block, *args, BLOCK_M, 0)
 
 
 @triton.jit
-def block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
-    """(pair, row_ok) of the first ROWS of block pid_m's BLOCK_M slots: the flat pair index m*top_k+j of each
-    valid slot (0 for padding slots, so they read token 0: finite values whose results are never stored) and
-    which are valid."""
-    offs_r = tl.arange(0, ROWS)
+def block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M: tl.constexpr, FIRST: tl.constexpr, ROWS: tl.constexpr):
+    """(pair, row_ok) of ROWS of block pid_m's BLOCK_M slots from slot FIRST on: the flat pair index m*top_k+j of
+    each valid slot (0 for padding slots, so they read token 0: finite values whose results are never stored)
+    and which are valid."""
+    offs_r = FIRST + tl.arange(0, ROWS)
     row_ok = offs_r < tl.load(block_rows_ptr + pid_m)
     return tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=row_ok, other=0), row_ok
 
@@ -170,70 +176,136 @@ def store_down(y_ptr, acc, topk_w_ptr, pair, row_ok, offs_n, stride_ym, N):
 
 
 @triton.jit
-def gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, expert, offs_nw, K, INTER,
+def gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token2, expert, offs_nw, K, INTER,
                 stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
                 FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """(x[token] . w13[e, n], x[token] . w13[e, INTER + n]) in fp32, [BLOCK_M, BLOCK_N] each."""
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROWS2: tl.constexpr, SWAP: tl.constexpr):
+    """(x[token] . w13[e, n], x[token] . w13[e, INTER + n]) in fp32, [BLOCK_M, BLOCK_N] each, then the same two
+    for the rows token2 [ROWS2] of a second MMA row tile that shares each weight tile (ROWS2 = 0: none; the last
+    two results are then the first two's initial zeros, unused). SWAP (not FP8): the MMAs run transposed, weight
+    rows on the MMA's M side and tokens on its N side, whose granularity is 8 rather than 64."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
     u_ptrs = g_ptrs + INTER * stride_wn
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
+    acc_u = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
+    acc_g2, acc_u2 = acc_g, acc_u
+    if ROWS2:
+        a2_ptrs = x_ptr + token2[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        acc_g2 = _acc_zeros(ROWS2, BLOCK_N, SWAP)
+        acc_u2 = _acc_zeros(ROWS2, BLOCK_N, SWAP)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
             g = tl.load(g_ptrs)
             u = tl.load(u_ptrs)
+            if ROWS2:
+                a2 = tl.load(a2_ptrs)
         else:
             k_ok = offs_k < K - kk * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+            if ROWS2:
+                a2 = tl.load(a2_ptrs, mask=k_ok[None, :], other=0.0)
         if FP8:
             # BLOCK_K divides QBLOCK, so one scale group covers the whole k step.
             grp = kk * BLOCK_K // QBLOCK
-            a_s = tl.load(xs_ptr + token * stride_xsm + grp)
             ws_base = ws_ptr + expert * stride_wse + grp
             g_s = tl.load(ws_base + (offs_nw // QBLOCK) * stride_wsn)
             u_s = tl.load(ws_base + ((offs_nw + INTER) // QBLOCK) * stride_wsn)
+            a_s = tl.load(xs_ptr + token * stride_xsm + grp)
             acc_g += tl.dot(a, g) * (a_s[:, None] * g_s[None, :])
             acc_u += tl.dot(a, u) * (a_s[:, None] * u_s[None, :])
+            if ROWS2:
+                a2_s = tl.load(xs_ptr + token2 * stride_xsm + grp)
+                acc_g2 += tl.dot(a2, g) * (a2_s[:, None] * g_s[None, :])
+                acc_u2 += tl.dot(a2, u) * (a2_s[:, None] * u_s[None, :])
         else:
-            acc_g = tl.dot(a, g, acc_g)
-            acc_u = tl.dot(a, u, acc_u)
+            acc_g = _mma(a, g, acc_g, SWAP)
+            acc_u = _mma(a, u, acc_u, SWAP)
+            if ROWS2:
+                acc_g2 = _mma(a2, g, acc_g2, SWAP)
+                acc_u2 = _mma(a2, u, acc_u2, SWAP)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    return acc_g, acc_u
+        if ROWS2:
+            a2_ptrs += BLOCK_K
+    return _unswap(acc_g, SWAP), _unswap(acc_u, SWAP), _unswap(acc_g2, SWAP), _unswap(acc_u2, SWAP)
 
 
 @triton.jit
-def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, expert, offs_nw, K, k_steps,
+def _acc_zeros(ROWS: tl.constexpr, COLS: tl.constexpr, SWAP: tl.constexpr):
+    """An fp32 accumulator for a [ROWS, COLS] result: [COLS, ROWS] when SWAP (see `_mma`)."""
+    if SWAP:
+        acc = tl.zeros((COLS, ROWS), dtype=tl.float32)
+    else:
+        acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _mma(a, b, acc, SWAP: tl.constexpr):
+    """acc + a . b (a: [ROWS, K] tokens, b: [K, COLS] weights); SWAP: acc + (a . b)^T, the MMA run as b^T . a^T."""
+    if SWAP:
+        acc = tl.dot(tl.trans(b), tl.trans(a), acc)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _unswap(acc, SWAP: tl.constexpr):
+    """`_mma`'s accumulator as [ROWS, COLS]."""
+    if SWAP:
+        acc = tl.trans(acc)
+    return acc
+
+
+@triton.jit
+def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_steps,
              stride_am, stride_we, stride_wn, stride_asm, stride_wse, stride_wsn,
              FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """act[rows] . w2[expert, offs_nw] over the first k_steps BLOCK_K steps of K, fp32 [BLOCK_M, BLOCK_N]."""
+             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROWS2: tl.constexpr, SWAP: tl.constexpr):
+    """act[rows] . w2[expert, offs_nw] over the first k_steps BLOCK_K steps of K, fp32 [BLOCK_M, BLOCK_N], then
+    the same for the rows rows2 [ROWS2] of a second MMA row tile that shares each weight tile (ROWS2 = 0: none;
+    the second result is then the first's initial zeros, unused). SWAP (not FP8): as in `gate_up_acc`."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
+    acc2 = acc
+    if ROWS2:
+        a2_ptrs = act_ptr + rows2[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        acc2 = _acc_zeros(ROWS2, BLOCK_N, SWAP)
     for kk in range(0, k_steps):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
+            if ROWS2:
+                a2 = tl.load(a2_ptrs)
         else:
             k_ok = offs_k < K - kk * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if ROWS2:
+                a2 = tl.load(a2_ptrs, mask=k_ok[None, :], other=0.0)
         if FP8:
             grp = kk * BLOCK_K // QBLOCK
-            a_s = tl.load(as_ptr + rows * stride_asm + grp)
             b_s = tl.load(ws_ptr + expert * stride_wse + (offs_nw // QBLOCK) * stride_wsn + grp)
+            a_s = tl.load(as_ptr + rows * stride_asm + grp)
             acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+            if ROWS2:
+                a2_s = tl.load(as_ptr + rows2 * stride_asm + grp)
+                acc2 += tl.dot(a2, b) * (a2_s[:, None] * b_s[None, :])
         else:
-            acc = tl.dot(a, b, acc)
+            acc = _mma(a, b, acc, SWAP)
+            if ROWS2:
+                acc2 = _mma(a2, b, acc2, SWAP)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    return acc
+        if ROWS2:
+            a2_ptrs += BLOCK_K
+    return _unswap(acc, SWAP), _unswap(acc2, SWAP)

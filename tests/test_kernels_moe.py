@@ -615,21 +615,24 @@ def routing_with_counts(counts: list[int], drop: int = 5, seed: int = 0) -> tupl
     return torch.rand(len(ids), 1, generator=g) + 0.1, ids
 
 
-def tile_height(rows: int, block_m: int, short_m: int) -> int:
-    """The tile height a block of rows valid rows runs (`GemmConfig.short_m`)."""
-    return next(h for h in (short_m, 2 * short_m, block_m) if h and h <= block_m and rows <= h)
+def tile_height(rows: int, block_m: int, short_m: int, mid_m: bool = False) -> int:
+    """The tile height a block of rows valid rows runs (`GemmConfig.short_m`, `GemmConfig.mid_m`)."""
+    heights = (short_m, 2 * short_m, 3 * short_m if mid_m else 0, block_m)
+    return next(h for h in heights if h and h <= block_m and rows <= h)
 
 
-def tile_heights(ids: torch.Tensor, num_experts: int, block_m: int, short_m: int) -> list[int]:
+def tile_heights(ids: torch.Tensor, num_experts: int, block_m: int, short_m: int, mid_m: bool = False) -> list[int]:
     """The tile height each used block of ids' aligned layout (`moe_align_reference`) runs."""
     from moeserve.kernels.moe_align import moe_align_reference
 
-    return [tile_height(len(pairs), block_m, short_m) for _, pairs in moe_align_reference(ids, num_experts, block_m)]
+    return [tile_height(len(pairs), block_m, short_m, mid_m)
+            for _, pairs in moe_align_reference(ids, num_experts, block_m)]
 
 
 # Expert row counts that give blocks of every height at block_m 64, short_m 16: 12 -> 16, 28 -> 32, 50 -> 64,
-# 75 -> 64 + 16.
+# 75 -> 64 + 16; with mid_m, 40 -> 48 (32 + 16).
 SHORT_COUNTS = [12, 28, 50, 75]
+MID_COUNTS = [12, 28, 40, 50, 75]
 
 
 @pytest.fixture
@@ -704,6 +707,63 @@ def test_interp_fp8_short_tiles_match_quantised_reference():
     cfg = MoEConfig(64, GemmConfig(128, 64, 2, 4, 2, short_m=16), GemmConfig(64, 128, 2, 4, 2, short_m=16))
     out = fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, config=cfg)
     assert rel_err(out, moe_reference(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)) < 1e-4
+
+
+@interp
+@pytest.mark.usefixtures("nan_act")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("short_m,mid_m", [(0, False), (16, False), (16, True)])
+def test_interp_swapped_mma_and_mid_tiles_match_reference(dtype, short_m, mid_m):
+    """swap_ab (the MMAs transposed: weight rows on the M side, tokens on the N side), alone, with short tiles,
+    and with mid_m at block_m 64, short_m 16, where a block of 33-48 rows runs a 48-row tile as a 32-row and a
+    16-row MMA tile sharing each weight tile. Outputs equal the reference, in each GEMM alone and in both, and
+    gate/up writes exactly the rows of each block's tile."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
+    from moeserve.kernels.fused_moe import gate_up
+    from moeserve.kernels.moe_align import moe_align
+
+    tw, ids = routing_with_counts(MID_COUNTS, seed=4)
+    x, w13, w2, _, _ = random_moe(len(ids), 64, 32, len(MID_COUNTS), 1, dtype, seed=4)
+    if mid_m:
+        assert set(tile_heights(ids, len(MID_COUNTS), 64, 16, mid_m=True)) == {16, 32, 48, 64}
+    ref = moe_reference(x.double(), w13.double(), w2.double(), tw, ids)
+    plain = dict(short_m=short_m)
+    swapped = dict(short_m=short_m, swap_ab=True, mid_m=mid_m)
+    for gu, dn in ((swapped, swapped), (swapped, plain), (plain, swapped)):
+        cfg = MoEConfig(64, GemmConfig(16, 32, 2, 4, 2, **gu), GemmConfig(32, 32, 2, 4, 2, **dn))
+        out = fused_moe(x, w13, w2, tw, ids, config=cfg)
+        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3), (gu, dn)
+    if not short_m:
+        return
+    routing = moe_align(ids, len(MID_COUNTS), 64)
+    act = gate_up(x, w13, routing, 1, GemmConfig(16, 32, 2, 4, 2, **swapped), x.dtype)
+    written = act.view(-1, 64, act.shape[1]).isfinite().all(dim=2)  # [blocks, 64]: whole rows written
+    for block in (routing.block_expert >= 0).nonzero().flatten().tolist():
+        ran = tile_height(int(routing.block_rows[block]), 64, 16, mid_m=mid_m)
+        assert written[block, :ran].all() and not written[block, ran:].any(), (block, ran)
+
+
+def test_config_swapped_mma_and_mid_tiles_say_what_they_need():
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+
+    for bad, why in ((dict(swap_ab=True, loads="tma"), "swap_ab needs the aligned path and pointer loads"),
+                     (dict(short_m=16, mid_m=True), "mid_m needs swap_ab and short_m = block_m / 4"),
+                     (dict(short_m=32, swap_ab=True, mid_m=True), "mid_m needs swap_ab and short_m = block_m / 4")):
+        with pytest.raises(ValueError, match=why):
+            MoEConfig(64, GemmConfig(32, 64, **bad), GemmConfig(32, 64))
+    with pytest.raises(ValueError, match="swap_ab needs the aligned path"):
+        MoEConfig(16, GemmConfig(32, 64, swap_ab=True), GemmConfig(32, 64), pairs="pair")
+    ok = MoEConfig(64, GemmConfig(32, 64, short_m=16, swap_ab=True, mid_m=True), GemmConfig(32, 64))
+    assert MoEConfig.from_dict(ok.to_dict()) == ok
+    old = MoEConfig.from_dict({**ok.to_dict(), "gate_up": {"block_n": 32, "block_k": 64}})  # a table before them
+    assert old.gate_up.swap_ab is False and old.gate_up.mid_m is False
+    x = torch.randn(4, 128)
+    w13, w2 = torch.zeros(2, 256, 128, dtype=torch.float8_e4m3fn), torch.zeros(2, 128, 128, dtype=torch.float8_e4m3fn)
+    s13, s2 = torch.ones(2, 2, 1), torch.ones(2, 1, 1)
+    ids, tw = torch.zeros(4, 1, dtype=torch.int32), torch.ones(4, 1)
+    with pytest.raises(ValueError, match="fp8 needs block_k dividing 128 and no swap_ab"):
+        fused_moe(x, w13, w2, tw, ids, w13_scale=s13, w2_scale=s2,
+                  config=MoEConfig(64, GemmConfig(32, 64, swap_ab=True), GemmConfig(32, 64)))
 
 
 @pytest.mark.parametrize("short_m,block_m,pairs,why", [
