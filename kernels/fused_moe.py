@@ -9,6 +9,9 @@ Design (H100 targets, see benchmarks/RESULTS.md):
   configs that keep several hundred CTAs streaming (narrow N tiles at decode rather than split-K, which would
   break the SiLU fusion and add a reduction pass).
 - Large M is compute-bound: 64-128 row blocks, wide N tiles, 3-4 pipeline stages, 8 warps.
+- Between them (Mixtral at 60-110 pairs per expert) a 128-row tile costs its MMA height: there the MMAs run
+  transposed, tokens on the tensor cores' N side (8-row granularity instead of 64), with 96-row tiles of 64 + 32
+  rows (`GemmConfig.swap_ab`, `mid_m`).
 - Aligned path: the top-k sum is a separate small kernel over [M*k, H] rather than float atomics in the down
   epilogue: deterministic, fp32 accumulation, no zero-filled output.
 - FP8: where gate/up's N tiles cover whole 128-channel groups, its epilogue quantises act itself (fp8 act
@@ -60,7 +63,8 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, b
                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
                     SWAP: tl.constexpr, USE_PDL: tl.constexpr):
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block
-    (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M, MID_M: `GemmConfig.short_m`, `.mid_m`."""
+    (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M, MID_M, SWAP: `GemmConfig.short_m`, `.mid_m`,
+    `.swap_ab`."""
     pdl_enter(USE_PDL)
     each_block(_gate_up_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, K, INTER,
                                 top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse,
@@ -112,7 +116,7 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
                  MID_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SWAP: tl.constexpr, USE_PDL: tl.constexpr):
     """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block.
-    SHORT_M, MID_M: `GemmConfig.short_m`, `.mid_m`."""
+    SHORT_M, MID_M, SWAP: `GemmConfig.short_m`, `.mid_m`, `.swap_ab`."""
     pdl_enter(USE_PDL)
     each_block(_down_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, N, K,
                              stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn, FP8,
