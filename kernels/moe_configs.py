@@ -38,7 +38,7 @@ class GemmConfig:
     run time (`moe_tiles.each_block`), so the height a token's rows take depends on how many other tokens
     chose the same expert (as the table entry already depends on the batch's size); results are identical run
     to run.
-    swap_ab (aligned path, pointer loads, 16-bit weights): the MMAs run transposed, weight rows on the tensor
+    swap_ab (aligned path, pointer loads, not fp8): the MMAs run transposed, weight rows on the tensor
     cores' M side (64-row granularity) and the block's tokens on the N side (8-row granularity), so a tile of
     fewer than 64 rows costs its own rows of MMA rather than 64.
     mid_m (with swap_ab and short_m = block_m / 4): also a tile of 3 * short_m rows, for blocks that fill more
@@ -103,8 +103,8 @@ class MoEConfig:
                 raise ValueError(f"{name}.swap_ab needs the aligned path and pointer loads; got pairs={self.pairs!r}, "
                                  f"loads={g.loads!r}")
             if g.mid_m and (not g.swap_ab or g.short_m * 4 != self.block_m):
-                raise ValueError(f"{name}.mid_m needs swap_ab and short_m = block_m / 4 ({self.block_m // 4}); got "
-                                 f"swap_ab={g.swap_ab}, short_m={g.short_m}")
+                raise ValueError(f"{name}.mid_m needs swap_ab and short_m = block_m / 4 (block_m >= 64); got "
+                                 f"block_m={self.block_m}, swap_ab={g.swap_ab}, short_m={g.short_m}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -111,6 +111,7 @@ def each_block(block_fn: tl.constexpr, args, block_expert_ptr, block_rows_ptr, n
     `GemmConfig.mid_m`). SHORT_M = 0 is a compile-time False: only the BLOCK_M tile is built, and the row count
     is not read. (The block's indices travel as their own tuple: Triton 3.6 cannot concatenate a tuple holding
     constexprs.)"""
+    tl.static_assert(not MID_M or 4 * SHORT_M == BLOCK_M, "mid tiles need SHORT_M = BLOCK_M / 4")
     pid_m, pid_n, expert = block_of(block_expert_ptr, num_m, num_n, GROUP_M)
     if expert >= 0:
         block = (pid_m, pid_n, expert)
@@ -182,8 +183,9 @@ def gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token2, expert, offs_nw, K,
                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROWS2: tl.constexpr, SWAP: tl.constexpr):
     """(x[token] . w13[e, n], x[token] . w13[e, INTER + n]) in fp32, [BLOCK_M, BLOCK_N] each, then the same two
     for the rows token2 [ROWS2] of a second MMA row tile that shares each weight tile (ROWS2 = 0: none; the last
-    two results are then the first two's initial zeros, unused). SWAP (not FP8): the MMAs run transposed, weight
-    rows on the MMA's M side and tokens on its N side, whose granularity is 8 rather than 64."""
+    two results are then the first two's initial zeros, unused). SWAP: the MMAs run transposed, weight rows on
+    the MMA's M side and tokens on its N side, whose granularity is 8 rather than 64. Neither with FP8."""
+    tl.static_assert(not (FP8 and (SWAP or ROWS2)), "fp8 takes neither transposed MMAs nor a second row tile")
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
@@ -212,16 +214,12 @@ def gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token2, expert, offs_nw, K,
         if FP8:
             # BLOCK_K divides QBLOCK, so one scale group covers the whole k step.
             grp = kk * BLOCK_K // QBLOCK
+            a_s = tl.load(xs_ptr + token * stride_xsm + grp)
             ws_base = ws_ptr + expert * stride_wse + grp
             g_s = tl.load(ws_base + (offs_nw // QBLOCK) * stride_wsn)
             u_s = tl.load(ws_base + ((offs_nw + INTER) // QBLOCK) * stride_wsn)
-            a_s = tl.load(xs_ptr + token * stride_xsm + grp)
             acc_g += tl.dot(a, g) * (a_s[:, None] * g_s[None, :])
             acc_u += tl.dot(a, u) * (a_s[:, None] * u_s[None, :])
-            if ROWS2:
-                a2_s = tl.load(xs_ptr + token2 * stride_xsm + grp)
-                acc_g2 += tl.dot(a2, g) * (a2_s[:, None] * g_s[None, :])
-                acc_u2 += tl.dot(a2, u) * (a2_s[:, None] * u_s[None, :])
         else:
             acc_g = _mma(a, g, acc_g, SWAP)
             acc_u = _mma(a, u, acc_u, SWAP)
@@ -271,7 +269,8 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROWS2: tl.constexpr, SWAP: tl.constexpr):
     """act[rows] . w2[expert, offs_nw] over the first k_steps BLOCK_K steps of K, fp32 [BLOCK_M, BLOCK_N], then
     the same for the rows rows2 [ROWS2] of a second MMA row tile that shares each weight tile (ROWS2 = 0: none;
-    the second result is then the first's initial zeros, unused). SWAP (not FP8): as in `gate_up_acc`."""
+    the second result is then the first's initial zeros, unused). SWAP: as in `gate_up_acc`. Neither with FP8."""
+    tl.static_assert(not (FP8 and (SWAP or ROWS2)), "fp8 takes neither transposed MMAs nor a second row tile")
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
@@ -294,12 +293,9 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
                 a2 = tl.load(a2_ptrs, mask=k_ok[None, :], other=0.0)
         if FP8:
             grp = kk * BLOCK_K // QBLOCK
-            b_s = tl.load(ws_ptr + expert * stride_wse + (offs_nw // QBLOCK) * stride_wsn + grp)
             a_s = tl.load(as_ptr + rows * stride_asm + grp)
+            b_s = tl.load(ws_ptr + expert * stride_wse + (offs_nw // QBLOCK) * stride_wsn + grp)
             acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
-            if ROWS2:
-                a2_s = tl.load(as_ptr + rows2 * stride_asm + grp)
-                acc2 += tl.dot(a2, b) * (a2_s[:, None] * b_s[None, :])
         else:
             acc = _mma(a, b, acc, SWAP)
             if ROWS2:

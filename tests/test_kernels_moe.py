@@ -116,6 +116,7 @@ def test_config_tables_are_valid_and_pick_nearest_m():
         assert table, f"{path.name} holds no configs"
         if path.name.endswith("_fp8.json"):
             assert all(128 % c.gate_up.block_k == 0 and 128 % c.down.block_k == 0 for c in table.values())
+            assert not any(g.swap_ab for c in table.values() for g in (c.gate_up, c.down))  # fp8 refuses it
         assert all(c.fuse_act_quant for c in table.values())  # tables without the field take its default
     tiles = GemmConfig(32, 64), GemmConfig(64, 64)
     for c in (MoEConfig(16, *tiles, pairs="pair"), MoEConfig(64, *tiles, fuse_act_quant=False)):
@@ -712,18 +713,21 @@ def test_interp_fp8_short_tiles_match_quantised_reference():
 @interp
 @pytest.mark.usefixtures("nan_act")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("short_m,mid_m", [(0, False), (16, False), (16, True)])
-def test_interp_swapped_mma_and_mid_tiles_match_reference(dtype, short_m, mid_m):
+@pytest.mark.parametrize("short_m,mid_m,ragged", [(0, False, False), (16, False, False), (16, True, False),
+                                                  (16, True, True)])
+def test_interp_swapped_mma_and_mid_tiles_match_reference(dtype, short_m, mid_m, ragged):
     """swap_ab (the MMAs transposed: weight rows on the M side, tokens on the N side), alone, with short tiles,
     and with mid_m at block_m 64, short_m 16, where a block of 33-48 rows runs a 48-row tile as a 32-row and a
-    16-row MMA tile sharing each weight tile. Outputs equal the reference, in each GEMM alone and in both, and
-    gate/up writes exactly the rows of each block's tile."""
+    16-row MMA tile sharing each weight tile; ragged: H = 80 and I = 40, no whole tiles (masked loads and
+    stores). Outputs equal the reference, in each GEMM alone and in both, and gate/up writes exactly the rows of
+    each block's tile."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
     from moeserve.kernels.fused_moe import gate_up
     from moeserve.kernels.moe_align import moe_align
 
     tw, ids = routing_with_counts(MID_COUNTS, seed=4)
-    x, w13, w2, _, _ = random_moe(len(ids), 64, 32, len(MID_COUNTS), 1, dtype, seed=4)
+    h, i = (80, 40) if ragged else (64, 32)
+    x, w13, w2, _, _ = random_moe(len(ids), h, i, len(MID_COUNTS), 1, dtype, seed=4)
     if mid_m:
         assert set(tile_heights(ids, len(MID_COUNTS), 64, 16, mid_m=True)) == {16, 32, 48, 64}
     ref = moe_reference(x.double(), w13.double(), w2.double(), tw, ids)
@@ -764,6 +768,10 @@ def test_config_swapped_mma_and_mid_tiles_say_what_they_need():
     with pytest.raises(ValueError, match="fp8 needs block_k dividing 128 and no swap_ab"):
         fused_moe(x, w13, w2, tw, ids, w13_scale=s13, w2_scale=s2,
                   config=MoEConfig(64, GemmConfig(32, 64, swap_ab=True), GemmConfig(32, 64)))
+    from moeserve.kernels.moe_tiles import ptr_gemm_meta
+
+    meta = ptr_gemm_meta(ok.gate_up, 64, 256, 128, False, x.device)  # what the pointer-load kernels are given
+    assert meta["SWAP"] is True and meta["MID_M"] is True
 
 
 @pytest.mark.parametrize("short_m,block_m,pairs,why", [
