@@ -99,13 +99,11 @@ def check_vendor(v: dict, s: dict, fp8: bool) -> float:
     """Relative error of the first expert's gate/up group against a plain matmul (the call is what we think)."""
     end = int(s["offs"][0])
     if fp8:
-        got = torch._scaled_grouped_mm(s["x"], v["w13"], s["xs"], v["s13"], offs=s["offs"],
-                                       out_dtype=torch.bfloat16)[:end].float()
-        want = s["x"][:end].float() @ v["w13"][0].float()
+        got = torch._scaled_grouped_mm(s["x"], v["w13"], s["xs"], v["s13"], offs=s["offs"], out_dtype=torch.bfloat16)
     else:
-        got = torch._grouped_mm(s["x"], v["w13"], offs=s["offs"])[:end].float()
-        want = s["x"][:end].float() @ v["w13"][0].float()
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+        got = torch._grouped_mm(s["x"], v["w13"], offs=s["offs"])
+    want = s["x"][:end].float() @ v["w13"][0].float()
+    return float((got[:end].float() - want).norm() / want.norm().clamp_min(1e-30))
 
 
 def run_case(key: str, dtype: str, m: int, ceilings: dict, repeats: int) -> dict:

@@ -39,6 +39,7 @@ from .moe_align import AlignedRouting, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config, lookup_tokens
 from .moe_tiles import (
     act_quant_meta,
+    aligned_ptr_meta,
     block_pairs,
     down_acc,
     each_block,
@@ -191,7 +192,7 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: 
                           routing.block_rows, routing.max_blocks, hidden_size, inter, top_k,
                           x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0),
                           xs.stride(0), ws.stride(0), ws.stride(1), **act_quant_meta(act_scale, out_dtype),
-                          SHORT_M=cfg.short_m,
+                          **aligned_ptr_meta(cfg),
                           **ptr_gemm_meta(cfg, routing.block_m, inter, hidden_size, fp8, x.device))
     return act
 
@@ -212,7 +213,7 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
     _down_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
                        routing.block_rows, routing.max_blocks, hidden_size, inter,
                        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0), as_.stride(0), ws.stride(0),
-                       ws.stride(1), SHORT_M=cfg.short_m,
+                       ws.stride(1), **aligned_ptr_meta(cfg),
                        **ptr_gemm_meta(cfg, routing.block_m, hidden_size, inter, fp8, act.device))
     return y
 

@@ -132,7 +132,7 @@ def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor
     xs, ws, as_ = gate_up_scales(x, w13, act, x_scale, w13_scale, act_scale)
     grid = (num_pairs * triton.cdiv(inter, cfg.block_n),)
     meta = ptr_gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device)
-    del meta["GROUP_M"], meta["MID_M"], meta["SWAP"]  # the aligned kernels' block order and tile heights
+    del meta["GROUP_M"]
     _gate_up_pairs_kernel[grid](x, w13, act, as_, xs, ws, topk_ids, topk_weights, num_pairs, num_experts,
                                 hidden_size, inter, topk_ids.shape[1],
                                 x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0),

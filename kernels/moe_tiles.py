@@ -36,10 +36,15 @@ def act_quant_meta(act_scale: torch.Tensor | None, round_dtype: torch.dtype) -> 
 
 
 def ptr_gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool, device: torch.device) -> dict:
-    """`gemm_meta` plus the pointer-load kernels' EVEN_K / EVEN_N (K and N, the GEMM's reduction and output
-    widths, are whole tiles, so loads and stores need no mask), MID_M and SWAP (`GemmConfig.mid_m`, `.swap_ab`)."""
-    return dict(gemm_meta(cfg, block_m, fp8, device), EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
-                MID_M=cfg.mid_m, SWAP=cfg.swap_ab)
+    """`gemm_meta` plus the pointer-load kernels' EVEN_K / EVEN_N: K and N (the GEMM's reduction and output
+    widths) are whole tiles, so loads and stores need no mask."""
+    return dict(gemm_meta(cfg, block_m, fp8, device), EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0)
+
+
+def aligned_ptr_meta(cfg: GemmConfig) -> dict:
+    """The aligned pointer-load kernels' tile heights and MMA orientation: SHORT_M, MID_M and SWAP
+    (`GemmConfig.short_m`, `.mid_m`, `.swap_ab`)."""
+    return dict(SHORT_M=cfg.short_m, MID_M=cfg.mid_m, SWAP=cfg.swap_ab)
 
 
 def act_quant_fusable(cfg: MoEConfig) -> bool:

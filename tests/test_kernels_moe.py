@@ -768,9 +768,9 @@ def test_config_swapped_mma_and_mid_tiles_say_what_they_need():
     with pytest.raises(ValueError, match="fp8 needs block_k dividing 128 and no swap_ab"):
         fused_moe(x, w13, w2, tw, ids, w13_scale=s13, w2_scale=s2,
                   config=MoEConfig(64, GemmConfig(32, 64, swap_ab=True), GemmConfig(32, 64)))
-    from moeserve.kernels.moe_tiles import ptr_gemm_meta
+    from moeserve.kernels.moe_tiles import aligned_ptr_meta
 
-    meta = ptr_gemm_meta(ok.gate_up, 64, 256, 128, False, x.device)  # what the pointer-load kernels are given
+    meta = aligned_ptr_meta(ok.gate_up)  # what the aligned pointer-load kernels are given
     assert meta["SWAP"] is True and meta["MID_M"] is True
 
 
