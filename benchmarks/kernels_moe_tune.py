@@ -323,6 +323,13 @@ def with_short_m(cfg: MoEConfig, short_m: int) -> MoEConfig:
     return replace(cfg, gate_up=with_it(cfg.gate_up), down=with_it(cfg.down))
 
 
+def with_swap_ab(cfg: MoEConfig, swap_ab: bool) -> MoEConfig:
+    """cfg with transposed MMAs (`GemmConfig.swap_ab`) on or off in both GEMMs; mid tiles need them, so off
+    also drops those."""
+    return replace(cfg, gate_up=replace(cfg.gate_up, swap_ab=swap_ab, mid_m=cfg.gate_up.mid_m and swap_ab),
+                   down=replace(cfg.down, swap_ab=swap_ab, mid_m=cfg.down.mid_m and swap_ab))
+
+
 def short_candidates(cfg: MoEConfig) -> list[MoEConfig]:
     """cfg with the other choices of short tiles, both GEMMs alike: none or one of `short_heights`; none for
     the pairs path."""

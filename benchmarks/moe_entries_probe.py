@@ -42,6 +42,7 @@ from kernels_moe_tune import (  # noqa: E402
     short_candidates,
     whole_jobs,
     with_short_m,
+    with_swap_ab,
 )
 
 from kernels import SHAPES, MoEShape, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
@@ -213,6 +214,42 @@ _also_time("mixtral", "bf16", (240, 256, 264, 272, 300, 320, 330, 352, 384, 416,
                                                        G(128, 64, 8, 8, 5, short_m=32, swap_ab=True)),
     "M=512 tiles, transposed, mid tiles": MoEConfig(128, G(128, 64, 16, 8, 4, short_m=32, **_TRANSPOSED),
                                                     G(128, 64, 8, 8, 5, short_m=32, **_TRANSPOSED)),
+})
+# Session 14: transposed MMAs with fp8 (and in the pairs path). Each case's table entry against the same tiles
+# not transposed ("untransposed"), which was the entry before wherever the session gave an entry swap_ab; at
+# M=443-496 the M=384 entry transposed against the M=512 entry, which served M=448-496 before; at M=512 the
+# tiles tried for the M=512 entry (kept: none won); then entries that stayed untransposed, timed transposed.
+_TM = dict(swap_ab=True, mid_m=True)
+
+
+def _untransposed(key: str, dtype: str, ms: tuple[int, ...]) -> None:
+    for m in ms:
+        table = SHAPES[key].table_config(m, dtype == "fp8")
+        _also_time(key, dtype, (m,), {"untransposed": with_swap_ab(table, False)} if table.gate_up.swap_ab
+                   else {"transposed": with_swap_ab(table, True)})
+
+
+_untransposed("qwen3", "fp8", (1, 8, 32, 128, 192, 224, 320, 384, 443))
+_untransposed("deepseek", "fp8", (1, 8, 32, 128, 256, 512, 768, 1000))
+_untransposed("mixtral", "fp8", (1, 8, 32, 128))
+_also_time("mixtral", "fp8", (256, 384, 512), {  # the M=512 entry loads by TMA: these tiles by pointer
+    "block_m 128 transposed, 96-row tiles, 64 wide": MoEConfig(128, G(64, 128, 16, 8, 4, short_m=32, **_TM),
+                                                               G(64, 128, 8, 8, 4, short_m=32, **_TM)),
+    "block_m 64 transposed, 48-row tiles": MoEConfig(64, G(128, 128, 16, 8, 4, short_m=16, **_TM),
+                                                     G(128, 128, 8, 8, 4, short_m=16, **_TM)),
+})
+_untransposed("deepseek", "bf16", (1, 8, 512))
+_untransposed("mixtral", "bf16", (1, 8, 32, 128))
+_untransposed("qwen3", "bf16", (1, 8, 16, 256))
+_Q8_384T, _Q8_512 = (SHAPES["qwen3"].table_config(m, True) for m in (384, 512))
+_also_time("qwen3", "fp8", (443, 448, 480, 496, 512), {"M=384 entry": _Q8_384T, "M=512 entry": _Q8_512})
+_also_time("qwen3", "fp8", (512,), {
+    "M=384 entry, short_m 16": with_short_m(_Q8_384T, 16),
+    "block_m 64, gate/up transposed, 48-row tiles": MoEConfig(64, G(128, 128, 8, 8, 4, short_m=16, **_TM), _FP8["dn"]),
+    "block_m 64, both transposed, 48-row tiles": MoEConfig(64, G(128, 128, 8, 8, 4, short_m=16, **_TM),
+                                                          G(128, 128, 8, 4, 4, short_m=16, **_TM)),
+    "block_m 64, gate/up transposed, short_m 32": MoEConfig(64, G(128, 128, 8, 8, 4, short_m=32, swap_ab=True),
+                                                            _FP8["dn"]),
 })
 REPEATS = 3
 _counters = align_mod.completion_counters

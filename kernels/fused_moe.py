@@ -297,8 +297,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     key = num_tokens if num_pairs is None else lookup_tokens(num_pairs, top_k, num_experts, global_experts)
     cfg = config or get_config(key, num_experts, hidden_size, two_i // 2, top_k, fp8, w13.element_size(),
                                global_experts=global_experts)
-    if fp8 and (GROUP % cfg.gate_up.block_k or GROUP % cfg.down.block_k or cfg.gate_up.swap_ab or cfg.down.swap_ab):
-        raise ValueError(f"fused_moe: fp8 needs block_k dividing {GROUP} and no swap_ab, got {cfg}")
+    if fp8 and (GROUP % cfg.gate_up.block_k or GROUP % cfg.down.block_k):
+        raise ValueError(f"fused_moe: fp8 needs block_k dividing {GROUP}, got {cfg}")
     if cfg.pairs:
         return fused_moe_pairs(hidden, w13, w2, topk_weights, topk_ids, cfg, out, w13_scale, w2_scale)
     routing = moe_align(topk_ids, num_experts, cfg.block_m)

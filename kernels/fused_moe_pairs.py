@@ -47,7 +47,7 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, ids_ptr
                           stride_wsn, FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                           EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+                          SWAP: tl.constexpr, USE_PDL: tl.constexpr):
     """act[pair, n] = w[pair] * silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for one pair and N
     tile, e = topk_ids[pair]; w = topk_weights[pair], or 1 when FP8 (down multiplies its output by it).
     QUANT_ACT: act is fp8 with scales in as (see `moe_tiles.store_act`). Rows of dropped pairs are left
@@ -69,7 +69,7 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, ids_ptr
         offs_nw = offs_n % INTER
     acc_g, acc_u, _, _ = gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token, expert, offs_nw, K, INTER,
                                      stride_xm, stride_we, stride_wn, stride_xsm, stride_wse, stride_wsn,
-                                     FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, 0, False)
+                                     FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, 0, SWAP)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     if not FP8:
         act = act * tl.load(topk_w_ptr + pair)
@@ -83,7 +83,8 @@ def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, 
                        num_pairs, num_experts, N, K,
                        stride_am, stride_we, stride_wn, stride_ym, stride_om, stride_asm, stride_wse, stride_wsn,
                        FP8: tl.constexpr, QBLOCK: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     """y[pair, n] = act[pair] . w2[e, n] (x topk_weight when FP8; bf16 act carries it; 0 for a dropped
     pair) for one pair and N tile; the last of a token's TOP_K programs on the tile (a self-resetting counter
     per (token, N tile) tells) writes out[tok, n] = sum over j of y[tok*TOP_K + j, n] in a fixed order:
@@ -102,7 +103,7 @@ def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, 
     pair_rows = tl.zeros([BLOCK_M], dtype=tl.int32) + pair
     acc, _ = down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, pair_rows, pair_rows, expert, offs_nw, K,
                       tl.cdiv(K, BLOCK_K) * valid.to(tl.int32), stride_am, stride_we, stride_wn, stride_asm,
-                      stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, False, 0, False)
+                      stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, False, 0, SWAP)
     if FP8:
         acc *= tl.load(topk_w_ptr + pair)
     n_ok = offs_n < N
@@ -133,6 +134,7 @@ def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor
     grid = (num_pairs * triton.cdiv(inter, cfg.block_n),)
     meta = ptr_gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device)
     del meta["GROUP_M"]
+    meta["SWAP"] = cfg.swap_ab
     _gate_up_pairs_kernel[grid](x, w13, act, as_, xs, ws, topk_ids, topk_weights, num_pairs, num_experts,
                                 hidden_size, inter, topk_ids.shape[1],
                                 x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0),
@@ -158,7 +160,7 @@ def down_pairs(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, 
                              num_experts, hidden_size, inter, act.stride(0), w2.stride(0), w2.stride(1),
                              y.stride(0), out.stride(0), as_.stride(0), ws.stride(0), ws.stride(1), FP8=fp8,
                              QBLOCK=GROUP, TOP_K=top_k, K_POW2=max(2, triton.next_power_of_2(top_k)),
-                             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP=cfg.swap_ab,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(act.device))
     return out
 

@@ -38,9 +38,11 @@ class GemmConfig:
     run time (`moe_tiles.each_block`), so the height a token's rows take depends on how many other tokens
     chose the same expert (as the table entry already depends on the batch's size); results are identical run
     to run.
-    swap_ab (aligned path, pointer loads, not fp8): the MMAs run transposed, weight rows on the tensor
-    cores' M side (64-row granularity) and the block's tokens on the N side (8-row granularity), so a tile of
-    fewer than 64 rows costs its own rows of MMA rather than 64.
+    swap_ab (pointer loads; bf16 or fp8, aligned or pairs path): the MMAs run transposed, weight rows on the
+    tensor cores' M side (64-row granularity) and the block's tokens on the N side (8-row granularity), so a
+    tile of fewer than 64 rows costs its own rows of MMA rather than 64; with fp8, each k step's block scales
+    then apply to that many rows too. Which entries gain is measured, not assumed (benchmarks/RESULTS.md,
+    sessions 13 and 14): fp8 tiles of up to 32 rows did, Mixtral fp8's 64- and 128-row tiles lost.
     mid_m (with swap_ab and short_m = block_m / 4): also a tile of 3 * short_m rows, for blocks that fill more
     than half and at most three quarters of block_m. It runs as two MMA tiles (block_m / 2 and short_m rows)
     that share each weight tile: a quarter less MMA work than block_m rows. On the H100 Mixtral's 128-row tiles
@@ -99,9 +101,8 @@ class MoEConfig:
                     f"block_m {self.block_m} takes {list(allowed)} (block_m / 2 or / 4, at least 16 rows)"
                     if allowed else f"block_m {self.block_m} takes none")
                 raise ValueError(f"{name}.short_m must be 0 or a short tile height: {where}; got {g.short_m!r}")
-            if g.swap_ab and (self.pairs or g.loads != "ptr"):
-                raise ValueError(f"{name}.swap_ab needs the aligned path and pointer loads; got pairs={self.pairs!r}, "
-                                 f"loads={g.loads!r}")
+            if g.swap_ab and g.loads != "ptr":
+                raise ValueError(f"{name}.swap_ab needs pointer loads; got loads={g.loads!r}")
             if g.mid_m and (not g.swap_ab or g.short_m * 4 != self.block_m):
                 raise ValueError(f"{name}.mid_m needs swap_ab and short_m = block_m / 4 (block_m >= 64); got "
                                  f"block_m={self.block_m}, swap_ab={g.swap_ab}, short_m={g.short_m}")

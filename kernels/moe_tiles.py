@@ -189,8 +189,8 @@ def gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token2, expert, offs_nw, K,
     """(x[token] . w13[e, n], x[token] . w13[e, INTER + n]) in fp32, [BLOCK_M, BLOCK_N] each, then the same two
     for the rows token2 [ROWS2] of a second MMA row tile that shares each weight tile (ROWS2 = 0: none; the last
     two results are then the first two's initial zeros, unused). SWAP: the MMAs run transposed, weight rows on
-    the MMA's M side and tokens on its N side, whose granularity is 8 rather than 64. Neither with FP8."""
-    tl.static_assert(not (FP8 and (SWAP or ROWS2)), "fp8 takes neither transposed MMAs nor a second row tile")
+    the MMA's M side and tokens on its N side, whose granularity is 8 rather than 64. FP8: each k step's MMA
+    result is scaled by its token-group and weight-block scales into the accumulator (`_scaled_mma`)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
@@ -223,8 +223,12 @@ def gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token2, expert, offs_nw, K,
             ws_base = ws_ptr + expert * stride_wse + grp
             g_s = tl.load(ws_base + (offs_nw // QBLOCK) * stride_wsn)
             u_s = tl.load(ws_base + ((offs_nw + INTER) // QBLOCK) * stride_wsn)
-            acc_g += tl.dot(a, g) * (a_s[:, None] * g_s[None, :])
-            acc_u += tl.dot(a, u) * (a_s[:, None] * u_s[None, :])
+            acc_g = _scaled_mma(a, g, acc_g, a_s, g_s, SWAP)
+            acc_u = _scaled_mma(a, u, acc_u, a_s, u_s, SWAP)
+            if ROWS2:
+                a2_s = tl.load(xs_ptr + token2 * stride_xsm + grp)
+                acc_g2 = _scaled_mma(a2, g, acc_g2, a2_s, g_s, SWAP)
+                acc_u2 = _scaled_mma(a2, u, acc_u2, a2_s, u_s, SWAP)
         else:
             acc_g = _mma(a, g, acc_g, SWAP)
             acc_u = _mma(a, u, acc_u, SWAP)
@@ -260,6 +264,17 @@ def _mma(a, b, acc, SWAP: tl.constexpr):
 
 
 @triton.jit
+def _scaled_mma(a, b, acc, a_s, b_s, SWAP: tl.constexpr):
+    """acc + (a . b) * a_s[:, None] * b_s[None, :] (a: [ROWS, K] fp8 tokens with scales a_s [ROWS], b: [K, COLS]
+    fp8 weights with scales b_s [COLS]: one k step of a block-scaled GEMM); SWAP: transposed as in `_mma`."""
+    if SWAP:
+        acc += tl.dot(tl.trans(b), tl.trans(a)) * (b_s[:, None] * a_s[None, :])
+    else:
+        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+    return acc
+
+
+@triton.jit
 def _unswap(acc, SWAP: tl.constexpr):
     """`_mma`'s accumulator as [ROWS, COLS]."""
     if SWAP:
@@ -274,8 +289,7 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROWS2: tl.constexpr, SWAP: tl.constexpr):
     """act[rows] . w2[expert, offs_nw] over the first k_steps BLOCK_K steps of K, fp32 [BLOCK_M, BLOCK_N], then
     the same for the rows rows2 [ROWS2] of a second MMA row tile that shares each weight tile (ROWS2 = 0: none;
-    the second result is then the first's initial zeros, unused). SWAP: as in `gate_up_acc`. Neither with FP8."""
-    tl.static_assert(not (FP8 and (SWAP or ROWS2)), "fp8 takes neither transposed MMAs nor a second row tile")
+    the second result is then the first's initial zeros, unused). SWAP and FP8: as in `gate_up_acc`."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
@@ -300,7 +314,9 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
             grp = kk * BLOCK_K // QBLOCK
             a_s = tl.load(as_ptr + rows * stride_asm + grp)
             b_s = tl.load(ws_ptr + expert * stride_wse + (offs_nw // QBLOCK) * stride_wsn + grp)
-            acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+            acc = _scaled_mma(a, b, acc, a_s, b_s, SWAP)
+            if ROWS2:
+                acc2 = _scaled_mma(a2, b, acc2, tl.load(as_ptr + rows2 * stride_asm + grp), b_s, SWAP)
         else:
             acc = _mma(a, b, acc, SWAP)
             if ROWS2:

@@ -116,7 +116,6 @@ def test_config_tables_are_valid_and_pick_nearest_m():
         assert table, f"{path.name} holds no configs"
         if path.name.endswith("_fp8.json"):
             assert all(128 % c.gate_up.block_k == 0 and 128 % c.down.block_k == 0 for c in table.values())
-            assert not any(g.swap_ab for c in table.values() for g in (c.gate_up, c.down))  # fp8 refuses it
         assert all(c.fuse_act_quant for c in table.values())  # tables without the field take its default
     tiles = GemmConfig(32, 64), GemmConfig(64, 64)
     for c in (MoEConfig(16, *tiles, pairs="pair"), MoEConfig(64, *tiles, fuse_act_quant=False)):
@@ -467,23 +466,25 @@ INTERP_CASES = {
 }
 
 
-def _interp_config(spec, pairs: str = ""):
+def _interp_config(spec, pairs: str = "", swap_ab: bool = False):
     from moeserve.kernels import GemmConfig, MoEConfig
 
     bm, (gn, gk), (dn, dk) = spec
-    return MoEConfig(bm, GemmConfig(gn, gk, 2, 4, 2), GemmConfig(dn, dk, 2, 4, 2), pairs)
+    return MoEConfig(bm, GemmConfig(gn, gk, 2, 4, 2, swap_ab=swap_ab), GemmConfig(dn, dk, 2, 4, 2, swap_ab=swap_ab),
+                     pairs)
 
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", sorted(INTERP_CASES))
 @pytest.mark.parametrize("pairs", ["", "pair"], ids=["aligned", "pairs"])
-def test_interp_fused_moe_matches_reference(case, dtype, pairs):
+@pytest.mark.parametrize("swap_ab", [False, True], ids=["", "transposed"])
+def test_interp_fused_moe_matches_reference(case, dtype, pairs, swap_ab):
     from moeserve.kernels import fused_moe, moe_reference
 
     m, h, i, e, k, spec = INTERP_CASES[case]
     x, w13, w2, tw, ids = random_moe(m, h, i, e, k, dtype, seed=m, skip_expert=e - 1)
-    out = fused_moe(x, w13, w2, tw, ids, config=_interp_config(spec, pairs))
+    out = fused_moe(x, w13, w2, tw, ids, config=_interp_config(spec, pairs, swap_ab))
     ref = moe_reference(x.double(), w13.double(), w2.double(), tw, ids)
     assert out.dtype == dtype and out.shape == x.shape
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
@@ -544,13 +545,14 @@ def test_interp_token_group_quant_matches_reference(shape):
 
 @interp
 @pytest.mark.parametrize("pairs", ["", "pair"], ids=["aligned", "pairs"])
-def test_interp_fp8_fused_moe_matches_quantised_reference(pairs):
+@pytest.mark.parametrize("swap_ab", [False, True], ids=["", "transposed"])
+def test_interp_fp8_fused_moe_matches_quantised_reference(pairs, swap_ab):
     from moeserve.kernels import fused_moe, moe_reference
     from moeserve.kernels.fp8 import quant_weight_block_fp8
 
     x, w13, w2, tw, ids = random_moe(6, 256, 192, 4, 2, torch.float32, seed=3, skip_expert=0)
     (q13, s13), (q2, s2) = quant_weight_block_fp8(w13), quant_weight_block_fp8(w2)
-    cfg = _interp_config((16, (32, 64), (64, 128)), pairs)
+    cfg = _interp_config((16, (32, 64), (64, 128)), pairs, swap_ab)
     out = fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, config=cfg)
     assert rel_err(out, moe_reference(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)) < 1e-4
     assert rel_err(out, moe_reference(x, w13, w2, tw, ids)) < 0.1  # the quantisation error itself
@@ -697,17 +699,25 @@ def test_interp_short_tiles_write_only_their_rows(short_m):
 
 
 @interp
-def test_interp_fp8_short_tiles_match_quantised_reference():
-    """fp8 weights and activations with tiles of all three heights (per-row scales follow each tile's rows)."""
+@pytest.mark.parametrize("swap_ab,mid_m", [(False, False), (True, False), (True, True)])
+def test_interp_fp8_short_tiles_match_quantised_reference(swap_ab, mid_m):
+    """fp8 weights and activations with tiles of every height (per-row scales follow each tile's rows), also
+    with the MMAs transposed (the weight-block scales then run along the accumulator's rows), alone and with
+    48-row tiles of 32 + 16 rows whose second tile takes its own rows' scales; gate/up quantises act in its
+    epilogue, for each tile. With swap_ab, in each GEMM alone and in both."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
     from moeserve.kernels.fp8 import quant_weight_block_fp8
 
-    tw, ids = routing_with_counts(SHORT_COUNTS, seed=2)
-    x, w13, w2, _, _ = random_moe(len(ids), 256, 128, len(SHORT_COUNTS), 1, torch.float32, seed=2)
+    counts = MID_COUNTS if mid_m else SHORT_COUNTS
+    tw, ids = routing_with_counts(counts, seed=2)
+    x, w13, w2, _, _ = random_moe(len(ids), 256, 128, len(counts), 1, torch.float32, seed=2)
     (q13, s13), (q2, s2) = quant_weight_block_fp8(w13), quant_weight_block_fp8(w2)
-    cfg = MoEConfig(64, GemmConfig(128, 64, 2, 4, 2, short_m=16), GemmConfig(64, 128, 2, 4, 2, short_m=16))
-    out = fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, config=cfg)
-    assert rel_err(out, moe_reference(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)) < 1e-4
+    ref = moe_reference(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)
+    tiles = dict(short_m=16, swap_ab=swap_ab, mid_m=mid_m)
+    for gu, dn in ((tiles, tiles), (tiles, dict(short_m=16)), (dict(short_m=16), tiles))[:3 if swap_ab else 1]:
+        cfg = MoEConfig(64, GemmConfig(128, 64, 2, 4, 2, **gu), GemmConfig(64, 128, 2, 4, 2, **dn))
+        out = fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, config=cfg)
+        assert rel_err(out, ref) < 1e-4, (gu, dn)
 
 
 @interp
@@ -750,13 +760,12 @@ def test_interp_swapped_mma_and_mid_tiles_match_reference(dtype, short_m, mid_m,
 def test_config_swapped_mma_and_mid_tiles_say_what_they_need():
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
-    for bad, why in ((dict(swap_ab=True, loads="tma"), "swap_ab needs the aligned path and pointer loads"),
+    for bad, why in ((dict(swap_ab=True, loads="tma"), "swap_ab needs pointer loads"),
                      (dict(short_m=16, mid_m=True), "mid_m needs swap_ab and short_m = block_m / 4"),
                      (dict(short_m=32, swap_ab=True, mid_m=True), "mid_m needs swap_ab and short_m = block_m / 4")):
         with pytest.raises(ValueError, match=why):
             MoEConfig(64, GemmConfig(32, 64, **bad), GemmConfig(32, 64))
-    with pytest.raises(ValueError, match="swap_ab needs the aligned path"):
-        MoEConfig(16, GemmConfig(32, 64, swap_ab=True), GemmConfig(32, 64), pairs="pair")
+    MoEConfig(16, GemmConfig(32, 64, swap_ab=True), GemmConfig(32, 64), pairs="pair")  # the pairs path takes it
     ok = MoEConfig(64, GemmConfig(32, 64, short_m=16, swap_ab=True, mid_m=True), GemmConfig(32, 64))
     assert MoEConfig.from_dict(ok.to_dict()) == ok
     old = MoEConfig.from_dict({**ok.to_dict(), "gate_up": {"block_n": 32, "block_k": 64}})  # a table before them
@@ -765,9 +774,9 @@ def test_config_swapped_mma_and_mid_tiles_say_what_they_need():
     w13, w2 = torch.zeros(2, 256, 128, dtype=torch.float8_e4m3fn), torch.zeros(2, 128, 128, dtype=torch.float8_e4m3fn)
     s13, s2 = torch.ones(2, 2, 1), torch.ones(2, 1, 1)
     ids, tw = torch.zeros(4, 1, dtype=torch.int32), torch.ones(4, 1)
-    with pytest.raises(ValueError, match="fp8 needs block_k dividing 128 and no swap_ab"):
+    with pytest.raises(ValueError, match="fp8 needs block_k dividing 128, got"):  # one scale group per k step
         fused_moe(x, w13, w2, tw, ids, w13_scale=s13, w2_scale=s2,
-                  config=MoEConfig(64, GemmConfig(32, 64, swap_ab=True), GemmConfig(32, 64)))
+                  config=MoEConfig(64, GemmConfig(32, 256, swap_ab=True), GemmConfig(32, 64)))
     from moeserve.kernels.moe_tiles import aligned_ptr_meta
 
     meta = aligned_ptr_meta(ok.gate_up)  # what the aligned pointer-load kernels are given
@@ -996,13 +1005,16 @@ def test_gpu_triton_experts_via_factory():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(TARGETS))
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_gpu_pairs_path_matches_aligned_path(name, fp8):
-    """The small-M path (no align, top-k sum in the down kernel) against the reference and the aligned path."""
+@pytest.mark.parametrize("swap_ab", [False, True], ids=["", "transposed"])
+def test_gpu_pairs_path_matches_aligned_path(name, fp8, swap_ab):
+    """The small-M path (no align, top-k sum in the down kernel), its MMAs also transposed, against the
+    reference and the aligned path."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
     x, w13, w2, tw, ids, scales = _target_inputs(name, 6, fp8, seed=11)
     ids[1, -1] = -1  # a dropped choice inside a token that has valid ones
-    pairs = MoEConfig(16, GemmConfig(32, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3), pairs="pair")
+    tile = GemmConfig(32, 128, 1, 4, 3, swap_ab=swap_ab)
+    pairs = MoEConfig(16, tile, tile, pairs="pair")
     aligned = MoEConfig(16, GemmConfig(32, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3))
     out = fused_moe(x, w13, w2, tw, ids, config=pairs, **scales)
     ref = _target_ref(x, w13, w2, tw, ids, scales)
@@ -1041,10 +1053,12 @@ def test_gpu_tma_loads_match_reference(name, fp8, loads, ws):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(TARGETS))
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("loads,ws", [("ptr", False), ("tma", False), ("tma", True), ("tma_gathered", True)])
-def test_gpu_short_tiles_match_reference(name, fp8, loads, ws):
-    """short_m of block_m/2 and block_m/4 at the target shapes, in every load mode the tables use, on a routing
-    skewed across experts so that tiles of every height run in each call."""
+@pytest.mark.parametrize("loads,ws,swap_ab", [("ptr", False, False), ("ptr", False, True), ("tma", False, False),
+                                              ("tma", True, False), ("tma_gathered", True, False)])
+def test_gpu_short_tiles_match_reference(name, fp8, loads, ws, swap_ab):
+    """short_m of block_m/2 and block_m/4 at the target shapes, in every load mode the tables use, and with
+    transposed MMAs (with mid tiles at block_m/4), on a routing skewed across experts so that tiles of every
+    height run in each call."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
     e, routed, k, _, _ = TARGETS[name]
@@ -1054,7 +1068,7 @@ def test_gpu_short_tiles_match_reference(name, fp8, loads, ws):
     x, w13, w2, tw, ids, scales = _target_inputs(name, ids.shape[0], fp8, seed=17, ids=ids)
     ref = _target_ref(x, w13, w2, tw, ids, scales)
     for short_m in (bm // 2, bm // 4):
-        cfg = MoEConfig(bm, GemmConfig(128, bk, 8, 8, stages, loads, ws, short_m),
-                        GemmConfig(128, bk, 8, 8, stages, loads, ws, short_m))
+        tile = GemmConfig(128, bk, 8, 8, stages, loads, ws, short_m, swap_ab and short_m == bm // 4, swap_ab)
+        cfg = MoEConfig(bm, tile, tile)
         out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
         assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2), short_m
