@@ -222,25 +222,27 @@ _also_time("mixtral", "bf16", (240, 256, 264, 272, 300, 320, 330, 352, 384, 416,
 _TM = dict(swap_ab=True, mid_m=True)
 
 
-def _untransposed(key: str, dtype: str, ms: tuple[int, ...]) -> None:
+def _other_orientation(key: str, dtype: str, ms: tuple[int, ...]) -> None:
+    """Time each size's table entry against the same tiles in the other MMA orientation: "untransposed" where
+    the entry takes swap_ab, "transposed" where it does not."""
     for m in ms:
         table = SHAPES[key].table_config(m, dtype == "fp8")
         _also_time(key, dtype, (m,), {"untransposed": with_swap_ab(table, False)} if table.gate_up.swap_ab
                    else {"transposed": with_swap_ab(table, True)})
 
 
-_untransposed("qwen3", "fp8", (1, 8, 32, 128, 192, 224, 320, 384, 443))
-_untransposed("deepseek", "fp8", (1, 8, 32, 128, 256, 512, 768, 1000))
-_untransposed("mixtral", "fp8", (1, 8, 32, 128))
+_other_orientation("qwen3", "fp8", (1, 8, 32, 128, 192, 224, 320, 384, 443))
+_other_orientation("deepseek", "fp8", (1, 8, 32, 128, 256, 512, 768, 1000))
+_other_orientation("mixtral", "fp8", (1, 8, 32, 128))
 _also_time("mixtral", "fp8", (256, 384, 512), {  # the M=512 entry loads by TMA: these tiles by pointer
     "block_m 128 transposed, 96-row tiles, 64 wide": MoEConfig(128, G(64, 128, 16, 8, 4, short_m=32, **_TM),
                                                                G(64, 128, 8, 8, 4, short_m=32, **_TM)),
     "block_m 64 transposed, 48-row tiles": MoEConfig(64, G(128, 128, 16, 8, 4, short_m=16, **_TM),
                                                      G(128, 128, 8, 8, 4, short_m=16, **_TM)),
 })
-_untransposed("deepseek", "bf16", (1, 8, 512))
-_untransposed("mixtral", "bf16", (1, 8, 32, 128))
-_untransposed("qwen3", "bf16", (1, 8, 16, 256))
+_other_orientation("deepseek", "bf16", (1, 8, 512))
+_other_orientation("mixtral", "bf16", (1, 8, 32, 128))
+_other_orientation("qwen3", "bf16", (1, 8, 16, 256))
 _Q8_384T, _Q8_512 = (SHAPES["qwen3"].table_config(m, True) for m in (384, 512))
 _also_time("qwen3", "fp8", (443, 448, 480, 496, 512), {"M=384 entry": _Q8_384T, "M=512 entry": _Q8_512})
 _also_time("qwen3", "fp8", (512,), {

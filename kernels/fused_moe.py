@@ -11,7 +11,8 @@ Design (H100 targets, see benchmarks/RESULTS.md):
 - Large M is compute-bound: 64-128 row blocks, wide N tiles, 3-4 pipeline stages, 8 warps.
 - Between them (Mixtral at 60-110 pairs per expert) a 128-row tile costs its MMA height: there the MMAs run
   transposed, tokens on the tensor cores' N side (8-row granularity instead of 64), with 96-row tiles of 64 + 32
-  rows (`GemmConfig.swap_ab`, `mid_m`).
+  rows (`GemmConfig.swap_ab`, `mid_m`). fp8 tiles of 16-32 rows run transposed too: untransposed, Triton
+  runs them as fp16 MMAs after converting the fp8 operands; transposed, they take fp8 MMAs.
 - Aligned path: the top-k sum is a separate small kernel over [M*k, H] rather than float atomics in the down
   epilogue: deterministic, fp32 accumulation, no zero-filled output.
 - FP8: where gate/up's N tiles cover whole 128-channel groups, its epilogue quantises act itself (fp8 act

@@ -8,6 +8,9 @@ its k rows in a fixed order: two launches, deterministic.
   `counters.completion_counters`) sums the token's k fp32 rows in a fixed order, so it needs no third launch.
 - Routing weight: unquantised act carries it from gate/up; with fp8 (act quantised per 128 channels), down
   multiplies its output by topk_weights[pair] after the k loop instead.
+- Every MMA row of a program holds its pair's one token. `GemmConfig.swap_ab` transposes the MMAs so the
+  weights take the tensor cores' M side and those rows the N side (16 instead of 64 MMA rows); it pays for some
+  shapes and not others (benchmarks/RESULTS.md, session 14), so the tables choose.
 `fused_moe_pairs` drives the two launches (and the fp8 quantisation of hidden and act) once
 `fused_moe.fused_moe` has checked the inputs; the k loops, the gate/up epilogue, act allocation and the choice
 of act quantisation route it shares with the aligned path live in `moe_tiles`.
@@ -50,8 +53,8 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, ids_ptr
                           SWAP: tl.constexpr, USE_PDL: tl.constexpr):
     """act[pair, n] = w[pair] * silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for one pair and N
     tile, e = topk_ids[pair]; w = topk_weights[pair], or 1 when FP8 (down multiplies its output by it).
-    QUANT_ACT: act is fp8 with scales in as (see `moe_tiles.store_act`). Rows of dropped pairs are left
-    unwritten."""
+    QUANT_ACT: act is fp8 with scales in as (see `moe_tiles.store_act`). SWAP: transposed MMAs
+    (`GemmConfig.swap_ab`). Rows of dropped pairs are left unwritten."""
     pdl_enter(USE_PDL)
     # N-tile-major order: programs of the same weight tile run together, so an expert picked by several
     # tokens is mostly served from L2.
@@ -88,7 +91,7 @@ def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, 
     """y[pair, n] = act[pair] . w2[e, n] (x topk_weight when FP8; bf16 act carries it; 0 for a dropped
     pair) for one pair and N tile; the last of a token's TOP_K programs on the tile (a self-resetting counter
     per (token, N tile) tells) writes out[tok, n] = sum over j of y[tok*TOP_K + j, n] in a fixed order:
-    deterministic, one launch."""
+    deterministic, one launch. SWAP: transposed MMAs (`GemmConfig.swap_ab`)."""
     pdl_enter(USE_PDL)
     pair = tl.program_id(0) % num_pairs
     pid_n = tl.program_id(0) // num_pairs
@@ -132,14 +135,11 @@ def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor
     act = new_act(num_pairs, inter, out_dtype, act_scale, x.device)
     xs, ws, as_ = gate_up_scales(x, w13, act, x_scale, w13_scale, act_scale)
     grid = (num_pairs * triton.cdiv(inter, cfg.block_n),)
-    meta = ptr_gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device)
-    del meta["GROUP_M"]
-    meta["SWAP"] = cfg.swap_ab
     _gate_up_pairs_kernel[grid](x, w13, act, as_, xs, ws, topk_ids, topk_weights, num_pairs, num_experts,
                                 hidden_size, inter, topk_ids.shape[1],
                                 x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0),
                                 xs.stride(0), ws.stride(0), ws.stride(1), **act_quant_meta(act_scale, out_dtype),
-                                **meta)
+                                SWAP=cfg.swap_ab, **ptr_gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device))
     return act
 
 

@@ -229,7 +229,7 @@ def gate_up_tma(x, w13, act, routing, top_k: int, cfg: GemmConfig, round_dtype: 
                               routing.block_rows, routing.max_blocks, xin.shape[0], num_experts, hidden_size,
                               two_i // 2, top_k, xin.stride(0), act.stride(0), as_.stride(0), xs.stride(0),
                               ws.stride(0), ws.stride(1), GATHERED=gathered, WS=cfg.warp_specialize,
-                              SHORT_M=cfg.short_m, **act_quant_meta(act_scale, round_dtype),
+                              GROUP_M=cfg.group_m, SHORT_M=cfg.short_m, **act_quant_meta(act_scale, round_dtype),
                               **gemm_meta(cfg, routing.block_m, fp8, x.device))
 
 
@@ -243,5 +243,5 @@ def down_tma(act, w2, y, topk_weights, routing, cfg: GemmConfig, act_scale=None,
     _down_tma_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
                            routing.block_rows, routing.max_blocks, act.shape[0], num_experts, hidden_size,
                            inter, act.stride(0), y.stride(0), as_.stride(0), ws.stride(0), ws.stride(1),
-                           WS=cfg.warp_specialize, SHORT_M=cfg.short_m,
+                           WS=cfg.warp_specialize, GROUP_M=cfg.group_m, SHORT_M=cfg.short_m,
                            **gemm_meta(cfg, routing.block_m, fp8, act.device))

@@ -41,7 +41,8 @@ class GemmConfig:
     swap_ab (pointer loads; bf16 or fp8, aligned or pairs path): the MMAs run transposed, weight rows on the
     tensor cores' M side (64-row granularity) and the block's tokens on the N side (8-row granularity), so a
     tile of fewer than 64 rows costs its own rows of MMA rather than 64; with fp8, each k step's block scales
-    then apply to that many rows too. Which entries gain is measured, not assumed (benchmarks/RESULTS.md,
+    then apply to that many rows too. It takes Hopper's wgmma only where block_n >= 64 (the weight rows fill
+    its M side); narrower tiles run mma.sync either way. Which entries gain is measured, not assumed (benchmarks/RESULTS.md,
     sessions 13 and 14): fp8 tiles of up to 32 rows did (untransposed, Triton 3.6 runs those as fp16
     mma.sync after converting the fp8 operands; transposed they take fp8 wgmma), Mixtral fp8's 64- and 128-row
     tiles lost.

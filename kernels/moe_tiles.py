@@ -22,9 +22,9 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 
 
 def gemm_meta(cfg: GemmConfig, block_m: int, fp8: bool, device: torch.device) -> dict:
-    """Launch constants every grouped-GEMM kernel takes (each module adds its own)."""
+    """Launch constants every grouped-GEMM kernel takes, aligned or pairs (each module adds its own)."""
     return dict(FP8=fp8, QBLOCK=GROUP, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(device))
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(device))
 
 
 def act_quant_meta(act_scale: torch.Tensor | None, round_dtype: torch.dtype) -> dict:
@@ -42,9 +42,9 @@ def ptr_gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool, devi
 
 
 def aligned_ptr_meta(cfg: GemmConfig) -> dict:
-    """The aligned pointer-load kernels' tile heights and MMA orientation: SHORT_M, MID_M and SWAP
-    (`GemmConfig.short_m`, `.mid_m`, `.swap_ab`)."""
-    return dict(SHORT_M=cfg.short_m, MID_M=cfg.mid_m, SWAP=cfg.swap_ab)
+    """The aligned pointer-load kernels' program order, tile heights and MMA orientation: GROUP_M, SHORT_M,
+    MID_M and SWAP (`GemmConfig.group_m`, `.short_m`, `.mid_m`, `.swap_ab`)."""
+    return dict(GROUP_M=cfg.group_m, SHORT_M=cfg.short_m, MID_M=cfg.mid_m, SWAP=cfg.swap_ab)
 
 
 def act_quant_fusable(cfg: MoEConfig) -> bool:
@@ -266,7 +266,8 @@ def _mma(a, b, acc, SWAP: tl.constexpr):
 @triton.jit
 def _scaled_mma(a, b, acc, a_s, b_s, SWAP: tl.constexpr):
     """acc + (a . b) * a_s[:, None] * b_s[None, :] (a: [ROWS, K] fp8 tokens with scales a_s [ROWS], b: [K, COLS]
-    fp8 weights with scales b_s [COLS]: one k step of a block-scaled GEMM); SWAP: transposed as in `_mma`."""
+    fp8 weights with scales b_s [COLS]: one k step of a block-scaled GEMM); SWAP: transposed as in `_mma`, acc
+    [COLS, ROWS], so the weight scales run along its rows and the token scales along its columns."""
     if SWAP:
         acc += tl.dot(tl.trans(b), tl.trans(a)) * (b_s[:, None] * a_s[None, :])
     else:

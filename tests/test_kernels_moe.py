@@ -11,6 +11,7 @@ Three groups:
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 import pytest
@@ -558,6 +559,45 @@ def test_interp_fp8_fused_moe_matches_quantised_reference(pairs, swap_ab):
     assert rel_err(out, moe_reference(x, w13, w2, tw, ids)) < 0.1  # the quantisation error itself
 
 
+PAIRS_KERNELS = ("_gate_up_pairs_kernel", "_down_pairs_kernel")
+
+
+def spy_pairs_launches(monkeypatch) -> list[tuple[str, bool, object]]:
+    """Wraps the pairs path's two kernels: each launch appends (kernel name, its SWAP constant, what the launch
+    returned: the compiled kernel on a GPU) to the returned list."""
+    pairs_mod = importlib.import_module("moeserve.kernels.fused_moe_pairs")
+    seen = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                compiled = self.kernel[grid](*args, **kwargs)
+                seen.append((self.name, kwargs["SWAP"], compiled))
+                return compiled
+
+            return launch
+
+    for name in PAIRS_KERNELS:
+        monkeypatch.setattr(pairs_mod, name, Spy(name, getattr(pairs_mod, name)))
+    return seen
+
+
+@interp
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_interp_pairs_path_launches_with_the_configured_mma_orientation(swap_ab, monkeypatch):
+    """The pairs path hands GemmConfig.swap_ab to both of its kernels (outputs alone cannot tell: every MMA row
+    of a pairs program holds the same token; the GPU test below checks the instructions)."""
+    from moeserve.kernels import fused_moe
+
+    seen = spy_pairs_launches(monkeypatch)
+    x, w13, w2, tw, ids = random_moe(3, 64, 32, 4, 2, torch.float32, seed=5)
+    fused_moe(x, w13, w2, tw, ids, config=_interp_config((16, (16, 32), (32, 32)), "pair", swap_ab))
+    assert [(name, swap) for name, swap, _ in seen] == [(k, swap_ab) for k in PAIRS_KERNELS]
+
+
 TMA_LOADS = [("tma", False), ("tma", True), ("tma_gathered", False), ("tma_gathered", True)]
 
 
@@ -710,11 +750,14 @@ def test_interp_fp8_short_tiles_match_quantised_reference(swap_ab, mid_m):
 
     counts = MID_COUNTS if mid_m else SHORT_COUNTS
     tw, ids = routing_with_counts(counts, seed=2)
+    if mid_m:
+        assert set(tile_heights(ids, len(counts), 64, 16, mid_m=True)) == {16, 32, 48, 64}
     x, w13, w2, _, _ = random_moe(len(ids), 256, 128, len(counts), 1, torch.float32, seed=2)
     (q13, s13), (q2, s2) = quant_weight_block_fp8(w13), quant_weight_block_fp8(w2)
     ref = moe_reference(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)
-    tiles = dict(short_m=16, swap_ab=swap_ab, mid_m=mid_m)
-    for gu, dn in ((tiles, tiles), (tiles, dict(short_m=16)), (dict(short_m=16), tiles))[:3 if swap_ab else 1]:
+    tiles, plain = dict(short_m=16, swap_ab=swap_ab, mid_m=mid_m), dict(short_m=16)
+    combos = [(tiles, tiles), (tiles, plain), (plain, tiles)] if swap_ab else [(tiles, tiles)]
+    for gu, dn in combos:
         cfg = MoEConfig(64, GemmConfig(128, 64, 2, 4, 2, **gu), GemmConfig(64, 128, 2, 4, 2, **dn))
         out = fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, config=cfg)
         assert rel_err(out, ref) < 1e-4, (gu, dn)
@@ -776,7 +819,7 @@ def test_config_swapped_mma_and_mid_tiles_say_what_they_need():
     ids, tw = torch.zeros(4, 1, dtype=torch.int32), torch.ones(4, 1)
     with pytest.raises(ValueError, match="fp8 needs block_k dividing 128, got"):  # one scale group per k step
         fused_moe(x, w13, w2, tw, ids, w13_scale=s13, w2_scale=s2,
-                  config=MoEConfig(64, GemmConfig(32, 256, swap_ab=True), GemmConfig(32, 64)))
+                  config=MoEConfig(64, GemmConfig(32, 256), GemmConfig(32, 64)))
     from moeserve.kernels.moe_tiles import aligned_ptr_meta
 
     meta = aligned_ptr_meta(ok.gate_up)  # what the aligned pointer-load kernels are given
@@ -1023,6 +1066,26 @@ def test_gpu_pairs_path_matches_aligned_path(name, fp8, swap_ab):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_gpu_pairs_path_mma_orientation_in_the_instructions(swap_ab, monkeypatch):
+    """Transposed pairs kernels put the 16 MMA rows of a pair on the tensor cores' N side: Hopper wgmma with
+    N = 16 (the 64-wide weight tiles on its M side); untransposed they run M = 16 mma.sync tiles. Fails if SWAP
+    stopped reaching the k loops."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("checks Hopper's wgmma instructions")
+    seen = spy_pairs_launches(monkeypatch)
+    x, w13, w2, tw, ids, _ = _target_inputs("qwen3", 2, False, seed=3)
+    tile = GemmConfig(64, 128, 1, 4, 3, swap_ab=swap_ab)
+    fused_moe(x, w13, w2, tw, ids, config=MoEConfig(16, tile, tile, pairs="pair"))
+    for name, _, compiled in seen:
+        ptx = compiled.asm["ptx"]
+        assert ("wgmma.mma_async.sync.aligned.m64n16k16" in ptx) == swap_ab, name
+        assert ("mma.sync.aligned.m16n8k16" in ptx) != swap_ab, name
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,mode", [(1, None), (8, None), (24, "pair"), (512, None), (2048, None)])
 def test_gpu_results_identical_run_to_run(m, mode):
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
@@ -1068,7 +1131,8 @@ def test_gpu_short_tiles_match_reference(name, fp8, loads, ws, swap_ab):
     x, w13, w2, tw, ids, scales = _target_inputs(name, ids.shape[0], fp8, seed=17, ids=ids)
     ref = _target_ref(x, w13, w2, tw, ids, scales)
     for short_m in (bm // 2, bm // 4):
-        tile = GemmConfig(128, bk, 8, 8, stages, loads, ws, short_m, swap_ab and short_m == bm // 4, swap_ab)
+        tile = GemmConfig(128, bk, 8, 8, stages, loads, ws, short_m, mid_m=swap_ab and short_m == bm // 4,
+                          swap_ab=swap_ab)
         cfg = MoEConfig(bm, tile, tile)
         out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
         assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2), short_m
