@@ -210,7 +210,10 @@ def fetch_status(address: str | None, app_name: str, timeout_s: float = 30.0) ->
     apps = serve.status().applications
     if app_name not in apps:
         running = ", ".join(sorted(apps)) or "none"
-        raise LookupError(f"no Serve app named {app_name!r} on this Ray cluster (running apps: {running})")
+        # Several local clusters (two `moeserve serve`, a test run's) are told apart only by address.
+        where = ray.get_runtime_context().gcs_address
+        raise LookupError(f"no Serve app named {app_name!r} on the Ray cluster at {where} (running apps: "
+                          f"{running}); another cluster: pass --address or set RAY_ADDRESS")
     if "Controller" not in apps[app_name].deployments:
         raise LookupError(f"Serve app {app_name!r} is not a moeserve app (it has no Controller deployment)")
     handle = serve.get_deployment_handle("Controller", app_name=app_name)

@@ -76,6 +76,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+
     from moeserve.cluster.config import load_deploy_config, parse_deploy_config
     from moeserve.cluster.launch import connect, local_num_cpus, serve_until_stopped
 
@@ -85,6 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         config = parse_deploy_config(overrides, "command-line options")
     started = connect(args.address, start_local=True, num_cpus=local_num_cpus(config))
+    if started:
+        # `moeserve status` joins the newest local cluster; this address reaches this one from any shell.
+        print(f"moeserve: started a local Ray cluster at {ray.get_runtime_context().gcs_address}", flush=True)
     try:
         return serve_until_stopped(config, detach=False, timeout_s=args.timeout, started_ray=started)
     except (RuntimeError, TimeoutError) as e:
@@ -92,8 +97,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     finally:
         if started:
-            import ray
-
             ray.shutdown()
 
 

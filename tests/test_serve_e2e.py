@@ -214,6 +214,8 @@ class TestDPEP2:
         missing = subprocess.run([*cmd[:-1], "nope"], env=env, capture_output=True, text=True, timeout=120)
         assert missing.returncode == 1
         assert "no Serve app named 'nope'" in missing.stderr and "ep2" in missing.stderr
+        # It says which cluster it looked at and how to pick another (two local clusters are easy to mix up).
+        assert "on the Ray cluster at " in missing.stderr and "--address" in missing.stderr
 
     def test_rebalance_command_dry_run_then_apply(self, ep2, offline, tmp_path):
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
