@@ -261,14 +261,15 @@ def _fresh_zeros(device: torch.device, count: int) -> torch.Tensor:
     return torch.zeros(count, dtype=torch.int32, device=device)
 
 
-def parse_cases(spec: str) -> list[tuple[str, str, int]]:
-    """--cases: "default", "ep" or a comma list of shape key:dtype:M -> [(shape key, dtype, M)]."""
+def parse_cases(spec: str, prog: str = "moe_entries_probe") -> list[tuple[str, str, int]]:
+    """--cases: a name of CASE_SETS or a comma list of shape key:dtype:M -> [(shape key, dtype, M)]; prog names
+    the script in the error."""
     spec = CASE_SETS.get(spec, spec)
     cases = [c.split(":") for c in spec.split(",")]
     bad = [":".join(c) for c in cases if len(c) != 3 or c[0] not in SHAPES or c[1] not in ("bf16", "fp8")
            or not c[2].isdigit()]
     if bad:
-        raise SystemExit(f"moe_entries_probe: bad case(s) {bad}; a case is key:dtype:M with key one of "
+        raise SystemExit(f"{prog}: bad case(s) {bad}; a case is key:dtype:M with key one of "
                          f"{sorted(SHAPES)} and dtype bf16 or fp8, or --cases {' or '.join(CASE_SETS)}")
     return [(k, d, int(m)) for k, d, m in cases]
 

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kernels_moe_tune import _fused_calls, _time_ms, precompile, roofline_us, whole_jobs  # noqa: E402
+from moe_entries_probe import parse_cases  # noqa: E402
 
 from kernels import SHAPES, device_info, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 from moeserve.kernels.fp8 import FP8_DTYPE  # noqa: E402
@@ -129,14 +130,11 @@ def run_case(key: str, dtype: str, m: int, ceilings: dict, repeats: int) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default=CASES, help="comma list of shape:dtype:M")
+    ap.add_argument("--cases", default=CASES, help="comma list of shape:dtype:M (or a moe_entries_probe case set)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "moe_vendor_baseline.json"))
     args = ap.parse_args()
-    cases = [(k, d, int(m)) for k, d, m in (c.split(":") for c in args.cases.split(","))]
-    for key, dtype, _ in cases:
-        if key not in SHAPES or dtype not in ("bf16", "fp8"):
-            raise SystemExit(f"unknown case {key}:{dtype}: shapes {sorted(SHAPES)}, dtypes bf16, fp8")
+    cases = parse_cases(args.cases, "moe_vendor_baseline")
     info, ceilings = device_info(), measure_ceilings()
     print(info, ceilings, flush=True)
     # Our kernels compile in parallel processes first (the table entries each case takes).
@@ -147,12 +145,12 @@ def main() -> None:
     for key, dtype, m in cases:
         try:
             rows.append(run_case(key, dtype, m, ceilings, args.repeats))
-            torch.cuda.empty_cache()  # the case's weights are gone with run_case's frame
         except Exception as exc:  # noqa: BLE001 - report, go on with the next case, exit non-zero at the end
             failed.append(f"{key}:{dtype}:{m}: {type(exc).__name__}: {str(exc)[:300]}")
             print(failed[-1], flush=True)
-            torch.cuda.empty_cache()
             continue
+        finally:
+            torch.cuda.empty_cache()  # the case's weights are gone with run_case's frame
         print(json.dumps(rows[-1]), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -42,10 +42,10 @@ class GemmConfig:
     tensor cores' M side (64-row granularity) and the block's tokens on the N side (8-row granularity), so a
     tile of fewer than 64 rows costs its own rows of MMA rather than 64; with fp8, each k step's block scales
     then apply to that many rows too. It takes Hopper's wgmma only where block_n >= 64 (the weight rows fill
-    its M side); narrower tiles run mma.sync either way. Which entries gain is measured, not assumed (benchmarks/RESULTS.md,
-    sessions 13 and 14): fp8 tiles of up to 32 rows did (untransposed, Triton 3.6 runs those as fp16
-    mma.sync after converting the fp8 operands; transposed they take fp8 wgmma), Mixtral fp8's 64- and 128-row
-    tiles lost.
+    its M side); narrower tiles run mma.sync either way. Which entries gain is measured, not assumed
+    (benchmarks/RESULTS.md, sessions 13 and 14): fp8 tiles of up to 32 rows did (untransposed, Triton 3.6
+    runs those as fp16 mma.sync after converting the fp8 operands; transposed they take fp8 wgmma), Mixtral
+    fp8's 64- and 128-row tiles lost.
     mid_m (with swap_ab and short_m = block_m / 4): also a tile of 3 * short_m rows, for blocks that fill more
     than half and at most three quarters of block_m. It runs as two MMA tiles (block_m / 2 and short_m rows)
     that share each weight tile: a quarter less MMA work than block_m rows. On the H100 Mixtral's 128-row tiles

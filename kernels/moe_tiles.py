@@ -203,19 +203,12 @@ def gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token2, expert, offs_nw, K,
         acc_g2 = _acc_zeros(ROWS2, BLOCK_N, SWAP)
         acc_u2 = _acc_zeros(ROWS2, BLOCK_N, SWAP)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            g = tl.load(g_ptrs)
-            u = tl.load(u_ptrs)
-            if ROWS2:
-                a2 = tl.load(a2_ptrs)
-        else:
-            k_ok = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-            if ROWS2:
-                a2 = tl.load(a2_ptrs, mask=k_ok[None, :], other=0.0)
+        k_ok = offs_k < K - kk * BLOCK_K
+        a = _load_k_step(a_ptrs, k_ok, EVEN_K, 1)
+        g = _load_k_step(g_ptrs, k_ok, EVEN_K, 0)
+        u = _load_k_step(u_ptrs, k_ok, EVEN_K, 0)
+        if ROWS2:
+            a2 = _load_k_step(a2_ptrs, k_ok, EVEN_K, 1)
         if FP8:
             # BLOCK_K divides QBLOCK, so one scale group covers the whole k step.
             grp = kk * BLOCK_K // QBLOCK
@@ -241,6 +234,19 @@ def gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token2, expert, offs_nw, K,
         if ROWS2:
             a2_ptrs += BLOCK_K
     return _unswap(acc_g, SWAP), _unswap(acc_u, SWAP), _unswap(acc_g2, SWAP), _unswap(acc_u2, SWAP)
+
+
+@triton.jit
+def _load_k_step(ptrs, k_ok, EVEN_K: tl.constexpr, K_AXIS: tl.constexpr):
+    """One k step's tile at ptrs: token rows [ROWS, BLOCK_K] (K_AXIS 1) or weight columns [BLOCK_K, BLOCK_N]
+    (K_AXIS 0). Unmasked where K is whole tiles (EVEN_K), else zeros where k_ok [BLOCK_K] is False."""
+    if EVEN_K:
+        tile = tl.load(ptrs)
+    elif K_AXIS == 1:
+        tile = tl.load(ptrs, mask=k_ok[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=k_ok[:, None], other=0.0)
+    return tile
 
 
 @triton.jit
@@ -300,17 +306,11 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
         a2_ptrs = act_ptr + rows2[:, None].to(tl.int64) * stride_am + offs_k[None, :]
         acc2 = _acc_zeros(ROWS2, BLOCK_N, SWAP)
     for kk in range(0, k_steps):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-            if ROWS2:
-                a2 = tl.load(a2_ptrs)
-        else:
-            k_ok = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            if ROWS2:
-                a2 = tl.load(a2_ptrs, mask=k_ok[None, :], other=0.0)
+        k_ok = offs_k < K - kk * BLOCK_K
+        a = _load_k_step(a_ptrs, k_ok, EVEN_K, 1)
+        b = _load_k_step(b_ptrs, k_ok, EVEN_K, 0)
+        if ROWS2:
+            a2 = _load_k_step(a2_ptrs, k_ok, EVEN_K, 1)
         if FP8:
             grp = kk * BLOCK_K // QBLOCK
             a_s = tl.load(as_ptr + rows * stride_asm + grp)
