@@ -315,10 +315,12 @@ def tune_whole(w: dict, inputs: list, current: MoEConfig, candidates: list[MoECo
 
 def with_short_m(cfg: MoEConfig, short_m: int) -> MoEConfig:
     """cfg with short tiles of short_m rows (`GemmConfig.short_m`; 0 = none) in both GEMMs; a GEMM's mid tiles
-    (`GemmConfig.mid_m`) stay only where short_m is still block_m / 4."""
+    (`GemmConfig.mid_m`) stay only where short_m is still block_m / 4, its tail tiles (`GemmConfig.tail_m`,
+    short_m rows) where short_m is not 0."""
 
     def with_it(g):
-        return replace(g, short_m=short_m, mid_m=g.mid_m and short_m * 4 == cfg.block_m)
+        return replace(g, short_m=short_m, mid_m=g.mid_m and short_m * 4 == cfg.block_m,
+                       tail_m=g.tail_m and short_m > 0)
 
     return replace(cfg, gate_up=with_it(cfg.gate_up), down=with_it(cfg.down))
 
@@ -328,6 +330,12 @@ def with_swap_ab(cfg: MoEConfig, swap_ab: bool) -> MoEConfig:
     also drops those."""
     return replace(cfg, gate_up=replace(cfg.gate_up, swap_ab=swap_ab, mid_m=cfg.gate_up.mid_m and swap_ab),
                    down=replace(cfg.down, swap_ab=swap_ab, mid_m=cfg.down.mid_m and swap_ab))
+
+
+def with_tail_m(cfg: MoEConfig) -> MoEConfig:
+    """cfg with tail tiles (`GemmConfig.tail_m`) in both GEMMs: a full block takes its expert's next block of at
+    most short_m rows along. Needs short tiles and pointer loads in both."""
+    return replace(cfg, gate_up=replace(cfg.gate_up, tail_m=True), down=replace(cfg.down, tail_m=True))
 
 
 def short_candidates(cfg: MoEConfig) -> list[MoEConfig]:

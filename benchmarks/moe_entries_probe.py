@@ -2,7 +2,7 @@
 with the memset launch that zeroed its scratch before session 7.
 
     python benchmarks/moe_entries_probe.py [--cases default|ep|short|qwen3:bf16:512,...] [--memset] [--short]
-        [--out F.json]
+        [--only REGEX] [--out F.json]
 
 A case is shape key:dtype:M (shape keys of `kernels.SHAPES`); `--cases default` is CASES, `--cases ep` is
 EP_CASES: one Qwen3-30B-A3B rank at expert parallelism 2/4/8 (64/32/16 of 128 experts, all-gather rows).
@@ -28,9 +28,11 @@ import importlib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +45,7 @@ from kernels_moe_tune import (  # noqa: E402
     whole_jobs,
     with_short_m,
     with_swap_ab,
+    with_tail_m,
 )
 
 from kernels import SHAPES, MoEShape, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
@@ -129,8 +132,10 @@ _also_time("mixtral", "bf16", (256, 384, 512), {
     "block_m 64, gate/up 5 stages": MoEConfig(64, G(128, 64, 16, 8, 5), G(128, 64, 8, 8, 4)),
     "block_m 64, 64x128 gate/up": MoEConfig(64, G(64, 128, 16, 8, 4), G(128, 64, 8, 8, 4)),
 })
-# The Mixtral bf16 M=512 entry with pointer loads (its tiles by TMA since session 12; the M=288 entry).
+# The Mixtral bf16 M=512 entry with pointer loads (its tiles by TMA in sessions 12-14; the M=288 entry), and by
+# TMA.
 _MIX512 = MoEConfig(128, G(128, 64, 16, 8, 4, short_m=32), G(128, 64, 8, 8, 5, short_m=32))
+_MIX512_TMA = MoEConfig(128, G(128, 64, 16, 8, 4, "tma", short_m=32), G(128, 64, 8, 8, 5, "tma", short_m=32))
 _also_time("mixtral", "bf16", (256, 384), {  # 32-deep k steps, twice the stages in the same shared memory
     "gate/up k32 8 stages": MoEConfig(128, G(128, 32, 16, 8, 8, short_m=32), _MIX512.down),
     "down k32 8 stages": MoEConfig(128, _MIX512.gate_up, G(128, 32, 8, 8, 8, short_m=32)),
@@ -139,7 +144,7 @@ _also_time("mixtral", "bf16", (256, 384), {  # 32-deep k steps, twice the stages
 _also_time("mixtral", "bf16", (192, 224, 256, 288, 320, 384, 512), {
     "M=128 entry (block_m 64)": _MIX128,
     "M=256 entry (gate/up 64 wide, 6 stages)": SHAPES["mixtral"].table_config(256, False),
-    "M=512 entry (tiles by TMA)": SHAPES["mixtral"].table_config(512, False),
+    "M=512 entry (tiles by TMA)": _MIX512_TMA,
     "M=512 entry, pointer loads": _MIX512,
     "gate/up 64 wide, 6 stages, group_m 8": MoEConfig(128, G(64, 64, 8, 8, 6, short_m=32), _MIX512.down),
     "gate/up 64 wide, 4 warps, 6 stages": MoEConfig(128, G(64, 64, 16, 4, 6, short_m=32), _MIX512.down),
@@ -253,6 +258,46 @@ _also_time("qwen3", "fp8", (512,), {
     "block_m 64, gate/up transposed, short_m 32": MoEConfig(64, G(128, 128, 8, 8, 4, short_m=32, swap_ab=True),
                                                             _FP8["dn"]),
 })
+# Session 15: tail tiles (tail_m: a full block runs its expert's last block of at most short_m rows as a second
+# MMA tile, so that block does not stream the expert's weights again). Where experts get a little over a block
+# multiple of pairs: Mixtral at M=512 (128 +- 11 per expert), Qwen3 at M=2048 (128 +- 11) and 8192 (512 +- 22),
+# the DeepSeek rank at M=8192 (256 +- 16). A tile of 128 + 32 rows takes 160 accumulator registers per thread
+# in a 128-wide gate/up (gate and up), 80 in a 64-wide one.
+_T = dict(short_m=32, tail_m=True)
+_also_time("mixtral", "bf16", (448, 480, 512, 544, 576, 608, 640, 672, 704, 724), {
+    "M=512 entry before (tiles by TMA)": _MIX512_TMA,
+    "M=512 entry, pointer loads": _MIX512,
+    "M=512 entry, pointer loads, tail tiles": with_tail_m(_MIX512),
+    "gate/up 64 wide 6 stages, tail tiles": MoEConfig(128, G(64, 64, 16, 8, 6, **_T), G(128, 64, 8, 8, 5, **_T)),
+    "transposed, mid tiles (M=384 entry)": SHAPES["mixtral"].table_config(384, False),
+    "transposed, mid + tail tiles": with_tail_m(SHAPES["mixtral"].table_config(384, False)),
+    "transposed, mid + tail tiles, gate/up 64 wide 6 stages": MoEConfig(
+        128, G(64, 64, 16, 8, 6, **_T, **_TM), G(128, 64, 8, 8, 5, **_T, **_TM)),
+})
+_also_time("mixtral", "bf16", (576, 608, 624, 640, 672, 704, 724, 768, 810), {
+    "M=512 entry before (tiles by TMA)": _MIX512_TMA,
+    "M=512 entry with tail tiles": with_tail_m(SHAPES["mixtral"].table_config(384, False)),
+    "M=1024 entry": SHAPES["mixtral"].table_config(1024, False),
+})
+_MIX8_PTR = MoEConfig(64, G(128, 128, 16, 8, 5, short_m=32), G(128, 128, 8, 8, 4, short_m=32))
+_also_time("mixtral", "fp8", (384, 448, 512, 576), {
+    "M=512 entry, pointer loads, short_m 32": _MIX8_PTR,
+    "M=512 entry, pointer loads, short_m 32, tail tiles": with_tail_m(_MIX8_PTR),
+    "block_m 128, gate/up 64 wide, tail tiles": MoEConfig(128, G(64, 128, 8, 8, 4, **_T), G(128, 128, 8, 8, 3, **_T)),
+})
+_Q2048 = SHAPES["qwen3"].table_config(2048, False)
+_BM128_PTR = MoEConfig(128, G(64, 64, 8, 8, 6, short_m=32), G(128, 64, 8, 8, 5, short_m=32))
+_also_time("qwen3", "bf16", (2048,), {
+    "tail tiles": with_tail_m(_Q2048),
+    "gate/up 64 wide 6 stages, down 128 wide 5 stages": _BM128_PTR,
+    "gate/up 64 wide 6 stages, down 128 wide 5 stages, tail tiles": with_tail_m(_BM128_PTR),
+})
+for _key in ("qwen3", "deepseek"):
+    _also_time(_key, "bf16", (8192,), {
+        "pointer loads": MoEConfig(128, replace(_Q2048.gate_up, loads="ptr"), replace(_Q2048.down, loads="ptr")),
+        "gate/up 64 wide 6 stages, down 128 wide 5 stages": _BM128_PTR,
+        "gate/up 64 wide 6 stages, down 128 wide 5 stages, tail tiles": with_tail_m(_BM128_PTR),
+    })
 REPEATS = 3
 _counters = align_mod.completion_counters
 
@@ -305,10 +350,15 @@ def _variants(shape_key: str, dtype: str, m: int, memset: bool, short: bool) -> 
     return out
 
 
-def build_plan(cases: list[tuple[str, str, int]], memset: bool,
-               short: bool = False) -> dict[tuple[str, str, int], dict]:
-    """(shape key, dtype, M) -> `_variants`; no GPU needed."""
-    return {(key, dtype, m): _variants(key, dtype, m, memset, short) for key, dtype, m in cases}
+def build_plan(cases: list[tuple[str, str, int]], memset: bool, short: bool = False,
+               only: str | None = None) -> dict[tuple[str, str, int], dict]:
+    """(shape key, dtype, M) -> `_variants`, with only: just the table entry and the variants whose label
+    matches the regular expression only; no GPU needed."""
+    plan = {(key, dtype, m): _variants(key, dtype, m, memset, short) for key, dtype, m in cases}
+    if only is not None:
+        plan = {case: {label: v for label, v in variants.items() if label.startswith("table") or re.search(only, label)}
+                for case, variants in plan.items()}
+    return plan
 
 
 def _time_case(key: str, dtype: str, m: int, variants: dict[str, tuple[MoEConfig, bool]],
@@ -348,9 +398,11 @@ def main() -> None:
                              "comma list of shape key:dtype:M")
     parser.add_argument("--memset", action="store_true", help="also time each variant with the memset align")
     parser.add_argument("--short", action="store_true", help="also time each table entry with short tiles")
+    parser.add_argument("--only", default=None, metavar="REGEX",
+                        help="time only the variants whose label matches REGEX (search), besides the table entry")
     parser.add_argument("--out", default="benchmarks/out/moe_entries.json")
     args = parser.parse_args()
-    plan = build_plan(parse_cases(args.cases), args.memset, args.short)
+    plan = build_plan(parse_cases(args.cases), args.memset, args.short, args.only)
     t0 = time.time()
     # A memset variant runs its config's kernels: whole_jobs keeps one job per compiled kernel.
     errors = precompile(whole_jobs((key, dtype == "fp8", cfg)

@@ -12,7 +12,9 @@ Design (H100 targets, see benchmarks/RESULTS.md):
 - Between them (Mixtral at 60-110 pairs per expert) a 128-row tile costs its MMA height: there the MMAs run
   transposed, tokens on the tensor cores' N side (8-row granularity instead of 64), with 96-row tiles of 64 + 32
   rows (`GemmConfig.swap_ab`, `mid_m`). fp8 tiles of 16-32 rows run transposed too: untransposed, Triton
-  runs them as fp16 MMAs after converting the fp8 operands; transposed, they take fp8 MMAs.
+  runs them as fp16 MMAs after converting the fp8 operands; transposed, they take fp8 MMAs. Where experts get a
+  little over a block of pairs (Mixtral at M = 512: 128 +- 11), a full block takes its expert's short last
+  block along as a second MMA tile (`GemmConfig.tail_m`), so that block does not stream the weights again.
 - Aligned path: the top-k sum is a separate small kernel over [M*k, H] rather than float atomics in the down
   epilogue: deterministic, fp32 accumulation, no zero-filled output.
 - FP8: where gate/up's N tiles cover whole 128-channel groups, its epilogue quantises act itself (fp8 act
@@ -61,19 +63,19 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, b
                     block_rows_ptr, max_blocks, K, INTER, top_k,
                     stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse, stride_wsn,
                     FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr,
-                    MID_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
-                    SWAP: tl.constexpr, USE_PDL: tl.constexpr):
+                    MID_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr,
+                    ROUND_DTYPE: tl.constexpr, SWAP: tl.constexpr, USE_PDL: tl.constexpr):
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block
-    (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M, MID_M, SWAP: `GemmConfig.short_m`, `.mid_m`,
-    `.swap_ab`."""
+    (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M, MID_M, TAIL_M, SWAP: `GemmConfig.short_m`,
+    `.mid_m`, `.tail_m`, `.swap_ab`."""
     pdl_enter(USE_PDL)
     each_block(_gate_up_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, K, INTER,
                                 top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse,
                                 stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, QUANT_ACT,
                                 ROUND_DTYPE, SWAP),
                block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), BLOCK_M, SHORT_M, MID_M,
-               GROUP_M)
+               TAIL_M, GROUP_M)
 
 
 @triton.jit
@@ -115,15 +117,17 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
                  block_rows_ptr, max_blocks, N, K,
                  stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
                  FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr,
-                 MID_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SWAP: tl.constexpr, USE_PDL: tl.constexpr):
+                 MID_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SWAP: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block.
-    SHORT_M, MID_M, SWAP: `GemmConfig.short_m`, `.mid_m`, `.swap_ab`."""
+    SHORT_M, MID_M, TAIL_M, SWAP: `GemmConfig.short_m`, `.mid_m`, `.tail_m`, `.swap_ab`."""
     pdl_enter(USE_PDL)
     each_block(_down_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, N, K,
                              stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn, FP8,
                              QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, SWAP),
-               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(N, BLOCK_N), BLOCK_M, SHORT_M, MID_M, GROUP_M)
+               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(N, BLOCK_N), BLOCK_M, SHORT_M, MID_M, TAIL_M,
+               GROUP_M)
 
 
 @triton.jit

@@ -105,7 +105,7 @@ def _gate_up_tma_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_pt
                                     num_slots, num_experts, K, INTER, top_k, stride_xm, stride_am, stride_asm,
                                     stride_xsm, stride_wse, stride_wsn, GATHERED, FP8, QBLOCK, BLOCK_M, BLOCK_N,
                                     BLOCK_K, WS, QUANT_ACT, ROUND_DTYPE),
-               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), BLOCK_M, SHORT_M, False,
+               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), BLOCK_M, SHORT_M, False, False,
                GROUP_M)
 
 
@@ -170,7 +170,8 @@ def _down_tma_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_p
     each_block(_down_tma_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr,
                                  num_slots, num_experts, N, K, stride_am, stride_ym, stride_asm, stride_wse,
                                  stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, WS),
-               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(N, BLOCK_N), BLOCK_M, SHORT_M, False, GROUP_M)
+               block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(N, BLOCK_N), BLOCK_M, SHORT_M, False, False,
+               GROUP_M)
 
 
 @triton.jit

@@ -49,7 +49,12 @@ class GemmConfig:
     mid_m (with swap_ab and short_m = block_m / 4): also a tile of 3 * short_m rows, for blocks that fill more
     than half and at most three quarters of block_m. It runs as two MMA tiles (block_m / 2 and short_m rows)
     that share each weight tile: a quarter less MMA work than block_m rows. On the H100 Mixtral's 128-row tiles
-    cost about the MMA height, not the valid rows (benchmarks/RESULTS.md, session 13)."""
+    cost about the MMA height, not the valid rows (benchmarks/RESULTS.md, session 13).
+    tail_m (pointer loads, with short_m): a full block whose expert's next block holds at most short_m rows (the
+    expert's last, mostly padding block) also runs that block's rows, as a second MMA tile of short_m rows
+    sharing each weight tile; the tail block's own program then does nothing. Without it the tail block streams
+    its expert's weights through a multiprocessor a second time for a few rows: where experts get a little
+    more than block_m pairs (Mixtral at M = 512: 128 +- 11) about half of them do."""
 
     block_n: int
     block_k: int
@@ -61,6 +66,7 @@ class GemmConfig:
     short_m: int = 0
     mid_m: bool = False
     swap_ab: bool = False
+    tail_m: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -109,6 +115,9 @@ class MoEConfig:
             if g.mid_m and (not g.swap_ab or g.short_m * 4 != self.block_m):
                 raise ValueError(f"{name}.mid_m needs swap_ab and short_m = block_m / 4 (block_m >= 64); got "
                                  f"block_m={self.block_m}, swap_ab={g.swap_ab}, short_m={g.short_m}")
+            if g.tail_m and (not g.short_m or g.loads != "ptr"):
+                raise ValueError(f"{name}.tail_m needs short_m (the tail tile's height) and pointer loads; got "
+                                 f"short_m={g.short_m}, loads={g.loads!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

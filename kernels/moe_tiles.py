@@ -43,8 +43,8 @@ def ptr_gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool, devi
 
 def aligned_ptr_meta(cfg: GemmConfig) -> dict:
     """The aligned pointer-load kernels' program order, tile heights and MMA orientation: GROUP_M, SHORT_M,
-    MID_M and SWAP (`GemmConfig.group_m`, `.short_m`, `.mid_m`, `.swap_ab`)."""
-    return dict(GROUP_M=cfg.group_m, SHORT_M=cfg.short_m, MID_M=cfg.mid_m, SWAP=cfg.swap_ab)
+    MID_M, TAIL_M and SWAP (`GemmConfig.group_m`, `.short_m`, `.mid_m`, `.tail_m`, `.swap_ab`)."""
+    return dict(GROUP_M=cfg.group_m, SHORT_M=cfg.short_m, MID_M=cfg.mid_m, TAIL_M=cfg.tail_m, SWAP=cfg.swap_ab)
 
 
 def act_quant_fusable(cfg: MoEConfig) -> bool:
@@ -107,37 +107,56 @@ def block_of(block_expert_ptr, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def each_block(block_fn: tl.constexpr, args, block_expert_ptr, block_rows_ptr, num_m, num_n,
-               BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr, MID_M: tl.constexpr, GROUP_M: tl.constexpr):
+               BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr, MID_M: tl.constexpr, TAIL_M: tl.constexpr,
+               GROUP_M: tl.constexpr):
     """The aligned GEMM kernels' program: block_fn((pid_m, pid_n, expert), *args, ROWS, ROWS2) for this
     program's block and N tile (`block_of`), nothing for a block without pairs. The tile covers the block's
     first ROWS + ROWS2 slots, in one MMA row tile of ROWS rows and, when ROWS2 > 0, a second of ROWS2 rows
     sharing each weight tile. It is the smallest height that holds the block's valid rows: SHORT_M, 2 * SHORT_M
     while below BLOCK_M, with MID_M 3 * SHORT_M (as 2 * SHORT_M + SHORT_M), else BLOCK_M (`GemmConfig.short_m`,
-    `GemmConfig.mid_m`). SHORT_M = 0 is a compile-time False: only the BLOCK_M tile is built, and the row count
-    is not read. (The block's indices travel as their own tuple: Triton 3.6 cannot concatenate a tuple holding
-    constexprs.)"""
+    `GemmConfig.mid_m`). With TAIL_M a full block whose expert's next block holds at most SHORT_M rows runs
+    BLOCK_M + SHORT_M: the second tile is the next block's first slots, and the next block's own program does
+    nothing (`GemmConfig.tail_m`). SHORT_M = 0 is a compile-time False: only the BLOCK_M tile is built, and the
+    row count is not read. (The block's indices travel as their own tuple: Triton 3.6 cannot concatenate a tuple
+    holding constexprs.)"""
     tl.static_assert(not MID_M or 4 * SHORT_M == BLOCK_M, "mid tiles need SHORT_M = BLOCK_M / 4")
+    tl.static_assert(not TAIL_M or SHORT_M > 0, "tail tiles need SHORT_M")
     pid_m, pid_n, expert = block_of(block_expert_ptr, num_m, num_n, GROUP_M)
     if expert >= 0:
         block = (pid_m, pid_n, expert)
-        if SHORT_M and tl.load(block_rows_ptr + pid_m) <= SHORT_M:
+        if TAIL_M and _joins_block(block_expert_ptr, block_rows_ptr, pid_m, pid_m - 1, expert, num_m, SHORT_M):
+            pass  # the expert's previous block runs this one's rows as its second tile
+        elif SHORT_M and tl.load(block_rows_ptr + pid_m) <= SHORT_M:
             block_fn(block, *args, SHORT_M, 0)
         elif SHORT_M and 2 * SHORT_M < BLOCK_M and tl.load(block_rows_ptr + pid_m) <= 2 * SHORT_M:
             block_fn(block, *args, 2 * SHORT_M, 0)
         elif MID_M and tl.load(block_rows_ptr + pid_m) <= 3 * SHORT_M:
             block_fn(block, *args, 2 * SHORT_M, SHORT_M)
+        elif TAIL_M and _joins_block(block_expert_ptr, block_rows_ptr, pid_m + 1, pid_m, expert, num_m, SHORT_M):
+            block_fn(block, *args, BLOCK_M, SHORT_M)
         else:
             block_fn(block, *args, BLOCK_M, 0)
 
 
 @triton.jit
+def _joins_block(block_expert_ptr, block_rows_ptr, tail, full, expert, num_m, SHORT_M: tl.constexpr):
+    """Whether block `tail` is a tail of block `full` (`GemmConfig.tail_m`): both belong to `expert`, tail
+    follows full and holds at most SHORT_M rows (only an expert's last block is partial, so full is whole)."""
+    ok = (full >= 0) & (tail < num_m)
+    same = tl.load(block_expert_ptr + full, mask=ok, other=-1) == expert
+    short = tl.load(block_rows_ptr + tail, mask=ok, other=SHORT_M + 1) <= SHORT_M
+    return ok & same & (tl.load(block_expert_ptr + tail, mask=ok, other=-1) == expert) & short
+
+
+@triton.jit
 def block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M: tl.constexpr, FIRST: tl.constexpr, ROWS: tl.constexpr):
-    """(pair, row_ok) of ROWS of block pid_m's BLOCK_M slots from slot FIRST on: the flat pair index m*top_k+j of
-    each valid slot (0 for padding slots, so they read token 0: finite values whose results are never stored)
-    and which are valid."""
-    offs_r = FIRST + tl.arange(0, ROWS)
-    row_ok = offs_r < tl.load(block_rows_ptr + pid_m)
-    return tl.load(sorted_ptr + pid_m * BLOCK_M + offs_r, mask=row_ok, other=0), row_ok
+    """(pair, row_ok) of ROWS slots from slot pid_m * BLOCK_M + FIRST on (FIRST >= BLOCK_M: in the blocks that
+    follow, as a tail tile's): the flat pair index m*top_k+j of each valid slot (0 for padding slots, so they
+    read token 0: finite values whose results are never stored) and which are valid."""
+    block = pid_m + FIRST // BLOCK_M
+    offs_r = FIRST % BLOCK_M + tl.arange(0, ROWS)
+    row_ok = offs_r < tl.load(block_rows_ptr + block)
+    return tl.load(sorted_ptr + block * BLOCK_M + offs_r, mask=row_ok, other=0), row_ok
 
 
 @triton.jit

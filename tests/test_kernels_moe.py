@@ -739,24 +739,26 @@ def test_interp_short_tiles_write_only_their_rows(short_m):
 
 
 @interp
-@pytest.mark.parametrize("swap_ab,mid_m", [(False, False), (True, False), (True, True)])
-def test_interp_fp8_short_tiles_match_quantised_reference(swap_ab, mid_m):
+@pytest.mark.parametrize("swap_ab,mid_m,tail_m", [(False, False, False), (True, False, False), (True, True, False),
+                                                  (False, False, True), (True, True, True)])
+def test_interp_fp8_short_tiles_match_quantised_reference(swap_ab, mid_m, tail_m):
     """fp8 weights and activations with tiles of every height (per-row scales follow each tile's rows), also
     with the MMAs transposed (the weight-block scales then run along the accumulator's rows), alone and with
-    48-row tiles of 32 + 16 rows whose second tile takes its own rows' scales; gate/up quantises act in its
-    epilogue, for each tile. With swap_ab, in each GEMM alone and in both."""
+    48-row tiles of 32 + 16 rows whose second tile takes its own rows' scales, and with tail tiles (the
+    second tile's rows and scales from the next block); gate/up quantises act in its epilogue, for each tile.
+    With swap_ab or tail_m, in each GEMM alone and in both."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
     from moeserve.kernels.fp8 import quant_weight_block_fp8
 
-    counts = MID_COUNTS if mid_m else SHORT_COUNTS
+    counts = TAIL_COUNTS if tail_m else MID_COUNTS if mid_m else SHORT_COUNTS
     tw, ids = routing_with_counts(counts, seed=2)
     if mid_m:
         assert set(tile_heights(ids, len(counts), 64, 16, mid_m=True)) == {16, 32, 48, 64}
     x, w13, w2, _, _ = random_moe(len(ids), 256, 128, len(counts), 1, torch.float32, seed=2)
     (q13, s13), (q2, s2) = quant_weight_block_fp8(w13), quant_weight_block_fp8(w2)
     ref = moe_reference(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2)
-    tiles, plain = dict(short_m=16, swap_ab=swap_ab, mid_m=mid_m), dict(short_m=16)
-    combos = [(tiles, tiles), (tiles, plain), (plain, tiles)] if swap_ab else [(tiles, tiles)]
+    tiles, plain = dict(short_m=16, swap_ab=swap_ab, mid_m=mid_m, tail_m=tail_m), dict(short_m=16)
+    combos = [(tiles, tiles), (tiles, plain), (plain, tiles)] if swap_ab or tail_m else [(tiles, tiles)]
     for gu, dn in combos:
         cfg = MoEConfig(64, GemmConfig(128, 64, 2, 4, 2, **gu), GemmConfig(64, 128, 2, 4, 2, **dn))
         out = fused_moe(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, config=cfg)
@@ -800,12 +802,91 @@ def test_interp_swapped_mma_and_mid_tiles_match_reference(dtype, short_m, mid_m,
         assert written[block, :ran].all() and not written[block, ran:].any(), (block, ran)
 
 
-def test_config_swapped_mma_and_mid_tiles_say_what_they_need():
+# Expert row counts at block_m 64, short_m 16: 70 = 64 + a 6-row tail and 140 = 64 + 64 + a 12-row tail (the
+# tail joins the full block before it), 90 = 64 + 26 (too long for a tail: a 32-row tile of its own), 12, 40, 64.
+TAIL_COUNTS = [12, 70, 64, 140, 90, 40]
+
+
+def block_tiles(ids: torch.Tensor, num_experts: int, block_m: int, short_m: int, mid_m: bool = False,
+                tail_m: bool = False) -> list[tuple[int, int, int]]:
+    """(block, ROWS, ROWS2) of each program of ids' aligned layout that runs a tile, in block order: the
+    `tile_height` of its rows (a mid tile as 2 * short_m + short_m); with tail_m, a full block followed by its
+    expert's tail of at most short_m rows runs block_m + short_m, and the tail's own program nothing."""
+    from moeserve.kernels.moe_align import moe_align_reference
+
+    blocks = moe_align_reference(ids, num_experts, block_m)
+
+    def is_tail(i):
+        return 0 < i < len(blocks) and blocks[i - 1][0] == blocks[i][0] and len(blocks[i][1]) <= short_m
+
+    tiles = []
+    for b, (_, pairs) in enumerate(blocks):
+        height = tile_height(len(pairs), block_m, short_m, mid_m)
+        if tail_m and is_tail(b):
+            continue
+        tiles.append((b, block_m, short_m) if tail_m and is_tail(b + 1) else
+                     (b, 2 * short_m, short_m) if height == 3 * short_m else (b, height, 0))
+    return tiles
+
+
+def spy_block_tiles(monkeypatch) -> dict[str, list]:
+    """Wraps the aligned pointer-load kernels' per-block functions (the interpreter calls them as Python): each
+    program's call appends (block, ROWS, ROWS2) to the list of its GEMM, "gate_up" or "down"."""
+    fused_moe_mod = importlib.import_module("moeserve.kernels.fused_moe")
+    seen = {"gate_up": [], "down": []}
+
+    def spy(real, calls):
+        def block_fn(block, *args):
+            calls.append((int(block[0]), int(args[-2]), int(args[-1])))
+            return real(block, *args)
+
+        return block_fn
+
+    for gemm, name in (("gate_up", "_gate_up_block"), ("down", "_down_block")):
+        monkeypatch.setattr(fused_moe_mod, name, spy(getattr(fused_moe_mod, name), seen[gemm]))
+    return seen
+
+
+@interp
+@pytest.mark.usefixtures("nan_act")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("swap_ab,mid_m,ragged", [(False, False, False), (True, False, False), (True, True, False),
+                                                  (True, True, True)])
+def test_interp_tail_tiles_match_reference(dtype, swap_ab, mid_m, ragged, monkeypatch):
+    """tail_m at block_m 64, short_m 16: a full block followed by its expert's tail of at most 16 rows runs
+    both as one 80-row tile (64 + 16 rows sharing each weight tile) and the tail's own program does nothing;
+    longer tails, single blocks and mid tiles run as without it. Plain and transposed MMAs, with mid tiles, and
+    ragged (H = 80, I = 40: masked loads and stores). Outputs equal the reference, in each GEMM alone and in
+    both, and the programs ran exactly the expected tiles."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
+
+    seen = spy_block_tiles(monkeypatch)
+    tw, ids = routing_with_counts(TAIL_COUNTS, seed=6)
+    h, i = (80, 40) if ragged else (64, 32)
+    x, w13, w2, _, _ = random_moe(len(ids), h, i, len(TAIL_COUNTS), 1, dtype, seed=6)
+    ref = moe_reference(x.double(), w13.double(), w2.double(), tw, ids)
+    tiles = {tail_m: block_tiles(ids, len(TAIL_COUNTS), 64, 16, mid_m, tail_m) for tail_m in (False, True)}
+    assert len(tiles[True]) == len(tiles[False]) - 2  # the tails of the 70- and 140-row experts
+    assert sum(t[1:] == (64, 16) for t in tiles[True]) == 2 and (64, 16) not in {t[1:] for t in tiles[False]}
+    plain = dict(short_m=16, swap_ab=swap_ab, mid_m=mid_m)
+    tail = dict(plain, tail_m=True)
+    for gu, dn in ((tail, tail), (tail, plain), (plain, tail)):
+        seen["gate_up"].clear(), seen["down"].clear()
+        cfg = MoEConfig(64, GemmConfig(16, 32, 2, 4, 2, **gu), GemmConfig(32, 32, 2, 4, 2, **dn))
+        out = fused_moe(x, w13, w2, tw, ids, config=cfg)
+        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3), (gu, dn)
+        for gemm, g in (("gate_up", gu), ("down", dn)):
+            assert sorted(set(seen[gemm])) == tiles[g.get("tail_m", False)], (gemm, gu, dn)  # every N tile
+
+
+def test_config_swapped_mma_mid_and_tail_tiles_say_what_they_need():
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
     for bad, why in ((dict(swap_ab=True, loads="tma"), "swap_ab needs pointer loads"),
                      (dict(short_m=16, mid_m=True), "mid_m needs swap_ab and short_m = block_m / 4"),
-                     (dict(short_m=32, swap_ab=True, mid_m=True), "mid_m needs swap_ab and short_m = block_m / 4")):
+                     (dict(short_m=32, swap_ab=True, mid_m=True), "mid_m needs swap_ab and short_m = block_m / 4"),
+                     (dict(tail_m=True), "tail_m needs short_m .* and pointer loads; got short_m=0"),
+                     (dict(short_m=16, tail_m=True, loads="tma"), "tail_m needs short_m .* loads='tma'")):
         with pytest.raises(ValueError, match=why):
             MoEConfig(64, GemmConfig(32, 64, **bad), GemmConfig(32, 64))
     MoEConfig(16, GemmConfig(32, 64, swap_ab=True), GemmConfig(32, 64), pairs="pair")  # the pairs path takes it
@@ -823,7 +904,8 @@ def test_config_swapped_mma_and_mid_tiles_say_what_they_need():
     from moeserve.kernels.moe_tiles import aligned_ptr_meta
 
     meta = aligned_ptr_meta(ok.gate_up)  # what the aligned pointer-load kernels are given
-    assert meta["SWAP"] is True and meta["MID_M"] is True
+    assert meta["SWAP"] is True and meta["MID_M"] is True and meta["TAIL_M"] is False
+    assert aligned_ptr_meta(GemmConfig(32, 64, short_m=16, tail_m=True))["TAIL_M"] is True
 
 
 @pytest.mark.parametrize("short_m,block_m,pairs,why", [
@@ -1111,6 +1193,33 @@ def test_gpu_tma_loads_match_reference(name, fp8, loads, ws):
     out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
     ref = _target_ref(x, w13, w2, tw, ids, scales)
     assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_gpu_tail_tiles_match_reference(name, fp8, swap_ab):
+    """tail_m at the target shapes (block_m / 4 tails; with swap_ab, mid tiles too), in each GEMM alone and in
+    both, on expert row counts where some full blocks take their expert's tail and some tails are too long."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+
+    e = TARGETS[name][0]
+    bm, bk, stages = (64, 128, 3) if fp8 else (128, 64, 4)
+    short = bm // 4
+    counts = [bm + 3, bm + short, 2 * bm + 1, bm + short + 1, bm // 2, bm]  # experts 0-5 (each shape has 8+)
+    tw, ids = routing_with_counts(counts, seed=7)
+    assert sum(t[1:] == (bm, short) for t in block_tiles(ids, e, bm, short, swap_ab, tail_m=True)) == 3
+    x, w13, w2, _, ids, scales = _target_inputs(name, ids.shape[0], fp8, seed=19, ids=ids)
+    tw = tw.cuda()
+    ref = _target_ref(x, w13, w2, tw, ids, scales)
+    tiles = {tail_m: (GemmConfig(64, bk, 8, 8, stages, short_m=short, mid_m=swap_ab, swap_ab=swap_ab, tail_m=tail_m),
+                      GemmConfig(128, bk, 8, 8, stages, short_m=short, mid_m=swap_ab, swap_ab=swap_ab, tail_m=tail_m))
+             for tail_m in (False, True)}
+    for gu_tail, dn_tail in ((True, True), (True, False), (False, True)):
+        cfg = MoEConfig(bm, tiles[gu_tail][0], tiles[dn_tail][1])
+        out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
+        assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2), (gu_tail, dn_tail)
 
 
 @pytest.mark.gpu
