@@ -298,6 +298,34 @@ for _key in ("qwen3", "deepseek"):
         "gate/up 64 wide 6 stages, down 128 wide 5 stages": _BM128_PTR,
         "gate/up 64 wide 6 stages, down 128 wide 5 stages, tail tiles": with_tail_m(_BM128_PTR),
     })
+# The tail-tile entry's neighbours in tile space.
+_MIX512_T = with_tail_m(SHAPES["mixtral"].table_config(384, False))
+_also_time("mixtral", "bf16", (448, 512, 576), {
+    "tail entry, gate/up group_m 8": replace(_MIX512_T, gate_up=replace(_MIX512_T.gate_up, group_m=8)),
+    "tail entry, gate/up 3 stages": replace(_MIX512_T, gate_up=replace(_MIX512_T.gate_up, num_stages=3)),
+    "tail entry, gate/up k32 8 stages": replace(_MIX512_T, gate_up=replace(_MIX512_T.gate_up, block_k=32,
+                                                                         num_stages=8)),
+    "tail entry, down 4 stages": replace(_MIX512_T, down=replace(_MIX512_T.down, num_stages=4)),
+    "tail entry, down group_m 16": replace(_MIX512_T, down=replace(_MIX512_T.down, group_m=16)),
+    "tail entry, down k32 8 stages": replace(_MIX512_T, down=replace(_MIX512_T.down, block_k=32, num_stages=8)),
+})
+# Qwen3 at M=384-1024: 24-64 pairs per expert, so block_m 32 entries give many experts a second, short block;
+# with tail tiles (short_m 16) an expert of up to 48 pairs streams its weights once.
+_Q8_TAIL = with_tail_m(with_short_m(_Q8_384T, 16))
+_also_time("qwen3", "fp8", (448, 512, 576, 640, 724, 800, 1024), {
+    "M=384 entry": _Q8_384T,
+    "M=512 entry": _Q8_512,
+    "M=384 entry, short_m 16, tail tiles": _Q8_TAIL,
+    "M=384 entry, short_m 16, tail tiles, gate/up 8 warps": replace(
+        _Q8_TAIL, gate_up=replace(_Q8_TAIL.gate_up, num_warps=8)),
+})
+_BM32_TAIL = with_tail_m(with_short_m(_BM32, 16))
+_also_time("qwen3", "bf16", (384, 448, 512, 576, 640, 724, 800), {
+    "M=256 entry (block_m 32)": _BM32,
+    "M=512 entry (block_m 64)": SHAPES["qwen3"].table_config(512, False),
+    "block_m 32, short_m 16, tail tiles": _BM32_TAIL,
+    "block_m 32, short_m 16, tail tiles, transposed": with_swap_ab(_BM32_TAIL, True),
+})
 REPEATS = 3
 _counters = align_mod.completion_counters
 
