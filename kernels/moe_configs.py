@@ -17,8 +17,9 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).parent / "configs"
 _NUM_SMS = 132  # H100 SXM; only steers the fallback heuristic
 # Pipeline buffers a tile may take: the H100's 227 KB of shared memory per block less room for Triton's
-# barriers and epilogue scratch. Every tuned (bf16/fp8) entry fits; fp32 tiles of the same shape may not.
-SMEM_BUDGET = 200 * 1024
+# barriers and epilogue scratch. Every tuned (bf16/fp8) entry fits; fp32 tiles of the same shape may not. (The
+# largest tuned entry, Mixtral bf16 M=512 with tail tiles, takes 208 KB: Triton 3.6 reports what this counts.)
+SMEM_BUDGET = 216 * 1024
 PAIRS_MODES = ("", "pair")
 LOADS = ("ptr", "tma", "tma_gathered")
 
@@ -238,11 +239,13 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k
 
 def fit_shared_memory(cfg: MoEConfig, elem_bytes: int) -> MoEConfig:
     """cfg with each GEMM's num_stages lowered (to 1 at least) until its pipeline buffers, (block_m x block_k
-    activations + block_n x block_k weights, gate and up for gate/up) x elem_bytes per stage, fit SMEM_BUDGET.
-    The tables are tuned for 1- and 2-byte operands; fp32 operands (tests, tiny models) need fewer stages."""
+    activations, plus short_m x block_k for a tail tile's, + block_n x block_k weights, gate and up for gate/up)
+    x elem_bytes per stage, fit SMEM_BUDGET. The tables are tuned for 1- and 2-byte operands; fp32 operands
+    (tests, tiny models) need fewer stages."""
 
     def fit(g: GemmConfig, weight_tiles: int) -> GemmConfig:
-        per_stage = (cfg.block_m + weight_tiles * g.block_n) * g.block_k * elem_bytes
+        rows = cfg.block_m + (g.short_m if g.tail_m else 0)
+        per_stage = (rows + weight_tiles * g.block_n) * g.block_k * elem_bytes
         stages = g.num_stages
         while stages > 1 and stages * per_stage > SMEM_BUDGET:
             stages -= 1

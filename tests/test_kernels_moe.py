@@ -88,6 +88,7 @@ def test_tile_pipelines_fit_shared_memory():
     from moeserve.kernels.moe_configs import (
         CONFIG_DIR,
         SMEM_BUDGET,
+        GemmConfig,
         MoEConfig,
         default_config,
         fit_shared_memory,
@@ -99,7 +100,7 @@ def test_tile_pipelines_fit_shared_memory():
         assert all(fit_shared_memory(c, elem) == c for c in load_table(path.name).values())
 
     def pipeline_bytes(c: MoEConfig, elem: int) -> list[int]:
-        return [(c.block_m + tiles * g.block_n) * g.block_k * elem * g.num_stages
+        return [(c.block_m + g.short_m * g.tail_m + tiles * g.block_n) * g.block_k * elem * g.num_stages
                 for g, tiles in ((c.gate_up, 2), (c.down, 1))]
 
     cfg = default_config(640, 16, 64, 32, 4, fp8=False)  # 128-row blocks, 4 stages
@@ -107,6 +108,10 @@ def test_tile_pipelines_fit_shared_memory():
     fitted = fit_shared_memory(cfg, 4)
     assert max(pipeline_bytes(fitted, 4)) <= SMEM_BUDGET and fitted.gate_up.num_stages == 3
     assert (fitted.block_m, fitted.gate_up.block_n, fitted.down.block_n) == (128, 64, 128)  # tiles unchanged
+    # A tail tile's rows count too: 4 stages of (128 + 32 + 2 * 128) x 64 bf16 are 208 KB, 5 would be 260.
+    tail = MoEConfig(128, GemmConfig(128, 64, num_stages=5, short_m=32, tail_m=True), GemmConfig(128, 64))
+    assert pipeline_bytes(tail, 2)[0] > SMEM_BUDGET >= pipeline_bytes(fit_shared_memory(tail, 2), 2)[0]
+    assert fit_shared_memory(tail, 2).gate_up.num_stages == 4
 
 
 def test_config_tables_are_valid_and_pick_nearest_m():
