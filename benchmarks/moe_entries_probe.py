@@ -309,6 +309,16 @@ _also_time("mixtral", "bf16", (448, 512, 576), {
     "tail entry, down group_m 16": replace(_MIX512_T, down=replace(_MIX512_T.down, group_m=16)),
     "tail entry, down k32 8 stages": replace(_MIX512_T, down=replace(_MIX512_T.down, block_k=32, num_stages=8)),
 })
+# A 256-wide transposed down: 128 programs (one wave of the 132 multiprocessors) instead of 256 (1.94 waves).
+_MIX384 = SHAPES["mixtral"].table_config(384, False)
+_also_time("mixtral", "bf16", (256, 320, 384, 416, 448), {
+    f"M=384 entry, down 256 wide {st} stages": replace(_MIX384, down=replace(_MIX384.down, block_n=256, num_stages=st))
+    for st in (3, 4)})
+_MIX512_NOW = SHAPES["mixtral"].table_config(512, False)  # tail tiles, gate/up group_m 8
+_also_time("mixtral", "bf16", (448, 512, 576), {
+    f"M=512 entry, down 256 wide {st} stages": replace(_MIX512_NOW, down=replace(_MIX512_NOW.down, block_n=256,
+                                                                                  num_stages=st))
+    for st in (3, 4)})
 # Qwen3 at M=384-1024: 24-64 pairs per expert, so block_m 32 entries give many experts a second, short block;
 # with tail tiles (short_m 16) an expert of up to 48 pairs streams its weights once.
 _Q8_TAIL = with_tail_m(with_short_m(_Q8_384T, 16))
