@@ -144,7 +144,7 @@ _also_time("mixtral", "bf16", (256, 384), {  # 32-deep k steps, twice the stages
 _also_time("mixtral", "bf16", (192, 224, 256, 288, 320, 384, 512), {
     "M=128 entry (block_m 64)": _MIX128,
     "M=256 entry (gate/up 64 wide, 6 stages)": SHAPES["mixtral"].table_config(256, False),
-    "M=512 entry (tiles by TMA)": _MIX512_TMA,
+    "M=512 entry before (tiles by TMA)": _MIX512_TMA,
     "M=512 entry, pointer loads": _MIX512,
     "gate/up 64 wide, 6 stages, group_m 8": MoEConfig(128, G(64, 64, 8, 8, 6, short_m=32), _MIX512.down),
     "gate/up 64 wide, 4 warps, 6 stages": MoEConfig(128, G(64, 64, 16, 4, 6, short_m=32), _MIX512.down),
@@ -276,7 +276,7 @@ _also_time("mixtral", "bf16", (448, 480, 512, 544, 576, 608, 640, 672, 704, 724)
 })
 _also_time("mixtral", "bf16", (576, 608, 624, 640, 672, 704, 724, 768, 810), {
     "M=512 entry before (tiles by TMA)": _MIX512_TMA,
-    "M=512 entry with tail tiles": with_tail_m(SHAPES["mixtral"].table_config(384, False)),
+    "transposed, mid + tail tiles": with_tail_m(SHAPES["mixtral"].table_config(384, False)),
     "M=1024 entry": SHAPES["mixtral"].table_config(1024, False),
 })
 _MIX8_PTR = MoEConfig(64, G(128, 128, 16, 8, 5, short_m=32), G(128, 128, 8, 8, 4, short_m=32))

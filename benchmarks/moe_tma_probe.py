@@ -42,12 +42,18 @@ CASES = [(key, dtype, m) for key, dtype, m, _ in PROBE_CASES]  # the M >= 512 mi
 MODES = [("tma", False), ("tma", True), ("tma_gathered", True)]
 
 
+def by_tma(g: GemmConfig, loads: str = "tma", ws: bool = False) -> GemmConfig:
+    """g's tiles under a TMA load mode, without the options that need pointer loads (transposed MMAs, mid and
+    tail tiles)."""
+    return dataclasses.replace(g, loads=loads, warp_specialize=ws, swap_ab=False, mid_m=False, tail_m=False)
+
+
 def variants(table: MoEConfig) -> dict[str, MoEConfig]:
     """The table entry, its tiles under each load mode, and stage variants of the warp-specialised ones."""
     out = {"table": table}
     for loads, ws in MODES:
-        gu = dataclasses.replace(table.gate_up, loads=loads, warp_specialize=ws)
-        dn = dataclasses.replace(table.down, loads="tma", warp_specialize=ws)
+        gu = by_tma(table.gate_up, loads, ws)
+        dn = by_tma(table.down, "tma", ws)
         out[f"{loads}{'+ws' if ws else ''}"] = MoEConfig(table.block_m, gu, dn)
         if ws:
             out[f"{loads}+ws s3"] = MoEConfig(table.block_m, dataclasses.replace(gu, num_stages=3),
@@ -84,8 +90,7 @@ def _label(g: GemmConfig) -> str:
 
 def wide_variants(table: MoEConfig, dtype: str) -> dict[str, MoEConfig]:
     out = {"table": table}
-    gu0 = dataclasses.replace(table.gate_up, loads="tma")
-    dn0 = dataclasses.replace(table.down, loads="tma")
+    gu0, dn0 = by_tma(table.gate_up), by_tma(table.down)
     for kind in ("gate_up", "down"):
         for tile in WIDE_TILES[(dtype, kind)]:
             for loads, ws in WIDE_MODES[kind]:

@@ -85,8 +85,9 @@ def _gate_up_block(block, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                    QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, SWAP: tl.constexpr, ROWS: tl.constexpr,
                    ROWS2: tl.constexpr):
-    """`_gate_up_kernel`'s tile over the first ROWS + ROWS2 slots of block pid_m (ROWS = BLOCK_M: all of them),
-    as one or two MMA row tiles; block = (pid_m, pid_n, expert) from `each_block`."""
+    """`_gate_up_kernel`'s tile over ROWS + ROWS2 slots from block pid_m's first on (ROWS = BLOCK_M: all of its
+    slots, and a tail tile's ROWS2 then the next block's first), as one or two MMA row tiles; block = (pid_m,
+    pid_n, expert) from `each_block`."""
     pid_m, pid_n, expert = block
     pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, 0, ROWS)
     token = pair // top_k
@@ -136,8 +137,9 @@ def _down_block(block, act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted
                 FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SWAP: tl.constexpr,
                 ROWS: tl.constexpr, ROWS2: tl.constexpr):
-    """`_down_kernel`'s tile over the first ROWS + ROWS2 slots of block pid_m (ROWS = BLOCK_M: all of them), as
-    one or two MMA row tiles; block = (pid_m, pid_n, expert) from `each_block`."""
+    """`_down_kernel`'s tile over ROWS + ROWS2 slots from block pid_m's first on (ROWS = BLOCK_M: all of its
+    slots, and a tail tile's ROWS2 then the next block's first), as one or two MMA row tiles; block = (pid_m,
+    pid_n, expert) from `each_block`."""
     pid_m, pid_n, expert = block
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if EVEN_N:

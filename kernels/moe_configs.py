@@ -16,9 +16,10 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _NUM_SMS = 132  # H100 SXM; only steers the fallback heuristic
-# Pipeline buffers a tile may take: the H100's 227 KB of shared memory per block less room for Triton's
-# barriers and epilogue scratch. Every tuned (bf16/fp8) entry fits; fp32 tiles of the same shape may not. (The
-# largest tuned entry, Mixtral bf16 M=512 with tail tiles, takes 208 KB: Triton 3.6 reports what this counts.)
+# Pipeline buffers a tile may take: the H100's 227 KB of shared memory per block less 11 KB for Triton's
+# barriers and epilogue scratch. Every tuned (bf16/fp8) entry fits; fp32 tiles of the same shape may not. For the
+# aligned kernels Triton 3.6 reports what this counts (the Mixtral bf16 M=512 tail entry: 208 KB; a 216 KB
+# variant ran on the H100 too, benchmarks/RESULTS.md session 15); 200 KB was the budget before.
 SMEM_BUDGET = 216 * 1024
 PAIRS_MODES = ("", "pair")
 LOADS = ("ptr", "tma", "tma_gathered")
@@ -38,7 +39,7 @@ class GemmConfig:
     block costs a fraction of the MMA work. The kernel is built with each height and picks one per block at
     run time (`moe_tiles.each_block`), so the height a token's rows take depends on how many other tokens
     chose the same expert (as the table entry already depends on the batch's size); results are identical run
-    to run.
+    to run. With tail_m (below) a short last block runs no tile of its own: its expert's previous block takes it.
     swap_ab (pointer loads; bf16 or fp8, aligned or pairs path): the MMAs run transposed, weight rows on the
     tensor cores' M side (64-row granularity) and the block's tokens on the N side (8-row granularity), so a
     tile of fewer than 64 rows costs its own rows of MMA rather than 64; with fp8, each k step's block scales

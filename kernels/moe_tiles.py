@@ -110,9 +110,9 @@ def each_block(block_fn: tl.constexpr, args, block_expert_ptr, block_rows_ptr, n
                BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr, MID_M: tl.constexpr, TAIL_M: tl.constexpr,
                GROUP_M: tl.constexpr):
     """The aligned GEMM kernels' program: block_fn((pid_m, pid_n, expert), *args, ROWS, ROWS2) for this
-    program's block and N tile (`block_of`), nothing for a block without pairs. The tile covers the block's
-    first ROWS + ROWS2 slots, in one MMA row tile of ROWS rows and, when ROWS2 > 0, a second of ROWS2 rows
-    sharing each weight tile. It is the smallest height that holds the block's valid rows: SHORT_M, 2 * SHORT_M
+    program's block and N tile (`block_of`), nothing for a block without pairs. The tile covers ROWS + ROWS2
+    slots from the block's first on, in one MMA row tile of ROWS rows and, when ROWS2 > 0, a second of ROWS2
+    rows sharing each weight tile. It is the smallest height that holds the block's valid rows: SHORT_M, 2 * SHORT_M
     while below BLOCK_M, with MID_M 3 * SHORT_M (as 2 * SHORT_M + SHORT_M), else BLOCK_M (`GemmConfig.short_m`,
     `GemmConfig.mid_m`). With TAIL_M a full block whose expert's next block holds at most SHORT_M rows runs
     BLOCK_M + SHORT_M: the second tile is the next block's first slots, and the next block's own program does

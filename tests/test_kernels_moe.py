@@ -85,6 +85,8 @@ def test_launcher_rejects_bad_inputs(case):
 def test_tile_pipelines_fit_shared_memory():
     """fp32 operands take fewer pipeline stages (a tiny fp32 model on a GPU once asked for 256 KB of shared
     memory against the H100's 227 KB); every tuned bf16/fp8 entry is left as it is."""
+    from dataclasses import replace
+
     from moeserve.kernels.moe_configs import (
         CONFIG_DIR,
         SMEM_BUDGET,
@@ -108,10 +110,12 @@ def test_tile_pipelines_fit_shared_memory():
     fitted = fit_shared_memory(cfg, 4)
     assert max(pipeline_bytes(fitted, 4)) <= SMEM_BUDGET and fitted.gate_up.num_stages == 3
     assert (fitted.block_m, fitted.gate_up.block_n, fitted.down.block_n) == (128, 64, 128)  # tiles unchanged
-    # A tail tile's rows count too: 4 stages of (128 + 32 + 2 * 128) x 64 bf16 are 208 KB, 5 would be 260.
-    tail = MoEConfig(128, GemmConfig(128, 64, num_stages=5, short_m=32, tail_m=True), GemmConfig(128, 64))
+    # A tail tile's rows count too: 9 stages of (128 + 2 * 128) x 32 bf16 would fit (216 KB), with the tail
+    # tile's 32 rows they do not (234 KB), 8 do.
+    tail = MoEConfig(128, GemmConfig(128, 32, num_stages=9, short_m=32, tail_m=True), GemmConfig(128, 64))
+    assert pipeline_bytes(replace(tail, gate_up=replace(tail.gate_up, tail_m=False)), 2)[0] <= SMEM_BUDGET
     assert pipeline_bytes(tail, 2)[0] > SMEM_BUDGET >= pipeline_bytes(fit_shared_memory(tail, 2), 2)[0]
-    assert fit_shared_memory(tail, 2).gate_up.num_stages == 4
+    assert fit_shared_memory(tail, 2).gate_up.num_stages == 8
 
 
 def test_config_tables_are_valid_and_pick_nearest_m():
@@ -807,9 +811,11 @@ def test_interp_swapped_mma_and_mid_tiles_match_reference(dtype, short_m, mid_m,
         assert written[block, :ran].all() and not written[block, ran:].any(), (block, ran)
 
 
-# Expert row counts at block_m 64, short_m 16: 70 = 64 + a 6-row tail and 140 = 64 + 64 + a 12-row tail (the
-# tail joins the full block before it), 90 = 64 + 26 (too long for a tail: a 32-row tile of its own), 12, 40, 64.
-TAIL_COUNTS = [12, 70, 64, 140, 90, 40]
+# Expert row counts at block_m 64, short_m 16, in block order: 70 = 64 + a 6-row tail (the first block takes it),
+# 12 (one short block after another expert's tail), 64, 10 (one short block right after another expert's full
+# block: not a tail), 140 = 64 + 64 + a 12-row tail, 80 = 64 + a tail of exactly 16 rows, 81 = 64 + 17 (too long
+# for a tail: a 32-row tile of its own), 40.
+TAIL_COUNTS = [70, 12, 64, 10, 140, 80, 81, 40]
 
 
 def block_tiles(ids: torch.Tensor, num_experts: int, block_m: int, short_m: int, mid_m: bool = False,
@@ -871,8 +877,9 @@ def test_interp_tail_tiles_match_reference(dtype, swap_ab, mid_m, ragged, monkey
     x, w13, w2, _, _ = random_moe(len(ids), h, i, len(TAIL_COUNTS), 1, dtype, seed=6)
     ref = moe_reference(x.double(), w13.double(), w2.double(), tw, ids)
     tiles = {tail_m: block_tiles(ids, len(TAIL_COUNTS), 64, 16, mid_m, tail_m) for tail_m in (False, True)}
-    assert len(tiles[True]) == len(tiles[False]) - 2  # the tails of the 70- and 140-row experts
-    assert sum(t[1:] == (64, 16) for t in tiles[True]) == 2 and (64, 16) not in {t[1:] for t in tiles[False]}
+    assert len(tiles[True]) == len(tiles[False]) - 3  # the tails of the 70-, 140- and 80-row experts
+    assert sum(t[1:] == (64, 16) for t in tiles[True]) == 3 and (64, 16) not in {t[1:] for t in tiles[False]}
+    assert tiles[True][0] == (0, 64, 16)  # block 0 takes block 1 along
     plain = dict(short_m=16, swap_ab=swap_ab, mid_m=mid_m)
     tail = dict(plain, tail_m=True)
     for gu, dn in ((tail, tail), (tail, plain), (plain, tail)):
@@ -1212,7 +1219,9 @@ def test_gpu_tail_tiles_match_reference(name, fp8, swap_ab):
     e = TARGETS[name][0]
     bm, bk, stages = (64, 128, 3) if fp8 else (128, 64, 4)
     short = bm // 4
-    counts = [bm + 3, bm + short, 2 * bm + 1, bm + short + 1, bm // 2, bm]  # experts 0-5 (each shape has 8+)
+    # Experts 0-6 (each shape has 8 or more); the last, short_m / 2 rows in one block right after expert 5's full
+    # block, is no tail.
+    counts = [bm + 3, bm + short, 2 * bm + 1, bm + short + 1, bm // 2, bm, short // 2]
     tw, ids = routing_with_counts(counts, seed=7)
     assert sum(t[1:] == (bm, short) for t in block_tiles(ids, e, bm, short, swap_ab, tail_m=True)) == 3
     x, w13, w2, _, ids, scales = _target_inputs(name, ids.shape[0], fp8, seed=19, ids=ids)
