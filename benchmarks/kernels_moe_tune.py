@@ -325,17 +325,22 @@ def with_short_m(cfg: MoEConfig, short_m: int) -> MoEConfig:
     return replace(cfg, gate_up=with_it(cfg.gate_up), down=with_it(cfg.down))
 
 
+def with_tiles(cfg: MoEConfig, gate_up: dict | None = None, down: dict | None = None) -> MoEConfig:
+    """cfg with fields of its gate/up and down `GemmConfig`s changed (field -> value)."""
+    return replace(cfg, gate_up=replace(cfg.gate_up, **(gate_up or {})), down=replace(cfg.down, **(down or {})))
+
+
 def with_swap_ab(cfg: MoEConfig, swap_ab: bool) -> MoEConfig:
     """cfg with transposed MMAs (`GemmConfig.swap_ab`) on or off in both GEMMs; mid tiles need them, so off
     also drops those."""
-    return replace(cfg, gate_up=replace(cfg.gate_up, swap_ab=swap_ab, mid_m=cfg.gate_up.mid_m and swap_ab),
-                   down=replace(cfg.down, swap_ab=swap_ab, mid_m=cfg.down.mid_m and swap_ab))
+    return with_tiles(cfg, dict(swap_ab=swap_ab, mid_m=cfg.gate_up.mid_m and swap_ab),
+                      dict(swap_ab=swap_ab, mid_m=cfg.down.mid_m and swap_ab))
 
 
 def with_tail_m(cfg: MoEConfig) -> MoEConfig:
     """cfg with tail tiles (`GemmConfig.tail_m`) in both GEMMs: a full block takes its expert's next block of at
     most short_m rows along. Needs short tiles and pointer loads in both."""
-    return replace(cfg, gate_up=replace(cfg.gate_up, tail_m=True), down=replace(cfg.down, tail_m=True))
+    return with_tiles(cfg, dict(tail_m=True), dict(tail_m=True))
 
 
 def short_candidates(cfg: MoEConfig) -> list[MoEConfig]:

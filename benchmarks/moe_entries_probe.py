@@ -32,7 +32,6 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,6 +45,7 @@ from kernels_moe_tune import (  # noqa: E402
     with_short_m,
     with_swap_ab,
     with_tail_m,
+    with_tiles,
 )
 
 from kernels import SHAPES, MoEShape, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
@@ -264,19 +264,21 @@ _also_time("qwen3", "fp8", (512,), {
 # the DeepSeek rank at M=8192 (256 +- 16). A tile of 128 + 32 rows takes 160 accumulator registers per thread
 # in a 128-wide gate/up (gate and up), 80 in a 64-wide one.
 _T = dict(short_m=32, tail_m=True)
+_MIX384 = SHAPES["mixtral"].table_config(384, False)  # transposed 96-row tiles
+_MIX512_T = with_tail_m(_MIX384)  # the M=512 entry as first adopted (gate/up group_m 16)
 _also_time("mixtral", "bf16", (448, 480, 512, 544, 576, 608, 640, 672, 704, 724), {
     "M=512 entry before (tiles by TMA)": _MIX512_TMA,
     "M=512 entry, pointer loads": _MIX512,
     "M=512 entry, pointer loads, tail tiles": with_tail_m(_MIX512),
     "gate/up 64 wide 6 stages, tail tiles": MoEConfig(128, G(64, 64, 16, 8, 6, **_T), G(128, 64, 8, 8, 5, **_T)),
-    "transposed, mid tiles (M=384 entry)": SHAPES["mixtral"].table_config(384, False),
-    "transposed, mid + tail tiles": with_tail_m(SHAPES["mixtral"].table_config(384, False)),
+    "transposed, mid tiles (M=384 entry)": _MIX384,
+    "transposed, mid + tail tiles": _MIX512_T,
     "transposed, mid + tail tiles, gate/up 64 wide 6 stages": MoEConfig(
         128, G(64, 64, 16, 8, 6, **_T, **_TM), G(128, 64, 8, 8, 5, **_T, **_TM)),
 })
 _also_time("mixtral", "bf16", (576, 608, 624, 640, 672, 704, 724, 768, 810), {
     "M=512 entry before (tiles by TMA)": _MIX512_TMA,
-    "transposed, mid + tail tiles": with_tail_m(SHAPES["mixtral"].table_config(384, False)),
+    "transposed, mid + tail tiles": _MIX512_T,
     "M=1024 entry": SHAPES["mixtral"].table_config(1024, False),
 })
 _MIX8_PTR = MoEConfig(64, G(128, 128, 16, 8, 5, short_m=32), G(128, 128, 8, 8, 4, short_m=32))
@@ -294,31 +296,24 @@ _also_time("qwen3", "bf16", (2048,), {
 })
 for _key in ("qwen3", "deepseek"):
     _also_time(_key, "bf16", (8192,), {
-        "pointer loads": MoEConfig(128, replace(_Q2048.gate_up, loads="ptr"), replace(_Q2048.down, loads="ptr")),
+        "pointer loads": with_tiles(_Q2048, dict(loads="ptr"), dict(loads="ptr")),  # Qwen3 M=2048's tiles
         "gate/up 64 wide 6 stages, down 128 wide 5 stages": _BM128_PTR,
         "gate/up 64 wide 6 stages, down 128 wide 5 stages, tail tiles": with_tail_m(_BM128_PTR),
     })
 # The tail-tile entry's neighbours in tile space.
-_MIX512_T = with_tail_m(SHAPES["mixtral"].table_config(384, False))
 _also_time("mixtral", "bf16", (448, 512, 576), {
-    "tail entry, gate/up group_m 8": replace(_MIX512_T, gate_up=replace(_MIX512_T.gate_up, group_m=8)),
-    "tail entry, gate/up 3 stages": replace(_MIX512_T, gate_up=replace(_MIX512_T.gate_up, num_stages=3)),
-    "tail entry, gate/up k32 8 stages": replace(_MIX512_T, gate_up=replace(_MIX512_T.gate_up, block_k=32,
-                                                                         num_stages=8)),
-    "tail entry, down 4 stages": replace(_MIX512_T, down=replace(_MIX512_T.down, num_stages=4)),
-    "tail entry, down group_m 16": replace(_MIX512_T, down=replace(_MIX512_T.down, group_m=16)),
-    "tail entry, down k32 8 stages": replace(_MIX512_T, down=replace(_MIX512_T.down, block_k=32, num_stages=8)),
+    "tail entry, gate/up group_m 8": with_tiles(_MIX512_T, gate_up=dict(group_m=8)),
+    "tail entry, gate/up 3 stages": with_tiles(_MIX512_T, gate_up=dict(num_stages=3)),
+    "tail entry, gate/up k32 8 stages": with_tiles(_MIX512_T, gate_up=dict(block_k=32, num_stages=8)),
+    "tail entry, down 4 stages": with_tiles(_MIX512_T, down=dict(num_stages=4)),
+    "tail entry, down group_m 16": with_tiles(_MIX512_T, down=dict(group_m=16)),
+    "tail entry, down k32 8 stages": with_tiles(_MIX512_T, down=dict(block_k=32, num_stages=8)),
 })
 # A 256-wide transposed down: 128 programs (one wave of the 132 multiprocessors) instead of 256 (1.94 waves).
-_MIX384 = SHAPES["mixtral"].table_config(384, False)
-_also_time("mixtral", "bf16", (256, 320, 384, 416, 448), {
-    f"M=384 entry, down 256 wide {st} stages": replace(_MIX384, down=replace(_MIX384.down, block_n=256, num_stages=st))
-    for st in (3, 4)})
-_MIX512_NOW = SHAPES["mixtral"].table_config(512, False)  # tail tiles, gate/up group_m 8
-_also_time("mixtral", "bf16", (448, 512, 576), {
-    f"M=512 entry, down 256 wide {st} stages": replace(_MIX512_NOW, down=replace(_MIX512_NOW.down, block_n=256,
-                                                                                  num_stages=st))
-    for st in (3, 4)})
+for _name, _entry, _ms in (("M=384", _MIX384, (256, 320, 384, 416, 448)),
+                           ("M=512", SHAPES["mixtral"].table_config(512, False), (448, 512, 576))):
+    _also_time("mixtral", "bf16", _ms, {f"{_name} entry, down 256 wide {st} stages":
+                                        with_tiles(_entry, down=dict(block_n=256, num_stages=st)) for st in (3, 4)})
 # Qwen3 at M=384-1024: 24-64 pairs per expert, so block_m 32 entries give many experts a second, short block;
 # with tail tiles (short_m 16) an expert of up to 48 pairs streams its weights once.
 _Q8_TAIL = with_tail_m(with_short_m(_Q8_384T, 16))
@@ -326,8 +321,7 @@ _also_time("qwen3", "fp8", (448, 512, 576, 640, 724, 800, 1024), {
     "M=384 entry": _Q8_384T,
     "M=512 entry": _Q8_512,
     "M=384 entry, short_m 16, tail tiles": _Q8_TAIL,
-    "M=384 entry, short_m 16, tail tiles, gate/up 8 warps": replace(
-        _Q8_TAIL, gate_up=replace(_Q8_TAIL.gate_up, num_warps=8)),
+    "M=384 entry, short_m 16, tail tiles, gate/up 8 warps": with_tiles(_Q8_TAIL, gate_up=dict(num_warps=8)),
 })
 _BM32_TAIL = with_tail_m(with_short_m(_BM32, 16))
 _also_time("qwen3", "bf16", (384, 448, 512, 576, 640, 724, 800), {

@@ -124,28 +124,32 @@ def each_block(block_fn: tl.constexpr, args, block_expert_ptr, block_rows_ptr, n
     pid_m, pid_n, expert = block_of(block_expert_ptr, num_m, num_n, GROUP_M)
     if expert >= 0:
         block = (pid_m, pid_n, expert)
-        if TAIL_M and _joins_block(block_expert_ptr, block_rows_ptr, pid_m, pid_m - 1, expert, num_m, SHORT_M):
+        rows = BLOCK_M
+        if SHORT_M:
+            rows = tl.load(block_rows_ptr + pid_m)
+        if TAIL_M and _is_tail(block_expert_ptr, block_rows_ptr, pid_m, num_m, SHORT_M):
             pass  # the expert's previous block runs this one's rows as its second tile
-        elif SHORT_M and tl.load(block_rows_ptr + pid_m) <= SHORT_M:
+        elif SHORT_M and rows <= SHORT_M:
             block_fn(block, *args, SHORT_M, 0)
-        elif SHORT_M and 2 * SHORT_M < BLOCK_M and tl.load(block_rows_ptr + pid_m) <= 2 * SHORT_M:
+        elif SHORT_M and 2 * SHORT_M < BLOCK_M and rows <= 2 * SHORT_M:
             block_fn(block, *args, 2 * SHORT_M, 0)
-        elif MID_M and tl.load(block_rows_ptr + pid_m) <= 3 * SHORT_M:
+        elif MID_M and rows <= 3 * SHORT_M:
             block_fn(block, *args, 2 * SHORT_M, SHORT_M)
-        elif TAIL_M and _joins_block(block_expert_ptr, block_rows_ptr, pid_m + 1, pid_m, expert, num_m, SHORT_M):
+        elif TAIL_M and _is_tail(block_expert_ptr, block_rows_ptr, pid_m + 1, num_m, SHORT_M):
             block_fn(block, *args, BLOCK_M, SHORT_M)
         else:
             block_fn(block, *args, BLOCK_M, 0)
 
 
 @triton.jit
-def _joins_block(block_expert_ptr, block_rows_ptr, tail, full, expert, num_m, SHORT_M: tl.constexpr):
-    """Whether block `tail` is a tail of block `full` (`GemmConfig.tail_m`): both belong to `expert`, tail
-    follows full and holds at most SHORT_M rows (only an expert's last block is partial, so full is whole)."""
-    ok = (full >= 0) & (tail < num_m)
-    same = tl.load(block_expert_ptr + full, mask=ok, other=-1) == expert
-    short = tl.load(block_rows_ptr + tail, mask=ok, other=SHORT_M + 1) <= SHORT_M
-    return ok & same & (tl.load(block_expert_ptr + tail, mask=ok, other=-1) == expert) & short
+def _is_tail(block_expert_ptr, block_rows_ptr, b, num_m, SHORT_M: tl.constexpr):
+    """Whether block b is a tail (`GemmConfig.tail_m`): it holds at most SHORT_M rows and the block before it
+    belongs to the same expert (only an expert's last block is partial, so that one is whole). Callers pass a
+    block b or b - 1 of which has an expert, so two unused blocks never match."""
+    ok = (b > 0) & (b < num_m)
+    prev = tl.load(block_expert_ptr + b - 1, mask=ok, other=-1)
+    short = tl.load(block_rows_ptr + b, mask=ok, other=SHORT_M + 1) <= SHORT_M
+    return ok & short & (tl.load(block_expert_ptr + b, mask=ok, other=-2) == prev)
 
 
 @triton.jit
