@@ -343,6 +343,12 @@ def with_tail_m(cfg: MoEConfig) -> MoEConfig:
     return with_tiles(cfg, dict(tail_m=True), dict(tail_m=True))
 
 
+def with_overlap(cfg: MoEConfig, group_m: int | None = None) -> MoEConfig:
+    """cfg with down overlapping gate/up (`MoEConfig.overlap`; pointer loads in both GEMMs), and gate/up's
+    group_m set where given (1: block-major order, so blocks finish early)."""
+    return replace(with_tiles(cfg, gate_up=None if group_m is None else dict(group_m=group_m)), overlap=True)
+
+
 def short_candidates(cfg: MoEConfig) -> list[MoEConfig]:
     """cfg with the other choices of short tiles, both GEMMs alike: none or one of `short_heights`; none for
     the pairs path."""

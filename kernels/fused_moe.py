@@ -41,6 +41,7 @@ from .fused_moe_pairs import fused_moe_pairs
 from .moe_align import AlignedRouting, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config, lookup_tokens
 from .moe_tiles import (
+    act_quant_fusable,
     act_quant_meta,
     aligned_ptr_meta,
     block_pairs,
@@ -49,42 +50,45 @@ from .moe_tiles import (
     fp8_act,
     gate_up_acc,
     gate_up_scales,
+    mark_ready,
     new_act,
     operand_scales,
     ptr_gemm_meta,
     store_act,
     store_down,
+    wait_ready,
 )
-from .pdl import launch_kwargs, pdl_enter
+from .pdl import launch_kwargs, pdl_enter, pdl_launch_dependents
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
 def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_expert_ptr,
-                    block_rows_ptr, max_blocks, K, INTER, top_k,
+                    block_rows_ptr, ready_ptr, max_blocks, K, INTER, top_k,
                     stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse, stride_wsn,
                     FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr,
                     MID_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr,
-                    ROUND_DTYPE: tl.constexpr, SWAP: tl.constexpr, USE_PDL: tl.constexpr):
+                    ROUND_DTYPE: tl.constexpr, SWAP: tl.constexpr, MARK_READY: tl.constexpr,
+                    USE_PDL: tl.constexpr):
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block
     (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M, MID_M, TAIL_M, SWAP: `GemmConfig.short_m`,
-    `.mid_m`, `.tail_m`, `.swap_ab`."""
+    `.mid_m`, `.tail_m`, `.swap_ab`. MARK_READY: count each written N tile in ready (`mark_ready`)."""
     pdl_enter(USE_PDL)
-    each_block(_gate_up_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, K, INTER,
-                                top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse,
-                                stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, QUANT_ACT,
-                                ROUND_DTYPE, SWAP),
+    each_block(_gate_up_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, ready_ptr,
+                                K, INTER, top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm,
+                                stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
+                                QUANT_ACT, ROUND_DTYPE, SWAP, MARK_READY),
                block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), BLOCK_M, SHORT_M, MID_M,
                TAIL_M, GROUP_M)
 
 
 @triton.jit
-def _gate_up_block(block, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, K, INTER,
-                   top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm,
+def _gate_up_block(block, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, ready_ptr, K,
+                   INTER, top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm,
                    stride_wse, stride_wsn, FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                   QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, SWAP: tl.constexpr, ROWS: tl.constexpr,
-                   ROWS2: tl.constexpr):
+                   QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, SWAP: tl.constexpr, MARK_READY: tl.constexpr,
+                   ROWS: tl.constexpr, ROWS2: tl.constexpr):
     """`_gate_up_kernel`'s tile over ROWS + ROWS2 slots from block pid_m's first on (ROWS = BLOCK_M: all of its
     slots, and a tail tile's ROWS2 then the next block's first), as one or two MMA row tiles; block = (pid_m,
     pid_n, expert) from `each_block`."""
@@ -111,32 +115,39 @@ def _gate_up_block(block, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_
         store_act(act_ptr, as_ptr, acc_g2 * tl.sigmoid(acc_g2) * acc_u2, pid_m * BLOCK_M + ROWS + tl.arange(0, ROWS2),
                   tl.full([ROWS2], True, tl.int1), pid_n, offs_n, stride_am, stride_asm, INTER, ROWS2, BLOCK_N,
                   EVEN_N, QUANT_ACT, ROUND_DTYPE)
+    if MARK_READY:
+        mark_ready(ready_ptr, pid_m, ROWS + ROWS2 > BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
 def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr,
-                 block_rows_ptr, max_blocks, N, K,
+                 block_rows_ptr, ready_ptr, ready_count, max_blocks, N, K,
                  stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
                  FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, SHORT_M: tl.constexpr,
                  MID_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SWAP: tl.constexpr,
-                 USE_PDL: tl.constexpr):
+                 WAIT_READY: tl.constexpr, USE_PDL: tl.constexpr):
     """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block.
-    SHORT_M, MID_M, TAIL_M, SWAP: `GemmConfig.short_m`, `.mid_m`, `.tail_m`, `.swap_ab`."""
-    pdl_enter(USE_PDL)
-    each_block(_down_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, N, K,
-                             stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn, FP8,
-                             QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, SWAP),
+    SHORT_M, MID_M, TAIL_M, SWAP: `GemmConfig.short_m`, `.mid_m`, `.tail_m`, `.swap_ab`. WAIT_READY: overlap
+    gate/up (`MoEConfig.overlap`): no wait for the launch before, but for ready_count N tiles of each block's
+    act (`wait_ready`)."""
+    if WAIT_READY:
+        pdl_launch_dependents(USE_PDL)
+    else:
+        pdl_enter(USE_PDL)
+    each_block(_down_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, ready_ptr,
+                             ready_count, N, K, stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse,
+                             stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, SWAP, WAIT_READY),
                block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(N, BLOCK_N), BLOCK_M, SHORT_M, MID_M, TAIL_M,
                GROUP_M)
 
 
 @triton.jit
-def _down_block(block, act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, N, K,
-                stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
+def _down_block(block, act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, ready_ptr,
+                ready_count, N, K, stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse, stride_wsn,
                 FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SWAP: tl.constexpr,
-                ROWS: tl.constexpr, ROWS2: tl.constexpr):
+                WAIT_READY: tl.constexpr, ROWS: tl.constexpr, ROWS2: tl.constexpr):
     """`_down_kernel`'s tile over ROWS + ROWS2 slots from block pid_m's first on (ROWS = BLOCK_M: all of its
     slots, and a tail tile's ROWS2 then the next block's first), as one or two MMA row tiles; block = (pid_m,
     pid_n, expert) from `each_block`."""
@@ -152,6 +163,8 @@ def _down_block(block, act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted
     if ROWS2:
         pair2, row_ok2 = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, ROWS, ROWS2)
         slots2 = pid_m * BLOCK_M + ROWS + tl.arange(0, ROWS2)
+    if WAIT_READY:
+        wait_ready(ready_ptr, pid_m, ready_count, ROWS + ROWS2 > BLOCK_M)
     acc, acc2 = down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, slots, slots2, expert, offs_nw, K, tl.cdiv(K, BLOCK_K),
                          stride_am, stride_we, stride_wn, stride_asm, stride_wse, stride_wsn,
                          FP8, QBLOCK, ROWS, BLOCK_N, BLOCK_K, EVEN_K, ROWS2, SWAP)
@@ -181,46 +194,54 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, num_experts, stride_ym, stride_
 
 def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: int, cfg: GemmConfig,
             out_dtype: torch.dtype, x_scale: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
-            act_scale: torch.Tensor | None = None) -> torch.Tensor:
+            act_scale: torch.Tensor | None = None, mark_ready: bool = False) -> torch.Tensor:
     """x: [M, H] (fp8 with x_scale [M, H/128] when w13 is fp8); w13: [E, 2I, H].
     Returns act: [max_blocks * block_m, I] out_dtype, one row per slot (padding slots hold junk).
     act_scale (fp8 only, cfg.block_n % 128 == 0): a [slots, ceil(I/128)] float32 buffer; act then comes back
-    as float8_e4m3fn with its scales there, the bits `per_token_group_quant_fp8` gives for the out_dtype act."""
+    as float8_e4m3fn with its scales there, the bits `per_token_group_quant_fp8` gives for the out_dtype act.
+    mark_ready (pointer loads only): count each block's written N tiles in routing.block_ready, for a down
+    launch that overlaps this one (`down`'s after_gate_up)."""
     num_experts, two_i, hidden_size = w13.shape
     inter = two_i // 2
     fp8 = x_scale is not None
     act = new_act(routing.sorted_ids.shape[0], inter, out_dtype, act_scale, x.device)
     if fused_moe_tma.tma_ok(cfg, inter, hidden_size, routing.block_m, x.device):
+        assert not mark_ready, "gate_up: mark_ready needs pointer loads"
         fused_moe_tma.gate_up_tma(x, w13, act, routing, top_k, cfg, out_dtype, x_scale, w13_scale, act_scale)
         return act
     xs, ws, as_ = gate_up_scales(x, w13, act, x_scale, w13_scale, act_scale)
     grid = (routing.max_blocks * triton.cdiv(inter, cfg.block_n),)
     _gate_up_kernel[grid](x, w13, act, as_, xs, ws, routing.sorted_ids, routing.block_expert,
-                          routing.block_rows, routing.max_blocks, hidden_size, inter, top_k,
+                          routing.block_rows, routing.block_ready, routing.max_blocks, hidden_size, inter, top_k,
                           x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0),
                           xs.stride(0), ws.stride(0), ws.stride(1), **act_quant_meta(act_scale, out_dtype),
-                          **aligned_ptr_meta(cfg),
+                          **aligned_ptr_meta(cfg), MARK_READY=mark_ready,
                           **ptr_gemm_meta(cfg, routing.block_m, inter, hidden_size, fp8, x.device))
     return act
 
 
 def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routing: AlignedRouting,
          cfg: GemmConfig, out_dtype: torch.dtype, act_scale: torch.Tensor | None = None,
-         w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+         w2_scale: torch.Tensor | None = None, after_gate_up: GemmConfig | None = None) -> torch.Tensor:
     """act: [slots, I] (fp8 with act_scale [slots, I/128] when w2 is fp8); w2: [E, H, I];
-    topk_weights: [M, k] float32. Returns y: [M*k, H] out_dtype, rows of dropped choices left unwritten."""
+    topk_weights: [M, k] float32. Returns y: [M*k, H] out_dtype, rows of dropped choices left unwritten.
+    after_gate_up (pointer loads only; `MoEConfig.overlap`): the tiles of the gate/up launch just before this
+    one, made with mark_ready. Each program then waits only for its block's act (all of that launch's N tiles
+    counted in routing.block_ready) rather than for the whole launch to end."""
     num_experts, hidden_size, inter = w2.shape
     fp8 = act_scale is not None
     y = torch.empty(topk_weights.numel(), hidden_size, dtype=out_dtype, device=act.device)
     if fused_moe_tma.tma_ok(cfg, hidden_size, inter, routing.block_m, act.device):
+        assert after_gate_up is None, "down: after_gate_up needs pointer loads"
         fused_moe_tma.down_tma(act, w2, y, topk_weights, routing, cfg, act_scale, w2_scale)
         return y
     as_, ws = operand_scales(act, w2, act_scale, w2_scale)
     grid = (routing.max_blocks * triton.cdiv(hidden_size, cfg.block_n),)
+    ready_count = 0 if after_gate_up is None else triton.cdiv(inter, after_gate_up.block_n)
     _down_kernel[grid](act, w2, y, as_, ws, topk_weights, routing.sorted_ids, routing.block_expert,
-                       routing.block_rows, routing.max_blocks, hidden_size, inter,
+                       routing.block_rows, routing.block_ready, ready_count, routing.max_blocks, hidden_size, inter,
                        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0), as_.stride(0), ws.stride(0),
-                       ws.stride(1), **aligned_ptr_meta(cfg),
+                       ws.stride(1), **aligned_ptr_meta(cfg), WAIT_READY=after_gate_up is not None,
                        **ptr_gemm_meta(cfg, routing.block_m, hidden_size, inter, fp8, act.device))
     return y
 
@@ -309,13 +330,17 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     if cfg.pairs:
         return fused_moe_pairs(hidden, w13, w2, topk_weights, topk_ids, cfg, out, w13_scale, w2_scale)
     routing = moe_align(topk_ids, num_experts, cfg.block_m)
+    # Down overlaps gate/up only where it is the very next launch: not after a separate act quantisation.
+    overlap = cfg.overlap and (not fp8 or act_quant_fusable(cfg))
+    after = cfg.gate_up if overlap else None
     if fp8:
         xq, xs = fp8_quant.per_token_group_quant_fp8(hidden)
-        run = functools.partial(gate_up, xq, w13, routing, top_k, cfg.gate_up, hidden.dtype, xs, w13_scale)
+        run = functools.partial(gate_up, xq, w13, routing, top_k, cfg.gate_up, hidden.dtype, xs, w13_scale,
+                                mark_ready=overlap)
         aq, act_s = fp8_act(run, routing.sorted_ids.shape[0], two_i // 2, cfg, hidden.device)
-        y = down(aq, w2, topk_weights, routing, cfg.down, hidden.dtype, act_s, w2_scale)
+        y = down(aq, w2, topk_weights, routing, cfg.down, hidden.dtype, act_s, w2_scale, after_gate_up=after)
     else:
-        act = gate_up(hidden, w13, routing, top_k, cfg.gate_up, hidden.dtype)
-        y = down(act, w2, topk_weights, routing, cfg.down, hidden.dtype)
+        act = gate_up(hidden, w13, routing, top_k, cfg.gate_up, hidden.dtype, mark_ready=overlap)
+        y = down(act, w2, topk_weights, routing, cfg.down, hidden.dtype, after_gate_up=after)
     return topk_sum(y, topk_ids, num_experts, out)
 

@@ -42,12 +42,15 @@ _BLOCKS_CHUNK = 32
 class AlignedRouting:
     """sorted_ids: [max_blocks * block_m] int32, flat pair index m*top_k+j per slot (padding slots undefined);
     block_expert: [max_blocks] int32, expert of each block, -1 for unused blocks (which follow the used ones);
-    block_rows: [max_blocks] int32, valid slots at the start of each block (0 for unused blocks)."""
+    block_rows: [max_blocks] int32, valid slots at the start of each block (0 for unused blocks);
+    block_ready: [max_blocks] int32, all 0: gate/up counts the N tiles of each block's act it has written here
+    when down overlaps it (`MoEConfig.overlap`)."""
 
     sorted_ids: torch.Tensor
     block_expert: torch.Tensor
     block_rows: torch.Tensor
     block_m: int
+    block_ready: torch.Tensor
 
     @property
     def max_blocks(self) -> int:
@@ -84,8 +87,8 @@ def _layout(counts, num_experts, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
 
 
 @triton.jit
-def _write_block_tables(block_expert_ptr, block_rows_ptr, first_block, max_blocks, counts, starts, ends,
-                        BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCKS_CHUNK: tl.constexpr):
+def _write_block_tables(block_expert_ptr, block_rows_ptr, ready_ptr, first_block, max_blocks, counts, starts,
+                        ends, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCKS_CHUNK: tl.constexpr):
     blocks = first_block + tl.arange(0, BLOCKS_CHUNK)
     slot = blocks * BLOCK_M
     experts = tl.arange(0, E_POW2)
@@ -97,6 +100,7 @@ def _write_block_tables(block_expert_ptr, block_rows_ptr, first_block, max_block
     in_range = blocks < max_blocks
     tl.store(block_expert_ptr + blocks, tl.where(used, expert, -1), mask=in_range)
     tl.store(block_rows_ptr + blocks, tl.where(used, tl.minimum(rows, BLOCK_M), 0), mask=in_range)
+    tl.store(ready_ptr + blocks, tl.zeros([BLOCKS_CHUNK], dtype=tl.int32), mask=in_range)
 
 
 @triton.jit
@@ -112,7 +116,7 @@ def _scatter_chunk(ids_ptr, sorted_ptr, starts_ptr, cursor_ptr, start, num_pairs
 
 
 @triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
-def _align_single_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_ptr,
+def _align_single_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, ready_ptr, work_ptr,
                          num_pairs, num_experts, max_blocks,
                          BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCKS_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
@@ -125,8 +129,8 @@ def _align_single_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, 
     tl.store(work_ptr + experts, starts)  # starts_ptr
     tl.store(work_ptr + E_POW2 + experts, tl.zeros([E_POW2], dtype=tl.int32))  # cursor_ptr
     for first in range(0, max_blocks, BLOCKS_CHUNK):
-        _write_block_tables(block_expert_ptr, block_rows_ptr, first, max_blocks, counts, starts, ends,
-                            BLOCK_M, E_POW2, BLOCKS_CHUNK)
+        _write_block_tables(block_expert_ptr, block_rows_ptr, ready_ptr, first, max_blocks, counts, starts,
+                            ends, BLOCK_M, E_POW2, BLOCKS_CHUNK)
     # The starts/cursor written above by this program's threads must be visible to all of them.
     tl.debug_barrier()
     for start in range(0, num_pairs, CHUNK):
@@ -134,7 +138,7 @@ def _align_single_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, 
 
 
 @triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
-def _align_ranked_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_ptr,
+def _align_ranked_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, ready_ptr, work_ptr,
                          num_pairs, num_experts, max_blocks,
                          BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
                          RANK_CHUNK: tl.constexpr, BLOCKS_CHUNK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
@@ -151,8 +155,8 @@ def _align_ranked_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, 
         before += tl.histogram(tl.where(valid & (offs < first), e, num_experts), E_POW2)
     counts, starts, ends = _layout(counts, num_experts, BLOCK_M, E_POW2)
     for i in range(0, BLOCKS_PER_PROGRAM, BLOCKS_CHUNK):
-        _write_block_tables(block_expert_ptr, block_rows_ptr, pid * BLOCKS_PER_PROGRAM + i, max_blocks,
-                            counts, starts, ends, BLOCK_M, E_POW2, BLOCKS_CHUNK)
+        _write_block_tables(block_expert_ptr, block_rows_ptr, ready_ptr, pid * BLOCKS_PER_PROGRAM + i,
+                            max_blocks, counts, starts, ends, BLOCK_M, E_POW2, BLOCKS_CHUNK)
     # Per-expert base slot of this program's pairs, gathered through this program's own scratch row.
     experts = tl.arange(0, E_POW2)
     base_ptr = work_ptr + pid * E_POW2
@@ -179,7 +183,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_pairs, num_experts, E_POW2: tl.conste
 
 
 @triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
-def _scatter_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_ptr,
+def _scatter_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, ready_ptr, work_ptr,
                     num_pairs, num_experts, max_blocks,
                     BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
                     BLOCKS_CHUNK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, USE_PDL: tl.constexpr):
@@ -193,8 +197,8 @@ def _scatter_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, work_
     tl.store(starts_ptr + experts, starts)
     for i in range(0, BLOCKS_PER_PROGRAM, BLOCKS_CHUNK):
         first = pid * BLOCKS_PER_PROGRAM + i
-        _write_block_tables(block_expert_ptr, block_rows_ptr, first, max_blocks, counts, starts, ends,
-                            BLOCK_M, E_POW2, BLOCKS_CHUNK)
+        _write_block_tables(block_expert_ptr, block_rows_ptr, ready_ptr, first, max_blocks, counts, starts,
+                            ends, BLOCK_M, E_POW2, BLOCKS_CHUNK)
     tl.debug_barrier()
     cursor_ptr = work_ptr + 2 * E_POW2
     _scatter_chunk(ids_ptr, sorted_ptr, starts_ptr, cursor_ptr, pid * CHUNK, num_pairs, num_experts, CHUNK)
@@ -224,6 +228,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
     block_rows = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    block_ready = torch.empty(max_blocks, dtype=torch.int32, device=device)
     e_pow2 = triton.next_power_of_2(num_experts + 1)
     # Pairs are counted CHUNK at a time; at decode sizes a full 1024-wide histogram would be mostly masked.
     # The scatter path runs one program per chunk.
@@ -233,13 +238,14 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     args = (num_pairs, num_experts, max_blocks)
     if method == "single":
         work = torch.empty(2 * e_pow2, dtype=torch.int32, device=device)
-        _align_single_kernel[(1,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args, **layout)
+        _align_single_kernel[(1,)](topk_ids, sorted_ids, block_expert, block_rows, block_ready, work, *args,
+                                   **layout)
     elif method == "ranked":
         # Enough programs that each writes one chunk of block tables (the slowest step) and ranks at most
         # one chunk of pairs.
         programs = max(1, triton.cdiv(num_pairs, _RANK_CHUNK), triton.cdiv(max_blocks, _BLOCKS_CHUNK))
         work = torch.empty(programs * e_pow2, dtype=torch.int32, device=device)  # one scratch row each
-        _align_ranked_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,
+        _align_ranked_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, block_ready, work, *args,
                                           RANK_CHUNK=_RANK_CHUNK, num_warps=8,
                                           BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **layout)
     else:
@@ -249,14 +255,14 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
         programs = max(1, triton.cdiv(num_pairs, chunk))
         _count_kernel[(programs,)](topk_ids, work, num_pairs, num_experts, **meta)
         try:
-            _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, work, *args,
+            _scatter_kernel[(programs,)](topk_ids, sorted_ids, block_expert, block_rows, block_ready, work, *args,
                                          BLOCKS_PER_PROGRAM=_blocks_per_program(max_blocks, programs), **layout)
         except Exception:
             # The counts are in the shared counters and no scatter program will zero them: every later
             # "last program" election on this device would go wrong.
             work[:3 * e_pow2 + 1].zero_()
             raise
-    return AlignedRouting(sorted_ids, block_expert, block_rows, block_m)
+    return AlignedRouting(sorted_ids, block_expert, block_rows, block_m, block_ready)
 
 
 def _blocks_per_program(max_blocks: int, programs: int) -> int:

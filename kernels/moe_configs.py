@@ -47,7 +47,10 @@ class GemmConfig:
     its M side); narrower tiles run mma.sync either way. Which entries gain is measured, not assumed
     (benchmarks/RESULTS.md, sessions 13 and 14): fp8 tiles of up to 32 rows did (untransposed, Triton 3.6
     runs those as fp16 mma.sync after converting the fp8 operands; transposed they take fp8 wgmma), Mixtral
-    fp8's 64- and 128-row tiles lost.
+    fp8's 64- and 128-row tiles lost. Untransposed fp8 short tiles (short_m with fp8 weights, swap_ab off) gave
+    results that differ run to run on the H100 under Triton 3.6 (a few ulps in 1-4% of the outputs; whole
+    16- and 32-row blocks, and bf16 short tiles, did not): no fp8 table entry takes them (a test checks), and
+    a config that asks for them is not deterministic on that GPU.
     mid_m (with swap_ab and short_m = block_m / 4): also a tile of 3 * short_m rows, for blocks that fill more
     than half and at most three quarters of block_m. It runs as two MMA tiles (block_m / 2 and short_m rows)
     that share each weight tile: a quarter less MMA work than block_m rows. On the H100 Mixtral's 128-row tiles
@@ -83,13 +86,21 @@ class MoEConfig:
 
     fuse_act_quant (fp8 weights): gate/up's epilogue quantises act where its N tiles cover whole 128-channel
     groups (`moe_tiles.act_quant_fusable`); False sends act through the separate quantisation launch, which
-    gives the same bits (for A/B timing, and the route tests compare the epilogue with)."""
+    gives the same bits (for A/B timing, and the route tests compare the epilogue with).
+
+    overlap (aligned path, pointer loads in both GEMMs): down does not wait for the whole gate/up launch to
+    end. Each gate/up program counts its block's N tile as written, and a down program starts on its block
+    as soon as every N tile of that block's act is (`moe_tiles.wait_ready`). With programmatic dependent
+    launch, down's programs then fill the multiprocessors that gate/up's last, partial wave leaves idle, where
+    their blocks are done; gate/up's group_m 1 (block-major order) finishes blocks early. No effect where fp8
+    act takes its own quantisation launch (`fuse_act_quant` off or N tiles not whole 128-channel groups)."""
 
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
     pairs: str = ""
     fuse_act_quant: bool = True
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         for name, g in (("gate_up", self.gate_up), ("down", self.down)):
@@ -101,6 +112,9 @@ class MoEConfig:
                                  f"{g.loads!r} with warp_specialize={g.warp_specialize}")
         if self.pairs and (self.gate_up.loads != "ptr" or self.down.loads != "ptr"):
             raise ValueError("the pairs path loads by pointer only (loads='ptr')")
+        if self.overlap and (self.pairs or self.gate_up.loads != "ptr" or self.down.loads != "ptr"):
+            raise ValueError(f"overlap needs the aligned path with pointer loads in both GEMMs; got pairs="
+                             f"{self.pairs!r}, loads {self.gate_up.loads!r} / {self.down.loads!r}")
         if self.pairs not in PAIRS_MODES:
             raise ValueError(f"pairs must be one of {PAIRS_MODES}, got {self.pairs!r}")
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -128,7 +142,7 @@ class MoEConfig:
     def from_dict(d: dict) -> MoEConfig:
         # Tables written before a field existed lack it: its default.
         return MoEConfig(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]),
-                         d.get("pairs", ""), d.get("fuse_act_quant", True))
+                         d.get("pairs", ""), d.get("fuse_act_quant", True), d.get("overlap", False))
 
 
 def short_heights(block_m: int) -> tuple[int, ...]:

@@ -164,6 +164,42 @@ def block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M: tl.constexpr, FIRST:
 
 
 @triton.jit
+def mark_ready(ready_ptr, pid_m, NEXT: tl.constexpr):
+    """gate/up's last step in a program when down overlaps it (`MoEConfig.overlap`): count this program's N tile
+    of block pid_m's act (and of block pid_m + 1's, NEXT: a tail tile's rows) as written. The barrier orders
+    every thread's stores before the atomic's (single-thread) release, as in `counters.last_to_arrive`."""
+    tl.debug_barrier()
+    tl.atomic_add(ready_ptr + pid_m, 1, sem="release")
+    if NEXT:
+        tl.atomic_add(ready_ptr + pid_m + 1, 1, sem="release")
+
+
+@triton.jit
+def wait_ready(ready_ptr, pid_m, count, NEXT: tl.constexpr):
+    """down's first step in a program when it overlaps gate/up (`MoEConfig.overlap`): spin until all count N
+    tiles of block pid_m's act (and block pid_m + 1's, NEXT) are written. The acquire, then the barrier, order
+    every thread's later loads of act after gate/up's stores; the loads still bypass L1 (`down_acc`), which is
+    not coherent. Between reads the program sleeps a little, so a multiprocessor of waiting programs does not
+    flood L2 with reads of one counter. Under programmatic dependent launch down's programs start only once
+    every gate/up program has started (each lets dependents launch on entry), so the programs being waited on
+    hold their multiprocessors and finish: the spin cannot deadlock. Without it down starts after gate/up ends
+    and the counts are already whole."""
+    while tl.atomic_add(ready_ptr + pid_m, 0, sem="acquire") < count:
+        _nap()
+    if NEXT:
+        while tl.atomic_add(ready_ptr + pid_m + 1, 0, sem="acquire") < count:
+            _nap()
+    tl.debug_barrier()
+
+
+@triton.jit
+def _nap():
+    """Sleep about half a microsecond (the GPU's nanosleep; never reached under the interpreter, whose programs
+    run one after another, so gate/up has ended before down starts)."""
+    tl.inline_asm_elementwise("nanosleep.u32 500; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def store_act(act_ptr, as_ptr, act, rows, row_ok, pid_n, offs_n, stride_am, stride_asm, INTER,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr,
               ROUND_DTYPE: tl.constexpr):
@@ -227,11 +263,11 @@ def gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token2, expert, offs_nw, K,
         acc_u2 = _acc_zeros(ROWS2, BLOCK_N, SWAP)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kk * BLOCK_K
-        a = _load_k_step(a_ptrs, k_ok, EVEN_K, 1)
-        g = _load_k_step(g_ptrs, k_ok, EVEN_K, 0)
-        u = _load_k_step(u_ptrs, k_ok, EVEN_K, 0)
+        a = _load_k_step(a_ptrs, k_ok, EVEN_K, 1, "")
+        g = _load_k_step(g_ptrs, k_ok, EVEN_K, 0, "")
+        u = _load_k_step(u_ptrs, k_ok, EVEN_K, 0, "")
         if ROWS2:
-            a2 = _load_k_step(a2_ptrs, k_ok, EVEN_K, 1)
+            a2 = _load_k_step(a2_ptrs, k_ok, EVEN_K, 1, "")
         if FP8:
             # BLOCK_K divides QBLOCK, so one scale group covers the whole k step.
             grp = kk * BLOCK_K // QBLOCK
@@ -260,15 +296,16 @@ def gate_up_acc(x_ptr, w_ptr, xs_ptr, ws_ptr, token, token2, expert, offs_nw, K,
 
 
 @triton.jit
-def _load_k_step(ptrs, k_ok, EVEN_K: tl.constexpr, K_AXIS: tl.constexpr):
+def _load_k_step(ptrs, k_ok, EVEN_K: tl.constexpr, K_AXIS: tl.constexpr, CACHE: tl.constexpr):
     """One k step's tile at ptrs: token rows [ROWS, BLOCK_K] (K_AXIS 1) or weight columns [BLOCK_K, BLOCK_N]
-    (K_AXIS 0). Unmasked where K is whole tiles (EVEN_K), else zeros where k_ok [BLOCK_K] is False."""
+    (K_AXIS 0). Unmasked where K is whole tiles (EVEN_K), else zeros where k_ok [BLOCK_K] is False. CACHE: the
+    load's cache modifier (".cg": from L2, past the multiprocessor's L1)."""
     if EVEN_K:
-        tile = tl.load(ptrs)
+        tile = tl.load(ptrs, cache_modifier=CACHE)
     elif K_AXIS == 1:
-        tile = tl.load(ptrs, mask=k_ok[None, :], other=0.0)
+        tile = tl.load(ptrs, mask=k_ok[None, :], other=0.0, cache_modifier=CACHE)
     else:
-        tile = tl.load(ptrs, mask=k_ok[:, None], other=0.0)
+        tile = tl.load(ptrs, mask=k_ok[:, None], other=0.0, cache_modifier=CACHE)
     return tile
 
 
@@ -319,7 +356,9 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROWS2: tl.constexpr, SWAP: tl.constexpr):
     """act[rows] . w2[expert, offs_nw] over the first k_steps BLOCK_K steps of K, fp32 [BLOCK_M, BLOCK_N], then
     the same for the rows rows2 [ROWS2] of a second MMA row tile that shares each weight tile (ROWS2 = 0: none;
-    the second result is then the first's initial zeros, unused). SWAP and FP8: as in `gate_up_acc`."""
+    the second result is then the first's initial zeros, unused). SWAP and FP8: as in `gate_up_acc`. act and its
+    scales come from L2 (".cg"), past the multiprocessor's L1, which is not coherent: gate/up may still have
+    been writing them when this program started (`wait_ready`)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
@@ -330,17 +369,18 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
         acc2 = _acc_zeros(ROWS2, BLOCK_N, SWAP)
     for kk in range(0, k_steps):
         k_ok = offs_k < K - kk * BLOCK_K
-        a = _load_k_step(a_ptrs, k_ok, EVEN_K, 1)
-        b = _load_k_step(b_ptrs, k_ok, EVEN_K, 0)
+        a = _load_k_step(a_ptrs, k_ok, EVEN_K, 1, ".cg")
+        b = _load_k_step(b_ptrs, k_ok, EVEN_K, 0, "")
         if ROWS2:
-            a2 = _load_k_step(a2_ptrs, k_ok, EVEN_K, 1)
+            a2 = _load_k_step(a2_ptrs, k_ok, EVEN_K, 1, ".cg")
         if FP8:
             grp = kk * BLOCK_K // QBLOCK
-            a_s = tl.load(as_ptr + rows * stride_asm + grp)
+            a_s = tl.load(as_ptr + rows * stride_asm + grp, cache_modifier=".cg")
             b_s = tl.load(ws_ptr + expert * stride_wse + (offs_nw // QBLOCK) * stride_wsn + grp)
             acc = _scaled_mma(a, b, acc, a_s, b_s, SWAP)
             if ROWS2:
-                acc2 = _scaled_mma(a2, b, acc2, tl.load(as_ptr + rows2 * stride_asm + grp), b_s, SWAP)
+                a2_s = tl.load(as_ptr + rows2 * stride_asm + grp, cache_modifier=".cg")
+                acc2 = _scaled_mma(a2, b, acc2, a2_s, b_s, SWAP)
         else:
             acc = _mma(a, b, acc, SWAP)
             if ROWS2:

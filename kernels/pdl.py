@@ -47,3 +47,11 @@ def pdl_enter(USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_launch_dependents(USE_PDL: tl.constexpr):
+    """`pdl_enter` without the wait, for a kernel that orders its reads after the launch before some other way
+    (`fused_moe`'s down under `MoEConfig.overlap`): it only lets the next kernel launch."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()

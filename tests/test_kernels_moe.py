@@ -11,6 +11,7 @@ Three groups:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import threading
 
@@ -394,19 +395,39 @@ def _check_layout(routing, ids: torch.Tensor, num_experts: int, block_m: int) ->
     for e in range(num_experts):
         assert sorted(p for ge, ps in got if ge == e for p in ps) == sorted(
             p for we, ps in want if we == e for p in ps)
+    assert not routing.block_ready.any(), "every block's ready count must start at 0 (MoEConfig.overlap)"
+
+
+class _JunkInt32Torch:
+    """torch, but int32 tensors from empty() start as -7 rather than whatever (often zeros) the allocator hands out:
+    the module under test sees it in place of torch."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(-7) if t.dtype == torch.int32 else t
 
 
 def _check_align_twice(ids: torch.Tensor, num_experts: int, block_m: int, method: str | None):
     """Two layouts in a row, of ids and of another routing with other per-expert counts, are both right, and the
-    completion counters (the scatter path's scratch) are all 0 after each. Returns ids' layout."""
+    completion counters (the scatter path's scratch) are all 0 after each. The layout's buffers start as junk
+    (not the zeros a fresh allocation may hold), so a table entry the align does not write shows. Returns ids'
+    layout."""
+    from unittest import mock
+
     from moeserve.kernels.counters import completion_counters
     from moeserve.kernels.moe_align import moe_align
 
+    align_mod = importlib.import_module("moeserve.kernels.moe_align")
     num_tokens, top_k = ids.shape
     other = random_routing(num_tokens, num_experts, top_k, seed=num_tokens + 1, device=str(ids.device))[1]
     layouts = []
     for routing_ids in (ids, other):
-        layouts.append(moe_align(routing_ids, num_experts, block_m, method=method))
+        with mock.patch.object(align_mod, "torch", _JunkInt32Torch()):
+            layouts.append(moe_align(routing_ids, num_experts, block_m, method=method))
         _check_layout(layouts[-1], routing_ids.cpu(), num_experts, block_m)
         assert not completion_counters(ids.device, 1).any(), "moe_align left a completion counter nonzero"
     return layouts[0]
@@ -891,6 +912,68 @@ def test_interp_tail_tiles_match_reference(dtype, swap_ab, mid_m, ragged, monkey
             assert sorted(set(seen[gemm])) == tiles[g.get("tail_m", False)], (gemm, gu, dn)  # every N tile
 
 
+def spy_routing(monkeypatch) -> list:
+    """Wraps fused_moe's align: each call's `AlignedRouting` is appended to the returned list."""
+    fused_moe_mod = importlib.import_module("moeserve.kernels.fused_moe")
+    seen = []
+    real = fused_moe_mod.moe_align
+
+    def align(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(fused_moe_mod, "moe_align", align)
+    return seen
+
+
+@interp
+@pytest.mark.usefixtures("nan_act")
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
+@pytest.mark.parametrize("gu_tail,dn_tail", [(False, False), (True, True), (True, False), (False, True)])
+def test_interp_overlap_counts_every_block_and_matches(fp8, gu_tail, dn_tail, monkeypatch):
+    """MoEConfig.overlap: gate/up counts each block's N tiles as written, down waits for them. Every used block,
+    a tail block whose rows its expert's previous block wrote too, ends at gate/up's N-tile count (a block
+    short of it would keep down waiting forever on the GPU), unused ones at 0; the outputs are bit-identical to
+    the same tiles without overlap. Tail tiles in either GEMM, fp16, and fp8 with act quantised in gate/up's
+    epilogue (where down follows gate/up directly)."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+    from moeserve.kernels.fp8 import quant_weight_block_fp8
+
+    routings = spy_routing(monkeypatch)
+    tw, ids = routing_with_counts(TAIL_COUNTS, seed=8)
+    h, i = (128, 384) if fp8 else (64, 96)  # 3 gate/up N tiles of 128 (fp8) or 32 columns
+    x, w13, w2, _, _ = random_moe(len(ids), h, i, len(TAIL_COUNTS), 1, torch.float32 if fp8 else torch.float16,
+                                  seed=8)
+    scales = {}
+    if fp8:
+        (w13, s13), (w2, s2) = quant_weight_block_fp8(w13), quant_weight_block_fp8(w2)
+        scales = dict(w13_scale=s13, w2_scale=s2)
+    bn, bk = (128, 64) if fp8 else (32, 32)
+    gu = GemmConfig(bn, bk, 1, 4, 2, short_m=16, tail_m=gu_tail)
+    dn = GemmConfig(32, bk, 2, 4, 2, short_m=16, tail_m=dn_tail)
+    plain = MoEConfig(64, gu, dn)
+    out = fused_moe(x, w13, w2, tw, ids, config=plain, **scales)
+    assert not routings[-1].block_ready.any()  # nothing counts without overlap
+    overlapped = fused_moe(x, w13, w2, tw, ids, config=MoEConfig(64, gu, dn, overlap=True), **scales)
+    assert torch.equal(overlapped, out) and torch.isfinite(out).all()
+    used = routings[-1].block_expert >= 0
+    assert used.sum() == len(block_tiles(ids, len(TAIL_COUNTS), 64, 16))
+    assert routings[-1].block_ready.tolist() == [3 if u else 0 for u in used.tolist()]
+
+
+def test_config_overlap_needs_the_aligned_pointer_path():
+    from moeserve.kernels import GemmConfig, MoEConfig
+
+    for gate_up, down, pairs in ((GemmConfig(32, 64, loads="tma"), GemmConfig(32, 64), ""),
+                                 (GemmConfig(32, 64), GemmConfig(32, 64, loads="tma"), ""),
+                                 (GemmConfig(32, 64), GemmConfig(32, 64), "pair")):
+        with pytest.raises(ValueError, match="overlap needs the aligned path with pointer loads in both GEMMs"):
+            MoEConfig(16, gate_up, down, pairs=pairs, overlap=True)
+    ok = MoEConfig(64, GemmConfig(32, 64), GemmConfig(32, 64), overlap=True)
+    assert MoEConfig.from_dict(ok.to_dict()) == ok
+    assert MoEConfig.from_dict({k: v for k, v in ok.to_dict().items() if k != "overlap"}).overlap is False
+
+
 def test_config_swapped_mma_mid_and_tail_tiles_say_what_they_need():
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
@@ -948,9 +1031,6 @@ FUSED_QUANT_CASES = {
 def _fused_vs_separate_act_quant(monkeypatch, args: tuple, scales: dict, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """fused_moe(*args) twice: act quantised in gate/up's epilogue, then by the separate launch (cfg with
     fuse_act_quant=False). Asserts each route ran its own quantisation launches (1 = hidden only, 2 = + act)."""
-    import dataclasses
-    import importlib
-
     from moeserve.kernels import fused_moe
     from moeserve.kernels.moe_tiles import act_quant_fusable
 
@@ -1180,15 +1260,31 @@ def test_gpu_pairs_path_mma_orientation_in_the_instructions(swap_ab, monkeypatch
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("m,mode", [(1, None), (8, None), (24, "pair"), (512, None), (2048, None)])
-def test_gpu_results_identical_run_to_run(m, mode):
+def test_gpu_results_identical_run_to_run(m, mode, fp8):
+    """The table entries (and a pairs config) give bit-identical outputs call after call: no float atomics, and no
+    fp8 entry takes the untransposed short tiles that did not (`GemmConfig.swap_ab`)."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
     cfg = MoEConfig(16, GemmConfig(32, 128), GemmConfig(32, 128), pairs=mode) if mode else None
-    x, w13, w2, tw, ids, _ = _target_inputs("qwen3", m, False, seed=5)
-    first = fused_moe(x, w13, w2, tw, ids, config=cfg)
+    x, w13, w2, tw, ids, scales = _target_inputs("qwen3", m, fp8, seed=5)
+    first = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
     for _ in range(5):
-        assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=cfg), first)
+        assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=cfg, **scales), first)
+
+
+def test_fp8_tables_take_no_untransposed_short_tiles():
+    """Untransposed fp8 short tiles gave run-to-run different results on the H100 (`GemmConfig.swap_ab`): every fp8
+    table entry with short tiles runs them transposed."""
+    from moeserve.kernels.moe_configs import CONFIG_DIR, load_table
+
+    tables = sorted(p.name for p in CONFIG_DIR.glob("*_fp8.json"))
+    assert tables
+    for name in tables:
+        for m, cfg in load_table(name).items():
+            for gemm in (cfg.gate_up, cfg.down):
+                assert not gemm.short_m or gemm.swap_ab, (name, m, gemm)
 
 
 @pytest.mark.gpu
@@ -1234,6 +1330,40 @@ def test_gpu_tail_tiles_match_reference(name, fp8, swap_ab):
         cfg = MoEConfig(bm, tiles[gu_tail][0], tiles[dn_tail][1])
         out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
         assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2), (gu_tail, dn_tail)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("tail_m", [False, True], ids=["", "tail"])
+def test_gpu_overlap_equals_without_under_graph_replay(name, fp8, tail_m):
+    """MoEConfig.overlap at the target shapes: down's programs start on a block as soon as gate/up has written
+    its act, while gate/up still runs. One CUDA graph replayed over three inputs in turn, 12 times, so a down
+    program that read a row before gate/up wrote it would read the previous replay's act (another input's) and
+    differ: every replay is bit-identical to the same tiles without overlap, called eagerly, and near the
+    reference. Block-major gate/up (group_m 1), 512 tokens on a skewed routing, with tail tiles or without (fp8:
+    transposed; untransposed fp8 short tiles differ run to run by themselves, see `GemmConfig.swap_ab`)."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+
+    bm, bk, stages = (64, 128, 3) if fp8 else (128, 64, 4)
+    g = dict(short_m=bm // 4, tail_m=tail_m, swap_ab=fp8)
+    plain = MoEConfig(bm, GemmConfig(128, bk, 1, 8, stages, **g), GemmConfig(128, bk, 8, 8, stages, **g))
+    overlap = dataclasses.replace(plain, overlap=True)
+    inputs = [_target_inputs(name, 512, fp8, seed=seed, ids=skewed_ids(512, name, seed=seed)) for seed in (21, 22, 23)]
+    _, w13, w2, _, _, scales = inputs[0]  # one set of weights; the graph's own x, tw and ids buffers
+    x, tw, ids = (inputs[0][j].clone() for j in (0, 3, 4))
+    want = [fused_moe(xi, w13, w2, twi, idsi, config=plain, **scales) for xi, _, _, twi, idsi, _ in inputs]
+    assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=overlap, **scales), want[0])  # eager, and compiled
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, w13, w2, tw, ids, config=overlap, **scales)
+    for r in range(12):
+        xi, _, _, twi, idsi, _ = inputs[r % 3]
+        x.copy_(xi), tw.copy_(twi), ids.copy_(idsi)
+        graph.replay()
+        assert torch.equal(out, want[r % 3]), f"replay {r}"
+    ref = _target_ref(x, w13, w2, tw, ids, scales)
+    assert rel_err(out, ref) <= (2e-2 if fp8 else 1e-2)
 
 
 @pytest.mark.gpu
