@@ -32,6 +32,7 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -334,9 +335,10 @@ _also_time("qwen3", "bf16", (384, 448, 512, 576, 640, 724, 800), {
 # Session 16: down overlapping gate/up (MoEConfig.overlap: each down program waits only for its block's act), with
 # gate/up in its entry's order and block-major (group_m 1, so blocks finish early); "gate/up group_m 1" alone
 # separates the order's own effect. Entries loading by TMA are timed by pointer loads (Mixtral fp8 M=384-512: the
-# pointer-load tiles of session 15).
+# pointer-load tiles of session 15). The session's "entry before" figures are the tables of 556ab30; entries that
+# took overlap since are timed against "without overlap".
 def _overlap_variants(cfg: MoEConfig) -> dict[str, MoEConfig]:
-    out = {"overlap": with_overlap(cfg)}
+    out = {"without overlap": replace(cfg, overlap=False)} if cfg.overlap else {"overlap": with_overlap(cfg)}
     if cfg.gate_up.group_m != 1:
         out["overlap, gate/up group_m 1"] = with_overlap(cfg, 1)
         out["gate/up group_m 1"] = with_tiles(cfg, gate_up=dict(group_m=1))
@@ -365,12 +367,14 @@ for _case in OVERLAP_CASES.split(","):
         _also_time(_key, _dtype, (int(_m),), _overlap_variants(_entry))
 # Session 16: untransposed fp8 short tiles (16 or 32 rows, which Triton 3.6 runs as fp16 mma.sync after converting
 # the fp8 operands) gave results that differ run to run on the H100; the Qwen3 fp8 M=2048 entry had them.
-_Q8_2048 = SHAPES["qwen3"].table_config(2048, True)
+_Q8_2048 = MoEConfig(64, G(128, 128, 8, 8, 3, short_m=16), G(128, 128, 8, 8, 3, short_m=16))  # the entry before
 _also_time("qwen3", "fp8", (1024, 1536, 2048, 3072, 4096), {
-    "transposed": with_swap_ab(_Q8_2048, True), "short_m 0": with_short_m(_Q8_2048, 0),
+    "entry before (untransposed short tiles)": _Q8_2048, "transposed": with_swap_ab(_Q8_2048, True),
+    "no short tiles": with_short_m(_Q8_2048, 0),
     "transposed, overlap": with_overlap(with_swap_ab(_Q8_2048, True)),
-    "short_m 0, overlap": with_overlap(with_short_m(_Q8_2048, 0)),
-    "short_m 0, overlap, both group_m 1": with_tiles(with_overlap(with_short_m(_Q8_2048, 0), 1), down=dict(group_m=1)),
+    "no short tiles, overlap": with_overlap(with_short_m(_Q8_2048, 0)),
+    "no short tiles, overlap, both group_m 1": with_tiles(with_overlap(with_short_m(_Q8_2048, 0), 1),
+                                                          down=dict(group_m=1)),
 })
 REPEATS = 3
 _counters = align_mod.completion_counters

@@ -58,7 +58,7 @@ from .moe_tiles import (
     store_down,
     wait_ready,
 )
-from .pdl import launch_kwargs, pdl_enter, pdl_launch_dependents
+from .pdl import launch_kwargs, pdl_enter, pdl_launch_dependents, pdl_wait
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
@@ -72,12 +72,18 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, b
                     USE_PDL: tl.constexpr):
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block
     (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M, MID_M, TAIL_M, SWAP: `GemmConfig.short_m`,
-    `.mid_m`, `.tail_m`, `.swap_ab`. MARK_READY: count each written N tile in ready (`mark_ready`)."""
-    pdl_enter(USE_PDL)
+    `.mid_m`, `.tail_m`, `.swap_ab`. MARK_READY: count each written N tile in ready (`mark_ready`); the next
+    launch, down, then may start only once every program has read the block tables: a program that runs a tile
+    lets it launch after its block's tables decided that (`_gate_up_block`), the others by ending, so no
+    program still reads them when down ends."""
+    if MARK_READY:
+        pdl_wait(USE_PDL)
+    else:
+        pdl_enter(USE_PDL)
     each_block(_gate_up_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, ready_ptr,
                                 K, INTER, top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm,
                                 stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
-                                QUANT_ACT, ROUND_DTYPE, SWAP, MARK_READY),
+                                QUANT_ACT, ROUND_DTYPE, SWAP, MARK_READY, USE_PDL),
                block_expert_ptr, block_rows_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), BLOCK_M, SHORT_M, MID_M,
                TAIL_M, GROUP_M)
 
@@ -88,10 +94,12 @@ def _gate_up_block(block, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_
                    stride_wse, stride_wsn, FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                    QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, SWAP: tl.constexpr, MARK_READY: tl.constexpr,
-                   ROWS: tl.constexpr, ROWS2: tl.constexpr):
+                   USE_PDL: tl.constexpr, ROWS: tl.constexpr, ROWS2: tl.constexpr):
     """`_gate_up_kernel`'s tile over ROWS + ROWS2 slots from block pid_m's first on (ROWS = BLOCK_M: all of its
     slots, and a tail tile's ROWS2 then the next block's first), as one or two MMA row tiles; block = (pid_m,
     pid_n, expert) from `each_block`."""
+    if MARK_READY:
+        pdl_launch_dependents(USE_PDL)  # reached only once the block tables chose this tile
     pid_m, pid_n, expert = block
     pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, 0, ROWS)
     token = pair // top_k
@@ -130,7 +138,8 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
     """y[pair, n] = topk_weight[pair] * (act[slot] . w2[e, n]) for the valid slots of one block.
     SHORT_M, MID_M, TAIL_M, SWAP: `GemmConfig.short_m`, `.mid_m`, `.tail_m`, `.swap_ab`. WAIT_READY: overlap
     gate/up (`MoEConfig.overlap`): no wait for the launch before, but for ready_count N tiles of each block's
-    act (`wait_ready`)."""
+    act (`wait_ready`). When down ends, every gate/up program that runs a tile has counted it (its last step),
+    and the others had ended before down started (`_gate_up_kernel`): gate/up has stopped touching memory."""
     if WAIT_READY:
         pdl_launch_dependents(USE_PDL)
     else:

@@ -181,9 +181,9 @@ def wait_ready(ready_ptr, pid_m, count, NEXT: tl.constexpr):
     every thread's later loads of act after gate/up's stores; the loads still bypass L1 (`down_acc`), which is
     not coherent. Between reads the program sleeps a little, so a multiprocessor of waiting programs does not
     flood L2 with reads of one counter. Under programmatic dependent launch down's programs start only once
-    every gate/up program has started (each lets dependents launch on entry), so the programs being waited on
-    hold their multiprocessors and finish: the spin cannot deadlock. Without it down starts after gate/up ends
-    and the counts are already whole."""
+    every gate/up program has let them (a program that runs a tile does so once its block tables chose it) or
+    ended, so the programs being waited on hold their multiprocessors and finish: the spin cannot deadlock.
+    Without it down starts after gate/up ends and the counts are already whole."""
     while tl.atomic_add(ready_ptr + pid_m, 0, sem="acquire") < count:
         _nap()
     if NEXT:

@@ -55,3 +55,10 @@ def pdl_launch_dependents(USE_PDL: tl.constexpr):
     (`fused_moe`'s down under `MoEConfig.overlap`): it only lets the next kernel launch."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Wait until the launch before has ended and its writes are visible (`pdl_enter`'s wait alone)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
