@@ -59,6 +59,7 @@ from moeserve.kernels.moe_configs import (  # noqa: E402
     load_table,
     table_name,
 )
+from moeserve.kernels.moe_tiles import overlap_applies  # noqa: E402
 
 # The module, not the function `moeserve.kernels.moe_align` the package exports under the same name.
 align_mod = importlib.import_module("moeserve.kernels.moe_align")
@@ -337,14 +338,21 @@ _also_time("qwen3", "bf16", (384, 448, 512, 576, 640, 724, 800), {
 # separates the order's own effect. Entries loading by TMA are timed by pointer loads (Mixtral fp8 M=384-512: the
 # pointer-load tiles of session 15). The session's "entry before" figures are the tables of 556ab30; entries that
 # took overlap since are timed against "without overlap".
-def _overlap_variants(cfg: MoEConfig) -> dict[str, MoEConfig]:
-    out = {"without overlap": replace(cfg, overlap=False)} if cfg.overlap else {"overlap": with_overlap(cfg)}
-    if cfg.gate_up.group_m != 1:
-        out["overlap, gate/up group_m 1"] = with_overlap(cfg, 1)
-        out["gate/up group_m 1"] = with_tiles(cfg, gate_up=dict(group_m=1))
-    if cfg.down.group_m != 1:
-        out["overlap, both group_m 1"] = with_tiles(with_overlap(cfg, 1), down=dict(group_m=1))
-        out["both group_m 1"] = with_tiles(cfg, gate_up=dict(group_m=1), down=dict(group_m=1))
+def _overlap_variants(cfg: MoEConfig, fp8: bool) -> dict[str, MoEConfig]:
+    """cfg against itself with overlap on or off ("overlap" / "without overlap"), where overlap can apply
+    (`overlap_applies`), with block-major orders, and those orders alone ("order only: ...")."""
+    base = replace(cfg, overlap=False)
+    out = {}
+    if overlap_applies(with_overlap(base), fp8):
+        out.update({"without overlap": base} if cfg.overlap else {"overlap": with_overlap(base)})
+        if base.gate_up.group_m != 1:
+            out["overlap, gate/up group_m 1"] = with_overlap(base, 1)
+        if base.down.group_m != 1:
+            out["overlap, both group_m 1"] = with_tiles(with_overlap(base, 1), down=dict(group_m=1))
+    if base.gate_up.group_m != 1:
+        out["order only: gate/up group_m 1"] = with_tiles(base, gate_up=dict(group_m=1))
+    if base.down.group_m != 1:
+        out["order only: both group_m 1"] = with_tiles(base, gate_up=dict(group_m=1), down=dict(group_m=1))
     return out
 
 
@@ -362,9 +370,9 @@ for _case in OVERLAP_CASES.split(","):
         continue
     if _entry.gate_up.loads != "ptr" or _entry.down.loads != "ptr":
         _also_time(_key, _dtype, (int(_m),), {"pointer loads": _MIX8_PTR, **{
-            f"pointer loads, {label}": v for label, v in _overlap_variants(_MIX8_PTR).items()}})
+            f"pointer loads, {label}": v for label, v in _overlap_variants(_MIX8_PTR, _dtype == "fp8").items()}})
     else:
-        _also_time(_key, _dtype, (int(_m),), _overlap_variants(_entry))
+        _also_time(_key, _dtype, (int(_m),), _overlap_variants(_entry, _dtype == "fp8"))
 # Session 16: untransposed fp8 short tiles (16 or 32 rows, which Triton 3.6 runs as fp16 mma.sync after converting
 # the fp8 operands) gave results that differ run to run on the H100; the Qwen3 fp8 M=2048 entry had them.
 _Q8_2048 = MoEConfig(64, G(128, 128, 8, 8, 3, short_m=16), G(128, 128, 8, 8, 3, short_m=16))  # the entry before

@@ -17,6 +17,9 @@ Design (H100 targets, see benchmarks/RESULTS.md):
   block along as a second MMA tile (`GemmConfig.tail_m`), so that block does not stream the weights again.
 - Aligned path: the top-k sum is a separate small kernel over [M*k, H] rather than float atomics in the down
   epilogue: deterministic, fp32 accumulation, no zero-filled output.
+- Where a table entry says so (`MoEConfig.overlap`), down starts before gate/up has ended: each of its programs
+  waits only until the act of its own block is counted as written, so down fills the multiprocessors gate/up's
+  last, partial wave leaves idle.
 - FP8: where gate/up's N tiles cover whole 128-channel groups, its epilogue quantises act itself (fp8 act
   plus per-group scales, the bits the separate quantisation launch would give), so act never goes to memory
   in 16 bits and the quantisation launch goes away.
@@ -41,7 +44,6 @@ from .fused_moe_pairs import fused_moe_pairs
 from .moe_align import AlignedRouting, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config, lookup_tokens
 from .moe_tiles import (
-    act_quant_fusable,
     act_quant_meta,
     aligned_ptr_meta,
     block_pairs,
@@ -53,6 +55,7 @@ from .moe_tiles import (
     mark_ready,
     new_act,
     operand_scales,
+    overlap_applies,
     ptr_gemm_meta,
     store_act,
     store_down,
@@ -73,9 +76,9 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, b
     """act[slot, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for the slots of one block
     (QUANT_ACT: fp8 with scales in as, see `store_act`). SHORT_M, MID_M, TAIL_M, SWAP: `GemmConfig.short_m`,
     `.mid_m`, `.tail_m`, `.swap_ab`. MARK_READY: count each written N tile in ready (`mark_ready`); the next
-    launch, down, then may start only once every program has read the block tables: a program that runs a tile
-    lets it launch after its block's tables decided that (`_gate_up_block`), the others by ending, so no
-    program still reads them when down ends."""
+    launch, down, then may start only once every program has chosen its tile or ended: a program that runs a
+    tile lets it launch once its block's tables chose it (`_gate_up_block`); its later reads come before its
+    count, which down waits for, so no program touches memory when down ends."""
     if MARK_READY:
         pdl_wait(USE_PDL)
     else:
@@ -235,8 +238,9 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
     """act: [slots, I] (fp8 with act_scale [slots, I/128] when w2 is fp8); w2: [E, H, I];
     topk_weights: [M, k] float32. Returns y: [M*k, H] out_dtype, rows of dropped choices left unwritten.
     after_gate_up (pointer loads only; `MoEConfig.overlap`): the tiles of the gate/up launch just before this
-    one, made with mark_ready. Each program then waits only for its block's act (all of that launch's N tiles
-    counted in routing.block_ready) rather than for the whole launch to end."""
+    one, which must have been made with mark_ready on the same routing (else the programs wait forever). Each
+    program then waits only for the act it reads (its block's, and the next block's for a tail tile: all of
+    that launch's N tiles counted in routing.block_ready) rather than for the whole launch to end."""
     num_experts, hidden_size, inter = w2.shape
     fp8 = act_scale is not None
     y = torch.empty(topk_weights.numel(), hidden_size, dtype=out_dtype, device=act.device)
@@ -339,8 +343,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     if cfg.pairs:
         return fused_moe_pairs(hidden, w13, w2, topk_weights, topk_ids, cfg, out, w13_scale, w2_scale)
     routing = moe_align(topk_ids, num_experts, cfg.block_m)
-    # Down overlaps gate/up only where it is the very next launch: not after a separate act quantisation.
-    overlap = cfg.overlap and (not fp8 or act_quant_fusable(cfg))
+    overlap = overlap_applies(cfg, fp8)
     after = cfg.gate_up if overlap else None
     if fp8:
         xq, xs = fp8_quant.per_token_group_quant_fp8(hidden)

@@ -90,7 +90,8 @@ class MoEConfig:
 
     overlap (aligned path, pointer loads in both GEMMs): down does not wait for the whole gate/up launch to
     end. Each gate/up program counts its block's N tile as written, and a down program starts on its block
-    as soon as every N tile of that block's act is (`moe_tiles.wait_ready`). With programmatic dependent
+    as soon as every N tile of the act it reads is (that block's, and the next one's for a tail tile;
+    `moe_tiles.wait_ready`). With programmatic dependent
     launch, down's programs then fill the multiprocessors that gate/up's last, partial wave leaves idle, where
     their blocks are done; gate/up's group_m 1 (block-major order) finishes blocks early. No effect where fp8
     act takes its own quantisation launch (`fuse_act_quant` off or N tiles not whole 128-channel groups)."""

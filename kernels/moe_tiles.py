@@ -54,6 +54,12 @@ def act_quant_fusable(cfg: MoEConfig) -> bool:
     return cfg.fuse_act_quant and cfg.gate_up.block_n % GROUP == 0
 
 
+def overlap_applies(cfg: MoEConfig, fp8: bool) -> bool:
+    """Whether down overlaps gate/up for cfg (`MoEConfig.overlap`): only where it is gate/up's very next launch,
+    so not where fp8 act takes its own quantisation launch (`act_quant_fusable`)."""
+    return cfg.overlap and (not fp8 or act_quant_fusable(cfg))
+
+
 def fp8_act(run_gate_up, rows: int, inter: int, cfg: MoEConfig,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(act [rows, I] float8_e4m3fn, act_scale [rows, ceil(I/128)] float32) from run_gate_up(act_scale=...)
@@ -194,8 +200,9 @@ def wait_ready(ready_ptr, pid_m, count, NEXT: tl.constexpr):
 
 @triton.jit
 def _nap():
-    """Sleep about half a microsecond (the GPU's nanosleep; never reached under the interpreter, whose programs
-    run one after another, so gate/up has ended before down starts)."""
+    """Sleep about half a microsecond (PTX nanosleep, sm_70 and newer). The interpreter cannot run it: there
+    gate/up has ended before down starts, so a wait whose count is whole never calls it, and one that is not
+    raises (which a test uses to check what down waits for)."""
     tl.inline_asm_elementwise("nanosleep.u32 500; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -357,8 +364,10 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
     """act[rows] . w2[expert, offs_nw] over the first k_steps BLOCK_K steps of K, fp32 [BLOCK_M, BLOCK_N], then
     the same for the rows rows2 [ROWS2] of a second MMA row tile that shares each weight tile (ROWS2 = 0: none;
     the second result is then the first's initial zeros, unused). SWAP and FP8: as in `gate_up_acc`. act and its
-    scales come from L2 (".cg"), past the multiprocessor's L1, which is not coherent: gate/up may still have
-    been writing them when this program started (`wait_ready`)."""
+    scales are asked for from L2 (".cg"), past the multiprocessor's L1, which is not coherent: gate/up may still
+    have been writing them when this program started (`wait_ready`). Triton honours that for the pipelined act
+    tiles only where each asynchronous copy moves 16 bytes (so it does at the tables' tiles); the acquire in
+    `wait_ready` is what orders the loads after gate/up's stores either way."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]

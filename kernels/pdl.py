@@ -10,7 +10,10 @@ A kernel that takes part declares ``USE_PDL: tl.constexpr``, calls ``tl.extra.cu
 reads anything an earlier kernel wrote, may call ``gdc_launch_dependents()`` once its own reads are issued,
 and is launched with ``**launch_kwargs(device)``. Waiting is transitive: a kernel that has passed its wait
 knows every earlier kernel of the stream has finished, so kernels without PDL (cuBLAS, torch ops) can sit
-anywhere in the chain.
+anywhere in the chain. The one exception is fused-MoE's down kernel under `MoEConfig.overlap`: it never waits
+for gate/up's launch to end, only for per-block counts, and its gate/up triggers only once each program's block
+tables are read, so that when down ends gate/up touches no memory (its counts are each program's last access).
+Later kernels then wait on down, not on gate/up.
 
 ``MOESERVE_PDL=0`` turns it off (for A/B timing and as an escape hatch).
 """

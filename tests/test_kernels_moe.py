@@ -926,19 +926,24 @@ def spy_routing(monkeypatch) -> list:
     return seen
 
 
+OVERLAP_TAILS = [(False, False), (True, True), (True, False), (False, True)]
+
+
 @interp
 @pytest.mark.usefixtures("nan_act")
-@pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
-@pytest.mark.parametrize("gu_tail,dn_tail", [(False, False), (True, True), (True, False), (False, True)])
-def test_interp_overlap_counts_every_block_and_matches(fp8, gu_tail, dn_tail, monkeypatch):
+@pytest.mark.parametrize("variant", ["fp16", "fp16 transposed mid", "fp8", "fp8 act quantised apart"])
+@pytest.mark.parametrize("gu_tail,dn_tail", OVERLAP_TAILS)
+def test_interp_overlap_counts_every_block_and_matches(variant, gu_tail, dn_tail, monkeypatch):
     """MoEConfig.overlap: gate/up counts each block's N tiles as written, down waits for them. Every used block,
     a tail block whose rows its expert's previous block wrote too, ends at gate/up's N-tile count (a block
     short of it would keep down waiting forever on the GPU), unused ones at 0; the outputs are bit-identical to
-    the same tiles without overlap. Tail tiles in either GEMM, fp16, and fp8 with act quantised in gate/up's
-    epilogue (where down follows gate/up directly)."""
+    the same tiles without overlap. Tail tiles in either GEMM; fp16, also with transposed MMAs and mid tiles;
+    fp8 with act quantised in gate/up's epilogue; and fp8 with act quantised by its own launch, where down does
+    not follow gate/up directly, so nothing overlaps (no counts)."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
     from moeserve.kernels.fp8 import quant_weight_block_fp8
 
+    fp8, apart = variant.startswith("fp8"), variant.endswith("apart")
     routings = spy_routing(monkeypatch)
     tw, ids = routing_with_counts(TAIL_COUNTS, seed=8)
     h, i = (128, 384) if fp8 else (64, 96)  # 3 gate/up N tiles of 128 (fp8) or 32 columns
@@ -949,16 +954,49 @@ def test_interp_overlap_counts_every_block_and_matches(fp8, gu_tail, dn_tail, mo
         (w13, s13), (w2, s2) = quant_weight_block_fp8(w13), quant_weight_block_fp8(w2)
         scales = dict(w13_scale=s13, w2_scale=s2)
     bn, bk = (128, 64) if fp8 else (32, 32)
-    gu = GemmConfig(bn, bk, 1, 4, 2, short_m=16, tail_m=gu_tail)
-    dn = GemmConfig(32, bk, 2, 4, 2, short_m=16, tail_m=dn_tail)
-    plain = MoEConfig(64, gu, dn)
+    mid = dict(swap_ab=True, mid_m=True) if variant.endswith("mid") else {}
+    gu = GemmConfig(bn, bk, 1, 4, 2, short_m=16, tail_m=gu_tail, **mid)
+    dn = GemmConfig(32, bk, 2, 4, 2, short_m=16, tail_m=dn_tail, **mid)
+    plain = MoEConfig(64, gu, dn, fuse_act_quant=not apart)
     out = fused_moe(x, w13, w2, tw, ids, config=plain, **scales)
     assert not routings[-1].block_ready.any()  # nothing counts without overlap
-    overlapped = fused_moe(x, w13, w2, tw, ids, config=MoEConfig(64, gu, dn, overlap=True), **scales)
+    overlapped = fused_moe(x, w13, w2, tw, ids, config=dataclasses.replace(plain, overlap=True), **scales)
     assert torch.equal(overlapped, out) and torch.isfinite(out).all()
     used = routings[-1].block_expert >= 0
     assert used.sum() == len(block_tiles(ids, len(TAIL_COUNTS), 64, 16))
-    assert routings[-1].block_ready.tolist() == [3 if u else 0 for u in used.tolist()]
+    assert routings[-1].block_ready.tolist() == [0 if apart or not u else 3 for u in used.tolist()]
+
+
+@interp
+@pytest.mark.parametrize("gu_tail,dn_tail", OVERLAP_TAILS)
+def test_interp_overlapped_down_waits_for_every_block_it_reads(gu_tail, dn_tail):
+    """Under the interpreter gate/up has ended before down starts, so an overlapped down program whose counts are
+    whole never sleeps, and one whose count is short calls the GPU's nanosleep, which the interpreter cannot
+    run. With whole counts down runs through (and equals the reference); with any one used block's count one
+    short, down stops: some program waits for the act of every block (its own program, or for a tail tile the
+    block before's). A down that waited for fewer tiles, or not for a tail's block, would run through."""
+    from triton.runtime.errors import InterpreterError
+
+    from moeserve.kernels import GemmConfig, moe_reference
+    from moeserve.kernels.fused_moe import down, gate_up, topk_sum
+    from moeserve.kernels.moe_align import moe_align
+
+    e = len(TAIL_COUNTS)
+    tw, ids = routing_with_counts(TAIL_COUNTS, seed=9)
+    x, w13, w2, _, _ = random_moe(len(ids), 64, 96, e, 1, torch.float32, seed=9)
+    gu = GemmConfig(32, 32, 1, 4, 2, short_m=16, tail_m=gu_tail)
+    dn = GemmConfig(32, 32, 2, 4, 2, short_m=16, tail_m=dn_tail)
+    routing = moe_align(ids, e, 64)
+    act = gate_up(x, w13, routing, 1, gu, x.dtype, mark_ready=True)
+    whole = routing.block_ready.clone()
+    y = down(act, w2, tw, routing, dn, x.dtype, after_gate_up=gu)
+    out = topk_sum(y, ids, e, torch.empty_like(x))
+    assert rel_err(out, moe_reference(x.double(), w13.double(), w2.double(), tw, ids)) < 1e-5
+    for b in (routing.block_expert >= 0).nonzero().flatten().tolist():
+        routing.block_ready.copy_(whole)
+        routing.block_ready[b] -= 1
+        with pytest.raises(InterpreterError, match="inline_asm not supported"):  # the sleep between reads
+            down(act, w2, tw, routing, dn, x.dtype, after_gate_up=gu)
 
 
 def test_config_overlap_needs_the_aligned_pointer_path():
