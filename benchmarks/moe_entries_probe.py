@@ -384,6 +384,16 @@ _also_time("qwen3", "fp8", (1024, 1536, 2048, 3072, 4096), {
     "no short tiles, overlap, both group_m 1": with_tiles(with_overlap(with_short_m(_Q8_2048, 0), 1),
                                                           down=dict(group_m=1)),
 })
+# Session 16: the Qwen3 fp8 M=512 entry's neighbours with overlap (the entry is 0.3-0.7% short of its target).
+_Q8_512_OV = with_overlap(MoEConfig(64, _FP8["gu"], _FP8["dn"]))
+_also_time("qwen3", "fp8", (496, 512, 640, 800, 1000), {"entry before (gate/up 4 stages)": _Q8_512_OV})
+_also_time("qwen3", "fp8", (448, 512), {
+    "overlap, gate/up 5 stages": with_tiles(_Q8_512_OV, gate_up=dict(num_stages=5)),
+    "overlap, down 8 warps": with_tiles(_Q8_512_OV, down=dict(num_warps=8)),
+    "overlap, down 6 stages": with_tiles(_Q8_512_OV, down=dict(num_stages=6)),
+    "overlap, M=384 entry": with_overlap(_Q8_384T),
+    "overlap, M=384 entry, short_m 16": with_overlap(with_short_m(_Q8_384T, 16)),
+})
 REPEATS = 3
 _counters = align_mod.completion_counters
 
