@@ -61,7 +61,7 @@ from .moe_tiles import (
     store_down,
     wait_ready,
 )
-from .pdl import launch_kwargs, pdl_enter, pdl_launch_dependents, pdl_wait
+from .pdl import launch_kwargs, pdl_enter, pdl_steps
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
@@ -79,10 +79,7 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, b
     launch, down, then may start only once every program has chosen its tile or ended: a program that runs a
     tile lets it launch once its block's tables chose it (`_gate_up_block`); its later reads come before its
     count, which down waits for, so no program touches memory when down ends."""
-    if MARK_READY:
-        pdl_wait(USE_PDL)
-    else:
-        pdl_enter(USE_PDL)
+    pdl_steps(USE_PDL, True, not MARK_READY)
     each_block(_gate_up_block, (x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_ptr, block_rows_ptr, ready_ptr,
                                 K, INTER, top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm,
                                 stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
@@ -102,7 +99,7 @@ def _gate_up_block(block, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, sorted_
     slots, and a tail tile's ROWS2 then the next block's first), as one or two MMA row tiles; block = (pid_m,
     pid_n, expert) from `each_block`."""
     if MARK_READY:
-        pdl_launch_dependents(USE_PDL)  # reached only once the block tables chose this tile
+        pdl_steps(USE_PDL, False, True)  # reached only once the block tables chose this tile
     pid_m, pid_n, expert = block
     pair, _ = block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M, 0, ROWS)
     token = pair // top_k
@@ -143,10 +140,7 @@ def _down_kernel(act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, 
     gate/up (`MoEConfig.overlap`): no wait for the launch before, but for ready_count N tiles of each block's
     act (`wait_ready`). When down ends, every gate/up program that runs a tile has counted it (its last step),
     and the others had ended before down started (`_gate_up_kernel`): gate/up has stopped touching memory."""
-    if WAIT_READY:
-        pdl_launch_dependents(USE_PDL)
-    else:
-        pdl_enter(USE_PDL)
+    pdl_steps(USE_PDL, not WAIT_READY, True)
     each_block(_down_block, (act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted_ptr, block_rows_ptr, ready_ptr,
                              ready_count, N, K, stride_am, stride_we, stride_wn, stride_ym, stride_asm, stride_wse,
                              stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, SWAP, WAIT_READY),

@@ -53,15 +53,12 @@ def pdl_enter(USE_PDL: tl.constexpr):
 
 
 @triton.jit
-def pdl_launch_dependents(USE_PDL: tl.constexpr):
-    """`pdl_enter` without the wait, for a kernel that orders its reads after the launch before some other way
-    (`fused_moe`'s down under `MoEConfig.overlap`): it only lets the next kernel launch."""
+def pdl_steps(USE_PDL: tl.constexpr, WAIT: tl.constexpr, LAUNCH: tl.constexpr):
+    """`pdl_enter`'s two steps taken apart, for kernels that order their reads or their dependents' launch some
+    other way (`fused_moe`'s gate/up and down under `MoEConfig.overlap`): WAIT for the launch before to end and
+    its writes to be visible, then LAUNCH: let the next kernel launch."""
     if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_wait(USE_PDL: tl.constexpr):
-    """Wait until the launch before has ended and its writes are visible (`pdl_enter`'s wait alone)."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+        if WAIT:
+            tl.extra.cuda.gdc_wait()
+        if LAUNCH:
+            tl.extra.cuda.gdc_launch_dependents()
