@@ -267,7 +267,8 @@ _also_time("qwen3", "fp8", (512,), {
 # the DeepSeek rank at M=8192 (256 +- 16). A tile of 128 + 32 rows takes 160 accumulator registers per thread
 # in a 128-wide gate/up (gate and up), 80 in a 64-wide one.
 _T = dict(short_m=32, tail_m=True)
-_MIX384 = SHAPES["mixtral"].table_config(384, False)  # transposed 96-row tiles
+# The Mixtral bf16 M=384 entry of sessions 13-15: transposed 96-row tiles (block-major and overlap since session 16).
+_MIX384 = MoEConfig(128, G(128, 64, 16, 8, 4, short_m=32, **_TM), G(128, 64, 8, 8, 5, short_m=32, **_TM))
 _MIX512_T = with_tail_m(_MIX384)  # the M=512 entry as first adopted (gate/up group_m 16)
 _also_time("mixtral", "bf16", (448, 480, 512, 544, 576, 608, 640, 672, 704, 724), {
     "M=512 entry before (tiles by TMA)": _MIX512_TMA,
@@ -290,7 +291,7 @@ _also_time("mixtral", "fp8", (384, 448, 512, 576), {
     "M=512 entry, pointer loads, short_m 32, tail tiles": with_tail_m(_MIX8_PTR),
     "block_m 128, gate/up 64 wide, tail tiles": MoEConfig(128, G(64, 128, 8, 8, 4, **_T), G(128, 128, 8, 8, 3, **_T)),
 })
-_Q2048 = SHAPES["qwen3"].table_config(2048, False)
+_Q2048 = replace(SHAPES["qwen3"].table_config(2048, False), overlap=False)  # its tiles; overlap since session 16
 _BM128_PTR = MoEConfig(128, G(64, 64, 8, 8, 6, short_m=32), G(128, 64, 8, 8, 5, short_m=32))
 _also_time("qwen3", "bf16", (2048,), {
     "tail tiles": with_tail_m(_Q2048),
@@ -314,7 +315,7 @@ _also_time("mixtral", "bf16", (448, 512, 576), {
 })
 # A 256-wide transposed down: 128 programs (one wave of the 132 multiprocessors) instead of 256 (1.94 waves).
 for _name, _entry, _ms in (("M=384", _MIX384, (256, 320, 384, 416, 448)),
-                           ("M=512", SHAPES["mixtral"].table_config(512, False), (448, 512, 576))):
+                           ("M=512", with_tiles(_MIX512_T, gate_up=dict(group_m=8)), (448, 512, 576))):
     _also_time("mixtral", "bf16", _ms, {f"{_name} entry, down 256 wide {st} stages":
                                         with_tiles(_entry, down=dict(block_n=256, num_stages=st)) for st in (3, 4)})
 # Qwen3 at M=384-1024: 24-64 pairs per expert, so block_m 32 entries give many experts a second, short block;

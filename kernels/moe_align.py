@@ -226,9 +226,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     device = topk_ids.device
     max_blocks = max_blocks_for(num_pairs, num_experts, block_m)
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    block_rows = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    block_ready = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    # The three block tables in one allocation (every entry of each is written by the align).
+    block_expert, block_rows, block_ready = torch.empty(3, max_blocks, dtype=torch.int32, device=device).unbind(0)
     e_pow2 = triton.next_power_of_2(num_experts + 1)
     # Pairs are counted CHUNK at a time; at decode sizes a full 1024-wide histogram would be mostly masked.
     # The scatter path runs one program per chunk.

@@ -175,9 +175,8 @@ def mark_ready(ready_ptr, pid_m, NEXT: tl.constexpr):
     of block pid_m's act (and of block pid_m + 1's, NEXT: a tail tile's rows) as written. The barrier orders
     every thread's stores before the atomic's (single-thread) release, as in `counters.last_to_arrive`."""
     tl.debug_barrier()
-    tl.atomic_add(ready_ptr + pid_m, 1, sem="release")
-    if NEXT:
-        tl.atomic_add(ready_ptr + pid_m + 1, 1, sem="release")
+    for b in tl.static_range(1 + NEXT):
+        tl.atomic_add(ready_ptr + pid_m + b, 1, sem="release")
 
 
 @triton.jit
@@ -190,10 +189,8 @@ def wait_ready(ready_ptr, pid_m, count, NEXT: tl.constexpr):
     every gate/up program has let them (a program that runs a tile does so once its block tables chose it) or
     ended, so the programs being waited on hold their multiprocessors and finish: the spin cannot deadlock.
     Without it down starts after gate/up ends and the counts are already whole."""
-    while tl.atomic_add(ready_ptr + pid_m, 0, sem="acquire") < count:
-        _nap()
-    if NEXT:
-        while tl.atomic_add(ready_ptr + pid_m + 1, 0, sem="acquire") < count:
+    for b in tl.static_range(1 + NEXT):
+        while tl.atomic_add(ready_ptr + pid_m + b, 0, sem="acquire") < count:
             _nap()
     tl.debug_barrier()
 

@@ -47,9 +47,7 @@ def launch_kwargs(device: torch.device) -> dict:
 def pdl_enter(USE_PDL: tl.constexpr):
     """First statement of a PDL-aware kernel: wait until earlier kernels' writes are visible, then let the
     next kernel launch (it in turn waits for this one to finish before it reads anything)."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_steps(USE_PDL, True, True)
 
 
 @triton.jit
