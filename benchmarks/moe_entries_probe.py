@@ -395,6 +395,13 @@ _also_time("qwen3", "fp8", (448, 512), {
     "overlap, M=384 entry": with_overlap(_Q8_384T),
     "overlap, M=384 entry, short_m 16": with_overlap(with_short_m(_Q8_384T, 16)),
 })
+# Session 17: decode batches of 2-3 tokens take the M=1 entries (Qwen3: M=2; M=3-4 the M=8 entry), tuned for one
+# token; the one-launch pairs path measured there (RESULTS, session 17) hinted at tiles left on the table.
+for _key in ("qwen3", "deepseek", "mixtral"):
+    _m1, _m8 = SHAPES[_key].table_config(1, False), SHAPES[_key].table_config(8, False)
+    _also_time(_key, "bf16", (1, 2, 3), {"M=1 entry": _m1, "M=8 entry": _m8,
+                                         "M=1 entry, gate/up 32 wide": with_tiles(_m1, gate_up=dict(block_n=32)),
+                                         "M=1 entry, down 64 wide": with_tiles(_m1, down=dict(block_n=64))})
 REPEATS = 3
 _counters = align_mod.completion_counters
 
