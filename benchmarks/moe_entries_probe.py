@@ -402,6 +402,36 @@ for _key in ("qwen3", "deepseek", "mixtral"):
     _also_time(_key, "bf16", (1, 2, 3), {"M=1 entry": _m1, "M=8 entry": _m8,
                                          "M=1 entry, gate/up 32 wide": with_tiles(_m1, gate_up=dict(block_n=32)),
                                          "M=1 entry, down 64 wide": with_tiles(_m1, down=dict(block_n=64))})
+# Session 17: the pairs path in one launch (MoEConfig.pairs = "one": down's programs after gate/up's in the same
+# launch, pair-major, each waiting only until its pair's act is whole) against the entries' two launches, with
+# gate/up's stages (the launch's) and deeper, built from the current entries (the Mixtral bf16 M=1 entry took one
+# launch since); calls 1 and 4 also timed an N-tile-major order, dropped since (RESULTS, session 17). Mixtral fp8
+# M=1 (aligned) against the pairs path with 128-wide gate/up tiles (act quantised in gate/up's epilogue, which one
+# launch needs), in two launches and one.
+def _one_launch_variants(cfg: MoEConfig) -> dict[str, MoEConfig]:
+    one = replace(cfg, pairs="one")
+    out = {"one launch": one, "two launches, gate/up 6 stages": with_tiles(cfg, gate_up=dict(num_stages=6))}
+    for stages in (6, 8):
+        out[f"one launch, {stages} stages"] = with_tiles(one, gate_up=dict(num_stages=stages))
+    out["one launch, 6 stages, down 128 wide"] = with_tiles(one, gate_up=dict(num_stages=6), down=dict(block_n=128))
+    out["one launch, 6 stages, gate/up 64 wide"] = with_tiles(one, gate_up=dict(num_stages=6, block_n=64))
+    return out
+
+
+ONE_LAUNCH_CASES = "qwen3:bf16:1,qwen3:bf16:2,qwen3:bf16:8,qwen3:bf16:16,deepseek:bf16:1,mixtral:bf16:1,mixtral:bf16:2"
+CASE_SETS["one"] = ONE_LAUNCH_CASES
+for _case in ONE_LAUNCH_CASES.split(","):
+    _key, _dtype, _m = _case.split(":")
+    _also_time(_key, _dtype, (int(_m),), _one_launch_variants(SHAPES[_key].table_config(int(_m), False)))
+_MIX8_FP8_M1 = SHAPES["mixtral"].table_config(1, True)
+_MIX8_FP8_PAIRS = replace(with_tiles(_MIX8_FP8_M1, gate_up=dict(block_n=128)), pairs="pair")
+_also_time("mixtral", "fp8", (1,), {"pairs, gate/up 128 wide": _MIX8_FP8_PAIRS,
+                                    **{f"pairs, gate/up 128 wide, {label}": v
+                                       for label, v in _one_launch_variants(_MIX8_FP8_PAIRS).items()
+                                       if "64 wide" not in label and "8 stages" not in label}})
+# The Mixtral bf16 M=1 entry before it took one launch (session 17), at the sizes it serves.
+_also_time("mixtral", "bf16", (1, 2), {"entry before (two launches)": MoEConfig(
+    16, G(32, 128, 1, 4, 4, swap_ab=True), G(64, 128, 1, 4, 4, swap_ab=True), pairs="pair")})
 REPEATS = 3
 _counters = align_mod.completion_counters
 

@@ -1,7 +1,8 @@
 """Fused MoE for routed experts: align -> grouped GEMM gate/up (+SiLU*mul) -> grouped GEMM down (x routed
 weight) -> top-k sum. bf16/fp16/fp32 weights, or float8_e4m3fn weights with 128x128 block scales.
 Small M (config.pairs) skips the align and the top-k sum: `fused_moe_pairs.fused_moe_pairs` runs its two
-per-pair launches (after this module's input checks; `MoEConfig.fuse_act_quant` governs both paths).
+per-pair launches, or both GEMMs in one (after this module's input checks; `MoEConfig.fuse_act_quant` governs
+both paths).
 
 Design (H100 targets, see benchmarks/RESULTS.md):
 - Small M is memory-bound on the weights of the experts that received tokens. Only blocks that own pairs run
@@ -173,7 +174,7 @@ def _down_block(block, act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted
         wait_ready(ready_ptr, pid_m, ready_count, ROWS + ROWS2 > BLOCK_M)
     acc, acc2 = down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, slots, slots2, expert, offs_nw, K, tl.cdiv(K, BLOCK_K),
                          stride_am, stride_we, stride_wn, stride_asm, stride_wse, stride_wsn,
-                         FP8, QBLOCK, ROWS, BLOCK_N, BLOCK_K, EVEN_K, ROWS2, SWAP)
+                         FP8, QBLOCK, ROWS, BLOCK_N, BLOCK_K, EVEN_K, ROWS2, SWAP, ".cg" if WAIT_READY else "")
     store_down(y_ptr, acc, topk_w_ptr, pair, row_ok, offs_n, stride_ym, N)
     if ROWS2:
         store_down(y_ptr, acc2, topk_w_ptr, pair2, row_ok2, offs_n, stride_ym, N)

@@ -1,6 +1,7 @@
 """The small-M ("pairs") path of `fused_moe.fused_moe` (MoEConfig.pairs): no align and no top-k sum launch.
 gate/up runs per (token, choice) pair, then down per pair, the last of a token's programs on an N tile summing
-its k rows in a fixed order: two launches, deterministic.
+its k rows in a fixed order: two launches ("pair"), or one ("one": `_pairs_one_kernel` hands its programs
+gate/up tiles first, then down tiles that wait for their pair's act), deterministic and the same bits either way.
 
 - One program per (pair, N tile), in N-tile-major order so an expert picked by several tokens is mostly read
   from L2; a dropped choice's gate/up program exits at once and its down program stores zeros.
@@ -11,7 +12,7 @@ its k rows in a fixed order: two launches, deterministic.
 - Every MMA row of a program holds its pair's one token. `GemmConfig.swap_ab` transposes the MMAs so the
   weights take the tensor cores' M side and those rows the N side (16 instead of 64 MMA rows); it pays for some
   shapes and not others (benchmarks/RESULTS.md, session 14), so the tables choose.
-`fused_moe_pairs` drives the two launches (and the fp8 quantisation of hidden and act) once
+`fused_moe_pairs` drives the launches (and the fp8 quantisation of hidden and act) once
 `fused_moe.fused_moe` has checked the inputs; the k loops, the gate/up epilogue, act allocation and the choice
 of act quantisation route it shares with the aligned path live in `moe_tiles`.
 """
@@ -30,39 +31,32 @@ from .counters import completion_counters, last_to_arrive
 from .fp8 import FP8_DTYPE, GROUP
 from .moe_configs import GemmConfig, MoEConfig
 from .moe_tiles import (
+    act_quant_fusable,
     act_quant_meta,
     down_acc,
     fp8_act,
     gate_up_acc,
     gate_up_scales,
+    mark_ready,
     new_act,
     operand_scales,
     ptr_gemm_meta,
     store_act,
+    wait_ready,
 )
 from .pdl import launch_kwargs, pdl_enter
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
-def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, ids_ptr, topk_w_ptr,
-                          num_pairs, num_experts, K, INTER, top_k,
-                          stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse,
-                          stride_wsn, FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                          EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
-                          SWAP: tl.constexpr, USE_PDL: tl.constexpr):
-    """act[pair, n] = w[pair] * silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for one pair and N
-    tile, e = topk_ids[pair]; w = topk_weights[pair], or 1 when FP8 (down multiplies its output by it).
+@triton.jit
+def _gate_up_pair_tile(pair, pid_n, expert, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, topk_w_ptr, K, INTER,
+                       top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse,
+                       stride_wsn, FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                       QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, SWAP: tl.constexpr):
+    """act[pair, n] = w[pair] * silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, INTER + n]) for N tile pid_n of a
+    pair whose expert e is here; w = topk_weights[pair], or 1 when FP8 (down multiplies its output by it).
     QUANT_ACT: act is fp8 with scales in as (see `moe_tiles.store_act`). SWAP: transposed MMAs
-    (`GemmConfig.swap_ab`). Rows of dropped pairs are left unwritten."""
-    pdl_enter(USE_PDL)
-    # N-tile-major order: programs of the same weight tile run together, so an expert picked by several
-    # tokens is mostly served from L2.
-    pair = tl.program_id(0) % num_pairs
-    pid_n = tl.program_id(0) // num_pairs
-    expert = tl.load(ids_ptr + pair)
-    if (expert < 0) | (expert >= num_experts):
-        return
+    (`GemmConfig.swap_ab`)."""
     # All BLOCK_M MMA rows read the pair's token (the MMA needs >= 16 rows); only row 0 is stored.
     token = tl.zeros([BLOCK_M], dtype=tl.int32) + pair // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,23 +75,18 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, ids_ptr
               pid_n, offs_n, stride_am, stride_asm, INTER, BLOCK_M, BLOCK_N, EVEN_N, QUANT_ACT, ROUND_DTYPE)
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
-def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, topk_w_ptr, count_ptr,
-                       num_pairs, num_experts, N, K,
-                       stride_am, stride_we, stride_wn, stride_ym, stride_om, stride_asm, stride_wse, stride_wsn,
-                       FP8: tl.constexpr, QBLOCK: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-                       USE_PDL: tl.constexpr):
-    """y[pair, n] = act[pair] . w2[e, n] (x topk_weight when FP8; bf16 act carries it; 0 for a dropped
-    pair) for one pair and N tile; the last of a token's TOP_K programs on the tile (a self-resetting counter
+@triton.jit
+def _down_pair_tile(pair, pid_n, expert, valid, act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, topk_w_ptr,
+                    count_ptr, N, K, stride_am, stride_we, stride_wn, stride_ym, stride_om, stride_asm, stride_wse,
+                    stride_wsn, FP8: tl.constexpr, QBLOCK: tl.constexpr, TOP_K: tl.constexpr,
+                    K_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SWAP: tl.constexpr, ACT_CACHE: tl.constexpr):
+    """y[pair, n] = act[pair] . w2[e, n] (x topk_weight when FP8; bf16 act carries it; 0 for a dropped pair,
+    valid False) for N tile pid_n; the last of a token's TOP_K programs on the tile (a self-resetting counter
     per (token, N tile) tells) writes out[tok, n] = sum over j of y[tok*TOP_K + j, n] in a fixed order:
-    deterministic, one launch. SWAP: transposed MMAs (`GemmConfig.swap_ab`)."""
-    pdl_enter(USE_PDL)
-    pair = tl.program_id(0) % num_pairs
-    pid_n = tl.program_id(0) // num_pairs
+    deterministic, with no launch of its own. SWAP: transposed MMAs (`GemmConfig.swap_ab`). ACT_CACHE: as in
+    `moe_tiles.down_acc` (".cg" where gate/up may still be writing act)."""
     token = pair // TOP_K
-    expert = tl.load(ids_ptr + pair)
-    valid = (expert >= 0) & (expert < num_experts)
     expert = tl.where(valid, expert, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_nw = offs_n % N
@@ -106,7 +95,7 @@ def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, 
     pair_rows = tl.zeros([BLOCK_M], dtype=tl.int32) + pair
     acc, _ = down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, pair_rows, pair_rows, expert, offs_nw, K,
                       tl.cdiv(K, BLOCK_K) * valid.to(tl.int32), stride_am, stride_we, stride_wn, stride_asm,
-                      stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, False, 0, SWAP)
+                      stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, False, 0, SWAP, ACT_CACHE)
     if FP8:
         acc *= tl.load(topk_w_ptr + pair)
     n_ok = offs_n < N
@@ -120,6 +109,109 @@ def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, 
                     mask=(offs_j[:, None] < TOP_K) & n_ok[None, :], other=0.0, cache_modifier=".cg")
         tl.store(out_ptr + token.to(tl.int64) * stride_om + offs_n, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty),
                  mask=n_ok)
+
+
+@triton.jit
+def _expert_of(ids_ptr, pair, num_experts):
+    """(expert, whether it is on this rank) of a pair: ids outside [0, num_experts) are dropped choices."""
+    expert = tl.load(ids_ptr + pair)
+    return expert, (expert >= 0) & (expert < num_experts)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _gate_up_pairs_kernel(x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, ids_ptr, topk_w_ptr,
+                          num_pairs, num_experts, K, INTER, top_k,
+                          stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm, stride_wse,
+                          stride_wsn, FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                          EVEN_N: tl.constexpr, QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
+                          SWAP: tl.constexpr, USE_PDL: tl.constexpr):
+    """`_gate_up_pair_tile` for one (pair, N tile); rows of dropped pairs are left unwritten."""
+    pdl_enter(USE_PDL)
+    # N-tile-major order: programs of the same weight tile run together, so an expert picked by several
+    # tokens is mostly served from L2.
+    pair = tl.program_id(0) % num_pairs
+    pid_n = tl.program_id(0) // num_pairs
+    expert, valid = _expert_of(ids_ptr, pair, num_experts)
+    if valid:
+        _gate_up_pair_tile(pair, pid_n, expert, x_ptr, w_ptr, act_ptr, as_ptr, xs_ptr, ws_ptr, topk_w_ptr, K,
+                           INTER, top_k, stride_xm, stride_we, stride_wn, stride_am, stride_asm, stride_xsm,
+                           stride_wse, stride_wsn, FP8, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
+                           QUANT_ACT, ROUND_DTYPE, SWAP)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, topk_w_ptr, count_ptr,
+                       num_pairs, num_experts, N, K,
+                       stride_am, stride_we, stride_wn, stride_ym, stride_om, stride_asm, stride_wse, stride_wsn,
+                       FP8: tl.constexpr, QBLOCK: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    """`_down_pair_tile` for one (pair, N tile), in the launch after gate/up's."""
+    pdl_enter(USE_PDL)
+    pair = tl.program_id(0) % num_pairs
+    pid_n = tl.program_id(0) // num_pairs
+    expert, valid = _expert_of(ids_ptr, pair, num_experts)
+    _down_pair_tile(pair, pid_n, expert, valid, act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, topk_w_ptr,
+                    count_ptr, N, K, stride_am, stride_we, stride_wn, stride_ym, stride_om, stride_asm, stride_wse,
+                    stride_wsn, FP8, QBLOCK, TOP_K, K_POW2, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, "")
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _pairs_one_kernel(x_ptr, w13_ptr, w2_ptr, act_ptr, y_ptr, out_ptr, xs_ptr, w13s_ptr, as_ptr, w2s_ptr, ids_ptr,
+                      topk_w_ptr, count_ptr, num_pairs, num_experts, H, INTER,
+                      stride_xm, stride_w13e, stride_w13n, stride_am, stride_asm, stride_xsm, stride_w13se,
+                      stride_w13sn, stride_w2e, stride_w2n, stride_ym, stride_om, stride_w2se, stride_w2sn,
+                      FP8: tl.constexpr, QBLOCK: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+                      BLOCK_M: tl.constexpr, GU_BLOCK_N: tl.constexpr, GU_BLOCK_K: tl.constexpr,
+                      GU_EVEN_K: tl.constexpr, GU_EVEN_N: tl.constexpr, GU_SWAP: tl.constexpr,
+                      QUANT_ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, D_BLOCK_N: tl.constexpr,
+                      D_BLOCK_K: tl.constexpr, D_SWAP: tl.constexpr, USE_PDL: tl.constexpr):
+    """Both GEMMs of the pairs path in one launch (MoEConfig.pairs = "one"). Each program takes a ticket, in
+    the order programs start: tickets below num_pairs * gate/up's N tiles are gate/up tiles, pair-major, and
+    count themselves in their pair's ready counter; the rest are down tiles, pair-major, which first wait until
+    every gate/up tile of their pair is counted (`moe_tiles.wait_ready`). A waiting program only waits on
+    tickets handed out before its own, to programs already running that wait on nothing, so it cannot
+    deadlock, whatever order the hardware starts programs in. The down tile in a program replaces
+    multiprocessors that gate/up's last programs leave idle, where the two-launch path drains gate/up first.
+
+    count_ptr: the completion counters (all 0): down's per-(token, N tile) counters first, then the ticket,
+    the down tiles' done count and one ready count per pair. The program with the last ticket zeroes the
+    ticket; the last down tile to finish zeroes the ready counts and the done count."""
+    pdl_enter(USE_PDL)
+    gu_tiles = tl.cdiv(INTER, GU_BLOCK_N)
+    d_tiles = tl.cdiv(H, D_BLOCK_N)
+    num_gu = num_pairs * gu_tiles
+    num_down = num_pairs * d_tiles
+    ticket_ptr = count_ptr + (num_pairs // TOP_K) * d_tiles
+    done_ptr = ticket_ptr + 1
+    ready_ptr = ticket_ptr + 2
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="relaxed")
+    if ticket == num_gu + num_down - 1:
+        tl.store(ticket_ptr, 0)
+    if ticket < num_gu:
+        pair, pid_n = ticket // gu_tiles, ticket % gu_tiles
+        expert, valid = _expert_of(ids_ptr, pair, num_experts)
+        if valid:
+            _gate_up_pair_tile(pair, pid_n, expert, x_ptr, w13_ptr, act_ptr, as_ptr, xs_ptr,
+                               w13s_ptr, topk_w_ptr, H, INTER, TOP_K, stride_xm, stride_w13e, stride_w13n,
+                               stride_am, stride_asm, stride_xsm, stride_w13se, stride_w13sn, FP8, QBLOCK,
+                               BLOCK_M, GU_BLOCK_N, GU_BLOCK_K, GU_EVEN_K, GU_EVEN_N, QUANT_ACT, ROUND_DTYPE,
+                               GU_SWAP)
+            mark_ready(ready_ptr, pair, False)
+    else:
+        pair, pid_n = (ticket - num_gu) // d_tiles, (ticket - num_gu) % d_tiles
+        expert, valid = _expert_of(ids_ptr, pair, num_experts)
+        if valid:
+            wait_ready(ready_ptr, pair, gu_tiles, False)
+        _down_pair_tile(pair, pid_n, expert, valid, act_ptr, w2_ptr, y_ptr, out_ptr, as_ptr,
+                        w2s_ptr, topk_w_ptr, count_ptr, H, INTER, stride_am, stride_w2e, stride_w2n, stride_ym,
+                        stride_om, stride_asm, stride_w2se, stride_w2sn, FP8, QBLOCK, TOP_K, K_POW2, BLOCK_M,
+                        D_BLOCK_N, D_BLOCK_K, D_SWAP, ".cg")
+        if last_to_arrive(done_ptr, num_down):  # every down tile has passed its wait: no count is read again
+            offs = tl.arange(0, 128)
+            for p0 in range(0, num_pairs, 128):
+                tl.store(ready_ptr + p0 + offs, 0, mask=p0 + offs < num_pairs)
 
 
 def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -165,17 +257,60 @@ def down_pairs(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, 
     return out
 
 
+def pairs_one_launch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, cfg: MoEConfig, out: torch.Tensor, act_dtype: torch.dtype,
+                     x_scale: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
+                     w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`gate_up_pairs` then `down_pairs` in one launch (`_pairs_one_kernel`), the same values bit for bit: x, w13,
+    scales as for `gate_up_pairs` (with fp8, act is quantised in gate/up's epilogue: the caller checked
+    `act_quant_fusable`); act_dtype: act's (hidden's) dtype, or the one it is rounded to before quantising.
+    The launch takes gate/up's warps and stages for both GEMMs."""
+    num_experts, two_i, hidden_size = w13.shape
+    inter = two_i // 2
+    num_tokens, top_k = topk_ids.shape
+    num_pairs = topk_ids.numel()
+    fp8 = x_scale is not None
+    gu, dn = cfg.gate_up, cfg.down
+    act_scale = (torch.empty(num_pairs, triton.cdiv(inter, GROUP), dtype=torch.float32, device=x.device)
+                 if fp8 else None)
+    act = new_act(num_pairs, inter, act_dtype, act_scale, x.device)
+    y = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=x.device)
+    d_tiles = triton.cdiv(hidden_size, dn.block_n)
+    # down's sum counters, then the ticket, the done count and one ready count per pair (`_pairs_one_kernel`)
+    counts = completion_counters(x.device, num_tokens * d_tiles + 2 + num_pairs)
+    xs, w13s, as_ = gate_up_scales(x, w13, act, x_scale, w13_scale, act_scale)
+    _, w2s = operand_scales(act, w2, act_scale, w2_scale)
+    grid = (num_pairs * (triton.cdiv(inter, gu.block_n) + d_tiles),)
+    gu_meta = ptr_gemm_meta(gu, cfg.block_m, inter, hidden_size, fp8, x.device)
+    _pairs_one_kernel[grid](x, w13, w2, act, y, out, xs, w13s, as_, w2s, topk_ids, topk_weights, counts, num_pairs,
+                            num_experts, hidden_size, inter, x.stride(0), w13.stride(0), w13.stride(1),
+                            act.stride(0), as_.stride(0), xs.stride(0), w13s.stride(0), w13s.stride(1),
+                            w2.stride(0), w2.stride(1), y.stride(0), out.stride(0), w2s.stride(0), w2s.stride(1),
+                            FP8=fp8, QBLOCK=GROUP, TOP_K=top_k, K_POW2=max(2, triton.next_power_of_2(top_k)),
+                            BLOCK_M=cfg.block_m, GU_BLOCK_N=gu.block_n, GU_BLOCK_K=gu.block_k,
+                            GU_EVEN_K=gu_meta["EVEN_K"], GU_EVEN_N=gu_meta["EVEN_N"], GU_SWAP=gu.swap_ab,
+                            **act_quant_meta(act_scale, act_dtype), D_BLOCK_N=dn.block_n, D_BLOCK_K=dn.block_k,
+                            D_SWAP=dn.swap_ab, num_warps=gu.num_warps, num_stages=gu.num_stages,
+                            **launch_kwargs(x.device))
+    return out
+
+
 def fused_moe_pairs(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor, cfg: MoEConfig, out: torch.Tensor, w13_scale: torch.Tensor | None = None,
                     w2_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The two-launch small-M path of `fused_moe.fused_moe` (cfg.pairs set), on inputs it has checked:
+    """The small-M path of `fused_moe.fused_moe` (cfg.pairs set), on inputs it has checked:
     hidden: [M, H]; w13: [E, 2I, H] and w2: [E, H, I] in hidden's dtype, or float8_e4m3fn with w13_scale and
     w2_scale (128x128 block scales; hidden and act are then quantised per token per 128 channels);
-    topk_weights: [M, k] float32; topk_ids: [M, k] int32. Fills and returns out: [M, H] in hidden's dtype."""
-    if w13.dtype != FP8_DTYPE:
+    topk_weights: [M, k] float32; topk_ids: [M, k] int32. Fills and returns out: [M, H] in hidden's dtype.
+    Two launches ("pair"), or one ("one"; with fp8 weights where gate/up's epilogue quantises act), after the
+    quantisation of hidden with fp8."""
+    fp8 = w13.dtype == FP8_DTYPE
+    x, xs = fp8_quant.per_token_group_quant_fp8(hidden) if fp8 else (hidden, None)
+    if cfg.pairs == "one" and (not fp8 or act_quant_fusable(cfg)):
+        return pairs_one_launch(x, w13, w2, topk_weights, topk_ids, cfg, out, hidden.dtype, xs, w13_scale, w2_scale)
+    if not fp8:
         act = gate_up_pairs(hidden, w13, topk_weights, topk_ids, cfg.gate_up, cfg.block_m, hidden.dtype)
         return down_pairs(act, w2, topk_weights, topk_ids, cfg.down, cfg.block_m, out)
-    x, xs = fp8_quant.per_token_group_quant_fp8(hidden)
     run = functools.partial(gate_up_pairs, x, w13, topk_weights, topk_ids, cfg.gate_up, cfg.block_m, hidden.dtype,
                             xs, w13_scale)
     act, act_s = fp8_act(run, topk_ids.numel(), w2.shape[2], cfg, hidden.device)

@@ -21,7 +21,7 @@ _NUM_SMS = 132  # H100 SXM; only steers the fallback heuristic
 # aligned kernels Triton 3.6 reports what this counts (the Mixtral bf16 M=512 tail entry: 208 KB; a 216 KB
 # variant ran on the H100 too, benchmarks/RESULTS.md session 15); 200 KB was the budget before.
 SMEM_BUDGET = 216 * 1024
-PAIRS_MODES = ("", "pair")
+PAIRS_MODES = ("", "pair", "one")
 LOADS = ("ptr", "tma", "tma_gathered")
 
 
@@ -81,6 +81,9 @@ class MoEConfig:
     pairs: small-M path with no align and no top-k-sum launch (2 launches instead of 4): gate/up runs one
     program per (pair, N tile), reading the expert straight from topk_ids; then "pair": down runs one program
     per (pair, N tile) and the last of a token's k programs on a tile sums their rows in a fixed order.
+    "one": the same programs in one launch, down's after gate/up's, each down program waiting only until its
+    pair's act is whole, so down's programs fill multiprocessors that gate/up's last ones leave idle; it takes
+    gate/up's warps and stages (with fp8 weights only where gate/up's epilogue quantises act, else "pair").
     "" = aligned path. Weights of an expert chosen by several tokens are read once per pair, so it only
     pays while M*k is small. block_m is then the MMA row count only (one row is real).
 

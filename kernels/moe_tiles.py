@@ -357,14 +357,17 @@ def _unswap(acc, SWAP: tl.constexpr):
 def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_steps,
              stride_am, stride_we, stride_wn, stride_asm, stride_wse, stride_wsn,
              FP8: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROWS2: tl.constexpr, SWAP: tl.constexpr):
+             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ROWS2: tl.constexpr, SWAP: tl.constexpr,
+             ACT_CACHE: tl.constexpr):
     """act[rows] . w2[expert, offs_nw] over the first k_steps BLOCK_K steps of K, fp32 [BLOCK_M, BLOCK_N], then
     the same for the rows rows2 [ROWS2] of a second MMA row tile that shares each weight tile (ROWS2 = 0: none;
-    the second result is then the first's initial zeros, unused). SWAP and FP8: as in `gate_up_acc`. act and its
-    scales are asked for from L2 (".cg"), past the multiprocessor's L1, which is not coherent: gate/up may still
-    have been writing them when this program started (`wait_ready`). Triton honours that for the pipelined act
-    tiles only where each asynchronous copy moves 16 bytes (so it does at the tables' tiles); the acquire in
-    `wait_ready` is what orders the loads after gate/up's stores either way."""
+    the second result is then the first's initial zeros, unused). SWAP and FP8: as in `gate_up_acc`.
+    ACT_CACHE: the cache modifier of the loads of act and its scales. ".cg" (from L2, past the multiprocessor's
+    L1, which is not coherent) where gate/up may still have been writing them when this program started
+    (`wait_ready`). Triton honours it for the pipelined act tiles only where each asynchronous copy moves 16
+    bytes (so it does at the tables' tiles); the acquire in `wait_ready` is what orders the loads after
+    gate/up's stores either way. Elsewhere "": an fp8 act scale (4 bytes a row) loaded ".cg" is not pipelined,
+    which cost small-M fp8 calls up to a fifth of their time (benchmarks/RESULTS.md, session 17)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
@@ -375,17 +378,17 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
         acc2 = _acc_zeros(ROWS2, BLOCK_N, SWAP)
     for kk in range(0, k_steps):
         k_ok = offs_k < K - kk * BLOCK_K
-        a = _load_k_step(a_ptrs, k_ok, EVEN_K, 1, ".cg")
+        a = _load_k_step(a_ptrs, k_ok, EVEN_K, 1, ACT_CACHE)
         b = _load_k_step(b_ptrs, k_ok, EVEN_K, 0, "")
         if ROWS2:
-            a2 = _load_k_step(a2_ptrs, k_ok, EVEN_K, 1, ".cg")
+            a2 = _load_k_step(a2_ptrs, k_ok, EVEN_K, 1, ACT_CACHE)
         if FP8:
             grp = kk * BLOCK_K // QBLOCK
-            a_s = tl.load(as_ptr + rows * stride_asm + grp, cache_modifier=".cg")
+            a_s = tl.load(as_ptr + rows * stride_asm + grp, cache_modifier=ACT_CACHE)
             b_s = tl.load(ws_ptr + expert * stride_wse + (offs_nw // QBLOCK) * stride_wsn + grp)
             acc = _scaled_mma(a, b, acc, a_s, b_s, SWAP)
             if ROWS2:
-                a2_s = tl.load(as_ptr + rows2 * stride_asm + grp, cache_modifier=".cg")
+                a2_s = tl.load(as_ptr + rows2 * stride_asm + grp, cache_modifier=ACT_CACHE)
                 acc2 = _scaled_mma(a2, b, acc2, a2_s, b_s, SWAP)
         else:
             acc = _mma(a, b, acc, SWAP)

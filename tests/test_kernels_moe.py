@@ -508,7 +508,7 @@ def _interp_config(spec, pairs: str = "", swap_ab: bool = False):
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", sorted(INTERP_CASES))
-@pytest.mark.parametrize("pairs", ["", "pair"], ids=["aligned", "pairs"])
+@pytest.mark.parametrize("pairs", ["", "pair", "one"], ids=["aligned", "pairs", "pairs-one-launch"])
 @pytest.mark.parametrize("swap_ab", [False, True], ids=["", "transposed"])
 def test_interp_fused_moe_matches_reference(case, dtype, pairs, swap_ab):
     from moeserve.kernels import fused_moe, moe_reference
@@ -522,7 +522,7 @@ def test_interp_fused_moe_matches_reference(case, dtype, pairs, swap_ab):
 
 
 @interp
-@pytest.mark.parametrize("pairs", [None, "pair"], ids=["default", "pairs"])
+@pytest.mark.parametrize("pairs", [None, "pair", "one"], ids=["default", "pairs", "pairs-one-launch"])
 def test_interp_fused_moe_default_config_and_all_dropped(pairs):
     from moeserve.kernels import fused_moe, moe_reference
 
@@ -592,6 +592,24 @@ def test_interp_fp8_fused_moe_matches_quantised_reference(pairs, swap_ab):
 PAIRS_KERNELS = ("_gate_up_pairs_kernel", "_down_pairs_kernel")
 
 
+def spy_compiled(monkeypatch, module: str, name: str) -> list:
+    """Wraps kernel name of module: each launch appends what the launch returned (the compiled kernel on a GPU)
+    to the returned list."""
+    mod = importlib.import_module(module)
+    kernel, seen = getattr(mod, name), []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kernel[grid](*args, **kwargs))
+                return seen[-1]
+
+            return launch
+
+    monkeypatch.setattr(mod, name, Spy())
+    return seen
+
+
 def spy_pairs_launches(monkeypatch) -> list[tuple[str, bool, object]]:
     """Wraps the pairs path's two kernels: each launch appends (kernel name, its SWAP constant, what the launch
     returned: the compiled kernel on a GPU) to the returned list."""
@@ -626,6 +644,76 @@ def test_interp_pairs_path_launches_with_the_configured_mma_orientation(swap_ab,
     x, w13, w2, tw, ids = random_moe(3, 64, 32, 4, 2, torch.float32, seed=5)
     fused_moe(x, w13, w2, tw, ids, config=_interp_config((16, (16, 32), (32, 32)), "pair", swap_ab))
     assert [(name, swap) for name, swap, _ in seen] == [(k, swap_ab) for k in PAIRS_KERNELS]
+
+
+def one_launch_ready(num_tokens: int, hidden: int, down_block_n: int) -> int:
+    """Where `_pairs_one_kernel` keeps pair 0's ready count in the completion counters: after down's (token,
+    N tile) sum counters, the ticket and the done count."""
+    return num_tokens * -(-hidden // down_block_n) + 2
+
+
+@interp
+@pytest.mark.parametrize("case", ["fp16", "fp16 transposed", "fp8", "fp8 act quantised apart"])
+def test_interp_pairs_one_launch_equals_two_launches(case, monkeypatch):
+    """MoEConfig.pairs = "one" runs gate/up and down in one launch with the bits of the two-launch pairs path,
+    including tokens with dropped choices and a token with none here, and leaves every counter it used (down's
+    sums, the ticket, the done count, the pairs' ready counts) at 0 for the next launch or graph replay. With fp8
+    it needs act quantised in gate/up's epilogue (whole 128-column N tiles); where act takes its own launch
+    the call falls back to two launches."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe, moe_reference
+    from moeserve.kernels.counters import completion_counters
+    from moeserve.kernels.fp8 import quant_weight_block_fp8
+
+    fp8, swap = case.startswith("fp8"), case.endswith("transposed")
+    x, w13, w2, tw, ids = random_moe(5, 256 if fp8 else 80, 192 if fp8 else 40, 6, 3,
+                                     torch.float32 if fp8 else torch.float16, seed=17, skip_expert=2)
+    ids[1] = -1
+    ids[3, 1] = 6  # out of range: dropped like -1
+    scales = {}
+    if fp8:
+        (w13, s13), (w2, s2) = quant_weight_block_fp8(w13), quant_weight_block_fp8(w2)
+        scales = dict(w13_scale=s13, w2_scale=s2)
+    gn = 64 if case.endswith("apart") else 128 if fp8 else 16
+    tiles = (GemmConfig(gn, 64 if fp8 else 32, 1, 4, 2, swap_ab=swap), GemmConfig(64, 128 if fp8 else 32, 1, 4, 2,
+                                                                              swap_ab=swap))
+    launches = spy_compiled(monkeypatch, "moeserve.kernels.fused_moe_pairs", "_pairs_one_kernel")
+    two = fused_moe(x, w13, w2, tw, ids, config=MoEConfig(16, *tiles, pairs="pair"), **scales)
+    one = fused_moe(x, w13, w2, tw, ids, config=MoEConfig(16, *tiles, pairs="one"), **scales)
+    assert len(launches) == (0 if case.endswith("apart") else 1)
+    assert torch.equal(one, two) and torch.all(one[1] == 0)
+    ref = moe_reference(x, w13, w2, tw, ids, **scales) if fp8 else moe_reference(x.double(), w13.double(),
+                                                                                 w2.double(), tw, ids)
+    assert rel_err(one, ref) < (1e-4 if fp8 else 2e-3)
+    assert not completion_counters(x.device, 1).any()
+
+
+@interp
+def test_interp_pairs_one_launch_down_waits_for_its_pairs_act():
+    """Under the interpreter every gate/up tile of the one launch runs before any down tile (tickets follow the
+    program order there), so a down tile whose pair's ready count is whole never sleeps, and one whose count
+    is short calls the GPU's nanosleep, which the interpreter cannot run. Each valid pair's count one short
+    stops the launch: some down program waits for every gate/up tile of its pair. Dropped pairs (no gate/up
+    tile counts them) are not waited for: the whole-count run goes through."""
+    from triton.runtime.errors import InterpreterError
+
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+    from moeserve.kernels.counters import completion_counters
+
+    x, w13, w2, tw, ids = random_moe(3, 64, 48, 5, 2, torch.float32, seed=21)
+    ids[0, 1] = -1
+    cfg = MoEConfig(16, GemmConfig(16, 32, 1, 4, 2), GemmConfig(32, 32, 1, 4, 2), pairs="one")
+    want = fused_moe(x, w13, w2, tw, ids, config=dataclasses.replace(cfg, pairs="pair"))
+    assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=cfg), want)
+    ready = one_launch_ready(3, 64, 32)
+    counters = completion_counters(x.device, 1)
+    try:
+        for pair in (ids.flatten() >= 0).nonzero().flatten().tolist():
+            counters[ready + pair] = -1
+            with pytest.raises(InterpreterError, match="inline_asm not supported"):  # the sleep between reads
+                fused_moe(x, w13, w2, tw, ids, config=cfg)
+            counters.zero_()
+    finally:
+        counters.zero_()
 
 
 TMA_LOADS = [("tma", False), ("tma", True), ("tma_gathered", False), ("tma_gathered", True)]
@@ -1298,6 +1386,22 @@ def test_gpu_pairs_path_mma_orientation_in_the_instructions(swap_ab, monkeypatch
 
 
 @pytest.mark.gpu
+def test_gpu_fp8_down_reads_act_scales_past_l1_only_where_it_overlaps_gate_up(monkeypatch):
+    """fp8 down loads its rows' act scales every k step. From L1 (the default) they mostly hit; past it (".cg")
+    each is an L2 round trip the MMA waits for, which cost small-M fp8 calls up to a fifth of their time
+    (benchmarks/RESULTS.md, session 17). Only a down that overlaps gate/up (MoEConfig.overlap), which may still
+    be writing act, reads past L1: the aligned down kernel has ".cg" loads with overlap and none without."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+
+    seen = spy_compiled(monkeypatch, "moeserve.kernels.fused_moe", "_down_kernel")
+    x, w13, w2, tw, ids, scales = _target_inputs("qwen3", 8, True, seed=5)
+    plain = MoEConfig(16, GemmConfig(128, 128, 1, 4, 3, swap_ab=True), GemmConfig(128, 128, 1, 4, 3, swap_ab=True))
+    for cfg in (plain, dataclasses.replace(plain, overlap=True)):
+        fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
+    assert ["ld.global.cg" in compiled.asm["ptx"] for compiled in seen] == [False, True]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("m,mode", [(1, None), (8, None), (24, "pair"), (512, None), (2048, None)])
 def test_gpu_results_identical_run_to_run(m, mode, fp8):
@@ -1402,6 +1506,37 @@ def test_gpu_overlap_equals_without_under_graph_replay(name, fp8, tail_m):
         assert torch.equal(out, want[r % 3]), f"replay {r}"
     ref = _target_ref(x, w13, w2, tw, ids, scales)
     assert rel_err(out, ref) <= (2e-2 if fp8 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gpu_pairs_one_launch_equals_two_under_graph_replay(name, fp8, m):
+    """MoEConfig.pairs = "one" at the target shapes: down's programs start on a pair as soon as gate/up has
+    written its act, in the same launch. One CUDA graph replayed over three inputs in turn, 12 times, so a down
+    program that read act before gate/up wrote it would read another input's and differ: every replay is
+    bit-identical to the two-launch pairs path called eagerly (the same tiles), and near the reference. The
+    tables' M=1 tiles, transposed; fp8 with 128-column gate/up tiles (act quantised in the epilogue)."""
+    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+
+    gu = GemmConfig(128 if fp8 else 64, 128, 1, 4, 4, swap_ab=True)
+    two = MoEConfig(16, gu, GemmConfig(64, 128, 1, 4, 4, swap_ab=True), pairs="pair")
+    one = dataclasses.replace(two, pairs="one")
+    inputs = [_target_inputs(name, m, fp8, seed=seed) for seed in (31, 32, 33)]
+    _, w13, w2, _, _, scales = inputs[0]  # one set of weights; the graph's own x, tw and ids buffers
+    x, tw, ids = (inputs[0][j].clone() for j in (0, 3, 4))
+    want = [fused_moe(xi, w13, w2, twi, idsi, config=two, **scales) for xi, _, _, twi, idsi, _ in inputs]
+    assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=one, **scales), want[0])  # eager, and compiled
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, w13, w2, tw, ids, config=one, **scales)
+    for r in range(12):
+        xi, _, _, twi, idsi, _ = inputs[r % 3]
+        x.copy_(xi), tw.copy_(twi), ids.copy_(idsi)
+        graph.replay()
+        assert torch.equal(out, want[r % 3]), f"replay {r}"
+    assert rel_err(out, _target_ref(x, w13, w2, tw, ids, scales)) <= (2e-2 if fp8 else 1e-2)
 
 
 @pytest.mark.gpu
