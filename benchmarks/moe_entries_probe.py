@@ -395,8 +395,8 @@ _also_time("qwen3", "fp8", (448, 512), {
     "overlap, M=384 entry": with_overlap(_Q8_384T),
     "overlap, M=384 entry, short_m 16": with_overlap(with_short_m(_Q8_384T, 16)),
 })
-# Session 17: decode batches of 2-3 tokens take the M=1 entries (Qwen3: M=2; M=3-4 the M=8 entry), tuned for one
-# token; the one-launch pairs path measured there (RESULTS, session 17) hinted at tiles left on the table.
+# Session 17: a decode batch of 2 tokens took the M=1 entries (M=3-4 the M=8 entry), tuned for one token; the
+# one-launch pairs path measured there (RESULTS, session 17) hinted at tiles left on the table.
 for _key in ("qwen3", "deepseek", "mixtral"):
     _m1, _m8 = SHAPES[_key].table_config(1, False), SHAPES[_key].table_config(8, False)
     _also_time(_key, "bf16", (1, 2, 3), {"M=1 entry": _m1, "M=8 entry": _m8,
@@ -409,13 +409,19 @@ for _key in ("qwen3", "deepseek", "mixtral"):
 # M=1 (aligned) against the pairs path with 128-wide gate/up tiles (act quantised in gate/up's epilogue, which one
 # launch needs), in two launches and one.
 def _one_launch_variants(cfg: MoEConfig) -> dict[str, MoEConfig]:
-    one = replace(cfg, pairs="one")
-    out = {"one launch": one, "two launches, gate/up 6 stages": with_tiles(cfg, gate_up=dict(num_stages=6))}
-    for stages in (6, 8):
-        out[f"one launch, {stages} stages"] = with_tiles(one, gate_up=dict(num_stages=stages))
-    out["one launch, 6 stages, down 128 wide"] = with_tiles(one, gate_up=dict(num_stages=6), down=dict(block_n=128))
-    out["one launch, 6 stages, gate/up 64 wide"] = with_tiles(one, gate_up=dict(num_stages=6, block_n=64))
-    return out
+    """cfg's tiles in one launch (with gate/up's warps and stages in both GEMMs, as one launch has them) and
+    deeper, and in two launches with a 6-stage gate/up."""
+
+    def one(stages: int, **gate_up) -> MoEConfig:
+        depth = dict(num_warps=cfg.gate_up.num_warps, num_stages=stages)
+        return replace(with_tiles(replace(cfg, pairs="pair"), gate_up=dict(depth, **gate_up), down=depth),
+                       pairs="one")
+
+    gu_stages = cfg.gate_up.num_stages
+    return {"one launch": one(gu_stages), "one launch, 6 stages": one(6), "one launch, 8 stages": one(8),
+            "one launch, 6 stages, down 128 wide": with_tiles(one(6), down=dict(block_n=128)),
+            "one launch, 6 stages, gate/up 64 wide": one(6, block_n=64),
+            "two launches, gate/up 6 stages": with_tiles(replace(cfg, pairs="pair"), gate_up=dict(num_stages=6))}
 
 
 ONE_LAUNCH_CASES = "qwen3:bf16:1,qwen3:bf16:2,qwen3:bf16:8,qwen3:bf16:16,deepseek:bf16:1,mixtral:bf16:1,mixtral:bf16:2"

@@ -3,8 +3,10 @@ gate/up runs per (token, choice) pair, then down per pair, the last of a token's
 its k rows in a fixed order: two launches ("pair"), or one ("one": `_pairs_one_kernel` hands its programs
 gate/up tiles first, then down tiles that wait for their pair's act), deterministic and the same bits either way.
 
-- One program per (pair, N tile), in N-tile-major order so an expert picked by several tokens is mostly read
-  from L2; a dropped choice's gate/up program exits at once and its down program stores zeros.
+- One program per (pair, N tile). The two launches run them in N-tile-major order, so an expert picked by
+  several tokens is mostly read from L2; the one launch runs them pair-major, so pairs' act becomes whole
+  early (which loses those L2 reads: the tables take it where no expert repeats, benchmarks/RESULTS.md,
+  session 17). A dropped choice's gate/up program exits at once and its down program stores zeros.
 - The down program that arrives last on a (token, N tile) (a self-resetting counter of
   `counters.completion_counters`) sums the token's k fp32 rows in a fixed order, so it needs no third launch.
 - Routing weight: unquantised act carries it from gate/up; with fp8 (act quantised per 128 channels), down
@@ -39,6 +41,7 @@ from .moe_tiles import (
     gate_up_scales,
     mark_ready,
     new_act,
+    new_act_scale,
     operand_scales,
     ptr_gemm_meta,
     store_act,
@@ -172,18 +175,17 @@ def _pairs_one_kernel(x_ptr, w13_ptr, w2_ptr, act_ptr, y_ptr, out_ptr, xs_ptr, w
     count themselves in their pair's ready counter; the rest are down tiles, pair-major, which first wait until
     every gate/up tile of their pair is counted (`moe_tiles.wait_ready`). A waiting program only waits on
     tickets handed out before its own, to programs already running that wait on nothing, so it cannot
-    deadlock, whatever order the hardware starts programs in. The down tile in a program replaces
-    multiprocessors that gate/up's last programs leave idle, where the two-launch path drains gate/up first.
+    deadlock, whatever order the hardware starts programs in. So down tiles run on multiprocessors as soon as
+    gate/up tiles leave them, where the two launches wait for the whole of gate/up.
 
-    count_ptr: the completion counters (all 0): down's per-(token, N tile) counters first, then the ticket,
-    the down tiles' done count and one ready count per pair. The program with the last ticket zeroes the
-    ticket; the last down tile to finish zeroes the ready counts and the done count."""
+    count_ptr: the completion counters (all 0), laid out as `one_launch_counters` says. The program with the
+    last ticket zeroes the ticket; the last down tile to finish zeroes the ready counts and the done count."""
     pdl_enter(USE_PDL)
     gu_tiles = tl.cdiv(INTER, GU_BLOCK_N)
     d_tiles = tl.cdiv(H, D_BLOCK_N)
     num_gu = num_pairs * gu_tiles
     num_down = num_pairs * d_tiles
-    ticket_ptr = count_ptr + (num_pairs // TOP_K) * d_tiles
+    ticket_ptr = count_ptr + (num_pairs // TOP_K) * d_tiles  # `one_launch_counters`
     done_ptr = ticket_ptr + 1
     ready_ptr = ticket_ptr + 2
     ticket = tl.atomic_add(ticket_ptr, 1, sem="relaxed")
@@ -251,48 +253,59 @@ def down_pairs(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, 
     _down_pairs_kernel[grid](act, w2, y, out, as_, ws, topk_ids, topk_weights, counts, topk_ids.numel(),
                              num_experts, hidden_size, inter, act.stride(0), w2.stride(0), w2.stride(1),
                              y.stride(0), out.stride(0), as_.stride(0), ws.stride(0), ws.stride(1), FP8=fp8,
-                             QBLOCK=GROUP, TOP_K=top_k, K_POW2=max(2, triton.next_power_of_2(top_k)),
+                             QBLOCK=GROUP, TOP_K=top_k, K_POW2=_pow2_at_least_2(top_k),
                              BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP=cfg.swap_ab,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(act.device))
     return out
+
+
+def one_launch_counters(num_tokens: int, hidden_size: int, down_block_n: int, num_pairs: int) -> tuple[int, int]:
+    """(index of the ticket, counters used) of `_pairs_one_kernel` in the completion counters: down's per-(token,
+    N tile) sum counters first, then the ticket, the down tiles' done count and one ready count per pair."""
+    ticket = num_tokens * triton.cdiv(hidden_size, down_block_n)
+    return ticket, ticket + 2 + num_pairs
 
 
 def pairs_one_launch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, cfg: MoEConfig, out: torch.Tensor, act_dtype: torch.dtype,
                      x_scale: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
                      w2_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """`gate_up_pairs` then `down_pairs` in one launch (`_pairs_one_kernel`), the same values bit for bit: x, w13,
-    scales as for `gate_up_pairs` (with fp8, act is quantised in gate/up's epilogue: the caller checked
-    `act_quant_fusable`); act_dtype: act's (hidden's) dtype, or the one it is rounded to before quantising.
-    The launch takes gate/up's warps and stages for both GEMMs."""
+    """`gate_up_pairs` then `down_pairs` in one launch (`_pairs_one_kernel`), the same values bit for bit.
+    x: [M, H] (fp8 with x_scale [M, H/128] when w13 is fp8); w13: [E, 2I, H]; w2: [E, H, I] (w13_scale, w2_scale:
+    their 128x128 block scales with fp8, act then quantised in gate/up's epilogue, which cfg must allow:
+    `act_quant_fusable`); topk_*: [M, k]; out: [M, H], filled and returned; act_dtype: act's (hidden's) dtype,
+    or the one it is rounded to before quantising. gate/up's warps and stages are the launch's (cfg checks
+    that down's equal them)."""
     num_experts, two_i, hidden_size = w13.shape
     inter = two_i // 2
     num_tokens, top_k = topk_ids.shape
     num_pairs = topk_ids.numel()
     fp8 = x_scale is not None
+    assert not fp8 or act_quant_fusable(cfg), "one launch needs act quantised in gate/up's epilogue"
     gu, dn = cfg.gate_up, cfg.down
-    act_scale = (torch.empty(num_pairs, triton.cdiv(inter, GROUP), dtype=torch.float32, device=x.device)
-                 if fp8 else None)
+    act_scale = new_act_scale(num_pairs, inter, x.device) if fp8 else None
     act = new_act(num_pairs, inter, act_dtype, act_scale, x.device)
     y = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=x.device)
-    d_tiles = triton.cdiv(hidden_size, dn.block_n)
-    # down's sum counters, then the ticket, the done count and one ready count per pair (`_pairs_one_kernel`)
-    counts = completion_counters(x.device, num_tokens * d_tiles + 2 + num_pairs)
+    counts = completion_counters(x.device, one_launch_counters(num_tokens, hidden_size, dn.block_n, num_pairs)[1])
     xs, w13s, as_ = gate_up_scales(x, w13, act, x_scale, w13_scale, act_scale)
     _, w2s = operand_scales(act, w2, act_scale, w2_scale)
-    grid = (num_pairs * (triton.cdiv(inter, gu.block_n) + d_tiles),)
-    gu_meta = ptr_gemm_meta(gu, cfg.block_m, inter, hidden_size, fp8, x.device)
+    grid = (num_pairs * (triton.cdiv(inter, gu.block_n) + triton.cdiv(hidden_size, dn.block_n)),)
     _pairs_one_kernel[grid](x, w13, w2, act, y, out, xs, w13s, as_, w2s, topk_ids, topk_weights, counts, num_pairs,
                             num_experts, hidden_size, inter, x.stride(0), w13.stride(0), w13.stride(1),
                             act.stride(0), as_.stride(0), xs.stride(0), w13s.stride(0), w13s.stride(1),
                             w2.stride(0), w2.stride(1), y.stride(0), out.stride(0), w2s.stride(0), w2s.stride(1),
-                            FP8=fp8, QBLOCK=GROUP, TOP_K=top_k, K_POW2=max(2, triton.next_power_of_2(top_k)),
+                            FP8=fp8, QBLOCK=GROUP, TOP_K=top_k, K_POW2=_pow2_at_least_2(top_k),
                             BLOCK_M=cfg.block_m, GU_BLOCK_N=gu.block_n, GU_BLOCK_K=gu.block_k,
-                            GU_EVEN_K=gu_meta["EVEN_K"], GU_EVEN_N=gu_meta["EVEN_N"], GU_SWAP=gu.swap_ab,
-                            **act_quant_meta(act_scale, act_dtype), D_BLOCK_N=dn.block_n, D_BLOCK_K=dn.block_k,
-                            D_SWAP=dn.swap_ab, num_warps=gu.num_warps, num_stages=gu.num_stages,
-                            **launch_kwargs(x.device))
+                            GU_EVEN_K=hidden_size % gu.block_k == 0, GU_EVEN_N=inter % gu.block_n == 0,
+                            GU_SWAP=gu.swap_ab, **act_quant_meta(act_scale, act_dtype), D_BLOCK_N=dn.block_n,
+                            D_BLOCK_K=dn.block_k, D_SWAP=dn.swap_ab, num_warps=gu.num_warps,
+                            num_stages=gu.num_stages, **launch_kwargs(x.device))
     return out
+
+
+def _pow2_at_least_2(n: int) -> int:
+    """The power of two the kernels' sum over a token's k rows loads them in (tl.arange needs >= 2)."""
+    return max(2, triton.next_power_of_2(n))
 
 
 def fused_moe_pairs(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

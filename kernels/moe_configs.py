@@ -78,12 +78,13 @@ class GemmConfig:
 class MoEConfig:
     """block_m is shared by the token layout (moe_align) and both GEMMs.
 
-    pairs: small-M path with no align and no top-k-sum launch (2 launches instead of 4): gate/up runs one
+    pairs: small-M path with no align and no top-k-sum launch (2 launches or 1 instead of 4): gate/up runs one
     program per (pair, N tile), reading the expert straight from topk_ids; then "pair": down runs one program
     per (pair, N tile) and the last of a token's k programs on a tile sums their rows in a fixed order.
-    "one": the same programs in one launch, down's after gate/up's, each down program waiting only until its
-    pair's act is whole, so down's programs fill multiprocessors that gate/up's last ones leave idle; it takes
-    gate/up's warps and stages (with fp8 weights only where gate/up's epilogue quantises act, else "pair").
+    "one": the same programs in one launch, pair-major, down's after gate/up's, each down program waiting only
+    until its pair's act is whole, so down's programs fill multiprocessors that gate/up's last ones leave idle.
+    One launch has one warp count and pipeline depth: gate/up's and down's must be equal. With fp8 weights it
+    needs gate/up's epilogue to quantise act; otherwise the call runs "pair".
     "" = aligned path. Weights of an expert chosen by several tokens are read once per pair, so it only
     pays while M*k is small. block_m is then the MMA row count only (one row is real).
 
@@ -121,6 +122,10 @@ class MoEConfig:
                              f"{self.pairs!r}, loads {self.gate_up.loads!r} / {self.down.loads!r}")
         if self.pairs not in PAIRS_MODES:
             raise ValueError(f"pairs must be one of {PAIRS_MODES}, got {self.pairs!r}")
+        one = (self.gate_up.num_warps, self.gate_up.num_stages), (self.down.num_warps, self.down.num_stages)
+        if self.pairs == "one" and one[0] != one[1]:
+            raise ValueError(f"pairs='one' runs both GEMMs in one launch: down's (num_warps, num_stages) {one[1]} "
+                             f"must equal gate/up's {one[0]}")
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"block_m must be a power of two >= 16, got {self.block_m}")
         allowed = short_heights(self.block_m) if not self.pairs else ()
@@ -259,8 +264,8 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k
 def fit_shared_memory(cfg: MoEConfig, elem_bytes: int) -> MoEConfig:
     """cfg with each GEMM's num_stages lowered (to 1 at least) until its pipeline buffers, (block_m x block_k
     activations, plus short_m x block_k for a tail tile's, + block_n x block_k weights, gate and up for gate/up)
-    x elem_bytes per stage, fit SMEM_BUDGET. The tables are tuned for 1- and 2-byte operands; fp32 operands
-    (tests, tiny models) need fewer stages."""
+    x elem_bytes per stage, fit SMEM_BUDGET (with pairs "one", both to the depth that fits both). The tables are
+    tuned for 1- and 2-byte operands; fp32 operands (tests, tiny models) need fewer stages."""
 
     def fit(g: GemmConfig, weight_tiles: int) -> GemmConfig:
         rows = cfg.block_m + (g.short_m if g.tail_m else 0)
@@ -271,6 +276,9 @@ def fit_shared_memory(cfg: MoEConfig, elem_bytes: int) -> MoEConfig:
         return g if stages == g.num_stages else replace(g, num_stages=stages)
 
     gate_up, down = fit(cfg.gate_up, 2), fit(cfg.down, 1)
+    if cfg.pairs == "one":  # one launch, one pipeline depth: the shallower fits both
+        stages = min(gate_up.num_stages, down.num_stages)
+        gate_up, down = replace(gate_up, num_stages=stages), replace(down, num_stages=stages)
     return cfg if (gate_up, down) == (cfg.gate_up, cfg.down) else replace(cfg, gate_up=gate_up, down=down)
 
 

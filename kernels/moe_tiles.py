@@ -67,7 +67,7 @@ def fp8_act(run_gate_up, rows: int, inter: int, cfg: MoEConfig,
     epilogue where `act_quant_fusable(cfg)`, else returned in hidden's dtype and quantised by a separate
     launch. Same bits either way."""
     if act_quant_fusable(cfg):
-        act_scale = torch.empty(rows, triton.cdiv(inter, GROUP), dtype=torch.float32, device=device)
+        act_scale = new_act_scale(rows, inter, device)
         return run_gate_up(act_scale=act_scale), act_scale
     return fp8_quant.per_token_group_quant_fp8(run_gate_up(act_scale=None))
 
@@ -85,6 +85,11 @@ def gate_up_scales(x: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, x_scal
     """(x_scale, w13_scale, act_scale) for a gate/up launch (`operand_scales`; act stands in for act_scale
     when gate/up does not quantise act)."""
     return *operand_scales(x, w13, x_scale, w13_scale), act if act_scale is None else act_scale
+
+
+def new_act_scale(rows: int, inter: int, device: torch.device) -> torch.Tensor:
+    """act's scales when gate/up's epilogue quantises it: [rows, ceil(I/128)] float32."""
+    return torch.empty(rows, triton.cdiv(inter, GROUP), dtype=torch.float32, device=device)
 
 
 def new_act(rows: int, inter: int, out_dtype: torch.dtype, act_scale: torch.Tensor | None,
@@ -171,9 +176,10 @@ def block_pairs(sorted_ptr, block_rows_ptr, pid_m, BLOCK_M: tl.constexpr, FIRST:
 
 @triton.jit
 def mark_ready(ready_ptr, pid_m, NEXT: tl.constexpr):
-    """gate/up's last step in a program when down overlaps it (`MoEConfig.overlap`): count this program's N tile
-    of block pid_m's act (and of block pid_m + 1's, NEXT: a tail tile's rows) as written. The barrier orders
-    every thread's stores before the atomic's (single-thread) release, as in `counters.last_to_arrive`."""
+    """gate/up's last step in a program when down overlaps it (`MoEConfig.overlap`, and the pairs path's one
+    launch, where pid_m is a pair): count this program's N tile of block pid_m's act (and of block pid_m + 1's,
+    NEXT: a tail tile's rows) as written. The barrier orders every thread's stores before the atomic's
+    (single-thread) release, as in `counters.last_to_arrive`."""
     tl.debug_barrier()
     for b in tl.static_range(1 + NEXT):
         tl.atomic_add(ready_ptr + pid_m + b, 1, sem="release")
@@ -181,14 +187,16 @@ def mark_ready(ready_ptr, pid_m, NEXT: tl.constexpr):
 
 @triton.jit
 def wait_ready(ready_ptr, pid_m, count, NEXT: tl.constexpr):
-    """down's first step in a program when it overlaps gate/up (`MoEConfig.overlap`): spin until all count N
-    tiles of block pid_m's act (and block pid_m + 1's, NEXT) are written. The acquire, then the barrier, order
-    every thread's later loads of act after gate/up's stores; the loads still bypass L1 (`down_acc`), which is
-    not coherent. Between reads the program sleeps a little, so a multiprocessor of waiting programs does not
-    flood L2 with reads of one counter. Under programmatic dependent launch down's programs start only once
-    every gate/up program has let them (a program that runs a tile does so once its block tables chose it) or
-    ended, so the programs being waited on hold their multiprocessors and finish: the spin cannot deadlock.
-    Without it down starts after gate/up ends and the counts are already whole."""
+    """down's first step in a program when it overlaps gate/up (`MoEConfig.overlap`, and the pairs path's one
+    launch, where pid_m is a pair): spin until all count N tiles of block pid_m's act (and block pid_m + 1's,
+    NEXT) are written. The acquire, then the barrier, order every thread's later loads of act after gate/up's
+    stores; the loads still bypass L1 (`down_acc`'s ACT_CACHE), which is not coherent. Between reads the program
+    sleeps a little, so a multiprocessor of waiting programs does not flood L2 with reads of one counter.
+    Why the spin cannot deadlock: with overlap, under programmatic dependent launch down's programs start only
+    once every gate/up program has let them (a program that runs a tile does so once its block tables chose
+    it) or ended, so the programs being waited on hold their multiprocessors and finish; without PDL down
+    starts after gate/up ends and the counts are already whole. In the one launch a program waits only on
+    lower tickets (`fused_moe_pairs._pairs_one_kernel`)."""
     for b in tl.static_range(1 + NEXT):
         while tl.atomic_add(ready_ptr + pid_m + b, 0, sem="acquire") < count:
             _nap()

@@ -592,17 +592,18 @@ def test_interp_fp8_fused_moe_matches_quantised_reference(pairs, swap_ab):
 PAIRS_KERNELS = ("_gate_up_pairs_kernel", "_down_pairs_kernel")
 
 
-def spy_compiled(monkeypatch, module: str, name: str) -> list:
+def spy_compiled(monkeypatch, module: str, name: str, record=None) -> list:
     """Wraps kernel name of module: each launch appends what the launch returned (the compiled kernel on a GPU)
-    to the returned list."""
+    to the returned list, or calls record(the launch's keyword arguments, that) instead."""
     mod = importlib.import_module(module)
     kernel, seen = getattr(mod, name), []
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                seen.append(kernel[grid](*args, **kwargs))
-                return seen[-1]
+                compiled = kernel[grid](*args, **kwargs)
+                seen.append(compiled) if record is None else record(kwargs, compiled)
+                return compiled
 
             return launch
 
@@ -613,23 +614,10 @@ def spy_compiled(monkeypatch, module: str, name: str) -> list:
 def spy_pairs_launches(monkeypatch) -> list[tuple[str, bool, object]]:
     """Wraps the pairs path's two kernels: each launch appends (kernel name, its SWAP constant, what the launch
     returned: the compiled kernel on a GPU) to the returned list."""
-    pairs_mod = importlib.import_module("moeserve.kernels.fused_moe_pairs")
     seen = []
-
-    class Spy:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                compiled = self.kernel[grid](*args, **kwargs)
-                seen.append((self.name, kwargs["SWAP"], compiled))
-                return compiled
-
-            return launch
-
     for name in PAIRS_KERNELS:
-        monkeypatch.setattr(pairs_mod, name, Spy(name, getattr(pairs_mod, name)))
+        spy_compiled(monkeypatch, "moeserve.kernels.fused_moe_pairs", name,
+                     record=lambda kwargs, compiled, name=name: seen.append((name, kwargs["SWAP"], compiled)))
     return seen
 
 
@@ -644,12 +632,6 @@ def test_interp_pairs_path_launches_with_the_configured_mma_orientation(swap_ab,
     x, w13, w2, tw, ids = random_moe(3, 64, 32, 4, 2, torch.float32, seed=5)
     fused_moe(x, w13, w2, tw, ids, config=_interp_config((16, (16, 32), (32, 32)), "pair", swap_ab))
     assert [(name, swap) for name, swap, _ in seen] == [(k, swap_ab) for k in PAIRS_KERNELS]
-
-
-def one_launch_ready(num_tokens: int, hidden: int, down_block_n: int) -> int:
-    """Where `_pairs_one_kernel` keeps pair 0's ready count in the completion counters: after down's (token,
-    N tile) sum counters, the ticket and the done count."""
-    return num_tokens * -(-hidden // down_block_n) + 2
 
 
 @interp
@@ -698,13 +680,14 @@ def test_interp_pairs_one_launch_down_waits_for_its_pairs_act():
 
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
     from moeserve.kernels.counters import completion_counters
+    from moeserve.kernels.fused_moe_pairs import one_launch_counters
 
     x, w13, w2, tw, ids = random_moe(3, 64, 48, 5, 2, torch.float32, seed=21)
     ids[0, 1] = -1
     cfg = MoEConfig(16, GemmConfig(16, 32, 1, 4, 2), GemmConfig(32, 32, 1, 4, 2), pairs="one")
     want = fused_moe(x, w13, w2, tw, ids, config=dataclasses.replace(cfg, pairs="pair"))
     assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=cfg), want)
-    ready = one_launch_ready(3, 64, 32)
+    ready = one_launch_counters(3, 64, 32, ids.numel())[0] + 2  # pair 0's ready count: after ticket and done
     counters = completion_counters(x.device, 1)
     try:
         for pair in (ids.flatten() >= 0).nonzero().flatten().tolist():
@@ -1100,6 +1083,21 @@ def test_config_overlap_needs_the_aligned_pointer_path():
     assert MoEConfig.from_dict({k: v for k, v in ok.to_dict().items() if k != "overlap"}).overlap is False
 
 
+def test_config_one_launch_has_one_warp_count_and_pipeline_depth():
+    """pairs="one" runs both GEMMs in one launch, so down's warps and stages must be gate/up's; fitting the
+    tiles to shared memory (fp32 operands need fewer stages) keeps them equal."""
+    from moeserve.kernels import GemmConfig, MoEConfig
+    from moeserve.kernels.moe_configs import fit_shared_memory
+
+    for down in (GemmConfig(64, 128, 1, 4, 3), GemmConfig(64, 128, 1, 8, 4)):
+        with pytest.raises(ValueError, match=r"pairs='one'.*down's \(num_warps, num_stages\)"):
+            MoEConfig(16, GemmConfig(64, 128, 1, 4, 4), down, pairs="one")
+    one = MoEConfig(16, GemmConfig(64, 128, 1, 4, 6), GemmConfig(256, 128, 1, 4, 6), pairs="one")
+    fitted = fit_shared_memory(one, 4)  # in fp32 gate/up's tiles fit 3 stages, down's 1
+    assert fitted.gate_up.num_stages == fitted.down.num_stages == 1
+    assert fit_shared_memory(one, 1) == one  # fp8 tiles fit 6 stages
+
+
 def test_config_swapped_mma_mid_and_tail_tiles_say_what_they_need():
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
@@ -1389,16 +1387,23 @@ def test_gpu_pairs_path_mma_orientation_in_the_instructions(swap_ab, monkeypatch
 def test_gpu_fp8_down_reads_act_scales_past_l1_only_where_it_overlaps_gate_up(monkeypatch):
     """fp8 down loads its rows' act scales every k step. From L1 (the default) they mostly hit; past it (".cg")
     each is an L2 round trip the MMA waits for, which cost small-M fp8 calls up to a fifth of their time
-    (benchmarks/RESULTS.md, session 17). Only a down that overlaps gate/up (MoEConfig.overlap), which may still
-    be writing act, reads past L1: the aligned down kernel has ".cg" loads with overlap and none without."""
+    (benchmarks/RESULTS.md, session 17). Only a down that may read act while gate/up writes it reads past L1
+    (where it must: a line of scales spans several rows): the aligned down kernel has ".cg" loads with overlap
+    (MoEConfig.overlap) and none without; the pairs path's one launch has more of them than its two-launch
+    down, whose last program per tile reads the others' rows ".cg" too."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
-    seen = spy_compiled(monkeypatch, "moeserve.kernels.fused_moe", "_down_kernel")
+    aligned = spy_compiled(monkeypatch, "moeserve.kernels.fused_moe", "_down_kernel")
+    pairs = spy_compiled(monkeypatch, "moeserve.kernels.fused_moe_pairs", "_down_pairs_kernel")
+    one = spy_compiled(monkeypatch, "moeserve.kernels.fused_moe_pairs", "_pairs_one_kernel")
     x, w13, w2, tw, ids, scales = _target_inputs("qwen3", 8, True, seed=5)
     plain = MoEConfig(16, GemmConfig(128, 128, 1, 4, 3, swap_ab=True), GemmConfig(128, 128, 1, 4, 3, swap_ab=True))
-    for cfg in (plain, dataclasses.replace(plain, overlap=True)):
+    for cfg in (plain, dataclasses.replace(plain, overlap=True), dataclasses.replace(plain, pairs="pair"),
+                dataclasses.replace(plain, pairs="one")):
         fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
-    assert ["ld.global.cg" in compiled.asm["ptx"] for compiled in seen] == [False, True]
+    assert ["ld.global.cg" in compiled.asm["ptx"] for compiled in aligned] == [False, True]
+    cg = [compiled.asm["ptx"].count("ld.global.cg") for compiled in (*pairs, *one)]
+    assert len(cg) == 2 and cg[1] > cg[0] > 0, cg
 
 
 @pytest.mark.gpu
@@ -1512,14 +1517,16 @@ def test_gpu_overlap_equals_without_under_graph_replay(name, fp8, tail_m):
 @pytest.mark.parametrize("name", sorted(TARGETS))
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("m", [1, 4, 16])
-def test_gpu_pairs_one_launch_equals_two_under_graph_replay(name, fp8, m):
+def test_gpu_pairs_one_launch_equals_two_under_graph_replay(name, fp8, m, monkeypatch):
     """MoEConfig.pairs = "one" at the target shapes: down's programs start on a pair as soon as gate/up has
     written its act, in the same launch. One CUDA graph replayed over three inputs in turn, 12 times, so a down
     program that read act before gate/up wrote it would read another input's and differ: every replay is
     bit-identical to the two-launch pairs path called eagerly (the same tiles), and near the reference. The
     tables' M=1 tiles, transposed; fp8 with 128-column gate/up tiles (act quantised in the epilogue)."""
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+    from moeserve.kernels.counters import completion_counters
 
+    launches = spy_compiled(monkeypatch, "moeserve.kernels.fused_moe_pairs", "_pairs_one_kernel")
     gu = GemmConfig(128 if fp8 else 64, 128, 1, 4, 4, swap_ab=True)
     two = MoEConfig(16, gu, GemmConfig(64, 128, 1, 4, 4, swap_ab=True), pairs="pair")
     one = dataclasses.replace(two, pairs="one")
@@ -1536,6 +1543,8 @@ def test_gpu_pairs_one_launch_equals_two_under_graph_replay(name, fp8, m):
         x.copy_(xi), tw.copy_(twi), ids.copy_(idsi)
         graph.replay()
         assert torch.equal(out, want[r % 3]), f"replay {r}"
+    assert len(launches) == 2  # the eager call and the capture: no fallback to two launches
+    assert not completion_counters(x.device, 1).any()  # ticket, done and ready counts back at 0 each time
     assert rel_err(out, _target_ref(x, w13, w2, tw, ids, scales)) <= (2e-2 if fp8 else 1e-2)
 
 
