@@ -1490,27 +1490,37 @@ def test_gpu_overlap_equals_without_under_graph_replay(name, fp8, tail_m):
     differ: every replay is bit-identical to the same tiles without overlap, called eagerly, and near the
     reference. Block-major gate/up (group_m 1), 512 tokens on a skewed routing, with tail tiles or without (fp8:
     transposed; untransposed fp8 short tiles differ run to run by themselves, see `GemmConfig.swap_ab`)."""
-    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+    from moeserve.kernels import GemmConfig, MoEConfig
 
     bm, bk, stages = (64, 128, 3) if fp8 else (128, 64, 4)
     g = dict(short_m=bm // 4, tail_m=tail_m, swap_ab=fp8)
     plain = MoEConfig(bm, GemmConfig(128, bk, 1, 8, stages, **g), GemmConfig(128, bk, 8, 8, stages, **g))
     overlap = dataclasses.replace(plain, overlap=True)
     inputs = [_target_inputs(name, 512, fp8, seed=seed, ids=skewed_ids(512, name, seed=seed)) for seed in (21, 22, 23)]
+    out, last = _replays_equal_eager(inputs, plain, overlap)
+    assert rel_err(out, _target_ref(*last)) <= (2e-2 if fp8 else 1e-2)
+
+
+def _replays_equal_eager(inputs: list, eager_cfg, graph_cfg):
+    """One CUDA graph of fused_moe(config=graph_cfg) on the first input's weights, replayed 12 times over the
+    inputs' x, topk weights and ids in turn: each replay must equal, bit for bit, fused_moe(config=eager_cfg)
+    called eagerly on that input (as must an eager call with graph_cfg). Returns the last replay's output and
+    its input (x, w13, w2, tw, ids, scales)."""
+    from moeserve.kernels import fused_moe
+
     _, w13, w2, _, _, scales = inputs[0]  # one set of weights; the graph's own x, tw and ids buffers
     x, tw, ids = (inputs[0][j].clone() for j in (0, 3, 4))
-    want = [fused_moe(xi, w13, w2, twi, idsi, config=plain, **scales) for xi, _, _, twi, idsi, _ in inputs]
-    assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=overlap, **scales), want[0])  # eager, and compiled
+    want = [fused_moe(xi, w13, w2, twi, idsi, config=eager_cfg, **scales) for xi, _, _, twi, idsi, _ in inputs]
+    assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=graph_cfg, **scales), want[0])  # eager, and compiled
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fused_moe(x, w13, w2, tw, ids, config=overlap, **scales)
+        out = fused_moe(x, w13, w2, tw, ids, config=graph_cfg, **scales)
     for r in range(12):
         xi, _, _, twi, idsi, _ = inputs[r % 3]
         x.copy_(xi), tw.copy_(twi), ids.copy_(idsi)
         graph.replay()
         assert torch.equal(out, want[r % 3]), f"replay {r}"
-    ref = _target_ref(x, w13, w2, tw, ids, scales)
-    assert rel_err(out, ref) <= (2e-2 if fp8 else 1e-2)
+    return out, (x, w13, w2, tw, ids, scales)
 
 
 @pytest.mark.gpu
@@ -1523,29 +1533,17 @@ def test_gpu_pairs_one_launch_equals_two_under_graph_replay(name, fp8, m, monkey
     program that read act before gate/up wrote it would read another input's and differ: every replay is
     bit-identical to the two-launch pairs path called eagerly (the same tiles), and near the reference. The
     tables' M=1 tiles, transposed; fp8 with 128-column gate/up tiles (act quantised in the epilogue)."""
-    from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
+    from moeserve.kernels import GemmConfig, MoEConfig
     from moeserve.kernels.counters import completion_counters
 
     launches = spy_compiled(monkeypatch, "moeserve.kernels.fused_moe_pairs", "_pairs_one_kernel")
     gu = GemmConfig(128 if fp8 else 64, 128, 1, 4, 4, swap_ab=True)
     two = MoEConfig(16, gu, GemmConfig(64, 128, 1, 4, 4, swap_ab=True), pairs="pair")
     one = dataclasses.replace(two, pairs="one")
-    inputs = [_target_inputs(name, m, fp8, seed=seed) for seed in (31, 32, 33)]
-    _, w13, w2, _, _, scales = inputs[0]  # one set of weights; the graph's own x, tw and ids buffers
-    x, tw, ids = (inputs[0][j].clone() for j in (0, 3, 4))
-    want = [fused_moe(xi, w13, w2, twi, idsi, config=two, **scales) for xi, _, _, twi, idsi, _ in inputs]
-    assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=one, **scales), want[0])  # eager, and compiled
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fused_moe(x, w13, w2, tw, ids, config=one, **scales)
-    for r in range(12):
-        xi, _, _, twi, idsi, _ = inputs[r % 3]
-        x.copy_(xi), tw.copy_(twi), ids.copy_(idsi)
-        graph.replay()
-        assert torch.equal(out, want[r % 3]), f"replay {r}"
+    out, last = _replays_equal_eager([_target_inputs(name, m, fp8, seed=seed) for seed in (31, 32, 33)], two, one)
     assert len(launches) == 2  # the eager call and the capture: no fallback to two launches
-    assert not completion_counters(x.device, 1).any()  # ticket, done and ready counts back at 0 each time
-    assert rel_err(out, _target_ref(x, w13, w2, tw, ids, scales)) <= (2e-2 if fp8 else 1e-2)
+    assert not completion_counters(out.device, 1).any()  # ticket, done and ready counts back at 0 each time
+    assert rel_err(out, _target_ref(*last)) <= (2e-2 if fp8 else 1e-2)
 
 
 @pytest.mark.gpu
