@@ -375,7 +375,8 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
     (`wait_ready`). Triton honours it for the pipelined act tiles only where each asynchronous copy moves 16
     bytes (so it does at the tables' tiles); the acquire in `wait_ready` is what orders the loads after
     gate/up's stores either way. Elsewhere "": an fp8 act scale (4 bytes a row) loaded ".cg" is not pipelined,
-    which cost small-M fp8 calls up to a fifth of their time (benchmarks/RESULTS.md, session 17)."""
+    which cost small-M fp8 calls up to a fifth of their time (benchmarks/RESULTS.md, session 17). Each k step
+    asks for the next step's act scales before its MMA, so a ".cg" round trip overlaps it."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_nw[None, :] * stride_wn + offs_k[:, None]
@@ -384,6 +385,12 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
     if ROWS2:
         a2_ptrs = act_ptr + rows2[:, None].to(tl.int64) * stride_am + offs_k[None, :]
         acc2 = _acc_zeros(ROWS2, BLOCK_N, SWAP)
+    if FP8:  # act scales one k step ahead: a ".cg" load's L2 round trip then overlaps a step's MMA
+        last_grp = tl.cdiv(K, QBLOCK) - 1
+        a_s = tl.load(as_ptr + rows * stride_asm, cache_modifier=ACT_CACHE)
+        a2_s = a_s
+        if ROWS2:
+            a2_s = tl.load(as_ptr + rows2 * stride_asm, cache_modifier=ACT_CACHE)
     for kk in range(0, k_steps):
         k_ok = offs_k < K - kk * BLOCK_K
         a = _load_k_step(a_ptrs, k_ok, EVEN_K, 1, ACT_CACHE)
@@ -392,12 +399,15 @@ def down_acc(act_ptr, w_ptr, as_ptr, ws_ptr, rows, rows2, expert, offs_nw, K, k_
             a2 = _load_k_step(a2_ptrs, k_ok, EVEN_K, 1, ACT_CACHE)
         if FP8:
             grp = kk * BLOCK_K // QBLOCK
-            a_s = tl.load(as_ptr + rows * stride_asm + grp, cache_modifier=ACT_CACHE)
+            nxt = tl.minimum((kk + 1) * BLOCK_K // QBLOCK, last_grp)
+            a_s_next = tl.load(as_ptr + rows * stride_asm + nxt, cache_modifier=ACT_CACHE)
             b_s = tl.load(ws_ptr + expert * stride_wse + (offs_nw // QBLOCK) * stride_wsn + grp)
             acc = _scaled_mma(a, b, acc, a_s, b_s, SWAP)
+            a_s = a_s_next
             if ROWS2:
-                a2_s = tl.load(as_ptr + rows2 * stride_asm + grp, cache_modifier=ACT_CACHE)
+                a2_s_next = tl.load(as_ptr + rows2 * stride_asm + nxt, cache_modifier=ACT_CACHE)
                 acc2 = _scaled_mma(a2, b, acc2, a2_s, b_s, SWAP)
+                a2_s = a2_s_next
         else:
             acc = _mma(a, b, acc, SWAP)
             if ROWS2:
