@@ -33,9 +33,9 @@ from .counters import completion_counters, last_to_arrive
 from .fp8 import FP8_DTYPE, GROUP
 from .moe_configs import GemmConfig, MoEConfig
 from .moe_tiles import (
-    act_quant_fusable,
     act_quant_meta,
     down_acc,
+    down_reads_gate_ups_act,
     fp8_act,
     gate_up_acc,
     gate_up_scales,
@@ -162,7 +162,7 @@ def _down_pairs_kernel(act_ptr, w_ptr, y_ptr, out_ptr, as_ptr, ws_ptr, ids_ptr, 
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _pairs_one_kernel(x_ptr, w13_ptr, w2_ptr, act_ptr, y_ptr, out_ptr, xs_ptr, w13s_ptr, as_ptr, w2s_ptr, ids_ptr,
-                      topk_w_ptr, count_ptr, num_pairs, num_experts, H, INTER,
+                      topk_w_ptr, count_ptr, ticket_ptr, ready_ptr, num_pairs, num_experts, H, INTER,
                       stride_xm, stride_w13e, stride_w13n, stride_am, stride_asm, stride_xsm, stride_w13se,
                       stride_w13sn, stride_w2e, stride_w2n, stride_ym, stride_om, stride_w2se, stride_w2sn,
                       FP8: tl.constexpr, QBLOCK: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
@@ -178,16 +178,14 @@ def _pairs_one_kernel(x_ptr, w13_ptr, w2_ptr, act_ptr, y_ptr, out_ptr, xs_ptr, w
     deadlock, whatever order the hardware starts programs in. So down tiles run on multiprocessors as soon as
     gate/up tiles leave them, where the two launches wait for the whole of gate/up.
 
-    count_ptr: the completion counters (all 0), laid out as `one_launch_counters` says. The program with the
-    last ticket zeroes the ticket; the last down tile to finish zeroes the ready counts and the done count."""
+    count_ptr, ticket_ptr (the ticket, then the done count), ready_ptr (one count per pair): completion counters,
+    all 0, where `one_launch_counters` places them. The program with the last ticket zeroes the ticket; the last
+    down tile to finish zeroes the ready counts and the done count."""
     pdl_enter(USE_PDL)
     gu_tiles = tl.cdiv(INTER, GU_BLOCK_N)
     d_tiles = tl.cdiv(H, D_BLOCK_N)
     num_gu = num_pairs * gu_tiles
     num_down = num_pairs * d_tiles
-    ticket_ptr = count_ptr + (num_pairs // TOP_K) * d_tiles  # `one_launch_counters`
-    done_ptr = ticket_ptr + 1
-    ready_ptr = ticket_ptr + 2
     ticket = tl.atomic_add(ticket_ptr, 1, sem="relaxed")
     if ticket == num_gu + num_down - 1:
         tl.store(ticket_ptr, 0)
@@ -210,7 +208,7 @@ def _pairs_one_kernel(x_ptr, w13_ptr, w2_ptr, act_ptr, y_ptr, out_ptr, xs_ptr, w
                         w2s_ptr, topk_w_ptr, count_ptr, H, INTER, stride_am, stride_w2e, stride_w2n, stride_ym,
                         stride_om, stride_asm, stride_w2se, stride_w2sn, FP8, QBLOCK, TOP_K, K_POW2, BLOCK_M,
                         D_BLOCK_N, D_BLOCK_K, D_SWAP, ".cg")
-        if last_to_arrive(done_ptr, num_down):  # every down tile has passed its wait: no count is read again
+        if last_to_arrive(ticket_ptr + 1, num_down):  # every down tile has passed its wait: no count is read again
             offs = tl.arange(0, 128)
             for p0 in range(0, num_pairs, 128):
                 tl.store(ready_ptr + p0 + offs, 0, mask=p0 + offs < num_pairs)
@@ -259,11 +257,13 @@ def down_pairs(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, 
     return out
 
 
-def one_launch_counters(num_tokens: int, hidden_size: int, down_block_n: int, num_pairs: int) -> tuple[int, int]:
-    """(index of the ticket, counters used) of `_pairs_one_kernel` in the completion counters: down's per-(token,
-    N tile) sum counters first, then the ticket, the down tiles' done count and one ready count per pair."""
+def one_launch_counters(num_tokens: int, hidden_size: int, down_block_n: int,
+                        num_pairs: int) -> tuple[int, int, int]:
+    """(index of the ticket, index of pair 0's ready count, counters used) of `_pairs_one_kernel` in the completion
+    counters: down's per-(token, N tile) sum counters first, then the ticket, the down tiles' done count and one
+    ready count per pair."""
     ticket = num_tokens * triton.cdiv(hidden_size, down_block_n)
-    return ticket, ticket + 2 + num_pairs
+    return ticket, ticket + 2, ticket + 2 + num_pairs
 
 
 def pairs_one_launch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -273,7 +273,7 @@ def pairs_one_launch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     """`gate_up_pairs` then `down_pairs` in one launch (`_pairs_one_kernel`), the same values bit for bit.
     x: [M, H] (fp8 with x_scale [M, H/128] when w13 is fp8); w13: [E, 2I, H]; w2: [E, H, I] (w13_scale, w2_scale:
     their 128x128 block scales with fp8, act then quantised in gate/up's epilogue, which cfg must allow:
-    `act_quant_fusable`); topk_*: [M, k]; out: [M, H], filled and returned; act_dtype: act's (hidden's) dtype,
+    `down_reads_gate_ups_act`); topk_*: [M, k]; out: [M, H], filled and returned; act_dtype: act's (hidden's) dtype,
     or the one it is rounded to before quantising. gate/up's warps and stages are the launch's (cfg checks
     that down's equal them)."""
     num_experts, two_i, hidden_size = w13.shape
@@ -281,18 +281,20 @@ def pairs_one_launch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     num_tokens, top_k = topk_ids.shape
     num_pairs = topk_ids.numel()
     fp8 = x_scale is not None
-    assert not fp8 or act_quant_fusable(cfg), "one launch needs act quantised in gate/up's epilogue"
+    assert down_reads_gate_ups_act(cfg, fp8), "one launch needs act quantised in gate/up's epilogue"
     gu, dn = cfg.gate_up, cfg.down
     act_scale = new_act_scale(num_pairs, inter, x.device) if fp8 else None
     act = new_act(num_pairs, inter, act_dtype, act_scale, x.device)
     y = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=x.device)
-    counts = completion_counters(x.device, one_launch_counters(num_tokens, hidden_size, dn.block_n, num_pairs)[1])
+    ticket, ready, used = one_launch_counters(num_tokens, hidden_size, dn.block_n, num_pairs)
+    counts = completion_counters(x.device, used)
     xs, w13s, as_ = gate_up_scales(x, w13, act, x_scale, w13_scale, act_scale)
     _, w2s = operand_scales(act, w2, act_scale, w2_scale)
     grid = (num_pairs * (triton.cdiv(inter, gu.block_n) + triton.cdiv(hidden_size, dn.block_n)),)
-    _pairs_one_kernel[grid](x, w13, w2, act, y, out, xs, w13s, as_, w2s, topk_ids, topk_weights, counts, num_pairs,
-                            num_experts, hidden_size, inter, x.stride(0), w13.stride(0), w13.stride(1),
-                            act.stride(0), as_.stride(0), xs.stride(0), w13s.stride(0), w13s.stride(1),
+    _pairs_one_kernel[grid](x, w13, w2, act, y, out, xs, w13s, as_, w2s, topk_ids, topk_weights, counts,
+                            counts[ticket:], counts[ready:], num_pairs, num_experts, hidden_size, inter,
+                            x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0), xs.stride(0),
+                            w13s.stride(0), w13s.stride(1),
                             w2.stride(0), w2.stride(1), y.stride(0), out.stride(0), w2s.stride(0), w2s.stride(1),
                             FP8=fp8, QBLOCK=GROUP, TOP_K=top_k, K_POW2=_pow2_at_least_2(top_k),
                             BLOCK_M=cfg.block_m, GU_BLOCK_N=gu.block_n, GU_BLOCK_K=gu.block_k,
@@ -319,7 +321,7 @@ def fused_moe_pairs(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     quantisation of hidden with fp8."""
     fp8 = w13.dtype == FP8_DTYPE
     x, xs = fp8_quant.per_token_group_quant_fp8(hidden) if fp8 else (hidden, None)
-    if cfg.pairs == "one" and (not fp8 or act_quant_fusable(cfg)):
+    if cfg.pairs == "one" and down_reads_gate_ups_act(cfg, fp8):
         return pairs_one_launch(x, w13, w2, topk_weights, topk_ids, cfg, out, hidden.dtype, xs, w13_scale, w2_scale)
     if not fp8:
         act = gate_up_pairs(hidden, w13, topk_weights, topk_ids, cfg.gate_up, cfg.block_m, hidden.dtype)

@@ -54,10 +54,16 @@ def act_quant_fusable(cfg: MoEConfig) -> bool:
     return cfg.fuse_act_quant and cfg.gate_up.block_n % GROUP == 0
 
 
+def down_reads_gate_ups_act(cfg: MoEConfig, fp8: bool) -> bool:
+    """Whether down reads act as gate/up's launch writes it: not where fp8 act takes its own quantisation
+    launch between them (`act_quant_fusable`). Only then can down overlap gate/up or share its launch."""
+    return not fp8 or act_quant_fusable(cfg)
+
+
 def overlap_applies(cfg: MoEConfig, fp8: bool) -> bool:
-    """Whether down overlaps gate/up for cfg (`MoEConfig.overlap`): only where it is gate/up's very next launch,
-    so not where fp8 act takes its own quantisation launch (`act_quant_fusable`)."""
-    return cfg.overlap and (not fp8 or act_quant_fusable(cfg))
+    """Whether down overlaps gate/up for cfg (`MoEConfig.overlap`): only where it is gate/up's very next launch
+    (`down_reads_gate_ups_act`)."""
+    return cfg.overlap and down_reads_gate_ups_act(cfg, fp8)
 
 
 def fp8_act(run_gate_up, rows: int, inter: int, cfg: MoEConfig,
