@@ -1,7 +1,7 @@
 """Split-KV decode attention at decode batch sizes: which split count and which merge are fastest?
 
     PYTHONPATH=. python benchmarks/attention_splits_probe.py [--contexts 1024,4096] [--batches 1,4,10,16]
-                                                            [--out DIR or FILE.json]
+                                                            [--tiles] [--out DIR or FILE.json]
 
 Times `paged_decode_attention` (kernels/attention_decode.py) under CUDA-graph replay for the Qwen3-30B-A3B
 attention shape (32 query / 4 KV heads x 128, bf16, page 16), every request at the same context, with
@@ -11,11 +11,17 @@ together larger than L2), as the layers of a decode step do, so no replay is ser
 checked against the fp32 reference (`rel_err`). Printed: a table per (context, batch) with the fastest
 configuration and what the current rule picks (`choose_num_splits` for a graph runner's max_seq_len and for
 the context itself, `use_fused_reduce`), then JSON. Measures only: the rule is not changed here.
+
+--tiles instead times, at the split count a graph runner takes, the decode kernel's context tokens per k step
+(block_n 32/64/128, `choose_block_n` picks one) with 4 or 8 warps and 1-3 pipeline stages: µs per call under
+graph replay and each kernel's own µs (torch.profiler; run with MOESERVE_PDL=0 for durations that exclude the
+wait for the kernel before).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -29,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_small import time_graph  # noqa: E402
 
 from moeserve.kernels.attention_decode import (  # noqa: E402
+    choose_block_n,
     choose_num_splits,
     paged_decode_attention,
     use_fused_reduce,
@@ -92,6 +99,38 @@ def probe(batch: int, ctx: int, seed: int) -> list[dict]:
     return rows
 
 
+def probe_tiles(batch: int, ctx: int, seed: int) -> list[dict]:
+    """The graph runner's split count with each (block_n, num_warps, num_stages): graph µs per call and the
+    profiler's µs per launch of each kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kv_bytes = 2 * batch * ctx * HK * D * 2
+    copies = max(2, min(64, -(-L2_DEFEAT_BYTES // kv_bytes)))
+    k, v, tables, seq_lens = make_copies(batch, ctx, copies, seed)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=BF16)
+    ref = paged_decode_attention_ref(q, k, v, tables[0], seq_lens, D**-0.5)
+    splits = rule(batch, ctx)["graph_splits"]
+    rows = []
+    for bn, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3)):
+        def calls(bn=bn, warps=warps, stages=stages):
+            return [paged_decode_attention(q, k, v, t, seq_lens, D**-0.5, ENGINE_MAX_SEQ_LEN, num_splits=splits,
+                                           block_n=bn, num_warps=warps, num_stages=stages) for t in tables]
+
+        row = dict(context=ctx, batch=batch, num_splits=splits, block_n=bn, num_warps=warps, num_stages=stages,
+                   picked=bn == choose_block_n(splits), rel_err=rel_err(calls()[0], ref))
+        row["us"] = time_graph(calls, reps=max(1, 64 // copies), replays=10) / copies
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            calls()
+            torch.cuda.synchronize()
+        row["kernel_us"] = {e.key.split("(")[0][:40]: e.device_time_total / e.count
+                            for e in prof.key_averages() if e.device_time_total > 0}
+        print(f"ctx {ctx} batch {batch} splits {splits} block_n {bn:3d} warps {warps} stages {stages}"
+              f"{' (picked)' if row['picked'] else ''}: {row['us']:.2f} µs/call, kernels "
+              f"{ {n: round(us, 2) for n, us in row['kernel_us'].items()} }, rel_err {row['rel_err']:.1e}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def table(rows: list[dict], picks: dict) -> None:
     """One line per (context, batch): µs per split count (unfused / fused), the best, the rule's picks."""
     head = " ".join(f"{s:>13}" for s in SPLITS)
@@ -118,9 +157,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="1024,4096")
     parser.add_argument("--batches", default="1,4,10,16")
+    parser.add_argument("--tiles", action="store_true", help="time block_n / warps / stages at the graph's splits")
     parser.add_argument("--out", default="benchmarks/out", help="a directory, or a .json file")
     args = parser.parse_args()
-    out = args.out if args.out.endswith(".json") else os.path.join(args.out, "attention_splits_probe.json")
+    name = "attention_tiles_probe.json" if args.tiles else "attention_splits_probe.json"
+    out = args.out if args.out.endswith(".json") else os.path.join(args.out, name)
     print(f"{torch.cuda.get_device_name()}; GQA {HQ}/{HK} heads x {D}, bf16, page {PAGE}")
     t0 = time.perf_counter()
     rows: list[dict] = []
@@ -129,7 +170,7 @@ def main() -> None:
         for b in (int(x) for x in args.batches.split(",")):
             picks[(ctx, b)] = rule(b, ctx)
             try:
-                got = probe(b, ctx, seed=ctx + b)
+                got = (probe_tiles if args.tiles else probe)(b, ctx, seed=ctx + b)
             except Exception as exc:  # e.g. out of memory: report and go on with the next shape
                 print(f"ctx {ctx} batch {b} failed: {type(exc).__name__}: {exc}", flush=True)
                 continue
@@ -140,7 +181,8 @@ def main() -> None:
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
             for r in errs:
                 print("  ", r, flush=True)
-    table(rows, picks)
+    if not args.tiles:
+        table(rows, picks)
     result = dict(device=torch.cuda.get_device_name(), shape=dict(hq=HQ, hk=HK, d=D, page=PAGE),
                   rule={f"{c}x{b}": p for (c, b), p in picks.items()}, rows=rows)
     print(json.dumps(result))

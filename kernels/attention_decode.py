@@ -24,6 +24,22 @@ from moeserve.kernels.pdl import launch_kwargs, pdl_enter
 LOG2E = 1.4426950408889634
 
 
+BLOCK_N = 32  # context tokens per k step, but see `choose_block_n`
+MAX_SPLITS = 32
+
+
+def choose_block_n(num_splits: int) -> int:
+    """Context tokens per k step: 64 where the split count is at its cap (a CUDA graph of at most a few requests,
+    sized for the model's longest context), else 32.
+
+    With the cap's 32 splits a context of up to 2048 tokens takes one k step per split instead of two, and
+    each k step is a dependent chain (page-table entry, then K and V) of reads that in a decode step come from
+    HBM. Measured on the H100 (CUDA-graph replay, Qwen3-30B-A3B's 32/4 heads, context 1040, kernel µs without
+    PDL; benchmarks/RESULTS.md, session 18): 1 request, 32 splits: 4.2 µs against 5.3 at 32 tokens a step;
+    10 requests (14 splits) and 64 (3 splits) were slower at 64 (+6%, +7%), so they keep 32."""
+    return 64 if num_splits >= MAX_SPLITS else BLOCK_N
+
+
 def choose_num_splits(
     num_programs: int, max_seq_len: int, block_n: int, device: torch.device, programs_per_sm: float = 4.0
 ) -> int:
@@ -35,7 +51,7 @@ def choose_num_splits(
     target = int(programs_per_sm * num_sms(device))
     splits = triton.cdiv(target, max(num_programs, 1))
     max_useful = max(1, triton.cdiv(max_seq_len, 4 * block_n))
-    return int(max(1, min(splits, max_useful, 32)))
+    return int(max(1, min(splits, max_useful, MAX_SPLITS)))
 
 
 @triton.jit
@@ -261,7 +277,7 @@ def paged_decode_attention(
     scale: float,
     max_seq_len: int,
     num_splits: int | None = None,
-    block_n: int = 32,
+    block_n: int | None = None,
     block_h: int = 16,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -277,6 +293,7 @@ def paged_decode_attention(
     fused_reduce: with several splits, merge them in the same launch (the last split of each request and
                   KV head to finish merges, in split order) instead of a second `split_reduce` launch;
                   None: `use_fused_reduce`. Both give the same values up to rounding.
+    block_n:      context tokens per k step; None: `choose_block_n` for the split count.
     Returns [num_reqs, num_q_heads, head_dim_v] in q's dtype.
     """
     num_reqs, num_heads, dk = q.shape
@@ -289,7 +306,8 @@ def paged_decode_attention(
     block_h = max(16, min(block_h, triton.next_power_of_2(group)))  # tl.dot needs M >= 16
     grid_hb = kv_heads * triton.cdiv(group, block_h)
     if num_splits is None:
-        num_splits = choose_num_splits(num_reqs * grid_hb, max_seq_len, block_n, q.device)
+        num_splits = choose_num_splits(num_reqs * grid_hb, max_seq_len, block_n or BLOCK_N, q.device)
+    block_n = block_n or choose_block_n(num_splits)
     if fused_reduce is None:
         fused_reduce = use_fused_reduce(num_splits, min(group, block_h), dv)
     fused_reduce = fused_reduce and num_splits > 1

@@ -7,6 +7,8 @@ and V row; the grid depends on the number of tokens only (CUDA-graph safe).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +43,23 @@ def _flat(t: torch.Tensor, rows: int) -> torch.Tensor | None:
     return flat if flat.stride(-1) == 1 else None
 
 
+class KVWrite(NamedTuple):
+    """A step's values and where its keys and values go: v [T, kv_heads, dv] and the layer's paged caches
+    [num_blocks, block_size, kv_heads, dk|dv] at slot_mapping [T] (what `AttentionBackend.write_kv` stores).
+    A kernel that produces the keys takes it to store them itself (`moeserve.kernels.rope.apply_rope`)."""
+
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+def flat_cache(cache: torch.Tensor) -> torch.Tensor | None:
+    """A paged cache [num_blocks, block_size, kv_heads, dim] as [slots, kv_heads * dim], one row per slot with a unit
+    last stride, without a copy; None when its layout does not allow it."""
+    return _flat(cache, cache.shape[0] * cache.shape[1])
+
+
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> bool:
@@ -48,8 +67,7 @@ def store_kv(
     [num_blocks, block_size, kv_heads, dk|dv] with each slot's entries contiguous; slot_mapping: [T] int.
 
     Returns False, writing nothing, when a layout does not fit this kernel (the caller falls back to torch)."""
-    num_slots = k_cache.shape[0] * k_cache.shape[1]
-    flats = [_flat(k, k.shape[0]), _flat(v, v.shape[0]), _flat(k_cache, num_slots), _flat(v_cache, num_slots)]
+    flats = [_flat(k, k.shape[0]), _flat(v, v.shape[0]), flat_cache(k_cache), flat_cache(v_cache)]
     if any(f is None for f in flats) or k.shape[0] == 0:
         return k.shape[0] == 0
     k2, v2, kc, vc = flats

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.kv_store import KVWrite, flat_cache
 from moeserve.kernels.pdl import launch_kwargs, pdl_enter
 
 
@@ -38,10 +39,13 @@ def _cos_sin(angle):
 def _rope_heads(
     X, Out, W, token, head0, num_heads,
     stride_xt, stride_xh, stride_ot, stride_oh,
-    cos, sin, eps,
+    cos, sin, eps, Cache, slot, stride_cs,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
     BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr, HAS_REST: tl.constexpr,
+    STORE: tl.constexpr,
 ):
+    """Heads [head0, head0 + BLOCK_H) of one token; STORE: also into Cache's row slot (row stride stride_cs,
+    heads HEAD_DIM apart in a row), in the cache's dtype."""
     heads = head0 + tl.arange(0, BLOCK_H)
     offs = tl.arange(0, BLOCK_HALF)
     if INTERLEAVED:
@@ -79,19 +83,41 @@ def _rope_heads(
     tl.store(orow + HALF + offs[None, :], out2.to(act_dtype), mask=mask)
     if HAS_REST:
         tl.store(orow + offs_r[None, :], xr.to(act_dtype), mask=mask_r)
+    if STORE:
+        # The cache takes the values rounded to the activation dtype, as a store of Out would.
+        crow = Cache + slot * stride_cs + heads[:, None] * HEAD_DIM
+        cache_dtype = Cache.dtype.element_ty
+        tl.store(crow + offs[None, :], out1.to(act_dtype).to(cache_dtype), mask=mask)
+        tl.store(crow + HALF + offs[None, :], out2.to(act_dtype).to(cache_dtype), mask=mask)
+        if HAS_REST:
+            tl.store(crow + offs_r[None, :], xr.to(act_dtype).to(cache_dtype), mask=mask_r)
+
+
+@triton.jit
+def _copy_heads(V, VCache, token, slot, head0, num_heads, stride_vt, stride_vh, stride_vcs,
+                V_DIM: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """v[token, heads [head0, head0 + BLOCK_H)] into VCache's row slot (row stride stride_vcs, heads V_DIM apart)."""
+    heads = head0 + tl.arange(0, BLOCK_H)
+    offs = tl.arange(0, BLOCK_V)
+    mask = (heads < num_heads)[:, None] & (offs < V_DIM)[None, :]
+    v = tl.load(V + token * stride_vt + heads[:, None] * stride_vh + offs[None, :], mask=mask)
+    tl.store(VCache + slot * stride_vcs + heads[:, None] * V_DIM + offs[None, :],
+             v.to(VCache.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(
-    Q, K, QOut, KOut, QW, KW, Positions, InvFreq,
+    Q, K, QOut, KOut, QW, KW, Positions, InvFreq, V, KCache, VCache, Slots,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    stride_qot, stride_qoh, stride_kot, stride_koh,
+    stride_qot, stride_qoh, stride_kot, stride_koh, stride_vt, stride_vh, stride_kcs, stride_vcs,
     num_q_heads, num_k_heads, num_q_blocks,
     factor, eps,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
     BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr, HAS_REST: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    STORE: tl.constexpr, V_DIM: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    """One program: up to BLOCK_H heads of one token's q, or of its k. STORE: a k program also writes its heads
+    of k (rotated) and of v into the paged caches at the token's slot (`store_kv`'s job, without its launch)."""
     pdl_enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -104,14 +130,20 @@ def _rope_kernel(
     if block < num_q_blocks:
         _rope_heads(
             Q, QOut, QW, token, block * BLOCK_H, num_q_heads,
-            stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin, eps,
-            HEAD_DIM, HALF, BLOCK_HALF, BLOCK_REST, BLOCK_H, INTERLEAVED, NORM, HAS_REST,
+            stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin, eps, QOut, 0, 0,
+            HEAD_DIM, HALF, BLOCK_HALF, BLOCK_REST, BLOCK_H, INTERLEAVED, NORM, HAS_REST, False,
         )
     else:
+        head0 = (block - num_q_blocks) * BLOCK_H
+        slot = 0
+        if STORE:
+            slot = tl.load(Slots + token).to(tl.int64)
+            _copy_heads(V, VCache, token, slot, head0, num_k_heads, stride_vt, stride_vh, stride_vcs, V_DIM, BLOCK_V,
+                        BLOCK_H)
         _rope_heads(
-            K, KOut, KW, token, (block - num_q_blocks) * BLOCK_H, num_k_heads,
-            stride_kt, stride_kh, stride_kot, stride_koh, cos, sin, eps,
-            HEAD_DIM, HALF, BLOCK_HALF, BLOCK_REST, BLOCK_H, INTERLEAVED, NORM, HAS_REST,
+            K, KOut, KW, token, head0, num_k_heads,
+            stride_kt, stride_kh, stride_kot, stride_koh, cos, sin, eps, KCache, slot, stride_kcs,
+            HEAD_DIM, HALF, BLOCK_HALF, BLOCK_REST, BLOCK_H, INTERLEAVED, NORM, HAS_REST, STORE,
         )
 
 
@@ -137,6 +169,7 @@ def apply_rope(
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     inplace: bool = False,
+    kv_write: KVWrite | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate q and k (and RMS-normalise each head first when norm weights are given).
 
@@ -145,6 +178,9 @@ def apply_rope(
     positions: [T] int64 (or int32), contiguous; inv_freq: [R // 2] float32 with R <= D (dims [R, D) pass through).
     q_norm_weight / k_norm_weight: [D] in q's dtype, both or neither.
     inplace: write into q and k (returned as they are); otherwise return new contiguous tensors.
+    kv_write: also store the rotated k and kv_write.v into the paged caches at kv_write.slot_mapping, cast to the
+       caches' dtype, as `AttentionBackend.write_kv` would after this call, in the same launch
+       (`kv_write_fits` must hold).
     """
     t, hq, d = q.shape if q.dim() == 3 else (-1, -1, -1)
     _check("q", q, t, d, q.dtype)
@@ -166,6 +202,9 @@ def apply_rope(
     q_out = q if inplace else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = k if (inplace or k is None) else torch.empty(k.shape, dtype=k.dtype, device=k.device)
     hk = k.shape[1] if k is not None else 0
+    if kv_write is not None and not kv_write_fits(k, kv_write):
+        raise ValueError("kv_write needs k, v [T, kv_heads, dv] and caches [blocks, block_size, kv_heads, dk|dv] "
+                         "with each slot's entries contiguous, and slot_mapping [T] (see kv_write_fits)")
     if t == 0:
         return q_out, k_out
     block_h = min(triton.next_power_of_2(max(hq, hk, 1)), max(1, 1024 // triton.next_power_of_2(d)))
@@ -175,18 +214,40 @@ def apply_rope(
     qw = q_norm_weight if norm else q
     kw = (k_norm_weight if k is not None else q_norm_weight) if norm else q
     rest = d - 2 * half
+    if kv_write is not None:
+        v, kc, vc, slots = kv_write.v, flat_cache(kv_write.k_cache), flat_cache(kv_write.v_cache), kv_write.slot_mapping
+    else:
+        v, kc, vc, slots = q, q, q, positions  # unused without STORE
+    dv = v.shape[-1]
     _rope_kernel[grid](
-        q, k_, q_out, k_out_, qw, kw, positions, inv_freq,
+        q, k_, q_out, k_out_, qw, kw, positions, inv_freq, v, kc, vc, slots,
         q.stride(0), q.stride(1), k_.stride(0), k_.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out_.stride(0), k_out_.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out_.stride(0), k_out_.stride(1), v.stride(0), v.stride(1),
+        kc.stride(0), vc.stride(0),
         hq, hk, num_q_blocks,
         float(attention_factor), float(eps),
         HEAD_DIM=d, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_REST=triton.next_power_of_2(rest) if rest else 1,
         BLOCK_H=block_h, INTERLEAVED=interleaved, NORM=norm, HAS_REST=rest > 0,
+        STORE=kv_write is not None, V_DIM=dv, BLOCK_V=triton.next_power_of_2(dv),
         num_warps=4 if block_h * d >= 2048 else 2 if block_h * d >= 512 else 1, **launch_kwargs(q.device),
     )
     return q_out, k_out
+
+
+def kv_write_fits(k: torch.Tensor | None, w: KVWrite) -> bool:
+    """Whether `apply_rope` can store k and w.v into w's caches itself: k [T, Hk, dk] and v [T, Hk, dv] with a
+    unit last stride, caches [blocks, block_size, Hk, dk|dv] with each slot's entries contiguous
+    (`kv_store.flat_cache`), and slot_mapping a contiguous [T] of int32 or int64."""
+    if k is None or w.v.dim() != 3 or w.v.shape[:2] != k.shape[:2] or w.v.stride(-1) != 1:
+        return False
+    caches = (w.k_cache, w.v_cache)
+    if any(c.dim() != 4 or c.shape[:3] != w.k_cache.shape[:2] + (k.shape[1],) for c in caches):
+        return False
+    slots_ok = (w.slot_mapping.shape == (k.shape[0],) and w.slot_mapping.stride(0) == 1
+                and w.slot_mapping.dtype in (torch.int32, torch.int64))
+    return (slots_ok and w.k_cache.shape[3] == k.shape[2] and w.v_cache.shape[3] == w.v.shape[2]
+            and all(flat_cache(c) is not None for c in caches))
 
 
 def rope_reference(

@@ -121,6 +121,9 @@ INTERPRETER_CASES = {
     "decode_gqa4_fp16_page8_splits3": (F16, lambda d: _case_decode(d, 4, 32, 32, 8, [1, 7, 33, 20], 3)),
     "decode_mha_fp32_page4_dim24_splits4": (F32, lambda d: _case_decode(d, 1, 24, 24, 4, [2, 13, 30], 4)),
     "decode_gqa32_fp16_two_head_blocks": (F16, lambda d: _case_decode(d, 32, 16, 32, 16, [5, 50], 2)),
+    # the split cap with the default tiles, `choose_block_n`'s 64 tokens a k step (a graph of few requests)
+    "decode_gqa4_fp16_32_splits_default_tiles": (
+        F16, lambda d: _case_decode(d, 4, 32, 32, 8, [1, 70, 300, 2100], 32, block_n=None)),
     # fused merge: group, head_dim_k, head_dim_v, page, context lengths (short ones leave splits empty), splits
     "decode_fused_gqa4_fp16_splits3": (F16, lambda d: _case_decode_fused(d, 4, 32, 32, 8, [1, 7, 33, 20], 3)),
     "decode_fused_mha_fp32_splits5_empty": (F32, lambda d: _case_decode_fused(d, 1, 24, 24, 4, [2, 13, 70], 5)),

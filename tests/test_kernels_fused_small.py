@@ -183,6 +183,60 @@ def test_interp_rope_single_tensor_strided():
 
 
 @interp
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                               (torch.float16, torch.float32)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_interp_rope_stores_k_and_v_in_the_paged_cache(dtype, cache_dtype, norm):
+    """kv_write: the launch that rotates k also stores it, and v, at each token's slot, exactly what
+    `store_kv_reference` stores from its outputs; every other slot is left as it was."""
+    from moeserve.kernels.kv_store import KVWrite, store_kv_reference
+    from moeserve.kernels.rope import apply_rope
+
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(5, 4 + 2 + 2, 16, generator=g).to(dtype)
+    q, k, v = qkv.split([4, 2, 2], dim=1)
+    k_cache = torch.randn(6, 4, 2, 16, generator=g).to(cache_dtype)
+    v_cache = torch.randn(6, 4, 2, 16, generator=g).to(cache_dtype)
+    slots = torch.randperm(24, generator=g)[:5]
+    kw = {}
+    if norm:
+        kw = dict(q_norm_weight=(torch.rand(16, generator=g) + 0.5).to(dtype),
+                  k_norm_weight=(torch.rand(16, generator=g) + 0.5).to(dtype))
+    pos = torch.tensor([3, 0, 70, 9, 1])
+    q_plain, k_plain = apply_rope(q, k, pos, inv_freq(12), **kw)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    store_kv_reference(k_plain, v, kc_ref, vc_ref, slots)
+    q_got, k_got = apply_rope(q, k, pos, inv_freq(12), **kw, inplace=True,
+                              kv_write=KVWrite(v, k_cache, v_cache, slots))
+    assert torch.equal(q_got, q_plain) and torch.equal(k_got, k_plain)
+    assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)
+
+
+def test_kv_write_fits_refuses_what_the_kernel_cannot_store():
+    from moeserve.kernels.kv_store import KVWrite
+    from moeserve.kernels.rope import apply_rope, kv_write_fits
+
+    k, v = torch.randn(3, 2, 16), torch.randn(3, 2, 8)
+    kc, vc, slots = torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 8), torch.tensor([5, 0, 9])
+    assert kv_write_fits(k, KVWrite(v, kc, vc, slots))
+    bad = {
+        "cache heads": KVWrite(v, torch.zeros(4, 4, 3, 16), vc, slots),
+        "k cache width": KVWrite(v, torch.zeros(4, 4, 2, 8), vc, slots),
+        "v cache width": KVWrite(v, kc, torch.zeros(4, 4, 2, 16), slots),
+        "block counts": KVWrite(v, kc, torch.zeros(5, 4, 2, 8), slots),
+        "slots": KVWrite(v, kc, vc, slots[:2]),
+        "slot dtype": KVWrite(v, kc, vc, slots.float()),
+        "strided cache": KVWrite(v, torch.zeros(4, 4, 2, 32)[..., :16], vc, slots),
+        "v heads": KVWrite(torch.randn(3, 1, 8), kc, vc, slots),
+    }
+    for what, w in bad.items():
+        assert not kv_write_fits(k, w), what
+    assert not kv_write_fits(None, KVWrite(v, kc, vc, slots))
+    with pytest.raises(ValueError, match="kv_write"):
+        apply_rope(torch.randn(3, 4, 16), k, torch.arange(3), inv_freq(16), kv_write=bad["slots"])
+
+
+@interp
 @pytest.mark.parametrize("num_experts,top_k", [(60, 4), (128, 8), (8, 2)])
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_interp_topk_softmax_matches_reference(num_experts, top_k, renormalize):
@@ -326,7 +380,8 @@ def test_gpu_kernels_replay_in_cuda_graph():
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "deepseek_v2"])
 def test_gpu_model_fused_paths_match_torch_paths(arch, tiny_checkpoint, monkeypatch):
     """The same tiny model on CUDA in float32, fused kernels (norm, rotary, router GEMM + top-k) on vs off:
-    equal hidden states up to rounding."""
+    equal hidden states up to rounding. Fused, GQA layers store k and v from the rotary kernel (the backend's
+    write_kv does not run); MLA layers still write their latent through the backend."""
     import moeserve.layers.norm as norm_mod
     import moeserve.layers.rotary as rotary_mod
     import moeserve.moe.routing as routing_mod
@@ -355,12 +410,15 @@ def test_gpu_model_fused_paths_match_torch_paths(arch, tiny_checkpoint, monkeypa
             return model(batch).float()
 
     import moeserve.kernels.router_topk as router_mod
+    from moeserve.attention.base import AttentionBackend
 
-    calls = []
-    fused_router = router_mod.router_topk
+    calls, writes = [], []
+    fused_router, write_kv = router_mod.router_topk, AttentionBackend.write_kv
     monkeypatch.setattr(router_mod, "router_topk", lambda *a, **kw: calls.append(1) or fused_router(*a, **kw))
+    monkeypatch.setattr(AttentionBackend, "write_kv", lambda self, *a: writes.append(1) or write_kv(self, *a))
     fused = run()
     assert calls, "the fused router GEMM + top-k did not run"  # every tiny arch here routes softmax-greedy
+    assert bool(writes) == (arch == "deepseek_v2"), writes
     for mod in (norm_mod, rotary_mod, routing_mod):
         monkeypatch.setattr(mod, "fused_kernels_available", lambda x: False)
     plain = run()

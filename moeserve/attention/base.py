@@ -21,6 +21,10 @@ class AttentionBackend(ABC):
     name: str = "base"
     # Whether `before_graph_replay` does anything: the graph runner calls it before replays only then.
     plans_graph_replays: bool = False
+    # Whether `write_kv` stores k and v as they are (cast to the caches' dtype) at meta.slot_mapping, so that a
+    # kernel producing k may store both itself instead (the fused rotary kernel does). A backend whose write_kv
+    # does more (say, quantises) sets it False.
+    writes_by_slot: bool = True
 
     def write_kv(
         self,

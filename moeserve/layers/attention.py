@@ -60,15 +60,26 @@ class _PagedAttention(nn.Module):
         self.k_cache, self.v_cache = k_cache, v_cache
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, batch: ForwardBatch, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, batch: ForwardBatch, scale: float,
+        written: bool = False,
     ):
-        """q: [T, heads, k_dim]; k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim] or None (MLA).
-        Returns [T, heads, v_dim]. A batch without tokens (idle rank) touches no cache."""
+        """q: [T, heads, k_dim]; k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim] or None (MLA); written: k and v
+        are already in the cache (see `_kv_store`). Returns [T, heads, v_dim]. A batch without tokens (idle rank)
+        touches no cache."""
         if q.shape[0] == 0 or batch.attn is None:
             return q.new_zeros(q.shape[0], q.shape[1], self.kv_cache_spec().v_dim)
         assert self.k_cache is not None and self.v_cache is not None, "bind_kv_caches() before forward()"
-        self.backend.write_kv(self.k_cache, self.v_cache, k, v, batch.attn)
+        if not written:
+            self.backend.write_kv(self.k_cache, self.v_cache, k, v, batch.attn)
         return self.backend.attend(q, self.k_cache, self.v_cache, batch.attn, scale)
+
+    def _kv_store(self, v: torch.Tensor | None, batch: ForwardBatch):
+        """(v, k_cache, v_cache, slot_mapping) for a kernel that produces k to store k and v itself, where that
+        is what the backend's `write_kv` would do (`AttentionBackend.writes_by_slot`); else None."""
+        if not self.backend.writes_by_slot or batch.attn is None or v is None or v.shape[0] == 0:
+            return None
+        assert self.k_cache is not None and self.v_cache is not None, "bind_kv_caches() before forward()"
+        return v, self.k_cache, self.v_cache, batch.attn.slot_mapping
 
 
 class GQAAttention(_PagedAttention):
@@ -119,8 +130,8 @@ class GQAAttention(_PagedAttention):
         """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
         t = x.shape[0]
         q, k, v = self._project_qkv(x)
-        q, k = rope.apply_qk(q, k, self.q_norm, self.k_norm)
-        out = self._attend(q, k, v, batch, self.scale)
+        q, k, written = rope.apply_qk(q, k, self.q_norm, self.k_norm, self._kv_store(v, batch))
+        out = self._attend(q, k, v, batch, self.scale, written)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

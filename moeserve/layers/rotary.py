@@ -99,25 +99,35 @@ class RopeCache:
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     def apply_qk(
-        self, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, head_dim], k: [T, Hk, head_dim] -> both per-head RMS-normalised (when q_norm / k_norm,
-        `RMSNorm` modules, are given) and rotated. The fused path runs one kernel and writes into q and k
-        (callers pass fresh projection outputs); the torch path returns new tensors."""
+        self, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None,
+        store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """q: [T, Hq, head_dim], k: [T, Hk, head_dim] -> (q, k, stored): both per-head RMS-normalised (when
+        q_norm / k_norm, `RMSNorm` modules, are given) and rotated. The fused path runs one kernel and writes
+        into q and k (callers pass fresh projection outputs); the torch path returns new tensors.
+        store: (v, k_cache, v_cache, slot_mapping), where the caller's attention backend stores k and v next
+        (`AttentionBackend.write_kv`). The fused kernel stores them there itself where the layouts allow, and
+        stored says whether it did (the caller then skips its own write)."""
         if self.fused and self._fusable(q, k, q_norm, k_norm):
-            from moeserve.kernels.rope import apply_rope
+            from moeserve.kernels.kv_store import KVWrite
+            from moeserve.kernels.rope import apply_rope, kv_write_fits
 
-            return apply_rope(
+            kv_write = KVWrite(*store) if store is not None else None
+            if kv_write is not None and not kv_write_fits(k, kv_write):
+                kv_write = None
+            q, k = apply_rope(
                 q, k, self.positions, self.inv_freq, self.attention_factor,
                 interleaved=self.interleaved,
                 q_norm_weight=q_norm.weight if q_norm is not None else None,
                 k_norm_weight=k_norm.weight if k_norm is not None else None,
                 eps=q_norm.eps if q_norm is not None else 1e-6,
                 inplace=True,
+                kv_write=kv_write,
             )
+            return q, k, kv_write is not None
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
-        return self.apply(q), self.apply(k)
+        return self.apply(q), self.apply(k), False
 
     @staticmethod
     def _fusable(q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None) -> bool:
