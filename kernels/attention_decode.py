@@ -24,7 +24,7 @@ from moeserve.kernels.pdl import launch_kwargs, pdl_enter
 LOG2E = 1.4426950408889634
 
 
-BLOCK_N = 32  # context tokens per k step, but see `choose_block_n`
+DEFAULT_BLOCK_N = 32  # context tokens per k step, but see `choose_block_n`
 MAX_SPLITS = 32
 
 
@@ -37,7 +37,7 @@ def choose_block_n(num_splits: int) -> int:
     HBM. Measured on the H100 (CUDA-graph replay, Qwen3-30B-A3B's 32/4 heads, context 1040, kernel µs without
     PDL; benchmarks/RESULTS.md, session 18): 1 request, 32 splits: 4.2 µs against 5.3 at 32 tokens a step;
     10 requests (14 splits) and 64 (3 splits) were slower at 64 (+6%, +7%), so they keep 32."""
-    return 64 if num_splits >= MAX_SPLITS else BLOCK_N
+    return 64 if num_splits >= MAX_SPLITS else DEFAULT_BLOCK_N
 
 
 def choose_num_splits(
@@ -306,7 +306,7 @@ def paged_decode_attention(
     block_h = max(16, min(block_h, triton.next_power_of_2(group)))  # tl.dot needs M >= 16
     grid_hb = kv_heads * triton.cdiv(group, block_h)
     if num_splits is None:
-        num_splits = choose_num_splits(num_reqs * grid_hb, max_seq_len, block_n or BLOCK_N, q.device)
+        num_splits = choose_num_splits(num_reqs * grid_hb, max_seq_len, block_n or DEFAULT_BLOCK_N, q.device)
     block_n = block_n or choose_block_n(num_splits)
     if fused_reduce is None:
         fused_reduce = use_fused_reduce(num_splits, min(group, block_h), dv)

@@ -73,9 +73,12 @@ class _PagedAttention(nn.Module):
             self.backend.write_kv(self.k_cache, self.v_cache, k, v, batch.attn)
         return self.backend.attend(q, self.k_cache, self.v_cache, batch.attn, scale)
 
-    def _kv_store(self, v: torch.Tensor | None, batch: ForwardBatch):
-        """(v, k_cache, v_cache, slot_mapping) for a kernel that produces k to store k and v itself, where that
-        is what the backend's `write_kv` would do (`AttentionBackend.writes_by_slot`); else None."""
+    def _kv_store(
+        self, v: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(v, k_cache, v_cache, slot_mapping) for a kernel that produces k to store k and v itself
+        (`RopeCache.apply_qk`), where that is what the backend's `write_kv` would do
+        (`AttentionBackend.writes_by_slot`); else None."""
         if not self.backend.writes_by_slot or batch.attn is None or v is None or v.shape[0] == 0:
             return None
         assert self.k_cache is not None and self.v_cache is not None, "bind_kv_caches() before forward()"
