@@ -416,7 +416,11 @@ def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> tuple[floa
 
 
 def run_moeserve_throughput(llm, prompts, output_len: int, warmup: int) -> dict:
-    """Time the workload from a cold prefix cache (the warm-up uses other prompts, and the cache is reset)."""
+    """Time the workload from a cold prefix cache (the warm-up uses other prompts, and the cache is reset).
+    warmup: how many prompts of the same length the warm-up runs (16 tokens out each). As many as the workload
+    has, so that its steps take the same batch shapes and every kernel they launch is compiled before the
+    timed run. With a warm-up of 32, a run whose engine started on a cold compile cache took 6.75 s against
+    3.2-3.4 s (benchmarks/RESULTS.md, session 18), likely compiling inside the timed run."""
     if warmup:
         timed_generate(llm, random_prompts(warmup, len(prompts[0]), llm.engine.vocab_size, seed=12345), 16)
     llm.engine.reset_prefix_cache()
@@ -463,7 +467,7 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
         decode_steps(llm, b, args.context, args.steps, bw, device, profile=args.profile_kernels)
         for b in args.decode_batches
     ]
-    ours = run_moeserve_throughput(llm, prompts, args.output_len, warmup=min(32, args.num_requests))
+    ours = run_moeserve_throughput(llm, prompts, args.output_len, warmup=args.num_requests)
     result["moeserve"] = dict(
         seconds=ours["seconds"], max_num_seqs=llm.engine.config.max_num_seqs,
         async_scheduling=llm.engine.async_scheduling,
