@@ -1,7 +1,7 @@
 """Split-KV decode attention at decode batch sizes: which split count and which merge are fastest?
 
     PYTHONPATH=. python benchmarks/attention_splits_probe.py [--contexts 1024,4096] [--batches 1,4,10,16]
-                                                            [--tiles] [--out DIR or FILE.json]
+                                                            [--tiles [--cold]] [--out DIR or FILE.json]
 
 Times `paged_decode_attention` (kernels/attention_decode.py) under CUDA-graph replay for the Qwen3-30B-A3B
 attention shape (32 query / 4 KV heads x 128, bf16, page 16), every request at the same context, with
@@ -15,7 +15,7 @@ the context itself, `use_fused_reduce`), then JSON. Measures only: the rule is n
 --tiles instead times, at the split count a graph runner takes, the decode kernel's context tokens per k step
 (block_n 32/64/128, `choose_block_n` picks one) with 4 or 8 warps and 1-3 pipeline stages: µs per call under
 graph replay and each kernel's own µs (torch.profiler; run with MOESERVE_PDL=0 for durations that exclude the
-wait for the kernel before).
+wait for the kernel before). --cold flushes L2 before each call, as a decode step's MoE does between layers.
 """
 
 from __future__ import annotations
@@ -99,22 +99,34 @@ def probe(batch: int, ctx: int, seed: int) -> list[dict]:
     return rows
 
 
-def probe_tiles(batch: int, ctx: int, seed: int) -> list[dict]:
+def probe_tiles(batch: int, ctx: int, seed: int, cold: bool = False) -> list[dict]:
     """The graph runner's split count with each (block_n, num_warps, num_stages): graph µs per call and the
-    profiler's µs per launch of each kernel."""
+    profiler's µs per launch of each kernel. cold: each call after an L2 flush (a memset of twice L2) and a
+    rewrite of q, as in a decode step, where a layer's MoE weights have streamed through L2 since the last
+    attention (block tables and context lengths then come from HBM; q, just written, from L2); only the kernel
+    µs are then meaningful."""
     from torch.profiler import ProfilerActivity, profile
 
     kv_bytes = 2 * batch * ctx * HK * D * 2
     copies = max(2, min(64, -(-L2_DEFEAT_BYTES // kv_bytes)))
     k, v, tables, seq_lens = make_copies(batch, ctx, copies, seed)
-    q = torch.randn(batch, HQ, D, device="cuda", dtype=BF16)
+    q_src = torch.randn(batch, HQ, D, device="cuda", dtype=BF16)
+    q = q_src.clone()
+    flush = torch.empty(L2_DEFEAT_BYTES // 4, dtype=torch.float32, device="cuda") if cold else None
     ref = paged_decode_attention_ref(q, k, v, tables[0], seq_lens, D**-0.5)
     splits = rule(batch, ctx)["graph_splits"]
     rows = []
     for bn, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3)):
         def calls(bn=bn, warps=warps, stages=stages):
-            return [paged_decode_attention(q, k, v, t, seq_lens, D**-0.5, ENGINE_MAX_SEQ_LEN, num_splits=splits,
-                                           block_n=bn, num_warps=warps, num_stages=stages) for t in tables]
+            outs = []
+            for t in tables:
+                if cold:
+                    flush.zero_()
+                    q.copy_(q_src)
+                outs.append(paged_decode_attention(q, k, v, t, seq_lens, D**-0.5, ENGINE_MAX_SEQ_LEN,
+                                                   num_splits=splits, block_n=bn, num_warps=warps,
+                                                   num_stages=stages))
+            return outs
 
         row = dict(context=ctx, batch=batch, num_splits=splits, block_n=bn, num_warps=warps, num_stages=stages,
                    picked=bn == choose_block_n(splits), rel_err=rel_err(calls()[0], ref))
@@ -158,9 +170,10 @@ def main() -> None:
     parser.add_argument("--contexts", default="1024,4096")
     parser.add_argument("--batches", default="1,4,10,16")
     parser.add_argument("--tiles", action="store_true", help="time block_n / warps / stages at the graph's splits")
+    parser.add_argument("--cold", action="store_true", help="with --tiles: flush L2 before each call (see probe_tiles)")
     parser.add_argument("--out", default="benchmarks/out", help="a directory, or a .json file")
     args = parser.parse_args()
-    name = "attention_tiles_probe.json" if args.tiles else "attention_splits_probe.json"
+    name = f"attention_tiles{'_cold' if args.cold else ''}_probe.json" if args.tiles else "attention_splits_probe.json"
     out = args.out if args.out.endswith(".json") else os.path.join(args.out, name)
     print(f"{torch.cuda.get_device_name()}; GQA {HQ}/{HK} heads x {D}, bf16, page {PAGE}")
     t0 = time.perf_counter()
@@ -170,7 +183,7 @@ def main() -> None:
         for b in (int(x) for x in args.batches.split(",")):
             picks[(ctx, b)] = rule(b, ctx)
             try:
-                got = (probe_tiles if args.tiles else probe)(b, ctx, seed=ctx + b)
+                got = probe_tiles(b, ctx, ctx + b, args.cold) if args.tiles else probe(b, ctx, seed=ctx + b)
             except Exception as exc:  # e.g. out of memory: report and go on with the next shape
                 print(f"ctx {ctx} batch {b} failed: {type(exc).__name__}: {exc}", flush=True)
                 continue
