@@ -74,13 +74,20 @@ def rule(batch: int, ctx: int) -> dict:
                 eager_splits=eager, eager_fused=use_fused_reduce(eager, heads_per_program, D))
 
 
-def probe(batch: int, ctx: int, seed: int) -> list[dict]:
+def make_case(batch: int, ctx: int, seed: int):
+    """(KV bytes of one call, copies, k, v, tables, seq_lens, q, the reference output over tables[0]): enough
+    cache copies (`make_copies`) that a pass over them does not fit L2."""
     kv_bytes = 2 * batch * ctx * HK * D * 2
     copies = max(2, min(64, -(-L2_DEFEAT_BYTES // kv_bytes)))
     k, v, tables, seq_lens = make_copies(batch, ctx, copies, seed)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=BF16)
+    ref = paged_decode_attention_ref(q, k, v, tables[0], seq_lens, D**-0.5)
+    return kv_bytes, copies, k, v, tables, seq_lens, q, ref
+
+
+def probe(batch: int, ctx: int, seed: int) -> list[dict]:
+    kv_bytes, copies, k, v, tables, seq_lens, q, ref = make_case(batch, ctx, seed)
     scale = D**-0.5
-    ref = paged_decode_attention_ref(q, k, v, tables[0], seq_lens, scale)
     rows = []
     for splits in SPLITS:
         for fused in ((False, True) if splits > 1 else (False,)):
@@ -107,13 +114,9 @@ def probe_tiles(batch: int, ctx: int, seed: int, cold: bool = False) -> list[dic
     µs are then meaningful."""
     from torch.profiler import ProfilerActivity, profile
 
-    kv_bytes = 2 * batch * ctx * HK * D * 2
-    copies = max(2, min(64, -(-L2_DEFEAT_BYTES // kv_bytes)))
-    k, v, tables, seq_lens = make_copies(batch, ctx, copies, seed)
-    q_src = torch.randn(batch, HQ, D, device="cuda", dtype=BF16)
-    q = q_src.clone()
+    _, copies, k, v, tables, seq_lens, q, ref = make_case(batch, ctx, seed)
+    q_src = q.clone()
     flush = torch.empty(L2_DEFEAT_BYTES // 4, dtype=torch.float32, device="cuda") if cold else None
-    ref = paged_decode_attention_ref(q, k, v, tables[0], seq_lens, D**-0.5)
     splits = rule(batch, ctx)["graph_splits"]
     rows = []
     for bn, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3)):

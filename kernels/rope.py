@@ -202,7 +202,8 @@ def apply_rope(
     q_out = q if inplace else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = k if (inplace or k is None) else torch.empty(k.shape, dtype=k.dtype, device=k.device)
     hk = k.shape[1] if k is not None else 0
-    if kv_write is not None and not kv_write_fits(k, kv_write):
+    caches = _kv_write_caches(k, kv_write) if kv_write is not None else None
+    if kv_write is not None and caches is None:
         raise ValueError("kv_write needs k, v [T, kv_heads, dv] and caches [blocks, block_size, kv_heads, dk|dv] "
                          "with each slot's entries contiguous, and slot_mapping [T] (see kv_write_fits)")
     if t == 0:
@@ -215,7 +216,7 @@ def apply_rope(
     kw = (k_norm_weight if k is not None else q_norm_weight) if norm else q
     rest = d - 2 * half
     if kv_write is not None:
-        v, kc, vc, slots = kv_write.v, flat_cache(kv_write.k_cache), flat_cache(kv_write.v_cache), kv_write.slot_mapping
+        v, (kc, vc), slots = kv_write.v, caches, kv_write.slot_mapping
     else:
         v, kc, vc, slots = q, q, q, positions  # unused without STORE
     dv = v.shape[-1]
@@ -239,15 +240,22 @@ def kv_write_fits(k: torch.Tensor | None, w: KVWrite) -> bool:
     """Whether `apply_rope` can store k and w.v into w's caches itself: k [T, Hk, dk] and v [T, Hk, dv] with a
     unit last stride, caches [blocks, block_size, Hk, dk|dv] with each slot's entries contiguous
     (`kv_store.flat_cache`), and slot_mapping a contiguous [T] of int32 or int64."""
+    return _kv_write_caches(k, w) is not None
+
+
+def _kv_write_caches(k: torch.Tensor | None, w: KVWrite) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """w's caches as [slots, Hk * d] views (`kv_store.flat_cache`) where `kv_write_fits`, else None."""
     if k is None or w.v.dim() != 3 or w.v.shape[:2] != k.shape[:2] or w.v.stride(-1) != 1:
-        return False
+        return None
     caches = (w.k_cache, w.v_cache)
     if any(c.dim() != 4 or c.shape[:3] != w.k_cache.shape[:2] + (k.shape[1],) for c in caches):
-        return False
+        return None
     slots_ok = (w.slot_mapping.shape == (k.shape[0],) and w.slot_mapping.stride(0) == 1
                 and w.slot_mapping.dtype in (torch.int32, torch.int64))
-    return (slots_ok and w.k_cache.shape[3] == k.shape[2] and w.v_cache.shape[3] == w.v.shape[2]
-            and all(flat_cache(c) is not None for c in caches))
+    if not slots_ok or w.k_cache.shape[3] != k.shape[2] or w.v_cache.shape[3] != w.v.shape[2]:
+        return None
+    kc, vc = flat_cache(w.k_cache), flat_cache(w.v_cache)
+    return None if kc is None or vc is None else (kc, vc)
 
 
 def rope_reference(
