@@ -22,6 +22,9 @@ Fused launches (--sections router,attention), old path vs new, graph replay only
                 launch, batch 1/16/64, context 1024, 32/4 heads x 128, page 16, at the split count chosen
                 from the context (max_seq_len 1024) and the one a graph runner gets (max_seq_len 40960)
 
+  argmax        greedy sampling over Qwen3's 151936-token vocabulary: torch.argmax vs `argmax_rows` (chunks of
+                each row, the last to finish picks), 1, 16, 64, 256 rows of bf16 logits
+
 Then a 2-layer Qwen3-30B-A3B-shaped model: one decode forward (context 512) under graph replay and its kernel
 launches (torch profiler), per layer (2 layers minus 1), with the fused norm / rotary / router paths off and on
 (the fused qkv GEMM is on in both).
@@ -247,7 +250,7 @@ def router_rows() -> list[dict]:
 
 def attention_rows() -> list[dict]:
     """Split-KV decode: the `split_reduce` launch vs the merge in the same launch."""
-    from moeserve.kernels.attention_decode import choose_num_splits, paged_decode_attention
+    from moeserve.kernels.attention_decode import gqa_num_splits, paged_decode_attention
     from moeserve.kernels.attention_reference import make_paged_cache, paged_decode_attention_ref, rel_err
 
     rows, ctx, scale = [], 1024, D**-0.5
@@ -255,7 +258,7 @@ def attention_rows() -> list[dict]:
         k, v, bt, sl = make_paged_cache([ctx] * b, 16, HK, D, D, BF16, DEVICE)
         q = torch.randn(b, HQ, D, device=DEVICE, dtype=BF16)
         ref = paged_decode_attention_ref(q, k, v, bt, sl, scale)
-        auto = {choose_num_splits(b * HK, m, 32, q.device): src for m, src in ((40960, "engine"), (ctx, "ctx"))}
+        auto = {gqa_num_splits(b, HQ, HK, m, q.device): src for m, src in ((40960, "engine"), (ctx, "ctx"))}
         if b == 1:
             auto.setdefault(16, "sweep")
         for splits, src in sorted(auto.items()):
@@ -271,6 +274,19 @@ def attention_rows() -> list[dict]:
                 batch=b, context=ctx, num_splits=splits, rel_err_old=err_old, rel_err_new=err_new,
                 bitwise_equal=same, note=f"rel err {err_old:.1e}/{err_new:.1e} equal={same}",
             ))
+    return rows
+
+
+def argmax_rows_timed() -> list[dict]:
+    """Greedy sampling's argmax: torch's reduction vs `argmax_rows`, bf16 logits over Qwen3's vocabulary."""
+    from moeserve.kernels.argmax import argmax_rows
+
+    rows = []
+    for b in (1, 16, 64, 256):
+        logits = torch.randn(b, 151936, device=DEVICE, dtype=BF16)
+        same = torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+        rows.append(_old_new_row("argmax", f"{b} rows x 151936", lambda x=logits: x.argmax(dim=-1),
+                                 lambda x=logits: argmax_rows(x), rows=b, equal=same, note=f"equal={same}"))
     return rows
 
 
@@ -304,8 +320,8 @@ def small_ops(tokens: list[int]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1,64,256")
-    parser.add_argument("--sections", default="small,router,attention,model",
-                        help="comma-separated subset of small, router, attention, model")
+    parser.add_argument("--sections", default="small,router,attention,argmax,model",
+                        help="comma-separated subset of small, router, attention, argmax, model")
     parser.add_argument("--out", default="benchmarks/out/kernels_small.json")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -314,12 +330,14 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
     if "small" in sections:
         rows += small_ops(tokens)
-    if sections & {"router", "attention"}:
+    if sections & {"router", "attention", "argmax"}:
         print(f"{'op':<12}{'case':<34}| {'old us':>8} {'new us':>8} {'speedup':>8}   (CUDA-graph replay)")
     if "router" in sections:
         rows += router_rows()
     if "attention" in sections:
         rows += attention_rows()
+    if "argmax" in sections:
+        rows += argmax_rows_timed()
     if "model" in sections:
         try:
             rows += decode_layers(tokens)

@@ -292,13 +292,15 @@ def step_bytes(runner, reqs, experts_per_layer: list[int]) -> dict:
 
 
 def decode_steps(
-    llm, batch: int, context: int, steps: int, bw: float, device: torch.device, profile: bool = False
+    llm, batch: int, context: int, steps: int, bw: float, device: torch.device, profile: bool = False,
+    trace: Path | None = None,
 ) -> dict:
-    """Prefill `batch` prompts of context-1 tokens, then time decode steps (engine, graph replay, eager)."""
+    """Prefill `batch` prompts of context-1 tokens, then time decode steps (engine, graph replay, eager).
+    trace: also write a Chrome trace (torch.profiler, host and device) of TRACE_STEPS more engine steps there."""
     from moeserve import SamplingParams
 
     engine, runner = llm.engine, llm.engine.runner
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 16, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + TRACE_STEPS + 16, ignore_eos=True)
     ids = [
         engine.add_request(p, params) for p in random_prompts(batch, context - 1, engine.vocab_size, batch)
     ]
@@ -332,6 +334,8 @@ def decode_steps(
             wall.append((time.perf_counter() - t0) * 1e3)
     finally:
         runner.launch = launch
+    if trace is not None:
+        trace_steps(engine, trace, device)
     reqs = last["sched"].requests
     assert len(reqs) == batch and all(len(r.token_ids) == 1 for r in reqs), "timed steps were not pure decode"
     # With async scheduling the last step's inputs were placeholders; their tokens are known by now.
@@ -376,6 +380,22 @@ def decode_steps(
     )
 
 
+TRACE_STEPS = 6
+
+
+def trace_steps(engine, path: Path, device: torch.device) -> None:
+    """A Chrome trace of TRACE_STEPS engine steps: what runs on the device between graph replays, and where the
+    host spends a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(TRACE_STEPS):
+            engine.step()
+        sync(device)
+    prof.export_chrome_trace(str(path))
+
+
 def profile_kernels(fn, device: torch.device, reps: int) -> list[tuple[float, float, str]]:
     """(µs, launches, name) per call of fn() for each kernel it runs (torch.profiler over `reps` calls after
     one warm-up), heaviest first."""
@@ -415,15 +435,61 @@ def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> tuple[floa
     return time.perf_counter() - t0, outs
 
 
-def run_moeserve_throughput(llm, prompts, output_len: int, warmup: int) -> dict:
-    """Time the workload from a cold prefix cache (the warm-up uses other prompts, and the cache is reset).
-    warmup: how many prompts of the same length the warm-up runs (16 tokens out each). As many as the workload
-    has, so that its steps take the same batch shapes and every kernel they launch is compiled before the
-    timed run. With a warm-up of 32, a run whose engine started on a cold compile cache took 6.75 s against
-    3.2-3.4 s (benchmarks/RESULTS.md, session 18), likely compiling inside the timed run."""
+class CompileLog:
+    """Triton compilations (kernel name, seconds) by phase of the run, through Triton's JIT hooks: what an
+    engine compiles lazily after start-up. On a cold compile cache these compilations land inside timed
+    runs."""
+
+    def __init__(self) -> None:
+        import triton
+
+        self.phase = "start"
+        self.compiles: list[dict] = []
+        self._started: dict[str, float] = {}
+        runtime = triton.knobs.runtime
+        runtime.jit_cache_hook = self._before
+        runtime.jit_post_compile_hook = self._after
+
+    def _before(self, *, key, fn, **_) -> bool:
+        self._started[str(key)] = time.perf_counter()
+        return False  # compile as usual
+
+    def _after(self, *, key, repr, fn, **_) -> bool:  # noqa: A002 - Triton's keyword
+        t0 = self._started.pop(str(key), None)
+        seconds = time.perf_counter() - t0 if t0 is not None else float("nan")
+        self.compiles.append(dict(phase=self.phase, kernel=fn.name, seconds=round(seconds, 3), what=repr[:400]))
+        return False
+
+    def summary(self) -> dict:
+        """Per phase: number of compilations, their seconds, and the slowest kernels."""
+        out: dict = {}
+        for c in self.compiles:
+            p = out.setdefault(c["phase"], dict(count=0, seconds=0.0, kernels={}))
+            p["count"] += 1
+            p["seconds"] = round(p["seconds"] + c["seconds"], 3)
+            p["kernels"][c["kernel"]] = p["kernels"].get(c["kernel"], 0) + 1
+        timed = [c for c in self.compiles if c["phase"] == "throughput (timed)"]
+        if timed:
+            out["throughput (timed)"]["each"] = timed
+        return out
+
+
+def run_moeserve_throughput(llm, prompts, output_len: int, warmup: bool, log: CompileLog | None = None) -> dict:
+    """Time the workload from a cold prefix cache and a warm compile cache.
+
+    warmup: first run the same workload on other prompts (the prefix cache is reset after it). Its steps then
+    take the timed run's token counts, and so its fused-MoE table entries: Triton compiles each entry's
+    kernels on first use, and on a cold compile cache the timed run otherwise compiled the entry its last
+    prefill step took (2.3 s of a 5.4 s run; benchmarks/RESULTS.md, session 19). A warm-up of 16 tokens out
+    each did not take that step's size."""
+    if log is not None:
+        log.phase = "throughput warm-up"
     if warmup:
-        timed_generate(llm, random_prompts(warmup, len(prompts[0]), llm.engine.vocab_size, seed=12345), 16)
+        other = random_prompts(len(prompts), len(prompts[0]), llm.engine.vocab_size, seed=12345)
+        timed_generate(llm, other, output_len)
     llm.engine.reset_prefix_cache()
+    if log is not None:
+        log.phase = "throughput (timed)"
     seconds, outs = timed_generate(llm, prompts, output_len)
     return dict(seconds=seconds, tokens=[o.token_ids for o in outs])
 
@@ -446,6 +512,7 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
     del hf
     free(device)
 
+    log = CompileLog() if args.log_compiles else None
     t0 = time.perf_counter()
     llm = LLM(
         str(path),
@@ -463,23 +530,29 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
         experts=runner.ctx.expert_kernel.name,
         cuda_graph_sizes=runner.graphs.sizes if runner.graphs is not None else None,
     )
+    if log is not None:
+        log.phase = "decode steps"
     result["decode"] = [
-        decode_steps(llm, b, args.context, args.steps, bw, device, profile=args.profile_kernels)
+        decode_steps(llm, b, args.context, args.steps, bw, device, profile=args.profile_kernels,
+                     trace=Path(args.out) / f"trace_{name}_b{b}.json" if args.trace else None)
         for b in args.decode_batches
     ]
-    ours = run_moeserve_throughput(llm, prompts, args.output_len, warmup=args.num_requests)
+    ours = run_moeserve_throughput(llm, prompts, args.output_len, warmup=True, log=log)
     result["moeserve"] = dict(
         seconds=ours["seconds"], max_num_seqs=llm.engine.config.max_num_seqs,
         async_scheduling=llm.engine.async_scheduling,
     )
     if llm.engine.async_scheduling and not args.skip_sync:  # the same engine, host and device in turn
         llm.engine.async_scheduling = False
-        sync_run = run_moeserve_throughput(llm, prompts, args.output_len, warmup=0)
+        sync_run = run_moeserve_throughput(llm, prompts, args.output_len, warmup=False)
         llm.engine.async_scheduling = True
         result["moeserve_sync"] = dict(seconds=sync_run["seconds"], same_tokens=sync_run["tokens"] == ours["tokens"])
     if not args.skip_hf:
         agree = sum(a[:1] == b[:1] for a, b in zip(ours["tokens"], hf_run["tokens"]))
         result["first_token_agreement"] = agree / len(prompts)
+    if log is not None:
+        result["compiles"] = log.summary()
+        log.phase = "after"
     out_tokens = args.num_requests * args.output_len
     for key in ("moeserve", "moeserve_sync", "transformers"):
         if key in result:
@@ -571,6 +644,8 @@ def main() -> None:
     ap.add_argument("--skip-sync", action="store_true", help="no side-by-side run with async scheduling off")
     ap.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--profile-kernels", action="store_true", help="kernel breakdown of each decode graph")
+    ap.add_argument("--log-compiles", action="store_true", help="Triton compilations per phase (CompileLog)")
+    ap.add_argument("--trace", action="store_true", help="Chrome trace of a few engine steps per decode batch")
     ap.add_argument("--tiny", action="store_true", help="toy shapes (checks this script on a CPU)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument(

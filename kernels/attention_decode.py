@@ -41,16 +41,19 @@ def choose_block_n(num_splits: int) -> int:
 
 
 def choose_num_splits(
-    num_programs: int, max_seq_len: int, block_n: int, device: torch.device, programs_per_sm: float = 4.0
+    num_programs: int, max_seq_len: int, block_n: int, device: torch.device, programs_per_sm: float = 4.0,
+    min_steps: int = 4,
 ) -> int:
     """Split each request's context so that about ``programs_per_sm`` programs per multiprocessor run.
 
-    More splits raise memory parallelism but each costs a partial output write and read; a split shorter
-    than a few tiles is not worth its reduce traffic.
+    More splits raise memory parallelism but each costs a partial output write and read. A split of fewer
+    than ``min_steps`` k steps of ``block_n`` tokens (at max_seq_len) is not made: the MLA kernels keep 4,
+    whose programs fill a multiprocessor and whose partials are 512 wide. GQA decode takes 1 (see
+    `paged_decode_attention`).
     """
     target = int(programs_per_sm * num_sms(device))
     splits = triton.cdiv(target, max(num_programs, 1))
-    max_useful = max(1, triton.cdiv(max_seq_len, 4 * block_n))
+    max_useful = max(1, triton.cdiv(max_seq_len, min_steps * block_n))
     return int(max(1, min(splits, max_useful, MAX_SPLITS)))
 
 
@@ -238,6 +241,28 @@ def use_fused_reduce(num_splits: int, heads_per_program: int, head_dim_v: int) -
     return num_splits > 1 and num_splits * heads_per_program * head_dim_v * 4 <= FUSED_REDUCE_MAX_BYTES
 
 
+def _head_blocks(group: int, kv_heads: int, block_h: int) -> tuple[int, int]:
+    """(query heads a program takes, programs per request): a program takes up to block_h of a KV head's
+    query heads, at least 16 rows (tl.dot's minimum)."""
+    block_h = max(16, min(block_h, triton.next_power_of_2(group)))
+    return block_h, kv_heads * triton.cdiv(group, block_h)
+
+
+def gqa_num_splits(num_reqs: int, num_heads: int, kv_heads: int, max_seq_len: int, device: torch.device,
+                   block_h: int = 16, block_n: int | None = None) -> int:
+    """The split count `paged_decode_attention` takes when none is given (a CUDA graph's is fixed at capture,
+    for max_seq_len = the context limit).
+
+    Splits may be as short as one k step. In a decode step the KV, the page table and the context lengths
+    come from HBM (the layer's MoE weights have streamed through L2 since), so each k step is a chain of
+    dependent HBM reads, and at small batches the chain, not the bytes, sets the kernel's time. With the
+    MLA kernels' 4-step minimum, a batch-1 graph for max_model_len 1344 took 11 splits of three 32-token
+    steps: on the H100 (Qwen3-30B-A3B, context 1024, no PDL) the kernel took 8.9 µs a layer, 4.9 with 32
+    splits of one 64-token step, and the merge 1.7 against 2.6 (benchmarks/RESULTS.md, session 19)."""
+    _, grid_hb = _head_blocks(num_heads // kv_heads, kv_heads, block_h)
+    return choose_num_splits(num_reqs * grid_hb, max_seq_len, block_n or DEFAULT_BLOCK_N, device, min_steps=1)
+
+
 def alloc_partials(num_tokens: int, num_heads: int, num_splits: int, head_dim_v: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Scratch for split-KV: part_out [T, H, S, Dv] fp32 and part_lse [T, H, S] fp32 (log2 domain).
@@ -303,10 +328,9 @@ def paged_decode_attention(
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert block_tables.shape[0] == num_reqs and seq_lens.shape[0] == num_reqs
     group = num_heads // kv_heads
-    block_h = max(16, min(block_h, triton.next_power_of_2(group)))  # tl.dot needs M >= 16
-    grid_hb = kv_heads * triton.cdiv(group, block_h)
+    block_h, grid_hb = _head_blocks(group, kv_heads, block_h)
     if num_splits is None:
-        num_splits = choose_num_splits(num_reqs * grid_hb, max_seq_len, block_n or DEFAULT_BLOCK_N, q.device)
+        num_splits = gqa_num_splits(num_reqs, num_heads, kv_heads, max_seq_len, q.device, block_h, block_n)
     block_n = block_n or choose_block_n(num_splits)
     if fused_reduce is None:
         fused_reduce = use_fused_reduce(num_splits, min(group, block_h), dv)

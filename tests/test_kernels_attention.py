@@ -168,6 +168,26 @@ def test_interpreter_matches_reference(interpreter_report: dict, name: str) -> N
     assert err <= TOL[INTERPRETER_CASES[name][0]], f"{name}: relative error {err:.2e}"
 
 
+def test_gqa_split_rule_allows_one_step_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a 132-multiprocessor H100, Qwen3-30B-A3B's 32/4 heads: a small batch splits its context down to one
+    k step per split, up to the cap, even where the context limit is short (a CUDA graph is sized for it); large
+    batches keep few splits; a split never starts past the context limit."""
+    from moeserve.kernels import attention_decode as ad
+
+    monkeypatch.setattr(ad, "num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert ad.gqa_num_splits(1, 32, 4, 1344, cpu) == ad.MAX_SPLITS  # was 11 (four 32-token steps at least)
+    assert ad.gqa_num_splits(1, 32, 4, 40960, cpu) == ad.MAX_SPLITS
+    assert ad.gqa_num_splits(1, 32, 4, 100, cpu) == 4  # ceil(100 / 32): one step each
+    assert ad.gqa_num_splits(10, 32, 4, 1344, cpu) == 14  # 4 programs a multiprocessor
+    assert ad.gqa_num_splits(64, 32, 4, 1344, cpu) == 3
+    assert ad.gqa_num_splits(1, 32, 32, 4096, cpu) == 17  # MHA: 32 programs a request
+    for batch in (1, 2, 4, 16):
+        for limit in (1, 17, 64, 1344, 40960):
+            splits = ad.gqa_num_splits(batch, 32, 4, limit, cpu)
+            assert 1 <= splits <= ad.MAX_SPLITS and (splits - 1) * ad.DEFAULT_BLOCK_N < limit
+
+
 # ---------------------------------------------------------------- GPU, bf16, target shapes
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

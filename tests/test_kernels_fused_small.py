@@ -284,6 +284,31 @@ def test_interp_store_kv_matches_reference(dtype):
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
 
 
+def _argmax_logits(rows: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
+    """Random logits with hard cases: a row of few distinct values (many tied maxima, across chunks), a row of
+    -inf but for one entry near the end, a row all -inf, and a row with NaN (torch ranks it first)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g) * 3
+    x[1] = torch.randint(0, 4, (vocab,), generator=g).float()
+    x[2] = float("-inf")
+    x[2, vocab - 3] = -5.0
+    x[3] = float("-inf")
+    x[4, vocab // 2] = float("nan")
+    return x.to(dtype).to(device)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("vocab", [151936, 10001, 7])
+def test_interp_argmax_rows_equals_torch_argmax(dtype, vocab):
+    from moeserve.kernels.argmax import argmax_rows
+
+    logits = _argmax_logits(6, max(vocab, 8), dtype, "cpu")[:, :vocab]
+    got = argmax_rows(logits.contiguous())
+    assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(dim=-1))
+    assert torch.equal(argmax_rows(logits[2:3].contiguous()), logits[2:3].argmax(dim=-1))  # one row
+
+
 # ---------------------------------------------------------------- GPU (bf16, target shapes)
 
 
@@ -344,6 +369,21 @@ def test_gpu_topk_softmax(t):
     kw = dict(renormalize=True)
     assert_same_topk(topk_softmax(logits, QWEN3["top_k"], **kw),
                      topk_softmax_reference(logits, QWEN3["top_k"], **kw), 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 6, 256])
+def test_gpu_argmax_rows_and_the_greedy_sampler(rows):
+    """The greedy sampler's argmax on Qwen3's vocabulary in bf16 equals torch.argmax (ties included)."""
+    from moeserve.kernels.argmax import argmax_rows
+    from moeserve.runner.sampler import Sampler, SamplingRow
+    from moeserve.sampling_params import SamplingParams
+
+    logits = _argmax_logits(max(rows, 6), 151936, torch.bfloat16, "cuda", seed=rows)[:rows]
+    want = logits.argmax(dim=-1)
+    assert torch.equal(argmax_rows(logits), want)
+    greedy = [SamplingRow(SamplingParams(temperature=0.0), 0) for _ in range(rows)]
+    assert Sampler()(logits, greedy)[0] == want.tolist()
 
 
 @pytest.mark.gpu

@@ -79,13 +79,23 @@ def graph_unsupported_reason(
     return None
 
 
+def _input_views(max_batch: int, device: torch.device,
+                 pinned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One byte buffer (on device, or pinned host memory) and its views: tokens [3, max_batch] int64 and
+    lens [max_batch + 1] int32 (seq_lens, then num_real)."""
+    tokens_bytes = 3 * max_batch * 8
+    raw = torch.empty(tokens_bytes + (max_batch + 1) * 4, dtype=torch.uint8,
+                      device="cpu" if pinned else device, pin_memory=pinned)
+    return raw, raw[:tokens_bytes].view(torch.int64).view(3, max_batch), raw[tokens_bytes:].view(torch.int32)
+
+
 class DecodeBuffers:
     """Static inputs of a decode batch of up to `max_batch` requests, plus pinned host staging.
 
     Device (addresses fixed for the buffers' lifetime):
       tokens:       [3, max_batch] int64 — rows: input_ids, positions, slot_mapping.
-      seq_lens:     [max_batch] int32; num_real: [1] int32, the number of real (non-padding) rows — both views
-                    of one buffer, so one copy moves them.
+      seq_lens:     [max_batch] int32; num_real: [1] int32, the number of real (non-padding) rows.
+      tokens, seq_lens and num_real are views of one buffer, so one copy moves them.
       block_tables: [max_batch, max_blocks] int32.
       query_start_loc [max_batch + 1] int32, sample_indices [max_batch] int64: constant (one token each).
     `fill` writes a step's values into pinned host memory and copies them with non_blocking copies; the next
@@ -97,8 +107,9 @@ class DecodeBuffers:
         self.max_batch, self.max_blocks, self.block_size = max_batch, max_blocks, block_size
         self.scratch_block, self.device = scratch_block, device
         i32, i64 = torch.int32, torch.int64
-        self.tokens = torch.zeros(3, max_batch, dtype=i64, device=device)
-        lens = torch.ones(max_batch + 1, dtype=i32, device=device)
+        self._inputs, self.tokens, lens = _input_views(max_batch, device, pinned=False)
+        self.tokens.zero_()
+        lens.fill_(1)
         self.seq_lens, self.num_real = lens[:max_batch], lens[max_batch:]
         self.block_tables = torch.full((max_batch, max_blocks), scratch_block, dtype=i32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=device)
@@ -106,13 +117,11 @@ class DecodeBuffers:
         self.tokens[2].fill_(scratch_block * block_size)  # every row starts as padding
         pinned = device.type == "cuda"
         if pinned:
-            self._host_tokens = torch.empty(3, max_batch, dtype=i64, pin_memory=True)
-            self._host_lens = torch.empty(max_batch + 1, dtype=i32, pin_memory=True)
+            self._host_inputs, self._host_tokens, self._host_lens = _input_views(max_batch, device, pinned=True)
             self._host_tables = torch.empty(max_batch * max_blocks, dtype=i32, pin_memory=True)
         else:  # CPU: the device buffers are host memory already
             self._host_tokens, self._host_lens = self.tokens, lens
             self._host_tables = None
-        self._lens = lens
         self._copied: torch.cuda.Event | None = None
 
     def fill(
@@ -150,8 +159,7 @@ class DecodeBuffers:
             table_rows.gather([r.request_id for r in reqs], [r.block_ids for r in reqs], out=host_tables[:n])
         host_tables[n:] = self.scratch_block
         if self._host_tables is not None:
-            self.tokens.copy_(self._host_tokens, non_blocking=True)
-            self._lens.copy_(self._host_lens, non_blocking=True)
+            self._inputs.copy_(self._host_inputs, non_blocking=True)
             self.block_tables[:padded, :width].copy_(host_tables, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()

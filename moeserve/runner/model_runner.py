@@ -208,7 +208,11 @@ class ModelRunner:
                     row_of = {rid: i for i, rid in enumerate(last.request_ids)}
                 dst.append(offset - 1)
                 src.append(row_of[r.request_id])
-        if dst:
+        if not dst:
+            return
+        if _is_run(dst) and _is_run(src):  # the usual decode step: one copy, no index upload
+            input_ids[dst[0] : dst[-1] + 1] = last.sampled.tokens[src[0] : src[-1] + 1]
+        else:
             rows = host_to_device([dst, src], self.device, torch.int64)
             input_ids[rows[0]] = last.sampled.tokens[rows[1]]
 
@@ -333,6 +337,11 @@ class ModelRunner:
         first_rows = sum(len(r.token_ids) for r in reqs[:cut])
         sample_indices = torch.cat([micro[0].sample_indices, micro[1].sample_indices + first_rows])
         return torch.cat(run_overlapped([self.model.forward_stages(mb) for mb in micro])), sample_indices
+
+
+def _is_run(rows: list[int]) -> bool:
+    """Whether rows are consecutive and increasing (a slice)."""
+    return rows[-1] - rows[0] == len(rows) - 1 and all(b == a + 1 for a, b in zip(rows, rows[1:]))
 
 
 def _to_device_async(batch: ForwardBatch, device: torch.device) -> ForwardBatch:

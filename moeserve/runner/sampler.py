@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.backend_choice import fused_kernels_available
 from moeserve.sampling_params import SamplingParams
 from moeserve.scheduler.output import TokenLogprobs
 
@@ -51,10 +52,10 @@ class Sampler:
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         random = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(greedy) == len(rows):  # the common all-greedy batch: no index tensor to copy to the device
-            tokens = logits.argmax(dim=-1)
+            tokens = _argmax(logits)
         elif greedy:
             idx = host_to_device(greedy, logits.device, torch.int64)
-            tokens[idx] = logits[idx].argmax(dim=-1)
+            tokens[idx] = _argmax(logits[idx])
         if random:
             idx = host_to_device(random, logits.device, torch.int64)
             tokens[idx] = self._sample_random(logits[idx].float(), [rows[i] for i in random])
@@ -80,6 +81,16 @@ class Sampler:
         g = torch.Generator(device=device)
         g.manual_seed((row.params.seed * _SEED_STRIDE + row.num_output_tokens) % (2**63))
         return g
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) of [S, V] logits: on CUDA one Triton launch with many programs a row
+    (`moeserve.kernels.argmax`), where torch reduces a row in one."""
+    if fused_kernels_available(logits) and logits.stride(-1) == 1:
+        from moeserve.kernels.argmax import argmax_rows
+
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def _filter(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
