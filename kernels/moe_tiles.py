@@ -21,10 +21,12 @@ from .pdl import launch_kwargs
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-def gemm_meta(cfg: GemmConfig, block_m: int, fp8: bool, device: torch.device) -> dict:
-    """Launch constants every grouped-GEMM kernel takes, aligned or pairs (each module adds its own)."""
+def gemm_meta(cfg: GemmConfig, block_m: int, fp8: bool, device: torch.device, pdl: bool = True) -> dict:
+    """Launch constants every grouped-GEMM kernel takes, aligned or pairs (each module adds its own); pdl=False
+    launches it without programmatic dependent launch (after the kernel before has ended)."""
     return dict(FP8=fp8, QBLOCK=GROUP, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(device))
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **(launch_kwargs(device) if pdl else dict(USE_PDL=False)))
 
 
 def act_quant_meta(act_scale: torch.Tensor | None, round_dtype: torch.dtype) -> dict:
@@ -35,10 +37,12 @@ def act_quant_meta(act_scale: torch.Tensor | None, round_dtype: torch.dtype) -> 
     return dict(QUANT_ACT=True, ROUND_DTYPE=_TL_DTYPES[round_dtype])
 
 
-def ptr_gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool, device: torch.device) -> dict:
+def ptr_gemm_meta(cfg: GemmConfig, block_m: int, n: int, k: int, fp8: bool, device: torch.device,
+                  pdl: bool = True) -> dict:
     """`gemm_meta` plus the pointer-load kernels' EVEN_K / EVEN_N: K and N (the GEMM's reduction and output
     widths) are whole tiles, so loads and stores need no mask."""
-    return dict(gemm_meta(cfg, block_m, fp8, device), EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0)
+    return dict(gemm_meta(cfg, block_m, fp8, device, pdl), EVEN_K=k % cfg.block_k == 0,
+                EVEN_N=n % cfg.block_n == 0)
 
 
 def aligned_ptr_meta(cfg: GemmConfig) -> dict:
