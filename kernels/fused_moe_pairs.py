@@ -30,6 +30,7 @@ import triton.language as tl
 # per_token_group_quant_fp8 is looked up on its module at each call, so a test can count the launches.
 from . import fp8 as fp8_quant
 from .counters import completion_counters, last_to_arrive
+from .device import num_sms
 from .fp8 import FP8_DTYPE, GROUP
 from .moe_configs import GemmConfig, MoEConfig
 from .moe_tiles import (
@@ -221,11 +222,12 @@ def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor
     Returns act: [M*k, I] out_dtype, row m*k+j for choice j of token m, already times topk_weights[m, j]
     unless fp8; rows of dropped choices are unwritten. act_scale: as in `gate_up` ([M*k, ceil(I/128)]).
 
-    Launched without programmatic dependent launch, after the kernel before (the router) has ended. In the
-    engine on the H100 (Qwen3-30B-A3B, 8 layers), launching it early under PDL made the batch-1 decode graph
-    0.788-0.793 ms against 0.762-0.765 (3 µs a layer; batch 2 even). Moving gate/up's trigger for down to its
-    end did not take that back, and no other decode kernel gained from leaving PDL (benchmarks/RESULTS.md,
-    session 19)."""
+    A grid of at most one wave (one program per multiprocessor) launches without programmatic dependent
+    launch, after the kernel before (the router) has ended. In the engine on the H100 (Qwen3-30B-A3B, 8
+    layers; M=1 is 96 programs), launching it early under PDL made the batch-1 decode graph 0.788-0.793 ms
+    against 0.762-0.765 (3 µs a layer). Moving gate/up's trigger for down to its end did not take that back,
+    and no other decode kernel gained from leaving PDL. Larger grids keep PDL: at batch 2 (384 programs) the
+    engine was even without it, and back-to-back calls 2-3% slower (benchmarks/RESULTS.md, session 19)."""
     num_experts, two_i, hidden_size = w13.shape
     inter = two_i // 2
     num_pairs = topk_ids.numel()
@@ -237,8 +239,8 @@ def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor
                                 hidden_size, inter, topk_ids.shape[1],
                                 x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0),
                                 xs.stride(0), ws.stride(0), ws.stride(1), **act_quant_meta(act_scale, out_dtype),
-                                SWAP=cfg.swap_ab,
-                                **ptr_gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device, pdl=False))
+                                SWAP=cfg.swap_ab, **ptr_gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device,
+                                                                  pdl=grid[0] > num_sms(x.device)))
     return act
 
 

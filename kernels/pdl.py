@@ -14,7 +14,7 @@ anywhere in the chain. The one exception is fused-MoE's down kernel under `MoECo
 for gate/up's launch to end, only for per-block counts, and its gate/up triggers only once each program's block
 tables are read, so that when down ends gate/up touches no memory (its counts are each program's last access).
 Later kernels then wait on down, not on gate/up. The small-M fused-MoE gate/up (`fused_moe_pairs.gate_up_pairs`)
-is launched without PDL: launched early, it was slower in the batch-1 decode step (measured there).
+is launched without PDL when its grid is one wave: launched early, it was slower in the batch-1 decode step.
 
 ``MOESERVE_PDL=0`` turns it off (for A/B timing and as an escape hatch).
 """
