@@ -1,7 +1,7 @@
 """Greedy sampling's argmax over the vocabulary, in one launch.
 
-`torch.argmax` over one row of a 152k vocabulary runs as one reduction of the whole row and took 9 µs on the
-H100 after each batch-1 decode step (benchmarks/RESULTS.md, session 19). Here each program takes a chunk of
+`torch.argmax` over one row of a 152k vocabulary runs as one reduction of the whole row: 8.8 µs on the H100
+after each batch-1 decode step, 2.8 µs here (benchmarks/RESULTS.md, session 19). Here each program takes a chunk of
 a row, and the last of a row's programs to finish (`counters.last_to_arrive`) picks among the chunks' maxima.
 The result is torch.argmax's: the first index of the row's maximum. NaN counts as +inf (torch ranks NaN above
 +inf); a row of -inf gives 0, as torch does.

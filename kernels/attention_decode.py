@@ -49,7 +49,7 @@ def choose_num_splits(
     More splits raise memory parallelism but each costs a partial output write and read. A split of fewer
     than ``min_steps`` k steps of ``block_n`` tokens (at max_seq_len) is not made: the MLA kernels keep 4,
     whose programs fill a multiprocessor and whose partials are 512 wide. GQA decode takes 1 (see
-    `paged_decode_attention`).
+    `gqa_num_splits`).
     """
     target = int(programs_per_sm * num_sms(device))
     splits = triton.cdiv(target, max(num_programs, 1))
