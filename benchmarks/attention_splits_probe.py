@@ -32,7 +32,6 @@ import sys
 import time
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +40,7 @@ from kernels_small import time_graph  # noqa: E402
 from moeserve.kernels.attention_decode import (  # noqa: E402
     choose_block_n,
     gqa_num_splits,
+    head_grid,
     paged_decode_attention,
     use_fused_reduce,
 )
@@ -69,8 +69,8 @@ def make_copies(batch: int, ctx: int, copies: int, seed: int):
 def rule(batch: int, ctx: int, max_seq_len: int) -> dict:
     """What the current code picks for this shape: split counts for a graph runner (its max_seq_len is the
     context limit) and for an eager step."""
-    group = HQ // HK  # as paged_decode_attention sizes its merge
-    heads_per_program = min(group, max(16, min(BLOCK_H, triton.next_power_of_2(group))))
+    group = HQ // HK
+    heads_per_program = min(group, head_grid(group, HK, BLOCK_H)[0])  # as paged_decode_attention's merge
     dev = torch.device("cuda")
     graph = gqa_num_splits(batch, HQ, HK, max_seq_len, dev)
     eager = gqa_num_splits(batch, HQ, HK, ctx, dev)
@@ -121,10 +121,8 @@ def spread_pages(k: torch.Tensor, v: torch.Tensor, tables: list[torch.Tensor], s
     return big_k, big_v, [where[t.long()].to(torch.int32) for t in tables]
 
 
-def make_flush(cold: str | None):
+def make_flush(cold: str):
     """A callable that leaves L2 (and for `spread`, address translation) as a decode step's MoE leaves it."""
-    if cold is None:
-        return lambda: None
     if cold == "spread":  # 128 reads of 1 MiB, 128 MiB apart
         pieces = torch.empty(SPREAD_BYTES // 4, dtype=torch.float32, device="cuda").view(128, -1)
         return lambda: pieces[:, : 2**18].sum()
@@ -145,7 +143,7 @@ def probe_tiles(batch: int, ctx: int, seed: int, max_seq_len: int, cold: str | N
     if cold == "spread":
         k, v, tables = spread_pages(k, v, tables, seed)
     q_src = q.clone()
-    flush = make_flush(cold)
+    flush = make_flush(cold) if cold else None
     splits = rule(batch, ctx, max_seq_len)["graph_splits"]
     tiles = itertools.product((32, 64, 128), (4, 8), (1, 2, 3))
     if picked_only:

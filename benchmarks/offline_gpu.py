@@ -461,7 +461,7 @@ class CompileLog:
         return False
 
     def summary(self) -> dict:
-        """Per phase: number of compilations, their seconds, and the slowest kernels."""
+        """Per phase: number of compilations, their seconds and each kernel's count; the timed run's one by one."""
         out: dict = {}
         for c in self.compiles:
             p = out.setdefault(c["phase"], dict(count=0, seconds=0.0, kernels={}))
@@ -552,7 +552,6 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
         result["first_token_agreement"] = agree / len(prompts)
     if log is not None:
         result["compiles"] = log.summary()
-        log.phase = "after"
     out_tokens = args.num_requests * args.output_len
     for key in ("moeserve", "moeserve_sync", "transformers"):
         if key in result:

@@ -241,7 +241,7 @@ def use_fused_reduce(num_splits: int, heads_per_program: int, head_dim_v: int) -
     return num_splits > 1 and num_splits * heads_per_program * head_dim_v * 4 <= FUSED_REDUCE_MAX_BYTES
 
 
-def _head_blocks(group: int, kv_heads: int, block_h: int) -> tuple[int, int]:
+def head_grid(group: int, kv_heads: int, block_h: int) -> tuple[int, int]:
     """(query heads a program takes, programs per request): a program takes up to block_h of a KV head's
     query heads, at least 16 rows (tl.dot's minimum)."""
     block_h = max(16, min(block_h, triton.next_power_of_2(group)))
@@ -259,7 +259,7 @@ def gqa_num_splits(num_reqs: int, num_heads: int, kv_heads: int, max_seq_len: in
     MLA kernels' 4-step minimum, a batch-1 graph for max_model_len 1344 took 11 splits of three 32-token
     steps: on the H100 (Qwen3-30B-A3B, context 1024, no PDL) the kernel took 8.9 µs a layer, 4.9 with 32
     splits of one 64-token step, and the merge 1.7 against 2.6 (benchmarks/RESULTS.md, session 19)."""
-    _, grid_hb = _head_blocks(num_heads // kv_heads, kv_heads, block_h)
+    _, grid_hb = head_grid(num_heads // kv_heads, kv_heads, block_h)
     return choose_num_splits(num_reqs * grid_hb, max_seq_len, block_n or DEFAULT_BLOCK_N, device, min_steps=1)
 
 
@@ -328,7 +328,7 @@ def paged_decode_attention(
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert block_tables.shape[0] == num_reqs and seq_lens.shape[0] == num_reqs
     group = num_heads // kv_heads
-    block_h, grid_hb = _head_blocks(group, kv_heads, block_h)
+    block_h, grid_hb = head_grid(group, kv_heads, block_h)
     if num_splits is None:
         num_splits = gqa_num_splits(num_reqs, num_heads, kv_heads, max_seq_len, q.device, block_h, block_n)
     block_n = block_n or choose_block_n(num_splits)

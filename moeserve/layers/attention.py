@@ -17,7 +17,7 @@ from moeserve.attention.base import AttentionBackend
 from moeserve.forward_batch import ForwardBatch
 from moeserve.layers.linear import Linear
 from moeserve.layers.norm import RMSNorm
-from moeserve.layers.rotary import RopeCache
+from moeserve.layers.rotary import KVStore, RopeCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +73,7 @@ class _PagedAttention(nn.Module):
             self.backend.write_kv(self.k_cache, self.v_cache, k, v, batch.attn)
         return self.backend.attend(q, self.k_cache, self.v_cache, batch.attn, scale)
 
-    def _kv_store(
-        self, v: torch.Tensor | None, batch: ForwardBatch
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _kv_store(self, v: torch.Tensor | None, batch: ForwardBatch) -> KVStore | None:
         """(v, k_cache, v_cache, slot_mapping) for a kernel that produces k to store k and v itself
         (`RopeCache.apply_qk`), where that is what the backend's `write_kv` would do
         (`AttentionBackend.writes_by_slot`); else None."""

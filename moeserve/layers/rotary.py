@@ -18,6 +18,10 @@ from torch import nn
 from moeserve.backend_choice import fused_kernels_available
 from moeserve.models.config import RopeScaling, yarn_mscale
 
+# (v, k_cache, v_cache, slot_mapping): where an attention layer's backend stores k and v next
+# (`RopeCache.apply_qk`'s store; `moeserve.kernels.kv_store.KVWrite`'s fields, without importing Triton).
+KVStore = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [rotary_dim // 2] float32, and the factor that multiplies cos/sin (YaRN)."""
@@ -100,7 +104,7 @@ class RopeCache:
 
     def apply_qk(
         self, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None,
-        store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        store: KVStore | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """q: [T, Hq, head_dim], k: [T, Hk, head_dim] -> (q, k, stored): both per-head RMS-normalised (when
         q_norm / k_norm, `RMSNorm` modules, are given) and rotated. The fused path runs one kernel and writes
