@@ -57,6 +57,9 @@ class EngineLimits(_Strict):
     )
     enable_cuda_graphs: bool = True
     cuda_graph_max_batch: int = Field(256, ge=1, le=1024)
+    warmup_kernels: bool = Field(
+        True, description="compile the MoE kernels of every step size at start-up, not in first requests (CUDA)"
+    )
     attention_backend: Literal[ATTENTION_BACKENDS] = Field(
         "auto", description="auto: Triton on CUDA, torch elsewhere; flashinfer: decode through FlashInfer (CUDA, "
         "needs the flashinfer package)"
@@ -160,7 +163,8 @@ class DeployConfig(_Strict):
             expert_parallel_size=self.parallel.ep, num_redundant_experts=self.parallel.redundant_experts,
             enable_tbo=self.parallel.tbo, moe_dispatcher=self.parallel.dispatcher,
             async_scheduling=e.async_scheduling, enable_cuda_graphs=e.enable_cuda_graphs,
-            cuda_graph_max_batch=e.cuda_graph_max_batch, attention_backend=e.attention_backend,
+            cuda_graph_max_batch=e.cuda_graph_max_batch, warmup_kernels=e.warmup_kernels,
+            attention_backend=e.attention_backend,
             expert_kernel=e.expert_kernel,
         )
 

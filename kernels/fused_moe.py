@@ -41,8 +41,8 @@ import triton.language as tl
 from . import fp8 as fp8_quant
 from . import fused_moe_tma
 from .fp8 import FP8_DTYPE, GROUP
-from .fused_moe_pairs import fused_moe_pairs
-from .moe_align import AlignedRouting, moe_align
+from .fused_moe_pairs import fused_moe_pairs, gate_up_pairs_pdl
+from .moe_align import AlignedRouting, align_plan, moe_align
 from .moe_configs import GemmConfig, MoEConfig, get_config, lookup_tokens
 from .moe_tiles import (
     act_quant_meta,
@@ -351,3 +351,29 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
         y = down(act, w2, topk_weights, routing, cfg.down, hidden.dtype, after_gate_up=after)
     return topk_sum(y, topk_ids, num_experts, out)
 
+
+
+def warmup_token_counts(max_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, fp8: bool,
+                        sms: int, global_experts: int | None = None) -> list[int]:
+    """Token counts whose `fused_moe` calls, run once each, compile every kernel that a call of 1..max_tokens
+    rows takes on weights of this shape, on a device of `sms` multiprocessors (Triton compiles on first use:
+    1-3 s a table entry on a fresh machine).
+
+    A call's kernels depend on its M only through its table entry (`get_config`) and, in the aligned path, its
+    align's method and CHUNK (`moe_align.align_plan`, which change at powers of two of the M*top_k pairs), in
+    the pairs path whether gate/up launches under PDL (`fused_moe_pairs.gate_up_pairs_pdl`). Sizes are not
+    specialised into the kernels (`do_not_specialize`, and block tables aligned whatever their length). Walking
+    M up from 1, the first M of each new combination."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    counts, seen = [], set()
+    for m in range(1, max_tokens + 1):
+        cfg = get_config(m, num_experts, hidden, inter, top_k, fp8, global_experts=global_experts)
+        if cfg.pairs:
+            variant = (cfg, gate_up_pairs_pdl(m * top_k, inter, cfg.gate_up, sms))
+        else:
+            variant = (cfg, align_plan(m * top_k))
+        if variant not in seen:
+            seen.add(variant)
+            counts.append(m)
+    return counts

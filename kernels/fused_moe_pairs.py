@@ -240,8 +240,15 @@ def gate_up_pairs(x: torch.Tensor, w13: torch.Tensor, topk_weights: torch.Tensor
                                 x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), as_.stride(0),
                                 xs.stride(0), ws.stride(0), ws.stride(1), **act_quant_meta(act_scale, out_dtype),
                                 SWAP=cfg.swap_ab, **ptr_gemm_meta(cfg, block_m, inter, hidden_size, fp8, x.device,
-                                                                  pdl=grid[0] > num_sms(x.device)))
+                                                                  pdl=gate_up_pairs_pdl(num_pairs, inter, cfg,
+                                                                                        num_sms(x.device))))
     return act
+
+
+def gate_up_pairs_pdl(num_pairs: int, inter: int, cfg: GemmConfig, sms: int) -> bool:
+    """Whether `gate_up_pairs` launches under programmatic dependent launch on a device of `sms`
+    multiprocessors: where its grid is more than one wave (see there)."""
+    return num_pairs * triton.cdiv(inter, cfg.block_n) > sms
 
 
 def down_pairs(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,

@@ -210,6 +210,18 @@ def _scatter_kernel(ids_ptr, sorted_ptr, block_expert_ptr, block_rows_ptr, ready
         tl.store(cursor_ptr + experts, zero)
 
 
+def align_plan(num_pairs: int, method: str | None = None) -> tuple[str, int]:
+    """(method, CHUNK) of `moe_align` for num_pairs entries of topk_ids: the method by default by the count (see
+    SINGLE_PROGRAM_MAX_PAIRS). Pairs are counted CHUNK at a time; at decode sizes a full 1024-wide histogram
+    would be mostly masked. The scatter path runs one program per chunk. Each (method, CHUNK) is its own
+    compiled kernel."""
+    if method is None:
+        method = ("single" if num_pairs <= SINGLE_PROGRAM_MAX_PAIRS else
+                  "ranked" if num_pairs <= RANKED_MAX_PAIRS else "scatter")
+    return method, min(_SCATTER_CHUNK if method == "scatter" else _CHUNK,
+                       max(16, triton.next_power_of_2(num_pairs)))
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
               method: str | None = None) -> AlignedRouting:
     """topk_ids: [M, top_k] int32, contiguous; -1 or ids >= num_experts are dropped.
@@ -218,20 +230,19 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     assert topk_ids.dtype == torch.int32 and topk_ids.is_contiguous(), "topk_ids must be contiguous int32"
     assert block_m >= 16 and block_m & (block_m - 1) == 0, f"block_m: power of 2 >= 16, got {block_m}"
     num_pairs = topk_ids.numel()
-    if method is None:
-        method = ("single" if num_pairs <= SINGLE_PROGRAM_MAX_PAIRS else
-                  "ranked" if num_pairs <= RANKED_MAX_PAIRS else "scatter")
+    method, chunk = align_plan(num_pairs, method)
     if method not in METHODS:
         raise ValueError(f"moe_align: method must be one of {METHODS}, got {method!r}")
     device = topk_ids.device
     max_blocks = max_blocks_for(num_pairs, num_experts, block_m)
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
-    # The three block tables in one allocation (every entry of each is written by the align).
-    block_expert, block_rows, block_ready = torch.empty(3, max_blocks, dtype=torch.int32, device=device).unbind(0)
+    # The three block tables in one allocation (every entry of each is written by the align). Each row starts
+    # 16 bytes aligned whatever max_blocks is: Triton compiles a kernel apart for each pointer alignment, and
+    # the tables' would otherwise change with the call's size (so would the kernels a warm-up compiled).
+    row = -(-max_blocks // 4) * 4
+    tables = torch.empty(3, row, dtype=torch.int32, device=device)[:, :max_blocks]
+    block_expert, block_rows, block_ready = tables.unbind(0)
     e_pow2 = triton.next_power_of_2(num_experts + 1)
-    # Pairs are counted CHUNK at a time; at decode sizes a full 1024-wide histogram would be mostly masked.
-    # The scatter path runs one program per chunk.
-    chunk = min(_SCATTER_CHUNK if method == "scatter" else _CHUNK, max(16, triton.next_power_of_2(num_pairs)))
     meta = dict(E_POW2=e_pow2, CHUNK=chunk, **launch_kwargs(device))
     layout = dict(meta, BLOCK_M=block_m, BLOCKS_CHUNK=_BLOCKS_CHUNK)
     args = (num_pairs, num_experts, max_blocks)

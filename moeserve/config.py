@@ -27,6 +27,10 @@ class EngineConfig:
     enable_cuda_graphs: capture the decode forward in CUDA graphs at start-up and replay them for decode-only
         steps (CUDA with graph-safe attention and expert kernels only; otherwise start-up logs why not).
     cuda_graph_max_batch: largest decode batch (requests) run through a graph; larger ones run eagerly.
+    warmup_kernels: at start-up on CUDA, run the router and the expert kernel once at each token count that
+        takes other kernels, up to the largest a step can bring (`MoELayer.warm_up`), so that Triton compiles
+        them then rather than inside the first request of that size (1-3 s a fused-MoE table entry on a fresh
+        machine; Triton's cache on disk makes later start-ups quick).
     async_scheduling: schedule and launch step N+1 before waiting for step N's sampled tokens, so host work
         overlaps device work. None (auto): on for a lone CUDA rank; off on CPU, where the forward runs in
         the caller's thread and nothing would overlap, and off for lockstep DP/EP ranks unless set True.
@@ -56,6 +60,7 @@ class EngineConfig:
     eplb_window_steps: int = 1000  # steps of expert load kept for rebalancing
     enable_cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
+    warmup_kernels: bool = True
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
@@ -82,8 +87,9 @@ class EngineConfig:
             )
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling={self.async_scheduling!r} must be None (auto), True or False")
-        if not isinstance(self.enable_cuda_graphs, bool):
-            raise ValueError(f"enable_cuda_graphs={self.enable_cuda_graphs!r} must be True or False")
+        for flag in ("enable_cuda_graphs", "warmup_kernels"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
         if self.expert_parallel_size not in (1, self.data_parallel_size):
             raise ValueError(
                 f"expert_parallel_size={self.expert_parallel_size} is not supported with data_parallel_size="

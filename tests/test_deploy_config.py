@@ -20,9 +20,11 @@ def test_example_deploy_yaml_parses_and_maps_to_the_engine(tmp_path):
 
 
 def test_engine_backends_reach_the_engine_config(tmp_path):
-    data = {"model": str(tmp_path), "engine": {"attention_backend": "flashinfer", "expert_kernel": "triton"}}
+    data = {"model": str(tmp_path),
+            "engine": {"attention_backend": "flashinfer", "expert_kernel": "triton", "warmup_kernels": False}}
     engine = parse_deploy_config(data).engine_config(str(tmp_path))
     assert (engine.attention_backend, engine.expert_kernel) == ("flashinfer", "triton")
+    assert not engine.warmup_kernels
 
 
 def test_unknown_attention_backend_is_named_with_the_choices(tmp_path):

@@ -14,7 +14,7 @@ from moeserve import LLM, SamplingParams
 from moeserve.config import EngineConfig
 from moeserve.moe.layer import MoELayer
 from moeserve.runner.cuda_graphs import CudaGraphRunner, graph_batch_sizes, graph_unsupported_reason
-from moeserve.runner.model_runner import ModelRunner
+from moeserve.runner.model_runner import ModelRunner, max_expert_rows
 from moeserve.scheduler.output import ScheduledRequest, SchedulerOutput
 from moeserve.testing.tiny_checkpoints import ARCHITECTURES, VOCAB_SIZE
 
@@ -126,6 +126,18 @@ def test_config_validates_graph_options():
         EngineConfig(cuda_graph_max_batch=4096)
     with pytest.raises(ValueError, match="enable_cuda_graphs"):
         EngineConfig(enable_cuda_graphs="yes")
+
+
+def test_kernel_warm_up_option_and_the_rows_it_covers():
+    """The warm-up is on by default and a bool; it covers the step's token budget (or decode batch when larger),
+    times the DP ranks whose tokens an expert-parallel rank may receive."""
+    assert EngineConfig().warmup_kernels
+    with pytest.raises(ValueError, match="warmup_kernels"):
+        EngineConfig(warmup_kernels="no")
+    assert max_expert_rows(EngineConfig()) == 2048
+    assert max_expert_rows(EngineConfig(max_num_batched_tokens=128, max_num_seqs=512)) == 512
+    assert max_expert_rows(EngineConfig(data_parallel_size=4)) == 2048  # DP attention, every rank all experts
+    assert max_expert_rows(EngineConfig(data_parallel_size=4, expert_parallel_size=4)) == 4 * 2048
 
 
 def test_graph_sizes_cover_every_batch_up_to_the_limit():

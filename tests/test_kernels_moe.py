@@ -146,6 +146,53 @@ def test_config_tables_are_valid_and_pick_nearest_m():
         MoEConfig(16, GemmConfig(32, 64, loads="tma"), GemmConfig(64, 64), pairs="pair")
 
 
+def _compiled_by(m: int, e: int, h: int, i: int, k: int, fp8: bool, sms: int) -> set:
+    """What a `fused_moe` call of m rows compiles, as far as it depends on m: its table entry's tiles and, in the
+    aligned path, its align (block_m, method, CHUNK), in the pairs path whether gate/up's grid takes PDL."""
+    from moeserve.kernels.moe_align import align_plan
+    from moeserve.kernels.moe_configs import get_config
+
+    cfg = get_config(m, e, h, i, k, fp8)
+    if cfg.pairs:
+        return {("tiles", cfg), ("pdl", cfg.gate_up.block_n, m * k * -(-i // cfg.gate_up.block_n) > sms)}
+    return {("tiles", cfg), ("align", cfg.block_m, align_plan(m * k))}
+
+
+@pytest.mark.parametrize("max_tokens", [1, 100, 2048, 16384])
+def test_warmup_counts_reach_every_kernel_a_call_takes(max_tokens):
+    """For every shipped table at top-k 2, 6 and 8 on an H100 (132 multiprocessors): whatever a call of
+    1..max_tokens rows compiles, one of the warm-up's calls compiled already (so a first request of a new size
+    waits for no Triton compilation). The GPU test below checks it with Triton's own compile hook."""
+    from moeserve.kernels.fused_moe import warmup_token_counts
+    from moeserve.kernels.moe_configs import CONFIG_DIR
+
+    sizes = range(1, max_tokens + 1) if max_tokens <= 2048 else sorted(
+        {*range(1, 2049), *range(2049, max_tokens + 1, 7), max_tokens})
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        e, h, i = (int(part[1:]) for part in path.stem.split("_")[:3])
+        fp8 = path.stem.endswith("fp8")
+        for k in (2, 6, 8):
+            counts = warmup_token_counts(max_tokens, e, h, i, k, fp8, 132)
+            assert counts == sorted(set(counts)) and counts[0] == 1 and counts[-1] <= max_tokens
+            warmed = set().union(*(_compiled_by(m, e, h, i, k, fp8, 132) for m in counts))
+            missed = [m for m in sizes if not _compiled_by(m, e, h, i, k, fp8, 132) <= warmed]
+            assert not missed, f"{path.name} top-{k}: calls of {missed[:5]} rows compile after the warm-up"
+
+
+def test_triton_experts_warmup_counts_follow_the_table_it_looks_up():
+    """TritonExperts names the counts of its weights' table (the model's, for an EP rank's share without one);
+    the torch kernel compiles nothing and names none."""
+    from moeserve.kernels.fused_moe import warmup_token_counts
+    from moeserve.moe.experts import TorchExperts
+    from moeserve.moe.triton_experts import TritonExperts
+
+    rank_share = torch.empty(64, 2 * 768, 2048, device="meta")  # Qwen3-30B-A3B over EP 2: no E64 table
+    model_table = warmup_token_counts(1000, 128, 2048, 768, 8, False, sms=8)  # a meta tensor's device: 8
+    assert TritonExperts(global_experts=128).warmup_token_counts(rank_share, 1000, 8) == model_table
+    assert TritonExperts().warmup_token_counts(rank_share, 1000, 8) != model_table  # the heuristic's tiles
+    assert TorchExperts().warmup_token_counts(rank_share, 1000, 8) == []
+
+
 def test_ep_rank_without_own_table_takes_global_table(monkeypatch, tmp_path):
     """An EP rank of Qwen3-30B-A3B (64 of 128 experts) has no E64 table: given the global count it takes the
     E128 entry nearest M (all-gather rows: the same pairs per expert as the unsharded call), else the heuristic.
@@ -440,6 +487,8 @@ def _check_align_twice(ids: torch.Tensor, num_experts: int, block_m: int, method
 def test_interp_align_layout(num_tokens, num_experts, top_k, block_m, method):
     _, ids = random_routing(num_tokens, num_experts, top_k, skip_expert=1, seed=num_tokens)
     routing = _check_align_twice(ids, num_experts, block_m, method)
+    # Triton compiles a kernel apart per pointer alignment: the tables' must not change with the call's size.
+    assert all(t.data_ptr() % 16 == 0 for t in (routing.block_expert, routing.block_rows, routing.block_ready))
     if method == "ranked":  # no atomics: each expert's slots hold its pairs in increasing order
         for b, r in enumerate(routing.block_rows.tolist()):
             got = routing.sorted_ids[b * block_m: b * block_m + r].tolist()
@@ -1000,10 +1049,16 @@ def spy_routing(monkeypatch) -> list:
 OVERLAP_TAILS = [(False, False), (True, True), (True, False), (False, True)]
 
 
+# Every tail combination in fp16; the slower variants (fp8 takes 10-19 s a case in the interpreter) with both
+# tails and one other combination each, so that CI keeps its time.
+OVERLAP_CASES = ([("fp16", *tails) for tails in OVERLAP_TAILS]
+                 + [("fp16 transposed mid", True, True), ("fp16 transposed mid", True, False),
+                    ("fp8", True, True), ("fp8", False, True), ("fp8 act quantised apart", True, True)])
+
+
 @interp
 @pytest.mark.usefixtures("nan_act")
-@pytest.mark.parametrize("variant", ["fp16", "fp16 transposed mid", "fp8", "fp8 act quantised apart"])
-@pytest.mark.parametrize("gu_tail,dn_tail", OVERLAP_TAILS)
+@pytest.mark.parametrize("variant,gu_tail,dn_tail", OVERLAP_CASES)
 def test_interp_overlap_counts_every_block_and_matches(variant, gu_tail, dn_tail, monkeypatch):
     """MoEConfig.overlap: gate/up counts each block's N tiles as written, down waits for them. Every used block,
     a tail block whose rows its expert's previous block wrote too, ends at gate/up's N-tile count (a block
@@ -1569,3 +1624,44 @@ def test_gpu_short_tiles_match_reference(name, fp8, loads, ws, swap_ab):
         cfg = MoEConfig(bm, tile, tile)
         out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
         assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2), short_m
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3", "mixtral"])
+def test_gpu_no_compilation_after_the_warm_up_counts(name):
+    """After one `fused_moe` call at each of `warmup_token_counts`' counts (what `MoELayer.warm_up` runs at
+    engine start-up), calls of other sizes up to the limit compile no Triton kernel (Triton's JIT hook)."""
+    import triton
+
+    from moeserve.kernels import fused_moe
+    from moeserve.kernels.fused_moe import warmup_token_counts
+
+    e, routed, k, h, i = TARGETS[name]
+    max_tokens = 2048
+    x, w13, w2, _, _, _ = _target_inputs(name, max_tokens, False, seed=3)
+    g = torch.Generator().manual_seed(4)
+
+    def call(m: int) -> None:
+        ids = torch.rand(m, e, generator=g).topk(k, dim=1).indices.to(torch.int32).cuda()
+        fused_moe(x[:m], w13, w2, torch.rand(m, k, generator=g).cuda(), ids)
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for m in warmup_token_counts(max_tokens, e, h, i, k, False, sms):
+        call(m)
+    torch.cuda.synchronize()
+    compiled = []
+
+    def record(*, fn, **_) -> bool:
+        compiled.append(fn.name)
+        return False  # compile as usual
+
+    runtime = triton.knobs.runtime
+    hook, runtime.jit_cache_hook = runtime.jit_cache_hook, record
+    try:
+        sizes = [3, 5, 7, 24, 40, 63, 100, 129, 200, 257, 300, 450, 600, 700, 999, 1300, 1500, 2047, max_tokens]
+        for m in sizes + torch.randint(1, max_tokens + 1, (20,), generator=g).tolist():
+            call(m)
+        torch.cuda.synchronize()
+    finally:
+        runtime.jit_cache_hook = hook
+    assert not compiled, f"compiled after the warm-up: {compiled}"

@@ -298,3 +298,39 @@ def test_moe_layer_runs_on_zero_tokens():
     with torch.inference_mode():
         out = layer(torch.zeros(0, h), batch)
     assert out.shape == (0, h)
+
+
+@pytest.mark.parametrize("slots,top_k", [(6, 2), (3, 4)], ids=["all-local", "fewer-slots-than-k"])
+def test_moe_layer_warm_up_calls_the_expert_kernel_at_its_counts_and_changes_nothing(slots, top_k):
+    """`MoELayer.warm_up` runs the router and the expert kernel once at each count the kernel names, on this
+    rank's own slots: ids distinct per row and in [0, slots), -1 beyond them (an EP rank holding fewer slots than
+    k); it neither dispatches nor records load nor writes weights."""
+    e, h, i = 6, 8, 8
+    placement = ExpertPlacement(torch.arange(e)[None], e, ep_rank=0, ep_size=e // slots)
+    calls, asked = [], []
+
+    class Recording(TorchExperts):
+        def warmup_token_counts(self, w13, max_tokens, top_k):
+            asked.append((tuple(w13.shape), max_tokens, top_k))
+            return [1, 5, max_tokens]
+
+        def __call__(self, hidden, w13, w2, topk_weights, topk_ids, *, num_pairs=None):
+            calls.append((hidden.shape, topk_weights.shape, topk_ids.clone()))
+            return super().__call__(hidden, w13, w2, topk_weights, topk_ids)
+
+    class NoDispatch(LocalDispatcher):
+        def dispatch_begin(self, *args, **kwargs):
+            raise AssertionError("the warm-up must not dispatch")
+
+    ctx = dataclasses.replace(_ctx(torch.arange(e)[None], e), placement=placement, expert_kernel=Recording(),
+                              dispatcher=NoDispatch(placement.num_local_slots))
+    layer = _build_layer(ctx, RoutingConfig(top_k=top_k), _random_experts(e, h, i, 2), torch.randn(e, h))
+    before = [p.clone() for p in layer.parameters()]
+    assert layer.warm_up(12) == [1, 5, 12]
+    assert asked == [((slots, 2 * i, h), 12, top_k)]
+    assert [(tuple(x), tuple(w)) for x, w, _ in calls] == [((n, h), (n, top_k)) for n in (1, 5, 12)]
+    for _, _, ids in calls:
+        valid = ids[:, : min(top_k, slots)]
+        assert ((valid >= 0) & (valid < slots)).all() and (ids[:, min(top_k, slots):] == -1).all()
+        assert all(len(set(row.tolist())) == valid.shape[1] for row in valid)
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))

@@ -33,6 +33,12 @@ class ExpertKernel(ABC):
         Returns [M, H] in hidden's dtype: sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(hidden[m]); a row
         whose choices are all -1 gets exact zeros (dispatchers add such rows into real tokens)."""
 
+    def warmup_token_counts(self, w13: torch.Tensor, max_tokens: int, top_k: int) -> list[int]:
+        """Token counts to call this kernel at once each, at start-up, so that calls of up to max_tokens rows
+        and top_k choices on these weights compile nothing later (`MoELayer.warm_up`). Kernels that compile
+        nothing: none."""
+        return []
+
 
 def torch_experts(
     hidden: torch.Tensor,

@@ -141,6 +141,25 @@ class MoELayer(nn.Module):
         y = dispatcher.combine_end(pending)
         return y if shared is None else y + shared
 
+    @torch.no_grad()
+    def warm_up(self, max_tokens: int, seed: int = 0) -> list[int]:
+        """Run the router and the expert kernel once at each token count the kernel names for calls of up to
+        max_tokens rows (`ExpertKernel.warmup_token_counts`), so that Triton compiles their kernels now rather
+        than inside a first request of that size. Random activations; each row chooses top_k distinct local
+        slots at random (all of them when this rank holds fewer). Local to this rank: no dispatch, no
+        collective, no expert load recorded, no weight or cache written. Returns the counts run."""
+        device, slots, top_k = self.w13.device, self.w13.shape[0], self.routing.top_k
+        counts = self.expert_kernel.warmup_token_counts(self.w13, max_tokens, top_k)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for n in counts:
+            x = torch.randn(n, self.hidden_size, generator=gen, device=device).to(self.w13.dtype)
+            weights, _ = self.route(x)
+            ids = torch.full((n, top_k), -1, dtype=torch.int32, device=device)
+            chosen = torch.rand(n, slots, generator=gen, device=device).topk(min(top_k, slots), dim=1).indices
+            ids[:, : chosen.shape[1]] = chosen.to(torch.int32)
+            self.expert_kernel(x, self.w13, self.w2, weights, ids)
+        return counts
+
     def route(
         self, x: torch.Tensor, num_real_tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

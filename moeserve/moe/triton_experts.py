@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from moeserve.kernels import fused_moe
+from moeserve.kernels.device import num_sms
+from moeserve.kernels.fp8 import FP8_DTYPE
+from moeserve.kernels.fused_moe import warmup_token_counts
 from moeserve.moe.experts import ExpertKernel
 
 
@@ -39,3 +42,10 @@ class TritonExperts(ExpertKernel):
         topk_ids = topk_ids.to(torch.int32).contiguous()
         return fused_moe(hidden.contiguous(), w13, w2, topk_weights, topk_ids, w13_scale=w13_scale,
                          w2_scale=w2_scale, global_experts=self.global_experts, num_pairs=num_pairs)
+
+    def warmup_token_counts(self, w13: torch.Tensor, max_tokens: int, top_k: int) -> list[int]:
+        """Counts that reach every table entry and align variant of calls of 1..max_tokens rows
+        (`moeserve.kernels.fused_moe.warmup_token_counts`)."""
+        num_experts, two_i, hidden = w13.shape
+        return warmup_token_counts(max_tokens, num_experts, hidden, two_i // 2, top_k, w13.dtype == FP8_DTYPE,
+                                   num_sms(w13.device), global_experts=self.global_experts)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from moeserve.engine.dp_sync import StepPlan
 from moeserve.forward_batch import BlockTableRows, ForwardBatch, ForwardMode, build_forward_batch
 from moeserve.moe.dispatcher import Dispatcher, LocalDispatcher
 from moeserve.moe.experts import create_expert_kernel
+from moeserve.moe.layer import MoELayer
 from moeserve.moe.placement import ExpertPlacement
 from moeserve.moe.tbo import run_overlapped
 from moeserve.request import PLACEHOLDER
@@ -95,6 +97,9 @@ class ModelRunner:
                                      dispatcher.for_mode(ForwardMode.DECODE).name)
             if config.enable_cuda_graphs else "enable_cuda_graphs=False"
         )
+        if config.warmup_kernels and self.device.type == "cuda":
+            # Before the KV cache takes its share of free memory, which then leaves this peak out.
+            self._warm_up_kernels()
         # With graphs, one extra KV block (id num_blocks, never scheduled) absorbs the padding rows' writes.
         self.num_blocks = self._allocate_kv_cache(scratch_blocks=1 if graph_reason is None else 0)
         self.sampler = Sampler(config.seed)
@@ -110,6 +115,19 @@ class ModelRunner:
             mc.architecture, self.device, str(self.dtype).replace("torch.", ""), self.ctx.attention.name,
             self.ctx.expert_kernel.name, dispatcher.name, self.num_blocks, config.block_size,
         )
+
+    def _warm_up_kernels(self) -> None:
+        """Compile the MoE kernels of every step size now (`MoELayer.warm_up` on the first MoE layer: the others
+        have its shapes). Local to this rank: expert-parallel peers need not be in step."""
+        layer = next((m for m in self.model.modules() if isinstance(m, MoELayer)), None)
+        if layer is None:
+            return
+        t0 = time.perf_counter()
+        counts = layer.warm_up(max_expert_rows(self.config))
+        torch.cuda.synchronize(self.device)
+        if counts:
+            logger.info("MoE kernels warmed up for %d token counts (%d..%d) in %.1f s", len(counts), counts[0],
+                        counts[-1], time.perf_counter() - t0)
 
     def _allocate_kv_cache(self, scratch_blocks: int = 0) -> int:
         """Allocate and bind the paged KV cache; returns the number of blocks the scheduler may use
@@ -337,6 +355,13 @@ class ModelRunner:
         first_rows = sum(len(r.token_ids) for r in reqs[:cut])
         sample_indices = torch.cat([micro[0].sample_indices, micro[1].sample_indices + first_rows])
         return torch.cat(run_overlapped([self.model.forward_stages(mb) for mb in micro])), sample_indices
+
+
+def max_expert_rows(config: EngineConfig) -> int:
+    """The most rows an expert-kernel call can get in a step: the step's token budget (or its decode batch if
+    that is larger), times the ranks whose tokens an expert-parallel rank may receive."""
+    tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+    return tokens * (config.data_parallel_size if config.expert_parallel_size > 1 else 1)
 
 
 def _is_run(rows: list[int]) -> bool:
