@@ -36,17 +36,15 @@ def _cos_sin(angle):
 
 
 @triton.jit
-def _rope_heads(
-    X, Out, W, token, head0, num_heads,
-    stride_xt, stride_xh, stride_ot, stride_oh,
-    cos, sin, eps, Cache, slot, stride_cs,
+def rope_vectors(
+    X, Out, W, x_off, out_off, ok, cos, sin, eps, Cache, cache_off,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
-    BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr, HAS_REST: tl.constexpr,
-    STORE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, NORM: tl.constexpr, HAS_REST: tl.constexpr, STORE: tl.constexpr,
 ):
-    """Heads [head0, head0 + BLOCK_H) of one token; STORE: also into Cache's row slot (row stride stride_cs,
-    heads HEAD_DIM apart in a row), in the cache's dtype."""
-    heads = head0 + tl.arange(0, BLOCK_H)
+    """Head vectors of HEAD_DIM elements at X + x_off (a vector of element offsets, one per head vector; ok
+    masks them): RMS-normalised with W (NORM), rotated by cos / sin ([len(x_off) or 1, BLOCK_HALF]) and stored at
+    Out + out_off; STORE: also at Cache + cache_off, in the cache's dtype. A program of `_rope_kernel` passes the
+    heads of one token, `qkv_rope` the rows of one head."""
     offs = tl.arange(0, BLOCK_HALF)
     if INTERLEAVED:
         offs1 = 2 * offs
@@ -54,15 +52,15 @@ def _rope_heads(
     else:
         offs1 = offs
         offs2 = offs + HALF
-    mask = (heads < num_heads)[:, None] & (offs < HALF)[None, :]
-    row = X + token * stride_xt + heads[:, None] * stride_xh
+    mask = ok[:, None] & (offs < HALF)[None, :]
+    row = X + x_off[:, None]
     x1 = tl.load(row + offs1[None, :], mask=mask, other=0.0)
     act_dtype = x1.dtype
     x1 = x1.to(tl.float32)
     x2 = tl.load(row + offs2[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_REST:
         offs_r = 2 * HALF + tl.arange(0, BLOCK_REST)
-        mask_r = (heads < num_heads)[:, None] & (offs_r < HEAD_DIM)[None, :]
+        mask_r = ok[:, None] & (offs_r < HEAD_DIM)[None, :]
         xr = tl.load(row + offs_r[None, :], mask=mask_r, other=0.0).to(tl.float32)
     if NORM:
         sum_sq = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
@@ -78,14 +76,14 @@ def _rope_heads(
             xr = (wr * (xr * rstd).to(act_dtype).to(tl.float32)).to(act_dtype).to(tl.float32)
     out1 = x1 * cos - x2 * sin
     out2 = x2 * cos + x1 * sin
-    orow = Out + token * stride_ot + heads[:, None] * stride_oh
+    orow = Out + out_off[:, None]
     tl.store(orow + offs[None, :], out1.to(act_dtype), mask=mask)
     tl.store(orow + HALF + offs[None, :], out2.to(act_dtype), mask=mask)
     if HAS_REST:
         tl.store(orow + offs_r[None, :], xr.to(act_dtype), mask=mask_r)
     if STORE:
         # The cache takes the values rounded to the activation dtype, as a store of Out would.
-        crow = Cache + slot * stride_cs + heads[:, None] * HEAD_DIM
+        crow = Cache + cache_off[:, None]
         cache_dtype = Cache.dtype.element_ty
         tl.store(crow + offs[None, :], out1.to(act_dtype).to(cache_dtype), mask=mask)
         tl.store(crow + HALF + offs[None, :], out2.to(act_dtype).to(cache_dtype), mask=mask)
@@ -94,15 +92,12 @@ def _rope_heads(
 
 
 @triton.jit
-def _copy_heads(V, VCache, token, slot, head0, num_heads, stride_vt, stride_vh, stride_vcs,
-                V_DIM: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """v[token, heads [head0, head0 + BLOCK_H)] into VCache's row slot (row stride stride_vcs, heads V_DIM apart)."""
-    heads = head0 + tl.arange(0, BLOCK_H)
+def copy_vectors(V, VCache, v_off, cache_off, ok, V_DIM: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Vectors of V_DIM elements at V + v_off (one offset per vector; ok masks them) into VCache + cache_off."""
     offs = tl.arange(0, BLOCK_V)
-    mask = (heads < num_heads)[:, None] & (offs < V_DIM)[None, :]
-    v = tl.load(V + token * stride_vt + heads[:, None] * stride_vh + offs[None, :], mask=mask)
-    tl.store(VCache + slot * stride_vcs + heads[:, None] * V_DIM + offs[None, :],
-             v.to(VCache.dtype.element_ty), mask=mask)
+    mask = ok[:, None] & (offs < V_DIM)[None, :]
+    v = tl.load(V + v_off[:, None] + offs[None, :], mask=mask)
+    tl.store(VCache + cache_off[:, None] + offs[None, :], v.to(VCache.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -128,22 +123,26 @@ def _rope_kernel(
     cos = (cos * factor)[None, :]
     sin = (sin * factor)[None, :]
     if block < num_q_blocks:
-        _rope_heads(
-            Q, QOut, QW, token, block * BLOCK_H, num_q_heads,
-            stride_qt, stride_qh, stride_qot, stride_qoh, cos, sin, eps, QOut, 0, 0,
-            HEAD_DIM, HALF, BLOCK_HALF, BLOCK_REST, BLOCK_H, INTERLEAVED, NORM, HAS_REST, False,
+        heads = block * BLOCK_H + tl.arange(0, BLOCK_H)
+        rope_vectors(
+            Q, QOut, QW, token * stride_qt + heads * stride_qh, token * stride_qot + heads * stride_qoh,
+            heads < num_q_heads, cos, sin, eps, QOut, heads,
+            HEAD_DIM, HALF, BLOCK_HALF, BLOCK_REST, INTERLEAVED, NORM, HAS_REST, False,
         )
     else:
-        head0 = (block - num_q_blocks) * BLOCK_H
-        slot = 0
+        heads = (block - num_q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        ok = heads < num_k_heads
         if STORE:
             slot = tl.load(Slots + token).to(tl.int64)
-            _copy_heads(V, VCache, token, slot, head0, num_k_heads, stride_vt, stride_vh, stride_vcs, V_DIM, BLOCK_V,
-                        BLOCK_H)
-        _rope_heads(
-            K, KOut, KW, token, head0, num_k_heads,
-            stride_kt, stride_kh, stride_kot, stride_koh, cos, sin, eps, KCache, slot, stride_kcs,
-            HEAD_DIM, HALF, BLOCK_HALF, BLOCK_REST, BLOCK_H, INTERLEAVED, NORM, HAS_REST, STORE,
+            copy_vectors(V, VCache, token * stride_vt + heads * stride_vh, slot * stride_vcs + heads * V_DIM, ok,
+                         V_DIM, BLOCK_V)
+            cache_off = slot * stride_kcs + heads * HEAD_DIM
+        else:
+            cache_off = heads  # unused
+        rope_vectors(
+            K, KOut, KW, token * stride_kt + heads * stride_kh, token * stride_kot + heads * stride_koh, ok,
+            cos, sin, eps, KCache, cache_off,
+            HEAD_DIM, HALF, BLOCK_HALF, BLOCK_REST, INTERLEAVED, NORM, HAS_REST, STORE,
         )
 
 
@@ -247,14 +246,22 @@ def _kv_write_caches(k: torch.Tensor | None, w: KVWrite) -> tuple[torch.Tensor, 
     """w's caches as [slots, Hk * d] views (`kv_store.flat_cache`) where `kv_write_fits`, else None."""
     if k is None or w.v.dim() != 3 or w.v.shape[:2] != k.shape[:2] or w.v.stride(-1) != 1:
         return None
-    caches = (w.k_cache, w.v_cache)
-    if any(c.dim() != 4 or c.shape[:3] != w.k_cache.shape[:2] + (k.shape[1],) for c in caches):
+    return paged_cache_views(w.k_cache, w.v_cache, w.slot_mapping, *k.shape, w.v.shape[2])
+
+
+def paged_cache_views(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_tokens: int,
+                      kv_heads: int, dk: int, dv: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """k_cache and v_cache as [slots, kv_heads * dk|dv] views, where they are [blocks, block_size, kv_heads,
+    dk|dv] with each slot's entries contiguous (`kv_store.flat_cache`) and slot_mapping is a contiguous
+    [num_tokens] of int32 or int64; else None."""
+    caches = (k_cache, v_cache)
+    if any(c.dim() != 4 or c.shape[:3] != k_cache.shape[:2] + (kv_heads,) for c in caches):
         return None
-    slots_ok = (w.slot_mapping.shape == (k.shape[0],) and w.slot_mapping.stride(0) == 1
-                and w.slot_mapping.dtype in (torch.int32, torch.int64))
-    if not slots_ok or w.k_cache.shape[3] != k.shape[2] or w.v_cache.shape[3] != w.v.shape[2]:
+    slots_ok = (slot_mapping.shape == (num_tokens,) and slot_mapping.stride(0) == 1
+                and slot_mapping.dtype in (torch.int32, torch.int64))
+    if not slots_ok or k_cache.shape[3] != dk or v_cache.shape[3] != dv:
         return None
-    kc, vc = flat_cache(w.k_cache), flat_cache(w.v_cache)
+    kc, vc = flat_cache(k_cache), flat_cache(v_cache)
     return None if kc is None or vc is None else (kc, vc)
 
 

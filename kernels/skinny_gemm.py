@@ -29,22 +29,16 @@ MAX_ROWS = 16  # one MMA tile of rows; larger batches use cuBLAS
 
 
 @triton.jit
-def _skinny_kernel(
-    X, W, Bias, Y, Part, Count,
-    M, N, K, k_per_split,
-    stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+def skinny_tile(X, W, M, N, k_lo, k_hi, stride_xm, stride_wn, pid_n,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """Column tile pid_n of (x @ W.T).T over k in [k_lo, k_hi): [BLOCK_N, BLOCK_M] fp32 (yᵀ = W xᵀ, the weight
+    tile as the wide MMA operand). Waits for the kernel before (PDL) only before its first load of x, and lets
+    the next launch once its loads are issued."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
     w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     x_ptrs = X + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
     if USE_PDL:
@@ -59,6 +53,26 @@ def _skinny_kernel(
         x_ptrs += BLOCK_K
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    return acc
+
+
+@triton.jit
+def _skinny_kernel(
+    X, W, Bias, Y, Part, Count,
+    M, N, K, k_per_split,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    k_lo = split * k_per_split
+    acc = skinny_tile(X, W, M, N, k_lo, tl.minimum(k_lo + k_per_split, K), stride_xm, stride_wn, pid_n,
+                      BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
     out_mask = n_ok[:, None] & m_ok[None, :]
     y_ptrs = Y + offs_m[None, :] * stride_ym + offs_n[:, None]
     if SPLIT_K == 1:

@@ -49,6 +49,48 @@ def test_interp_skinny_matches_reference(dtype):
                 assert rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3), (m, n, k, cfg, bias)
 
 
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (128, 128), (64, 32)], ids=["1-tile", "2-tiles", "partial"])
+def test_interp_qkv_rope_equals_projection_then_rope(dtype, head_dim, rotary_dim):
+    """`qkv_rope` against `skinny_linear` followed by `apply_rope(..., inplace=True, kv_write=...)`: the same
+    bits in qkv and in both caches (other slots untouched), with and without the q/k norm, bias and the cache
+    store, heads of one and of two column tiles (the last tile to arrive finishes the head), partial rotary,
+    one to several rows, and a second call (the head counters reset themselves)."""
+    from moeserve.kernels.kv_store import KVWrite
+    from moeserve.kernels.qkv_rope import qkv_rope, qkv_rope_fits
+    from moeserve.kernels.rope import apply_rope
+    from moeserve.kernels.skinny_gemm import skinny_linear
+
+    gen = torch.Generator().manual_seed(head_dim + rotary_dim)
+    hq, hk, hidden = 4, 2, 96
+    n = (hq + 2 * hk) * head_dim
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    for t, norm, bias, store in ((1, True, False, True), (3, True, True, True), (5, False, False, False),
+                                 (2, False, True, True)):
+        x = torch.randn(t, hidden, generator=gen).to(dtype)
+        w = (torch.randn(n, hidden, generator=gen) * hidden**-0.5).to(dtype)
+        b = torch.randn(n, generator=gen).to(dtype) if bias else None
+        qw, kw = (1 + 0.1 * torch.randn(2, head_dim, generator=gen)).to(dtype).unbind(0) if norm else (None, None)
+        positions = torch.randint(0, 5000, (t,), generator=gen)
+        caches = [torch.randn(3, 4, hk, head_dim, generator=gen).to(dtype) for _ in range(2)]
+        slots = torch.randperm(12, generator=gen)[:t]
+        kv = (*(c.clone() for c in caches), slots) if store else None
+        assert qkv_rope_fits(x, w, hq, hk, False, kv) and not qkv_rope_fits(x, w, hq, hk, True, kv)
+
+        ref = skinny_linear(x, w, b).view(t, hq + 2 * hk, head_dim)
+        q, k, v = ref.split([hq, hk, hk], dim=1)
+        ref_caches = [c.clone() for c in caches]
+        apply_rope(q, k, positions, inv_freq, 1.25, q_norm_weight=qw, k_norm_weight=kw, eps=1e-5, inplace=True,
+                   kv_write=KVWrite(v, *ref_caches, slots) if store else None)
+        for _ in range(2):
+            out = qkv_rope(x, w, b, hq, hk, positions, inv_freq, 1.25, q_norm_weight=qw, k_norm_weight=kw,
+                           eps=1e-5, kv_cache=kv)
+            assert torch.equal(out, ref), (t, norm, bias, store)
+        if store:
+            assert torch.equal(kv[0], ref_caches[0]) and torch.equal(kv[1], ref_caches[1])
+
+
 def test_skinny_rejects_bad_input():
     from moeserve.kernels.skinny_gemm import MAX_ROWS, skinny_linear
 
@@ -118,3 +160,98 @@ def test_linear_uses_skinny_for_decode_rows_only(monkeypatch):
         ref = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
         assert rel_err(layer(x), ref) < 1e-2
     assert calls == [(1, 1024), (16, 1024)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hk,d,hidden,bias", [(32, 4, 128, 2048, False), (32, 8, 128, 4096, False),
+                                                  (16, 16, 128, 2048, True)], ids=["qwen3", "mixtral", "qwen2"])
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_gpu_qkv_rope_bf16_equals_projection_then_rope(hq, hk, d, hidden, bias, m):
+    """bf16 at real GQA shapes (Qwen3-30B-A3B with its q/k norm, Mixtral, Qwen2-MoE's biases): the fused launch
+    gives the bits of `skinny_linear` + `apply_rope` in qkv and in both caches, and replays in a CUDA graph with
+    new inputs, positions and slots."""
+    from moeserve.kernels.kv_store import KVWrite
+    from moeserve.kernels.qkv_rope import qkv_rope, qkv_rope_fits
+    from moeserve.kernels.rope import apply_rope
+
+    torch.manual_seed(hq + hk + m)
+    n = (hq + 2 * hk) * d
+    x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16) * hidden**-0.5
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+    qw, kw = (torch.rand(2, d, device="cuda") + 0.5).to(torch.bfloat16).unbind(0) if hq == 32 else (None, None)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda", dtype=torch.float32) / d))
+    positions = torch.randint(0, 30000, (m,), device="cuda")
+    slots = torch.randperm(64 * 16, device="cuda")[:m]
+    caches = [torch.randn(64, 16, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    assert qkv_rope_fits(x, w, hq, hk, False, (*caches, slots))
+
+    def fused():
+        return qkv_rope(x, w, b, hq, hk, positions, inv_freq, q_norm_weight=qw, k_norm_weight=kw, eps=1e-6,
+                        kv_cache=(*caches, slots))
+
+    def two_launches():
+        ref_caches = [c.clone() for c in caches]
+        ref = skinny_linear(x, w, b).view(m, hq + 2 * hk, d)
+        q, k, v = ref.split([hq, hk, hk], dim=1)
+        apply_rope(q, k, positions, inv_freq, q_norm_weight=qw, k_norm_weight=kw, eps=1e-6, inplace=True,
+                   kv_write=KVWrite(v, *ref_caches, slots))
+        return ref, ref_caches
+
+    from moeserve.kernels.skinny_gemm import skinny_linear
+
+    ref, ref_caches = two_launches()
+    out = fused()
+    assert torch.equal(out, ref) and all(torch.equal(c, r) for c, r in zip(caches, ref_caches))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        positions.copy_(torch.randint(0, 30000, (m,), device="cuda"))
+        slots.copy_(torch.randperm(64 * 16, device="cuda")[:m])
+        ref, ref_caches = two_launches()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref) and all(torch.equal(c, r) for c, r in zip(caches, ref_caches))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_gpu_gqa_layers_take_qkv_rope_with_the_same_bits(arch, tiny_checkpoint, monkeypatch):
+    """A bf16 model with 64-wide heads (whole 64-column tiles) on CUDA: decode-size batches project q|k|v,
+    normalise, rotate and store K/V in one launch (`qkv_rope`, the backend's write_kv unused), and the hidden
+    states are bit-identical to the projection + rotary kernel path."""
+    from moeserve.attention.base import AttentionBackend
+    from moeserve.forward_batch import build_forward_batch
+    from moeserve.kernels import qkv_rope as qkv_rope_mod
+    from moeserve.layers.attention import GQAAttention
+    from moeserve.loader.checkpoint import read_hf_config
+    from moeserve.loader.model_loader import load_model
+    from moeserve.models.base import ModelContext
+    from moeserve.models.config import ModelConfig
+
+    path = tiny_checkpoint(arch, head_dim=64)
+    cfg = ModelConfig.from_hf(read_hf_config(path))
+    model, _ = load_model(path, ModelContext.single_device(cfg, torch.bfloat16, "cuda"))
+    caches = [tuple(torch.zeros(16, 4, s.num_kv_heads, s.k_dim, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2)) for s in model.kv_cache_specs()]
+    model.bind_kv_caches(caches)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for k, v in caches:
+            k.zero_(), v.zero_()
+        batch = build_forward_batch([[3, 5, 7, 11, 13], [200, 17, 4]], [0, 0], [[0, 1], [2]], 4,
+                                    sample_rows=[[4], [2]], device="cuda")
+        with torch.inference_mode():
+            return model(batch), [c.clone() for kv in caches for c in kv]
+
+    calls, writes = [], []
+    real, write_kv = qkv_rope_mod.qkv_rope, AttentionBackend.write_kv
+    monkeypatch.setattr(qkv_rope_mod, "qkv_rope", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(AttentionBackend, "write_kv", lambda self, *a: writes.append(1) or write_kv(self, *a))
+    fused, fused_caches = run()
+    assert len(calls) == cfg.num_layers and not writes
+    monkeypatch.setattr(GQAAttention, "_qkv_rope", lambda *a: None)
+    plain, plain_caches = run()
+    assert torch.equal(fused, plain) and all(torch.equal(a, b) for a, b in zip(fused_caches, plain_caches))

@@ -75,12 +75,17 @@ class _PagedAttention(nn.Module):
 
     def _kv_store(self, v: torch.Tensor | None, batch: ForwardBatch) -> KVStore | None:
         """(v, k_cache, v_cache, slot_mapping) for a kernel that produces k to store k and v itself
-        (`RopeCache.apply_qk`), where that is what the backend's `write_kv` would do
-        (`AttentionBackend.writes_by_slot`); else None."""
-        if not self.backend.writes_by_slot or batch.attn is None or v is None or v.shape[0] == 0:
+        (`RopeCache.apply_qk`), where that is what the backend's `write_kv` would do; else None."""
+        cache = self._kv_cache(batch, v.shape[0]) if v is not None else None
+        return (v, *cache) if cache is not None else None
+
+    def _kv_cache(self, batch: ForwardBatch, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(k_cache, v_cache, slot_mapping) for a kernel that stores the step's k and v itself, where that is what
+        the backend's `write_kv` would do (`AttentionBackend.writes_by_slot`) and there are tokens; else None."""
+        if not self.backend.writes_by_slot or batch.attn is None or num_tokens == 0:
             return None
         assert self.k_cache is not None and self.v_cache is not None, "bind_kv_caches() before forward()"
-        return v, self.k_cache, self.v_cache, batch.attn.slot_mapping
+        return self.k_cache, self.v_cache, batch.attn.slot_mapping
 
 
 class GQAAttention(_PagedAttention):
@@ -130,10 +135,39 @@ class GQAAttention(_PagedAttention):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RopeCache) -> torch.Tensor:
         """x: [num_tokens, hidden] -> [num_tokens, hidden]."""
         t = x.shape[0]
-        q, k, v = self._project_qkv(x)
-        q, k, written = rope.apply_qk(q, k, self.q_norm, self.k_norm, self._kv_store(v, batch))
+        fused = self._qkv_rope(x, batch, rope)
+        if fused is not None:
+            (q, k, v), written = fused
+        else:
+            q, k, v = self._project_qkv(x)
+            q, k, written = rope.apply_qk(q, k, self.q_norm, self.k_norm, self._kv_store(v, batch))
         out = self._attend(q, k, v, batch, self.scale, written)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+    def _qkv_rope(
+        self, x: torch.Tensor, batch: ForwardBatch, rope: RopeCache
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], bool] | None:
+        """((q, k, v), written) from one launch that projects, normalises and rotates q and k and stores k and v
+        in the cache (`kernels/qkv_rope.py`), at decode sizes on CUDA where `skinny_linear` would project
+        (`skinny_ok`) and the rotary kernel would take q and k (`RopeCache.fused_qk`); else None."""
+        weight, bias = self.qkv_proj.weight, self.qkv_proj.bias
+        if x.device.type != "cuda" or not rope.fused_qk(self.q_norm, self.k_norm, x.dtype):
+            return None
+        from moeserve.kernels.qkv_rope import qkv_rope, qkv_rope_fits
+        from moeserve.kernels.skinny_gemm import skinny_ok
+
+        if not skinny_ok(x, weight):
+            return None
+        kv_cache = self._kv_cache(batch, x.shape[0])
+        if not qkv_rope_fits(x, weight, self.num_heads, self.num_kv_heads, rope.interleaved, kv_cache):
+            return None
+        qkv = qkv_rope(
+            x, weight, bias, self.num_heads, self.num_kv_heads, rope.positions, rope.inv_freq, rope.attention_factor,
+            q_norm_weight=self.q_norm.weight if self.q_norm is not None else None,
+            k_norm_weight=self.k_norm.weight if self.k_norm is not None else None,
+            eps=self.q_norm.eps if self.q_norm is not None else 1e-6, kv_cache=kv_cache,
+        )
+        return qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1), kv_cache is not None
 
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [T, hidden] -> q [T, Hq, d], k [T, Hk, d], v [T, Hk, d] (on CUDA: views of one GEMM's output)."""

@@ -112,7 +112,7 @@ class RopeCache:
         store: (v, k_cache, v_cache, slot_mapping), where the caller's attention backend stores k and v next
         (`AttentionBackend.write_kv`). The fused kernel stores them there itself where the layouts allow, and
         stored says whether it did (the caller then skips its own write)."""
-        if self.fused and self._fusable(q, k, q_norm, k_norm):
+        if self._fusable(q, k, q_norm, k_norm):
             from moeserve.kernels.kv_store import KVWrite
             from moeserve.kernels.rope import apply_rope, kv_write_fits
 
@@ -133,18 +133,18 @@ class RopeCache:
             q, k = q_norm(q), k_norm(k)
         return self.apply(q), self.apply(k), False
 
-    @staticmethod
-    def _fusable(q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None) -> bool:
-        if q.stride(-1) != 1 or k.stride(-1) != 1 or k.dtype != q.dtype:
+    def fused_qk(self, q_norm: nn.Module | None, k_norm: nn.Module | None, dtype: torch.dtype) -> bool:
+        """Whether the Triton kernels normalise and rotate q and k of this dtype with these norms (`apply_qk`'s
+        fused path, `kernels/qkv_rope.py`)."""
+        if not self.fused:
             return False
         if q_norm is None:
             return k_norm is None
         # One eps per launch, and weights in the activation dtype (else torch would promote the output).
-        return (
-            k_norm is not None
-            and q_norm.eps == k_norm.eps
-            and q_norm.weight.dtype == q.dtype == k_norm.weight.dtype
-        )
+        return k_norm is not None and q_norm.eps == k_norm.eps and q_norm.weight.dtype == dtype == k_norm.weight.dtype
+
+    def _fusable(self, q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None) -> bool:
+        return q.stride(-1) == 1 and k.stride(-1) == 1 and k.dtype == q.dtype and self.fused_qk(q_norm, k_norm, q.dtype)
 
     def _cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cos is not None:
