@@ -352,7 +352,6 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     return topk_sum(y, topk_ids, num_experts, out)
 
 
-
 def warmup_token_counts(max_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, fp8: bool,
                         sms: int, global_experts: int | None = None) -> list[int]:
     """Token counts whose `fused_moe` calls, run once each, compile every kernel that a call of 1..max_tokens

@@ -18,7 +18,7 @@ import triton.language as tl
 from moeserve.kernels.counters import completion_counters, last_to_arrive
 from moeserve.kernels.device import num_sms
 from moeserve.kernels.pdl import launch_kwargs
-from moeserve.kernels.rope import _cos_sin, copy_vectors, paged_cache_views, rope_vectors
+from moeserve.kernels.rope import copy_vectors, cos_sin, paged_cache_views, rope_vectors
 from moeserve.kernels.skinny_gemm import MAX_ROWS, default_config, skinny_tile
 
 
@@ -58,7 +58,7 @@ def _qkv_rope_kernel(
             offs = tl.arange(0, BLOCK_HALF)
             inv_freq = tl.load(InvFreq + offs, mask=offs < HALF, other=0.0)
             angle = tl.load(Positions + rows, mask=ok, other=0).to(tl.float32)[:, None] * inv_freq[None, :]
-            cos, sin = _cos_sin(angle)
+            cos, sin = cos_sin(angle)
             cos, sin = cos * factor, sin * factor
             if head < num_q_heads:
                 rope_vectors(Y, Y, QW, y_off, y_off, ok, cos, sin, eps, Y, y_off,

@@ -25,7 +25,8 @@ from moeserve.kernels.pdl import launch_kwargs, pdl_enter
 
 
 @triton.jit
-def _cos_sin(angle):
+def cos_sin(angle):
+    """cos and sin of float32 angles, reduced modulo 2*pi first (see the module docstring)."""
     # 2*pi = 6.28125 + 0.00193023681640625 + 5.0703634e-06: the first two parts have 8 significant bits, so
     # n * part is exact for n < 2^16 and the reduced angle keeps float32 accuracy.
     n = tl.floor(angle * 0.15915494309189535 + 0.5)
@@ -119,7 +120,7 @@ def _rope_kernel(
     offs = tl.arange(0, BLOCK_HALF)
     inv_freq = tl.load(InvFreq + offs, mask=offs < HALF, other=0.0)
     angle = tl.load(Positions + token).to(tl.float32) * inv_freq
-    cos, sin = _cos_sin(angle)
+    cos, sin = cos_sin(angle)
     cos = (cos * factor)[None, :]
     sin = (sin * factor)[None, :]
     if block < num_q_blocks:
