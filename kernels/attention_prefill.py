@@ -54,7 +54,10 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# stride_bt is the batch's block-table width, which changes with its longest request: specialised (Triton
+# compiles apart for values of 1 and multiples of 16), each width class would compile the kernel again on a
+# first request of that shape (benchmarks/RESULTS.md, session 20).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _extend_kernel(
     Q, K, V, QueryStartLoc, SeqLens, BlockTables, Out,
     scale_log2,
