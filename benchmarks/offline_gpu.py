@@ -477,11 +477,12 @@ class CompileLog:
 def run_moeserve_throughput(llm, prompts, output_len: int, warmup: bool, log: CompileLog | None = None) -> dict:
     """Time the workload from a cold prefix cache and a warm compile cache.
 
-    warmup: first run the same workload on other prompts (the prefix cache is reset after it). Its steps then
-    take the timed run's token counts, and so its fused-MoE table entries: Triton compiles each entry's
-    kernels on first use, and on a cold compile cache the timed run otherwise compiled the entry its last
-    prefill step took (2.3 s of a 5.4 s run; benchmarks/RESULTS.md, session 19). A warm-up of 16 tokens out
-    each did not take that step's size."""
+    warmup: first run the same workload on other prompts (the prefix cache is reset after it), so that its
+    steps take the timed run's token counts and whatever those compile lazily is compiled before the timed
+    run. Before the engine compiled its MoE kernels at start-up (`EngineConfig.warmup_kernels`, session 20),
+    a cold compile cache put the compilation of the fused-MoE entry of the last prefill step inside the
+    timed run (2.3 s of a 5.4 s run; benchmarks/RESULTS.md, session 19); the warm-up now guards against
+    kernels the engine still compiles on first use (the prefill attention)."""
     if log is not None:
         log.phase = "throughput warm-up"
     if warmup:

@@ -19,7 +19,7 @@ from moeserve.kernels.counters import completion_counters, last_to_arrive
 from moeserve.kernels.device import num_sms
 from moeserve.kernels.pdl import launch_kwargs
 from moeserve.kernels.rope import copy_vectors, cos_sin, paged_cache_views, rope_vectors
-from moeserve.kernels.skinny_gemm import MAX_ROWS, default_config, skinny_tile
+from moeserve.kernels.skinny_gemm import MAX_ROWS, SkinnyConfig, default_config, skinny_tile
 
 
 @triton.jit
@@ -81,16 +81,25 @@ def qkv_rope_fits(x: torch.Tensor, weight: torch.Tensor, num_q_heads: int, num_k
     whole heads of whole column tiles, a rotation that is not interleaved (its in-place write order is safe
     only for the half-split layout), and caches (if given) it can store into (`rope.paged_cache_views`). Where
     to take it rather than cuBLAS is `skinny_ok`'s rule."""
+    return _plan(x, weight, num_q_heads, num_kv_heads, interleaved, kv_cache) is not None
+
+
+def _plan(x: torch.Tensor, weight: torch.Tensor, num_q_heads: int, num_kv_heads: int, interleaved: bool,
+          kv_cache: KVCache | None) -> tuple[SkinnyConfig, int, tuple[torch.Tensor, torch.Tensor] | None] | None:
+    """(tiling, head dim, the caches' [slots, Hk * D] views or None) where `qkv_rope_fits`, else None."""
     n, k = weight.shape
     heads = num_q_heads + 2 * num_kv_heads
     if (interleaved or x.dim() != 2 or not 0 < x.shape[0] <= MAX_ROWS or x.shape[1] != k or n % heads
             or x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1):
-        return False
+        return None
     d = n // heads
     cfg = default_config(n, k, num_sms(x.device))
     if cfg.split_k != 1 or d % cfg.block_n:
-        return False
-    return kv_cache is None or paged_cache_views(*kv_cache, x.shape[0], num_kv_heads, d, d) is not None
+        return None
+    if kv_cache is None:
+        return cfg, d, None
+    views = paged_cache_views(*kv_cache, x.shape[0], num_kv_heads, d, d)
+    return None if views is None else (cfg, d, views)
 
 
 def qkv_rope(
@@ -114,10 +123,11 @@ def qkv_rope(
     positions [T] int64/int32, inv_freq [R // 2] float32 (R <= D), norm weights [D] in x's dtype."""
     t, n = x.shape[0], weight.shape[0]
     heads = num_q_heads + 2 * num_kv_heads
-    if not qkv_rope_fits(x, weight, num_q_heads, num_kv_heads, False, kv_cache):
+    plan = _plan(x, weight, num_q_heads, num_kv_heads, False, kv_cache)
+    if plan is None:
         raise ValueError(f"qkv_rope: x {tuple(x.shape)}, weight {tuple(weight.shape)} with {num_q_heads} + 2 x "
                          f"{num_kv_heads} heads and the caches given do not fit (qkv_rope_fits)")
-    d = n // heads
+    cfg, d, views = plan
     if positions.shape != (t,) or positions.stride(0) != 1:
         raise ValueError(f"qkv_rope: positions must be a contiguous [{t}], got {tuple(positions.shape)}")
     half = inv_freq.numel()
@@ -128,8 +138,7 @@ def qkv_rope(
                                               for w in (q_norm_weight, k_norm_weight))):
         raise ValueError(f"qkv_rope: q and k norm weights must both be [{d}] in {x.dtype}")
     y = torch.empty(t, heads, d, dtype=x.dtype, device=x.device)
-    kc, vc = paged_cache_views(*kv_cache, t, num_kv_heads, d, d) if kv_cache is not None else (y, y)
-    cfg = default_config(n, x.shape[1], num_sms(x.device))
+    kc, vc = views if views is not None else (y, y)
     rest = d - 2 * half
     _qkv_rope_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else y, y, completion_counters(x.device, heads), positions, inv_freq,

@@ -49,6 +49,21 @@ def test_interp_skinny_matches_reference(dtype):
                 assert rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3), (m, n, k, cfg, bias)
 
 
+def _projection_then_rope(x, w, b, hq, hk, positions, inv_freq, factor, qw, kw, eps, caches, slots):
+    """What `qkv_rope` replaces: `skinny_linear`, then `apply_rope(..., inplace=True, kv_write=...)` into copies
+    of caches (no store when slots is None). Returns (qkv [T, Hq + 2 Hk, D], the caches' copies)."""
+    from moeserve.kernels.kv_store import KVWrite
+    from moeserve.kernels.rope import apply_rope
+    from moeserve.kernels.skinny_gemm import skinny_linear
+
+    ref = skinny_linear(x, w, b).view(x.shape[0], hq + 2 * hk, -1)
+    q, k, v = ref.split([hq, hk, hk], dim=1)
+    ref_caches = [c.clone() for c in caches]
+    apply_rope(q, k, positions, inv_freq, factor, q_norm_weight=qw, k_norm_weight=kw, eps=eps, inplace=True,
+               kv_write=KVWrite(v, *ref_caches, slots) if slots is not None else None)
+    return ref, ref_caches
+
+
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (128, 128), (64, 32)], ids=["1-tile", "2-tiles", "partial"])
@@ -57,10 +72,7 @@ def test_interp_qkv_rope_equals_projection_then_rope(dtype, head_dim, rotary_dim
     bits in qkv and in both caches (other slots untouched), with and without the q/k norm, bias and the cache
     store, heads of one and of two column tiles (the last tile to arrive finishes the head), partial rotary,
     one to several rows, and a second call (the head counters reset themselves)."""
-    from moeserve.kernels.kv_store import KVWrite
     from moeserve.kernels.qkv_rope import qkv_rope, qkv_rope_fits
-    from moeserve.kernels.rope import apply_rope
-    from moeserve.kernels.skinny_gemm import skinny_linear
 
     gen = torch.Generator().manual_seed(head_dim + rotary_dim)
     hq, hk, hidden = 4, 2, 96
@@ -78,11 +90,8 @@ def test_interp_qkv_rope_equals_projection_then_rope(dtype, head_dim, rotary_dim
         kv = (*(c.clone() for c in caches), slots) if store else None
         assert qkv_rope_fits(x, w, hq, hk, False, kv) and not qkv_rope_fits(x, w, hq, hk, True, kv)
 
-        ref = skinny_linear(x, w, b).view(t, hq + 2 * hk, head_dim)
-        q, k, v = ref.split([hq, hk, hk], dim=1)
-        ref_caches = [c.clone() for c in caches]
-        apply_rope(q, k, positions, inv_freq, 1.25, q_norm_weight=qw, k_norm_weight=kw, eps=1e-5, inplace=True,
-                   kv_write=KVWrite(v, *ref_caches, slots) if store else None)
+        ref, ref_caches = _projection_then_rope(x, w, b, hq, hk, positions, inv_freq, 1.25, qw, kw, 1e-5, caches,
+                                                slots if store else None)
         for _ in range(2):
             out = qkv_rope(x, w, b, hq, hk, positions, inv_freq, 1.25, q_norm_weight=qw, k_norm_weight=kw,
                            eps=1e-5, kv_cache=kv)
@@ -170,9 +179,7 @@ def test_gpu_qkv_rope_bf16_equals_projection_then_rope(hq, hk, d, hidden, bias, 
     """bf16 at real GQA shapes (Qwen3-30B-A3B with its q/k norm, Mixtral, Qwen2-MoE's biases): the fused launch
     gives the bits of `skinny_linear` + `apply_rope` in qkv and in both caches, and replays in a CUDA graph with
     new inputs, positions and slots."""
-    from moeserve.kernels.kv_store import KVWrite
     from moeserve.kernels.qkv_rope import qkv_rope, qkv_rope_fits
-    from moeserve.kernels.rope import apply_rope
 
     torch.manual_seed(hq + hk + m)
     n = (hq + 2 * hk) * d
@@ -191,14 +198,7 @@ def test_gpu_qkv_rope_bf16_equals_projection_then_rope(hq, hk, d, hidden, bias, 
                         kv_cache=(*caches, slots))
 
     def two_launches():
-        ref_caches = [c.clone() for c in caches]
-        ref = skinny_linear(x, w, b).view(m, hq + 2 * hk, d)
-        q, k, v = ref.split([hq, hk, hk], dim=1)
-        apply_rope(q, k, positions, inv_freq, q_norm_weight=qw, k_norm_weight=kw, eps=1e-6, inplace=True,
-                   kv_write=KVWrite(v, *ref_caches, slots))
-        return ref, ref_caches
-
-    from moeserve.kernels.skinny_gemm import skinny_linear
+        return _projection_then_rope(x, w, b, hq, hk, positions, inv_freq, 1.0, qw, kw, 1e-6, caches, slots)
 
     ref, ref_caches = two_launches()
     out = fused()

@@ -17,7 +17,7 @@ from moeserve.attention.base import AttentionBackend
 from moeserve.forward_batch import ForwardBatch
 from moeserve.layers.linear import Linear
 from moeserve.layers.norm import RMSNorm
-from moeserve.layers.rotary import KVStore, RopeCache
+from moeserve.layers.rotary import KVCache, KVStore, RopeCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +79,7 @@ class _PagedAttention(nn.Module):
         cache = self._kv_cache(batch, v.shape[0]) if v is not None else None
         return (v, *cache) if cache is not None else None
 
-    def _kv_cache(self, batch: ForwardBatch, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _kv_cache(self, batch: ForwardBatch, num_tokens: int) -> KVCache | None:
         """(k_cache, v_cache, slot_mapping) for a kernel that stores the step's k and v itself, where that is what
         the backend's `write_kv` would do (`AttentionBackend.writes_by_slot`) and there are tokens; else None."""
         if not self.backend.writes_by_slot or batch.attn is None or num_tokens == 0:

@@ -18,8 +18,11 @@ from torch import nn
 from moeserve.backend_choice import fused_kernels_available
 from moeserve.models.config import RopeScaling, yarn_mscale
 
-# (v, k_cache, v_cache, slot_mapping): where an attention layer's backend stores k and v next
-# (`RopeCache.apply_qk`'s store; `moeserve.kernels.kv_store.KVWrite`'s fields, without importing Triton).
+# (k_cache, v_cache, slot_mapping): where an attention layer's backend stores the step's k and v
+# (`moeserve.kernels.qkv_rope.KVCache`, without importing Triton).
+KVCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# (v, k_cache, v_cache, slot_mapping): v and where it and k go (`RopeCache.apply_qk`'s store;
+# `moeserve.kernels.kv_store.KVWrite`'s fields, without importing Triton).
 KVStore = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
