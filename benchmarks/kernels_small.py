@@ -222,6 +222,7 @@ def unfused_router(x: torch.Tensor, w: torch.Tensor, k: int, **kw) -> tuple[torc
 
 def router_rows() -> list[dict]:
     """Router GEMM + top-k: cuBLAS + `topk_softmax` vs `router_topk`, and the fused kernel's split count."""
+    from moeserve.kernels.device import num_sms
     from moeserve.kernels.router_topk import router_topk, split_plan
 
     rows = []
@@ -231,7 +232,7 @@ def router_rows() -> list[dict]:
             x = torch.randn(t, h, device=DEVICE, dtype=BF16)
             num_real = torch.tensor([real], device=DEVICE, dtype=torch.int32)
             kw = dict(renormalize=True, num_real_tokens=num_real)
-            splits = split_plan(t, e, h, x.device)[0]
+            splits = split_plan(t, e, h, num_sms(x.device))[0]
             old_out, new_out = unfused_router(x, w, k, **kw), router_topk(x, w, k, **kw)
             same = (old_out[1].sort(1).values == new_out[1].sort(1).values).all(1).float().mean().item()
             rows.append(_old_new_row(

@@ -22,7 +22,10 @@ from moeserve.kernels.rope import copy_vectors, cos_sin, paged_cache_views, rope
 from moeserve.kernels.skinny_gemm import MAX_ROWS, SkinnyConfig, default_config, skinny_tile
 
 
-@triton.jit
+# M is specialised when 1 (the batch-1 step: 1% slower without, benchmarks/RESULTS.md session 21) but not on
+# multiples of 16: BLOCK_R follows M (the next power of two), and that class crossed with it left 9-15 rows
+# (BLOCK_R 16, M not a multiple of 16) to a variant the decode graphs' sizes do not compile at start-up.
+@triton.jit(do_not_specialize_on_alignment=["M"])
 def _qkv_rope_kernel(
     X, W, Bias, Y, Count, Positions, InvFreq, QW, KW, KCache, VCache, Slots,
     M, N, K, stride_xm, stride_wn, stride_ym, stride_kcs, stride_vcs,

@@ -164,18 +164,37 @@ def fused_router_pays(num_tokens: int, num_experts: int, top_k: int) -> bool:
     return 0 < num_tokens <= MAX_FUSED_TOKENS and work <= MAX_SELECT_WORK
 
 
-def split_plan(num_tokens: int, num_experts: int, hidden: int, device: torch.device) -> tuple[int, int]:
-    """(k_splits, k_slice): hidden slices per (row block, expert block) and their width (a multiple of 64).
+def split_plan(num_tokens: int, num_experts: int, hidden: int, sms: int) -> tuple[int, int]:
+    """(k_splits, k_slice): hidden slices per (row block, expert block) and their width (a multiple of 64), on
+    a device of `sms` multiprocessors.
 
     About one program per multiprocessor spreads the weight read (measured on the H100: twice as many was
     slower), no slice narrower than 64 columns, and no more partials per row block than the finishing
     program reads back at once (32 KB: 64 KB made Mixtral at T=16 5.7 us instead of 4.3).
     """
     row_blocks = triton.cdiv(num_tokens, _BLOCK_T)
-    splits = triton.cdiv(num_sms(device), row_blocks * triton.cdiv(num_experts, _BLOCK_E))
+    splits = triton.cdiv(sms, row_blocks * triton.cdiv(num_experts, _BLOCK_E))
     block_r, block_eall = _select_tile(num_tokens, num_experts)
     reduce_cap = _REDUCE_BYTES // (block_r * block_eall * 4)
     return _slices(hidden, min(splits, hidden // _MIN_K_SLICE, reduce_cap))
+
+
+def warmup_token_counts(max_tokens: int, num_experts: int, hidden: int, top_k: int, sms: int) -> list[int]:
+    """Token counts whose `router_topk` calls, run once each, compile every variant of its kernel that a call
+    of 1..max_tokens rows takes where it pays (`fused_router_pays`), on a device of `sms` multiprocessors.
+
+    A call's kernel depends on its T through the selection tile's rows, the hidden slices (`split_plan`) and
+    Triton's specialisation of num_tokens (apart for 1 and for multiples of 16). Walking T up from 1, the
+    first T of each new combination."""
+    counts, seen = [], set()
+    for t in range(1, min(max_tokens, MAX_FUSED_TOKENS) + 1):
+        if not fused_router_pays(t, num_experts, top_k):
+            continue
+        variant = (t == 1, t % 16 == 0, _select_tile(t, num_experts), split_plan(t, num_experts, hidden, sms))
+        if variant not in seen:
+            seen.add(variant)
+            counts.append(t)
+    return counts
 
 
 def _slices(hidden: int, splits: int) -> tuple[int, int]:
@@ -220,7 +239,7 @@ def router_topk(
     ids = torch.empty(t, top_k, dtype=torch.int32, device=x.device)
     if t == 0:
         return weights, ids
-    splits, k_slice = split_plan(t, e, h, x.device) if k_splits is None else _slices(h, k_splits)
+    splits, k_slice = split_plan(t, e, h, num_sms(x.device)) if k_splits is None else _slices(h, k_splits)
     row_blocks = triton.cdiv(t, _BLOCK_T)
     counters = completion_counters(x.device, row_blocks)
     logit_dtype = torch.promote_types(x.dtype, router_weight.dtype)

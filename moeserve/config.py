@@ -30,7 +30,8 @@ class EngineConfig:
     warmup_kernels: at start-up on CUDA, run the router and the expert kernel once at each token count that
         takes other kernels, up to the largest a step can bring (`MoELayer.warm_up`), so that Triton compiles
         them then rather than inside the first request of that size (1-3 s a fused-MoE table entry on a fresh
-        machine; Triton's cache on disk makes later start-ups quick).
+        machine; Triton's cache on disk makes later start-ups quick); then, on a rank without an EP dispatcher,
+        run two short prompts, which compile the prefill attention, the argmax and the prefill-size kernels.
     async_scheduling: schedule and launch step N+1 before waiting for step N's sampled tokens, so host work
         overlaps device work. None (auto): on for a lone CUDA rank; off on CPU, where the forward runs in
         the caller's thread and nothing would overlap, and off for lockstep DP/EP ranks unless set True.

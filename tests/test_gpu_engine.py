@@ -17,6 +17,7 @@ from moeserve.runner.cuda_graphs import CudaGraphRunner, graph_batch_sizes, grap
 from moeserve.runner.model_runner import ModelRunner, max_expert_rows
 from moeserve.scheduler.output import ScheduledRequest, SchedulerOutput
 from moeserve.testing.tiny_checkpoints import ARCHITECTURES, VOCAB_SIZE
+from tests.compiles import recorded_compilations
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 # transformers' fp32 logits gap between its best two tokens under which a different pick counts as a tie
@@ -161,6 +162,27 @@ def test_cpu_runner_has_no_graphs_and_no_scratch_block(tiny_checkpoint):
     runner = ModelRunner(EngineConfig(model=path, device="cpu", num_kv_blocks=10), path)
     assert runner.graphs is None and runner.num_blocks == 10
     assert runner.model.model.layers[0].self_attn.k_cache.shape[0] == 10
+
+
+def test_prefill_warm_up_leaves_nothing_a_request_sees(tiny_checkpoint):
+    """The start-up prompts (`_warm_up_prefill`, run on CUDA; called here on the CPU) write KV into the first
+    blocks and sample: a request later given those blocks gets the logits and KV of a runner that never warmed
+    up."""
+    path = str(tiny_checkpoint("qwen3_moe"))
+    config = EngineConfig(model=path, device="cpu", dtype="float32", block_size=4, num_kv_blocks=12)
+    warmed, fresh = ModelRunner(config, path), ModelRunner(config, path)
+    warmed._warm_up_prefill()
+    assert all(k[:9].abs().sum() > 0 for k in _kv(warmed)), "the warm-up prompts wrote no KV"
+    prompt = random_prompts(1, warmed.model_config.vocab_size, 9, 9, seed=5)[0]
+    outs, kvs = [], []
+    for runner in (warmed, fresh):
+        step = _decode_reqs(runner, [prompt], [[0, 1, 2]])  # prefill over block 0, then decode in it
+        with torch.inference_mode():
+            outs.append(runner.model.compute_logits(runner.model(runner.build_batch(step))))
+        kvs.append([k[:3].flatten(0, 1)[:10] for k in _kv(runner)])  # the request's 10 slots
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    for a, b in zip(*kvs):
+        assert torch.equal(a, b)
 
 
 # ---- the padded static decode batch: CPU (eager) and CUDA (graph replay) -----------------------------------
@@ -368,3 +390,35 @@ def test_cuda_async_scheduling_equals_sync_and_launch_never_waits(arch, tiny_che
         syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
         assert not syncs, syncs[:3]
     assert outs[True] == outs[False]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch,overrides", [(a, {}) for a in ARCHITECTURES] + [("qwen3_moe", {"head_dim": 64})],
+                         ids=list(ARCHITECTURES) + ["qwen3_moe-64-wide-heads"])
+def test_cuda_requests_compile_nothing_after_start_up(arch, overrides, tiny_checkpoint):
+    """Start-up (the MoE warm-up, the decode graphs' capture, the warm-up prompt) compiles every Triton kernel a
+    request takes: prompts of 1-70 tokens, prefix-cache hits, decode batches of 1-11, greedy and sampled with
+    logprobs then compile nothing (Triton's JIT hook), so no first request waits for a compilation. 64-wide
+    heads take the one-launch qkv projection + rotary (`qkv_rope`) at up to 16 rows."""
+    if not _triton_ready():
+        pytest.skip("Triton backends not importable")
+    llm = LLM(str(tiny_checkpoint(arch, **overrides)), dtype="bfloat16", **CUDA)
+    lengths = [1, 2, 3, 9, 12, 15, 16, 17, 33, 64, 70]  # each row-count class of the kernels at each size
+    rng = random.Random(9)
+    prompts = [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in lengths]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=3 + i, ignore_eos=True) if i % 2 else
+        SamplingParams(temperature=0.7, seed=i, max_tokens=8, logprobs=2, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    try:
+        with recorded_compilations() as compiled:
+            for prompt, p in zip(prompts, params):  # alone, so that its length is its prefill step's rows
+                llm.generate([prompt], p)
+            llm.generate(prompts, params)  # decode batches of 1-11
+            llm.generate([p + [3, 4, 5] for p in prompts[3:7]], GREEDY)  # their prefixes come from the cache
+            torch.cuda.synchronize()
+    finally:
+        del llm
+        torch.cuda.empty_cache()
+    assert not compiled, f"{len(compiled)} compilations after start-up: {compiled[:4]}"

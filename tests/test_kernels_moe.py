@@ -18,6 +18,7 @@ import threading
 import pytest
 import torch
 
+from tests.compiles import recorded_compilations
 from tests.interp import interp, run_interpreter_tests
 
 
@@ -1631,8 +1632,6 @@ def test_gpu_short_tiles_match_reference(name, fp8, loads, ws, swap_ab):
 def test_gpu_no_compilation_after_the_warm_up_counts(name):
     """After one `fused_moe` call at each of `warmup_token_counts`' counts (what `MoELayer.warm_up` runs at
     engine start-up), calls of other sizes up to the limit compile no Triton kernel (Triton's JIT hook)."""
-    import triton
-
     from moeserve.kernels import fused_moe
     from moeserve.kernels.fused_moe import warmup_token_counts
 
@@ -1649,19 +1648,9 @@ def test_gpu_no_compilation_after_the_warm_up_counts(name):
     for m in warmup_token_counts(max_tokens, e, h, i, k, False, sms):
         call(m)
     torch.cuda.synchronize()
-    compiled = []
-
-    def record(*, fn, **_) -> bool:
-        compiled.append(fn.name)
-        return False  # compile as usual
-
-    runtime = triton.knobs.runtime
-    hook, runtime.jit_cache_hook = runtime.jit_cache_hook, record
-    try:
+    with recorded_compilations() as compiled:
         sizes = [3, 5, 7, 24, 40, 63, 100, 129, 200, 257, 300, 450, 600, 700, 999, 1300, 1500, 2047, max_tokens]
         for m in sizes + torch.randint(1, max_tokens + 1, (20,), generator=g).tolist():
             call(m)
         torch.cuda.synchronize()
-    finally:
-        runtime.jit_cache_hook = hook
-    assert not compiled, f"compiled after the warm-up: {compiled}"
+    assert not compiled, f"compiled after the warm-up: {compiled[:4]}"

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.compiles import recorded_compilations
 from tests.interp import interp, run_interpreter_tests
 from tests.test_kernels_fused_small import assert_same_topk
 
@@ -207,3 +208,32 @@ def test_gpu_router_and_fused_decode_replay_in_cuda_graph():
         assert rel_err(attn, paged_decode_attention_ref(q, kc, vc, bt, sl, 128**-0.5)) <= 1e-2
     torch.cuda.synchronize()
     assert not completion_counters(x.device, 1).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", list(ROUTERS))
+def test_gpu_no_compilation_after_the_warm_up_counts(model):
+    """After one `router_topk` call at each of `warmup_token_counts`' counts (part of `MoELayer.warm_up` at
+    engine start-up), calls of every other row count where the fused router pays compile nothing (Triton's JIT
+    hook): its tile, hidden slices and row-count specialisation change with T."""
+    from moeserve.kernels.device import num_sms
+    from moeserve.kernels.router_topk import (
+        MAX_FUSED_TOKENS,
+        fused_router_pays,
+        router_topk,
+        warmup_token_counts,
+    )
+
+    e, h, k, w_dtype = ROUTERS[model]
+    x = torch.randn(MAX_FUSED_TOKENS, h, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(e, h, device="cuda") * h**-0.5).to(w_dtype)
+    counts = warmup_token_counts(MAX_FUSED_TOKENS, e, h, k, num_sms(x.device))
+    for t in counts:
+        router_topk(x[:t], w, k)
+    torch.cuda.synchronize()
+    with recorded_compilations() as compiled:
+        for t in range(1, MAX_FUSED_TOKENS + 1):
+            if fused_router_pays(t, e, k):
+                router_topk(x[:t], w, k)
+        torch.cuda.synchronize()
+    assert not compiled, f"warm-up counts {counts}; compiled after them: {compiled[:4]}"

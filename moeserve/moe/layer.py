@@ -143,13 +143,21 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def warm_up(self, max_tokens: int, seed: int = 0) -> list[int]:
-        """Run the router and the expert kernel once at each token count the kernel names for calls of up to
-        max_tokens rows (`ExpertKernel.warmup_token_counts`), so that Triton compiles their kernels now rather
-        than inside a first request of that size. Random activations; each row chooses top_k distinct local
-        slots at random (all of them when this rank holds fewer). Local to this rank: no dispatch, no
-        collective, no expert load recorded, no weight or cache written. Returns the counts run."""
+        """Run the router and the expert kernel once at each token count that the kernel
+        (`ExpertKernel.warmup_token_counts`) or the fused router (`router_topk.warmup_token_counts`) names for
+        calls of up to max_tokens rows, so that Triton compiles their kernels now rather than inside a first
+        request of that size. Random activations; each row chooses top_k distinct local slots at random (all
+        of them when this rank holds fewer). Local to this rank: no dispatch, no collective, no expert load
+        recorded, no weight or cache written. Returns the counts run, ascending."""
         device, slots, top_k = self.w13.device, self.w13.shape[0], self.routing.top_k
-        counts = self.expert_kernel.warmup_token_counts(self.w13, max_tokens, top_k)
+        counts = set(self.expert_kernel.warmup_token_counts(self.w13, max_tokens, top_k))
+        if self._fused_route(torch.empty(1, self.hidden_size, dtype=self.w13.dtype, device=device)):
+            from moeserve.kernels.device import num_sms
+            from moeserve.kernels.router_topk import warmup_token_counts
+
+            weight = self.gate.weight
+            counts.update(warmup_token_counts(max_tokens, weight.shape[0], weight.shape[1], top_k, num_sms(device)))
+        counts = sorted(counts)
         gen = torch.Generator(device=device).manual_seed(seed)
         for n in counts:
             x = torch.randn(n, self.hidden_size, generator=gen, device=device).to(self.w13.dtype)
@@ -167,12 +175,7 @@ class MoELayer(nn.Module):
         `select`. Decode-sized CUDA batches whose routing `topk_softmax` covers run both in one launch
         (`router_topk`), unless a hook observes the gate's logits; CPU keeps the unfused path unchanged."""
         r, gate = self.routing, self.gate
-        # The kernel's logits dtype is promote(x, weight): an fp32 router needs its fp32 weight to match.
-        same_logits = not gate.fp32 or gate.weight.dtype == torch.float32
-        if same_logits and not gate.observed and fused_router_applies(
-            x, gate.weight, r.top_k, scoring=r.scoring, topk_method=r.topk_method,
-            correction_bias=gate.e_score_correction_bias,
-        ):
+        if self._fused_route(x):
             from moeserve.kernels.router_topk import router_topk
 
             return router_topk(
@@ -180,6 +183,16 @@ class MoELayer(nn.Module):
                 num_real_tokens=num_real_tokens,
             )
         return self.select(gate(x), num_real_tokens)
+
+    def _fused_route(self, x: torch.Tensor) -> bool:
+        """Whether `route` takes `router_topk` for x (false for larger batches once false for x)."""
+        r, gate = self.routing, self.gate
+        # The kernel's logits dtype is promote(x, weight): an fp32 router needs its fp32 weight to match.
+        same_logits = not gate.fp32 or gate.weight.dtype == torch.float32
+        return same_logits and not gate.observed and fused_router_applies(
+            x, gate.weight, r.top_k, scoring=r.scoring, topk_method=r.topk_method,
+            correction_bias=gate.e_score_correction_bias,
+        )
 
     def select(
         self, router_logits: torch.Tensor, num_real_tokens: torch.Tensor | None = None

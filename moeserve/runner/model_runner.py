@@ -31,6 +31,7 @@ from moeserve.moe.tbo import run_overlapped
 from moeserve.request import PLACEHOLDER
 from moeserve.runner.cuda_graphs import CudaGraphRunner, graph_unsupported_reason
 from moeserve.runner.sampler import SampledTokens, Sampler, SamplingRow, host_to_device
+from moeserve.sampling_params import SamplingParams
 from moeserve.scheduler.output import ModelOutput, ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger("moeserve")
@@ -110,6 +111,8 @@ class ModelRunner:
         # The last launch that sampled (None when the last launch did not): placeholders come from its tokens.
         self._last_step: PendingStep | None = None
         self.expert_load: torch.Tensor | None = None  # [num_moe_layers, num_physical] int64 when EPLB records
+        if config.warmup_kernels and self.device.type == "cuda" and isinstance(dispatcher, LocalDispatcher):
+            self._warm_up_prefill()
         logger.info(
             "model %s on %s (%s); attention=%s experts=%s dispatcher=%s; %d KV blocks of %d tokens",
             mc.architecture, self.device, str(self.dtype).replace("torch.", ""), self.ctx.attention.name,
@@ -128,6 +131,25 @@ class ModelRunner:
         if counts:
             logger.info("MoE kernels warmed up for %d token counts (%d..%d) in %.1f s", len(counts), counts[0],
                         counts[-1], time.perf_counter() - t0)
+
+    def _warm_up_prefill(self) -> None:
+        """Compile what a first prompt would still compile after the decode graphs' capture (the prefill
+        attention, greedy sampling's argmax, and with few or no graphs the kernels of steps over 16 rows, where
+        the projections leave their decode-size kernels): two greedy prompts, of 2 and 33 tokens, each run
+        eagerly as one step from the first KV block. The KV they leave there is never read: a request reads
+        only slots that it, or the prefix it shares, wrote. With an EP dispatcher the forward would enter
+        collectives, so EP ranks compile these on their first prompts instead."""
+        t0 = time.perf_counter()
+        greedy = SamplingParams(temperature=0.0)
+        for n in (2, 33):
+            blocks = list(range(math.ceil(n / self.config.block_size)))
+            if len(blocks) > self.num_blocks:
+                continue
+            req = ScheduledRequest("warm-up", [0] * n, 0, blocks, sample=True, sampling_params=greedy)
+            self.execute(SchedulerOutput(0, [req]))
+            self.block_tables.drop([req.request_id])
+        self._last_step = None
+        logger.info("prefill kernels warmed up in %.1f s", time.perf_counter() - t0)
 
     def _allocate_kv_cache(self, scratch_blocks: int = 0) -> int:
         """Allocate and bind the paged KV cache; returns the number of blocks the scheduler may use
