@@ -176,7 +176,7 @@ def test_prefill_warm_up_leaves_nothing_a_request_sees(tiny_checkpoint):
     prompt = random_prompts(1, warmed.model_config.vocab_size, 9, 9, seed=5)[0]
     outs, kvs = [], []
     for runner in (warmed, fresh):
-        step = _decode_reqs(runner, [prompt], [[0, 1, 2]])  # prefill over block 0, then decode in it
+        step = _decode_reqs(runner, [prompt], [[0, 1, 2]])  # prefill into blocks the warm-up wrote, then decode
         with torch.inference_mode():
             outs.append(runner.model.compute_logits(runner.model(runner.build_batch(step))))
         kvs.append([k[:3].flatten(0, 1)[:10] for k in _kv(runner)])  # the request's 10 slots
@@ -396,7 +396,7 @@ def test_cuda_async_scheduling_equals_sync_and_launch_never_waits(arch, tiny_che
 @pytest.mark.parametrize("arch,overrides", [(a, {}) for a in ARCHITECTURES] + [("qwen3_moe", {"head_dim": 64})],
                          ids=list(ARCHITECTURES) + ["qwen3_moe-64-wide-heads"])
 def test_cuda_requests_compile_nothing_after_start_up(arch, overrides, tiny_checkpoint):
-    """Start-up (the MoE warm-up, the decode graphs' capture, the warm-up prompt) compiles every Triton kernel a
+    """Start-up (the MoE warm-up, the decode graphs' capture, the warm-up prompts) compiles every Triton kernel a
     request takes: prompts of 1-70 tokens, prefix-cache hits, decode batches of 1-11, greedy and sampled with
     logprobs then compile nothing (Triton's JIT hook), so no first request waits for a compilation. 64-wide
     heads take the one-launch qkv projection + rotary (`qkv_rope`) at up to 16 rows."""
