@@ -1,4 +1,5 @@
-"""Shared pytest set-up: GPU markers skip without CUDA; tiny checkpoints are built once per session."""
+"""Shared pytest set-up: GPU markers skip without CUDA; tiny checkpoints are built once per session; the
+Triton-interpreter subprocesses start at collection and their tests run last (tests/interp.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 
 import pytest
 import torch
+
+from tests.interp import start_interpreter_runs, stop_interpreter_runs
 
 # Tiny models on a small shared CPU: one thread per process is far faster than several competing ones.
 # Ray workers and subprocesses inherit the environment variable.
@@ -23,6 +26,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "multigpu" in item.keywords and num_gpus < 2:
             item.add_marker(skip_multi)
+    # The tests that wait for an interpreter subprocess go last: their subprocesses run meanwhile (tests/interp.py).
+    items.sort(key=lambda item: "interpreter_run" in item.keywords)
+
+
+def pytest_collection_finish(session):
+    start_interpreter_runs(str(item.path) for item in session.items if "interpreter_run" in item.keywords)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    stop_interpreter_runs()
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from moeserve.kernels.attention_reference import (
     paged_decode_attention_ref,
     rel_err,
 )
-from tests.interp import interp, run_interpreter_tests
+from tests.interp import interp, launches_interpreter_run, run_interpreter_tests
 
 # ---------------------------------------------------------------- selection (CPU)
 
@@ -133,6 +133,7 @@ def test_interp_pages_to_indices(num_reqs: int, page: int) -> None:
     _check_pages_to_indices("cpu", num_reqs, page, seed=num_reqs)
 
 
+@launches_interpreter_run
 def test_pages_to_indices_under_interpreter() -> None:
     run_interpreter_tests(__file__)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from moeserve.layers.rotary import rope_inv_freq
-from tests.interp import interp, run_interpreter_tests
+from tests.interp import interp, launches_interpreter_run, run_interpreter_tests
 
 
 def inv_freq(rotary_dim: int, theta: float = 10000.0) -> torch.Tensor:
@@ -109,6 +109,7 @@ def test_gqa_fused_qkv_loads_through_checkpoint_names(tiny_checkpoint):
 # ---------------------------------------------------------------- CPU, Triton interpreter
 
 
+@launches_interpreter_run
 def test_fused_kernels_under_interpreter():
     """Runs the `test_interp_*` tests below in a subprocess with TRITON_INTERPRET=1."""
     run_interpreter_tests(__file__)

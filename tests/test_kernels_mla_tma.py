@@ -12,7 +12,7 @@ import torch
 
 from moeserve.forward_batch import AttentionMetadata
 from moeserve.kernels.attention_reference import make_paged_cache, mla_decode_attention_ref, rel_err
-from tests.interp import interp, run_interpreter_tests
+from tests.interp import interp, launches_interpreter_run, run_interpreter_tests
 
 F16 = torch.float16
 
@@ -102,6 +102,7 @@ def test_interp_unsupported_inputs_say_why() -> None:
         mla_decode_attention(q, kv, bt, sl, 0.1, 448, 20, block_n=16, kernel="tma")
 
 
+@launches_interpreter_run
 def test_interpreter_cases() -> None:
     run_interpreter_tests(__file__)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.compiles import recorded_compilations
-from tests.interp import interp, run_interpreter_tests
+from tests.interp import interp, launches_interpreter_run, run_interpreter_tests
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -425,6 +425,7 @@ def test_weight_block_quant_roundtrip():
 # ---------------------------------------------------------------- CPU, Triton interpreter
 
 
+@launches_interpreter_run
 def test_kernels_under_triton_interpreter():
     """Runs the `test_interp_*` tests below in a subprocess with TRITON_INTERPRET=1."""
     run_interpreter_tests(__file__)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.compiles import recorded_compilations
-from tests.interp import interp, run_interpreter_tests
+from tests.interp import interp, launches_interpreter_run, run_interpreter_tests
 from tests.test_kernels_fused_small import assert_same_topk
 
 
@@ -55,6 +55,7 @@ def test_fused_router_only_where_it_computes_the_same(monkeypatch):
     assert not gate.observed
 
 
+@launches_interpreter_run
 def test_router_topk_under_interpreter():
     """Runs the `test_interp_*` tests below in a subprocess with TRITON_INTERPRET=1."""
     run_interpreter_tests(__file__)

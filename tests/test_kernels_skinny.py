@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moeserve.kernels.attention_reference import rel_err
-from tests.interp import interp, run_interpreter_tests
+from tests.interp import interp, launches_interpreter_run, run_interpreter_tests
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -20,6 +20,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
     return ref if b is None else ref + b.double()
 
 
+@launches_interpreter_run
 def test_skinny_kernel_under_interpreter():
     """Runs the `test_interp_*` tests below in a subprocess with TRITON_INTERPRET=1."""
     run_interpreter_tests(__file__)
