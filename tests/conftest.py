@@ -31,7 +31,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    start_interpreter_runs(str(item.path) for item in session.items if "interpreter_run" in item.keywords)
+    if not session.config.option.collectonly:
+        start_interpreter_runs(str(item.path) for item in session.items if "interpreter_run" in item.keywords)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -37,26 +37,30 @@ def launches_interpreter_run(test):
 
 
 class _Run:
-    """One file's interpreter subprocess, run on the background thread (`start`) or by its test (`result`)."""
+    """One file's interpreter subprocess, run on the background thread (`start_interpreter_runs`) or by its
+    launching test (`run_interpreter_tests`)."""
 
     def __init__(self, test_file: str) -> None:
         self.test_file = test_file
         self.done = threading.Event()
         self.returncode: int | None = None
         self.output = ""
-        self.proc: subprocess.Popen | None = None
-        self.cancelled = False
+        self._proc: subprocess.Popen | None = None
+        self._stopped = False
+        self._lock = threading.Lock()  # no subprocess starts once stop() has run
 
     def run(self) -> None:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", self.test_file, "-k", "test_interp_"]
         with tempfile.TemporaryFile(mode="w+") as out:
             try:
-                if not self.cancelled:
-                    self.proc = subprocess.Popen(cmd, env=dict(os.environ, TRITON_INTERPRET="1"), stdout=out,
-                                                 stderr=subprocess.STDOUT, text=True)
-                    self.returncode = self.proc.wait(timeout=TIMEOUT_S)
+                with self._lock:
+                    if not self._stopped:
+                        self._proc = subprocess.Popen(cmd, env=dict(os.environ, TRITON_INTERPRET="1"), stdout=out,
+                                                      stderr=subprocess.STDOUT, text=True)
+                if self._proc is not None:
+                    self.returncode = self._proc.wait(timeout=TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._proc.kill()
                 out.write(f"\n(killed after {TIMEOUT_S} s)")
             finally:
                 out.seek(0)
@@ -64,9 +68,10 @@ class _Run:
                 self.done.set()
 
     def stop(self) -> None:
-        self.cancelled = True
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        with self._lock:
+            self._stopped = True
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
 
 
 _runs: dict[str, _Run] = {}
