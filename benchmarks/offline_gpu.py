@@ -481,8 +481,9 @@ def run_moeserve_throughput(llm, prompts, output_len: int, warmup: bool, log: Co
     steps take the timed run's token counts and whatever those compile lazily is compiled before the timed
     run. Before the engine compiled its MoE kernels at start-up (`EngineConfig.warmup_kernels`, session 20),
     a cold compile cache put the compilation of the fused-MoE entry of the last prefill step inside the
-    timed run (2.3 s of a 5.4 s run; benchmarks/RESULTS.md, session 19); the warm-up now guards against
-    kernels the engine still compiles on first use (the prefill attention)."""
+    timed run (2.3 s of a 5.4 s run; benchmarks/RESULTS.md, session 19). Since session 21 the engine compiles
+    the prefill path at start-up too and `--log-compiles` shows nothing compiled here; the warm-up stays as a
+    guard, so that a kernel compiled lazily again never lands in the timed run."""
     if log is not None:
         log.phase = "throughput warm-up"
     if warmup:

@@ -58,7 +58,8 @@ class EngineLimits(_Strict):
     enable_cuda_graphs: bool = True
     cuda_graph_max_batch: int = Field(256, ge=1, le=1024)
     warmup_kernels: bool = Field(
-        True, description="compile the MoE kernels of every step size at start-up, not in first requests (CUDA)"
+        True, description="compile the kernels of every step size at start-up (the MoE kernels; without EP also "
+        "the prefill path, through two short prompts), not in first requests (CUDA)"
     )
     attention_backend: Literal[ATTENTION_BACKENDS] = Field(
         "auto", description="auto: Triton on CUDA, torch elsewhere; flashinfer: decode through FlashInfer (CUDA, "

@@ -98,7 +98,8 @@ class ModelRunner:
                                      dispatcher.for_mode(ForwardMode.DECODE).name)
             if config.enable_cuda_graphs else "enable_cuda_graphs=False"
         )
-        if config.warmup_kernels and self.device.type == "cuda":
+        warm_up = config.warmup_kernels and self.device.type == "cuda"
+        if warm_up:
             # Before the KV cache takes its share of free memory, which then leaves this peak out.
             self._warm_up_kernels()
         # With graphs, one extra KV block (id num_blocks, never scheduled) absorbs the padding rows' writes.
@@ -111,7 +112,7 @@ class ModelRunner:
         # The last launch that sampled (None when the last launch did not): placeholders come from its tokens.
         self._last_step: PendingStep | None = None
         self.expert_load: torch.Tensor | None = None  # [num_moe_layers, num_physical] int64 when EPLB records
-        if config.warmup_kernels and self.device.type == "cuda" and isinstance(dispatcher, LocalDispatcher):
+        if warm_up and isinstance(dispatcher, LocalDispatcher):
             self._warm_up_prefill()
         logger.info(
             "model %s on %s (%s); attention=%s experts=%s dispatcher=%s; %d KV blocks of %d tokens",
