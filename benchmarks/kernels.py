@@ -99,19 +99,19 @@ class MatmulRate:
         n = self.N
         self.a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
         self.b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-        self.fp8 = None
+        self.fp8_mm = None
         try:
             a8, b8 = self.a.to(FP8_DTYPE), self.b.to(FP8_DTYPE).t()  # b column-major, as _scaled_mm wants
             one = torch.ones((), device=DEVICE)
-            self.fp8 = lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)
-            self.fp8()
+            self.fp8_mm = lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)
+            self.fp8_mm()
         except Exception as exc:  # older torch or no fp8 GEMM: fall back to twice the bf16 rate
             print(f"fp8 matmul ceiling unavailable ({exc}); using 2x bf16", flush=True)
-            self.fp8 = None
+            self.fp8_mm = None
 
     def tflops(self, fp8: bool) -> float:
-        if fp8 and self.fp8 is not None:
-            return 2 * self.N**3 / bench_ms(self.fp8) / 1e9
+        if fp8 and self.fp8_mm is not None:
+            return 2 * self.N**3 / bench_ms(self.fp8_mm) / 1e9
         rate = 2 * self.N**3 / bench_ms(lambda: self.a @ self.b) / 1e9
         return 2 * rate if fp8 else rate
 

@@ -40,8 +40,8 @@ from .moe_tiles import (
 )
 from .pdl import launch_kwargs, pdl_enter
 
-# Columns per program of the row gather (`gather_slots`): a block's 128 rows x 256 bf16 columns are 64 KB, 128
-# values a thread at 4 warps. At 512 columns (256 values a thread) the copy ran at 0.58 TB/s, 116 us at Mixtral
+# Columns per program of the row gather (`gather_slots`): a block's 128 rows x 256 bf16 columns are 64 KB, 256
+# values a thread at 4 warps. At 512 columns (512 values a thread) the copy ran at 0.58 TB/s, 116 us at Mixtral
 # M=2048 (4096 rows of 4096); at 64-256 columns it runs at 2.8-2.95 TB/s, 23 us (benchmarks/RESULTS.md, session 22).
 GATHER_BLOCK_H = 256
 # In-kernel tensor descriptors and the scratch allocator arrived in Triton 3.4 (the extra allows >= 3.1).
