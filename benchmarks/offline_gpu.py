@@ -2,7 +2,8 @@
 
 Random-weight bf16 checkpoints with the real shapes of Qwen3-30B-A3B and DeepSeek-V2-Lite (fewer layers, so
 that model, transformers baseline and KV cache fit one GPU and build in seconds) are initialised on the GPU
-and saved in HF layout. Per model:
+and saved in HF layout; with --skip-hf only the first decoder layer is built by transformers and the others are
+written beside it, so any --layers fits (`build_deep_checkpoint`). Per model:
   (a) decode steps at batch 1, 10, 64 with ~1024 tokens of context: CUDA-graph replay (forward + LM head),
       eager forward and the whole engine step (`LLMEngine.step()` wall time in a steady decode: with async
       scheduling max(host work, device work incl. sampling)), against the roofline = bytes the step must
@@ -201,6 +202,57 @@ def build_checkpoint(
     shutil.rmtree(path, ignore_errors=True)
     model.save_pretrained(path)
     bt.write_byte_tokenizer(path)
+    return model
+
+
+def build_deep_checkpoint(
+    name: str, layers: int, path: Path, device: torch.device, dtype: torch.dtype, tiny: bool
+):
+    """As `build_checkpoint`, with transformers building only the layers up to the first MoE layer; the later
+    layers are written as more safetensors files, each tensor of that MoE layer again, drawn afresh with its
+    spread (constant tensors, such as norm weights, stay as they are). Without the transformers baseline the
+    model need not exist whole anywhere, so every layer count fits: transformers cannot initialise all 48 layers
+    of Qwen3-30B-A3B (61 GB) on an 80 GB GPU. Returns the model transformers built."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, shape = MODELS[name]
+    built = min(layers, {**shape, **(TINY[name] if tiny else {})}.get("first_k_dense_replace", 0) + 1)
+    model = build_checkpoint(name, built, path, device, dtype, tiny)
+    tag = f".layers.{built - 1}."
+    template = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            template.update({k: f.get_tensor(k) for k in f.keys() if tag in k})
+    gen = torch.Generator(device=device).manual_seed(1)
+    files = {}
+    for i in range(built, layers):
+        tensors = {}
+        for key, t in template.items():
+            if bool((t == t.flatten()[0]).all()):
+                fresh = t.clone()
+            else:
+                fresh = torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32)
+                fresh = (fresh * t.float().std()).to(t.dtype)
+            tensors[key.replace(tag, f".layers.{i}.")] = fresh.cpu()
+        files[f"layer-{i:03d}.safetensors"] = list(tensors)
+        save_file(tensors, str(path / f"layer-{i:03d}.safetensors"))
+    # Sharded HF layout: the index lists every tensor's file (one model.safetensors becomes the first shard).
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+    else:
+        (path / "model.safetensors").rename(path / "model-base.safetensors")
+        with safe_open(str(path / "model-base.safetensors"), framework="pt") as f:
+            data = {"metadata": {}, "weight_map": dict.fromkeys(f.keys(), "model-base.safetensors")}
+    data["weight_map"].update({key: file for file, keys in files.items() for key in keys})
+    data["metadata"]["total_size"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    index.write_text(json.dumps(data, indent=2))
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["num_hidden_layers"] = layers
+    config_file.write_text(json.dumps(config, indent=2))
+    model.config.num_hidden_layers = layers
     return model
 
 
@@ -502,7 +554,8 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     path = Path(args.ckpt_dir) / name
     t0 = time.perf_counter()
-    hf = build_checkpoint(name, args.layers, path, device, dtype, args.tiny)
+    build = build_deep_checkpoint if args.skip_hf else build_checkpoint
+    hf = build(name, args.layers, path, device, dtype, args.tiny)
     build_s = time.perf_counter() - t0
     vocab = hf.config.vocab_size
     prompts = random_prompts(args.num_requests, args.input_len, vocab, seed=0)
