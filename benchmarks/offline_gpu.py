@@ -2,8 +2,8 @@
 
 Random-weight bf16 checkpoints with the real shapes of Qwen3-30B-A3B and DeepSeek-V2-Lite (fewer layers, so
 that model, transformers baseline and KV cache fit one GPU and build in seconds) are initialised on the GPU
-and saved in HF layout; with --skip-hf only the first decoder layer is built by transformers and the others are
-written beside it, so any --layers fits (`build_deep_checkpoint`). Per model:
+and saved in HF layout; with --skip-hf transformers builds only the layers up to the first MoE layer and the
+others are written beside them, so any --layers fits (`build_deep_checkpoint`). Per model:
   (a) decode steps at batch 1, 10, 64 with ~1024 tokens of context: CUDA-graph replay (forward + LM head),
       eager forward and the whole engine step (`LLMEngine.step()` wall time in a steady decode: with async
       scheduling max(host work, device work incl. sampling)), against the roofline = bytes the step must
