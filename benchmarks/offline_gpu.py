@@ -224,16 +224,15 @@ def build_deep_checkpoint(
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             template.update({k: f.get_tensor(k) for k in f.keys() if tag in k})
+    # Each template tensor's spread, once: None keeps a constant tensor (such as a norm's weight) as it is.
+    spread = {k: None if bool((t == t.flatten()[0]).all()) else t.float().std() for k, t in template.items()}
     gen = torch.Generator(device=device).manual_seed(1)
     files = {}
     for i in range(built, layers):
         tensors = {}
         for key, t in template.items():
-            if bool((t == t.flatten()[0]).all()):
-                fresh = t.clone()
-            else:
-                fresh = torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32)
-                fresh = (fresh * t.float().std()).to(t.dtype)
+            fresh = t if spread[key] is None else (
+                torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32) * spread[key]).to(t.dtype)
             tensors[key.replace(tag, f".layers.{i}.")] = fresh.cpu()
         files[f"layer-{i:03d}.safetensors"] = list(tensors)
         save_file(tensors, str(path / f"layer-{i:03d}.safetensors"))
@@ -248,11 +247,8 @@ def build_deep_checkpoint(
     data["weight_map"].update({key: file for file, keys in files.items() for key in keys})
     data["metadata"]["total_size"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     index.write_text(json.dumps(data, indent=2))
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text())
-    config["num_hidden_layers"] = layers
-    config_file.write_text(json.dumps(config, indent=2))
     model.config.num_hidden_layers = layers
+    model.config.save_pretrained(path)
     return model
 
 
