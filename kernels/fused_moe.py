@@ -39,7 +39,7 @@ import triton.language as tl
 
 # per_token_group_quant_fp8 is looked up on its module at each call, so a test can count the launches.
 from . import fp8 as fp8_quant
-from . import fused_moe_tma
+from . import fused_moe_tma, moe_gemm_gluon
 from .fp8 import FP8_DTYPE, GROUP
 from .fused_moe_pairs import fused_moe_pairs, gate_up_pairs_pdl
 from .moe_align import AlignedRouting, align_plan, moe_align
@@ -181,9 +181,10 @@ def _down_block(block, act_ptr, w_ptr, y_ptr, as_ptr, ws_ptr, topk_w_ptr, sorted
 
 
 @triton.jit
-def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, num_experts, stride_ym, stride_om,
-                     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
-    """out[m, n] = sum over valid choices j of y[m*TOP_K + j, n], accumulated in fp32."""
+def _topk_sum_kernel(y_ptr, ids_ptr, slot_ptr, out_ptr, N, num_experts, stride_ym, stride_om,
+                     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BY_SLOT: tl.constexpr, USE_PDL: tl.constexpr):
+    """out[m, n] = sum over valid choices j of y[row, n], accumulated in fp32, where row is the pair m*TOP_K + j,
+    or with BY_SLOT its slot, slot_ptr[m*TOP_K + j]."""
     pdl_enter(USE_PDL)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,7 +196,10 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, num_experts, stride_ym, stride_
         # the Triton interpreter.
         e = tl.zeros((BLOCK_N,), dtype=tl.int32) + tl.load(ids_ptr + pair)
         ok = n_ok & (e >= 0) & (e < num_experts)
-        acc += tl.load(y_ptr + pair.to(tl.int64) * stride_ym + offs_n, mask=ok, other=0.0).to(tl.float32)
+        row = pair
+        if BY_SLOT:
+            row = tl.load(slot_ptr + pair, mask=tl.load(ids_ptr + pair) >= 0, other=0)
+        acc += tl.load(y_ptr + row.to(tl.int64) * stride_ym + offs_n, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -212,6 +216,12 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: 
     inter = two_i // 2
     fp8 = x_scale is not None
     act = new_act(routing.sorted_ids.shape[0], inter, out_dtype, act_scale, x.device)
+    if _gluon_runs(cfg, w13, inter, hidden_size, routing, fp8, 2):
+        assert not mark_ready, "gate_up: mark_ready needs pointer loads"
+        x_slots = fused_moe_tma.gather_slots(x, routing, top_k)
+        moe_gemm_gluon.gate_up_gluon(x_slots, w13, act, routing, cfg.block_n, cfg.block_k, cfg.num_stages,
+                                     cfg.group_m)
+        return act
     if fused_moe_tma.tma_ok(cfg, inter, hidden_size, routing.block_m, x.device):
         assert not mark_ready, "gate_up: mark_ready needs pointer loads"
         fused_moe_tma.gate_up_tma(x, w13, act, routing, top_k, cfg, out_dtype, x_scale, w13_scale, act_scale)
@@ -229,20 +239,27 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: 
 
 def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routing: AlignedRouting,
          cfg: GemmConfig, out_dtype: torch.dtype, act_scale: torch.Tensor | None = None,
-         w2_scale: torch.Tensor | None = None, after_gate_up: GemmConfig | None = None) -> torch.Tensor:
+         w2_scale: torch.Tensor | None = None,
+         after_gate_up: GemmConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """act: [slots, I] (fp8 with act_scale [slots, I/128] when w2 is fp8); w2: [E, H, I];
-    topk_weights: [M, k] float32. Returns y: [M*k, H] out_dtype, rows of dropped choices left unwritten.
+    topk_weights: [M, k] float32. Returns (y, slot_of_pair) for `topk_sum`: y [M*k, H] out_dtype by pair, rows
+    of dropped choices left unwritten, and None; or, from the Gluon kernel (cfg.loads == "gluon"), y [slots, H]
+    by slot and slot_of_pair [M*k] int32, the row of each valid pair.
     after_gate_up (pointer loads only; `MoEConfig.overlap`): the tiles of the gate/up launch just before this
     one, which must have been made with mark_ready on the same routing (else the programs wait forever). Each
     program then waits only for the act it reads (its block's, and the next block's for a tail tile: all of
     that launch's N tiles counted in routing.block_ready) rather than for the whole launch to end."""
     num_experts, hidden_size, inter = w2.shape
     fp8 = act_scale is not None
+    if _gluon_runs(cfg, w2, hidden_size, inter, routing, fp8, 1):
+        assert after_gate_up is None, "down: after_gate_up needs pointer loads"
+        return moe_gemm_gluon.down_gluon(act, w2, topk_weights, routing, cfg.block_n, cfg.block_k, cfg.num_stages,
+                                         cfg.group_m, out_dtype)
     y = torch.empty(topk_weights.numel(), hidden_size, dtype=out_dtype, device=act.device)
     if fused_moe_tma.tma_ok(cfg, hidden_size, inter, routing.block_m, act.device):
         assert after_gate_up is None, "down: after_gate_up needs pointer loads"
         fused_moe_tma.down_tma(act, w2, y, topk_weights, routing, cfg, act_scale, w2_scale)
-        return y
+        return y, None
     as_, ws = operand_scales(act, w2, act_scale, w2_scale)
     grid = (routing.max_blocks * triton.cdiv(hidden_size, cfg.block_n),)
     ready_count = 0 if after_gate_up is None else triton.cdiv(inter, after_gate_up.block_n)
@@ -251,16 +268,31 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
                        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0), as_.stride(0), ws.stride(0),
                        ws.stride(1), **aligned_ptr_meta(cfg), WAIT_READY=after_gate_up is not None,
                        **ptr_gemm_meta(cfg, routing.block_m, hidden_size, inter, fp8, act.device))
-    return y
+    return y, None
 
 
-def topk_sum(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor) -> torch.Tensor:
-    """y: [M*k, H]; topk_ids: [M, k] int32; out: [M, H], filled with the sum over valid choices."""
+def _gluon_runs(cfg: GemmConfig, w: torch.Tensor, n: int, k: int, routing: AlignedRouting, fp8: bool,
+                weight_tiles: int) -> bool:
+    """Whether a GEMM with cfg.loads == "gluon" runs the Gluon kernel here (16-bit weights on a GPU it was
+    written for, tiles that fit): else it takes the TMA Triton kernel ("tma")."""
+    if cfg.loads != "gluon" or fp8:
+        return False
+    why = moe_gemm_gluon.gluon_gemm_unsupported(w, n, k, routing.block_m, cfg.block_n, cfg.block_k,
+                                                cfg.num_stages, weight_tiles)
+    return why is None
+
+
+def topk_sum(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor,
+             slot_of_pair: torch.Tensor | None = None) -> torch.Tensor:
+    """y: [M*k, H] by pair, or by slot with slot_of_pair [M*k] (`down`'s two results); topk_ids: [M, k] int32;
+    out: [M, H], filled with the sum over valid choices."""
     num_tokens, top_k = topk_ids.shape
     block_n = min(1024, triton.next_power_of_2(out.shape[1]))
     grid = (num_tokens, triton.cdiv(out.shape[1], block_n))
-    _topk_sum_kernel[grid](y, topk_ids, out, out.shape[1], num_experts, y.stride(0), out.stride(0),
-                           TOP_K=top_k, BLOCK_N=block_n, num_warps=4, **launch_kwargs(y.device))
+    by_slot = slot_of_pair is not None
+    _topk_sum_kernel[grid](y, topk_ids, slot_of_pair if by_slot else topk_ids, out, out.shape[1], num_experts,
+                           y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_N=block_n, BY_SLOT=by_slot, num_warps=4,
+                           **launch_kwargs(y.device))
     return out
 
 
@@ -345,11 +377,12 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
         run = functools.partial(gate_up, xq, w13, routing, top_k, cfg.gate_up, hidden.dtype, xs, w13_scale,
                                 mark_ready=overlap)
         aq, act_s = fp8_act(run, routing.sorted_ids.shape[0], two_i // 2, cfg, hidden.device)
-        y = down(aq, w2, topk_weights, routing, cfg.down, hidden.dtype, act_s, w2_scale, after_gate_up=after)
+        y, slot_of_pair = down(aq, w2, topk_weights, routing, cfg.down, hidden.dtype, act_s, w2_scale,
+                               after_gate_up=after)
     else:
         act = gate_up(hidden, w13, routing, top_k, cfg.gate_up, hidden.dtype, mark_ready=overlap)
-        y = down(act, w2, topk_weights, routing, cfg.down, hidden.dtype, after_gate_up=after)
-    return topk_sum(y, topk_ids, num_experts, out)
+        y, slot_of_pair = down(act, w2, topk_weights, routing, cfg.down, hidden.dtype, after_gate_up=after)
+    return topk_sum(y, topk_ids, num_experts, out, slot_of_pair)
 
 
 def warmup_token_counts(max_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, fp8: bool,

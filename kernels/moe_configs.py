@@ -22,7 +22,7 @@ _NUM_SMS = 132  # H100 SXM; only steers the fallback heuristic
 # variant ran on the H100 too, benchmarks/RESULTS.md session 15); 200 KB was the budget before.
 SMEM_BUDGET = 216 * 1024
 PAIRS_MODES = ("", "pair", "one")
-LOADS = ("ptr", "tma", "tma_gathered")
+LOADS = ("ptr", "tma", "tma_gathered", "gluon")
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,7 +31,10 @@ class GemmConfig:
 
     loads (aligned path only; `moeserve.kernels.fused_moe_tma`): "ptr" = every tile by pointer loads; "tma" =
     weight tiles (and down's activation tiles) by TMA, gate/up's token rows by pointer gather; "tma_gathered" =
-    as "tma", with gate/up's token rows first copied into slot order so they come by TMA too.
+    as "tma", with gate/up's token rows first copied into slot order so they come by TMA too; "gluon" = the
+    persistent warp-specialised Gluon kernel (`moeserve.kernels.moe_gemm_gluon`: 128-row blocks, 16-bit weights,
+    Hopper with Triton 3.6), gate/up's token rows first copied into slot order as with "tma_gathered"; where
+    it cannot run (`moe_gemm_gluon.gluon_gemm_unsupported`) the GEMM takes "tma".
     warp_specialize: with TMA loads, let Triton split the k loop into producer and consumer warps.
     short_m (aligned path only): the smallest of the tile heights a block may run, block_m / 2 or block_m / 4
     (at least 16 rows), or 0 = every block runs block_m rows. A block runs the smallest of short_m,

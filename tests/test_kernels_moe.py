@@ -557,6 +557,28 @@ def _interp_config(spec, pairs: str = "", swap_ab: bool = False):
 
 
 @interp
+def test_interp_topk_sum_by_slot_equals_by_pair():
+    """The top-k sum over rows stored by slot (the Gluon down's layout) through slot_of_pair gives the sum over
+    the same rows stored by pair; dropped choices (-1) are skipped in both."""
+    from moeserve.kernels.fused_moe import topk_sum
+    from moeserve.kernels.moe_align import moe_align
+
+    _, ids = random_routing(23, 5, 3, skip_expert=2, seed=4)
+    routing = moe_align(ids, 5, 16)
+    g = torch.Generator().manual_seed(5)
+    y_pair = torch.randn(ids.numel(), 48, generator=g)
+    y_slot = torch.full((routing.sorted_ids.shape[0], 48), float("nan"))  # padding slots must never be read
+    slot_of_pair = torch.full((ids.numel(),), -7, dtype=torch.int32)  # dropped pairs' entries are never read
+    for b, rows in enumerate(routing.block_rows.tolist()):
+        for s in range(b * 16, b * 16 + rows):
+            pair = int(routing.sorted_ids[s])
+            y_slot[s], slot_of_pair[pair] = y_pair[pair], s
+    by_pair = topk_sum(y_pair, ids, 5, torch.empty(23, 48))
+    by_slot = topk_sum(y_slot, ids, 5, torch.empty(23, 48), slot_of_pair)
+    assert torch.equal(by_slot, by_pair) and (ids < 0).any()
+
+
+@interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", sorted(INTERP_CASES))
 @pytest.mark.parametrize("pairs", ["", "pair", "one"], ids=["aligned", "pairs", "pairs-one-launch"])
@@ -1117,7 +1139,8 @@ def test_interp_overlapped_down_waits_for_every_block_it_reads(gu_tail, dn_tail)
     routing = moe_align(ids, e, 64)
     act = gate_up(x, w13, routing, 1, gu, x.dtype, mark_ready=True)
     whole = routing.block_ready.clone()
-    y = down(act, w2, tw, routing, dn, x.dtype, after_gate_up=gu)
+    y, slot_of_pair = down(act, w2, tw, routing, dn, x.dtype, after_gate_up=gu)
+    assert slot_of_pair is None  # rows by pair
     out = topk_sum(y, ids, e, torch.empty_like(x))
     assert rel_err(out, moe_reference(x.double(), w13.double(), w2.double(), tw, ids)) < 1e-5
     for b in (routing.block_expert >= 0).nonzero().flatten().tolist():
@@ -1305,7 +1328,7 @@ def _target_ref(x, w13, w2, tw, ids, scales: dict) -> torch.Tensor:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(TARGETS))
-@pytest.mark.parametrize("m", [1, 77, 256, 300, 512, 2048])
+@pytest.mark.parametrize("m", [1, 77, 256, 300, 512, 2048, 4096])
 def test_gpu_bf16_target_shapes(name, m):
     from moeserve.kernels import fused_moe, moe_reference
 
@@ -1655,3 +1678,56 @@ def test_gpu_no_compilation_after_the_warm_up_counts(name):
             call(m)
         torch.cuda.synchronize()
     assert not compiled, f"compiled after the warm-up: {compiled[:4]}"
+
+
+def _gluon_config(down_n: int = 256, gate_up_stages: int = 4, down_stages: int = 3):
+    from moeserve.kernels import GemmConfig, MoEConfig
+
+    return MoEConfig(128, GemmConfig(128, 64, 8, 4, gate_up_stages, loads="gluon"),
+                     GemmConfig(down_n, 64, 8, 4, down_stages, loads="gluon"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@pytest.mark.parametrize("m", [5, 300, 2048])
+@pytest.mark.parametrize("skewed", [False, True], ids=["uniform", "skewed"])
+def test_gpu_gluon_grouped_gemms_match_reference(name, m, skewed):
+    """The persistent Gluon GEMMs (loads="gluon") on the target shapes: blocks of every fill (a few rows, at
+    most 64 rows: the second warpgroup idle, full), experts off this rank (-1), against the fp32 reference."""
+    from moeserve.kernels import fused_moe
+    from moeserve.kernels.moe_gemm_gluon import gluon_gemm_unsupported
+
+    ids = skewed_ids(m, name, seed=m) if skewed else None
+    x, w13, w2, tw, ids, _ = _target_inputs(name, m, False, seed=m, ids=ids)
+    e, _, k, h, i = TARGETS[name]
+    why = gluon_gemm_unsupported(w13, i, h, 128, 128, 64)
+    if why is not None:
+        pytest.skip(why)
+    out = fused_moe(x, w13, w2, tw, ids, config=_gluon_config())
+    ref = _target_ref(x, w13, w2, tw, ids, {})
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-2
+    # Same tiles, another ring depth and down width: the same result up to accumulation order.
+    other = fused_moe(x, w13, w2, tw, ids, config=_gluon_config(down_n=128, gate_up_stages=3, down_stages=5))
+    assert rel_err(other, out) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_grouped_gemms_replay_in_cuda_graph():
+    """Host-built TMA descriptors are captured by value: replays with new routings over the same buffers."""
+    from moeserve.kernels import fused_moe
+    from moeserve.kernels.moe_gemm_gluon import gluon_gemm_unsupported
+
+    x, w13, w2, tw, ids, _ = _target_inputs("qwen3", 512, False, seed=1)
+    if (why := gluon_gemm_unsupported(w13, 768, 2048, 128, 128, 64)) is not None:
+        pytest.skip(why)
+    cfg = _gluon_config()
+    fused_moe(x, w13, w2, tw, ids, config=cfg)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, w13, w2, tw, ids, config=cfg)
+    for seed in (2, 3):
+        x2, _, _, tw2, ids2, _ = _target_inputs("qwen3", 512, False, seed=seed)
+        for t, new in ((x, x2), (tw, tw2), (ids, ids2)):
+            t.copy_(new)
+        graph.replay()
+        assert rel_err(out, _target_ref(x, w13, w2, tw, ids, {})) <= 1e-2
