@@ -194,11 +194,12 @@ def _topk_sum_kernel(y_ptr, ids_ptr, slot_ptr, out_ptr, N, num_experts, stride_y
         pair = m * TOP_K + j
         # The expert id is splat to a vector before the compare: a scalar bool & vector bool mask trips
         # the Triton interpreter.
-        e = tl.zeros((BLOCK_N,), dtype=tl.int32) + tl.load(ids_ptr + pair)
+        expert = tl.load(ids_ptr + pair)
+        e = tl.zeros((BLOCK_N,), dtype=tl.int32) + expert
         ok = n_ok & (e >= 0) & (e < num_experts)
         row = pair
-        if BY_SLOT:
-            row = tl.load(slot_ptr + pair, mask=tl.load(ids_ptr + pair) >= 0, other=0)
+        if BY_SLOT:  # only valid pairs have a slot
+            row = tl.load(slot_ptr + pair, mask=(expert >= 0) & (expert < num_experts), other=0)
         acc += tl.load(y_ptr + row.to(tl.int64) * stride_ym + offs_n, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
