@@ -28,29 +28,24 @@ from __future__ import annotations
 import torch
 import triton
 
-try:  # Gluon (Triton >= 3.5; `mla_gluon_unsupported` also wants the tested release)
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: `mla_gluon_unsupported` reports it
-    gluon = None
-
-from .device import compute_capability
+from .gluon_support import (
+    GL_DTYPES,
+    fence_async_shared,
+    gl,
+    gluon,
+    gluon_platform_problem,
+    host_descriptor,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 BLOCK_N = 64  # keys per tile
 BLOCK_H = 64  # query heads per program: one wgmma M per warpgroup
 LORA = 512
 ROPE = 64
 STAGES = 2  # 72 KB per key tile; q takes another 72 KB
-_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-TRITON_TESTED = "3.6."  # the Triton release the kernel was written for and measured with
 
 
 def mla_gluon_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> str | None:
@@ -59,18 +54,14 @@ def mla_gluon_unsupported(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank:
     problem = mla_gluon_input_problem(q, kv_cache, kv_lora_rank)
     if problem is not None:
         return problem
-    if gluon is None or not triton.__version__.startswith(TRITON_TESTED):
-        return f"the Gluon kernel is written for Triton {TRITON_TESTED}x, this is Triton {triton.__version__}"
-    if q.device.type != "cuda" or compute_capability(q.device) != (9, 0):
-        return "the Gluon MLA kernel needs a Hopper GPU (sm_90: wgmma)"
-    return None
+    return gluon_platform_problem(q.device, "the Gluon MLA kernel")
 
 
 def mla_gluon_input_problem(q: torch.Tensor, kv_cache: torch.Tensor, kv_lora_rank: int) -> str | None:
     """What about q [R, H, LORA + ROPE] and kv_cache [blocks, page, 1, LORA + ROPE] the kernel cannot take, or
     None: 16-bit dtypes shared by both, DeepSeek's 512 + 64 latent, a page of 16, 32 or a multiple of 64 keys,
     and evenly spaced 16-byte aligned cache rows (TMA)."""
-    if q.dtype not in _GL_DTYPES or kv_cache.dtype != q.dtype:
+    if q.dtype not in GL_DTYPES or kv_cache.dtype != q.dtype:
         return f"q and kv_cache must share a 16-bit dtype (fp16/bf16), got {q.dtype} and {kv_cache.dtype}"
     if q.dim() != 3 or kv_cache.dim() != 4 or kv_cache.shape[2] != 1 or kv_cache.shape[3] != q.shape[2]:
         return f"want q [R, H, D] and kv_cache [NB, page, 1, D], got {tuple(q.shape)} and {tuple(kv_cache.shape)}"
@@ -323,10 +314,6 @@ if gluon is not None:
         ], [4, 1], [192, 40])  # registers per thread asked for warpgroup 1 and the producer; warpgroup 0 gets the rest
 
 
-def _descriptor(t2d: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, _GL_DTYPES[t2d.dtype]))
-    return TensorDescriptor(t2d, list(t2d.shape), [t2d.stride(0), 1], block, layout)
-
 
 def launch_mla_decode_gluon(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                             seq_lens: torch.Tensor, scale_log2: float, out: torch.Tensor, part_out: torch.Tensor,
@@ -348,8 +335,8 @@ def launch_mla_decode_gluon(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     box = min(kv_cache.shape[1], BLOCK_N)  # a box never crosses a page
     split_out = num_splits > 1
     _mla_decode_gluon_kernel[(triton.cdiv(num_heads, BLOCK_H), num_reqs, num_splits)](
-        _descriptor(q2d, [BLOCK_H, half]), _descriptor(q2d, [BLOCK_H, ROPE]),
-        _descriptor(rows, [box, half]), _descriptor(rows, [box, ROPE]), block_tables, seq_lens, out, part_out,
+        host_descriptor(q2d, [BLOCK_H, half]), host_descriptor(q2d, [BLOCK_H, ROPE]),
+        host_descriptor(rows, [box, half]), host_descriptor(rows, [box, ROPE]), block_tables, seq_lens, out, part_out,
         part_lse, scale_log2, num_heads, block_tables.stride(0), out.stride(0), out.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2) if split_out else 1, num_splits,
         PAGE=kv_cache.shape[1], SPLIT_OUT=split_out, num_warps=4,

@@ -36,29 +36,23 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
-try:  # Gluon (Triton >= 3.5; `gluon_gemm_unsupported` also wants the tested release)
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: `gluon_gemm_unsupported` reports it
-    gluon = None
-
-from .device import compute_capability
+from .gluon_support import (
+    GL_DTYPES,
+    fence_async_shared,
+    gl,
+    gluon,
+    gluon_platform_problem,
+    host_descriptor,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
 HALF_M = 64
-TRITON_TESTED = "3.6."
 SHARED_LIMIT = 227 * 1024  # an H100 block's shared memory
-_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def shared_bytes(block_n: int, block_k: int, stages: int, weight_tiles: int, elem_bytes: int = 2) -> int:
@@ -72,11 +66,9 @@ def gluon_gemm_unsupported(w: torch.Tensor, n: int, k: int, block_m: int, block_
                            stages: int = 3, weight_tiles: int = 1) -> str | None:
     """Why the Gluon grouped GEMM cannot run over weights w with output width n and depth k in these tiles
     (weight_tiles: 2 for gate/up, which loads a gate and an up tile a stage), or None when it can."""
-    if gluon is None or not triton.__version__.startswith(TRITON_TESTED):
-        return f"the Gluon grouped GEMM is written for Triton {TRITON_TESTED}x, this is Triton {triton.__version__}"
-    if w.device.type != "cuda" or compute_capability(w.device) != (9, 0):
-        return "the Gluon grouped GEMM needs a Hopper GPU (sm_90: wgmma)"
-    if w.dtype not in _GL_DTYPES:
+    if (problem := gluon_platform_problem(w.device, "the Gluon grouped GEMM")) is not None:
+        return problem
+    if w.dtype not in GL_DTYPES:
         return f"the Gluon grouped GEMM takes bf16/fp16 weights, got {w.dtype}"
     if block_m != BLOCK_M or n % block_n or k % block_k or block_n > 256 or block_k > 128:
         return f"tiles {block_m}x{block_n}x{block_k} do not fit n={n}, k={k} (block_m {BLOCK_M}, n % block_n = 0)"
@@ -276,10 +268,6 @@ if gluon is not None:
         ], [4, 1], [232, 40])
 
 
-def _descriptor(t2d: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, _GL_DTYPES[t2d.dtype]))
-    return TensorDescriptor(t2d, list(t2d.shape), [t2d.stride(0), 1], block, layout)
-
 
 @functools.cache
 def _num_sms(index: int) -> int:
@@ -293,7 +281,8 @@ def _launch(a: torch.Tensor, w2d: torch.Tensor, out: torch.Tensor, slot_of_pair:
     tiles = routing.max_blocks * num_n
     grid = (min(tiles, _num_sms(a.device.index or 0)),)
     _grouped_gemm_kernel[grid](
-        _descriptor(a, [BLOCK_M, block_k]), _descriptor(w2d, [block_n, block_k]), _descriptor(out, [HALF_M, block_n]),
+        host_descriptor(a, [BLOCK_M, block_k]), host_descriptor(w2d, [block_n, block_k]),
+        host_descriptor(out, [HALF_M, block_n]),
         slot_of_pair, topk_weights, routing.sorted_ids, routing.block_expert, routing.block_rows,
         routing.max_blocks, num_n, k // block_k, w_rows, up_off, GATE_UP=gate_up, STAGES=stages, GROUP_M=group_m,
         num_warps=4)
