@@ -37,18 +37,8 @@ import functools
 
 import torch
 
-from .gluon_support import (
-    GL_DTYPES,
-    fence_async_shared,
-    gl,
-    gluon,
-    gluon_platform_problem,
-    host_descriptor,
-    mbarrier,
-    tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
+from . import gluon_support
+from .gluon_support import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
 HALF_M = 64
@@ -66,9 +56,9 @@ def gluon_gemm_unsupported(w: torch.Tensor, n: int, k: int, block_m: int, block_
                            stages: int = 3, weight_tiles: int = 1) -> str | None:
     """Why the Gluon grouped GEMM cannot run over weights w with output width n and depth k in these tiles
     (weight_tiles: 2 for gate/up, which loads a gate and an up tile a stage), or None when it can."""
-    if (problem := gluon_platform_problem(w.device, "the Gluon grouped GEMM")) is not None:
+    if (problem := gluon_support.gluon_platform_problem(w.device, "the Gluon grouped GEMM")) is not None:
         return problem
-    if w.dtype not in GL_DTYPES:
+    if w.dtype not in gluon_support.GL_DTYPES:
         return f"the Gluon grouped GEMM takes bf16/fp16 weights, got {w.dtype}"
     if block_m != BLOCK_M or n % block_n or k % block_k or block_n > 256 or block_k > 128:
         return f"tiles {block_m}x{block_n}x{block_k} do not fit n={n}, k={k} (block_m {BLOCK_M}, n % block_n = 0)"
@@ -281,8 +271,8 @@ def _launch(a: torch.Tensor, w2d: torch.Tensor, out: torch.Tensor, slot_of_pair:
     tiles = routing.max_blocks * num_n
     grid = (min(tiles, _num_sms(a.device.index or 0)),)
     _grouped_gemm_kernel[grid](
-        host_descriptor(a, [BLOCK_M, block_k]), host_descriptor(w2d, [block_n, block_k]),
-        host_descriptor(out, [HALF_M, block_n]),
+        gluon_support.host_descriptor(a, [BLOCK_M, block_k]), gluon_support.host_descriptor(w2d, [block_n, block_k]),
+        gluon_support.host_descriptor(out, [HALF_M, block_n]),
         slot_of_pair, topk_weights, routing.sorted_ids, routing.block_expert, routing.block_rows,
         routing.max_blocks, num_n, k // block_k, w_rows, up_off, GATE_UP=gate_up, STAGES=stages, GROUP_M=group_m,
         num_warps=4)
