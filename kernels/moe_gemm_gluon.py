@@ -229,7 +229,9 @@ if gluon is not None:
         _consumer(a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
                   BlockRows, max_blocks, num_n, k_steps, gl.constexpr(1), GATE_UP, GROUP_M)
 
-    @gluon.jit
+    # max_blocks follows the call's size: not specialised (as in the Triton kernels), so that no call size
+    # compiles anything after start-up's warm-up (`fused_moe.warmup_token_counts`).
+    @gluon.jit(do_not_specialize=["max_blocks"])
     def _grouped_gemm_kernel(a_desc, w_desc, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert, BlockRows,
                              max_blocks, num_n, k_steps, w_rows, up_off, GATE_UP: gl.constexpr, STAGES: gl.constexpr,
                              GROUP_M: gl.constexpr):
