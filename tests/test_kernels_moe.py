@@ -1691,19 +1691,22 @@ def _gluon_config(down_n: int = 256, gate_up_stages: int = 4, down_stages: int =
 @pytest.mark.parametrize("name", sorted(TARGETS))
 @pytest.mark.parametrize("m", [5, 300, 2048])
 @pytest.mark.parametrize("skewed", [False, True], ids=["uniform", "skewed"])
-def test_gpu_gluon_grouped_gemms_match_reference(name, m, skewed):
+def test_gpu_gluon_grouped_gemms_match_reference(name, m, skewed, monkeypatch):
     """The persistent Gluon GEMMs (loads="gluon") on the target shapes: blocks of every fill (a few rows, at
     most 64 rows: the second warpgroup idle, full), experts off this rank (-1), against the fp32 reference."""
-    from moeserve.kernels import fused_moe
-    from moeserve.kernels.moe_gemm_gluon import gluon_gemm_unsupported
+    from moeserve.kernels import fused_moe, moe_gemm_gluon
 
     ids = skewed_ids(m, name, seed=m) if skewed else None
     x, w13, w2, tw, ids, _ = _target_inputs(name, m, False, seed=m, ids=ids)
     e, _, k, h, i = TARGETS[name]
-    why = gluon_gemm_unsupported(w13, i, h, 128, 128, 64)
+    why = moe_gemm_gluon.gluon_gemm_unsupported(w13, i, h, 128, 128, 64)
     if why is not None:
         pytest.skip(why)
+    launches = []  # gate_up flag of each Gluon launch: the config must not fall back to the Triton kernels
+    launch = moe_gemm_gluon._launch
+    monkeypatch.setattr(moe_gemm_gluon, "_launch", lambda *args: launches.append(args[-1]) or launch(*args))
     out = fused_moe(x, w13, w2, tw, ids, config=_gluon_config())
+    assert launches == [True, False]
     ref = _target_ref(x, w13, w2, tw, ids, {})
     assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-2
     # Same tiles, another ring depth and down width: the same result up to accumulation order.
