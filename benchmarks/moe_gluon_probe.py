@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from kernels_moe_tune import alternate_us, roofline_us  # noqa: E402
+from moe_entries_probe import parse_cases  # noqa: E402
 
 from kernels import SHAPES, MatmulRate, device_info, make_weights, measure_ceilings, rel_err, rotating_inputs  # noqa: E402
 from moeserve.kernels.fused_moe import fused_moe  # noqa: E402
@@ -112,9 +113,8 @@ def main() -> None:
     ceilings = measure_ceilings(rates)
     print(f"ceilings: {ceilings}", flush=True)
     failed, results = [], []
-    for case in args.cases.split(","):
-        key, dtype, m = case.split(":")
-        results.append(run_case(key, dtype, int(m), ceilings, rates, args.repeats, args.variants, failed))
+    for key, dtype, m in parse_cases(args.cases, "moe_gluon_probe"):
+        results.append(run_case(key, dtype, m, ceilings, rates, args.repeats, args.variants, failed))
         torch.cuda.empty_cache()
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

@@ -33,11 +33,10 @@ GPU, 16-bit operands, N a multiple of BLOCK_N and K of BLOCK_K (the weights' row
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import gluon_support
+from .device import num_sms
 from .gluon_support import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
@@ -125,7 +124,7 @@ if gluon is not None:
                    layout: gl.constexpr):
         """This warpgroup's 64 rows (from r0 of the stage) times the tile's weight rows over k_steps stages,
         one wgmma group left in flight; each stage is released once its MMAs are done. Returns the counter
-        and the accumulator(s) (gate, up; down: acc twice)."""
+        and the accumulators (gate, up; down: its accumulator, then an unused zero tile)."""
         STAGES: gl.constexpr = a_smem.type.shape[0]
         BLOCK_N: gl.constexpr = g_smem.type.shape[1]
         acc_g = gl.zeros([_HALF_M, BLOCK_N], gl.float32, layout)
@@ -261,17 +260,12 @@ if gluon is not None:
 
 
 
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _launch(a: torch.Tensor, w2d: torch.Tensor, out: torch.Tensor, slot_of_pair: torch.Tensor,
             topk_weights: torch.Tensor, routing, w_rows: int, up_off: int, n: int, k: int, block_n: int,
             block_k: int, stages: int, group_m: int, gate_up: bool) -> None:
     num_n = n // block_n
     tiles = routing.max_blocks * num_n
-    grid = (min(tiles, _num_sms(a.device.index or 0)),)
+    grid = (min(tiles, num_sms(a.device)),)
     _grouped_gemm_kernel[grid](
         gluon_support.host_descriptor(a, [BLOCK_M, block_k]), gluon_support.host_descriptor(w2d, [block_n, block_k]),
         gluon_support.host_descriptor(out, [HALF_M, block_n]),
