@@ -4,7 +4,8 @@
         [--variants best|all|narrow] [--out F.json]
 
 Variants are made from each case's table entry (block_m 128): "down gluon" (down by the Gluon kernel),
-"both gluon", and with `all` or `narrow` other tile widths, ring depths and GROUP_M. Where the table entry
+"both gluon" (fp8 cases also "gate/up gluon"; tiles of one 128 x 128 scale block), and with `all` or
+`narrow` other tile widths, ring depths and GROUP_M. Where the table entry
 already takes the Gluon kernel, "table" is one of them. For each case: every variant's whole `fused_moe` output
 against the table entry's (relative error), then whole calls under CUDA-graph replay
 (`kernels_moe_tune.alternate_us`: variants timed in turn, `--repeats` times, medians), as fractions of the
@@ -40,10 +41,22 @@ def gluon(g, **kw):
     return replace(g, loads="gluon", warp_specialize=False, short_m=0, swap_ab=False, mid_m=False, tail_m=False, **kw)
 
 
-def variants(table: MoEConfig, which: str) -> dict[str, MoEConfig]:
-    """The table entry and Gluon variants of it (block_m 128: the Gluon kernel's only height)."""
+def variants(table: MoEConfig, which: str, fp8: bool = False) -> dict[str, MoEConfig]:
+    """The table entry and Gluon variants of it (block_m 128: the Gluon kernel's only height). fp8: tiles of one
+    128 x 128 scale block."""
     base = replace(table, block_m=128, overlap=False)
     gu, dn = base.gate_up, base.down
+    if fp8:
+        gu_g, dn_g = gluon(gu, block_n=128, block_k=128, num_stages=4), gluon(dn, block_n=128, block_k=128,
+                                                                                num_stages=5)
+        out = {"table": table, "gate/up gluon": replace(base, gate_up=gu_g),
+               "down gluon": replace(base, down=dn_g), "both gluon": replace(base, gate_up=gu_g, down=dn_g)}
+        if which != "best":
+            out["both gluon, down 6 stages"] = replace(base, gate_up=gu_g, down=replace(dn_g, num_stages=6))
+            out["both gluon, group 16"] = replace(base, gate_up=replace(gu_g, group_m=16),
+                                                  down=replace(dn_g, group_m=16))
+            out["both gluon, gate/up 3 stages"] = replace(base, gate_up=replace(gu_g, num_stages=3), down=dn_g)
+        return out
     out = {
         "table": table,
         "down gluon": replace(base, down=gluon(dn, block_n=256, block_k=64, num_stages=3)),
@@ -72,15 +85,16 @@ def run_case(key: str, dtype: str, m: int, ceilings: dict, rates: MatmulRate, re
     shape, fp8 = SHAPES[key], dtype == "fp8"
     w = make_weights(shape, fp8)
     inputs = rotating_inputs(shape, m, fp8)
-    table = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, fp8, 2,
+    table = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, fp8, 1 if fp8 else 2,
                        global_experts=shape.global_experts)
-    cases = variants(table, which)
+    cases = variants(table, which, fp8)
     hidden, tw, ids = inputs[0]
-    ref = fused_moe(hidden, w["w13"], w["w2"], tw, ids, config=table)
+    scales = dict(w13_scale=w.get("w13_scale"), w2_scale=w.get("w2_scale"))
+    ref = fused_moe(hidden, w["w13"], w["w2"], tw, ids, config=table, **scales)
     errs = {}
     for label, cfg in cases.items():
         try:
-            errs[label] = rel_err(fused_moe(hidden, w["w13"], w["w2"], tw, ids, config=cfg), ref)
+            errs[label] = rel_err(fused_moe(hidden, w["w13"], w["w2"], tw, ids, config=cfg, **scales), ref)
         except Exception as exc:  # noqa: BLE001 - reported, the run goes on
             errs[label] = float("nan")
             print(f"{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)

@@ -29,10 +29,12 @@ except ImportError:  # pragma: no cover - older Triton: `gluon_platform_problem`
     gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = TensorDescriptor = None
 
 __all__ = ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
-           "TRITON_TESTED", "GL_DTYPES", "gluon_platform_problem", "host_descriptor"]
+           "TRITON_TESTED", "GL_DTYPES", "DESCRIPTOR_DTYPES", "gluon_platform_problem", "host_descriptor"]
 
 TRITON_TESTED = "3.6."  # the Triton release the Gluon kernels were written for and measured with
 GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# What a TMA descriptor may carry: the 16-bit types and e4m3 (the fp8 grouped GEMM's operands and act).
+DESCRIPTOR_DTYPES = {**GL_DTYPES, torch.float8_e4m3fn: "float8e4nv"}
 
 
 def gluon_platform_problem(device: torch.device, what: str) -> str | None:
@@ -46,7 +48,7 @@ def gluon_platform_problem(device: torch.device, what: str) -> str | None:
 
 
 def host_descriptor(t2d: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    """A TMA descriptor over the 2-D tensor t2d (unit column stride, 16-bit) in boxes of `block`, in the
-    NVMMA shared layout the kernels' wgmma read."""
-    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, GL_DTYPES[t2d.dtype]))
+    """A TMA descriptor over the 2-D tensor t2d (unit column stride, a `DESCRIPTOR_DTYPES` type) in boxes of
+    `block`, in the NVMMA shared layout the kernels' wgmma read."""
+    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, DESCRIPTOR_DTYPES[t2d.dtype]))
     return TensorDescriptor(t2d, list(t2d.shape), [t2d.stride(0), 1], block, layout)

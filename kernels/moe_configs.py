@@ -29,13 +29,13 @@ LOADS = ("ptr", "tma", "tma_gathered", "gluon")
 class GemmConfig:
     """Tile of one grouped GEMM: BLOCK_N x BLOCK_K per k step, GROUP_M blocks sharing a weight tile.
 
-    loads (aligned path only; `moeserve.kernels.fused_moe_tma`): "ptr" = every tile by pointer loads; "tma" =
-    weight tiles (and down's activation tiles) by TMA, gate/up's token rows by pointer gather; "tma_gathered" =
-    as "tma", with gate/up's token rows first copied into slot order so they come by TMA too; "gluon" = the
-    persistent warp-specialised Gluon kernel (`moeserve.kernels.moe_gemm_gluon`: 128-row blocks, 16-bit weights,
-    Hopper with Triton 3.6), gate/up's token rows first copied into slot order as with "tma_gathered"; where
-    it cannot run (`moe_gemm_gluon.gluon_gemm_unsupported`) the GEMM runs as "tma" (or by pointers, where
-    TMA cannot either).
+    loads (aligned path only; `moeserve.kernels.fused_moe_tma`): "ptr" = every tile by pointer loads; "tma" = weight
+    tiles (and down's activation tiles) by TMA, gate/up's token rows by pointer gather; "tma_gathered" = as "tma",
+    with gate/up's token rows first copied into slot order so they come by TMA too; "gluon" = the persistent
+    warp-specialised Gluon kernel (`moeserve.kernels.moe_gemm_gluon`: 128-row blocks, 16-bit weights or fp8 ones in
+    128 x 128 tiles, Hopper with Triton 3.6), gate/up's token rows first copied into slot order as with
+    "tma_gathered"; where it cannot run (`moe_gemm_gluon.gluon_gemm_unsupported`) the GEMM runs as "tma" (or by
+    pointers, where TMA cannot either).
     warp_specialize: with TMA loads, let Triton split the k loop into producer and consumer warps.
     short_m (aligned path only): the smallest of the tile heights a block may run, block_m / 2 or block_m / 4
     (at least 16 rows), or 0 = every block runs block_m rows. A block runs the smallest of short_m,

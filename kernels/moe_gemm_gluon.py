@@ -1,11 +1,11 @@
 """The aligned fused-MoE GEMMs at large M as persistent, warp-specialised Gluon kernels (Hopper).
 
-gate/up has `fused_moe_tma.gate_up_tma`'s contract, with the token rows already in slot order. down writes its
-rows by slot rather than by pair, with the slot of each pair beside them, for `fused_moe.topk_sum`. 16-bit
-weights only. Why they exist: at M = 8192 the Triton kernels run one (128-row block, N tile) per program, and
-a program's pipeline fill and epilogue leave the tensor cores idle. Down's k loop is only 12 steps at Qwen3's
-K = 768, so it ran at 422 TFLOP/s against cuBLAS's 582-606 on the same shape as one dense GEMM
-(benchmarks/RESULTS.md, session 22). Here one program per multiprocessor walks the tiles, so
+gate/up has `fused_moe_tma.gate_up_tma`'s contract, with the token rows already in slot order. down writes its rows
+by slot rather than by pair, with the slot of each pair beside them, for `fused_moe.topk_sum`. 16-bit weights, or
+e4m3 weights with 128 x 128 block scales (below). Why they exist: at M = 8192 the Triton kernels run one (128-row
+block, N tile) per program, and a program's pipeline fill and epilogue leave the tensor cores idle. Down's k loop is
+only 12 steps at Qwen3's K = 768, so it ran at 422 TFLOP/s against cuBLAS's 582-606 on the same shape as one dense
+GEMM (benchmarks/RESULTS.md, session 22). Here one program per multiprocessor walks the tiles, so
 
 - a producer warp loads each k step's activation rows and weight rows by TMA into a ring of shared-memory
   stages, running up to STAGES steps ahead, across tile boundaries: the next tile's first stages load while
@@ -16,6 +16,14 @@ K = 768, so it ran at 422 TFLOP/s against cuBLAS's 582-606 on the same shape as 
   warpgroup's MMAs out (it still takes part in the stage handshakes);
 - each warpgroup's epilogue goes through its own shared-memory tile to a TMA store that runs on during the
   next tile's MMAs (`_store_tile`); for that down's rows go out by slot, contiguous, not scattered by pair.
+
+fp8 (`_mma_steps_fp8`): tiles of one 128 x 128 scale block. Each k step's MMA writes a fresh partial, which the
+warpgroup scales by its rows' activation scales and the weight block's scale and adds to its sum, with the next
+step's scales already loading; while one warpgroup scales, the other's MMAs keep the tensor cores busy. gate/up
+quantises act in its epilogue (each 128-wide tile is one group: per-row scale, e4m3 by TMA store), as the
+Triton kernels' fused epilogue does. At Mixtral's 96-128 pairs per expert the Triton kernels' fp8 k loop ran
+MMA-bound at a third of the fp8 rate (session 5); here a whole call at M = 384 takes 581 us against 667
+(0.812 of the roofline, was 0.707), at M = 2048 1717 against 2530 (benchmarks/RESULTS.md, session 24).
 
 Measured (H100, benchmarks/RESULTS.md, session 23): at Qwen3 M = 8192 down takes 394 us against the Triton
 kernel's 500 (523 against 412 TFLOP/s), a whole call 5% less; at DeepSeek's shape it is no faster. gate/up,
@@ -28,7 +36,8 @@ multicast to share a tile between the multiprocessors of a cluster.
 The tile order is the Triton kernels' (`moe_tiles.block_of`): GROUP_M consecutive blocks, mostly of one expert,
 take each weight tile in turn while it is in L2. Unused blocks (expert -1) are skipped by all three partitions
 alike. Requirements (`gluon_gemm_unsupported`): Triton 3.6 (Gluon's API changes between releases), a Hopper
-GPU, 16-bit operands, N a multiple of BLOCK_N and K of BLOCK_K (the weights' row blocks must not cross experts).
+GPU, 16-bit or e4m3 operands (e4m3: 128 x 128 tiles), N a multiple of BLOCK_N and K of BLOCK_K (the weights' row
+blocks must not cross experts).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import torch
 
 from . import gluon_support
 from .device import num_sms
+from .fp8 import FP8_DTYPE, GROUP
 from .gluon_support import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
@@ -44,24 +54,30 @@ HALF_M = 64
 SHARED_LIMIT = 227 * 1024  # an H100 block's shared memory
 
 
-def shared_bytes(block_n: int, block_k: int, stages: int, weight_tiles: int, elem_bytes: int = 2) -> int:
+def shared_bytes(block_n: int, block_k: int, stages: int, weight_tiles: int, elem_bytes: int = 2,
+                 out_bytes: int = 2) -> int:
     """Shared memory of one program: `stages` ring stages (128 activation rows and weight_tiles weight tiles of
-    block_n rows, block_k deep), the two warpgroups' epilogue tiles, and 1 KB for barriers and Triton's own."""
+    block_n rows, block_k deep, elem_bytes a value), the two warpgroups' epilogue tiles (out_bytes a value), and
+    1 KB for barriers and Triton's own."""
     ring = stages * (BLOCK_M + weight_tiles * block_n) * block_k
-    return (ring + 2 * HALF_M * block_n) * elem_bytes + 1024
+    return ring * elem_bytes + 2 * HALF_M * block_n * out_bytes + 1024
 
 
 def gluon_gemm_unsupported(w: torch.Tensor, n: int, k: int, block_m: int, block_n: int, block_k: int,
-                           stages: int = 3, weight_tiles: int = 1) -> str | None:
+                           stages: int = 3, weight_tiles: int = 1, out_bytes: int = 2) -> str | None:
     """Why the Gluon grouped GEMM cannot run over weights w with output width n and depth k in these tiles
-    (weight_tiles: 2 for gate/up, which loads a gate and an up tile a stage), or None when it can."""
+    (weight_tiles: 2 for gate/up, which loads a gate and an up tile a stage; out_bytes: the output's element
+    size), or None when it can."""
     if (problem := gluon_support.gluon_platform_problem(w.device, "the Gluon grouped GEMM")) is not None:
         return problem
-    if w.dtype not in gluon_support.GL_DTYPES:
-        return f"the Gluon grouped GEMM takes bf16/fp16 weights, got {w.dtype}"
+    fp8 = w.dtype == FP8_DTYPE
+    if w.dtype not in gluon_support.GL_DTYPES and not fp8:
+        return f"the Gluon grouped GEMM takes bf16/fp16 or float8_e4m3fn weights, got {w.dtype}"
     if block_m != BLOCK_M or n % block_n or k % block_k or block_n > 256 or block_k > 128:
         return f"tiles {block_m}x{block_n}x{block_k} do not fit n={n}, k={k} (block_m {BLOCK_M}, n % block_n = 0)"
-    if (need := shared_bytes(block_n, block_k, stages, weight_tiles)) > SHARED_LIMIT:
+    if fp8 and (block_n != GROUP or block_k != GROUP):
+        return f"fp8 tiles must be {GROUP} wide and deep (one scale block each), got {block_n}x{block_k}"
+    if (need := shared_bytes(block_n, block_k, stages, weight_tiles, w.element_size(), out_bytes)) > SHARED_LIMIT:
         return (f"{stages} stages of {block_n}x{block_k} tiles take {need} bytes of shared memory, over the "
                 f"{SHARED_LIMIT} a block may have")
     return None
@@ -152,6 +168,53 @@ if gluon is not None:
         return c, acc_g, acc_u
 
     @gluon.jit
+    def _scaled_mma(a, w, acc, part, scale):
+        """acc + (a . w) * scale: one k step's MMA into a fresh fp32 partial, folded into acc with its scale
+        ([64] rows: the activation row scales times the weight block's)."""
+        part = warpgroup_mma(a, w.permute((1, 0)), part, use_acc=False, is_async=True)
+        part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+        return acc + part * scale[:, None]
+
+    @gluon.jit
+    def _mma_steps_fp8(a_smem, g_smem, u_smem, ready, empty, c, k_steps, r0: gl.constexpr, GATE_UP: gl.constexpr,
+                       layout: gl.constexpr, a_scales, w_scales, g_block, u_block):
+        """`_mma_steps` for e4m3 operands with 128-deep k steps, each one scale group: a step's MMA result is
+        scaled by its rows' activation scales (a_scales: this warpgroup's 64 rows of a [*, k_steps] row-major
+        table, junk rows' pointers masked by the caller as scale 0 rows) times the weight block's scale
+        (w_scales + g_block / u_block + step), then added. The next step's scales are loaded while this step's
+        MMAs run. One partial tile is live at a time (gate, then up): the accumulators and partial take 192
+        registers a thread at 128-wide tiles; the other warpgroup's MMAs fill the tensor cores while this one
+        scales."""
+        STAGES: gl.constexpr = a_smem.type.shape[0]
+        BLOCK_N: gl.constexpr = g_smem.type.shape[1]
+        acc_g = gl.zeros([_HALF_M, BLOCK_N], gl.float32, layout)
+        acc_u = gl.zeros([_HALF_M, BLOCK_N], gl.float32, layout)
+        part = gl.zeros([_HALF_M, BLOCK_N], gl.float32, layout)
+        a_s = gl.load(a_scales)
+        g_s = gl.load(w_scales + g_block)
+        u_s = g_s
+        if GATE_UP:
+            u_s = gl.load(w_scales + u_block)
+        for kk in range(k_steps):
+            nk = gl.minimum(kk + 1, k_steps - 1)  # the last step reloads its own scales
+            a_next = gl.load(a_scales + nk)
+            g_next = gl.load(w_scales + g_block + nk)
+            u_next = g_next
+            if GATE_UP:
+                u_next = gl.load(w_scales + u_block + nk)
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            a = a_smem.index(s).slice(r0, _HALF_M)
+            acc_g = _scaled_mma(a, g_smem.index(s), acc_g, part, a_s * g_s)
+            if GATE_UP:
+                acc_u = _scaled_mma(a, u_smem.index(s), acc_u, part, a_s * u_s)
+            gl.thread_barrier()  # every warp of the group is done with the stage
+            mbarrier.arrive(empty.index(s))
+            a_s, g_s, u_s = a_next, g_next, u_next
+            c += 1
+        return c, acc_g, acc_u
+
+    @gluon.jit
     def _store_tile(out, buf, out_desc, row, col):
         """out ([64, BLOCK_N], the accumulator's layout) to rows row... of the output by TMA, through this
         warpgroup's buffer in shared memory. The copy runs on while the warpgroup goes on to its next tile's
@@ -166,19 +229,34 @@ if gluon is not None:
         tma.async_copy_shared_to_global(out_desc, [row, col], buf)
 
     @gluon.jit
+    def _quant_e4m3(out, ROUND: gl.constexpr):
+        """out ([64, 128] fp32, one 128-channel group a row) -> (q e4m3, scale [64]) as `fp8.quant_groups_e4m3`
+        gives for out stored in ROUND first: scale = max(amax, 1e-10) / 448, q = out / scale rounded to nearest
+        even (the hardware conversion, as the Triton kernels' rounding)."""
+        x = out.to(ROUND).to(gl.float32)
+        scale = gl.maximum(gl.max(gl.abs(x), axis=1), 1e-10) / 448.0
+        q = gl.minimum(gl.maximum(x / scale[:, None], -448.0), 448.0)
+        return q.to(gl.float8e4nv), scale
+
+    @gluon.jit
     def _consumer(a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
-                  BlockRows, max_blocks, num_n, k_steps, WG: gl.constexpr, GATE_UP: gl.constexpr,
-                  GROUP_M: gl.constexpr):
+                  BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off, a_scale_stride,
+                  ws_e, ws_n, out_scale_stride, WG: gl.constexpr, GATE_UP: gl.constexpr, GROUP_M: gl.constexpr,
+                  FP8: gl.constexpr, ROUND: gl.constexpr):
         """Consumer warpgroup WG: rows WG * 64 ... of every used tile, then its epilogue into the output rows of
-        the same slots: gate/up's silu(gate) * up; down's routed weight times its rows, and (first N tile) each
-        valid pair's slot. The next tile's block tables (and down's pair indices) are read while this tile
-        runs, so their latency does not stall the tensor cores."""
+        the same slots: gate/up's silu(gate) * up (FP8: quantised to e4m3 per row, its scales to OutScale);
+        down's routed weight times its rows, and (first N tile) each valid pair's slot. The next tile's block
+        tables (and the pair indices, where read) are read while this tile runs, so their latency does not
+        stall the tensor cores. FP8: the rows' activation scales come from AScale by token (gate/up) or by slot
+        (down), the weight blocks' from WScale ([E, N / 128, K / 128], strides ws_e, ws_n)."""
         STAGES: gl.constexpr = a_smem.type.shape[0]
         BLOCK_N: gl.constexpr = g_smem.type.shape[1]
+        INSTR_K: gl.constexpr = 32 if FP8 else 16
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BLOCK_N, 16])
+                                                         instr_shape=[16, BLOCK_N, INSTR_K])
         rows_l: gl.constexpr = gl.SliceLayout(1, layout)
         r0: gl.constexpr = WG * _HALF_M
+        READ_PAIRS: gl.constexpr = FP8 or not GATE_UP
         lanes = gl.arange(0, _HALF_M, layout=rows_l)
         total = max_blocks * num_n
         step = gl.num_programs(0)
@@ -194,21 +272,35 @@ if gluon is not None:
             m_next, n_next = _tile(t + step, num_n, max_blocks, GROUP_M)
             e_next = gl.load(BlockExpert + m_next, mask=has_next, other=-1)
             v_next = gl.load(BlockRows + m_next, mask=has_next, other=0) - r0
-            if not GATE_UP:
+            if READ_PAIRS:
                 p_next = gl.load(Sorted + m_next * _BLOCK_M + r0 + lanes, mask=(lanes >= 0) & has_next, other=0)
             if expert >= 0:
                 if valid > 0:
                     row_ok = lanes < valid
+                    slots = pid_m * _BLOCK_M + r0 + lanes
                     if not GATE_UP:  # pair came in during the last tile; the weights come in during this one
                         weight = gl.load(TopkW + pair, mask=row_ok, other=0.0)
-                    c, acc_g, acc_u = _mma_steps(a_smem, g_smem, u_smem, ready, empty, c, k_steps, r0, GATE_UP,
-                                                 layout)
+                    if FP8:
+                        if GATE_UP:  # a padding row takes token 0's scales: its results are never read
+                            a_rows = gl.where(row_ok, pair // top_k, 0)
+                        else:
+                            a_rows = slots
+                        blk = expert * ws_e + (pid_n * BLOCK_N // 128) * ws_n
+                        c, acc_g, acc_u = _mma_steps_fp8(a_smem, g_smem, u_smem, ready, empty, c, k_steps, r0,
+                                                         GATE_UP, layout, AScale + a_rows * a_scale_stride, WScale,
+                                                         blk, blk + (up_off // 128) * ws_n)
+                    else:
+                        c, acc_g, acc_u = _mma_steps(a_smem, g_smem, u_smem, ready, empty, c, k_steps, r0, GATE_UP,
+                                                     layout)
                     if GATE_UP:
                         out = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u
+                        if FP8:  # BLOCK_N is one 128-channel group: N tile pid_n is group pid_n
+                            out, scale = _quant_e4m3(out, ROUND)
+                            gl.store(OutScale + slots * out_scale_stride + pid_n, scale)
                     else:
                         out = acc_g * weight[:, None]
                         if pid_n == 0:  # where the top-k sum finds each pair's row
-                            gl.store(SlotOfPair + pair, pid_m * _BLOCK_M + r0 + lanes, mask=row_ok)
+                            gl.store(SlotOfPair + pair, slots, mask=row_ok)
                     # Every row of the tile, padding too: nothing reads the padding rows' results.
                     _store_tile(out.to(out_desc.dtype), epi.index(WG), out_desc, pid_m * _BLOCK_M + r0,
                                 pid_n * BLOCK_N)
@@ -218,22 +310,29 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer0(a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
-                   BlockRows, max_blocks, num_n, k_steps, GATE_UP: gl.constexpr, GROUP_M: gl.constexpr):
+                   BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off, a_scale_stride,
+                   ws_e, ws_n, out_scale_stride, GATE_UP: gl.constexpr, GROUP_M: gl.constexpr,
+                   FP8: gl.constexpr, ROUND: gl.constexpr):
         _consumer(a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
-                  BlockRows, max_blocks, num_n, k_steps, gl.constexpr(0), GATE_UP, GROUP_M)
+                  BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off, a_scale_stride,
+                  ws_e, ws_n, out_scale_stride, gl.constexpr(0), GATE_UP, GROUP_M, FP8, ROUND)
 
     @gluon.jit
     def _consumer1(a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
-                   BlockRows, max_blocks, num_n, k_steps, GATE_UP: gl.constexpr, GROUP_M: gl.constexpr):
+                   BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off, a_scale_stride,
+                   ws_e, ws_n, out_scale_stride, GATE_UP: gl.constexpr, GROUP_M: gl.constexpr,
+                   FP8: gl.constexpr, ROUND: gl.constexpr):
         _consumer(a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
-                  BlockRows, max_blocks, num_n, k_steps, gl.constexpr(1), GATE_UP, GROUP_M)
+                  BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off, a_scale_stride,
+                  ws_e, ws_n, out_scale_stride, gl.constexpr(1), GATE_UP, GROUP_M, FP8, ROUND)
 
     # max_blocks follows the call's size: not specialised (as in the Triton kernels), so that no call size
     # compiles anything after start-up's warm-up (`fused_moe.warmup_token_counts`).
     @gluon.jit(do_not_specialize=["max_blocks"])
     def _grouped_gemm_kernel(a_desc, w_desc, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert, BlockRows,
-                             max_blocks, num_n, k_steps, w_rows, up_off, GATE_UP: gl.constexpr, STAGES: gl.constexpr,
-                             GROUP_M: gl.constexpr):
+                             AScale, WScale, OutScale, max_blocks, num_n, k_steps, w_rows, up_off, top_k,
+                             a_scale_stride, ws_e, ws_n, out_scale_stride, GATE_UP: gl.constexpr,
+                             STAGES: gl.constexpr, GROUP_M: gl.constexpr, FP8: gl.constexpr, ROUND: gl.constexpr):
         dtype: gl.constexpr = a_desc.dtype
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -243,7 +342,7 @@ if gluon is not None:
             u_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
         else:
             u_smem = g_smem
-        epi = gl.allocate_shared_memory(dtype, [2, _HALF_M, BLOCK_N], out_desc.layout)
+        epi = gl.allocate_shared_memory(out_desc.dtype, [2, _HALF_M, BLOCK_N], out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
@@ -251,46 +350,67 @@ if gluon is not None:
             mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups are done with the stage
         gl.warp_specialize([
             (_consumer0, (a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted,
-                          BlockExpert, BlockRows, max_blocks, num_n, k_steps, GATE_UP, GROUP_M)),
+                          BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k,
+                          up_off, a_scale_stride, ws_e, ws_n, out_scale_stride, GATE_UP, GROUP_M, FP8, ROUND)),
             (_consumer1, (a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted,
-                          BlockExpert, BlockRows, max_blocks, num_n, k_steps, GATE_UP, GROUP_M)),
+                          BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k,
+                          up_off, a_scale_stride, ws_e, ws_n, out_scale_stride, GATE_UP, GROUP_M, FP8, ROUND)),
             (_loader, (a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, BlockExpert, max_blocks, num_n,
                        k_steps, w_rows, up_off, GATE_UP, GROUP_M)),
         ], [4, 1], [232, 40])
 
 
+_ROUND = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
 
 def _launch(a: torch.Tensor, w2d: torch.Tensor, out: torch.Tensor, slot_of_pair: torch.Tensor,
             topk_weights: torch.Tensor, routing, w_rows: int, up_off: int, n: int, k: int, block_n: int,
-            block_k: int, stages: int, group_m: int, gate_up: bool) -> None:
+            block_k: int, stages: int, group_m: int, gate_up: bool, top_k: int = 1, a_scale=None, w_scale=None,
+            out_scale=None, round_dtype: torch.dtype = torch.bfloat16) -> None:
+    """One launch of the grouped GEMM over a [rows, k] (slot order) and w2d (the experts' weights stacked as
+    [E * w_rows, k]). fp8 (a_scale given): a_scale [*, k / 128] rows by token (gate/up, which then also takes
+    top_k) or by slot (down), w_scale [E, w_rows / 128, k / 128]; gate/up writes e4m3 act and its scales to
+    out_scale [slots, n / 128], rounded to round_dtype first."""
     num_n = n // block_n
     tiles = routing.max_blocks * num_n
     grid = (min(tiles, num_sms(a.device)),)
+    fp8 = a_scale is not None
+    if fp8:
+        scales = (a_scale, w_scale, out_scale if out_scale is not None else a_scale)
+        strides = (a_scale.stride(0), w_scale.stride(0), w_scale.stride(1),
+                   out_scale.stride(0) if out_scale is not None else 0)
+    else:  # pointers the kernel never reads
+        scales, strides = (topk_weights, topk_weights, topk_weights), (0, 0, 0, 0)
     _grouped_gemm_kernel[grid](
         gluon_support.host_descriptor(a, [BLOCK_M, block_k]), gluon_support.host_descriptor(w2d, [block_n, block_k]),
         gluon_support.host_descriptor(out, [HALF_M, block_n]),
-        slot_of_pair, topk_weights, routing.sorted_ids, routing.block_expert, routing.block_rows,
-        routing.max_blocks, num_n, k // block_k, w_rows, up_off, GATE_UP=gate_up, STAGES=stages, GROUP_M=group_m,
-        num_warps=4)
+        slot_of_pair, topk_weights, routing.sorted_ids, routing.block_expert, routing.block_rows, *scales,
+        routing.max_blocks, num_n, k // block_k, w_rows, up_off, top_k, *strides, GATE_UP=gate_up, STAGES=stages,
+        GROUP_M=group_m, FP8=fp8, ROUND=getattr(gl, _ROUND[round_dtype]), num_warps=4)
 
 
 def gate_up_gluon(x_slots: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, routing, block_n: int,
-                  block_k: int, stages: int, group_m: int) -> None:
+                  block_k: int, stages: int, group_m: int, top_k: int = 1, x_scale=None, w13_scale=None,
+                  act_scale=None, round_dtype: torch.dtype = torch.bfloat16) -> None:
     """act[slot] = silu(x_slots[slot] . w13[e, :I]) * (x_slots[slot] . w13[e, I:]) for the slots of every used
-    block (x_slots: the token rows in slot order, `fused_moe_tma.gather_slots`)."""
+    block (x_slots: the token rows in slot order, `fused_moe_tma.gather_slots`). fp8: x_scale [M, H / 128] by
+    token (top_k: choices a token), w13_scale's 128 x 128 blocks, and act e4m3 with its scales in act_scale
+    (`fused_moe.gate_up`'s contract), quantised from act rounded to round_dtype."""
     num_experts, two_i, hidden = w13.shape
     _launch(x_slots, w13.view(num_experts * two_i, hidden), act, act, act, routing, two_i, two_i // 2, two_i // 2,
-            hidden, block_n, block_k, stages, group_m, True)
+            hidden, block_n, block_k, stages, group_m, True, top_k, x_scale, w13_scale, act_scale, round_dtype)
 
 
 def down_gluon(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routing, block_n: int,
-               block_k: int, stages: int, group_m: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+               block_k: int, stages: int, group_m: int, out_dtype: torch.dtype, act_scale=None,
+               w2_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y_slots, slot_of_pair): y_slots [slots, H] holds topk_weight[pair] * (act[slot] . w2[e]) in slot order
     (rows of padding slots hold junk), slot_of_pair [M*k] int32 the slot of each valid pair (others unset),
-    for `fused_moe.topk_sum`. Rows by slot let the epilogue store whole tiles by TMA."""
+    for `fused_moe.topk_sum`. Rows by slot let the epilogue store whole tiles by TMA. fp8: act e4m3 with
+    act_scale [slots, I / 128], w2_scale's 128 x 128 blocks."""
     num_experts, hidden, inter = w2.shape
     y_slots = torch.empty(act.shape[0], hidden, dtype=out_dtype, device=act.device)
     slot_of_pair = torch.empty(topk_weights.numel(), dtype=torch.int32, device=act.device)
     _launch(act, w2.view(num_experts * hidden, inter), y_slots, slot_of_pair, topk_weights, routing, hidden, 0,
-            hidden, inter, block_n, block_k, stages, group_m, False)
+            hidden, inter, block_n, block_k, stages, group_m, False, 1, act_scale, w2_scale)
     return y_slots, slot_of_pair

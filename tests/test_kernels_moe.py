@@ -1683,35 +1683,45 @@ def test_gpu_no_compilation_after_the_warm_up_counts(name):
     assert not compiled, f"compiled after the warm-up: {compiled[:4]}"
 
 
-def _gluon_config(down_n: int = 256, gate_up_stages: int = 4, down_stages: int = 3):
+def _gluon_config(down_n: int = 256, gate_up_stages: int = 4, down_stages: int = 3, fp8: bool = False):
+    """Gluon tiles for both GEMMs: bf16 64 deep (gate/up 128 wide, down down_n); fp8 one 128 x 128 scale block."""
     from moeserve.kernels import GemmConfig, MoEConfig
 
-    return MoEConfig(128, GemmConfig(128, 64, 8, 4, gate_up_stages, loads="gluon"),
-                     GemmConfig(down_n, 64, 8, 4, down_stages, loads="gluon"))
+    gate_up_n, block_k = 128, (128 if fp8 else 64)
+    return MoEConfig(128, GemmConfig(gate_up_n, block_k, 8, 4, gate_up_stages, loads="gluon"),
+                     GemmConfig(128 if fp8 else down_n, block_k, 8, 4, down_stages, loads="gluon"))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(TARGETS))
 @pytest.mark.parametrize("m", [5, 300, 2048])
 @pytest.mark.parametrize("skewed", [False, True], ids=["uniform", "skewed"])
-def test_gpu_gluon_grouped_gemms_match_reference(name, m, skewed, monkeypatch):
-    """The persistent Gluon GEMMs (loads="gluon") on the target shapes: blocks of every fill (a few rows, at
-    most 64 rows: the second warpgroup idle, full), experts off this rank (-1), against the fp32 reference."""
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_gluon_grouped_gemms_match_reference(name, m, skewed, fp8, monkeypatch):
+    """The persistent Gluon GEMMs (loads="gluon") on the target shapes, bf16 and fp8 (block scales, act
+    quantised in gate/up's epilogue): blocks of every fill (a few rows, at most 64 rows: the second warpgroup
+    idle, full), experts off this rank (-1), against the reference (fp8: on the same quantised weights)."""
     from moeserve.kernels import fused_moe, moe_gemm_gluon
 
     ids = skewed_ids(m, name, seed=m) if skewed else None
-    x, w13, w2, tw, ids, _ = _target_inputs(name, m, False, seed=m, ids=ids)
+    x, w13, w2, tw, ids, scales = _target_inputs(name, m, fp8, seed=m, ids=ids)
     e, _, k, h, i = TARGETS[name]
-    why = moe_gemm_gluon.gluon_gemm_unsupported(w13, i, h, 128, 128, 64)
+    why = moe_gemm_gluon.gluon_gemm_unsupported(w13, i, h, 128, 128, 128 if fp8 else 64, 4, 2, 1 if fp8 else 2)
     if why is not None:
         pytest.skip(why)
     launches = []  # gate_up flag of each Gluon launch: the config must not fall back to the Triton kernels
     launch = moe_gemm_gluon._launch
-    monkeypatch.setattr(moe_gemm_gluon, "_launch", lambda *args: launches.append(args[-1]) or launch(*args))
-    out = fused_moe(x, w13, w2, tw, ids, config=_gluon_config())
+    monkeypatch.setattr(moe_gemm_gluon, "_launch", lambda *args: launches.append(args[14]) or launch(*args))
+    cfg = _gluon_config(fp8=fp8, down_stages=5 if fp8 else 3)
+    out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
     assert launches == [True, False]
-    ref = _target_ref(x, w13, w2, tw, ids, {})
-    assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-2
+    ref = _target_ref(x, w13, w2, tw, ids, scales)
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2)
+    if fp8:  # the Triton kernels' tiles on the same quantised operands
+        tma = dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, loads="tma"),
+                                  down=dataclasses.replace(cfg.down, loads="tma"))
+        assert rel_err(out, fused_moe(x, w13, w2, tw, ids, config=tma, **scales)) <= 1e-2
+        return
     # Same tiles, another ring depth and down width: the same result up to accumulation order.
     other = fused_moe(x, w13, w2, tw, ids, config=_gluon_config(down_n=128, gate_up_stages=3, down_stages=5))
     assert rel_err(other, out) <= 1e-2
