@@ -9,6 +9,8 @@ Triton kernels.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -50,5 +52,12 @@ def gluon_platform_problem(device: torch.device, what: str) -> str | None:
 def host_descriptor(t2d: torch.Tensor, block: list[int]) -> TensorDescriptor:
     """A TMA descriptor over the 2-D tensor t2d (unit column stride, a `DESCRIPTOR_DTYPES` type) in boxes of
     `block`, in the NVMMA shared layout the kernels' wgmma read."""
-    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, DESCRIPTOR_DTYPES[t2d.dtype]))
+    layout = _shared_layout(tuple(block), DESCRIPTOR_DTYPES[t2d.dtype])
     return TensorDescriptor(t2d, list(t2d.shape), [t2d.stride(0), 1], block, layout)
+
+
+@functools.cache
+def _shared_layout(block: tuple[int, ...], dtype: str):
+    """The NVMMA shared layout of a box: computed once per (box, dtype), since working it out took 16 of the
+    21 us a descriptor cost on the host (and a Gluon GEMM launch builds three)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), getattr(gl, dtype))
