@@ -218,8 +218,7 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: 
     fp8 = x_scale is not None
     act = new_act(routing.sorted_ids.shape[0], inter, out_dtype, act_scale, x.device)
     # fp8 weights take the Gluon kernel only with act quantised in its epilogue.
-    if (not fp8 or act_scale is not None) and _gluon_runs(cfg, w13, inter, hidden_size, routing, 2,
-                                                          act.element_size()):
+    if (not fp8 or act_scale is not None) and _gluon_runs(cfg, w13, inter, hidden_size, routing, 2, act.dtype):
         assert not mark_ready, "gate_up: mark_ready needs pointer loads"
         x_slots = fused_moe_tma.gather_slots(x, routing, top_k)
         moe_gemm_gluon.gate_up_gluon(x_slots, w13, act, routing, cfg.block_n, cfg.block_k, cfg.num_stages,
@@ -254,7 +253,7 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
     that launch's N tiles counted in routing.block_ready) rather than for the whole launch to end."""
     num_experts, hidden_size, inter = w2.shape
     fp8 = act_scale is not None
-    if _gluon_runs(cfg, w2, hidden_size, inter, routing, 1, out_dtype.itemsize):
+    if _gluon_runs(cfg, w2, hidden_size, inter, routing, 1, out_dtype):
         assert after_gate_up is None, "down: after_gate_up needs pointer loads"
         return moe_gemm_gluon.down_gluon(act, w2, topk_weights, routing, cfg.block_n, cfg.block_k, cfg.num_stages,
                                          cfg.group_m, out_dtype, act_scale, w2_scale)
@@ -275,13 +274,13 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
 
 
 def _gluon_runs(cfg: GemmConfig, w: torch.Tensor, n: int, k: int, routing: AlignedRouting, weight_tiles: int,
-                out_bytes: int) -> bool:
+                out_dtype: torch.dtype) -> bool:
     """Whether a GEMM with cfg.loads == "gluon" runs the Gluon kernel here (16-bit or fp8 weights in tiles that
-    fit, on a GPU it was written for): else it takes the TMA Triton kernel ("tma")."""
+    fit, a 16-bit or fp8 output, on a GPU it was written for): else it takes the TMA Triton kernel ("tma")."""
     if cfg.loads != "gluon":
         return False
     why = moe_gemm_gluon.gluon_gemm_unsupported(w, n, k, routing.block_m, cfg.block_n, cfg.block_k,
-                                                cfg.num_stages, weight_tiles, out_bytes)
+                                                cfg.num_stages, weight_tiles, out_dtype)
     return why is None
 
 

@@ -64,10 +64,11 @@ def shared_bytes(block_n: int, block_k: int, stages: int, weight_tiles: int, ele
 
 
 def gluon_gemm_unsupported(w: torch.Tensor, n: int, k: int, block_m: int, block_n: int, block_k: int,
-                           stages: int = 3, weight_tiles: int = 1, out_bytes: int = 2) -> str | None:
+                           stages: int = 3, weight_tiles: int = 1,
+                           out_dtype: torch.dtype = torch.bfloat16) -> str | None:
     """Why the Gluon grouped GEMM cannot run over weights w with output width n and depth k in these tiles
-    (weight_tiles: 2 for gate/up, which loads a gate and an up tile a stage; out_bytes: the output's element
-    size), or None when it can."""
+    (weight_tiles: 2 for gate/up, which loads a gate and an up tile a stage) into an out_dtype output, or None
+    when it can."""
     if (problem := gluon_support.gluon_platform_problem(w.device, "the Gluon grouped GEMM")) is not None:
         return problem
     fp8 = w.dtype == FP8_DTYPE
@@ -77,7 +78,10 @@ def gluon_gemm_unsupported(w: torch.Tensor, n: int, k: int, block_m: int, block_
         return f"tiles {block_m}x{block_n}x{block_k} do not fit n={n}, k={k} (block_m {BLOCK_M}, n % block_n = 0)"
     if fp8 and (block_n != GROUP or block_k != GROUP):
         return f"fp8 tiles must be {GROUP} wide and deep (one scale block each), got {block_n}x{block_k}"
-    if (need := shared_bytes(block_n, block_k, stages, weight_tiles, w.element_size(), out_bytes)) > SHARED_LIMIT:
+    if out_dtype not in gluon_support.DESCRIPTOR_DTYPES:
+        return f"the Gluon grouped GEMM writes bf16/fp16 or float8_e4m3fn outputs, got {out_dtype}"
+    need = shared_bytes(block_n, block_k, stages, weight_tiles, w.element_size(), out_dtype.itemsize)
+    if need > SHARED_LIMIT:
         return (f"{stages} stages of {block_n}x{block_k} tiles take {need} bytes of shared memory, over the "
                 f"{SHARED_LIMIT} a block may have")
     return None
@@ -179,8 +183,8 @@ if gluon is not None:
     def _mma_steps_fp8(a_smem, g_smem, u_smem, ready, empty, c, k_steps, r0: gl.constexpr, GATE_UP: gl.constexpr,
                        layout: gl.constexpr, a_scales, w_scales, g_block, u_block):
         """`_mma_steps` for e4m3 operands with 128-deep k steps, each one scale group: a step's MMA result is
-        scaled by its rows' activation scales (a_scales: this warpgroup's 64 rows of a [*, k_steps] row-major
-        table, junk rows' pointers masked by the caller as scale 0 rows) times the weight block's scale
+        scaled by its rows' activation scales (a_scales: pointers to this warpgroup's 64 rows of a [*, k_steps]
+        row-major table; the caller points padding rows at a valid row) times the weight block's scale
         (w_scales + g_block / u_block + step), then added. The next step's scales are loaded while this step's
         MMAs run. One partial tile is live at a time (gate, then up): the accumulators and partial take 192
         registers a thread at 128-wide tiles; the other warpgroup's MMAs fill the tensor cores while this one
@@ -360,7 +364,8 @@ if gluon is not None:
         ], [4, 1], [232, 40])
 
 
-_ROUND = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# What gate/up rounds act to before quantising it (hidden's dtype).
+_ROUND = {**gluon_support.GL_DTYPES, torch.float32: "float32"}
 
 
 def _launch(a: torch.Tensor, w2d: torch.Tensor, out: torch.Tensor, slot_of_pair: torch.Tensor,

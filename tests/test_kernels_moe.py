@@ -1698,6 +1698,27 @@ def _gluon_config(down_n: int = 256, gate_up_stages: int = 4, down_stages: int =
                      GemmConfig(128 if fp8 else down_n, block_k, 8, 4, down_stages, loads="gluon"))
 
 
+def test_gluon_gemm_support_reasons(monkeypatch):
+    """What the Gluon grouped GEMM takes, on any machine (the platform check patched out): 16-bit weights in tiles
+    that fit, fp8 only in 128 x 128 tiles, 16-bit or e4m3 outputs (an fp32 output, as from fp32 hidden with fp8
+    weights, falls back to the Triton kernels); each refusal says why."""
+    from moeserve.kernels import gluon_support, moe_gemm_gluon
+
+    monkeypatch.setattr(gluon_support, "gluon_platform_problem", lambda device, what: None)
+    e, i, h = 8, 512, 1024
+    bf16 = torch.empty(e, 2 * i, h, dtype=torch.bfloat16)
+    fp8 = torch.empty(e, 2 * i, h, dtype=torch.float8_e4m3fn)
+    check = moe_gemm_gluon.gluon_gemm_unsupported
+    assert check(bf16, i, h, 128, 128, 64, 4, 2) is None
+    assert check(fp8, i, h, 128, 128, 128, 4, 2, torch.float8_e4m3fn) is None
+    assert check(fp8, h, i, 128, 128, 128, 5, 1, torch.bfloat16) is None
+    assert "128 wide and deep" in check(fp8, i, h, 128, 128, 64, 4, 2, torch.float8_e4m3fn)
+    assert "float32" in check(fp8, h, i, 128, 128, 128, 5, 1, torch.float32)
+    assert "float32" in check(torch.empty(e, 2 * i, h), i, h, 128, 128, 64)
+    assert "block_m 128" in check(bf16, i, h, 64, 128, 64)
+    assert "shared memory" in check(bf16, i, h, 128, 256, 64, 4, 2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(TARGETS))
 @pytest.mark.parametrize("m", [5, 300, 2048])
@@ -1712,7 +1733,8 @@ def test_gpu_gluon_grouped_gemms_match_reference(name, m, skewed, fp8, monkeypat
     ids = skewed_ids(m, name, seed=m) if skewed else None
     x, w13, w2, tw, ids, scales = _target_inputs(name, m, fp8, seed=m, ids=ids)
     e, _, k, h, i = TARGETS[name]
-    why = moe_gemm_gluon.gluon_gemm_unsupported(w13, i, h, 128, 128, 128 if fp8 else 64, 4, 2, 1 if fp8 else 2)
+    why = moe_gemm_gluon.gluon_gemm_unsupported(w13, i, h, 128, 128, 128 if fp8 else 64, 4, 2,
+                                                torch.float8_e4m3fn if fp8 else torch.bfloat16)
     if why is not None:
         pytest.skip(why)
     launches = []  # gate_up flag of each Gluon launch: the config must not fall back to the Triton kernels
