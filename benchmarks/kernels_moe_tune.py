@@ -4,7 +4,10 @@ For each (shape, dtype, M) it tries a few block_m values around the tokens-per-e
 routing and, for each, a short list of gate/up and down tiles (memory-bound lists for block_m <= 32, compute-
 bound lists above), timing each grouped GEMM on its own over several routings under CUDA-graph replay (at
 small M a plain launch loop would time the host's launch overhead). The best pair per block_m is kept and
-the block_m with the smallest sum wins. All candidates are compiled first, each in its own process, several at
+the block_m with the smallest sum wins; then, by whole calls, short tiles, the pairs path and the table's current
+entry at that M compete with it (`retuned_table`: the table keeps its entries at other sizes, so what the probes
+adopted by hand, such as TMA, tail-tile or Gluon entries, survives a re-tune unless the search beats it). All
+candidates are compiled first, each in its own process, several at
 once (Triton's disk cache then serves the timing process): compiling dominates a serial search, and a compiler
 crash or a faulting tile then drops only that candidate.
 
@@ -16,6 +19,7 @@ whole-call graph timing of the winner against the table entry, alternated so dri
 from __future__ import annotations
 
 import datetime
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -35,6 +39,7 @@ from moeserve.kernels.moe_configs import (
     CONFIG_DIR,
     GemmConfig,
     MoEConfig,
+    load_table,
     save_table,
     short_heights,
     table_name,
@@ -358,6 +363,22 @@ def short_candidates(cfg: MoEConfig) -> list[MoEConfig]:
             if (sm, sm) != (cfg.gate_up.short_m, cfg.down.short_m)]
 
 
+def table_note(name: str) -> str:
+    """The note of the shipped table `name` ("" when there is none)."""
+    path = CONFIG_DIR / name
+    return json.loads(path.read_text())["note"] if path.exists() else ""
+
+
+def retuned_table(current: dict[int, MoEConfig], tuned: dict[int, MoEConfig], current_note: str,
+                  note: str) -> tuple[dict[int, MoEConfig], str]:
+    """The table after a re-tune: the tuned entries (each already timed against the current entry at its M) over
+    the current table, whose entries at other sizes stay; the current note, then what this tune did."""
+    if not current_note:
+        return dict(tuned), note
+    sizes = ", ".join(str(m) for m in sorted(tuned))
+    return {**current, **tuned}, f"{current_note}; re-tuned at M = {sizes}: {note}"
+
+
 def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_inputs) -> dict:
     """Tunes every (shape, dtype, M), writes kernels/configs/*.json, returns {file: table} plus timings."""
     from kernels import SHAPES
@@ -379,22 +400,27 @@ def tune_all(shapes: list, ms: list[int], dtypes: list[str], make_weights, make_
     device = torch.cuda.get_device_name()
     for shape, dtype in plan:
         fp8 = dtype == "fp8"
+        name = table_name(shape.num_experts, shape.hidden, shape.inter, fp8)
+        current, current_note = load_table(name), table_note(name)
         w = make_weights(shape, fp8)
         table = {}
         for m in ms:
             inputs, pairs_per_expert = _tune_inputs(shape, m, make_inputs)
             cfg, log = tune_case(shape, fp8, m, w, inputs, pairs_per_expert)
-            # Then, by whole calls: short tiles for the winner, and against it the pairs path at small M.
+            # Then, by whole calls: short tiles for the winner, against it the pairs path at small M, and the
+            # table's current entry at this M.
             cfg, short_log = tune_whole(w, inputs, cfg, short_candidates(cfg))
             pairs = list(pairs_candidates().values()) if m * shape.top_k <= PAIRS_MAX_PAIRS else []
             cfg, pairs_log = tune_whole(w, inputs, cfg, pairs)
-            log.update(short_log | pairs_log)
+            kept = current.get(m)
+            cfg, kept_log = tune_whole(w, inputs, cfg, [kept] if kept is not None and kept != cfg else [])
+            log.update(short_log | pairs_log | kept_log)
             table[m] = cfg
             bundle["timings_us"][f"{shape.name} {dtype} M={m}"] = log
             print(f"tuned {shape.name} {dtype} M={m}: {cfg}", flush=True)
-        name = table_name(shape.num_experts, shape.hidden, shape.inter, fp8)
         note = (f"tuned on {device}, {datetime.date.today()}, by benchmarks/kernels.py --tune; routing: "
                 f"uniform top-{shape.top_k} of {shape.global_experts} experts, {shape.num_experts} local")
+        table, note = retuned_table(current, table, current_note, note)
         save_table(CONFIG_DIR / name, table, note)
         bundle[name] = {"note": note, "configs": {str(m): c.to_dict() for m, c in table.items()}}
         del w

@@ -183,7 +183,10 @@ _also_time("qwen3", "fp8", (512,), {
 # short_m 32 (tiles of 32, 64 or 128 rows; one block per expert), the Qwen3 M=384 entry's tiles; then the M=512
 # entry's TMA loads varied: gate/up with 4, then 5 stages won (the entry since session 12); then its neighbours,
 # and 64-deep k steps.
-_MIX8, _MIX8_128, _MIX8_2048 = (SHAPES["mixtral"].table_config(m, True) for m in (512, 128, 2048))
+# _MIX8 is the M=512 entry of sessions 12-23, the M=256 entry since session 24 (the M=384-2048 entries then went to
+# the Gluon kernel); _MIX8_2048 the M=2048 entry of those sessions.
+_MIX8, _MIX8_128 = (SHAPES["mixtral"].table_config(m, True) for m in (256, 128))
+_MIX8_2048 = MoEConfig(128, G(64, 128, 8, 8, 4), G(128, 128, 8, 8, 3))
 _also_time("mixtral", "fp8", (256, 384), {
     "M=128 entry": _MIX8_128,
     "M=128 entry, short_m 16": with_short_m(_MIX8_128, 16),
@@ -202,7 +205,7 @@ _also_time("mixtral", "fp8", (256, 384, 512), {
     "down not warp-specialised": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 4, "tma")),
     "down 3 stages": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 3, "tma", True)),
     "down 5 stages": MoEConfig(64, _MIX8.gate_up, G(128, 128, 8, 8, 5, "tma", True)),
-    "short_m 16": with_short_m(_MIX8, 16),
+    "sessions 12-23's M=512 entry, short_m 16": with_short_m(_MIX8, 16),
 })
 _also_time("mixtral", "fp8", (384, 512), {
     "M=2048 entry": _MIX8_2048,

@@ -267,6 +267,27 @@ def vendor_baseline(monkeypatch):
     yield from _benchmark_module(monkeypatch, "moe_vendor_baseline")
 
 
+@pytest.fixture
+def moe_tune(monkeypatch):
+    yield from _benchmark_module(monkeypatch, "kernels_moe_tune")
+
+
+def test_retune_keeps_the_table_entries_it_did_not_tune(moe_tune):
+    """`kernels.py --tune` rewrites a shipped table: entries at sizes it did not tune (hand-adopted from the
+    probes: TMA, tail-tile, Gluon entries) stay, tuned sizes take the tuned entry, and the note keeps its
+    history; a table that did not exist is the tuned entries alone."""
+    from moeserve.kernels import GemmConfig, MoEConfig
+
+    def cfg(loads: str) -> MoEConfig:
+        return MoEConfig(128, GemmConfig(128, 64, loads=loads), GemmConfig(256, 64, loads=loads))
+
+    current = {512: cfg("tma"), 2048: cfg("gluon"), 8192: cfg("gluon")}
+    table, note = moe_tune.retuned_table(current, {512: cfg("ptr"), 1024: cfg("ptr")}, "probes adopted", "tuned")
+    assert table == {512: cfg("ptr"), 1024: cfg("ptr"), 2048: cfg("gluon"), 8192: cfg("gluon")}
+    assert note.startswith("probes adopted;") and "512, 1024" in note and note.endswith("tuned")
+    assert moe_tune.retuned_table({}, {512: cfg("ptr")}, "", "tuned") == ({512: cfg("ptr")}, "tuned")
+
+
 def test_vendor_baseline_groups_are_the_valid_choices_by_expert(vendor_baseline):
     """benchmarks/moe_vendor_baseline.py times torch's grouped GEMMs on the same routing as fused_moe: its rows
     must be exactly each expert's valid choices (ids -1 dropped), in groups padded to 16 rows, so the two GEMMs
