@@ -15,12 +15,12 @@ from .pdl import launch_kwargs, pdl_enter
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 GROUP = 128  # channels per activation scale, and the weight block edge
-_MIN_AMAX = 1e-10  # keeps an all-zero group's scale finite
+MIN_AMAX = 1e-10  # keeps an all-zero group's scale finite
 # The same three for use inside @triton.jit functions (globals there must be constexpr); GROUP_C is public
 # because moe_tiles' epilogue uses it too.
 _FP8_MAX_C = tl.constexpr(FP8_MAX)
 GROUP_C = tl.constexpr(GROUP)
-_MIN_AMAX_C = tl.constexpr(_MIN_AMAX)
+_MIN_AMAX_C = tl.constexpr(MIN_AMAX)
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def per_token_group_quant_fp8_reference(x: torch.Tensor,
     padded = torch.zeros(num_rows, groups * group, dtype=torch.float32, device=x.device)
     padded[:, :k] = x.float()
     g = padded.view(num_rows, groups, group)
-    scale = g.abs().amax(dim=2).clamp_min(_MIN_AMAX) / FP8_MAX
+    scale = g.abs().amax(dim=2).clamp_min(MIN_AMAX) / FP8_MAX
     q = (g / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.view(num_rows, groups * group)[:, :k].contiguous(), scale
 
@@ -117,7 +117,7 @@ def quant_weight_block_fp8(w: torch.Tensor, block: int = GROUP) -> tuple[torch.T
     padded = torch.zeros(*lead, nb * block, kb * block, dtype=torch.float32, device=w.device)
     padded[..., :n, :k] = w.float()
     tiles = padded.view(*lead, nb, block, kb, block)
-    scale = tiles.abs().amax(dim=(-3, -1)).clamp_min(_MIN_AMAX) / FP8_MAX
+    scale = tiles.abs().amax(dim=(-3, -1)).clamp_min(MIN_AMAX) / FP8_MAX
     q = (tiles / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.view(*lead, nb * block, kb * block)[..., :n, :k].contiguous(), scale
 

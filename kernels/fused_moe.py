@@ -217,8 +217,7 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: 
     inter = two_i // 2
     fp8 = x_scale is not None
     act = new_act(routing.sorted_ids.shape[0], inter, out_dtype, act_scale, x.device)
-    # fp8 weights take the Gluon kernel only with act quantised in its epilogue.
-    if (not fp8 or act_scale is not None) and _gluon_runs(cfg, w13, inter, hidden_size, routing, 2, act.dtype):
+    if _gluon_runs(cfg, w13, inter, hidden_size, routing, 2, act.dtype):
         assert not mark_ready, "gate_up: mark_ready needs pointer loads"
         x_slots = fused_moe_tma.gather_slots(x, routing, top_k)
         moe_gemm_gluon.gate_up_gluon(x_slots, w13, act, routing, cfg.block_n, cfg.block_k, cfg.num_stages,

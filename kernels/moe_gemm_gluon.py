@@ -46,7 +46,7 @@ import torch
 
 from . import gluon_support
 from .device import num_sms
-from .fp8 import FP8_DTYPE, GROUP
+from .fp8 import FP8_DTYPE, FP8_MAX, GROUP, MIN_AMAX
 from .gluon_support import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
@@ -78,6 +78,8 @@ def gluon_gemm_unsupported(w: torch.Tensor, n: int, k: int, block_m: int, block_
         return f"tiles {block_m}x{block_n}x{block_k} do not fit n={n}, k={k} (block_m {BLOCK_M}, n % block_n = 0)"
     if fp8 and (block_n != GROUP or block_k != GROUP):
         return f"fp8 tiles must be {GROUP} wide and deep (one scale block each), got {block_n}x{block_k}"
+    if fp8 and weight_tiles == 2 and out_dtype != FP8_DTYPE:
+        return f"fp8 gate/up quantises act in its epilogue: its output must be float8_e4m3fn, got {out_dtype}"
     if out_dtype not in gluon_support.DESCRIPTOR_DTYPES:
         return f"the Gluon grouped GEMM writes bf16/fp16 or float8_e4m3fn outputs, got {out_dtype}"
     need = shared_bytes(block_n, block_k, stages, weight_tiles, w.element_size(), out_dtype.itemsize)
@@ -90,6 +92,9 @@ def gluon_gemm_unsupported(w: torch.Tensor, n: int, k: int, block_m: int, block_
 if gluon is not None:
     _BLOCK_M = gl.constexpr(BLOCK_M)
     _HALF_M = gl.constexpr(HALF_M)
+    _GROUP = gl.constexpr(GROUP)
+    _FP8_MAX = gl.constexpr(FP8_MAX)
+    _MIN_AMAX = gl.constexpr(MIN_AMAX)
 
     @gluon.jit
     def _tile(t, num_n, max_blocks, GROUP_M: gl.constexpr):
@@ -235,11 +240,11 @@ if gluon is not None:
     @gluon.jit
     def _quant_e4m3(out, ROUND: gl.constexpr):
         """out ([64, 128] fp32, one 128-channel group a row) -> (q e4m3, scale [64]) as `fp8.quant_groups_e4m3`
-        gives for out stored in ROUND first: scale = max(amax, 1e-10) / 448, q = out / scale rounded to nearest
+        gives for out stored in ROUND first: scale = max(amax, MIN_AMAX) / FP8_MAX, q = out / scale rounded to nearest
         even (the hardware conversion, as the Triton kernels' rounding)."""
         x = out.to(ROUND).to(gl.float32)
-        scale = gl.maximum(gl.max(gl.abs(x), axis=1), 1e-10) / 448.0
-        q = gl.minimum(gl.maximum(x / scale[:, None], -448.0), 448.0)
+        scale = gl.maximum(gl.max(gl.abs(x), axis=1), _MIN_AMAX) / _FP8_MAX
+        q = gl.minimum(gl.maximum(x / scale[:, None], -_FP8_MAX), _FP8_MAX)
         return q.to(gl.float8e4nv), scale
 
     @gluon.jit
@@ -289,10 +294,10 @@ if gluon is not None:
                             a_rows = gl.where(row_ok, pair // top_k, 0)
                         else:
                             a_rows = slots
-                        blk = expert * ws_e + (pid_n * BLOCK_N // 128) * ws_n
+                        blk = expert * ws_e + (pid_n * BLOCK_N // _GROUP) * ws_n
                         c, acc_g, acc_u = _mma_steps_fp8(a_smem, g_smem, u_smem, ready, empty, c, k_steps, r0,
                                                          GATE_UP, layout, AScale + a_rows * a_scale_stride, WScale,
-                                                         blk, blk + (up_off // 128) * ws_n)
+                                                         blk, blk + (up_off // _GROUP) * ws_n)
                     else:
                         c, acc_g, acc_u = _mma_steps(a_smem, g_smem, u_smem, ready, empty, c, k_steps, r0, GATE_UP,
                                                      layout)
@@ -311,24 +316,6 @@ if gluon is not None:
                 else:
                     c = _skip_steps(ready, empty, c, k_steps, STAGES)
         tma.store_wait(0)  # the last copy has read its buffer before the program ends
-
-    @gluon.jit
-    def _consumer0(a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
-                   BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off, a_scale_stride,
-                   ws_e, ws_n, out_scale_stride, GATE_UP: gl.constexpr, GROUP_M: gl.constexpr,
-                   FP8: gl.constexpr, ROUND: gl.constexpr):
-        _consumer(a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
-                  BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off, a_scale_stride,
-                  ws_e, ws_n, out_scale_stride, gl.constexpr(0), GATE_UP, GROUP_M, FP8, ROUND)
-
-    @gluon.jit
-    def _consumer1(a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
-                   BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off, a_scale_stride,
-                   ws_e, ws_n, out_scale_stride, GATE_UP: gl.constexpr, GROUP_M: gl.constexpr,
-                   FP8: gl.constexpr, ROUND: gl.constexpr):
-        _consumer(a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
-                  BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off, a_scale_stride,
-                  ws_e, ws_n, out_scale_stride, gl.constexpr(1), GATE_UP, GROUP_M, FP8, ROUND)
 
     # max_blocks follows the call's size: not specialised (as in the Triton kernels), so that no call size
     # compiles anything after start-up's warm-up (`fused_moe.warmup_token_counts`).
@@ -352,13 +339,16 @@ if gluon is not None:
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups are done with the stage
+        # The same function for both consumer partitions: WG (constexpr) picks the warpgroup's rows.
         gl.warp_specialize([
-            (_consumer0, (a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted,
-                          BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k,
-                          up_off, a_scale_stride, ws_e, ws_n, out_scale_stride, GATE_UP, GROUP_M, FP8, ROUND)),
-            (_consumer1, (a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted,
-                          BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k,
-                          up_off, a_scale_stride, ws_e, ws_n, out_scale_stride, GATE_UP, GROUP_M, FP8, ROUND)),
+            (_consumer, (a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted,
+                         BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off,
+                         a_scale_stride, ws_e, ws_n, out_scale_stride, gl.constexpr(0), GATE_UP, GROUP_M, FP8,
+                         ROUND)),
+            (_consumer, (a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted,
+                         BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off,
+                         a_scale_stride, ws_e, ws_n, out_scale_stride, gl.constexpr(1), GATE_UP, GROUP_M, FP8,
+                         ROUND)),
             (_loader, (a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, BlockExpert, max_blocks, num_n,
                        k_steps, w_rows, up_off, GATE_UP, GROUP_M)),
         ], [4, 1], [232, 40])
