@@ -9,11 +9,15 @@ GEMM (benchmarks/RESULTS.md, session 22). Here one program per multiprocessor wa
 
 - a producer warp loads each k step's activation rows and weight rows by TMA into a ring of shared-memory
   stages, running up to STAGES steps ahead, across tile boundaries: the next tile's first stages load while
-  this tile's last MMAs and its epilogue run;
+  this tile's last MMAs and its epilogue run. A block of at most 64 rows loads only those 64 activation rows
+  (`HALF_A`: whole calls made mostly of such blocks, Qwen3 and DeepSeek fp8 at M = 512 in these tiles, took 4%
+  less; the tables' Gluon entries 0-2% less);
 - two consumer warpgroups each own 64 rows of the tile's 128 (a [64, BLOCK_N] fp32 accumulator per GEMM
   operand, 128 registers a thread) and issue wgmma on the shared stages, keeping one in flight; a stage is
   released once both have finished reading it. A block that holds at most 64 valid rows leaves the second
-  warpgroup's MMAs out (it still takes part in the stage handshakes);
+  warpgroup's MMAs out (it still takes part in the stage handshakes). Handing such a block's up half to the
+  second warpgroup (fp8, sums exchanged through shared memory) was measured slower, 11% at Mixtral M = 512
+  (benchmarks/RESULTS.md, session 25);
 - each warpgroup's epilogue goes through its own shared-memory tile to a TMA store that runs on during the
   next tile's MMAs (`_store_tile`); for that down's rows go out by slot, contiguous, not scattered by pair.
 
@@ -52,6 +56,7 @@ from .gluon_support import fence_async_shared, gl, gluon, mbarrier, tma, warpgro
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
 HALF_M = 64
 SHARED_LIMIT = 227 * 1024  # an H100 block's shared memory
+HALF_A = True  # a block of at most 64 rows loads 64 activation rows a k step, not 128 (`_loader`)
 
 
 def shared_bytes(block_n: int, block_k: int, stages: int, weight_tiles: int, elem_bytes: int = 2,
@@ -105,16 +110,21 @@ if gluon is not None:
         return first_m + (t % width) % size_m, (t % width) // size_m
 
     @gluon.jit
-    def _loader(a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, BlockExpert, max_blocks, num_n, k_steps,
-                w_rows, up_off, GATE_UP: gl.constexpr, GROUP_M: gl.constexpr):
-        """Producer warp: each used tile's k steps into the ring, STAGES ahead of the consumers at most."""
+    def _loader(a_desc, a_half_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, BlockExpert, BlockRows,
+                max_blocks, num_n, k_steps, w_rows, up_off, GATE_UP: gl.constexpr, GROUP_M: gl.constexpr,
+                HALF: gl.constexpr):
+        """Producer warp: each used tile's k steps into the ring, STAGES ahead of the consumers at most. HALF: a
+        block of at most 64 rows (only the first warpgroup reads it) takes 64 activation rows a step
+        (a_half_desc) into the top of the stage."""
         STAGES: gl.constexpr = a_smem.type.shape[0]
         BLOCK_N: gl.constexpr = g_smem.type.shape[1]
         BLOCK_K: gl.constexpr = a_smem.type.shape[2]
         if GATE_UP:
-            nbytes: gl.constexpr = a_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
+            w_bytes: gl.constexpr = 2 * w_desc.block_type.nbytes
         else:
-            nbytes: gl.constexpr = a_desc.block_type.nbytes + w_desc.block_type.nbytes
+            w_bytes: gl.constexpr = w_desc.block_type.nbytes
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + w_bytes
+        half_bytes: gl.constexpr = a_half_desc.block_type.nbytes + w_bytes
         c = 0
         for t in range(gl.program_id(0), max_blocks * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile(t, num_n, max_blocks, GROUP_M)
@@ -122,13 +132,21 @@ if gluon is not None:
             if expert >= 0:
                 row = pid_m * _BLOCK_M
                 w_row = expert * w_rows + pid_n * BLOCK_N
+                rows = _BLOCK_M  # without HALF, a constant: the short branch below is never built
+                if HALF:
+                    rows = gl.load(BlockRows + pid_m)
                 for kk in range(k_steps):
                     s = c % STAGES
                     # A fresh barrier counts as having completed the phase before phase 0: round 0 passes at once.
                     mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
                     bar = ready.index(s)
-                    mbarrier.expect(bar, nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [row, kk * BLOCK_K], bar, a_smem.index(s))
+                    if rows <= _HALF_M:
+                        mbarrier.expect(bar, half_bytes)
+                        tma.async_copy_global_to_shared(a_half_desc, [row, kk * BLOCK_K], bar,
+                                                        a_smem.index(s).slice(0, _HALF_M))
+                    else:
+                        mbarrier.expect(bar, nbytes)
+                        tma.async_copy_global_to_shared(a_desc, [row, kk * BLOCK_K], bar, a_smem.index(s))
                     tma.async_copy_global_to_shared(w_desc, [w_row, kk * BLOCK_K], bar, g_smem.index(s))
                     if GATE_UP:
                         tma.async_copy_global_to_shared(w_desc, [w_row + up_off, kk * BLOCK_K], bar, u_smem.index(s))
@@ -320,10 +338,11 @@ if gluon is not None:
     # max_blocks follows the call's size: not specialised (as in the Triton kernels), so that no call size
     # compiles anything after start-up's warm-up (`fused_moe.warmup_token_counts`).
     @gluon.jit(do_not_specialize=["max_blocks"])
-    def _grouped_gemm_kernel(a_desc, w_desc, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert, BlockRows,
-                             AScale, WScale, OutScale, max_blocks, num_n, k_steps, w_rows, up_off, top_k,
+    def _grouped_gemm_kernel(a_desc, a_half_desc, w_desc, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
+                             BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, w_rows, up_off, top_k,
                              a_scale_stride, ws_e, ws_n, out_scale_stride, GATE_UP: gl.constexpr,
-                             STAGES: gl.constexpr, GROUP_M: gl.constexpr, FP8: gl.constexpr, ROUND: gl.constexpr):
+                             STAGES: gl.constexpr, GROUP_M: gl.constexpr, FP8: gl.constexpr, ROUND: gl.constexpr,
+                             HALF: gl.constexpr):
         dtype: gl.constexpr = a_desc.dtype
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -349,8 +368,8 @@ if gluon is not None:
                          BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off,
                          a_scale_stride, ws_e, ws_n, out_scale_stride, gl.constexpr(1), GATE_UP, GROUP_M, FP8,
                          ROUND)),
-            (_loader, (a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, BlockExpert, max_blocks, num_n,
-                       k_steps, w_rows, up_off, GATE_UP, GROUP_M)),
+            (_loader, (a_desc, a_half_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, BlockExpert, BlockRows,
+                       max_blocks, num_n, k_steps, w_rows, up_off, GATE_UP, GROUP_M, HALF)),
         ], [4, 1], [232, 40])
 
 
@@ -377,11 +396,12 @@ def _launch(a: torch.Tensor, w2d: torch.Tensor, out: torch.Tensor, slot_of_pair:
     else:  # pointers the kernel never reads
         scales, strides = (topk_weights, topk_weights, topk_weights), (0, 0, 0, 0)
     _grouped_gemm_kernel[grid](
-        gluon_support.host_descriptor(a, [BLOCK_M, block_k]), gluon_support.host_descriptor(w2d, [block_n, block_k]),
+        gluon_support.host_descriptor(a, [BLOCK_M, block_k]), gluon_support.host_descriptor(a, [HALF_M, block_k]),
+        gluon_support.host_descriptor(w2d, [block_n, block_k]),
         gluon_support.host_descriptor(out, [HALF_M, block_n]),
         slot_of_pair, topk_weights, routing.sorted_ids, routing.block_expert, routing.block_rows, *scales,
         routing.max_blocks, num_n, k // block_k, w_rows, up_off, top_k, *strides, GATE_UP=gate_up, STAGES=stages,
-        GROUP_M=group_m, FP8=fp8, ROUND=getattr(gl, _ROUND[round_dtype]), num_warps=4)
+        GROUP_M=group_m, FP8=fp8, ROUND=getattr(gl, _ROUND[round_dtype]), HALF=HALF_A, num_warps=4)
 
 
 def gate_up_gluon(x_slots: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, routing, block_n: int,

@@ -1764,6 +1764,10 @@ def test_gpu_gluon_grouped_gemms_match_reference(name, m, skewed, fp8, monkeypat
     cfg = _gluon_config(fp8=fp8, down_stages=5 if fp8 else 3)
     out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
     assert launches == [True, False]
+    # Blocks of at most 64 rows load 64 activation rows a step (HALF_A): the same operands, the same bits.
+    monkeypatch.setattr(moe_gemm_gluon, "HALF_A", False)
+    assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=cfg, **scales), out)
+    monkeypatch.setattr(moe_gemm_gluon, "HALF_A", True)
     ref = _target_ref(x, w13, w2, tw, ids, scales)
     assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2)
     if fp8:  # the Triton kernels' tiles on the same quantised operands
