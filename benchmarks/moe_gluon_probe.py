@@ -47,8 +47,8 @@ def variants(table: MoEConfig, which: str, fp8: bool = False) -> dict[str, MoECo
     base = replace(table, block_m=128, overlap=False)
     gu, dn = base.gate_up, base.down
     if fp8:
-        gu_g, dn_g = gluon(gu, block_n=128, block_k=128, num_stages=4), gluon(dn, block_n=128, block_k=128,
-                                                                                num_stages=5)
+        gu_g = gluon(gu, block_n=128, block_k=128, num_stages=4)
+        dn_g = gluon(dn, block_n=128, block_k=128, num_stages=5)
         out = {"table": table, "gate/up gluon": replace(base, gate_up=gu_g),
                "down gluon": replace(base, down=dn_g), "both gluon": replace(base, gate_up=gu_g, down=dn_g)}
         if which != "best":

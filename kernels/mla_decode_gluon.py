@@ -314,7 +314,6 @@ if gluon is not None:
         ], [4, 1], [192, 40])  # registers per thread asked for warpgroup 1 and the producer; warpgroup 0 gets the rest
 
 
-
 def launch_mla_decode_gluon(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                             seq_lens: torch.Tensor, scale_log2: float, out: torch.Tensor, part_out: torch.Tensor,
                             part_lse: torch.Tensor, num_splits: int) -> None:

@@ -390,9 +390,9 @@ def _launch(a: torch.Tensor, w2d: torch.Tensor, out: torch.Tensor, slot_of_pair:
     grid = (min(tiles, num_sms(a.device)),)
     fp8 = a_scale is not None
     if fp8:
-        scales = (a_scale, w_scale, out_scale if out_scale is not None else a_scale)
-        strides = (a_scale.stride(0), w_scale.stride(0), w_scale.stride(1),
-                   out_scale.stride(0) if out_scale is not None else 0)
+        out_scale = a_scale if out_scale is None else out_scale  # down writes no scales: a pointer never written
+        scales = (a_scale, w_scale, out_scale)
+        strides = (a_scale.stride(0), w_scale.stride(0), w_scale.stride(1), out_scale.stride(0))
     else:  # pointers the kernel never reads
         scales, strides = (topk_weights, topk_weights, topk_weights), (0, 0, 0, 0)
     _grouped_gemm_kernel[grid](
