@@ -10,7 +10,9 @@ One buffer per device serves every such kernel: they run one after another on on
 share it may run concurrently. `moe_align`'s count + scatter path also keeps its scratch here, across its two
 launches (slots 0 to 3 * E_POW2: counts, starts, cursor, arrivals), and its last scatter program zeroes it. The
 fused-MoE pairs path's one launch keeps a ticket, a done count and per-pair ready counts after its sum counters
-(`fused_moe_pairs.one_launch_counters`), zeroed by the programs that use them last. It is
+(`fused_moe_pairs.one_launch_counters`), zeroed by the programs that use them last. The Gluon grouped GEMM with
+drawn tiles (`GemmConfig.dynamic_tiles`) keeps its ticket in slot 0, zeroed by the program that draws the
+launch's last ticket. It is
 allocated lazily on the first eager call; a graph captured afterwards keeps its address. Growing allocates a new
 buffer and keeps the old one alive (graphs may hold its address), and is refused during capture (nothing would
 zero it): make one eager call of each shape before capturing, as `CudaGraphRunner.capture` does.

@@ -221,7 +221,7 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, routing: AlignedRouting, top_k: 
         assert not mark_ready, "gate_up: mark_ready needs pointer loads"
         x_slots = fused_moe_tma.gather_slots(x, routing, top_k)
         moe_gemm_gluon.gate_up_gluon(x_slots, w13, act, routing, cfg.block_n, cfg.block_k, cfg.num_stages,
-                                     cfg.group_m, top_k, x_scale, w13_scale, act_scale, out_dtype)
+                                     cfg.group_m, top_k, x_scale, w13_scale, act_scale, out_dtype, cfg.dynamic_tiles)
         return act
     if fused_moe_tma.tma_ok(cfg, inter, hidden_size, routing.block_m, x.device):
         assert not mark_ready, "gate_up: mark_ready needs pointer loads"
@@ -255,7 +255,7 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routin
     if _gluon_runs(cfg, w2, hidden_size, inter, routing, 1, out_dtype):
         assert after_gate_up is None, "down: after_gate_up needs pointer loads"
         return moe_gemm_gluon.down_gluon(act, w2, topk_weights, routing, cfg.block_n, cfg.block_k, cfg.num_stages,
-                                         cfg.group_m, out_dtype, act_scale, w2_scale)
+                                         cfg.group_m, out_dtype, act_scale, w2_scale, cfg.dynamic_tiles)
     y = torch.empty(topk_weights.numel(), hidden_size, dtype=out_dtype, device=act.device)
     if fused_moe_tma.tma_ok(cfg, hidden_size, inter, routing.block_m, act.device):
         assert after_gate_up is None, "down: after_gate_up needs pointer loads"

@@ -63,7 +63,12 @@ class GemmConfig:
     expert's last, mostly padding block) also runs that block's rows, as a second MMA tile of short_m rows
     sharing each weight tile; the tail block's own program then does nothing. Without it the tail block streams
     its expert's weights through a multiprocessor a second time for a few rows: where experts get a little
-    more than block_m pairs (Mixtral at M = 512: 128 +- 11) about half of them do."""
+    more than block_m pairs (Mixtral at M = 512: 128 +- 11) about half of them do.
+    dynamic_tiles (loads "gluon"): the persistent kernel's programs draw their tiles from a counter, in grouped
+    order, rather than each taking every num_programs-th tile. Where experts get a full block and a short one
+    (Mixtral fp8 at M = 640: 128 + 32 rows), striding can give some programs only full tiles and others only
+    short ones: drawing took 22% less there, 3% less at M = 800, and 2-5% more at M = 384, 512 and 2048
+    (benchmarks/RESULTS.md, session 26)."""
 
     block_n: int
     block_k: int
@@ -76,6 +81,7 @@ class GemmConfig:
     mid_m: bool = False
     swap_ab: bool = False
     tail_m: bool = False
+    dynamic_tiles: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -144,6 +150,9 @@ class MoEConfig:
             if g.mid_m and (not g.swap_ab or g.short_m * 4 != self.block_m):
                 raise ValueError(f"{name}.mid_m needs swap_ab and short_m = block_m / 4 (block_m >= 64); got "
                                  f"block_m={self.block_m}, swap_ab={g.swap_ab}, short_m={g.short_m}")
+            if g.dynamic_tiles and g.loads != "gluon":
+                raise ValueError(f"{name}.dynamic_tiles is for the persistent Gluon kernel (loads='gluon'); got "
+                                 f"loads={g.loads!r}")
             if g.tail_m and (not g.short_m or g.loads != "ptr"):
                 raise ValueError(f"{name}.tail_m needs short_m (the tail tile's height) and pointer loads; got "
                                  f"short_m={g.short_m}, loads={g.loads!r}")

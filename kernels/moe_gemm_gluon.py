@@ -39,7 +39,15 @@ multicast to share a tile between the multiprocessors of a cluster.
 
 The tile order is the Triton kernels' (`moe_tiles.block_of`): GROUP_M consecutive blocks, mostly of one expert,
 take each weight tile in turn while it is in L2. Unused blocks (expert -1) are skipped by all three partitions
-alike. Requirements (`gluon_gemm_unsupported`): Triton 3.6 (Gluon's API changes between releases), a Hopper
+alike. Program p takes tiles p, p + programs, ... (static), or, with `GemmConfig.dynamic_tiles`, draws each next
+tile from a counter in the same order: its producer draws one tile ahead and passes it to the consumers through
+a two-slot queue in shared memory. Striding suits blocks of one cost. Where experts get a full block and a short
+one, the grid and GROUP_M can line up so that some programs get only full tiles: at Mixtral fp8 M = 640 drawn
+tiles took 845 us against 1085 strided (and 952 in the Triton tiles the table had), at M = 800 835 against 859.
+At M = 384-512 and 2048 drawing was 2-5% slower, and there gate/up's GROUP_M 7 rather than 8-16 gained up to 5%
+(benchmarks/RESULTS.md, session 26).
+
+Requirements (`gluon_gemm_unsupported`): Triton 3.6 (Gluon's API changes between releases), a Hopper
 GPU, 16-bit or e4m3 operands (e4m3: 128 x 128 tiles), N a multiple of BLOCK_N and K of BLOCK_K (the weights' row
 blocks must not cross experts).
 """
@@ -49,6 +57,7 @@ from __future__ import annotations
 import torch
 
 from . import gluon_support
+from .counters import completion_counters
 from .device import num_sms
 from .fp8 import FP8_DTYPE, FP8_MAX, GROUP, MIN_AMAX
 from .gluon_support import fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -110,47 +119,124 @@ if gluon is not None:
         return first_m + (t % width) % size_m, (t % width) // size_m
 
     @gluon.jit
-    def _loader(a_desc, a_half_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, BlockExpert, BlockRows,
-                max_blocks, num_n, k_steps, w_rows, up_off, GATE_UP: gl.constexpr, GROUP_M: gl.constexpr,
-                HALF: gl.constexpr):
-        """Producer warp: each used tile's k steps into the ring, STAGES ahead of the consumers at most. HALF: a
-        block of at most 64 rows (only the first warpgroup reads it) takes 64 activation rows a step
-        (a_half_desc) into the top of the stage."""
+    def _load_step(a_desc, a_half_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, c, kk, row, w_row, rows,
+                   up_off, GATE_UP: gl.constexpr):
+        """k step kk of a tile (activation rows from row, weight rows from w_row) into ring stage c % STAGES once
+        the consumers have released it; returns c + 1. A block of at most 64 rows (rows; only the first
+        warpgroup reads it) takes 64 activation rows (a_half_desc) into the top of the stage."""
         STAGES: gl.constexpr = a_smem.type.shape[0]
-        BLOCK_N: gl.constexpr = g_smem.type.shape[1]
         BLOCK_K: gl.constexpr = a_smem.type.shape[2]
         if GATE_UP:
             w_bytes: gl.constexpr = 2 * w_desc.block_type.nbytes
         else:
             w_bytes: gl.constexpr = w_desc.block_type.nbytes
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + w_bytes
-        half_bytes: gl.constexpr = a_half_desc.block_type.nbytes + w_bytes
+        s = c % STAGES
+        # A fresh barrier counts as having completed the phase before phase 0: round 0 passes at once.
+        mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+        bar = ready.index(s)
+        if rows <= _HALF_M:
+            mbarrier.expect(bar, a_half_desc.block_type.nbytes + w_bytes)
+            tma.async_copy_global_to_shared(a_half_desc, [row, kk * BLOCK_K], bar, a_smem.index(s).slice(0, _HALF_M))
+        else:
+            mbarrier.expect(bar, a_desc.block_type.nbytes + w_bytes)
+            tma.async_copy_global_to_shared(a_desc, [row, kk * BLOCK_K], bar, a_smem.index(s))
+        tma.async_copy_global_to_shared(w_desc, [w_row, kk * BLOCK_K], bar, g_smem.index(s))
+        if GATE_UP:
+            tma.async_copy_global_to_shared(w_desc, [w_row + up_off, kk * BLOCK_K], bar, u_smem.index(s))
+        return c + 1
+
+    @gluon.jit
+    def _loader_tables(t, total, num_n, max_blocks, BlockExpert, BlockRows, GROUP_M: gl.constexpr,
+                       HALF: gl.constexpr):
+        """(block, N tile, expert, valid rows) of tile t; expert -1 past the last tile. Without HALF the rows
+        are a constant, so the 64-row branch of `_load_step` is never built."""
+        has = t < total
+        pid_m, pid_n = _tile(t, num_n, max_blocks, GROUP_M)
+        expert = gl.load(BlockExpert + pid_m, mask=has, other=-1)
+        rows = _BLOCK_M
+        if HALF:
+            rows = gl.load(BlockRows + pid_m, mask=has, other=0)
+        return pid_m, pid_n, expert, rows
+
+    @gluon.jit
+    def _draw(Ticket, last):
+        """The next tile from the launch's ticket counter. The program that draws the last ticket of the launch
+        (every program draws until it gets one past the tiles: total + programs tickets in all) sets the counter
+        back to 0, as `counters.completion_counters` promise between launches."""
+        t = gl.atomic_add(Ticket, 1, sem="relaxed")
+        gl.store(Ticket, 0, mask=t == last)
+        return t
+
+    @gluon.jit
+    def _publish(tiles, tile_ready, tile_empty, i, t):
+        """Producer: the program's i-th tile t into slot i % 2 of the tile queue, once both consumers have
+        taken the tile that slot held before."""
+        slot = i % 2
+        mbarrier.wait(tile_empty.index(slot), ((i // 2) & 1) ^ 1)
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        tiles.index(slot).store(gl.full([1], 0, gl.int32, one) + t)
+        gl.thread_barrier()  # the warp's stores before the (single-thread) arrive
+        mbarrier.arrive(tile_ready.index(slot))
+
+    @gluon.jit
+    def _take(tiles, tile_ready, tile_empty, i):
+        """Consumer: the program's i-th tile from the queue (`_publish`)."""
+        slot = i % 2
+        mbarrier.wait(tile_ready.index(slot), (i // 2) & 1)
+        four: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        t = gl.max(tiles.index(slot).load(four), axis=0)
+        gl.thread_barrier()  # every warp has read the slot
+        mbarrier.arrive(tile_empty.index(slot))
+        return t
+
+    @gluon.jit
+    def _next_tile(Ticket, last, tiles, tile_ready, tile_empty, i, t, step, DYNAMIC: gl.constexpr):
+        """The producer's next tile after t, its i-th: DYNAMIC, drawn from the ticket counter and published to the
+        consumers; otherwise t + step."""
+        if DYNAMIC:
+            t_next = _draw(Ticket, last)
+            _publish(tiles, tile_ready, tile_empty, i, t_next)
+        else:
+            t_next = t + step
+        return t_next
+
+    @gluon.jit
+    def _loader(a_desc, a_half_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, tiles, tile_ready, tile_empty,
+                Ticket, BlockExpert, BlockRows, max_blocks, num_n, k_steps, w_rows, up_off, GATE_UP: gl.constexpr,
+                GROUP_M: gl.constexpr, HALF: gl.constexpr, DYNAMIC: gl.constexpr):
+        """Producer warp: each used tile's k steps into the ring, STAGES ahead of the consumers at most. Its
+        tiles: DYNAMIC, drawn from the ticket counter and passed to the consumers through the tile queue;
+        otherwise every num_programs-th tile from its own. The next tile is drawn and its block tables read
+        right after this tile's first k step is issued, while the producer waits for a free stage anyway, not
+        at the tile boundary (drawing there was 4% slower at Mixtral fp8 M = 640)."""
+        BLOCK_N: gl.constexpr = g_smem.type.shape[1]
+        total = max_blocks * num_n
+        step = gl.num_programs(0)
+        last = total + step - 1
+        if DYNAMIC:
+            t = _draw(Ticket, last)
+            _publish(tiles, tile_ready, tile_empty, 0, t)
+        else:
+            t = gl.program_id(0)
+        pid_m, pid_n, expert, rows = _loader_tables(t, total, num_n, max_blocks, BlockExpert, BlockRows, GROUP_M,
+                                                    HALF)
         c = 0
-        for t in range(gl.program_id(0), max_blocks * num_n, gl.num_programs(0)):
-            pid_m, pid_n = _tile(t, num_n, max_blocks, GROUP_M)
-            expert = gl.load(BlockExpert + pid_m)
-            if expert >= 0:
-                row = pid_m * _BLOCK_M
-                w_row = expert * w_rows + pid_n * BLOCK_N
-                rows = _BLOCK_M  # without HALF, a constant: the short branch below is never built
-                if HALF:
-                    rows = gl.load(BlockRows + pid_m)
-                for kk in range(k_steps):
-                    s = c % STAGES
-                    # A fresh barrier counts as having completed the phase before phase 0: round 0 passes at once.
-                    mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
-                    bar = ready.index(s)
-                    if rows <= _HALF_M:
-                        mbarrier.expect(bar, half_bytes)
-                        tma.async_copy_global_to_shared(a_half_desc, [row, kk * BLOCK_K], bar,
-                                                        a_smem.index(s).slice(0, _HALF_M))
-                    else:
-                        mbarrier.expect(bar, nbytes)
-                        tma.async_copy_global_to_shared(a_desc, [row, kk * BLOCK_K], bar, a_smem.index(s))
-                    tma.async_copy_global_to_shared(w_desc, [w_row, kk * BLOCK_K], bar, g_smem.index(s))
-                    if GATE_UP:
-                        tma.async_copy_global_to_shared(w_desc, [w_row + up_off, kk * BLOCK_K], bar, u_smem.index(s))
-                    c += 1
+        i = 1
+        while t < total:
+            row = pid_m * _BLOCK_M
+            w_row = expert * w_rows + pid_n * BLOCK_N
+            cur_expert, cur_rows = expert, rows
+            if cur_expert >= 0:
+                c = _load_step(a_desc, a_half_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, c, 0, row, w_row,
+                               cur_rows, up_off, GATE_UP)
+            t = _next_tile(Ticket, last, tiles, tile_ready, tile_empty, i, t, step, DYNAMIC)
+            pid_m, pid_n, expert, rows = _loader_tables(t, total, num_n, max_blocks, BlockExpert, BlockRows, GROUP_M,
+                                                        HALF)
+            if cur_expert >= 0:
+                for kk in range(1, k_steps):
+                    c = _load_step(a_desc, a_half_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, c, kk, row,
+                                   w_row, cur_rows, up_off, GATE_UP)
+            i += 1
 
     @gluon.jit
     def _skip_steps(ready, empty, c, k_steps, STAGES: gl.constexpr):
@@ -266,16 +352,17 @@ if gluon is not None:
         return q.to(gl.float8e4nv), scale
 
     @gluon.jit
-    def _consumer(a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
-                  BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off, a_scale_stride,
-                  ws_e, ws_n, out_scale_stride, WG: gl.constexpr, GATE_UP: gl.constexpr, GROUP_M: gl.constexpr,
-                  FP8: gl.constexpr, ROUND: gl.constexpr):
+    def _consumer(a_smem, g_smem, u_smem, epi, ready, empty, tiles, tile_ready, tile_empty, out_desc, SlotOfPair,
+                  TopkW, Sorted, BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k,
+                  up_off, a_scale_stride, ws_e, ws_n, out_scale_stride, WG: gl.constexpr, GATE_UP: gl.constexpr,
+                  GROUP_M: gl.constexpr, FP8: gl.constexpr, ROUND: gl.constexpr, DYNAMIC: gl.constexpr):
         """Consumer warpgroup WG: rows WG * 64 ... of every used tile, then its epilogue into the output rows of
         the same slots: gate/up's silu(gate) * up (FP8: quantised to e4m3 per row, its scales to OutScale);
         down's routed weight times its rows, and (first N tile) each valid pair's slot. The next tile's block
         tables (and the pair indices, where read) are read while this tile runs, so their latency does not
         stall the tensor cores. FP8: the rows' activation scales come from AScale by token (gate/up) or by slot
-        (down), the weight blocks' from WScale ([E, N / 128, K / 128], strides ws_e, ws_n)."""
+        (down), the weight blocks' from WScale ([E, N / 128, K / 128], strides ws_e, ws_n). The tiles come as the
+        producer's do (`_loader`): DYNAMIC, from the tile queue."""
         STAGES: gl.constexpr = a_smem.type.shape[0]
         BLOCK_N: gl.constexpr = g_smem.type.shape[1]
         INSTR_K: gl.constexpr = 32 if FP8 else 16
@@ -287,16 +374,28 @@ if gluon is not None:
         lanes = gl.arange(0, _HALF_M, layout=rows_l)
         total = max_blocks * num_n
         step = gl.num_programs(0)
-        # The first tile's tables (the grid is never larger than the tile count).
-        m_next, n_next = _tile(gl.program_id(0), num_n, max_blocks, GROUP_M)
-        e_next = gl.load(BlockExpert + m_next)
-        v_next = gl.load(BlockRows + m_next) - r0
-        p_next = gl.load(Sorted + m_next * _BLOCK_M + r0 + lanes)  # padding slots: junk, never used unmasked
+        # The first tile's tables (a dynamic program may get none).
+        if DYNAMIC:
+            t = _take(tiles, tile_ready, tile_empty, 0)
+        else:
+            t = gl.program_id(0)
+        has_next = t < total
+        m_next, n_next = _tile(t, num_n, max_blocks, GROUP_M)
+        e_next = gl.load(BlockExpert + m_next, mask=has_next, other=-1)
+        v_next = gl.load(BlockRows + m_next, mask=has_next, other=0) - r0
+        # padding slots: junk, never used unmasked
+        p_next = gl.load(Sorted + m_next * _BLOCK_M + r0 + lanes, mask=(lanes >= 0) & has_next, other=0)
         c = 0
-        for t in range(gl.program_id(0), total, step):
+        i = 0
+        while t < total:
             pid_m, pid_n, expert, valid, pair = m_next, n_next, e_next, v_next, p_next
-            has_next = t + step < total
-            m_next, n_next = _tile(t + step, num_n, max_blocks, GROUP_M)
+            if DYNAMIC:
+                t = _take(tiles, tile_ready, tile_empty, i + 1)
+            else:
+                t = t + step
+            i += 1
+            has_next = t < total
+            m_next, n_next = _tile(t, num_n, max_blocks, GROUP_M)
             e_next = gl.load(BlockExpert + m_next, mask=has_next, other=-1)
             v_next = gl.load(BlockRows + m_next, mask=has_next, other=0) - r0
             if READ_PAIRS:
@@ -340,9 +439,9 @@ if gluon is not None:
     @gluon.jit(do_not_specialize=["max_blocks"])
     def _grouped_gemm_kernel(a_desc, a_half_desc, w_desc, out_desc, SlotOfPair, TopkW, Sorted, BlockExpert,
                              BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, w_rows, up_off, top_k,
-                             a_scale_stride, ws_e, ws_n, out_scale_stride, GATE_UP: gl.constexpr,
+                             a_scale_stride, ws_e, ws_n, out_scale_stride, Ticket, GATE_UP: gl.constexpr,
                              STAGES: gl.constexpr, GROUP_M: gl.constexpr, FP8: gl.constexpr, ROUND: gl.constexpr,
-                             HALF: gl.constexpr):
+                             HALF: gl.constexpr, DYNAMIC: gl.constexpr):
         dtype: gl.constexpr = a_desc.dtype
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -358,18 +457,26 @@ if gluon is not None:
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups are done with the stage
+        # DYNAMIC: the tile queue, two slots (the producer draws one tile ahead of the consumers).
+        tiles = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        tile_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        tile_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(2):
+            mbarrier.init(tile_ready.index(s), count=1)
+            mbarrier.init(tile_empty.index(s), count=2)
         # The same function for both consumer partitions: WG (constexpr) picks the warpgroup's rows.
         gl.warp_specialize([
-            (_consumer, (a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted,
-                         BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off,
-                         a_scale_stride, ws_e, ws_n, out_scale_stride, gl.constexpr(0), GATE_UP, GROUP_M, FP8,
-                         ROUND)),
-            (_consumer, (a_smem, g_smem, u_smem, epi, ready, empty, out_desc, SlotOfPair, TopkW, Sorted,
-                         BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k, up_off,
-                         a_scale_stride, ws_e, ws_n, out_scale_stride, gl.constexpr(1), GATE_UP, GROUP_M, FP8,
-                         ROUND)),
-            (_loader, (a_desc, a_half_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, BlockExpert, BlockRows,
-                       max_blocks, num_n, k_steps, w_rows, up_off, GATE_UP, GROUP_M, HALF)),
+            (_consumer, (a_smem, g_smem, u_smem, epi, ready, empty, tiles, tile_ready, tile_empty, out_desc,
+                         SlotOfPair, TopkW, Sorted, BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks,
+                         num_n, k_steps, top_k, up_off, a_scale_stride, ws_e, ws_n, out_scale_stride,
+                         gl.constexpr(0), GATE_UP, GROUP_M, FP8, ROUND, DYNAMIC)),
+            (_consumer, (a_smem, g_smem, u_smem, epi, ready, empty, tiles, tile_ready, tile_empty, out_desc,
+                         SlotOfPair, TopkW, Sorted, BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks,
+                         num_n, k_steps, top_k, up_off, a_scale_stride, ws_e, ws_n, out_scale_stride,
+                         gl.constexpr(1), GATE_UP, GROUP_M, FP8, ROUND, DYNAMIC)),
+            (_loader, (a_desc, a_half_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, tiles, tile_ready,
+                       tile_empty, Ticket, BlockExpert, BlockRows, max_blocks, num_n, k_steps, w_rows, up_off, GATE_UP,
+                       GROUP_M, HALF, DYNAMIC)),
         ], [4, 1], [232, 40])
 
 
@@ -380,11 +487,12 @@ _ROUND = {**gluon_support.GL_DTYPES, torch.float32: "float32"}
 def _launch(a: torch.Tensor, w2d: torch.Tensor, out: torch.Tensor, slot_of_pair: torch.Tensor,
             topk_weights: torch.Tensor, routing, w_rows: int, up_off: int, n: int, k: int, block_n: int,
             block_k: int, stages: int, group_m: int, gate_up: bool, top_k: int = 1, a_scale=None, w_scale=None,
-            out_scale=None, round_dtype: torch.dtype = torch.bfloat16) -> None:
+            out_scale=None, round_dtype: torch.dtype = torch.bfloat16, dynamic: bool = False) -> None:
     """One launch of the grouped GEMM over a [rows, k] (slot order) and w2d (the experts' weights stacked as
     [E * w_rows, k]). fp8 (a_scale given): a_scale [*, k / 128] rows by token (gate/up, which then also takes
     top_k) or by slot (down), w_scale [E, w_rows / 128, k / 128]; gate/up writes e4m3 act and its scales to
-    out_scale [slots, n / 128], rounded to round_dtype first."""
+    out_scale [slots, n / 128], rounded to round_dtype first. dynamic: `GemmConfig.dynamic_tiles`; the ticket
+    counter is the device's first completion counter (`counters.completion_counters`), 0 between launches."""
     num_n = n // block_n
     tiles = routing.max_blocks * num_n
     grid = (min(tiles, num_sms(a.device)),)
@@ -400,32 +508,35 @@ def _launch(a: torch.Tensor, w2d: torch.Tensor, out: torch.Tensor, slot_of_pair:
         gluon_support.host_descriptor(w2d, [block_n, block_k]),
         gluon_support.host_descriptor(out, [HALF_M, block_n]),
         slot_of_pair, topk_weights, routing.sorted_ids, routing.block_expert, routing.block_rows, *scales,
-        routing.max_blocks, num_n, k // block_k, w_rows, up_off, top_k, *strides, GATE_UP=gate_up, STAGES=stages,
-        GROUP_M=group_m, FP8=fp8, ROUND=getattr(gl, _ROUND[round_dtype]), HALF=HALF_A, num_warps=4)
+        routing.max_blocks, num_n, k // block_k, w_rows, up_off, top_k, *strides, completion_counters(a.device, 1),
+        GATE_UP=gate_up, STAGES=stages, GROUP_M=group_m, FP8=fp8, ROUND=getattr(gl, _ROUND[round_dtype]),
+        HALF=HALF_A, DYNAMIC=dynamic, num_warps=4)
 
 
 def gate_up_gluon(x_slots: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, routing, block_n: int,
                   block_k: int, stages: int, group_m: int, top_k: int = 1, x_scale=None, w13_scale=None,
-                  act_scale=None, round_dtype: torch.dtype = torch.bfloat16) -> None:
+                  act_scale=None, round_dtype: torch.dtype = torch.bfloat16, dynamic: bool = False) -> None:
     """act[slot] = silu(x_slots[slot] . w13[e, :I]) * (x_slots[slot] . w13[e, I:]) for the slots of every used
     block (x_slots: the token rows in slot order, `fused_moe_tma.gather_slots`). fp8: x_scale [M, H / 128] by
     token (top_k: choices a token), w13_scale's 128 x 128 blocks, and act e4m3 with its scales in act_scale
-    (`fused_moe.gate_up`'s contract), quantised from act rounded to round_dtype."""
+    (`fused_moe.gate_up`'s contract), quantised from act rounded to round_dtype. dynamic: tiles drawn from a
+    counter (`GemmConfig.dynamic_tiles`)."""
     num_experts, two_i, hidden = w13.shape
     _launch(x_slots, w13.view(num_experts * two_i, hidden), act, act, act, routing, two_i, two_i // 2, two_i // 2,
-            hidden, block_n, block_k, stages, group_m, True, top_k, x_scale, w13_scale, act_scale, round_dtype)
+            hidden, block_n, block_k, stages, group_m, True, top_k, x_scale, w13_scale, act_scale, round_dtype,
+            dynamic)
 
 
 def down_gluon(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, routing, block_n: int,
                block_k: int, stages: int, group_m: int, out_dtype: torch.dtype, act_scale=None,
-               w2_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+               w2_scale=None, dynamic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(y_slots, slot_of_pair): y_slots [slots, H] holds topk_weight[pair] * (act[slot] . w2[e]) in slot order
     (rows of padding slots hold junk), slot_of_pair [M*k] int32 the slot of each valid pair (others unset),
     for `fused_moe.topk_sum`. Rows by slot let the epilogue store whole tiles by TMA. fp8: act e4m3 with
-    act_scale [slots, I / 128], w2_scale's 128 x 128 blocks."""
+    act_scale [slots, I / 128], w2_scale's 128 x 128 blocks. dynamic: as `gate_up_gluon`'s."""
     num_experts, hidden, inter = w2.shape
     y_slots = torch.empty(act.shape[0], hidden, dtype=out_dtype, device=act.device)
     slot_of_pair = torch.empty(topk_weights.numel(), dtype=torch.int32, device=act.device)
     _launch(act, w2.view(num_experts * hidden, inter), y_slots, slot_of_pair, topk_weights, routing, hidden, 0,
-            hidden, inter, block_n, block_k, stages, group_m, False, 1, act_scale, w2_scale)
+            hidden, inter, block_n, block_k, stages, group_m, False, 1, act_scale, w2_scale, dynamic=dynamic)
     return y_slots, slot_of_pair

@@ -1199,14 +1199,15 @@ def test_config_one_launch_has_one_warp_count_and_pipeline_depth():
     assert fit_shared_memory(one, 1) == one  # fp8 tiles fit 6 stages
 
 
-def test_config_swapped_mma_mid_and_tail_tiles_say_what_they_need():
+def test_config_tile_options_say_what_they_need():
     from moeserve.kernels import GemmConfig, MoEConfig, fused_moe
 
     for bad, why in ((dict(swap_ab=True, loads="tma"), "swap_ab needs pointer loads"),
                      (dict(short_m=16, mid_m=True), "mid_m needs swap_ab and short_m = block_m / 4"),
                      (dict(short_m=32, swap_ab=True, mid_m=True), "mid_m needs swap_ab and short_m = block_m / 4"),
                      (dict(tail_m=True), "tail_m needs short_m .* and pointer loads; got short_m=0"),
-                     (dict(short_m=16, tail_m=True, loads="tma"), "tail_m needs short_m .* loads='tma'")):
+                     (dict(short_m=16, tail_m=True, loads="tma"), "tail_m needs short_m .* loads='tma'"),
+                     (dict(dynamic_tiles=True, loads="tma"), "dynamic_tiles is for the persistent Gluon kernel")):
         with pytest.raises(ValueError, match=why):
             MoEConfig(64, GemmConfig(32, 64, **bad), GemmConfig(32, 64))
     MoEConfig(16, GemmConfig(32, 64, swap_ab=True), GemmConfig(32, 64), pairs="pair")  # the pairs path takes it
@@ -1750,6 +1751,7 @@ def test_gpu_gluon_grouped_gemms_match_reference(name, m, skewed, fp8, monkeypat
     quantised in gate/up's epilogue): blocks of every fill (a few rows, at most 64 rows: the second warpgroup
     idle, full), experts off this rank (-1), against the reference (fp8: on the same quantised weights)."""
     from moeserve.kernels import fused_moe, moe_gemm_gluon
+    from moeserve.kernels.counters import completion_counters
 
     ids = skewed_ids(m, name, seed=m) if skewed else None
     x, w13, w2, tw, ids, scales = _target_inputs(name, m, fp8, seed=m, ids=ids)
@@ -1760,7 +1762,8 @@ def test_gpu_gluon_grouped_gemms_match_reference(name, m, skewed, fp8, monkeypat
         pytest.skip(why)
     launches = []  # gate_up flag of each Gluon launch: the config must not fall back to the Triton kernels
     launch = moe_gemm_gluon._launch
-    monkeypatch.setattr(moe_gemm_gluon, "_launch", lambda *args: launches.append(args[14]) or launch(*args))
+    monkeypatch.setattr(moe_gemm_gluon, "_launch",
+                        lambda *args, **kw: launches.append(args[14]) or launch(*args, **kw))
     cfg = _gluon_config(fp8=fp8, down_stages=5 if fp8 else 3)
     out = fused_moe(x, w13, w2, tw, ids, config=cfg, **scales)
     assert launches == [True, False]
@@ -1768,6 +1771,13 @@ def test_gpu_gluon_grouped_gemms_match_reference(name, m, skewed, fp8, monkeypat
     monkeypatch.setattr(moe_gemm_gluon, "HALF_A", False)
     assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=cfg, **scales), out)
     monkeypatch.setattr(moe_gemm_gluon, "HALF_A", True)
+    # Tiles drawn from a counter rather than strided by the grid: each tile computed alike, the same bits; the
+    # counter is back to 0 for the next launch (twice: graph replays rely on it).
+    drawn = dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, dynamic_tiles=True),
+                                down=dataclasses.replace(cfg.down, dynamic_tiles=True))
+    for _ in range(2):
+        assert torch.equal(fused_moe(x, w13, w2, tw, ids, config=drawn, **scales), out)
+        assert not completion_counters(x.device, 1).any()
     ref = _target_ref(x, w13, w2, tw, ids, scales)
     assert torch.isfinite(out).all() and rel_err(out, ref) <= (2e-2 if fp8 else 1e-2)
     if fp8:  # the Triton kernels' tiles on the same quantised operands
