@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -80,14 +81,11 @@ def variants(table: MoEConfig, which: str, fp8: bool = False) -> dict[str, MoECo
     return out
 
 
-def run_case(key: str, dtype: str, m: int, ceilings: dict, rates: MatmulRate, repeats: int, which: str,
-             failed: list) -> dict:
-    shape, fp8 = SHAPES[key], dtype == "fp8"
-    w = make_weights(shape, fp8)
-    inputs = rotating_inputs(shape, m, fp8)
-    table = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, fp8, 1 if fp8 else 2,
-                       global_experts=shape.global_experts)
-    cases = variants(table, which, fp8)
+def errors_against(w: dict, inputs: list, table: MoEConfig, cases: dict[str, MoEConfig], where: str,
+                   failed: list) -> dict[str, float]:
+    """label -> relative error of each case's whole `fused_moe` output against table's on inputs[0] (nan, with
+    the exception printed, where the call raised). A case off by more than 1e-2 goes into failed, named by
+    where."""
     hidden, tw, ids = inputs[0]
     scales = dict(w13_scale=w.get("w13_scale"), w2_scale=w.get("w2_scale"))
     ref = fused_moe(hidden, w["w13"], w["w2"], tw, ids, config=table, **scales)
@@ -99,8 +97,20 @@ def run_case(key: str, dtype: str, m: int, ceilings: dict, rates: MatmulRate, re
             errs[label] = float("nan")
             print(f"{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         if not errs[label] <= 1e-2:
-            failed.append(f"{key} {m} {label}: rel err {errs[label]}")
+            failed.append(f"{where} {label}: rel err {errs[label]}")
     torch.cuda.synchronize()
+    return errs
+
+
+def run_case(key: str, dtype: str, m: int, ceilings: dict, rates: MatmulRate, repeats: int, which: str,
+             failed: list) -> dict:
+    shape, fp8 = SHAPES[key], dtype == "fp8"
+    w = make_weights(shape, fp8)
+    inputs = rotating_inputs(shape, m, fp8)
+    table = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, fp8, 1 if fp8 else 2,
+                       global_experts=shape.global_experts)
+    cases = variants(table, which, fp8)
+    errs = errors_against(w, inputs, table, cases, f"{key} {m}", failed)
     runs = alternate_us(w, inputs, cases, repeats, failed=failed)
     beside = rates.tflops(fp8)
     rate = ceilings["fp8_tflops" if fp8 else "bf16_tflops"]
@@ -126,12 +136,21 @@ def main() -> None:
     rates = MatmulRate()
     ceilings = measure_ceilings(rates)
     print(f"ceilings: {ceilings}", flush=True)
+    run_and_save(parse_cases(args.cases, "moe_gluon_probe"), ceilings, args.out,
+                 lambda key, dtype, m, failed: run_case(key, dtype, m, ceilings, rates, args.repeats, args.variants,
+                                                        failed))
+
+
+def run_and_save(cases: list[tuple[str, str, int]], ceilings: dict, out: str,
+                 run_one: Callable[[str, str, int, list], dict]) -> None:
+    """run_one(key, dtype, M, failed) for each case, the results written to out after each; exits 1 listing what
+    failed."""
     failed, results = [], []
-    for key, dtype, m in parse_cases(args.cases, "moe_gluon_probe"):
-        results.append(run_case(key, dtype, m, ceilings, rates, args.repeats, args.variants, failed))
+    for key, dtype, m in cases:
+        results.append(run_one(key, dtype, m, failed))
         torch.cuda.empty_cache()
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
             json.dump(dict(device=device_info(), ceilings=ceilings, results=results, failed=failed), f, indent=1)
     if failed:
         print("FAILED:\n  " + "\n  ".join(failed))

@@ -19,7 +19,6 @@ when a variant is off or fails. Session 26 (benchmarks/RESULTS.md) made its GROU
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,13 +26,12 @@ from dataclasses import fields, replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
 from kernels_moe_tune import alternate_us, roofline_us  # noqa: E402
 from moe_entries_probe import parse_cases  # noqa: E402
+from moe_gluon_probe import errors_against, run_and_save  # noqa: E402
 from moe_gluon_probe import variants as gluon_variants  # noqa: E402
 
-from kernels import SHAPES, MatmulRate, device_info, make_weights, measure_ceilings, rel_err, rotating_inputs  # noqa: E402
-from moeserve.kernels.fused_moe import fused_moe  # noqa: E402
+from kernels import SHAPES, MatmulRate, make_weights, measure_ceilings, rotating_inputs  # noqa: E402
 from moeserve.kernels.moe_configs import GemmConfig, MoEConfig, get_config  # noqa: E402
 
 GEMMS = {"gu": "gate_up", "dn": "down"}
@@ -78,19 +76,7 @@ def run_case(key: str, dtype: str, m: int, specs: list[str], ceilings: dict, rep
     table = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, fp8, 1 if fp8 else 2,
                        global_experts=shape.global_experts)
     cases = {"table": table, **{spec: apply_variant(table, spec, fp8) for spec in specs}}
-    hidden, tw, ids = inputs[0]
-    scales = dict(w13_scale=w.get("w13_scale"), w2_scale=w.get("w2_scale"))
-    ref = fused_moe(hidden, w["w13"], w["w2"], tw, ids, config=table, **scales)
-    errs = {}
-    for label, cfg in cases.items():
-        try:
-            errs[label] = rel_err(fused_moe(hidden, w["w13"], w["w2"], tw, ids, config=cfg, **scales), ref)
-        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
-            errs[label] = float("nan")
-            print(f"{label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-        if not errs[label] <= 1e-2:
-            failed.append(f"{key}:{dtype}:{m} {label}: rel err {errs[label]}")
-    torch.cuda.synchronize()
+    errs = errors_against(w, inputs, table, cases, f"{key}:{dtype}:{m}", failed)
     runs = alternate_us(w, inputs, cases, repeats, failed=failed)
     floor = roofline_us(shape, fp8, inputs, ceilings["copy_tbs"], ceilings["fp8_tflops" if fp8 else "bf16_tflops"])
     rows = []
@@ -121,16 +107,8 @@ def main() -> None:
                 raise SystemExit(f"moe_variants_probe: {key}:{dtype}:{m}: {exc}") from None
     ceilings = measure_ceilings(MatmulRate())
     print(f"ceilings: {ceilings}", flush=True)
-    failed, results = [], []
-    for key, dtype, m in cases:
-        results.append(run_case(key, dtype, m, args.variant, ceilings, args.repeats, failed))
-        torch.cuda.empty_cache()
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(dict(device=device_info(), ceilings=ceilings, results=results, failed=failed), f, indent=1)
-    if failed:
-        print("FAILED:\n  " + "\n  ".join(failed))
-        sys.exit(1)
+    run_and_save(cases, ceilings, args.out,
+                 lambda key, dtype, m, failed: run_case(key, dtype, m, args.variant, ceilings, args.repeats, failed))
 
 
 if __name__ == "__main__":
