@@ -1,5 +1,5 @@
 """Compile the Gluon grouped GEMM (`kernels/moe_gemm_gluon.py`) for sm_90a on any machine, no GPU needed, and
-report each partition's registers and spills as ptxas sees them.
+report ptxas's register count (the launch's; the partitions then set their own) and spills.
 
     python benchmarks/gluon_xcompile.py [--kinds fp8gu,fp8dn,bf16gu,bf16dn] [--set DYNAMIC=1,HALF=0]
         [--out DIR]
@@ -61,9 +61,8 @@ def compile_kind(kind: str, flags: dict[str, int], out_dir: str) -> str:
         if name not in args:
             signature[name] = "constexpr"
             continue
-        kind, attr = native_specialize_impl(BaseBackend, args[name], False, name not in kernel.do_not_specialize,
-                                            True)
-        signature[name] = kind
+        ty, attr = native_specialize_impl(BaseBackend, args[name], False, name not in kernel.do_not_specialize, True)
+        signature[name] = ty
         if isinstance(attr, str):
             attrs[(index,)] = BaseBackend.parse_attr(attr)
     constexprs = dict(GATE_UP=gate_up, STAGES=stages, GROUP_M=8, FP8=fp8, ROUND=gluon_support.gl.bfloat16,

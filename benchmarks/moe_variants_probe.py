@@ -69,12 +69,17 @@ def apply_variant(cfg: MoEConfig, spec: str, fp8: bool) -> MoEConfig:
     return replace(cfg, **{name: replace(getattr(cfg, name), **changes) for name, changes in gemms.items()}, **top)
 
 
+def table_entry(key: str, dtype: str, m: int) -> MoEConfig:
+    shape, fp8 = SHAPES[key], dtype == "fp8"
+    return get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, fp8, 1 if fp8 else 2,
+                      global_experts=shape.global_experts)
+
+
 def run_case(key: str, dtype: str, m: int, specs: list[str], ceilings: dict, repeats: int, failed: list) -> dict:
     shape, fp8 = SHAPES[key], dtype == "fp8"
     w = make_weights(shape, fp8)
     inputs = rotating_inputs(shape, m, fp8)
-    table = get_config(m, shape.num_experts, shape.hidden, shape.inter, shape.top_k, fp8, 1 if fp8 else 2,
-                       global_experts=shape.global_experts)
+    table = table_entry(key, dtype, m)
     cases = {"table": table, **{spec: apply_variant(table, spec, fp8) for spec in specs}}
     errs = errors_against(w, inputs, table, cases, f"{key}:{dtype}:{m}", failed)
     runs = alternate_us(w, inputs, cases, repeats, failed=failed)
@@ -98,11 +103,9 @@ def main() -> None:
     args = parser.parse_args()
     cases = parse_cases(args.cases, "moe_variants_probe")
     for key, dtype, m in cases:  # every edit checked before the GPU work starts
-        table = get_config(m, SHAPES[key].num_experts, SHAPES[key].hidden, SHAPES[key].inter, SHAPES[key].top_k,
-                           dtype == "fp8", 1 if dtype == "fp8" else 2, global_experts=SHAPES[key].global_experts)
         for spec in args.variant:
             try:
-                apply_variant(table, spec, dtype == "fp8")
+                apply_variant(table_entry(key, dtype, m), spec, dtype == "fp8")
             except (ValueError, TypeError) as exc:
                 raise SystemExit(f"moe_variants_probe: {key}:{dtype}:{m}: {exc}") from None
     ceilings = measure_ceilings(MatmulRate())
