@@ -43,6 +43,7 @@ from moeserve.kernels.moe_configs import (
     save_table,
     short_heights,
     table_name,
+    table_note,
 )
 
 G = GemmConfig
@@ -361,12 +362,6 @@ def short_candidates(cfg: MoEConfig) -> list[MoEConfig]:
         return []
     return [with_short_m(cfg, sm) for sm in (0, *short_heights(cfg.block_m))
             if (sm, sm) != (cfg.gate_up.short_m, cfg.down.short_m)]
-
-
-def table_note(name: str) -> str:
-    """The note of the shipped table `name` ("" when there is none)."""
-    path = CONFIG_DIR / name
-    return json.loads(path.read_text())["note"] if path.exists() else ""
 
 
 def retuned_table(current: dict[int, MoEConfig], tuned: dict[int, MoEConfig], current_note: str,

@@ -177,14 +177,21 @@ def table_name(num_experts: int, hidden: int, inter: int, fp8: bool) -> str:
     return f"E{num_experts}_H{hidden}_I{inter}_{'fp8' if fp8 else 'bf16'}.json"
 
 
+def _table_body(name: str) -> dict:
+    """The JSON of CONFIG_DIR/name ({"note": ..., "configs": {M: config}}), empty when there is no such table."""
+    path = CONFIG_DIR / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 @functools.lru_cache(maxsize=64)
 def load_table(name: str) -> dict[int, MoEConfig]:
     """{M: config} from CONFIG_DIR/name, empty when there is no such table."""
-    path = CONFIG_DIR / name
-    if not path.exists():
-        return {}
-    raw = json.loads(path.read_text())
-    return {int(m): MoEConfig.from_dict(c) for m, c in raw["configs"].items()}
+    return {int(m): MoEConfig.from_dict(c) for m, c in _table_body(name).get("configs", {}).items()}
+
+
+def table_note(name: str) -> str:
+    """The note of the table CONFIG_DIR/name: how and when it was tuned ("" when there is no such table)."""
+    return _table_body(name).get("note", "")
 
 
 def nearest(table: dict[int, MoEConfig], num_tokens: int) -> MoEConfig:

@@ -146,10 +146,10 @@ if gluon is not None:
         return c + 1
 
     @gluon.jit
-    def _loader_tables(t, total, num_n, max_blocks, BlockExpert, BlockRows, GROUP_M: gl.constexpr,
-                       HALF: gl.constexpr):
+    def _block_tables(t, total, num_n, max_blocks, BlockExpert, BlockRows, GROUP_M: gl.constexpr,
+                      HALF: gl.constexpr):
         """(block, N tile, expert, valid rows) of tile t; expert -1 past the last tile. Without HALF the rows
-        are a constant, so the 64-row branch of `_load_step` is never built."""
+        are a constant, so the producer never builds `_load_step`'s 64-row branch."""
         has = t < total
         pid_m, pid_n = _tile(t, num_n, max_blocks, GROUP_M)
         expert = gl.load(BlockExpert + pid_m, mask=has, other=-1)
@@ -218,8 +218,8 @@ if gluon is not None:
             _publish(tiles, tile_ready, tile_empty, 0, t)
         else:
             t = gl.program_id(0)
-        pid_m, pid_n, expert, rows = _loader_tables(t, total, num_n, max_blocks, BlockExpert, BlockRows, GROUP_M,
-                                                    HALF)
+        pid_m, pid_n, expert, rows = _block_tables(t, total, num_n, max_blocks, BlockExpert, BlockRows, GROUP_M,
+                                                   HALF)
         c = 0
         i = 1
         while t < total:
@@ -230,8 +230,8 @@ if gluon is not None:
                 c = _load_step(a_desc, a_half_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, c, 0, row, w_row,
                                cur_rows, up_off, GATE_UP)
             t = _next_tile(Ticket, last, tiles, tile_ready, tile_empty, i, t, step, DYNAMIC)
-            pid_m, pid_n, expert, rows = _loader_tables(t, total, num_n, max_blocks, BlockExpert, BlockRows, GROUP_M,
-                                                        HALF)
+            pid_m, pid_n, expert, rows = _block_tables(t, total, num_n, max_blocks, BlockExpert, BlockRows, GROUP_M,
+                                                       HALF)
             if cur_expert >= 0:
                 for kk in range(1, k_steps):
                     c = _load_step(a_desc, a_half_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, c, kk, row,
@@ -352,6 +352,18 @@ if gluon is not None:
         return q.to(gl.float8e4nv), scale
 
     @gluon.jit
+    def _warpgroup_tables(t, total, num_n, max_blocks, BlockExpert, BlockRows, Sorted, pair, r0, lanes,
+                          GROUP_M: gl.constexpr, READ_PAIRS: gl.constexpr):
+        """`_block_tables` of tile t as a consumer warpgroup (rows r0 ...) reads them: (block, N tile, expert,
+        valid rows from r0, the flat pair index of each of its 64 slots). Without READ_PAIRS the pair indices
+        are never used and pair comes back as given."""
+        pid_m, pid_n, expert, rows = _block_tables(t, total, num_n, max_blocks, BlockExpert, BlockRows, GROUP_M,
+                                                   True)
+        if READ_PAIRS:  # padding slots: junk, never used unmasked
+            pair = gl.load(Sorted + pid_m * _BLOCK_M + r0 + lanes, mask=(lanes >= 0) & (t < total), other=0)
+        return pid_m, pid_n, expert, rows - r0, pair
+
+    @gluon.jit
     def _consumer(a_smem, g_smem, u_smem, epi, ready, empty, tiles, tile_ready, tile_empty, out_desc, SlotOfPair,
                   TopkW, Sorted, BlockExpert, BlockRows, AScale, WScale, OutScale, max_blocks, num_n, k_steps, top_k,
                   up_off, a_scale_stride, ws_e, ws_n, out_scale_stride, WG: gl.constexpr, GATE_UP: gl.constexpr,
@@ -379,12 +391,9 @@ if gluon is not None:
             t = _take(tiles, tile_ready, tile_empty, 0)
         else:
             t = gl.program_id(0)
-        has_next = t < total
-        m_next, n_next = _tile(t, num_n, max_blocks, GROUP_M)
-        e_next = gl.load(BlockExpert + m_next, mask=has_next, other=-1)
-        v_next = gl.load(BlockRows + m_next, mask=has_next, other=0) - r0
-        # padding slots: junk, never used unmasked
-        p_next = gl.load(Sorted + m_next * _BLOCK_M + r0 + lanes, mask=(lanes >= 0) & has_next, other=0)
+        m_next, n_next, e_next, v_next, p_next = _warpgroup_tables(t, total, num_n, max_blocks, BlockExpert,
+                                                                   BlockRows, Sorted, lanes * 0, r0, lanes, GROUP_M,
+                                                                   READ_PAIRS)
         c = 0
         i = 0
         while t < total:
@@ -394,12 +403,9 @@ if gluon is not None:
             else:
                 t = t + step
             i += 1
-            has_next = t < total
-            m_next, n_next = _tile(t, num_n, max_blocks, GROUP_M)
-            e_next = gl.load(BlockExpert + m_next, mask=has_next, other=-1)
-            v_next = gl.load(BlockRows + m_next, mask=has_next, other=0) - r0
-            if READ_PAIRS:
-                p_next = gl.load(Sorted + m_next * _BLOCK_M + r0 + lanes, mask=(lanes >= 0) & has_next, other=0)
+            m_next, n_next, e_next, v_next, p_next = _warpgroup_tables(t, total, num_n, max_blocks, BlockExpert,
+                                                                       BlockRows, Sorted, pair, r0, lanes, GROUP_M,
+                                                                       READ_PAIRS)
             if expert >= 0:
                 if valid > 0:
                     row_ok = lanes < valid
