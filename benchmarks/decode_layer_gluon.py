@@ -1,0 +1,294 @@
+"""`decode_layer_probe.py`'s layer as one persistent, warp-specialised Gluon kernel whose weights never wait.
+
+In each program a producer warp streams the program's weight tiles of every step, layer after layer, by TMA
+into a ring of shared-memory stages, as far ahead as the ring reaches. It waits only for a free stage, and
+before the experts' tiles for the router's choice. The consumer warps compute each step's GEMV from the ring
+once the step's input is whole (the same grid barriers as the Triton probe's persistent kernel). So the weight
+stream runs through the barriers and the small steps, up to the ring's depth (stages x 8 KB a multiprocessor),
+where the Triton kernels' loads start only after each barrier. Same steps, work split, workspace and results as
+`decode_layer_probe`; Triton 3.6's Gluon, Hopper.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from decode_layer_probe import ATT, EXPERTS, HID, INTER, KVS, OFFS, QKV, TOP_K, WS  # noqa: E402
+
+from moeserve.kernels.gluon_support import gl, gluon, host_descriptor, mbarrier, tma  # noqa: E402
+
+TILE, ROWS = 64, 128  # a ring stage: 128 weight rows x 64 k (16 KB of bf16)
+
+if gluon is not None:
+    _HID, _QKV, _KVS, _ATT = gl.constexpr(HID), gl.constexpr(QKV), gl.constexpr(KVS), gl.constexpr(ATT)
+    _EXPERTS, _TOP_K, _INTER = gl.constexpr(EXPERTS), gl.constexpr(TOP_K), gl.constexpr(INTER)
+    _T, _R = gl.constexpr(TILE), gl.constexpr(ROWS)
+    # The workspace's float offsets (`decode_layer_probe.OFFS`).
+    _O_A, _O_O, _O_R = gl.constexpr(OFFS["a"]), gl.constexpr(OFFS["o"]), gl.constexpr(OFFS["r"])
+    _O_GU, _O_X = gl.constexpr(OFFS["gu"]), gl.constexpr(OFFS["x"])
+    _O_IDS, _O_P, _WS = gl.constexpr(OFFS["ids"]), gl.constexpr(OFFS["p"]), gl.constexpr(WS)
+    # Step geometry: (row tiles, k steps) of each step's units.
+    _GU_TILES = gl.constexpr(2 * INTER // ROWS)
+    _DN_STEPS = gl.constexpr(INTER // TILE)
+
+    @gluon.jit
+    def _units(pid, nprog, total):
+        return pid * total // nprog, (pid + 1) * total // nprog
+
+    @gluon.jit
+    def _issue(desc, row, col, ring, ready, empty, c):
+        """Producer: the [128, 64] weight tile at (row, col) into stage c % STAGES once it is free."""
+        STAGES: gl.constexpr = ring.type.shape[0]
+        s = c % STAGES
+        mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, [row, col], ready.index(s), ring.index(s))
+        return c + 1
+
+    @gluon.jit
+    def _produce_dense(desc, row0, N_TILES: gl.constexpr, KSTEPS: gl.constexpr, ring, ready, empty, c, pid, nprog):
+        u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
+        for u in range(u0, u1):
+            c = _issue(desc, row0 + (u // KSTEPS) * _R, (u % KSTEPS) * _T, ring, ready, empty, c)
+        return c
+
+    @gluon.jit
+    def _producer(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers):
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        c = 0
+        for layer in range(layers):
+            ids = ws_ptr + layer * _WS + _O_IDS
+            c = _produce_dense(d_qkv, layer * _QKV, _QKV // _R, _HID // _T, ring, ready, empty, c, pid, nprog)
+            c = _produce_dense(d_kv, layer * _ATT, _ATT // _R, _KVS // _T, ring, ready, empty, c, pid, nprog)
+            c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog)
+            c = _produce_dense(d_r, layer * _EXPERTS, _EXPERTS // _R, _HID // _T, ring, ready, empty, c, pid, nprog)
+            mbarrier.wait(ids_bar, layer & 1)  # this program's consumers have stored the router's choice
+            KS: gl.constexpr = _HID // _T
+            u0, u1 = _units(pid, nprog, _TOP_K * _GU_TILES * KS)
+            for u in range(u0, u1):
+                t = u // KS
+                e = gl.load(ids + t // _GU_TILES).to(gl.int32)
+                row = (layer * _EXPERTS + e) * (2 * _INTER) + (t % _GU_TILES) * _R
+                c = _issue(d_13, row, (u % KS) * _T, ring, ready, empty, c)
+            KD: gl.constexpr = _TOP_K * _DN_STEPS
+            u0, u1 = _units(pid, nprog, (_HID // _R) * KD)
+            for u in range(u0, u1):
+                ks = u % KD
+                e = gl.load(ids + ks // _DN_STEPS).to(gl.int32)
+                row = (layer * _EXPERTS + e) * _HID + (u // KD) * _R
+                c = _issue(d_2, row, (ks % _DN_STEPS) * _T, ring, ready, empty, c)
+
+    @gluon.jit
+    def _grid_arrive(bar_ptr):
+        gl.thread_barrier()  # every thread's atomics of the step before the (single-thread) release
+        gl.atomic_add(bar_ptr, 1, sem="release")
+
+    @gluon.jit
+    def _grid_wait(bar_ptr, target):
+        """Spin on the count with acquire reads (polling by volatile loads, then one acquire, took 1-2% longer)."""
+        while gl.atomic_add(bar_ptr, 0, sem="acquire") < target:
+            pass
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _inv_rms(x_ptr):
+        lay: gl.constexpr = gl.BlockedLayout([_HID // 128], [32], [4], [0])
+        x = gl.load(x_ptr + gl.arange(0, _HID, layout=lay), cache_modifier=".cg")
+        return 1.0 / gl.sqrt(gl.sum(x * x, axis=0) / _HID + 1e-6)
+
+    @gluon.jit
+    def _take(ring, ready, empty, c, layout: gl.constexpr):
+        """Consumer: stage c's tile as fp32 registers; the stage is released once every warp has read it."""
+        STAGES: gl.constexpr = ring.type.shape[0]
+        s = c % STAGES
+        mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+        w = ring.index(s).load(layout).to(gl.float32)
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(s))
+        return w
+
+    @gluon.jit
+    def _warm_l1(x_ptr, N: gl.constexpr, sink):
+        """Read x[:N] once so that the step's per-unit loads of it hit L1: a unit's own L2 round trip would stall
+        its tile's math (the values are final: the grid barrier before the step, and L1 starts empty each
+        launch). sink is never written (no sum is that exact value); it keeps the loads."""
+        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        k = gl.arange(0, 16, layout=gl.SliceLayout(1, XL))[:, None] * _T
+        k = k + gl.arange(0, _T, layout=gl.SliceLayout(0, XL))[None, :]
+        total = gl.zeros([16, _T], gl.float32, XL)
+        for i in gl.static_range((N + 1023) // 1024):
+            total += gl.load(x_ptr + i * 1024 + k, mask=i * 1024 + k < N, other=0.0)
+        t = gl.sum(gl.sum(total, axis=1), axis=0)
+        gl.store(sink, t, mask=t == -1.2345e30)
+
+    @gluon.jit
+    def _x_chunk(x_ptr, p_ptr, ks, cols, ACT: gl.constexpr):
+        """The input's 64 values of k step ks: x[ks * 64 + cols], or with ACT (down, x_ptr: the gate/up sums)
+        silu(g) * u * p of expert ks // 12's channels."""
+        if ACT:
+            j = ks // _DN_STEPS
+            ch = (ks % _DN_STEPS) * _T + cols
+            g = gl.load(x_ptr + j * 2 * _INTER + ch)
+            up = gl.load(x_ptr + j * 2 * _INTER + _INTER + ch)
+            x = g / (1.0 + gl.exp(-g)) * up * gl.load(p_ptr + j)
+        else:
+            x = gl.load(x_ptr + ks * _T + cols)
+        return x
+
+    @gluon.jit
+    def _consume(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring,
+                 ready, empty, c, pid, nprog, sink, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr):
+        """y[t * 128 + i] += scale * sum_k W[tile t's row i, k] x[k] over the program's units; of NWG consumer
+        warpgroups, warpgroup WG takes every NWG-th ring stage. The input is read into L1 first, each unit's
+        loaded a unit ahead, the products summed in place and reduced once a row tile (or at the warpgroup's
+        last unit of it), then out by atomics. Returns the ring count after the step."""
+        KSTEPS: gl.constexpr = K // _T
+        BL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        cols = gl.arange(0, _T, layout=gl.SliceLayout(0, BL))
+        rows = gl.arange(0, _R, layout=gl.SliceLayout(1, BL))
+        u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
+        first = (WG + NWG - c % NWG) % NWG  # this warpgroup's first unit: ring stage c + first has its parity
+        if COMPUTE:
+            if ACT:
+                _warm_l1(x_ptr, _TOP_K * 2 * _INTER, sink)
+            else:
+                _warm_l1(x_ptr, K, sink)
+            acc = gl.zeros([_R, _T], gl.float32, BL)
+            xk = _x_chunk(x_ptr, p_ptr, (u0 + first) % KSTEPS, cols, ACT)
+            for i in range(first, u1 - u0, NWG):
+                u = u0 + i
+                t = u // KSTEPS
+                nxt = u + NWG
+                xn = _x_chunk(x_ptr, p_ptr, gl.minimum(nxt, u1 - 1) % KSTEPS, cols, ACT)
+                acc += _take(ring, ready, empty, c + i, BL) * xk[None, :]
+                if (nxt // KSTEPS != t) | (nxt >= u1):
+                    gl.atomic_add(y_ptr + t * _R + rows, gl.sum(acc, axis=1) * scale, sem="relaxed")
+                    acc = gl.zeros([_R, _T], gl.float32, BL)
+                xk = xn
+        else:  # only take the tiles: the ring's own rate
+            for i in range(first, u1 - u0, NWG):
+                _take(ring, ready, empty, c + i, BL)
+        return c + (u1 - u0)
+
+
+    @gluon.jit
+    def _top_k(r_ptr, ids_ptr, p_ptr):
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        offs = gl.arange(0, _EXPERTS, layout=lay)
+        r0 = gl.load(r_ptr + offs, cache_modifier=".cg")
+        best = gl.max(r0, axis=0)
+        r = r0
+        total = 0.0
+        for _ in gl.static_range(_TOP_K):
+            m = gl.max(r, axis=0)
+            total += gl.exp(m - best)
+            r = gl.where(offs == gl.min(gl.where(r == m, offs, _EXPERTS), axis=0), float("-inf"), r)
+        r = r0
+        for j in gl.static_range(_TOP_K):
+            m = gl.max(r, axis=0)
+            e = gl.min(gl.where(r == m, offs, _EXPERTS), axis=0)
+            gl.store(ids_ptr + j, e.to(gl.float32))
+            gl.store(p_ptr + j, gl.exp(m - best) / total)
+            r = gl.where(offs == e, float("-inf"), r)
+
+    @gluon.jit
+    def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC: gl.constexpr,
+                  COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr):
+        """Consumer warpgroup WG of NWG: the steps' GEMVs from its ring stages, a grid barrier between steps
+        (every warpgroup of every program arrives)."""
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        c = 0
+        n = 0
+        x_ptr = x0_ptr
+        sink = x0_ptr  # `_warm_l1`'s, never written
+        for layer in range(layers):
+            ws = ws_ptr + layer * _WS
+            if SYNC:
+                if layer > 0:
+                    _grid_wait(bar_ptr, n * nprog * NWG)
+            c = _consume(x_ptr, ws, ws, _inv_rms(x_ptr), _QKV // _R, _HID, False, ring, ready, empty, c, pid,
+                         nprog, sink, COMPUTE, WG, NWG)
+            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+            c = _consume(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog, sink,
+                         COMPUTE, WG, NWG)
+            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+            c = _consume(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, False, ring, ready, empty, c, pid,
+                         nprog, sink, COMPUTE, WG, NWG)
+            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+            scale = _inv_rms(ws + _O_O)
+            c = _consume(ws + _O_O, ws + _O_R, ws, scale, _EXPERTS // _R, _HID, False, ring, ready, empty, c,
+                         pid, nprog, sink, COMPUTE, WG, NWG)
+            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+            if WG == 0:
+                _top_k(ws + _O_R, ws + _O_IDS, ws + _O_P)
+                gl.thread_barrier()
+                mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
+            c = _consume(ws + _O_O, ws + _O_GU, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready, empty,
+                         c, pid, nprog, sink, COMPUTE, WG, NWG)
+            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+            c = _consume(ws + _O_GU, ws + _O_X, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, True, ring, ready,
+                         empty, c, pid, nprog, sink, COMPUTE, WG, NWG)
+            _grid_arrive(bar_ptr)
+            n += 1
+            x_ptr = ws + _O_X
+
+    @gluon.jit
+    def _grid_step(bar_ptr, n, nprog, SYNC: gl.constexpr):
+        """Arrive at the grid barrier after a step and wait for every program (not without SYNC: for timing the
+        stream alone); returns the barriers passed."""
+        _grid_arrive(bar_ptr)
+        if SYNC:
+            _grid_wait(bar_ptr, (n + 1) * nprog)
+        return n + 1
+
+    @gluon.jit
+    def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, x0_ptr, bar_ptr, layers, STAGES: gl.constexpr,
+                           SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr):
+        ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES, _R, _T], d_qkv.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        ids_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(ids_bar, count=1)
+        if NWG == 2:
+            gl.warp_specialize([
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC, COMPUTE,
+                             gl.constexpr(0), NWG)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC, COMPUTE,
+                             gl.constexpr(1), NWG)),
+                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers)),
+            ], [4, 1], [232, 40])
+        else:
+            gl.warp_specialize([
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC, COMPUTE,
+                             gl.constexpr(0), NWG)),
+                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers)),
+            ], [1], [48])
+
+def run(m, programs: int, stages: int = 12, sync: bool = True, compute: bool = True, warpgroups: int = 2) -> None:
+    """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
+    stream alone: sync=False skips the grid barriers' waits, compute=False the consumers' arithmetic (results
+    are then wrong; the workspace is kept, so the experts chosen stay those of the run before). warpgroups: the
+    consumer warpgroups a program has (1 or 2)."""
+    if sync and compute:
+        m.ws.zero_()
+    m.bar.zero_()
+    descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in m.weights()]
+    _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, m.layers, STAGES=stages, SYNC=sync, COMPUTE=compute,
+                                    NWG=warpgroups, num_warps=4)
+
+
+def available(device: torch.device) -> bool:
+    from moeserve.kernels.gluon_support import gluon_platform_problem
+
+    return gluon_platform_problem(device, "the ring probe") is None

@@ -1,0 +1,423 @@
+"""Can a batch-1 decode layer stream its weights near the HBM floor in one persistent kernel? A probe.
+
+    python benchmarks/decode_layer_probe.py [--layers 8] [--out benchmarks/out/decode_layer_probe.json]
+
+At batch 1 the engine's Qwen3-30B-A3B layer takes 65.5 µs against a 39 µs byte floor (benchmarks/RESULTS.md,
+"Engine on one H100"): its four weight streams run as separate kernels, each paying its own launch and ramp, and
+five small kernels sit between them. This probe runs the layer's data flow with the real weight shapes as
+GEMVs, without the arithmetic that is not a weight stream (no rotary, no real attention, no norm weights):
+
+    qkv = Wqkv . rms(x)         [5120 x 2048]   21.0 MB
+    a   = Wkv . qkv[:256]       [4096 x 256]     2.1 MB   (stands in for reading the KV cache)
+    o   = Wo . a                [2048 x 4096]   16.8 MB
+    r   = Wr . rms(o)           [128 x 2048]     0.5 MB   (router logits; top-8, softmax over the 8)
+    gu  = W13[e] . rms(o)       8 x [1536 x 2048] 50.3 MB (experts e of the top-8)
+    x'  = sum_j p_j W2[e_j] . (silu(g_j) * u_j)   8 x [2048 x 768] 25.2 MB
+
+Each step's rows x k steps are split evenly over the programs (stream-K: a program's range may start and end inside
+a row tile; partial sums go out by fp32 atomics), so every program streams the same bytes. Ways to run the same
+steps, timed as CUDA graphs over `--layers` layers with their own weights (nothing reused from L2):
+
+- `launches`: one Triton launch per step (6 a layer), one program per multiprocessor, with and without
+  programmatic dependent launch; each step alone too;
+- `persistent`: one Triton launch for all layers, a grid-wide barrier between steps; and the same with each
+  program asking L2 for its weights of the steps ahead before each barrier;
+- `Gluon ring` (`decode_layer_gluon.py`, Triton 3.6 on Hopper): one warp-specialised launch whose producer warp
+  streams every step's weight tiles into a shared-memory ring while the consumers compute, with the same barriers;
+  also timed without waiting at the barriers and with consumers that only take the tiles (wrong results: the
+  stream's own rate).
+
+Reported: µs a layer, the floor (weight bytes over the copy rate measured here), and their ratio. A check against
+torch (fp32, the kernel's own expert choices) guards the arithmetic. fp32 atomics make the sums' order vary run to
+run: a probe, not a kernel the engine could take as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from read_bw_probe import copy_tbs, graph_us  # noqa: E402
+
+BF16 = torch.bfloat16
+HID, QKV, KVS, ATT, EXPERTS, TOP_K, INTER = 2048, 5120, 256, 4096, 128, 8, 768
+BN, BK = 64, 128
+# The same as constexprs, for the kernels.
+_HID, _QKV, _KVS, _ATT = tl.constexpr(HID), tl.constexpr(QKV), tl.constexpr(KVS), tl.constexpr(ATT)
+_EXPERTS, _TOP_K, _INTER = tl.constexpr(EXPERTS), tl.constexpr(TOP_K), tl.constexpr(INTER)
+_BN, _BK = tl.constexpr(BN), tl.constexpr(BK)
+# Workspace per layer (fp32): qkv, a, o, router logits, gate/up sums, x' (the next layer's input), expert ids and
+# their probabilities.
+OFFS = {}
+_at = 0
+for _name, _size in (("qkv", QKV), ("a", ATT), ("o", HID), ("r", EXPERTS), ("gu", TOP_K * 2 * INTER), ("x", HID),
+                     ("ids", TOP_K), ("p", TOP_K)):
+    OFFS[_name] = _at
+    _at += _size
+WS = _at
+_WS = tl.constexpr(WS)
+_OFF_IDS = tl.constexpr(OFFS["ids"])
+
+
+@triton.jit
+def _nap():
+    tl.inline_asm_elementwise("nanosleep.u32 32; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _grid_sync(bar_ptr, target):
+    """Wait until all programs have arrived target // programs times in all (a counter that only grows)."""
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="release")
+    while tl.load(bar_ptr, volatile=True) < target:
+        _nap()
+    tl.atomic_add(bar_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _inv_rms(x_ptr, N: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, N), cache_modifier=".cg")
+    return 1.0 / tl.sqrt(tl.sum(x * x) / N + 1e-6)
+
+
+@triton.jit
+def _units(pid, nprog, total):
+    """Program pid's share [u0, u1) of total units (row tile x k step), split evenly: stream-K."""
+    return pid * total // nprog, (pid + 1) * total // nprog
+
+
+@triton.jit
+def _gemv(w_ptr, x_ptr, y_ptr, scale, pid, nprog, N_TILES: tl.constexpr, K: tl.constexpr):
+    """y[:N] += W[N, K] . (x[:K] * scale), W bf16 row-major, x and y fp32; the program's share of the
+    N_TILES x (K / BK) units, a row tile at a time (its k steps pipelined), each tile's sum out by atomics."""
+    KSTEPS: tl.constexpr = K // _BK
+    u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
+    offs_n = tl.arange(0, _BN)
+    offs_k = tl.arange(0, _BK)
+    for t in range(u0 // KSTEPS, tl.cdiv(u1, KSTEPS)):
+        acc = tl.zeros([_BN, 16], tl.float32)
+        w_ptrs = w_ptr + (t * _BN + offs_n)[:, None].to(tl.int64) * K + offs_k[None, :]
+        for ks in range(tl.maximum(u0 - t * KSTEPS, 0), tl.minimum(u1 - t * KSTEPS, KSTEPS)):
+            xv = tl.load(x_ptr + ks * _BK + offs_k, cache_modifier=".cg") * scale
+            acc = tl.dot(tl.load(w_ptrs + ks * _BK), tl.broadcast_to(xv[:, None], (_BK, 16)).to(tl.bfloat16), acc)
+        tl.atomic_add(y_ptr + t * _BN + offs_n, tl.sum(acc, axis=1) / 16, sem="relaxed")
+
+
+@triton.jit
+def _gate_up(w13_ptr, x_ptr, gu_ptr, ids_ptr, scale, pid, nprog):
+    """gu[j] += W13[ids[j]] . (x * scale) for the top-8 experts j (gate rows, then up rows)."""
+    KSTEPS: tl.constexpr = _HID // _BK
+    TILES: tl.constexpr = 2 * _INTER // _BN
+    u0, u1 = _units(pid, nprog, _TOP_K * TILES * KSTEPS)
+    offs_n = tl.arange(0, _BN)
+    offs_k = tl.arange(0, _BK)
+    for t in range(u0 // KSTEPS, tl.cdiv(u1, KSTEPS)):
+        e = tl.load(ids_ptr + t // TILES).to(tl.int64)
+        acc = tl.zeros([_BN, 16], tl.float32)
+        w_ptrs = w13_ptr + (e * (2 * _INTER) + (t % TILES) * _BN + offs_n)[:, None] * _HID + offs_k[None, :]
+        for ks in range(tl.maximum(u0 - t * KSTEPS, 0), tl.minimum(u1 - t * KSTEPS, KSTEPS)):
+            xv = tl.load(x_ptr + ks * _BK + offs_k, cache_modifier=".cg") * scale
+            acc = tl.dot(tl.load(w_ptrs + ks * _BK), tl.broadcast_to(xv[:, None], (_BK, 16)).to(tl.bfloat16), acc)
+        tl.atomic_add(gu_ptr + t * _BN + offs_n, tl.sum(acc, axis=1) / 16, sem="relaxed")
+
+
+@triton.jit
+def _down(w2_ptr, gu_ptr, y_ptr, ids_ptr, p_ptr, pid, nprog):
+    """y += sum_j p_j W2[ids[j]] . (silu(g_j) * u_j): a row tile's k steps run over the 8 experts' 768 channels
+    in turn."""
+    STEPS_E: tl.constexpr = _INTER // _BK
+    KSTEPS: tl.constexpr = _TOP_K * STEPS_E
+    u0, u1 = _units(pid, nprog, (_HID // _BN) * KSTEPS)
+    offs_n = tl.arange(0, _BN)
+    offs_k = tl.arange(0, _BK)
+    for t in range(u0 // KSTEPS, tl.cdiv(u1, KSTEPS)):
+        acc = tl.zeros([_BN, 16], tl.float32)
+        rows = (t * _BN + offs_n)[:, None] * _INTER
+        for ks in range(tl.maximum(u0 - t * KSTEPS, 0), tl.minimum(u1 - t * KSTEPS, KSTEPS)):
+            j = ks // STEPS_E
+            c = (ks % STEPS_E) * _BK + offs_k
+            e = tl.load(ids_ptr + j).to(tl.int64)
+            w = tl.load(w2_ptr + e * _HID * _INTER + rows + c[None, :])
+            g = tl.load(gu_ptr + j * 2 * _INTER + c, cache_modifier=".cg")
+            up = tl.load(gu_ptr + j * 2 * _INTER + _INTER + c, cache_modifier=".cg")
+            act = g * tl.sigmoid(g) * up * tl.load(p_ptr + j)
+            acc = tl.dot(w, tl.broadcast_to(act[:, None], (_BK, 16)).to(tl.bfloat16), acc)
+        tl.atomic_add(y_ptr + t * _BN + offs_n, tl.sum(acc, axis=1) / 16, sem="relaxed")
+
+
+@triton.jit
+def _top_k(r_ptr, ids_ptr, p_ptr):
+    """ids, p = the top-8 router logits' experts and their softmax over the 8. Every program computes them and
+    stores the same values, so any program may read them back."""
+    offs = tl.arange(0, _EXPERTS)
+    r0 = tl.load(r_ptr + offs, cache_modifier=".cg")
+    best = tl.max(r0)
+    r = r0
+    total = 0.0
+    for _ in tl.static_range(_TOP_K):
+        total += tl.exp(tl.max(r) - best)
+        r = tl.where(offs == tl.argmax(r, axis=0), float("-inf"), r)
+    r = r0
+    for j in tl.static_range(_TOP_K):
+        e = tl.argmax(r, axis=0)
+        tl.store(ids_ptr + j, e.to(tl.float32))
+        tl.store(p_ptr + j, tl.exp(tl.max(r) - best) / total)
+        r = tl.where(offs == e, float("-inf"), r)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _step(s, ws_ptr, x_ptr, wqkv, wkv, wo, wr, w13, w2, pid, nprog):
+    """Step s (0-5) of one layer; x_ptr: the layer's input, ws_ptr: its workspace (fp32)."""
+    qkv = ws_ptr + 0
+    a = ws_ptr + _QKV
+    o = a + _ATT
+    r = o + _HID
+    gu = r + _EXPERTS
+    y = gu + _TOP_K * 2 * _INTER
+    ids = y + _HID
+    p = ids + _TOP_K
+    if s == 0:
+        _gemv(wqkv, x_ptr, qkv, _inv_rms(x_ptr, _HID), pid, nprog, _QKV // _BN, _HID)
+    elif s == 1:
+        _gemv(wkv, qkv, a, 1.0, pid, nprog, _ATT // _BN, _KVS)
+    elif s == 2:
+        _gemv(wo, a, o, 1.0, pid, nprog, _HID // _BN, _ATT)
+    elif s == 3:
+        _gemv(wr, o, r, _inv_rms(o, _HID), pid, nprog, _EXPERTS // _BN, _HID)
+    elif s == 4:
+        _top_k(r, ids, p)
+        _gate_up(w13, o, gu, ids, _inv_rms(o, _HID), pid, nprog)
+    else:
+        _down(w2, gu, y, ids, p, pid, nprog)
+
+
+@triton.jit
+def _prefetch_rows(row_ptrs, nbytes):
+    """Ask L2 for nbytes (a multiple of 16, > 0) from each of row_ptrs (16-byte aligned): Hopper's bulk prefetch,
+    no registers or shared memory held, nothing waited for."""
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                              [row_ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_gemv(w_ptr, pid, nprog, N_TILES: tl.constexpr, K: tl.constexpr):
+    """`_gemv`'s weight bytes for program pid, into L2."""
+    KSTEPS: tl.constexpr = K // _BK
+    u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
+    offs_n = tl.arange(0, _BN)
+    for t in range(u0 // KSTEPS, tl.cdiv(u1, KSTEPS)):
+        k_lo = tl.maximum(u0 - t * KSTEPS, 0)
+        k_hi = tl.minimum(u1 - t * KSTEPS, KSTEPS)
+        rows = w_ptr + (t * _BN + offs_n).to(tl.int64) * K + k_lo * _BK
+        _prefetch_rows(rows, tl.zeros([_BN], tl.int32) + (k_hi - k_lo) * _BK * 2)
+
+
+@triton.jit
+def _prefetch_down(w2_ptr, ids_ptr, pid, nprog):
+    """`_down`'s weight bytes for program pid, into L2 (the experts are known: gate/up has run)."""
+    STEPS_E: tl.constexpr = _INTER // _BK
+    KSTEPS: tl.constexpr = _TOP_K * STEPS_E
+    u0, u1 = _units(pid, nprog, (_HID // _BN) * KSTEPS)
+    offs_n = tl.arange(0, _BN)
+    for t in range(u0 // KSTEPS, tl.cdiv(u1, KSTEPS)):
+        k_lo = tl.maximum(u0 - t * KSTEPS, 0)
+        k_hi = tl.minimum(u1 - t * KSTEPS, KSTEPS)
+        for j in tl.static_range(_TOP_K):
+            lo = tl.maximum(k_lo, j * STEPS_E)
+            hi = tl.minimum(k_hi, (j + 1) * STEPS_E)
+            if lo < hi:
+                e = tl.load(ids_ptr + j).to(tl.int64)
+                rows = w2_ptr + (e * _HID + t * _BN + offs_n) * _INTER + (lo - j * STEPS_E) * _BK
+                _prefetch_rows(rows, tl.zeros([_BN], tl.int32) + (hi - lo) * _BK * 2)
+
+
+@triton.jit
+def _persistent_kernel(ws_ptr, x0_ptr, bar_ptr, wqkv, wkv, wo, wr, w13, w2, layers, PREFETCH: tl.constexpr):
+    """Every step of every layer, a grid barrier after each. PREFETCH: before each barrier, a program asks L2
+    for its weights of the steps ahead that do not wait on the router (after qkv: the KV stand-in's and o's;
+    after the KV stand-in: the router's; after gate/up: down's; after down: the next layer's qkv), so that HBM
+    keeps streaming through the barriers and the small steps."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    x_ptr = x0_ptr
+    n = 0
+    for layer in range(layers):
+        lay = layer.to(tl.int64)
+        ws = ws_ptr + lay * _WS
+        for s in tl.static_range(6):
+            _step(s, ws, x_ptr, wqkv + lay * _QKV * _HID, wkv + lay * _ATT * _KVS, wo + lay * _HID * _ATT,
+                  wr + lay * _EXPERTS * _HID, w13 + lay * _EXPERTS * 2 * _INTER * _HID,
+                  w2 + lay * _EXPERTS * _HID * _INTER, pid, nprog)
+            if PREFETCH:
+                if s == 0:
+                    _prefetch_gemv(wkv + lay * _ATT * _KVS, pid, nprog, _ATT // _BN, _KVS)
+                    _prefetch_gemv(wo + lay * _HID * _ATT, pid, nprog, _HID // _BN, _ATT)
+                elif s == 1:
+                    _prefetch_gemv(wr + lay * _EXPERTS * _HID, pid, nprog, _EXPERTS // _BN, _HID)
+                elif s == 4:
+                    _prefetch_down(w2 + lay * _EXPERTS * _HID * _INTER, ws + _OFF_IDS, pid, nprog)
+                elif s == 5:
+                    if layer + 1 < layers:
+                        _prefetch_gemv(wqkv + (lay + 1) * _QKV * _HID, pid, nprog, _QKV // _BN, _HID)
+            n += 1
+            _grid_sync(bar_ptr, n * nprog)
+        x_ptr = ws + _QKV + _ATT + _HID + _EXPERTS + _TOP_K * 2 * _INTER
+
+
+@triton.jit
+def _step_kernel(ws_ptr, x_ptr, wqkv, wkv, wo, wr, w13, w2, S: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    _step(S, ws_ptr, x_ptr, wqkv, wkv, wo, wr, w13, w2, tl.program_id(0), tl.num_programs(0))
+
+
+# The workspace's float offsets, as the kernels lay them out (checked against OFFS at import).
+assert OFFS["x"] == QKV + ATT + HID + EXPERTS + TOP_K * 2 * INTER and OFFS["p"] == OFFS["ids"] + TOP_K
+
+
+class Layers:
+    """`layers` layers of random weights (bf16, scaled so activations stay near 1) and their workspace."""
+
+    def __init__(self, layers: int, device: str) -> None:
+        g = torch.Generator(device=device).manual_seed(0)
+
+        def w(*shape: int) -> torch.Tensor:
+            return (torch.randn(*shape, generator=g, device=device) / shape[-1] ** 0.5).to(BF16)
+
+        self.layers = layers
+        self.wqkv, self.wkv, self.wo = w(layers, QKV, HID), w(layers, ATT, KVS), w(layers, HID, ATT)
+        self.wr = w(layers, EXPERTS, HID)
+        self.w13, self.w2 = w(layers, EXPERTS, 2 * INTER, HID), w(layers, EXPERTS, HID, INTER)
+        self.x0 = torch.randn(HID, generator=g, device=device)
+        self.ws = torch.zeros(layers, WS, device=device)
+        self.bar = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def weight_bytes_per_layer(self) -> int:
+        dense = (QKV * HID + ATT * KVS + HID * ATT + EXPERTS * HID) * 2
+        return dense + TOP_K * (2 * INTER * HID + HID * INTER) * 2
+
+    def weights(self, layer: int | None = None) -> tuple:
+        ws = (self.wqkv, self.wkv, self.wo, self.wr, self.w13, self.w2)
+        return ws if layer is None else tuple(t[layer] for t in ws)
+
+    def run_persistent(self, programs: int, prefetch: bool = False) -> None:
+        self.ws.zero_()
+        self.bar.zero_()
+        _persistent_kernel[(programs,)](self.ws, self.x0, self.bar, *self.weights(), self.layers,
+                                        PREFETCH=prefetch, num_warps=4, num_stages=4)
+
+    def run_launches(self, programs: int, pdl: bool, steps: tuple[int, ...] = tuple(range(6)),
+                     zero: bool = True) -> None:
+        """One launch per step of each layer (only `steps`, for a step's own time: then the inputs are whatever
+        the workspace holds, and zero=False keeps them)."""
+        if zero:
+            self.ws.zero_()
+        x = self.x0
+        for layer in range(self.layers):
+            for s in steps:
+                kw = dict(launch_pdl=True) if pdl else {}
+                _step_kernel[(programs,)](self.ws[layer], x, *self.weights(layer), S=s, USE_PDL=pdl, num_warps=4,
+                                          num_stages=4, **kw)
+            x = self.ws[layer, OFFS["x"]:OFFS["x"] + HID]
+
+    def step_bytes(self, s: int) -> int:
+        """Weight bytes step s reads a layer."""
+        return 2 * (QKV * HID, ATT * KVS, HID * ATT, EXPERTS * HID, TOP_K * 2 * INTER * HID, TOP_K * HID * INTER)[s]
+
+    def max_layer_error(self) -> float:
+        """The largest relative error of a layer's output x' against fp32 torch ops on the kernel's own input to
+        that layer, with the experts and probabilities the kernel chose."""
+        worst = 0.0
+        for layer in range(self.layers):
+            x = self.x0 if layer == 0 else self.ws[layer - 1, OFFS["x"]:OFFS["x"] + HID]
+            ref = self._reference_layer(layer, x.float())
+            got = self.ws[layer, OFFS["x"]:OFFS["x"] + HID]
+            worst = max(worst, ((got - ref).norm() / ref.norm()).item())
+        return worst
+
+    def _reference_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        wqkv, wkv, wo, wr, w13, w2 = (t.float() for t in self.weights(layer))
+
+        def rms(v: torch.Tensor) -> torch.Tensor:
+            return v / torch.sqrt((v * v).mean() + 1e-6)
+
+        def bf(v: torch.Tensor) -> torch.Tensor:
+            return v.to(BF16).float()
+
+        qkv = wqkv @ bf(rms(x))
+        o = wo @ bf(wkv @ bf(qkv[:KVS]))
+        ws = self.ws[layer]
+        ids = ws[OFFS["ids"]:OFFS["ids"] + TOP_K].long()
+        p = ws[OFFS["p"]:OFFS["p"] + TOP_K]
+        on = bf(rms(o))
+        y = torch.zeros(HID, device=x.device)
+        for j in range(TOP_K):
+            gu = w13[ids[j]] @ on
+            y += w2[ids[j]] @ bf(torch.nn.functional.silu(gu[:INTER]) * gu[INTER:] * p[j])
+        return y
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--stages", type=lambda t: [int(v) for v in t.split(",")], default=[12, 6],
+                        help="ring depths of the Gluon variant (16 KB a stage)")
+    parser.add_argument("--out", default="benchmarks/out/decode_layer_probe.json")
+    args = parser.parse_args()
+    copy = copy_tbs()
+    m = Layers(args.layers, "cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    floor = m.weight_bytes_per_layer() / copy / 1e6
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, Triton {triton.__version__}; copy "
+          f"{copy:.3f} TB/s; {m.weight_bytes_per_layer() / 1e6:.1f} MB of weights a layer, floor {floor:.1f} µs",
+          flush=True)
+    variants = {
+        "persistent": lambda: m.run_persistent(sms),
+        "persistent, L2 prefetch": lambda: m.run_persistent(sms, prefetch=True),
+        "launches": lambda: m.run_launches(sms, False),
+        "launches, PDL": lambda: m.run_launches(sms, True),
+    }
+    import decode_layer_gluon  # it takes this module's shapes and workspace layout
+
+    if decode_layer_gluon.available(torch.device("cuda")):
+        for wgs in (1, 2):
+            for stages in args.stages:
+                variants[f"Gluon ring, {wgs} consumer warpgroups, {stages} stages"] = (
+                    lambda stages=stages, wgs=wgs: decode_layer_gluon.run(m, sms, stages, warpgroups=wgs))
+            variants[f"Gluon ring, {wgs} consumer warpgroups, no barrier waits"] = (
+                lambda wgs=wgs: decode_layer_gluon.run(m, sms, sync=False, warpgroups=wgs))
+        variants["Gluon ring, weights only"] = lambda: decode_layer_gluon.run(m, sms, sync=False, compute=False)
+    rows = []
+    for name, fn in variants.items():
+        fn()
+        torch.cuda.synchronize()
+        err = m.max_layer_error()
+        us = graph_us([fn]) / args.layers
+        rows.append(dict(variant=name, us_per_layer=us, floor_us=floor, ratio=us / floor, rel_err=err))
+        print(f"{name:<16} {us:8.1f} µs a layer  {us / floor:5.2f}x floor  worst layer's rel err {err:.1e}",
+              flush=True)
+    for s in range(6):  # each step alone, one launch a layer, on the workspace the last run left
+        us = graph_us([lambda s=s: m.run_launches(sms, False, (s,), zero=False)]) / args.layers
+        step_floor = m.step_bytes(s) / copy / 1e6
+        rows.append(dict(variant=f"step {s} alone", us_per_layer=us, floor_us=step_floor, ratio=us / step_floor))
+        print(f"step {s} alone     {us:8.1f} µs a layer  {us / step_floor:5.2f}x its floor ({step_floor:.1f} µs)",
+              flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(0), copy_tbs=copy, layers=args.layers, rows=rows), f,
+                  indent=1)
+
+
+if __name__ == "__main__":
+    main()
