@@ -1,11 +1,13 @@
-"""`decode_layer_probe.py`'s layer as one persistent, warp-specialised Gluon kernel whose weights never wait.
+"""`decode_layer_probe.py`'s layer as one persistent, warp-specialised Gluon kernel whose weight loads never wait
+for the data.
 
 In each program a producer warp streams the program's weight tiles of every step, layer after layer, by TMA
 into a ring of shared-memory stages, as far ahead as the ring reaches. It waits only for a free stage, and
-before the experts' tiles for the router's choice. The consumer warps compute each step's GEMV from the ring
-once the step's input is whole (the same grid barriers as the Triton probe's persistent kernel). So the weight
-stream runs through the barriers and the small steps, up to the ring's depth (stages x 8 KB a multiprocessor),
-where the Triton kernels' loads start only after each barrier. Same steps, work split, workspace and results as
+before the experts' tiles for the router's choice. The consumer warps (one warpgroup, or two taking alternate
+stages) compute each step's GEMV on CUDA cores from the ring once the step's input is whole (the same grid
+barriers as the Triton probe's persistent kernel). So the weight stream runs through the barriers and the small
+steps, up to the ring's depth (stages x 16 KB a multiprocessor), where the Triton kernels' loads start only after
+each barrier. Same steps, work split, workspace and results as
 `decode_layer_probe`; Triton 3.6's Gluon, Hopper.
 """
 
@@ -115,20 +117,6 @@ if gluon is not None:
         return w
 
     @gluon.jit
-    def _warm_l1(x_ptr, N: gl.constexpr, sink):
-        """Read x[:N] once so that the step's per-unit loads of it hit L1: a unit's own L2 round trip would stall
-        its tile's math (the values are final: the grid barrier before the step, and L1 starts empty each
-        launch). sink is never written (no sum is that exact value); it keeps the loads."""
-        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        k = gl.arange(0, 16, layout=gl.SliceLayout(1, XL))[:, None] * _T
-        k = k + gl.arange(0, _T, layout=gl.SliceLayout(0, XL))[None, :]
-        total = gl.zeros([16, _T], gl.float32, XL)
-        for i in gl.static_range((N + 1023) // 1024):
-            total += gl.load(x_ptr + i * 1024 + k, mask=i * 1024 + k < N, other=0.0)
-        t = gl.sum(gl.sum(total, axis=1), axis=0)
-        gl.store(sink, t, mask=t == -1.2345e30)
-
-    @gluon.jit
     def _x_chunk(x_ptr, p_ptr, ks, cols, ACT: gl.constexpr):
         """The input's 64 values of k step ks: x[ks * 64 + cols], or with ACT (down, x_ptr: the gate/up sums)
         silu(g) * u * p of expert ks // 12's channels."""
@@ -144,11 +132,12 @@ if gluon is not None:
 
     @gluon.jit
     def _consume(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring,
-                 ready, empty, c, pid, nprog, sink, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr):
+                 ready, empty, c, pid, nprog, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr):
         """y[t * 128 + i] += scale * sum_k W[tile t's row i, k] x[k] over the program's units; of NWG consumer
-        warpgroups, warpgroup WG takes every NWG-th ring stage. The input is read into L1 first, each unit's
-        loaded a unit ahead, the products summed in place and reduced once a row tile (or at the warpgroup's
-        last unit of it), then out by atomics. Returns the ring count after the step."""
+        warpgroups, warpgroup WG takes every NWG-th ring stage; without COMPUTE it only takes the tiles. Each
+        unit's input is loaded a unit ahead (reading each step's input into L1 first moved nothing), the products
+        summed in place and reduced once a row tile (or at the warpgroup's last unit of it), then out by atomics.
+        Returns the ring count after the step."""
         KSTEPS: gl.constexpr = K // _T
         BL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         cols = gl.arange(0, _T, layout=gl.SliceLayout(0, BL))
@@ -156,10 +145,6 @@ if gluon is not None:
         u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
         first = (WG + NWG - c % NWG) % NWG  # this warpgroup's first unit: ring stage c + first has its parity
         if COMPUTE:
-            if ACT:
-                _warm_l1(x_ptr, _TOP_K * 2 * _INTER, sink)
-            else:
-                _warm_l1(x_ptr, K, sink)
             acc = gl.zeros([_R, _T], gl.float32, BL)
             xk = _x_chunk(x_ptr, p_ptr, (u0 + first) % KSTEPS, cols, ACT)
             for i in range(first, u1 - u0, NWG):
@@ -208,34 +193,33 @@ if gluon is not None:
         c = 0
         n = 0
         x_ptr = x0_ptr
-        sink = x0_ptr  # `_warm_l1`'s, never written
         for layer in range(layers):
             ws = ws_ptr + layer * _WS
             if SYNC:
                 if layer > 0:
                     _grid_wait(bar_ptr, n * nprog * NWG)
             c = _consume(x_ptr, ws, ws, _inv_rms(x_ptr), _QKV // _R, _HID, False, ring, ready, empty, c, pid,
-                         nprog, sink, COMPUTE, WG, NWG)
+                         nprog, COMPUTE, WG, NWG)
             n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
-            c = _consume(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog, sink,
+            c = _consume(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog,
                          COMPUTE, WG, NWG)
             n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
             c = _consume(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, False, ring, ready, empty, c, pid,
-                         nprog, sink, COMPUTE, WG, NWG)
+                         nprog, COMPUTE, WG, NWG)
             n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
             scale = _inv_rms(ws + _O_O)
             c = _consume(ws + _O_O, ws + _O_R, ws, scale, _EXPERTS // _R, _HID, False, ring, ready, empty, c,
-                         pid, nprog, sink, COMPUTE, WG, NWG)
+                         pid, nprog, COMPUTE, WG, NWG)
             n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
             if WG == 0:
                 _top_k(ws + _O_R, ws + _O_IDS, ws + _O_P)
                 gl.thread_barrier()
                 mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
             c = _consume(ws + _O_O, ws + _O_GU, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready, empty,
-                         c, pid, nprog, sink, COMPUTE, WG, NWG)
+                         c, pid, nprog, COMPUTE, WG, NWG)
             n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
             c = _consume(ws + _O_GU, ws + _O_X, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, True, ring, ready,
-                         empty, c, pid, nprog, sink, COMPUTE, WG, NWG)
+                         empty, c, pid, nprog, COMPUTE, WG, NWG)
             _grid_arrive(bar_ptr)
             n += 1
             x_ptr = ws + _O_X
@@ -275,7 +259,7 @@ if gluon is not None:
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers)),
             ], [1], [48])
 
-def run(m, programs: int, stages: int = 12, sync: bool = True, compute: bool = True, warpgroups: int = 2) -> None:
+def run(m, programs: int, stages: int = 12, sync: bool = True, compute: bool = True, warpgroups: int = 1) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
     stream alone: sync=False skips the grid barriers' waits, compute=False the consumers' arithmetic (results
     are then wrong; the workspace is kept, so the experts chosen stay those of the run before). warpgroups: the

@@ -96,38 +96,28 @@ def _units(pid, nprog, total):
 
 
 @triton.jit
-def _gemv(w_ptr, x_ptr, y_ptr, scale, pid, nprog, N_TILES: tl.constexpr, K: tl.constexpr):
+def _gemv(w_ptr, x_ptr, y_ptr, scale, pid, nprog, N_TILES: tl.constexpr, K: tl.constexpr, ids_ptr=None,
+          EXPERT_TILES: tl.constexpr = 0):
     """y[:N] += W[N, K] . (x[:K] * scale), W bf16 row-major, x and y fp32; the program's share of the
-    N_TILES x (K / BK) units, a row tile at a time (its k steps pipelined), each tile's sum out by atomics."""
+    N_TILES x (K / BK) units, a row tile at a time (its k steps pipelined), each tile's sum out by atomics.
+    EXPERT_TILES: W holds experts of EXPERT_TILES row tiles each, and row tile t is tile t % EXPERT_TILES of expert
+    ids[t // EXPERT_TILES] (gate/up over the chosen experts)."""
     KSTEPS: tl.constexpr = K // _BK
     u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
     offs_n = tl.arange(0, _BN)
     offs_k = tl.arange(0, _BK)
     for t in range(u0 // KSTEPS, tl.cdiv(u1, KSTEPS)):
+        if EXPERT_TILES:
+            e = tl.load(ids_ptr + t // EXPERT_TILES).to(tl.int64)
+            row0 = e * (EXPERT_TILES * _BN) + (t % EXPERT_TILES) * _BN
+        else:
+            row0 = t * _BN
         acc = tl.zeros([_BN, 16], tl.float32)
-        w_ptrs = w_ptr + (t * _BN + offs_n)[:, None].to(tl.int64) * K + offs_k[None, :]
+        w_ptrs = w_ptr + (row0 + offs_n)[:, None].to(tl.int64) * K + offs_k[None, :]
         for ks in range(tl.maximum(u0 - t * KSTEPS, 0), tl.minimum(u1 - t * KSTEPS, KSTEPS)):
             xv = tl.load(x_ptr + ks * _BK + offs_k, cache_modifier=".cg") * scale
             acc = tl.dot(tl.load(w_ptrs + ks * _BK), tl.broadcast_to(xv[:, None], (_BK, 16)).to(tl.bfloat16), acc)
         tl.atomic_add(y_ptr + t * _BN + offs_n, tl.sum(acc, axis=1) / 16, sem="relaxed")
-
-
-@triton.jit
-def _gate_up(w13_ptr, x_ptr, gu_ptr, ids_ptr, scale, pid, nprog):
-    """gu[j] += W13[ids[j]] . (x * scale) for the top-8 experts j (gate rows, then up rows)."""
-    KSTEPS: tl.constexpr = _HID // _BK
-    TILES: tl.constexpr = 2 * _INTER // _BN
-    u0, u1 = _units(pid, nprog, _TOP_K * TILES * KSTEPS)
-    offs_n = tl.arange(0, _BN)
-    offs_k = tl.arange(0, _BK)
-    for t in range(u0 // KSTEPS, tl.cdiv(u1, KSTEPS)):
-        e = tl.load(ids_ptr + t // TILES).to(tl.int64)
-        acc = tl.zeros([_BN, 16], tl.float32)
-        w_ptrs = w13_ptr + (e * (2 * _INTER) + (t % TILES) * _BN + offs_n)[:, None] * _HID + offs_k[None, :]
-        for ks in range(tl.maximum(u0 - t * KSTEPS, 0), tl.minimum(u1 - t * KSTEPS, KSTEPS)):
-            xv = tl.load(x_ptr + ks * _BK + offs_k, cache_modifier=".cg") * scale
-            acc = tl.dot(tl.load(w_ptrs + ks * _BK), tl.broadcast_to(xv[:, None], (_BK, 16)).to(tl.bfloat16), acc)
-        tl.atomic_add(gu_ptr + t * _BN + offs_n, tl.sum(acc, axis=1) / 16, sem="relaxed")
 
 
 @triton.jit
@@ -196,7 +186,7 @@ def _step(s, ws_ptr, x_ptr, wqkv, wkv, wo, wr, w13, w2, pid, nprog):
         _gemv(wr, o, r, _inv_rms(o, _HID), pid, nprog, _EXPERTS // _BN, _HID)
     elif s == 4:
         _top_k(r, ids, p)
-        _gate_up(w13, o, gu, ids, _inv_rms(o, _HID), pid, nprog)
+        _gemv(w13, o, gu, _inv_rms(o, _HID), pid, nprog, _TOP_K * 2 * _INTER // _BN, _HID, ids, 2 * _INTER // _BN)
     else:
         _down(w2, gu, y, ids, p, pid, nprog)
 
