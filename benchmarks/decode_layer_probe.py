@@ -1,6 +1,7 @@
 """Can a batch-1 decode layer stream its weights near the HBM floor in one persistent kernel? A probe.
 
-    python benchmarks/decode_layer_probe.py [--layers 8] [--out benchmarks/out/decode_layer_probe.json]
+    python benchmarks/decode_layer_probe.py [--layers 8] [--stages 12,6] [--out benchmarks/out/decode_layer_probe.json]
+    python benchmarks/decode_layer_probe.py --xcompile DIR   # no GPU: the kernels built for sm_90a (xcompile.py)
 
 At batch 1 the engine's Qwen3-30B-A3B layer takes 65.5 µs against a 39 µs byte floor (benchmarks/RESULTS.md,
 "Engine on one H100"): its four weight streams run as separate kernels, each paying its own launch and ramp, and
@@ -358,13 +359,44 @@ class Layers:
         return y
 
 
+def xcompile(out_dir: str) -> None:
+    """Build the probe's kernels for sm_90a without a GPU (`xcompile.py`; Triton 3.6 with a CPU torch) and print
+    what the GPU's compile would: registers, spills, shared memory, pipelined copies, TMA loads."""
+    from xcompile import compile_sm90, ptxas_report, summary
+
+    os.makedirs(out_dir, exist_ok=True)
+    shapes = dict(wqkv=(QKV, HID), wkv=(ATT, KVS), wo=(HID, ATT), wr=(EXPERTS, HID), w13=(2 * INTER, HID),
+                  w2=(HID, INTER))
+    weights = {name: torch.empty(*shape, dtype=BF16) for name, shape in shapes.items()}
+    f32, i32 = torch.empty(WS, dtype=torch.float32), torch.empty(4, dtype=torch.int32)
+    kernels = [(f"persistent, PREFETCH={p}", _persistent_kernel,
+                dict(ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, **weights, layers=8), dict(PREFETCH=p)) for p in (0, 1)]
+    kernels += [(f"step {s}", _step_kernel, dict(ws_ptr=f32, x_ptr=f32, **weights), dict(S=s, USE_PDL=True))
+                for s in range(6)]
+    import decode_layer_gluon
+
+    if decode_layer_gluon.gluon is not None:
+        descs = {f"d_{n}": decode_layer_gluon.host_descriptor(w, [decode_layer_gluon.ROWS, decode_layer_gluon.TILE])
+                 for n, w in zip(("qkv", "kv", "o", "r", "13", "2"), weights.values())}
+        kernels += [(f"Gluon ring, {nwg} consumer warpgroups", decode_layer_gluon._layer_ring_kernel,
+                     dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, layers=8),
+                     dict(STAGES=6, SYNC=True, COMPUTE=True, NWG=nwg)) for nwg in (1, 2)]
+    for name, kernel, args, constexprs in kernels:
+        compiled = compile_sm90(kernel, args, constexprs, num_warps=4, num_stages=None if "Gluon" in name else 4)
+        info = summary(compiled, ptxas_report(compiled, os.path.join(out_dir, name.replace(" ", "_") + ".ptx")))
+        print(f"{name:<36} {info}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--xcompile", metavar="DIR", help="only build the kernels for sm_90a here (no GPU)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--stages", type=lambda t: [int(v) for v in t.split(",")], default=[12, 6],
                         help="ring depths of the Gluon variant (16 KB a stage)")
     parser.add_argument("--out", default="benchmarks/out/decode_layer_probe.json")
     args = parser.parse_args()
+    if args.xcompile:
+        return xcompile(args.xcompile)
     copy = copy_tbs()
     m = Layers(args.layers, "cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count

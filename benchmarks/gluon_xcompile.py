@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 
-import torch
-import triton
-from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import BaseBackend, GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from moeserve.kernels import gluon_support, moe_gemm_gluon
+import torch  # noqa: E402
+import triton  # noqa: E402
+from xcompile import compile_sm90, ptxas_report  # noqa: E402
+
+from moeserve.kernels import gluon_support, moe_gemm_gluon  # noqa: E402
 
 # kind -> (fp8, gate_up, n, k, block_n, block_k, stages)
 KINDS = {
@@ -52,32 +51,11 @@ def compile_kind(kind: str, flags: dict[str, int], out_dir: str) -> str:
                 BlockRows=ints, AScale=f32, WScale=f32, OutScale=f32, max_blocks=40, num_n=n // block_n,
                 k_steps=k // block_k, w_rows=2 * n if gate_up else n, up_off=n if gate_up else 0, top_k=2,
                 a_scale_stride=k // 128, ws_e=7, ws_n=3, out_scale_stride=n // 128, Ticket=ints)
-    kernel = moe_gemm_gluon._grouped_gemm_kernel
-    names = kernel.arg_names
-    # The argument types and attributes (16-byte divisibility) as the JIT's launch would specialise them: without
-    # the attributes the code has no vector loads and stores.
-    signature, attrs = {}, {}
-    for index, name in enumerate(names):
-        if name not in args:
-            signature[name] = "constexpr"
-            continue
-        ty, attr = native_specialize_impl(BaseBackend, args[name], False, name not in kernel.do_not_specialize, True)
-        signature[name] = ty
-        if isinstance(attr, str):
-            attrs[(index,)] = BaseBackend.parse_attr(attr)
     constexprs = dict(GATE_UP=gate_up, STAGES=stages, GROUP_M=8, FP8=fp8, ROUND=gluon_support.gl.bfloat16,
                       HALF=moe_gemm_gluon.HALF_A, DYNAMIC=False)
     constexprs.update({key: type(constexprs[key])(value) for key, value in flags.items()})
-    src = GluonASTSource(kernel, signature, {(names.index(key),): value for key, value in constexprs.items()}, attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    ptx = os.path.join(out_dir, f"{kind}.ptx")
-    with open(ptx, "w") as f:
-        f.write(compiled.asm["ptx"])
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    res = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"ptxas failed on {ptx}:\n{res.stderr[-2000:]}")
-    return res.stderr
+    compiled = compile_sm90(moe_gemm_gluon._grouped_gemm_kernel, args, constexprs)
+    return ptxas_report(compiled, os.path.join(out_dir, f"{kind}.ptx"))
 
 
 def main() -> None:
