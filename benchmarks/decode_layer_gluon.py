@@ -7,8 +7,7 @@ before the experts' tiles for the router's choice. The consumer warps (one warpg
 stages) compute each step's GEMV on CUDA cores from the ring once the step's input is whole (the same grid
 barriers as the Triton probe's persistent kernel). So the weight stream runs through the barriers and the small
 steps, up to the ring's depth (stages x 16 KB a multiprocessor), where the Triton kernels' loads start only after
-each barrier. Same steps, work split, workspace and results as
-`decode_layer_probe`; Triton 3.6's Gluon, Hopper.
+each barrier. Same steps, work split, workspace and results as `decode_layer_probe`; Triton 3.6's Gluon, Hopper.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ if gluon is not None:
     _O_A, _O_O, _O_R = gl.constexpr(OFFS["a"]), gl.constexpr(OFFS["o"]), gl.constexpr(OFFS["r"])
     _O_GU, _O_X = gl.constexpr(OFFS["gu"]), gl.constexpr(OFFS["x"])
     _O_IDS, _O_P, _WS = gl.constexpr(OFFS["ids"]), gl.constexpr(OFFS["p"]), gl.constexpr(WS)
-    # Step geometry: (row tiles, k steps) of each step's units.
+    # An expert's row tiles in gate/up (gate's rows, then up's) and k steps in down.
     _GU_TILES = gl.constexpr(2 * INTER // ROWS)
     _DN_STEPS = gl.constexpr(INTER // TILE)
 
@@ -162,9 +161,9 @@ if gluon is not None:
                 _take(ring, ready, empty, c + i, BL)
         return c + (u1 - u0)
 
-
     @gluon.jit
     def _top_k(r_ptr, ids_ptr, p_ptr):
+        """`decode_layer_probe._top_k` in Gluon: the top-8 logits' experts and their softmax over the 8."""
         lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         offs = gl.arange(0, _EXPERTS, layout=lay)
         r0 = gl.load(r_ptr + offs, cache_modifier=".cg")
