@@ -60,16 +60,19 @@ if gluon is not None:
         return c
 
     @gluon.jit
-    def _producer(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers):
+    def _producer(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers,
+                  MOE_ONLY: gl.constexpr):
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         c = 0
         for layer in range(layers):
             ids = ws_ptr + layer * _WS + _O_IDS
-            c = _produce_dense(d_qkv, layer * _QKV, _QKV // _R, _HID // _T, ring, ready, empty, c, pid, nprog)
-            c = _produce_dense(d_kv, layer * _ATT, _ATT // _R, _KVS // _T, ring, ready, empty, c, pid, nprog)
-            c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog)
-            c = _produce_dense(d_r, layer * _EXPERTS, _EXPERTS // _R, _HID // _T, ring, ready, empty, c, pid, nprog)
+            if not MOE_ONLY:
+                c = _produce_dense(d_qkv, layer * _QKV, _QKV // _R, _HID // _T, ring, ready, empty, c, pid, nprog)
+                c = _produce_dense(d_kv, layer * _ATT, _ATT // _R, _KVS // _T, ring, ready, empty, c, pid, nprog)
+                c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog)
+                c = _produce_dense(d_r, layer * _EXPERTS, _EXPERTS // _R, _HID // _T, ring, ready, empty, c, pid,
+                                   nprog)
             mbarrier.wait(ids_bar, layer & 1)  # this program's consumers have stored the router's choice
             KS: gl.constexpr = _HID // _T
             u0, u1 = _units(pid, nprog, _TOP_K * _GU_TILES * KS)
@@ -184,9 +187,10 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC: gl.constexpr,
-                  COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr):
+                  COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr, MOE_ONLY: gl.constexpr):
         """Consumer warpgroup WG of NWG: the steps' GEMVs from its ring stages, a grid barrier between steps
-        (every warpgroup of every program arrives)."""
+        (every warpgroup of every program arrives). MOE_ONLY: gate/up and down only, on the o, experts and
+        probabilities the workspace holds."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         c = 0
@@ -197,21 +201,25 @@ if gluon is not None:
             if SYNC:
                 if layer > 0:
                     _grid_wait(bar_ptr, n * nprog * NWG)
-            c = _consume(x_ptr, ws, ws, _inv_rms(x_ptr), _QKV // _R, _HID, False, ring, ready, empty, c, pid,
-                         nprog, COMPUTE, WG, NWG)
-            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
-            c = _consume(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog,
-                         COMPUTE, WG, NWG)
-            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
-            c = _consume(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, False, ring, ready, empty, c, pid,
-                         nprog, COMPUTE, WG, NWG)
-            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
-            scale = _inv_rms(ws + _O_O)
-            c = _consume(ws + _O_O, ws + _O_R, ws, scale, _EXPERTS // _R, _HID, False, ring, ready, empty, c,
-                         pid, nprog, COMPUTE, WG, NWG)
-            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+            if MOE_ONLY:
+                scale = _inv_rms(ws + _O_O)
+            else:
+                c = _consume(x_ptr, ws, ws, _inv_rms(x_ptr), _QKV // _R, _HID, False, ring, ready, empty, c, pid,
+                             nprog, COMPUTE, WG, NWG)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+                c = _consume(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog,
+                             COMPUTE, WG, NWG)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+                c = _consume(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, False, ring, ready, empty, c, pid,
+                             nprog, COMPUTE, WG, NWG)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+                scale = _inv_rms(ws + _O_O)
+                c = _consume(ws + _O_O, ws + _O_R, ws, scale, _EXPERTS // _R, _HID, False, ring, ready, empty, c,
+                             pid, nprog, COMPUTE, WG, NWG)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
             if WG == 0:
-                _top_k(ws + _O_R, ws + _O_IDS, ws + _O_P)
+                if not MOE_ONLY:
+                    _top_k(ws + _O_R, ws + _O_IDS, ws + _O_P)
                 gl.thread_barrier()
                 mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
             c = _consume(ws + _O_O, ws + _O_GU, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready, empty,
@@ -234,7 +242,7 @@ if gluon is not None:
 
     @gluon.jit
     def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, x0_ptr, bar_ptr, layers, STAGES: gl.constexpr,
-                           SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr):
+                           SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr, MOE_ONLY: gl.constexpr):
         ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES, _R, _T], d_qkv.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -246,29 +254,33 @@ if gluon is not None:
         if NWG == 2:
             gl.warp_specialize([
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC, COMPUTE,
-                             gl.constexpr(0), NWG)),
+                             gl.constexpr(0), NWG, MOE_ONLY)),
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC, COMPUTE,
-                             gl.constexpr(1), NWG)),
-                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers)),
+                             gl.constexpr(1), NWG, MOE_ONLY)),
+                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers,
+                             MOE_ONLY)),
             ], [4, 1], [232, 40])
         else:
             gl.warp_specialize([
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC, COMPUTE,
-                             gl.constexpr(0), NWG)),
-                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers)),
+                             gl.constexpr(0), NWG, MOE_ONLY)),
+                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers,
+                             MOE_ONLY)),
             ], [1], [48])
 
-def run(m, programs: int, stages: int = 12, sync: bool = True, compute: bool = True, warpgroups: int = 1) -> None:
+def run(m, programs: int, stages: int = 12, sync: bool = True, compute: bool = True, warpgroups: int = 1,
+        moe_only: bool = False) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
     stream alone: sync=False skips the grid barriers' waits, compute=False the consumers' arithmetic (results
     are then wrong; the workspace is kept, so the experts chosen stay those of the run before). warpgroups: the
-    consumer warpgroups a program has (1 or 2)."""
-    if sync and compute:
+    consumer warpgroups a program has (1 or 2). moe_only: only gate/up and down, on the o, experts and
+    probabilities the workspace holds from the run before."""
+    if sync and compute and not moe_only:
         m.ws.zero_()
     m.bar.zero_()
     descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in m.weights()]
     _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, m.layers, STAGES=stages, SYNC=sync, COMPUTE=compute,
-                                    NWG=warpgroups, num_warps=4)
+                                    NWG=warpgroups, MOE_ONLY=moe_only, num_warps=4)
 
 
 def available(device: torch.device) -> bool:

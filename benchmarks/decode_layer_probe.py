@@ -322,6 +322,25 @@ class Layers:
                                           num_stages=4, **kw)
             x = self.ws[layer, OFFS["x"]:OFFS["x"] + HID]
 
+    def fused_moe_calls(self):
+        """A function running each layer's MoE by `moeserve.kernels.fused_moe` (nothing else) on the workspace's o
+        (rms-normalised, bf16) and the experts and probabilities it holds now."""
+        from moeserve.kernels import fused_moe
+
+        inputs = []
+        for layer in range(self.layers):
+            ws = self.ws[layer]
+            o = ws[OFFS["o"]:OFFS["o"] + HID]
+            x = (o / torch.sqrt((o * o).mean() + 1e-6)).to(BF16)[None]
+            ids = ws[OFFS["ids"]:OFFS["ids"] + TOP_K].to(torch.int32)[None]
+            inputs.append((x, self.w13[layer], self.w2[layer], ws[OFFS["p"]:OFFS["p"] + TOP_K][None].clone(), ids))
+
+        def run() -> None:
+            for args in inputs:
+                fused_moe(*args)
+
+        return run
+
     def step_bytes(self, s: int) -> int:
         """Weight bytes step s reads a layer."""
         return 2 * (QKV * HID, ATT * KVS, HID * ATT, EXPERTS * HID, TOP_K * 2 * INTER * HID, TOP_K * HID * INTER)[s]
@@ -378,9 +397,11 @@ def xcompile(out_dir: str) -> None:
     if decode_layer_gluon.gluon is not None:
         descs = {f"d_{n}": decode_layer_gluon.host_descriptor(w, [decode_layer_gluon.ROWS, decode_layer_gluon.TILE])
                  for n, w in zip(("qkv", "kv", "o", "r", "13", "2"), weights.values())}
-        kernels += [(f"Gluon ring, {nwg} consumer warpgroups", decode_layer_gluon._layer_ring_kernel,
+        ring = decode_layer_gluon._layer_ring_kernel
+        kernels += [(f"Gluon ring, {nwg} consumer warpgroups{', MoE only' * moe}", ring,
                      dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, layers=8),
-                     dict(STAGES=6, SYNC=True, COMPUTE=True, NWG=nwg)) for nwg in (1, 2)]
+                     dict(STAGES=6, SYNC=True, COMPUTE=True, NWG=nwg, MOE_ONLY=moe))
+                    for nwg, moe in ((1, False), (2, False), (1, True))]
     for name, kernel, args, constexprs in kernels:
         compiled = compile_sm90(kernel, args, constexprs, num_warps=4, num_stages=None if "Gluon" in name else 4)
         info = summary(compiled, ptxas_report(compiled, os.path.join(out_dir, name.replace(" ", "_") + ".ptx")))
@@ -434,6 +455,17 @@ def main() -> None:
         step_floor = m.step_bytes(s) / copy / 1e6
         rows.append(dict(variant=f"step {s} alone", us_per_layer=us, floor_us=step_floor, ratio=us / step_floor))
         print(f"step {s} alone     {us:8.1f} µs a layer  {us / step_floor:5.2f}x its floor ({step_floor:.1f} µs)",
+              flush=True)
+    # The MoE alone (gate/up and down on the workspace's o, experts and probabilities): the engine's fused_moe
+    # (its Qwen3 M=1 table entry, two launches) against the ring, which streams down's weights behind gate/up's.
+    moe_floor = (m.step_bytes(4) + m.step_bytes(5)) / copy / 1e6
+    moe = {"fused_moe (the engine's M=1 path)": m.fused_moe_calls()}
+    if decode_layer_gluon.available(torch.device("cuda")):
+        moe["Gluon ring, gate/up and down only"] = lambda: decode_layer_gluon.run(m, sms, 6, moe_only=True)
+    for name, fn in moe.items():
+        us = graph_us([fn]) / args.layers
+        rows.append(dict(variant=name, us_per_layer=us, floor_us=moe_floor, ratio=us / moe_floor))
+        print(f"{name:<36} {us:8.1f} µs a layer  {us / moe_floor:5.2f}x the MoE's floor ({moe_floor:.1f} µs)",
               flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
