@@ -43,36 +43,44 @@ if gluon is not None:
         return pid * total // nprog, (pid + 1) * total // nprog
 
     @gluon.jit
-    def _issue(desc, row, col, ring, ready, empty, c):
-        """Producer: the [128, 64] weight tile at (row, col) into stage c % STAGES once it is free."""
+    def _issue(desc, row, col, ring, ready, empty, c, LOAD: gl.constexpr):
+        """Producer: the [128, 64] weight tile at (row, col) into stage c % STAGES once it is free (without LOAD
+        the stage is only marked ready: the consumers' own rate)."""
         STAGES: gl.constexpr = ring.type.shape[0]
         s = c % STAGES
         mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(s), desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc, [row, col], ready.index(s), ring.index(s))
+        if LOAD:
+            mbarrier.expect(ready.index(s), desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc, [row, col], ready.index(s), ring.index(s))
+        else:
+            mbarrier.arrive(ready.index(s))
         return c + 1
 
     @gluon.jit
-    def _produce_dense(desc, row0, N_TILES: gl.constexpr, KSTEPS: gl.constexpr, ring, ready, empty, c, pid, nprog):
+    def _produce_dense(desc, row0, N_TILES: gl.constexpr, KSTEPS: gl.constexpr, ring, ready, empty, c, pid, nprog,
+                       LOAD: gl.constexpr):
         u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
         for u in range(u0, u1):
-            c = _issue(desc, row0 + (u // KSTEPS) * _R, (u % KSTEPS) * _T, ring, ready, empty, c)
+            c = _issue(desc, row0 + (u // KSTEPS) * _R, (u % KSTEPS) * _T, ring, ready, empty, c, LOAD)
         return c
 
     @gluon.jit
     def _producer(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers,
-                  MOE_ONLY: gl.constexpr):
+                  MOE_ONLY: gl.constexpr, LOAD: gl.constexpr):
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         c = 0
         for layer in range(layers):
             ids = ws_ptr + layer * _WS + _O_IDS
             if not MOE_ONLY:
-                c = _produce_dense(d_qkv, layer * _QKV, _QKV // _R, _HID // _T, ring, ready, empty, c, pid, nprog)
-                c = _produce_dense(d_kv, layer * _ATT, _ATT // _R, _KVS // _T, ring, ready, empty, c, pid, nprog)
-                c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog)
+                c = _produce_dense(d_qkv, layer * _QKV, _QKV // _R, _HID // _T, ring, ready, empty, c, pid, nprog,
+                                   LOAD)
+                c = _produce_dense(d_kv, layer * _ATT, _ATT // _R, _KVS // _T, ring, ready, empty, c, pid, nprog,
+                                   LOAD)
+                c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog,
+                                   LOAD)
                 c = _produce_dense(d_r, layer * _EXPERTS, _EXPERTS // _R, _HID // _T, ring, ready, empty, c, pid,
-                                   nprog)
+                                   nprog, LOAD)
             mbarrier.wait(ids_bar, layer & 1)  # this program's consumers have stored the router's choice
             KS: gl.constexpr = _HID // _T
             u0, u1 = _units(pid, nprog, _TOP_K * _GU_TILES * KS)
@@ -80,14 +88,14 @@ if gluon is not None:
                 t = u // KS
                 e = gl.load(ids + t // _GU_TILES).to(gl.int32)
                 row = (layer * _EXPERTS + e) * (2 * _INTER) + (t % _GU_TILES) * _R
-                c = _issue(d_13, row, (u % KS) * _T, ring, ready, empty, c)
+                c = _issue(d_13, row, (u % KS) * _T, ring, ready, empty, c, LOAD)
             KD: gl.constexpr = _TOP_K * _DN_STEPS
             u0, u1 = _units(pid, nprog, (_HID // _R) * KD)
             for u in range(u0, u1):
                 ks = u % KD
                 e = gl.load(ids + ks // _DN_STEPS).to(gl.int32)
                 row = (layer * _EXPERTS + e) * _HID + (u // KD) * _R
-                c = _issue(d_2, row, (ks % _DN_STEPS) * _T, ring, ready, empty, c)
+                c = _issue(d_2, row, (ks % _DN_STEPS) * _T, ring, ready, empty, c, LOAD)
 
     @gluon.jit
     def _grid_arrive(bar_ptr):
@@ -242,7 +250,8 @@ if gluon is not None:
 
     @gluon.jit
     def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, x0_ptr, bar_ptr, layers, STAGES: gl.constexpr,
-                           SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr, MOE_ONLY: gl.constexpr):
+                           SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr, MOE_ONLY: gl.constexpr,
+                           LOAD: gl.constexpr):
         ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES, _R, _T], d_qkv.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -258,29 +267,30 @@ if gluon is not None:
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC, COMPUTE,
                              gl.constexpr(1), NWG, MOE_ONLY)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers,
-                             MOE_ONLY)),
+                             MOE_ONLY, LOAD)),
             ], [4, 1], [232, 40])
         else:
             gl.warp_specialize([
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC, COMPUTE,
                              gl.constexpr(0), NWG, MOE_ONLY)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers,
-                             MOE_ONLY)),
+                             MOE_ONLY, LOAD)),
             ], [1], [48])
 
 def run(m, programs: int, stages: int = 12, sync: bool = True, compute: bool = True, warpgroups: int = 1,
-        moe_only: bool = False) -> None:
+        moe_only: bool = False, load: bool = True) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
     stream alone: sync=False skips the grid barriers' waits, compute=False the consumers' arithmetic (results
     are then wrong; the workspace is kept, so the experts chosen stay those of the run before). warpgroups: the
     consumer warpgroups a program has (1 or 2). moe_only: only gate/up and down, on the o, experts and
-    probabilities the workspace holds from the run before."""
-    if sync and compute and not moe_only:
+    probabilities the workspace holds from the run before. load=False: the producer marks stages ready without
+    loading them (the consumers' own rate; wrong results)."""
+    if sync and compute and load and not moe_only:
         m.ws.zero_()
     m.bar.zero_()
     descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in m.weights()]
     _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, m.layers, STAGES=stages, SYNC=sync, COMPUTE=compute,
-                                    NWG=warpgroups, MOE_ONLY=moe_only, num_warps=4)
+                                    NWG=warpgroups, MOE_ONLY=moe_only, LOAD=load, num_warps=4)
 
 
 def available(device: torch.device) -> bool:

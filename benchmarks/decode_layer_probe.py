@@ -400,7 +400,7 @@ def xcompile(out_dir: str) -> None:
         ring = decode_layer_gluon._layer_ring_kernel
         kernels += [(f"Gluon ring, {nwg} consumer warpgroups{', MoE only' * moe}", ring,
                      dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, layers=8),
-                     dict(STAGES=6, SYNC=True, COMPUTE=True, NWG=nwg, MOE_ONLY=moe))
+                     dict(STAGES=6, SYNC=True, COMPUTE=True, NWG=nwg, MOE_ONLY=moe, LOAD=True))
                     for nwg, moe in ((1, False), (2, False), (1, True))]
     for name, kernel, args, constexprs in kernels:
         compiled = compile_sm90(kernel, args, constexprs, num_warps=4, num_stages=None if "Gluon" in name else 4)
@@ -441,6 +441,8 @@ def main() -> None:
             variants[f"Gluon ring, {wgs} consumer warpgroups, no barrier waits"] = (
                 lambda wgs=wgs: decode_layer_gluon.run(m, sms, sync=False, warpgroups=wgs))
         variants["Gluon ring, weights only"] = lambda: decode_layer_gluon.run(m, sms, sync=False, compute=False)
+        variants["Gluon ring, consumers only (no weight loads), no barrier waits"] = (
+            lambda: decode_layer_gluon.run(m, sms, sync=False, load=False))
     rows = []
     for name, fn in variants.items():
         fn()
@@ -450,7 +452,10 @@ def main() -> None:
         rows.append(dict(variant=name, us_per_layer=us, floor_us=floor, ratio=us / floor, rel_err=err))
         print(f"{name:<16} {us:8.1f} µs a layer  {us / floor:5.2f}x floor  worst layer's rel err {err:.1e}",
               flush=True)
-    for s in range(6):  # each step alone, one launch a layer, on the workspace the last run left
+    # What follows runs on a whole run's workspace (its experts, too): the timing-only variants leave junk.
+    m.run_persistent(sms)
+    torch.cuda.synchronize()
+    for s in range(6):  # each step alone, one launch a layer
         us = graph_us([lambda s=s: m.run_launches(sms, False, (s,), zero=False)]) / args.layers
         step_floor = m.step_bytes(s) / copy / 1e6
         rows.append(dict(variant=f"step {s} alone", us_per_layer=us, floor_us=step_floor, ratio=us / step_floor))
