@@ -116,13 +116,15 @@ if gluon is not None:
         return 1.0 / gl.sqrt(gl.sum(x * x, axis=0) / _HID + 1e-6)
 
     @gluon.jit
-    def _take(ring, ready, empty, c, layout: gl.constexpr):
-        """Consumer: stage c's tile as fp32 registers; the stage is released once every warp has read it."""
+    def _take(ring, ready, empty, c, layout: gl.constexpr, BAR: gl.constexpr = True):
+        """Consumer: stage c's tile as fp32 registers; the stage is released once every warp has read it (BAR
+        False skips that barrier: only for timing it, where nothing overwrites the stage)."""
         STAGES: gl.constexpr = ring.type.shape[0]
         s = c % STAGES
         mbarrier.wait(ready.index(s), (c // STAGES) & 1)
         w = ring.index(s).load(layout).to(gl.float32)
-        gl.thread_barrier()
+        if BAR:
+            gl.thread_barrier()
         mbarrier.arrive(empty.index(s))
         return w
 
@@ -155,14 +157,20 @@ if gluon is not None:
         u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
         first = (WG + NWG - c % NWG) % NWG  # this warpgroup's first unit: ring stage c + first has its parity
         if COMPUTE:
+            # Timing ablations (only with the producer's LOAD off): COMPUTE 2 and 4 skip _take's barrier, 3 and 4
+            # the input's loads.
+            BAR: gl.constexpr = COMPUTE % 2 == 1
             acc = gl.zeros([_R, _T], gl.float32, BL)
             xk = _x_chunk(x_ptr, p_ptr, (u0 + first) % KSTEPS, cols, ACT)
             for i in range(first, u1 - u0, NWG):
                 u = u0 + i
                 t = u // KSTEPS
                 nxt = u + NWG
-                xn = _x_chunk(x_ptr, p_ptr, gl.minimum(nxt, u1 - 1) % KSTEPS, cols, ACT)
-                acc += _take(ring, ready, empty, c + i, BL) * xk[None, :]
+                if COMPUTE >= 3:
+                    xn = xk
+                else:
+                    xn = _x_chunk(x_ptr, p_ptr, gl.minimum(nxt, u1 - 1) % KSTEPS, cols, ACT)
+                acc += _take(ring, ready, empty, c + i, BL, BAR) * xk[None, :]
                 if (nxt // KSTEPS != t) | (nxt >= u1):
                     gl.atomic_add(y_ptr + t * _R + rows, gl.sum(acc, axis=1) * scale, sem="relaxed")
                     acc = gl.zeros([_R, _T], gl.float32, BL)
@@ -277,15 +285,16 @@ if gluon is not None:
                              MOE_ONLY, LOAD)),
             ], [1], [48])
 
-def run(m, programs: int, stages: int = 12, sync: bool = True, compute: bool = True, warpgroups: int = 1,
+def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1, warpgroups: int = 1,
         moe_only: bool = False, load: bool = True) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
-    stream alone: sync=False skips the grid barriers' waits, compute=False the consumers' arithmetic (results
-    are then wrong; the workspace is kept, so the experts chosen stay those of the run before). warpgroups: the
+    stream alone: sync=False skips the grid barriers' waits, compute=0 the consumers' arithmetic (results are
+    then wrong; the workspace is kept, so the experts chosen stay those of the run before), compute=2-4 parts of
+    it (`_consume`'s ablations, with load=False only). warpgroups: the
     consumer warpgroups a program has (1 or 2). moe_only: only gate/up and down, on the o, experts and
     probabilities the workspace holds from the run before. load=False: the producer marks stages ready without
     loading them (the consumers' own rate; wrong results)."""
-    if sync and compute and load and not moe_only:
+    if sync and compute == 1 and load and not moe_only:
         m.ws.zero_()
     m.bar.zero_()
     descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in m.weights()]
