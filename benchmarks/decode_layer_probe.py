@@ -445,6 +445,10 @@ def main() -> None:
         for mode, what in ((1, ""), (2, ", no barrier a tile"), (3, ", no input loads"), (4, ", neither")):
             timing_only[f"Gluon ring, consumers only (no weight loads), no barrier waits{what}"] = (
                 lambda mode=mode: decode_layer_gluon.run(m, sms, sync=False, load=False, compute=mode))
+        timing_only["Gluon ring, consumers only, 2 warpgroups, no barrier waits"] = (
+            lambda: decode_layer_gluon.run(m, sms, sync=False, load=False, warpgroups=2))
+        timing_only["Gluon ring, consumers only, 2 warpgroups, no barrier waits, no input loads"] = (
+            lambda: decode_layer_gluon.run(m, sms, sync=False, load=False, warpgroups=2, compute=3))
     rows = []
     for name, fn in {**variants, **timing_only}.items():
         if name in timing_only:
