@@ -44,15 +44,17 @@ if gluon is not None:
 
     @gluon.jit
     def _issue(desc, row, col, ring, ready, empty, c, LOAD: gl.constexpr):
-        """Producer: the [128, 64] weight tile at (row, col) into stage c % STAGES once it is free (without LOAD
-        the stage is only marked ready: the consumers' own rate)."""
+        """Producer: the [128, 64] weight tile at (row, col) into stage c % STAGES once it is free. For timing
+        the consumers alone, LOAD 0 only marks the stage ready, and LOAD 2 does nothing (the consumers then skip
+        the handshakes too, `_take`)."""
         STAGES: gl.constexpr = ring.type.shape[0]
         s = c % STAGES
-        mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
-        if LOAD:
+        if LOAD != 2:
+            mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+        if LOAD == 1:
             mbarrier.expect(ready.index(s), desc.block_type.nbytes)
             tma.async_copy_global_to_shared(desc, [row, col], ready.index(s), ring.index(s))
-        else:
+        elif LOAD == 0:
             mbarrier.arrive(ready.index(s))
         return c + 1
 
@@ -110,22 +112,33 @@ if gluon is not None:
         gl.thread_barrier()
 
     @gluon.jit
+    def _scale(x_ptr, NORM: gl.constexpr):
+        """1 / rms(x[:HID]), or 1 without NORM (timing only)."""
+        if NORM:
+            scale = _inv_rms(x_ptr)
+        else:
+            scale = 1.0
+        return scale
+
+    @gluon.jit
     def _inv_rms(x_ptr):
         lay: gl.constexpr = gl.BlockedLayout([_HID // 128], [32], [4], [0])
         x = gl.load(x_ptr + gl.arange(0, _HID, layout=lay), cache_modifier=".cg")
         return 1.0 / gl.sqrt(gl.sum(x * x, axis=0) / _HID + 1e-6)
 
     @gluon.jit
-    def _take(ring, ready, empty, c, layout: gl.constexpr, BAR: gl.constexpr = True):
-        """Consumer: stage c's tile as fp32 registers; the stage is released once every warp has read it (BAR
-        False skips that barrier: only for timing it, where nothing overwrites the stage)."""
+    def _take(ring, ready, empty, c, layout: gl.constexpr, BAR: gl.constexpr = True, SYNCED: gl.constexpr = True):
+        """Consumer: stage c's tile as fp32 registers; the stage is released once every warp has read it. For
+        timing only (nothing overwrites the stage): BAR False skips that barrier, SYNCED False the handshakes."""
         STAGES: gl.constexpr = ring.type.shape[0]
         s = c % STAGES
-        mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+        if SYNCED:
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
         w = ring.index(s).load(layout).to(gl.float32)
         if BAR:
             gl.thread_barrier()
-        mbarrier.arrive(empty.index(s))
+        if SYNCED:
+            mbarrier.arrive(empty.index(s))
         return w
 
     @gluon.jit
@@ -158,8 +171,10 @@ if gluon is not None:
         first = (WG + NWG - c % NWG) % NWG  # this warpgroup's first unit: ring stage c + first has its parity
         if COMPUTE:
             # Timing ablations (only with the producer's LOAD off): COMPUTE 2 and 4 skip _take's barrier, 3 and 4
-            # the input's loads.
+            # the input's loads, 5 (with LOAD 2) the stage handshakes and the input's loads, 6 also each step's
+            # own work outside the tiles (`_consumer`).
             BAR: gl.constexpr = COMPUTE % 2 == 1
+            SYNCED: gl.constexpr = COMPUTE < 5
             acc = gl.zeros([_R, _T], gl.float32, BL)
             xk = _x_chunk(x_ptr, p_ptr, (u0 + first) % KSTEPS, cols, ACT)
             for i in range(first, u1 - u0, NWG):
@@ -170,7 +185,7 @@ if gluon is not None:
                     xn = xk
                 else:
                     xn = _x_chunk(x_ptr, p_ptr, gl.minimum(nxt, u1 - 1) % KSTEPS, cols, ACT)
-                acc += _take(ring, ready, empty, c + i, BL, BAR) * xk[None, :]
+                acc += _take(ring, ready, empty, c + i, BL, BAR, SYNCED) * xk[None, :]
                 if (nxt // KSTEPS != t) | (nxt >= u1):
                     gl.atomic_add(y_ptr + t * _R + rows, gl.sum(acc, axis=1) * scale, sem="relaxed")
                     acc = gl.zeros([_R, _T], gl.float32, BL)
@@ -209,6 +224,7 @@ if gluon is not None:
         probabilities the workspace holds."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
+        STEPS: gl.constexpr = COMPUTE != 6  # the steps' norms, top-k and grid arrivals (off: timing the tiles)
         c = 0
         n = 0
         x_ptr = x0_ptr
@@ -218,40 +234,43 @@ if gluon is not None:
                 if layer > 0:
                     _grid_wait(bar_ptr, n * nprog * NWG)
             if MOE_ONLY:
-                scale = _inv_rms(ws + _O_O)
+                scale = _scale(ws + _O_O, STEPS)
             else:
-                c = _consume(x_ptr, ws, ws, _inv_rms(x_ptr), _QKV // _R, _HID, False, ring, ready, empty, c, pid,
+                c = _consume(x_ptr, ws, ws, _scale(x_ptr, STEPS), _QKV // _R, _HID, False, ring, ready, empty, c, pid,
                              nprog, COMPUTE, WG, NWG)
-                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
                 c = _consume(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog,
                              COMPUTE, WG, NWG)
-                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
                 c = _consume(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, False, ring, ready, empty, c, pid,
                              nprog, COMPUTE, WG, NWG)
-                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
-                scale = _inv_rms(ws + _O_O)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
+                scale = _scale(ws + _O_O, STEPS)
                 c = _consume(ws + _O_O, ws + _O_R, ws, scale, _EXPERTS // _R, _HID, False, ring, ready, empty, c,
                              pid, nprog, COMPUTE, WG, NWG)
-                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
             if WG == 0:
                 if not MOE_ONLY:
-                    _top_k(ws + _O_R, ws + _O_IDS, ws + _O_P)
+                    if STEPS:
+                        _top_k(ws + _O_R, ws + _O_IDS, ws + _O_P)
                 gl.thread_barrier()
                 mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
             c = _consume(ws + _O_O, ws + _O_GU, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready, empty,
                          c, pid, nprog, COMPUTE, WG, NWG)
-            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC)
+            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
             c = _consume(ws + _O_GU, ws + _O_X, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, True, ring, ready,
                          empty, c, pid, nprog, COMPUTE, WG, NWG)
-            _grid_arrive(bar_ptr)
+            if STEPS:
+                _grid_arrive(bar_ptr)
             n += 1
             x_ptr = ws + _O_X
 
     @gluon.jit
-    def _grid_step(bar_ptr, n, nprog, SYNC: gl.constexpr):
-        """Arrive at the grid barrier after a step and wait for every program (not without SYNC: for timing the
-        stream alone); returns the barriers passed."""
-        _grid_arrive(bar_ptr)
+    def _grid_step(bar_ptr, n, nprog, SYNC: gl.constexpr, ARRIVE: gl.constexpr = True):
+        """Arrive at the grid barrier after a step and wait for every program (for timing only: not without SYNC,
+        no arrival without ARRIVE); returns the barriers passed."""
+        if ARRIVE:
+            _grid_arrive(bar_ptr)
         if SYNC:
             _grid_wait(bar_ptr, (n + 1) * nprog)
         return n + 1
@@ -286,15 +305,15 @@ if gluon is not None:
             ], [1], [48])
 
 def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1, warpgroups: int = 1,
-        moe_only: bool = False, load: bool = True) -> None:
+        moe_only: bool = False, load: int = 1) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
     stream alone: sync=False skips the grid barriers' waits, compute=0 the consumers' arithmetic (results are
     then wrong; the workspace is kept, so the experts chosen stay those of the run before), compute=2-4 parts of
     it (`_consume`'s ablations, with load=False only). warpgroups: the
     consumer warpgroups a program has (1 or 2). moe_only: only gate/up and down, on the o, experts and
-    probabilities the workspace holds from the run before. load=False: the producer marks stages ready without
-    loading them (the consumers' own rate; wrong results)."""
-    if sync and compute == 1 and load and not moe_only:
+    probabilities the workspace holds from the run before. load=0: the producer marks stages ready without
+    loading them, load=2 does nothing (with compute=5 or 6; the consumers' own rate; wrong results)."""
+    if sync and compute == 1 and load == 1 and not moe_only:
         m.ws.zero_()
     m.bar.zero_()
     descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in m.weights()]

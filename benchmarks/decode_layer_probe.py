@@ -400,7 +400,7 @@ def xcompile(out_dir: str) -> None:
         ring = decode_layer_gluon._layer_ring_kernel
         kernels += [(f"Gluon ring, {nwg} consumer warpgroups{', MoE only' * moe}", ring,
                      dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, layers=8),
-                     dict(STAGES=6, SYNC=True, COMPUTE=1, NWG=nwg, MOE_ONLY=moe, LOAD=True))
+                     dict(STAGES=6, SYNC=True, COMPUTE=1, NWG=nwg, MOE_ONLY=moe, LOAD=1))
                     for nwg, moe in ((1, False), (2, False), (1, True))]
     for name, kernel, args, constexprs in kernels:
         compiled = compile_sm90(kernel, args, constexprs, num_warps=4, num_stages=None if "Gluon" in name else 4)
@@ -444,11 +444,15 @@ def main() -> None:
         timing_only["Gluon ring, weights only"] = lambda: decode_layer_gluon.run(m, sms, sync=False, compute=0)
         for mode, what in ((1, ""), (2, ", no barrier a tile"), (3, ", no input loads"), (4, ", neither")):
             timing_only[f"Gluon ring, consumers only (no weight loads), no barrier waits{what}"] = (
-                lambda mode=mode: decode_layer_gluon.run(m, sms, sync=False, load=False, compute=mode))
+                lambda mode=mode: decode_layer_gluon.run(m, sms, sync=False, load=0, compute=mode))
         timing_only["Gluon ring, consumers only, 2 warpgroups, no barrier waits"] = (
-            lambda: decode_layer_gluon.run(m, sms, sync=False, load=False, warpgroups=2))
+            lambda: decode_layer_gluon.run(m, sms, sync=False, load=0, warpgroups=2))
         timing_only["Gluon ring, consumers only, 2 warpgroups, no barrier waits, no input loads"] = (
-            lambda: decode_layer_gluon.run(m, sms, sync=False, load=False, warpgroups=2, compute=3))
+            lambda: decode_layer_gluon.run(m, sms, sync=False, load=0, warpgroups=2, compute=3))
+        timing_only["Gluon ring, consumers only, no stage handshakes, no input loads"] = (
+            lambda: decode_layer_gluon.run(m, sms, sync=False, load=2, compute=5))
+        timing_only["Gluon ring, consumers only, the tiles alone (no handshakes, loads, norms, top-k, arrivals)"] = (
+            lambda: decode_layer_gluon.run(m, sms, sync=False, load=2, compute=6))
     rows = []
     for name, fn in {**variants, **timing_only}.items():
         if name in timing_only:
