@@ -25,8 +25,10 @@ steps, timed as CUDA graphs over `--layers` layers with their own weights (nothi
   program asking L2 for its weights of the steps ahead before each barrier;
 - `Gluon ring` (`decode_layer_gluon.py`, Triton 3.6 on Hopper): one warp-specialised launch whose producer warp
   streams every step's weight tiles into a shared-memory ring while the consumers compute, with the same barriers;
-  also timed without waiting at the barriers and with consumers that only take the tiles (wrong results: the
-  stream's own rate).
+  also timed without waiting at the barriers, with consumers that only take the tiles (the stream's own rate),
+  and with a producer that loads nothing (the consumers' own rate, taken apart by `decode_layer_gluon.run`'s
+  ablations); these timing-only rows give wrong results;
+- the MoE alone: the engine's `fused_moe` (its M=1 table entry) against the ring running only gate/up and down.
 
 Reported: µs a layer, the floor (weight bytes over the copy rate measured here), and their ratio. A check against
 torch (fp32, the kernel's own expert choices) guards the arithmetic. fp32 atomics make the sums' order vary run to
