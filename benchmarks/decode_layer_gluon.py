@@ -60,10 +60,19 @@ if gluon is not None:
 
     @gluon.jit
     def _produce_dense(desc, row0, N_TILES: gl.constexpr, KSTEPS: gl.constexpr, ring, ready, empty, c, pid, nprog,
-                       LOAD: gl.constexpr):
+                       LOAD: gl.constexpr, ids=None, EXPERT_TILES: gl.constexpr = 0):
+        """The program's units of a GEMV over desc's rows from row0, a row tile's k steps in turn. EXPERT_TILES:
+        the rows are experts of EXPERT_TILES row tiles each, and row tile t is tile t % EXPERT_TILES of expert
+        ids[t // EXPERT_TILES] (gate/up over the chosen experts, as `decode_layer_probe._gemv`)."""
         u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
         for u in range(u0, u1):
-            c = _issue(desc, row0 + (u // KSTEPS) * _R, (u % KSTEPS) * _T, ring, ready, empty, c, LOAD)
+            t = u // KSTEPS
+            if EXPERT_TILES:
+                e = gl.load(ids + t // EXPERT_TILES).to(gl.int32)
+                row = row0 + e * (EXPERT_TILES * _R) + (t % EXPERT_TILES) * _R
+            else:
+                row = row0 + t * _R
+            c = _issue(desc, row, (u % KSTEPS) * _T, ring, ready, empty, c, LOAD)
         return c
 
     @gluon.jit
@@ -84,13 +93,8 @@ if gluon is not None:
                 c = _produce_dense(d_r, layer * _EXPERTS, _EXPERTS // _R, _HID // _T, ring, ready, empty, c, pid,
                                    nprog, LOAD)
             mbarrier.wait(ids_bar, layer & 1)  # this program's consumers have stored the router's choice
-            KS: gl.constexpr = _HID // _T
-            u0, u1 = _units(pid, nprog, _TOP_K * _GU_TILES * KS)
-            for u in range(u0, u1):
-                t = u // KS
-                e = gl.load(ids + t // _GU_TILES).to(gl.int32)
-                row = (layer * _EXPERTS + e) * (2 * _INTER) + (t % _GU_TILES) * _R
-                c = _issue(d_13, row, (u % KS) * _T, ring, ready, empty, c, LOAD)
+            c = _produce_dense(d_13, layer * _EXPERTS * 2 * _INTER, _TOP_K * _GU_TILES, _HID // _T, ring, ready,
+                               empty, c, pid, nprog, LOAD, ids, _GU_TILES)
             KD: gl.constexpr = _TOP_K * _DN_STEPS
             u0, u1 = _units(pid, nprog, (_HID // _R) * KD)
             for u in range(u0, u1):

@@ -48,7 +48,8 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from read_bw_probe import copy_tbs, graph_us  # noqa: E402
+from kernels_attention import copy_bandwidth_tbs  # noqa: E402
+from read_bw_probe import graph_us  # noqa: E402
 
 BF16 = torch.bfloat16
 HID, QKV, KVS, ATT, EXPERTS, TOP_K, INTER = 2048, 5120, 256, 4096, 128, 8, 768
@@ -420,7 +421,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.xcompile:
         return xcompile(args.xcompile)
-    copy = copy_tbs()
+    copy = copy_bandwidth_tbs()
     m = Layers(args.layers, "cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     floor = m.weight_bytes_per_layer() / copy / 1e6

@@ -25,9 +25,11 @@ import sys
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kernels_attention import bench_ms, copy_bandwidth_tbs, graph_ms  # noqa: E402
 
 from moeserve.kernels.fused_moe_tma import HAVE_TMA, _set_allocator  # noqa: E402
 
@@ -75,13 +77,7 @@ def _read_tiles(w_ptr, x_ptr, out_ptr, N, K, n_tiles, BN: tl.constexpr, BK: tl.c
 
 
 def bench_us(fn) -> float:
-    return 1e3 * float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-
-
-def copy_tbs() -> float:
-    src = torch.randn(2**29, device=DEVICE, dtype=BF16)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 2 / bench_us(lambda: dst.copy_(src)) / 1e6
+    return 1e3 * bench_ms(fn, rep_ms=200)
 
 
 def flat_read(x: torch.Tensor, programs: int, block: int, warps: int):
@@ -98,16 +94,9 @@ def tile_read(w: torch.Tensor, x: torch.Tensor, bn: int, bk: int, stages: int, w
                                                num_experts=e, num_warps=warps, num_stages=stages)
 
 
-def graph_us(fns: list, replays: int = 50) -> float:
+def graph_us(fns: list) -> float:
     """µs per call of a CUDA graph that runs each of fns once, in turn (each over its own buffers)."""
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    return bench_us(graph.replay) / len(fns)
+    return 1e3 * graph_ms(lambda: [fn() for fn in fns]) / len(fns)
 
 
 def run_flat(copy: float, rows: list[dict]) -> None:
@@ -176,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     if HAVE_TMA:
         _set_allocator()
-    copy = copy_tbs()
+    copy = copy_bandwidth_tbs()
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, Triton {triton.__version__}; "
           f"copy {copy:.3f} TB/s (read + written)", flush=True)
     rows: list[dict] = []
