@@ -22,9 +22,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from decode_layer_probe import ATT, EXPERTS, HID, INTER, KVS, OFFS, QKV, TOP_K, WS  # noqa: E402
 
-from moeserve.kernels.gluon_support import gl, gluon, host_descriptor, mbarrier, tma  # noqa: E402
+from moeserve.kernels.gluon_support import (  # noqa: E402
+    fence_async_shared,
+    gl,
+    gluon,
+    host_descriptor,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 TILE, ROWS = 64, 128  # a ring stage: 128 weight rows x 64 k (16 KB of bf16)
+XS = 64  # MMA consumers: a step's input chunks staged in shared memory, at most this many a program
 
 if gluon is not None:
     _HID, _QKV, _KVS, _ATT = gl.constexpr(HID), gl.constexpr(QKV), gl.constexpr(KVS), gl.constexpr(ATT)
@@ -37,6 +47,7 @@ if gluon is not None:
     # An expert's row tiles in gate/up (gate's rows, then up's) and k steps in down.
     _GU_TILES = gl.constexpr(2 * INTER // ROWS)
     _DN_STEPS = gl.constexpr(INTER // TILE)
+    _XS = gl.constexpr(XS)
 
     @gluon.jit
     def _units(pid, nprog, total):
@@ -200,6 +211,67 @@ if gluon is not None:
         return c + (u1 - u0)
 
     @gluon.jit
+    def _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring,
+                     ready, empty, xs, c, pid, nprog):
+        """`_consume` on the tensor cores (one consumer warpgroup): the step's input chunks of the program's units
+        are loaded at once, scaled, rounded to bf16 and staged as row 0 of [8, 64] tiles in shared memory (rows
+        1-7 stay zero), then each unit is two wgmma m64n8 over the ring stage's two 64-row halves, the next
+        unit's issued before the last one's are waited for. Column 0 of the [64, 8] sums is the rows' result."""
+        STAGES: gl.constexpr = ring.type.shape[0]
+        KSTEPS: gl.constexpr = K // _T
+        NS: gl.constexpr = KSTEPS if KSTEPS < _XS else _XS
+        u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
+        n = u1 - u0
+        # Stage: slot j holds k step (u0 + j) % KSTEPS, so unit u reads slot (u - u0) % KSTEPS (n <= XS, `run`).
+        SL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        j = gl.arange(0, NS, layout=gl.SliceLayout(1, SL))
+        cols = gl.arange(0, _T, layout=gl.SliceLayout(0, SL))
+        x = _x_chunk(x_ptr, p_ptr, ((u0 + j) % KSTEPS)[:, None], cols[None, :], ACT) * scale
+        flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _T], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        flat.slice(0, NS, dim=0).slice(0, _T, dim=1).store(x.to(gl.bfloat16))
+        fence_async_shared()
+        gl.thread_barrier()
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16])
+        rows = gl.arange(0, _R // 2, layout=gl.SliceLayout(1, acc_l))
+        acc0 = gl.zeros([_R // 2, 8], gl.float32, acc_l)
+        acc1 = gl.zeros([_R // 2, 8], gl.float32, acc_l)
+        for i in range(n):
+            u = u0 + i
+            t = u // KSTEPS
+            s = (c + i) % STAGES
+            mbarrier.wait(ready.index(s), ((c + i) // STAGES) & 1)
+            w = ring.index(s)
+            b = xs.index(i % KSTEPS).permute((1, 0))
+            acc0 = warpgroup_mma(w.slice(0, _R // 2), b, acc0, is_async=True)
+            acc1 = warpgroup_mma(w.slice(_R // 2, _R // 2), b, acc1, is_async=True)
+            acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))
+            if i > 0:  # the unit before is done in every warp: its stage is free
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index((c + i - 1) % STAGES))
+            if ((u + 1) // KSTEPS != t) | (i + 1 == n):
+                acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
+                gl.atomic_add(y_ptr + t * _R + rows, gl.sum(acc0, axis=1), sem="relaxed")
+                gl.atomic_add(y_ptr + t * _R + _R // 2 + rows, gl.sum(acc1, axis=1), sem="relaxed")
+                acc0 = gl.zeros([_R // 2, 8], gl.float32, acc_l)
+                acc1 = gl.zeros([_R // 2, 8], gl.float32, acc_l)
+        if n > 0:
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index((c + n - 1) % STAGES))
+        return c + n
+
+    @gluon.jit
+    def _gemv_step(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring,
+                   ready, empty, c, pid, nprog, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr, xs,
+                   MMA: gl.constexpr):
+        """A step's GEMV by the consumers: on the tensor cores (MMA, `_consume_mma`) or CUDA cores (`_consume`)."""
+        if MMA:
+            c = _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, xs, c, pid, nprog)
+        else:
+            c = _consume(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, c, pid, nprog, COMPUTE,
+                         WG, NWG)
+        return c
+
+    @gluon.jit
     def _top_k(r_ptr, ids_ptr, p_ptr):
         """`decode_layer_probe._top_k` in Gluon: the top-8 logits' experts and their softmax over the 8."""
         lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
@@ -221,14 +293,20 @@ if gluon is not None:
             r = gl.where(offs == e, float("-inf"), r)
 
     @gluon.jit
-    def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC: gl.constexpr,
-                  COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr, MOE_ONLY: gl.constexpr):
+    def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, xs, layers, SYNC: gl.constexpr,
+                  COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr, MOE_ONLY: gl.constexpr,
+                  MMA: gl.constexpr):
         """Consumer warpgroup WG of NWG: the steps' GEMVs from its ring stages, a grid barrier between steps
         (every warpgroup of every program arrives). MOE_ONLY: gate/up and down only, on the o, experts and
         probabilities the workspace holds."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         STEPS: gl.constexpr = COMPUTE != 6  # the steps' norms, top-k and grid arrivals (off: timing the tiles)
+        if MMA:  # the staged inputs' rows 1-7, zero for good
+            flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _T], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+            ZL: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+            for i in gl.static_range(_XS // 8):
+                flat.slice(i * 8, 8, dim=0).store(gl.zeros([8, 8 * _T], gl.bfloat16, ZL))
         c = 0
         n = 0
         x_ptr = x0_ptr
@@ -240,18 +318,18 @@ if gluon is not None:
             if MOE_ONLY:
                 scale = _scale(ws + _O_O, STEPS)
             else:
-                c = _consume(x_ptr, ws, ws, _scale(x_ptr, STEPS), _QKV // _R, _HID, False, ring, ready, empty, c, pid,
-                             nprog, COMPUTE, WG, NWG)
+                c = _gemv_step(x_ptr, ws, ws, _scale(x_ptr, STEPS), _QKV // _R, _HID, False, ring, ready, empty, c,
+                               pid, nprog, COMPUTE, WG, NWG, xs, MMA)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
-                c = _consume(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog,
-                             COMPUTE, WG, NWG)
+                c = _gemv_step(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog,
+                               COMPUTE, WG, NWG, xs, MMA)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
-                c = _consume(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, False, ring, ready, empty, c, pid,
-                             nprog, COMPUTE, WG, NWG)
+                c = _gemv_step(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, False, ring, ready, empty, c, pid,
+                               nprog, COMPUTE, WG, NWG, xs, MMA)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
                 scale = _scale(ws + _O_O, STEPS)
-                c = _consume(ws + _O_O, ws + _O_R, ws, scale, _EXPERTS // _R, _HID, False, ring, ready, empty, c,
-                             pid, nprog, COMPUTE, WG, NWG)
+                c = _gemv_step(ws + _O_O, ws + _O_R, ws, scale, _EXPERTS // _R, _HID, False, ring, ready, empty, c,
+                               pid, nprog, COMPUTE, WG, NWG, xs, MMA)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
             if WG == 0:
                 if not MOE_ONLY:
@@ -259,11 +337,11 @@ if gluon is not None:
                         _top_k(ws + _O_R, ws + _O_IDS, ws + _O_P)
                 gl.thread_barrier()
                 mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
-            c = _consume(ws + _O_O, ws + _O_GU, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready, empty,
-                         c, pid, nprog, COMPUTE, WG, NWG)
+            c = _gemv_step(ws + _O_O, ws + _O_GU, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready, empty,
+                           c, pid, nprog, COMPUTE, WG, NWG, xs, MMA)
             n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
-            c = _consume(ws + _O_GU, ws + _O_X, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, True, ring, ready,
-                         empty, c, pid, nprog, COMPUTE, WG, NWG)
+            c = _gemv_step(ws + _O_GU, ws + _O_X, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, True, ring, ready,
+                           empty, c, pid, nprog, COMPUTE, WG, NWG, xs, MMA)
             if STEPS:
                 _grid_arrive(bar_ptr)
             n += 1
@@ -282,8 +360,13 @@ if gluon is not None:
     @gluon.jit
     def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, x0_ptr, bar_ptr, layers, STAGES: gl.constexpr,
                            SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr, MOE_ONLY: gl.constexpr,
-                           LOAD: gl.constexpr):
+                           LOAD: gl.constexpr, MMA: gl.constexpr):
         ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES, _R, _T], d_qkv.layout)
+        if MMA:  # the step's input chunks as wgmma's B operand: [8, 64] tiles, row 0 the input
+            xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _T],
+                                           gl.NVMMASharedLayout.get_default_for([8, _T], gl.bfloat16))
+        else:
+            xs = ring
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
@@ -293,36 +376,41 @@ if gluon is not None:
         mbarrier.init(ids_bar, count=1)
         if NWG == 2:
             gl.warp_specialize([
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC, COMPUTE,
-                             gl.constexpr(0), NWG, MOE_ONLY)),
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC, COMPUTE,
-                             gl.constexpr(1), NWG, MOE_ONLY)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, xs, layers, SYNC, COMPUTE,
+                             gl.constexpr(0), NWG, MOE_ONLY, MMA)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, xs, layers, SYNC, COMPUTE,
+                             gl.constexpr(1), NWG, MOE_ONLY, MMA)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers,
                              MOE_ONLY, LOAD)),
             ], [4, 1], [232, 40])
         else:
             gl.warp_specialize([
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, layers, SYNC, COMPUTE,
-                             gl.constexpr(0), NWG, MOE_ONLY)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, xs, layers, SYNC, COMPUTE,
+                             gl.constexpr(0), NWG, MOE_ONLY, MMA)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers,
                              MOE_ONLY, LOAD)),
             ], [1], [48])
 
 def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1, warpgroups: int = 1,
-        moe_only: bool = False, load: int = 1) -> None:
+        moe_only: bool = False, load: int = 1, mma: bool = False) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
     stream alone: sync=False skips the grid barriers' waits, compute=0 the consumers' arithmetic (results are
     then wrong; the workspace is kept, so the experts chosen stay those of the run before), compute=2-4 parts of
     it (`_consume`'s ablations, with load=False only). warpgroups: the
     consumer warpgroups a program has (1 or 2). moe_only: only gate/up and down, on the o, experts and
     probabilities the workspace holds from the run before. load=0: the producer marks stages ready without
-    loading them, load=2 does nothing (with compute=5 or 6; the consumers' own rate; wrong results)."""
+    loading them, load=2 does nothing (with compute=5 or 6; the consumers' own rate; wrong results). mma: the
+    consumers' GEMVs on the tensor cores (`_consume_mma`; one warpgroup, compute 1, at most 9 stages beside the
+    staged inputs, and a program's units of a step must fit XS staged chunks: at least 48 programs)."""
+    if mma and (warpgroups != 1 or compute != 1 or stages > 9 or programs < 48):
+        raise ValueError(f"mma takes one consumer warpgroup, compute=1, at most 9 stages and 48 programs, got "
+                         f"{warpgroups}, {compute}, {stages}, {programs}")
     if sync and compute == 1 and load == 1 and not moe_only:
         m.ws.zero_()
     m.bar.zero_()
     descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in m.weights()]
     _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, m.layers, STAGES=stages, SYNC=sync, COMPUTE=compute,
-                                    NWG=warpgroups, MOE_ONLY=moe_only, LOAD=load, num_warps=4)
+                                    NWG=warpgroups, MOE_ONLY=moe_only, LOAD=load, MMA=mma, num_warps=4)
 
 
 def available(device: torch.device) -> bool:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -401,10 +402,10 @@ def xcompile(out_dir: str) -> None:
         descs = {f"d_{n}": decode_layer_gluon.host_descriptor(w, [decode_layer_gluon.ROWS, decode_layer_gluon.TILE])
                  for n, w in zip(("qkv", "kv", "o", "r", "13", "2"), weights.values())}
         ring = decode_layer_gluon._layer_ring_kernel
-        kernels += [(f"Gluon ring, {nwg} consumer warpgroups{', MoE only' * moe}", ring,
+        kernels += [(f"Gluon ring, {nwg} consumer warpgroups{', MoE only' * moe}{', MMA' * mma}", ring,
                      dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, layers=8),
-                     dict(STAGES=6, SYNC=True, COMPUTE=1, NWG=nwg, MOE_ONLY=moe, LOAD=1))
-                    for nwg, moe in ((1, False), (2, False), (1, True))]
+                     dict(STAGES=6, SYNC=True, COMPUTE=1, NWG=nwg, MOE_ONLY=moe, LOAD=1, MMA=mma))
+                    for nwg, moe, mma in ((1, False, False), (2, False, False), (1, True, False), (1, False, True))]
     for name, kernel, args, constexprs in kernels:
         compiled = compile_sm90(kernel, args, constexprs, num_warps=4, num_stages=None if "Gluon" in name else 4)
         info = summary(compiled, ptxas_report(compiled, os.path.join(out_dir, name.replace(" ", "_") + ".ptx")))
@@ -417,6 +418,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--stages", type=lambda t: [int(v) for v in t.split(",")], default=[12, 6],
                         help="ring depths of the Gluon variant (16 KB a stage)")
+    parser.add_argument("--only", default="", help="run only the variants whose name matches this regex (and "
+                        "skip the steps alone and the MoE comparison unless it matches 'step' / 'MoE')")
     parser.add_argument("--out", default="benchmarks/out/decode_layer_probe.json")
     args = parser.parse_args()
     if args.xcompile:
@@ -444,6 +447,13 @@ def main() -> None:
                     lambda stages=stages, wgs=wgs: decode_layer_gluon.run(m, sms, stages, warpgroups=wgs))
             timing_only[f"Gluon ring, {wgs} consumer warpgroups, no barrier waits"] = (
                 lambda wgs=wgs: decode_layer_gluon.run(m, sms, sync=False, warpgroups=wgs))
+        for stages in (6, 9):
+            variants[f"Gluon ring, MMA consumers, {stages} stages"] = (
+                lambda stages=stages: decode_layer_gluon.run(m, sms, stages, mma=True))
+        timing_only["Gluon ring, MMA consumers, no barrier waits"] = (
+            lambda: decode_layer_gluon.run(m, sms, 6, sync=False, mma=True))
+        timing_only["Gluon ring, MMA consumers only (no weight loads), no barrier waits"] = (
+            lambda: decode_layer_gluon.run(m, sms, 6, sync=False, load=0, mma=True))
         timing_only["Gluon ring, weights only"] = lambda: decode_layer_gluon.run(m, sms, sync=False, compute=0)
         for mode, what in ((1, ""), (2, ", no barrier a tile"), (3, ", no input loads"), (4, ", neither")):
             timing_only[f"Gluon ring, consumers only (no weight loads), no barrier waits{what}"] = (
@@ -457,7 +467,8 @@ def main() -> None:
         timing_only["Gluon ring, consumers only, the tiles alone (no handshakes, loads, norms, top-k, arrivals)"] = (
             lambda: decode_layer_gluon.run(m, sms, sync=False, load=2, compute=6))
     rows = []
-    for name, fn in {**variants, **timing_only}.items():
+    chosen = {name: fn for name, fn in {**variants, **timing_only}.items() if re.search(args.only, name)}
+    for name, fn in chosen.items():
         if name in timing_only:
             m.run_persistent(sms)
         fn()
@@ -470,7 +481,7 @@ def main() -> None:
     # What follows runs on a whole run's workspace (its experts, too): the timing-only variants leave junk.
     m.run_persistent(sms)
     torch.cuda.synchronize()
-    for s in range(6):  # each step alone, one launch a layer
+    for s in range(6) if re.search(args.only, "step") else ():  # each step alone, one launch a layer
         us = graph_us([lambda s=s: m.run_launches(sms, False, (s,), zero=False)]) / args.layers
         step_floor = m.step_bytes(s) / copy / 1e6
         rows.append(dict(variant=f"step {s} alone", us_per_layer=us, floor_us=step_floor, ratio=us / step_floor))
@@ -482,7 +493,9 @@ def main() -> None:
     moe = {"fused_moe (the engine's M=1 path)": m.fused_moe_calls()}
     if decode_layer_gluon.available(torch.device("cuda")):
         moe["Gluon ring, gate/up and down only"] = lambda: decode_layer_gluon.run(m, sms, 6, moe_only=True)
-    for name, fn in moe.items():
+        moe["Gluon ring, MMA consumers, gate/up and down only"] = (
+            lambda: decode_layer_gluon.run(m, sms, 6, moe_only=True, mma=True))
+    for name, fn in moe.items() if re.search(args.only, "MoE") else ():
         us = graph_us([fn]) / args.layers
         rows.append(dict(variant=name, us_per_layer=us, floor_us=moe_floor, ratio=us / moe_floor))
         print(f"{name:<36} {us:8.1f} µs a layer  {us / moe_floor:5.2f}x the MoE's floor ({moe_floor:.1f} µs)",
