@@ -34,7 +34,14 @@ from moeserve.kernels.gluon_support import (  # noqa: E402
 )
 
 TILE, ROWS = 64, 128  # a ring stage: 128 weight rows x 64 k (16 KB of bf16)
-XS = 64  # MMA consumers: a step's input chunks staged in shared memory, at most this many a program
+XS = 32  # MMA consumers: a step's input chunks staged in shared memory, at most this many a program
+# `run(trace=...)`: the GPU timer (ns) at these points, a row of MARKS per layer and program. Consumer: the layer's
+# start, each step's end (arrival at its grid barrier) and the barrier's passing, the router's choice published;
+# producer: before and after waiting for that choice.
+TRACE_MARKS = ("start", "qkv done", "qkv passed", "kv done", "kv passed", "o done", "o passed", "r done",
+               "r passed", "ids published", "gu done", "gu passed", "down done", "producer waits ids",
+               "producer has ids")
+MARKS = 16
 
 if gluon is not None:
     _HID, _QKV, _KVS, _ATT = gl.constexpr(HID), gl.constexpr(QKV), gl.constexpr(KVS), gl.constexpr(ATT)
@@ -48,71 +55,126 @@ if gluon is not None:
     _GU_TILES = gl.constexpr(2 * INTER // ROWS)
     _DN_STEPS = gl.constexpr(INTER // TILE)
     _XS = gl.constexpr(XS)
+    _MARKS = gl.constexpr(MARKS)
+    _IDS_L = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # the producer warp's copy of the choice
 
     @gluon.jit
     def _units(pid, nprog, total):
         return pid * total // nprog, (pid + 1) * total // nprog
 
     @gluon.jit
-    def _issue(desc, row, col, ring, ready, empty, c, LOAD: gl.constexpr):
-        """Producer: the [128, 64] weight tile at (row, col) into stage c % STAGES once it is free. For timing
-        the consumers alone, LOAD 0 only marks the stage ready, and LOAD 2 does nothing (the consumers then skip
-        the handshakes too, `_take`)."""
-        STAGES: gl.constexpr = ring.type.shape[0]
-        s = c % STAGES
+    def _issue(desc, row, col, ring, ready, empty, c, LOAD: gl.constexpr, SIDE: gl.constexpr = 0):
+        """Producer: the [128, 64] weight tile at (row, col) into ring stage c % STAGES once it is free (the
+        ring's first STAGES buffers; SIDE more follow, `_produce_side`). For timing the consumers alone, LOAD 0
+        only marks the stage ready, and LOAD 2 does nothing (the consumers then skip the handshakes too,
+        `_take`)."""
+        STAGES: gl.constexpr = ring.type.shape[0] - SIDE
+        _issue_at(desc, row, col, ring, ready, empty, c % STAGES, (c // STAGES) & 1, LOAD)
+        return c + 1
+
+    @gluon.jit
+    def _issue_at(desc, row, col, ring, ready, empty, s, phase, LOAD: gl.constexpr):
+        """`_issue` into buffer s, whose fill of this phase (0 or 1) this is."""
         if LOAD != 2:
-            mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+            # A fresh barrier counts as having completed the phase before phase 0: round 0 passes at once.
+            mbarrier.wait(empty.index(s), phase ^ 1)
         if LOAD == 1:
             mbarrier.expect(ready.index(s), desc.block_type.nbytes)
             tma.async_copy_global_to_shared(desc, [row, col], ready.index(s), ring.index(s))
         elif LOAD == 0:
             mbarrier.arrive(ready.index(s))
-        return c + 1
+
+    @gluon.jit
+    def _expert(ids, j, FAST: gl.constexpr):
+        """The router's j-th choice: from ids, the [TOP_K] int32 choice in registers (FAST, `_ids_in`), or the
+        workspace (a pointer to floats)."""
+        if FAST:
+            e = gl.sum(gl.where(gl.arange(0, _TOP_K, layout=_IDS_L) == j, ids, 0), axis=0)
+        else:
+            e = gl.load(ids + j).to(gl.int32)
+        return e
+
+    @gluon.jit
+    def _side_units(pid, nprog, SIDE: gl.constexpr):
+        """The program's qkv units that go through the side buffers (`_produce_side`): its first min(SIDE, n)."""
+        u0, u1 = _units(pid, nprog, (_QKV // _R) * (_HID // _T))
+        return gl.minimum(u1 - u0, SIDE)
+
+    @gluon.jit
+    def _produce_side(desc, layer, ring, ready, empty, pid, nprog, LOAD: gl.constexpr, SIDE: gl.constexpr):
+        """Producer: the program's first SIDE qkv units of `layer` into the SIDE buffers after the ring's STAGES,
+        one fill a layer. Issued while the producer would otherwise wait for the router's choice (the layer
+        before's), so HBM streams the next layer's first tiles through that gap."""
+        STAGES: gl.constexpr = ring.type.shape[0] - SIDE
+        KSTEPS: gl.constexpr = _HID // _T
+        u0, u1 = _units(pid, nprog, (_QKV // _R) * KSTEPS)
+        for i in range(_side_units(pid, nprog, SIDE)):
+            u = u0 + i
+            _issue_at(desc, layer * _QKV + (u // KSTEPS) * _R, (u % KSTEPS) * _T, ring, ready, empty, STAGES + i,
+                      layer & 1, LOAD)
 
     @gluon.jit
     def _produce_dense(desc, row0, N_TILES: gl.constexpr, KSTEPS: gl.constexpr, ring, ready, empty, c, pid, nprog,
-                       LOAD: gl.constexpr, ids=None, EXPERT_TILES: gl.constexpr = 0):
-        """The program's units of a GEMV over desc's rows from row0, a row tile's k steps in turn. EXPERT_TILES:
-        the rows are experts of EXPERT_TILES row tiles each, and row tile t is tile t % EXPERT_TILES of expert
-        ids[t // EXPERT_TILES] (gate/up over the chosen experts, as `decode_layer_probe._gemv`)."""
+                       LOAD: gl.constexpr, ids=None, EXPERT_TILES: gl.constexpr = 0, skip=0, FAST: gl.constexpr = False,
+                       SIDE: gl.constexpr = 0):
+        """The program's units of a GEMV over desc's rows from row0, a row tile's k steps in turn, but for its first
+        `skip` (loaded already, `_produce_side`). EXPERT_TILES: the rows are experts of EXPERT_TILES row tiles
+        each, and row tile t is tile t % EXPERT_TILES of expert ids[t // EXPERT_TILES] (gate/up over the chosen
+        experts, as `decode_layer_probe._gemv`; `_expert`)."""
         u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
-        for u in range(u0, u1):
+        for u in range(u0 + skip, u1):
             t = u // KSTEPS
             if EXPERT_TILES:
-                e = gl.load(ids + t // EXPERT_TILES).to(gl.int32)
+                e = _expert(ids, t // EXPERT_TILES, FAST)
                 row = row0 + e * (EXPERT_TILES * _R) + (t % EXPERT_TILES) * _R
             else:
                 row = row0 + t * _R
-            c = _issue(desc, row, (u % KSTEPS) * _T, ring, ready, empty, c, LOAD)
+            c = _issue(desc, row, (u % KSTEPS) * _T, ring, ready, empty, c, LOAD, SIDE)
         return c
 
     @gluon.jit
-    def _producer(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers,
-                  MOE_ONLY: gl.constexpr, LOAD: gl.constexpr):
+    def _producer(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem, trace_ptr, layers,
+                  MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, TRACE: gl.constexpr, FAST: gl.constexpr,
+                  SIDE: gl.constexpr):
+        """Every step's weight tiles, layer after layer, into the ring; before the gate/up tiles, the router's
+        choice (FAST: from ids_smem). SIDE: each layer's first qkv tiles go to the side buffers, loaded while the
+        layer before waits for its router's choice (`_produce_side`)."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         c = 0
+        skip = 0
+        if SIDE:
+            skip = _side_units(pid, nprog, SIDE)
+            _produce_side(d_qkv, 0, ring, ready, empty, pid, nprog, LOAD, SIDE)
         for layer in range(layers):
             ids = ws_ptr + layer * _WS + _O_IDS
             if not MOE_ONLY:
                 c = _produce_dense(d_qkv, layer * _QKV, _QKV // _R, _HID // _T, ring, ready, empty, c, pid, nprog,
-                                   LOAD)
+                                   LOAD, skip=skip, SIDE=SIDE)
                 c = _produce_dense(d_kv, layer * _ATT, _ATT // _R, _KVS // _T, ring, ready, empty, c, pid, nprog,
-                                   LOAD)
+                                   LOAD, SIDE=SIDE)
                 c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog,
-                                   LOAD)
+                                   LOAD, SIDE=SIDE)
                 c = _produce_dense(d_r, layer * _EXPERTS, _EXPERTS // _R, _HID // _T, ring, ready, empty, c, pid,
-                                   nprog, LOAD)
+                                   nprog, LOAD, SIDE=SIDE)
+            if SIDE:
+                if layer + 1 < layers:
+                    _produce_side(d_qkv, layer + 1, ring, ready, empty, pid, nprog, LOAD, SIDE)
+            trace = trace_ptr + (layer * nprog + pid) * _MARKS
+            _mark(trace, 13, TRACE)
             mbarrier.wait(ids_bar, layer & 1)  # this program's consumers have stored the router's choice
+            _mark(trace, 14, TRACE)
+            if FAST:
+                ids = ids_smem.load(_IDS_L)
             c = _produce_dense(d_13, layer * _EXPERTS * 2 * _INTER, _TOP_K * _GU_TILES, _HID // _T, ring, ready,
-                               empty, c, pid, nprog, LOAD, ids, _GU_TILES)
+                               empty, c, pid, nprog, LOAD, ids, _GU_TILES, FAST=FAST, SIDE=SIDE)
             KD: gl.constexpr = _TOP_K * _DN_STEPS
             u0, u1 = _units(pid, nprog, (_HID // _R) * KD)
             for u in range(u0, u1):
                 ks = u % KD
-                e = gl.load(ids + ks // _DN_STEPS).to(gl.int32)
+                e = _expert(ids, ks // _DN_STEPS, FAST)
                 row = (layer * _EXPERTS + e) * _HID + (u // KD) * _R
-                c = _issue(d_2, row, (ks % _DN_STEPS) * _T, ring, ready, empty, c, LOAD)
+                c = _issue(d_2, row, (ks % _DN_STEPS) * _T, ring, ready, empty, c, LOAD, SIDE)
 
     @gluon.jit
     def _grid_arrive(bar_ptr):
@@ -120,10 +182,16 @@ if gluon is not None:
         gl.atomic_add(bar_ptr, 1, sem="release")
 
     @gluon.jit
-    def _grid_wait(bar_ptr, target):
-        """Spin on the count with acquire reads (polling by volatile loads, then one acquire, took 1-2% longer)."""
-        while gl.atomic_add(bar_ptr, 0, sem="acquire") < target:
-            pass
+    def _grid_wait(bar_ptr, target, POLL: gl.constexpr = False):
+        """Spin on the count with acquire reads (polling by volatile loads, then one acquire, took 1-2% longer with
+        CUDA-core consumers). POLL: by volatile loads, then one acquire."""
+        if POLL:
+            while gl.load(bar_ptr, volatile=True) < target:
+                pass
+            gl.atomic_add(bar_ptr, 0, sem="acquire")
+        else:
+            while gl.atomic_add(bar_ptr, 0, sem="acquire") < target:
+                pass
         gl.thread_barrier()
 
     @gluon.jit
@@ -212,16 +280,19 @@ if gluon is not None:
 
     @gluon.jit
     def _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring,
-                     ready, empty, xs, c, pid, nprog):
+                     ready, empty, xs, c, pid, nprog, SIDE: gl.constexpr, layer, SIDE_UNITS: gl.constexpr):
         """`_consume` on the tensor cores (one consumer warpgroup): the step's input chunks of the program's units
         are loaded at once, scaled, rounded to bf16 and staged as row 0 of [8, 64] tiles in shared memory (rows
         1-7 stay zero), then each unit is two wgmma m64n8 over the ring stage's two 64-row halves, the next
         unit's issued before the last one's are waited for. Column 0 of the [64, 8] sums is the rows' result."""
-        STAGES: gl.constexpr = ring.type.shape[0]
+        STAGES: gl.constexpr = ring.type.shape[0] - SIDE
         KSTEPS: gl.constexpr = K // _T
         NS: gl.constexpr = KSTEPS if KSTEPS < _XS else _XS
         u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
         n = u1 - u0
+        side = 0
+        if SIDE_UNITS:  # the first units from the side buffers, filled once a layer
+            side = gl.minimum(n, SIDE_UNITS)
         # Stage: slot j holds k step (u0 + j) % KSTEPS, so unit u reads slot (u - u0) % KSTEPS (n <= XS, `run`).
         SL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         j = gl.arange(0, NS, layout=gl.SliceLayout(1, SL))
@@ -238,8 +309,8 @@ if gluon is not None:
         for i in range(n):
             u = u0 + i
             t = u // KSTEPS
-            s = (c + i) % STAGES
-            mbarrier.wait(ready.index(s), ((c + i) // STAGES) & 1)
+            s, phase = _stage_of(c, i, side, layer, STAGES)
+            mbarrier.wait(ready.index(s), phase)
             w = ring.index(s)
             b = xs.index(i % KSTEPS).permute((1, 0))
             acc0 = warpgroup_mma(w.slice(0, _R // 2), b, acc0, is_async=True)
@@ -247,7 +318,7 @@ if gluon is not None:
             acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))
             if i > 0:  # the unit before is done in every warp: its stage is free
                 gl.thread_barrier()
-                mbarrier.arrive(empty.index((c + i - 1) % STAGES))
+                mbarrier.arrive(empty.index(_stage_of(c, i - 1, side, layer, STAGES)[0]))
             if ((u + 1) // KSTEPS != t) | (i + 1 == n):
                 acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
                 gl.atomic_add(y_ptr + t * _R + rows, gl.sum(acc0, axis=1), sem="relaxed")
@@ -256,16 +327,31 @@ if gluon is not None:
                 acc1 = gl.zeros([_R // 2, 8], gl.float32, acc_l)
         if n > 0:
             gl.thread_barrier()
-            mbarrier.arrive(empty.index((c + n - 1) % STAGES))
-        return c + n
+            mbarrier.arrive(empty.index(_stage_of(c, n - 1, side, layer, STAGES)[0]))
+        return c + n - side
+
+    @gluon.jit
+    def _stage_of(c, i, side, layer, STAGES: gl.constexpr):
+        """(buffer, phase) of a step's unit i: side buffer STAGES + i (one fill a layer) for its first `side`
+        units, else ring stage (c + i - side) % STAGES."""
+        if i < side:
+            s = STAGES + i
+            phase = layer & 1
+        else:
+            s = (c + i - side) % STAGES
+            phase = ((c + i - side) // STAGES) & 1
+        return s, phase
 
     @gluon.jit
     def _gemv_step(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring,
                    ready, empty, c, pid, nprog, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr, xs,
-                   MMA: gl.constexpr):
-        """A step's GEMV by the consumers: on the tensor cores (MMA, `_consume_mma`) or CUDA cores (`_consume`)."""
+                   MMA: gl.constexpr, SIDE: gl.constexpr, layer=0, SIDE_UNITS: gl.constexpr = 0):
+        """A step's GEMV by the consumers: on the tensor cores (MMA, `_consume_mma`) or CUDA cores (`_consume`).
+        SIDE: side buffers after the ring's stages; SIDE_UNITS: this step's first units come from them (qkv of
+        `layer`, `_produce_side`)."""
         if MMA:
-            c = _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, xs, c, pid, nprog)
+            c = _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, xs, c, pid, nprog,
+                             SIDE, layer, SIDE_UNITS)
         else:
             c = _consume(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, c, pid, nprog, COMPUTE,
                          WG, NWG)
@@ -293,9 +379,36 @@ if gluon is not None:
             r = gl.where(offs == e, float("-inf"), r)
 
     @gluon.jit
-    def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, xs, layers, SYNC: gl.constexpr,
-                  COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr, MOE_ONLY: gl.constexpr,
-                  MMA: gl.constexpr):
+    def _top_k_ranks(r_ptr, ids_ptr, p_ptr, ids_smem):
+        """`_top_k` with no serial rounds: each thread takes one expert's logit and counts the logits that beat it
+        (higher, or equal at a lower index: the same order as `_top_k`), so the experts ranked 0-7 are the
+        choice; one max and one sum give the softmax over them. The choice also goes to ids_smem for the
+        producer (int32, rank order)."""
+        ROW: gl.constexpr = gl.BlockedLayout([1, _EXPERTS], [32, 1], [4, 1], [1, 0])  # [E, E], a row a thread
+        mine = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(1, ROW))
+        r = gl.load(r_ptr + mine, cache_modifier=".cg")
+        others = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(0, ROW))
+        r_all = gl.convert_layout(r, gl.SliceLayout(0, ROW))
+        beats = (r_all[None, :] > r[:, None]) | ((r_all[None, :] == r[:, None]) & (others[None, :] < mine[:, None]))
+        rank = gl.sum(beats.to(gl.int32), axis=1)
+        chosen = rank < _TOP_K
+        e = gl.exp(r - gl.max(r, axis=0))
+        p = e / gl.sum(gl.where(chosen, e, 0.0), axis=0)
+        gl.store(ids_ptr + rank, mine.to(gl.float32), mask=chosen)
+        gl.store(p_ptr + rank, p, mask=chosen)
+        # ids_smem[j] = the expert ranked j: one pass over [TOP_K, E].
+        SEL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 4], [1, 0])
+        j = gl.arange(0, _TOP_K, layout=gl.SliceLayout(1, SEL))
+        rank_all = gl.convert_layout(rank, gl.SliceLayout(0, SEL))
+        experts = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(0, SEL))
+        ids = gl.sum(gl.where(rank_all[None, :] == j[:, None], experts[None, :], 0), axis=1)
+        ids_smem.store(ids)
+
+    @gluon.jit
+    def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, trace_ptr, layers,
+                  SYNC: gl.constexpr, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr,
+                  MOE_ONLY: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr, FAST: gl.constexpr,
+                  SIDE: gl.constexpr, POLL: gl.constexpr):
         """Consumer warpgroup WG of NWG: the steps' GEMVs from its ring stages, a grid barrier between steps
         (every warpgroup of every program arrives). MOE_ONLY: gate/up and down only, on the o, experts and
         probabilities the workspace holds."""
@@ -312,87 +425,111 @@ if gluon is not None:
         x_ptr = x0_ptr
         for layer in range(layers):
             ws = ws_ptr + layer * _WS
+            trace = trace_ptr + (layer * nprog + pid) * _MARKS
             if SYNC:
                 if layer > 0:
-                    _grid_wait(bar_ptr, n * nprog * NWG)
+                    _grid_wait(bar_ptr, n * nprog * NWG, POLL)
+            _mark(trace, 0, TRACE)
             if MOE_ONLY:
                 scale = _scale(ws + _O_O, STEPS)
             else:
                 c = _gemv_step(x_ptr, ws, ws, _scale(x_ptr, STEPS), _QKV // _R, _HID, False, ring, ready, empty, c,
-                               pid, nprog, COMPUTE, WG, NWG, xs, MMA)
-                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
+                               pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, layer, SIDE)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 1, TRACE, POLL)
                 c = _gemv_step(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog,
-                               COMPUTE, WG, NWG, xs, MMA)
-                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
+                               COMPUTE, WG, NWG, xs, MMA, SIDE)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 3, TRACE, POLL)
                 c = _gemv_step(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, False, ring, ready, empty, c, pid,
-                               nprog, COMPUTE, WG, NWG, xs, MMA)
-                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
+                               nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 5, TRACE, POLL)
                 scale = _scale(ws + _O_O, STEPS)
                 c = _gemv_step(ws + _O_O, ws + _O_R, ws, scale, _EXPERTS // _R, _HID, False, ring, ready, empty, c,
-                               pid, nprog, COMPUTE, WG, NWG, xs, MMA)
-                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
+                               pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+                n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 7, TRACE, POLL)
             if WG == 0:
                 if not MOE_ONLY:
                     if STEPS:
-                        _top_k(ws + _O_R, ws + _O_IDS, ws + _O_P)
+                        if FAST:
+                            _top_k_ranks(ws + _O_R, ws + _O_IDS, ws + _O_P, ids_smem)
+                        else:
+                            _top_k(ws + _O_R, ws + _O_IDS, ws + _O_P)
                 gl.thread_barrier()
                 mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
+            _mark(trace, 9, TRACE)
             c = _gemv_step(ws + _O_O, ws + _O_GU, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready, empty,
-                           c, pid, nprog, COMPUTE, WG, NWG, xs, MMA)
-            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS)
+                           c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+            n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 10, TRACE, POLL)
             c = _gemv_step(ws + _O_GU, ws + _O_X, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, True, ring, ready,
-                           empty, c, pid, nprog, COMPUTE, WG, NWG, xs, MMA)
+                           empty, c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+            _mark(trace, 12, TRACE)
             if STEPS:
                 _grid_arrive(bar_ptr)
             n += 1
             x_ptr = ws + _O_X
 
     @gluon.jit
-    def _grid_step(bar_ptr, n, nprog, SYNC: gl.constexpr, ARRIVE: gl.constexpr = True):
+    def _grid_step(bar_ptr, n, nprog, SYNC: gl.constexpr, ARRIVE: gl.constexpr, trace, mark: gl.constexpr,
+                   TRACE: gl.constexpr, POLL: gl.constexpr):
         """Arrive at the grid barrier after a step and wait for every program (for timing only: not without SYNC,
-        no arrival without ARRIVE); returns the barriers passed."""
+        no arrival without ARRIVE); returns the barriers passed. TRACE: the times of arrival and of passing into
+        trace[mark], trace[mark + 1]."""
+        _mark(trace, mark, TRACE)
         if ARRIVE:
             _grid_arrive(bar_ptr)
         if SYNC:
-            _grid_wait(bar_ptr, (n + 1) * nprog)
+            _grid_wait(bar_ptr, (n + 1) * nprog, POLL)
+        _mark(trace, mark + 1, TRACE)
         return n + 1
 
     @gluon.jit
-    def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, x0_ptr, bar_ptr, layers, STAGES: gl.constexpr,
-                           SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr, MOE_ONLY: gl.constexpr,
-                           LOAD: gl.constexpr, MMA: gl.constexpr):
-        ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES, _R, _T], d_qkv.layout)
+    def _mark(trace, i: gl.constexpr, TRACE: gl.constexpr):
+        """TRACE: the GPU's global nanosecond timer into trace[i] (`TRACE_MARKS`)."""
+        if TRACE:
+            now = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                            pack=1)
+            gl.store(trace + i, now)
+
+    @gluon.jit
+    def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, x0_ptr, bar_ptr, trace_ptr, layers,
+                           STAGES: gl.constexpr, SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr,
+                           MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr,
+                           FAST: gl.constexpr, SIDE: gl.constexpr, POLL: gl.constexpr):
+        ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES + SIDE, _R, _T], d_qkv.layout)
         if MMA:  # the step's input chunks as wgmma's B operand: [8, 64] tiles, row 0 the input
             xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _T],
                                            gl.NVMMASharedLayout.get_default_for([8, _T], gl.bfloat16))
         else:
             xs = ring
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES + SIDE, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES + SIDE, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES + SIDE):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
         ids_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(ids_bar, count=1)
+        ids_smem = gl.allocate_shared_memory(gl.int32, [_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        # (Gluon takes no JIT function from a variable: the producer's entry is written out in both lists.)
         if NWG == 2:
             gl.warp_specialize([
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, xs, layers, SYNC, COMPUTE,
-                             gl.constexpr(0), NWG, MOE_ONLY, MMA)),
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, xs, layers, SYNC, COMPUTE,
-                             gl.constexpr(1), NWG, MOE_ONLY, MMA)),
-                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers,
-                             MOE_ONLY, LOAD)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, trace_ptr, layers,
+                             SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, trace_ptr, layers,
+                             SYNC, COMPUTE, gl.constexpr(1), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL)),
+                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem,
+                             trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE)),
             ], [4, 1], [232, 40])
         else:
             gl.warp_specialize([
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, xs, layers, SYNC, COMPUTE,
-                             gl.constexpr(0), NWG, MOE_ONLY, MMA)),
-                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, layers,
-                             MOE_ONLY, LOAD)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, trace_ptr, layers,
+                             SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL)),
+                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem,
+                             trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE)),
             ], [1], [48])
 
+
 def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1, warpgroups: int = 1,
-        moe_only: bool = False, load: int = 1, mma: bool = False) -> None:
+        moe_only: bool = False, load: int = 1, mma: bool = False, trace: torch.Tensor | None = None,
+        fast: bool = False, side: int = 0, poll: bool = False) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
     stream alone: sync=False skips the grid barriers' waits, compute=0 the consumers' arithmetic (results are
     then wrong; the workspace is kept, so the experts chosen stay those of the run before), compute=2-4 parts of
@@ -400,20 +537,62 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     consumer warpgroups a program has (1 or 2). moe_only: only gate/up and down, on the o, experts and
     probabilities the workspace holds from the run before. load=0: the producer marks stages ready without
     loading them, load=2 does nothing (with compute=5 or 6; the consumers' own rate; wrong results). mma: the
-    consumers' GEMVs on the tensor cores (`_consume_mma`; one warpgroup, compute 1, at most 9 stages beside the
-    staged inputs, and a program's units of a step must fit XS staged chunks: at least 48 programs)."""
-    if mma and (warpgroups != 1 or compute != 1 or stages > 9 or programs < 48):
-        raise ValueError(f"mma takes one consumer warpgroup, compute=1, at most 9 stages and 48 programs, got "
-                         f"{warpgroups}, {compute}, {stages}, {programs}")
+    consumers' GEMVs on the tensor cores (`_consume_mma`; one warpgroup, compute 1, and a program's units of a
+    step must fit XS staged chunks: at least 96 programs). trace: an int64 tensor of [layers, programs, MARKS]
+    for the GPU timer at `TRACE_MARKS`. fast: the router's choice by ranks and handed to the producer in shared
+    memory (`_top_k_ranks`). side: that many side buffers for each layer's first qkv tiles, loaded while the
+    layer before waits for its router (mma, not moe_only). poll: grid barriers polled by loads (`_grid_wait`)."""
+    ring_kb = (stages + side) * ROWS * TILE * 2 // 1024 + (XS * 8 * TILE * 2 // 1024 if mma else 0)
+    if (mma and (warpgroups != 1 or compute != 1 or programs < 96) or ring_kb > 208
+            or ((side or fast) and moe_only) or (side and not mma)):
+        raise ValueError(f"mma takes one consumer warpgroup, compute=1 and at least 96 programs, side takes mma, "
+                         f"side and fast all steps, and the buffers at most 208 KB; got warpgroups {warpgroups}, "
+                         f"compute {compute}, programs {programs}, side {side}, fast {fast}, moe_only {moe_only}, "
+                         f"{ring_kb} KB")
     if sync and compute == 1 and load == 1 and not moe_only:
         m.ws.zero_()
     m.bar.zero_()
     descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in m.weights()]
-    _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, m.layers, STAGES=stages, SYNC=sync, COMPUTE=compute,
-                                    NWG=warpgroups, MOE_ONLY=moe_only, LOAD=load, MMA=mma, num_warps=4)
+    _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, m.bar if trace is None else trace, m.layers,
+                                    STAGES=stages, SYNC=sync, COMPUTE=compute, NWG=warpgroups, MOE_ONLY=moe_only,
+                                    LOAD=load, MMA=mma, TRACE=trace is not None, FAST=fast, SIDE=side, POLL=poll,
+                                    num_warps=4)
 
 
 def available(device: torch.device) -> bool:
     from moeserve.kernels.gluon_support import gluon_platform_problem
 
     return gluon_platform_problem(device, "the ring probe") is None
+
+
+def trace_report(trace: torch.Tensor) -> list[dict]:
+    """What a traced run's layers spent (µs, means over layers 1.. of the run; layer 0 starts cold): each step's
+    time from its start (the barrier before it passed) to its end, as the mean and the slowest program take it;
+    each barrier's wait, as the time from the mean program's arrival to the last one's (skew) and from the last
+    arrival to the first program passing (latency); the producer's wait for the router's choice."""
+    t = trace[1:].double() / 1e3  # [layers - 1, programs, MARKS], µs
+    mark = {name: i for i, name in enumerate(TRACE_MARKS)}
+
+    def col(name: str) -> torch.Tensor:
+        return t[:, :, mark[name]]
+
+    rows = []
+    phases = (("qkv", "start", "qkv done"), ("kv", "qkv passed", "kv done"), ("o", "kv passed", "o done"),
+              ("r", "o passed", "r done"), ("top-k", "r passed", "ids published"), ("gu", "ids published", "gu done"),
+              ("down", "gu passed", "down done"))
+    for name, begin, end in phases:
+        d = col(end) - col(begin)
+        rows.append(dict(part=f"step {name}", mean_us=d.mean().item(), slowest_us=d.max(dim=1).values.mean().item()))
+    for name in ("qkv", "kv", "o", "r", "gu"):
+        done, passed = col(f"{name} done"), col(f"{name} passed")
+        last = done.max(dim=1).values
+        rows.append(dict(part=f"barrier after {name}: skew", mean_us=(last - done.mean(dim=1)).mean().item()))
+        rows.append(dict(part=f"barrier after {name}: latency", mean_us=(passed.min(dim=1).values - last).mean().item(),
+                         slowest_us=(passed.max(dim=1).values - last).mean().item()))
+    wait = col("producer has ids") - col("producer waits ids")
+    rows.append(dict(part="producer waits for the router's choice", mean_us=wait.mean().item(),
+                     slowest_us=wait.max(dim=1).values.mean().item()))
+    layer = trace[2:, :, mark["start"]].double().mean(dim=1) - trace[1:-1, :, mark["start"]].double().mean(dim=1)
+    rows.append(dict(part="a layer (start to next start)", mean_us=(layer / 1e3).mean().item()))
+    return rows
+

@@ -402,10 +402,16 @@ def xcompile(out_dir: str) -> None:
         descs = {f"d_{n}": decode_layer_gluon.host_descriptor(w, [decode_layer_gluon.ROWS, decode_layer_gluon.TILE])
                  for n, w in zip(("qkv", "kv", "o", "r", "13", "2"), weights.values())}
         ring = decode_layer_gluon._layer_ring_kernel
-        kernels += [(f"Gluon ring, {nwg} consumer warpgroups{', MoE only' * moe}{', MMA' * mma}", ring,
-                     dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, layers=8),
-                     dict(STAGES=6, SYNC=True, COMPUTE=1, NWG=nwg, MOE_ONLY=moe, LOAD=1, MMA=mma))
-                    for nwg, moe, mma in ((1, False, False), (2, False, False), (1, True, False), (1, False, True))]
+        i64 = torch.empty(4, dtype=torch.int64)
+        plain = dict(NWG=1, MOE_ONLY=False, MMA=False, TRACE=False, FAST=False, SIDE=0, POLL=False)
+        ring_variants = {"": {}, "2 consumer warpgroups": dict(NWG=2), "MoE only": dict(MOE_ONLY=True),
+                         "MMA": dict(MMA=True), "MMA, traced": dict(MMA=True, TRACE=True),
+                         "MMA, fast top-k, 4 side buffers, polled barriers": dict(MMA=True, FAST=True, SIDE=4,
+                                                                                  POLL=True)}
+        kernels += [(f"Gluon ring {name}", ring, dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, trace_ptr=i64,
+                                                       layers=8),
+                     dict(STAGES=6, SYNC=True, COMPUTE=1, LOAD=1, **{**plain, **changes}))
+                    for name, changes in ring_variants.items()]
     for name, kernel, args, constexprs in kernels:
         compiled = compile_sm90(kernel, args, constexprs, num_warps=4, num_stages=None if "Gluon" in name else 4)
         info = summary(compiled, ptxas_report(compiled, os.path.join(out_dir, name.replace(" ", "_") + ".ptx")))
@@ -450,6 +456,13 @@ def main() -> None:
         for stages in (6, 9):
             variants[f"Gluon ring, MMA consumers, {stages} stages"] = (
                 lambda stages=stages: decode_layer_gluon.run(m, sms, stages, mma=True))
+        mma_variants = {"fast top-k": dict(fast=True), "polled barriers": dict(poll=True),
+                        "fast top-k, 4 side buffers": dict(fast=True, side=4),
+                        "fast top-k, 5 side buffers": dict(fast=True, side=5),
+                        "fast top-k, 4 side buffers, polled barriers": dict(fast=True, side=4, poll=True)}
+        for what, kw in mma_variants.items():
+            variants[f"Gluon ring, MMA consumers, 6 stages, {what}"] = (
+                lambda kw=kw: decode_layer_gluon.run(m, sms, 6, mma=True, **kw))
         timing_only["Gluon ring, MMA consumers, no barrier waits"] = (
             lambda: decode_layer_gluon.run(m, sms, 6, sync=False, mma=True))
         timing_only["Gluon ring, MMA consumers only (no weight loads), no barrier waits"] = (
@@ -478,6 +491,19 @@ def main() -> None:
         rows.append(dict(variant=name, us_per_layer=us, floor_us=floor, ratio=us / floor, rel_err=err))
         print(f"{name:<16} {us:8.1f} µs a layer  {us / floor:5.2f}x floor  worst layer's rel err {err:.1e}",
               flush=True)
+    if decode_layer_gluon.available(torch.device("cuda")) and re.search(args.only, "trace"):
+        # Where a layer's time goes in the MMA ring (6 stages): the GPU timer at each step's end and barrier.
+        trace = torch.zeros(args.layers, sms, decode_layer_gluon.MARKS, dtype=torch.int64, device="cuda")
+        for what, kw in {"": {}, "fast top-k, 4 side buffers, polled barriers": dict(fast=True, side=4,
+                                                                                       poll=True)}.items():
+            decode_layer_gluon.run(m, sms, 6, mma=True, trace=trace, **kw)
+            torch.cuda.synchronize()
+            print(f"traced {what}: worst layer's rel err {m.max_layer_error():.1e}; µs, mean over layers "
+                  f"1-{args.layers - 1}")
+            for row in decode_layer_gluon.trace_report(trace):
+                print(f"  {row['part']:<44} {row['mean_us']:7.2f}" + (f"  slowest program {row['slowest_us']:7.2f}"
+                                                                     if "slowest_us" in row else ""))
+                rows.append(dict(variant=f"trace {what}: " + row["part"], **row))
     # What follows runs on a whole run's workspace (its experts, too): the timing-only variants leave junk.
     m.run_persistent(sms)
     torch.cuda.synchronize()
