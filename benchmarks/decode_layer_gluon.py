@@ -42,6 +42,7 @@ TRACE_MARKS = ("start", "qkv done", "qkv passed", "kv done", "kv passed", "o don
                "r passed", "ids published", "gu done", "gu passed", "down done", "producer waits ids",
                "producer has ids")
 MARKS = 16
+DRAW = 8  # `run(drawn=True)`: gate/up's largest draw, in units
 
 if gluon is not None:
     _HID, _QKV, _KVS, _ATT = gl.constexpr(HID), gl.constexpr(QKV), gl.constexpr(KVS), gl.constexpr(ATT)
@@ -56,6 +57,8 @@ if gluon is not None:
     _DN_STEPS = gl.constexpr(INTER // TILE)
     _XS = gl.constexpr(XS)
     _MARKS = gl.constexpr(MARKS)
+    _ACC_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]))
+    _DRAW = gl.constexpr(DRAW)
     _IDS_L = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # the producer warp's copy of the choice
 
     @gluon.jit
@@ -133,12 +136,13 @@ if gluon is not None:
         return c
 
     @gluon.jit
-    def _producer(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem, trace_ptr, layers,
-                  MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, TRACE: gl.constexpr, FAST: gl.constexpr,
-                  SIDE: gl.constexpr):
+    def _producer(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem, codes, cnt_ptr,
+                  trace_ptr, layers, MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, TRACE: gl.constexpr,
+                  FAST: gl.constexpr, SIDE: gl.constexpr, DRAWN: gl.constexpr):
         """Every step's weight tiles, layer after layer, into the ring; before the gate/up tiles, the router's
         choice (FAST: from ids_smem). SIDE: each layer's first qkv tiles go to the side buffers, loaded while the
-        layer before waits for its router's choice (`_produce_side`)."""
+        layer before waits for its router's choice (`_produce_side`). DRAWN: gate/up's units drawn from a counter a
+        layer (`_produce_drawn`)."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         c = 0
@@ -166,8 +170,12 @@ if gluon is not None:
             _mark(trace, 14, TRACE)
             if FAST:
                 ids = ids_smem.load(_IDS_L)
-            c = _produce_dense(d_13, layer * _EXPERTS * 2 * _INTER, _TOP_K * _GU_TILES, _HID // _T, ring, ready,
-                               empty, c, pid, nprog, LOAD, ids, _GU_TILES, FAST=FAST, SIDE=SIDE)
+            if DRAWN:
+                c = _produce_drawn(d_13, layer * _EXPERTS * 2 * _INTER, ids, cnt_ptr + layer, nprog, ring, ready,
+                                   empty, codes, c, LOAD, FAST)
+            else:
+                c = _produce_dense(d_13, layer * _EXPERTS * 2 * _INTER, _TOP_K * _GU_TILES, _HID // _T, ring, ready,
+                                   empty, c, pid, nprog, LOAD, ids, _GU_TILES, FAST=FAST, SIDE=SIDE)
             KD: gl.constexpr = _TOP_K * _DN_STEPS
             u0, u1 = _units(pid, nprog, (_HID // _R) * KD)
             for u in range(u0, u1):
@@ -280,11 +288,13 @@ if gluon is not None:
 
     @gluon.jit
     def _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring,
-                     ready, empty, xs, c, pid, nprog, SIDE: gl.constexpr, layer, SIDE_UNITS: gl.constexpr):
+                     ready, empty, xs, c, pid, nprog, SIDE: gl.constexpr, layer, SIDE_UNITS: gl.constexpr,
+                     NORM: gl.constexpr):
         """`_consume` on the tensor cores (one consumer warpgroup): the step's input chunks of the program's units
         are loaded at once, scaled, rounded to bf16 and staged as row 0 of [8, 64] tiles in shared memory (rows
         1-7 stay zero), then each unit is two wgmma m64n8 over the ring stage's two 64-row halves, the next
-        unit's issued before the last one's are waited for. Column 0 of the [64, 8] sums is the rows' result."""
+        unit's issued before the last one's are waited for. Column 0 of the [64, 8] sums is the rows' result.
+        NORM: the input's rms norm from the staged values (`_stage_input`). Returns the ring count and the scale."""
         STAGES: gl.constexpr = ring.type.shape[0] - SIDE
         KSTEPS: gl.constexpr = K // _T
         NS: gl.constexpr = KSTEPS if KSTEPS < _XS else _XS
@@ -294,41 +304,139 @@ if gluon is not None:
         if SIDE_UNITS:  # the first units from the side buffers, filled once a layer
             side = gl.minimum(n, SIDE_UNITS)
         # Stage: slot j holds k step (u0 + j) % KSTEPS, so unit u reads slot (u - u0) % KSTEPS (n <= XS, `run`).
-        SL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        j = gl.arange(0, NS, layout=gl.SliceLayout(1, SL))
-        cols = gl.arange(0, _T, layout=gl.SliceLayout(0, SL))
-        x = _x_chunk(x_ptr, p_ptr, ((u0 + j) % KSTEPS)[:, None], cols[None, :], ACT) * scale
-        flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _T], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        flat.slice(0, NS, dim=0).slice(0, _T, dim=1).store(x.to(gl.bfloat16))
-        fence_async_shared()
-        gl.thread_barrier()
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16])
-        rows = gl.arange(0, _R // 2, layout=gl.SliceLayout(1, acc_l))
-        acc0 = gl.zeros([_R // 2, 8], gl.float32, acc_l)
-        acc1 = gl.zeros([_R // 2, 8], gl.float32, acc_l)
+        scale = _stage_input(x_ptr, p_ptr, scale, xs, u0, KSTEPS, NS, ACT, NORM)
+        rows = gl.arange(0, _R // 2, layout=gl.SliceLayout(1, _ACC_L))
+        acc0 = gl.zeros([_R // 2, 8], gl.float32, _ACC_L)
+        acc1 = gl.zeros([_R // 2, 8], gl.float32, _ACC_L)
         for i in range(n):
             u = u0 + i
             t = u // KSTEPS
             s, phase = _stage_of(c, i, side, layer, STAGES)
             mbarrier.wait(ready.index(s), phase)
-            w = ring.index(s)
-            b = xs.index(i % KSTEPS).permute((1, 0))
-            acc0 = warpgroup_mma(w.slice(0, _R // 2), b, acc0, is_async=True)
-            acc1 = warpgroup_mma(w.slice(_R // 2, _R // 2), b, acc1, is_async=True)
-            acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))
+            acc0, acc1 = _mma_unit(ring, s, xs, i % KSTEPS, acc0, acc1)
             if i > 0:  # the unit before is done in every warp: its stage is free
                 gl.thread_barrier()
                 mbarrier.arrive(empty.index(_stage_of(c, i - 1, side, layer, STAGES)[0]))
             if ((u + 1) // KSTEPS != t) | (i + 1 == n):
-                acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
-                gl.atomic_add(y_ptr + t * _R + rows, gl.sum(acc0, axis=1), sem="relaxed")
-                gl.atomic_add(y_ptr + t * _R + _R // 2 + rows, gl.sum(acc1, axis=1), sem="relaxed")
-                acc0 = gl.zeros([_R // 2, 8], gl.float32, acc_l)
-                acc1 = gl.zeros([_R // 2, 8], gl.float32, acc_l)
+                acc0, acc1 = _flush(y_ptr, t, rows, acc0, acc1)
         if n > 0:
             gl.thread_barrier()
             mbarrier.arrive(empty.index(_stage_of(c, n - 1, side, layer, STAGES)[0]))
-        return c + n - side
+        return c + n - side, scale
+
+    @gluon.jit
+    def _stage_input(x_ptr, p_ptr, scale, xs, first, KSTEPS: gl.constexpr, NS: gl.constexpr, ACT: gl.constexpr,
+                     NORM: gl.constexpr = False):
+        """The MMA consumers' input: slot j < NS of xs (row 0 of its [8, 64] tile) = k step (first + j) % KSTEPS of
+        the step's input (`_x_chunk`) times scale, in bf16; visible to the next wgmma when this returns. NORM (all
+        k steps staged): scale is 1 / rms of the values loaded, so the norm costs no read of its own. Returns
+        the scale."""
+        SL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        j = gl.arange(0, NS, layout=gl.SliceLayout(1, SL))
+        cols = gl.arange(0, _T, layout=gl.SliceLayout(0, SL))
+        x = _x_chunk(x_ptr, p_ptr, ((first + j) % KSTEPS)[:, None], cols[None, :], ACT)
+        if NORM:
+            gl.static_assert(NS == KSTEPS, "the norm needs the whole input staged")
+            scale = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NS * _T) + 1e-6)
+        flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _T], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        flat.slice(0, NS, dim=0).slice(0, _T, dim=1).store((x * scale).to(gl.bfloat16))
+        fence_async_shared()
+        gl.thread_barrier()
+        return scale
+
+    @gluon.jit
+    def _mma_unit(ring, s, xs, slot, acc0, acc1):
+        """Issue one unit's two wgmma (the stage's 64-row halves times staged slot `slot`); wait for the unit before."""
+        w = ring.index(s)
+        b = xs.index(slot).permute((1, 0))
+        acc0 = warpgroup_mma(w.slice(0, _R // 2), b, acc0, is_async=True)
+        acc1 = warpgroup_mma(w.slice(_R // 2, _R // 2), b, acc1, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))
+
+    @gluon.jit
+    def _flush(y_ptr, t, rows, acc0, acc1):
+        """Row tile t's sums so far (column 0 of the MMA sums) into y by atomics; returns fresh sums."""
+        acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
+        gl.atomic_add(y_ptr + t * _R + rows, gl.sum(acc0, axis=1), sem="relaxed")
+        gl.atomic_add(y_ptr + t * _R + _R // 2 + rows, gl.sum(acc1, axis=1), sem="relaxed")
+        return gl.zeros([_R // 2, 8], gl.float32, _ACC_L), gl.zeros([_R // 2, 8], gl.float32, _ACC_L)
+
+    @gluon.jit
+    def _produce_drawn(desc, row0, ids, cnt_ptr, nprog, ring, ready, empty, codes, c, LOAD: gl.constexpr,
+                       FAST: gl.constexpr):
+        """Producer, gate/up with its units drawn from the counter cnt_ptr (zero before the launch) by whichever
+        program asks first, until all are taken: guided self-scheduling, each draw about a quarter of the units
+        left over the programs (between 1 and DRAW), sized from the counter as the draw before saw it. Each
+        stage's unit goes to the consumers in codes (unit * 2 + 1 where its sums are to be flushed: a draw's last
+        unit or a row tile's; `_consume_drawn`), and a last stage with code -1 and no load ends the step. The
+        next draw is asked for while this one's tiles are issued."""
+        STAGES: gl.constexpr = ring.type.shape[0]
+        KSTEPS: gl.constexpr = _HID // _T
+        UNITS: gl.constexpr = _TOP_K * _GU_TILES * KSTEPS
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        size = _DRAW
+        start = gl.atomic_add(cnt_ptr, size, sem="relaxed")
+        while start < UNITS:
+            end = gl.minimum(start + size, UNITS)
+            size = gl.maximum(gl.minimum((UNITS - end) // (4 * nprog), _DRAW), 1)
+            start_next = gl.atomic_add(cnt_ptr, size, sem="relaxed")
+            for u in range(start, end):
+                t = u // KSTEPS
+                e = _expert(ids, t // _GU_TILES, FAST)
+                s = c % STAGES
+                mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+                flush = ((u + 1 == end) | ((u + 1) % KSTEPS == 0)).to(gl.int32)
+                codes.index(s).store(gl.full([1], 0, gl.int32, one) + u * 2 + flush)
+                gl.thread_barrier()
+                if LOAD == 1:
+                    mbarrier.expect(ready.index(s), desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(desc, [row0 + e * (_GU_TILES * _R) + (t % _GU_TILES) * _R,
+                                                           (u % KSTEPS) * _T], ready.index(s), ring.index(s))
+                else:
+                    mbarrier.arrive(ready.index(s))
+                c += 1
+            start = start_next
+        s = c % STAGES
+        mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+        codes.index(s).store(gl.full([1], -1, gl.int32, one))
+        gl.thread_barrier()
+        mbarrier.arrive(ready.index(s))
+        return c + 1
+
+    @gluon.jit
+    def _consume_drawn(x_ptr, y_ptr, scale, ring, ready, empty, xs, codes, c):
+        """Consumer of `_produce_drawn`'s gate/up: the whole input staged, then whatever units the stages bring,
+        the sums flushed where the code says, until the stage with code -1."""
+        STAGES: gl.constexpr = ring.type.shape[0]
+        KSTEPS: gl.constexpr = _HID // _T
+        _stage_input(x_ptr, x_ptr, scale, xs, 0, KSTEPS, KSTEPS, False)
+        four: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        rows = gl.arange(0, _R // 2, layout=gl.SliceLayout(1, _ACC_L))
+        acc0 = gl.zeros([_R // 2, 8], gl.float32, _ACC_L)
+        acc1 = gl.zeros([_R // 2, 8], gl.float32, _ACC_L)
+        prev = -1
+        code = 0
+        while code >= 0:
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            code = gl.max(codes.index(s).load(four), axis=0)
+            if code >= 0:
+                u = code // 2
+                acc0, acc1 = _mma_unit(ring, s, xs, u % KSTEPS, acc0, acc1)
+                if prev >= 0:  # the unit before is done in every warp: its stage is free
+                    gl.thread_barrier()
+                    mbarrier.arrive(empty.index(prev))
+                prev = s
+                if code % 2 == 1:
+                    acc0, acc1 = _flush(y_ptr, u // KSTEPS, rows, acc0, acc1)
+                    gl.thread_barrier()
+                    mbarrier.arrive(empty.index(s))
+                    prev = -1
+            else:
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(s))
+            c += 1
+        return c
 
     @gluon.jit
     def _stage_of(c, i, side, layer, STAGES: gl.constexpr):
@@ -345,17 +453,22 @@ if gluon is not None:
     @gluon.jit
     def _gemv_step(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring,
                    ready, empty, c, pid, nprog, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr, xs,
-                   MMA: gl.constexpr, SIDE: gl.constexpr, layer=0, SIDE_UNITS: gl.constexpr = 0):
+                   MMA: gl.constexpr, SIDE: gl.constexpr, layer=0, SIDE_UNITS: gl.constexpr = 0,
+                   NORM: gl.constexpr = False):
         """A step's GEMV by the consumers: on the tensor cores (MMA, `_consume_mma`) or CUDA cores (`_consume`).
         SIDE: side buffers after the ring's stages; SIDE_UNITS: this step's first units come from them (qkv of
-        `layer`, `_produce_side`)."""
+        `layer`, `_produce_side`). NORM: the input is to be rms-normalised, scale is ignored (`_input_scale`).
+        Returns the ring count and the scale the step used."""
+        if NORM:
+            if not MMA:  # the MMA consumers take the norm from the values they stage
+                scale = _inv_rms(x_ptr)
         if MMA:
-            c = _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, xs, c, pid, nprog,
-                             SIDE, layer, SIDE_UNITS)
+            c, scale = _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, xs, c, pid,
+                                    nprog, SIDE, layer, SIDE_UNITS, NORM)
         else:
             c = _consume(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, c, pid, nprog, COMPUTE,
                          WG, NWG)
-        return c
+        return c, scale
 
     @gluon.jit
     def _top_k(r_ptr, ids_ptr, p_ptr):
@@ -405,10 +518,10 @@ if gluon is not None:
         ids_smem.store(ids)
 
     @gluon.jit
-    def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, trace_ptr, layers,
+    def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, trace_ptr, layers,
                   SYNC: gl.constexpr, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr,
                   MOE_ONLY: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr, FAST: gl.constexpr,
-                  SIDE: gl.constexpr, POLL: gl.constexpr):
+                  SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr):
         """Consumer warpgroup WG of NWG: the steps' GEMVs from its ring stages, a grid barrier between steps
         (every warpgroup of every program arrives). MOE_ONLY: gate/up and down only, on the o, experts and
         probabilities the workspace holds."""
@@ -433,18 +546,17 @@ if gluon is not None:
             if MOE_ONLY:
                 scale = _scale(ws + _O_O, STEPS)
             else:
-                c = _gemv_step(x_ptr, ws, ws, _scale(x_ptr, STEPS), _QKV // _R, _HID, False, ring, ready, empty, c,
-                               pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, layer, SIDE)
+                c, _ = _gemv_step(x_ptr, ws, ws, 1.0, _QKV // _R, _HID, False, ring, ready, empty, c, pid, nprog,
+                                  COMPUTE, WG, NWG, xs, MMA, SIDE, layer, SIDE, NORM=STEPS)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 1, TRACE, POLL)
-                c = _gemv_step(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog,
-                               COMPUTE, WG, NWG, xs, MMA, SIDE)
+                c, _ = _gemv_step(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog,
+                                  COMPUTE, WG, NWG, xs, MMA, SIDE)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 3, TRACE, POLL)
-                c = _gemv_step(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, False, ring, ready, empty, c, pid,
-                               nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+                c, _ = _gemv_step(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, False, ring, ready, empty, c,
+                                  pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 5, TRACE, POLL)
-                scale = _scale(ws + _O_O, STEPS)
-                c = _gemv_step(ws + _O_O, ws + _O_R, ws, scale, _EXPERTS // _R, _HID, False, ring, ready, empty, c,
-                               pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+                c, scale = _gemv_step(ws + _O_O, ws + _O_R, ws, 1.0, _EXPERTS // _R, _HID, False, ring, ready,
+                                      empty, c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, NORM=STEPS)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 7, TRACE, POLL)
             if WG == 0:
                 if not MOE_ONLY:
@@ -456,11 +568,14 @@ if gluon is not None:
                 gl.thread_barrier()
                 mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
             _mark(trace, 9, TRACE)
-            c = _gemv_step(ws + _O_O, ws + _O_GU, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready, empty,
-                           c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+            if DRAWN:
+                c = _consume_drawn(ws + _O_O, ws + _O_GU, scale, ring, ready, empty, xs, codes, c)
+            else:
+                c, _ = _gemv_step(ws + _O_O, ws + _O_GU, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready,
+                                  empty, c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
             n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 10, TRACE, POLL)
-            c = _gemv_step(ws + _O_GU, ws + _O_X, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, True, ring, ready,
-                           empty, c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+            c, _ = _gemv_step(ws + _O_GU, ws + _O_X, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, True, ring,
+                              ready, empty, c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
             _mark(trace, 12, TRACE)
             if STEPS:
                 _grid_arrive(bar_ptr)
@@ -490,10 +605,10 @@ if gluon is not None:
             gl.store(trace + i, now)
 
     @gluon.jit
-    def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, x0_ptr, bar_ptr, trace_ptr, layers,
+    def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, x0_ptr, bar_ptr, cnt_ptr, trace_ptr, layers,
                            STAGES: gl.constexpr, SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr,
                            MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr,
-                           FAST: gl.constexpr, SIDE: gl.constexpr, POLL: gl.constexpr):
+                           FAST: gl.constexpr, SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr):
         ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES + SIDE, _R, _T], d_qkv.layout)
         if MMA:  # the step's input chunks as wgmma's B operand: [8, 64] tiles, row 0 the input
             xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _T],
@@ -508,28 +623,32 @@ if gluon is not None:
         ids_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(ids_bar, count=1)
         ids_smem = gl.allocate_shared_memory(gl.int32, [_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        codes = gl.allocate_shared_memory(gl.int32, [STAGES + SIDE, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         # (Gluon takes no JIT function from a variable: the producer's entry is written out in both lists.)
         if NWG == 2:
             gl.warp_specialize([
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, trace_ptr, layers,
-                             SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL)),
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, trace_ptr, layers,
-                             SYNC, COMPUTE, gl.constexpr(1), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, trace_ptr,
+                             layers, SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL,
+                             DRAWN)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, trace_ptr,
+                             layers, SYNC, COMPUTE, gl.constexpr(1), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL,
+                             DRAWN)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem,
-                             trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE)),
+                             codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN)),
             ], [4, 1], [232, 40])
         else:
             gl.warp_specialize([
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, trace_ptr, layers,
-                             SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, trace_ptr,
+                             layers, SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL,
+                             DRAWN)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem,
-                             trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE)),
+                             codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN)),
             ], [1], [48])
 
 
 def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1, warpgroups: int = 1,
         moe_only: bool = False, load: int = 1, mma: bool = False, trace: torch.Tensor | None = None,
-        fast: bool = False, side: int = 0, poll: bool = False) -> None:
+        fast: bool = False, side: int = 0, poll: bool = False, drawn: bool = False) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
     stream alone: sync=False skips the grid barriers' waits, compute=0 the consumers' arithmetic (results are
     then wrong; the workspace is kept, so the experts chosen stay those of the run before), compute=2-4 parts of
@@ -541,10 +660,11 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     step must fit XS staged chunks: at least 96 programs). trace: an int64 tensor of [layers, programs, MARKS]
     for the GPU timer at `TRACE_MARKS`. fast: the router's choice by ranks and handed to the producer in shared
     memory (`_top_k_ranks`). side: that many side buffers for each layer's first qkv tiles, loaded while the
-    layer before waits for its router (mma, not moe_only). poll: grid barriers polled by loads (`_grid_wait`)."""
+    layer before waits for its router (mma, not moe_only). poll: grid barriers polled by loads (`_grid_wait`).
+    drawn: gate/up's units drawn from a counter by whichever program is free (mma, no side buffers)."""
     ring_kb = (stages + side) * ROWS * TILE * 2 // 1024 + (XS * 8 * TILE * 2 // 1024 if mma else 0)
     if (mma and (warpgroups != 1 or compute != 1 or programs < 96) or ring_kb > 208
-            or ((side or fast) and moe_only) or (side and not mma)):
+            or ((side or fast) and moe_only) or ((side or drawn) and not mma) or (side and drawn)):
         raise ValueError(f"mma takes one consumer warpgroup, compute=1 and at least 96 programs, side takes mma, "
                          f"side and fast all steps, and the buffers at most 208 KB; got warpgroups {warpgroups}, "
                          f"compute {compute}, programs {programs}, side {side}, fast {fast}, moe_only {moe_only}, "
@@ -553,10 +673,11 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
         m.ws.zero_()
     m.bar.zero_()
     descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in m.weights()]
-    _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, m.bar if trace is None else trace, m.layers,
-                                    STAGES=stages, SYNC=sync, COMPUTE=compute, NWG=warpgroups, MOE_ONLY=moe_only,
-                                    LOAD=load, MMA=mma, TRACE=trace is not None, FAST=fast, SIDE=side, POLL=poll,
-                                    num_warps=4)
+    counters = torch.zeros(m.layers, dtype=torch.int32, device=m.ws.device)
+    _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, counters, m.bar if trace is None else trace,
+                                    m.layers, STAGES=stages, SYNC=sync, COMPUTE=compute, NWG=warpgroups,
+                                    MOE_ONLY=moe_only, LOAD=load, MMA=mma, TRACE=trace is not None, FAST=fast,
+                                    SIDE=side, POLL=poll, DRAWN=drawn, num_warps=4)
 
 
 def available(device: torch.device) -> bool:
@@ -569,7 +690,8 @@ def trace_report(trace: torch.Tensor) -> list[dict]:
     """What a traced run's layers spent (µs, means over layers 1.. of the run; layer 0 starts cold): each step's
     time from its start (the barrier before it passed) to its end, as the mean and the slowest program take it;
     each barrier's wait, as the time from the mean program's arrival to the last one's (skew) and from the last
-    arrival to the first program passing (latency); the producer's wait for the router's choice."""
+    arrival to the first program passing (latency; down's barrier is passed into the next layer); the producer's
+    wait for the router's choice."""
     t = trace[1:].double() / 1e3  # [layers - 1, programs, MARKS], µs
     mark = {name: i for i, name in enumerate(TRACE_MARKS)}
 
@@ -588,6 +710,12 @@ def trace_report(trace: torch.Tensor) -> list[dict]:
         last = done.max(dim=1).values
         rows.append(dict(part=f"barrier after {name}: skew", mean_us=(last - done.mean(dim=1)).mean().item()))
         rows.append(dict(part=f"barrier after {name}: latency", mean_us=(passed.min(dim=1).values - last).mean().item(),
+                         slowest_us=(passed.max(dim=1).values - last).mean().item()))
+    done, passed = t[:-1, :, mark["down done"]], t[1:, :, mark["start"]]  # into the next layer
+    if len(done):
+        last = done.max(dim=1).values
+        rows.append(dict(part="barrier after down: skew", mean_us=(last - done.mean(dim=1)).mean().item()))
+        rows.append(dict(part="barrier after down: latency", mean_us=(passed.min(dim=1).values - last).mean().item(),
                          slowest_us=(passed.max(dim=1).values - last).mean().item()))
     wait = col("producer has ids") - col("producer waits ids")
     rows.append(dict(part="producer waits for the router's choice", mean_us=wait.mean().item(),

@@ -403,18 +403,20 @@ def xcompile(out_dir: str) -> None:
                  for n, w in zip(("qkv", "kv", "o", "r", "13", "2"), weights.values())}
         ring = decode_layer_gluon._layer_ring_kernel
         i64 = torch.empty(4, dtype=torch.int64)
-        plain = dict(NWG=1, MOE_ONLY=False, MMA=False, TRACE=False, FAST=False, SIDE=0, POLL=False)
+        plain = dict(NWG=1, MOE_ONLY=False, MMA=False, TRACE=False, FAST=False, SIDE=0, POLL=False, DRAWN=False)
         ring_variants = {"": {}, "2 consumer warpgroups": dict(NWG=2), "MoE only": dict(MOE_ONLY=True),
                          "MMA": dict(MMA=True), "MMA, traced": dict(MMA=True, TRACE=True),
                          "MMA, fast top-k, 4 side buffers, polled barriers": dict(MMA=True, FAST=True, SIDE=4,
-                                                                                  POLL=True)}
-        kernels += [(f"Gluon ring {name}", ring, dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, trace_ptr=i64,
-                                                       layers=8),
+                                                                                  POLL=True),
+                         "MMA, fast top-k, drawn gate/up": dict(MMA=True, FAST=True, DRAWN=True)}
+        kernels += [(f"Gluon ring {name}", ring, dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, cnt_ptr=i32,
+                                                       trace_ptr=i64, layers=8),
                      dict(STAGES=6, SYNC=True, COMPUTE=1, LOAD=1, **{**plain, **changes}))
                     for name, changes in ring_variants.items()]
     for name, kernel, args, constexprs in kernels:
         compiled = compile_sm90(kernel, args, constexprs, num_warps=4, num_stages=None if "Gluon" in name else 4)
-        info = summary(compiled, ptxas_report(compiled, os.path.join(out_dir, name.replace(" ", "_") + ".ptx")))
+        ptx = os.path.join(out_dir, name.replace(" ", "_").replace("/", "-") + ".ptx")
+        info = summary(compiled, ptxas_report(compiled, ptx))
         print(f"{name:<36} {info}", flush=True)
 
 
@@ -459,7 +461,8 @@ def main() -> None:
         mma_variants = {"fast top-k": dict(fast=True), "polled barriers": dict(poll=True),
                         "fast top-k, 4 side buffers": dict(fast=True, side=4),
                         "fast top-k, 5 side buffers": dict(fast=True, side=5),
-                        "fast top-k, 4 side buffers, polled barriers": dict(fast=True, side=4, poll=True)}
+                        "fast top-k, 4 side buffers, polled barriers": dict(fast=True, side=4, poll=True),
+                        "drawn gate/up": dict(drawn=True), "fast top-k, drawn gate/up": dict(fast=True, drawn=True)}
         for what, kw in mma_variants.items():
             variants[f"Gluon ring, MMA consumers, 6 stages, {what}"] = (
                 lambda kw=kw: decode_layer_gluon.run(m, sms, 6, mma=True, **kw))
@@ -494,12 +497,16 @@ def main() -> None:
     if decode_layer_gluon.available(torch.device("cuda")) and re.search(args.only, "trace"):
         # Where a layer's time goes in the MMA ring (6 stages): the GPU timer at each step's end and barrier.
         trace = torch.zeros(args.layers, sms, decode_layer_gluon.MARKS, dtype=torch.int64, device="cuda")
-        for what, kw in {"": {}, "fast top-k, 4 side buffers, polled barriers": dict(fast=True, side=4,
-                                                                                       poll=True)}.items():
+        traced = {"": {}, "fast top-k, 4 side buffers, polled barriers": dict(fast=True, side=4, poll=True),
+                  "fast top-k, drawn gate/up": dict(fast=True, drawn=True),
+                  "no weight loads (timing only)": dict(load=0)}
+        for what, kw in traced.items():
+            if kw.get("load") == 0:
+                m.run_persistent(sms)  # real experts in the workspace: the producer still reads them
             decode_layer_gluon.run(m, sms, 6, mma=True, trace=trace, **kw)
             torch.cuda.synchronize()
-            print(f"traced {what}: worst layer's rel err {m.max_layer_error():.1e}; µs, mean over layers "
-                  f"1-{args.layers - 1}")
+            err = float("nan") if kw.get("load") == 0 else m.max_layer_error()
+            print(f"traced {what}: worst layer's rel err {err:.1e}; µs, mean over layers 1-{args.layers - 1}")
             for row in decode_layer_gluon.trace_report(trace):
                 print(f"  {row['part']:<44} {row['mean_us']:7.2f}" + (f"  slowest program {row['slowest_us']:7.2f}"
                                                                      if "slowest_us" in row else ""))
