@@ -66,12 +66,17 @@ if gluon is not None:
         return pid * total // nprog, (pid + 1) * total // nprog
 
     @gluon.jit
-    def _issue(desc, row, col, ring, ready, empty, c, LOAD: gl.constexpr, SIDE: gl.constexpr = 0):
+    def _issue(desc, row, col, ring, ready, empty, c, LOAD: gl.constexpr, SIDE: gl.constexpr = 0,
+               CAP: gl.constexpr = 0):
         """Producer: the [128, 64] weight tile at (row, col) into ring stage c % STAGES once it is free (the
-        ring's first STAGES buffers; SIDE more follow, `_produce_side`). For timing the consumers alone, LOAD 0
-        only marks the stage ready, and LOAD 2 does nothing (the consumers then skip the handshakes too,
+        ring's first STAGES buffers; SIDE more follow, `_produce_side`). CAP: also once the tile CAP before has
+        arrived, so that at most CAP of the program's loads are in flight. For timing the consumers alone, LOAD
+        0 only marks the stage ready, and LOAD 2 does nothing (the consumers then skip the handshakes too,
         `_take`)."""
         STAGES: gl.constexpr = ring.type.shape[0] - SIDE
+        if CAP:
+            if c >= CAP:
+                mbarrier.wait(ready.index((c - CAP) % STAGES), ((c - CAP) // STAGES) & 1)
         _issue_at(desc, row, col, ring, ready, empty, c % STAGES, (c // STAGES) & 1, LOAD)
         return c + 1
 
@@ -119,7 +124,7 @@ if gluon is not None:
     @gluon.jit
     def _produce_dense(desc, row0, N_TILES: gl.constexpr, KSTEPS: gl.constexpr, ring, ready, empty, c, pid, nprog,
                        LOAD: gl.constexpr, ids=None, EXPERT_TILES: gl.constexpr = 0, skip=0, FAST: gl.constexpr = False,
-                       SIDE: gl.constexpr = 0):
+                       SIDE: gl.constexpr = 0, CAP: gl.constexpr = 0):
         """The program's units of a GEMV over desc's rows from row0, a row tile's k steps in turn, but for its first
         `skip` (loaded already, `_produce_side`). EXPERT_TILES: the rows are experts of EXPERT_TILES row tiles
         each, and row tile t is tile t % EXPERT_TILES of expert ids[t // EXPERT_TILES] (gate/up over the chosen
@@ -132,17 +137,17 @@ if gluon is not None:
                 row = row0 + e * (EXPERT_TILES * _R) + (t % EXPERT_TILES) * _R
             else:
                 row = row0 + t * _R
-            c = _issue(desc, row, (u % KSTEPS) * _T, ring, ready, empty, c, LOAD, SIDE)
+            c = _issue(desc, row, (u % KSTEPS) * _T, ring, ready, empty, c, LOAD, SIDE, CAP)
         return c
 
     @gluon.jit
     def _producer(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem, codes, cnt_ptr,
                   trace_ptr, layers, MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, TRACE: gl.constexpr,
-                  FAST: gl.constexpr, SIDE: gl.constexpr, DRAWN: gl.constexpr):
+                  FAST: gl.constexpr, SIDE: gl.constexpr, DRAWN: gl.constexpr, CAP: gl.constexpr):
         """Every step's weight tiles, layer after layer, into the ring; before the gate/up tiles, the router's
         choice (FAST: from ids_smem). SIDE: each layer's first qkv tiles go to the side buffers, loaded while the
         layer before waits for its router's choice (`_produce_side`). DRAWN: gate/up's units drawn from a counter a
-        layer (`_produce_drawn`)."""
+        layer (`_produce_drawn`). CAP: at most CAP loads in flight (`_issue`)."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         c = 0
@@ -154,13 +159,13 @@ if gluon is not None:
             ids = ws_ptr + layer * _WS + _O_IDS
             if not MOE_ONLY:
                 c = _produce_dense(d_qkv, layer * _QKV, _QKV // _R, _HID // _T, ring, ready, empty, c, pid, nprog,
-                                   LOAD, skip=skip, SIDE=SIDE)
+                                   LOAD, skip=skip, SIDE=SIDE, CAP=CAP)
                 c = _produce_dense(d_kv, layer * _ATT, _ATT // _R, _KVS // _T, ring, ready, empty, c, pid, nprog,
-                                   LOAD, SIDE=SIDE)
+                                   LOAD, SIDE=SIDE, CAP=CAP)
                 c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog,
-                                   LOAD, SIDE=SIDE)
+                                   LOAD, SIDE=SIDE, CAP=CAP)
                 c = _produce_dense(d_r, layer * _EXPERTS, _EXPERTS // _R, _HID // _T, ring, ready, empty, c, pid,
-                                   nprog, LOAD, SIDE=SIDE)
+                                   nprog, LOAD, SIDE=SIDE, CAP=CAP)
             if SIDE:
                 if layer + 1 < layers:
                     _produce_side(d_qkv, layer + 1, ring, ready, empty, pid, nprog, LOAD, SIDE)
@@ -175,14 +180,14 @@ if gluon is not None:
                                    empty, codes, c, LOAD, FAST)
             else:
                 c = _produce_dense(d_13, layer * _EXPERTS * 2 * _INTER, _TOP_K * _GU_TILES, _HID // _T, ring, ready,
-                                   empty, c, pid, nprog, LOAD, ids, _GU_TILES, FAST=FAST, SIDE=SIDE)
+                                   empty, c, pid, nprog, LOAD, ids, _GU_TILES, FAST=FAST, SIDE=SIDE, CAP=CAP)
             KD: gl.constexpr = _TOP_K * _DN_STEPS
             u0, u1 = _units(pid, nprog, (_HID // _R) * KD)
             for u in range(u0, u1):
                 ks = u % KD
                 e = _expert(ids, ks // _DN_STEPS, FAST)
                 row = (layer * _EXPERTS + e) * _HID + (u // KD) * _R
-                c = _issue(d_2, row, (ks % _DN_STEPS) * _T, ring, ready, empty, c, LOAD, SIDE)
+                c = _issue(d_2, row, (ks % _DN_STEPS) * _T, ring, ready, empty, c, LOAD, SIDE, CAP)
 
     @gluon.jit
     def _grid_arrive(bar_ptr):
@@ -608,7 +613,8 @@ if gluon is not None:
     def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, x0_ptr, bar_ptr, cnt_ptr, trace_ptr, layers,
                            STAGES: gl.constexpr, SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr,
                            MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr,
-                           FAST: gl.constexpr, SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr):
+                           FAST: gl.constexpr, SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr,
+                           CAP: gl.constexpr):
         ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES + SIDE, _R, _T], d_qkv.layout)
         if MMA:  # the step's input chunks as wgmma's B operand: [8, 64] tiles, row 0 the input
             xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _T],
@@ -634,7 +640,7 @@ if gluon is not None:
                              layers, SYNC, COMPUTE, gl.constexpr(1), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL,
                              DRAWN)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem,
-                             codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN)),
+                             codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP)),
             ], [4, 1], [232, 40])
         else:
             gl.warp_specialize([
@@ -642,13 +648,13 @@ if gluon is not None:
                              layers, SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL,
                              DRAWN)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem,
-                             codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN)),
+                             codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP)),
             ], [1], [48])
 
 
 def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1, warpgroups: int = 1,
         moe_only: bool = False, load: int = 1, mma: bool = False, trace: torch.Tensor | None = None,
-        fast: bool = False, side: int = 0, poll: bool = False, drawn: bool = False) -> None:
+        fast: bool = False, side: int = 0, poll: bool = False, drawn: bool = False, cap: int = 0) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
     stream alone: sync=False skips the grid barriers' waits, compute=0 the consumers' arithmetic (results are
     then wrong; the workspace is kept, so the experts chosen stay those of the run before), compute=2-4 parts of
@@ -661,10 +667,12 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     for the GPU timer at `TRACE_MARKS`. fast: the router's choice by ranks and handed to the producer in shared
     memory (`_top_k_ranks`). side: that many side buffers for each layer's first qkv tiles, loaded while the
     layer before waits for its router (mma, not moe_only). poll: grid barriers polled by loads (`_grid_wait`).
-    drawn: gate/up's units drawn from a counter by whichever program is free (mma, no side buffers)."""
+    drawn: gate/up's units drawn from a counter by whichever program is free (mma, no side buffers). cap: at most
+    that many of a program's weight loads in flight (0: as many as the ring has stages; not with drawn)."""
     ring_kb = (stages + side) * ROWS * TILE * 2 // 1024 + (XS * 8 * TILE * 2 // 1024 if mma else 0)
     if (mma and (warpgroups != 1 or compute != 1 or programs < 96) or ring_kb > 208
-            or ((side or fast) and moe_only) or ((side or drawn) and not mma) or (side and drawn)):
+            or ((side or fast) and moe_only) or ((side or drawn) and not mma) or (side and drawn) or (cap and drawn)
+            or cap >= stages):
         raise ValueError(f"mma takes one consumer warpgroup, compute=1 and at least 96 programs, side takes mma, "
                          f"side and fast all steps, and the buffers at most 208 KB; got warpgroups {warpgroups}, "
                          f"compute {compute}, programs {programs}, side {side}, fast {fast}, moe_only {moe_only}, "
@@ -677,7 +685,7 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, counters, m.bar if trace is None else trace,
                                     m.layers, STAGES=stages, SYNC=sync, COMPUTE=compute, NWG=warpgroups,
                                     MOE_ONLY=moe_only, LOAD=load, MMA=mma, TRACE=trace is not None, FAST=fast,
-                                    SIDE=side, POLL=poll, DRAWN=drawn, num_warps=4)
+                                    SIDE=side, POLL=poll, DRAWN=drawn, CAP=cap, num_warps=4)
 
 
 def available(device: torch.device) -> bool:

@@ -403,12 +403,15 @@ def xcompile(out_dir: str) -> None:
                  for n, w in zip(("qkv", "kv", "o", "r", "13", "2"), weights.values())}
         ring = decode_layer_gluon._layer_ring_kernel
         i64 = torch.empty(4, dtype=torch.int64)
-        plain = dict(NWG=1, MOE_ONLY=False, MMA=False, TRACE=False, FAST=False, SIDE=0, POLL=False, DRAWN=False)
+        plain = dict(NWG=1, MOE_ONLY=False, MMA=False, TRACE=False, FAST=False, SIDE=0, POLL=False, DRAWN=False,
+                     CAP=0)
         ring_variants = {"": {}, "2 consumer warpgroups": dict(NWG=2), "MoE only": dict(MOE_ONLY=True),
                          "MMA": dict(MMA=True), "MMA, traced": dict(MMA=True, TRACE=True),
                          "MMA, fast top-k, 4 side buffers, polled barriers": dict(MMA=True, FAST=True, SIDE=4,
                                                                                   POLL=True),
-                         "MMA, fast top-k, drawn gate/up": dict(MMA=True, FAST=True, DRAWN=True)}
+                         "MMA, fast top-k, drawn gate/up": dict(MMA=True, FAST=True, DRAWN=True),
+                         "MMA, fast top-k, 4 side buffers, 3 loads in flight": dict(MMA=True, FAST=True, SIDE=4,
+                                                                                    CAP=3)}
         kernels += [(f"Gluon ring {name}", ring, dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, cnt_ptr=i32,
                                                        trace_ptr=i64, layers=8),
                      dict(STAGES=6, SYNC=True, COMPUTE=1, LOAD=1, **{**plain, **changes}))
@@ -462,7 +465,11 @@ def main() -> None:
                         "fast top-k, 4 side buffers": dict(fast=True, side=4),
                         "fast top-k, 5 side buffers": dict(fast=True, side=5),
                         "fast top-k, 4 side buffers, polled barriers": dict(fast=True, side=4, poll=True),
-                        "drawn gate/up": dict(drawn=True), "fast top-k, drawn gate/up": dict(fast=True, drawn=True)}
+                        "drawn gate/up": dict(drawn=True), "fast top-k, drawn gate/up": dict(fast=True, drawn=True),
+                        "fast top-k, 3 loads in flight": dict(fast=True, cap=3),
+                        "fast top-k, 4 loads in flight": dict(fast=True, cap=4),
+                        "fast top-k, 4 side buffers, 3 loads in flight": dict(fast=True, side=4, cap=3),
+                        "fast top-k, 4 side buffers, 4 loads in flight": dict(fast=True, side=4, cap=4)}
         for what, kw in mma_variants.items():
             variants[f"Gluon ring, MMA consumers, 6 stages, {what}"] = (
                 lambda kw=kw: decode_layer_gluon.run(m, sms, 6, mma=True, **kw))
@@ -498,7 +505,7 @@ def main() -> None:
         # Where a layer's time goes in the MMA ring (6 stages): the GPU timer at each step's end and barrier.
         trace = torch.zeros(args.layers, sms, decode_layer_gluon.MARKS, dtype=torch.int64, device="cuda")
         traced = {"": {}, "fast top-k, 4 side buffers, polled barriers": dict(fast=True, side=4, poll=True),
-                  "fast top-k, drawn gate/up": dict(fast=True, drawn=True),
+                  "fast top-k, 4 side buffers, 3 loads in flight": dict(fast=True, side=4, cap=3),
                   "no weight loads (timing only)": dict(load=0)}
         for what, kw in traced.items():
             if kw.get("load") == 0:
