@@ -33,8 +33,11 @@ from moeserve.kernels.gluon_support import (  # noqa: E402
     warpgroup_mma_wait,
 )
 
-TILE, ROWS = 64, 128  # a ring stage: 128 weight rows x 64 k (16 KB of bf16)
-XS = 32  # MMA consumers: a step's input chunks staged in shared memory, at most this many a program
+# A ring stage: 128 weight rows x 64 k, or with DECODE_RING_TILE=64x128 64 rows x 128 k (256-byte row segments,
+# which HBM serves faster: benchmarks/RESULTS.md, session 27). 16 KB of bf16 either way.
+ROWS, TILE = (64, 128) if os.environ.get("DECODE_RING_TILE") == "64x128" else (128, 64)
+CHUNK = 64  # MMA consumers: the input is staged in chunks of 64 values, each the B operand of one k-64 wgmma
+XS = 32  # chunks staged at most (a program's units of a step must fit, or the step's whole input)
 # `run(trace=...)`: the GPU timer (ns) at these points, a row of MARKS per layer and program. Consumer: the layer's
 # start, each step's end (arrival at its grid barrier) and the barrier's passing, the router's choice published;
 # producer: before and after waiting for that choice.
@@ -56,6 +59,9 @@ if gluon is not None:
     _GU_TILES = gl.constexpr(2 * INTER // ROWS)
     _DN_STEPS = gl.constexpr(INTER // TILE)
     _XS = gl.constexpr(XS)
+    _CH = gl.constexpr(CHUNK)
+    _HK = gl.constexpr(TILE // CHUNK)  # staged chunks a unit
+    _HM = gl.constexpr(ROWS // 64)  # 64-row MMA halves a unit
     _MARKS = gl.constexpr(MARKS)
     _ACC_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]))
     _DRAW = gl.constexpr(DRAW)
@@ -302,7 +308,7 @@ if gluon is not None:
         NORM: the input's rms norm from the staged values (`_stage_input`). Returns the ring count and the scale."""
         STAGES: gl.constexpr = ring.type.shape[0] - SIDE
         KSTEPS: gl.constexpr = K // _T
-        NS: gl.constexpr = KSTEPS if KSTEPS < _XS else _XS
+        NS: gl.constexpr = KSTEPS if KSTEPS < _XS // _HK else _XS // _HK  # units' inputs staged
         u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
         n = u1 - u0
         side = 0
@@ -310,9 +316,9 @@ if gluon is not None:
             side = gl.minimum(n, SIDE_UNITS)
         # Stage: slot j holds k step (u0 + j) % KSTEPS, so unit u reads slot (u - u0) % KSTEPS (n <= XS, `run`).
         scale = _stage_input(x_ptr, p_ptr, scale, xs, u0, KSTEPS, NS, ACT, NORM)
-        rows = gl.arange(0, _R // 2, layout=gl.SliceLayout(1, _ACC_L))
-        acc0 = gl.zeros([_R // 2, 8], gl.float32, _ACC_L)
-        acc1 = gl.zeros([_R // 2, 8], gl.float32, _ACC_L)
+        rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _ACC_L))
+        acc0 = gl.zeros([64, 8], gl.float32, _ACC_L)
+        acc1 = gl.zeros([64, 8], gl.float32, _ACC_L)
         for i in range(n):
             u = u0 + i
             t = u // KSTEPS
@@ -332,30 +338,38 @@ if gluon is not None:
     @gluon.jit
     def _stage_input(x_ptr, p_ptr, scale, xs, first, KSTEPS: gl.constexpr, NS: gl.constexpr, ACT: gl.constexpr,
                      NORM: gl.constexpr = False):
-        """The MMA consumers' input: slot j < NS of xs (row 0 of its [8, 64] tile) = k step (first + j) % KSTEPS of
-        the step's input (`_x_chunk`) times scale, in bf16; visible to the next wgmma when this returns. NORM (all
-        k steps staged): scale is 1 / rms of the values loaded, so the norm costs no read of its own. Returns
-        the scale."""
+        """The MMA consumers' input: unit slot j < NS is k step (first + j) % KSTEPS of the step's input
+        (`_x_chunk`) times scale, in bf16, as HK chunks of 64 (slots j * HK ...: row 0 of each [8, 64] tile of
+        xs); visible to the next wgmma when this returns. NORM (all k steps staged): scale is 1 / rms of the
+        values loaded, so the norm costs no read of its own. Returns the scale."""
         SL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        j = gl.arange(0, NS, layout=gl.SliceLayout(1, SL))
-        cols = gl.arange(0, _T, layout=gl.SliceLayout(0, SL))
-        x = _x_chunk(x_ptr, p_ptr, ((first + j) % KSTEPS)[:, None], cols[None, :], ACT)
+        q = gl.arange(0, NS * _HK, layout=gl.SliceLayout(1, SL))
+        cols = gl.arange(0, _CH, layout=gl.SliceLayout(0, SL))
+        x = _x_chunk(x_ptr, p_ptr, ((first + q // _HK) % KSTEPS)[:, None], ((q % _HK) * _CH)[:, None] + cols[None, :],
+                     ACT)
         if NORM:
             gl.static_assert(NS == KSTEPS, "the norm needs the whole input staged")
             scale = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NS * _T) + 1e-6)
-        flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _T], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        flat.slice(0, NS, dim=0).slice(0, _T, dim=1).store((x * scale).to(gl.bfloat16))
+        flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        flat.slice(0, NS * _HK, dim=0).slice(0, _CH, dim=1).store((x * scale).to(gl.bfloat16))
         fence_async_shared()
         gl.thread_barrier()
         return scale
 
     @gluon.jit
     def _mma_unit(ring, s, xs, slot, acc0, acc1):
-        """Issue one unit's two wgmma (the stage's 64-row halves times staged slot `slot`); wait for the unit before."""
+        """Issue one unit's wgmma (the stage's tile times unit slot `slot`'s staged input; waits for the unit
+        before): a 128 x 64 tile is two 64-row halves into acc0 and acc1, a 64 x 128 tile two 64-deep halves
+        into acc0."""
         w = ring.index(s)
-        b = xs.index(slot).permute((1, 0))
-        acc0 = warpgroup_mma(w.slice(0, _R // 2), b, acc0, is_async=True)
-        acc1 = warpgroup_mma(w.slice(_R // 2, _R // 2), b, acc1, is_async=True)
+        if _HM == 2:
+            b = xs.index(slot).permute((1, 0))
+            acc0 = warpgroup_mma(w.slice(0, 64), b, acc0, is_async=True)
+            acc1 = warpgroup_mma(w.slice(64, 64), b, acc1, is_async=True)
+        else:
+            acc0 = warpgroup_mma(w.slice(0, _CH, dim=1), xs.index(2 * slot).permute((1, 0)), acc0, is_async=True)
+            acc0 = warpgroup_mma(w.slice(_CH, _CH, dim=1), xs.index(2 * slot + 1).permute((1, 0)), acc0,
+                                 is_async=True)
         return warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))
 
     @gluon.jit
@@ -363,8 +377,9 @@ if gluon is not None:
         """Row tile t's sums so far (column 0 of the MMA sums) into y by atomics; returns fresh sums."""
         acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
         gl.atomic_add(y_ptr + t * _R + rows, gl.sum(acc0, axis=1), sem="relaxed")
-        gl.atomic_add(y_ptr + t * _R + _R // 2 + rows, gl.sum(acc1, axis=1), sem="relaxed")
-        return gl.zeros([_R // 2, 8], gl.float32, _ACC_L), gl.zeros([_R // 2, 8], gl.float32, _ACC_L)
+        if _HM == 2:
+            gl.atomic_add(y_ptr + t * _R + 64 + rows, gl.sum(acc1, axis=1), sem="relaxed")
+        return gl.zeros([64, 8], gl.float32, _ACC_L), gl.zeros([64, 8], gl.float32, _ACC_L)
 
     @gluon.jit
     def _produce_drawn(desc, row0, ids, cnt_ptr, nprog, ring, ready, empty, codes, c, LOAD: gl.constexpr,
@@ -414,11 +429,11 @@ if gluon is not None:
         the sums flushed where the code says, until the stage with code -1."""
         STAGES: gl.constexpr = ring.type.shape[0]
         KSTEPS: gl.constexpr = _HID // _T
-        _stage_input(x_ptr, x_ptr, scale, xs, 0, KSTEPS, KSTEPS, False)
+        _stage_input(x_ptr, x_ptr, scale, xs, 0, KSTEPS, KSTEPS, False)  # KSTEPS * HK = 32 chunks
         four: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        rows = gl.arange(0, _R // 2, layout=gl.SliceLayout(1, _ACC_L))
-        acc0 = gl.zeros([_R // 2, 8], gl.float32, _ACC_L)
-        acc1 = gl.zeros([_R // 2, 8], gl.float32, _ACC_L)
+        rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _ACC_L))
+        acc0 = gl.zeros([64, 8], gl.float32, _ACC_L)
+        acc1 = gl.zeros([64, 8], gl.float32, _ACC_L)
         prev = -1
         code = 0
         while code >= 0:
@@ -534,10 +549,10 @@ if gluon is not None:
         nprog = gl.num_programs(0)
         STEPS: gl.constexpr = COMPUTE != 6  # the steps' norms, top-k and grid arrivals (off: timing the tiles)
         if MMA:  # the staged inputs' rows 1-7, zero for good
-            flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _T], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+            flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
             ZL: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
             for i in gl.static_range(_XS // 8):
-                flat.slice(i * 8, 8, dim=0).store(gl.zeros([8, 8 * _T], gl.bfloat16, ZL))
+                flat.slice(i * 8, 8, dim=0).store(gl.zeros([8, 8 * _CH], gl.bfloat16, ZL))
         c = 0
         n = 0
         x_ptr = x0_ptr
@@ -617,8 +632,8 @@ if gluon is not None:
                            CAP: gl.constexpr):
         ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES + SIDE, _R, _T], d_qkv.layout)
         if MMA:  # the step's input chunks as wgmma's B operand: [8, 64] tiles, row 0 the input
-            xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _T],
-                                           gl.NVMMASharedLayout.get_default_for([8, _T], gl.bfloat16))
+            xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _CH],
+                                           gl.NVMMASharedLayout.get_default_for([8, _CH], gl.bfloat16))
         else:
             xs = ring
         ready = gl.allocate_shared_memory(gl.int64, [STAGES + SIDE, 1], mbarrier.MBarrierLayout())
@@ -669,7 +684,7 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     layer before waits for its router (mma, not moe_only). poll: grid barriers polled by loads (`_grid_wait`).
     drawn: gate/up's units drawn from a counter by whichever program is free (mma, no side buffers). cap: at most
     that many of a program's weight loads in flight (0: as many as the ring has stages; not with drawn)."""
-    ring_kb = (stages + side) * ROWS * TILE * 2 // 1024 + (XS * 8 * TILE * 2 // 1024 if mma else 0)
+    ring_kb = (stages + side) * ROWS * TILE * 2 // 1024 + (XS * 8 * CHUNK * 2 // 1024 if mma else 0)
     if (mma and (warpgroups != 1 or compute != 1 or programs < 96) or ring_kb > 208
             or ((side or fast) and moe_only) or ((side or drawn) and not mma) or (side and drawn) or (cap and drawn)
             or cap >= stages):

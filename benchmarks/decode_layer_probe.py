@@ -429,6 +429,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--stages", type=lambda t: [int(v) for v in t.split(",")], default=[12, 6],
                         help="ring depths of the Gluon variant (16 KB a stage)")
+    parser.add_argument("--rings", type=lambda t: [tuple(int(v) for v in r.split(":")) for r in t.split(",")],
+                        default=[(6, 4, 3), (6, 0, 2), (6, 4, 2), (7, 4, 3), (5, 5, 3), (4, 6, 3)],
+                        help="stages:side:cap of the MMA ring with the fast top-k, each a variant")
     parser.add_argument("--only", default="", help="run only the variants whose name matches this regex (and "
                         "skip the steps alone and the MoE comparison unless it matches 'step' / 'MoE')")
     parser.add_argument("--out", default="benchmarks/out/decode_layer_probe.json")
@@ -473,6 +476,10 @@ def main() -> None:
         for what, kw in mma_variants.items():
             variants[f"Gluon ring, MMA consumers, 6 stages, {what}"] = (
                 lambda kw=kw: decode_layer_gluon.run(m, sms, 6, mma=True, **kw))
+        for stages, side, cap in args.rings:
+            variants[f"Gluon ring, MMA consumers, fast top-k, ring {stages}:{side}:{cap} (stages:side:cap)"] = (
+                lambda stages=stages, side=side, cap=cap: decode_layer_gluon.run(m, sms, stages, mma=True, fast=True,
+                                                                                side=side, cap=cap))
         timing_only["Gluon ring, MMA consumers, no barrier waits"] = (
             lambda: decode_layer_gluon.run(m, sms, 6, sync=False, mma=True))
         timing_only["Gluon ring, MMA consumers only (no weight loads), no barrier waits"] = (
