@@ -430,8 +430,9 @@ def main() -> None:
     parser.add_argument("--stages", type=lambda t: [int(v) for v in t.split(",")], default=[12, 6],
                         help="ring depths of the Gluon variant (16 KB a stage)")
     parser.add_argument("--rings", type=lambda t: [tuple(int(v) for v in r.split(":")) for r in t.split(",")],
-                        default=[(6, 4, 3), (6, 0, 2), (6, 4, 2), (7, 4, 3), (5, 5, 3), (4, 6, 3)],
-                        help="stages:side:cap of the MMA ring with the fast top-k, each a variant")
+                        default=[(6, 0, 2), (6, 4, 2), (6, 0, 1), (8, 0, 2), (10, 0, 2), (8, 4, 2), (6, 4, 3)],
+                        help="stages:side:cap of the MMA ring with the fast top-k, each a variant (the first also "
+                        "traced)")
     parser.add_argument("--only", default="", help="run only the variants whose name matches this regex (and "
                         "skip the steps alone and the MoE comparison unless it matches 'step' / 'MoE')")
     parser.add_argument("--out", default="benchmarks/out/decode_layer_probe.json")
@@ -509,15 +510,17 @@ def main() -> None:
         print(f"{name:<16} {us:8.1f} µs a layer  {us / floor:5.2f}x floor  worst layer's rel err {err:.1e}",
               flush=True)
     if decode_layer_gluon.available(torch.device("cuda")) and re.search(args.only, "trace"):
-        # Where a layer's time goes in the MMA ring (6 stages): the GPU timer at each step's end and barrier.
+        # Where a layer's time goes in the MMA ring (6 stages, and the first of --rings): the GPU timer at each
+        # step's end and barrier.
         trace = torch.zeros(args.layers, sms, decode_layer_gluon.MARKS, dtype=torch.int64, device="cuda")
-        traced = {"": {}, "fast top-k, 4 side buffers, polled barriers": dict(fast=True, side=4, poll=True),
-                  "fast top-k, 4 side buffers, 3 loads in flight": dict(fast=True, side=4, cap=3),
-                  "no weight loads (timing only)": dict(load=0)}
+        stages, side, cap = args.rings[0]
+        traced = {"": dict(stages=6), f"fast top-k, ring {stages}:{side}:{cap}": dict(stages=stages, fast=True,
+                                                                                     side=side, cap=cap),
+                  "no weight loads (timing only)": dict(stages=6, load=0)}
         for what, kw in traced.items():
             if kw.get("load") == 0:
                 m.run_persistent(sms)  # real experts in the workspace: the producer still reads them
-            decode_layer_gluon.run(m, sms, 6, mma=True, trace=trace, **kw)
+            decode_layer_gluon.run(m, sms, mma=True, trace=trace, **kw)
             torch.cuda.synchronize()
             err = float("nan") if kw.get("load") == 0 else m.max_layer_error()
             print(f"traced {what}: worst layer's rel err {err:.1e}; µs, mean over layers 1-{args.layers - 1}")
