@@ -430,7 +430,7 @@ def main() -> None:
     parser.add_argument("--stages", type=lambda t: [int(v) for v in t.split(",")], default=[12, 6],
                         help="ring depths of the Gluon variant (16 KB a stage)")
     parser.add_argument("--rings", type=lambda t: [tuple(int(v) for v in r.split(":")) for r in t.split(",")],
-                        default=[(6, 0, 2), (6, 4, 2), (6, 0, 1), (8, 0, 2), (10, 0, 2), (8, 4, 2), (6, 4, 3)],
+                        default=[(6, 0, 2), (6, 4, 2), (6, 0, 1), (8, 0, 2), (10, 0, 2), (7, 4, 2), (8, 0, 3)],
                         help="stages:side:cap of the MMA ring with the fast top-k, each a variant (the first also "
                         "traced)")
     parser.add_argument("--only", default="", help="run only the variants whose name matches this regex (and "
