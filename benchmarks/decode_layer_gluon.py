@@ -685,11 +685,11 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     drawn: gate/up's units drawn from a counter by whichever program is free (mma, no side buffers). cap: at most
     that many of a program's weight loads in flight (0: as many as the ring has stages; not with drawn)."""
     ring_kb = (stages + side) * ROWS * TILE * 2 // 1024 + (XS * 8 * CHUNK * 2 // 1024 if mma else 0)
-    if (mma and (warpgroups != 1 or compute != 1 or programs < 96) or ring_kb > 208
+    if (mma and (warpgroups != 1 or compute != 1 or programs < 96) or ring_kb > 224
             or ((side or fast) and moe_only) or ((side or drawn) and not mma) or (side and drawn) or (cap and drawn)
             or cap >= stages):
         raise ValueError(f"mma takes one consumer warpgroup, compute=1 and at least 96 programs, side takes mma, "
-                         f"side and fast all steps, and the buffers at most 208 KB; got warpgroups {warpgroups}, "
+                         f"side and fast all steps, and the buffers at most 224 KB; got warpgroups {warpgroups}, "
                          f"compute {compute}, programs {programs}, side {side}, fast {fast}, moe_only {moe_only}, "
                          f"{ring_kb} KB")
     if sync and compute == 1 and load == 1 and not moe_only:

@@ -430,7 +430,7 @@ def main() -> None:
     parser.add_argument("--stages", type=lambda t: [int(v) for v in t.split(",")], default=[12, 6],
                         help="ring depths of the Gluon variant (16 KB a stage)")
     parser.add_argument("--rings", type=lambda t: [tuple(int(v) for v in r.split(":")) for r in t.split(",")],
-                        default=[(6, 0, 2), (6, 4, 2), (6, 0, 1), (8, 0, 2), (10, 0, 2), (7, 4, 2), (8, 0, 3)],
+                        default=[(10, 0, 2), (11, 0, 2), (12, 0, 2), (9, 2, 2), (10, 0, 3), (12, 0, 3)],
                         help="stages:side:cap of the MMA ring with the fast top-k, each a variant (the first also "
                         "traced)")
     parser.add_argument("--only", default="", help="run only the variants whose name matches this regex (and "
@@ -486,6 +486,8 @@ def main() -> None:
         timing_only["Gluon ring, MMA consumers only (no weight loads), no barrier waits"] = (
             lambda: decode_layer_gluon.run(m, sms, 6, sync=False, load=0, mma=True))
         timing_only["Gluon ring, weights only"] = lambda: decode_layer_gluon.run(m, sms, sync=False, compute=0)
+        timing_only["Gluon ring, weights only, 10 stages, 2 loads in flight"] = (
+            lambda: decode_layer_gluon.run(m, sms, 10, sync=False, compute=0, cap=2))
         for mode, what in ((1, ""), (2, ", no barrier a tile"), (3, ", no input loads"), (4, ", neither")):
             timing_only[f"Gluon ring, consumers only (no weight loads), no barrier waits{what}"] = (
                 lambda mode=mode: decode_layer_gluon.run(m, sms, sync=False, load=0, compute=mode))
