@@ -33,9 +33,9 @@ from moeserve.kernels.gluon_support import (  # noqa: E402
     warpgroup_mma_wait,
 )
 
-# A ring stage: 128 weight rows x 64 k, or with DECODE_RING_TILE=64x128 64 rows x 128 k (256-byte row segments,
-# which HBM serves faster: benchmarks/RESULTS.md, session 27). 16 KB of bf16 either way.
-ROWS, TILE = (64, 128) if os.environ.get("DECODE_RING_TILE") == "64x128" else (128, 64)
+# A ring stage: 64 weight rows x 128 k (256-byte row segments, which HBM serves faster: benchmarks/RESULTS.md,
+# session 27), or with DECODE_RING_TILE=128x64 128 rows x 64 k (sessions 27-28's first figures). 16 KB of bf16.
+ROWS, TILE = (128, 64) if os.environ.get("DECODE_RING_TILE") == "128x64" else (64, 128)
 CHUNK = 64  # MMA consumers: the input is staged in chunks of 64 values, each the B operand of one k-64 wgmma
 XS = 32  # chunks staged at most (a program's units of a step must fit, or the step's whole input)
 # `run(trace=...)`: the GPU timer (ns) at these points, a row of MARKS per layer and program. Consumer: the layer's
