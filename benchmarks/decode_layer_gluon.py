@@ -8,6 +8,15 @@ stages) compute each step's GEMV on CUDA cores from the ring once the step's inp
 barriers as the Triton probe's persistent kernel). So the weight stream runs through the barriers and the small
 steps, up to the ring's depth (stages x 16 KB a multiprocessor), where the Triton kernels' loads start only after
 each barrier. Same steps, work split, workspace and results as `decode_layer_probe`; Triton 3.6's Gluon, Hopper.
+
+With MMA (`run(mma=True)`) one consumer warpgroup runs the GEMVs on the tensor cores: after each barrier it stages
+the step's input (its units' k steps, or all of them) once in shared memory as bf16, row 0 of [8, 64] tiles whose
+other rows stay zero, and each unit is wgmma m64n8 of the ring's weight tile against them; a norm comes from the
+values staged. Options, each measured (benchmarks/RESULTS.md, "Engine on one H100 / Session 28"): the router's
+choice by ranks, handed to the producer in shared memory (`fast`); side buffers that load the next layer's first
+qkv tiles while the producer waits for the router (`side`); barriers polled by loads (`poll`); gate/up's units
+drawn from a counter (`drawn`); at most `cap` loads in flight a program. The best found: 64 x 128 tiles, fast,
+10 stages, cap 2 (49.3 µs a layer against 59.5 for the CUDA-core consumers).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Can a batch-1 decode layer stream its weights near the HBM floor in one persistent kernel? A probe.
 
-    python benchmarks/decode_layer_probe.py [--layers 8] [--stages 12,6] [--out benchmarks/out/decode_layer_probe.json]
+    python benchmarks/decode_layer_probe.py [--layers 8] [--stages 12,6] [--rings 10:0:2,...] [--only REGEX]
+                                            [--out benchmarks/out/decode_layer_probe.json]
     python benchmarks/decode_layer_probe.py --xcompile DIR   # no GPU: the kernels built for sm_90a (xcompile.py)
 
 At batch 1 the engine's Qwen3-30B-A3B layer takes 65.5 µs against a 39 µs byte floor (benchmarks/RESULTS.md,
@@ -28,7 +29,17 @@ steps, timed as CUDA graphs over `--layers` layers with their own weights (nothi
   also timed without waiting at the barriers, with consumers that only take the tiles (the stream's own rate),
   and with a producer that loads nothing (the consumers' own rate, taken apart by `decode_layer_gluon.run`'s
   ablations); these timing-only rows give wrong results;
+- `MMA consumers`: the same ring with the GEMVs on the tensor cores, and its options (`decode_layer_gluon.run`):
+  the router's choice by ranks (`fast top-k`), side buffers for the next layer's first qkv tiles, barriers polled
+  by loads, gate/up's units drawn from a counter, and a cap on each program's loads in flight; `--rings` sweeps
+  ring depth, side buffers and the cap;
+- `traced`: the MMA ring with the GPU timer read at each step's end and barrier (`decode_layer_gluon.trace_report`:
+  each step's time, each barrier's skew and latency, the producer's wait for the router's choice), for the base
+  ring, the first `--rings` entry, and a producer that loads nothing (the barriers unloaded);
 - the MoE alone: the engine's `fused_moe` (its M=1 table entry) against the ring running only gate/up and down.
+
+`--only REGEX` runs the variants whose names match (and the steps alone / the MoE rows / the traces if it matches
+"step" / "MoE" / "trace").
 
 Reported: µs a layer, the floor (weight bytes over the copy rate measured here), and their ratio. A check against
 torch (fp32, the kernel's own expert choices) guards the arithmetic. fp32 atomics make the sums' order vary run to
