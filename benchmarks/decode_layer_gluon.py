@@ -29,7 +29,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from decode_layer_probe import ATT, EXPERTS, HID, INTER, KVS, OFFS, QKV, TOP_K, WS  # noqa: E402
+from decode_layer_probe import (  # noqa: E402
+    ATT,
+    ATT_UNITS,
+    CHUNK_TOKENS,
+    CONTEXT,
+    EXPERTS,
+    HEAD_DIM,
+    HID,
+    INTER,
+    KV_HEADS,
+    KVS,
+    OFFS,
+    QKV,
+    TOP_K,
+    WS,
+)
 
 from moeserve.kernels.gluon_support import (  # noqa: E402
     fence_async_shared,
@@ -64,6 +79,12 @@ if gluon is not None:
     _O_A, _O_O, _O_R = gl.constexpr(OFFS["a"]), gl.constexpr(OFFS["o"]), gl.constexpr(OFFS["r"])
     _O_GU, _O_X = gl.constexpr(OFFS["gu"]), gl.constexpr(OFFS["x"])
     _O_IDS, _O_P, _WS = gl.constexpr(OFFS["ids"]), gl.constexpr(OFFS["p"]), gl.constexpr(WS)
+    _O_AM, _O_AL, _O_AO = gl.constexpr(OFFS["am"]), gl.constexpr(OFFS["al"]), gl.constexpr(OFFS["ao"])
+    _CTX, _KVH, _HD = gl.constexpr(CONTEXT), gl.constexpr(KV_HEADS), gl.constexpr(HEAD_DIM)
+    _CT = gl.constexpr(CHUNK_TOKENS)
+    _AU, _CPH = gl.constexpr(ATT_UNITS), gl.constexpr(CONTEXT // CHUNK_TOKENS)  # units; chunks a kv head
+    _GRP = gl.constexpr(ATT // HEAD_DIM // KV_HEADS)  # query heads a kv head (8: wgmma's N)
+    _SM_SCALE = gl.constexpr(HEAD_DIM ** -0.5)
     # An expert's row tiles in gate/up (gate's rows, then up's) and k steps in down.
     _GU_TILES = gl.constexpr(2 * INTER // ROWS)
     _DN_STEPS = gl.constexpr(INTER // TILE)
@@ -137,6 +158,19 @@ if gluon is not None:
                       layer & 1, LOAD)
 
     @gluon.jit
+    def _produce_attn(d_kc, d_vc, layer, ring, ready, empty, c, pid, nprog, LOAD: gl.constexpr, SIDE: gl.constexpr,
+                      CAP: gl.constexpr):
+        """Producer, real attention: each of the program's (kv head, 64-token chunk) units as its K tile, then its
+        V tile ([64 tokens, 128] each, one ring stage). The past tokens' cache does not depend on the layer's qkv,
+        so these stream ahead of it like weights."""
+        u0, u1 = _units(pid, nprog, _AU)
+        for u in range(u0, u1):
+            row = (layer * _KVH + u // _CPH) * _CTX + (u % _CPH) * _CT
+            c = _issue(d_kc, row, 0, ring, ready, empty, c, LOAD, SIDE, CAP)
+            c = _issue(d_vc, row, 0, ring, ready, empty, c, LOAD, SIDE, CAP)
+        return c
+
+    @gluon.jit
     def _produce_dense(desc, row0, N_TILES: gl.constexpr, KSTEPS: gl.constexpr, ring, ready, empty, c, pid, nprog,
                        LOAD: gl.constexpr, ids=None, EXPERT_TILES: gl.constexpr = 0, skip=0, FAST: gl.constexpr = False,
                        SIDE: gl.constexpr = 0, CAP: gl.constexpr = 0):
@@ -156,13 +190,15 @@ if gluon is not None:
         return c
 
     @gluon.jit
-    def _producer(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem, codes, cnt_ptr,
-                  trace_ptr, layers, MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, TRACE: gl.constexpr,
-                  FAST: gl.constexpr, SIDE: gl.constexpr, DRAWN: gl.constexpr, CAP: gl.constexpr):
+    def _producer(d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, ring, ready, empty, ids_bar, ids_smem, codes,
+                  cnt_ptr, trace_ptr, layers, MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, TRACE: gl.constexpr,
+                  FAST: gl.constexpr, SIDE: gl.constexpr, DRAWN: gl.constexpr, CAP: gl.constexpr,
+                  ATTN: gl.constexpr):
         """Every step's weight tiles, layer after layer, into the ring; before the gate/up tiles, the router's
         choice (FAST: from ids_smem). SIDE: each layer's first qkv tiles go to the side buffers, loaded while the
         layer before waits for its router's choice (`_produce_side`). DRAWN: gate/up's units drawn from a counter a
-        layer (`_produce_drawn`). CAP: at most CAP loads in flight (`_issue`)."""
+        layer (`_produce_drawn`). CAP: at most CAP loads in flight (`_issue`). ATTN: the KV cache's tiles rather
+        than the stand-in GEMV's weights (`_produce_attn`)."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         c = 0
@@ -175,8 +211,11 @@ if gluon is not None:
             if not MOE_ONLY:
                 c = _produce_dense(d_qkv, layer * _QKV, _QKV // _R, _HID // _T, ring, ready, empty, c, pid, nprog,
                                    LOAD, skip=skip, SIDE=SIDE, CAP=CAP)
-                c = _produce_dense(d_kv, layer * _ATT, _ATT // _R, _KVS // _T, ring, ready, empty, c, pid, nprog,
-                                   LOAD, SIDE=SIDE, CAP=CAP)
+                if ATTN:
+                    c = _produce_attn(d_kc, d_vc, layer, ring, ready, empty, c, pid, nprog, LOAD, SIDE, CAP)
+                else:
+                    c = _produce_dense(d_kv, layer * _ATT, _ATT // _R, _KVS // _T, ring, ready, empty, c, pid,
+                                       nprog, LOAD, SIDE=SIDE, CAP=CAP)
                 c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog,
                                    LOAD, SIDE=SIDE, CAP=CAP)
                 c = _produce_dense(d_r, layer * _EXPERTS, _EXPERTS // _R, _HID // _T, ring, ready, empty, c, pid,
@@ -254,14 +293,30 @@ if gluon is not None:
 
     @gluon.jit
     def _x_chunk(x_ptr, p_ptr, ks, cols, ACT: gl.constexpr):
-        """The input's 64 values of k step ks: x[ks * 64 + cols], or with ACT (down, x_ptr: the gate/up sums)
-        silu(g) * u * p of expert ks // 12's channels."""
-        if ACT:
+        """The input's values at k step ks, columns cols: x[ks * TILE + cols]; with ACT 1 (down, x_ptr: the gate/up
+        sums) silu(g) * u * p of expert ks // DN_STEPS's channels; with ACT 2 (o after real attention, x_ptr: the
+        layer's workspace) the attention output, merged from its chunks' partials (`_attend`)."""
+        if ACT == 1:
             j = ks // _DN_STEPS
             ch = (ks % _DN_STEPS) * _T + cols
             g = gl.load(x_ptr + j * 2 * _INTER + ch)
             up = gl.load(x_ptr + j * 2 * _INTER + _INTER + ch)
             x = g / (1.0 + gl.exp(-g)) * up * gl.load(p_ptr + j)
+        elif ACT == 2:
+            k = ks * _T + cols
+            head = k // _HD  # query head
+            first = (head // _GRP) * _CPH * _GRP + head % _GRP  # its partials: (unit * GRP + head in group)
+            top = gl.load(x_ptr + _O_AM + first)
+            for cc in gl.static_range(1, _CPH):
+                top = gl.maximum(top, gl.load(x_ptr + _O_AM + first + cc * _GRP))
+            num = gl.zeros_like(top)
+            den = gl.zeros_like(top)
+            for cc in gl.static_range(_CPH):
+                i = first + cc * _GRP
+                w = gl.exp(gl.load(x_ptr + _O_AM + i) - top)
+                num += w * gl.load(x_ptr + _O_AO + i * _HD + k % _HD)
+                den += w * gl.load(x_ptr + _O_AL + i)
+            x = num / den
         else:
             x = gl.load(x_ptr + ks * _T + cols)
         return x
@@ -343,6 +398,76 @@ if gluon is not None:
             gl.thread_barrier()
             mbarrier.arrive(empty.index(_stage_of(c, n - 1, side, layer, STAGES)[0]))
         return c + n - side, scale
+
+    @gluon.jit
+    def _attend(ws, ring, ready, empty, qs, ps, c, pid, nprog, STAGES: gl.constexpr):
+        """Consumer, real attention over the program's (kv head h, chunk) units, flash-decoding style: S^T = K . q^T
+        ([64 tokens, 8 query heads], wgmma with the group's q, scaled by 1/sqrt(d), as the B operand in qs), the
+        chunk's softmax by column, O^T = V^T . P^T (V's tile as a transposed A operand, P^T through ps), and the
+        chunk's maxima, sums and unnormalised outputs to the workspace (am, al, ao) for the o step to merge
+        (`_x_chunk`). The last chunk also takes the new token, whose k and v come from the qkv step."""
+        QL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # [8, 64] q halves
+        NL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])  # [8, 128] q for the new token
+        heads_l: gl.constexpr = gl.SliceLayout(0, _ACC_L)
+        dims_l: gl.constexpr = gl.SliceLayout(1, _ACC_L)
+        qi = gl.arange(0, _GRP, layout=gl.SliceLayout(1, QL))
+        qd = gl.arange(0, _CH, layout=gl.SliceLayout(0, QL))
+        ni = gl.arange(0, _GRP, layout=gl.SliceLayout(1, NL))
+        nd = gl.arange(0, _HD, layout=gl.SliceLayout(0, NL))
+        heads = gl.arange(0, _GRP, layout=heads_l)
+        dims = gl.arange(0, 64, layout=dims_l)
+        u0, u1 = _units(pid, nprog, _AU)
+        for u in range(u0, u1):
+            h = u // _CPH
+            last = (u % _CPH) == _CPH - 1
+            q_rows = ws + (h * _GRP + qi)[:, None] * _HD
+            for half in gl.static_range(2):
+                qs.index(half).store((gl.load(q_rows + half * _CH + qd[None, :]) * _SM_SCALE).to(gl.bfloat16))
+            fence_async_shared()
+            gl.thread_barrier()
+            # The new token's score from the same bf16 values (used by the last chunk only).
+            qn = (gl.load(ws + (h * _GRP + ni)[:, None] * _HD + nd[None, :]) * _SM_SCALE).to(gl.bfloat16)
+            kn = gl.load(ws + _ATT + h * _HD + nd).to(gl.bfloat16)
+            s_new = gl.convert_layout(gl.sum(qn.to(gl.float32) * kn.to(gl.float32)[None, :], axis=1), heads_l)
+            # S^T = K . q^T
+            sk = c % STAGES
+            mbarrier.wait(ready.index(sk), (c // STAGES) & 1)
+            kt = ring.index(sk)
+            acc = gl.zeros([_CT, _GRP], gl.float32, _ACC_L)
+            acc = warpgroup_mma(kt.slice(0, _CH, dim=1), qs.index(0).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(kt.slice(_CH, _CH, dim=1), qs.index(1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(sk))
+            top = gl.max(acc, axis=0)
+            top = gl.where(last, gl.maximum(top, s_new), top)
+            p = gl.exp(acc - top[None, :])
+            p_new = gl.where(last, gl.exp(s_new - top), 0.0)
+            total = gl.sum(p, axis=0) + p_new
+            ps.store(gl.permute(p, (1, 0)).to(gl.bfloat16))
+            fence_async_shared()
+            gl.thread_barrier()
+            # O^T = V^T . P^T, in two 64-dim halves
+            sv = (c + 1) % STAGES
+            mbarrier.wait(ready.index(sv), ((c + 1) // STAGES) & 1)
+            vt = ring.index(sv)
+            o0 = warpgroup_mma(vt.slice(0, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)),
+                               gl.zeros([64, _GRP], gl.float32, _ACC_L), is_async=True)
+            o1 = warpgroup_mma(vt.slice(_CH, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)),
+                               gl.zeros([64, _GRP], gl.float32, _ACC_L), is_async=True)
+            o0, o1 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1))
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(sv))
+            c += 2
+            v_new = ws + _ATT + _KVH * _HD + h * _HD
+            o0 += gl.load(v_new + dims).to(gl.bfloat16).to(gl.float32)[:, None] * p_new[None, :]
+            o1 += gl.load(v_new + 64 + dims).to(gl.bfloat16).to(gl.float32)[:, None] * p_new[None, :]
+            part = u * _GRP + heads
+            gl.store(ws + _O_AM + part, top)
+            gl.store(ws + _O_AL + part, total)
+            gl.store(ws + _O_AO + part[None, :] * _HD + dims[:, None], o0)
+            gl.store(ws + _O_AO + part[None, :] * _HD + 64 + dims[:, None], o1)
+        return c
 
     @gluon.jit
     def _stage_input(x_ptr, p_ptr, scale, xs, first, KSTEPS: gl.constexpr, NS: gl.constexpr, ACT: gl.constexpr,
@@ -547,10 +672,10 @@ if gluon is not None:
         ids_smem.store(ids)
 
     @gluon.jit
-    def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, trace_ptr, layers,
-                  SYNC: gl.constexpr, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr,
+    def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps, trace_ptr,
+                  layers, SYNC: gl.constexpr, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr,
                   MOE_ONLY: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr, FAST: gl.constexpr,
-                  SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr):
+                  SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr, ATTN: gl.constexpr):
         """Consumer warpgroup WG of NWG: the steps' GEMVs from its ring stages, a grid barrier between steps
         (every warpgroup of every program arrives). MOE_ONLY: gate/up and down only, on the o, experts and
         probabilities the workspace holds."""
@@ -578,11 +703,18 @@ if gluon is not None:
                 c, _ = _gemv_step(x_ptr, ws, ws, 1.0, _QKV // _R, _HID, False, ring, ready, empty, c, pid, nprog,
                                   COMPUTE, WG, NWG, xs, MMA, SIDE, layer, SIDE, NORM=STEPS)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 1, TRACE, POLL)
-                c, _ = _gemv_step(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid, nprog,
-                                  COMPUTE, WG, NWG, xs, MMA, SIDE)
+                if ATTN:
+                    c = _attend(ws, ring, ready, empty, qs, ps, c, pid, nprog, ring.type.shape[0] - SIDE)
+                else:
+                    c, _ = _gemv_step(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid,
+                                      nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 3, TRACE, POLL)
-                c, _ = _gemv_step(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, False, ring, ready, empty, c,
-                                  pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+                if ATTN:  # o's input: the attention partials, merged as they are staged
+                    c, _ = _gemv_step(ws, ws + _O_O, ws, 1.0, _HID // _R, _ATT, 2, ring, ready, empty, c, pid,
+                                      nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+                else:
+                    c, _ = _gemv_step(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, 0, ring, ready, empty, c,
+                                      pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 5, TRACE, POLL)
                 c, scale = _gemv_step(ws + _O_O, ws + _O_R, ws, 1.0, _EXPERTS // _R, _HID, False, ring, ready,
                                       empty, c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, NORM=STEPS)
@@ -634,11 +766,12 @@ if gluon is not None:
             gl.store(trace + i, now)
 
     @gluon.jit
-    def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, x0_ptr, bar_ptr, cnt_ptr, trace_ptr, layers,
+    def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, x0_ptr, bar_ptr, cnt_ptr, trace_ptr,
+                           layers,
                            STAGES: gl.constexpr, SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr,
                            MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr,
                            FAST: gl.constexpr, SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr,
-                           CAP: gl.constexpr):
+                           CAP: gl.constexpr, ATTN: gl.constexpr):
         ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES + SIDE, _R, _T], d_qkv.layout)
         if MMA:  # the step's input chunks as wgmma's B operand: [8, 64] tiles, row 0 the input
             xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _CH],
@@ -654,31 +787,42 @@ if gluon is not None:
         mbarrier.init(ids_bar, count=1)
         ids_smem = gl.allocate_shared_memory(gl.int32, [_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         codes = gl.allocate_shared_memory(gl.int32, [STAGES + SIDE, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        if ATTN:  # real attention's B operands: the group's q (two 64-dim halves) and the chunk's P^T
+            qs = gl.allocate_shared_memory(gl.bfloat16, [2, _GRP, _CH],
+                                           gl.NVMMASharedLayout.get_default_for([_GRP, _CH], gl.bfloat16))
+            ps = gl.allocate_shared_memory(gl.bfloat16, [_GRP, _CT],
+                                           gl.NVMMASharedLayout.get_default_for([_GRP, _CT], gl.bfloat16))
+        else:
+            qs = xs
+            ps = xs
         # (Gluon takes no JIT function from a variable: the producer's entry is written out in both lists.)
         if NWG == 2:
             gl.warp_specialize([
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, trace_ptr,
-                             layers, SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL,
-                             DRAWN)),
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, trace_ptr,
-                             layers, SYNC, COMPUTE, gl.constexpr(1), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL,
-                             DRAWN)),
-                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem,
-                             codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
+                             trace_ptr, layers, SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE,
+                             POLL, DRAWN, ATTN)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
+                             trace_ptr, layers, SYNC, COMPUTE, gl.constexpr(1), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE,
+                             POLL, DRAWN, ATTN)),
+                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, ring, ready, empty, ids_bar,
+                             ids_smem, codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP,
+                             ATTN)),
             ], [4, 1], [232, 40])
         else:
             gl.warp_specialize([
-                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, trace_ptr,
-                             layers, SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL,
-                             DRAWN)),
-                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, ws_ptr, ring, ready, empty, ids_bar, ids_smem,
-                             codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP)),
+                (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
+                             trace_ptr, layers, SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE,
+                             POLL, DRAWN, ATTN)),
+                (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, ring, ready, empty, ids_bar,
+                             ids_smem, codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP,
+                             ATTN)),
             ], [1], [48])
 
 
 def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1, warpgroups: int = 1,
         moe_only: bool = False, load: int = 1, mma: bool = False, trace: torch.Tensor | None = None,
-        fast: bool = False, side: int = 0, poll: bool = False, drawn: bool = False, cap: int = 0) -> None:
+        fast: bool = False, side: int = 0, poll: bool = False, drawn: bool = False, cap: int = 0,
+        attention: bool = False) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
     stream alone: sync=False skips the grid barriers' waits, compute=0 the consumers' arithmetic (results are
     then wrong; the workspace is kept, so the experts chosen stay those of the run before), compute=2-4 parts of
@@ -692,11 +836,13 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     memory (`_top_k_ranks`). side: that many side buffers for each layer's first qkv tiles, loaded while the
     layer before waits for its router (mma, not moe_only). poll: grid barriers polled by loads (`_grid_wait`).
     drawn: gate/up's units drawn from a counter by whichever program is free (mma, no side buffers). cap: at most
-    that many of a program's weight loads in flight (0: as many as the ring has stages; not with drawn)."""
+    that many of a program's weight loads in flight (0: as many as the ring has stages; not with drawn). attention:
+    real attention over m's KV cache in place of the stand-in GEMV (mma, 64 x 128 tiles; sets m.attention, which
+    the reference check follows)."""
     ring_kb = (stages + side) * ROWS * TILE * 2 // 1024 + (XS * 8 * CHUNK * 2 // 1024 if mma else 0)
     if (mma and (warpgroups != 1 or compute != 1 or programs < 96) or ring_kb > 224
             or ((side or fast) and moe_only) or ((side or drawn) and not mma) or (side and drawn) or (cap and drawn)
-            or cap >= stages):
+            or cap >= stages or (attention and (not mma or (ROWS, TILE) != (CHUNK_TOKENS, HEAD_DIM)))):
         raise ValueError(f"mma takes one consumer warpgroup, compute=1 and at least 96 programs, side takes mma, "
                          f"side and fast all steps, and the buffers at most 224 KB; got warpgroups {warpgroups}, "
                          f"compute {compute}, programs {programs}, side {side}, fast {fast}, moe_only {moe_only}, "
@@ -704,12 +850,13 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     if sync and compute == 1 and load == 1 and not moe_only:
         m.ws.zero_()
     m.bar.zero_()
-    descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in m.weights()]
+    m.attention = attention
+    descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in (*m.weights(), m.k_cache, m.v_cache)]
     counters = torch.zeros(m.layers, dtype=torch.int32, device=m.ws.device)
     _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, counters, m.bar if trace is None else trace,
                                     m.layers, STAGES=stages, SYNC=sync, COMPUTE=compute, NWG=warpgroups,
                                     MOE_ONLY=moe_only, LOAD=load, MMA=mma, TRACE=trace is not None, FAST=fast,
-                                    SIDE=side, POLL=poll, DRAWN=drawn, CAP=cap, num_warps=4)
+                                    SIDE=side, POLL=poll, DRAWN=drawn, CAP=cap, ATTN=attention, num_warps=4)
 
 
 def available(device: torch.device) -> bool:

@@ -72,10 +72,18 @@ _EXPERTS, _TOP_K, _INTER = tl.constexpr(EXPERTS), tl.constexpr(TOP_K), tl.conste
 _BN, _BK = tl.constexpr(BN), tl.constexpr(BK)
 # Workspace per layer (fp32): qkv, a, o, router logits, gate/up sums, x' (the next layer's input), expert ids and
 # their probabilities.
+# Real attention (the Gluon ring's `attention` option): GQA over a KV cache of CONTEXT past tokens plus the new one,
+# KV_HEADS heads of HEAD_DIM, ATT // HEAD_DIM query heads; split into (head, 64-token chunk) units whose partial
+# maxima, sums and outputs go to the workspace's am, al and ao, merged by the o step.
+CONTEXT, KV_HEADS, HEAD_DIM, CHUNK_TOKENS = 1024, 4, 128, 64
+ATT_UNITS = KV_HEADS * CONTEXT // CHUNK_TOKENS
+Q_HEADS = ATT // HEAD_DIM
+assert QKV == ATT + 2 * KV_HEADS * HEAD_DIM
 OFFS = {}
 _at = 0
 for _name, _size in (("qkv", QKV), ("a", ATT), ("o", HID), ("r", EXPERTS), ("gu", TOP_K * 2 * INTER), ("x", HID),
-                     ("ids", TOP_K), ("p", TOP_K)):
+                     ("ids", TOP_K), ("p", TOP_K), ("am", ATT_UNITS * Q_HEADS // KV_HEADS),
+                     ("al", ATT_UNITS * Q_HEADS // KV_HEADS), ("ao", ATT_UNITS * Q_HEADS // KV_HEADS * HEAD_DIM)):
     OFFS[_name] = _at
     _at += _size
 WS = _at
@@ -305,6 +313,10 @@ class Layers:
         self.wqkv, self.wkv, self.wo = w(layers, QKV, HID), w(layers, ATT, KVS), w(layers, HID, ATT)
         self.wr = w(layers, EXPERTS, HID)
         self.w13, self.w2 = w(layers, EXPERTS, 2 * INTER, HID), w(layers, EXPERTS, HID, INTER)
+        # The KV cache of the past tokens, [layer, kv head, token, dim] (contiguous per head: the engine's is paged).
+        self.k_cache = torch.randn(layers, KV_HEADS, CONTEXT, HEAD_DIM, generator=g, device=device).to(BF16)
+        self.v_cache = torch.randn(layers, KV_HEADS, CONTEXT, HEAD_DIM, generator=g, device=device).to(BF16)
+        self.attention = False  # the reference's second step: set by the runs with real attention
         self.x0 = torch.randn(HID, generator=g, device=device)
         self.ws = torch.zeros(layers, WS, device=device)
         self.bar = torch.zeros(1, dtype=torch.int32, device=device)
@@ -318,6 +330,7 @@ class Layers:
         return ws if layer is None else tuple(t[layer] for t in ws)
 
     def run_persistent(self, programs: int, prefetch: bool = False) -> None:
+        self.attention = False
         self.ws.zero_()
         self.bar.zero_()
         _persistent_kernel[(programs,)](self.ws, self.x0, self.bar, *self.weights(), self.layers,
@@ -327,6 +340,7 @@ class Layers:
                      zero: bool = True) -> None:
         """One launch per step of each layer (only `steps`, for a step's own time: then the inputs are whatever
         the workspace holds, and zero=False keeps them)."""
+        self.attention = False
         if zero:
             self.ws.zero_()
         x = self.x0
@@ -371,6 +385,17 @@ class Layers:
             worst = max(worst, ((got - ref).norm() / ref.norm()).item())
         return worst
 
+    def _reference_attention(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Each query head's softmax(q . K / sqrt(d)) . V over the cache's CONTEXT tokens and the new one (fp32 on
+        bf16-rounded q, k and v): the flattened [Q_HEADS * HEAD_DIM] attention output."""
+        group = Q_HEADS // KV_HEADS
+        q = qkv[:ATT].to(BF16).float().view(KV_HEADS, group, HEAD_DIM)
+        k_new, v_new = qkv[ATT:].to(BF16).float().view(2, KV_HEADS, 1, HEAD_DIM)
+        k = torch.cat([self.k_cache[layer].float(), k_new], dim=1)
+        v = torch.cat([self.v_cache[layer].float(), v_new], dim=1)
+        p = torch.softmax(q @ k.transpose(1, 2) / HEAD_DIM ** 0.5, dim=-1)
+        return (p @ v).reshape(-1)
+
     def _reference_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         wqkv, wkv, wo, wr, w13, w2 = (t.float() for t in self.weights(layer))
 
@@ -381,7 +406,10 @@ class Layers:
             return v.to(BF16).float()
 
         qkv = wqkv @ bf(rms(x))
-        o = wo @ bf(wkv @ bf(qkv[:KVS]))
+        if self.attention:
+            o = wo @ bf(self._reference_attention(layer, qkv))
+        else:
+            o = wo @ bf(wkv @ bf(qkv[:KVS]))
         ws = self.ws[layer]
         ids = ws[OFFS["ids"]:OFFS["ids"] + TOP_K].long()
         p = ws[OFFS["p"]:OFFS["p"] + TOP_K]
@@ -410,19 +438,22 @@ def xcompile(out_dir: str) -> None:
     import decode_layer_gluon
 
     if decode_layer_gluon.gluon is not None:
+        cache = torch.empty(KV_HEADS * CONTEXT, HEAD_DIM, dtype=BF16)
         descs = {f"d_{n}": decode_layer_gluon.host_descriptor(w, [decode_layer_gluon.ROWS, decode_layer_gluon.TILE])
-                 for n, w in zip(("qkv", "kv", "o", "r", "13", "2"), weights.values())}
+                 for n, w in zip(("qkv", "kv", "o", "r", "13", "2", "kc", "vc"), (*weights.values(), cache, cache))}
         ring = decode_layer_gluon._layer_ring_kernel
         i64 = torch.empty(4, dtype=torch.int64)
         plain = dict(NWG=1, MOE_ONLY=False, MMA=False, TRACE=False, FAST=False, SIDE=0, POLL=False, DRAWN=False,
-                     CAP=0)
+                     CAP=0, ATTN=False)
         ring_variants = {"": {}, "2 consumer warpgroups": dict(NWG=2), "MoE only": dict(MOE_ONLY=True),
                          "MMA": dict(MMA=True), "MMA, traced": dict(MMA=True, TRACE=True),
                          "MMA, fast top-k, 4 side buffers, polled barriers": dict(MMA=True, FAST=True, SIDE=4,
                                                                                   POLL=True),
                          "MMA, fast top-k, drawn gate/up": dict(MMA=True, FAST=True, DRAWN=True),
                          "MMA, fast top-k, 4 side buffers, 3 loads in flight": dict(MMA=True, FAST=True, SIDE=4,
-                                                                                    CAP=3)}
+                                                                                    CAP=3),
+                         "MMA, fast top-k, 2 loads in flight, attention": dict(MMA=True, FAST=True, CAP=2,
+                                                                              ATTN=True)}
         kernels += [(f"Gluon ring {name}", ring, dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, cnt_ptr=i32,
                                                        trace_ptr=i64, layers=8),
                      dict(STAGES=6, SYNC=True, COMPUTE=1, LOAD=1, **{**plain, **changes}))
@@ -492,6 +523,9 @@ def main() -> None:
             variants[f"Gluon ring, MMA consumers, fast top-k, ring {stages}:{side}:{cap} (stages:side:cap)"] = (
                 lambda stages=stages, side=side, cap=cap: decode_layer_gluon.run(m, sms, stages, mma=True, fast=True,
                                                                                 side=side, cap=cap))
+        stages, side, cap = args.rings[0]
+        variants[f"Gluon ring, MMA consumers, fast top-k, ring {stages}:{side}:{cap}, real attention"] = (
+            lambda: decode_layer_gluon.run(m, sms, stages, mma=True, fast=True, side=side, cap=cap, attention=True))
         timing_only["Gluon ring, MMA consumers, no barrier waits"] = (
             lambda: decode_layer_gluon.run(m, sms, 6, sync=False, mma=True))
         timing_only["Gluon ring, MMA consumers only (no weight loads), no barrier waits"] = (
@@ -529,6 +563,8 @@ def main() -> None:
         stages, side, cap = args.rings[0]
         traced = {"": dict(stages=6), f"fast top-k, ring {stages}:{side}:{cap}": dict(stages=stages, fast=True,
                                                                                      side=side, cap=cap),
+                  f"fast top-k, ring {stages}:{side}:{cap}, real attention": dict(stages=stages, fast=True, side=side,
+                                                                                   cap=cap, attention=True),
                   "no weight loads (timing only)": dict(stages=6, load=0)}
         for what, kw in traced.items():
             if kw.get("load") == 0:
