@@ -85,6 +85,8 @@ if gluon is not None:
     _AU, _CPH = gl.constexpr(ATT_UNITS), gl.constexpr(CONTEXT // CHUNK_TOKENS)  # units; chunks a kv head
     _GRP = gl.constexpr(ATT // HEAD_DIM // KV_HEADS)  # query heads a kv head (8: wgmma's N)
     _SM_SCALE = gl.constexpr(HEAD_DIM ** -0.5)
+    _MERGE_UNITS = gl.constexpr(8)  # the o step's units a program has, at most, with real attention
+    _MERGE_BATCH = gl.constexpr(int(os.environ.get('DECODE_MERGE_BATCH', '8')))  # chunks merged a loop step
     # An expert's row tiles in gate/up (gate's rows, then up's) and k steps in down.
     _GU_TILES = gl.constexpr(2 * INTER // ROWS)
     _DN_STEPS = gl.constexpr(INTER // TILE)
@@ -303,19 +305,20 @@ if gluon is not None:
             up = gl.load(x_ptr + j * 2 * _INTER + _INTER + ch)
             x = g / (1.0 + gl.exp(-g)) * up * gl.load(p_ptr + j)
         elif ACT == 2:
-            k = ks * _T + cols
-            head = k // _HD  # query head
+            gl.static_assert(_T == _HD, "a k step is one query head's output")
+            head = ks  # query head, a value a row; cols: its dims
             first = (head // _GRP) * _CPH * _GRP + head % _GRP  # its partials: (unit * GRP + head in group)
             top = gl.load(x_ptr + _O_AM + first)
             for cc in gl.static_range(1, _CPH):
                 top = gl.maximum(top, gl.load(x_ptr + _O_AM + first + cc * _GRP))
-            num = gl.zeros_like(top)
+            num = gl.zeros_like(cols.to(gl.float32))
             den = gl.zeros_like(top)
-            for cc in gl.static_range(_CPH):
-                i = first + cc * _GRP
-                w = gl.exp(gl.load(x_ptr + _O_AM + i) - top)
-                num += w * gl.load(x_ptr + _O_AO + i * _HD + k % _HD)
-                den += w * gl.load(x_ptr + _O_AL + i)
+            for c4 in range(0, _CPH, _MERGE_BATCH):  # chunks' loads in batches: all 16 at once spill
+                for cc in gl.static_range(_MERGE_BATCH):
+                    i = first + (c4 + cc) * _GRP
+                    w = gl.exp(gl.load(x_ptr + _O_AM + i) - top)
+                    num += w * gl.load(x_ptr + _O_AO + i * _HD + cols)
+                    den += w * gl.load(x_ptr + _O_AL + i)
             x = num / den
         else:
             x = gl.load(x_ptr + ks * _T + cols)
@@ -372,14 +375,15 @@ if gluon is not None:
         NORM: the input's rms norm from the staged values (`_stage_input`). Returns the ring count and the scale."""
         STAGES: gl.constexpr = ring.type.shape[0] - SIDE
         KSTEPS: gl.constexpr = K // _T
-        NS: gl.constexpr = KSTEPS if KSTEPS < _XS // _HK else _XS // _HK  # units' inputs staged
+        # Units' inputs staged; the attention's merge only the units' heads (at most 8 from 128 programs, `run`).
+        NS: gl.constexpr = _MERGE_UNITS if ACT == 2 else (KSTEPS if KSTEPS < _XS // _HK else _XS // _HK)
         u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
         n = u1 - u0
         side = 0
         if SIDE_UNITS:  # the first units from the side buffers, filled once a layer
             side = gl.minimum(n, SIDE_UNITS)
         # Stage: slot j holds k step (u0 + j) % KSTEPS, so unit u reads slot (u - u0) % KSTEPS (n <= XS, `run`).
-        scale = _stage_input(x_ptr, p_ptr, scale, xs, u0, KSTEPS, NS, ACT, NORM)
+        scale = _stage_input(x_ptr, p_ptr, scale, xs, u0, KSTEPS, NS, ACT, NORM, n)
         rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _ACC_L))
         acc0 = gl.zeros([64, 8], gl.float32, _ACC_L)
         acc1 = gl.zeros([64, 8], gl.float32, _ACC_L)
@@ -471,16 +475,20 @@ if gluon is not None:
 
     @gluon.jit
     def _stage_input(x_ptr, p_ptr, scale, xs, first, KSTEPS: gl.constexpr, NS: gl.constexpr, ACT: gl.constexpr,
-                     NORM: gl.constexpr = False):
+                     NORM: gl.constexpr = False, n=1 << 30):
         """The MMA consumers' input: unit slot j < NS is k step (first + j) % KSTEPS of the step's input
         (`_x_chunk`) times scale, in bf16, as HK chunks of 64 (slots j * HK ...: row 0 of each [8, 64] tile of
         xs); visible to the next wgmma when this returns. NORM (all k steps staged): scale is 1 / rms of the
-        values loaded, so the norm costs no read of its own. Returns the scale."""
+        values loaded, so the norm costs no read of its own. Slots from n on (the units the program has) repeat
+        slot n - 1's k step: where each value costs 48 loads (ACT 2, the attention's merge), from L1. Returns the
+        scale."""
         SL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         q = gl.arange(0, NS * _HK, layout=gl.SliceLayout(1, SL))
         cols = gl.arange(0, _CH, layout=gl.SliceLayout(0, SL))
-        x = _x_chunk(x_ptr, p_ptr, ((first + q // _HK) % KSTEPS)[:, None], ((q % _HK) * _CH)[:, None] + cols[None, :],
-                     ACT)
+        j = q // _HK
+        if ACT == 2:
+            j = gl.minimum(j, gl.maximum(n - 1, 0))
+        x = _x_chunk(x_ptr, p_ptr, ((first + j) % KSTEPS)[:, None], ((q % _HK) * _CH)[:, None] + cols[None, :], ACT)
         if NORM:
             gl.static_assert(NS == KSTEPS, "the norm needs the whole input staged")
             scale = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NS * _T) + 1e-6)
@@ -837,12 +845,13 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     layer before waits for its router (mma, not moe_only). poll: grid barriers polled by loads (`_grid_wait`).
     drawn: gate/up's units drawn from a counter by whichever program is free (mma, no side buffers). cap: at most
     that many of a program's weight loads in flight (0: as many as the ring has stages; not with drawn). attention:
-    real attention over m's KV cache in place of the stand-in GEMV (mma, 64 x 128 tiles; sets m.attention, which
-    the reference check follows)."""
+    real attention over m's KV cache in place of the stand-in GEMV (mma, 64 x 128 tiles, at least 128 programs so
+    that o's units fit the merge's staging; sets m.attention, which the reference check follows)."""
     ring_kb = (stages + side) * ROWS * TILE * 2 // 1024 + (XS * 8 * CHUNK * 2 // 1024 if mma else 0)
     if (mma and (warpgroups != 1 or compute != 1 or programs < 96) or ring_kb > 224
             or ((side or fast) and moe_only) or ((side or drawn) and not mma) or (side and drawn) or (cap and drawn)
-            or cap >= stages or (attention and (not mma or (ROWS, TILE) != (CHUNK_TOKENS, HEAD_DIM)))):
+            or cap >= stages or (attention and (not mma or (ROWS, TILE) != (CHUNK_TOKENS, HEAD_DIM)
+                                                or programs < 128))):
         raise ValueError(f"mma takes one consumer warpgroup, compute=1 and at least 96 programs, side takes mma, "
                          f"side and fast all steps, and the buffers at most 224 KB; got warpgroups {warpgroups}, "
                          f"compute {compute}, programs {programs}, side {side}, fast {fast}, moe_only {moe_only}, "
