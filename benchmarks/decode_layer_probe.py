@@ -306,8 +306,11 @@ class Layers:
     def __init__(self, layers: int, device: str) -> None:
         g = torch.Generator(device=device).manual_seed(0)
 
-        def w(*shape: int) -> torch.Tensor:
-            return (torch.randn(*shape, generator=g, device=device) / shape[-1] ** 0.5).to(BF16)
+        def w(*shape: int) -> torch.Tensor:  # a layer at a time: 48 layers' fp32 draws at once do not fit
+            out = torch.empty(*shape, dtype=BF16, device=device)
+            for layer in range(shape[0]):
+                out[layer] = (torch.randn(*shape[1:], generator=g, device=device) / shape[-1] ** 0.5).to(BF16)
+            return out
 
         self.layers = layers
         self.wqkv, self.wkv, self.wo = w(layers, QKV, HID), w(layers, ATT, KVS), w(layers, HID, ATT)
