@@ -34,6 +34,7 @@ from decode_layer_probe import (  # noqa: E402
     ATT_UNITS,
     CHUNK_TOKENS,
     CONTEXT,
+    DET_OUTPUTS,
     EXPERTS,
     HEAD_DIM,
     HID,
@@ -80,6 +81,10 @@ if gluon is not None:
     _O_GU, _O_X = gl.constexpr(OFFS["gu"]), gl.constexpr(OFFS["x"])
     _O_IDS, _O_P, _WS = gl.constexpr(OFFS["ids"]), gl.constexpr(OFFS["p"]), gl.constexpr(WS)
     _O_AM, _O_AL, _O_AO = gl.constexpr(OFFS["am"]), gl.constexpr(OFFS["al"]), gl.constexpr(OFFS["ao"])
+    # `run(det=True)`: each step's partial slots (`decode_layer_probe.DET_OUTPUTS`)
+    _O_QKV_P, _O_A_P, _O_O_P = gl.constexpr(OFFS["qkv_p"]), gl.constexpr(OFFS["a_p"]), gl.constexpr(OFFS["o_p"])
+    _O_R_P, _O_GU_P, _O_X_P = gl.constexpr(OFFS["r_p"]), gl.constexpr(OFFS["gu_p"]), gl.constexpr(OFFS["x_p"])
+    _C_QKV, _C_A, _C_O, _C_R, _C_GU, _C_X = (gl.constexpr(slots) for _, _, slots in DET_OUTPUTS)
     _CTX, _KVH, _HD = gl.constexpr(CONTEXT), gl.constexpr(KV_HEADS), gl.constexpr(HEAD_DIM)
     _CT = gl.constexpr(CHUNK_TOKENS)
     _AU, _CPH = gl.constexpr(ATT_UNITS), gl.constexpr(CONTEXT // CHUNK_TOKENS)  # units; chunks a kv head
@@ -101,7 +106,38 @@ if gluon is not None:
 
     @gluon.jit
     def _units(pid, nprog, total):
-        return pid * total // nprog, (pid + 1) * total // nprog
+        """Program pid's share [u0, u1) of total units, split evenly over min(nprog, total) programs (a step with
+        fewer units than programs gives the first ones a unit each)."""
+        n = gl.minimum(nprog, total)
+        return gl.minimum(pid, n) * total // n, gl.minimum(pid + 1, n) * total // n
+
+    @gluon.jit
+    def _owner(u, nprog, total):
+        """The program whose `_units` share holds unit u."""
+        n = gl.minimum(nprog, total)
+        return ((u + 1) * n + total - 1) // total - 1
+
+    @gluon.jit
+    def _get(buf, idx, DET: gl.constexpr, N: gl.constexpr = 0, KS: gl.constexpr = 0, C: gl.constexpr = 0, nprog=1,
+             plain=False):
+        """Values idx of a step's output: buf[idx], or with DET (fixed-order sums) the sum of its partial slots
+        buf[j * N + idx] in slot order, j below the count of programs that wrote row idx's tile (the output has N
+        rows in tiles of ROWS, each KS units; C slots at most). plain: buf holds plain values (the first layer's
+        input)."""
+        if DET:
+            if plain:
+                x = gl.load(buf + idx)
+            else:
+                total = (N // _R) * KS
+                t = idx // _R
+                first = _owner(t * KS, nprog, total)
+                count = _owner(t * KS + KS - 1, nprog, total) - first + 1
+                x = gl.load(buf + idx)
+                for j in gl.static_range(1, C):
+                    x += gl.load(buf + j * N + idx, mask=j < count, other=0.0)
+        else:
+            x = gl.load(buf + idx)
+        return x
 
     @gluon.jit
     def _issue(desc, row, col, ring, ready, empty, c, LOAD: gl.constexpr, SIDE: gl.constexpr = 0,
@@ -294,15 +330,17 @@ if gluon is not None:
         return w
 
     @gluon.jit
-    def _x_chunk(x_ptr, p_ptr, ks, cols, ACT: gl.constexpr):
+    def _x_chunk(x_ptr, p_ptr, ks, cols, ACT: gl.constexpr, DET: gl.constexpr = False, SN: gl.constexpr = 0,
+                 SKS: gl.constexpr = 0, SC: gl.constexpr = 0, nprog=1, plain=False):
         """The input's values at k step ks, columns cols: x[ks * TILE + cols]; with ACT 1 (down, x_ptr: the gate/up
         sums) silu(g) * u * p of expert ks // DN_STEPS's channels; with ACT 2 (o after real attention, x_ptr: the
-        layer's workspace) the attention output, merged from its chunks' partials (`_attend`)."""
+        layer's workspace) the attention output, merged from its chunks' partials (`_attend`). DET: x_ptr holds
+        the producing step's partial slots (SN rows, SKS units a tile, SC slots; `_get`)."""
         if ACT == 1:
             j = ks // _DN_STEPS
             ch = (ks % _DN_STEPS) * _T + cols
-            g = gl.load(x_ptr + j * 2 * _INTER + ch)
-            up = gl.load(x_ptr + j * 2 * _INTER + _INTER + ch)
+            g = _get(x_ptr, j * 2 * _INTER + ch, DET, SN, SKS, SC, nprog)
+            up = _get(x_ptr, j * 2 * _INTER + _INTER + ch, DET, SN, SKS, SC, nprog)
             x = g / (1.0 + gl.exp(-g)) * up * gl.load(p_ptr + j)
         elif ACT == 2:
             gl.static_assert(_T == _HD, "a k step is one query head's output")
@@ -321,7 +359,7 @@ if gluon is not None:
                     den += w * gl.load(x_ptr + _O_AL + i)
             x = num / den
         else:
-            x = gl.load(x_ptr + ks * _T + cols)
+            x = _get(x_ptr, ks * _T + cols, DET, SN, SKS, SC, nprog, plain)
         return x
 
     @gluon.jit
@@ -367,12 +405,15 @@ if gluon is not None:
     @gluon.jit
     def _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring,
                      ready, empty, xs, c, pid, nprog, SIDE: gl.constexpr, layer, SIDE_UNITS: gl.constexpr,
-                     NORM: gl.constexpr):
+                     NORM: gl.constexpr, DET: gl.constexpr, SN: gl.constexpr, SKS: gl.constexpr, SC: gl.constexpr,
+                     plain):
         """`_consume` on the tensor cores (one consumer warpgroup): the step's input chunks of the program's units
         are loaded at once, scaled, rounded to bf16 and staged as row 0 of [8, 64] tiles in shared memory (rows
         1-7 stay zero), then each unit is two wgmma m64n8 over the ring stage's two 64-row halves, the next
         unit's issued before the last one's are waited for. Column 0 of the [64, 8] sums is the rows' result.
-        NORM: the input's rms norm from the staged values (`_stage_input`). Returns the ring count and the scale."""
+        NORM: the input's rms norm from the staged values (`_stage_input`). DET: fixed-order sums, the input from
+        its partial slots (SN, SKS, SC: `_get`; plain: it has none) and the output to this program's (`_flush`).
+        Returns the ring count and the scale."""
         STAGES: gl.constexpr = ring.type.shape[0] - SIDE
         KSTEPS: gl.constexpr = K // _T
         # Units' inputs staged; the attention's merge only the units' heads (at most 8 from 128 programs, `run`).
@@ -383,7 +424,7 @@ if gluon is not None:
         if SIDE_UNITS:  # the first units from the side buffers, filled once a layer
             side = gl.minimum(n, SIDE_UNITS)
         # Stage: slot j holds k step (u0 + j) % KSTEPS, so unit u reads slot (u - u0) % KSTEPS (n <= XS, `run`).
-        scale = _stage_input(x_ptr, p_ptr, scale, xs, u0, KSTEPS, NS, ACT, NORM, n)
+        scale = _stage_input(x_ptr, p_ptr, scale, xs, u0, KSTEPS, NS, ACT, NORM, n, DET, SN, SKS, SC, nprog, plain)
         rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _ACC_L))
         acc0 = gl.zeros([64, 8], gl.float32, _ACC_L)
         acc1 = gl.zeros([64, 8], gl.float32, _ACC_L)
@@ -397,19 +438,20 @@ if gluon is not None:
                 gl.thread_barrier()
                 mbarrier.arrive(empty.index(_stage_of(c, i - 1, side, layer, STAGES)[0]))
             if ((u + 1) // KSTEPS != t) | (i + 1 == n):
-                acc0, acc1 = _flush(y_ptr, t, rows, acc0, acc1)
+                acc0, acc1 = _flush(y_ptr, t, rows, acc0, acc1, DET, N_TILES * _R, KSTEPS, pid, nprog)
         if n > 0:
             gl.thread_barrier()
             mbarrier.arrive(empty.index(_stage_of(c, n - 1, side, layer, STAGES)[0]))
         return c + n - side, scale
 
     @gluon.jit
-    def _attend(ws, ring, ready, empty, qs, ps, c, pid, nprog, STAGES: gl.constexpr):
+    def _attend(ws, qkv, ring, ready, empty, qs, ps, c, pid, nprog, STAGES: gl.constexpr, DET: gl.constexpr):
         """Consumer, real attention over the program's (kv head h, chunk) units, flash-decoding style: S^T = K . q^T
         ([64 tokens, 8 query heads], wgmma with the group's q, scaled by 1/sqrt(d), as the B operand in qs), the
         chunk's softmax by column, O^T = V^T . P^T (V's tile as a transposed A operand, P^T through ps), and the
         chunk's maxima, sums and unnormalised outputs to the workspace (am, al, ao) for the o step to merge
-        (`_x_chunk`). The last chunk also takes the new token, whose k and v come from the qkv step."""
+        (`_x_chunk`). The last chunk also takes the new token, whose k and v come from the qkv step (qkv: its
+        output, or with DET its partial slots, `_get`)."""
         QL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # [8, 64] q halves
         NL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])  # [8, 128] q for the new token
         heads_l: gl.constexpr = gl.SliceLayout(0, _ACC_L)
@@ -424,14 +466,16 @@ if gluon is not None:
         for u in range(u0, u1):
             h = u // _CPH
             last = (u % _CPH) == _CPH - 1
-            q_rows = ws + (h * _GRP + qi)[:, None] * _HD
+            q_rows = (h * _GRP + qi)[:, None] * _HD
             for half in gl.static_range(2):
-                qs.index(half).store((gl.load(q_rows + half * _CH + qd[None, :]) * _SM_SCALE).to(gl.bfloat16))
+                q = _get(qkv, q_rows + half * _CH + qd[None, :], DET, _QKV, _HID // _T, _C_QKV, nprog)
+                qs.index(half).store((q * _SM_SCALE).to(gl.bfloat16))
             fence_async_shared()
             gl.thread_barrier()
             # The new token's score from the same bf16 values (used by the last chunk only).
-            qn = (gl.load(ws + (h * _GRP + ni)[:, None] * _HD + nd[None, :]) * _SM_SCALE).to(gl.bfloat16)
-            kn = gl.load(ws + _ATT + h * _HD + nd).to(gl.bfloat16)
+            qn = _get(qkv, (h * _GRP + ni)[:, None] * _HD + nd[None, :], DET, _QKV, _HID // _T, _C_QKV, nprog)
+            qn = (qn * _SM_SCALE).to(gl.bfloat16)
+            kn = _get(qkv, _ATT + h * _HD + nd, DET, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
             s_new = gl.convert_layout(gl.sum(qn.to(gl.float32) * kn.to(gl.float32)[None, :], axis=1), heads_l)
             # S^T = K . q^T
             sk = c % STAGES
@@ -463,9 +507,11 @@ if gluon is not None:
             gl.thread_barrier()
             mbarrier.arrive(empty.index(sv))
             c += 2
-            v_new = ws + _ATT + _KVH * _HD + h * _HD
-            o0 += gl.load(v_new + dims).to(gl.bfloat16).to(gl.float32)[:, None] * p_new[None, :]
-            o1 += gl.load(v_new + 64 + dims).to(gl.bfloat16).to(gl.float32)[:, None] * p_new[None, :]
+            v_new = _ATT + _KVH * _HD + h * _HD
+            v0 = _get(qkv, v_new + dims, DET, _QKV, _HID // _T, _C_QKV, nprog)
+            v1 = _get(qkv, v_new + 64 + dims, DET, _QKV, _HID // _T, _C_QKV, nprog)
+            o0 += v0.to(gl.bfloat16).to(gl.float32)[:, None] * p_new[None, :]
+            o1 += v1.to(gl.bfloat16).to(gl.float32)[:, None] * p_new[None, :]
             part = u * _GRP + heads
             gl.store(ws + _O_AM + part, top)
             gl.store(ws + _O_AL + part, total)
@@ -475,7 +521,8 @@ if gluon is not None:
 
     @gluon.jit
     def _stage_input(x_ptr, p_ptr, scale, xs, first, KSTEPS: gl.constexpr, NS: gl.constexpr, ACT: gl.constexpr,
-                     NORM: gl.constexpr = False, n=1 << 30):
+                     NORM: gl.constexpr = False, n=1 << 30, DET: gl.constexpr = False, SN: gl.constexpr = 0,
+                     SKS: gl.constexpr = 0, SC: gl.constexpr = 0, nprog=1, plain=False):
         """The MMA consumers' input: unit slot j < NS is k step (first + j) % KSTEPS of the step's input
         (`_x_chunk`) times scale, in bf16, as HK chunks of 64 (slots j * HK ...: row 0 of each [8, 64] tile of
         xs); visible to the next wgmma when this returns. NORM (all k steps staged): scale is 1 / rms of the
@@ -488,7 +535,8 @@ if gluon is not None:
         j = q // _HK
         if ACT == 2:
             j = gl.minimum(j, gl.maximum(n - 1, 0))
-        x = _x_chunk(x_ptr, p_ptr, ((first + j) % KSTEPS)[:, None], ((q % _HK) * _CH)[:, None] + cols[None, :], ACT)
+        x = _x_chunk(x_ptr, p_ptr, ((first + j) % KSTEPS)[:, None], ((q % _HK) * _CH)[:, None] + cols[None, :], ACT,
+                     DET, SN, SKS, SC, nprog, plain)
         if NORM:
             gl.static_assert(NS == KSTEPS, "the norm needs the whole input staged")
             scale = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NS * _T) + 1e-6)
@@ -515,12 +563,21 @@ if gluon is not None:
         return warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))
 
     @gluon.jit
-    def _flush(y_ptr, t, rows, acc0, acc1):
-        """Row tile t's sums so far (column 0 of the MMA sums) into y by atomics; returns fresh sums."""
+    def _flush(y_ptr, t, rows, acc0, acc1, DET: gl.constexpr = False, N: gl.constexpr = 0, KS: gl.constexpr = 0,
+               pid=0, nprog=1):
+        """Row tile t's sums so far (column 0 of the MMA sums) into y by atomics, or with DET (y: the output's
+        partial slots, N rows, KS units a tile) by a store to this program's slot for the tile (`_get`); returns
+        fresh sums."""
         acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
-        gl.atomic_add(y_ptr + t * _R + rows, gl.sum(acc0, axis=1), sem="relaxed")
-        if _HM == 2:
-            gl.atomic_add(y_ptr + t * _R + 64 + rows, gl.sum(acc1, axis=1), sem="relaxed")
+        if DET:
+            y = y_ptr + (pid - _owner(t * KS, nprog, (N // _R) * KS)) * N + t * _R + rows
+            gl.store(y, gl.sum(acc0, axis=1))
+            if _HM == 2:
+                gl.store(y + 64, gl.sum(acc1, axis=1))
+        else:
+            gl.atomic_add(y_ptr + t * _R + rows, gl.sum(acc0, axis=1), sem="relaxed")
+            if _HM == 2:
+                gl.atomic_add(y_ptr + t * _R + 64 + rows, gl.sum(acc1, axis=1), sem="relaxed")
         return gl.zeros([64, 8], gl.float32, _ACC_L), gl.zeros([64, 8], gl.float32, _ACC_L)
 
     @gluon.jit
@@ -616,17 +673,19 @@ if gluon is not None:
     def _gemv_step(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring,
                    ready, empty, c, pid, nprog, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr, xs,
                    MMA: gl.constexpr, SIDE: gl.constexpr, layer=0, SIDE_UNITS: gl.constexpr = 0,
-                   NORM: gl.constexpr = False):
+                   NORM: gl.constexpr = False, DET: gl.constexpr = False, SN: gl.constexpr = 0,
+                   SKS: gl.constexpr = 0, SC: gl.constexpr = 0, plain=False):
         """A step's GEMV by the consumers: on the tensor cores (MMA, `_consume_mma`) or CUDA cores (`_consume`).
         SIDE: side buffers after the ring's stages; SIDE_UNITS: this step's first units come from them (qkv of
         `layer`, `_produce_side`). NORM: the input is to be rms-normalised, scale is ignored (`_input_scale`).
-        Returns the ring count and the scale the step used."""
+        DET, SN, SKS, SC, plain: fixed-order sums (`_consume_mma`). Returns the ring count and the scale the step
+        used."""
         if NORM:
             if not MMA:  # the MMA consumers take the norm from the values they stage
                 scale = _inv_rms(x_ptr)
         if MMA:
             c, scale = _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, xs, c, pid,
-                                    nprog, SIDE, layer, SIDE_UNITS, NORM)
+                                    nprog, SIDE, layer, SIDE_UNITS, NORM, DET, SN, SKS, SC, plain)
         else:
             c = _consume(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, c, pid, nprog, COMPUTE,
                          WG, NWG)
@@ -654,14 +713,17 @@ if gluon is not None:
             r = gl.where(offs == e, float("-inf"), r)
 
     @gluon.jit
-    def _top_k_ranks(r_ptr, ids_ptr, p_ptr, ids_smem):
+    def _top_k_ranks(r_ptr, ids_ptr, p_ptr, ids_smem, DET: gl.constexpr = False, nprog=1):
         """`_top_k` with no serial rounds: each thread takes one expert's logit and counts the logits that beat it
         (higher, or equal at a lower index: the same order as `_top_k`), so the experts ranked 0-7 are the
         choice; one max and one sum give the softmax over them. The choice also goes to ids_smem for the
         producer (int32, rank order)."""
         ROW: gl.constexpr = gl.BlockedLayout([1, _EXPERTS], [32, 1], [4, 1], [1, 0])  # [E, E], a row a thread
         mine = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(1, ROW))
-        r = gl.load(r_ptr + mine, cache_modifier=".cg")
+        if DET:  # the router's partial slots (`_get`)
+            r = _get(r_ptr, mine, DET, _EXPERTS, _HID // _T, _C_R, nprog)
+        else:
+            r = gl.load(r_ptr + mine, cache_modifier=".cg")
         others = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(0, ROW))
         r_all = gl.convert_layout(r, gl.SliceLayout(0, ROW))
         beats = (r_all[None, :] > r[:, None]) | ((r_all[None, :] == r[:, None]) & (others[None, :] < mine[:, None]))
@@ -683,10 +745,11 @@ if gluon is not None:
     def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps, trace_ptr,
                   layers, SYNC: gl.constexpr, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr,
                   MOE_ONLY: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr, FAST: gl.constexpr,
-                  SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr, ATTN: gl.constexpr):
+                  SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr, ATTN: gl.constexpr,
+                  DET: gl.constexpr):
         """Consumer warpgroup WG of NWG: the steps' GEMVs from its ring stages, a grid barrier between steps
         (every warpgroup of every program arrives). MOE_ONLY: gate/up and down only, on the o, experts and
-        probabilities the workspace holds."""
+        probabilities the workspace holds. DET: fixed-order sums (`run(det=True)`)."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         STEPS: gl.constexpr = COMPUTE != 6  # the steps' norms, top-k and grid arrivals (off: timing the tiles)
@@ -701,6 +764,13 @@ if gluon is not None:
         for layer in range(layers):
             ws = ws_ptr + layer * _WS
             trace = trace_ptr + (layer * nprog + pid) * _MARKS
+            # Each step's output: plain sums, or with DET its partial slots (`_flush`, `_get`).
+            if DET:
+                o_qkv, o_a, o_o = ws + _O_QKV_P, ws + _O_A_P, ws + _O_O_P
+                o_r, o_gu, o_x = ws + _O_R_P, ws + _O_GU_P, ws + _O_X_P
+            else:
+                o_qkv, o_a, o_o = ws, ws + _O_A, ws + _O_O
+                o_r, o_gu, o_x = ws + _O_R, ws + _O_GU, ws + _O_X
             if SYNC:
                 if layer > 0:
                     _grid_wait(bar_ptr, n * nprog * NWG, POLL)
@@ -708,30 +778,33 @@ if gluon is not None:
             if MOE_ONLY:
                 scale = _scale(ws + _O_O, STEPS)
             else:
-                c, _ = _gemv_step(x_ptr, ws, ws, 1.0, _QKV // _R, _HID, False, ring, ready, empty, c, pid, nprog,
-                                  COMPUTE, WG, NWG, xs, MMA, SIDE, layer, SIDE, NORM=STEPS)
+                c, _ = _gemv_step(x_ptr, o_qkv, ws, 1.0, _QKV // _R, _HID, False, ring, ready, empty, c, pid, nprog,
+                                  COMPUTE, WG, NWG, xs, MMA, SIDE, layer, SIDE, NORM=STEPS, DET=DET, SN=_HID,
+                                  SKS=_TOP_K * _INTER // _T, SC=_C_X, plain=layer == 0)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 1, TRACE, POLL)
                 if ATTN:
-                    c = _attend(ws, ring, ready, empty, qs, ps, c, pid, nprog, ring.type.shape[0] - SIDE)
+                    c = _attend(ws, o_qkv, ring, ready, empty, qs, ps, c, pid, nprog, ring.type.shape[0] - SIDE, DET)
                 else:
-                    c, _ = _gemv_step(ws, ws + _O_A, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid,
-                                      nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+                    c, _ = _gemv_step(o_qkv, o_a, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid,
+                                      nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, DET=DET, SN=_QKV, SKS=_HID // _T,
+                                      SC=_C_QKV)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 3, TRACE, POLL)
                 if ATTN:  # o's input: the attention partials, merged as they are staged
-                    c, _ = _gemv_step(ws, ws + _O_O, ws, 1.0, _HID // _R, _ATT, 2, ring, ready, empty, c, pid,
-                                      nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+                    c, _ = _gemv_step(ws, o_o, ws, 1.0, _HID // _R, _ATT, 2, ring, ready, empty, c, pid, nprog,
+                                      COMPUTE, WG, NWG, xs, MMA, SIDE, DET=DET)
                 else:
-                    c, _ = _gemv_step(ws + _O_A, ws + _O_O, ws, 1.0, _HID // _R, _ATT, 0, ring, ready, empty, c,
-                                      pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+                    c, _ = _gemv_step(o_a, o_o, ws, 1.0, _HID // _R, _ATT, 0, ring, ready, empty, c, pid, nprog,
+                                      COMPUTE, WG, NWG, xs, MMA, SIDE, DET=DET, SN=_ATT, SKS=_KVS // _T, SC=_C_A)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 5, TRACE, POLL)
-                c, scale = _gemv_step(ws + _O_O, ws + _O_R, ws, 1.0, _EXPERTS // _R, _HID, False, ring, ready,
-                                      empty, c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, NORM=STEPS)
+                c, scale = _gemv_step(o_o, o_r, ws, 1.0, _EXPERTS // _R, _HID, False, ring, ready, empty, c, pid,
+                                      nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, NORM=STEPS, DET=DET, SN=_HID,
+                                      SKS=_ATT // _T, SC=_C_O)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 7, TRACE, POLL)
             if WG == 0:
                 if not MOE_ONLY:
                     if STEPS:
                         if FAST:
-                            _top_k_ranks(ws + _O_R, ws + _O_IDS, ws + _O_P, ids_smem)
+                            _top_k_ranks(o_r, ws + _O_IDS, ws + _O_P, ids_smem, DET, nprog)
                         else:
                             _top_k(ws + _O_R, ws + _O_IDS, ws + _O_P)
                 gl.thread_barrier()
@@ -740,16 +813,17 @@ if gluon is not None:
             if DRAWN:
                 c = _consume_drawn(ws + _O_O, ws + _O_GU, scale, ring, ready, empty, xs, codes, c)
             else:
-                c, _ = _gemv_step(ws + _O_O, ws + _O_GU, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready,
-                                  empty, c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+                c, _ = _gemv_step(o_o, o_gu, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready, empty, c, pid,
+                                  nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, DET=DET, SN=_HID, SKS=_ATT // _T, SC=_C_O)
             n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 10, TRACE, POLL)
-            c, _ = _gemv_step(ws + _O_GU, ws + _O_X, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, True, ring,
-                              ready, empty, c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE)
+            c, _ = _gemv_step(o_gu, o_x, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, True, ring, ready, empty, c,
+                              pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, DET=DET, SN=_TOP_K * 2 * _INTER,
+                              SKS=_HID // _T, SC=_C_GU)
             _mark(trace, 12, TRACE)
             if STEPS:
                 _grid_arrive(bar_ptr)
             n += 1
-            x_ptr = ws + _O_X
+            x_ptr = o_x
 
     @gluon.jit
     def _grid_step(bar_ptr, n, nprog, SYNC: gl.constexpr, ARRIVE: gl.constexpr, trace, mark: gl.constexpr,
@@ -779,7 +853,7 @@ if gluon is not None:
                            STAGES: gl.constexpr, SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr,
                            MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr,
                            FAST: gl.constexpr, SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr,
-                           CAP: gl.constexpr, ATTN: gl.constexpr):
+                           CAP: gl.constexpr, ATTN: gl.constexpr, DET: gl.constexpr):
         ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES + SIDE, _R, _T], d_qkv.layout)
         if MMA:  # the step's input chunks as wgmma's B operand: [8, 64] tiles, row 0 the input
             xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _CH],
@@ -808,10 +882,10 @@ if gluon is not None:
             gl.warp_specialize([
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
                              trace_ptr, layers, SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE,
-                             POLL, DRAWN, ATTN)),
+                             POLL, DRAWN, ATTN, DET)),
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
                              trace_ptr, layers, SYNC, COMPUTE, gl.constexpr(1), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE,
-                             POLL, DRAWN, ATTN)),
+                             POLL, DRAWN, ATTN, DET)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, ring, ready, empty, ids_bar,
                              ids_smem, codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP,
                              ATTN)),
@@ -820,7 +894,7 @@ if gluon is not None:
             gl.warp_specialize([
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
                              trace_ptr, layers, SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE,
-                             POLL, DRAWN, ATTN)),
+                             POLL, DRAWN, ATTN, DET)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, ring, ready, empty, ids_bar,
                              ids_smem, codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP,
                              ATTN)),
@@ -830,7 +904,7 @@ if gluon is not None:
 def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1, warpgroups: int = 1,
         moe_only: bool = False, load: int = 1, mma: bool = False, trace: torch.Tensor | None = None,
         fast: bool = False, side: int = 0, poll: bool = False, drawn: bool = False, cap: int = 0,
-        attention: bool = False) -> None:
+        attention: bool = False, det: bool = False) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
     stream alone: sync=False skips the grid barriers' waits, compute=0 the consumers' arithmetic (results are
     then wrong; the workspace is kept, so the experts chosen stay those of the run before), compute=2-4 parts of
@@ -846,12 +920,15 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     drawn: gate/up's units drawn from a counter by whichever program is free (mma, no side buffers). cap: at most
     that many of a program's weight loads in flight (0: as many as the ring has stages; not with drawn). attention:
     real attention over m's KV cache in place of the stand-in GEMV (mma, 64 x 128 tiles, at least 128 programs so
-    that o's units fit the merge's staging; sets m.attention, which the reference check follows)."""
+    that o's units fit the merge's staging; sets m.attention, which the reference check follows). det: fixed-order
+    sums, each step's partials to slots of their own rather than fp32 atomics, so that reruns give the same bits
+    (mma and fast, not drawn or moe_only; sets m.det_sum, which the reference check follows)."""
     ring_kb = (stages + side) * ROWS * TILE * 2 // 1024 + (XS * 8 * CHUNK * 2 // 1024 if mma else 0)
     if (mma and (warpgroups != 1 or compute != 1 or programs < 96) or ring_kb > 224
             or ((side or fast) and moe_only) or ((side or drawn) and not mma) or (side and drawn) or (cap and drawn)
             or cap >= stages or (attention and (not mma or (ROWS, TILE) != (CHUNK_TOKENS, HEAD_DIM)
-                                                or programs < 128))):
+                                                or programs < 128))
+            or (det and (not mma or not fast or drawn or moe_only))):
         raise ValueError(f"mma takes one consumer warpgroup, compute=1 and at least 96 programs, side takes mma, "
                          f"side and fast all steps, and the buffers at most 224 KB; got warpgroups {warpgroups}, "
                          f"compute {compute}, programs {programs}, side {side}, fast {fast}, moe_only {moe_only}, "
@@ -859,13 +936,44 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     if sync and compute == 1 and load == 1 and not moe_only:
         m.ws.zero_()
     m.bar.zero_()
+    if det:
+        for (name, size, slots), k in zip(DET_OUTPUTS, (HID, KVS, ATT, HID, HID, TOP_K * INTER)):
+            if det_slots(size, k // TILE, programs) > slots:
+                raise ValueError(f"{programs} programs share a row tile of {name} more than its {slots} slots")
     m.attention = attention
+    m.det_sum = (lambda layer: det_output(m, layer, programs)) if det else None
     descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in (*m.weights(), m.k_cache, m.v_cache)]
     counters = torch.zeros(m.layers, dtype=torch.int32, device=m.ws.device)
     _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, counters, m.bar if trace is None else trace,
                                     m.layers, STAGES=stages, SYNC=sync, COMPUTE=compute, NWG=warpgroups,
                                     MOE_ONLY=moe_only, LOAD=load, MMA=mma, TRACE=trace is not None, FAST=fast,
-                                    SIDE=side, POLL=poll, DRAWN=drawn, CAP=cap, ATTN=attention, num_warps=4)
+                                    SIDE=side, POLL=poll, DRAWN=drawn, CAP=cap, ATTN=attention, DET=det,
+                                    num_warps=4)
+
+
+def _owners(rows: int, ks: int, programs: int):
+    """`_owner` on the host for an output of `rows` rows in row tiles of ks units: (first, count) a row tile."""
+    total = rows // ROWS * ks
+    n = min(programs, total)
+
+    def owner(u: int) -> int:
+        return ((u + 1) * n + total - 1) // total - 1
+
+    return [(owner(t * ks), owner(t * ks + ks - 1) - owner(t * ks) + 1) for t in range(rows // ROWS)]
+
+
+def det_slots(rows: int, ks: int, programs: int) -> int:
+    """The most programs that share one of the output's row tiles."""
+    return max(count for _, count in _owners(rows, ks, programs))
+
+
+def det_output(m, layer: int, programs: int) -> torch.Tensor:
+    """Layer's output from a `run(det=True)`: down's partial slots summed, each row tile over the programs that
+    wrote it."""
+    slots = dict((name, n) for name, _, n in DET_OUTPUTS)["x"]
+    parts = m.ws[layer, OFFS["x_p"]:OFFS["x_p"] + slots * HID].view(slots, HID)
+    return torch.cat([parts[:count, t * ROWS:(t + 1) * ROWS].sum(0)
+                      for t, (_, count) in enumerate(_owners(HID, TOP_K * INTER // TILE, programs))])
 
 
 def available(device: torch.device) -> bool:

@@ -79,11 +79,18 @@ CONTEXT, KV_HEADS, HEAD_DIM, CHUNK_TOKENS = 1024, 4, 128, 64
 ATT_UNITS = KV_HEADS * CONTEXT // CHUNK_TOKENS
 Q_HEADS = ATT // HEAD_DIM
 assert QKV == ATT + 2 * KV_HEADS * HEAD_DIM
+# The Gluon ring's fixed-order sums (`det`): each step's output as partial sums in slots of their own, one a
+# program that contributes to a row tile, summed in slot order by the step that reads them. (output, size, slots)
+# Slots: the most programs that share a row tile of that output at 128-144 programs (`decode_layer_gluon.run`
+# checks the launch's).
+DET_OUTPUTS = (("qkv", QKV, 3), ("a", ATT, 2), ("o", HID, 5), ("r", EXPERTS, 16), ("gu", TOP_K * 2 * INTER, 2),
+               ("x", HID, 5))
 OFFS = {}
 _at = 0
 for _name, _size in (("qkv", QKV), ("a", ATT), ("o", HID), ("r", EXPERTS), ("gu", TOP_K * 2 * INTER), ("x", HID),
                      ("ids", TOP_K), ("p", TOP_K), ("am", ATT_UNITS * Q_HEADS // KV_HEADS),
-                     ("al", ATT_UNITS * Q_HEADS // KV_HEADS), ("ao", ATT_UNITS * Q_HEADS // KV_HEADS * HEAD_DIM)):
+                     ("al", ATT_UNITS * Q_HEADS // KV_HEADS), ("ao", ATT_UNITS * Q_HEADS // KV_HEADS * HEAD_DIM),
+                     *((f"{name}_p", slots * size) for name, size, slots in DET_OUTPUTS)):
     OFFS[_name] = _at
     _at += _size
 WS = _at
@@ -333,7 +340,7 @@ class Layers:
         return ws if layer is None else tuple(t[layer] for t in ws)
 
     def run_persistent(self, programs: int, prefetch: bool = False) -> None:
-        self.attention = False
+        self.attention, self.det_sum = False, None
         self.ws.zero_()
         self.bar.zero_()
         _persistent_kernel[(programs,)](self.ws, self.x0, self.bar, *self.weights(), self.layers,
@@ -343,7 +350,7 @@ class Layers:
                      zero: bool = True) -> None:
         """One launch per step of each layer (only `steps`, for a step's own time: then the inputs are whatever
         the workspace holds, and zero=False keeps them)."""
-        self.attention = False
+        self.attention, self.det_sum = False, None
         if zero:
             self.ws.zero_()
         x = self.x0
@@ -377,14 +384,22 @@ class Layers:
         """Weight bytes step s reads a layer."""
         return 2 * (QKV * HID, ATT * KVS, HID * ATT, EXPERTS * HID, TOP_K * 2 * INTER * HID, TOP_K * HID * INTER)[s]
 
+    det_sum = None  # set by a run with fixed-order sums: layer -> its output, summed from its partial slots
+
+    def output(self, layer: int) -> torch.Tensor:
+        """Layer's output x' as the last run left it."""
+        if self.det_sum is not None:
+            return self.det_sum(layer)
+        return self.ws[layer, OFFS["x"]:OFFS["x"] + HID]
+
     def max_layer_error(self) -> float:
         """The largest relative error of a layer's output x' against fp32 torch ops on the kernel's own input to
         that layer, with the experts and probabilities the kernel chose."""
         worst = 0.0
         for layer in range(self.layers):
-            x = self.x0 if layer == 0 else self.ws[layer - 1, OFFS["x"]:OFFS["x"] + HID]
+            x = self.x0 if layer == 0 else self.output(layer - 1)
             ref = self._reference_layer(layer, x.float())
-            got = self.ws[layer, OFFS["x"]:OFFS["x"] + HID]
+            got = self.output(layer)
             worst = max(worst, ((got - ref).norm() / ref.norm()).item())
         return worst
 
@@ -447,7 +462,7 @@ def xcompile(out_dir: str) -> None:
         ring = decode_layer_gluon._layer_ring_kernel
         i64 = torch.empty(4, dtype=torch.int64)
         plain = dict(NWG=1, MOE_ONLY=False, MMA=False, TRACE=False, FAST=False, SIDE=0, POLL=False, DRAWN=False,
-                     CAP=0, ATTN=False)
+                     CAP=0, ATTN=False, DET=False)
         ring_variants = {"": {}, "2 consumer warpgroups": dict(NWG=2), "MoE only": dict(MOE_ONLY=True),
                          "MMA": dict(MMA=True), "MMA, traced": dict(MMA=True, TRACE=True),
                          "MMA, fast top-k, 4 side buffers, polled barriers": dict(MMA=True, FAST=True, SIDE=4,
@@ -456,7 +471,9 @@ def xcompile(out_dir: str) -> None:
                          "MMA, fast top-k, 4 side buffers, 3 loads in flight": dict(MMA=True, FAST=True, SIDE=4,
                                                                                     CAP=3),
                          "MMA, fast top-k, 2 loads in flight, attention": dict(MMA=True, FAST=True, CAP=2,
-                                                                              ATTN=True)}
+                                                                              ATTN=True),
+                         "MMA, fast top-k, 2 loads in flight, attention, fixed-order sums": dict(
+                             MMA=True, FAST=True, CAP=2, ATTN=True, DET=True)}
         kernels += [(f"Gluon ring {name}", ring, dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, cnt_ptr=i32,
                                                        trace_ptr=i64, layers=8),
                      dict(STAGES=6, SYNC=True, COMPUTE=1, LOAD=1, **{**plain, **changes}))
@@ -527,8 +544,10 @@ def main() -> None:
                 lambda stages=stages, side=side, cap=cap: decode_layer_gluon.run(m, sms, stages, mma=True, fast=True,
                                                                                 side=side, cap=cap))
         stages, side, cap = args.rings[0]
-        variants[f"Gluon ring, MMA consumers, fast top-k, ring {stages}:{side}:{cap}, real attention"] = (
-            lambda: decode_layer_gluon.run(m, sms, stages, mma=True, fast=True, side=side, cap=cap, attention=True))
+        for what, kw in {"real attention": dict(attention=True), "fixed-order sums": dict(det=True),
+                         "real attention, fixed-order sums": dict(attention=True, det=True)}.items():
+            variants[f"Gluon ring, MMA consumers, fast top-k, ring {stages}:{side}:{cap}, {what}"] = (
+                lambda kw=kw: decode_layer_gluon.run(m, sms, stages, mma=True, fast=True, side=side, cap=cap, **kw))
         timing_only["Gluon ring, MMA consumers, no barrier waits"] = (
             lambda: decode_layer_gluon.run(m, sms, 6, sync=False, mma=True))
         timing_only["Gluon ring, MMA consumers only (no weight loads), no barrier waits"] = (
@@ -555,6 +574,11 @@ def main() -> None:
         fn()
         torch.cuda.synchronize()
         err = float("nan") if name in timing_only else m.max_layer_error()
+        if "fixed-order" in name:  # the point of it: a rerun gives the same bits
+            first = m.ws.clone()
+            fn()
+            torch.cuda.synchronize()
+            print(f"{name}: a rerun's workspace is bit-equal: {torch.equal(first, m.ws)}", flush=True)
         us = graph_us([fn]) / args.layers
         rows.append(dict(variant=name, us_per_layer=us, floor_us=floor, ratio=us / floor, rel_err=err))
         print(f"{name:<16} {us:8.1f} µs a layer  {us / floor:5.2f}x floor  worst layer's rel err {err:.1e}",
@@ -568,6 +592,8 @@ def main() -> None:
                                                                                      side=side, cap=cap),
                   f"fast top-k, ring {stages}:{side}:{cap}, real attention": dict(stages=stages, fast=True, side=side,
                                                                                    cap=cap, attention=True),
+                  f"fast top-k, ring {stages}:{side}:{cap}, real attention, fixed-order sums": dict(
+                      stages=stages, fast=True, side=side, cap=cap, attention=True, det=True),
                   "no weight loads (timing only)": dict(stages=6, load=0)}
         for what, kw in traced.items():
             if kw.get("load") == 0:
