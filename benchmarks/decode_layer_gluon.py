@@ -21,6 +21,7 @@ drawn from a counter (`drawn`); at most `cap` loads in flight a program. The bes
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -35,6 +36,7 @@ from decode_layer_probe import (  # noqa: E402
     CHUNK_TOKENS,
     CONTEXT,
     DET_OUTPUTS,
+    EPS,
     EXPERTS,
     HEAD_DIM,
     HID,
@@ -43,6 +45,7 @@ from decode_layer_probe import (  # noqa: E402
     KVS,
     OFFS,
     QKV,
+    ROPE_THETA,
     TOP_K,
     WS,
 )
@@ -79,6 +82,7 @@ if gluon is not None:
     # The workspace's float offsets (`decode_layer_probe.OFFS`).
     _O_A, _O_O, _O_R = gl.constexpr(OFFS["a"]), gl.constexpr(OFFS["o"]), gl.constexpr(OFFS["r"])
     _O_GU, _O_X = gl.constexpr(OFFS["gu"]), gl.constexpr(OFFS["x"])
+    _O_XIN, _O_H = gl.constexpr(OFFS["xin"]), gl.constexpr(OFFS["h"])  # FULL: the residual stream
     _O_IDS, _O_P, _WS = gl.constexpr(OFFS["ids"]), gl.constexpr(OFFS["p"]), gl.constexpr(WS)
     _O_AM, _O_AL, _O_AO = gl.constexpr(OFFS["am"]), gl.constexpr(OFFS["al"]), gl.constexpr(OFFS["ao"])
     # `run(det=True)`: each step's partial slots (`decode_layer_probe.DET_OUTPUTS`)
@@ -90,6 +94,7 @@ if gluon is not None:
     _AU, _CPH = gl.constexpr(ATT_UNITS), gl.constexpr(CONTEXT // CHUNK_TOKENS)  # units; chunks a kv head
     _GRP = gl.constexpr(ATT // HEAD_DIM // KV_HEADS)  # query heads a kv head (8: wgmma's N)
     _SM_SCALE = gl.constexpr(HEAD_DIM ** -0.5)
+    _EPS, _LOG_THETA = gl.constexpr(EPS), gl.constexpr(math.log(ROPE_THETA))
     _MERGE_UNITS = gl.constexpr(8)  # the o step's units a program has, at most, with real attention
     _MERGE_BATCH = gl.constexpr(int(os.environ.get('DECODE_MERGE_BATCH', '8')))  # chunks merged a loop step
     # An expert's row tiles in gate/up (gate's rows, then up's) and k steps in down.
@@ -203,7 +208,7 @@ if gluon is not None:
         so these stream ahead of it like weights."""
         u0, u1 = _units(pid, nprog, _AU)
         for u in range(u0, u1):
-            row = (layer * _KVH + u // _CPH) * _CTX + (u % _CPH) * _CT
+            row = (layer * _KVH + u // _CPH) * (_CTX + 1) + (u % _CPH) * _CT  # CONTEXT + 1 rows a head
             c = _issue(d_kc, row, 0, ring, ready, empty, c, LOAD, SIDE, CAP)
             c = _issue(d_vc, row, 0, ring, ready, empty, c, LOAD, SIDE, CAP)
         return c
@@ -334,7 +339,8 @@ if gluon is not None:
                  SKS: gl.constexpr = 0, SC: gl.constexpr = 0, nprog=1, plain=False):
         """The input's values at k step ks, columns cols: x[ks * TILE + cols]; with ACT 1 (down, x_ptr: the gate/up
         sums) silu(g) * u * p of expert ks // DN_STEPS's channels; with ACT 2 (o after real attention, x_ptr: the
-        layer's workspace) the attention output, merged from its chunks' partials (`_attend`). DET: x_ptr holds
+        layer's workspace) the attention output, merged from its chunks' partials (`_attend`); with ACT 3 (a
+        whole layer's residual stream) x_ptr's values plus p_ptr's (plain: p_ptr's only). DET: x_ptr holds
         the producing step's partial slots (SN rows, SKS units a tile, SC slots; `_get`)."""
         if ACT == 1:
             j = ks // _DN_STEPS
@@ -358,6 +364,11 @@ if gluon is not None:
                     num += w * gl.load(x_ptr + _O_AO + i * _HD + cols)
                     den += w * gl.load(x_ptr + _O_AL + i)
             x = num / den
+        elif ACT == 3:  # a whole layer's residual stream: x_ptr's sums (a step's output) plus p_ptr's values
+            if plain:  # the first layer's input
+                x = gl.load(p_ptr + ks * _T + cols)
+            else:
+                x = _get(x_ptr, ks * _T + cols, DET, SN, SKS, SC, nprog) + gl.load(p_ptr + ks * _T + cols)
         else:
             x = _get(x_ptr, ks * _T + cols, DET, SN, SKS, SC, nprog, plain)
         return x
@@ -406,14 +417,15 @@ if gluon is not None:
     def _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring,
                      ready, empty, xs, c, pid, nprog, SIDE: gl.constexpr, layer, SIDE_UNITS: gl.constexpr,
                      NORM: gl.constexpr, DET: gl.constexpr, SN: gl.constexpr, SKS: gl.constexpr, SC: gl.constexpr,
-                     plain):
+                     plain, w_ptr, xout_ptr, WMODE: gl.constexpr):
         """`_consume` on the tensor cores (one consumer warpgroup): the step's input chunks of the program's units
         are loaded at once, scaled, rounded to bf16 and staged as row 0 of [8, 64] tiles in shared memory (rows
         1-7 stay zero), then each unit is two wgmma m64n8 over the ring stage's two 64-row halves, the next
         unit's issued before the last one's are waited for. Column 0 of the [64, 8] sums is the rows' result.
         NORM: the input's rms norm from the staged values (`_stage_input`). DET: fixed-order sums, the input from
         its partial slots (SN, SKS, SC: `_get`; plain: it has none) and the output to this program's (`_flush`).
-        Returns the ring count and the scale."""
+        w_ptr, xout_ptr, WMODE: a norm's weight and the residual's store (`_stage_input`). Returns the ring count
+        and the scale."""
         STAGES: gl.constexpr = ring.type.shape[0] - SIDE
         KSTEPS: gl.constexpr = K // _T
         # Units' inputs staged; the attention's merge only the units' heads (at most 8 from 128 programs, `run`).
@@ -424,7 +436,8 @@ if gluon is not None:
         if SIDE_UNITS:  # the first units from the side buffers, filled once a layer
             side = gl.minimum(n, SIDE_UNITS)
         # Stage: slot j holds k step (u0 + j) % KSTEPS, so unit u reads slot (u - u0) % KSTEPS (n <= XS, `run`).
-        scale = _stage_input(x_ptr, p_ptr, scale, xs, u0, KSTEPS, NS, ACT, NORM, n, DET, SN, SKS, SC, nprog, plain)
+        scale = _stage_input(x_ptr, p_ptr, scale, xs, u0, KSTEPS, NS, ACT, NORM, n, DET, SN, SKS, SC, nprog, plain,
+                             w_ptr, xout_ptr, WMODE, pid)
         rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _ACC_L))
         acc0 = gl.zeros([64, 8], gl.float32, _ACC_L)
         acc1 = gl.zeros([64, 8], gl.float32, _ACC_L)
@@ -445,21 +458,42 @@ if gluon is not None:
         return c + n - side, scale
 
     @gluon.jit
-    def _attend(ws, qkv, ring, ready, empty, qs, ps, c, pid, nprog, STAGES: gl.constexpr, DET: gl.constexpr):
+    def _norm_rope(a, b, w, d, ROW: gl.constexpr):
+        """Qwen3's per-head RMSNorm (weight w, [HEAD_DIM] bf16) then rotary embedding at position CONTEXT, on a
+        head's two 64-dim halves a and b (d: their dims; ROW: rows of heads [8, 64], else one head [64]); the
+        norm's output is rounded to bf16 as transformers' is."""
+        inv_freq = gl.exp(d.to(gl.float32) * (-2.0 * _LOG_THETA / _HD))
+        cos = gl.cos(_CTX * inv_freq)
+        sin = gl.sin(_CTX * inv_freq)
+        wa = gl.load(w + d).to(gl.float32)
+        wb = gl.load(w + _CH + d).to(gl.float32)
+        if ROW:
+            r = gl.rsqrt((gl.sum(a * a, axis=1) + gl.sum(b * b, axis=1)) / _HD + _EPS)[:, None]
+            a = (a * r * wa[None, :]).to(gl.bfloat16).to(gl.float32)
+            b = (b * r * wb[None, :]).to(gl.bfloat16).to(gl.float32)
+            return a * cos[None, :] - b * sin[None, :], b * cos[None, :] + a * sin[None, :]
+        else:
+            r = gl.rsqrt((gl.sum(a * a, axis=0) + gl.sum(b * b, axis=0)) / _HD + _EPS)
+            a = (a * r * wa).to(gl.bfloat16).to(gl.float32)
+            b = (b * r * wb).to(gl.bfloat16).to(gl.float32)
+            return a * cos - b * sin, b * cos + a * sin
+
+    @gluon.jit
+    def _attend(ws, qkv, ring, ready, empty, qs, ps, c, pid, nprog, STAGES: gl.constexpr, DET: gl.constexpr,
+                layer=0, w_q=0, w_k=0, k_cache=0, v_cache=0, FULL: gl.constexpr = False):
         """Consumer, real attention over the program's (kv head h, chunk) units, flash-decoding style: S^T = K . q^T
         ([64 tokens, 8 query heads], wgmma with the group's q, scaled by 1/sqrt(d), as the B operand in qs), the
         chunk's softmax by column, O^T = V^T . P^T (V's tile as a transposed A operand, P^T through ps), and the
         chunk's maxima, sums and unnormalised outputs to the workspace (am, al, ao) for the o step to merge
         (`_x_chunk`). The last chunk also takes the new token, whose k and v come from the qkv step (qkv: its
-        output, or with DET its partial slots, `_get`)."""
+        output, or with DET its partial slots, `_get`). FULL: q and the new k take the per-head norms (w_q, w_k
+        of the layer) and rotary embedding first (`_norm_rope`), and the last chunk's program stores the new
+        token's k and v in the cache's row CONTEXT."""
         QL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # [8, 64] q halves
-        NL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])  # [8, 128] q for the new token
         heads_l: gl.constexpr = gl.SliceLayout(0, _ACC_L)
         dims_l: gl.constexpr = gl.SliceLayout(1, _ACC_L)
         qi = gl.arange(0, _GRP, layout=gl.SliceLayout(1, QL))
         qd = gl.arange(0, _CH, layout=gl.SliceLayout(0, QL))
-        ni = gl.arange(0, _GRP, layout=gl.SliceLayout(1, NL))
-        nd = gl.arange(0, _HD, layout=gl.SliceLayout(0, NL))
         heads = gl.arange(0, _GRP, layout=heads_l)
         dims = gl.arange(0, 64, layout=dims_l)
         u0, u1 = _units(pid, nprog, _AU)
@@ -467,16 +501,25 @@ if gluon is not None:
             h = u // _CPH
             last = (u % _CPH) == _CPH - 1
             q_rows = (h * _GRP + qi)[:, None] * _HD
-            for half in gl.static_range(2):
-                q = _get(qkv, q_rows + half * _CH + qd[None, :], DET, _QKV, _HID // _T, _C_QKV, nprog)
-                qs.index(half).store((q * _SM_SCALE).to(gl.bfloat16))
+            q0 = _get(qkv, q_rows + qd[None, :], DET, _QKV, _HID // _T, _C_QKV, nprog)
+            q1 = _get(qkv, q_rows + _CH + qd[None, :], DET, _QKV, _HID // _T, _C_QKV, nprog)
+            k0 = _get(qkv, _ATT + h * _HD + qd, DET, _QKV, _HID // _T, _C_QKV, nprog)
+            k1 = _get(qkv, _ATT + h * _HD + _CH + qd, DET, _QKV, _HID // _T, _C_QKV, nprog)
+            if FULL:
+                q0, q1 = _norm_rope(q0, q1, w_q + layer * _HD, qd, True)
+                k0, k1 = _norm_rope(k0, k1, w_k + layer * _HD, qd, False)
+            q0 = (q0 * _SM_SCALE).to(gl.bfloat16)
+            q1 = (q1 * _SM_SCALE).to(gl.bfloat16)
+            k0 = k0.to(gl.bfloat16)
+            k1 = k1.to(gl.bfloat16)
+            qs.index(0).store(q0)
+            qs.index(1).store(q1)
             fence_async_shared()
             gl.thread_barrier()
             # The new token's score from the same bf16 values (used by the last chunk only).
-            qn = _get(qkv, (h * _GRP + ni)[:, None] * _HD + nd[None, :], DET, _QKV, _HID // _T, _C_QKV, nprog)
-            qn = (qn * _SM_SCALE).to(gl.bfloat16)
-            kn = _get(qkv, _ATT + h * _HD + nd, DET, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
-            s_new = gl.convert_layout(gl.sum(qn.to(gl.float32) * kn.to(gl.float32)[None, :], axis=1), heads_l)
+            s_new = gl.sum(q0.to(gl.float32) * k0.to(gl.float32)[None, :], axis=1)
+            s_new = gl.convert_layout(s_new + gl.sum(q1.to(gl.float32) * k1.to(gl.float32)[None, :], axis=1),
+                                      heads_l)
             # S^T = K . q^T
             sk = c % STAGES
             mbarrier.wait(ready.index(sk), (c // STAGES) & 1)
@@ -510,6 +553,13 @@ if gluon is not None:
             v_new = _ATT + _KVH * _HD + h * _HD
             v0 = _get(qkv, v_new + dims, DET, _QKV, _HID // _T, _C_QKV, nprog)
             v1 = _get(qkv, v_new + 64 + dims, DET, _QKV, _HID // _T, _C_QKV, nprog)
+            if FULL:  # the new token's k and v into the cache, for the next step
+                if last:
+                    row = ((layer * _KVH + h) * (_CTX + 1) + _CTX) * _HD
+                    gl.store(k_cache + row + qd, k0)
+                    gl.store(k_cache + row + _CH + qd, k1)
+                    gl.store(v_cache + row + dims, v0.to(gl.bfloat16))
+                    gl.store(v_cache + row + 64 + dims, v1.to(gl.bfloat16))
             o0 += v0.to(gl.bfloat16).to(gl.float32)[:, None] * p_new[None, :]
             o1 += v1.to(gl.bfloat16).to(gl.float32)[:, None] * p_new[None, :]
             part = u * _GRP + heads
@@ -522,26 +572,35 @@ if gluon is not None:
     @gluon.jit
     def _stage_input(x_ptr, p_ptr, scale, xs, first, KSTEPS: gl.constexpr, NS: gl.constexpr, ACT: gl.constexpr,
                      NORM: gl.constexpr = False, n=1 << 30, DET: gl.constexpr = False, SN: gl.constexpr = 0,
-                     SKS: gl.constexpr = 0, SC: gl.constexpr = 0, nprog=1, plain=False):
+                     SKS: gl.constexpr = 0, SC: gl.constexpr = 0, nprog=1, plain=False, w_ptr=0, xout_ptr=0,
+                     WMODE: gl.constexpr = 0, pid=0):
         """The MMA consumers' input: unit slot j < NS is k step (first + j) % KSTEPS of the step's input
         (`_x_chunk`) times scale, in bf16, as HK chunks of 64 (slots j * HK ...: row 0 of each [8, 64] tile of
         xs); visible to the next wgmma when this returns. NORM (all k steps staged): scale is 1 / rms of the
         values loaded, so the norm costs no read of its own. Slots from n on (the units the program has) repeat
-        slot n - 1's k step: where each value costs 48 loads (ACT 2, the attention's merge), from L1. Returns the
-        scale."""
+        slot n - 1's k step: where each value costs 48 loads (ACT 2, the attention's merge), from L1. WMODE 1:
+        each value is also multiplied by the norm's weight w_ptr[k]; 2: and program 0 stores the input as loaded
+        (the residual stream, for the steps after) to xout_ptr. Returns the scale."""
         SL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         q = gl.arange(0, NS * _HK, layout=gl.SliceLayout(1, SL))
         cols = gl.arange(0, _CH, layout=gl.SliceLayout(0, SL))
         j = q // _HK
         if ACT == 2:
             j = gl.minimum(j, gl.maximum(n - 1, 0))
-        x = _x_chunk(x_ptr, p_ptr, ((first + j) % KSTEPS)[:, None], ((q % _HK) * _CH)[:, None] + cols[None, :], ACT,
-                     DET, SN, SKS, SC, nprog, plain)
+        ks = ((first + j) % KSTEPS)[:, None]
+        col = ((q % _HK) * _CH)[:, None] + cols[None, :]
+        x = _x_chunk(x_ptr, p_ptr, ks, col, ACT, DET, SN, SKS, SC, nprog, plain)
         if NORM:
             gl.static_assert(NS == KSTEPS, "the norm needs the whole input staged")
-            scale = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NS * _T) + 1e-6)
+            scale = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NS * _T) + _EPS)
+        if WMODE == 2:
+            if pid == 0:
+                gl.store(xout_ptr + ks * _T + col, x)
+        x = x * scale
+        if WMODE >= 1:
+            x = x * gl.load(w_ptr + ks * _T + col).to(gl.float32)
         flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        flat.slice(0, NS * _HK, dim=0).slice(0, _CH, dim=1).store((x * scale).to(gl.bfloat16))
+        flat.slice(0, NS * _HK, dim=0).slice(0, _CH, dim=1).store(x.to(gl.bfloat16))
         fence_async_shared()
         gl.thread_barrier()
         return scale
@@ -674,18 +733,20 @@ if gluon is not None:
                    ready, empty, c, pid, nprog, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr, xs,
                    MMA: gl.constexpr, SIDE: gl.constexpr, layer=0, SIDE_UNITS: gl.constexpr = 0,
                    NORM: gl.constexpr = False, DET: gl.constexpr = False, SN: gl.constexpr = 0,
-                   SKS: gl.constexpr = 0, SC: gl.constexpr = 0, plain=False):
+                   SKS: gl.constexpr = 0, SC: gl.constexpr = 0, plain=False, w_ptr=0, xout_ptr=0,
+                   WMODE: gl.constexpr = 0):
         """A step's GEMV by the consumers: on the tensor cores (MMA, `_consume_mma`) or CUDA cores (`_consume`).
         SIDE: side buffers after the ring's stages; SIDE_UNITS: this step's first units come from them (qkv of
         `layer`, `_produce_side`). NORM: the input is to be rms-normalised, scale is ignored (`_input_scale`).
-        DET, SN, SKS, SC, plain: fixed-order sums (`_consume_mma`). Returns the ring count and the scale the step
-        used."""
+        DET, SN, SKS, SC, plain, w_ptr, xout_ptr, WMODE: as `_consume_mma`'s. Returns the ring count and the
+        scale the step used."""
         if NORM:
             if not MMA:  # the MMA consumers take the norm from the values they stage
                 scale = _inv_rms(x_ptr)
         if MMA:
             c, scale = _consume_mma(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, xs, c, pid,
-                                    nprog, SIDE, layer, SIDE_UNITS, NORM, DET, SN, SKS, SC, plain)
+                                    nprog, SIDE, layer, SIDE_UNITS, NORM, DET, SN, SKS, SC, plain, w_ptr, xout_ptr,
+                                    WMODE)
         else:
             c = _consume(x_ptr, y_ptr, p_ptr, scale, N_TILES, K, ACT, ring, ready, empty, c, pid, nprog, COMPUTE,
                          WG, NWG)
@@ -743,13 +804,15 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps, trace_ptr,
-                  layers, SYNC: gl.constexpr, COMPUTE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr,
-                  MOE_ONLY: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr, FAST: gl.constexpr,
-                  SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr, ATTN: gl.constexpr,
-                  DET: gl.constexpr):
+                  w_in, w_post, w_q, w_k, k_cache, v_cache, layers, SYNC: gl.constexpr, COMPUTE: gl.constexpr,
+                  WG: gl.constexpr, NWG: gl.constexpr, MOE_ONLY: gl.constexpr, MMA: gl.constexpr,
+                  TRACE: gl.constexpr, FAST: gl.constexpr, SIDE: gl.constexpr, POLL: gl.constexpr,
+                  DRAWN: gl.constexpr, ATTN: gl.constexpr, DET: gl.constexpr, FULL: gl.constexpr):
         """Consumer warpgroup WG of NWG: the steps' GEMVs from its ring stages, a grid barrier between steps
         (every warpgroup of every program arrives). MOE_ONLY: gate/up and down only, on the o, experts and
-        probabilities the workspace holds. DET: fixed-order sums (`run(det=True)`)."""
+        probabilities the workspace holds. DET: fixed-order sums (`run(det=True)`). FULL: a whole Qwen3-MoE layer
+        (`run(full=True)`): the norms' weights (w_in, w_post), the residual stream, and in the attention the
+        per-head norms (w_q, w_k), rotary embedding and the KV store."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         STEPS: gl.constexpr = COMPUTE != 6  # the steps' norms, top-k and grid arrivals (off: timing the tiles)
@@ -761,6 +824,7 @@ if gluon is not None:
         c = 0
         n = 0
         x_ptr = x0_ptr
+        res_ptr = x0_ptr  # FULL: the residual stream before the layer (the first layer's input)
         for layer in range(layers):
             ws = ws_ptr + layer * _WS
             trace = trace_ptr + (layer * nprog + pid) * _MARKS
@@ -778,12 +842,19 @@ if gluon is not None:
             if MOE_ONLY:
                 scale = _scale(ws + _O_O, STEPS)
             else:
-                c, _ = _gemv_step(x_ptr, o_qkv, ws, 1.0, _QKV // _R, _HID, False, ring, ready, empty, c, pid, nprog,
-                                  COMPUTE, WG, NWG, xs, MMA, SIDE, layer, SIDE, NORM=STEPS, DET=DET, SN=_HID,
-                                  SKS=_TOP_K * _INTER // _T, SC=_C_X, plain=layer == 0)
+                if FULL:  # the layer's input: the residual before plus the MoE's output (the first: x0)
+                    c, _ = _gemv_step(x_ptr, o_qkv, res_ptr, 1.0, _QKV // _R, _HID, 3, ring, ready, empty, c, pid,
+                                      nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, layer, SIDE, NORM=STEPS, DET=DET,
+                                      SN=_HID, SKS=_TOP_K * _INTER // _T, SC=_C_X, plain=layer == 0,
+                                      w_ptr=w_in + layer * _HID, xout_ptr=ws + _O_XIN, WMODE=2)
+                else:
+                    c, _ = _gemv_step(x_ptr, o_qkv, ws, 1.0, _QKV // _R, _HID, False, ring, ready, empty, c, pid,
+                                      nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, layer, SIDE, NORM=STEPS, DET=DET,
+                                      SN=_HID, SKS=_TOP_K * _INTER // _T, SC=_C_X, plain=layer == 0)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 1, TRACE, POLL)
                 if ATTN:
-                    c = _attend(ws, o_qkv, ring, ready, empty, qs, ps, c, pid, nprog, ring.type.shape[0] - SIDE, DET)
+                    c = _attend(ws, o_qkv, ring, ready, empty, qs, ps, c, pid, nprog, ring.type.shape[0] - SIDE, DET,
+                                layer, w_q, w_k, k_cache, v_cache, FULL)
                 else:
                     c, _ = _gemv_step(o_qkv, o_a, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid,
                                       nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, DET=DET, SN=_QKV, SKS=_HID // _T,
@@ -796,9 +867,15 @@ if gluon is not None:
                     c, _ = _gemv_step(o_a, o_o, ws, 1.0, _HID // _R, _ATT, 0, ring, ready, empty, c, pid, nprog,
                                       COMPUTE, WG, NWG, xs, MMA, SIDE, DET=DET, SN=_ATT, SKS=_KVS // _T, SC=_C_A)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 5, TRACE, POLL)
-                c, scale = _gemv_step(o_o, o_r, ws, 1.0, _EXPERTS // _R, _HID, False, ring, ready, empty, c, pid,
-                                      nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, NORM=STEPS, DET=DET, SN=_HID,
-                                      SKS=_ATT // _T, SC=_C_O)
+                if FULL:  # h = the layer's input + o, normalised with the post-attention norm's weight
+                    c, scale = _gemv_step(o_o, o_r, ws + _O_XIN, 1.0, _EXPERTS // _R, _HID, 3, ring, ready, empty,
+                                          c, pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, NORM=STEPS, DET=DET,
+                                          SN=_HID, SKS=_ATT // _T, SC=_C_O, w_ptr=w_post + layer * _HID,
+                                          xout_ptr=ws + _O_H, WMODE=2)
+                else:
+                    c, scale = _gemv_step(o_o, o_r, ws, 1.0, _EXPERTS // _R, _HID, False, ring, ready, empty, c, pid,
+                                          nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, NORM=STEPS, DET=DET, SN=_HID,
+                                          SKS=_ATT // _T, SC=_C_O)
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 7, TRACE, POLL)
             if WG == 0:
                 if not MOE_ONLY:
@@ -812,6 +889,10 @@ if gluon is not None:
             _mark(trace, 9, TRACE)
             if DRAWN:
                 c = _consume_drawn(ws + _O_O, ws + _O_GU, scale, ring, ready, empty, xs, codes, c)
+            elif FULL:  # h as program 0 stored it, with the router's scale and the norm's weight
+                c, _ = _gemv_step(ws + _O_H, o_gu, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready, empty, c,
+                                  pid, nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, DET=DET, plain=True,
+                                  w_ptr=w_post + layer * _HID, WMODE=1)
             else:
                 c, _ = _gemv_step(o_o, o_gu, ws, scale, _TOP_K * _GU_TILES, _HID, False, ring, ready, empty, c, pid,
                                   nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, DET=DET, SN=_HID, SKS=_ATT // _T, SC=_C_O)
@@ -824,6 +905,7 @@ if gluon is not None:
                 _grid_arrive(bar_ptr)
             n += 1
             x_ptr = o_x
+            res_ptr = ws + _O_H
 
     @gluon.jit
     def _grid_step(bar_ptr, n, nprog, SYNC: gl.constexpr, ARRIVE: gl.constexpr, trace, mark: gl.constexpr,
@@ -849,11 +931,11 @@ if gluon is not None:
 
     @gluon.jit
     def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, x0_ptr, bar_ptr, cnt_ptr, trace_ptr,
-                           layers,
+                           w_in, w_post, w_q, w_k, k_cache, v_cache, layers,
                            STAGES: gl.constexpr, SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr,
                            MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr,
                            FAST: gl.constexpr, SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr,
-                           CAP: gl.constexpr, ATTN: gl.constexpr, DET: gl.constexpr):
+                           CAP: gl.constexpr, ATTN: gl.constexpr, DET: gl.constexpr, FULL: gl.constexpr):
         ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES + SIDE, _R, _T], d_qkv.layout)
         if MMA:  # the step's input chunks as wgmma's B operand: [8, 64] tiles, row 0 the input
             xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _CH],
@@ -881,11 +963,11 @@ if gluon is not None:
         if NWG == 2:
             gl.warp_specialize([
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
-                             trace_ptr, layers, SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE,
-                             POLL, DRAWN, ATTN, DET)),
+                             trace_ptr, w_in, w_post, w_q, w_k, k_cache, v_cache, layers, SYNC, COMPUTE,
+                             gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL, DRAWN, ATTN, DET, FULL)),
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
-                             trace_ptr, layers, SYNC, COMPUTE, gl.constexpr(1), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE,
-                             POLL, DRAWN, ATTN, DET)),
+                             trace_ptr, w_in, w_post, w_q, w_k, k_cache, v_cache, layers, SYNC, COMPUTE,
+                             gl.constexpr(1), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL, DRAWN, ATTN, DET, FULL)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, ring, ready, empty, ids_bar,
                              ids_smem, codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP,
                              ATTN)),
@@ -893,8 +975,8 @@ if gluon is not None:
         else:
             gl.warp_specialize([
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
-                             trace_ptr, layers, SYNC, COMPUTE, gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE,
-                             POLL, DRAWN, ATTN, DET)),
+                             trace_ptr, w_in, w_post, w_q, w_k, k_cache, v_cache, layers, SYNC, COMPUTE,
+                             gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL, DRAWN, ATTN, DET, FULL)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, ring, ready, empty, ids_bar,
                              ids_smem, codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP,
                              ATTN)),
@@ -904,7 +986,7 @@ if gluon is not None:
 def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1, warpgroups: int = 1,
         moe_only: bool = False, load: int = 1, mma: bool = False, trace: torch.Tensor | None = None,
         fast: bool = False, side: int = 0, poll: bool = False, drawn: bool = False, cap: int = 0,
-        attention: bool = False, det: bool = False) -> None:
+        attention: bool = False, det: bool = False, full: bool = False) -> None:
     """`decode_layer_probe.Layers.run_persistent`'s work by `_layer_ring_kernel` (m: a `Layers`). For timing the
     stream alone: sync=False skips the grid barriers' waits, compute=0 the consumers' arithmetic (results are
     then wrong; the workspace is kept, so the experts chosen stay those of the run before), compute=2-4 parts of
@@ -922,13 +1004,15 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     real attention over m's KV cache in place of the stand-in GEMV (mma, 64 x 128 tiles, at least 128 programs so
     that o's units fit the merge's staging; sets m.attention, which the reference check follows). det: fixed-order
     sums, each step's partials to slots of their own rather than fp32 atomics, so that reruns give the same bits
-    (mma and fast, not drawn or moe_only; sets m.det_sum, which the reference check follows)."""
+    (mma and fast, not drawn or moe_only; sets m.det_sum, which the reference check follows). full: a whole
+    Qwen3-MoE layer (with attention and fast): the norms' weights, the residual stream, the per-head q and k norms,
+    rotary embedding and the KV store (sets m.full, which the reference check follows)."""
     ring_kb = (stages + side) * ROWS * TILE * 2 // 1024 + (XS * 8 * CHUNK * 2 // 1024 if mma else 0)
     if (mma and (warpgroups != 1 or compute != 1 or programs < 96) or ring_kb > 224
             or ((side or fast) and moe_only) or ((side or drawn) and not mma) or (side and drawn) or (cap and drawn)
             or cap >= stages or (attention and (not mma or (ROWS, TILE) != (CHUNK_TOKENS, HEAD_DIM)
                                                 or programs < 128))
-            or (det and (not mma or not fast or drawn or moe_only))):
+            or (det and (not mma or not fast or drawn or moe_only)) or (full and not (attention and fast))):
         raise ValueError(f"mma takes one consumer warpgroup, compute=1 and at least 96 programs, side takes mma, "
                          f"side and fast all steps, and the buffers at most 224 KB; got warpgroups {warpgroups}, "
                          f"compute {compute}, programs {programs}, side {side}, fast {fast}, moe_only {moe_only}, "
@@ -940,15 +1024,16 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
         for (name, size, slots), k in zip(DET_OUTPUTS, (HID, KVS, ATT, HID, HID, TOP_K * INTER)):
             if det_slots(size, k // TILE, programs) > slots:
                 raise ValueError(f"{programs} programs share a row tile of {name} more than its {slots} slots")
-    m.attention = attention
+    m.attention, m.full = attention, full
     m.det_sum = (lambda layer: det_output(m, layer, programs)) if det else None
     descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in (*m.weights(), m.k_cache, m.v_cache)]
     counters = torch.zeros(m.layers, dtype=torch.int32, device=m.ws.device)
     _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, counters, m.bar if trace is None else trace,
-                                    m.layers, STAGES=stages, SYNC=sync, COMPUTE=compute, NWG=warpgroups,
+                                    m.w_in, m.w_post, m.w_q, m.w_k, m.k_cache, m.v_cache, m.layers,
+                                    STAGES=stages, SYNC=sync, COMPUTE=compute, NWG=warpgroups,
                                     MOE_ONLY=moe_only, LOAD=load, MMA=mma, TRACE=trace is not None, FAST=fast,
                                     SIDE=side, POLL=poll, DRAWN=drawn, CAP=cap, ATTN=attention, DET=det,
-                                    num_warps=4)
+                                    FULL=full, num_warps=4)
 
 
 def _owners(rows: int, ks: int, programs: int):

@@ -76,6 +76,7 @@ _BN, _BK = tl.constexpr(BN), tl.constexpr(BK)
 # KV_HEADS heads of HEAD_DIM, ATT // HEAD_DIM query heads; split into (head, 64-token chunk) units whose partial
 # maxima, sums and outputs go to the workspace's am, al and ao, merged by the o step.
 CONTEXT, KV_HEADS, HEAD_DIM, CHUNK_TOKENS = 1024, 4, 128, 64
+ROPE_THETA, EPS = 1e6, 1e-6  # Qwen3-30B-A3B's
 ATT_UNITS = KV_HEADS * CONTEXT // CHUNK_TOKENS
 Q_HEADS = ATT // HEAD_DIM
 assert QKV == ATT + 2 * KV_HEADS * HEAD_DIM
@@ -88,7 +89,7 @@ DET_OUTPUTS = (("qkv", QKV, 3), ("a", ATT, 2), ("o", HID, 5), ("r", EXPERTS, 16)
 OFFS = {}
 _at = 0
 for _name, _size in (("qkv", QKV), ("a", ATT), ("o", HID), ("r", EXPERTS), ("gu", TOP_K * 2 * INTER), ("x", HID),
-                     ("ids", TOP_K), ("p", TOP_K), ("am", ATT_UNITS * Q_HEADS // KV_HEADS),
+                     ("ids", TOP_K), ("p", TOP_K), ("xin", HID), ("h", HID), ("am", ATT_UNITS * Q_HEADS // KV_HEADS),
                      ("al", ATT_UNITS * Q_HEADS // KV_HEADS), ("ao", ATT_UNITS * Q_HEADS // KV_HEADS * HEAD_DIM),
                      *((f"{name}_p", slots * size) for name, size, slots in DET_OUTPUTS)):
     OFFS[_name] = _at
@@ -323,10 +324,15 @@ class Layers:
         self.wqkv, self.wkv, self.wo = w(layers, QKV, HID), w(layers, ATT, KVS), w(layers, HID, ATT)
         self.wr = w(layers, EXPERTS, HID)
         self.w13, self.w2 = w(layers, EXPERTS, 2 * INTER, HID), w(layers, EXPERTS, HID, INTER)
-        # The KV cache of the past tokens, [layer, kv head, token, dim] (contiguous per head: the engine's is paged).
-        self.k_cache = torch.randn(layers, KV_HEADS, CONTEXT, HEAD_DIM, generator=g, device=device).to(BF16)
-        self.v_cache = torch.randn(layers, KV_HEADS, CONTEXT, HEAD_DIM, generator=g, device=device).to(BF16)
+        # The KV cache, [layer, kv head, token, dim] (contiguous per head: the engine's is paged): CONTEXT past
+        # tokens, and a row for the new token's k and v (written by the runs of a whole layer, `full`).
+        self.k_cache = torch.randn(layers, KV_HEADS, CONTEXT + 1, HEAD_DIM, generator=g, device=device).to(BF16)
+        self.v_cache = torch.randn(layers, KV_HEADS, CONTEXT + 1, HEAD_DIM, generator=g, device=device).to(BF16)
+        # A whole layer's norm weights (`full`): the input and post-attention RMSNorms, the per-head q and k norms.
+        self.w_in, self.w_post = (1 + 0.1 * torch.randn(2, layers, HID, generator=g, device=device)).to(BF16)
+        self.w_q, self.w_k = (1 + 0.1 * torch.randn(2, layers, HEAD_DIM, generator=g, device=device)).to(BF16)
         self.attention = False  # the reference's second step: set by the runs with real attention
+        self.full = False  # the reference is a whole Qwen3-MoE layer: set by the runs with `full`
         self.x0 = torch.randn(HID, generator=g, device=device)
         self.ws = torch.zeros(layers, WS, device=device)
         self.bar = torch.zeros(1, dtype=torch.int32, device=device)
@@ -340,7 +346,7 @@ class Layers:
         return ws if layer is None else tuple(t[layer] for t in ws)
 
     def run_persistent(self, programs: int, prefetch: bool = False) -> None:
-        self.attention, self.det_sum = False, None
+        self.attention, self.det_sum, self.full = False, None, False
         self.ws.zero_()
         self.bar.zero_()
         _persistent_kernel[(programs,)](self.ws, self.x0, self.bar, *self.weights(), self.layers,
@@ -350,7 +356,7 @@ class Layers:
                      zero: bool = True) -> None:
         """One launch per step of each layer (only `steps`, for a step's own time: then the inputs are whatever
         the workspace holds, and zero=False keeps them)."""
-        self.attention, self.det_sum = False, None
+        self.attention, self.det_sum, self.full = False, None, False
         if zero:
             self.ws.zero_()
         x = self.x0
@@ -387,10 +393,9 @@ class Layers:
     det_sum = None  # set by a run with fixed-order sums: layer -> its output, summed from its partial slots
 
     def output(self, layer: int) -> torch.Tensor:
-        """Layer's output x' as the last run left it."""
-        if self.det_sum is not None:
-            return self.det_sum(layer)
-        return self.ws[layer, OFFS["x"]:OFFS["x"] + HID]
+        """Layer's output x' as the last run left it (a whole layer, `full`: the residual h plus the MoE's)."""
+        y = self.det_sum(layer) if self.det_sum is not None else self.ws[layer, OFFS["x"]:OFFS["x"] + HID]
+        return self.ws[layer, OFFS["h"]:OFFS["h"] + HID] + y if self.full else y
 
     def max_layer_error(self) -> float:
         """The largest relative error of a layer's output x' against fp32 torch ops on the kernel's own input to
@@ -409,12 +414,52 @@ class Layers:
         group = Q_HEADS // KV_HEADS
         q = qkv[:ATT].to(BF16).float().view(KV_HEADS, group, HEAD_DIM)
         k_new, v_new = qkv[ATT:].to(BF16).float().view(2, KV_HEADS, 1, HEAD_DIM)
-        k = torch.cat([self.k_cache[layer].float(), k_new], dim=1)
-        v = torch.cat([self.v_cache[layer].float(), v_new], dim=1)
+        k = torch.cat([self.k_cache[layer, :, :CONTEXT].float(), k_new], dim=1)
+        v = torch.cat([self.v_cache[layer, :, :CONTEXT].float(), v_new], dim=1)
         p = torch.softmax(q @ k.transpose(1, 2) / HEAD_DIM ** 0.5, dim=-1)
         return (p @ v).reshape(-1)
 
+    def _reference_full_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """A Qwen3-MoE decoder layer at position CONTEXT (fp32 on bf16-rounded inputs, as transformers computes it
+        but for the rounding points), with the experts and probabilities the kernel chose; also checks the KV
+        store of the new token."""
+        wqkv, _, wo, _, w13, w2 = (t.float() for t in self.weights(layer))
+
+        def norm(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return (v / torch.sqrt((v * v).mean(-1, keepdim=True) + EPS) * w.float()).to(BF16).float()
+
+        def rope(v: torch.Tensor) -> torch.Tensor:
+            inv = ROPE_THETA ** (-torch.arange(0, HEAD_DIM, 2, device=v.device).float() / HEAD_DIM)
+            cos, sin = torch.cos(CONTEXT * inv), torch.sin(CONTEXT * inv)
+            a, b = v[..., :HEAD_DIM // 2], v[..., HEAD_DIM // 2:]
+            return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+        qkv = wqkv @ norm(x, self.w_in[layer])
+        group = Q_HEADS // KV_HEADS
+        q = rope(norm(qkv[:ATT].view(Q_HEADS, HEAD_DIM), self.w_q[layer])).to(BF16).float()
+        k_new = rope(norm(qkv[ATT:ATT + KV_HEADS * HEAD_DIM].view(KV_HEADS, HEAD_DIM), self.w_k[layer]))
+        v_new = qkv[ATT + KV_HEADS * HEAD_DIM:].view(KV_HEADS, HEAD_DIM)
+        stored = (self.k_cache[layer, :, CONTEXT].float(), self.v_cache[layer, :, CONTEXT].float())
+        for got, want in zip(stored, (k_new, v_new)):
+            if ((got - want).norm() / want.norm()).item() > 1e-2:
+                raise AssertionError(f"layer {layer}: the new token's k or v in the cache is off")
+        k = torch.cat([self.k_cache[layer, :, :CONTEXT].float(), k_new.to(BF16).float()[:, None]], dim=1)
+        v = torch.cat([self.v_cache[layer, :, :CONTEXT].float(), v_new.to(BF16).float()[:, None]], dim=1)
+        att = torch.softmax(q.view(KV_HEADS, group, HEAD_DIM) @ k.transpose(1, 2) / HEAD_DIM ** 0.5, dim=-1) @ v
+        h = x + wo @ att.reshape(-1).to(BF16).float()
+        hn = norm(h, self.w_post[layer])
+        ws = self.ws[layer]
+        ids = ws[OFFS["ids"]:OFFS["ids"] + TOP_K].long()
+        p = ws[OFFS["p"]:OFFS["p"] + TOP_K]
+        y = torch.zeros(HID, device=x.device)
+        for j in range(TOP_K):
+            gu = w13[ids[j]] @ hn
+            y += w2[ids[j]] @ (torch.nn.functional.silu(gu[:INTER]) * gu[INTER:] * p[j]).to(BF16).float()
+        return h + y
+
     def _reference_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if self.full:
+            return self._reference_full_layer(layer, x)
         wqkv, wkv, wo, wr, w13, w2 = (t.float() for t in self.weights(layer))
 
         def rms(v: torch.Tensor) -> torch.Tensor:
@@ -456,13 +501,14 @@ def xcompile(out_dir: str) -> None:
     import decode_layer_gluon
 
     if decode_layer_gluon.gluon is not None:
-        cache = torch.empty(KV_HEADS * CONTEXT, HEAD_DIM, dtype=BF16)
+        cache = torch.empty(KV_HEADS * (CONTEXT + 1), HEAD_DIM, dtype=BF16)
+        norm_w = torch.empty(HID, dtype=BF16)
         descs = {f"d_{n}": decode_layer_gluon.host_descriptor(w, [decode_layer_gluon.ROWS, decode_layer_gluon.TILE])
                  for n, w in zip(("qkv", "kv", "o", "r", "13", "2", "kc", "vc"), (*weights.values(), cache, cache))}
         ring = decode_layer_gluon._layer_ring_kernel
         i64 = torch.empty(4, dtype=torch.int64)
         plain = dict(NWG=1, MOE_ONLY=False, MMA=False, TRACE=False, FAST=False, SIDE=0, POLL=False, DRAWN=False,
-                     CAP=0, ATTN=False, DET=False)
+                     CAP=0, ATTN=False, DET=False, FULL=False)
         ring_variants = {"": {}, "2 consumer warpgroups": dict(NWG=2), "MoE only": dict(MOE_ONLY=True),
                          "MMA": dict(MMA=True), "MMA, traced": dict(MMA=True, TRACE=True),
                          "MMA, fast top-k, 4 side buffers, polled barriers": dict(MMA=True, FAST=True, SIDE=4,
@@ -473,9 +519,12 @@ def xcompile(out_dir: str) -> None:
                          "MMA, fast top-k, 2 loads in flight, attention": dict(MMA=True, FAST=True, CAP=2,
                                                                               ATTN=True),
                          "MMA, fast top-k, 2 loads in flight, attention, fixed-order sums": dict(
-                             MMA=True, FAST=True, CAP=2, ATTN=True, DET=True)}
+                             MMA=True, FAST=True, CAP=2, ATTN=True, DET=True),
+                         "MMA, fast top-k, 2 loads in flight, whole layer, fixed-order sums": dict(
+                             MMA=True, FAST=True, CAP=2, ATTN=True, DET=True, FULL=True)}
         kernels += [(f"Gluon ring {name}", ring, dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, cnt_ptr=i32,
-                                                       trace_ptr=i64, layers=8),
+                                                       trace_ptr=i64, w_in=norm_w, w_post=norm_w, w_q=norm_w,
+                                                       w_k=norm_w, k_cache=cache, v_cache=cache, layers=8),
                      dict(STAGES=6, SYNC=True, COMPUTE=1, LOAD=1, **{**plain, **changes}))
                     for name, changes in ring_variants.items()]
     for name, kernel, args, constexprs in kernels:
@@ -545,7 +594,9 @@ def main() -> None:
                                                                                 side=side, cap=cap))
         stages, side, cap = args.rings[0]
         for what, kw in {"real attention": dict(attention=True), "fixed-order sums": dict(det=True),
-                         "real attention, fixed-order sums": dict(attention=True, det=True)}.items():
+                         "real attention, fixed-order sums": dict(attention=True, det=True),
+                         "whole layer": dict(attention=True, full=True),
+                         "whole layer, fixed-order sums": dict(attention=True, full=True, det=True)}.items():
             variants[f"Gluon ring, MMA consumers, fast top-k, ring {stages}:{side}:{cap}, {what}"] = (
                 lambda kw=kw: decode_layer_gluon.run(m, sms, stages, mma=True, fast=True, side=side, cap=cap, **kw))
         timing_only["Gluon ring, MMA consumers, no barrier waits"] = (
@@ -592,8 +643,8 @@ def main() -> None:
                                                                                      side=side, cap=cap),
                   f"fast top-k, ring {stages}:{side}:{cap}, real attention": dict(stages=stages, fast=True, side=side,
                                                                                    cap=cap, attention=True),
-                  f"fast top-k, ring {stages}:{side}:{cap}, real attention, fixed-order sums": dict(
-                      stages=stages, fast=True, side=side, cap=cap, attention=True, det=True),
+                  f"fast top-k, ring {stages}:{side}:{cap}, whole layer, fixed-order sums": dict(
+                      stages=stages, fast=True, side=side, cap=cap, attention=True, full=True, det=True),
                   "no weight loads (timing only)": dict(stages=6, load=0)}
         for what, kw in traced.items():
             if kw.get("load") == 0:
