@@ -16,7 +16,9 @@ values staged. Options, each measured (benchmarks/RESULTS.md, "Engine on one H10
 choice by ranks, handed to the producer in shared memory (`fast`); side buffers that load the next layer's first
 qkv tiles while the producer waits for the router (`side`); barriers polled by loads (`poll`); gate/up's units
 drawn from a counter (`drawn`); at most `cap` loads in flight a program. The best found: 64 x 128 tiles, fast,
-10 stages, cap 2 (49.3 µs a layer against 59.5 for the CUDA-core consumers).
+10 stages, cap 2 (49.3 µs a layer against 59.5 for the CUDA-core consumers). Closer to the real layer: real GQA
+attention whose past K and V stream through the ring like weights (`attention`, `_attend`), sums in a fixed order
+(`det`, `_flush` / `_get`), and a whole Qwen3-MoE layer (`full`).
 """
 
 from __future__ import annotations

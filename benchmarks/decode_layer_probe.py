@@ -32,7 +32,11 @@ steps, timed as CUDA graphs over `--layers` layers with their own weights (nothi
 - `MMA consumers`: the same ring with the GEMVs on the tensor cores, and its options (`decode_layer_gluon.run`):
   the router's choice by ranks (`fast top-k`), side buffers for the next layer's first qkv tiles, barriers polled
   by loads, gate/up's units drawn from a counter, and a cap on each program's loads in flight; `--rings` sweeps
-  ring depth, side buffers and the cap;
+  ring depth, side buffers and the cap. For the first `--rings` entry also: `real attention` (GQA decode over a
+  KV cache of CONTEXT tokens plus the new one, in place of the stand-in GEMV), `fixed-order sums` (partial sums
+  to slots of their own rather than fp32 atomics; a rerun is checked bit-equal), and `whole layer` (a
+  Qwen3-MoE decoder layer: the norms' weights, the residual stream, per-head q/k norms, rotary embedding and the
+  KV store, checked against a torch version of the layer);
 - `traced`: the MMA ring with the GPU timer read at each step's end and barrier (`decode_layer_gluon.trace_report`:
   each step's time, each barrier's skew and latency, the producer's wait for the router's choice), for the base
   ring, the first `--rings` entry, and a producer that loads nothing (the barriers unloaded);
@@ -41,9 +45,10 @@ steps, timed as CUDA graphs over `--layers` layers with their own weights (nothi
 `--only REGEX` runs the variants whose names match (and the steps alone / the MoE rows / the traces if it matches
 "step" / "MoE" / "trace").
 
-Reported: µs a layer, the floor (weight bytes over the copy rate measured here), and their ratio. A check against
-torch (fp32, the kernel's own expert choices) guards the arithmetic. fp32 atomics make the sums' order vary run to
-run: a probe, not a kernel the engine could take as it is.
+Reported: µs a layer, the floor (weight bytes over the copy rate measured here; real attention's KV read is the
+stand-in's bytes), and their ratio. A check against torch (fp32, the kernel's own expert choices) guards the
+arithmetic. Without `fixed-order sums` fp32 atomics make the sums' order vary run to run. A probe: no paged cache,
+one shape, batch 1.
 """
 
 from __future__ import annotations
