@@ -460,13 +460,14 @@ if gluon is not None:
         return c + n - side, scale
 
     @gluon.jit
-    def _norm_rope(a, b, w, d, ROW: gl.constexpr):
-        """Qwen3's per-head RMSNorm (weight w, [HEAD_DIM] bf16) then rotary embedding at position CONTEXT, on a
-        head's two 64-dim halves a and b (d: their dims; ROW: rows of heads [8, 64], else one head [64]); the
-        norm's output is rounded to bf16 as transformers' is."""
-        inv_freq = gl.exp(d.to(gl.float32) * (-2.0 * _LOG_THETA / _HD))
-        cos = gl.cos(_CTX * inv_freq)
-        sin = gl.sin(_CTX * inv_freq)
+    def _norm_rope(a, b, w, d, pos, ROW: gl.constexpr):
+        """Qwen3's per-head RMSNorm (weight w, [HEAD_DIM] bf16) then rotary embedding at position pos, on a head's
+        two 64-dim halves a and b (d: their dims; ROW: rows of heads [8, 64], else one head [64]); the norm's
+        output is rounded to bf16 as transformers' is. (pos is read from memory, as an engine's would be. The
+        cross-compile's "spills" on these lines are libdevice's sin/cos slow path for huge angles, not taken.)"""
+        angle = pos.to(gl.float32) * gl.exp(d.to(gl.float32) * (-2.0 * _LOG_THETA / _HD))
+        cos = gl.cos(angle)
+        sin = gl.sin(angle)
         wa = gl.load(w + d).to(gl.float32)
         wb = gl.load(w + _CH + d).to(gl.float32)
         if ROW:
@@ -482,15 +483,15 @@ if gluon is not None:
 
     @gluon.jit
     def _attend(ws, qkv, ring, ready, empty, qs, ps, c, pid, nprog, STAGES: gl.constexpr, DET: gl.constexpr,
-                layer=0, w_q=0, w_k=0, k_cache=0, v_cache=0, FULL: gl.constexpr = False):
+                layer=0, w_q=0, w_k=0, k_cache=0, v_cache=0, pos_ptr=0, FULL: gl.constexpr = False):
         """Consumer, real attention over the program's (kv head h, chunk) units, flash-decoding style: S^T = K . q^T
         ([64 tokens, 8 query heads], wgmma with the group's q, scaled by 1/sqrt(d), as the B operand in qs), the
         chunk's softmax by column, O^T = V^T . P^T (V's tile as a transposed A operand, P^T through ps), and the
         chunk's maxima, sums and unnormalised outputs to the workspace (am, al, ao) for the o step to merge
         (`_x_chunk`). The last chunk also takes the new token, whose k and v come from the qkv step (qkv: its
         output, or with DET its partial slots, `_get`). FULL: q and the new k take the per-head norms (w_q, w_k
-        of the layer) and rotary embedding first (`_norm_rope`), and the last chunk's program stores the new
-        token's k and v in the cache's row CONTEXT."""
+        of the layer) and rotary embedding at position pos_ptr[0] (CONTEXT) first (`_norm_rope`), and the last
+        chunk's program stores the new token's k and v in the cache's row CONTEXT."""
         QL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # [8, 64] q halves
         heads_l: gl.constexpr = gl.SliceLayout(0, _ACC_L)
         dims_l: gl.constexpr = gl.SliceLayout(1, _ACC_L)
@@ -508,8 +509,9 @@ if gluon is not None:
             k0 = _get(qkv, _ATT + h * _HD + qd, DET, _QKV, _HID // _T, _C_QKV, nprog)
             k1 = _get(qkv, _ATT + h * _HD + _CH + qd, DET, _QKV, _HID // _T, _C_QKV, nprog)
             if FULL:
-                q0, q1 = _norm_rope(q0, q1, w_q + layer * _HD, qd, True)
-                k0, k1 = _norm_rope(k0, k1, w_k + layer * _HD, qd, False)
+                pos = gl.load(pos_ptr)
+                q0, q1 = _norm_rope(q0, q1, w_q + layer * _HD, qd, pos, True)
+                k0, k1 = _norm_rope(k0, k1, w_k + layer * _HD, qd, pos, False)
             q0 = (q0 * _SM_SCALE).to(gl.bfloat16)
             q1 = (q1 * _SM_SCALE).to(gl.bfloat16)
             k0 = k0.to(gl.bfloat16)
@@ -557,7 +559,7 @@ if gluon is not None:
             v1 = _get(qkv, v_new + 64 + dims, DET, _QKV, _HID // _T, _C_QKV, nprog)
             if FULL:  # the new token's k and v into the cache, for the next step
                 if last:
-                    row = ((layer * _KVH + h) * (_CTX + 1) + _CTX) * _HD
+                    row = ((layer * _KVH + h) * (_CTX + 1) + pos) * _HD
                     gl.store(k_cache + row + qd, k0)
                     gl.store(k_cache + row + _CH + qd, k1)
                     gl.store(v_cache + row + dims, v0.to(gl.bfloat16))
@@ -806,7 +808,8 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps, trace_ptr,
-                  w_in, w_post, w_q, w_k, k_cache, v_cache, layers, SYNC: gl.constexpr, COMPUTE: gl.constexpr,
+                  w_in, w_post, w_q, w_k, k_cache, v_cache, pos_ptr, layers, SYNC: gl.constexpr,
+                  COMPUTE: gl.constexpr,
                   WG: gl.constexpr, NWG: gl.constexpr, MOE_ONLY: gl.constexpr, MMA: gl.constexpr,
                   TRACE: gl.constexpr, FAST: gl.constexpr, SIDE: gl.constexpr, POLL: gl.constexpr,
                   DRAWN: gl.constexpr, ATTN: gl.constexpr, DET: gl.constexpr, FULL: gl.constexpr):
@@ -856,7 +859,7 @@ if gluon is not None:
                 n = _grid_step(bar_ptr, n, nprog * NWG, SYNC, STEPS, trace, 1, TRACE, POLL)
                 if ATTN:
                     c = _attend(ws, o_qkv, ring, ready, empty, qs, ps, c, pid, nprog, ring.type.shape[0] - SIDE, DET,
-                                layer, w_q, w_k, k_cache, v_cache, FULL)
+                                layer, w_q, w_k, k_cache, v_cache, pos_ptr, FULL)
                 else:
                     c, _ = _gemv_step(o_qkv, o_a, ws, 1.0, _ATT // _R, _KVS, False, ring, ready, empty, c, pid,
                                       nprog, COMPUTE, WG, NWG, xs, MMA, SIDE, DET=DET, SN=_QKV, SKS=_HID // _T,
@@ -933,7 +936,7 @@ if gluon is not None:
 
     @gluon.jit
     def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, x0_ptr, bar_ptr, cnt_ptr, trace_ptr,
-                           w_in, w_post, w_q, w_k, k_cache, v_cache, layers,
+                           w_in, w_post, w_q, w_k, k_cache, v_cache, pos_ptr, layers,
                            STAGES: gl.constexpr, SYNC: gl.constexpr, COMPUTE: gl.constexpr, NWG: gl.constexpr,
                            MOE_ONLY: gl.constexpr, LOAD: gl.constexpr, MMA: gl.constexpr, TRACE: gl.constexpr,
                            FAST: gl.constexpr, SIDE: gl.constexpr, POLL: gl.constexpr, DRAWN: gl.constexpr,
@@ -965,10 +968,10 @@ if gluon is not None:
         if NWG == 2:
             gl.warp_specialize([
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
-                             trace_ptr, w_in, w_post, w_q, w_k, k_cache, v_cache, layers, SYNC, COMPUTE,
+                             trace_ptr, w_in, w_post, w_q, w_k, k_cache, v_cache, pos_ptr, layers, SYNC, COMPUTE,
                              gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL, DRAWN, ATTN, DET, FULL)),
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
-                             trace_ptr, w_in, w_post, w_q, w_k, k_cache, v_cache, layers, SYNC, COMPUTE,
+                             trace_ptr, w_in, w_post, w_q, w_k, k_cache, v_cache, pos_ptr, layers, SYNC, COMPUTE,
                              gl.constexpr(1), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL, DRAWN, ATTN, DET, FULL)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, ring, ready, empty, ids_bar,
                              ids_smem, codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP,
@@ -977,7 +980,7 @@ if gluon is not None:
         else:
             gl.warp_specialize([
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
-                             trace_ptr, w_in, w_post, w_q, w_k, k_cache, v_cache, layers, SYNC, COMPUTE,
+                             trace_ptr, w_in, w_post, w_q, w_k, k_cache, v_cache, pos_ptr, layers, SYNC, COMPUTE,
                              gl.constexpr(0), NWG, MOE_ONLY, MMA, TRACE, FAST, SIDE, POLL, DRAWN, ATTN, DET, FULL)),
                 (_producer, (d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, ring, ready, empty, ids_bar,
                              ids_smem, codes, cnt_ptr, trace_ptr, layers, MOE_ONLY, LOAD, TRACE, FAST, SIDE, DRAWN, CAP,
@@ -1031,7 +1034,7 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     descs = [host_descriptor(w.view(-1, w.shape[-1]), [ROWS, TILE]) for w in (*m.weights(), m.k_cache, m.v_cache)]
     counters = torch.zeros(m.layers, dtype=torch.int32, device=m.ws.device)
     _layer_ring_kernel[(programs,)](*descs, m.ws, m.x0, m.bar, counters, m.bar if trace is None else trace,
-                                    m.w_in, m.w_post, m.w_q, m.w_k, m.k_cache, m.v_cache, m.layers,
+                                    m.w_in, m.w_post, m.w_q, m.w_k, m.k_cache, m.v_cache, m.pos, m.layers,
                                     STAGES=stages, SYNC=sync, COMPUTE=compute, NWG=warpgroups,
                                     MOE_ONLY=moe_only, LOAD=load, MMA=mma, TRACE=trace is not None, FAST=fast,
                                     SIDE=side, POLL=poll, DRAWN=drawn, CAP=cap, ATTN=attention, DET=det,

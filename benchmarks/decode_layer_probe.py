@@ -336,6 +336,7 @@ class Layers:
         # A whole layer's norm weights (`full`): the input and post-attention RMSNorms, the per-head q and k norms.
         self.w_in, self.w_post = (1 + 0.1 * torch.randn(2, layers, HID, generator=g, device=device)).to(BF16)
         self.w_q, self.w_k = (1 + 0.1 * torch.randn(2, layers, HEAD_DIM, generator=g, device=device)).to(BF16)
+        self.pos = torch.full((1,), CONTEXT, dtype=torch.int32, device=device)  # the new token's position
         self.attention = False  # the reference's second step: set by the runs with real attention
         self.full = False  # the reference is a whole Qwen3-MoE layer: set by the runs with `full`
         self.x0 = torch.randn(HID, generator=g, device=device)
@@ -529,7 +530,8 @@ def xcompile(out_dir: str) -> None:
                              MMA=True, FAST=True, CAP=2, ATTN=True, DET=True, FULL=True)}
         kernels += [(f"Gluon ring {name}", ring, dict(**descs, ws_ptr=f32, x0_ptr=f32, bar_ptr=i32, cnt_ptr=i32,
                                                        trace_ptr=i64, w_in=norm_w, w_post=norm_w, w_q=norm_w,
-                                                       w_k=norm_w, k_cache=cache, v_cache=cache, layers=8),
+                                                       w_k=norm_w, k_cache=cache, v_cache=cache, pos_ptr=i32,
+                                                       layers=8),
                      dict(STAGES=6, SYNC=True, COMPUTE=1, LOAD=1, **{**plain, **changes}))
                     for name, changes in ring_variants.items()]
     for name, kernel, args, constexprs in kernels:
