@@ -964,7 +964,8 @@ if gluon is not None:
         else:
             qs = xs
             ps = xs
-        # (Gluon takes no JIT function from a variable: the producer's entry is written out in both lists.)
+        # The two lists repeat their entries: Gluon 3.6 takes no JIT function from a variable, and a tuple of the
+        # arguments loses their constexpr-ness (tried, session 28).
         if NWG == 2:
             gl.warp_specialize([
                 (_consumer, (ws_ptr, x0_ptr, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, codes, qs, ps,
