@@ -437,7 +437,7 @@ if gluon is not None:
         side = 0
         if SIDE_UNITS:  # the first units from the side buffers, filled once a layer
             side = gl.minimum(n, SIDE_UNITS)
-        # Stage: slot j holds k step (u0 + j) % KSTEPS, so unit u reads slot (u - u0) % KSTEPS (n <= XS, `run`).
+        # Stage: slot j holds k step (u0 + j) % KSTEPS, so unit u reads slot (u - u0) % KSTEPS (n <= NS, `run`).
         scale = _stage_input(x_ptr, p_ptr, scale, xs, u0, KSTEPS, NS, ACT, NORM, n, DET, SN, SKS, SC, nprog, plain,
                              w_ptr, xout_ptr, WMODE, pid)
         rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _ACC_L))

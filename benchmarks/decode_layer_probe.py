@@ -75,8 +75,6 @@ BN, BK = 64, 128
 _HID, _QKV, _KVS, _ATT = tl.constexpr(HID), tl.constexpr(QKV), tl.constexpr(KVS), tl.constexpr(ATT)
 _EXPERTS, _TOP_K, _INTER = tl.constexpr(EXPERTS), tl.constexpr(TOP_K), tl.constexpr(INTER)
 _BN, _BK = tl.constexpr(BN), tl.constexpr(BK)
-# Workspace per layer (fp32): qkv, a, o, router logits, gate/up sums, x' (the next layer's input), expert ids and
-# their probabilities.
 # Real attention (the Gluon ring's `attention` option): GQA over a KV cache of CONTEXT past tokens plus the new one,
 # KV_HEADS heads of HEAD_DIM, ATT // HEAD_DIM query heads; split into (head, 64-token chunk) units whose partial
 # maxima, sums and outputs go to the workspace's am, al and ao, merged by the o step.
@@ -91,6 +89,9 @@ assert QKV == ATT + 2 * KV_HEADS * HEAD_DIM
 # checks the launch's).
 DET_OUTPUTS = (("qkv", QKV, 3), ("a", ATT, 2), ("o", HID, 5), ("r", EXPERTS, 16), ("gu", TOP_K * 2 * INTER, 2),
                ("x", HID, 5))
+# Workspace per layer (fp32): qkv, a, o, router logits, gate/up sums, x' (the next layer's input), expert ids and
+# their probabilities; a whole layer's residual stream (its input, and h = input + o); the attention's partials; the
+# fixed-order sums' slots.
 OFFS = {}
 _at = 0
 for _name, _size in (("qkv", QKV), ("a", ATT), ("o", HID), ("r", EXPERTS), ("gu", TOP_K * 2 * INTER), ("x", HID),
@@ -339,6 +340,7 @@ class Layers:
         self.pos = torch.full((1,), CONTEXT, dtype=torch.int32, device=device)  # the new token's position
         self.attention = False  # the reference's second step: set by the runs with real attention
         self.full = False  # the reference is a whole Qwen3-MoE layer: set by the runs with `full`
+        self.det_sum = None  # set by the runs with fixed-order sums: layer -> its output, from its partial slots
         self.x0 = torch.randn(HID, generator=g, device=device)
         self.ws = torch.zeros(layers, WS, device=device)
         self.bar = torch.zeros(1, dtype=torch.int32, device=device)
@@ -395,8 +397,6 @@ class Layers:
     def step_bytes(self, s: int) -> int:
         """Weight bytes step s reads a layer."""
         return 2 * (QKV * HID, ATT * KVS, HID * ATT, EXPERTS * HID, TOP_K * 2 * INTER * HID, TOP_K * HID * INTER)[s]
-
-    det_sum = None  # set by a run with fixed-order sums: layer -> its output, summed from its partial slots
 
     def output(self, layer: int) -> torch.Tensor:
         """Layer's output x' as the last run left it (a whole layer, `full`: the residual h plus the MoE's)."""
@@ -552,7 +552,8 @@ def main() -> None:
                         help="stages:side:cap of the MMA ring with the fast top-k, each a variant (the first also "
                         "traced)")
     parser.add_argument("--only", default="", help="run only the variants whose name matches this regex (and "
-                        "skip the steps alone and the MoE comparison unless it matches 'step' / 'MoE')")
+                        "skip the steps alone, the MoE comparison and the traces unless it matches 'step' / 'MoE' / "
+                        "'trace')")
     parser.add_argument("--out", default="benchmarks/out/decode_layer_probe.json")
     args = parser.parse_args()
     if args.xcompile:
