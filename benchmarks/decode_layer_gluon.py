@@ -112,23 +112,18 @@ if gluon is not None:
     _IDS_L = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # the producer warp's copy of the choice
 
     @gluon.jit
-    def _spread(nprog, total):
-        """The programs a step of total units is split over: all of them, but a step of fewer than 64 units (the
-        router's 32) goes to a quarter as many programs as it has units, so that each of its row tiles has 4
-        partial sums rather than 16 (`det`)."""
-        n = gl.minimum(nprog, total)
-        return gl.where(total < 64, gl.minimum(n, gl.maximum(total // 4, 1)), n)
-
-    @gluon.jit
     def _units(pid, nprog, total):
-        """Program pid's share [u0, u1) of total units, split evenly over `_spread`'s programs (the first ones)."""
-        n = _spread(nprog, total)
+        """Program pid's share [u0, u1) of total units, split evenly over min(nprog, total) programs (a step with
+        fewer units than programs gives the first ones a unit each). Spreading the router's 32 units over 8
+        programs, for 4 partial slots a row tile rather than 16, was no faster (benchmarks/RESULTS.md, session
+        28)."""
+        n = gl.minimum(nprog, total)
         return gl.minimum(pid, n) * total // n, gl.minimum(pid + 1, n) * total // n
 
     @gluon.jit
     def _owner(u, nprog, total):
         """The program whose `_units` share holds unit u."""
-        n = _spread(nprog, total)
+        n = gl.minimum(nprog, total)
         return ((u + 1) * n + total - 1) // total - 1
 
     @gluon.jit
@@ -1052,7 +1047,7 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
 def _owners(rows: int, ks: int, programs: int):
     """`_owner` on the host for an output of `rows` rows in row tiles of ks units: (first, count) a row tile."""
     total = rows // ROWS * ks
-    n = min(programs, total) if total >= 64 else min(programs, total, max(total // 4, 1))  # as `_spread`
+    n = min(programs, total)
 
     def owner(u: int) -> int:
         return ((u + 1) * n + total - 1) // total - 1

@@ -87,7 +87,7 @@ assert QKV == ATT + 2 * KV_HEADS * HEAD_DIM
 # program that contributes to a row tile, summed in slot order by the step that reads them. (output, size, slots)
 # Slots: the most programs that share a row tile of that output at 128-144 programs (`decode_layer_gluon.run`
 # checks the launch's).
-DET_OUTPUTS = (("qkv", QKV, 3), ("a", ATT, 2), ("o", HID, 5), ("r", EXPERTS, 4), ("gu", TOP_K * 2 * INTER, 2),
+DET_OUTPUTS = (("qkv", QKV, 3), ("a", ATT, 2), ("o", HID, 5), ("r", EXPERTS, 16), ("gu", TOP_K * 2 * INTER, 2),
                ("x", HID, 5))
 # Workspace per layer (fp32): qkv, a, o, router logits, gate/up sums, x' (the next layer's input), expert ids and
 # their probabilities; a whole layer's residual stream (its input, and h = input + o); the attention's partials; the
