@@ -72,25 +72,35 @@ def answers(url: str, status: int | str | None = 200) -> bool:
 def head():
     """A local Ray head with the dashboard (the jobs API lives there); yields (gcs address, dashboard URL)."""
     temp_dir = tempfile.mkdtemp(prefix="msray", dir="/tmp")  # short: Ray puts unix sockets under it
-    gcs_port, dashboard_port = free_port(), free_port()
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    proc = None
     try:
-        assert wait_until(lambda: answers(f"{dashboard}/api/version", "any") or proc.poll() is not None, 180)
-        assert proc.poll() is None, proc.stdout.read()
+        for attempt in range(3):
+            gcs_port, dashboard_port = free_port(), free_port()
+            cmd = [
+                str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            ]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+            dashboard = f"http://127.0.0.1:{dashboard_port}"
+            url = f"{dashboard}/api/version"
+            assert wait_until(lambda p=proc, u=url: answers(u, "any") or p.poll() is not None, 180), (
+                f"the Ray head answered nothing in 180 s: {cmd}")
+            if proc.poll() is None:
+                break
+            # Ray draws its other components' ports at random and refuses a chosen port that one of them drew
+            # (seen once in CI): start again on fresh ports. Anything else fails the test with Ray's output.
+            output = proc.stdout.read()
+            assert "used by other components" in output and attempt < 2, output
         yield f"127.0.0.1:{gcs_port}", dashboard
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops every process of its node, then exits
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # `ray start --block` stops every process of its node, then exits
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
