@@ -780,21 +780,44 @@ if gluon is not None:
             r = gl.where(offs == e, float("-inf"), r)
 
     @gluon.jit
-    def _top_k_ranks(r_ptr, ids_ptr, p_ptr, ids_smem, DET: gl.constexpr = False, nprog=1):
+    def _top_k_ranks(r_ptr, ids_ptr, p_ptr, ids_smem, DET: gl.constexpr = False, nprog=1, xs=None,
+                     CHUNKED: gl.constexpr = False):
         """`_top_k` with no serial rounds: each thread takes one expert's logit and counts the logits that beat it
         (higher, or equal at a lower index: the same order as `_top_k`), so the experts ranked 0-7 are the
         choice; one max and one sum give the softmax over them. The choice also goes to ids_smem for the
-        producer (int32, rank order)."""
+        producer (int32, rank order). CHUNKED (the MMA consumers): the others' logits come 32 at a time from
+        shared memory (row 0 of xs's first staging slots, free between the router's step and gate/up's) rather
+        than all 128 in every thread's registers, which spilled in the whole layer."""
         ROW: gl.constexpr = gl.BlockedLayout([1, _EXPERTS], [32, 1], [4, 1], [1, 0])  # [E, E], a row a thread
-        mine = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(1, ROW))
+        ROW32: gl.constexpr = gl.BlockedLayout([1, 32], [32, 1], [4, 1], [1, 0])  # [E, 32]
+        L: gl.constexpr = ROW32 if CHUNKED else ROW
+        mine = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(1, L))
         if DET:  # the router's partial slots (`_get`)
             r = _get(r_ptr, mine, DET, _EXPERTS, _HID // _T, _C_R, nprog)
         else:
             r = gl.load(r_ptr + mine, cache_modifier=".cg")
-        others = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(0, ROW))
-        r_all = gl.convert_layout(r, gl.SliceLayout(0, ROW))
-        beats = (r_all[None, :] > r[:, None]) | ((r_all[None, :] == r[:, None]) & (others[None, :] < mine[:, None]))
-        rank = gl.sum(beats.to(gl.int32), axis=1)
+        if CHUNKED:
+            rs = xs._reinterpret(gl.float32, [_XS, 4 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+            CL: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, 4], [1, 0])  # [E // 32, 32]
+            ci = gl.arange(0, _EXPERTS // 32, layout=gl.SliceLayout(1, CL))
+            cj = gl.arange(0, 32, layout=gl.SliceLayout(0, CL))
+            if DET:
+                r2 = _get(r_ptr, ci[:, None] * 32 + cj[None, :], DET, _EXPERTS, _HID // _T, _C_R, nprog)
+            else:
+                r2 = gl.load(r_ptr + ci[:, None] * 32 + cj[None, :], cache_modifier=".cg")
+            rs.slice(0, _EXPERTS // 32, dim=0).slice(0, 32, dim=1).store(r2)
+            gl.thread_barrier()
+            rank = gl.zeros_like(mine)
+            for cc in gl.static_range(_EXPERTS // 32):
+                others = cc * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, ROW32))[None, :]
+                r_o = rs.slice(cc, 1, dim=0).slice(0, 32, dim=1).load(ROW32)  # [1, 32], in every thread
+                beats = (r_o > r[:, None]) | ((r_o == r[:, None]) & (others < mine[:, None]))
+                rank += gl.sum(beats.to(gl.int32), axis=1)
+        else:
+            others = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(0, ROW))
+            r_all = gl.convert_layout(r, gl.SliceLayout(0, ROW))
+            beats = (r_all[None, :] > r[:, None]) | ((r_all[None, :] == r[:, None]) & (others[None, :] < mine[:, None]))
+            rank = gl.sum(beats.to(gl.int32), axis=1)
         chosen = rank < _TOP_K
         e = gl.exp(r - gl.max(r, axis=0))
         p = e / gl.sum(gl.where(chosen, e, 0.0), axis=0)
@@ -888,7 +911,7 @@ if gluon is not None:
                 if not MOE_ONLY:
                     if STEPS:
                         if FAST:
-                            _top_k_ranks(o_r, ws + _O_IDS, ws + _O_P, ids_smem, DET, nprog)
+                            _top_k_ranks(o_r, ws + _O_IDS, ws + _O_P, ids_smem, DET, nprog, xs, MMA)
                         else:
                             _top_k(ws + _O_R, ws + _O_IDS, ws + _O_P)
                 gl.thread_barrier()
