@@ -81,3 +81,14 @@ class CacheAwareRouter:
                 return rank
         # Unreachable for non-negative loads (the least-loaded rank is <= mean < bound); kept for safety.
         return min(order, key=lambda r: loads[r])
+
+
+def seen_loads(snapshot: Sequence[int], inflight: Sequence[int], inflight_at_snapshot: Sequence[int]) -> list[int]:
+    """Per-rank load an ingress replica routes by: the controller's snapshot (every replica's requests, as the
+    ranks last reported them), corrected by this replica's change in flight since it asked for it, and never
+    below this replica's own requests in flight there. The floor matters in a burst: the ranks report a request
+    only after their step loop has seen it, so a snapshot asked for mid-burst can miss requests this replica sent
+    before asking, which the correction then does not count either (a clean-clone CI run routed 24 of a hot
+    prefix's 40 requests to one of 4 ranks that way, session 28)."""
+    return [max(now, snap + now - then) for snap, now, then in zip(snapshot, inflight, inflight_at_snapshot)]
+

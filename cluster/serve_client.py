@@ -3,8 +3,9 @@
 Tokenizer and prompt checks run here (the HTTP layer needs the tokenizer; bad prompts never reach a rank).
 Each request goes to one DP rank, chosen by the cache-aware router from the ranks' loads: the controller's
 snapshot (refreshed in the background every `LOADS_REFRESH_S`) corrected by what this replica has sent or
-finished since it asked, so a burst between two snapshots still spreads. The router is a pure function of
-(prompt, loads), so replicas that see the same snapshot route a prefix the same way.
+finished since it asked, and never below what it has in flight, so a burst between two snapshots still spreads
+(`router.seen_loads`). The router is a pure function of (prompt, loads), so replicas that see the same snapshot
+route a prefix the same way.
 
 Worker handles come from the controller and are refetched when its generation changes (the group restarted)
 or a call fails with an actor error. An actor error on a stream becomes `EngineUnavailable` (HTTP 503, or an
@@ -25,7 +26,7 @@ import ray
 from moeserve.cluster.config import DeployConfig
 from moeserve.cluster.engine_client import EngineUnavailable
 from moeserve.cluster.protocol import bad_request
-from moeserve.cluster.router import CacheAwareRouter
+from moeserve.cluster.router import CacheAwareRouter, seen_loads
 from moeserve.engine.errors import EngineLoopFailed
 from moeserve.engine.prompts import PromptChecker
 from moeserve.loader.checkpoint import read_hf_config
@@ -149,11 +150,8 @@ class RayEngineClient:
 
     # ---- routing -----------------------------------------------------------------------------------------
     def loads(self) -> list[int]:
-        """Per-rank load the router sees: the controller's snapshot + this replica's change since then."""
-        return [
-            max(0, snap + now - then)
-            for snap, now, then in zip(self._snapshot, self._inflight, self._inflight_at_snapshot)
-        ]
+        """Per-rank load the router sees (`router.seen_loads`)."""
+        return seen_loads(self._snapshot, self._inflight, self._inflight_at_snapshot)
 
     def _start_refresher(self) -> None:
         if self._refresher is None or self._refresher.done():

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from moeserve.cluster.router import CacheAwareRouter
+from moeserve.cluster.router import CacheAwareRouter, seen_loads
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:
@@ -104,3 +104,31 @@ def test_bad_arguments():
         CacheAwareRouter(0)
     with pytest.raises(ValueError, match="loads"):
         CacheAwareRouter(2).route([1, 2], [0])
+
+
+def test_seen_loads_follow_the_snapshot_and_never_drop_below_own_requests_in_flight():
+    # A fresh snapshot counts every replica's requests; this replica's change since it asked is added.
+    assert seen_loads([10, 4, 0, 2], inflight=[3, 1, 0, 0], inflight_at_snapshot=[1, 1, 0, 0]) == [12, 4, 0, 2]
+    # Finished requests lower the load, but not below what is still in flight here.
+    assert seen_loads([10, 4, 0, 2], inflight=[0, 1, 0, 0], inflight_at_snapshot=[3, 1, 0, 0]) == [7, 4, 0, 2]
+    # A snapshot that lags: asked for with 5 requests in flight on rank 0, which the ranks had not reported yet.
+    assert seen_loads([0, 0, 0, 0], inflight=[8, 0, 0, 0], inflight_at_snapshot=[5, 0, 0, 0]) == [8, 0, 0, 0]
+
+
+def test_burst_spreads_when_the_snapshot_lags_behind_the_requests_in_flight():
+    """One replica sends a hot prefix's 40 requests in a burst; its load snapshot is refreshed mid-burst, from
+    ranks that have not yet reported the requests already sent (they report after their step loop sees them).
+    The requests still spread within twice the fair share: 13, 0, 14, 13 (without the floor of own requests in
+    flight, 0, 0, 24, 16: as a clean-clone CI run put 24 of 40 on one rank, session 28)."""
+    rng = random.Random(7)
+    router = CacheAwareRouter(4)
+    prefix = _tokens(rng, 512)
+    inflight = [0, 0, 0, 0]
+    snapshot, at_snapshot = [0, 0, 0, 0], [0, 0, 0, 0]
+    for i in range(40):
+        if i % 5 == 0:  # a refresh: the ranks have reported nothing of the burst yet
+            snapshot, at_snapshot = [0, 0, 0, 0], list(inflight)
+        rank = router.route(prefix + _tokens(rng, 20), seen_loads(snapshot, inflight, at_snapshot))
+        inflight[rank] += 1
+    assert sum(inflight) == 40 and max(inflight) <= 2 * 40 / 4, inflight
+
