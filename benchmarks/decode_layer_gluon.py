@@ -657,7 +657,6 @@ if gluon is not None:
         STAGES: gl.constexpr = ring.type.shape[0]
         KSTEPS: gl.constexpr = _HID // _T
         UNITS: gl.constexpr = _TOP_K * _GU_TILES * KSTEPS
-        one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         size = _DRAW
         start = gl.atomic_add(cnt_ptr, size, sem="relaxed")
         while start < UNITS:
@@ -667,25 +666,27 @@ if gluon is not None:
             for u in range(start, end):
                 t = u // KSTEPS
                 e = _expert(ids, t // _GU_TILES, FAST)
-                s = c % STAGES
-                mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
                 flush = ((u + 1 == end) | ((u + 1) % KSTEPS == 0)).to(gl.int32)
-                codes.index(s).store(gl.full([1], 0, gl.int32, one) + u * 2 + flush)
-                gl.thread_barrier()
-                if LOAD == 1:
-                    mbarrier.expect(ready.index(s), desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(desc, [row0 + e * (_GU_TILES * _R) + (t % _GU_TILES) * _R,
-                                                           (u % KSTEPS) * _T], ready.index(s), ring.index(s))
-                else:
-                    mbarrier.arrive(ready.index(s))
+                s, phase = _post_code(codes, empty, c, u * 2 + flush, STAGES)
+                _issue_at(desc, row0 + e * (_GU_TILES * _R) + (t % _GU_TILES) * _R, (u % KSTEPS) * _T, ring, ready,
+                          empty, s, phase, LOAD)
                 c += 1
             start = start_next
-        s = c % STAGES
-        mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
-        codes.index(s).store(gl.full([1], -1, gl.int32, one))
-        gl.thread_barrier()
+        s, _ = _post_code(codes, empty, c, -1, STAGES)
         mbarrier.arrive(ready.index(s))
         return c + 1
+
+    @gluon.jit
+    def _post_code(codes, empty, c, code, STAGES: gl.constexpr):
+        """Producer: `code` into codes[stage of c] once the consumers have freed that stage (`_produce_drawn`);
+        returns (stage, phase). The stage's load or arrival follows; `_issue_at`'s own wait then passes at once."""
+        s = c % STAGES
+        phase = (c // STAGES) & 1
+        mbarrier.wait(empty.index(s), phase ^ 1)
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        codes.index(s).store(gl.full([1], 0, gl.int32, one) + code)
+        gl.thread_barrier()  # the warp's store before the (single-thread) arrival that publishes it
+        return s, phase
 
     @gluon.jit
     def _consume_drawn(x_ptr, y_ptr, scale, ring, ready, empty, xs, codes, c):
@@ -1039,15 +1040,22 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
     Qwen3-MoE layer (with attention and fast): the norms' weights, the residual stream, the per-head q and k norms,
     rotary embedding and the KV store (sets m.full, which the reference check follows)."""
     ring_kb = (stages + side) * ROWS * TILE * 2 // 1024 + (XS * 8 * CHUNK * 2 // 1024 if mma else 0)
-    if (mma and (warpgroups != 1 or compute != 1 or programs < 96) or ring_kb > 224
-            or ((side or fast) and moe_only) or ((side or drawn) and not mma) or (side and drawn) or (cap and drawn)
-            or cap >= stages or (attention and (not mma or (ROWS, TILE) != (CHUNK_TOKENS, HEAD_DIM)
-                                                or programs < 128))
-            or (det and (not mma or not fast or drawn or moe_only)) or (full and not (attention and fast))):
-        raise ValueError(f"mma takes one consumer warpgroup, compute=1 and at least 96 programs, side takes mma, "
-                         f"side and fast all steps, and the buffers at most 224 KB; got warpgroups {warpgroups}, "
-                         f"compute {compute}, programs {programs}, side {side}, fast {fast}, moe_only {moe_only}, "
-                         f"{ring_kb} KB")
+    rules = (  # (broken, what is allowed)
+        (mma and (warpgroups != 1 or compute != 1), "mma takes one consumer warpgroup and compute=1"),
+        (mma and programs < 96, "mma takes at least 96 programs"),
+        (ring_kb > 224, f"the buffers take at most 224 KB, these {ring_kb}"),
+        ((side or fast or det) and moe_only, "side, fast and det take all the steps, not moe_only"),
+        ((side or drawn or attention or det) and not mma, "side, drawn, attention and det take mma"),
+        (drawn and (side or cap or det), "drawn takes no side buffers, cap or det"),
+        (cap >= stages, "cap must be below the stages"),
+        (attention and ((ROWS, TILE) != (CHUNK_TOKENS, HEAD_DIM) or programs < 128),
+         "attention takes 64 x 128 tiles and at least 128 programs"),
+        (det and not fast, "det takes fast"),
+        (full and not (attention and fast), "full takes attention and fast"),
+    )
+    broken = [allowed for bad, allowed in rules if bad]
+    if broken:
+        raise ValueError("; ".join(broken))
     if sync and compute == 1 and load == 1 and not moe_only:
         m.ws.zero_()
     m.bar.zero_()
@@ -1135,4 +1143,3 @@ def trace_report(trace: torch.Tensor) -> list[dict]:
     layer = trace[2:, :, mark["start"]].double().mean(dim=1) - trace[1:-1, :, mark["start"]].double().mean(dim=1)
     rows.append(dict(part="a layer (start to next start)", mean_us=(layer / 1e3).mean().item()))
     return rows
-

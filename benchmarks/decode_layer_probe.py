@@ -414,59 +414,61 @@ class Layers:
             worst = max(worst, ((got - ref).norm() / ref.norm()).item())
         return worst
 
-    def _reference_attention(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        """Each query head's softmax(q . K / sqrt(d)) . V over the cache's CONTEXT tokens and the new one (fp32 on
-        bf16-rounded q, k and v): the flattened [Q_HEADS * HEAD_DIM] attention output."""
-        group = Q_HEADS // KV_HEADS
-        q = qkv[:ATT].to(BF16).float().view(KV_HEADS, group, HEAD_DIM)
-        k_new, v_new = qkv[ATT:].to(BF16).float().view(2, KV_HEADS, 1, HEAD_DIM)
-        k = torch.cat([self.k_cache[layer, :, :CONTEXT].float(), k_new], dim=1)
-        v = torch.cat([self.v_cache[layer, :, :CONTEXT].float(), v_new], dim=1)
-        p = torch.softmax(q @ k.transpose(1, 2) / HEAD_DIM ** 0.5, dim=-1)
+    def _reference_attention(self, layer: int, q: torch.Tensor, k_new: torch.Tensor,
+                             v_new: torch.Tensor) -> torch.Tensor:
+        """Each query head's softmax(q . K / sqrt(d)) . V (fp32) over the cache's CONTEXT tokens and the new one
+        (q [Q_HEADS, HEAD_DIM], k_new and v_new [KV_HEADS, HEAD_DIM]): the flattened attention output."""
+        k = torch.cat([self.k_cache[layer, :, :CONTEXT].float(), k_new[:, None]], dim=1)
+        v = torch.cat([self.v_cache[layer, :, :CONTEXT].float(), v_new[:, None]], dim=1)
+        p = torch.softmax(q.view(KV_HEADS, -1, HEAD_DIM) @ k.transpose(1, 2) / HEAD_DIM ** 0.5, dim=-1)
         return (p @ v).reshape(-1)
 
-    def _reference_full_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """A Qwen3-MoE decoder layer at position CONTEXT (fp32 on bf16-rounded inputs, as transformers computes it
-        but for the rounding points), with the experts and probabilities the kernel chose; also checks the KV
-        store of the new token."""
-        wqkv, _, wo, _, w13, w2 = (t.float() for t in self.weights(layer))
-
-        def norm(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return (v / torch.sqrt((v * v).mean(-1, keepdim=True) + EPS) * w.float()).to(BF16).float()
-
-        def rope(v: torch.Tensor) -> torch.Tensor:
-            inv = ROPE_THETA ** (-torch.arange(0, HEAD_DIM, 2, device=v.device).float() / HEAD_DIM)
-            cos, sin = torch.cos(CONTEXT * inv), torch.sin(CONTEXT * inv)
-            a, b = v[..., :HEAD_DIM // 2], v[..., HEAD_DIM // 2:]
-            return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
-
-        qkv = wqkv @ norm(x, self.w_in[layer])
-        group = Q_HEADS // KV_HEADS
-        q = rope(norm(qkv[:ATT].view(Q_HEADS, HEAD_DIM), self.w_q[layer])).to(BF16).float()
-        k_new = rope(norm(qkv[ATT:ATT + KV_HEADS * HEAD_DIM].view(KV_HEADS, HEAD_DIM), self.w_k[layer]))
-        v_new = qkv[ATT + KV_HEADS * HEAD_DIM:].view(KV_HEADS, HEAD_DIM)
-        stored = (self.k_cache[layer, :, CONTEXT].float(), self.v_cache[layer, :, CONTEXT].float())
-        for got, want in zip(stored, (k_new, v_new)):
-            if ((got - want).norm() / want.norm()).item() > 1e-2:
-                raise AssertionError(f"layer {layer}: the new token's k or v in the cache is off")
-        k = torch.cat([self.k_cache[layer, :, :CONTEXT].float(), k_new.to(BF16).float()[:, None]], dim=1)
-        v = torch.cat([self.v_cache[layer, :, :CONTEXT].float(), v_new.to(BF16).float()[:, None]], dim=1)
-        att = torch.softmax(q.view(KV_HEADS, group, HEAD_DIM) @ k.transpose(1, 2) / HEAD_DIM ** 0.5, dim=-1) @ v
-        h = x + wo @ att.reshape(-1).to(BF16).float()
-        hn = norm(h, self.w_post[layer])
+    def _reference_moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The MoE on its (normalised) input x, with the experts and probabilities the kernel chose."""
+        _, _, _, _, w13, w2 = self.weights(layer)
         ws = self.ws[layer]
         ids = ws[OFFS["ids"]:OFFS["ids"] + TOP_K].long()
         p = ws[OFFS["p"]:OFFS["p"] + TOP_K]
         y = torch.zeros(HID, device=x.device)
         for j in range(TOP_K):
-            gu = w13[ids[j]] @ hn
-            y += w2[ids[j]] @ (torch.nn.functional.silu(gu[:INTER]) * gu[INTER:] * p[j]).to(BF16).float()
-        return h + y
+            gu = w13[ids[j]].float() @ x
+            y += w2[ids[j]].float() @ (torch.nn.functional.silu(gu[:INTER]) * gu[INTER:] * p[j]).to(BF16).float()
+        return y
+
+    def _reference_full_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """A Qwen3-MoE decoder layer at position CONTEXT, rounded to bf16 where transformers' is (the project's
+        references: `rms_norm_reference`, `rope_reference` with the per-head norms), with the experts and
+        probabilities the kernel chose; also checks the KV store of the new token."""
+        from moeserve.kernels.norm import rms_norm_reference
+        from moeserve.kernels.rope import rope_reference
+        from moeserve.layers.rotary import rope_inv_freq
+
+        wqkv, _, wo, _, _, _ = self.weights(layer)
+        wqkv, wo = wqkv.float(), wo.float()
+
+        def norm(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return rms_norm_reference(v.to(BF16), w, EPS).float()
+
+        qkv = (wqkv @ norm(x, self.w_in[layer])).to(BF16)
+        kv = KV_HEADS * HEAD_DIM
+        q, k_new = rope_reference(qkv[:ATT].view(1, -1, HEAD_DIM), qkv[ATT:ATT + kv].view(1, -1, HEAD_DIM),
+                                  torch.full((1,), CONTEXT, device=x.device),
+                                  rope_inv_freq(HEAD_DIM, ROPE_THETA, None)[0].to(x.device),
+                                  q_norm_weight=self.w_q[layer], k_norm_weight=self.w_k[layer], eps=EPS)
+        k_new, v_new = k_new[0].float(), qkv[ATT + kv:].view(KV_HEADS, HEAD_DIM).float()
+        stored = (self.k_cache[layer, :, CONTEXT].float(), self.v_cache[layer, :, CONTEXT].float())
+        for got, want in zip(stored, (k_new, v_new)):
+            if ((got - want).norm() / want.norm()).item() > 1e-2:
+                raise AssertionError(f"layer {layer}: the new token's k or v in the cache is off")
+        att = self._reference_attention(layer, q[0].float(), k_new, v_new)
+        h = x + wo @ att.to(BF16).float()
+        return h + self._reference_moe(layer, norm(h, self.w_post[layer]))
 
     def _reference_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.full:
             return self._reference_full_layer(layer, x)
-        wqkv, wkv, wo, wr, w13, w2 = (t.float() for t in self.weights(layer))
+        wqkv, wkv, wo, _, _, _ = self.weights(layer)
+        wqkv, wkv, wo = wqkv.float(), wkv.float(), wo.float()
 
         def rms(v: torch.Tensor) -> torch.Tensor:
             return v / torch.sqrt((v * v).mean() + 1e-6)
@@ -476,18 +478,11 @@ class Layers:
 
         qkv = wqkv @ bf(rms(x))
         if self.attention:
-            o = wo @ bf(self._reference_attention(layer, qkv))
+            k_new, v_new = bf(qkv[ATT:]).view(2, KV_HEADS, HEAD_DIM)
+            o = wo @ bf(self._reference_attention(layer, bf(qkv[:ATT]).view(-1, HEAD_DIM), k_new, v_new))
         else:
             o = wo @ bf(wkv @ bf(qkv[:KVS]))
-        ws = self.ws[layer]
-        ids = ws[OFFS["ids"]:OFFS["ids"] + TOP_K].long()
-        p = ws[OFFS["p"]:OFFS["p"] + TOP_K]
-        on = bf(rms(o))
-        y = torch.zeros(HID, device=x.device)
-        for j in range(TOP_K):
-            gu = w13[ids[j]] @ on
-            y += w2[ids[j]] @ bf(torch.nn.functional.silu(gu[:INTER]) * gu[INTER:] * p[j])
-        return y
+        return self._reference_moe(layer, bf(rms(o)))
 
 
 def xcompile(out_dir: str) -> None:

@@ -91,4 +91,3 @@ def seen_loads(snapshot: Sequence[int], inflight: Sequence[int], inflight_at_sna
     before asking, which the correction then does not count either (a clean-clone CI run routed 24 of a hot
     prefix's 40 requests to one of 4 ranks that way, session 28)."""
     return [max(now, snap + now - then) for snap, now, then in zip(snapshot, inflight, inflight_at_snapshot)]
-

@@ -131,4 +131,3 @@ def test_burst_spreads_when_the_snapshot_lags_behind_the_requests_in_flight():
         rank = router.route(prefix + _tokens(rng, 20), seen_loads(snapshot, inflight, at_snapshot))
         inflight[rank] += 1
     assert sum(inflight) == 40 and max(inflight) <= 2 * 40 / 4, inflight
-
