@@ -10,6 +10,8 @@ others are written beside them, so any --layers fits (`build_deep_checkpoint`). 
       read (distinct experts the batch's routing touches x 3 x H x I, all other weights, LM head, embedding
       rows, KV cache) over the HBM bandwidth that a device-to-device copy measures in the same run;
       --profile-kernels adds each graph's kernel count, kernel time and heaviest kernels (torch.profiler);
+      --decode-stack off runs one-request steps through the per-op kernels rather than the one-kernel decode
+      stack (`kernels/decode_stack_gluon.py`), for the two side by side;
   (b) offline throughput on N random prompts (ignore_eos) against transformers' batched generate (left
       padding, bf16, same GPU; the largest batch that fits its memory).
 Prints tables and writes JSON under --out.
@@ -572,11 +574,13 @@ def bench_model(name: str, args, device: torch.device, bw: float) -> dict:
         attention_backend=args.attention_backend,
         expert_kernel=args.expert_kernel,
         cuda_graph_max_batch=min(256, max(args.num_requests, 64)),
+        decode_stack=args.decode_stack == "on",
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     )
     runner = llm.engine.runner
     result["engine"] = dict(
         start_seconds=time.perf_counter() - t0,
+        decode_stack=runner.model.decode_stack is not None,
         attention=runner.ctx.attention.name,
         experts=runner.ctx.expert_kernel.name,
         cuda_graph_sizes=runner.graphs.sizes if runner.graphs is not None else None,
@@ -623,7 +627,8 @@ def print_tables(results: list[dict], bw: float, card: str) -> None:
         e = r["engine"]
         print(
             f"\n{r['model']} ({r['layers']} layers, attention={e['attention']}, experts={e['experts']}, "
-            f"graphs={'on' if e['cuda_graph_sizes'] else 'off'}, start {e['start_seconds']:.1f} s)"
+            f"graphs={'on' if e['cuda_graph_sizes'] else 'off'}, "
+            f"decode stack {'on' if e.get('decode_stack') else 'off'}, start {e['start_seconds']:.1f} s)"
         )
         print(
             "| batch | ctx | experts/layer | MB read | roofline ms | graph ms | eager ms | engine step ms "
@@ -693,6 +698,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-sync", action="store_true", help="no side-by-side run with async scheduling off")
     ap.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--decode-stack", choices=["on", "off"], default="on",
+                    help="one-request decode steps in one kernel where the model allows (EngineConfig.decode_stack)")
     ap.add_argument("--profile-kernels", action="store_true", help="kernel breakdown of each decode graph")
     ap.add_argument("--log-compiles", action="store_true", help="Triton compilations per phase (CompileLog)")
     ap.add_argument("--trace", action="store_true", help="Chrome trace of a few engine steps per decode batch")

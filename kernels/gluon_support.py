@@ -49,10 +49,11 @@ def gluon_platform_problem(device: torch.device, what: str) -> str | None:
     return None
 
 
-def host_descriptor(t2d: torch.Tensor, block: list[int]) -> TensorDescriptor:
+def host_descriptor(t2d: torch.Tensor, block: list[int], layout_of: list[int] | None = None) -> TensorDescriptor:
     """A TMA descriptor over the 2-D tensor t2d (unit column stride, a `DESCRIPTOR_DTYPES` type) in boxes of
-    `block`, in the NVMMA shared layout the kernels' wgmma read."""
-    layout = _shared_layout(tuple(block), DESCRIPTOR_DTYPES[t2d.dtype])
+    `block`, in the NVMMA shared layout the kernels' wgmma read: that of a `block` tile, or of a `layout_of` tile
+    where a box fills rows of a larger one."""
+    layout = _shared_layout(tuple(layout_of or block), DESCRIPTOR_DTYPES[t2d.dtype])
     return TensorDescriptor(t2d, list(t2d.shape), [t2d.stride(0), 1], block, layout)
 
 

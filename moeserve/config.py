@@ -27,6 +27,8 @@ class EngineConfig:
     enable_cuda_graphs: capture the decode forward in CUDA graphs at start-up and replay them for decode-only
         steps (CUDA with graph-safe attention and expert kernels only; otherwise start-up logs why not).
     cuda_graph_max_batch: largest decode batch (requests) run through a graph; larger ones run eagerly.
+    decode_stack: run one-request decode steps through every decoder layer in one persistent kernel
+        (`kernels/decode_stack_gluon.py`) where the model, GPU and Triton allow; start-up logs whether it runs.
     warmup_kernels: at start-up on CUDA, run the router and the expert kernel once at each token count that
         takes other kernels, up to the largest a step can bring (`MoELayer.warm_up`), so that Triton compiles
         them then rather than inside the first request of that size (1-3 s a fused-MoE table entry on a fresh
@@ -61,6 +63,7 @@ class EngineConfig:
     eplb_window_steps: int = 1000  # steps of expert load kept for rebalancing
     enable_cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
+    decode_stack: bool = True
     warmup_kernels: bool = True
     async_scheduling: bool | None = None
 
@@ -88,7 +91,7 @@ class EngineConfig:
             )
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling={self.async_scheduling!r} must be None (auto), True or False")
-        for flag in ("enable_cuda_graphs", "warmup_kernels"):
+        for flag in ("enable_cuda_graphs", "decode_stack", "warmup_kernels"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
         if self.expert_parallel_size not in (1, self.data_parallel_size):

@@ -150,7 +150,28 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._stack_layer_parameters()
         self._index_weights()
+        # Set by the runner where one kernel can run a one-token decode step's layers (`decode_stack_gluon`).
+        self.decode_stack = None
+
+    def _stack_layer_parameters(self) -> None:
+        """Each parameter name that every decoder layer has, with one shape and dtype, becomes a view of one
+        [num_layers, ...] tensor, so that one kernel can address that weight of any layer from one base (the
+        batch-1 decode stack, `kernels/decode_stack_gluon.py`). Done before loading: every parameter is loaded
+        from the checkpoint, so the uninitialised storage is dropped rather than copied (no second copy of the
+        weights, even for a moment)."""
+        named = [dict(layer.named_parameters()) for layer in self.model.layers]
+        for name, first in named[0].items():
+            group = [params.get(name) for params in named]
+            if any(p is None or p.shape != first.shape or p.dtype != first.dtype for p in group):
+                continue
+            shape, dtype, device = tuple(first.shape), first.dtype, first.device
+            for p in group:
+                p.data = torch.empty(0, dtype=dtype, device=device)
+            stacked = torch.empty((len(group), *shape), dtype=dtype, device=device)
+            for p, view in zip(group, stacked):
+                p.data = view
 
     # ---- what a family provides ----
 
@@ -183,6 +204,8 @@ class CausalLM(nn.Module):
     def forward_stages(self, batch: ForwardBatch) -> Generator[None, None, torch.Tensor]:
         """The forward pass as stages that yield at each MoE communication point, so two micro-batches can
         interleave (`moeserve.moe.tbo.run_overlapped`); the value is forward's result."""
+        if self.decode_stack is not None and self.decode_stack.takes(batch):
+            return self.decode_stack.forward(batch)
         x, residual = self.model.embed_tokens(batch.input_ids), None
         rope = self.rotary_emb(batch.positions)
         for layer in self.model.layers:

@@ -104,6 +104,7 @@ class ModelRunner:
             self._warm_up_kernels()
         # With graphs, one extra KV block (id num_blocks, never scheduled) absorbs the padding rows' writes.
         self.num_blocks = self._allocate_kv_cache(scratch_blocks=1 if graph_reason is None else 0)
+        self._set_up_decode_stack()
         self.sampler = Sampler(config.seed)
         self.graphs = self._capture_graphs(graph_reason)
         self.num_tbo_steps = 0
@@ -119,6 +120,21 @@ class ModelRunner:
             mc.architecture, self.device, str(self.dtype).replace("torch.", ""), self.ctx.attention.name,
             self.ctx.expert_kernel.name, dispatcher.name, self.num_blocks, config.block_size,
         )
+
+    def _set_up_decode_stack(self) -> None:
+        """Give the model the one-kernel decode stack for one-request decode steps where it can run, and log
+        which way those steps run."""
+        if not self.config.decode_stack or self.device.type != "cuda":
+            return
+        from moeserve.kernels.decode_stack_gluon import DecodeStack
+
+        reason = DecodeStack.reason(self.model, self.config.block_size)
+        if reason is None:
+            self.model.decode_stack = DecodeStack(self.model)
+            logger.info("one-request decode steps: every layer in one kernel (decode stack, %d programs)",
+                        self.model.decode_stack.programs)
+        else:
+            logger.info("one-request decode steps: the per-op kernels (decode stack off: %s)", reason)
 
     def _warm_up_kernels(self) -> None:
         """Compile the MoE kernels of every step size now (`MoELayer.warm_up` on the first MoE layer: the others
@@ -171,15 +187,19 @@ class ModelRunner:
                 budget = self.config.kv_cache_memory_gib * 2**30
             needed = self.config.max_num_seqs * math.ceil(self.max_model_len / bs) + 1
             num_blocks = max(2, min(int(budget // per_block), needed))
-        caches = []
         total = num_blocks + scratch_blocks
-        for s in specs:
-            k = torch.zeros(total, bs, s.num_kv_heads, s.k_dim, dtype=self.dtype, device=self.device)
+        # One tensor a cache kind for all layers where their specs agree (each layer's cache a view of it), so
+        # that one kernel can address every layer's cache (the decode stack); else one tensor a layer.
+        groups = [specs] if all(s == specs[0] for s in specs) else [[s] for s in specs]
+        caches = []
+        for group in groups:
+            s = group[0]
+            k = torch.zeros(len(group), total, bs, s.num_kv_heads, s.k_dim, dtype=self.dtype, device=self.device)
             if s.v_is_k_prefix:
                 v = k[..., : s.v_dim]
             else:
-                v = torch.zeros(total, bs, s.num_kv_heads, s.v_dim, dtype=self.dtype, device=self.device)
-            caches.append((k, v))
+                v = torch.zeros(len(group), total, bs, s.num_kv_heads, s.v_dim, dtype=self.dtype, device=self.device)
+            caches += list(zip(k, v))
         self.model.bind_kv_caches(caches)
         return num_blocks
 

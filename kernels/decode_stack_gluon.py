@@ -1,0 +1,744 @@
+"""A batch-1 decode step's decoder layers, all of them, as one persistent warp-specialised Gluon kernel (Hopper,
+Triton 3.6), for Qwen3-MoE's GQA layer at Qwen3-30B-A3B's shape.
+
+Why: at batch 1 a layer is four weight streams (qkv, o, the chosen experts' gate/up and down) and small steps
+between them (norms, rotary, attention, the router's top-k). As separate launches each stream pays its own ramp
+and every small step waits for the one before; the engine's layer took 65.5 µs against a 39 µs byte floor
+(benchmarks/RESULTS.md, "Engine on one H100"). Here one program a multiprocessor runs every layer:
+
+- a producer warp streams the program's share of every step's weight tiles (64 rows x 128 k, bf16) by TMA into
+  a ring of shared-memory stages, layer after layer, as far ahead as the ring reaches. It waits only for a free
+  stage, for at most CAP loads in flight, and before the experts' tiles for the router's choice. The past
+  tokens' K and V tiles stream through the same ring (a 64-token tile is 64 / block_size pages, addressed
+  through the request's block table);
+- one consumer warpgroup runs each step on the tensor cores once the step's input is whole (grid barriers
+  between steps): the step's input is staged in shared memory as bf16, row 0 of [8, 64] tiles, and each ring
+  tile is wgmma m64n8 against it. Norms come from the staged values.
+
+A layer's steps, each program taking an even share of each step's (row tile, k step) units:
+    qkv   = Wqkv . norm_in(x)                       (x: the residual stream, the layer's input)
+    attn  = GQA decode over the paged cache: per (kv head, split) flash-decoding partials; q and k take the
+            per-head norms and rotary embedding; the new token's k and v go to its cache slot
+    o     = Wo . merge(partials)
+    r     = Wr . norm_post(x + o)                   (router logits; top-8 by ranks, softmax over the 8)
+    gu    = W13[e] . norm_post(x + o)               (the 8 chosen experts)
+    x'    = x + o + sum_j p_j W2[e_j] . (silu(g_j) * u_j)
+Sums are fixed-order: each program's partial for a row tile goes to its own slot, summed in slot order by the
+reader, so a step's result does not depend on timing (reruns are bit-equal). The residual stream is float32.
+
+Only this shape, block sizes dividing 64, bf16, rope without scaling, no expert parallelism: `DecodeStack.reason`
+says why a model does not take it; the engine then runs its per-op kernels. The measured path and its options
+are in `benchmarks/decode_layer_probe.py` / `decode_layer_gluon.py` (benchmarks/RESULTS.md, "Engine on one H100 /
+Sessions 27-29").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gluon_support import (
+    fence_async_shared,
+    gl,
+    gluon,
+    gluon_platform_problem,
+    host_descriptor,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+# The shape (Qwen3-30B-A3B): hidden, query heads, kv heads, head dim, experts, top-k, expert intermediate.
+HID, Q_HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K, INTER = 2048, 32, 4, 128, 128, 8, 768
+EPS = 1e-6
+QKV, ATT = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, Q_HEADS * HEAD_DIM
+ROWS, TILE = 64, 128  # a ring stage: 64 weight rows x 128 k, 16 KB of bf16
+CHUNK = 64  # the staged input's chunks: the B operand of one k-64 wgmma
+XS = 32  # staged chunks at most
+CHUNK_TOKENS = 64  # attention: a K or V tile is 64 tokens of one kv head
+SPLITS = 32  # attention: at most this many splits a kv head (each a run of 64-token tiles)
+MERGE_UNITS = 8  # the o step's units a program has at most (staging's merge)
+MIN_PROGRAMS = 128  # o's 1024 units over at least 128 programs: at most MERGE_UNITS each
+# Fixed-order sums: (output, rows, k steps a row tile, slots): slots are the most programs that share one of the
+# output's row tiles at up to 144 programs (checked at launch).
+DET_OUTPUTS = (("qkv", QKV, HID // TILE, 3), ("o", HID, ATT // TILE, 5), ("r", EXPERTS, HID // TILE, 16),
+               ("gu", TOP_K * 2 * INTER, HID // TILE, 2), ("x", HID, TOP_K * INTER // TILE, 5))
+# The workspace (float32), one for all layers: each output's slots, the chosen experts and their weights, the
+# residual stream (the layer's input, and h = input + o), the attention's partials (maxima, sums, outputs).
+_PARTS = KV_HEADS * SPLITS * (Q_HEADS // KV_HEADS)
+OFFS: dict[str, int] = {}
+_at = 0
+for _name, _size in (*((f"{name}_p", slots * rows) for name, rows, _, slots in DET_OUTPUTS), ("ids", TOP_K),
+                     ("p", TOP_K), ("xin", HID), ("h", HID), ("am", _PARTS), ("al", _PARTS),
+                     ("ao", _PARTS * HEAD_DIM)):
+    OFFS[_name] = _at
+    _at += _size
+WS = _at
+
+if gluon is not None:
+    _HID, _QKV, _ATT = gl.constexpr(HID), gl.constexpr(QKV), gl.constexpr(ATT)
+    _EXPERTS, _TOP_K, _INTER = gl.constexpr(EXPERTS), gl.constexpr(TOP_K), gl.constexpr(INTER)
+    _T, _R, _CH, _XS = gl.constexpr(TILE), gl.constexpr(ROWS), gl.constexpr(CHUNK), gl.constexpr(XS)
+    _HK = gl.constexpr(TILE // CHUNK)  # staged chunks a unit
+    _KVH, _HD, _CT = gl.constexpr(KV_HEADS), gl.constexpr(HEAD_DIM), gl.constexpr(CHUNK_TOKENS)
+    _GRP = gl.constexpr(Q_HEADS // KV_HEADS)  # query heads a kv head (8: wgmma's N)
+    _SPLITS, _MERGE_UNITS = gl.constexpr(SPLITS), gl.constexpr(MERGE_UNITS)
+    _SM_SCALE, _EPS = gl.constexpr(HEAD_DIM ** -0.5), gl.constexpr(EPS)
+    _GU_TILES = gl.constexpr(2 * INTER // ROWS)  # an expert's row tiles in gate/up (gate's, then up's)
+    _DN_STEPS = gl.constexpr(INTER // TILE)  # an expert's k steps in down
+    _O_QKV_P, _O_O_P, _O_R_P = gl.constexpr(OFFS["qkv_p"]), gl.constexpr(OFFS["o_p"]), gl.constexpr(OFFS["r_p"])
+    _O_GU_P, _O_X_P = gl.constexpr(OFFS["gu_p"]), gl.constexpr(OFFS["x_p"])
+    _O_IDS, _O_P = gl.constexpr(OFFS["ids"]), gl.constexpr(OFFS["p"])
+    _O_XIN, _O_H = gl.constexpr(OFFS["xin"]), gl.constexpr(OFFS["h"])
+    _O_AM, _O_AL, _O_AO = gl.constexpr(OFFS["am"]), gl.constexpr(OFFS["al"]), gl.constexpr(OFFS["ao"])
+    _C_QKV, _C_O, _C_R, _C_GU, _C_X = (gl.constexpr(slots) for _, _, _, slots in DET_OUTPUTS)
+    _ACC_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]))
+    _IDS_L = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # the producer warp's copy of the choice
+    _MERGE_BATCH = gl.constexpr(8)  # partials merged a loop step (all at once spill)
+
+    @gluon.jit
+    def _units(pid, nprog, total):
+        """Program pid's share [u0, u1) of total units, split evenly over min(nprog, total) programs."""
+        n = gl.minimum(nprog, total)
+        return gl.minimum(pid, n) * total // n, gl.minimum(pid + 1, n) * total // n
+
+    @gluon.jit
+    def _owner(u, nprog, total):
+        """The program whose `_units` share holds unit u."""
+        n = gl.minimum(nprog, total)
+        return ((u + 1) * n + total - 1) // total - 1
+
+    @gluon.jit
+    def _get(buf, idx, N: gl.constexpr, KS: gl.constexpr, C: gl.constexpr, nprog):
+        """Values idx of a step's output from its partial slots: buf[j * N + idx] summed in slot order, j below
+        the count of programs that wrote row idx's tile (N rows in tiles of ROWS, KS units a tile, C slots)."""
+        total = (N // _R) * KS
+        t = idx // _R
+        first = _owner(t * KS, nprog, total)
+        count = _owner(t * KS + KS - 1, nprog, total) - first + 1
+        x = gl.load(buf + idx)
+        for j in gl.static_range(1, C):
+            x += gl.load(buf + j * N + idx, mask=j < count, other=0.0)
+        return x
+
+    @gluon.jit
+    def _claim(ring, ready, empty, c, CAP: gl.constexpr):
+        """Producer: ring stage c % STAGES, once it is free and the load CAP before this one has arrived (at most
+        CAP loads in flight a program). Returns the stage."""
+        STAGES: gl.constexpr = ring.type.shape[0]
+        if c >= CAP:
+            mbarrier.wait(ready.index((c - CAP) % STAGES), ((c - CAP) // STAGES) & 1)
+        s = c % STAGES
+        # A fresh barrier counts as having completed the phase before phase 0: round 0 passes at once.
+        mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+        return s
+
+    @gluon.jit
+    def _issue(desc, row, col, ring, ready, empty, c, CAP: gl.constexpr):
+        """Producer: the weight tile at (row, col) into the next ring stage."""
+        s = _claim(ring, ready, empty, c, CAP)
+        mbarrier.expect(ready.index(s), desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, [row, col], ready.index(s), ring.index(s))
+        return c + 1
+
+    @gluon.jit
+    def _tile_pages(table_ptr, width, tile, BS: gl.constexpr):
+        """The block table's pages of tokens [64 tile, 64 tile + 64), in one load (pages past the table's width
+        read its last entry: past the context, masked by the consumers)."""
+        j = gl.arange(0, _CT // BS, layout=_IDS_L)
+        return gl.load(table_ptr + gl.minimum(tile * (_CT // BS) + j, width - 1))
+
+    @gluon.jit
+    def _issue_kv(desc, row0, pages, col, ring, ready, empty, c, CAP: gl.constexpr, BS: gl.constexpr):
+        """Producer: a 64-token tile of one kv head (columns col of desc's rows, a token a row, from row0 on) into
+        the next ring stage, a page of BS tokens at a time (`_tile_pages`)."""
+        s = _claim(ring, ready, empty, c, CAP)
+        mbarrier.expect(ready.index(s), _CT * _HD * 2)
+        for j in gl.static_range(_CT // BS):
+            page = gl.sum(gl.where(gl.arange(0, _CT // BS, layout=_IDS_L) == j, pages, 0), axis=0)
+            tma.async_copy_global_to_shared(desc, [row0 + page * BS, col], ready.index(s),
+                                            ring.index(s).slice(j * BS, BS, dim=0))
+        return c + 1
+
+    @gluon.jit
+    def _splits(n_past):
+        """Attention's tiles a kv head (at least one: the new token alone has a tile of no past tokens) and its
+        splits."""
+        tiles = gl.maximum((n_past + _CT - 1) // _CT, 1)
+        return tiles, gl.minimum(tiles, _SPLITS)
+
+    @gluon.jit
+    def _produce_dense(desc, row0, N_TILES: gl.constexpr, KSTEPS: gl.constexpr, ring, ready, empty, c, pid, nprog,
+                       CAP: gl.constexpr, ids=None, EXPERT_TILES: gl.constexpr = 0):
+        """The program's units of a GEMV over desc's rows from row0, a row tile's k steps in turn. EXPERT_TILES: the
+        rows are experts of EXPERT_TILES row tiles each, and row tile t is tile t % EXPERT_TILES of expert
+        ids[t // EXPERT_TILES] (gate/up over the chosen experts)."""
+        u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
+        for u in range(u0, u1):
+            t = u // KSTEPS
+            if EXPERT_TILES:
+                e = gl.sum(gl.where(gl.arange(0, _TOP_K, layout=_IDS_L) == t // EXPERT_TILES, ids, 0), axis=0)
+                row = row0 + e * (EXPERT_TILES * _R) + (t % EXPERT_TILES) * _R
+            else:
+                row = row0 + t * _R
+            c = _issue(desc, row, (u % KSTEPS) * _T, ring, ready, empty, c, CAP)
+        return c
+
+    @gluon.jit
+    def _producer(d_qkv, d_o, d_r, d_13, d_2, d_kc, d_vc, ring, ready, empty, ids_bar, ids_smem, pos_ptr, table_ptr,
+                  width, cache_rows, layers, CAP: gl.constexpr, BS: gl.constexpr):
+        """Every step's tiles, layer after layer, into the ring; before the gate/up tiles, the router's choice
+        (from ids_smem, once the consumers have published it)."""
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        n_past = gl.load(pos_ptr).to(gl.int32)
+        tiles, splits = _splits(n_past)
+        a0, a1 = _units(pid, nprog, _KVH * splits)  # the program's (kv head, split) units
+        first_tile = (a0 % splits) * tiles // splits
+        first_pages = _tile_pages(table_ptr, width, first_tile, BS)  # the same every layer: loaded once
+        c = 0
+        for layer in range(layers):
+            c = _produce_dense(d_qkv, layer * _QKV, _QKV // _R, _HID // _T, ring, ready, empty, c, pid, nprog, CAP)
+            for u in range(a0, a1):  # each tile's K, then its V
+                h = u // splits
+                s = u % splits
+                for tile in range(s * tiles // splits, (s + 1) * tiles // splits):
+                    if (u == a0) & (tile == first_tile):
+                        pages = first_pages
+                    else:
+                        pages = _tile_pages(table_ptr, width, tile, BS)
+                    c = _issue_kv(d_kc, layer * cache_rows, pages, h * _HD, ring, ready, empty, c, CAP, BS)
+                    c = _issue_kv(d_vc, layer * cache_rows, pages, h * _HD, ring, ready, empty, c, CAP, BS)
+            c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog, CAP)
+            c = _produce_dense(d_r, layer * _EXPERTS, _EXPERTS // _R, _HID // _T, ring, ready, empty, c, pid, nprog,
+                               CAP)
+            mbarrier.wait(ids_bar, layer & 1)  # this program's consumers have stored the router's choice
+            ids = ids_smem.load(_IDS_L)
+            c = _produce_dense(d_13, layer * _EXPERTS * 2 * _INTER, _TOP_K * _GU_TILES, _HID // _T, ring, ready,
+                               empty, c, pid, nprog, CAP, ids, _GU_TILES)
+            KD: gl.constexpr = _TOP_K * _DN_STEPS
+            u0, u1 = _units(pid, nprog, (_HID // _R) * KD)
+            for u in range(u0, u1):
+                ks = u % KD
+                e = gl.sum(gl.where(gl.arange(0, _TOP_K, layout=_IDS_L) == ks // _DN_STEPS, ids, 0), axis=0)
+                c = _issue(d_2, (layer * _EXPERTS + e) * _HID + (u // KD) * _R, (ks % _DN_STEPS) * _T, ring, ready,
+                           empty, c, CAP)
+
+    @gluon.jit
+    def _grid_sync(bar_ptr, target):
+        """Arrive at the grid barrier (a count that only grows) and wait for it to reach target."""
+        gl.thread_barrier()  # every thread's stores of the step before the (single-thread) release
+        gl.atomic_add(bar_ptr, 1, sem="release")
+        while gl.atomic_add(bar_ptr, 0, sem="acquire") < target:
+            pass
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _x_chunk(x_ptr, p_ptr, ks, cols, ACT: gl.constexpr, SN: gl.constexpr, SKS: gl.constexpr,
+                 SC: gl.constexpr, nprog, plain, splits):
+        """The step's input at k step ks, columns cols. ACT 0: x_ptr's plain values; 1 (down; x_ptr: gate/up's
+        slots): silu(g) * u * p of expert ks // DN_STEPS's channels; 2 (o; x_ptr: the workspace): the attention
+        output of query head ks, merged from its splits' partials (`_attend`); 3 (the residual stream): x_ptr's
+        slots plus p_ptr's values (plain: p_ptr's only, in any float type). SN, SKS, SC: x_ptr's slots (`_get`)."""
+        if ACT == 0:
+            x = gl.load(x_ptr + ks * _T + cols)
+        elif ACT == 1:
+            j = ks // _DN_STEPS
+            ch = (ks % _DN_STEPS) * _T + cols
+            g = _get(x_ptr, j * 2 * _INTER + ch, SN, SKS, SC, nprog)
+            up = _get(x_ptr, j * 2 * _INTER + _INTER + ch, SN, SKS, SC, nprog)
+            x = g / (1.0 + gl.exp(-g)) * up * gl.load(p_ptr + j)
+        elif ACT == 2:
+            gl.static_assert(_T == _HD, "a k step is one query head's output")
+            first = (ks // _GRP) * splits * _GRP + ks % _GRP  # its partials: ((kv head * splits + s) * GRP + g)
+            # MERGE_BATCH partials a loop step, their loads side by side, the running maximum rescaling the sums
+            top = gl.full(first.shape, float("-inf"), gl.float32, first.type.layout)
+            num = gl.zeros_like(cols.to(gl.float32))
+            den = gl.zeros_like(top)
+            for s0 in range(0, splits, _MERGE_BATCH):
+                new_top = top
+                for cc in gl.static_range(_MERGE_BATCH):
+                    new_top = gl.maximum(new_top, gl.load(x_ptr + _O_AM + first + (s0 + cc) * _GRP,
+                                                          mask=s0 + cc < splits, other=float("-inf")))
+                rescale = gl.exp(top - new_top)  # the first step: exp(-inf) = 0 (split 0 is never empty)
+                num = num * rescale
+                den = den * rescale
+                for cc in gl.static_range(_MERGE_BATCH):
+                    ok = s0 + cc < splits
+                    i = first + (s0 + cc) * _GRP
+                    w = gl.exp(gl.load(x_ptr + _O_AM + i, mask=ok, other=float("-inf")) - new_top)  # again: L1
+                    num += w * gl.load(x_ptr + _O_AO + i * _HD + cols, mask=ok, other=0.0)
+                    den += w * gl.load(x_ptr + _O_AL + i, mask=ok, other=0.0)
+                top = new_top
+            x = num / den
+        else:
+            if plain:
+                x = gl.load(p_ptr + ks * _T + cols)
+            else:
+                x = _get(x_ptr, ks * _T + cols, SN, SKS, SC, nprog) + gl.load(p_ptr + ks * _T + cols)
+        return x
+
+    @gluon.jit
+    def _stage_input(x_ptr, p_ptr, scale, xs, first, KSTEPS: gl.constexpr, NS: gl.constexpr, ACT: gl.constexpr,
+                     NORM: gl.constexpr, n, SN: gl.constexpr, SKS: gl.constexpr, SC: gl.constexpr, nprog, plain,
+                     w_ptr, xout_ptr, WMODE: gl.constexpr, pid, splits):
+        """The step's input for the tensor cores: unit slot j < NS is k step (first + j) % KSTEPS (`_x_chunk`)
+        times scale, in bf16, as HK chunks of 64 (row 0 of xs's [8, 64] tiles j * HK ...); visible to the next
+        wgmma when this returns. NORM (every k step staged): scale is 1 / rms of the values loaded. ACT 2: slots
+        from n on (past the program's units) repeat slot n - 1's head, so the merge's loads hit L1. WMODE 1: the
+        values also times the norm's weight w_ptr[k]; 2: and program 0 stores the values as loaded (the residual
+        stream, for the steps after) to xout_ptr. Returns the scale."""
+        SL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        q = gl.arange(0, NS * _HK, layout=gl.SliceLayout(1, SL))
+        cols = gl.arange(0, _CH, layout=gl.SliceLayout(0, SL))
+        j = q // _HK
+        if ACT == 2:
+            j = gl.minimum(j, gl.maximum(n - 1, 0))
+        ks = ((first + j) % KSTEPS)[:, None]
+        col = ((q % _HK) * _CH)[:, None] + cols[None, :]
+        x = _x_chunk(x_ptr, p_ptr, ks, col, ACT, SN, SKS, SC, nprog, plain, splits)
+        if NORM:
+            gl.static_assert(NS == KSTEPS, "the norm needs the whole input staged")
+            scale = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NS * _T) + _EPS)
+        if WMODE == 2:
+            if pid == 0:
+                gl.store(xout_ptr + ks * _T + col, x)
+        x = x * scale
+        if WMODE >= 1:
+            x = x * gl.load(w_ptr + ks * _T + col).to(gl.float32)
+        flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        flat.slice(0, NS * _HK, dim=0).slice(0, _CH, dim=1).store(x.to(gl.bfloat16))
+        fence_async_shared()
+        gl.thread_barrier()
+        return scale
+
+    @gluon.jit
+    def _flush(y_ptr, t, rows, acc, N: gl.constexpr, KS: gl.constexpr, pid, nprog):
+        """Row tile t's sums so far (column 0 of the MMA sums) to this program's slot of the output (N rows, KS
+        units a tile; `_get`); returns fresh sums."""
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        y = y_ptr + (pid - _owner(t * KS, nprog, (N // _R) * KS)) * N + t * _R + rows
+        gl.store(y, gl.sum(acc, axis=1))
+        return gl.zeros([64, 8], gl.float32, _ACC_L)
+
+    @gluon.jit
+    def _gemv(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring, ready,
+              empty, xs, c, pid, nprog, NORM: gl.constexpr = False, SN: gl.constexpr = 0, SKS: gl.constexpr = 0,
+              SC: gl.constexpr = 0, plain=False, w_ptr=0, xout_ptr=0, WMODE: gl.constexpr = 0, splits=1):
+        """A step's GEMV over the program's units: the input staged (`_stage_input`), then each unit's ring tile
+        as two wgmma m64n8 k-64 against it, the next unit's issued before the last one's are waited for; each row
+        tile's sums to the program's slot (`_flush`). Returns the ring count and the scale."""
+        STAGES: gl.constexpr = ring.type.shape[0]
+        KSTEPS: gl.constexpr = K // _T
+        NS: gl.constexpr = _MERGE_UNITS if ACT == 2 else (KSTEPS if KSTEPS < _XS // _HK else _XS // _HK)
+        u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
+        n = u1 - u0
+        scale = _stage_input(x_ptr, p_ptr, scale, xs, u0, KSTEPS, NS, ACT, NORM, n, SN, SKS, SC, nprog, plain,
+                             w_ptr, xout_ptr, WMODE, pid, splits)
+        rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _ACC_L))
+        acc = gl.zeros([64, 8], gl.float32, _ACC_L)
+        for i in range(n):
+            u = u0 + i
+            t = u // KSTEPS
+            s = (c + i) % STAGES
+            mbarrier.wait(ready.index(s), ((c + i) // STAGES) & 1)
+            w = ring.index(s)
+            slot = i % KSTEPS
+            acc = warpgroup_mma(w.slice(0, _CH, dim=1), xs.index(2 * slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(w.slice(_CH, _CH, dim=1), xs.index(2 * slot + 1).permute((1, 0)), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
+            if i > 0:  # the unit before is done in every warp: its stage is free
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index((c + i - 1) % STAGES))
+            if ((u + 1) // KSTEPS != t) | (i + 1 == n):
+                acc = _flush(y_ptr, t, rows, acc, N_TILES * _R, KSTEPS, pid, nprog)
+        if n > 0:
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index((c + n - 1) % STAGES))
+        return c + n, scale
+
+    @gluon.jit
+    def _norm_rope(a, b, w, d, pos, inv_freq, ROW: gl.constexpr):
+        """Qwen3's per-head RMSNorm (weight w, [HEAD_DIM] bf16) then rotary embedding at position pos (angles pos *
+        inv_freq[d], as the engine's rotary kernels), on a head's two 64-dim halves a and b (d: their dims; ROW:
+        rows of heads [8, 64], else one head [64]). The norm's output is rounded to bf16 as transformers' is."""
+        angle = pos.to(gl.float32) * gl.load(inv_freq + d)
+        cos = gl.cos(angle)
+        sin = gl.sin(angle)
+        wa = gl.load(w + d).to(gl.float32)
+        wb = gl.load(w + _CH + d).to(gl.float32)
+        if ROW:
+            r = gl.rsqrt((gl.sum(a * a, axis=1) + gl.sum(b * b, axis=1)) / _HD + _EPS)[:, None]
+            a = (a * r * wa[None, :]).to(gl.bfloat16).to(gl.float32)
+            b = (b * r * wb[None, :]).to(gl.bfloat16).to(gl.float32)
+            return a * cos[None, :] - b * sin[None, :], b * cos[None, :] + a * sin[None, :]
+        else:
+            r = gl.rsqrt((gl.sum(a * a, axis=0) + gl.sum(b * b, axis=0)) / _HD + _EPS)
+            a = (a * r * wa).to(gl.bfloat16).to(gl.float32)
+            b = (b * r * wb).to(gl.bfloat16).to(gl.float32)
+            return a * cos - b * sin, b * cos + a * sin
+
+    @gluon.jit
+    def _attend(ws, qkv, ring, ready, empty, qs, ps, c, pid, nprog, layer, w_q, w_k, k_cache, v_cache, inv_freq,
+                pos, slot, tiles, splits, layer_elems):
+        """Consumer: the program's (kv head h, split) units of GQA decode, flash-decoding style. A unit's q (the
+        group's 8 heads) and the new token's k take the per-head norms and rotary first; then each of its 64-token
+        tiles: S^T = K . q^T ([64 tokens, 8 heads] by wgmma, q scaled by 1/sqrt(d) as the B operand in qs), past
+        tokens masked, an online softmax by column, O^T += V^T . P^T (V's tile as a transposed A operand, P^T
+        through ps). The last split also takes the new token, and stores its k and v to the cache slot. The
+        unit's maxima, sums and unnormalised outputs go to the workspace (am, al, ao) for the o step to merge."""
+        STAGES: gl.constexpr = ring.type.shape[0]
+        QL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # [8, 64] q halves
+        heads_l: gl.constexpr = gl.SliceLayout(0, _ACC_L)
+        rows_l: gl.constexpr = gl.SliceLayout(1, _ACC_L)
+        qi = gl.arange(0, _GRP, layout=gl.SliceLayout(1, QL))
+        qd = gl.arange(0, _CH, layout=gl.SliceLayout(0, QL))
+        heads = gl.arange(0, _GRP, layout=heads_l)
+        dims = gl.arange(0, 64, layout=rows_l)
+        u0, u1 = _units(pid, nprog, _KVH * splits)
+        for u in range(u0, u1):
+            h = u // splits
+            s = u % splits
+            last = s == splits - 1
+            q_rows = (h * _GRP + qi)[:, None] * _HD
+            q0 = _get(qkv, q_rows + qd[None, :], _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
+            q1 = _get(qkv, q_rows + _CH + qd[None, :], _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
+            k0 = _get(qkv, _ATT + h * _HD + qd, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
+            k1 = _get(qkv, _ATT + h * _HD + _CH + qd, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
+            q0, q1 = _norm_rope(q0, q1.to(gl.float32), w_q + layer * _HD, qd, pos, inv_freq, True)
+            k0, k1 = _norm_rope(k0, k1.to(gl.float32), w_k + layer * _HD, qd, pos, inv_freq, False)
+            k0 = k0.to(gl.bfloat16)
+            k1 = k1.to(gl.bfloat16)
+            qs.index(0).store((q0.to(gl.bfloat16).to(gl.float32) * _SM_SCALE).to(gl.bfloat16))
+            qs.index(1).store((q1.to(gl.bfloat16).to(gl.float32) * _SM_SCALE).to(gl.bfloat16))
+            fence_async_shared()
+            gl.thread_barrier()
+            top = gl.full([_GRP], float("-inf"), gl.float32, heads_l)
+            total = gl.zeros([_GRP], gl.float32, heads_l)
+            o0 = gl.zeros([64, _GRP], gl.float32, _ACC_L)
+            o1 = gl.zeros([64, _GRP], gl.float32, _ACC_L)
+            for tile in range(s * tiles // splits, (s + 1) * tiles // splits):
+                sk = c % STAGES
+                mbarrier.wait(ready.index(sk), (c // STAGES) & 1)
+                kt = ring.index(sk)
+                acc = gl.zeros([_CT, _GRP], gl.float32, _ACC_L)
+                acc = warpgroup_mma(kt.slice(0, _CH, dim=1), qs.index(0).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma(kt.slice(_CH, _CH, dim=1), qs.index(1).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(sk))
+                token = tile * _CT + gl.arange(0, _CT, layout=rows_l)
+                acc = gl.where((token < pos)[:, None], acc, float("-inf"))
+                new_top = gl.maximum(top, gl.max(acc, axis=0))
+                safe = gl.where(new_top == float("-inf"), 0.0, new_top)  # a tile of no past tokens
+                alpha = gl.exp(top - safe)
+                p = gl.exp(acc - safe[None, :])
+                total = total * alpha + gl.sum(p, axis=0)
+                top = new_top
+                ps.store(gl.permute(p, (1, 0)).to(gl.bfloat16))
+                fence_async_shared()
+                gl.thread_barrier()
+                sv = (c + 1) % STAGES
+                mbarrier.wait(ready.index(sv), ((c + 1) // STAGES) & 1)
+                vt = ring.index(sv)
+                o0 = warpgroup_mma(vt.slice(0, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)), o0 * alpha[None, :],
+                                   is_async=True)
+                o1 = warpgroup_mma(vt.slice(_CH, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)),
+                                   o1 * alpha[None, :], is_async=True)
+                o0, o1 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1))
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(sv))
+                c += 2
+            if last:  # the new token: its score from the same bf16 q and k the tiles saw
+                qb0 = qs.index(0).load(QL).to(gl.float32)
+                qb1 = qs.index(1).load(QL).to(gl.float32)
+                s_new = gl.sum(qb0 * k0.to(gl.float32)[None, :], axis=1) + gl.sum(qb1 * k1.to(gl.float32)[None, :],
+                                                                                  axis=1)
+                s_new = gl.convert_layout(s_new, heads_l)
+                v_new = _ATT + _KVH * _HD + h * _HD
+                v0 = _get(qkv, v_new + dims, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
+                v1 = _get(qkv, v_new + 64 + dims, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
+                new_top = gl.maximum(top, s_new)
+                alpha = gl.exp(top - new_top)
+                p_new = gl.exp(s_new - new_top)
+                total = total * alpha + p_new
+                top = new_top
+                o0 = o0 * alpha[None, :] + v0.to(gl.float32)[:, None] * p_new[None, :]
+                o1 = o1 * alpha[None, :] + v1.to(gl.float32)[:, None] * p_new[None, :]
+                # the new token's k and v, for later steps
+                at = layer.to(gl.int64) * layer_elems + slot * (_KVH * _HD) + h * _HD
+                gl.store(k_cache + at + qd, k0)
+                gl.store(k_cache + at + _CH + qd, k1)
+                gl.store(v_cache + at + dims, v0)
+                gl.store(v_cache + at + 64 + dims, v1)
+            part = u * _GRP + heads
+            gl.store(ws + _O_AM + part, top)
+            gl.store(ws + _O_AL + part, total)
+            gl.store(ws + _O_AO + part[None, :] * _HD + dims[:, None], o0)
+            gl.store(ws + _O_AO + part[None, :] * _HD + 64 + dims[:, None], o1)
+            gl.thread_barrier()  # every warp is done with qs before the next unit's q
+        return c
+
+    @gluon.jit
+    def _top_k(r_ptr, ids_ptr, p_ptr, ids_smem, xs, nprog):
+        """The router's choice from its logits' slots, rounded to bf16 as the model computes them: each thread
+        takes one expert's logit and counts the logits that beat it (higher, or equal at a lower index), 32 at a
+        time from shared memory (row 0 of xs's first staging slots, free until gate/up stages its input), so the
+        experts ranked 0-7 are the choice; one max and one sum give the softmax over them. The choice goes to
+        ids_ptr / p_ptr (ranked order) and to ids_smem for the producer."""
+        ROW32: gl.constexpr = gl.BlockedLayout([1, 32], [32, 1], [4, 1], [1, 0])  # [E, 32]
+        mine = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(1, ROW32))
+        r = _get(r_ptr, mine, _EXPERTS, _HID // _T, _C_R, nprog).to(gl.bfloat16).to(gl.float32)
+        rs = xs._reinterpret(gl.float32, [_XS, 4 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        CL: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, 4], [1, 0])  # [E // 32, 32]
+        ci = gl.arange(0, _EXPERTS // 32, layout=gl.SliceLayout(1, CL))
+        cj = gl.arange(0, 32, layout=gl.SliceLayout(0, CL))
+        r2 = _get(r_ptr, ci[:, None] * 32 + cj[None, :], _EXPERTS, _HID // _T, _C_R, nprog)
+        rs.slice(0, _EXPERTS // 32, dim=0).slice(0, 32, dim=1).store(r2.to(gl.bfloat16).to(gl.float32))
+        gl.thread_barrier()
+        rank = gl.zeros_like(mine)
+        for cc in gl.static_range(_EXPERTS // 32):
+            others = cc * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, ROW32))[None, :]
+            r_o = rs.slice(cc, 1, dim=0).slice(0, 32, dim=1).load(ROW32)  # [1, 32], in every thread
+            beats = (r_o > r[:, None]) | ((r_o == r[:, None]) & (others < mine[:, None]))
+            rank += gl.sum(beats.to(gl.int32), axis=1)
+        chosen = rank < _TOP_K
+        e = gl.exp(r - gl.max(r, axis=0))
+        p = e / gl.sum(gl.where(chosen, e, 0.0), axis=0)
+        gl.store(ids_ptr + rank, mine.to(gl.float32), mask=chosen)
+        gl.store(p_ptr + rank, p, mask=chosen)
+        SEL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 4], [1, 0])
+        j = gl.arange(0, _TOP_K, layout=gl.SliceLayout(1, SEL))
+        rank_all = gl.convert_layout(rank, gl.SliceLayout(0, SEL))
+        experts = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(0, SEL))
+        ids_smem.store(gl.sum(gl.where(rank_all[None, :] == j[:, None], experts[None, :], 0), axis=1))
+
+    @gluon.jit
+    def _consumer(ws, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, qs, ps, w_in, w_post, w_q, w_k,
+                  k_cache, v_cache, inv_freq, pos_ptr, slot_ptr, layer_elems, layers):
+        """Every layer's steps from the ring, a grid barrier between steps."""
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        ZL: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        for i in gl.static_range(_XS // 8):  # the staged inputs' rows 1-7, zero for good
+            flat.slice(i * 8, 8, dim=0).store(gl.zeros([8, 8 * _CH], gl.bfloat16, ZL))
+        pos = gl.load(pos_ptr).to(gl.int32)
+        slot = gl.load(slot_ptr)
+        tiles, splits = _splits(pos)
+        c = 0
+        n = 0
+        o_qkv, o_o, o_r = ws + _O_QKV_P, ws + _O_O_P, ws + _O_R_P
+        o_gu, o_x = ws + _O_GU_P, ws + _O_X_P
+        for layer in range(layers):
+            if layer > 0:
+                n += 1
+                _grid_sync(bar_ptr, n * nprog)
+            # qkv: the layer's input is the stream before it (h) plus the last MoE output; the first layer's is h,
+            # the embedding as the host put it there
+            c, _ = _gemv(o_x, o_qkv, ws + _O_H, 1.0, _QKV // _R, _HID, 3, ring, ready,
+                         empty, xs, c, pid, nprog, NORM=True, SN=_HID, SKS=_TOP_K * _INTER // _T, SC=_C_X,
+                         plain=layer == 0, w_ptr=w_in + layer * _HID, xout_ptr=ws + _O_XIN, WMODE=2)
+            n += 1
+            _grid_sync(bar_ptr, n * nprog)
+            c = _attend(ws, o_qkv, ring, ready, empty, qs, ps, c, pid, nprog, layer, w_q, w_k, k_cache, v_cache,
+                        inv_freq, pos, slot, tiles, splits, layer_elems)
+            n += 1
+            _grid_sync(bar_ptr, n * nprog)
+            c, _ = _gemv(ws, o_o, ws, 1.0, _HID // _R, _ATT, 2, ring, ready, empty, xs, c, pid, nprog, splits=splits)
+            n += 1
+            _grid_sync(bar_ptr, n * nprog)
+            # h = the layer's input + o; the router on norm_post(h)
+            c, scale = _gemv(o_o, o_r, ws + _O_XIN, 1.0, _EXPERTS // _R, _HID, 3, ring, ready, empty, xs, c, pid,
+                             nprog, NORM=True, SN=_HID, SKS=_ATT // _T, SC=_C_O, w_ptr=w_post + layer * _HID,
+                             xout_ptr=ws + _O_H, WMODE=2)
+            n += 1
+            _grid_sync(bar_ptr, n * nprog)
+            _top_k(o_r, ws + _O_IDS, ws + _O_P, ids_smem, xs, nprog)
+            gl.thread_barrier()
+            mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
+            c, _ = _gemv(ws + _O_H, o_gu, ws, scale, _TOP_K * _GU_TILES, _HID, 0, ring, ready, empty, xs, c, pid,
+                         nprog, w_ptr=w_post + layer * _HID, WMODE=1)
+            n += 1
+            _grid_sync(bar_ptr, n * nprog)
+            c, _ = _gemv(o_gu, o_x, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, 1, ring, ready, empty, xs, c, pid,
+                         nprog, SN=_TOP_K * 2 * _INTER, SKS=_HID // _T, SC=_C_GU)
+
+    @gluon.jit
+    def _stack_kernel(d_qkv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws, bar_ptr, w_in, w_post, w_q, w_k, k_cache,
+                      v_cache, inv_freq, pos_ptr, slot_ptr, table_ptr, width, cache_rows, layer_elems, layers,
+                      STAGES: gl.constexpr, CAP: gl.constexpr, BS: gl.constexpr):
+        ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES, _R, _T], d_qkv.layout)
+        # The step's input chunks as wgmma's B operand: [8, 64] tiles, row 0 the input.
+        xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _CH], gl.NVMMASharedLayout.get_default_for([8, _CH],
+                                                                                                          gl.bfloat16))
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        ids_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(ids_bar, count=1)
+        ids_smem = gl.allocate_shared_memory(gl.int32, [_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        # The attention's B operands: the group's q (two 64-dim halves) and a tile's P^T.
+        qs = gl.allocate_shared_memory(gl.bfloat16, [2, _GRP, _CH],
+                                       gl.NVMMASharedLayout.get_default_for([_GRP, _CH], gl.bfloat16))
+        ps = gl.allocate_shared_memory(gl.bfloat16, [_GRP, _CT],
+                                       gl.NVMMASharedLayout.get_default_for([_GRP, _CT], gl.bfloat16))
+        gl.warp_specialize([
+            (_consumer, (ws, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, qs, ps, w_in, w_post, w_q,
+                         w_k, k_cache, v_cache, inv_freq, pos_ptr, slot_ptr, layer_elems, layers)),
+            (_producer, (d_qkv, d_o, d_r, d_13, d_2, d_kc, d_vc, ring, ready, empty, ids_bar, ids_smem, pos_ptr,
+                         table_ptr, width, cache_rows, layers, CAP, BS)),
+        ], [1], [48])
+
+
+def det_slots(rows: int, ks: int, programs: int) -> int:
+    """The most programs that share one of an output's row tiles (rows in tiles of ROWS, ks units a tile)."""
+    total = rows // ROWS * ks
+    n = min(programs, total)
+
+    def owner(u: int) -> int:
+        return ((u + 1) * n + total - 1) // total - 1
+
+    return max(owner(t * ks + ks - 1) - owner(t * ks) + 1 for t in range(rows // ROWS))
+
+
+def slot_mask(rows: int, ks: int, slots: int, programs: int, device) -> torch.Tensor:
+    """[slots, rows] float: 1 where slot j holds a partial of that row's tile (j below its programs' count)."""
+    total = rows // ROWS * ks
+    n = min(programs, total)
+
+    def owner(u: int) -> int:
+        return ((u + 1) * n + total - 1) // total - 1
+
+    counts = torch.tensor([owner(t * ks + ks - 1) - owner(t * ks) + 1 for t in range(rows // ROWS)])
+    mask = torch.arange(slots)[:, None] < counts.repeat_interleave(ROWS)[None, :]
+    return mask.to(device=device, dtype=torch.float32)
+
+
+def _span(tensors: list[torch.Tensor], cols: int) -> torch.Tensor | None:
+    """The 2-D view [rows, cols] over tensors that lie back to back in one storage (each contiguous, in order),
+    or None where they do not."""
+    first = tensors[0]
+    step = first.numel() * first.element_size()
+    for i, t in enumerate(tensors):
+        if (not t.is_contiguous() or t.shape != first.shape or t.dtype != first.dtype
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.data_ptr() != first.data_ptr() + i * step):
+            return None
+    rows = len(tensors) * first.numel() // cols
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        first.untyped_storage(), first.storage_offset(), (rows, cols), (cols, 1))
+
+
+class DecodeStack:
+    """The engine's side of `_stack_kernel`: one launch runs a one-token decode batch through every decoder layer.
+
+    model: a loaded `CausalLM` whose layers' parameters and KV caches lie back to back per name (`CausalLM` and
+    the runner allocate them so); `reason` first says whether it can take the model at all. `forward` returns
+    the final-normed hidden state, as `CausalLM.forward` does.
+    """
+
+    STAGES, CAP = 10, 2  # the ring's depth and the loads in flight a program (benchmarks/RESULTS.md, session 28)
+
+    def __init__(self, model) -> None:
+        layers = list(model.model.layers)
+        device = model.ctx.device
+        self.model, self.num_layers = model, len(layers)
+        self.programs = torch.cuda.get_device_properties(device).multi_processor_count
+        attn = [layer.self_attn for layer in layers]
+        moe = [layer.ffn for layer in layers]
+        self.weights = [_span(ts, cols) for ts, cols in (
+            ([a.qkv_proj.weight for a in attn], HID), ([a.o_proj.weight for a in attn], ATT),
+            ([m.gate.weight for m in moe], HID), ([m.w13 for m in moe], HID), ([m.w2 for m in moe], INTER))]
+        self.norms = [_span(ts, ts[0].numel()) for ts in (
+            [layer.input_layernorm.weight for layer in layers],
+            [layer.post_attention_layernorm.weight for layer in layers],
+            [a.q_norm.weight for a in attn], [a.k_norm.weight for a in attn])]
+        if any(t is None for t in self.weights + self.norms):
+            raise ValueError("the decode stack needs each weight's layers back to back in one tensor")
+        self.descs = [host_descriptor(w, [ROWS, TILE]) for w in self.weights]
+        self.ws = torch.zeros(WS, dtype=torch.float32, device=device)
+        self.bar = torch.zeros(1, dtype=torch.int32, device=device)
+        _, rows, ks, slots = DET_OUTPUTS[-1]
+        self.x_mask = slot_mask(rows, ks, slots, self.programs, device)
+        self.kv: tuple | None = None
+
+    @staticmethod
+    def reason(model, block_size: int) -> str | None:
+        """Why `DecodeStack` cannot run this model's batch-1 decode steps, or None when it can."""
+        from moeserve.layers.attention import GQAAttention
+        from moeserve.moe.dispatcher import LocalDispatcher
+        from moeserve.moe.layer import MoELayer
+
+        c, ctx = model.config, model.ctx
+        problem = gluon_platform_problem(ctx.device, "the decode stack")
+        if problem is not None:
+            return problem
+        programs = torch.cuda.get_device_properties(ctx.device).multi_processor_count
+        rope = model.rotary_emb
+        shape = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_experts, c.top_k,
+                 c.moe_intermediate_size)
+        rules = (  # (broken, what is allowed)
+            (type(model).__name__ != "Qwen3MoeForCausalLM", "Qwen3-MoE models only"),
+            (shape != (HID, Q_HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K, INTER),
+             f"the shape hidden, heads, kv heads, head dim, experts, top-k, expert intermediate = "
+             f"{(HID, Q_HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K, INTER)} only, not {shape}"),
+            (ctx.dtype != torch.bfloat16, "bfloat16 weights only"),
+            (c.rms_norm_eps != EPS, f"RMSNorm eps {EPS} only"),
+            (not all(isinstance(layer.self_attn, GQAAttention) and layer.self_attn.q_norm is not None
+                     and layer.self_attn.qkv_proj.bias is None and layer.self_attn.o_proj.bias is None
+                     and isinstance(layer.ffn, MoELayer) and layer.ffn.shared_name is None
+                     and layer.ffn.gate.weight.dtype == torch.bfloat16 for layer in model.model.layers),
+             "every layer GQA with q/k norms and no biases, and MoE without shared experts"),
+            (not (c.norm_topk_prob and c.scoring_func == "softmax" and c.topk_method == "greedy"
+                  and c.routed_scaling_factor == 1.0), "softmax routing renormalised over the top-k only"),
+            (not isinstance(ctx.dispatcher, LocalDispatcher) or ctx.dispatcher.num_local_slots != c.num_experts,
+             "every expert on this GPU (no expert parallelism)"),
+            (rope.interleaved or rope.attention_factor != 1.0 or rope.inv_freq.numel() * 2 != HEAD_DIM,
+             "rotary embedding over the whole head, not interleaved, without an attention factor"),
+            (block_size not in (8, 16, 32, 64), f"KV block sizes 8, 16, 32 or 64 only, not {block_size}"),
+            (not MIN_PROGRAMS <= programs <= 144, f"128 to 144 multiprocessors only, not {programs}"),
+        )
+        broken = [allowed for bad, allowed in rules if bad]
+        return "; ".join(broken) if broken else None
+
+    def takes(self, batch) -> bool:
+        """Whether this batch runs here: one decode token, no expert-load recording, no hook on the router."""
+        from moeserve.forward_batch import ForwardMode
+
+        return (batch.mode == ForwardMode.DECODE and batch.num_tokens == 1 and batch.attn is not None
+                and "expert_load" not in batch.extras and not self.model.model.layers[0].ffn.gate.observed)
+
+    def _bind_kv(self) -> tuple:
+        """The KV caches as descriptors and spans (built once: the runner binds the caches once)."""
+        attn = [layer.self_attn for layer in self.model.model.layers]
+        k0 = attn[0].k_cache
+        cols = KV_HEADS * HEAD_DIM
+        k_all, v_all = _span([a.k_cache for a in attn], cols), _span([a.v_cache for a in attn], cols)
+        if k_all is None or v_all is None:
+            raise ValueError("the decode stack needs the layers' KV caches back to back in one tensor")
+        bs = k0.shape[1]
+        descs = [host_descriptor(t, [bs, TILE], layout_of=[ROWS, TILE]) for t in (k_all, v_all)]  # pages in a stage
+        return descs, k_all, v_all, k0.shape[0] * bs, k0.numel(), bs
+
+    def forward(self, batch) -> torch.Tensor:
+        """The final-normed hidden state [1, hidden] of a batch that `takes` (model dtype)."""
+        if self.kv is None:
+            self.kv = self._bind_kv()
+        (d_kc, d_vc), k_all, v_all, cache_rows, layer_elems, bs = self.kv
+        model, attn = self.model, batch.attn
+        x0 = model.model.embed_tokens(batch.input_ids)
+        self.ws[OFFS["h"]:OFFS["h"] + HID].copy_(x0[0])
+        self.bar.zero_()
+        table = attn.block_tables
+        _stack_kernel[(self.programs,)](
+            *self.descs, d_kc, d_vc, self.ws, self.bar, *self.norms, k_all, v_all, model.rotary_emb.inv_freq,
+            batch.positions, attn.slot_mapping, table, table.shape[1], cache_rows, layer_elems, self.num_layers,
+            STAGES=self.STAGES, CAP=self.CAP, BS=bs, num_warps=4)
+        slots = DET_OUTPUTS[-1][3]
+        x = (self.ws[OFFS["x_p"]:OFFS["x_p"] + slots * HID].view(slots, HID) * self.x_mask).sum(0)
+        x = x + self.ws[OFFS["h"]:OFFS["h"] + HID]
+        return model.model.norm(x.to(model.ctx.dtype)[None])
