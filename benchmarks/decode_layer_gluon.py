@@ -52,6 +52,7 @@ from decode_layer_probe import (  # noqa: E402
     WS,
 )
 
+from moeserve.kernels.decode_stack_gluon import _owner, _units, tile_owners  # noqa: E402  (the engine's kernel)
 from moeserve.kernels.gluon_support import (  # noqa: E402
     fence_async_shared,
     gl,
@@ -110,21 +111,6 @@ if gluon is not None:
     _ACC_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]))
     _DRAW = gl.constexpr(DRAW)
     _IDS_L = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # the producer warp's copy of the choice
-
-    @gluon.jit
-    def _units(pid, nprog, total):
-        """Program pid's share [u0, u1) of total units, split evenly over min(nprog, total) programs (a step with
-        fewer units than programs gives the first ones a unit each). Spreading the router's 32 units over 8
-        programs, for 4 partial slots a row tile rather than 16, was no faster (benchmarks/RESULTS.md, session
-        28)."""
-        n = gl.minimum(nprog, total)
-        return gl.minimum(pid, n) * total // n, gl.minimum(pid + 1, n) * total // n
-
-    @gluon.jit
-    def _owner(u, nprog, total):
-        """The program whose `_units` share holds unit u."""
-        n = gl.minimum(nprog, total)
-        return ((u + 1) * n + total - 1) // total - 1
 
     @gluon.jit
     def _get(buf, idx, DET: gl.constexpr, N: gl.constexpr = 0, KS: gl.constexpr = 0, C: gl.constexpr = 0, nprog=1,
@@ -1075,20 +1061,9 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
                                     FULL=full, num_warps=4)
 
 
-def _owners(rows: int, ks: int, programs: int):
-    """`_owner` on the host for an output of `rows` rows in row tiles of ks units: (first, count) a row tile."""
-    total = rows // ROWS * ks
-    n = min(programs, total)
-
-    def owner(u: int) -> int:
-        return ((u + 1) * n + total - 1) // total - 1
-
-    return [(owner(t * ks), owner(t * ks + ks - 1) - owner(t * ks) + 1) for t in range(rows // ROWS)]
-
-
 def det_slots(rows: int, ks: int, programs: int) -> int:
     """The most programs that share one of the output's row tiles."""
-    return max(count for _, count in _owners(rows, ks, programs))
+    return max(count for _, count in tile_owners(rows, ks, programs, ROWS))
 
 
 def det_output(m, layer: int, programs: int) -> torch.Tensor:
@@ -1097,7 +1072,7 @@ def det_output(m, layer: int, programs: int) -> torch.Tensor:
     slots = dict((name, n) for name, _, n in DET_OUTPUTS)["x"]
     parts = m.ws[layer, OFFS["x_p"]:OFFS["x_p"] + slots * HID].view(slots, HID)
     return torch.cat([parts[:count, t * ROWS:(t + 1) * ROWS].sum(0)
-                      for t, (_, count) in enumerate(_owners(HID, TOP_K * INTER // TILE, programs))])
+                      for t, (_, count) in enumerate(tile_owners(HID, TOP_K * INTER // TILE, programs, ROWS))])
 
 
 def available(device: torch.device) -> bool:

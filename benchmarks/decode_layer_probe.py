@@ -394,6 +394,28 @@ class Layers:
 
         return run
 
+    def engine_stack(self):
+        """The engine's decode stack (`moeserve.kernels.decode_stack_gluon`, the whole layer over a paged KV cache)
+        on these layers' weights: a function of an optional trace tensor that runs it, with CONTEXT past tokens in
+        pages of 16 (a cache of its own, random; the table maps them in order). Its results are not checked here
+        (the engine's GPU tests check them against transformers)."""
+        from moeserve.kernels.decode_stack_gluon import DecodeStack
+        from moeserve.layers.rotary import rope_inv_freq
+
+        weights = [self.wqkv.view(-1, HID), self.wo.view(-1, ATT), self.wr.view(-1, HID), self.w13.view(-1, HID),
+                   self.w2.view(-1, INTER)]
+        norms = [t.reshape(-1) for t in (self.w_in, self.w_post, self.w_q, self.w_k)]
+        device = self.x0.device
+        stack = DecodeStack(weights, norms, rope_inv_freq(HEAD_DIM, ROPE_THETA, None)[0].to(device))
+        block, blocks = 16, -(-(CONTEXT + 1) // 16)
+        g = torch.Generator(device=device).manual_seed(1)
+        k_all, v_all = (torch.randn(self.layers * blocks * block, KV_HEADS * HEAD_DIM, generator=g,
+                                    device=device).to(BF16) for _ in range(2))
+        stack.bind_kv(k_all, v_all, block)
+        table = torch.arange(blocks, dtype=torch.int32, device=device)[None]
+        pos = torch.full((1,), CONTEXT, dtype=torch.int64, device=device)
+        return lambda trace=None: stack.launch(self.x0, pos, pos, table, trace)
+
     def step_bytes(self, s: int) -> int:
         """Weight bytes step s reads a layer."""
         return 2 * (QKV * HID, ATT * KVS, HID * ATT, EXPERTS * HID, TOP_K * 2 * INTER * HID, TOP_K * HID * INTER)[s]
@@ -602,6 +624,8 @@ def main() -> None:
                          "whole layer, fixed-order sums": dict(attention=True, full=True, det=True)}.items():
             variants[f"Gluon ring, MMA consumers, fast top-k, ring {stages}:{side}:{cap}, {what}"] = (
                 lambda kw=kw: decode_layer_gluon.run(m, sms, stages, mma=True, fast=True, side=side, cap=cap, **kw))
+        engine_stack = m.engine_stack()
+        timing_only["the engine's decode stack (whole layer, fixed-order sums, pages of 16)"] = engine_stack
         timing_only["Gluon ring, MMA consumers, no barrier waits"] = (
             lambda: decode_layer_gluon.run(m, sms, 6, sync=False, mma=True))
         timing_only["Gluon ring, MMA consumers only (no weight loads), no barrier waits"] = (
@@ -651,6 +675,17 @@ def main() -> None:
                   f"fast top-k, ring {stages}:{side}:{cap}, whole layer, fixed-order sums": dict(
                       stages=stages, fast=True, side=side, cap=cap, attention=True, full=True, det=True),
                   "no weight loads (timing only)": dict(stages=6, load=0)}
+
+        def report(what: str) -> None:
+            for row in decode_layer_gluon.trace_report(trace):
+                print(f"  {row['part']:<44} {row['mean_us']:7.2f}" + (f"  slowest program {row['slowest_us']:7.2f}"
+                                                                     if "slowest_us" in row else ""))
+                rows.append(dict(variant=f"trace {what}: " + row["part"], **row))
+
+        engine_stack(trace)
+        torch.cuda.synchronize()
+        print(f"traced the engine's decode stack: µs, mean over layers 1-{args.layers - 1}")
+        report("the engine's decode stack")
         for what, kw in traced.items():
             if kw.get("load") == 0:
                 m.run_persistent(sms)  # real experts in the workspace: the producer still reads them
@@ -658,10 +693,7 @@ def main() -> None:
             torch.cuda.synchronize()
             err = float("nan") if kw.get("load") == 0 else m.max_layer_error()
             print(f"traced {what}: worst layer's rel err {err:.1e}; µs, mean over layers 1-{args.layers - 1}")
-            for row in decode_layer_gluon.trace_report(trace):
-                print(f"  {row['part']:<44} {row['mean_us']:7.2f}" + (f"  slowest program {row['slowest_us']:7.2f}"
-                                                                     if "slowest_us" in row else ""))
-                rows.append(dict(variant=f"trace {what}: " + row["part"], **row))
+            report(what)
     # What follows runs on a whole run's workspace (its experts, too): the timing-only variants leave junk.
     m.run_persistent(sms)
     torch.cuda.synchronize()

@@ -59,13 +59,21 @@ CHUNK_TOKENS = 64  # attention: a K or V tile is 64 tokens of one kv head
 SPLITS = 32  # attention: at most this many splits a kv head (each a run of 64-token tiles)
 MERGE_UNITS = 8  # the o step's units a program has at most (staging's merge)
 MIN_PROGRAMS = 128  # o's 1024 units over at least 128 programs: at most MERGE_UNITS each
+# `DecodeStack.launch(trace=...)`: the GPU timer (ns) at these points, a row of MARKS a layer and program (the
+# probe's, so `benchmarks/decode_layer_gluon.trace_report` reads both). Consumer: the layer's start, each step's
+# end (arrival at its grid barrier) and the barrier's passing ("kv": the attention), the router's choice
+# published; producer: before and after waiting for that choice.
+TRACE_MARKS = ("start", "qkv done", "qkv passed", "kv done", "kv passed", "o done", "o passed", "r done",
+               "r passed", "ids published", "gu done", "gu passed", "down done", "producer waits ids",
+               "producer has ids")
+MARKS = 16
 # Fixed-order sums: (output, rows, k steps a row tile, slots): slots are the most programs that share one of the
 # output's row tiles at up to 144 programs (checked at launch).
 DET_OUTPUTS = (("qkv", QKV, HID // TILE, 3), ("o", HID, ATT // TILE, 5), ("r", EXPERTS, HID // TILE, 16),
                ("gu", TOP_K * 2 * INTER, HID // TILE, 2), ("x", HID, TOP_K * INTER // TILE, 5))
 # The workspace (float32), one for all layers: each output's slots, the chosen experts and their weights, the
 # residual stream (the layer's input, and h = input + o), the attention's partials (maxima, sums, outputs).
-_PARTS = KV_HEADS * SPLITS * (Q_HEADS // KV_HEADS)
+_PARTS = KV_HEADS * (SPLITS + 1) * (Q_HEADS // KV_HEADS)  # (kv head, split) units and the new token's
 OFFS: dict[str, int] = {}
 _at = 0
 for _name, _size in (*((f"{name}_p", slots * rows) for name, rows, _, slots in DET_OUTPUTS), ("ids", TOP_K),
@@ -95,6 +103,15 @@ if gluon is not None:
     _ACC_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]))
     _IDS_L = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # the producer warp's copy of the choice
     _MERGE_BATCH = gl.constexpr(8)  # partials merged a loop step (all at once spill)
+    _MARKS = gl.constexpr(MARKS)
+
+    @gluon.jit
+    def _mark(trace, i: gl.constexpr, TRACE: gl.constexpr):
+        """TRACE: the GPU's global nanosecond timer into trace[i] (`TRACE_MARKS`)."""
+        if TRACE:
+            now = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                            pack=1)
+            gl.store(trace + i, now)
 
     @gluon.jit
     def _units(pid, nprog, total):
@@ -186,14 +203,15 @@ if gluon is not None:
 
     @gluon.jit
     def _producer(d_qkv, d_o, d_r, d_13, d_2, d_kc, d_vc, ring, ready, empty, ids_bar, ids_smem, pos_ptr, table_ptr,
-                  width, cache_rows, layers, CAP: gl.constexpr, BS: gl.constexpr):
+                  width, cache_rows, layers, trace_ptr, CAP: gl.constexpr, BS: gl.constexpr, TRACE: gl.constexpr):
         """Every step's tiles, layer after layer, into the ring; before the gate/up tiles, the router's choice
         (from ids_smem, once the consumers have published it)."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         n_past = gl.load(pos_ptr).to(gl.int32)
         tiles, splits = _splits(n_past)
-        a0, a1 = _units(pid, nprog, _KVH * splits)  # the program's (kv head, split) units
+        a0, a1 = _units(pid, nprog, _KVH * (splits + 1))  # the program's attention units (`_attend`)
+        a1 = gl.minimum(a1, _KVH * splits)  # the new token's have no tiles
         first_tile = (a0 % splits) * tiles // splits
         first_pages = _tile_pages(table_ptr, width, first_tile, BS)  # the same every layer: loaded once
         c = 0
@@ -212,7 +230,10 @@ if gluon is not None:
             c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog, CAP)
             c = _produce_dense(d_r, layer * _EXPERTS, _EXPERTS // _R, _HID // _T, ring, ready, empty, c, pid, nprog,
                                CAP)
+            trace = trace_ptr + (layer * nprog + pid) * _MARKS
+            _mark(trace, 13, TRACE)
             mbarrier.wait(ids_bar, layer & 1)  # this program's consumers have stored the router's choice
+            _mark(trace, 14, TRACE)
             ids = ids_smem.load(_IDS_L)
             c = _produce_dense(d_13, layer * _EXPERTS * 2 * _INTER, _TOP_K * _GU_TILES, _HID // _T, ring, ready,
                                empty, c, pid, nprog, CAP, ids, _GU_TILES)
@@ -250,26 +271,24 @@ if gluon is not None:
             x = g / (1.0 + gl.exp(-g)) * up * gl.load(p_ptr + j)
         elif ACT == 2:
             gl.static_assert(_T == _HD, "a k step is one query head's output")
-            first = (ks // _GRP) * splits * _GRP + ks % _GRP  # its partials: ((kv head * splits + s) * GRP + g)
-            # MERGE_BATCH partials a loop step, their loads side by side, the running maximum rescaling the sums
-            top = gl.full(first.shape, float("-inf"), gl.float32, first.type.layout)
+            # Query head ks's partials: kv head kh's splits (kh * splits + s) * GRP + g, then its new token's
+            # (KV_HEADS * splits + kh) * GRP + g (`_attend`). Their maxima and sums in one load, along cols.
+            kh = ks // _GRP
+            g = ks % _GRP
+            s_all = cols % _CH  # [rows, 64]: split s in column s (at most SPLITS + 1 <= 64)
+            i_all = gl.where(s_all < splits, (kh * splits + s_all) * _GRP + g, (_KVH * splits + kh) * _GRP + g)
+            m_all = gl.load(x_ptr + _O_AM + i_all, mask=s_all <= splits, other=float("-inf"))
+            l_all = gl.load(x_ptr + _O_AL + i_all, mask=s_all <= splits, other=0.0)
+            top = gl.max(m_all, axis=1)[:, None]
+            den = gl.sum(gl.exp(m_all - top) * l_all, axis=1)[:, None]
             num = gl.zeros_like(cols.to(gl.float32))
-            den = gl.zeros_like(top)
-            for s0 in range(0, splits, _MERGE_BATCH):
-                new_top = top
+            for s0 in range(0, splits + 1, _MERGE_BATCH):  # the outputs, MERGE_BATCH partials a loop step
                 for cc in gl.static_range(_MERGE_BATCH):
-                    new_top = gl.maximum(new_top, gl.load(x_ptr + _O_AM + first + (s0 + cc) * _GRP,
-                                                          mask=s0 + cc < splits, other=float("-inf")))
-                rescale = gl.exp(top - new_top)  # the first step: exp(-inf) = 0 (split 0 is never empty)
-                num = num * rescale
-                den = den * rescale
-                for cc in gl.static_range(_MERGE_BATCH):
-                    ok = s0 + cc < splits
-                    i = first + (s0 + cc) * _GRP
-                    w = gl.exp(gl.load(x_ptr + _O_AM + i, mask=ok, other=float("-inf")) - new_top)  # again: L1
+                    sc = s0 + cc
+                    ok = sc <= splits
+                    i = gl.where(sc < splits, (kh * splits + sc) * _GRP + g, (_KVH * splits + kh) * _GRP + g)
+                    w = gl.exp(gl.load(x_ptr + _O_AM + i, mask=ok, other=float("-inf")) - top)  # again: L1
                     num += w * gl.load(x_ptr + _O_AO + i * _HD + cols, mask=ok, other=0.0)
-                    den += w * gl.load(x_ptr + _O_AL + i, mask=ok, other=0.0)
-                top = new_top
             x = num / den
         else:
             if plain:
@@ -359,13 +378,12 @@ if gluon is not None:
         return c + n, scale
 
     @gluon.jit
-    def _norm_rope(a, b, w, d, pos, inv_freq, ROW: gl.constexpr):
-        """Qwen3's per-head RMSNorm (weight w, [HEAD_DIM] bf16) then rotary embedding at position pos (angles pos *
-        inv_freq[d], as the engine's rotary kernels), on a head's two 64-dim halves a and b (d: their dims; ROW:
-        rows of heads [8, 64], else one head [64]). The norm's output is rounded to bf16 as transformers' is."""
-        angle = pos.to(gl.float32) * gl.load(inv_freq + d)
-        cos = gl.cos(angle)
-        sin = gl.sin(angle)
+    def _norm_rope(a, b, w, d, cos_s, sin_s, ROW: gl.constexpr):
+        """Qwen3's per-head RMSNorm (weight w, [HEAD_DIM] bf16) then rotary embedding (cos and sin of the position's
+        angles in cos_s, sin_s: `_consumer`), on a head's two 64-dim halves a and b (d: their dims; ROW: rows of
+        heads [8, 64], else one head [64]). The norm's output is rounded to bf16 as transformers' is."""
+        cos = cos_s.load(d.type.layout)
+        sin = sin_s.load(d.type.layout)
         wa = gl.load(w + d).to(gl.float32)
         wb = gl.load(w + _CH + d).to(gl.float32)
         if ROW:
@@ -380,14 +398,28 @@ if gluon is not None:
             return a * cos - b * sin, b * cos + a * sin
 
     @gluon.jit
-    def _attend(ws, qkv, ring, ready, empty, qs, ps, c, pid, nprog, layer, w_q, w_k, k_cache, v_cache, inv_freq,
-                pos, slot, tiles, splits, layer_elems):
-        """Consumer: the program's (kv head h, split) units of GQA decode, flash-decoding style. A unit's q (the
-        group's 8 heads) and the new token's k take the per-head norms and rotary first; then each of its 64-token
-        tiles: S^T = K . q^T ([64 tokens, 8 heads] by wgmma, q scaled by 1/sqrt(d) as the B operand in qs), past
-        tokens masked, an online softmax by column, O^T += V^T . P^T (V's tile as a transposed A operand, P^T
-        through ps). The last split also takes the new token, and stores its k and v to the cache slot. The
-        unit's maxima, sums and unnormalised outputs go to the workspace (am, al, ao) for the o step to merge."""
+    def _q_group(qkv, h, layer, w_q, qi, qd, cos_s, sin_s, nprog):
+        """kv head h's query group (8 heads) from the qkv step's slots, normalised, rotated and scaled by
+        1/sqrt(d), in bf16 as the score MMA's B operand takes it: two [8, 64] halves."""
+        q_rows = (h * _GRP + qi)[:, None] * _HD
+        q0 = _get(qkv, q_rows + qd[None, :], _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
+        q1 = _get(qkv, q_rows + _CH + qd[None, :], _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
+        q0, q1 = _norm_rope(q0, q1, w_q + layer * _HD, qd, cos_s, sin_s, True)
+        q0 = (q0.to(gl.bfloat16).to(gl.float32) * _SM_SCALE).to(gl.bfloat16)
+        q1 = (q1.to(gl.bfloat16).to(gl.float32) * _SM_SCALE).to(gl.bfloat16)
+        return q0, q1
+
+    @gluon.jit
+    def _attend(ws, qkv, ring, ready, empty, qs, ps, c, pid, nprog, layer, w_q, w_k, k_cache, v_cache, cos_s,
+                sin_s, pos, slot, tiles, splits, layer_elems):
+        """Consumer: the program's attention units of GQA decode, flash-decoding style. Units below KV_HEADS *
+        splits are (kv head h, split) runs of 64-token tiles of past tokens: the group's q (`_q_group`) as the B
+        operand in qs; each tile S^T = K . q^T ([64 tokens, 8 heads] by wgmma), tokens past the context masked, an
+        online softmax by column, O^T += V^T . P^T (V's tile as a transposed A operand, P^T through ps). The last
+        KV_HEADS units are each kv head's new token: its k normalised and rotated, its score against the group's
+        q (the same bf16 values the tiles see), its v, and its k and v stored to the cache slot; a unit of its
+        own, so that the programs with the last tiles do no more than the others. Every unit's maxima, sums and
+        unnormalised outputs go to the workspace (am, al, ao: partial u * 8 + head) for the o step to merge."""
         STAGES: gl.constexpr = ring.type.shape[0]
         QL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # [8, 64] q halves
         heads_l: gl.constexpr = gl.SliceLayout(0, _ACC_L)
@@ -396,78 +428,71 @@ if gluon is not None:
         qd = gl.arange(0, _CH, layout=gl.SliceLayout(0, QL))
         heads = gl.arange(0, _GRP, layout=heads_l)
         dims = gl.arange(0, 64, layout=rows_l)
-        u0, u1 = _units(pid, nprog, _KVH * splits)
+        u0, u1 = _units(pid, nprog, _KVH * (splits + 1))
         for u in range(u0, u1):
-            h = u // splits
-            s = u % splits
-            last = s == splits - 1
-            q_rows = (h * _GRP + qi)[:, None] * _HD
-            q0 = _get(qkv, q_rows + qd[None, :], _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
-            q1 = _get(qkv, q_rows + _CH + qd[None, :], _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
-            k0 = _get(qkv, _ATT + h * _HD + qd, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
-            k1 = _get(qkv, _ATT + h * _HD + _CH + qd, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
-            q0, q1 = _norm_rope(q0, q1.to(gl.float32), w_q + layer * _HD, qd, pos, inv_freq, True)
-            k0, k1 = _norm_rope(k0, k1.to(gl.float32), w_k + layer * _HD, qd, pos, inv_freq, False)
-            k0 = k0.to(gl.bfloat16)
-            k1 = k1.to(gl.bfloat16)
-            qs.index(0).store((q0.to(gl.bfloat16).to(gl.float32) * _SM_SCALE).to(gl.bfloat16))
-            qs.index(1).store((q1.to(gl.bfloat16).to(gl.float32) * _SM_SCALE).to(gl.bfloat16))
-            fence_async_shared()
-            gl.thread_barrier()
-            top = gl.full([_GRP], float("-inf"), gl.float32, heads_l)
-            total = gl.zeros([_GRP], gl.float32, heads_l)
-            o0 = gl.zeros([64, _GRP], gl.float32, _ACC_L)
-            o1 = gl.zeros([64, _GRP], gl.float32, _ACC_L)
-            for tile in range(s * tiles // splits, (s + 1) * tiles // splits):
-                sk = c % STAGES
-                mbarrier.wait(ready.index(sk), (c // STAGES) & 1)
-                kt = ring.index(sk)
-                acc = gl.zeros([_CT, _GRP], gl.float32, _ACC_L)
-                acc = warpgroup_mma(kt.slice(0, _CH, dim=1), qs.index(0).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma(kt.slice(_CH, _CH, dim=1), qs.index(1).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index(sk))
-                token = tile * _CT + gl.arange(0, _CT, layout=rows_l)
-                acc = gl.where((token < pos)[:, None], acc, float("-inf"))
-                new_top = gl.maximum(top, gl.max(acc, axis=0))
-                safe = gl.where(new_top == float("-inf"), 0.0, new_top)  # a tile of no past tokens
-                alpha = gl.exp(top - safe)
-                p = gl.exp(acc - safe[None, :])
-                total = total * alpha + gl.sum(p, axis=0)
-                top = new_top
-                ps.store(gl.permute(p, (1, 0)).to(gl.bfloat16))
+            past = u < _KVH * splits
+            h = gl.where(past, u // splits, u - _KVH * splits)
+            q0, q1 = _q_group(qkv, h, layer, w_q, qi, qd, cos_s, sin_s, nprog)
+            if past:
+                s = u % splits
+                qs.index(0).store(q0)
+                qs.index(1).store(q1)
                 fence_async_shared()
                 gl.thread_barrier()
-                sv = (c + 1) % STAGES
-                mbarrier.wait(ready.index(sv), ((c + 1) // STAGES) & 1)
-                vt = ring.index(sv)
-                o0 = warpgroup_mma(vt.slice(0, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)), o0 * alpha[None, :],
-                                   is_async=True)
-                o1 = warpgroup_mma(vt.slice(_CH, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)),
-                                   o1 * alpha[None, :], is_async=True)
-                o0, o1 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1))
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index(sv))
-                c += 2
-            if last:  # the new token: its score from the same bf16 q and k the tiles saw
-                qb0 = qs.index(0).load(QL).to(gl.float32)
-                qb1 = qs.index(1).load(QL).to(gl.float32)
-                s_new = gl.sum(qb0 * k0.to(gl.float32)[None, :], axis=1) + gl.sum(qb1 * k1.to(gl.float32)[None, :],
-                                                                                  axis=1)
-                s_new = gl.convert_layout(s_new, heads_l)
-                v_new = _ATT + _KVH * _HD + h * _HD
-                v0 = _get(qkv, v_new + dims, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
-                v1 = _get(qkv, v_new + 64 + dims, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
-                new_top = gl.maximum(top, s_new)
-                alpha = gl.exp(top - new_top)
-                p_new = gl.exp(s_new - new_top)
-                total = total * alpha + p_new
-                top = new_top
-                o0 = o0 * alpha[None, :] + v0.to(gl.float32)[:, None] * p_new[None, :]
-                o1 = o1 * alpha[None, :] + v1.to(gl.float32)[:, None] * p_new[None, :]
-                # the new token's k and v, for later steps
-                at = layer.to(gl.int64) * layer_elems + slot * (_KVH * _HD) + h * _HD
+                top = gl.full([_GRP], float("-inf"), gl.float32, heads_l)
+                total = gl.zeros([_GRP], gl.float32, heads_l)
+                o0 = gl.zeros([64, _GRP], gl.float32, _ACC_L)
+                o1 = gl.zeros([64, _GRP], gl.float32, _ACC_L)
+                for tile in range(s * tiles // splits, (s + 1) * tiles // splits):
+                    sk = c % STAGES
+                    mbarrier.wait(ready.index(sk), (c // STAGES) & 1)
+                    kt = ring.index(sk)
+                    acc = gl.zeros([_CT, _GRP], gl.float32, _ACC_L)
+                    acc = warpgroup_mma(kt.slice(0, _CH, dim=1), qs.index(0).permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma(kt.slice(_CH, _CH, dim=1), qs.index(1).permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    gl.thread_barrier()
+                    mbarrier.arrive(empty.index(sk))
+                    token = tile * _CT + gl.arange(0, _CT, layout=rows_l)
+                    acc = gl.where((token < pos)[:, None], acc, float("-inf"))
+                    new_top = gl.maximum(top, gl.max(acc, axis=0))
+                    safe = gl.where(new_top == float("-inf"), 0.0, new_top)  # a tile of no past tokens
+                    alpha = gl.exp(top - safe)
+                    p = gl.exp(acc - safe[None, :])
+                    total = total * alpha + gl.sum(p, axis=0)
+                    top = new_top
+                    ps.store(gl.permute(p, (1, 0)).to(gl.bfloat16))
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    sv = (c + 1) % STAGES
+                    mbarrier.wait(ready.index(sv), ((c + 1) // STAGES) & 1)
+                    vt = ring.index(sv)
+                    o0 = warpgroup_mma(vt.slice(0, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)),
+                                       o0 * alpha[None, :], is_async=True)
+                    o1 = warpgroup_mma(vt.slice(_CH, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)),
+                                       o1 * alpha[None, :], is_async=True)
+                    o0, o1 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1))
+                    gl.thread_barrier()
+                    mbarrier.arrive(empty.index(sv))
+                    c += 2
+                gl.thread_barrier()  # every warp is done with qs before the next unit's q
+            else:  # the new token of kv head h
+                k0 = _get(qkv, _ATT + h * _HD + qd, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
+                k1 = _get(qkv, _ATT + h * _HD + _CH + qd, _QKV, _HID // _T, _C_QKV, nprog)
+                k0, k1 = _norm_rope(k0, k1.to(gl.bfloat16).to(gl.float32), w_k + layer * _HD, qd, cos_s, sin_s,
+                                    False)
+                k0 = k0.to(gl.bfloat16)
+                k1 = k1.to(gl.bfloat16)
+                top = gl.sum(q0.to(gl.float32) * k0.to(gl.float32)[None, :], axis=1)
+                top = gl.convert_layout(top + gl.sum(q1.to(gl.float32) * k1.to(gl.float32)[None, :], axis=1),
+                                        heads_l)
+                total = gl.full([_GRP], 1.0, gl.float32, heads_l)
+                v_at = _ATT + _KVH * _HD + h * _HD
+                v0 = _get(qkv, v_at + dims, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
+                v1 = _get(qkv, v_at + 64 + dims, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
+                o0 = gl.zeros([64, _GRP], gl.float32, _ACC_L) + v0.to(gl.float32)[:, None]
+                o1 = gl.zeros([64, _GRP], gl.float32, _ACC_L) + v1.to(gl.float32)[:, None]
+                at = layer.to(gl.int64) * layer_elems + slot * (_KVH * _HD) + h * _HD  # for the later steps
                 gl.store(k_cache + at + qd, k0)
                 gl.store(k_cache + at + _CH + qd, k1)
                 gl.store(v_cache + at + dims, v0)
@@ -477,30 +502,25 @@ if gluon is not None:
             gl.store(ws + _O_AL + part, total)
             gl.store(ws + _O_AO + part[None, :] * _HD + dims[:, None], o0)
             gl.store(ws + _O_AO + part[None, :] * _HD + 64 + dims[:, None], o1)
-            gl.thread_barrier()  # every warp is done with qs before the next unit's q
         return c
 
     @gluon.jit
-    def _top_k(r_ptr, ids_ptr, p_ptr, ids_smem, xs, nprog):
+    def _top_k(r_ptr, ids_ptr, p_ptr, ids_smem, r_s, nprog):
         """The router's choice from its logits' slots, rounded to bf16 as the model computes them: each thread
         takes one expert's logit and counts the logits that beat it (higher, or equal at a lower index), 32 at a
-        time from shared memory (row 0 of xs's first staging slots, free until gate/up stages its input), so the
-        experts ranked 0-7 are the choice; one max and one sum give the softmax over them. The choice goes to
-        ids_ptr / p_ptr (ranked order) and to ids_smem for the producer."""
+        time from shared memory (r_s, [E / 32, 32]), so the experts ranked 0-7 are the choice; one max and one
+        sum give the softmax over them. The choice goes to ids_ptr / p_ptr (ranked order) and to ids_smem for the
+        producer."""
         ROW32: gl.constexpr = gl.BlockedLayout([1, 32], [32, 1], [4, 1], [1, 0])  # [E, 32]
         mine = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(1, ROW32))
         r = _get(r_ptr, mine, _EXPERTS, _HID // _T, _C_R, nprog).to(gl.bfloat16).to(gl.float32)
-        rs = xs._reinterpret(gl.float32, [_XS, 4 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        CL: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, 4], [1, 0])  # [E // 32, 32]
-        ci = gl.arange(0, _EXPERTS // 32, layout=gl.SliceLayout(1, CL))
-        cj = gl.arange(0, 32, layout=gl.SliceLayout(0, CL))
-        r2 = _get(r_ptr, ci[:, None] * 32 + cj[None, :], _EXPERTS, _HID // _T, _C_R, nprog)
-        rs.slice(0, _EXPERTS // 32, dim=0).slice(0, 32, dim=1).store(r2.to(gl.bfloat16).to(gl.float32))
+        # every logit to every thread, 32 at a time, through shared memory (written as one row of 128)
+        r_s._reinterpret(gl.float32, [_EXPERTS], gl.SwizzledSharedLayout(1, 1, 1, [0])).store(r)
         gl.thread_barrier()
         rank = gl.zeros_like(mine)
         for cc in gl.static_range(_EXPERTS // 32):
             others = cc * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, ROW32))[None, :]
-            r_o = rs.slice(cc, 1, dim=0).slice(0, 32, dim=1).load(ROW32)  # [1, 32], in every thread
+            r_o = r_s.slice(cc, 1, dim=0).load(ROW32)  # [1, 32], in every thread
             beats = (r_o > r[:, None]) | ((r_o == r[:, None]) & (others < mine[:, None]))
             rank += gl.sum(beats.to(gl.int32), axis=1)
         chosen = rank < _TOP_K
@@ -515,9 +535,11 @@ if gluon is not None:
         ids_smem.store(gl.sum(gl.where(rank_all[None, :] == j[:, None], experts[None, :], 0), axis=1))
 
     @gluon.jit
-    def _consumer(ws, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, qs, ps, w_in, w_post, w_q, w_k,
-                  k_cache, v_cache, inv_freq, pos_ptr, slot_ptr, layer_elems, layers):
-        """Every layer's steps from the ring, a grid barrier between steps."""
+    def _consumer(ws, bar_ptr, ring, ready, empty, ids_bar, ids_smem, r_s, xs, qs, ps, w_in, w_post, w_q, w_k,
+                  k_cache, v_cache, inv_freq, cos_s, sin_s, pos_ptr, slot_ptr, layer_elems, layers, trace_ptr,
+                  TRACE: gl.constexpr):
+        """Every layer's steps from the ring, a grid barrier between steps (TRACE: the timer at each step's end
+        and barrier, `TRACE_MARKS`)."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -527,48 +549,64 @@ if gluon is not None:
         pos = gl.load(pos_ptr).to(gl.int32)
         slot = gl.load(slot_ptr)
         tiles, splits = _splits(pos)
+        # The rotary's cos and sin at this position, the same in every layer: once, to shared memory (computed in
+        # each layer, libdevice's sin and cos made the layer's code too large for the instruction cache).
+        RL: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        d = gl.arange(0, _CH, layout=RL)
+        angle = pos.to(gl.float32) * gl.load(inv_freq + d)
+        cos_s.store(gl.cos(angle))
+        sin_s.store(gl.sin(angle))
+        gl.thread_barrier()
         c = 0
         n = 0
         o_qkv, o_o, o_r = ws + _O_QKV_P, ws + _O_O_P, ws + _O_R_P
         o_gu, o_x = ws + _O_GU_P, ws + _O_X_P
         for layer in range(layers):
+            trace = trace_ptr + (layer * nprog + pid) * _MARKS
             if layer > 0:
                 n += 1
                 _grid_sync(bar_ptr, n * nprog)
+            _mark(trace, 0, TRACE)
             # qkv: the layer's input is the stream before it (h) plus the last MoE output; the first layer's is h,
             # the embedding as the host put it there
             c, _ = _gemv(o_x, o_qkv, ws + _O_H, 1.0, _QKV // _R, _HID, 3, ring, ready,
                          empty, xs, c, pid, nprog, NORM=True, SN=_HID, SKS=_TOP_K * _INTER // _T, SC=_C_X,
                          plain=layer == 0, w_ptr=w_in + layer * _HID, xout_ptr=ws + _O_XIN, WMODE=2)
-            n += 1
-            _grid_sync(bar_ptr, n * nprog)
+            n = _step_sync(bar_ptr, n, nprog, trace, 1, TRACE)
             c = _attend(ws, o_qkv, ring, ready, empty, qs, ps, c, pid, nprog, layer, w_q, w_k, k_cache, v_cache,
-                        inv_freq, pos, slot, tiles, splits, layer_elems)
-            n += 1
-            _grid_sync(bar_ptr, n * nprog)
+                        cos_s, sin_s, pos, slot, tiles, splits, layer_elems)
+            n = _step_sync(bar_ptr, n, nprog, trace, 3, TRACE)
             c, _ = _gemv(ws, o_o, ws, 1.0, _HID // _R, _ATT, 2, ring, ready, empty, xs, c, pid, nprog, splits=splits)
-            n += 1
-            _grid_sync(bar_ptr, n * nprog)
+            n = _step_sync(bar_ptr, n, nprog, trace, 5, TRACE)
             # h = the layer's input + o; the router on norm_post(h)
             c, scale = _gemv(o_o, o_r, ws + _O_XIN, 1.0, _EXPERTS // _R, _HID, 3, ring, ready, empty, xs, c, pid,
                              nprog, NORM=True, SN=_HID, SKS=_ATT // _T, SC=_C_O, w_ptr=w_post + layer * _HID,
                              xout_ptr=ws + _O_H, WMODE=2)
-            n += 1
-            _grid_sync(bar_ptr, n * nprog)
-            _top_k(o_r, ws + _O_IDS, ws + _O_P, ids_smem, xs, nprog)
+            n = _step_sync(bar_ptr, n, nprog, trace, 7, TRACE)
+            _top_k(o_r, ws + _O_IDS, ws + _O_P, ids_smem, r_s, nprog)
             gl.thread_barrier()
             mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
+            _mark(trace, 9, TRACE)
             c, _ = _gemv(ws + _O_H, o_gu, ws, scale, _TOP_K * _GU_TILES, _HID, 0, ring, ready, empty, xs, c, pid,
                          nprog, w_ptr=w_post + layer * _HID, WMODE=1)
-            n += 1
-            _grid_sync(bar_ptr, n * nprog)
+            n = _step_sync(bar_ptr, n, nprog, trace, 10, TRACE)
             c, _ = _gemv(o_gu, o_x, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, 1, ring, ready, empty, xs, c, pid,
                          nprog, SN=_TOP_K * 2 * _INTER, SKS=_HID // _T, SC=_C_GU)
+            _mark(trace, 12, TRACE)
+
+    @gluon.jit
+    def _step_sync(bar_ptr, n, nprog, trace, mark: gl.constexpr, TRACE: gl.constexpr):
+        """The grid barrier after a step (the barriers passed so far: n); TRACE: the times of arrival and of
+        passing into trace[mark], trace[mark + 1]. Returns n + 1."""
+        _mark(trace, mark, TRACE)
+        _grid_sync(bar_ptr, (n + 1) * nprog)
+        _mark(trace, mark + 1, TRACE)
+        return n + 1
 
     @gluon.jit
     def _stack_kernel(d_qkv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws, bar_ptr, w_in, w_post, w_q, w_k, k_cache,
                       v_cache, inv_freq, pos_ptr, slot_ptr, table_ptr, width, cache_rows, layer_elems, layers,
-                      STAGES: gl.constexpr, CAP: gl.constexpr, BS: gl.constexpr):
+                      trace_ptr, STAGES: gl.constexpr, CAP: gl.constexpr, BS: gl.constexpr, TRACE: gl.constexpr):
         ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES, _R, _T], d_qkv.layout)
         # The step's input chunks as wgmma's B operand: [8, 64] tiles, row 0 the input.
         xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _CH], gl.NVMMASharedLayout.get_default_for([8, _CH],
@@ -581,39 +619,43 @@ if gluon is not None:
         ids_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(ids_bar, count=1)
         ids_smem = gl.allocate_shared_memory(gl.int32, [_TOP_K], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        r_s = gl.allocate_shared_memory(gl.float32, [_EXPERTS // 32, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         # The attention's B operands: the group's q (two 64-dim halves) and a tile's P^T.
         qs = gl.allocate_shared_memory(gl.bfloat16, [2, _GRP, _CH],
                                        gl.NVMMASharedLayout.get_default_for([_GRP, _CH], gl.bfloat16))
         ps = gl.allocate_shared_memory(gl.bfloat16, [_GRP, _CT],
                                        gl.NVMMASharedLayout.get_default_for([_GRP, _CT], gl.bfloat16))
+        cos_s = gl.allocate_shared_memory(gl.float32, [_CH], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        sin_s = gl.allocate_shared_memory(gl.float32, [_CH], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         gl.warp_specialize([
-            (_consumer, (ws, bar_ptr, ring, ready, empty, ids_bar, ids_smem, xs, qs, ps, w_in, w_post, w_q,
-                         w_k, k_cache, v_cache, inv_freq, pos_ptr, slot_ptr, layer_elems, layers)),
+            (_consumer, (ws, bar_ptr, ring, ready, empty, ids_bar, ids_smem, r_s, xs, qs, ps, w_in, w_post, w_q,
+                         w_k, k_cache, v_cache, inv_freq, cos_s, sin_s, pos_ptr, slot_ptr, layer_elems, layers,
+                         trace_ptr, TRACE)),
             (_producer, (d_qkv, d_o, d_r, d_13, d_2, d_kc, d_vc, ring, ready, empty, ids_bar, ids_smem, pos_ptr,
-                         table_ptr, width, cache_rows, layers, CAP, BS)),
+                         table_ptr, width, cache_rows, layers, trace_ptr, CAP, BS, TRACE)),
         ], [1], [48])
 
 
-def det_slots(rows: int, ks: int, programs: int) -> int:
-    """The most programs that share one of an output's row tiles (rows in tiles of ROWS, ks units a tile)."""
-    total = rows // ROWS * ks
+def tile_owners(rows: int, ks: int, programs: int, tile_rows: int = ROWS) -> list[tuple[int, int]]:
+    """`_owner` on the host: for each row tile of an output of `rows` rows (ks units a tile, split by `_units`
+    over `programs`), the first program that writes a partial of it and how many do."""
+    total = rows // tile_rows * ks
     n = min(programs, total)
 
     def owner(u: int) -> int:
         return ((u + 1) * n + total - 1) // total - 1
 
-    return max(owner(t * ks + ks - 1) - owner(t * ks) + 1 for t in range(rows // ROWS))
+    return [(owner(t * ks), owner(t * ks + ks - 1) - owner(t * ks) + 1) for t in range(rows // tile_rows)]
+
+
+def det_slots(rows: int, ks: int, programs: int, tile_rows: int = ROWS) -> int:
+    """The most programs that share one of an output's row tiles: the partial slots it needs."""
+    return max(count for _, count in tile_owners(rows, ks, programs, tile_rows))
 
 
 def slot_mask(rows: int, ks: int, slots: int, programs: int, device) -> torch.Tensor:
     """[slots, rows] float: 1 where slot j holds a partial of that row's tile (j below its programs' count)."""
-    total = rows // ROWS * ks
-    n = min(programs, total)
-
-    def owner(u: int) -> int:
-        return ((u + 1) * n + total - 1) // total - 1
-
-    counts = torch.tensor([owner(t * ks + ks - 1) - owner(t * ks) + 1 for t in range(rows // ROWS)])
+    counts = torch.tensor([count for _, count in tile_owners(rows, ks, programs)])
     mask = torch.arange(slots)[:, None] < counts.repeat_interleave(ROWS)[None, :]
     return mask.to(device=device, dtype=torch.float32)
 
@@ -634,37 +676,50 @@ def _span(tensors: list[torch.Tensor], cols: int) -> torch.Tensor | None:
 
 
 class DecodeStack:
-    """The engine's side of `_stack_kernel`: one launch runs a one-token decode batch through every decoder layer.
+    """The host side of `_stack_kernel`: one launch runs a one-token decode step through every decoder layer.
 
-    model: a loaded `CausalLM` whose layers' parameters and KV caches lie back to back per name (`CausalLM` and
-    the runner allocate them so); `reason` first says whether it can take the model at all. `forward` returns
-    the final-normed hidden state, as `CausalLM.forward` does.
+    weights: the layers' qkv, o, router, w13 and w2 as 2-D spans [layers * rows, k]; norms: the input, post-
+    attention, q and k norm weights as spans [layers * n]; inv_freq: the rotary frequencies [HEAD_DIM / 2] float32.
+    `for_model` builds one over a loaded `CausalLM` (whose layers' parameters and KV caches lie back to back per
+    name: `CausalLM` and the runner allocate them so), whose `forward` then runs the model's one-request decode
+    steps; `reason` first says whether it can take the model at all.
     """
 
     STAGES, CAP = 10, 2  # the ring's depth and the loads in flight a program (benchmarks/RESULTS.md, session 28)
 
-    def __init__(self, model) -> None:
-        layers = list(model.model.layers)
-        device = model.ctx.device
-        self.model, self.num_layers = model, len(layers)
+    def __init__(self, weights: list[torch.Tensor], norms: list[torch.Tensor], inv_freq: torch.Tensor) -> None:
+        device = weights[0].device
+        self.num_layers = weights[0].shape[0] // QKV
+        self.norms, self.inv_freq, self.model = norms, inv_freq, None
         self.programs = torch.cuda.get_device_properties(device).multi_processor_count
-        attn = [layer.self_attn for layer in layers]
-        moe = [layer.ffn for layer in layers]
-        self.weights = [_span(ts, cols) for ts, cols in (
-            ([a.qkv_proj.weight for a in attn], HID), ([a.o_proj.weight for a in attn], ATT),
-            ([m.gate.weight for m in moe], HID), ([m.w13 for m in moe], HID), ([m.w2 for m in moe], INTER))]
-        self.norms = [_span(ts, ts[0].numel()) for ts in (
-            [layer.input_layernorm.weight for layer in layers],
-            [layer.post_attention_layernorm.weight for layer in layers],
-            [a.q_norm.weight for a in attn], [a.k_norm.weight for a in attn])]
-        if any(t is None for t in self.weights + self.norms):
-            raise ValueError("the decode stack needs each weight's layers back to back in one tensor")
-        self.descs = [host_descriptor(w, [ROWS, TILE]) for w in self.weights]
+        self.descs = [host_descriptor(w, [ROWS, TILE]) for w in weights]
+        for name, rows, ks, slots in DET_OUTPUTS:
+            if det_slots(rows, ks, self.programs) > slots:
+                raise ValueError(f"{self.programs} programs share a row tile of {name} more than its {slots} slots")
         self.ws = torch.zeros(WS, dtype=torch.float32, device=device)
         self.bar = torch.zeros(1, dtype=torch.int32, device=device)
         _, rows, ks, slots = DET_OUTPUTS[-1]
         self.x_mask = slot_mask(rows, ks, slots, self.programs, device)
         self.kv: tuple | None = None
+
+    @classmethod
+    def for_model(cls, model) -> DecodeStack:
+        """The stack over a loaded model's layers (check `reason` first)."""
+        layers = list(model.model.layers)
+        attn = [layer.self_attn for layer in layers]
+        moe = [layer.ffn for layer in layers]
+        weights = [_span(ts, cols) for ts, cols in (
+            ([a.qkv_proj.weight for a in attn], HID), ([a.o_proj.weight for a in attn], ATT),
+            ([m.gate.weight for m in moe], HID), ([m.w13 for m in moe], HID), ([m.w2 for m in moe], INTER))]
+        norms = [_span(ts, ts[0].numel()) for ts in (
+            [layer.input_layernorm.weight for layer in layers],
+            [layer.post_attention_layernorm.weight for layer in layers],
+            [a.q_norm.weight for a in attn], [a.k_norm.weight for a in attn])]
+        if any(t is None for t in weights + norms):
+            raise ValueError("the decode stack needs each weight's layers back to back in one tensor")
+        stack = cls(weights, norms, model.rotary_emb.inv_freq)
+        stack.model = model
+        return stack
 
     @staticmethod
     def reason(model, block_size: int) -> str | None:
@@ -712,33 +767,42 @@ class DecodeStack:
         return (batch.mode == ForwardMode.DECODE and batch.num_tokens == 1 and batch.attn is not None
                 and "expert_load" not in batch.extras and not self.model.model.layers[0].ffn.gate.observed)
 
-    def _bind_kv(self) -> tuple:
-        """The KV caches as descriptors and spans (built once: the runner binds the caches once)."""
-        attn = [layer.self_attn for layer in self.model.model.layers]
-        k0 = attn[0].k_cache
-        cols = KV_HEADS * HEAD_DIM
-        k_all, v_all = _span([a.k_cache for a in attn], cols), _span([a.v_cache for a in attn], cols)
-        if k_all is None or v_all is None:
-            raise ValueError("the decode stack needs the layers' KV caches back to back in one tensor")
-        bs = k0.shape[1]
-        descs = [host_descriptor(t, [bs, TILE], layout_of=[ROWS, TILE]) for t in (k_all, v_all)]  # pages in a stage
-        return descs, k_all, v_all, k0.shape[0] * bs, k0.numel(), bs
+    def bind_kv(self, k_all: torch.Tensor, v_all: torch.Tensor, block_size: int) -> None:
+        """The KV caches: k_all, v_all [layers * blocks * block_size, KV_HEADS * HEAD_DIM] (a layer's blocks of
+        block_size tokens after the layer before's, as the engine's [blocks, block_size, kv heads, dim] caches
+        lie)."""
+        descs = [host_descriptor(t, [block_size, TILE], layout_of=[ROWS, TILE]) for t in (k_all, v_all)]  # pages
+        rows = k_all.shape[0] // self.num_layers
+        self.kv = (descs, k_all, v_all, rows, rows * k_all.shape[1], block_size)
 
-    def forward(self, batch) -> torch.Tensor:
-        """The final-normed hidden state [1, hidden] of a batch that `takes` (model dtype)."""
-        if self.kv is None:
-            self.kv = self._bind_kv()
+    def launch(self, x0: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, table: torch.Tensor,
+               trace: torch.Tensor | None = None) -> torch.Tensor:
+        """Run every layer on the token embedded as x0 [HID] at positions[0] (int64, its past tokens: that many),
+        its K and V stored at slot_mapping[0] (int64) of the caches, whose pages are table[0] (int32). Returns the
+        residual stream after the last layer, float32 [HID] (the final norm's input). trace: int64 [layers,
+        programs, MARKS] for the GPU timer at `TRACE_MARKS`."""
         (d_kc, d_vc), k_all, v_all, cache_rows, layer_elems, bs = self.kv
-        model, attn = self.model, batch.attn
-        x0 = model.model.embed_tokens(batch.input_ids)
-        self.ws[OFFS["h"]:OFFS["h"] + HID].copy_(x0[0])
+        self.ws[OFFS["h"]:OFFS["h"] + HID].copy_(x0)
         self.bar.zero_()
-        table = attn.block_tables
         _stack_kernel[(self.programs,)](
-            *self.descs, d_kc, d_vc, self.ws, self.bar, *self.norms, k_all, v_all, model.rotary_emb.inv_freq,
-            batch.positions, attn.slot_mapping, table, table.shape[1], cache_rows, layer_elems, self.num_layers,
-            STAGES=self.STAGES, CAP=self.CAP, BS=bs, num_warps=4)
+            *self.descs, d_kc, d_vc, self.ws, self.bar, *self.norms, k_all, v_all, self.inv_freq, positions,
+            slot_mapping, table, table.shape[-1], cache_rows, layer_elems, self.num_layers,
+            self.bar if trace is None else trace, STAGES=self.STAGES, CAP=self.CAP, BS=bs, TRACE=trace is not None,
+            num_warps=4)
         slots = DET_OUTPUTS[-1][3]
         x = (self.ws[OFFS["x_p"]:OFFS["x_p"] + slots * HID].view(slots, HID) * self.x_mask).sum(0)
-        x = x + self.ws[OFFS["h"]:OFFS["h"] + HID]
-        return model.model.norm(x.to(model.ctx.dtype)[None])
+        return x + self.ws[OFFS["h"]:OFFS["h"] + HID]
+
+    def forward(self, batch) -> torch.Tensor:
+        """The final-normed hidden state [1, hidden] of the model's batch that `takes` (model dtype)."""
+        model = self.model
+        if self.kv is None:  # the runner binds the caches once, after building the stack
+            attn = [layer.self_attn for layer in model.model.layers]
+            cols = KV_HEADS * HEAD_DIM
+            k_all, v_all = _span([a.k_cache for a in attn], cols), _span([a.v_cache for a in attn], cols)
+            if k_all is None or v_all is None:
+                raise ValueError("the decode stack needs the layers' KV caches back to back in one tensor")
+            self.bind_kv(k_all, v_all, attn[0].k_cache.shape[1])
+        x0 = model.model.embed_tokens(batch.input_ids)[0]
+        stream = self.launch(x0, batch.positions, batch.attn.slot_mapping, batch.attn.block_tables)
+        return model.model.norm(stream.to(model.ctx.dtype)[None])

@@ -130,7 +130,7 @@ class ModelRunner:
 
         reason = DecodeStack.reason(self.model, self.config.block_size)
         if reason is None:
-            self.model.decode_stack = DecodeStack(self.model)
+            self.model.decode_stack = DecodeStack.for_model(self.model)
             logger.info("one-request decode steps: every layer in one kernel (decode stack, %d programs)",
                         self.model.decode_stack.programs)
         else:
