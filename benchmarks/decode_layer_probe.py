@@ -394,11 +394,11 @@ class Layers:
 
         return run
 
-    def engine_stack(self):
+    def engine_stack(self, stages: int | None = None, cap: int | None = None):
         """The engine's decode stack (`moeserve.kernels.decode_stack_gluon`, the whole layer over a paged KV cache)
         on these layers' weights: a function of an optional trace tensor that runs it, with CONTEXT past tokens in
-        pages of 16 (a cache of its own, random; the table maps them in order). Its results are not checked here
-        (the engine's GPU tests check them against transformers)."""
+        pages of 16 (a cache of its own, random; the table maps them in order); stages, cap: its ring's, if not the
+        engine's. Its results are not checked here (the engine's GPU tests check them against transformers)."""
         from moeserve.kernels.decode_stack_gluon import DecodeStack
         from moeserve.layers.rotary import rope_inv_freq
 
@@ -412,6 +412,7 @@ class Layers:
         k_all, v_all = (torch.randn(self.layers * blocks * block, KV_HEADS * HEAD_DIM, generator=g,
                                     device=device).to(BF16) for _ in range(2))
         stack.bind_kv(k_all, v_all, block)
+        stack.STAGES, stack.CAP = stages or stack.STAGES, cap or stack.CAP
         table = torch.arange(blocks, dtype=torch.int32, device=device)[None]
         pos = torch.full((1,), CONTEXT, dtype=torch.int64, device=device)
         return lambda trace=None: stack.launch(self.x0, pos, pos, table, trace)
@@ -626,6 +627,8 @@ def main() -> None:
                 lambda kw=kw: decode_layer_gluon.run(m, sms, stages, mma=True, fast=True, side=side, cap=cap, **kw))
         engine_stack = m.engine_stack()
         timing_only["the engine's decode stack (whole layer, fixed-order sums, pages of 16)"] = engine_stack
+        for stages, _, cap in args.rings[1:]:
+            timing_only[f"the engine's decode stack, ring {stages}:{cap} (stages:cap)"] = m.engine_stack(stages, cap)
         timing_only["Gluon ring, MMA consumers, no barrier waits"] = (
             lambda: decode_layer_gluon.run(m, sms, 6, sync=False, mma=True))
         timing_only["Gluon ring, MMA consumers only (no weight loads), no barrier waits"] = (
