@@ -52,7 +52,14 @@ from decode_layer_probe import (  # noqa: E402
     WS,
 )
 
-from moeserve.kernels.decode_stack_gluon import _owner, _units, tile_owners  # noqa: E402  (the engine's kernel)
+from moeserve.kernels.decode_stack_gluon import (  # noqa: E402  (the engine's kernel; its trace marks are ours)
+    MARKS,
+    TRACE_MARKS,
+    _mark,
+    _owner,
+    _units,
+    tile_owners,
+)
 from moeserve.kernels.gluon_support import (  # noqa: E402
     fence_async_shared,
     gl,
@@ -69,13 +76,6 @@ from moeserve.kernels.gluon_support import (  # noqa: E402
 ROWS, TILE = (128, 64) if os.environ.get("DECODE_RING_TILE") == "128x64" else (64, 128)
 CHUNK = 64  # MMA consumers: the input is staged in chunks of 64 values, each the B operand of one k-64 wgmma
 XS = 32  # chunks staged at most (a program's units of a step must fit, or the step's whole input)
-# `run(trace=...)`: the GPU timer (ns) at these points, a row of MARKS per layer and program. Consumer: the layer's
-# start, each step's end (arrival at its grid barrier) and the barrier's passing, the router's choice published;
-# producer: before and after waiting for that choice.
-TRACE_MARKS = ("start", "qkv done", "qkv passed", "kv done", "kv passed", "o done", "o passed", "r done",
-               "r passed", "ids published", "gu done", "gu passed", "down done", "producer waits ids",
-               "producer has ids")
-MARKS = 16
 DRAW = 8  # `run(drawn=True)`: gate/up's largest draw, in units
 
 if gluon is not None:
@@ -937,14 +937,6 @@ if gluon is not None:
             _grid_wait(bar_ptr, (n + 1) * nprog, POLL)
         _mark(trace, mark + 1, TRACE)
         return n + 1
-
-    @gluon.jit
-    def _mark(trace, i: gl.constexpr, TRACE: gl.constexpr):
-        """TRACE: the GPU's global nanosecond timer into trace[i] (`TRACE_MARKS`)."""
-        if TRACE:
-            now = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
-                                            pack=1)
-            gl.store(trace + i, now)
 
     @gluon.jit
     def _layer_ring_kernel(d_qkv, d_kv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws_ptr, x0_ptr, bar_ptr, cnt_ptr, trace_ptr,

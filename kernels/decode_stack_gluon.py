@@ -17,8 +17,9 @@ and every small step waits for the one before; the engine's layer took 65.5 µs 
 
 A layer's steps, each program taking an even share of each step's (row tile, k step) units:
     qkv   = Wqkv . norm_in(x)                       (x: the residual stream, the layer's input)
-    attn  = GQA decode over the paged cache: per (kv head, split) flash-decoding partials; q and k take the
-            per-head norms and rotary embedding; the new token's k and v go to its cache slot
+    attn  = GQA decode over the paged cache: flash-decoding partials per (kv head, split of 64-token tiles),
+            q normalised and rotated; each kv head's new token a unit of its own (its k normalised and rotated,
+            its score and v, its k and v stored to its cache slot)
     o     = Wo . merge(partials)
     r     = Wr . norm_post(x + o)                   (router logits; top-8 by ranks, softmax over the 8)
     gu    = W13[e] . norm_post(x + o)               (the 8 chosen experts)
@@ -60,9 +61,9 @@ SPLITS = 32  # attention: at most this many splits a kv head (each a run of 64-t
 MERGE_UNITS = 8  # the o step's units a program has at most (staging's merge)
 MIN_PROGRAMS = 128  # o's 1024 units over at least 128 programs: at most MERGE_UNITS each
 # `DecodeStack.launch(trace=...)`: the GPU timer (ns) at these points, a row of MARKS a layer and program (the
-# probe's, so `benchmarks/decode_layer_gluon.trace_report` reads both). Consumer: the layer's start, each step's
-# end (arrival at its grid barrier) and the barrier's passing ("kv": the attention), the router's choice
-# published; producer: before and after waiting for that choice.
+# probe's kernels mark them too; `benchmarks/decode_layer_gluon.trace_report` reads both). Consumer: the layer's
+# start, each step's end (arrival at its grid barrier) and the barrier's passing ("kv": the attention), the
+# router's choice published; producer: before and after waiting for that choice.
 TRACE_MARKS = ("start", "qkv done", "qkv passed", "kv done", "kv passed", "o done", "o passed", "r done",
                "r passed", "ids published", "gu done", "gu passed", "down done", "producer waits ids",
                "producer has ids")
@@ -704,7 +705,8 @@ class DecodeStack:
 
     @classmethod
     def for_model(cls, model) -> DecodeStack:
-        """The stack over a loaded model's layers (check `reason` first)."""
+        """The stack over a loaded model's layers and bound KV caches (check `reason` first). Raises ValueError
+        where the layers' weights or caches do not lie back to back."""
         layers = list(model.model.layers)
         attn = [layer.self_attn for layer in layers]
         moe = [layer.ffn for layer in layers]
@@ -719,6 +721,12 @@ class DecodeStack:
             raise ValueError("the decode stack needs each weight's layers back to back in one tensor")
         stack = cls(weights, norms, model.rotary_emb.inv_freq)
         stack.model = model
+        attn_caches = [(a.k_cache, a.v_cache) for a in attn]
+        cols = KV_HEADS * HEAD_DIM
+        k_all, v_all = (_span([c[i] for c in attn_caches], cols) for i in (0, 1))
+        if k_all is None or v_all is None:
+            raise ValueError("the decode stack needs the layers' KV caches back to back in one tensor")
+        stack.bind_kv(k_all, v_all, attn[0].k_cache.shape[1])
         return stack
 
     @staticmethod
@@ -765,7 +773,8 @@ class DecodeStack:
         from moeserve.forward_batch import ForwardMode
 
         return (batch.mode == ForwardMode.DECODE and batch.num_tokens == 1 and batch.attn is not None
-                and "expert_load" not in batch.extras and not self.model.model.layers[0].ffn.gate.observed)
+                and "expert_load" not in batch.extras
+                and not any(layer.ffn.gate.observed for layer in self.model.model.layers))
 
     def bind_kv(self, k_all: torch.Tensor, v_all: torch.Tensor, block_size: int) -> None:
         """The KV caches: k_all, v_all [layers * blocks * block_size, KV_HEADS * HEAD_DIM] (a layer's blocks of
@@ -796,13 +805,6 @@ class DecodeStack:
     def forward(self, batch) -> torch.Tensor:
         """The final-normed hidden state [1, hidden] of the model's batch that `takes` (model dtype)."""
         model = self.model
-        if self.kv is None:  # the runner binds the caches once, after building the stack
-            attn = [layer.self_attn for layer in model.model.layers]
-            cols = KV_HEADS * HEAD_DIM
-            k_all, v_all = _span([a.k_cache for a in attn], cols), _span([a.v_cache for a in attn], cols)
-            if k_all is None or v_all is None:
-                raise ValueError("the decode stack needs the layers' KV caches back to back in one tensor")
-            self.bind_kv(k_all, v_all, attn[0].k_cache.shape[1])
         x0 = model.model.embed_tokens(batch.input_ids)[0]
         stream = self.launch(x0, batch.positions, batch.attn.slot_mapping, batch.attn.block_tables)
         return model.model.norm(stream.to(model.ctx.dtype)[None])

@@ -130,7 +130,11 @@ class ModelRunner:
 
         reason = DecodeStack.reason(self.model, self.config.block_size)
         if reason is None:
-            self.model.decode_stack = DecodeStack.for_model(self.model)
+            try:
+                self.model.decode_stack = DecodeStack.for_model(self.model)
+            except ValueError as exc:  # weights or caches not laid out as one tensor a kind
+                reason = str(exc)
+        if reason is None:
             logger.info("one-request decode steps: every layer in one kernel (decode stack, %d programs)",
                         self.model.decode_stack.programs)
         else:
