@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 
 import triton
@@ -56,11 +57,27 @@ def ptxas_report(compiled, ptx_path: str) -> str:
 
 
 def summary(compiled, report: str) -> dict:
-    """Registers and spill bytes (ptxas), shared memory, and the TTGIR's asynchronous copies (pipelined pointer
-    loads), TMA loads and wgmma ops."""
+    """Registers and spill bytes (ptxas), shared memory, the code's bytes (a persistent kernel whose code
+    outgrows the instruction cache, about 120 KB, slows down: benchmarks/RESULTS.md, session 29), and the
+    TTGIR's asynchronous copies (pipelined pointer loads), TMA loads and wgmma ops."""
     ttgir = compiled.asm["ttgir"]
     return dict(registers=[int(r) for r in re.findall(r"Used (\d+) registers", report)],
                 spill_bytes=[int(x) for x in re.findall(r"(\d+) bytes spill", report)],
-                shared=compiled.metadata.shared, async_copies=ttgir.count("async_copy_global_to_local"),
+                shared=compiled.metadata.shared, code_bytes=code_bytes(compiled.asm["cubin"]),
+                async_copies=ttgir.count("async_copy_global_to_local"),
                 tma_loads=ttgir.count("async_tma_copy_global_to_local") + ttgir.count("descriptor_load"),
                 wgmma=ttgir.count("warp_group_dot"))
+
+
+def code_bytes(cubin: bytes) -> int:
+    """The size of the cubin's code (its `.text` sections; the cubin is a 64-bit ELF)."""
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * entsize) for i in range(count)]
+    strtab = headers[names][4]
+
+    def name(h) -> bytes:
+        start = strtab + h[0]
+        return cubin[start:cubin.index(b"\0", start)]
+
+    return sum(h[5] for h in headers if name(h).startswith(b".text"))
