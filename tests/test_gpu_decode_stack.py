@@ -3,7 +3,8 @@ one kernel). On the H100, at the Qwen3-30B-A3B shape (2 layers, random weights):
 fp32 beside the per-op path's, over contexts that take every attention case (no past token, a part tile, one
 tile, splits of one and of several tiles), the KV it stores read back by later steps, greedy tokens through the
 engine's CUDA graph against the per-op engine's; and on any machine, that the model and the KV cache give it one
-base a weight, and which models it refuses.
+base a weight, which models it refuses, and its fixed-order sums' bookkeeping against a simulation of its work
+split.
 """
 
 from __future__ import annotations
@@ -189,3 +190,36 @@ def test_decode_stack_option_and_what_it_refuses(tiny_checkpoint):
         assert "shape" in reason and gpu.model.decode_stack is None
     else:  # here the platform check says why (the device, or the Triton release)
         assert DecodeStack.reason(runner.model, 16) is not None
+
+
+@pytest.mark.parametrize("programs", [128, 132, 144])
+def test_partial_slots_cover_every_unit_once(programs):
+    """The fixed-order sums' bookkeeping against a plain simulation of the kernel's work split: each program's
+    `_units` share of each step, the programs that write a row tile (first and count, `tile_owners`), each
+    program's slot (its rank among them) below the step's declared slots, and the mask the host sums the last
+    step's slots with."""
+    from moeserve.kernels import decode_stack_gluon as ds
+
+    def units(pid: int, total: int) -> range:  # `_units`
+        n = min(programs, total)
+        return range(min(pid, n) * total // n, min(pid + 1, n) * total // n)
+
+    for name, rows, ks, slots in ds.DET_OUTPUTS:
+        tiles = rows // ds.ROWS
+        writers = [[] for _ in range(tiles)]
+        covered = [0] * (tiles * ks)
+        for pid in range(programs):
+            for u in units(pid, tiles * ks):
+                covered[u] += 1
+                if pid not in writers[u // ks]:
+                    writers[u // ks].append(pid)
+        assert covered == [1] * (tiles * ks), name
+        owners = ds.tile_owners(rows, ks, programs)
+        assert owners == [(w[0], len(w)) for w in writers], name
+        assert all(w == list(range(w[0], w[0] + len(w))) for w in writers), name  # slot = pid - first
+        assert ds.det_slots(rows, ks, programs) == max(map(len, writers)) <= slots, (name, slots)
+    _, rows, ks, slots = ds.DET_OUTPUTS[-1]
+    mask = ds.slot_mask(rows, ks, slots, programs, "cpu")
+    counts = torch.tensor([count for _, count in ds.tile_owners(rows, ks, programs)]).repeat_interleave(ds.ROWS)
+    assert mask.shape == (slots, rows)
+    assert torch.equal(mask, (torch.arange(slots)[:, None] < counts).float())
