@@ -394,11 +394,12 @@ class Layers:
 
         return run
 
-    def engine_stack(self, stages: int | None = None, cap: int | None = None):
+    def engine_stack(self, stages: int | None = None, cap: int | None = None, block: int = 16):
         """The engine's decode stack (`moeserve.kernels.decode_stack_gluon`, the whole layer over a paged KV cache)
         on these layers' weights: a function of an optional trace tensor that runs it, with CONTEXT past tokens in
-        pages of 16 (a cache of its own, random; the table maps them in order); stages, cap: its ring's, if not the
-        engine's. Its results are not checked here (the engine's GPU tests check them against transformers)."""
+        pages of `block` tokens (a cache of its own, random; the table maps them in order); stages, cap: its ring's,
+        if not the engine's. Its results are not checked here (the engine's GPU tests check them against
+        transformers)."""
         from moeserve.kernels.decode_stack_gluon import DecodeStack
         from moeserve.layers.rotary import rope_inv_freq
 
@@ -407,7 +408,7 @@ class Layers:
         norms = [t.reshape(-1) for t in (self.w_in, self.w_post, self.w_q, self.w_k)]
         device = self.x0.device
         stack = DecodeStack(weights, norms, rope_inv_freq(HEAD_DIM, ROPE_THETA, None)[0].to(device))
-        block, blocks = 16, -(-(CONTEXT + 1) // 16)
+        blocks = -(-(CONTEXT + 1) // block)
         g = torch.Generator(device=device).manual_seed(1)
         k_all, v_all = (torch.randn(self.layers * blocks * block, KV_HEADS * HEAD_DIM, generator=g,
                                     device=device).to(BF16) for _ in range(2))
@@ -639,6 +640,7 @@ def main() -> None:
                 lambda kw=kw: decode_layer_gluon.run(m, sms, stages, mma=True, fast=True, side=side, cap=cap, **kw))
         engine_stack = m.engine_stack()
         timing_only["the engine's decode stack (whole layer, fixed-order sums, pages of 16)"] = engine_stack
+        timing_only["the engine's decode stack, pages of 64 (a tile a copy)"] = m.engine_stack(block=64)
         for stages, _, cap in args.rings[1:]:
             timing_only[f"the engine's decode stack, ring {stages}:{cap} (stages:cap)"] = m.engine_stack(stages, cap)
         timing_only["Gluon ring, MMA consumers, no barrier waits"] = (
