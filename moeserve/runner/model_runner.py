@@ -131,14 +131,31 @@ class ModelRunner:
         reason = DecodeStack.reason(self.model, self.config.block_size)
         if reason is None:
             try:
-                self.model.decode_stack = DecodeStack.for_model(self.model)
+                stack = DecodeStack.for_model(self.model)
             except ValueError as exc:  # weights or caches not laid out as one tensor a kind
                 reason = str(exc)
+            else:
+                reason = self._try_decode_stack(stack)
         if reason is None:
             logger.info("one-request decode steps: every layer in one kernel (decode stack, %d programs)",
                         self.model.decode_stack.programs)
         else:
             logger.info("one-request decode steps: the per-op kernels (decode stack off: %s)", reason)
+
+    def _try_decode_stack(self, stack) -> str | None:
+        """Compile and run the decode stack once (a token at position 0 whose K and V go to slot 0, which no
+        request reads before writing it, as `_warm_up_prefill`'s prompts); on success the model takes it, else
+        the reason (a compile or launch error turns the stack off rather than failing the first request)."""
+        try:
+            with torch.inference_mode():
+                zeros = torch.zeros(1, dtype=torch.int64, device=self.device)
+                x0 = torch.zeros(self.model_config.hidden_size, dtype=self.dtype, device=self.device)
+                stack.launch(x0, zeros, zeros, torch.zeros(1, 1, dtype=torch.int32, device=self.device))
+            torch.cuda.synchronize(self.device)
+        except Exception as exc:  # noqa: BLE001 - any failure of the kernel means the per-op path
+            return f"its first launch failed ({type(exc).__name__}: {exc})"
+        self.model.decode_stack = stack
+        return None
 
     def _warm_up_kernels(self) -> None:
         """Compile the MoE kernels of every step size now (`MoELayer.warm_up` on the first MoE layer: the others
