@@ -769,7 +769,7 @@ class DecodeStack:
         return "; ".join(broken) if broken else None
 
     def takes(self, batch) -> bool:
-        """Whether this batch runs here: one decode token, no expert-load recording, no hook on the router."""
+        """Whether this batch runs here: one decode token, no expert-load recording, no hook on any router."""
         from moeserve.forward_batch import ForwardMode
 
         return (batch.mode == ForwardMode.DECODE and batch.num_tokens == 1 and batch.attn is not None
