@@ -60,6 +60,9 @@ from moeserve.kernels.decode_stack_gluon import (  # noqa: E402  (the engine's k
     _units,
     tile_owners,
 )
+from moeserve.kernels.decode_stack_gluon import _get as _slots_get  # noqa: E402
+from moeserve.kernels.decode_stack_gluon import _norm_rope as _head_norm_rope  # noqa: E402
+from moeserve.kernels.decode_stack_gluon import det_slots as _det_slots  # noqa: E402
 from moeserve.kernels.gluon_support import (  # noqa: E402
     fence_async_shared,
     gl,
@@ -122,14 +125,8 @@ if gluon is not None:
         if DET:
             if plain:
                 x = gl.load(buf + idx)
-            else:
-                total = (N // _R) * KS
-                t = idx // _R
-                first = _owner(t * KS, nprog, total)
-                count = _owner(t * KS + KS - 1, nprog, total) - first + 1
-                x = gl.load(buf + idx)
-                for j in gl.static_range(1, C):
-                    x += gl.load(buf + j * N + idx, mask=j < count, other=0.0)
+            else:  # the engine kernel's (64-row tiles: `run`)
+                x = _slots_get(buf, idx, N, KS, C, nprog)
         else:
             x = gl.load(buf + idx)
         return x
@@ -449,25 +446,11 @@ if gluon is not None:
 
     @gluon.jit
     def _norm_rope(a, b, w, d, pos, ROW: gl.constexpr):
-        """Qwen3's per-head RMSNorm (weight w, [HEAD_DIM] bf16) then rotary embedding at position pos, on a head's
-        two 64-dim halves a and b (d: their dims; ROW: rows of heads [8, 64], else one head [64]); the norm's
-        output is rounded to bf16 as transformers' is. (pos is read from memory, as an engine's would be. The
-        cross-compile's "spills" on these lines are libdevice's sin/cos slow path for huge angles, not taken.)"""
+        """The engine kernel's per-head norm and rotary (`decode_stack_gluon._norm_rope`) at position pos, its cos
+        and sin computed here (pos is read from memory, as an engine's would be. The cross-compile's "spills" on
+        these lines are libdevice's sin/cos slow path for huge angles, not taken.)"""
         angle = pos.to(gl.float32) * gl.exp(d.to(gl.float32) * (-2.0 * _LOG_THETA / _HD))
-        cos = gl.cos(angle)
-        sin = gl.sin(angle)
-        wa = gl.load(w + d).to(gl.float32)
-        wb = gl.load(w + _CH + d).to(gl.float32)
-        if ROW:
-            r = gl.rsqrt((gl.sum(a * a, axis=1) + gl.sum(b * b, axis=1)) / _HD + _EPS)[:, None]
-            a = (a * r * wa[None, :]).to(gl.bfloat16).to(gl.float32)
-            b = (b * r * wb[None, :]).to(gl.bfloat16).to(gl.float32)
-            return a * cos[None, :] - b * sin[None, :], b * cos[None, :] + a * sin[None, :]
-        else:
-            r = gl.rsqrt((gl.sum(a * a, axis=0) + gl.sum(b * b, axis=0)) / _HD + _EPS)
-            a = (a * r * wa).to(gl.bfloat16).to(gl.float32)
-            b = (b * r * wb).to(gl.bfloat16).to(gl.float32)
-            return a * cos - b * sin, b * cos + a * sin
+        return _head_norm_rope(a, b, w, d, gl.cos(angle), gl.sin(angle), ROW)
 
     @gluon.jit
     def _attend(ws, qkv, ring, ready, empty, qs, ps, c, pid, nprog, STAGES: gl.constexpr, DET: gl.constexpr,
@@ -1028,7 +1011,7 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
         (cap >= stages, "cap must be below the stages"),
         (attention and ((ROWS, TILE) != (CHUNK_TOKENS, HEAD_DIM) or programs < 128),
          "attention takes 64 x 128 tiles and at least 128 programs"),
-        (det and not fast, "det takes fast"),
+        (det and (not fast or ROWS != 64), "det takes fast and 64 x 128 tiles"),
         (full and not (attention and fast), "full takes attention and fast"),
     )
     broken = [allowed for bad, allowed in rules if bad]
@@ -1054,8 +1037,8 @@ def run(m, programs: int, stages: int = 12, sync: bool = True, compute: int = 1,
 
 
 def det_slots(rows: int, ks: int, programs: int) -> int:
-    """The most programs that share one of the output's row tiles."""
-    return max(count for _, count in tile_owners(rows, ks, programs, ROWS))
+    """The most programs that share one of the output's row tiles (of ROWS rows)."""
+    return _det_slots(rows, ks, programs, ROWS)
 
 
 def det_output(m, layer: int, programs: int) -> torch.Tensor:

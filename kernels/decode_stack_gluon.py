@@ -379,12 +379,10 @@ if gluon is not None:
         return c + n, scale
 
     @gluon.jit
-    def _norm_rope(a, b, w, d, cos_s, sin_s, ROW: gl.constexpr):
+    def _norm_rope(a, b, w, d, cos, sin, ROW: gl.constexpr):
         """Qwen3's per-head RMSNorm (weight w, [HEAD_DIM] bf16) then rotary embedding (cos and sin of the position's
-        angles in cos_s, sin_s: `_consumer`), on a head's two 64-dim halves a and b (d: their dims; ROW: rows of
-        heads [8, 64], else one head [64]). The norm's output is rounded to bf16 as transformers' is."""
-        cos = cos_s.load(d.type.layout)
-        sin = sin_s.load(d.type.layout)
+        angles at dims d), on a head's two 64-dim halves a and b (d: their dims; ROW: rows of heads [8, 64], else
+        one head [64]). The norm's output is rounded to bf16 as transformers' is."""
         wa = gl.load(w + d).to(gl.float32)
         wb = gl.load(w + _CH + d).to(gl.float32)
         if ROW:
@@ -405,7 +403,8 @@ if gluon is not None:
         q_rows = (h * _GRP + qi)[:, None] * _HD
         q0 = _get(qkv, q_rows + qd[None, :], _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
         q1 = _get(qkv, q_rows + _CH + qd[None, :], _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
-        q0, q1 = _norm_rope(q0, q1, w_q + layer * _HD, qd, cos_s, sin_s, True)
+        q0, q1 = _norm_rope(q0, q1, w_q + layer * _HD, qd, cos_s.load(qd.type.layout), sin_s.load(qd.type.layout),
+                            True)
         q0 = (q0.to(gl.bfloat16).to(gl.float32) * _SM_SCALE).to(gl.bfloat16)
         q1 = (q1.to(gl.bfloat16).to(gl.float32) * _SM_SCALE).to(gl.bfloat16)
         return q0, q1
@@ -480,8 +479,8 @@ if gluon is not None:
             else:  # the new token of kv head h
                 k0 = _get(qkv, _ATT + h * _HD + qd, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
                 k1 = _get(qkv, _ATT + h * _HD + _CH + qd, _QKV, _HID // _T, _C_QKV, nprog)
-                k0, k1 = _norm_rope(k0, k1.to(gl.bfloat16).to(gl.float32), w_k + layer * _HD, qd, cos_s, sin_s,
-                                    False)
+                k0, k1 = _norm_rope(k0, k1.to(gl.bfloat16).to(gl.float32), w_k + layer * _HD, qd,
+                                    cos_s.load(qd.type.layout), sin_s.load(qd.type.layout), False)
                 k0 = k0.to(gl.bfloat16)
                 k1 = k1.to(gl.bfloat16)
                 top = gl.sum(q0.to(gl.float32) * k0.to(gl.float32)[None, :], axis=1)
@@ -721,9 +720,8 @@ class DecodeStack:
             raise ValueError("the decode stack needs each weight's layers back to back in one tensor")
         stack = cls(weights, norms, model.rotary_emb.inv_freq)
         stack.model = model
-        attn_caches = [(a.k_cache, a.v_cache) for a in attn]
         cols = KV_HEADS * HEAD_DIM
-        k_all, v_all = (_span([c[i] for c in attn_caches], cols) for i in (0, 1))
+        k_all, v_all = _span([a.k_cache for a in attn], cols), _span([a.v_cache for a in attn], cols)
         if k_all is None or v_all is None:
             raise ValueError("the decode stack needs the layers' KV caches back to back in one tensor")
         stack.bind_kv(k_all, v_all, attn[0].k_cache.shape[1])
