@@ -17,13 +17,20 @@ and every small step waits for the one before; the engine's layer took 65.5 µs 
 
 A layer's steps, each program taking an even share of each step's (row tile, k step) units:
     qkv   = Wqkv . norm_in(x)                       (x: the residual stream, the layer's input)
+            and the router's part from x: Nx . norm_in(x)
     attn  = GQA decode over the paged cache: flash-decoding partials per (kv head, split of 64-token tiles),
             q normalised and rotated; each kv head's new token a unit of its own (its k normalised and rotated,
             its score and v, its k and v stored to its cache slot)
-    o     = Wo . merge(partials)
-    r     = Wr . norm_post(x + o)                   (router logits; top-8 by ranks, softmax over the 8)
+    o     = Wo . merge(partials)                    (a: the merged attention output)
+            and the router's part from a: Ma . a, one unit a (router row tile, head) on the program that
+            stages that head anyway (`_anchor`)
+    r     = Wr . norm_post(x + o) = (Nx . norm_in(x) * rms(x) + Ma . a) / rms(x + o) (router logits), in every
+            program from the two steps' sums: top-8 by ranks of the logits times rms(x + o) (as fp32, ties to
+            the lower expert), then the softmax over the 8 of the logits rounded to bf16 as the model's are
     gu    = W13[e] . norm_post(x + o)               (the 8 chosen experts)
     x'    = x + o + sum_j p_j W2[e_j] . (silu(g_j) * u_j)
+The router's weights are folded once at set-up (`fold_router`): Nx = Wr diag(w_post) / w_in, Ma = Wr diag(w_post)
+Wo, so the router needs no step and no grid barrier of its own: the producer learns the choice right after o.
 Sums are fixed-order: each program's partial for a row tile goes to its own slot, summed in slot order by the
 reader, so a step's result does not depend on timing (reruns are bit-equal). The residual stream is float32.
 
@@ -53,6 +60,7 @@ from .gluon_support import (
 HID, Q_HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K, INTER = 2048, 32, 4, 128, 128, 8, 768
 EPS = 1e-6
 QKV, ATT = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, Q_HEADS * HEAD_DIM
+QKV_ROWS = QKV + EXPERTS  # the qkv step's output: q, k, v, then the router's part from x (Nx . norm_in(x))
 ROWS, TILE = 64, 128  # a ring stage: 64 weight rows x 128 k, 16 KB of bf16
 CHUNK = 64  # the staged input's chunks: the B operand of one k-64 wgmma
 XS = 32  # staged chunks at most
@@ -63,21 +71,24 @@ MIN_PROGRAMS = 128  # o's 1024 units over at least 128 programs: at most MERGE_U
 # `DecodeStack.launch(trace=...)`: the GPU timer (ns) at these points, a row of MARKS a layer and program (the
 # probe's kernels mark them too; `benchmarks/decode_layer_gluon.trace_report` reads both). Consumer: the layer's
 # start, each step's end (arrival at its grid barrier) and the barrier's passing ("kv": the attention), the
-# router's choice published; producer: before and after waiting for that choice.
+# router's choice published; producer: before and after waiting for that choice. (The router has no step of its own:
+# "r done" and "r passed" both mark its logits read in, in `_top_k`.)
 TRACE_MARKS = ("start", "qkv done", "qkv passed", "kv done", "kv passed", "o done", "o passed", "r done",
                "r passed", "ids published", "gu done", "gu passed", "down done", "producer waits ids",
                "producer has ids")
 MARKS = 16
 # Fixed-order sums: (output, rows, k steps a row tile, slots): slots are the most programs that share one of the
 # output's row tiles at up to 144 programs (checked at launch).
-DET_OUTPUTS = (("qkv", QKV, HID // TILE, 3), ("o", HID, ATT // TILE, 5), ("r", EXPERTS, HID // TILE, 16),
+DET_OUTPUTS = (("qkv", QKV_ROWS, HID // TILE, 3), ("o", HID, ATT // TILE, 5),
                ("gu", TOP_K * 2 * INTER, HID // TILE, 2), ("x", HID, TOP_K * INTER // TILE, 5))
-# The workspace (float32), one for all layers: each output's slots, the chosen experts and their weights, the
-# residual stream (the layer's input, and h = input + o), the attention's partials (maxima, sums, outputs).
+# The workspace (float32), one for all layers: each output's slots, the router's part from a (Ma . a: a slot a
+# query head, `_anchor`), the chosen experts and their weights, the residual stream (the layer's input, and h =
+# input + o), the attention's partials (maxima, sums, outputs).
 _PARTS = KV_HEADS * (SPLITS + 1) * (Q_HEADS // KV_HEADS)  # (kv head, split) units and the new token's
 OFFS: dict[str, int] = {}
 _at = 0
-for _name, _size in (*((f"{name}_p", slots * rows) for name, rows, _, slots in DET_OUTPUTS), ("ids", TOP_K),
+for _name, _size in (*((f"{name}_p", slots * rows) for name, rows, _, slots in DET_OUTPUTS),
+                     ("m_p", Q_HEADS * EXPERTS), ("ids", TOP_K),
                      ("p", TOP_K), ("xin", HID), ("h", HID), ("am", _PARTS), ("al", _PARTS),
                      ("ao", _PARTS * HEAD_DIM)):
     OFFS[_name] = _at
@@ -85,7 +96,7 @@ for _name, _size in (*((f"{name}_p", slots * rows) for name, rows, _, slots in D
 WS = _at
 
 if gluon is not None:
-    _HID, _QKV, _ATT = gl.constexpr(HID), gl.constexpr(QKV), gl.constexpr(ATT)
+    _HID, _QKV, _ATT, _QKV_ROWS = gl.constexpr(HID), gl.constexpr(QKV), gl.constexpr(ATT), gl.constexpr(QKV_ROWS)
     _EXPERTS, _TOP_K, _INTER = gl.constexpr(EXPERTS), gl.constexpr(TOP_K), gl.constexpr(INTER)
     _T, _R, _CH, _XS = gl.constexpr(TILE), gl.constexpr(ROWS), gl.constexpr(CHUNK), gl.constexpr(XS)
     _HK = gl.constexpr(TILE // CHUNK)  # staged chunks a unit
@@ -95,12 +106,13 @@ if gluon is not None:
     _SM_SCALE, _EPS = gl.constexpr(HEAD_DIM ** -0.5), gl.constexpr(EPS)
     _GU_TILES = gl.constexpr(2 * INTER // ROWS)  # an expert's row tiles in gate/up (gate's, then up's)
     _DN_STEPS = gl.constexpr(INTER // TILE)  # an expert's k steps in down
-    _O_QKV_P, _O_O_P, _O_R_P = gl.constexpr(OFFS["qkv_p"]), gl.constexpr(OFFS["o_p"]), gl.constexpr(OFFS["r_p"])
+    _O_QKV_P, _O_O_P, _O_M_P = gl.constexpr(OFFS["qkv_p"]), gl.constexpr(OFFS["o_p"]), gl.constexpr(OFFS["m_p"])
     _O_GU_P, _O_X_P = gl.constexpr(OFFS["gu_p"]), gl.constexpr(OFFS["x_p"])
     _O_IDS, _O_P = gl.constexpr(OFFS["ids"]), gl.constexpr(OFFS["p"])
     _O_XIN, _O_H = gl.constexpr(OFFS["xin"]), gl.constexpr(OFFS["h"])
     _O_AM, _O_AL, _O_AO = gl.constexpr(OFFS["am"]), gl.constexpr(OFFS["al"]), gl.constexpr(OFFS["ao"])
-    _C_QKV, _C_O, _C_R, _C_GU, _C_X = (gl.constexpr(slots) for _, _, _, slots in DET_OUTPUTS)
+    _C_QKV, _C_O, _C_GU, _C_X = (gl.constexpr(slots) for _, _, _, slots in DET_OUTPUTS)
+    _R_TILES = gl.constexpr(EXPERTS // ROWS)  # the router's row tiles
     _ACC_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]))
     _IDS_L = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # the producer warp's copy of the choice
     _MERGE_BATCH = gl.constexpr(8)  # partials merged a loop step (all at once spill)
@@ -138,6 +150,11 @@ if gluon is not None:
         for j in gl.static_range(1, C):
             x += gl.load(buf + j * N + idx, mask=j < count, other=0.0)
         return x
+
+    @gluon.jit
+    def _qkv_get(qkv, idx, nprog):
+        """Values idx of the qkv step's output (`_get`)."""
+        return _get(qkv, idx, _QKV_ROWS, _HID // _T, _C_QKV, nprog)
 
     @gluon.jit
     def _claim(ring, ready, empty, c, CAP: gl.constexpr):
@@ -187,10 +204,12 @@ if gluon is not None:
 
     @gluon.jit
     def _produce_dense(desc, row0, N_TILES: gl.constexpr, KSTEPS: gl.constexpr, ring, ready, empty, c, pid, nprog,
-                       CAP: gl.constexpr, ids=None, EXPERT_TILES: gl.constexpr = 0):
+                       CAP: gl.constexpr, ids=None, EXPERT_TILES: gl.constexpr = 0, desc2=None, row2=0,
+                       TILES2: gl.constexpr = 0):
         """The program's units of a GEMV over desc's rows from row0, a row tile's k steps in turn. EXPERT_TILES: the
         rows are experts of EXPERT_TILES row tiles each, and row tile t is tile t % EXPERT_TILES of expert
-        ids[t // EXPERT_TILES] (gate/up over the chosen experts)."""
+        ids[t // EXPERT_TILES] (gate/up over the chosen experts). TILES2: the last TILES2 row tiles are desc2's
+        rows from row2 (qkv's router part)."""
         u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
         for u in range(u0, u1):
             t = u // KSTEPS
@@ -199,14 +218,38 @@ if gluon is not None:
                 row = row0 + e * (EXPERT_TILES * _R) + (t % EXPERT_TILES) * _R
             else:
                 row = row0 + t * _R
-            c = _issue(desc, row, (u % KSTEPS) * _T, ring, ready, empty, c, CAP)
+            if TILES2:
+                if t >= N_TILES - TILES2:
+                    c = _issue(desc2, row2 + (t - (N_TILES - TILES2)) * _R, (u % KSTEPS) * _T, ring, ready, empty, c,
+                               CAP)
+                else:
+                    c = _issue(desc, row, (u % KSTEPS) * _T, ring, ready, empty, c, CAP)
+            else:
+                c = _issue(desc, row, (u % KSTEPS) * _T, ring, ready, empty, c, CAP)
         return c
 
     @gluon.jit
-    def _producer(d_qkv, d_o, d_r, d_13, d_2, d_kc, d_vc, ring, ready, empty, ids_bar, ids_smem, pos_ptr, table_ptr,
-                  width, cache_rows, layers, trace_ptr, CAP: gl.constexpr, BS: gl.constexpr, TRACE: gl.constexpr):
+    def _anchor(pid, nprog):
+        """The o step's unit of this program that also takes a unit of the router's part from a (Ma . a), or -1:
+        unit (row tile t, head ks) takes Ma's row tile m = (t - R_TILES * ks) mod (HID / ROWS) where m < R_TILES,
+        so each (m, ks) has one unit, 16 units apart (a program has at most 8: at most one each), and its head is
+        staged already."""
+        O_TILES: gl.constexpr = _HID // _R
+        KS: gl.constexpr = _ATT // _T
+        u0, u1 = _units(pid, nprog, O_TILES * KS)
+        found = u0 - u0 - 1
+        for u in range(u0, u1):
+            if (u // KS + 2 * O_TILES - _R_TILES * (u % KS)) % O_TILES < _R_TILES:
+                found = u
+        return found
+
+    @gluon.jit
+    def _producer(d_qkv, d_o, d_nx, d_ma, d_13, d_2, d_kc, d_vc, ring, ready, empty, ids_bar, ids_smem, pos_ptr,
+                  table_ptr, width, cache_rows, layers, trace_ptr, CAP: gl.constexpr, CAP_GU: gl.constexpr,
+                  BS: gl.constexpr, TRACE: gl.constexpr):
         """Every step's tiles, layer after layer, into the ring; before the gate/up tiles, the router's choice
-        (from ids_smem, once the consumers have published it)."""
+        (from ids_smem, once the consumers have published it). Gate/up's tiles stream with CAP_GU loads in flight
+        (no grid barrier waits while they stream), the others' with CAP."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         n_past = gl.load(pos_ptr).to(gl.int32)
@@ -215,9 +258,11 @@ if gluon is not None:
         a1 = gl.minimum(a1, _KVH * splits)  # the new token's have no tiles
         first_tile = (a0 % splits) * tiles // splits
         first_pages = _tile_pages(table_ptr, width, first_tile, BS)  # the same every layer: loaded once
+        anchor = _anchor(pid, nprog)
         c = 0
         for layer in range(layers):
-            c = _produce_dense(d_qkv, layer * _QKV, _QKV // _R, _HID // _T, ring, ready, empty, c, pid, nprog, CAP)
+            c = _produce_dense(d_qkv, layer * _QKV, _QKV_ROWS // _R, _HID // _T, ring, ready, empty, c, pid, nprog,
+                               CAP, desc2=d_nx, row2=layer * _EXPERTS, TILES2=_R_TILES)
             for u in range(a0, a1):  # each tile's K, then its V
                 h = u // splits
                 s = u % splits
@@ -229,15 +274,17 @@ if gluon is not None:
                     c = _issue_kv(d_kc, layer * cache_rows, pages, h * _HD, ring, ready, empty, c, CAP, BS)
                     c = _issue_kv(d_vc, layer * cache_rows, pages, h * _HD, ring, ready, empty, c, CAP, BS)
             c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog, CAP)
-            c = _produce_dense(d_r, layer * _EXPERTS, _EXPERTS // _R, _HID // _T, ring, ready, empty, c, pid, nprog,
-                               CAP)
+            if anchor >= 0:  # its Ma tile after its o tiles (`_gemv`)
+                ks = anchor % (_ATT // _T)
+                m = (anchor // (_ATT // _T) + 2 * (_HID // _R) - _R_TILES * ks) % (_HID // _R)
+                c = _issue(d_ma, layer * _EXPERTS + m * _R, ks * _T, ring, ready, empty, c, CAP)
             trace = trace_ptr + (layer * nprog + pid) * _MARKS
             _mark(trace, 13, TRACE)
             mbarrier.wait(ids_bar, layer & 1)  # this program's consumers have stored the router's choice
             _mark(trace, 14, TRACE)
             ids = ids_smem.load(_IDS_L)
             c = _produce_dense(d_13, layer * _EXPERTS * 2 * _INTER, _TOP_K * _GU_TILES, _HID // _T, ring, ready,
-                               empty, c, pid, nprog, CAP, ids, _GU_TILES)
+                               empty, c, pid, nprog, CAP_GU, ids, _GU_TILES)
             KD: gl.constexpr = _TOP_K * _DN_STEPS
             u0, u1 = _units(pid, nprog, (_HID // _R) * KD)
             for u in range(u0, u1):
@@ -283,13 +330,15 @@ if gluon is not None:
             top = gl.max(m_all, axis=1)[:, None]
             den = gl.sum(gl.exp(m_all - top) * l_all, axis=1)[:, None]
             num = gl.zeros_like(cols.to(gl.float32))
-            for s0 in range(0, splits + 1, _MERGE_BATCH):  # the outputs, MERGE_BATCH partials a loop step
+            for s0 in range(0, splits, _MERGE_BATCH):  # the splits' outputs, MERGE_BATCH a loop step
                 for cc in gl.static_range(_MERGE_BATCH):
                     sc = s0 + cc
-                    ok = sc <= splits
-                    i = gl.where(sc < splits, (kh * splits + sc) * _GRP + g, (_KVH * splits + kh) * _GRP + g)
+                    ok = sc < splits
+                    i = (kh * splits + sc) * _GRP + g
                     w = gl.exp(gl.load(x_ptr + _O_AM + i, mask=ok, other=float("-inf")) - top)  # again: L1
                     num += w * gl.load(x_ptr + _O_AO + i * _HD + cols, mask=ok, other=0.0)
+            i = (_KVH * splits + kh) * _GRP + g  # the new token's
+            num += gl.exp(gl.load(x_ptr + _O_AM + i) - top) * gl.load(x_ptr + _O_AO + i * _HD + cols)
             x = num / den
         else:
             if plain:
@@ -344,17 +393,23 @@ if gluon is not None:
     @gluon.jit
     def _gemv(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring, ready,
               empty, xs, c, pid, nprog, NORM: gl.constexpr = False, SN: gl.constexpr = 0, SKS: gl.constexpr = 0,
-              SC: gl.constexpr = 0, plain=False, w_ptr=0, xout_ptr=0, WMODE: gl.constexpr = 0, splits=1):
-        """A step's GEMV over the program's units: the input staged (`_stage_input`), then each unit's ring tile
-        as two wgmma m64n8 k-64 against it, the next unit's issued before the last one's are waited for; each row
-        tile's sums to the program's slot (`_flush`). Returns the ring count and the scale."""
+              SC: gl.constexpr = 0, plain=False, w_ptr=0, xout_ptr=0, WMODE: gl.constexpr = 0, splits=1,
+              STAGE: gl.constexpr = True, anchor=-1, m_ptr=0):
+        """A step's GEMV over the program's units: the input staged (`_stage_input`; STAGE False: the caller
+        staged it, as gate/up's is, before the router's choice), then each unit's ring tile as two wgmma m64n8
+        k-64 against it, the next unit's issued before the last one's are waited for; each row tile's sums to the
+        program's slot (`_flush`). The o step (ACT 2): then the program's unit of the router's part from a, if it
+        has one (`_anchor`), from the next ring tile into m_ptr's slot of its head. Returns the ring count and the
+        scale."""
         STAGES: gl.constexpr = ring.type.shape[0]
         KSTEPS: gl.constexpr = K // _T
         NS: gl.constexpr = _MERGE_UNITS if ACT == 2 else (KSTEPS if KSTEPS < _XS // _HK else _XS // _HK)
+        WHOLE: gl.constexpr = NS == KSTEPS  # every k step staged: slot ks holds k step ks
         u0, u1 = _units(pid, nprog, N_TILES * KSTEPS)
         n = u1 - u0
-        scale = _stage_input(x_ptr, p_ptr, scale, xs, u0, KSTEPS, NS, ACT, NORM, n, SN, SKS, SC, nprog, plain,
-                             w_ptr, xout_ptr, WMODE, pid, splits)
+        if STAGE:
+            scale = _stage_input(x_ptr, p_ptr, scale, xs, 0 if WHOLE else u0, KSTEPS, NS, ACT, NORM, n, SN, SKS, SC,
+                                 nprog, plain, w_ptr, xout_ptr, WMODE, pid, splits)
         rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _ACC_L))
         acc = gl.zeros([64, 8], gl.float32, _ACC_L)
         for i in range(n):
@@ -363,7 +418,7 @@ if gluon is not None:
             s = (c + i) % STAGES
             mbarrier.wait(ready.index(s), ((c + i) // STAGES) & 1)
             w = ring.index(s)
-            slot = i % KSTEPS
+            slot = u % KSTEPS if WHOLE else i
             acc = warpgroup_mma(w.slice(0, _CH, dim=1), xs.index(2 * slot).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma(w.slice(_CH, _CH, dim=1), xs.index(2 * slot + 1).permute((1, 0)), acc,
                                 is_async=True)
@@ -376,7 +431,25 @@ if gluon is not None:
         if n > 0:
             gl.thread_barrier()
             mbarrier.arrive(empty.index((c + n - 1) % STAGES))
-        return c + n, scale
+        c += n
+        if ACT == 2:
+            if anchor >= 0:
+                s = c % STAGES
+                mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+                w = ring.index(s)
+                slot = anchor - u0
+                acc = warpgroup_mma(w.slice(0, _CH, dim=1), xs.index(2 * slot).permute((1, 0)),
+                                    gl.zeros([64, 8], gl.float32, _ACC_L), is_async=True)
+                acc = warpgroup_mma(w.slice(_CH, _CH, dim=1), xs.index(2 * slot + 1).permute((1, 0)), acc,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                ks = anchor % KSTEPS
+                m = (anchor // KSTEPS + 2 * N_TILES - _R_TILES * ks) % N_TILES
+                gl.store(m_ptr + (m * _R + rows) * KSTEPS + ks, gl.sum(acc, axis=1))
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(s))
+                c += 1
+        return c, scale
 
     @gluon.jit
     def _norm_rope(a, b, w, d, cos, sin, ROW: gl.constexpr):
@@ -401,8 +474,8 @@ if gluon is not None:
         """kv head h's query group (8 heads) from the qkv step's slots, normalised, rotated and scaled by
         1/sqrt(d), in bf16 as the score MMA's B operand takes it: two [8, 64] halves."""
         q_rows = (h * _GRP + qi)[:, None] * _HD
-        q0 = _get(qkv, q_rows + qd[None, :], _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
-        q1 = _get(qkv, q_rows + _CH + qd[None, :], _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
+        q0 = _qkv_get(qkv, q_rows + qd[None, :], nprog).to(gl.bfloat16).to(gl.float32)
+        q1 = _qkv_get(qkv, q_rows + _CH + qd[None, :], nprog).to(gl.bfloat16).to(gl.float32)
         q0, q1 = _norm_rope(q0, q1, w_q + layer * _HD, qd, cos_s.load(qd.type.layout), sin_s.load(qd.type.layout),
                             True)
         q0 = (q0.to(gl.bfloat16).to(gl.float32) * _SM_SCALE).to(gl.bfloat16)
@@ -477,8 +550,8 @@ if gluon is not None:
                     c += 2
                 gl.thread_barrier()  # every warp is done with qs before the next unit's q
             else:  # the new token of kv head h
-                k0 = _get(qkv, _ATT + h * _HD + qd, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16).to(gl.float32)
-                k1 = _get(qkv, _ATT + h * _HD + _CH + qd, _QKV, _HID // _T, _C_QKV, nprog)
+                k0 = _qkv_get(qkv, _ATT + h * _HD + qd, nprog).to(gl.bfloat16).to(gl.float32)
+                k1 = _qkv_get(qkv, _ATT + h * _HD + _CH + qd, nprog)
                 k0, k1 = _norm_rope(k0, k1.to(gl.bfloat16).to(gl.float32), w_k + layer * _HD, qd,
                                     cos_s.load(qd.type.layout), sin_s.load(qd.type.layout), False)
                 k0 = k0.to(gl.bfloat16)
@@ -488,8 +561,8 @@ if gluon is not None:
                                         heads_l)
                 total = gl.full([_GRP], 1.0, gl.float32, heads_l)
                 v_at = _ATT + _KVH * _HD + h * _HD
-                v0 = _get(qkv, v_at + dims, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
-                v1 = _get(qkv, v_at + 64 + dims, _QKV, _HID // _T, _C_QKV, nprog).to(gl.bfloat16)
+                v0 = _qkv_get(qkv, v_at + dims, nprog).to(gl.bfloat16)
+                v1 = _qkv_get(qkv, v_at + 64 + dims, nprog).to(gl.bfloat16)
                 o0 = gl.zeros([64, _GRP], gl.float32, _ACC_L) + v0.to(gl.float32)[:, None]
                 o1 = gl.zeros([64, _GRP], gl.float32, _ACC_L) + v1.to(gl.float32)[:, None]
                 at = layer.to(gl.int64) * layer_elems + slot * (_KVH * _HD) + h * _HD  # for the later steps
@@ -505,34 +578,48 @@ if gluon is not None:
         return c
 
     @gluon.jit
-    def _top_k(r_ptr, ids_ptr, p_ptr, ids_smem, r_s, nprog):
-        """The router's choice from its logits' slots, rounded to bf16 as the model computes them: each thread
-        takes one expert's logit and counts the logits that beat it (higher, or equal at a lower index), 32 at a
-        time from shared memory (r_s, [E / 32, 32]), so the experts ranked 0-7 are the choice; one max and one
-        sum give the softmax over them. The choice goes to ids_ptr / p_ptr (ranked order) and to ids_smem for the
-        producer."""
+    def _top_k(qkv_ptr, m_ptr, scale_in, ids_ptr, ids_smem, r_s, nprog, trace, TRACE: gl.constexpr):
+        """The router's choice, right after the o step: its logits up to the positive scale 1 / rms(h) that only
+        the softmax needs (`_route_weights`), Nx . norm_in(x) (the qkv step's last rows) over scale_in plus Ma .
+        a (m_ptr: a slot a head, each expert's 32 together, summed in head order). Each thread takes one expert's
+        logit as an integer key that orders as the logit does, its lowest 7 bits (2^-16 of the value) replaced by
+        127 - the expert, so that equal logits rank the lower expert first, and counts the keys that beat its own,
+        32 at a time from shared memory (r_s, [E / 32, 32]): the experts ranked 0-7 are the choice. Every program
+        computes the same choice from the same values. It goes to ids_ptr (ranked order) and to ids_smem for the
+        producer. Returns the logits and ranks (one expert a thread). TRACE: the timer once the keys are in shared
+        memory (the marks of "r done" and "r passed", `TRACE_MARKS`)."""
         ROW32: gl.constexpr = gl.BlockedLayout([1, 32], [32, 1], [4, 1], [1, 0])  # [E, 32]
         mine = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(1, ROW32))
-        r = _get(r_ptr, mine, _EXPERTS, _HID // _T, _C_R, nprog).to(gl.bfloat16).to(gl.float32)
-        # every logit to every thread, 32 at a time, through shared memory (written as one row of 128)
-        r_s._reinterpret(gl.float32, [_EXPERTS], gl.SwizzledSharedLayout(1, 1, 1, [0])).store(r)
+        heads = gl.arange(0, _ATT // _T, layout=gl.SliceLayout(0, ROW32))
+        ma = gl.sum(gl.load(m_ptr + mine[:, None] * (_ATT // _T) + heads[None, :]), axis=1)
+        r = _qkv_get(qkv_ptr, _QKV + mine, nprog) / scale_in + ma
+        bits = r.to(gl.int32, bitcast=True)
+        key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) & -128) | (127 - mine)
+        # every key to every thread, 32 at a time, through shared memory (written as one row of 128)
+        r_s._reinterpret(gl.int32, [_EXPERTS], gl.SwizzledSharedLayout(1, 1, 1, [0])).store(key)
         gl.thread_barrier()
+        _mark(trace, 7, TRACE)
+        _mark(trace, 8, TRACE)
         rank = gl.zeros_like(mine)
         for cc in gl.static_range(_EXPERTS // 32):
-            others = cc * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, ROW32))[None, :]
-            r_o = r_s.slice(cc, 1, dim=0).load(ROW32)  # [1, 32], in every thread
-            beats = (r_o > r[:, None]) | ((r_o == r[:, None]) & (others < mine[:, None]))
-            rank += gl.sum(beats.to(gl.int32), axis=1)
-        chosen = rank < _TOP_K
-        e = gl.exp(r - gl.max(r, axis=0))
-        p = e / gl.sum(gl.where(chosen, e, 0.0), axis=0)
-        gl.store(ids_ptr + rank, mine.to(gl.float32), mask=chosen)
-        gl.store(p_ptr + rank, p, mask=chosen)
+            k_o = r_s._reinterpret(gl.int32, [_EXPERTS // 32, 32], r_s.type.layout).slice(cc, 1, dim=0).load(ROW32)
+            rank += gl.sum((k_o > key[:, None]).to(gl.int32), axis=1)
+        gl.store(ids_ptr + rank, mine.to(gl.float32), mask=rank < _TOP_K)
         SEL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 4], [1, 0])
         j = gl.arange(0, _TOP_K, layout=gl.SliceLayout(1, SEL))
         rank_all = gl.convert_layout(rank, gl.SliceLayout(0, SEL))
         experts = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(0, SEL))
         ids_smem.store(gl.sum(gl.where(rank_all[None, :] == j[:, None], experts[None, :], 0), axis=1))
+        return r, rank
+
+    @gluon.jit
+    def _route_weights(r, rank, scale, p_ptr):
+        """The chosen experts' weights to p_ptr (ranked order): the softmax over them of the logits r (`_top_k`)
+        times scale (1 / rms(h)), rounded to bf16 as the model's logits are."""
+        r = (r * scale).to(gl.bfloat16).to(gl.float32)
+        chosen = rank < _TOP_K
+        e = gl.exp(r - gl.max(r, axis=0))
+        gl.store(p_ptr + rank, e / gl.sum(gl.where(chosen, e, 0.0), axis=0), mask=chosen)
 
     @gluon.jit
     def _consumer(ws, bar_ptr, ring, ready, empty, ids_bar, ids_smem, r_s, xs, qs, ps, w_in, w_post, w_q, w_k,
@@ -559,7 +646,8 @@ if gluon is not None:
         gl.thread_barrier()
         c = 0
         n = 0
-        o_qkv, o_o, o_r = ws + _O_QKV_P, ws + _O_O_P, ws + _O_R_P
+        o_qkv, o_o = ws + _O_QKV_P, ws + _O_O_P
+        anchor = _anchor(pid, nprog)
         o_gu, o_x = ws + _O_GU_P, ws + _O_X_P
         for layer in range(layers):
             trace = trace_ptr + (layer * nprog + pid) * _MARKS
@@ -569,26 +657,27 @@ if gluon is not None:
             _mark(trace, 0, TRACE)
             # qkv: the layer's input is the stream before it (h) plus the last MoE output; the first layer's is h,
             # the embedding as the host put it there
-            c, _ = _gemv(o_x, o_qkv, ws + _O_H, 1.0, _QKV // _R, _HID, 3, ring, ready,
-                         empty, xs, c, pid, nprog, NORM=True, SN=_HID, SKS=_TOP_K * _INTER // _T, SC=_C_X,
-                         plain=layer == 0, w_ptr=w_in + layer * _HID, xout_ptr=ws + _O_XIN, WMODE=2)
+            c, scale_in = _gemv(o_x, o_qkv, ws + _O_H, 1.0, _QKV_ROWS // _R, _HID, 3, ring, ready,
+                                empty, xs, c, pid, nprog, NORM=True, SN=_HID, SKS=_TOP_K * _INTER // _T, SC=_C_X,
+                                plain=layer == 0, w_ptr=w_in + layer * _HID, xout_ptr=ws + _O_XIN, WMODE=2)
             n = _step_sync(bar_ptr, n, nprog, trace, 1, TRACE)
             c = _attend(ws, o_qkv, ring, ready, empty, qs, ps, c, pid, nprog, layer, w_q, w_k, k_cache, v_cache,
                         cos_s, sin_s, pos, slot, tiles, splits, layer_elems)
             n = _step_sync(bar_ptr, n, nprog, trace, 3, TRACE)
-            c, _ = _gemv(ws, o_o, ws, 1.0, _HID // _R, _ATT, 2, ring, ready, empty, xs, c, pid, nprog, splits=splits)
+            c, _ = _gemv(ws, o_o, ws, 1.0, _HID // _R, _ATT, 2, ring, ready, empty, xs, c, pid, nprog, splits=splits,
+                         anchor=anchor, m_ptr=ws + _O_M_P)
             n = _step_sync(bar_ptr, n, nprog, trace, 5, TRACE)
-            # h = the layer's input + o; the router on norm_post(h)
-            c, scale = _gemv(o_o, o_r, ws + _O_XIN, 1.0, _EXPERTS // _R, _HID, 3, ring, ready, empty, xs, c, pid,
-                             nprog, NORM=True, SN=_HID, SKS=_ATT // _T, SC=_C_O, w_ptr=w_post + layer * _HID,
-                             xout_ptr=ws + _O_H, WMODE=2)
-            n = _step_sync(bar_ptr, n, nprog, trace, 7, TRACE)
-            _top_k(o_r, ws + _O_IDS, ws + _O_P, ids_smem, r_s, nprog)
+            r, rank = _top_k(o_qkv, ws + _O_M_P, scale_in, ws + _O_IDS, ids_smem, r_s, nprog, trace, TRACE)
             gl.thread_barrier()
             mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
             _mark(trace, 9, TRACE)
+            # gate/up's input, norm_post(h) for h = the layer's input + o (program 0 keeps h for the next layer),
+            # staged whole in one order: its scale is the same in every program, and the experts' weights need it
+            scale = _stage_input(o_o, ws + _O_XIN, 1.0, xs, 0, _HID // _T, _HID // _T, 3, True, 0, _HID, _ATT // _T,
+                                 _C_O, nprog, False, w_post + layer * _HID, ws + _O_H, 2, pid, 1)
+            _route_weights(r, rank, scale, ws + _O_P)
             c, _ = _gemv(ws + _O_H, o_gu, ws, scale, _TOP_K * _GU_TILES, _HID, 0, ring, ready, empty, xs, c, pid,
-                         nprog, w_ptr=w_post + layer * _HID, WMODE=1)
+                         nprog, STAGE=False)
             n = _step_sync(bar_ptr, n, nprog, trace, 10, TRACE)
             c, _ = _gemv(o_gu, o_x, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, 1, ring, ready, empty, xs, c, pid,
                          nprog, SN=_TOP_K * 2 * _INTER, SKS=_HID // _T, SC=_C_GU)
@@ -604,9 +693,10 @@ if gluon is not None:
         return n + 1
 
     @gluon.jit
-    def _stack_kernel(d_qkv, d_o, d_r, d_13, d_2, d_kc, d_vc, ws, bar_ptr, w_in, w_post, w_q, w_k, k_cache,
+    def _stack_kernel(d_qkv, d_o, d_nx, d_ma, d_13, d_2, d_kc, d_vc, ws, bar_ptr, w_in, w_post, w_q, w_k, k_cache,
                       v_cache, inv_freq, pos_ptr, slot_ptr, table_ptr, width, cache_rows, layer_elems, layers,
-                      trace_ptr, STAGES: gl.constexpr, CAP: gl.constexpr, BS: gl.constexpr, TRACE: gl.constexpr):
+                      trace_ptr, STAGES: gl.constexpr, CAP: gl.constexpr, CAP_GU: gl.constexpr, BS: gl.constexpr,
+                      TRACE: gl.constexpr):
         ring = gl.allocate_shared_memory(d_qkv.dtype, [STAGES, _R, _T], d_qkv.layout)
         # The step's input chunks as wgmma's B operand: [8, 64] tiles, row 0 the input.
         xs = gl.allocate_shared_memory(gl.bfloat16, [_XS, 8, _CH], gl.NVMMASharedLayout.get_default_for([8, _CH],
@@ -631,8 +721,8 @@ if gluon is not None:
             (_consumer, (ws, bar_ptr, ring, ready, empty, ids_bar, ids_smem, r_s, xs, qs, ps, w_in, w_post, w_q,
                          w_k, k_cache, v_cache, inv_freq, cos_s, sin_s, pos_ptr, slot_ptr, layer_elems, layers,
                          trace_ptr, TRACE)),
-            (_producer, (d_qkv, d_o, d_r, d_13, d_2, d_kc, d_vc, ring, ready, empty, ids_bar, ids_smem, pos_ptr,
-                         table_ptr, width, cache_rows, layers, trace_ptr, CAP, BS, TRACE)),
+            (_producer, (d_qkv, d_o, d_nx, d_ma, d_13, d_2, d_kc, d_vc, ring, ready, empty, ids_bar, ids_smem, pos_ptr,
+                         table_ptr, width, cache_rows, layers, trace_ptr, CAP, CAP_GU, BS, TRACE)),
         ], [1], [48])
 
 
@@ -660,6 +750,29 @@ def slot_mask(rows: int, ks: int, slots: int, programs: int, device) -> torch.Te
     return mask.to(device=device, dtype=torch.float32)
 
 
+def fold_router(wr: torch.Tensor, wo: torch.Tensor, w_in: torch.Tensor,
+                w_post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's weights folded for the stack, layer by layer (wr [layers * EXPERTS, HID], wo [layers * HID,
+    ATT], w_in and w_post [layers, HID] or [layers * HID], bf16): Nx = Wr diag(w_post) / w_in [layers * EXPERTS,
+    HID] and Ma = Wr diag(w_post) Wo [layers * EXPERTS, ATT], computed in float32 and rounded to bf16, so that the
+    router's logits Wr . norm_post(x + Wo . a) = (Nx . norm_in(x) * rms(x) + Ma . a) / rms(x + Wo . a). Raises
+    ValueError where an input-norm weight is zero (Nx is not finite)."""
+    layers = wr.shape[0] // EXPERTS
+    w_in, w_post = w_in.reshape(-1), w_post.reshape(-1)
+    nx = torch.empty_like(wr)
+    ma = torch.empty(wr.shape[0], ATT, dtype=wr.dtype, device=wr.device)
+    for i in range(layers):
+        rows = slice(i * EXPERTS, (i + 1) * EXPERTS)
+        n = wr[rows].float() * w_post[i * HID:(i + 1) * HID].float()[None, :]
+        ma[rows] = n @ wo[i * HID:(i + 1) * HID].float()
+        n = n / w_in[i * HID:(i + 1) * HID].float()[None, :]
+        if not torch.isfinite(n).all():
+            raise ValueError("the decode stack needs input-norm weights without zeros (it folds the router's "
+                             "weights over them)")
+        nx[rows] = n
+    return nx, ma
+
+
 def _span(tensors: list[torch.Tensor], cols: int) -> torch.Tensor | None:
     """The 2-D view [rows, cols] over tensors that lie back to back in one storage (each contiguous, in order),
     or None where they do not."""
@@ -679,20 +792,26 @@ class DecodeStack:
     """The host side of `_stack_kernel`: one launch runs a one-token decode step through every decoder layer.
 
     weights: the layers' qkv, o, router, w13 and w2 as 2-D spans [layers * rows, k]; norms: the input, post-
-    attention, q and k norm weights as spans [layers * n]; inv_freq: the rotary frequencies [HEAD_DIM / 2] float32.
+    attention, q and k norm weights as spans [layers, n] (or flat); inv_freq: the rotary frequencies [HEAD_DIM /
+    2] float32.
+    The router's weights are read once here, folded (`fold_router`: 75 MB more at 48 layers): the stack does not
+    see later changes to them, nor to the o projection's and the norms'.
     `for_model` builds one over a loaded `CausalLM` (whose layers' parameters and KV caches lie back to back per
     name: `CausalLM` and the runner allocate them so), whose `forward` then runs the model's one-request decode
     steps; `reason` first says whether it can take the model at all.
     """
 
-    STAGES, CAP = 10, 2  # the ring's depth and the loads in flight a program (benchmarks/RESULTS.md, session 28)
+    # The ring's depth, the loads in flight a program, and gate/up's (benchmarks/RESULTS.md, sessions 28 and 30).
+    STAGES, CAP, CAP_GU = 10, 2, 3
 
     def __init__(self, weights: list[torch.Tensor], norms: list[torch.Tensor], inv_freq: torch.Tensor) -> None:
         device = weights[0].device
         self.num_layers = weights[0].shape[0] // QKV
         self.norms, self.inv_freq, self.model = norms, inv_freq, None
         self.programs = torch.cuda.get_device_properties(device).multi_processor_count
-        self.descs = [host_descriptor(w, [ROWS, TILE]) for w in weights]
+        wqkv, wo, wr, w13, w2 = weights
+        self.router = fold_router(wr, wo, norms[0], norms[1])
+        self.descs = [host_descriptor(w, [ROWS, TILE]) for w in (wqkv, wo, *self.router, w13, w2)]
         for name, rows, ks, slots in DET_OUTPUTS:
             if det_slots(rows, ks, self.programs) > slots:
                 raise ValueError(f"{self.programs} programs share a row tile of {name} more than its {slots} slots")
@@ -794,8 +913,8 @@ class DecodeStack:
         _stack_kernel[(self.programs,)](
             *self.descs, d_kc, d_vc, self.ws, self.bar, *self.norms, k_all, v_all, self.inv_freq, positions,
             slot_mapping, table, table.shape[-1], cache_rows, layer_elems, self.num_layers,
-            self.bar if trace is None else trace, STAGES=self.STAGES, CAP=self.CAP, BS=bs, TRACE=trace is not None,
-            num_warps=4)
+            self.bar if trace is None else trace, STAGES=self.STAGES, CAP=self.CAP, CAP_GU=self.CAP_GU, BS=bs,
+            TRACE=trace is not None, num_warps=4)
         slots = DET_OUTPUTS[-1][3]
         x = (self.ws[OFFS["x_p"]:OFFS["x_p"] + slots * HID].view(slots, HID) * self.x_mask).sum(0)
         return x + self.ws[OFFS["h"]:OFFS["h"] + HID]

@@ -223,3 +223,54 @@ def test_partial_slots_cover_every_unit_once(programs):
     counts = torch.tensor([count for _, count in ds.tile_owners(rows, ks, programs)]).repeat_interleave(ds.ROWS)
     assert mask.shape == (slots, rows)
     assert torch.equal(mask, (torch.arange(slots)[:, None] < counts).float())
+
+
+@pytest.mark.parametrize("programs", [128, 132, 144])
+def test_router_part_from_a_has_one_unit_each_on_a_program_that_stages_its_head(programs):
+    """The o step's units that also take the router's part from a (`_anchor`, simulated): each (router row tile,
+    head) exactly once, at most one a program (its staging holds at most MERGE_UNITS heads, and the anchor's head
+    is one of its own units')."""
+    from moeserve.kernels import decode_stack_gluon as ds
+
+    o_tiles, ks = ds.HID // ds.ROWS, ds.ATT // ds.TILE
+    r_tiles = ds.EXPERTS // ds.ROWS
+    n = min(programs, o_tiles * ks)
+    seen = []
+    for pid in range(programs):
+        units = range(min(pid, n) * o_tiles * ks // n, min(pid + 1, n) * o_tiles * ks // n)
+        assert len(units) <= ds.MERGE_UNITS
+        mine = [u for u in units if (u // ks + 2 * o_tiles - r_tiles * (u % ks)) % o_tiles < r_tiles]
+        assert len(mine) <= 1, pid
+        seen += [((u // ks + 2 * o_tiles - r_tiles * (u % ks)) % o_tiles, u % ks) for u in mine]
+    assert sorted(seen) == [(m, head) for m in range(r_tiles) for head in range(ks)]
+
+
+def test_folded_router_gives_the_routers_logits():
+    """`fold_router` on random bf16 weights (2 layers at the real shape): (Nx . norm_in(x) * rms(x) + Ma . a) /
+    rms(x + Wo . a) against Wr . norm_post(x + Wo . a) in float32, close to bf16's rounding; an input-norm weight of
+    zero is refused."""
+    from moeserve.kernels import decode_stack_gluon as ds
+
+    torch.manual_seed(0)
+    layers = 2
+    bf16 = torch.bfloat16
+    wr = (torch.randn(layers * ds.EXPERTS, ds.HID) * 0.02).to(bf16)
+    wo = (torch.randn(layers * ds.HID, ds.ATT) * 0.02).to(bf16)
+    w_in, w_post = (torch.rand(layers * ds.HID) * 2 + 0.05).to(bf16), (torch.rand(layers * ds.HID) + 0.5).to(bf16)
+    nx, ma = ds.fold_router(wr, wo, w_in.view(layers, ds.HID), w_post)  # norms as [layers, n] or flat
+    assert nx.shape == wr.shape and ma.shape == (layers * ds.EXPERTS, ds.ATT) and nx.dtype == ma.dtype == bf16
+
+    def rms(v: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt((v * v).mean() + ds.EPS)
+
+    for layer in range(layers):
+        x, a = torch.randn(ds.HID) * 3, torch.randn(ds.ATT)
+        rows, cols = slice(layer * ds.EXPERTS, (layer + 1) * ds.EXPERTS), slice(layer * ds.HID, (layer + 1) * ds.HID)
+        h = x + wo[cols].float() @ a
+        want = wr[rows].float() @ (w_post[cols].float() * h / rms(h))
+        staged = (x / rms(x) * w_in[cols].float()).to(bf16).float()  # norm_in(x) as the qkv step stages it
+        got = (nx[rows].float() @ staged * rms(x) + ma[rows].float() @ a.to(bf16).float()) / rms(h)
+        assert (got - want).abs().max() <= 5e-3 * want.abs().max(), layer
+    w_in[5] = 0
+    with pytest.raises(ValueError, match="input-norm weights"):
+        ds.fold_router(wr, wo, w_in, w_post)

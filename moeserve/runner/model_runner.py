@@ -132,7 +132,7 @@ class ModelRunner:
         if reason is None:
             try:
                 stack = DecodeStack.for_model(self.model)
-            except ValueError as exc:  # weights or caches not laid out as one tensor a kind
+            except ValueError as exc:  # weights or caches not one tensor a kind, or an input-norm weight zero
                 reason = str(exc)
             else:
                 reason = self._try_decode_stack(stack)
