@@ -1056,6 +1056,15 @@ def available(device: torch.device) -> bool:
     return gluon_platform_problem(device, "the ring probe") is None
 
 
+def print_trace(trace: torch.Tensor) -> list[dict]:
+    """`trace_report`'s rows, printed a line each."""
+    rows = trace_report(trace)
+    for row in rows:
+        print(f"  {row['part']:<44} {row['mean_us']:7.2f}" + (f"  slowest program {row['slowest_us']:7.2f}"
+                                                             if "slowest_us" in row else ""))
+    return rows
+
+
 def trace_report(trace: torch.Tensor) -> list[dict]:
     """What a traced run's layers spent (µs, means over layers 1.. of the run; layer 0 starts cold): each step's
     time from its start (the barrier before it passed) to its end, as the mean and the slowest program take it;

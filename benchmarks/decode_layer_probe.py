@@ -394,14 +394,18 @@ class Layers:
 
         return run
 
-    def engine_stack(self, stages: int | None = None, cap: int | None = None, block: int = 16):
+    def engine_stack(self, stages: int | None = None, cap: int | None = None, block: int = 16,
+                     cap_gu: int | None = None, module=None):
         """The engine's decode stack (`moeserve.kernels.decode_stack_gluon`, the whole layer over a paged KV cache)
-        on these layers' weights: a function of an optional trace tensor that runs it, with CONTEXT past tokens in
-        pages of `block` tokens (a cache of its own, random; the table maps them in order); stages, cap: its ring's,
-        if not the engine's. Its results are not checked here (the engine's GPU tests check them against
-        transformers)."""
-        from moeserve.kernels.decode_stack_gluon import DecodeStack
+        on these layers' weights: a function of an optional trace tensor that runs it and returns the residual
+        stream after the last layer, with CONTEXT past tokens in pages of `block` tokens (a cache of its own,
+        random; the table maps them in order); stages, cap, cap_gu: its ring's, if not the engine's; module:
+        another version of the kernel's module (`decode_stack_ab.py`). Its results are not checked here (the
+        engine's GPU tests check them against transformers)."""
+        from moeserve.kernels import decode_stack_gluon
         from moeserve.layers.rotary import rope_inv_freq
+
+        DecodeStack = (module or decode_stack_gluon).DecodeStack  # noqa: N806 - the class
 
         weights = [self.wqkv.view(-1, HID), self.wo.view(-1, ATT), self.wr.view(-1, HID), self.w13.view(-1, HID),
                    self.w2.view(-1, INTER)]
@@ -414,6 +418,8 @@ class Layers:
                                     device=device).to(BF16) for _ in range(2))
         stack.bind_kv(k_all, v_all, block)
         stack.STAGES, stack.CAP = stages or stack.STAGES, cap or stack.CAP
+        if cap_gu:
+            stack.CAP_GU = cap_gu
         table = torch.arange(blocks, dtype=torch.int32, device=device)[None]
         pos = torch.full((1,), CONTEXT, dtype=torch.int64, device=device)
         return lambda trace=None: stack.launch(self.x0, pos, pos, table, trace)
@@ -695,10 +701,8 @@ def main() -> None:
                   "no weight loads (timing only)": dict(stages=6, load=0)}
 
         def report(what: str) -> None:
-            for row in decode_layer_gluon.trace_report(trace):
-                print(f"  {row['part']:<44} {row['mean_us']:7.2f}" + (f"  slowest program {row['slowest_us']:7.2f}"
-                                                                     if "slowest_us" in row else ""))
-                rows.append(dict(variant=f"trace {what}: " + row["part"], **row))
+            rows.extend(dict(variant=f"trace {what}: " + row["part"], **row)
+                        for row in decode_layer_gluon.print_trace(trace))
 
         engine_stack(trace)
         torch.cuda.synchronize()
@@ -734,10 +738,14 @@ def main() -> None:
         rows.append(dict(variant=name, us_per_layer=us, floor_us=moe_floor, ratio=us / moe_floor))
         print(f"{name:<36} {us:8.1f} µs a layer  {us / moe_floor:5.2f}x the MoE's floor ({moe_floor:.1f} µs)",
               flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(0), copy_tbs=copy, layers=args.layers, rows=rows), f,
-                  indent=1)
+    write_rows(args.out, copy, args.layers, rows)
+
+
+def write_rows(path: str, copy: float, layers: int, rows: list[dict]) -> None:
+    """A run's rows as JSON, with the card, the copy rate and the layer count."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(0), copy_tbs=copy, layers=layers, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
