@@ -3,8 +3,8 @@ one kernel). On the H100, at the Qwen3-30B-A3B shape (2 layers, random weights):
 fp32 beside the per-op path's, over contexts that take every attention case (no past token, a part tile, one
 tile, splits of one and of several tiles), the KV it stores read back by later steps, greedy tokens through the
 engine's CUDA graph against the per-op engine's; and on any machine, that the model and the KV cache give it one
-base a weight, which models it refuses, and its fixed-order sums' bookkeeping against a simulation of its work
-split.
+base a weight, which models it refuses, its fixed-order sums' bookkeeping against a simulation of its work split,
+the units that take the router's part in the o step, and the router's folded weights against the router.
 """
 
 from __future__ import annotations
