@@ -237,7 +237,7 @@ if gluon is not None:
         O_TILES: gl.constexpr = _HID // _R
         KS: gl.constexpr = _ATT // _T
         u0, u1 = _units(pid, nprog, O_TILES * KS)
-        found = u0 - u0 - 1
+        found = u0 - u0 - 1  # -1 as a run-time value, which the loop may replace
         for u in range(u0, u1):
             if (u // KS + 2 * O_TILES - _R_TILES * (u % KS)) % O_TILES < _R_TILES:
                 found = u
