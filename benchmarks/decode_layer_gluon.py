@@ -57,7 +57,12 @@ from moeserve.kernels.decode_stack_gluon import (  # noqa: E402  (the engine's k
     TRACE_MARKS,
     _mark,
     _owner,
+    _scores,
+    _stage_slots,
+    _stage_store,
+    _store_partial,
     _units,
+    _values,
     tile_owners,
 )
 from moeserve.kernels.decode_stack_gluon import _get as _slots_get  # noqa: E402
@@ -495,35 +500,15 @@ if gluon is not None:
             s_new = gl.sum(q0.to(gl.float32) * k0.to(gl.float32)[None, :], axis=1)
             s_new = gl.convert_layout(s_new + gl.sum(q1.to(gl.float32) * k1.to(gl.float32)[None, :], axis=1),
                                       heads_l)
-            # S^T = K . q^T
-            sk = c % STAGES
-            mbarrier.wait(ready.index(sk), (c // STAGES) & 1)
-            kt = ring.index(sk)
-            acc = gl.zeros([_CT, _GRP], gl.float32, _ACC_L)
-            acc = warpgroup_mma(kt.slice(0, _CH, dim=1), qs.index(0).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(kt.slice(_CH, _CH, dim=1), qs.index(1).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index(sk))
+            acc = _scores(ring, ready, empty, c, qs, STAGES)  # S^T = K . q^T (the engine kernel's)
             top = gl.max(acc, axis=0)
             top = gl.where(last, gl.maximum(top, s_new), top)
             p = gl.exp(acc - top[None, :])
             p_new = gl.where(last, gl.exp(s_new - top), 0.0)
             total = gl.sum(p, axis=0) + p_new
-            ps.store(gl.permute(p, (1, 0)).to(gl.bfloat16))
-            fence_async_shared()
-            gl.thread_barrier()
-            # O^T = V^T . P^T, in two 64-dim halves
-            sv = (c + 1) % STAGES
-            mbarrier.wait(ready.index(sv), ((c + 1) // STAGES) & 1)
-            vt = ring.index(sv)
-            o0 = warpgroup_mma(vt.slice(0, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)),
-                               gl.zeros([64, _GRP], gl.float32, _ACC_L), is_async=True)
-            o1 = warpgroup_mma(vt.slice(_CH, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)),
-                               gl.zeros([64, _GRP], gl.float32, _ACC_L), is_async=True)
-            o0, o1 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1))
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index(sv))
+            # O^T = V^T . P^T, in two 64-dim halves (the engine kernel's)
+            o0, o1 = _values(ring, ready, empty, c + 1, STAGES, ps, p, gl.zeros([64, _GRP], gl.float32, _ACC_L),
+                             gl.zeros([64, _GRP], gl.float32, _ACC_L))
             c += 2
             v_new = _ATT + _KVH * _HD + h * _HD
             v0 = _get(qkv, v_new + dims, DET, _QKV, _HID // _T, _C_QKV, nprog)
@@ -537,11 +522,7 @@ if gluon is not None:
                     gl.store(v_cache + row + 64 + dims, v1.to(gl.bfloat16))
             o0 += v0.to(gl.bfloat16).to(gl.float32)[:, None] * p_new[None, :]
             o1 += v1.to(gl.bfloat16).to(gl.float32)[:, None] * p_new[None, :]
-            part = u * _GRP + heads
-            gl.store(ws + _O_AM + part, top)
-            gl.store(ws + _O_AL + part, total)
-            gl.store(ws + _O_AO + part[None, :] * _HD + dims[:, None], o0)
-            gl.store(ws + _O_AO + part[None, :] * _HD + 64 + dims[:, None], o1)
+            _store_partial(ws + _O_AM, ws + _O_AL, ws + _O_AO, u * _GRP + heads, dims, top, total, o0, o1)
         return c
 
     @gluon.jit
@@ -556,29 +537,9 @@ if gluon is not None:
         slot n - 1's k step: where each value costs 48 loads (ACT 2, the attention's merge), from L1. WMODE 1:
         each value is also multiplied by the norm's weight w_ptr[k]; 2: and program 0 stores the input as loaded
         (the residual stream, for the steps after) to xout_ptr. Returns the scale."""
-        SL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        q = gl.arange(0, NS * _HK, layout=gl.SliceLayout(1, SL))
-        cols = gl.arange(0, _CH, layout=gl.SliceLayout(0, SL))
-        j = q // _HK
-        if ACT == 2:
-            j = gl.minimum(j, gl.maximum(n - 1, 0))
-        ks = ((first + j) % KSTEPS)[:, None]
-        col = ((q % _HK) * _CH)[:, None] + cols[None, :]
+        ks, col = _stage_slots(first, KSTEPS, NS, n, ACT == 2, _HK)  # the engine kernel's
         x = _x_chunk(x_ptr, p_ptr, ks, col, ACT, DET, SN, SKS, SC, nprog, plain)
-        if NORM:
-            gl.static_assert(NS == KSTEPS, "the norm needs the whole input staged")
-            scale = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NS * _T) + _EPS)
-        if WMODE == 2:
-            if pid == 0:
-                gl.store(xout_ptr + ks * _T + col, x)
-        x = x * scale
-        if WMODE >= 1:
-            x = x * gl.load(w_ptr + ks * _T + col).to(gl.float32)
-        flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        flat.slice(0, NS * _HK, dim=0).slice(0, _CH, dim=1).store(x.to(gl.bfloat16))
-        fence_async_shared()
-        gl.thread_barrier()
-        return scale
+        return _stage_store(x, ks, col, scale, xs, KSTEPS, NS, NORM, WMODE, w_ptr, xout_ptr, pid, _T, _HK)
 
     @gluon.jit
     def _mma_unit(ring, s, xs, slot, acc0, acc1):

@@ -82,14 +82,13 @@ MARKS = 16
 DET_OUTPUTS = (("qkv", QKV_ROWS, HID // TILE, 3), ("o", HID, ATT // TILE, 5),
                ("gu", TOP_K * 2 * INTER, HID // TILE, 2), ("x", HID, TOP_K * INTER // TILE, 5))
 # The workspace (float32), one for all layers: each output's slots, the router's part from a (Ma . a: a slot a
-# query head, `_anchor`), the chosen experts and their weights, the residual stream (the layer's input, and h =
+# query head, `_anchor`), the chosen experts' weights, the residual stream (the layer's input, and h =
 # input + o), the attention's partials (maxima, sums, outputs).
 _PARTS = KV_HEADS * (SPLITS + 1) * (Q_HEADS // KV_HEADS)  # (kv head, split) units and the new token's
 OFFS: dict[str, int] = {}
 _at = 0
 for _name, _size in (*((f"{name}_p", slots * rows) for name, rows, _, slots in DET_OUTPUTS),
-                     ("m_p", Q_HEADS * EXPERTS), ("ids", TOP_K),
-                     ("p", TOP_K), ("xin", HID), ("h", HID), ("am", _PARTS), ("al", _PARTS),
+                     ("m_p", Q_HEADS * EXPERTS), ("p", TOP_K), ("xin", HID), ("h", HID), ("am", _PARTS), ("al", _PARTS),
                      ("ao", _PARTS * HEAD_DIM)):
     OFFS[_name] = _at
     _at += _size
@@ -108,7 +107,7 @@ if gluon is not None:
     _DN_STEPS = gl.constexpr(INTER // TILE)  # an expert's k steps in down
     _O_QKV_P, _O_O_P, _O_M_P = gl.constexpr(OFFS["qkv_p"]), gl.constexpr(OFFS["o_p"]), gl.constexpr(OFFS["m_p"])
     _O_GU_P, _O_X_P = gl.constexpr(OFFS["gu_p"]), gl.constexpr(OFFS["x_p"])
-    _O_IDS, _O_P = gl.constexpr(OFFS["ids"]), gl.constexpr(OFFS["p"])
+    _O_P = gl.constexpr(OFFS["p"])
     _O_XIN, _O_H = gl.constexpr(OFFS["xin"]), gl.constexpr(OFFS["h"])
     _O_AM, _O_AL, _O_AO = gl.constexpr(OFFS["am"]), gl.constexpr(OFFS["al"]), gl.constexpr(OFFS["ao"])
     _C_QKV, _C_O, _C_GU, _C_X = (gl.constexpr(slots) for _, _, _, slots in DET_OUTPUTS)
@@ -357,26 +356,40 @@ if gluon is not None:
         from n on (past the program's units) repeat slot n - 1's head, so the merge's loads hit L1. WMODE 1: the
         values also times the norm's weight w_ptr[k]; 2: and program 0 stores the values as loaded (the residual
         stream, for the steps after) to xout_ptr. Returns the scale."""
-        SL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        q = gl.arange(0, NS * _HK, layout=gl.SliceLayout(1, SL))
-        cols = gl.arange(0, _CH, layout=gl.SliceLayout(0, SL))
-        j = q // _HK
-        if ACT == 2:
-            j = gl.minimum(j, gl.maximum(n - 1, 0))
-        ks = ((first + j) % KSTEPS)[:, None]
-        col = ((q % _HK) * _CH)[:, None] + cols[None, :]
+        ks, col = _stage_slots(first, KSTEPS, NS, n, REPEAT=ACT == 2)
         x = _x_chunk(x_ptr, p_ptr, ks, col, ACT, SN, SKS, SC, nprog, plain, splits)
+        return _stage_store(x, ks, col, scale, xs, KSTEPS, NS, NORM, WMODE, w_ptr, xout_ptr, pid)
+
+    @gluon.jit
+    def _stage_slots(first, KSTEPS: gl.constexpr, NS: gl.constexpr, n, REPEAT: gl.constexpr,
+                     HK: gl.constexpr = TILE // CHUNK):
+        """`_stage_input`'s k steps and columns: [NS * HK, 64] (a k step is HK chunks of 64), slot j < NS k step
+        (first + j) % KSTEPS; REPEAT: slots from n on repeat slot n - 1's."""
+        SL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        q = gl.arange(0, NS * HK, layout=gl.SliceLayout(1, SL))
+        cols = gl.arange(0, _CH, layout=gl.SliceLayout(0, SL))
+        j = q // HK
+        if REPEAT:
+            j = gl.minimum(j, gl.maximum(n - 1, 0))
+        return ((first + j) % KSTEPS)[:, None], ((q % HK) * _CH)[:, None] + cols[None, :]
+
+    @gluon.jit
+    def _stage_store(x, ks, col, scale, xs, KSTEPS: gl.constexpr, NS: gl.constexpr, NORM: gl.constexpr,
+                     WMODE: gl.constexpr, w_ptr, xout_ptr, pid, T: gl.constexpr = TILE,
+                     HK: gl.constexpr = TILE // CHUNK):
+        """`_stage_input`'s values x at (ks, col) (`_stage_slots`; k steps of T values) times scale (NORM: 1 / rms
+        of x) and WMODE's weight, to xs in bf16; returns the scale."""
         if NORM:
             gl.static_assert(NS == KSTEPS, "the norm needs the whole input staged")
-            scale = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NS * _T) + _EPS)
+            scale = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NS * T) + _EPS)
         if WMODE == 2:
             if pid == 0:
-                gl.store(xout_ptr + ks * _T + col, x)
+                gl.store(xout_ptr + ks * T + col, x)
         x = x * scale
         if WMODE >= 1:
-            x = x * gl.load(w_ptr + ks * _T + col).to(gl.float32)
+            x = x * gl.load(w_ptr + ks * T + col).to(gl.float32)
         flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        flat.slice(0, NS * _HK, dim=0).slice(0, _CH, dim=1).store(x.to(gl.bfloat16))
+        flat.slice(0, NS * HK, dim=0).slice(0, _CH, dim=1).store(x.to(gl.bfloat16))
         fence_async_shared()
         gl.thread_barrier()
         return scale
@@ -517,15 +530,7 @@ if gluon is not None:
                 o0 = gl.zeros([64, _GRP], gl.float32, _ACC_L)
                 o1 = gl.zeros([64, _GRP], gl.float32, _ACC_L)
                 for tile in range(s * tiles // splits, (s + 1) * tiles // splits):
-                    sk = c % STAGES
-                    mbarrier.wait(ready.index(sk), (c // STAGES) & 1)
-                    kt = ring.index(sk)
-                    acc = gl.zeros([_CT, _GRP], gl.float32, _ACC_L)
-                    acc = warpgroup_mma(kt.slice(0, _CH, dim=1), qs.index(0).permute((1, 0)), acc, is_async=True)
-                    acc = warpgroup_mma(kt.slice(_CH, _CH, dim=1), qs.index(1).permute((1, 0)), acc, is_async=True)
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                    gl.thread_barrier()
-                    mbarrier.arrive(empty.index(sk))
+                    acc = _scores(ring, ready, empty, c, qs, STAGES)
                     token = tile * _CT + gl.arange(0, _CT, layout=rows_l)
                     acc = gl.where((token < pos)[:, None], acc, float("-inf"))
                     new_top = gl.maximum(top, gl.max(acc, axis=0))
@@ -534,19 +539,7 @@ if gluon is not None:
                     p = gl.exp(acc - safe[None, :])
                     total = total * alpha + gl.sum(p, axis=0)
                     top = new_top
-                    ps.store(gl.permute(p, (1, 0)).to(gl.bfloat16))
-                    fence_async_shared()
-                    gl.thread_barrier()
-                    sv = (c + 1) % STAGES
-                    mbarrier.wait(ready.index(sv), ((c + 1) // STAGES) & 1)
-                    vt = ring.index(sv)
-                    o0 = warpgroup_mma(vt.slice(0, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)),
-                                       o0 * alpha[None, :], is_async=True)
-                    o1 = warpgroup_mma(vt.slice(_CH, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)),
-                                       o1 * alpha[None, :], is_async=True)
-                    o0, o1 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1))
-                    gl.thread_barrier()
-                    mbarrier.arrive(empty.index(sv))
+                    o0, o1 = _values(ring, ready, empty, c + 1, STAGES, ps, p, o0, o1, alpha)
                     c += 2
                 gl.thread_barrier()  # every warp is done with qs before the next unit's q
             else:  # the new token of kv head h
@@ -570,24 +563,66 @@ if gluon is not None:
                 gl.store(k_cache + at + _CH + qd, k1)
                 gl.store(v_cache + at + dims, v0)
                 gl.store(v_cache + at + 64 + dims, v1)
-            part = u * _GRP + heads
-            gl.store(ws + _O_AM + part, top)
-            gl.store(ws + _O_AL + part, total)
-            gl.store(ws + _O_AO + part[None, :] * _HD + dims[:, None], o0)
-            gl.store(ws + _O_AO + part[None, :] * _HD + 64 + dims[:, None], o1)
+            _store_partial(ws + _O_AM, ws + _O_AL, ws + _O_AO, u * _GRP + heads, dims, top, total, o0, o1)
         return c
 
     @gluon.jit
-    def _top_k(qkv_ptr, m_ptr, scale_in, ids_ptr, ids_smem, r_s, nprog, trace, TRACE: gl.constexpr):
+    def _scores(ring, ready, empty, c, qs, STAGES: gl.constexpr):
+        """S^T = K . q^T ([64 tokens, 8 query heads]) for the K tile in ring stage c (of STAGES), the group's q
+        (two 64-dim halves) as the B operand in qs; the stage released."""
+        s = c % STAGES
+        mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+        kt = ring.index(s)
+        acc = gl.zeros([_CT, _GRP], gl.float32, _ACC_L)
+        acc = warpgroup_mma(kt.slice(0, _CH, dim=1), qs.index(0).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(kt.slice(_CH, _CH, dim=1), qs.index(1).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(s))
+        return acc
+
+    @gluon.jit
+    def _values(ring, ready, empty, c, STAGES: gl.constexpr, ps, p, o0, o1, alpha=None):
+        """O^T += V^T . P^T for the V tile in ring stage c (of STAGES; a transposed A operand) and the
+        probabilities p ([64 tokens, 8 heads], through ps), into o0 and o1 (the two 64-dim halves, [64, 8]; first
+        rescaled by alpha [8] where given, the online softmax's); the stage released."""
+        ps.store(gl.permute(p, (1, 0)).to(gl.bfloat16))
+        fence_async_shared()
+        gl.thread_barrier()
+        s = c % STAGES
+        mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+        vt = ring.index(s)
+        if alpha is not None:
+            o0 = o0 * alpha[None, :]
+            o1 = o1 * alpha[None, :]
+        o0 = warpgroup_mma(vt.slice(0, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)), o0, is_async=True)
+        o1 = warpgroup_mma(vt.slice(_CH, _CH, dim=1).permute((1, 0)), ps.permute((1, 0)), o1, is_async=True)
+        o0, o1 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1))
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(s))
+        return o0, o1
+
+    @gluon.jit
+    def _store_partial(am, al, ao, part, dims, top, total, o0, o1):
+        """An attention unit's partials for the o step's merge: its 8 heads' maxima, sums and unnormalised outputs
+        (o0, o1: the two 64-dim halves, dims their rows) at partials part (unit * 8 + head) of am, al and ao
+        (HEAD_DIM values a partial)."""
+        gl.store(am + part, top)
+        gl.store(al + part, total)
+        gl.store(ao + part[None, :] * _HD + dims[:, None], o0)
+        gl.store(ao + part[None, :] * _HD + 64 + dims[:, None], o1)
+
+    @gluon.jit
+    def _top_k(qkv_ptr, m_ptr, scale_in, ids_smem, r_s, nprog, trace, TRACE: gl.constexpr):
         """The router's choice, right after the o step: its logits up to the positive scale 1 / rms(h) that only
         the softmax needs (`_route_weights`), Nx . norm_in(x) (the qkv step's last rows) over scale_in plus Ma .
         a (m_ptr: a slot a head, each expert's 32 together, summed in head order). Each thread takes one expert's
         logit as an integer key that orders as the logit does, its lowest 7 bits (2^-16 of the value) replaced by
         127 - the expert, so that equal logits rank the lower expert first, and counts the keys that beat its own,
         32 at a time from shared memory (r_s, [E / 32, 32]): the experts ranked 0-7 are the choice. Every program
-        computes the same choice from the same values. It goes to ids_ptr (ranked order) and to ids_smem for the
-        producer. Returns the logits and ranks (one expert a thread). TRACE: the timer once the keys are in shared
-        memory (the marks of "r done" and "r passed", `TRACE_MARKS`)."""
+        computes the same choice from the same values. It goes to ids_smem (ranked order) for the producer.
+        Returns the logits and ranks (one expert a thread). TRACE: the timer once the keys are in shared memory
+        (the marks of "r done" and "r passed", `TRACE_MARKS`)."""
         ROW32: gl.constexpr = gl.BlockedLayout([1, 32], [32, 1], [4, 1], [1, 0])  # [E, 32]
         mine = gl.arange(0, _EXPERTS, layout=gl.SliceLayout(1, ROW32))
         heads = gl.arange(0, _ATT // _T, layout=gl.SliceLayout(0, ROW32))
@@ -604,7 +639,6 @@ if gluon is not None:
         for cc in gl.static_range(_EXPERTS // 32):
             k_o = r_s._reinterpret(gl.int32, [_EXPERTS // 32, 32], r_s.type.layout).slice(cc, 1, dim=0).load(ROW32)
             rank += gl.sum((k_o > key[:, None]).to(gl.int32), axis=1)
-        gl.store(ids_ptr + rank, mine.to(gl.float32), mask=rank < _TOP_K)
         SEL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 4], [1, 0])
         j = gl.arange(0, _TOP_K, layout=gl.SliceLayout(1, SEL))
         rank_all = gl.convert_layout(rank, gl.SliceLayout(0, SEL))
@@ -667,14 +701,15 @@ if gluon is not None:
             c, _ = _gemv(ws, o_o, ws, 1.0, _HID // _R, _ATT, 2, ring, ready, empty, xs, c, pid, nprog, splits=splits,
                          anchor=anchor, m_ptr=ws + _O_M_P)
             n = _step_sync(bar_ptr, n, nprog, trace, 5, TRACE)
-            r, rank = _top_k(o_qkv, ws + _O_M_P, scale_in, ws + _O_IDS, ids_smem, r_s, nprog, trace, TRACE)
+            r, rank = _top_k(o_qkv, ws + _O_M_P, scale_in, ids_smem, r_s, nprog, trace, TRACE)
             gl.thread_barrier()
             mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
             _mark(trace, 9, TRACE)
             # gate/up's input, norm_post(h) for h = the layer's input + o (program 0 keeps h for the next layer),
             # staged whole in one order: its scale is the same in every program, and the experts' weights need it
-            scale = _stage_input(o_o, ws + _O_XIN, 1.0, xs, 0, _HID // _T, _HID // _T, 3, True, 0, _HID, _ATT // _T,
-                                 _C_O, nprog, False, w_post + layer * _HID, ws + _O_H, 2, pid, 1)
+            scale = _stage_input(o_o, ws + _O_XIN, 1.0, xs, first=0, KSTEPS=_HID // _T, NS=_HID // _T, ACT=3,
+                                 NORM=True, n=0, SN=_HID, SKS=_ATT // _T, SC=_C_O, nprog=nprog, plain=False,
+                                 w_ptr=w_post + layer * _HID, xout_ptr=ws + _O_H, WMODE=2, pid=pid, splits=1)
             _route_weights(r, rank, scale, ws + _O_P)
             c, _ = _gemv(ws + _O_H, o_gu, ws, scale, _TOP_K * _GU_TILES, _HID, 0, ring, ready, empty, xs, c, pid,
                          nprog, STAGE=False)
