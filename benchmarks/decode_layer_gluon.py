@@ -1057,6 +1057,20 @@ def trace_report(trace: torch.Tensor) -> list[dict]:
         rows.append(dict(part="barrier after down: skew", mean_us=(last - done.mean(dim=1)).mean().item()))
         rows.append(dict(part="barrier after down: latency", mean_us=(passed.min(dim=1).values - last).mean().item(),
                          slowest_us=(passed.max(dim=1).values - last).mean().item()))
+    issued = col("producer issued qkv")
+    if (issued != 0).all():  # the engine's stack marks it, the probe's kernels do not
+        d = issued - col("start")
+        rows.append(dict(part="producer's last qkv tile issued, after the layer's start", mean_us=d.mean().item(),
+                         slowest_us=d.max(dim=1).values.mean().item()))
+    begins = dict(qkv="start", o="kv passed", gu="ids published", down="gu passed")
+    for step, begin in begins.items():  # within the engine's GEMV steps (the probe's kernels do not mark these)
+        marks = [begin, f"{step} staged", f"{step} first tile", f"{step} last tile", f"{step} tiles done",
+                 f"{step} done"]
+        if all((col(name) != 0).all() for name in marks[1:5]):
+            for a, b in zip(marks, marks[1:]):
+                d = col(b) - col(a)
+                rows.append(dict(part=f"  {step}: {a} to {b.split(' ', 1)[1]}", mean_us=d.mean().item(),
+                                 slowest_us=d.max(dim=1).values.mean().item()))
     wait = col("producer has ids") - col("producer waits ids")
     rows.append(dict(part="producer waits for the router's choice", mean_us=wait.mean().item(),
                      slowest_us=wait.max(dim=1).values.mean().item()))

@@ -564,14 +564,14 @@ def xcompile(out_dir: str) -> None:
         pages = torch.empty(8 * 66 * 16, KV_HEADS * HEAD_DIM, dtype=BF16)
         page_descs = {f"d_{n}": stack.host_descriptor(pages, [16, stack.TILE], layout_of=[stack.ROWS, stack.TILE])
                       for n in ("kc", "vc")}
-        kernels.append(("the engine's decode stack", stack._stack_kernel,
-                        dict(d_qkv=descs["d_qkv"], d_o=descs["d_o"], d_nx=descs["d_r"], d_ma=descs["d_o"],
-                             d_13=descs["d_13"], d_2=descs["d_2"],
-                             **page_descs, ws=f32, bar_ptr=i32, w_in=norm_w, w_post=norm_w, w_q=norm_w, w_k=norm_w,
-                             k_cache=pages, v_cache=pages, inv_freq=torch.empty(HEAD_DIM // 2), pos_ptr=i64,
-                             slot_ptr=i64, table_ptr=i32, width=66, cache_rows=66 * 16,
-                             layer_elems=66 * 16 * KV_HEADS * HEAD_DIM, layers=8, trace_ptr=i64),
-                        dict(STAGES=10, CAP=2, CAP_GU=3, BS=16, TRACE=False)))
+        kernels += [("the engine's decode stack" + (", traced" if trace else ""), stack._stack_kernel,
+                     dict(d_qkv=descs["d_qkv"], d_o=descs["d_o"], d_nx=descs["d_r"], d_ma=descs["d_o"],
+                          d_13=descs["d_13"], d_2=descs["d_2"],
+                          **page_descs, ws=f32, bar_ptr=i32, w_in=norm_w, w_post=norm_w, w_q=norm_w, w_k=norm_w,
+                          k_cache=pages, v_cache=pages, inv_freq=torch.empty(HEAD_DIM // 2), pos_ptr=i64,
+                          slot_ptr=i64, table_ptr=i32, width=66, cache_rows=66 * 16,
+                          layer_elems=66 * 16 * KV_HEADS * HEAD_DIM, layers=8, trace_ptr=i64),
+                     dict(STAGES=10, CAP=2, CAP_GU=3, BS=16, TRACE=trace)) for trace in (False, True)]
     for name, kernel, args, constexprs in kernels:
         compiled = compile_sm90(kernel, args, constexprs, num_warps=4, num_stages=None if "Gluon" in name else 4)
         ptx = os.path.join(out_dir, name.replace(" ", "_").replace("/", "-") + ".ptx")

@@ -75,8 +75,10 @@ MIN_PROGRAMS = 128  # o's 1024 units over at least 128 programs: at most MERGE_U
 # "r done" and "r passed" both mark its logits read in, in `_top_k`.)
 TRACE_MARKS = ("start", "qkv done", "qkv passed", "kv done", "kv passed", "o done", "o passed", "r done",
                "r passed", "ids published", "gu done", "gu passed", "down done", "producer waits ids",
-               "producer has ids")
-MARKS = 16
+               "producer has ids", "producer issued qkv",
+               *(f"{step} {what}" for step in ("qkv", "o", "gu", "down") for what in ("staged", "first tile",
+                                                                                      "last tile", "tiles done")))
+MARKS = 32
 # Fixed-order sums: (output, rows, k steps a row tile, slots): slots are the most programs that share one of the
 # output's row tiles at up to 144 programs (checked at launch).
 DET_OUTPUTS = (("qkv", QKV_ROWS, HID // TILE, 3), ("o", HID, ATT // TILE, 5),
@@ -113,6 +115,7 @@ if gluon is not None:
     _C_QKV, _C_O, _C_GU, _C_X = (gl.constexpr(slots) for _, _, _, slots in DET_OUTPUTS)
     _R_TILES = gl.constexpr(EXPERTS // ROWS)  # the router's row tiles
     _ACC_L = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]))
+    _A_RS_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_ACC_L, k_width=2))  # wgmma's A in registers
     _IDS_L = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # the producer warp's copy of the choice
     _MERGE_BATCH = gl.constexpr(8)  # partials merged a loop step (all at once spill)
     _MARKS = gl.constexpr(MARKS)
@@ -260,8 +263,10 @@ if gluon is not None:
         anchor = _anchor(pid, nprog)
         c = 0
         for layer in range(layers):
+            trace = trace_ptr + (layer * nprog + pid) * _MARKS
             c = _produce_dense(d_qkv, layer * _QKV, _QKV_ROWS // _R, _HID // _T, ring, ready, empty, c, pid, nprog,
                                CAP, desc2=d_nx, row2=layer * _EXPERTS, TILES2=_R_TILES)
+            _mark(trace, 15, TRACE)
             for u in range(a0, a1):  # each tile's K, then its V
                 h = u // splits
                 s = u % splits
@@ -277,7 +282,6 @@ if gluon is not None:
                 ks = anchor % (_ATT // _T)
                 m = (anchor // (_ATT // _T) + 2 * (_HID // _R) - _R_TILES * ks) % (_HID // _R)
                 c = _issue(d_ma, layer * _EXPERTS + m * _R, ks * _T, ring, ready, empty, c, CAP)
-            trace = trace_ptr + (layer * nprog + pid) * _MARKS
             _mark(trace, 13, TRACE)
             mbarrier.wait(ids_bar, layer & 1)  # this program's consumers have stored the router's choice
             _mark(trace, 14, TRACE)
@@ -379,6 +383,8 @@ if gluon is not None:
                      HK: gl.constexpr = TILE // CHUNK):
         """`_stage_input`'s values x at (ks, col) (`_stage_slots`; k steps of T values) times scale (NORM: 1 / rms
         of x) and WMODE's weight, to xs in bf16; returns the scale."""
+        if WMODE >= 1:  # loaded before the norm's reduction (a thread barrier), with x's loads in flight
+            w = gl.load(w_ptr + ks * T + col).to(gl.float32)
         if NORM:
             gl.static_assert(NS == KSTEPS, "the norm needs the whole input staged")
             scale = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NS * T) + _EPS)
@@ -387,7 +393,7 @@ if gluon is not None:
                 gl.store(xout_ptr + ks * T + col, x)
         x = x * scale
         if WMODE >= 1:
-            x = x * gl.load(w_ptr + ks * T + col).to(gl.float32)
+            x = x * w
         flat = xs._reinterpret(gl.bfloat16, [_XS, 8 * _CH], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         flat.slice(0, NS * HK, dim=0).slice(0, _CH, dim=1).store(x.to(gl.bfloat16))
         fence_async_shared()
@@ -404,14 +410,25 @@ if gluon is not None:
         return gl.zeros([64, 8], gl.float32, _ACC_L)
 
     @gluon.jit
+    def _unit_mma(w, xs, slot, acc):
+        """A unit's MMAs, issued: its ring tile w (64 rows x 128 k) against the staged input's k step in slot, as
+        two wgmma m64n8 k-64 with the tile's halves loaded into registers first. (With the wgmma reading the tile
+        from shared memory a unit took about 0.42 us, from registers 0.24: benchmarks/RESULTS.md, session 31.)"""
+        a_lo = w.slice(0, _CH, dim=1).load(_A_RS_L)
+        a_hi = w.slice(_CH, _CH, dim=1).load(_A_RS_L)
+        acc = warpgroup_mma(a_lo, xs.index(2 * slot).permute((1, 0)), acc, is_async=True)
+        return warpgroup_mma(a_hi, xs.index(2 * slot + 1).permute((1, 0)), acc, is_async=True)
+
+    @gluon.jit
     def _gemv(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring, ready,
               empty, xs, c, pid, nprog, NORM: gl.constexpr = False, SN: gl.constexpr = 0, SKS: gl.constexpr = 0,
               SC: gl.constexpr = 0, plain=False, w_ptr=0, xout_ptr=0, WMODE: gl.constexpr = 0, splits=1,
-              STAGE: gl.constexpr = True, anchor=-1, m_ptr=0):
+              STAGE: gl.constexpr = True, anchor=-1, m_ptr=0, trace=0, MK: gl.constexpr = 0,
+              TRACE: gl.constexpr = False):
         """A step's GEMV over the program's units: the input staged (`_stage_input`; STAGE False: the caller
-        staged it, as gate/up's is, before the router's choice), then each unit's ring tile as two wgmma m64n8
-        k-64 against it, the next unit's issued before the last one's are waited for; each row tile's sums to the
-        program's slot (`_flush`). The o step (ACT 2): then the program's unit of the router's part from a, if it
+        staged it, as gate/up's is, before the router's choice), then each unit's ring tile against it
+        (`_unit_mma`), its stage released once the tile is in registers; each row tile's sums to the program's
+        slot (`_flush`). The o step (ACT 2): then the program's unit of the router's part from a, if it
         has one (`_anchor`), from the next ring tile into m_ptr's slot of its head. Returns the ring count and the
         scale."""
         STAGES: gl.constexpr = ring.type.shape[0]
@@ -423,6 +440,7 @@ if gluon is not None:
         if STAGE:
             scale = _stage_input(x_ptr, p_ptr, scale, xs, 0 if WHOLE else u0, KSTEPS, NS, ACT, NORM, n, SN, SKS, SC,
                                  nprog, plain, w_ptr, xout_ptr, WMODE, pid, splits)
+        _mark(trace, MK, TRACE)
         rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _ACC_L))
         acc = gl.zeros([64, 8], gl.float32, _ACC_L)
         for i in range(n):
@@ -430,37 +448,31 @@ if gluon is not None:
             t = u // KSTEPS
             s = (c + i) % STAGES
             mbarrier.wait(ready.index(s), ((c + i) // STAGES) & 1)
-            w = ring.index(s)
+            if TRACE:
+                if i == 0:
+                    _mark(trace, MK + 1, TRACE)
+                if i + 1 == n:
+                    _mark(trace, MK + 2, TRACE)
             slot = u % KSTEPS if WHOLE else i
-            acc = warpgroup_mma(w.slice(0, _CH, dim=1), xs.index(2 * slot).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(w.slice(_CH, _CH, dim=1), xs.index(2 * slot + 1).permute((1, 0)), acc,
-                                is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
-            if i > 0:  # the unit before is done in every warp: its stage is free
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index((c + i - 1) % STAGES))
+            acc = _unit_mma(ring.index(s), xs, slot, acc)
+            gl.thread_barrier()  # the tile is in every warp's registers: its stage is free
+            mbarrier.arrive(empty.index(s))
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             if ((u + 1) // KSTEPS != t) | (i + 1 == n):
                 acc = _flush(y_ptr, t, rows, acc, N_TILES * _R, KSTEPS, pid, nprog)
-        if n > 0:
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index((c + n - 1) % STAGES))
+        _mark(trace, MK + 3, TRACE)
         c += n
         if ACT == 2:
             if anchor >= 0:
                 s = c % STAGES
                 mbarrier.wait(ready.index(s), (c // STAGES) & 1)
-                w = ring.index(s)
-                slot = anchor - u0
-                acc = warpgroup_mma(w.slice(0, _CH, dim=1), xs.index(2 * slot).permute((1, 0)),
-                                    gl.zeros([64, 8], gl.float32, _ACC_L), is_async=True)
-                acc = warpgroup_mma(w.slice(_CH, _CH, dim=1), xs.index(2 * slot + 1).permute((1, 0)), acc,
-                                    is_async=True)
+                acc = _unit_mma(ring.index(s), xs, anchor - u0, gl.zeros([64, 8], gl.float32, _ACC_L))
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(s))
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 ks = anchor % KSTEPS
                 m = (anchor // KSTEPS + 2 * N_TILES - _R_TILES * ks) % N_TILES
                 gl.store(m_ptr + (m * _R + rows) * KSTEPS + ks, gl.sum(acc, axis=1))
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index(s))
                 c += 1
         return c, scale
 
@@ -693,13 +705,14 @@ if gluon is not None:
             # the embedding as the host put it there
             c, scale_in = _gemv(o_x, o_qkv, ws + _O_H, 1.0, _QKV_ROWS // _R, _HID, 3, ring, ready,
                                 empty, xs, c, pid, nprog, NORM=True, SN=_HID, SKS=_TOP_K * _INTER // _T, SC=_C_X,
-                                plain=layer == 0, w_ptr=w_in + layer * _HID, xout_ptr=ws + _O_XIN, WMODE=2)
+                                plain=layer == 0, w_ptr=w_in + layer * _HID, xout_ptr=ws + _O_XIN, WMODE=2,
+                                trace=trace, MK=16, TRACE=TRACE)
             n = _step_sync(bar_ptr, n, nprog, trace, 1, TRACE)
             c = _attend(ws, o_qkv, ring, ready, empty, qs, ps, c, pid, nprog, layer, w_q, w_k, k_cache, v_cache,
                         cos_s, sin_s, pos, slot, tiles, splits, layer_elems)
             n = _step_sync(bar_ptr, n, nprog, trace, 3, TRACE)
             c, _ = _gemv(ws, o_o, ws, 1.0, _HID // _R, _ATT, 2, ring, ready, empty, xs, c, pid, nprog, splits=splits,
-                         anchor=anchor, m_ptr=ws + _O_M_P)
+                         anchor=anchor, m_ptr=ws + _O_M_P, trace=trace, MK=20, TRACE=TRACE)
             n = _step_sync(bar_ptr, n, nprog, trace, 5, TRACE)
             r, rank = _top_k(o_qkv, ws + _O_M_P, scale_in, ids_smem, r_s, nprog, trace, TRACE)
             gl.thread_barrier()
@@ -712,10 +725,10 @@ if gluon is not None:
                                  w_ptr=w_post + layer * _HID, xout_ptr=ws + _O_H, WMODE=2, pid=pid, splits=1)
             _route_weights(r, rank, scale, ws + _O_P)
             c, _ = _gemv(ws + _O_H, o_gu, ws, scale, _TOP_K * _GU_TILES, _HID, 0, ring, ready, empty, xs, c, pid,
-                         nprog, STAGE=False)
+                         nprog, STAGE=False, trace=trace, MK=24, TRACE=TRACE)
             n = _step_sync(bar_ptr, n, nprog, trace, 10, TRACE)
             c, _ = _gemv(o_gu, o_x, ws + _O_P, 1.0, _HID // _R, _TOP_K * _INTER, 1, ring, ready, empty, xs, c, pid,
-                         nprog, SN=_TOP_K * 2 * _INTER, SKS=_HID // _T, SC=_C_GU)
+                         nprog, SN=_TOP_K * 2 * _INTER, SKS=_HID // _T, SC=_C_GU, trace=trace, MK=28, TRACE=TRACE)
             _mark(trace, 12, TRACE)
 
     @gluon.jit
