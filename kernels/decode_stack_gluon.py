@@ -13,7 +13,7 @@ and every small step waits for the one before; the engine's layer took 65.5 µs 
   through the request's block table);
 - one consumer warpgroup runs each step on the tensor cores once the step's input is whole (grid barriers
   between steps): the step's input is staged in shared memory as bf16, row 0 of [8, 64] tiles, and each ring
-  tile is wgmma m64n8 against it. Norms come from the staged values.
+  tile, loaded into registers, is wgmma m64n8 against it (`_unit_mma`). Norms come from the staged values.
 
 A layer's steps, each program taking an even share of each step's (row tile, k step) units:
     qkv   = Wqkv . norm_in(x)                       (x: the residual stream, the layer's input)
