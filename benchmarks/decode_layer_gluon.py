@@ -1031,7 +1031,8 @@ def trace_report(trace: torch.Tensor) -> list[dict]:
     time from its start (the barrier before it passed) to its end, as the mean and the slowest program take it;
     each barrier's wait, as the time from the mean program's arrival to the last one's (skew) and from the last
     arrival to the first program passing (latency; down's barrier is passed into the next layer); the producer's
-    wait for the router's choice."""
+    wait for the router's choice. Where the kernel marks them (the engine's stack): when the producer has issued
+    the layer's qkv tiles, and within each GEMV step its input's staging and its tiles."""
     t = trace[1:].double() / 1e3  # [layers - 1, programs, MARKS], µs
     mark = {name: i for i, name in enumerate(TRACE_MARKS)}
 
@@ -1063,13 +1064,13 @@ def trace_report(trace: torch.Tensor) -> list[dict]:
         rows.append(dict(part="producer's last qkv tile issued, after the layer's start", mean_us=d.mean().item(),
                          slowest_us=d.max(dim=1).values.mean().item()))
     begins = dict(qkv="start", o="kv passed", gu="ids published", down="gu passed")
+    parts = ("staging", "to the first tile", "first to last tile", "the last tile", "after the tiles")
     for step, begin in begins.items():  # within the engine's GEMV steps (the probe's kernels do not mark these)
-        marks = [begin, f"{step} staged", f"{step} first tile", f"{step} last tile", f"{step} tiles done",
-                 f"{step} done"]
+        marks = [begin, *(f"{step} {what}" for what in ("staged", "first tile", "last tile", "tiles done", "done"))]
         if all((col(name) != 0).all() for name in marks[1:5]):
-            for a, b in zip(marks, marks[1:]):
+            for part, a, b in zip(parts, marks, marks[1:]):
                 d = col(b) - col(a)
-                rows.append(dict(part=f"  {step}: {a} to {b.split(' ', 1)[1]}", mean_us=d.mean().item(),
+                rows.append(dict(part=f"  {step}: {part}", mean_us=d.mean().item(),
                                  slowest_us=d.max(dim=1).values.mean().item()))
     wait = col("producer has ids") - col("producer waits ids")
     rows.append(dict(part="producer waits for the router's choice", mean_us=wait.mean().item(),
