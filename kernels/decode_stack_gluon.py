@@ -410,14 +410,19 @@ if gluon is not None:
         return gl.zeros([64, 8], gl.float32, _ACC_L)
 
     @gluon.jit
-    def _unit_mma(w, xs, slot, acc):
-        """A unit's MMAs, issued: its ring tile w (64 rows x 128 k) against the staged input's k step in slot, as
-        two wgmma m64n8 k-64 with the tile's halves loaded into registers first. (With the wgmma reading the tile
-        from shared memory a unit took about 0.42 us, from registers 0.24: benchmarks/RESULTS.md, session 31.)"""
+    def _unit_mma(w, empty, xs, slot, acc):
+        """A unit's MMAs: its ring tile w (64 rows x 128 k) against the staged input's k step in slot, as two
+        wgmma m64n8 k-64 with the tile's halves loaded into registers first; its stage is released (empty) once
+        every warp has them. (With the wgmma reading the tile from shared memory a unit took about 0.42 us, from
+        registers 0.24: benchmarks/RESULTS.md, session 31.) Returns acc plus the unit's sums."""
         a_lo = w.slice(0, _CH, dim=1).load(_A_RS_L)
         a_hi = w.slice(_CH, _CH, dim=1).load(_A_RS_L)
         acc = warpgroup_mma(a_lo, xs.index(2 * slot).permute((1, 0)), acc, is_async=True)
-        return warpgroup_mma(a_hi, xs.index(2 * slot + 1).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(a_hi, xs.index(2 * slot + 1).permute((1, 0)), acc, is_async=True)
+        gl.thread_barrier()  # the tile is in every warp's registers: its stage is free
+        mbarrier.arrive(empty)
+        acc, a_lo, a_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_lo, a_hi))  # (the wgmma reads a_*)
+        return acc
 
     @gluon.jit
     def _gemv(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring, ready,
@@ -454,10 +459,7 @@ if gluon is not None:
                 if i + 1 == n:
                     _mark(trace, MK + 2, TRACE)
             slot = u % KSTEPS if WHOLE else i
-            acc = _unit_mma(ring.index(s), xs, slot, acc)
-            gl.thread_barrier()  # the tile is in every warp's registers: its stage is free
-            mbarrier.arrive(empty.index(s))
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            acc = _unit_mma(ring.index(s), empty.index(s), xs, slot, acc)
             if ((u + 1) // KSTEPS != t) | (i + 1 == n):
                 acc = _flush(y_ptr, t, rows, acc, N_TILES * _R, KSTEPS, pid, nprog)
         _mark(trace, MK + 3, TRACE)
@@ -466,10 +468,7 @@ if gluon is not None:
             if anchor >= 0:
                 s = c % STAGES
                 mbarrier.wait(ready.index(s), (c // STAGES) & 1)
-                acc = _unit_mma(ring.index(s), xs, anchor - u0, gl.zeros([64, 8], gl.float32, _ACC_L))
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index(s))
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                acc = _unit_mma(ring.index(s), empty.index(s), xs, anchor - u0, gl.zeros([64, 8], gl.float32, _ACC_L))
                 ks = anchor % KSTEPS
                 m = (anchor // KSTEPS + 2 * N_TILES - _R_TILES * ks) % N_TILES
                 gl.store(m_ptr + (m * _R + rows) * KSTEPS + ks, gl.sum(acc, axis=1))
