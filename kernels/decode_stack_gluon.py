@@ -231,17 +231,24 @@ if gluon is not None:
         return c
 
     @gluon.jit
-    def _anchor(pid, nprog):
-        """The o step's unit of this program that also takes a unit of the router's part from a (Ma . a), or -1:
-        unit (row tile t, head ks) takes Ma's row tile m = (t - R_TILES * ks) mod (HID / ROWS) where m < R_TILES,
-        so each (m, ks) has one unit, 16 units apart (a program has at most 8: at most one each), and its head is
-        staged already."""
+    def _anchor_tile(u):
+        """For the o step's unit u (row tile t = u // KS, head ks = u % KS): Ma's row tile m = (t - R_TILES * ks)
+        mod (HID / ROWS), which the unit takes where m < R_TILES (`_anchor`), and ks."""
         O_TILES: gl.constexpr = _HID // _R
         KS: gl.constexpr = _ATT // _T
-        u0, u1 = _units(pid, nprog, O_TILES * KS)
+        ks = u % KS
+        return (u // KS + 2 * O_TILES - _R_TILES * ks) % O_TILES, ks
+
+    @gluon.jit
+    def _anchor(pid, nprog):
+        """The o step's unit of this program that also takes a unit of the router's part from a (Ma . a), or -1:
+        the unit whose `_anchor_tile` is below R_TILES. Each (m, ks) has one unit, 16 units apart (a program has
+        at most 8: at most one each), and its head is staged already."""
+        u0, u1 = _units(pid, nprog, (_HID // _R) * (_ATT // _T))
         found = u0 - u0 - 1  # -1 as a run-time value, which the loop may replace
         for u in range(u0, u1):
-            if (u // KS + 2 * O_TILES - _R_TILES * (u % KS)) % O_TILES < _R_TILES:
+            m, _ = _anchor_tile(u)
+            if m < _R_TILES:
                 found = u
         return found
 
@@ -279,8 +286,7 @@ if gluon is not None:
                     c = _issue_kv(d_vc, layer * cache_rows, pages, h * _HD, ring, ready, empty, c, CAP, BS)
             c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog, CAP)
             if anchor >= 0:  # its Ma tile after its o tiles (`_gemv`)
-                ks = anchor % (_ATT // _T)
-                m = (anchor // (_ATT // _T) + 2 * (_HID // _R) - _R_TILES * ks) % (_HID // _R)
+                m, ks = _anchor_tile(anchor)
                 c = _issue(d_ma, layer * _EXPERTS + m * _R, ks * _T, ring, ready, empty, c, CAP)
             _mark(trace, 13, TRACE)
             mbarrier.wait(ids_bar, layer & 1)  # this program's consumers have stored the router's choice
@@ -469,8 +475,7 @@ if gluon is not None:
                 s = c % STAGES
                 mbarrier.wait(ready.index(s), (c // STAGES) & 1)
                 acc = _unit_mma(ring.index(s), empty.index(s), xs, anchor - u0, gl.zeros([64, 8], gl.float32, _ACC_L))
-                ks = anchor % KSTEPS
-                m = (anchor // KSTEPS + 2 * N_TILES - _R_TILES * ks) % N_TILES
+                m, ks = _anchor_tile(anchor)
                 gl.store(m_ptr + (m * _R + rows) * KSTEPS + ks, gl.sum(acc, axis=1))
                 c += 1
         return c, scale
