@@ -1,12 +1,13 @@
 """Decode-size projections: `skinny_linear` (Triton, split-K reduced in one launch) against cuBLAS (F.linear).
 
-    python benchmarks/kernels_skinny.py [--sweep] [--out benchmarks/out/kernels_skinny.json]
+    python benchmarks/kernels_skinny.py [--sweep] [--lm-head] [--out benchmarks/out/kernels_skinny.json]
 
 Every projection a decode step runs per layer, with real model shapes, at 1, 8 and 16 rows. Each case is timed
 under CUDA-graph replay over 8 distinct weight copies (as 8 layers would be: no weight is served from L2), and
 compared with the floor: weight + activation bytes over the device-to-device copy bandwidth measured in the same
 run. Results are checked against an fp64 reference. `--sweep` also tries tile / split / pipeline variants on
-the Qwen3 shapes to choose `default_config`.
+the Qwen3 shapes to choose `default_config`. `--lm-head` times only the weights wider than one wave of tiles
+(LM heads, a dense MLP's gate/up), with `--sweep` against unsplit variants at one row.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ SHAPES = {  # name: (out N, in K)
     "dsv2-lite shared gate_up": (5632, 2048),
     "dsv2-lite shared down": (2048, 2816),
 }
+
+
+# Wider than one wave of 64-column tiles (`default_config` streams them unsplit).
+WIDE = {"qwen3 lm_head": (151936, 2048), "dsv2-lite lm_head": (102400, 2048), "mixtral lm_head": (32000, 4096),
+        "dsv2-lite dense gate_up": (21888, 2048)}
 
 
 def graph_us(fn: Callable[[int], object]) -> float:
@@ -88,9 +94,18 @@ def sweep_configs() -> list[SkinnyConfig]:
     return [SkinnyConfig(block_n=bn, block_k=bk, split_k=s, num_stages=st) for bn, bk, s, st in grid]
 
 
+def lm_head_configs() -> list[SkinnyConfig]:
+    """Unsplit streams of the LM head's weight: (columns, k depth, warps, stages)."""
+    grid = ((64, 256, 4, 3), (64, 256, 4, 4), (64, 128, 4, 5), (64, 128, 4, 6), (128, 128, 4, 4), (128, 128, 8, 4),
+            (128, 256, 8, 3), (32, 256, 4, 4), (32, 512, 4, 3), (64, 512, 4, 2), (64, 512, 8, 2))
+    return [SkinnyConfig(block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=st) for bn, bk, w, st in grid]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--lm-head", action="store_true",
+                        help="only the weights wider than a wave (LM heads), with --sweep their variants")
     parser.add_argument("--out", default="benchmarks/out/kernels_skinny.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -98,6 +113,13 @@ def main() -> None:
     on = pdl.pdl_supported(torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}; copy bandwidth {copy_tbs:.2f} TB/s; PDL {on}")
     rows: list[dict] = []
+    if args.lm_head:
+        for name, (n, k) in WIDE.items():
+            for m in (1, 8, 16):
+                rows += case(name, n, k, m, copy_tbs, [None] + (lm_head_configs() if args.sweep and m == 1 else []))
+        with open(args.out, "w") as f:
+            json.dump(dict(copy_tbs=copy_tbs, rows=rows), f, indent=1)
+        return
     if args.sweep:
         for name in ("qwen3 qkv", "qwen3 o_proj"):
             for m in (1, 16):

@@ -43,6 +43,8 @@ Sessions 27-29").
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from .gluon_support import (
     fence_async_shared,
@@ -55,6 +57,7 @@ from .gluon_support import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from .pdl import launch_kwargs, pdl_enter, pdl_supported
 
 # The shape (Qwen3-30B-A3B): hidden, query heads, kv heads, head dim, experts, top-k, expert intermediate.
 HID, Q_HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K, INTER = 2048, 32, 4, 128, 128, 8, 768
@@ -693,6 +696,9 @@ if gluon is not None:
         angle = pos.to(gl.float32) * gl.load(inv_freq + d)
         cos_s.store(gl.cos(angle))
         sin_s.store(gl.sin(angle))
+        # Launched early (PDL): wait for `_enter_kernel`'s writes (the first layer's input, the barrier's count).
+        # The producer reads only what was there before it (weights, the KV of past tokens, positions, table).
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
         gl.thread_barrier()
         c = 0
         n = 0
@@ -795,11 +801,41 @@ def det_slots(rows: int, ks: int, programs: int, tile_rows: int = ROWS) -> int:
     return max(count for _, count in tile_owners(rows, ks, programs, tile_rows))
 
 
-def slot_mask(rows: int, ks: int, slots: int, programs: int, device) -> torch.Tensor:
-    """[slots, rows] float: 1 where slot j holds a partial of that row's tile (j below its programs' count)."""
-    counts = torch.tensor([count for _, count in tile_owners(rows, ks, programs)])
-    mask = torch.arange(slots)[:, None] < counts.repeat_interleave(ROWS)[None, :]
-    return mask.to(device=device, dtype=torch.float32)
+def slot_counts(rows: int, ks: int, programs: int, device) -> torch.Tensor:
+    """[rows / ROWS] int32: the partial slots of each row tile of an output (`tile_owners`' counts)."""
+    return torch.tensor([count for _, count in tile_owners(rows, ks, programs)], dtype=torch.int32, device=device)
+
+
+@triton.jit
+def _enter_kernel(rows, row, h, bar, N: tl.constexpr, USE_PDL: tl.constexpr):
+    """Before the stack: its input rows[row[0]] ([.., N], any float type: the token's embedding) as float32 to h,
+    and the grid barrier's count to 0."""
+    pdl_enter(USE_PDL)
+    cols = tl.arange(0, N)
+    r = tl.load(row).to(tl.int64)
+    tl.store(h + cols, tl.load(rows + r * N + cols).to(tl.float32))
+    tl.store(bar, 0)
+
+
+@triton.jit
+def _exit_kernel(slots, counts, h, w, out, eps, N: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                 NORM: tl.constexpr, USE_PDL: tl.constexpr):
+    """After the stack: the last layer's output x' = its MoE sum (the C partial slots of N, in slot order below
+    each row tile's count, as `_get` reads them) + h. NORM: rounded to out's type, then the model's final
+    RMSNorm with weight w (kernels/norm.py's numerics) to out [N]; else x' to out as float32. R: a row tile's
+    rows."""
+    pdl_enter(USE_PDL)
+    cols = tl.arange(0, N)
+    count = tl.load(counts + cols // R)
+    x = tl.load(slots + cols)
+    for j in tl.static_range(1, C):
+        x += tl.load(slots + j * N + cols, mask=j < count, other=0.0)
+    x += tl.load(h + cols)
+    if NORM:
+        x = x.to(out.dtype.element_ty).to(tl.float32)
+        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)).to(out.dtype.element_ty)
+        x = tl.load(w + cols).to(tl.float32) * normed.to(tl.float32)
+    tl.store(out + cols, x.to(out.dtype.element_ty))
 
 
 def fold_router(wr: torch.Tensor, wo: torch.Tensor, w_in: torch.Tensor,
@@ -869,8 +905,10 @@ class DecodeStack:
                 raise ValueError(f"{self.programs} programs share a row tile of {name} more than its {slots} slots")
         self.ws = torch.zeros(WS, dtype=torch.float32, device=device)
         self.bar = torch.zeros(1, dtype=torch.int32, device=device)
-        _, rows, ks, slots = DET_OUTPUTS[-1]
-        self.x_mask = slot_mask(rows, ks, slots, self.programs, device)
+        _, rows, ks, _ = DET_OUTPUTS[-1]
+        self.x_counts = slot_counts(rows, ks, self.programs, device)
+        self.row0 = torch.zeros(1, dtype=torch.int64, device=device)  # `launch`'s x0 as a table of one row
+        self.pdl = pdl_supported(device)
         self.kv: tuple | None = None
 
     @classmethod
@@ -959,21 +997,35 @@ class DecodeStack:
         its K and V stored at slot_mapping[0] (int64) of the caches, whose pages are table[0] (int32). Returns the
         residual stream after the last layer, float32 [HID] (the final norm's input). trace: int64 [layers,
         programs, MARKS] for the GPU timer at `TRACE_MARKS`."""
-        (d_kc, d_vc), k_all, v_all, cache_rows, layer_elems, bs = self.kv
-        self.ws[OFFS["h"]:OFFS["h"] + HID].copy_(x0)
-        self.bar.zero_()
-        _stack_kernel[(self.programs,)](
-            *self.descs, d_kc, d_vc, self.ws, self.bar, *self.norms, k_all, v_all, self.inv_freq, positions,
-            slot_mapping, table, table.shape[-1], cache_rows, layer_elems, self.num_layers,
-            self.bar if trace is None else trace, STAGES=self.STAGES, CAP=self.CAP, CAP_GU=self.CAP_GU, BS=bs,
-            TRACE=trace is not None, num_warps=4)
-        slots = DET_OUTPUTS[-1][3]
-        x = (self.ws[OFFS["x_p"]:OFFS["x_p"] + slots * HID].view(slots, HID) * self.x_mask).sum(0)
-        return x + self.ws[OFFS["h"]:OFFS["h"] + HID]
+        self._run(x0.reshape(1, HID), self.row0, positions, slot_mapping, table, trace)
+        return self._exit(torch.empty(HID, dtype=torch.float32, device=x0.device))
 
     def forward(self, batch) -> torch.Tensor:
         """The final-normed hidden state [1, hidden] of the model's batch that `takes` (model dtype)."""
         model = self.model
-        x0 = model.model.embed_tokens(batch.input_ids)[0]
-        stream = self.launch(x0, batch.positions, batch.attn.slot_mapping, batch.attn.block_tables)
-        return model.model.norm(stream.to(model.ctx.dtype)[None])
+        self._run(model.model.embed_tokens.weight, batch.input_ids, batch.positions, batch.attn.slot_mapping,
+                  batch.attn.block_tables)
+        norm = model.model.norm
+        out = torch.empty(1, HID, dtype=torch.promote_types(norm.weight.dtype, model.ctx.dtype),
+                          device=self.ws.device)
+        return self._exit(out, norm)
+
+    def _run(self, rows: torch.Tensor, row: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+             table: torch.Tensor, trace: torch.Tensor | None = None) -> None:
+        """`launch` on the input rows[row[0]] (rows [.., HID]: the embedding table and the token): three launches,
+        `_enter_kernel` then the stack, each started early (PDL) where the GPU can."""
+        (d_kc, d_vc), k_all, v_all, cache_rows, layer_elems, bs = self.kv
+        _enter_kernel[(1,)](rows, row, self.ws[OFFS["h"]:], self.bar, N=HID, **launch_kwargs(self.ws.device))
+        _stack_kernel[(self.programs,)](
+            *self.descs, d_kc, d_vc, self.ws, self.bar, *self.norms, k_all, v_all, self.inv_freq, positions,
+            slot_mapping, table, table.shape[-1], cache_rows, layer_elems, self.num_layers,
+            self.bar if trace is None else trace, STAGES=self.STAGES, CAP=self.CAP, CAP_GU=self.CAP_GU, BS=bs,
+            TRACE=trace is not None, num_warps=4, launch_pdl=self.pdl)
+
+    def _exit(self, out: torch.Tensor, norm=None) -> torch.Tensor:
+        """The last layer's output (`_exit_kernel`) to out [.., HID]: normed by norm (an RMSNorm module) in out's
+        type, or without a norm as float32."""
+        w, eps = (norm.weight, norm.eps) if norm is not None else (self.ws, 0.0)
+        _exit_kernel[(1,)](self.ws[OFFS["x_p"]:], self.x_counts, self.ws[OFFS["h"]:], w, out, eps, N=HID, R=ROWS,
+                           C=DET_OUTPUTS[-1][3], NORM=norm is not None, num_warps=8, **launch_kwargs(out.device))
+        return out

@@ -104,11 +104,15 @@ class SkinnyConfig:
 def default_config(n: int, k: int, sms: int = 132) -> SkinnyConfig:
     """64-column tiles; split K (halving it down to 512) while the grid still fits one wave of programs.
 
-    Chosen from the sweep in benchmarks/kernels_skinny.py on an H100: Qwen3 qkv (5120 x 2048) is fastest
+    Chosen from the sweeps in benchmarks/kernels_skinny.py on an H100: Qwen3 qkv (5120 x 2048) is fastest
     unsplit with 128-deep tiles and 5 stages (80 programs, 8.6 µs, 82% of the floor), Qwen3 o_proj
-    (2048 x 4096) split 4 ways with 256-deep tiles and 3 stages (128 programs, 8.0 µs, 70%).
+    (2048 x 4096) split 4 ways with 256-deep tiles and 3 stages (128 programs, 8.0 µs, 70%). A weight wider
+    than one wave of tiles streams unsplit, 256 deep with 4 stages: the Qwen3 LM head (151936 x 2048) at one row
+    in 198.8 µs against cuBLAS's 216.7 (1.05 times the copy rate; benchmarks/RESULTS.md, session 32).
     """
     tiles = triton.cdiv(n, 64)
+    if tiles > sms:
+        return SkinnyConfig(block_n=64, block_k=256, split_k=1, num_stages=4)
     split = 1
     while tiles * split * 2 <= sms and k // (split * 2) >= 512:
         split *= 2
@@ -118,9 +122,8 @@ def default_config(n: int, k: int, sms: int = 132) -> SkinnyConfig:
 
 
 def skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `skinny_linear` should run x @ weight.T: CUDA, at most MAX_ROWS rows of x, 16-bit floats, and
-    a weight whose 64-column tiles fit one wave of programs (wider ones, like an LM head, already stream at
-    full bandwidth through cuBLAS). MOESERVE_SKINNY_GEMM=0 turns it off (A/B timing)."""
+    """Whether `skinny_linear` should run x @ weight.T: CUDA, at most MAX_ROWS rows of x and 16-bit floats
+    (`default_config` for the weight's width). MOESERVE_SKINNY_GEMM=0 turns it off (A/B timing)."""
     return (
         x.device.type == "cuda"
         and x.dim() == 2
@@ -129,7 +132,6 @@ def skinny_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == x.dtype
         and x.stride(1) == 1
         and weight.stride(1) == 1
-        and triton.cdiv(weight.shape[0], 64) <= num_sms(x.device)
         and _enabled()
     )
 

@@ -16,6 +16,7 @@ from moeserve import LLM, SamplingParams
 from moeserve.config import EngineConfig
 from moeserve.runner.model_runner import ModelRunner
 from moeserve.scheduler.output import ScheduledRequest, SchedulerOutput
+from tests.interp import interp, launches_interpreter_run, run_interpreter_tests
 from tests.test_gpu_engine import assert_greedy_agree_up_to_ties
 
 # Qwen3-30B-A3B's layer (the shape the kernel is written for), 2 layers and a small vocabulary.
@@ -196,8 +197,8 @@ def test_decode_stack_option_and_what_it_refuses(tiny_checkpoint):
 def test_partial_slots_cover_every_unit_once(programs):
     """The fixed-order sums' bookkeeping against a plain simulation of the kernel's work split: each program's
     `_units` share of each step, the programs that write a row tile (first and count, `tile_owners`), each
-    program's slot (its rank among them) below the step's declared slots, and the mask the host sums the last
-    step's slots with."""
+    program's slot (its rank among them) below the step's declared slots, and the last step's slot counts (by
+    which the exit kernel sums its slots)."""
     from moeserve.kernels import decode_stack_gluon as ds
 
     def units(pid: int, total: int) -> range:  # `_units`
@@ -218,11 +219,8 @@ def test_partial_slots_cover_every_unit_once(programs):
         assert owners == [(w[0], len(w)) for w in writers], name
         assert all(w == list(range(w[0], w[0] + len(w))) for w in writers), name  # slot = pid - first
         assert ds.det_slots(rows, ks, programs) == max(map(len, writers)) <= slots, (name, slots)
-    _, rows, ks, slots = ds.DET_OUTPUTS[-1]
-    mask = ds.slot_mask(rows, ks, slots, programs, "cpu")
-    counts = torch.tensor([count for _, count in ds.tile_owners(rows, ks, programs)]).repeat_interleave(ds.ROWS)
-    assert mask.shape == (slots, rows)
-    assert torch.equal(mask, (torch.arange(slots)[:, None] < counts).float())
+    _, rows, ks, _ = ds.DET_OUTPUTS[-1]  # the loop's last: writers are the stack's output's
+    assert ds.slot_counts(rows, ks, programs, "cpu").tolist() == [len(w) for w in writers]
 
 
 @pytest.mark.parametrize("programs", [128, 132, 144])
@@ -274,3 +272,45 @@ def test_folded_router_gives_the_routers_logits():
     w_in[5] = 0
     with pytest.raises(ValueError, match="input-norm weights"):
         ds.fold_router(wr, wo, w_in, w_post)
+
+
+# ---------------------------------------------------------------- CPU, Triton interpreter: the launches around it
+
+
+@launches_interpreter_run
+def test_enter_and_exit_kernels_under_interpreter():
+    """Runs the `test_interp_*` tests below in a subprocess with TRITON_INTERPRET=1."""
+    run_interpreter_tests(__file__)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interp_enter_and_exit_kernels(dtype):
+    """The stack's first launch (the token's embedding row to the workspace as float32, the barrier's count to 0)
+    and its last (the last layer's MoE sum from its partial slots in slot order below each row tile's count, plus
+    the stream, then the final RMSNorm in the model's type) against torch on random values; the slots past a
+    tile's count hold values that must not be added."""
+    from moeserve.kernels import decode_stack_gluon as ds
+    from moeserve.kernels.norm import rms_norm_reference
+
+    g = torch.Generator().manual_seed(3)
+    n, slots = ds.HID, ds.DET_OUTPUTS[-1][3]
+    table = torch.randn(5, n, generator=g).to(dtype)
+    token = torch.tensor([3])
+    h, bar = torch.zeros(n), torch.tensor([77], dtype=torch.int32)
+    ds._enter_kernel[(1,)](table, token, h, bar, N=n, USE_PDL=False)
+    assert torch.equal(h, table[3].float()) and bar.item() == 0
+
+    parts = torch.randn(slots, n, generator=g)
+    counts = torch.randint(1, slots + 1, (n // ds.ROWS,), generator=g, dtype=torch.int32)
+    w = (torch.rand(n, generator=g) + 0.5).to(dtype)
+    keep = torch.arange(slots)[:, None] < counts.repeat_interleave(ds.ROWS)[None, :]
+    want = parts[0].clone()
+    for j in range(1, slots):
+        want += torch.where(keep[j], parts[j], 0.0)
+    want += h
+    stream, normed = torch.empty(n), torch.empty(1, n, dtype=dtype)
+    for out, norm in ((stream, False), (normed, True)):
+        ds._exit_kernel[(1,)](parts, counts, h, w, out, 1e-6, N=n, R=ds.ROWS, C=slots, NORM=norm, USE_PDL=False)
+    assert torch.equal(stream, want)
+    torch.testing.assert_close(normed, rms_norm_reference(want.to(dtype)[None], w, 1e-6))

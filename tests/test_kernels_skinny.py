@@ -111,10 +111,12 @@ def test_skinny_rejects_bad_input():
 
 
 def test_default_config_fills_one_wave():
-    from moeserve.kernels.skinny_gemm import default_config
+    from moeserve.kernels.skinny_gemm import SkinnyConfig, default_config
 
     qkv, o_proj = default_config(5120, 2048, 132), default_config(2048, 4096, 132)
     assert qkv.split_k == 1 and o_proj.split_k == 4  # the measured best of the sweep
+    # wider than a wave (an LM head): one unsplit stream, the measured best
+    assert default_config(151936, 2048, 132) == SkinnyConfig(block_n=64, block_k=256, split_k=1, num_stages=4)
     for n, k in ((5120, 2048), (2048, 4096), (576, 2048), (128, 2048)):
         cfg = default_config(n, k, 132)
         assert -(-n // cfg.block_n) * cfg.split_k <= 132 or cfg.split_k == 1
@@ -122,7 +124,7 @@ def test_default_config_fills_one_wave():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k", [(5120, 2048), (2048, 4096), (576, 2048), (6144, 4096)])
+@pytest.mark.parametrize("n,k", [(5120, 2048), (2048, 4096), (576, 2048), (6144, 4096), (10000, 2048)])
 @pytest.mark.parametrize("m", [1, 7, 16])
 def test_skinny_bf16_matches_reference(n, k, m):
     from moeserve.kernels.skinny_gemm import skinny_linear
