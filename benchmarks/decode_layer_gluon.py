@@ -1040,13 +1040,18 @@ def trace_report(trace: torch.Tensor) -> list[dict]:
         return t[:, :, mark[name]]
 
     rows = []
-    phases = (("qkv", "start", "qkv done"), ("kv", "qkv passed", "kv done"), ("o", "kv passed", "o done"),
-              ("r", "o passed", "r done"), ("top-k", "r passed", "ids published"), ("gu", "ids published", "gu done"),
+    # The engine's stack ranks the router's choice inside the o step, before o's tiles ("o staged" to "ids
+    # published"); the probe's kernels after o's barrier.
+    first = bool((col("ids published") < col("o done")).all())
+    router = (("r", "o staged", "r done"), ("top-k", "r passed", "ids published"), ("gu", "o passed", "gu done")) \
+        if first else (("r", "o passed", "r done"), ("top-k", "r passed", "ids published"),
+                       ("gu", "ids published", "gu done"))
+    phases = (("qkv", "start", "qkv done"), ("kv", "qkv passed", "kv done"), ("o", "kv passed", "o done"), *router,
               ("down", "gu passed", "down done"))
     for name, begin, end in phases:
         d = col(end) - col(begin)
         rows.append(dict(part=f"step {name}", mean_us=d.mean().item(), slowest_us=d.max(dim=1).values.mean().item()))
-    for name in ("qkv", "kv", "o", "r", "gu"):
+    for name in ("qkv", "kv", "o", "gu") if first else ("qkv", "kv", "o", "r", "gu"):
         done, passed = col(f"{name} done"), col(f"{name} passed")
         last = done.max(dim=1).values
         rows.append(dict(part=f"barrier after {name}: skew", mean_us=(last - done.mean(dim=1)).mean().item()))
@@ -1063,10 +1068,13 @@ def trace_report(trace: torch.Tensor) -> list[dict]:
         d = issued - col("start")
         rows.append(dict(part="producer's last qkv tile issued, after the layer's start", mean_us=d.mean().item(),
                          slowest_us=d.max(dim=1).values.mean().item()))
-    begins = dict(qkv="start", o="kv passed", gu="ids published", down="gu passed")
-    parts = ("staging", "to the first tile", "first to last tile", "the last tile", "after the tiles")
+    begins = dict(qkv="start", o="kv passed", gu="o passed" if first else "ids published", down="gu passed")
     for step, begin in begins.items():  # within the engine's GEMV steps (the probe's kernels do not mark these)
         marks = [begin, *(f"{step} {what}" for what in ("staged", "first tile", "last tile", "tiles done", "done"))]
+        parts = ["staging", "to the first tile", "first to last tile", "the last tile", "after the tiles"]
+        if step == "o" and first:  # the router's part and choice between o's staging and its tiles
+            marks.insert(2, "ids published")
+            parts[1:2] = ["the router's part and choice", "to the first tile"]
         if all((col(name) != 0).all() for name in marks[1:5]):
             for part, a, b in zip(parts, marks, marks[1:]):
                 d = col(b) - col(a)

@@ -22,15 +22,18 @@ A layer's steps, each program taking an even share of each step's (row tile, k s
             q normalised and rotated; each kv head's new token a unit of its own (its k normalised and rotated,
             its score and v, its k and v stored to its cache slot)
     o     = Wo . merge(partials)                    (a: the merged attention output)
-            and the router's part from a: Ma . a, one unit a (router row tile, head) on the program that
-            stages that head anyway (`_anchor`)
+            and, first, the router's part from a: Ma . a, one unit a (router row tile, head) on the program
+            that stages that head anyway (`_anchor`)
     r     = Wr . norm_post(x + o) = (Nx . norm_in(x) * rms(x) + Ma . a) / rms(x + o) (router logits), in every
-            program from the two steps' sums: top-8 by ranks of the logits times rms(x + o) (as fp32, ties to
-            the lower expert), then the softmax over the 8 of the logits rounded to bf16 as the model's are
+            program from the two parts' sums once every Ma unit is in (a count, not a grid barrier), before o's
+            own tiles: top-8 by ranks of the logits times rms(x + o) (as fp32, ties to the lower expert); after
+            o, the softmax over the 8 of the logits rounded to bf16 as the model's are
     gu    = W13[e] . norm_post(x + o)               (the 8 chosen experts)
     x'    = x + o + sum_j p_j W2[e_j] . (silu(g_j) * u_j)
 The router's weights are folded once at set-up (`fold_router`): Nx = Wr diag(w_post) / w_in, Ma = Wr diag(w_post)
-Wo, so the router needs no step and no grid barrier of its own: the producer learns the choice right after o.
+Wo, so the router needs no step and no grid barrier of its own, and the choice does not wait for o's output (its
+ranks do not change with the positive scale 1 / rms(x + o)): the producer streams the chosen experts' tiles while
+the consumers run o's tiles.
 Sums are fixed-order: each program's partial for a row tile goes to its own slot, summed in slot order by the
 reader, so a step's result does not depend on timing (reruns are bit-equal). The residual stream is float32.
 
@@ -75,7 +78,8 @@ MIN_PROGRAMS = 128  # o's 1024 units over at least 128 programs: at most MERGE_U
 # probe's kernels mark them too; `benchmarks/decode_layer_gluon.trace_report` reads both). Consumer: the layer's
 # start, each step's end (arrival at its grid barrier) and the barrier's passing ("kv": the attention), the
 # router's choice published; producer: before and after waiting for that choice. (The router has no step of its own:
-# "r done" and "r passed" both mark its logits read in, in `_top_k`.)
+# "r done" and "r passed" both mark its logits read in, in `_top_k`; in the engine's stack that is before o's
+# tiles, between "o staged" and "o first tile".)
 TRACE_MARKS = ("start", "qkv done", "qkv passed", "kv done", "kv passed", "o done", "o passed", "r done",
                "r passed", "ids published", "gu done", "gu passed", "down done", "producer waits ids",
                "producer has ids", "producer issued qkv",
@@ -287,10 +291,10 @@ if gluon is not None:
                         pages = _tile_pages(table_ptr, width, tile, BS)
                     c = _issue_kv(d_kc, layer * cache_rows, pages, h * _HD, ring, ready, empty, c, CAP, BS)
                     c = _issue_kv(d_vc, layer * cache_rows, pages, h * _HD, ring, ready, empty, c, CAP, BS)
-            c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog, CAP)
-            if anchor >= 0:  # its Ma tile after its o tiles (`_gemv`)
+            if anchor >= 0:  # its Ma tile before its o tiles (`_consumer`: the router's part first)
                 m, ks = _anchor_tile(anchor)
                 c = _issue(d_ma, layer * _EXPERTS + m * _R, ks * _T, ring, ready, empty, c, CAP)
+            c = _produce_dense(d_o, layer * _HID, _HID // _R, _ATT // _T, ring, ready, empty, c, pid, nprog, CAP)
             _mark(trace, 13, TRACE)
             mbarrier.wait(ids_bar, layer & 1)  # this program's consumers have stored the router's choice
             _mark(trace, 14, TRACE)
@@ -437,14 +441,11 @@ if gluon is not None:
     def _gemv(x_ptr, y_ptr, p_ptr, scale, N_TILES: gl.constexpr, K: gl.constexpr, ACT: gl.constexpr, ring, ready,
               empty, xs, c, pid, nprog, NORM: gl.constexpr = False, SN: gl.constexpr = 0, SKS: gl.constexpr = 0,
               SC: gl.constexpr = 0, plain=False, w_ptr=0, xout_ptr=0, WMODE: gl.constexpr = 0, splits=1,
-              STAGE: gl.constexpr = True, anchor=-1, m_ptr=0, trace=0, MK: gl.constexpr = 0,
-              TRACE: gl.constexpr = False):
-        """A step's GEMV over the program's units: the input staged (`_stage_input`; STAGE False: the caller
-        staged it, as gate/up's is, before the router's choice), then each unit's ring tile against it
-        (`_unit_mma`), its stage released once the tile is in registers; each row tile's sums to the program's
-        slot (`_flush`). The o step (ACT 2): then the program's unit of the router's part from a, if it
-        has one (`_anchor`), from the next ring tile into m_ptr's slot of its head. Returns the ring count and the
-        scale."""
+              STAGE: gl.constexpr = True, trace=0, MK: gl.constexpr = 0, TRACE: gl.constexpr = False):
+        """A step's GEMV over the program's units: the input staged (`_stage_input`, then trace mark MK; STAGE
+        False: the caller staged it and marked it, as o's and gate/up's are, around the router's choice), then each
+        unit's ring tile against it (`_unit_mma`), its stage released once the tile is in registers; each row
+        tile's sums to the program's slot (`_flush`). Returns the ring count and the scale."""
         STAGES: gl.constexpr = ring.type.shape[0]
         KSTEPS: gl.constexpr = K // _T
         NS: gl.constexpr = _MERGE_UNITS if ACT == 2 else (KSTEPS if KSTEPS < _XS // _HK else _XS // _HK)
@@ -454,7 +455,7 @@ if gluon is not None:
         if STAGE:
             scale = _stage_input(x_ptr, p_ptr, scale, xs, 0 if WHOLE else u0, KSTEPS, NS, ACT, NORM, n, SN, SKS, SC,
                                  nprog, plain, w_ptr, xout_ptr, WMODE, pid, splits)
-        _mark(trace, MK, TRACE)
+            _mark(trace, MK, TRACE)
         rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _ACC_L))
         acc = gl.zeros([64, 8], gl.float32, _ACC_L)
         for i in range(n):
@@ -472,16 +473,29 @@ if gluon is not None:
             if ((u + 1) // KSTEPS != t) | (i + 1 == n):
                 acc = _flush(y_ptr, t, rows, acc, N_TILES * _R, KSTEPS, pid, nprog)
         _mark(trace, MK + 3, TRACE)
-        c += n
-        if ACT == 2:
-            if anchor >= 0:
-                s = c % STAGES
-                mbarrier.wait(ready.index(s), (c // STAGES) & 1)
-                acc = _unit_mma(ring.index(s), empty.index(s), xs, anchor - u0, gl.zeros([64, 8], gl.float32, _ACC_L))
-                m, ks = _anchor_tile(anchor)
-                gl.store(m_ptr + (m * _R + rows) * KSTEPS + ks, gl.sum(acc, axis=1))
-                c += 1
-        return c, scale
+        return c + n, scale
+
+    @gluon.jit
+    def _router_first(ring, ready, empty, xs, c, anchor, u0, m_ptr, cnt_ptr, target):
+        """The o step's router part, before its tiles: the anchor program (`_anchor`; anchor >= 0, its o units
+        from u0, their heads staged) runs its Ma unit from the next ring tile into m_ptr's slot of its head and
+        counts it in at cnt_ptr (a count that only grows); then every program waits for the count to reach
+        target (every anchor's unit of this layer). Returns the ring count."""
+        STAGES: gl.constexpr = ring.type.shape[0]
+        if anchor >= 0:
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            acc = _unit_mma(ring.index(s), empty.index(s), xs, anchor - u0, gl.zeros([64, 8], gl.float32, _ACC_L))
+            m, ks = _anchor_tile(anchor)
+            rows = gl.arange(0, 64, layout=gl.SliceLayout(1, _ACC_L))
+            gl.store(m_ptr + (m * _R + rows) * (_ATT // _T) + ks, gl.sum(acc, axis=1))
+            c += 1
+            gl.thread_barrier()
+            gl.atomic_add(cnt_ptr, 1, sem="release")
+        while gl.atomic_add(cnt_ptr, 0, sem="acquire") < target:
+            pass
+        gl.thread_barrier()
+        return c
 
     @gluon.jit
     def _norm_rope(a, b, w, d, cos, sin, ROW: gl.constexpr):
@@ -704,6 +718,7 @@ if gluon is not None:
         n = 0
         o_qkv, o_o = ws + _O_QKV_P, ws + _O_O_P
         anchor = _anchor(pid, nprog)
+        o_u0, o_u1 = _units(pid, nprog, (_HID // _R) * (_ATT // _T))
         o_gu, o_x = ws + _O_GU_P, ws + _O_X_P
         for layer in range(layers):
             trace = trace_ptr + (layer * nprog + pid) * _MARKS
@@ -721,18 +736,26 @@ if gluon is not None:
             c = _attend(ws, o_qkv, ring, ready, empty, qs, ps, c, pid, nprog, layer, w_q, w_k, k_cache, v_cache,
                         cos_s, sin_s, pos, slot, tiles, splits, layer_elems)
             n = _step_sync(bar_ptr, n, nprog, trace, 3, TRACE)
-            c, _ = _gemv(ws, o_o, ws, 1.0, _HID // _R, _ATT, 2, ring, ready, empty, xs, c, pid, nprog, splits=splits,
-                         anchor=anchor, m_ptr=ws + _O_M_P, trace=trace, MK=20, TRACE=TRACE)
-            n = _step_sync(bar_ptr, n, nprog, trace, 5, TRACE)
+            # o: its input (the merged heads of its units) staged, then the router's part from a (Ma . a) first and
+            # the router's choice, so that the producer streams the experts' tiles while o's tiles are consumed
+            _stage_input(ws, ws, 1.0, xs, o_u0, _ATT // _T, _MERGE_UNITS, 2, False, o_u1 - o_u0, 0, 0, 0, nprog,
+                         False, 0, 0, 0, pid, splits)
+            _mark(trace, 20, TRACE)
+            c = _router_first(ring, ready, empty, xs, c, anchor, o_u0, ws + _O_M_P, bar_ptr + 32,
+                              (layer + 1) * (_R_TILES * (_ATT // _T)))
             r, rank = _top_k(o_qkv, ws + _O_M_P, scale_in, ids_smem, r_s, nprog, trace, TRACE)
             gl.thread_barrier()
             mbarrier.arrive(ids_bar)  # the producer may load the chosen experts' tiles
             _mark(trace, 9, TRACE)
+            c, _ = _gemv(ws, o_o, ws, 1.0, _HID // _R, _ATT, 2, ring, ready, empty, xs, c, pid, nprog, splits=splits,
+                         STAGE=False, trace=trace, MK=20, TRACE=TRACE)
+            n = _step_sync(bar_ptr, n, nprog, trace, 5, TRACE)
             # gate/up's input, norm_post(h) for h = the layer's input + o (program 0 keeps h for the next layer),
             # staged whole in one order: its scale is the same in every program, and the experts' weights need it
             scale = _stage_input(o_o, ws + _O_XIN, 1.0, xs, first=0, KSTEPS=_HID // _T, NS=_HID // _T, ACT=3,
                                  NORM=True, n=0, SN=_HID, SKS=_ATT // _T, SC=_C_O, nprog=nprog, plain=False,
                                  w_ptr=w_post + layer * _HID, xout_ptr=ws + _O_H, WMODE=2, pid=pid, splits=1)
+            _mark(trace, 24, TRACE)
             _route_weights(r, rank, scale, ws + _O_P)
             c, _ = _gemv(ws + _O_H, o_gu, ws, scale, _TOP_K * _GU_TILES, _HID, 0, ring, ready, empty, xs, c, pid,
                          nprog, STAGE=False, trace=trace, MK=24, TRACE=TRACE)
@@ -807,14 +830,14 @@ def slot_counts(rows: int, ks: int, programs: int, device) -> torch.Tensor:
 
 
 @triton.jit
-def _enter_kernel(rows, row, h, bar, N: tl.constexpr, USE_PDL: tl.constexpr):
+def _enter_kernel(rows, row, h, bar, N: tl.constexpr, B: tl.constexpr, USE_PDL: tl.constexpr):
     """Before the stack: its input rows[row[0]] ([.., N], any float type: the token's embedding) as float32 to h,
-    and the grid barrier's count to 0."""
+    and its B counts (bar: the grid barrier's and the router units') to 0."""
     pdl_enter(USE_PDL)
     cols = tl.arange(0, N)
     r = tl.load(row).to(tl.int64)
     tl.store(h + cols, tl.load(rows + r * N + cols).to(tl.float32))
-    tl.store(bar, 0)
+    tl.store(bar + cols, 0, mask=cols < B)
 
 
 @triton.jit
@@ -904,7 +927,8 @@ class DecodeStack:
             if det_slots(rows, ks, self.programs) > slots:
                 raise ValueError(f"{self.programs} programs share a row tile of {name} more than its {slots} slots")
         self.ws = torch.zeros(WS, dtype=torch.float32, device=device)
-        self.bar = torch.zeros(1, dtype=torch.int32, device=device)
+        # The grid barrier's count, and at 32 (another L2 line) the o step's count of router units in.
+        self.bar = torch.zeros(64, dtype=torch.int32, device=device)
         _, rows, ks, _ = DET_OUTPUTS[-1]
         self.x_counts = slot_counts(rows, ks, self.programs, device)
         self.row0 = torch.zeros(1, dtype=torch.int64, device=device)  # `launch`'s x0 as a table of one row
@@ -1015,7 +1039,8 @@ class DecodeStack:
         """`launch` on the input rows[row[0]] (rows [.., HID]: the embedding table and the token): three launches,
         `_enter_kernel` then the stack, each started early (PDL) where the GPU can."""
         (d_kc, d_vc), k_all, v_all, cache_rows, layer_elems, bs = self.kv
-        _enter_kernel[(1,)](rows, row, self.ws[OFFS["h"]:], self.bar, N=HID, **launch_kwargs(self.ws.device))
+        _enter_kernel[(1,)](rows, row, self.ws[OFFS["h"]:], self.bar, N=HID, B=self.bar.numel(),
+                            **launch_kwargs(self.ws.device))
         _stack_kernel[(self.programs,)](
             *self.descs, d_kc, d_vc, self.ws, self.bar, *self.norms, k_all, v_all, self.inv_freq, positions,
             slot_mapping, table, table.shape[-1], cache_rows, layer_elems, self.num_layers,

@@ -286,7 +286,7 @@ def test_enter_and_exit_kernels_under_interpreter():
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_interp_enter_and_exit_kernels(dtype):
-    """The stack's first launch (the token's embedding row to the workspace as float32, the barrier's count to 0)
+    """The stack's first launch (the token's embedding row to the workspace as float32, its counts to 0)
     and its last (the last layer's MoE sum from its partial slots in slot order below each row tile's count, plus
     the stream, then the final RMSNorm in the model's type) against torch on random values; the slots past a
     tile's count hold values that must not be added."""
@@ -297,9 +297,9 @@ def test_interp_enter_and_exit_kernels(dtype):
     n, slots = ds.HID, ds.DET_OUTPUTS[-1][3]
     table = torch.randn(5, n, generator=g).to(dtype)
     token = torch.tensor([3])
-    h, bar = torch.zeros(n), torch.tensor([77], dtype=torch.int32)
-    ds._enter_kernel[(1,)](table, token, h, bar, N=n, USE_PDL=False)
-    assert torch.equal(h, table[3].float()) and bar.item() == 0
+    h, bar = torch.zeros(n), torch.randint(1, 100, (70,), generator=g, dtype=torch.int32)
+    ds._enter_kernel[(1,)](table, token, h, bar, N=n, B=64, USE_PDL=False)
+    assert torch.equal(h, table[3].float()) and not bar[:64].any() and bar[64:].all()
 
     parts = torch.randn(slots, n, generator=g)
     counts = torch.randint(1, slots + 1, (n // ds.ROWS,), generator=g, dtype=torch.int32)
