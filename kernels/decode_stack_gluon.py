@@ -74,6 +74,9 @@ CHUNK_TOKENS = 64  # attention: a K or V tile is 64 tokens of one kv head
 SPLITS = 32  # attention: at most this many splits a kv head (each a run of 64-token tiles)
 MERGE_UNITS = 8  # the o step's units a program has at most (staging's merge)
 MIN_PROGRAMS = 128  # o's 1024 units over at least 128 programs: at most MERGE_UNITS each
+# The counts the programs meet at (int32, reset by `_enter_kernel`): the grid barrier's at 0 and, a 128-byte L2
+# line further, the o step's router units in (`_router_first`) at ROUTER_COUNT.
+COUNTS, ROUTER_COUNT = 64, 32
 # `DecodeStack.launch(trace=...)`: the GPU timer (ns) at these points, a row of MARKS a layer and program (the
 # probe's kernels mark them too; `benchmarks/decode_layer_gluon.trace_report` reads both). Consumer: the layer's
 # start, each step's end (arrival at its grid barrier) and the barrier's passing ("kv": the attention), the
@@ -126,6 +129,7 @@ if gluon is not None:
     _IDS_L = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # the producer warp's copy of the choice
     _MERGE_BATCH = gl.constexpr(8)  # partials merged a loop step (all at once spill)
     _MARKS = gl.constexpr(MARKS)
+    _ROUTER_COUNT = gl.constexpr(ROUTER_COUNT)
 
     @gluon.jit
     def _mark(trace, i: gl.constexpr, TRACE: gl.constexpr):
@@ -741,7 +745,7 @@ if gluon is not None:
             _stage_input(ws, ws, 1.0, xs, o_u0, _ATT // _T, _MERGE_UNITS, 2, False, o_u1 - o_u0, 0, 0, 0, nprog,
                          False, 0, 0, 0, pid, splits)
             _mark(trace, 20, TRACE)
-            c = _router_first(ring, ready, empty, xs, c, anchor, o_u0, ws + _O_M_P, bar_ptr + 32,
+            c = _router_first(ring, ready, empty, xs, c, anchor, o_u0, ws + _O_M_P, bar_ptr + _ROUTER_COUNT,
                               (layer + 1) * (_R_TILES * (_ATT // _T)))
             r, rank = _top_k(o_qkv, ws + _O_M_P, scale_in, ids_smem, r_s, nprog, trace, TRACE)
             gl.thread_barrier()
@@ -927,8 +931,7 @@ class DecodeStack:
             if det_slots(rows, ks, self.programs) > slots:
                 raise ValueError(f"{self.programs} programs share a row tile of {name} more than its {slots} slots")
         self.ws = torch.zeros(WS, dtype=torch.float32, device=device)
-        # The grid barrier's count, and at 32 (another L2 line) the o step's count of router units in.
-        self.bar = torch.zeros(64, dtype=torch.int32, device=device)
+        self.bar = torch.zeros(COUNTS, dtype=torch.int32, device=device)
         _, rows, ks, _ = DET_OUTPUTS[-1]
         self.x_counts = slot_counts(rows, ks, self.programs, device)
         self.row0 = torch.zeros(1, dtype=torch.int64, device=device)  # `launch`'s x0 as a table of one row
@@ -1036,10 +1039,10 @@ class DecodeStack:
 
     def _run(self, rows: torch.Tensor, row: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
              table: torch.Tensor, trace: torch.Tensor | None = None) -> None:
-        """`launch` on the input rows[row[0]] (rows [.., HID]: the embedding table and the token): three launches,
+        """`launch` on the input rows[row[0]] (rows [.., HID]: the embedding table and the token): two launches,
         `_enter_kernel` then the stack, each started early (PDL) where the GPU can."""
         (d_kc, d_vc), k_all, v_all, cache_rows, layer_elems, bs = self.kv
-        _enter_kernel[(1,)](rows, row, self.ws[OFFS["h"]:], self.bar, N=HID, B=self.bar.numel(),
+        _enter_kernel[(1,)](rows, row, self.ws[OFFS["h"]:], self.bar, N=HID, B=COUNTS,
                             **launch_kwargs(self.ws.device))
         _stack_kernel[(self.programs,)](
             *self.descs, d_kc, d_vc, self.ws, self.bar, *self.norms, k_all, v_all, self.inv_freq, positions,
