@@ -169,11 +169,13 @@ def time_ms(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def hbm_bandwidth(device: torch.device, nbytes: int) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+def hbm_bandwidth(device: torch.device, nbytes: int, rounds: int = 3) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written: the best of `rounds` medians.
+    One low reading would lengthen every roofline of the run and flatter its ratios (session 32 saw 2.86 TB/s
+    once where the same card read 2.96-2.97 in other runs)."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, reps=20)
+    ms = min(time_ms(lambda: dst.copy_(src), device, reps=20) for _ in range(rounds))
 
     return 2 * nbytes / (ms / 1e3)
 
