@@ -651,9 +651,10 @@ if gluon is not None:
 
     @gluon.jit
     def _top_k(qkv_ptr, m_ptr, scale_in, ids_smem, r_s, nprog, trace, TRACE: gl.constexpr):
-        """The router's choice, right after the o step: its logits up to the positive scale 1 / rms(h) that only
-        the softmax needs (`_route_weights`), Nx . norm_in(x) (the qkv step's last rows) over scale_in plus Ma .
-        a (m_ptr: a slot a head, each expert's 32 together, summed in head order). Each thread takes one expert's
+        """The router's choice, once every Ma unit is in (`_router_first`, before o's tiles): its logits up to the
+        positive scale 1 / rms(h) that only the softmax needs (`_route_weights`), Nx . norm_in(x) (the qkv step's
+        last rows) over scale_in plus Ma . a (m_ptr: a slot a head, each expert's 32 together, summed in head
+        order). Each thread takes one expert's
         logit as an integer key that orders as the logit does, its lowest 7 bits (2^-16 of the value) replaced by
         127 - the expert, so that equal logits rank the lower expert first, and counts the keys that beat its own,
         32 at a time from shared memory (r_s, [E / 32, 32]): the experts ranked 0-7 are the choice. Every program
@@ -742,8 +743,9 @@ if gluon is not None:
             n = _step_sync(bar_ptr, n, nprog, trace, 3, TRACE)
             # o: its input (the merged heads of its units) staged, then the router's part from a (Ma . a) first and
             # the router's choice, so that the producer streams the experts' tiles while o's tiles are consumed
-            _stage_input(ws, ws, 1.0, xs, o_u0, _ATT // _T, _MERGE_UNITS, 2, False, o_u1 - o_u0, 0, 0, 0, nprog,
-                         False, 0, 0, 0, pid, splits)
+            _stage_input(ws, ws, 1.0, xs, first=o_u0, KSTEPS=_ATT // _T, NS=_MERGE_UNITS, ACT=2, NORM=False,
+                         n=o_u1 - o_u0, SN=0, SKS=0, SC=0, nprog=nprog, plain=False, w_ptr=0, xout_ptr=0, WMODE=0,
+                         pid=pid, splits=splits)
             _mark(trace, 20, TRACE)
             c = _router_first(ring, ready, empty, xs, c, anchor, o_u0, ws + _O_M_P, bar_ptr + _ROUTER_COUNT,
                               (layer + 1) * (_R_TILES * (_ATT // _T)))
