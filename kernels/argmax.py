@@ -14,13 +14,15 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels.counters import completion_counters, last_to_arrive
+from moeserve.kernels.pdl import launch_kwargs, pdl_enter
 
 CHUNK = 4096  # vocabulary entries per program: 38 programs a row for a 152k vocabulary
 
 
 @triton.jit
-def _argmax_kernel(X, stride_x, vocab, PartVal, PartIdx, Out, Counters, num_chunks,
-                   CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+def _argmax_kernel(X, stride_x, vocab, PartVal, PartIdx, Out, HostOut, stride_h, Step, Counters, num_chunks,
+                   CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, HOST: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -39,20 +41,31 @@ def _argmax_kernel(X, stride_x, vocab, PartVal, PartIdx, Out, Counters, num_chun
         # indices is the row's first maximum.
         first = tl.min(tl.where(ok & (vals == top), idxs, vocab), 0)
         tl.store(Out + row, first.to(tl.int64))
+        if HOST:
+            tl.store(HostOut + (tl.load(Step) % 2) * stride_h + row, first.to(tl.int64))
 
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """logits [S, V] (fp16/bf16/fp32, last dim contiguous) -> [S] int64, equal to logits.argmax(dim=-1)."""
+def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None, host_out: torch.Tensor | None = None,
+                step: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [S, V] (fp16/bf16/fp32, last dim contiguous) -> [S] int64, equal to logits.argmax(dim=-1).
+
+    out: [>= S] int64 on the device to write (else a new tensor). host_out: [2, >= S] int64 in pinned host memory
+    that also takes the result, in row (step[0] % 2), step: [1] int64 on the device (a CUDA graph's step number:
+    the host reads one step's tokens while the next is written to the other row). Returns out[:S]."""
     assert logits.dim() == 2 and logits.stride(-1) == 1, "argmax_rows takes [S, V] logits, rows contiguous"
+    assert (host_out is None) == (step is None), "host_out and step come together"
     rows, vocab = logits.shape
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device) if out is None else out[:rows]
     if rows == 0:
         return out
     num_chunks = triton.cdiv(vocab, CHUNK)
     part_val = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
+    host = host_out is not None
     _argmax_kernel[(rows, num_chunks)](
-        logits, logits.stride(0), vocab, part_val, part_idx, out, completion_counters(logits.device, rows),
-        num_chunks, CHUNK=CHUNK, BLOCK_C=max(2, triton.next_power_of_2(num_chunks)), num_warps=4,
+        logits, logits.stride(0), vocab, part_val, part_idx, out, host_out if host else out,
+        host_out.stride(0) if host else 0, step if host else out, completion_counters(logits.device, rows),
+        num_chunks, CHUNK=CHUNK, BLOCK_C=max(2, triton.next_power_of_2(num_chunks)), HOST=host, num_warps=4,
+        **launch_kwargs(logits.device),
     )
     return out

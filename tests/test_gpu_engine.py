@@ -275,6 +275,76 @@ def test_padded_decode_batch_matches_eager_and_spares_real_blocks(arch, device, 
                 assert torch.equal(a[untouched], b[untouched])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_graph_steps_launched_ahead_take_their_inputs_on_the_device(device, tiny_checkpoint):
+    """Decode steps through the graph runner launched before the step before is resolved, as the engine's async
+    loop does (inputs are placeholders): inside the graph each placeholder takes its token from the step before,
+    whether the sampler drew it (a seeded row, or the prefill before) or the graph's own argmax did (all rows
+    greedy), and an all-greedy step's tokens (and a greedy row's logprobs) come from the graph's argmax. Tokens
+    and logprobs equal eager steps run one at a time on the real tokens. On the CPU the graphs' static batches
+    run eagerly."""
+    from moeserve.request import PLACEHOLDER
+
+    if device == "cuda" and not _triton_ready():
+        pytest.skip("Triton backends not importable")
+    path = str(tiny_checkpoint("qwen3_moe"))
+    config = EngineConfig(model=path, device=device, dtype="float32", block_size=4, num_kv_blocks=24,
+                          max_model_len=64, cuda_graph_max_batch=8)
+    seeded = SamplingParams(temperature=0.8, seed=5, max_tokens=16, ignore_eos=True)
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=16, logprobs=2, ignore_eos=True)
+    params = [GREEDY, seeded, with_logprobs]
+    prompts = random_prompts(3, VOCAB_SIZE, 2, 9, seed=3)
+    blocks = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    # Steps 0-2 have the seeded row (the sampler samples), steps 3-6 only the greedy ones (the graph's argmax).
+    members = [[0, 1, 2]] * 3 + [[0, 2]] * 4
+
+    def generate(ahead: bool) -> tuple[dict[int, list[int]], list, list[bool]]:
+        """ahead: through the graphs, each step launched on placeholders; else eager steps on the real tokens."""
+        runner = ModelRunner(config, path)
+        if not ahead:
+            runner.graphs = None
+        elif device == "cpu":
+            runner.graphs = runner.graph_runner(23, use_graphs=False)
+        assert runner.graphs is not None or not ahead
+        prefill = [ScheduledRequest(f"r{i}", p, 0, b, True, params[i]) for i, (p, b) in enumerate(zip(prompts, blocks))]
+        tokens = {i: [t] for i, (t,) in enumerate(runner.execute(SchedulerOutput(0, prefill)).sampled.values())}
+        logprobs, from_graph, pending = [], [], None
+
+        def record(step) -> None:
+            out = step.resolve()
+            for rid, (t,) in out.sampled.items():
+                tokens[int(rid[1:])].append(t)
+            logprobs.append(out.logprobs["r2"][0])
+
+        for k, rows in enumerate(members):
+            reqs = [ScheduledRequest(f"r{i}", [PLACEHOLDER] if ahead else [tokens[i][-1]], len(prompts[i]) + k,
+                                     blocks[i], True, params[i], k + 1) for i in rows]
+            launched = runner.launch(SchedulerOutput(k + 1, reqs))
+            if ahead:
+                from_graph.append(launched.sampled.tokens.data_ptr() == runner.graphs.buffers.sampled.data_ptr())
+                if pending is not None:
+                    record(pending)
+                pending = launched
+            else:
+                record(launched)
+        if pending is not None:
+            record(pending)
+        assert runner.num_graph_steps == (len(members) if ahead else 0)
+        return tokens, logprobs, from_graph
+
+    with torch.inference_mode():
+        ahead, ahead_logprobs, from_graph = generate(ahead=True)
+        plain, plain_logprobs, _ = generate(ahead=False)
+    assert from_graph == [False] * 3 + [True] * 4
+    assert ahead == plain
+    assert [len(t) for t in ahead.values()] == [8, 4, 8]
+    tol = 1e-2 if device == "cuda" else 2e-3  # (Triton's fp32 dots run in tf32 on Hopper)
+    for got, want in zip(ahead_logprobs, plain_logprobs, strict=True):
+        assert got.token_id == want.token_id and [t for t, _ in got.top] == [t for t, _ in want.top]
+        torch.testing.assert_close(torch.tensor([got.logprob, *(v for _, v in got.top)]),
+                                   torch.tensor([want.logprob, *(v for _, v in want.top)]), atol=tol, rtol=tol)
+
+
 # ---- CUDA: the engine end to end ----
 
 BACKENDS = ["torch", "triton"]

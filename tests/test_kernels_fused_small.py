@@ -310,6 +310,72 @@ def test_interp_argmax_rows_equals_torch_argmax(dtype, vocab):
     assert torch.equal(argmax_rows(logits[2:3].contiguous()), logits[2:3].argmax(dim=-1))  # one row
 
 
+@interp
+def test_interp_argmax_rows_writes_out_and_the_steps_host_row():
+    """The decode graph's argmax: into the given output and into row (step % 2) of the host's two rows, the other
+    row untouched."""
+    from moeserve.kernels.argmax import argmax_rows
+
+    logits = _argmax_logits(6, 10001, torch.float32, "cpu", seed=4)
+    out = torch.full((8,), -7, dtype=torch.int64)
+    host = torch.full((2, 8), -7, dtype=torch.int64)
+    got = argmax_rows(logits, out, host, torch.tensor([5]))
+    want = logits.argmax(dim=-1)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(out[:6], want) and (out[6:] == -7).all()
+    assert torch.equal(host[1, :6], want) and (host[0] == -7).all() and (host[1, 6:] == -7).all()
+
+
+def _step_staging_case(seed: int, rows: int = 5, max_batch: int = 8, max_blocks: int = 150):
+    """A filled staging and two copies of random device buffers: rows with and without placeholder sources, a
+    table width past one 64-entry block, padding rows beyond `rows` that must stay untouched."""
+    from moeserve.runner.cuda_graphs import StepStaging, StepTargets
+
+    g = torch.Generator().manual_seed(seed)
+    staging = StepStaging.allocate(max_batch, max_blocks, pinned=False)
+    width = 131
+    staging.meta[:] = torch.tensor([41, rows - 1, width])
+    staging.tokens[:3] = torch.randint(0, 1000, (3, max_batch), generator=g)
+    staging.tokens[3] = torch.tensor([-1, 3, -1, 0, 6, -1, 2, 2])
+    staging.seq_lens[:] = torch.randint(1, 500, (max_batch,), generator=g, dtype=torch.int32)
+    staging.tables[:] = torch.randint(0, 10**6, (max_batch, max_blocks), generator=g, dtype=torch.int32)
+
+    def targets():
+        g2 = torch.Generator().manual_seed(seed + 1)
+        return StepTargets(
+            tokens=torch.randint(0, 10**6, (3, max_batch), generator=g2),
+            seq_lens=torch.randint(0, 10**6, (max_batch,), generator=g2, dtype=torch.int32),
+            num_real=torch.zeros(1, dtype=torch.int32),
+            tables=torch.randint(0, 10**6, (max_batch, max_blocks), generator=g2, dtype=torch.int32),
+            step=torch.zeros(1, dtype=torch.int64),
+            sampled=torch.randint(0, 10**6, (12,), generator=g2),
+        )
+
+    return staging, targets(), targets(), rows
+
+
+@interp
+@pytest.mark.parametrize("seed", [0, 1])
+def test_interp_step_inputs_kernel_equals_its_reference(seed):
+    """The decode graph's first kernel against `cuda_graphs.load_step_inputs`' torch reference: rows [0, rows)
+    of every buffer, placeholders from `sampled`, the step's number and real rows, `consumed`; nothing else."""
+    from moeserve.kernels.step_inputs import load_step_inputs as kernel
+    from moeserve.runner.cuda_graphs import load_step_inputs as reference
+
+    staging, got, want, rows = _step_staging_case(seed)
+    before = got.tables.clone()
+    kernel(staging, got, rows)
+    consumed = int(staging.consumed[0])
+    staging.consumed.fill_(-1)
+    reference(staging, want, rows)
+    for name in ("tokens", "seq_lens", "num_real", "tables", "step", "sampled"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert consumed == int(staging.consumed[0]) == 41
+    assert torch.equal(got.tokens[0, :rows], torch.where(staging.tokens[3, :rows] >= 0,
+                                                         want.sampled[staging.tokens[3, :rows].clamp(min=0)],
+                                                         staging.tokens[0, :rows]))
+    assert torch.equal(got.tables[:, 131:], before[:, 131:]) and torch.equal(got.tables[rows:], before[rows:])
+
+
 # ---------------------------------------------------------------- GPU (bf16, target shapes)
 
 

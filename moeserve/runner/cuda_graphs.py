@@ -1,12 +1,14 @@
-"""CUDA graphs for decode steps: capture the model's forward and LM head once per batch size, replay them every
-decode step.
+"""CUDA graphs for decode steps: capture the model's forward, LM head and greedy argmax once per batch size, replay
+them every decode step.
 
 A decode step launches hundreds of small kernels (a few per layer per op) whose launch cost, not their run
 time, dominates at small batches. Captured once at start-up, the whole forward replays as one graph launch.
 
 Invariants a replay relies on:
-- Every per-step input lives in a static device buffer (`DecodeBuffers`) that is updated in place; the graph
-  captured the buffers' addresses, never their values.
+- Every per-step input lives in a static device buffer (`DecodeBuffers`); the graph captured the buffers'
+  addresses, never their values. The host writes a step's inputs to pinned staging, and the graph's first kernel
+  copies them to those buffers (taking placeholders' tokens from the step before's, on the device); its last
+  writes the greedy tokens to the device and to pinned memory. A replay puts nothing else on the stream.
 - A batch of n requests runs in the graph of the next captured size b >= n. The b - n padding rows read and
   write only the scratch KV block (one block the scheduler never hands out): token 0 at position 0, one
   cached token, block table all scratch. Real requests' rows and KV blocks are untouched by them, and their
@@ -27,7 +29,9 @@ Invariants a replay relies on:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,6 +44,7 @@ from moeserve.forward_batch import (
     ForwardMode,
     pack_block_tables,
 )
+from moeserve.runner.sampler import greedy_argmax
 from moeserve.scheduler.output import ScheduledRequest
 
 logger = logging.getLogger("moeserve")
@@ -79,91 +84,176 @@ def graph_unsupported_reason(
     return None
 
 
-def _input_views(max_batch: int, device: torch.device,
-                 pinned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One byte buffer (on device, or pinned host memory) and its views: tokens [3, max_batch] int64 and
-    lens [max_batch + 1] int32 (seq_lens, then num_real)."""
-    tokens_bytes = 3 * max_batch * 8
-    raw = torch.empty(tokens_bytes + (max_batch + 1) * 4, dtype=torch.uint8,
-                      device="cpu" if pinned else device, pin_memory=pinned)
-    return raw, raw[:tokens_bytes].view(torch.int64).view(3, max_batch), raw[tokens_bytes:].view(torch.int32)
+_TOKEN_ROWS = 4  # the staging's token rows: ids, positions, slots, sources
+
+
+@dataclass(frozen=True)
+class StepStaging:
+    """The host side of a decode step's inputs (views of one buffer; pinned on CUDA, where the graph's first
+    kernel reads it in place, `kernels/step_inputs.py`).
+
+    meta [3] int64: the step's number, its real (non-padding) rows, the block tables' width this step.
+    tokens [4, max_batch] int64: input ids, positions, KV slots, and sources: the row of the device's `sampled`
+        tokens that holds a placeholder's input, or -1 (the id row's value is the input).
+    seq_lens [max_batch] int32; tables [max_batch, max_blocks] int32 (columns past the width are not read).
+    consumed [1] int64: the number of the last step whose inputs the graph has read.
+    sampled [2, max_batch] int64: the graph's greedy tokens, row (step number % 2), for the host to read.
+    """
+
+    meta: torch.Tensor
+    tokens: torch.Tensor
+    seq_lens: torch.Tensor
+    tables: torch.Tensor
+    consumed: torch.Tensor
+    sampled: torch.Tensor
+
+    @classmethod
+    def allocate(cls, max_batch: int, max_blocks: int, pinned: bool) -> StepStaging:
+        sizes = [("meta", 8, 3), ("tokens", 8, _TOKEN_ROWS * max_batch), ("consumed", 8, 1),
+                 ("sampled", 8, 2 * max_batch), ("seq_lens", 4, max_batch), ("tables", 4, max_batch * max_blocks)]
+        raw = torch.zeros(sum(width * n for _, width, n in sizes), dtype=torch.uint8, pin_memory=pinned)
+        views, at = {}, 0
+        for name, width, n in sizes:  # the int64 views first, so that every view is aligned
+            views[name] = raw[at : at + width * n].view(torch.int64 if width == 8 else torch.int32)
+            at += width * n
+        views["tokens"] = views["tokens"].view(_TOKEN_ROWS, max_batch)
+        views["sampled"] = views["sampled"].view(2, max_batch)
+        views["tables"] = views["tables"].view(max_batch, max_blocks)
+        views["consumed"].fill_(-1)
+        return cls(**views)
+
+
+@dataclass(frozen=True)
+class StepTargets:
+    """The device buffers a step's inputs go to (`DecodeBuffers`' own): tokens [3, max_batch] int64, seq_lens
+    [max_batch] int32, num_real [1] int32, tables [max_batch, max_blocks] int32, step [1] int64, sampled [S]
+    int64 (the placeholders' source)."""
+
+    tokens: torch.Tensor
+    seq_lens: torch.Tensor
+    num_real: torch.Tensor
+    tables: torch.Tensor
+    step: torch.Tensor
+    sampled: torch.Tensor
+
+
+def load_step_inputs(staging: StepStaging, dev: StepTargets, rows: int) -> None:
+    """Rows [0, rows) of the staging to the device buffers, each placeholder's input from dev.sampled, then the
+    step's number to staging.consumed: one Triton launch on CUDA (`kernels/step_inputs.py`), torch elsewhere
+    (which is also the kernel's reference)."""
+    if dev.tokens.device.type == "cuda":
+        from moeserve.kernels.step_inputs import load_step_inputs as launch
+
+        launch(staging, dev, rows)
+        return
+    step, num_real, width = staging.meta.tolist()
+    ids, positions, slots, sources = (t[:rows].to(dev.tokens.device) for t in staging.tokens)
+    ids = torch.where(sources >= 0, dev.sampled[sources.clamp(min=0)], ids)
+    dev.tokens[:, :rows] = torch.stack([ids, positions, slots])
+    dev.seq_lens[:rows] = staging.seq_lens[:rows]
+    dev.tables[:rows, :width] = staging.tables[:rows, :width]
+    dev.num_real.fill_(num_real)
+    dev.step.fill_(step)
+    staging.consumed.fill_(step)
 
 
 class DecodeBuffers:
-    """Static inputs of a decode batch of up to `max_batch` requests, plus pinned host staging.
+    """Static inputs of a decode batch of up to `max_batch` requests, and their host staging.
 
-    Device (addresses fixed for the buffers' lifetime):
+    Device (addresses fixed for the buffers' lifetime; the captured kernels read them):
       tokens:       [3, max_batch] int64 — rows: input_ids, positions, slot_mapping.
       seq_lens:     [max_batch] int32; num_real: [1] int32, the number of real (non-padding) rows.
-      tokens, seq_lens and num_real are views of one buffer, so one copy moves them.
       block_tables: [max_batch, max_blocks] int32.
       query_start_loc [max_batch + 1] int32, sample_indices [max_batch] int64: constant (one token each).
-    `fill` writes a step's values into pinned host memory and copies them with non_blocking copies; the next
-    `fill` first waits for the previous copy (an event), so the host never overwrites memory still in flight.
+      step:         [1] int64, the number of the step the graph runs (`fill` counts them).
+      sampled:      [max_sampled] int64, the tokens placeholders come from (the step before's), then the graph's
+                    greedy tokens.
+    Host: `staging` (`StepStaging`, pinned on CUDA). `fill` writes a step's values there and
+    the graph's first kernel (`load`) copies them to the device buffers, each placeholder's token from `sampled`,
+    so a replay puts no copy on the stream. The next `fill` first waits until the graph has read the staging.
     """
 
     def __init__(self, max_batch: int, max_blocks: int, block_size: int, scratch_block: int,
-                 device: torch.device) -> None:
+                 device: torch.device, max_sampled: int | None = None) -> None:
         self.max_batch, self.max_blocks, self.block_size = max_batch, max_blocks, block_size
         self.scratch_block, self.device = scratch_block, device
         i32, i64 = torch.int32, torch.int64
-        self._inputs, self.tokens, lens = _input_views(max_batch, device, pinned=False)
-        self.tokens.zero_()
-        lens.fill_(1)
-        self.seq_lens, self.num_real = lens[:max_batch], lens[max_batch:]
+        self.tokens = torch.zeros(3, max_batch, dtype=i64, device=device)
+        self.tokens[2].fill_(scratch_block * block_size)  # every row starts as padding
+        self.seq_lens = torch.ones(max_batch, dtype=i32, device=device)
+        self.num_real = torch.zeros(1, dtype=i32, device=device)
         self.block_tables = torch.full((max_batch, max_blocks), scratch_block, dtype=i32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=i32, device=device)
         self.sample_indices = torch.arange(max_batch, dtype=i64, device=device)
-        self.tokens[2].fill_(scratch_block * block_size)  # every row starts as padding
-        pinned = device.type == "cuda"
-        if pinned:
-            self._host_inputs, self._host_tokens, self._host_lens = _input_views(max_batch, device, pinned=True)
-            self._host_tables = torch.empty(max_batch * max_blocks, dtype=i32, pin_memory=True)
-        else:  # CPU: the device buffers are host memory already
-            self._host_tokens, self._host_lens = self.tokens, lens
-            self._host_tables = None
-        self._copied: torch.cuda.Event | None = None
+        self.step = torch.zeros(1, dtype=i64, device=device)
+        self.sampled = torch.zeros(max(max_batch, max_sampled or 0), dtype=i64, device=device)
+        self.targets = StepTargets(self.tokens, self.seq_lens, self.num_real, self.block_tables, self.step,
+                                   self.sampled)
+        self.staging = StepStaging.allocate(max_batch, max_blocks, pinned=device.type == "cuda")
+        self._consumed = self.staging.consumed.numpy()  # polled by `fill`
+        self._filled = 0  # the number of the last step filled
+        self._queued = -1  # the number of the last step whose load is queued
 
-    def fill(
-        self, reqs: Sequence[ScheduledRequest], padded: int, table_rows: BlockTableRows | None = None
-    ) -> list[int]:
-        """Write the decode inputs of `reqs` (one token each) into rows [0, n) and padding into [n, padded).
-        table_rows: the runner's kept block tables, which write reqs' tables straight into the staging memory
-        (and are updated); None packs them from the lists. Returns seq_lens of the padded batch as a host
-        list."""
+    def fill(self, reqs: Sequence[ScheduledRequest], padded: int, table_rows: BlockTableRows | None = None,
+             sources: Sequence[int] | None = None) -> list[int]:
+        """Write the decode inputs of `reqs` (one token each) into staging rows [0, n) and padding into [n, padded).
+        table_rows: the runner's kept block tables, which write reqs' tables straight into the staging (and are
+        updated); None packs them from the lists. sources: for each of reqs, the row of `sampled` holding its
+        input token (a placeholder), or -1 (its token_ids[0]); None: all -1. Returns seq_lens of the padded batch
+        as a host list."""
         n, bs = len(reqs), self.block_size
         assert n <= padded <= self.max_batch
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous step's copies have left the pinned buffers
+        self._wait_read()
         positions = [r.start_position for r in reqs]
         slots = [r.block_ids[p // bs] * bs + p % bs for r, p in zip(reqs, positions)]
         seq_lens = [p + 1 for p in positions] + [1] * (padded - n)
-        pad_slot = self.scratch_block * bs
-        host = self._host_tokens.numpy()
-        host[0, :padded] = [r.token_ids[0] for r in reqs] + [0] * (padded - n)
-        host[1, :padded] = positions + [0] * (padded - n)
-        host[2, :padded] = slots + [pad_slot] * (padded - n)
-        host_lens = self._host_lens.numpy()
-        host_lens[:padded] = seq_lens
-        host_lens[self.max_batch] = n
-        width = max([1, *(len(r.block_ids) for r in reqs)])  # the packed tables' width
+        pad = [0] * (padded - n)
+        staging = self.staging
+        host = staging.tokens.numpy()
+        host[0, :padded] = [r.token_ids[0] for r in reqs] + pad
+        host[1, :padded] = positions + pad
+        host[2, :padded] = slots + [self.scratch_block * bs] * (padded - n)
+        host[3, :padded] = (list(sources) if sources is not None else [-1] * n) + [-1] * (padded - n)
+        staging.seq_lens.numpy()[:padded] = seq_lens
+        width = max([1, *(len(r.block_ids) for r in reqs)])  # the tables' width this step
         assert width <= self.max_blocks, "a request's block table is longer than the context limit allows"
-        if self._host_tables is None:
-            host_tables = self.block_tables[:padded, :width]
-        else:
-            host_tables = self._host_tables[: padded * width].view(padded, width)
+        tables = staging.tables[:padded, :width]
         # Past a row's real blocks the kernels read nothing (seq_lens bound them); padding rows: scratch.
         if table_rows is None:
-            host_tables[:n] = pack_block_tables([r.block_ids for r in reqs]).table
+            tables[:n] = pack_block_tables([r.block_ids for r in reqs]).table
         else:
-            table_rows.gather([r.request_id for r in reqs], [r.block_ids for r in reqs], out=host_tables[:n])
-        host_tables[n:] = self.scratch_block
-        if self._host_tables is not None:
-            self._inputs.copy_(self._host_inputs, non_blocking=True)
-            self.block_tables[:padded, :width].copy_(host_tables, non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+            table_rows.gather([r.request_id for r in reqs], [r.block_ids for r in reqs], out=tables[:n])
+        tables[n:] = self.scratch_block
+        self._filled += 1
+        staging.meta.numpy()[:] = (self._filled, n, width)
         return seq_lens
+
+    def load(self, size: int) -> None:
+        """Queue the graph's first kernel: the last `fill`'s rows [0, size) to the device buffers."""
+        load_step_inputs(self.staging, self.targets, size)
+        self.queued()
+
+    def queued(self) -> None:
+        """Note that a load of the last `fill` is queued (a replay runs one): the next `fill` waits for it."""
+        self._queued = self._filled
+
+    def greedy_tokens(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last filled step's greedy tokens of rows [0, n): on the device, and in the staging (valid once the
+        step has run, until the step after next runs)."""
+        return self.sampled[:n], self.staging.sampled[self._filled % 2, :n]
+
+    def _wait_read(self, timeout_s: float = 60.0) -> None:
+        """Wait until the graph has read the staging of the last queued step. In a decode loop it has, or does
+        within microseconds: that step is next on the stream once the step before it is resolved. The wait
+        yields the GIL while it polls."""
+        if self._consumed[0] >= self._queued:
+            return
+        deadline = time.monotonic() + timeout_s
+        while self._consumed[0] < self._queued:
+            time.sleep(0)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the decode graph of step {self._queued} did not read its inputs in "
+                                   f"{timeout_s:.0f} s (read: step {self._consumed[0]})")
 
     def batch(self, size: int, seq_lens_cpu: list[int], max_seq_len: int,
               extras: dict[str, torch.Tensor] | None = None) -> ForwardBatch:
@@ -201,12 +291,13 @@ class CudaGraphRunner:
     begin_step(size): with expert parallelism, tells the dispatchers the step's capacity (the size) before each
         capture and replay; its presence marks the graphs as holding collectives (see the module docstring).
     extras: `ForwardBatch.extras` the captured batches carry (static tensors, e.g. the expert-load counts).
+    max_sampled: the most rows a step samples (the placeholders' source holds that many; at least max_batch).
     """
 
     def __init__(self, model: nn.Module, *, max_batch: int, max_seq_len: int, block_size: int,
                  scratch_block: int, device: torch.device, use_graphs: bool = True,
                  attention: AttentionBackend | None = None, begin_step: Callable[[int], None] | None = None,
-                 extras: dict[str, torch.Tensor] | None = None) -> None:
+                 extras: dict[str, torch.Tensor] | None = None, max_sampled: int | None = None) -> None:
         self.model = model
         self.attention = attention
         self.begin_step = begin_step
@@ -214,7 +305,7 @@ class CudaGraphRunner:
         self.max_seq_len = max_seq_len
         self.sizes = graph_batch_sizes(max_batch)
         max_blocks = -(-max_seq_len // block_size)
-        self.buffers = DecodeBuffers(self.sizes[-1], max_blocks, block_size, scratch_block, device)
+        self.buffers = DecodeBuffers(self.sizes[-1], max_blocks, block_size, scratch_block, device, max_sampled)
         self.use_graphs = use_graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -257,7 +348,7 @@ class CudaGraphRunner:
         for size in reversed(self.sizes):
             if self.begin_step is not None:
                 self.begin_step(size)
-            self.buffers.fill([], size)  # copies on the current stream: the capture stream waits for them
+            self.buffers.fill([], size)
             stream.wait_stream(torch.cuda.current_stream())
             batch = self.buffers.batch(size, [1] * size, self.max_seq_len, self.extras)
             if self.attention is not None:
@@ -276,30 +367,46 @@ class CudaGraphRunner:
         self,
         reqs: Sequence[ScheduledRequest],
         table_rows: BlockTableRows | None = None,
-        fill_inputs: Callable[[torch.Tensor], None] | None = None,
+        sources: Sequence[int] | None = None,
         size: int | None = None,
     ) -> torch.Tensor:
-        """Forward of a decode batch and its LM head. Returns logits [len(reqs), vocab] in the model dtype,
-        rows in request order. The tensor is the graph's own output: read it before the next `run`.
-        table_rows: as `DecodeBuffers.fill`. fill_inputs(input_ids [len(reqs)] int64, on the device) may
-        rewrite inputs on the device before the replay (placeholders). size: the captured size to replay
-        (with collectives, the one every EP rank agreed on); default the smallest that holds reqs."""
+        """Forward of a decode batch, its LM head and its greedy tokens (`greedy_tokens`). Returns logits
+        [len(reqs), vocab] in the model dtype, rows in request order. The tensor is the graph's own output: read
+        it before the next `run`. table_rows, sources: as `DecodeBuffers.fill` (sources index the tokens last
+        given to `take_tokens`, or the last run's greedy tokens). size: the captured size to replay (with
+        collectives, the one every EP rank agreed on); default the smallest that holds reqs."""
         n = len(reqs)
         size = self.padded_size(n) if size is None else size
         assert size in self.sizes and n <= size, f"{n} requests cannot replay the graph of size {size}"
         if self.begin_step is not None:
             self.begin_step(size)
-        seq_lens = self.buffers.fill(reqs, size, table_rows)
-        if fill_inputs is not None and n:
-            fill_inputs(self.buffers.tokens[0, :n])
+        seq_lens = self.buffers.fill(reqs, size, table_rows, sources)
         if not self.use_graphs:
             return self._forward(self.buffers.batch(size, seq_lens, self.max_seq_len, self.extras))[:n]
         if self.attention is not None and self.attention.plans_graph_replays:
             self.attention.before_graph_replay(self.buffers.batch(size, seq_lens, self.max_seq_len).attn)
         self.graphs[size].replay()
+        self.buffers.queued()
         return self.outputs[size][:n]
 
-    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """What a graph holds: the forward and the LM head (every row of a decode batch samples)."""
-        return self.model.compute_logits(self.model(batch))
+    def greedy_tokens(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last run's greedy tokens of its n requests: on the device, and in pinned host memory (valid once
+        the run has ended, until the run after next ends)."""
+        return self.buffers.greedy_tokens(n)
 
+    def take_tokens(self, tokens: torch.Tensor) -> None:
+        """Make tokens ([k] int64 on the device: a step's sampled tokens, row i for its i-th sampling request) the
+        source of the next run's placeholders, unless they are already (the last run's greedy tokens)."""
+        sampled = self.buffers.sampled
+        if tokens.data_ptr() != sampled.data_ptr():
+            assert tokens.shape[0] <= sampled.shape[0], f"{tokens.shape[0]} sampled rows, room for {sampled.shape[0]}"
+            sampled[: tokens.shape[0]].copy_(tokens)
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """What a graph holds: the step's inputs from the staging (`DecodeBuffers.load`), the forward, the LM head
+        (every row of a decode batch samples), and the greedy tokens into `sampled` and the staging."""
+        buffers = self.buffers
+        buffers.load(batch.num_tokens)
+        logits = self.model.compute_logits(self.model(batch))
+        greedy_argmax(logits, out=buffers.sampled, host_out=buffers.staging.sampled, step=buffers.step)
+        return logits

@@ -256,6 +256,7 @@ class ModelRunner:
             max_seq_len=self.max_model_len, block_size=self.config.block_size, scratch_block=scratch_block,
             device=self.device, use_graphs=use_graphs, attention=self.ctx.attention,
             begin_step=self._begin_graph_step if collective else None, extras=extras,
+            max_sampled=self.config.max_num_seqs,
         )
 
     def build_batch(self, reqs: list[ScheduledRequest]) -> ForwardBatch:
@@ -276,9 +277,22 @@ class ModelRunner:
     def _fill_placeholders(self, reqs: list[ScheduledRequest], input_ids: torch.Tensor) -> None:
         """Replace placeholder inputs by the tokens the previous launch sampled, on the device.
 
-        input_ids: [>= num tokens of reqs] int64 on the device, reqs' tokens in order. A placeholder is
-        always a decode step's single token, sampled by the launch just before this one.
+        input_ids: [>= num tokens of reqs] int64 on the device, reqs' tokens in order.
         """
+        dst, src = self._placeholders(reqs)
+        if not dst:
+            return
+        last = self._last_step.sampled.tokens
+        if _is_run(dst) and _is_run(src):  # the usual decode step: one copy, no index upload
+            input_ids[dst[0] : dst[-1] + 1] = last[src[0] : src[-1] + 1]
+        else:
+            rows = host_to_device([dst, src], self.device, torch.int64)
+            input_ids[rows[0]] = last[rows[1]]
+
+    def _placeholders(self, reqs: list[ScheduledRequest]) -> tuple[list[int], list[int]]:
+        """(dst, src): for each placeholder input of reqs, its index among reqs' tokens (in order) and the row of
+        the previous launch's sampled tokens that holds it. A placeholder is always a decode step's single token,
+        sampled by the launch just before this one."""
         last = self._last_step
         dst, src, offset = [], [], 0
         row_of: dict[str, int] | None = None  # request id -> row of last.sampled, built on first need
@@ -290,13 +304,7 @@ class ModelRunner:
                     row_of = {rid: i for i, rid in enumerate(last.request_ids)}
                 dst.append(offset - 1)
                 src.append(row_of[r.request_id])
-        if not dst:
-            return
-        if _is_run(dst) and _is_run(src):  # the usual decode step: one copy, no index upload
-            input_ids[dst[0] : dst[-1] + 1] = last.sampled.tokens[src[0] : src[-1] + 1]
-        else:
-            rows = host_to_device([dst, src], self.device, torch.int64)
-            input_ids[rows[0]] = last.sampled.tokens[rows[1]]
+        return dst, src
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, plan: StepPlan | None = None) -> ModelOutput:
@@ -367,13 +375,20 @@ class ModelRunner:
         self._begin_dispatch_step(ForwardMode.DECODE, size)
 
     def _replay(self, reqs: list[ScheduledRequest], size: int) -> PendingStep:
-        """A decode step by graph replay. Every request samples here, so the graph's rows are the sample rows."""
+        """A decode step by graph replay. Every request samples here, so the graph's rows are the sample rows.
+        Placeholders take their tokens inside the graph (`CudaGraphRunner.take_tokens`), and an all-greedy step
+        takes the graph's own argmax."""
         graph_load = self.graphs.extras.get("expert_load")
         if graph_load is not None:  # EP: the graph adds this step's counts to its own buffer
             graph_load.zero_()
-        logits = self.graphs.run(
-            reqs, self.block_tables, fill_inputs=lambda ids: self._fill_placeholders(reqs, ids), size=size
-        )
+        dst, src = self._placeholders(reqs)
+        sources = None
+        if dst:  # one token a request: dst are request indices
+            self.graphs.take_tokens(self._last_step.sampled.tokens)
+            sources = [-1] * len(reqs)
+            for d, s in zip(dst, src):
+                sources[d] = s
+        logits = self.graphs.run(reqs, self.block_tables, sources=sources, size=size)
         self.num_graph_steps += 1
         if self.expert_load is not None:  # EPLB (attached after capture) reads its own buffer
             assert graph_load is not None, "expert load is recorded under expert parallelism only"
@@ -381,12 +396,14 @@ class ModelRunner:
         if not reqs:  # an idle EP rank: it replayed for its peers' collectives
             self._last_step = None
             return PendingStep([], None)
-        return self._sample(reqs, logits)
+        return self._sample(reqs, logits, self.graphs.greedy_tokens(len(reqs)))
 
-    def _sample(self, sampling: list[ScheduledRequest], logits: torch.Tensor) -> PendingStep:
-        """logits: [len(sampling), vocab] (model dtype), row i for sampling[i]. Queued, not waited for."""
+    def _sample(self, sampling: list[ScheduledRequest], logits: torch.Tensor,
+                argmax: tuple[torch.Tensor, torch.Tensor] | None = None) -> PendingStep:
+        """logits: [len(sampling), vocab] (model dtype), row i for sampling[i]; argmax: as `Sampler.launch`.
+        Queued, not waited for."""
         rows = [SamplingRow(r.sampling_params, r.num_output_tokens) for r in sampling]
-        sampled = self.sampler.launch(logits, rows)
+        sampled = self.sampler.launch(logits, rows, argmax=argmax)
         self._last_step = PendingStep([r.request_id for r in sampling], sampled)
         return self._last_step
 

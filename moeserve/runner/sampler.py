@@ -41,21 +41,27 @@ class Sampler:
         return self.launch(logits, rows, token_mask).resolve()
 
     def launch(
-        self, logits: torch.Tensor, rows: list[SamplingRow], token_mask: torch.Tensor | None = None
+        self, logits: torch.Tensor, rows: list[SamplingRow], token_mask: torch.Tensor | None = None,
+        argmax: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SampledTokens:
         """Queue the sampling of every row on the logits' device without waiting for it (no host sync):
-        the result's `tokens` can feed the next step on the device; `resolve()` brings the values back."""
+        the result's `tokens` can feed the next step on the device; `resolve()` brings the values back.
+        argmax: the logits' argmax computed already (a decode graph's), on the device and in host memory that the
+        device writes ([S] int64 each); taken when every row is greedy and no mask applies."""
         assert logits.shape[0] == len(rows)
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        if argmax is not None and len(greedy) == len(rows) and token_mask is None:
+            tokens, host_tokens = argmax
+            return SampledTokens(tokens, rows, _logprobs(logits, rows, tokens), host_tokens)
         if token_mask is not None:
             logits = logits.masked_fill(~token_mask, float("-inf"))
         tokens = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
-        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         random = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(greedy) == len(rows):  # the common all-greedy batch: no index tensor to copy to the device
-            tokens = _argmax(logits)
+            tokens = greedy_argmax(logits)
         elif greedy:
             idx = host_to_device(greedy, logits.device, torch.int64)
-            tokens[idx] = _argmax(logits[idx])
+            tokens[idx] = greedy_argmax(logits[idx])
         if random:
             idx = host_to_device(random, logits.device, torch.int64)
             tokens[idx] = self._sample_random(logits[idx].float(), [rows[i] for i in random])
@@ -83,14 +89,23 @@ class Sampler:
         return g
 
 
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
+def greedy_argmax(logits: torch.Tensor, out: torch.Tensor | None = None, host_out: torch.Tensor | None = None,
+                  step: torch.Tensor | None = None) -> torch.Tensor:
     """logits.argmax(dim=-1) of [S, V] logits: on CUDA one Triton launch with many programs a row
-    (`moeserve.kernels.argmax`), where torch reduces a row in one."""
+    (`moeserve.kernels.argmax`), where torch reduces a row in one. out, host_out, step: as `argmax_rows` (the
+    result also into out [>= S], and into host_out [2, >= S], row step[0] % 2). Returns [S] int64 (out[:S])."""
     if fused_kernels_available(logits) and logits.stride(-1) == 1:
         from moeserve.kernels.argmax import argmax_rows
 
-        return argmax_rows(logits)
-    return logits.argmax(dim=-1)
+        return argmax_rows(logits, out, host_out, step)
+    assert logits.device.type != "cuda" or host_out is None, "the host copy needs the Triton kernel on CUDA"
+    tokens = logits.argmax(dim=-1)
+    if host_out is not None:  # (not on CUDA: the step's number is read without a sync)
+        host_out[int(step[0]) % 2, : tokens.shape[0]] = tokens
+    if out is None:
+        return tokens
+    out[: tokens.shape[0]] = tokens
+    return out[: tokens.shape[0]]
 
 
 def _filter(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -150,19 +165,25 @@ def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tenso
 class SampledTokens:
     """One step's sampled tokens: on the device at once (`tokens`, [S] int64), on the host after
     `resolve()`. On CUDA the copies back start as soon as sampling is queued (into pinned memory, behind an
-    event), so resolving waits for this step only, not for work queued after it."""
+    event), so resolving waits for this step only, not for work queued after it.
 
-    def __init__(self, tokens: torch.Tensor, rows: list[SamplingRow], logprobs: _LogprobTensors | None):
+    host_tokens: the tokens in host memory that the step's kernels write themselves (a decode graph's argmax),
+    read once the step has run; then they are not copied back."""
+
+    def __init__(self, tokens: torch.Tensor, rows: list[SamplingRow], logprobs: _LogprobTensors | None,
+                 host_tokens: torch.Tensor | None = None):
         self.tokens = tokens
         self._rows = rows
         self._logprobs = logprobs
-        back = [tokens] if logprobs is None else [tokens, logprobs.chosen, logprobs.top_v, logprobs.top_i]
+        back = [] if host_tokens is not None else [tokens]
+        if logprobs is not None:
+            back += [logprobs.chosen, logprobs.top_v, logprobs.top_i]
         self._ready: torch.cuda.Event | None = None
         if tokens.device.type == "cuda":
             back = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in back]
             self._ready = torch.cuda.Event()
             self._ready.record()
-        self._host = back
+        self._host = ([host_tokens] if host_tokens is not None else []) + back
 
     def resolve(self) -> tuple[list[int], list[TokenLogprobs | None]]:
         """Wait for this step's sampling; returns each row's token and, where asked, its TokenLogprobs."""
