@@ -114,3 +114,41 @@ def test_step_loop_streams_async_engine_output(tiny_checkpoint):
     assert [got[f"r{i}"] for i in range(len(prompts))] == expected
     assert finished["endless"] == "abort" and all(finished[f"r{i}"] == "length" for i in range(len(prompts)))
     assert not engine.has_unfinished()
+
+
+@pytest.fixture
+def decode_graphs_on_cpu(monkeypatch):
+    """Engines built under this fixture run their decode steps through the decode graphs' static batches, run
+    eagerly (the CPU has no graphs): the step's inputs go through the graphs' staging and first-kernel reference,
+    placeholders are resolved there, and all-greedy steps take the graphs' own argmax."""
+    from moeserve.runner import cuda_graphs, model_runner
+
+    monkeypatch.setattr(model_runner, "graph_unsupported_reason", lambda *args: None)
+    graph_runner = model_runner.ModelRunner.graph_runner
+    monkeypatch.setattr(model_runner.ModelRunner, "graph_runner",
+                        lambda self, scratch_block, use_graphs=True: graph_runner(self, scratch_block, False))
+    monkeypatch.setattr(cuda_graphs.CudaGraphRunner, "capture", lambda self: None)
+
+
+def test_async_engine_through_decode_graphs_equals_sync_engine(tiny_checkpoint, decode_graphs_on_cpu):
+    """Decode steps through the graphs' static batches, launched ahead of their inputs, with greedy and seeded
+    rows, logprobs, preemption (a small KV pool) and batches that shrink as requests end: the synchronous
+    engine's tokens, and its logprobs within float rounding (the static batches are padded)."""
+    path = str(tiny_checkpoint("qwen3_moe"))
+    graphs = LLM(path, device="cpu", block_size=4, num_kv_blocks=40, async_scheduling=True,
+                 cuda_graph_max_batch=8)
+    assert graphs.engine.runner.graphs is not None
+    sync = LLM(path, device="cpu", block_size=4, async_scheduling=False, enable_cuda_graphs=False)
+    prompts = random_prompts(12, sync.engine.vocab_size, 5, 30, seed=8)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=4 + 2 * i, ignore_eos=True, logprobs=1 if i == 3 else None)
+        if i % 3 else SamplingParams(temperature=0.9, top_k=30, seed=3 + i, max_tokens=10, logprobs=2, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    got, want = _outputs(graphs, prompts, params), _outputs(sync, prompts, params)
+    assert graphs.engine.runner.num_graph_steps > 10 and graphs.engine.stats()["num_preemptions"] > 0
+    assert [g[:3] for g in got] == [w[:3] for w in want]
+    for g, w in zip(got, want):
+        for (gt, glp, gtop), (wt, wlp, wtop) in zip(g[3], w[3], strict=True):
+            assert gt == wt and [t for t, _ in gtop] == [t for t, _ in wtop]
+            assert abs(glp - wlp) < 2e-3 and all(abs(a - b) < 2e-3 for (_, a), (_, b) in zip(gtop, wtop))

@@ -202,7 +202,7 @@ class DecodeBuffers:
         input token (a placeholder), or -1 (its token_ids[0]); None: all -1. Returns seq_lens of the padded batch
         as a host list."""
         n, bs = len(reqs), self.block_size
-        assert n <= padded <= self.max_batch
+        assert n <= padded <= self.max_batch and (sources is None or len(sources) == n)
         self._wait_read()
         positions = [r.start_position for r in reqs]
         slots = [r.block_ids[p // bs] * bs + p % bs for r, p in zip(reqs, positions)]
