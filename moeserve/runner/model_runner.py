@@ -3,11 +3,13 @@
 It owns the model, the paged KV cache tensors and the sampler; it knows nothing of scheduling policy.
 
 A step is launched, then resolved. `launch` queues the whole step on the device without waiting for it:
-batch tensors go up through pinned memory with non_blocking copies, decode-only steps replay a captured CUDA
-graph (`runner/cuda_graphs.py`), the forward and the sampler have no host syncs. `PendingStep.resolve()` waits
+batch tensors go up through pinned memory with non_blocking copies, or, for decode-only steps, into a captured
+CUDA graph's pinned staging, which the graph reads itself (`runner/cuda_graphs.py`); the forward and the sampler
+have no host syncs. `PendingStep.resolve()` waits
 for that step's sampled ids only. Between the two the engine schedules and launches the next step, whose
-decode inputs are placeholders (see `moeserve.request.PLACEHOLDER`): `launch` fills them on the device from
-the previous launch's sampled tokens, so the CPU work of step N+1 overlaps the GPU work of step N.
+decode inputs are placeholders (see `moeserve.request.PLACEHOLDER`): they are filled on the device from the
+previous launch's sampled tokens (by a copy, or inside the graph), so the CPU work of step N+1 overlaps the GPU
+work of step N.
 """
 
 from __future__ import annotations
