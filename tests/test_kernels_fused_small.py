@@ -325,14 +325,14 @@ def test_interp_argmax_rows_writes_out_and_the_steps_host_row():
     assert torch.equal(host[1, :6], want) and (host[0] == -7).all() and (host[1, 6:] == -7).all()
 
 
-def _step_staging_case(seed: int, rows: int = 5, max_batch: int = 8, max_blocks: int = 150):
-    """A filled staging and two copies of random device buffers: rows with and without placeholder sources, a
-    table width past one 64-entry block, padding rows beyond `rows` that must stay untouched."""
+def _step_staging_case(seed: int, rows: int = 5, max_batch: int = 8, max_blocks: int = 150, width: int = 131):
+    """A filled staging and two copies of random device buffers: rows with and without placeholder sources, the
+    tables' width this step (past one 64-entry block, exactly one, or within one), padding rows beyond `rows`
+    that must stay untouched."""
     from moeserve.runner.cuda_graphs import StepStaging, StepTargets
 
     g = torch.Generator().manual_seed(seed)
     staging = StepStaging.allocate(max_batch, max_blocks, pinned=False)
-    width = 131
     staging.meta[:] = torch.tensor([41, rows - 1, width])
     staging.tokens[:3] = torch.randint(0, 1000, (3, max_batch), generator=g)
     staging.tokens[3] = torch.tensor([-1, 3, -1, 0, 6, -1, 2, 2])
@@ -354,14 +354,14 @@ def _step_staging_case(seed: int, rows: int = 5, max_batch: int = 8, max_blocks:
 
 
 @interp
-@pytest.mark.parametrize("seed", [0, 1])
-def test_interp_step_inputs_kernel_equals_its_reference(seed):
+@pytest.mark.parametrize("seed, rows, max_blocks, width", [(0, 5, 150, 131), (1, 5, 150, 64), (2, 1, 40, 30)])
+def test_interp_step_inputs_kernel_equals_its_reference(seed, rows, max_blocks, width):
     """The decode graph's first kernel against `cuda_graphs.load_step_inputs`' torch reference: rows [0, rows)
     of every buffer, placeholders from `sampled`, the step's number and real rows, `consumed`; nothing else."""
     from moeserve.kernels.step_inputs import load_step_inputs as kernel
     from moeserve.runner.cuda_graphs import load_step_inputs as reference
 
-    staging, got, want, rows = _step_staging_case(seed)
+    staging, got, want, rows = _step_staging_case(seed, rows, max_blocks=max_blocks, width=width)
     before = got.tables.clone()
     kernel(staging, got, rows)
     consumed = int(staging.consumed[0])
@@ -373,7 +373,7 @@ def test_interp_step_inputs_kernel_equals_its_reference(seed):
     assert torch.equal(got.tokens[0, :rows], torch.where(staging.tokens[3, :rows] >= 0,
                                                          want.sampled[staging.tokens[3, :rows].clamp(min=0)],
                                                          staging.tokens[0, :rows]))
-    assert torch.equal(got.tables[:, 131:], before[:, 131:]) and torch.equal(got.tables[rows:], before[rows:])
+    assert torch.equal(got.tables[:, width:], before[:, width:]) and torch.equal(got.tables[rows:], before[rows:])
 
 
 # ---------------------------------------------------------------- GPU (bf16, target shapes)
