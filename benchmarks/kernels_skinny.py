@@ -117,8 +117,7 @@ def main() -> None:
         for name, (n, k) in WIDE.items():
             for m in (1, 8, 16):
                 rows += case(name, n, k, m, copy_tbs, [None] + (lm_head_configs() if args.sweep and m == 1 else []))
-        with open(args.out, "w") as f:
-            json.dump(dict(copy_tbs=copy_tbs, rows=rows), f, indent=1)
+        write_json(args.out, copy_tbs, rows)
         return
     if args.sweep:
         for name in ("qwen3 qkv", "qwen3 o_proj"):
@@ -152,8 +151,12 @@ def main() -> None:
                 best[key] = r
     for (shape, m), r in best.items():
         print(f"best swept {shape} rows {m}: {r['us']:.2f} µs ({r['pct_floor']:.0f}% of floor) {r['impl']}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+    write_json(args.out, copy_tbs, rows)
+
+
+def write_json(path: str, copy_tbs: float, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(dict(copy_tbs=copy_tbs, rows=rows), f, indent=1)
 
 

@@ -60,6 +60,7 @@ from .gluon_support import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from .norm import rms_normed
 from .pdl import launch_kwargs, pdl_enter, pdl_supported
 
 # The shape (Qwen3-30B-A3B): hidden, query heads, kv heads, head dim, experts, top-k, expert intermediate.
@@ -851,8 +852,7 @@ def _exit_kernel(slots, counts, h, w, out, eps, N: tl.constexpr, R: tl.constexpr
                  NORM: tl.constexpr, USE_PDL: tl.constexpr):
     """After the stack: the last layer's output x' = its MoE sum (the C partial slots of N, in slot order below
     each row tile's count, as `_get` reads them) + h. NORM: rounded to out's type, then the model's final
-    RMSNorm with weight w (kernels/norm.py's numerics) to out [N]; else x' to out as float32. R: a row tile's
-    rows."""
+    RMSNorm with weight w (`norm.rms_normed`) to out [N]; else x' to out as float32. R: a row tile's rows."""
     pdl_enter(USE_PDL)
     cols = tl.arange(0, N)
     count = tl.load(counts + cols // R)
@@ -861,8 +861,7 @@ def _exit_kernel(slots, counts, h, w, out, eps, N: tl.constexpr, R: tl.constexpr
         x += tl.load(slots + j * N + cols, mask=j < count, other=0.0)
     x += tl.load(h + cols)
     if NORM:
-        x = x.to(out.dtype.element_ty).to(tl.float32)
-        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)).to(out.dtype.element_ty)
+        normed = rms_normed(x.to(out.dtype.element_ty), N, eps)
         x = tl.load(w + cols).to(tl.float32) * normed.to(tl.float32)
     tl.store(out + cols, x.to(out.dtype.element_ty))
 

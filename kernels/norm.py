@@ -33,12 +33,19 @@ def _rms_norm_kernel(
         # torch adds in float32 and rounds once to the activation dtype; do exactly that.
         x = (x.to(tl.float32) + r.to(tl.float32)).to(act_dtype)
         tl.store(ResOut + row * dim + offs, x, mask=mask)
-    xf = x.to(tl.float32)
-    mean_sq = tl.sum(xf * xf, axis=0) / dim
-    normed = (xf * tl.rsqrt(mean_sq + eps)).to(act_dtype)
+    normed = rms_normed(x, dim, eps)
     w = tl.load(W + offs, mask=mask, other=0.0)
     y = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(Out + row * dim + offs, y.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_normed(x, dim, eps):
+    """One row's RMSNorm before its weight, with this module's numerics: x (the row in the activation dtype, 0
+    past dim) normalised in float32 and rounded back to its dtype. The weight multiplies it in float32."""
+    xf = x.to(tl.float32)
+    mean_sq = tl.sum(xf * xf, axis=0) / dim
+    return (xf * tl.rsqrt(mean_sq + eps)).to(x.dtype)
 
 
 def _rows(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
